@@ -1,0 +1,45 @@
+# The README's two promises: `make run` and `make test` each do all of their own set-up.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdns-installed
+SYSTEM_TOOLS := dnsperf dig nsd
+# Debian packages that provide the tools above (dig comes from bind9-dnsutils).
+SYSTEM_PKGS := dnsperf bind9-dnsutils nsd
+
+.PHONY: install run test bench system-deps clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py kdns/*.py kdns/sources/*.py kdns/_fastpath.pyx kdns/*.pxd
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c 'import kdns._fastpath'
+	touch $(STAMP)
+
+run: install
+	@echo "kdns answers for examples/cluster.yaml on 127.0.0.1:5353. Try:"
+	@echo "    dig @127.0.0.1 -p 5353 kubernetes.default.svc.cluster.local"
+	@echo "    dig @127.0.0.1 -p 5353 _https._tcp.kubernetes.default.svc.cluster.local SRV"
+	$(BIN)/kdns serve --from-file examples/cluster.yaml --dns-bind-address 127.0.0.1 \
+		--dns-port 5353 --healthz-port 0 --metrics-port 0
+
+# Tools the tests and benchmarks drive; installed with apt when missing.
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $(SYSTEM_PKGS) with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS)) >/dev/null \
+			|| { echo "could not install $(SYSTEM_PKGS): run as root or install them"; exit 1; }; \
+	fi
+
+test: install system-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install system-deps
+	$(BIN)/python -m pytest bench -q --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build kdns/_fastpath.c kdns/*.so *.egg-info
