@@ -1,0 +1,23 @@
+"""Shared test plumbing: the project root on sys.path and the CI rule for missing tools."""
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool. Under CI=true a missing tool fails the test (never a skip):
+    `make test` installs every tool the suite needs."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is not installed; `make test` should have installed it")
+    pytest.skip(f"{name} is not installed (run `make test`, which installs it)")

@@ -1,0 +1,62 @@
+"""A small but rich zone image built straight from RRsets, for tests of the packet path and
+the server that must not depend on the Kubernetes record rules."""
+from kdns import image as I
+from kdns import rr as R
+
+Z = "cluster.local."
+
+
+def soa(apex: str, ttl: int = 30, serial: int = 1) -> R.RRset:
+    return R.RRset(apex, R.SOA, ttl, (R.Soa("ns.dns." + apex, "hostmaster." + apex, serial,
+                                             7200, 1800, 86400, ttl),))
+
+
+def sample_rrsets(tag: str = "10.96.0.1") -> list:
+    """``tag`` changes the address of kubernetes.default so two images differ visibly."""
+    s = "kubernetes.default.svc." + Z
+    many = tuple(R.Address(f"10.1.{i // 250}.{i % 250 + 1}") for i in range(120))
+    return [
+        soa(Z), soa("in-addr.arpa."), soa("ip6.arpa."),
+        R.RRset(Z, R.NS, 30, (R.Target("ns.dns." + Z),)),
+        R.RRset("ns.dns." + Z, R.A, 30, (R.Address("10.96.0.10"),)),
+        R.RRset("dns-version." + Z, R.TXT, 30, (R.Txt(("1.1.0",)),)),
+        R.RRset(s, R.A, 30, (R.Address(tag),)),
+        R.RRset(s, R.SRV, 30, (R.Srv(0, 100, 443, s),)),
+        R.RRset("_https._tcp." + s, R.SRV, 30, (R.Srv(0, 100, 443, s),)),
+        R.RRset("dual.default.svc." + Z, R.A, 30, (R.Address("10.96.0.20"),)),
+        R.RRset("dual.default.svc." + Z, R.AAAA, 30, (R.Address("fd00::20"),)),
+        R.RRset("ext.default.svc." + Z, R.CNAME, 30, (R.Target(s),)),
+        R.RRset("outside.default.svc." + Z, R.CNAME, 30, (R.Target("www.example.com."),)),
+        R.RRset("big.default.svc." + Z, R.A, 30, many),
+        R.RRset("1.0.96.10.in-addr.arpa.", R.PTR, 30, (R.Target(s),)),
+        R.RRset(I.reverse_name("fd00::20"), R.PTR, 30, (R.Target("dual.default.svc." + Z),)),
+    ]
+
+
+def sample_zones(pods: str = "insecure"):
+    ns = {"default": None, "kube-system": None}
+    if pods == "verified":
+        ns = {"default": {"10.244.0.5", "fd00:10:244::5"}, "kube-system": set()}
+    return [I.Zone(Z, pods=pods, pod_namespaces=ns), I.Zone("in-addr.arpa.", kind=I.ZONE_REVERSE),
+            I.Zone("ip6.arpa.", kind=I.ZONE_REVERSE)]
+
+
+def sample_image(tag: str = "10.96.0.1", pods: str = "insecure", synced: bool = True) -> bytes:
+    return I.compile_image(sample_rrsets(tag), sample_zones(pods),
+                           exists=["default.svc." + Z, "kube-system.svc." + Z, "svc." + Z, "pod." + Z],
+                           synced=synced)
+
+
+# Names worth asking about: hits, ENTs, misses, synthesis, reverse, outside.
+SAMPLE_NAMES = [
+    "kubernetes.default.svc.cluster.local", "_https._tcp.kubernetes.default.svc.cluster.local",
+    "_tcp.kubernetes.default.svc.cluster.local", "dual.default.svc.cluster.local",
+    "ext.default.svc.cluster.local", "outside.default.svc.cluster.local",
+    "big.default.svc.cluster.local", "nope.default.svc.cluster.local", "default.svc.cluster.local",
+    "svc.cluster.local", "pod.cluster.local", "cluster.local", "ns.dns.cluster.local",
+    "dns-version.cluster.local", "1-2-3-4.default.pod.cluster.local",
+    "fd00-10-244--5.default.pod.cluster.local", "10-244-0-5.default.pod.cluster.local",
+    "1-2-3-4.nons.pod.cluster.local", "x.1-2-3-4.default.pod.cluster.local",
+    "1.0.96.10.in-addr.arpa", "2.0.96.10.in-addr.arpa", "0.96.10.in-addr.arpa", "in-addr.arpa",
+    I.reverse_name("fd00::20").rstrip("."), "google.com", "com", "local",
+]
