@@ -12,7 +12,7 @@ SYSTEM_PKGS := dnsperf bind9-dnsutils nsd
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py kdns/*.py kdns/sources/*.py kdns/_fastpath.pyx kdns/*.pxd
+$(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/sources/*.py kdns/*.pyx kdns/*.pxd)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
