@@ -1,0 +1,338 @@
+"""The in-memory cluster model: slim, immutable records of what DNS needs, and nothing else.
+
+Why: API objects are large and mutable; a cluster of 10,000 services and 100,000 endpoints
+must fit in kube-dns's memory limit, and the record rules must be pure functions of data that
+cannot change under them. So each object is copied at ingestion into a small frozen record
+(CoreDNS does the same, ``plugin/kubernetes/object/``), and a change that does not alter the
+slim record is not a change at all (no rebuild for a pod's resourceVersion bump).
+
+The API is shaped for a watcher: ``apply`` (ADDED/MODIFIED), ``delete`` (DELETED) and
+``replace_kind`` (a relist); each returns whether the model changed, and ``version`` /
+``serial`` say when it last did.
+
+What it must not do: keep raw API dicts, build DNS names, or know the image format.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+SERVICE, ENDPOINT_SLICE, ENDPOINTS, NAMESPACE, POD = (
+    "Service", "EndpointSlice", "Endpoints", "Namespace", "Pod")
+KINDS = (SERVICE, ENDPOINT_SLICE, ENDPOINTS, NAMESPACE, POD)
+
+# EndpointSlice label naming the owning service (discovery.k8s.io/v1).
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Pods in these phases have no IP that DNS should vouch for (CoreDNS object/pod.go).
+DEAD_PHASES = frozenset({"Succeeded", "Failed", "Unknown"})
+
+
+class ObjectError(ValueError):
+    """One object cannot be understood; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    name: str          # "" for an unnamed port
+    protocol: str      # upper case as in the API: TCP, UDP, SCTP
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: str                      # ClusterIP, NodePort, LoadBalancer, ExternalName
+    cluster_ips: tuple[str, ...]   # canonical text; () for headless and ExternalName
+    headless: bool
+    external_name: str             # "" unless type ExternalName
+    ports: tuple[Port, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One ready endpoint: its addresses and the names it may be known by."""
+    addresses: tuple[str, ...]
+    hostname: str                  # "" when unset
+    pod_name: str                  # targetRef.name of a Pod, "" otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """Ready endpoints sharing one port list: an EndpointSlice, or one v1 Endpoints subset."""
+    namespace: str
+    service: str
+    ports: tuple[Port, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    namespace: str
+    name: str
+    ip: str                        # primary status.podIP, canonical text
+
+
+# --------------------------------------------------------------------------- slimming
+
+
+def _meta(obj: dict, kind: str) -> tuple[str, str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ObjectError(f"{kind} without metadata.name")
+    ns = meta.get("namespace", "") if kind != NAMESPACE else ""
+    if not isinstance(ns, str):
+        raise ObjectError(f"{kind} {meta['name']} has a non-string namespace")
+    if kind != NAMESPACE and not ns:
+        ns = "default"             # kubectl omits it only for the default namespace
+    return ns, meta["name"]
+
+
+def _label(kind: str, ns: str, name: str) -> str:
+    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+
+
+def canonical_ip(text) -> str:
+    """Canonical text of an IP (K ``net.ParseIP().String()``), ValueError if it is none."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an IP address")
+    return str(ipaddress.ip_address(text.strip()))
+
+
+def _dict(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ObjectError(f"{what} is not a mapping")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ObjectError(f"{what} is not a list")
+    return value
+
+
+def _ports(raw, what: str) -> tuple[Port, ...]:
+    out = []
+    for p in _list(raw, what):
+        p = _dict(p, what)
+        port = p.get("port")
+        if port is None:
+            continue               # EndpointSlice: nil port means "all ports" - no SRV
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ObjectError(f"{what}: port {port!r} is not a number 0-65535")
+        out.append(Port(str(p.get("name") or ""), str(p.get("protocol") or "TCP").upper(), port))
+    return tuple(out)
+
+
+def slim_service(obj: dict) -> Service:
+    ns, name = _meta(obj, SERVICE)
+    spec = _dict(obj.get("spec"), f"Service {ns}/{name} spec")
+    stype = spec.get("type") or "ClusterIP"
+    ports = _ports(spec.get("ports"), f"Service {ns}/{name} ports")
+    if stype == "ExternalName":
+        ext = spec.get("externalName")
+        if not isinstance(ext, str) or not ext:
+            raise ObjectError(f"Service {ns}/{name} is ExternalName without spec.externalName")
+        return Service(ns, name, stype, (), False, ext, ports)
+    # spec.clusterIPs wins when set; older objects have only spec.clusterIP (spec §1.2).
+    raw_ips = _list(spec.get("clusterIPs"), f"Service {ns}/{name} clusterIPs") \
+        or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    if raw_ips and raw_ips[0] == "None":
+        return Service(ns, name, stype, (), True, "", ports)
+    try:
+        ips = tuple(dict.fromkeys(canonical_ip(ip) for ip in raw_ips))
+    except ValueError as e:
+        raise ObjectError(f"Service {ns}/{name}: {e}") from None
+    return Service(ns, name, stype, ips, False, "", ports)
+
+
+def _endpoint(raw: dict, what: str, addresses) -> Endpoint:
+    ref = _dict(raw.get("targetRef"), f"{what} targetRef")
+    pod = ref.get("name") if ref.get("kind", "Pod") == "Pod" else ""
+    hostname = raw.get("hostname") or ""
+    if not isinstance(hostname, str) or not isinstance(pod or "", str):
+        raise ObjectError(f"{what}: hostname or targetRef.name is not a string")
+    try:
+        ips = tuple(canonical_ip(a) for a in addresses)
+    except ValueError as e:
+        raise ObjectError(f"{what}: {e}") from None
+    return Endpoint(ips, hostname, pod or "")
+
+
+def slim_endpoint_slice(obj: dict) -> EndpointSet:
+    ns, name = _meta(obj, ENDPOINT_SLICE)
+    what = f"EndpointSlice {ns}/{name}"
+    labels = _dict(_dict(obj.get("metadata"), what).get("labels"), f"{what} labels")
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not isinstance(service, str) or not service:
+        raise ObjectError(f"{what} has no {SERVICE_NAME_LABEL} label")
+    eps = []
+    for raw in _list(obj.get("endpoints"), f"{what} endpoints"):
+        raw = _dict(raw, f"{what} endpoint")
+        # Ready nil counts as ready (CoreDNS object/endpoint.go endpointsliceReady, spec §1.13).
+        if _dict(raw.get("conditions"), f"{what} conditions").get("ready") is False:
+            continue
+        addrs = _list(raw.get("addresses"), f"{what} addresses")
+        if addrs:
+            eps.append(_endpoint(raw, what, addrs))
+    return EndpointSet(ns, service, _ports(obj.get("ports"), f"{what} ports"), tuple(eps))
+
+
+def slim_endpoints(obj: dict) -> tuple[EndpointSet, ...]:
+    """v1 Endpoints: one EndpointSet per subset; notReadyAddresses are ignored (spec §1.13)."""
+    ns, name = _meta(obj, ENDPOINTS)
+    what = f"Endpoints {ns}/{name}"
+    out = []
+    for sub in _list(obj.get("subsets"), f"{what} subsets"):
+        sub = _dict(sub, f"{what} subset")
+        eps = tuple(_endpoint(_dict(a, what), what, [_dict(a, what).get("ip")])
+                    for a in _list(sub.get("addresses"), f"{what} addresses"))
+        if eps:
+            out.append(EndpointSet(ns, name, _ports(sub.get("ports"), f"{what} ports"), eps))
+    return tuple(out)
+
+
+def slim_pod(obj: dict) -> Pod | None:
+    """The pod if DNS may vouch for its IP, else None (deleted, finished or no IP yet)."""
+    ns, name = _meta(obj, POD)
+    meta = _dict(obj.get("metadata"), f"Pod {ns}/{name} metadata")
+    status = _dict(obj.get("status"), f"Pod {ns}/{name} status")
+    if meta.get("deletionTimestamp") or status.get("phase") in DEAD_PHASES:
+        return None
+    ip = status.get("podIP")
+    if not ip:
+        return None
+    try:
+        return Pod(ns, name, canonical_ip(ip))
+    except ValueError as e:
+        raise ObjectError(f"Pod {ns}/{name}: {e}") from None
+
+
+_SLIMMERS = {SERVICE: slim_service, ENDPOINT_SLICE: slim_endpoint_slice,
+             ENDPOINTS: slim_endpoints, NAMESPACE: lambda obj: _meta(obj, NAMESPACE)[1],
+             POD: slim_pod}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class ClusterModel:
+    """Slim records by kind, keyed by (namespace, name); Namespace keys have namespace ""."""
+
+    __slots__ = ("_objs", "_slices_by_service", "version", "serial", "_clock")
+
+    def __init__(self, *, clock=time.time):
+        self._objs: dict[str, dict[tuple[str, str], object]] = {k: {} for k in KINDS}
+        # (namespace, service) -> {slice name: EndpointSet}: all slices of a service merged.
+        self._slices_by_service: dict[tuple[str, str], dict[str, EndpointSet]] = {}
+        self.version = 0        # bumps on every change
+        self.serial = 0         # SOA serial: Unix time of the last change, strictly increasing
+        self._clock = clock
+
+    # ---- ingestion
+    def apply(self, obj: dict) -> bool:
+        """Add or modify one object (watch ADDED/MODIFIED). Returns whether the model changed.
+
+        An object that cannot be understood is skipped with one warning naming it: one bad
+        object must never stop the zone (issue 3).
+        """
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if kind not in _SLIMMERS:
+            log.warning("ignoring object of unknown kind %r", kind)
+            return False
+        try:
+            ns, name = _meta(obj, kind)
+            slim = _SLIMMERS[kind](obj)
+        except ObjectError as e:
+            log.warning("skipping %s", e)
+            return False
+        if slim is None or slim == ():
+            return self.delete(kind, ns, name)
+        return self._put(kind, (ns, name), slim)
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Remove one object (watch DELETED). Returns whether the model changed."""
+        key = ("" if kind == NAMESPACE else namespace, name)
+        old = self._objs[kind].pop(key, None)
+        if old is None:
+            return False
+        if kind == ENDPOINT_SLICE:
+            self._unindex_slice(key, old)
+        return self._changed()
+
+    def replace_kind(self, kind: str, objs: Iterable[dict]) -> bool:
+        """Replace every object of ``kind`` (a relist). Returns whether the model changed."""
+        fresh = ClusterModel()
+        for obj in objs:
+            if isinstance(obj, dict) and obj.get("kind") is None:
+                obj = {**obj, "kind": kind}      # typed API lists omit the items' kind
+            if isinstance(obj, dict) and obj.get("kind") == kind:
+                fresh.apply(obj)
+        if fresh._objs[kind] == self._objs[kind]:
+            return False
+        self._objs[kind] = fresh._objs[kind]
+        if kind == ENDPOINT_SLICE:
+            self._slices_by_service = fresh._slices_by_service
+        return self._changed()
+
+    def _put(self, kind: str, key: tuple[str, str], slim) -> bool:
+        table = self._objs[kind]
+        old = table.get(key)
+        if old == slim:
+            return False
+        table[key] = slim
+        if kind == ENDPOINT_SLICE:
+            if old is not None:
+                self._unindex_slice(key, old)
+            self._slices_by_service.setdefault((slim.namespace, slim.service), {})[key[1]] = slim
+        return self._changed()
+
+    def _unindex_slice(self, key, old: EndpointSet) -> None:
+        svc_key = (old.namespace, old.service)
+        group = self._slices_by_service.get(svc_key, {})
+        group.pop(key[1], None)
+        if not group:
+            self._slices_by_service.pop(svc_key, None)
+
+    def _changed(self) -> bool:
+        self.version += 1
+        # RFC 1982 serials only need to increase; Unix time (as CoreDNS) but never repeating.
+        self.serial = max(self.serial + 1, int(self._clock()))
+        return True
+
+    # ---- queries used by the record rules
+    def services(self) -> Iterator[Service]:
+        return iter(self._objs[SERVICE].values())
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self._objs[SERVICE].get((namespace, name))
+
+    def endpoint_sets(self, namespace: str, service: str) -> tuple[EndpointSet, ...]:
+        """Ready endpoints of a service: its EndpointSlices if it has any, else its v1
+        Endpoints (a cluster that grants only kube-dns's RBAC has no slices; spec §1.13 R:)."""
+        slices = self._slices_by_service.get((namespace, service))
+        if slices:
+            return tuple(slices[k] for k in sorted(slices))
+        return self._objs[ENDPOINTS].get((namespace, service), ())
+
+    def namespaces(self) -> set[str]:
+        """Namespaces known to exist: Namespace objects, and any namespace holding a service
+        (a service cannot outlive its namespace; this keeps kube-dns RBAC clusters working)."""
+        names = {name for _, name in self._objs[NAMESPACE]}
+        names.update(ns for ns, _ in self._objs[SERVICE])
+        return names
+
+    def pods(self) -> Iterator[Pod]:
+        return iter(self._objs[POD].values())
+
+    def count(self, kind: str) -> int:
+        return len(self._objs[kind])
