@@ -1,0 +1,170 @@
+"""``kdns serve`` and ``kdns records``: flags, validation, exit codes.
+
+Why: kube-dns users bring kube-dns flags (``--domain``, ``--dns-bind-address``,
+``--dns-port``, ``--healthz-port``); a wrong flag must fail fast with one sentence that
+names it, exit status 2, and nothing half-started (issue 2 §2).
+
+What it must not do: do I/O beyond reading the input named on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from . import server
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`).\n")
+
+
+def _int_in(lo: int, hi: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {what}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range; give {what}")
+        return v
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give seconds above 0 and at most 86400")
+    return v
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
+def _domain(text: str) -> str:
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if not name or any(not label or len(label) > 63 for label in labels) or len(name) > 253:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a domain name (like cluster.local)")
+    return name
+
+
+def _readable(flag: str):
+    def check(path: str) -> str:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            why = "does not exist" if not os.path.exists(path) else "is not a readable file"
+            raise argparse.ArgumentTypeError(f"{path} {why}; give the path of a readable file")
+        return path
+    return check
+
+
+def _add_record_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", type=_domain, default="cluster.local",
+                   help="cluster domain served authoritatively (default cluster.local)")
+    p.add_argument("--ttl", type=_int_in(0, 2**31 - 1, "a TTL in seconds, 0 to 2147483647"),
+                   default=30, help="TTL of cluster records (default 30)")
+    p.add_argument("--pods", choices=("insecure", "verified", "disabled"), default="insecure",
+                   help="pod A/AAAA records: insecure (any IP), verified (only existing pods), "
+                        "or disabled (default insecure)")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="kdns", description="Cluster DNS for Kubernetes (a kube-dns replacement).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    s = sub.add_parser("serve", help="serve DNS")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH",
+                     help="Kubernetes objects (kubectl get -o yaml|json); re-read when it changes")
+    src.add_argument("--from-image", type=_readable("--from-image"), metavar="PATH",
+                     help="a compiled kdns zone image (tests, benchmarks); re-read when it changes")
+    _add_record_flags(s)
+    s.add_argument("--dns-bind-address", type=_address, default="0.0.0.0",
+                   help="address to serve DNS on (default 0.0.0.0)")
+    port = _int_in(0, 65535, "a port from 0 to 65535")
+    s.add_argument("--dns-port", type=port, default=53, help="DNS port (default 53)")
+    s.add_argument("--workers", type=_int_in(1, 1024, "a number of workers from 1 to 1024"),
+                   default=len(os.sched_getaffinity(0)),
+                   help="worker processes (default: the CPUs this process may use)")
+    s.add_argument("--healthz-port", type=port, default=8081,
+                   help="/readiness and /health port (default 8081; 0 disables)")
+    s.add_argument("--metrics-port", type=port, default=9153,
+                   help="Prometheus /metrics port (default 9153; 0 disables)")
+    s.add_argument("--edns-udp-size", type=_int_in(512, 65535, "a size from 512 to 65535 bytes"),
+                   default=1232, help="largest UDP reply advertised with EDNS (default 1232)")
+    s.add_argument("--tcp-idle-timeout", type=_positive_seconds, default=10.0,
+                   help="close a TCP connection idle this many seconds (default 10)")
+    s.add_argument("--tcp-max-connections",
+                   type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
+                   default=1000, help="TCP connections per worker (default 1000)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    r = sub.add_parser("records", help="print the zone kdns would serve, as a master file")
+    r.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH", required=True)
+    _add_record_flags(r)
+    return p
+
+
+def _config(a: argparse.Namespace) -> server.ServeConfig:
+    return server.ServeConfig(
+        from_file=a.from_file, from_image=a.from_image, domain=a.domain,
+        dns_bind_address=a.dns_bind_address, dns_port=a.dns_port, ttl=a.ttl, workers=a.workers,
+        healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
+        edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
+        tcp_max_connections=a.tcp_max_connections, log_level=a.log_level)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"kdns: {message}\n")
+    return 2
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    if a.healthz_port and a.healthz_port == a.dns_port:
+        return _fail(f"--healthz-port {a.healthz_port} is also the --dns-port; choose another.")
+    if a.metrics_port and a.metrics_port == a.dns_port:
+        return _fail(f"--metrics-port {a.metrics_port} is also the --dns-port; choose another.")
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    try:
+        return server.serve(_config(a))
+    except (server.StartError, server.LoadError) as e:
+        return _fail(str(e))
+
+
+def cmd_records(a: argparse.Namespace) -> int:
+    try:
+        from . import records
+    except ImportError as e:
+        return _fail(f"kdns records needs kdns.records, which failed to import ({e}).")
+    try:
+        text = records.master_file(a.from_file, domain=a.domain, ttl=a.ttl, pods=a.pods)
+    except records.InputError as e:
+        return _fail(f"--from-file {a.from_file}: {e}")
+    except OSError as e:
+        return _fail(f"cannot read --from-file {a.from_file}: {e.strerror or e}.")
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return {"serve": cmd_serve, "records": cmd_records}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

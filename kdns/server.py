@@ -1,0 +1,405 @@
+"""The supervisor: sockets, workers, zone updates, signals, HTTP.
+
+Why: one small pure-Python process owns everything that outlives a worker. It opens, per
+worker slot, one UDP and one TCP SO_REUSEPORT socket and keeps them open for as long as it
+runs, so a worker that dies loses no queued packets: its replacement inherits the very same
+sockets. Workers are started as ``python -m kdns.worker`` with the fds passed (fork+exec
+of a fresh interpreter: the supervisor has HTTP threads, and forking a threaded process
+is unsafe). Zone images go to workers through ``publish`` (sealed memfds, no file system).
+
+What it must not do: contain DNS rules or answer queries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import engine
+from . import http
+from . import publish
+
+log = logging.getLogger("kdns.server")
+
+TICK = 0.1                  # main-loop wake-up: a dead worker is noticed within this
+FILE_POLL = 1.0             # issue 2 §2: the input file is re-read when it changes
+STOP_GRACE = 5.0            # seconds workers get to exit after SIGTERM before SIGKILL
+RESPAWN_FAST = 1.0          # a worker that dies younger than this is crash-looping
+RESPAWN_MAX_DELAY = 5.0
+
+
+class StartError(Exception):
+    """kdns cannot start; the message is one sentence saying what to change."""
+
+
+class LoadError(Exception):
+    """An input file could not be turned into an image; one sentence naming the file."""
+
+
+@dataclass
+class ServeConfig:
+    from_file: str | None = None
+    from_image: str | None = None
+    domain: str = "cluster.local"
+    dns_bind_address: str = "0.0.0.0"
+    dns_port: int = 53
+    ttl: int = 30
+    workers: int = 1
+    healthz_port: int = 8081
+    metrics_port: int = 9153
+    pods: str = "insecure"
+    edns_udp_size: int = 1232
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 1000
+    log_level: str = "info"
+
+
+# --------------------------------------------------------------------------- image sources
+
+
+def checked_image(data: bytes, where: str) -> bytes:
+    """Refuse bytes the workers would refuse, before they are published."""
+    try:
+        img = engine.Image(data)
+        ok = img.verify() is not False
+    except ValueError as e:
+        raise LoadError(f"{where} is not a valid kdns zone image ({e}).") from None
+    if not ok:
+        raise LoadError(f"{where} is a kdns zone image with a bad checksum; rebuild it.")
+    return data
+
+
+def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
+    def load(path: str) -> bytes:
+        try:
+            from . import records       # lazily: the record rules are another module's job
+        except ImportError as e:
+            raise LoadError(f"--from-file needs kdns.records, which failed to import ({e}).") from None
+        try:
+            data = records.compile_file(path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods)
+        except records.InputError as e:
+            raise LoadError(f"--from-file {path}: {e}") from None
+        except OSError as e:
+            raise LoadError(f"cannot read --from-file {path}: {e.strerror or e}; "
+                            f"check the path and its permissions.") from None
+        return checked_image(data, f"the image compiled from {path}")
+    return load
+
+
+def image_file_loader(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise LoadError(f"cannot read --from-image {path}: {e.strerror or e}; "
+                        f"check the path and its permissions.") from None
+    return checked_image(data, f"--from-image {path}")
+
+
+class WatchedFile:
+    """An input file re-read when its inode, size or mtime changes (issue 2 §2)."""
+
+    def __init__(self, path: str, load: Callable[[str], bytes]):
+        self.path = path
+        self.load = load
+        self.stamp = None
+        self.failed_stamp = None
+
+    def _stat(self):
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def first(self) -> bytes:
+        try:
+            self.stamp = self._stat()
+        except OSError as e:
+            raise LoadError(f"cannot read {self.path}: {e.strerror}; check the path.") from None
+        return self.load(self.path)
+
+    def poll(self, force: bool = False) -> bytes | None:
+        """New image bytes when the file changed (or ``force``), else None; a bad update
+        logs one line and keeps the last good image."""
+        try:
+            stamp = self._stat()
+        except OSError as e:
+            if self.failed_stamp != "missing":
+                log.error("cannot stat %s (%s); still serving the last good image",
+                          self.path, e.strerror)
+                self.failed_stamp = "missing"
+            return None
+        if stamp == self.stamp and not force:
+            return None
+        if stamp == self.failed_stamp and not force:
+            return None
+        try:
+            data = self.load(self.path)
+        except LoadError as e:
+            log.error("%s Still serving the last good image.", e)
+            self.failed_stamp = stamp
+            return None
+        self.stamp, self.failed_stamp = stamp, None
+        return data
+
+
+def make_source(cfg: ServeConfig) -> WatchedFile:
+    if cfg.from_image:
+        return WatchedFile(cfg.from_image, image_file_loader)
+    return WatchedFile(cfg.from_file, zone_file_loader(cfg))
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def listening_sockets(host: str, port: int, n: int) -> list[tuple[socket.socket, socket.socket]]:
+    """n pairs of SO_REUSEPORT (UDP, TCP) sockets on host:port; port 0 picks one for all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    pairs = []
+    try:
+        for _ in range(n):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            pairs.append((udp, None))
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            except OSError:
+                pass
+            udp.bind((host, port))
+            port = udp.getsockname()[1]
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            pairs[-1] = (udp, tcp)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            tcp.bind((host, port))
+            tcp.listen(1024)
+    except OSError as e:
+        for pair in pairs:
+            for s in pair:
+                if s is not None:
+                    s.close()
+        raise StartError(f"cannot listen for DNS on {host} port {port} ({e.strerror or e}); "
+                         f"choose another --dns-port or --dns-bind-address.") from None
+    return pairs
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+class Slot:
+    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at")
+
+    def __init__(self, index, udp, tcp):
+        self.index, self.udp, self.tcp = index, udp, tcp
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.fast_deaths = 0
+        self.respawn_at = 0.0
+
+
+class Supervisor:
+    def __init__(self, cfg: ServeConfig, source: WatchedFile):
+        self.cfg = cfg
+        self.source = source
+        self.publisher = publish.Publisher()
+        self.slots: list[Slot] = []
+        self.http: list[http.HttpListener] = []
+        self.counters_fd = -1
+        self.counters = None
+        self.ready = False
+        self.stopping = False
+        self.reload_requested = False
+        self.wake_r = self.wake_w = -1
+
+    # ---- start
+    def start(self, first_image: bytes) -> None:
+        """Everything that can fail for a user-fixable reason, before any worker exists."""
+        cfg = self.cfg
+        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers)
+        self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
+        self.counters_fd, self.counters = publish.counters_memfd(cfg.workers)
+        try:
+            self.start_http()
+        except OSError as e:
+            self.close()
+            raise StartError(f"cannot listen for HTTP on {cfg.dns_bind_address} "
+                             f"({e.strerror or e}); choose another --healthz-port or "
+                             f"--metrics-port, or 0 to disable it.") from None
+        self.publisher.publish(first_image)
+        log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
+                 cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
+                 engine.IMPLEMENTATION)
+        for slot in self.slots:
+            self.spawn(slot)
+        for listener in self.http:
+            listener.start()
+
+    def start_http(self) -> None:
+        cfg = self.cfg
+        probes = http.probe_routes(lambda: self.ready and not self.stopping)
+        metrics = {"/metrics": http.metrics_route(http.CounterCollector(
+            self.counters, cfg.workers, lambda: self.publisher.generation))}
+        if cfg.healthz_port and cfg.healthz_port == cfg.metrics_port:
+            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.healthz_port,
+                                               {**probes, **metrics}))
+            return
+        if cfg.healthz_port:
+            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.healthz_port, probes))
+        if cfg.metrics_port:
+            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.metrics_port, metrics))
+
+    def worker_env(self) -> dict:
+        # The worker must import this very kdns even when it is not installed.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def spawn(self, slot: Slot) -> None:
+        cfg = self.cfg
+        control = self.publisher.attach(slot.index)
+        fds = (slot.udp.fileno(), slot.tcp.fileno(), control.fileno(), self.counters_fd)
+        argv = [sys.executable, "-m", "kdns.worker", "--slot", str(slot.index),
+                "--udp-fd", str(fds[0]), "--tcp-fd", str(fds[1]), "--control-fd", str(fds[2]),
+                "--counters-fd", str(fds[3]), "--edns-udp-size", str(cfg.edns_udp_size),
+                "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
+                "--tcp-max-connections", str(cfg.tcp_max_connections),
+                "--log-level", cfg.log_level]
+        try:
+            slot.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                         env=self.worker_env())
+        finally:
+            control.close()
+        slot.started = time.monotonic()
+        log.debug("worker %d started as pid %d", slot.index, slot.proc.pid)
+
+    # ---- run
+    def run(self) -> int:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self.on_stop_signal)
+        signal.signal(signal.SIGINT, self.on_stop_signal)
+        signal.signal(signal.SIGHUP, self.on_reload_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)   # only to wake the loop
+        next_poll = time.monotonic() + FILE_POLL
+        try:
+            while not self.stopping:
+                select.select([self.wake_r], [], [], TICK)
+                self.drain_wakeups()
+                self.supervise()
+                self.publisher.retry()
+                self.check_ready()
+                now = time.monotonic()
+                if self.reload_requested or now >= next_poll:
+                    self.reload(force=self.reload_requested)
+                    self.reload_requested = False
+                    next_poll = now + FILE_POLL
+        finally:
+            self.shutdown()
+        return 0
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def on_stop_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def on_reload_signal(self, signum, frame) -> None:
+        self.reload_requested = True
+
+    def supervise(self) -> None:
+        """Replace dead workers: at once, unless one keeps dying young (then back off)."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is not None:
+                status = slot.proc.poll()
+                if status is None:
+                    continue
+                age = now - slot.started
+                slot.fast_deaths = slot.fast_deaths + 1 if age < RESPAWN_FAST else 0
+                delay = 0.0 if slot.fast_deaths < 2 else \
+                    min(RESPAWN_MAX_DELAY, 0.1 * 2 ** slot.fast_deaths)
+                log.warning("worker %d (pid %d) exited with status %s after %.1fs; replacing it%s",
+                            slot.index, slot.proc.pid, status, age,
+                            f" in {delay:.1f}s" if delay else "")
+                self.publisher.detach(slot.index)
+                slot.proc = None
+                slot.respawn_at = now + delay
+            if slot.proc is None and now >= slot.respawn_at and not self.stopping:
+                self.spawn(slot)
+
+    def check_ready(self) -> None:
+        """Ready once every worker has mapped the first image (issue 2 §2: /readiness)."""
+        if not self.ready and all(publish.page_generation(self.counters, s.index) >= 1
+                                  for s in self.slots):
+            self.ready = True
+            log.info("ready: all %d workers serve image generation %d",
+                     len(self.slots), self.publisher.generation)
+
+    def reload(self, force: bool = False) -> None:
+        data = self.source.poll(force=force)
+        if data is not None:
+            gen = self.publisher.publish(data)
+            log.info("published image generation %d from %s (%d bytes)",
+                     gen, self.source.path, len(data))
+
+    # ---- stop
+    def shutdown(self) -> None:
+        self.ready = False
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d (pid %d) ignored SIGTERM; killing it",
+                            slot.index, slot.proc.pid)
+                slot.proc.kill()
+                slot.proc.wait()
+            if slot.proc.returncode:
+                log.warning("worker %d exited with status %s", slot.index, slot.proc.returncode)
+        self.close()
+        log.info("stopped")
+
+    def close(self) -> None:
+        for listener in self.http:
+            listener.close()
+        self.http = []
+        self.publisher.close()
+        for slot in self.slots:
+            slot.udp.close()
+            slot.tcp.close()
+        if self.counters is not None:
+            self.counters.close()
+            self.counters = None
+        if self.counters_fd >= 0:
+            os.close(self.counters_fd)
+            self.counters_fd = -1
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Load the first image, start, and run until SIGTERM/SIGINT. StartError/LoadError
+    escape before any worker was started."""
+    source = make_source(cfg)
+    first = source.first()
+    sup = Supervisor(cfg, source)
+    sup.start(first)
+    return sup.run()
