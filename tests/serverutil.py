@@ -1,0 +1,215 @@
+"""Run a real `kdns serve` for end-to-end tests, and always stop it by pid.
+
+The server listens on a free loopback port; with an image (tests/zonefixtures) it is started
+with --from-image, so tests do not depend on the Kubernetes record rules; ``publish`` then
+replaces the image file and sends SIGHUP (an immediate re-read) and waits until every worker
+reports the new generation through /metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dns.message
+import dns.query
+import dns.rcode
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A loopback port free for both UDP and TCP right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind((HOST, 0))
+            port = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((HOST, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free loopback port")
+
+
+def children(pid: int) -> set[int]:
+    """Pids whose parent is ``pid`` (read from /proc, no tools needed)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class Kdns:
+    """A running `kdns serve` child process."""
+
+    def __init__(self, tmp_path, *, image: bytes | None = None, zone_file: str | None = None,
+                 workers: int = 2, args: tuple = (), env: dict | None = None):
+        self.tmp = tmp_path
+        self.port = free_port()
+        self.http_port = free_port()
+        self.workers = workers
+        self.image_path = None
+        if image is not None:
+            self.image_path = str(tmp_path / "zone.img")
+            with open(self.image_path, "wb") as f:
+                f.write(image)
+            source = ["--from-image", self.image_path]
+        else:
+            source = ["--from-file", zone_file]
+        self.log_path = tmp_path / f"kdns-{self.port}.log"
+        self.argv = [sys.executable, "-m", "kdns", "serve", *source,
+                     "--dns-bind-address", HOST, "--dns-port", str(self.port),
+                     "--healthz-port", str(self.http_port), "--metrics-port", str(self.http_port),
+                     "--workers", str(workers), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.generation = 1
+
+    # ---- lifecycle
+    def start(self, timeout: float = 20.0) -> "Kdns":
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kdns exited with {self.proc.returncode}: {self.logs()}")
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"kdns did not become ready in {timeout}s: {self.logs()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit; only this pid (its workers follow)."""
+        if self.proc is None:
+            return None
+        workers = children(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Workers exit when the supervisor's control channel closes; make sure.
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in workers:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.log.close()
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        with contextlib.suppress(OSError):
+            self.log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ---- HTTP
+    def http_get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def ready(self) -> bool:
+        try:
+            return self.http_get("/readiness") == (200, "ok")
+        except OSError:
+            return False
+
+    def metrics(self) -> dict:
+        """{(name, frozenset(labels.items())): value} of the current scrape."""
+        _, text = self.http_get("/metrics")
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, frozenset(s.labels.items()))] = s.value
+        return out
+
+    def served_generations(self) -> list[int]:
+        m = self.metrics()
+        return [int(m[("kdns_image_generation", frozenset({("worker", str(i))}))])
+                for i in range(self.workers)]
+
+    # ---- zone updates
+    def publish(self, image: bytes, timeout: float = 10.0) -> int:
+        """Replace the image file atomically, SIGHUP, wait until all workers serve it."""
+        tmp = self.image_path + ".new"
+        with open(tmp, "wb") as f:
+            f.write(image)
+        os.replace(tmp, self.image_path)
+        self.proc.send_signal(signal.SIGHUP)
+        self.generation += 1
+        self.wait_generation(self.generation, timeout)
+        return self.generation
+
+    def wait_generation(self, generation: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(g == generation for g in self.served_generations()):
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"workers serve {self.served_generations()}, not {generation}")
+
+    def worker_pids(self) -> set[int]:
+        return children(self.proc.pid)
+
+    # ---- DNS
+    def udp(self, name: str, rdtype: str = "A", **kw) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype, **kw)
+        return dns.query.udp(q, HOST, port=self.port, timeout=2)
+
+    def tcp(self, name: str, rdtype: str = "A", **kw) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype, **kw)
+        return dns.query.tcp(q, HOST, port=self.port, timeout=2)
+
+
+@contextlib.contextmanager
+def running(tmp_path, **kw):
+    server = Kdns(tmp_path, **kw)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def a_records(msg: dns.message.Message) -> list[str]:
+    return sorted(rd.address for rrset in msg.answer for rd in rrset if rrset.rdtype == 1)
+
+
+def rcode_text(msg: dns.message.Message) -> str:
+    return dns.rcode.to_text(msg.rcode())

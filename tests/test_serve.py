@@ -1,0 +1,355 @@
+"""End to end over loopback: a real `kdns serve` (supervisor + workers) answering over UDP and
+TCP (issue 2 §5, §6), zone updates while queries flow, and the HTTP endpoints."""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from conftest import require_tool
+from kdns import refpath
+from serverutil import HOST, a_records, rcode_text, running
+from zonefixtures import SAMPLE_NAMES, sample_image
+
+K = "kubernetes.default.svc.cluster.local"
+OLD, NEW = "10.96.0.1", "10.96.0.2"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("kdns"), image=sample_image(), workers=2,
+                 args=("--tcp-idle-timeout", "2")) as s:
+        yield s
+
+
+def tcp_connect(server) -> socket.socket:
+    s = socket.create_connection((HOST, server.port), timeout=3)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def frame(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg     # RFC 1035 §4.2.2
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    n = struct.unpack("!H", recv_exact(sock, 2))[0]
+    return recv_exact(sock, n)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_answers_hit_miss_and_outside(server, proto):
+    ask = getattr(server, proto)
+    assert a_records(ask(K)) == [OLD]
+    r = ask("nope.default.svc.cluster.local")
+    assert rcode_text(r) == "NXDOMAIN" and r.authority[0].rdtype == 6      # SOA for negatives
+    assert rcode_text(ask("google.com")) == "REFUSED"    # hand-off default (issue 2 §4)
+    srv = ask("_https._tcp." + K, "SRV")
+    assert [rd.port for rd in srv.answer[0]] == [443]
+
+
+def test_replies_are_byte_identical_to_the_reference_path(server):
+    """Whatever engine the workers run, the wire bytes are refpath's for the same image."""
+    img = refpath.Image(sample_image())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        for i, name in enumerate(SAMPLE_NAMES):
+            for rdtype in ("A", "AAAA", "SRV", "PTR", "TXT"):
+                q = dns.message.make_query(name, rdtype, use_edns=(i % 2 == 0))
+                q.id = i
+                wire = q.to_wire()
+                action, expected = refpath.answer(img, wire)
+                if action != refpath.ACTION_SEND:
+                    continue            # handed off: REFUSED, checked elsewhere
+                s.sendto(wire, (HOST, server.port))
+                assert s.recv(65535) == expected, (name, rdtype)
+
+
+def test_dig_over_udp_and_tcp(server):
+    dig = require_tool("dig")
+    for extra in ([], ["+tcp"]):
+        out = subprocess.run([dig, "@" + HOST, "-p", str(server.port), K, "A", "+short",
+                              "+time=2", "+tries=1", *extra],
+                             capture_output=True, text=True, timeout=10)
+        assert out.returncode == 0 and out.stdout.split() == [OLD], out
+    out = subprocess.run([dig, "@" + HOST, "-p", str(server.port), "_https._tcp." + K, "SRV",
+                          "+time=2", "+tries=1"], capture_output=True, text=True, timeout=10)
+    assert "status: NOERROR" in out.stdout and "flags: qr aa rd" in out.stdout
+
+
+def test_truncated_over_udp_then_whole_over_tcp(server):
+    name = "big.default.svc.cluster.local"             # 120 A records: 1.9 kB
+    udp = server.udp(name, use_edns=False)
+    assert udp.flags & dns.flags.TC
+    assert len(udp.to_wire()) <= 512                   # RFC 1035 §4.2.1
+    tcp = server.tcp(name, use_edns=False)
+    assert not tcp.flags & dns.flags.TC and len(a_records(tcp)) == 120
+    dig = require_tool("dig")
+    # dig retries over TCP by itself when it sees TC (RFC 7766 §5).
+    out = subprocess.run([dig, "@" + HOST, "-p", str(server.port), name, "+noedns", "+short",
+                          "+time=2", "+tries=1"], capture_output=True, text=True, timeout=10)
+    assert len(out.stdout.split()) == 120, out
+
+
+def test_case_is_echoed_dns0x20(server):
+    r = server.udp("KuBeRnEtEs.DeFaUlT.sVc.ClUsTeR.lOcAl")
+    assert r.question[0].name.to_text() == "KuBeRnEtEs.DeFaUlT.sVc.ClUsTeR.lOcAl."
+    assert a_records(r) == [OLD]
+
+
+# --------------------------------------------------------------------------- TCP (RFC 7766)
+
+
+def test_pipelined_queries_on_one_connection(server):
+    """RFC 7766 §6.2.1.1: several queries in one write, each answered; answers from the image
+    are written at once, the handed-off one when it is ready (here: after them)."""
+    names = ["google.com", K, "dual.default.svc.cluster.local", "nope.default.svc.cluster.local",
+             "big.default.svc.cluster.local"]
+    queries = []
+    for i, name in enumerate(names):
+        q = dns.message.make_query(name, "A")
+        q.id = 1000 + i
+        queries.append(q)
+    with tcp_connect(server) as s:
+        s.sendall(b"".join(frame(q.to_wire()) for q in queries))
+        replies = [dns.message.from_wire(read_frame(s)) for _ in queries]
+        # The connection stays open for more (RFC 7766 §6.2.1).
+        s.sendall(frame(queries[1].to_wire()))
+        assert a_records(dns.message.from_wire(read_frame(s))) == [OLD]
+    by_id = {r.id: r for r in replies}
+    assert sorted(by_id) == [q.id for q in queries]
+    for q in queries:
+        assert by_id[q.id].question[0].name == q.question[0].name
+    assert rcode_text(by_id[1000]) == "REFUSED"
+    assert a_records(by_id[1001]) == [OLD]
+    assert len(a_records(by_id[1004])) == 120
+    assert [r.id for r in replies][-1] == 1000          # ready last: written last
+
+
+def test_query_split_across_segments(server):
+    q = dns.message.make_query(K, "A").to_wire()
+    with tcp_connect(server) as s:
+        for byte in frame(q):
+            s.sendall(bytes([byte]))
+        assert a_records(dns.message.from_wire(read_frame(s))) == [OLD]
+
+
+def test_idle_connection_is_closed(server):
+    """--tcp-idle-timeout 2: an idle client, and one that never completes a message, are
+    closed (RFC 7766 §6.2.3), while a busy one stays open."""
+    with tcp_connect(server) as idle, tcp_connect(server) as trickle:
+        trickle.sendall(b"\x00")                        # half a length prefix, then nothing
+        t0 = time.monotonic()
+        idle.settimeout(6)
+        trickle.settimeout(6)
+        assert idle.recv(1) == b""
+        assert trickle.recv(1) == b""
+        assert 1.5 <= time.monotonic() - t0 < 5
+
+
+def test_client_that_never_reads_does_not_stall_others(server):
+    """A client pipelining large answers without reading: the worker stops reading from it
+    (its write buffer is full) and keeps serving everyone else; the idle timer drops it."""
+    burst = frame(dns.message.make_query("big.default.svc.cluster.local", "A").to_wire()) * 100
+    hogs = []
+    try:
+        for _ in range(2):                              # likely one per worker
+            h = tcp_connect(server)
+            h.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            h.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            h.setblocking(False)
+            hogs.append(h)
+            # Send until the server has stopped reading: our sends stay blocked for 1 s.
+            blocked_since, deadline = None, time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    h.send(burst)
+                    blocked_since = None
+                except BlockingIOError:
+                    blocked_since = blocked_since or time.monotonic()
+                    if time.monotonic() - blocked_since > 1:
+                        break
+                    time.sleep(0.01)
+            assert blocked_since is not None, "the worker kept reading from a client that never reads"
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert a_records(server.udp(K)) == [OLD]
+            assert a_records(server.tcp(K)) == [OLD]
+        assert time.monotonic() - t0 < 5
+        # The hogs are dropped by the idle timeout (2 s) although they never read.
+        deadline = time.monotonic() + 8
+        for h in hogs:
+            h.setblocking(True)
+            h.settimeout(max(0.1, deadline - time.monotonic()))
+            with pytest.raises((ConnectionResetError, EOFError, BrokenPipeError)):
+                while True:
+                    if not h.recv(1 << 20):
+                        raise EOFError
+    finally:
+        for h in hogs:
+            h.close()
+
+
+def test_connection_cap_per_worker(tmp_path):
+    with running(tmp_path, image=sample_image(), workers=1,
+                 args=("--tcp-max-connections", "3")) as server:
+        q = dns.message.make_query(K, "A").to_wire()
+        conns = [tcp_connect(server) for _ in range(3)]
+        try:
+            for c in conns:                              # all three accepted and served
+                c.sendall(frame(q))
+                assert a_records(dns.message.from_wire(read_frame(c))) == [OLD]
+            with tcp_connect(server) as extra:
+                extra.settimeout(3)
+                with pytest.raises((ConnectionResetError, EOFError, BrokenPipeError)):
+                    extra.sendall(frame(q))
+                    read_frame(extra)
+            conns.pop().close()
+            time.sleep(0.2)
+            with tcp_connect(server) as again:           # a slot is free again
+                again.sendall(frame(q))
+                assert a_records(dns.message.from_wire(read_frame(again))) == [OLD]
+        finally:
+            for c in conns:
+                c.close()
+
+
+# --------------------------------------------------------------------------- zone updates
+
+
+def test_publish_100_alternating_images_while_queries_flow(tmp_path):
+    """Issue 2 §5: zero errors, and every reply is byte-for-byte the old or the new image's."""
+    images = {OLD: sample_image(tag=OLD), NEW: sample_image(tag=NEW)}
+    names = [K, "big.default.svc.cluster.local", "dual.default.svc.cluster.local",
+             "nope.default.svc.cluster.local", "1-2-3-4.default.pod.cluster.local"]
+    expected = {}
+    for name in names:
+        for proto in ("udp", "tcp"):
+            wire = dns.message.make_query(name, "A", id=7).to_wire()
+            expected[(name, proto)] = {refpath.answer(refpath.Image(img), wire,
+                                                      tcp=proto == "tcp")[1]
+                                       for img in images.values()}
+    assert len(expected[(K, "udp")]) == 2          # the two images do differ visibly
+    stop = threading.Event()
+    errors, counts = [], {"udp": 0, "tcp": 0}
+
+    def ask(proto):
+        sock = None
+        try:
+            if proto == "udp":
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.settimeout(2)
+            else:
+                sock = tcp_connect(server)
+            i = 0
+            while not stop.is_set():
+                name = names[i % len(names)]
+                i += 1
+                wire = dns.message.make_query(name, "A", id=7).to_wire()
+                if proto == "udp":
+                    sock.sendto(wire, (HOST, server.port))
+                    reply = sock.recv(65535)
+                else:
+                    sock.sendall(frame(wire))
+                    reply = read_frame(sock)
+                if reply not in expected[(name, proto)]:
+                    errors.append((proto, name, reply))
+                counts[proto] += 1
+        except Exception as e:  # noqa: BLE001 -- any failure is a test error, reported below
+            errors.append((proto, repr(e)))
+        finally:
+            if sock is not None:
+                sock.close()
+
+    with running(tmp_path, image=images[OLD], workers=2,
+                 args=("--tcp-idle-timeout", "60")) as server:
+        threads = [threading.Thread(target=ask, args=(p,)) for p in ("udp", "tcp")]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(100):
+                server.publish(images[NEW if i % 2 == 0 else OLD])
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert server.generation == 101
+        assert a_records(server.udp(K)) == [OLD]       # the 100th publish was the old image
+    assert not errors, errors[:5]
+    assert counts["udp"] > 50 and counts["tcp"] > 50, counts
+
+
+ZONE_YAML = """apiVersion: v1
+kind: List
+items:
+- {{apiVersion: v1, kind: Namespace, metadata: {{name: default}}}}
+- apiVersion: v1
+  kind: Service
+  metadata: {{name: web, namespace: default}}
+  spec:
+    clusterIP: {ip}
+    clusterIPs: [{ip}]
+    ports: [{{name: http, port: 80, protocol: TCP}}]
+"""
+
+
+def test_zone_file_change_is_published_and_bad_update_keeps_last_good(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(ZONE_YAML.format(ip="10.96.5.1"))
+    name = "web.default.svc.cluster.local"
+    with running(tmp_path, zone_file=str(path), workers=2) as server:
+        assert a_records(server.udp(name)) == ["10.96.5.1"]
+        path.write_text(ZONE_YAML.format(ip="10.96.5.2"))
+        server.wait_generation(2, timeout=5)             # picked up by the 1 s poll
+        assert a_records(server.udp(name)) == ["10.96.5.2"]
+        path.write_text("items: [this is not: a kubernetes list")
+        time.sleep(2.5)
+        assert server.served_generations() == [2, 2]
+        assert a_records(server.tcp(name)) == ["10.96.5.2"]
+        errors = [line for line in server.logs().splitlines()
+                  if "ERROR" in line and "last good image" in line]
+        assert len(errors) == 1 and str(path) in errors[0], server.logs()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def test_readiness_health_and_metrics(server):
+    assert server.http_get("/readiness") == (200, "ok")
+    assert server.http_get("/health") == (200, "ok")
+    before = server.metrics()
+    for _ in range(3):
+        server.udp(K, "SRV")
+    server.tcp("nope.default.svc.cluster.local", "AAAA")
+    after = server.metrics()
+
+    def delta(name, **labels):
+        key = (name, frozenset({"server": "dns://", "zone": ".", **labels}.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("coredns_dns_requests_total", proto="udp", type="SRV") == 3
+    assert delta("coredns_dns_requests_total", proto="tcp", type="AAAA") == 1
+    assert delta("coredns_dns_responses_total", rcode="NXDOMAIN") == 1
+    assert delta("coredns_dns_responses_total", rcode="NOERROR") >= 3
+    assert server.http_get("/nope")[0] == 404
