@@ -1,0 +1,124 @@
+"""How long a from-scratch zone build takes at scale, and how big the image is.
+
+Why: issue 3 sets the goal "compile under 1 second" for 10,000 services and 100,000 endpoints;
+the controller rebuilds the whole image on every (debounced) change, so this is the latency
+between an API event and the answer changing. Run as a script (prints a table, optional
+cProfile) or under pytest-benchmark (``pytest bench/bench_compile.py``).
+
+It generates the cluster in memory (no API, no files); it must not touch the network.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kdns import image as I          # noqa: E402
+from kdns import records             # noqa: E402
+from kdns.cluster import ClusterModel  # noqa: E402
+
+
+def generate(services: int = 10_000, endpoints: int = 100_000, namespaces: int = 100):
+    """API-shaped dicts: every 10th service headless (StatefulSet-style hostnames on every
+    20th), every 25th dual-stack, every 50th ExternalName; the rest ClusterIP with one or
+    two named ports. Endpoints are spread evenly over the non-ExternalName services."""
+    objs = [{"kind": "Namespace", "metadata": {"name": f"ns{n}"}} for n in range(namespaces)]
+    with_eps = [i for i in range(services) if i % 50 != 49]
+    per = endpoints // len(with_eps)
+    extra = endpoints - per * len(with_eps)
+    pod = 0
+    for i in range(services):
+        ns, name = f"ns{i % namespaces}", f"svc{i}"
+        objs.append(_service(i, ns, name))
+        if i % 50 == 49:
+            continue
+        n = per + (1 if extra > 0 else 0)
+        extra -= 1
+        eps = []
+        for k in range(n):
+            ip = f"10.{64 + pod // 65536}.{pod // 256 % 256}.{pod % 256}"
+            ep = {"addresses": [ip], "conditions": {"ready": True},
+                  "targetRef": {"kind": "Pod", "name": f"{name}-{k}", "namespace": ns}}
+            if i % 20 == 0:
+                ep["hostname"] = f"{name}-{k}"
+            eps.append(ep)
+            pod += 1
+        objs.append({"kind": "EndpointSlice",
+                     "metadata": {"name": f"{name}-abcde", "namespace": ns,
+                                  "labels": {"kubernetes.io/service-name": name}},
+                     "addressType": "IPv4", "endpoints": eps,
+                     "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+    return objs
+
+
+def _service(i: int, ns: str, name: str) -> dict:
+    if i % 50 == 49:
+        return {"kind": "Service", "metadata": {"name": name, "namespace": ns},
+                "spec": {"type": "ExternalName", "externalName": f"{name}.example.com"}}
+    ports = [{"name": "http", "port": 80, "protocol": "TCP"}]
+    if i % 3 == 0:
+        ports.append({"name": "metrics", "port": 9100, "protocol": "TCP"})
+    v4 = f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+    ips = ["None"] if i % 10 == 0 else [v4, f"fd00:10:96::{i:x}"] if i % 25 == 1 else [v4]
+    return {"kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": ips[0], "clusterIPs": ips, "ports": ports}}
+
+
+def build_model(objs) -> ClusterModel:
+    model = ClusterModel()
+    for obj in objs:
+        model.apply(obj)
+    return model
+
+
+def compile_model(model: ClusterModel) -> bytes:
+    zd = records.zone_data(model, serial=1)
+    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, serial=zd.serial)
+
+
+def timed(fn, *args):
+    gc.collect()
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--services", type=int, default=10_000)
+    ap.add_argument("--endpoints", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile one compile")
+    args = ap.parse_args(argv)
+    objs = generate(args.services, args.endpoints)
+    model, t_model = timed(build_model, objs)
+    zd, t_rules = timed(lambda: records.zone_data(model, serial=1))
+    best = None
+    for _ in range(args.repeat):
+        img, t = timed(compile_model, model)
+        best = t if best is None else min(best, t)
+    print(f"services={args.services} endpoints={args.endpoints} rrsets={len(zd.rrsets)}")
+    print(f"model build          {t_model:8.3f} s")
+    print(f"records (rules)      {t_rules:8.3f} s")
+    print(f"rules+compile (best) {best:8.3f} s   image {len(img) / 2**20:.1f} MiB")
+    print(f"peak RSS             {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.1f} MiB")
+    if args.profile:
+        cProfile.runctx("compile_model(model)", globals(), {"model": model}, "/tmp/kdns_compile.prof")
+        pstats.Stats("/tmp/kdns_compile.prof").sort_stats("cumulative").print_stats(25)
+
+
+def test_compile_10k(benchmark):
+    """pytest-benchmark entry: rules + compile of the full-size cluster."""
+    model = build_model(generate())
+    benchmark.pedantic(compile_model, args=(model,), rounds=3, iterations=1)
+
+
+if __name__ == "__main__":
+    main()
