@@ -1,0 +1,668 @@
+"""Load harness: kdns against NSD and the kernel floor, same data, same run, loopback only.
+
+One run:
+  1. generates the cluster (bench/gen_cluster.py) as kdns input, NSD zones and query files;
+  2. builds bench/loadgen.c and bench/responder.c with gcc into bench/bin/;
+  3. starts NSD (pinned to CPU 1) and kdns (--workers 1, pinned to CPU 1) and checks that
+     they give the same rcode and answer data for names of every kind in the mixes;
+  4. drives each target with dnsperf and with loadgen (both pinned to CPU 0), on the hit mix
+     and the search-path mix: NSD pinned, kdns pinned with one worker, kdns unpinned with two
+     workers, and the C responder that only flips QR (pinned);
+  5. records QPS, latency, lost queries and the server's CPU time per query (utime+stime of
+     every process of the server, from /proc, before/after each cell), prints a table and the
+     ratios kdns/NSD and kdns/floor, and writes everything to bench/out/load-<time>.json.
+
+    .venv/bin/python bench/load.py --short      # CI: small cluster, 2 s per cell
+    .venv/bin/python bench/load.py              # full: 5,000 services, 10 s per cell
+
+Every server is started by this process, pinned with taskset, in its own session (so it can
+be ended by its process-group id) and with PR_SET_PDEATHSIG so it dies with the harness;
+every load run is bounded by -l and a subprocess timeout. Only 127.0.0.1 is ever targeted.
+The numbers are as noisy as the machine: on a shared 2-core box, compare within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+BIN = os.path.join(BENCH, "bin")
+OUT = os.path.join(BENCH, "out")
+sys.path.insert(0, BENCH)
+
+import gen_cluster  # noqa: E402  (bench/ is not a package)
+
+HOST = "127.0.0.1"          # the only address any traffic goes to
+SERVER_CPU, CLIENT_CPU = "1", "0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(f"[load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_tools() -> dict:
+    """Compile loadgen and responder when their source is newer than the binary."""
+    os.makedirs(BIN, exist_ok=True)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise SystemExit("load.py: gcc is needed to build bench/loadgen.c and bench/responder.c")
+    out = {}
+    for name in ("loadgen", "responder"):
+        src, exe = os.path.join(BENCH, name + ".c"), os.path.join(BIN, name)
+        if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+            subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-o", exe, src], check=True)
+        out[name] = exe
+    return out
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if not path:
+        raise SystemExit(f"load.py: {name} is not installed (`make test` installs it)")
+    return path
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on loopback (racy, but only we use these)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((HOST, 0))
+            port = u.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                    t.bind((HOST, port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the harness dies, so does the server.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def pinned(cpu: str | None, argv: list) -> list:
+    return ([tool("taskset"), "-c", cpu] if cpu is not None else []) + argv
+
+
+def proc_tree_ticks(root: int) -> tuple[int, int]:
+    """(utime+stime+cutime+cstime in clock ticks, number of processes) over ``root`` and all
+    its descendants: a server's CPU is its workers' as much as its own."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue                      # exited while we looked
+        rest = text[text.rindex(")") + 2:].split()   # comm may hold spaces and parens
+        ppid = int(rest[1])
+        ticks = sum(int(x) for x in rest[11:15])     # utime stime cutime cstime
+        stats[int(entry)] = (ppid, ticks)
+    tree, frontier = set(), [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in stats and pid not in tree:
+            tree.add(pid)
+            frontier += [p for p, (pp, _) in stats.items() if pp == pid]
+    return sum(stats[p][1] for p in tree), len(tree)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class Server:
+    """One server under test, started by us; ``stop`` ends it and everything it forked."""
+
+    def __init__(self, name: str, argv: list, port: int, cpu: str | None, logpath: str,
+                 cwd: str = ROOT, env: dict | None = None, ready_query=("cluster.local", "SOA")):
+        self.name, self.port, self.cpu, self.logpath = name, port, cpu, logpath
+        self.argv = pinned(cpu, argv)
+        self.cwd, self.env, self.ready_query = cwd, env, ready_query
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        log(f"starting {self.name}: {' '.join(self.argv)}")
+        self.logf = open(self.logpath, "w")
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self.logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        import dns.message
+        import dns.query
+        import dns.rcode
+        deadline = time.monotonic() + timeout
+        name, qtype = self.ready_query
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}; "
+                                   f"see {self.logpath}:\n{self.tail()}")
+            try:
+                r = dns.query.udp(dns.message.make_query(name, qtype), HOST, port=self.port,
+                                  timeout=0.3)
+                # Before its first sync kdns answers SERVFAIL: not ready yet.
+                if r.rcode() == dns.rcode.NOERROR:
+                    return
+            except (OSError, dns.exception.DNSException):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not answering on {HOST}:{self.port} after {timeout}s; "
+                           f"see {self.logpath}:\n{self.tail()}")
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            with open(self.logpath) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def ticks(self) -> tuple[int, int]:
+        return proc_tree_ticks(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever it forked is in its process group (its own session): end that group.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        self.logf.close()
+        self.proc = None
+
+
+def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int = 1) -> Server:
+    os.makedirs(rundir, exist_ok=True)
+    conf = os.path.join(rundir, "nsd.conf")
+    # Foreground (-d), no control channel, no database, no privilege drop, one server process
+    # per core it may use. minimal-responses: NSD otherwise adds the apex NS RRset to every
+    # positive answer, which kdns (like CoreDNS) does not do: same answers, same work.
+    with open(conf, "w") as f:
+        f.write(f"""server:
+    ip-address: {HOST}@{port}
+    port: {port}
+    do-ip6: no
+    server-count: {servers}
+    reuseport: yes
+    username: ""
+    chroot: ""
+    zonesdir: "{zdir}"
+    database: ""
+    zonelistfile: "{rundir}/zone.list"
+    xfrdfile: "{rundir}/xfrd.state"
+    xfrdir: "{rundir}"
+    pidfile: "{rundir}/nsd.pid"
+    verbosity: 0
+    hide-version: yes
+    minimal-responses: yes
+    refuse-any: yes
+    # Debian builds NSD with response rate limiting (200 q/s per client netblock by
+    # default), which would turn a benchmark into a test of RRL: off.
+    rrl-ratelimit: 0
+    rrl-whitelist-ratelimit: 0
+remote-control:
+    control-enable: no
+zone:
+    name: "{gen_cluster.ZONE}"
+    zonefile: "{gen_cluster.ZONE}.zone"
+zone:
+    name: "in-addr.arpa"
+    zonefile: "in-addr.arpa.zone"
+""")
+    subprocess.run([tool("nsd-checkconf"), conf], check=True)
+    return Server(f"nsd-{'cpu' + cpu if cpu else 'unpinned'}", [tool("nsd"), "-d", "-c", conf],
+                  port, cpu, os.path.join(rundir, "nsd.log"))
+
+
+def kdns_cmd() -> list:
+    exe = os.path.join(ROOT, ".venv", "bin", "kdns")
+    if os.path.exists(exe):
+        return [exe]
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    return [py if os.path.exists(py) else sys.executable, "-m", "kdns"]
+
+
+def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
+                pure: bool = False) -> Server:
+    env = dict(os.environ)
+    env.pop("KDNS_PURE", None)
+    if pure:
+        env["KDNS_PURE"] = "1"
+    argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
+                         "--dns-port", str(port), "--workers", str(workers),
+                         "--healthz-port", "0", "--metrics-port", "0", "--log-level", "info"]
+    name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
+    return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
+                  ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"))
+
+
+def kdns_engine(server: Server) -> str:
+    m = re.search(r"workers, (\S+) engine", server.tail(200))
+    return m.group(1) if m else "unknown"
+
+
+def responder_server(exe: str, port: int, cpu: str | None, logdir: str, bound: float) -> Server:
+    return Server(f"responder-{'cpu' + cpu if cpu else 'unpinned'}",
+                  [exe, "-p", str(port), "-l", str(int(bound))], port, cpu,
+                  os.path.join(logdir, "responder.log"))
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+def ask(port: int, name: str, qtype: str):
+    import dns.flags
+    import dns.message
+    import dns.query
+    q = dns.message.make_query(name, qtype)
+    r = dns.query.udp(q, HOST, port=port, timeout=2)
+    if r.flags & dns.flags.TC:
+        r = dns.query.tcp(q, HOST, port=port, timeout=2)
+    return r
+
+
+def summarise(r) -> dict:
+    """What must agree: rcode and answer data (hard); authority and additional data and
+    the AA flag (reported). The SOA serial is left out: kdns's is a timestamp."""
+    import dns.flags
+    import dns.rcode
+    import dns.rdatatype
+
+    def rrs(section, drop_serial=False):
+        out = []
+        for rrset in section:
+            for rd in rrset:
+                text = rd.to_text().lower()
+                if drop_serial and rrset.rdtype == dns.rdatatype.SOA:
+                    f = text.split()
+                    text = " ".join(f[:2] + f[3:])
+                out.append(f"{rrset.name.to_text().lower()} {rrset.ttl} "
+                           f"{dns.rdatatype.to_text(rrset.rdtype)} {text}")
+        return sorted(out)
+
+    return {"rcode": dns.rcode.to_text(r.rcode()), "answer": rrs(r.answer),
+            "authority": rrs(r.authority, True), "additional": rrs(r.additional),
+            "aa": bool(r.flags & dns.flags.AA)}
+
+
+def record_answers(port: int, checks: list[tuple[str, str]]) -> dict:
+    return {f"{n} {t}": summarise(ask(port, n, t)) for n, t in checks}
+
+
+def compare(ref: dict, got: dict) -> tuple[list, list]:
+    hard, soft = [], []
+    for key, a in ref.items():
+        b = got[key]
+        for field in ("rcode", "answer"):
+            if a[field] != b[field]:
+                hard.append(f"{key}: {field} NSD={a[field]} kdns={b[field]}")
+        for field in ("authority", "additional", "aa"):
+            if a[field] != b[field]:
+                soft.append(f"{key}: {field} NSD={a[field]} kdns={b[field]}")
+    return hard, soft
+
+
+def static_diff(cluster_json: str, zone_dir: str) -> list[str]:
+    """`kdns records` (the zone kdns would serve) against the NSD zone files, record by
+    record, SOA and NS aside: catches a drift in the record rules before any packet flies."""
+    try:
+        p = subprocess.run(kdns_cmd() + ["records", "--from-file", cluster_json], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"kdns records failed: {e}"]
+    if p.returncode:
+        return [f"kdns records failed: {p.stderr.strip()}"]
+
+    def norm(text: str) -> set:
+        out = set()
+        for line in text.splitlines():
+            f = line.split()
+            if not f or line.startswith(";") or f[3] in ("SOA", "NS") or f[0].startswith("ns.dns."):
+                continue
+            out.add(" ".join([f[0].lower()] + f[1:]))
+        return out
+
+    nsd = set()
+    for fn in os.listdir(zone_dir):
+        with open(os.path.join(zone_dir, fn)) as f:
+            nsd |= norm(f.read())
+    kd = norm(p.stdout)
+    return ([f"only in NSD zone: {r}" for r in sorted(nsd - kd)[:10]] +
+            [f"only in kdns: {r}" for r in sorted(kd - nsd)[:10]])
+
+
+# --------------------------------------------------------------------------- load tools
+
+
+def run_measured(server: Server, argv: list, timeout: float) -> tuple[str, dict]:
+    """Run one bounded load tool; server CPU and client CPU around it."""
+    t0, n0 = server.ticks()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w0 = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=_die_with_parent)
+    wall = time.monotonic() - w0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t1, n1 = server.ticks()
+    if p.returncode:
+        raise RuntimeError(f"{argv[0]} failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    return p.stdout, {
+        "server_cpu_s": (t1 - t0) / CLK_TCK, "server_procs": max(n0, n1), "wall_s": wall,
+        "client_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
+
+
+def dnsperf_cell(server: Server, qfile: str, seconds: float, a) -> dict:
+    argv = pinned(CLIENT_CPU, [tool("dnsperf"), "-s", HOST, "-p", str(server.port), "-d", qfile,
+                               "-l", str(seconds), "-T", "1", "-c", str(a.dnsperf_clients),
+                               "-q", str(a.dnsperf_outstanding), "-t", "2"])
+    out, m = run_measured(server, argv, seconds + 30)
+
+    def num(label: str) -> float:
+        mm = re.search(rf"{label}:\s+([\d.]+)", out)
+        if not mm:
+            raise RuntimeError(f"dnsperf output lacks '{label}':\n{out}")
+        return float(mm.group(1))
+
+    rc = dict((k, int(v)) for k, v in re.findall(r"([A-Z]+) (\d+) \(", out.split("Response codes:")[1]
+                                                  .splitlines()[0])) if "Response codes:" in out else {}
+    lat = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
+    sd = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", out)
+    completed = int(num("Queries completed"))
+    return {**m, "tool": "dnsperf", "sent": int(num("Queries sent")), "completed": completed,
+            "lost": int(num("Queries lost")), "qps": num("Queries per second"),
+            "avg_latency_us": float(lat.group(1)) * 1e6 if lat else None,
+            "max_latency_us": float(lat.group(3)) * 1e6 if lat else None,
+            "stddev_latency_us": float(sd.group(1)) * 1e6 if sd else None,
+            "rcodes": rc, "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
+
+
+def loadgen_cell(server: Server, exe: str, qfile: str, seconds: float, a) -> dict:
+    argv = pinned(CLIENT_CPU, [exe, "-s", HOST, "-p", str(server.port), "-d", qfile,
+                               "-l", str(seconds), "-w", str(a.window), "-b", str(a.batch),
+                               "-c", str(a.sockets), "-t", "1", "-g", "1"])
+    out, m = run_measured(server, argv, seconds + 30)
+    r = json.loads(out.strip().splitlines()[-1])
+    lat = r["latency_us"]
+    return {**m, "tool": "loadgen", "sent": r["sent"], "completed": r["answered"],
+            "lost": r["lost"], "qps": r["qps"], "avg_latency_us": lat["avg"],
+            "p50_us": lat["p50"], "p90_us": lat["p90"], "p99_us": lat["p99"],
+            "p999_us": lat["p999"], "max_latency_us": lat["max"], "rcodes": r["rcodes"],
+            "unmatched": r["unmatched"], "mismatched": r["mismatched"],
+            "cpu_us_per_query": m["server_cpu_s"] / r["answered"] * 1e6 if r["answered"] else None}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(cells: list[dict]) -> str:
+    head = (f"{'target':<20} {'mix':<7} {'tool':<8} {'QPS':>10} {'avg us':>8} {'p99 us':>7} "
+            f"{'lost':>6} {'srv CPU us/q':>12} {'srv CPU %':>9} {'cli CPU %':>9}")
+    rows = [head, "-" * len(head)]
+    for c in cells:
+        run = c.get("run_s") or c["wall_s"]
+        rows.append(f"{c['target']:<20} {c['mix']:<7} {c['tool']:<8} {fmt(c['qps'], ',.0f'):>10} "
+                    f"{fmt(c['avg_latency_us'], '.0f'):>8} {fmt(c.get('p99_us'), '.0f'):>7} "
+                    f"{c['lost']:>6} {fmt(c['cpu_us_per_query'], '.2f'):>12} "
+                    f"{100 * c['server_cpu_s'] / run:>8.0f}% {100 * c['client_cpu_s'] / run:>8.0f}%")
+    return "\n".join(rows)
+
+
+def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> tuple[str, dict]:
+    idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
+    lines, out = [], {}
+    for tool_ in ("loadgen", "dnsperf"):
+        for mix in ("hits", "search"):
+            k1, k2 = idx.get((kdns1, mix, tool_)), idx.get((kdns2, mix, tool_))
+            n, f = idx.get((nsd, mix, tool_)), idx.get((floor, mix, tool_))
+            r = {}
+            if k1 and n:
+                r["kdns1_over_nsd_qps"] = k1["qps"] / n["qps"] if n["qps"] else None
+                if k1["cpu_us_per_query"] and n["cpu_us_per_query"]:
+                    r["kdns1_over_nsd_cpu_per_query"] = k1["cpu_us_per_query"] / n["cpu_us_per_query"]
+                if k1["avg_latency_us"] and n["avg_latency_us"]:
+                    r["kdns1_over_nsd_avg_latency"] = k1["avg_latency_us"] / n["avg_latency_us"]
+            if k2 and n:
+                r["kdns2w_over_nsd_qps"] = k2["qps"] / n["qps"] if n["qps"] else None
+            if k1 and f:
+                r["kdns1_over_floor_qps"] = k1["qps"] / f["qps"] if f["qps"] else None
+            if n and f:
+                r["nsd_over_floor_qps"] = n["qps"] / f["qps"] if f["qps"] else None
+            out[f"{tool_}/{mix}"] = r
+            lines.append(f"{tool_:<8} {mix:<7} " + "  ".join(
+                f"{k}={v:.2f}" for k, v in r.items() if v is not None))
+    return "\n".join(lines), out
+
+
+def goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
+    """Issue 2 §7's goal, stated against this run's numbers (informational)."""
+    idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
+    out = []
+    for mix in ("hits", "search"):
+        k, n = idx.get((kdns1, mix, "loadgen")), idx.get((nsd, mix, "loadgen"))
+        if k and n and n["qps"]:
+            ok = k["qps"] >= 1.1 * n["qps"]
+            out.append(f"[{'met' if ok else 'NOT met'}] server-bound {mix}: kdns 1 core "
+                       f"{k['qps']:,.0f} q/s >= 1.1 x NSD {n['qps']:,.0f} q/s "
+                       f"(ratio {k['qps'] / n['qps']:.2f})")
+        k, n = idx.get((kdns1, mix, "dnsperf")), idx.get((nsd, mix, "dnsperf"))
+        if k and n:
+            out.append(f"[{'met' if k['lost'] == 0 else 'NOT met'}] dnsperf {mix}: kdns lost "
+                       f"{k['lost']} queries (NSD {n['lost']})")
+            if k["avg_latency_us"] is not None and n["avg_latency_us"] is not None:
+                ok = k["avg_latency_us"] <= n["avg_latency_us"]
+                out.append(f"[{'met' if ok else 'NOT met'}] dnsperf {mix}: kdns avg latency "
+                           f"{k['avg_latency_us']:.0f} us <= NSD {n['avg_latency_us']:.0f} us")
+        for tool_ in ("loadgen", "dnsperf"):
+            k, n = idx.get((kdns1, mix, tool_)), idx.get((nsd, mix, tool_))
+            if k and n and k["cpu_us_per_query"] and n["cpu_us_per_query"]:
+                ok = k["cpu_us_per_query"] < n["cpu_us_per_query"]
+                out.append(f"[{'met' if ok else 'NOT met'}] CPU/query {mix} ({tool_}): kdns "
+                           f"{k['cpu_us_per_query']:.2f} us < NSD {n['cpu_us_per_query']:.2f} us")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--short", action="store_true",
+                    help="CI size: 1,000 services, 20,000 queries per file, 2 s per cell")
+    ap.add_argument("--seconds", type=float, help="per cell (default 10, --short 2)")
+    ap.add_argument("--services", type=int)
+    ap.add_argument("--namespaces", type=int)
+    ap.add_argument("--named", type=int)
+    ap.add_argument("--queries", type=int, help="lines per query file")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--targets", default="nsd,kdns1,kdns2,floor",
+                    help="comma list of nsd, kdns1 (1 worker, pinned), kdns2 (2 workers, "
+                         "unpinned), floor (C responder, pinned)")
+    ap.add_argument("--tools", default="dnsperf,loadgen")
+    ap.add_argument("--mixes", default="hits,search")
+    ap.add_argument("--window", type=int, default=64, help="loadgen queries in flight")
+    ap.add_argument("--batch", type=int, default=32, help="loadgen sendmmsg/recvmmsg batch")
+    ap.add_argument("--sockets", type=int, default=4, help="loadgen source ports")
+    ap.add_argument("--dnsperf-clients", type=int, default=4)
+    ap.add_argument("--dnsperf-outstanding", type=int, default=100)
+    ap.add_argument("--pure", action="store_true", help="run kdns with KDNS_PURE=1")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="measure even if kdns and NSD disagree (the report says so)")
+    a = ap.parse_args(argv)
+    small = a.short
+    a.seconds = a.seconds or (2.0 if small else 10.0)
+    a.services = a.services or (1000 if small else 5000)
+    a.namespaces = a.namespaces or (20 if small else 50)
+    a.named = a.named or (200 if small else 1000)
+    a.queries = a.queries or (20_000 if small else 100_000)
+    a.targets = [t for t in a.targets.split(",") if t]
+    a.tools = [t for t in a.tools.split(",") if t]
+    a.mixes = [m for m in a.mixes.split(",") if m]
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if os.cpu_count() < 2:
+        log("fewer than 2 CPUs: server and client pinning will share one core")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    outdir = os.path.join(OUT, "load-" + stamp)
+    os.makedirs(outdir, exist_ok=True)
+    cdir = os.path.join(outdir, "cluster")
+    meta = gen_cluster.write_all(cdir, a.services, a.namespaces, a.named, a.seed, a.queries)
+    log(f"cluster: {a.services} services / {a.namespaces} namespaces / {a.named} named ports "
+        f"-> {cdir}")
+    exes = build_tools()
+    qfiles = {"hits": meta["paths"]["hits"], "search": meta["paths"]["search"]}
+    with open(meta["paths"]["check"]) as f:
+        checks = [tuple(line.split()) for line in f if line.strip()]
+    zdir = os.path.join(cdir, "nsd")
+    # Server lifetime bound for the responder (it stops itself); a generous upper bound.
+    bound = 60 + 2 * len(a.tools) * len(a.mixes) * (a.seconds + 5)
+
+    report = {"started": stamp, "args": vars(a), "cluster": meta, "host": {
+        "cpus": os.cpu_count(), "uname": " ".join(os.uname()),
+        "nsd": subprocess.run([tool("nsd"), "-v"], capture_output=True, text=True).stderr.splitlines()[0],
+        "dnsperf": next((ln.strip() for ln in subprocess.run([tool("dnsperf"), "-h"], capture_output=True,
+                                                               text=True).stderr.splitlines()
+                         if ln.startswith("Version")), "?")},
+        "verify": {}, "cells": []}
+    labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns2": "kdns-unpinned-2w",
+              "floor": "responder-cpu1"}
+    running: list[Server] = []
+
+    def start(s: Server, timeout=120.0) -> Server:
+        running.append(s)
+        s.start(timeout)
+        return s
+
+    def stop(s: Server) -> None:
+        s.stop()
+        running.remove(s)
+
+    def measure(key: str, s: Server) -> None:
+        for mix in a.mixes:
+            for tl in a.tools:
+                if tl == "dnsperf":
+                    c = dnsperf_cell(s, qfiles[mix], a.seconds, a)
+                else:
+                    c = loadgen_cell(s, exes["loadgen"], qfiles[mix], a.seconds, a)
+                c.update(target=labels[key], mix=mix)
+                report["cells"].append(c)
+                log(f"{labels[key]:<18} {mix:<6} {tl:<7} {c['qps']:>10,.0f} q/s  "
+                    f"avg {fmt(c['avg_latency_us'], '.0f')} us  lost {c['lost']}  "
+                    f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
+
+    try:
+        # -- equivalence first: never compare a fast wrong answer with a slow right one.
+        nsd_ref = None
+        if "nsd" in a.targets or not a.no_verify:
+            nsd = start(nsd_server(zdir, os.path.join(outdir, "nsd-run"), free_port(), SERVER_CPU))
+            nsd_ref = record_answers(nsd.port, checks)
+        kd1 = None
+        if "kdns1" in a.targets or not a.no_verify:
+            kd1 = start(kdns_server(meta["paths"]["kdns_input"], free_port(), SERVER_CPU, 1,
+                                    outdir, a.pure))
+            report["kdns_engine"] = kdns_engine(kd1)
+            log(f"kdns engine: {report['kdns_engine']}")
+            if report["kdns_engine"] not in ("compiled", "cython", "fastpath", "_fastpath"):
+                log("WARNING: kdns is not running the compiled packet path; "
+                    "its figures are the pure-Python fallback's")
+        if nsd_ref is not None and kd1 is not None:
+            hard, soft = compare(nsd_ref, record_answers(kd1.port, checks))
+            sd = static_diff(meta["paths"]["kdns_input"], zdir)
+            report["verify"] = {"names": len(checks), "mismatch": hard, "differences": soft,
+                                "static_diff": sd}
+            for line in soft + sd:
+                log(f"note: {line}")
+            if hard:
+                for line in hard:
+                    log(f"MISMATCH: {line}")
+                if not a.no_verify:
+                    raise SystemExit("load.py: kdns and NSD disagree; not measuring "
+                                     "(--no-verify to measure anyway)")
+            else:
+                log(f"verified: {len(checks)} names give the same rcode and answers on both")
+        # -- measurements, one server at a time.
+        if nsd_ref is not None:
+            if "nsd" in a.targets:
+                measure("nsd", nsd)
+            stop(nsd)
+        if kd1 is not None:
+            if "kdns1" in a.targets:
+                measure("kdns1", kd1)
+            stop(kd1)
+        if "kdns2" in a.targets:
+            kd2 = start(kdns_server(meta["paths"]["kdns_input"], free_port(), None, 2, outdir, a.pure))
+            if nsd_ref is not None:
+                hard, _ = compare(nsd_ref, record_answers(kd2.port, checks))
+                if hard and not a.no_verify:
+                    raise SystemExit("load.py: kdns with 2 workers disagrees with NSD: " + hard[0])
+            measure("kdns2", kd2)
+            stop(kd2)
+        if "floor" in a.targets:
+            fl = start(responder_server(exes["responder"], free_port(), SERVER_CPU, outdir, bound))
+            measure("floor", fl)
+            stop(fl)
+    finally:
+        for s in list(running):
+            try:
+                s.stop()
+            except Exception as e:          # keep stopping the others
+                log(f"stopping {s.name}: {e}")
+
+    cells = report["cells"]
+    text_table = table(cells)
+    rtext, report["ratios"] = ratios(cells, labels["kdns1"], labels["kdns2"], labels["nsd"],
+                                     labels["floor"])
+    report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
+    path = os.path.join(outdir, "results.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    shutil.copyfile(path, os.path.join(OUT, "load-latest.json"))
+    print(f"\nkdns engine: {report.get('kdns_engine', '-')}   cluster: {a.services} services, "
+          f"{a.seconds:g} s per cell, server CPU {SERVER_CPU}, client CPU {CLIENT_CPU}")
+    print(text_table)
+    print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
+    print(rtext)
+    print("\ngoal (issue 2 §7), this run:")
+    print("\n".join(report["goals"]) or "(needs the nsd and kdns1 targets)")
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
