@@ -136,7 +136,8 @@ def fit(buf: bytearray, qend: int, ttl_offs: Iterable[int], limit: int, opt: byt
 class Forwarder:
     """Routes handed-off queries to stub-domain servers or upstreams, through the cache.
 
-    Timing parameters are in seconds; tests pass small ones. ``host_resolver`` (optional,
+    Timing parameters are in seconds; tests pass small ones. ``random_start=False`` always
+    tries the servers in the order given (a primary and its backups). ``host_resolver`` (optional,
     async name → list of IPs) resolves stub servers given as names; without it they are
     resolved once per configuration through the default upstreams."""
 
@@ -144,11 +145,11 @@ class Forwarder:
                  stub_domains: dict[str, Iterable[Upstream]] | None = None, *,
                  cache: Cache | None = None, try_timeout: float = 2.0, deadline: float = 4.5,
                  max_inflight: int = 1000, edns_size: int = EDNS_SIZE,
-                 probe_token: str | None = None,
+                 probe_token: str | None = None, random_start: bool = True,
                  host_resolver: Callable[[str], Awaitable[list[str]]] | None = None):
         self.cache, self.try_timeout, self.deadline = cache, try_timeout, deadline
         self.max_inflight, self.edns_size = max_inflight, edns_size
-        self.host_resolver = host_resolver
+        self.host_resolver, self.random_start = host_resolver, random_start
         # One token per kdns instance: the lead creates it before forking so every worker
         # recognises the instance's own probes (a probe may come back to another worker).
         self.probe_token = probe_token or secrets.token_hex(8)
@@ -321,7 +322,7 @@ class Forwarder:
         get one more round while time is left (CoreDNS: 2 attempts per upstream)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline
-        start = secrets.randbelow(len(servers))
+        start = secrets.randbelow(len(servers)) if self.random_start else 0
         pending = list(servers[start:] + servers[:start])
         last_bad = None
         for _ in range(2):

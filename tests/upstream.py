@@ -9,11 +9,13 @@ Zone: ``{"name.": ["A 1.1.1.1", "60 TXT hello"]}`` (TTL optional, default 30). N
 the zone get NXDOMAIN with the SOA of ``soa``; known names without that type get NODATA.
 
 Switches (attributes, changeable while running): ``silent`` (drop everything), ``delay``
-(seconds before answering), ``truncate`` (UDP replies are empty with TC=1), ``forge``
+(seconds before answering), ``truncate`` (UDP replies are empty with TC=1; also done when a reply exceeds the
+client's UDP size), ``forge``
 (a set of 'id', 'question', 'port': before the real reply send a forged one of each kind),
 ``forge_only`` (send only the forged replies), ``rcode`` (answer every query with this rcode),
 ``forward_to`` ((host, port): relay each query there instead of answering, to build loops).
-Counters: ``udp_queries``, ``tcp_queries``, ``queries`` (list of (qname, qtype, proto)).
+Counters: ``udp_queries``, ``tcp_queries``, ``queries`` (list of (qname, qtype, proto)),
+``raw`` (list of (query bytes, client address)).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class TestDNSServer:
         self.forward_to: tuple[str, int] | None = None
         self.udp_queries = self.tcp_queries = 0
         self.queries: list[tuple[str, str, str]] = []
+        self.raw: list[tuple[bytes, tuple]] = []     # (query bytes, client address)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -98,8 +101,9 @@ class TestDNSServer:
                 reply.header.rcode = RCODE.NXDOMAIN
         return reply
 
-    def _record(self, data: bytes, proto: str) -> None:
+    def _record(self, data: bytes, proto: str, addr=None) -> None:
         with self._lock:
+            self.raw.append((data, addr))
             if proto == "udp":
                 self.udp_queries += 1
             else:
@@ -147,7 +151,10 @@ class TestDNSServer:
                 self.udp.sendto(out, addr)
             return
         rec = self.answer(data)
-        if self.truncate:
+        # A real server cuts UDP replies to the client's size (RFC 6891 §6.2.3, RFC 1035).
+        opts = [r for r in DNSRecord.parse(data).ar if r.rtype == QTYPE.OPT]
+        limit = max(512, opts[0].rclass) if opts else 512
+        if self.truncate or len(rec.pack()) > limit:
             rec.rr, rec.auth, rec.ar = [], [], []
             rec.header.tc = 1
         reply = rec.pack()
@@ -167,7 +174,7 @@ class TestDNSServer:
                 data, addr = self.udp.recvfrom(65535)
             except (socket.timeout, OSError):
                 continue
-            self._record(data, "udp")
+            self._record(data, "udp", addr)
             if self.silent:
                 continue
             if self.delay or self.forward_to:
