@@ -1,0 +1,244 @@
+"""Faults against a running server (issue 2 §5, §6): a worker killed under load, clean stops,
+and thousands of mutated and truncated packets."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+
+import dns.message
+import pytest
+
+from kdns import engine, refpath
+from serverutil import HOST, alive, a_records, free_port, running
+from zonefixtures import SAMPLE_NAMES, sample_image
+
+K = "kubernetes.default.svc.cluster.local"
+
+
+def frame(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    head = sock.recv(2, socket.MSG_WAITALL)
+    if len(head) < 2:
+        raise EOFError("connection closed")
+    n = struct.unpack("!H", head)[0]
+    body = sock.recv(n, socket.MSG_WAITALL) if n else b""
+    if len(body) < n:
+        raise EOFError("connection closed")
+    return body
+
+
+def wait_for(predicate, timeout: float, step: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+# --------------------------------------------------------------------------- worker death
+
+
+def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
+    results = []            # (send time, ok)
+    stop = threading.Event()
+    wire = dns.message.make_query(K, "A").to_wire()
+    expected = refpath.answer(refpath.Image(sample_image()), wire)[1]
+
+    def load():
+        # Many source ports, so queries reach both workers' SO_REUSEPORT sockets.
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
+        try:
+            for s in socks:
+                s.settimeout(2)
+            i = 0
+            while not stop.is_set():
+                s = socks[i % len(socks)]
+                i += 1
+                t = time.monotonic()
+                try:
+                    s.sendto(wire, (HOST, server.port))
+                    ok = s.recv(65535) == expected
+                except OSError:
+                    ok = False
+                results.append((t, ok))
+        finally:
+            for s in socks:
+                s.close()
+
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            before = server.worker_pids()
+            assert len(before) == 2
+            victim = min(before)
+            survivor = (before - {victim}).pop()
+            killed_at = time.monotonic()
+            os.kill(victim, signal.SIGKILL)              # a child of the server we started
+            replaced = wait_for(lambda: len(server.worker_pids() - before) == 1, 1.0)
+            replaced_after = time.monotonic() - killed_at
+            assert replaced, f"no replacement after {replaced_after:.2f}s: {server.logs()}"
+            assert replaced_after < 1.0
+            server.wait_generation(1, timeout=5)         # the replacement maps the image
+            served_by_now = time.monotonic()
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert alive(survivor) and survivor in server.worker_pids()
+        assert not alive(victim)
+        during = [ok for t, ok in results if killed_at <= t < killed_at + 1.0]
+        after = [ok for t, ok in results if t >= served_by_now + 0.1]
+        # The survivor kept answering while its sibling was dead.
+        assert sum(during) > 10, (len(during), sum(during))
+        # No lasting error: once the replacement serves, everything is answered.
+        assert after and all(after), (len(after), after.count(False))
+        # Queued packets are not lost: the replacement inherits the socket. Only packets the
+        # killed worker had already read (at most one batch) may go unanswered.
+        lost = [t for t, ok in results if not ok]
+        assert len(lost) <= 64, len(lost)
+        assert a_records(server.tcp(K)) == ["10.96.0.1"]
+        assert "Traceback" not in server.logs()
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_stops_everything_cleanly(tmp_path, sig):
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        server.proc.send_signal(sig)
+        assert server.proc.wait(10) == 0
+        assert wait_for(lambda: not any(alive(p) for p in pids), 5)
+        logs = server.logs()
+        assert "Traceback" not in logs and "exited with status" not in logs, logs
+        assert "stopped" in logs
+        port = server.port
+    # The sockets are closed: the port can be bound again (without SO_REUSEPORT).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+        u.bind((HOST, port))
+        t.bind((HOST, port))
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path):
+    """SIGKILL on the supervisor cannot run its shutdown: the workers notice the control
+    channel close and exit by themselves, so nothing keeps answering as an orphan."""
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        pids = server.worker_pids()
+        server.proc.kill()
+        server.proc.wait(5)
+        assert wait_for(lambda: not any(alive(p) for p in pids), 5)
+
+
+# --------------------------------------------------------------------------- bad packets
+
+
+def mutate(rng: random.Random, base: bytes) -> bytes:
+    pkt = bytearray(base)
+    kind = rng.randrange(7)
+    if kind == 0:                                        # truncated anywhere
+        return bytes(pkt[:rng.randrange(len(pkt))])
+    if kind == 1:                                        # random byte flips
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(pkt))
+            pkt[i] ^= 1 << rng.randrange(8)
+        return bytes(pkt)
+    if kind == 2:                                        # random bytes overwritten
+        for _ in range(rng.randint(1, 6)):
+            pkt[rng.randrange(len(pkt))] = rng.randrange(256)
+        return bytes(pkt)
+    if kind == 3:                                        # header counts and flags scrambled
+        struct.pack_into("!H", pkt, 2 + 2 * rng.randrange(5), rng.randrange(65536))
+        return bytes(pkt)
+    if kind == 4:                                        # trailing garbage
+        return bytes(pkt) + rng.randbytes(rng.randint(1, 40))
+    if kind == 5:                                        # compression pointer in the question
+        pkt[12] = 0xC0
+        return bytes(pkt)
+    return rng.randbytes(rng.randint(0, 80))             # noise
+
+
+def base_queries() -> list[bytes]:
+    out = []
+    for i, name in enumerate(SAMPLE_NAMES):
+        for rdtype in ("A", "AAAA", "SRV", "PTR"):
+            q = dns.message.make_query(name, rdtype, use_edns=i % 3 != 0, want_dnssec=i % 5 == 0)
+            q.id = i
+            out.append(q.to_wire())
+    return out
+
+
+def expected_reply(img, pkt: bytes, tcp: bool) -> bytes | None:
+    action, reply = refpath.answer(img, pkt, tcp=tcp)
+    if action == refpath.ACTION_SEND:
+        return reply
+    if action == refpath.ACTION_HANDOFF:
+        return engine.refused(pkt)          # the default hand-off
+    return None
+
+
+def test_mutated_and_truncated_packets(tmp_path):
+    """5000 bad packets over UDP and 500 over TCP; each reply is the reference path's for the
+    same bytes (or nothing when it drops), no worker dies, and the server answers correctly
+    afterwards."""
+    rng = random.Random(20261126)
+    img = refpath.Image(sample_image())
+    bases = base_queries()
+    mismatches = []
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        pids = server.worker_pids()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            for n in range(5000):
+                pkt = mutate(rng, rng.choice(bases))
+                want = expected_reply(img, pkt, tcp=False)
+                s.sendto(pkt, (HOST, server.port))
+                if want is None:
+                    continue          # a wrong reply would surface at the next recv
+                try:
+                    got = s.recv(65535)
+                except socket.timeout:
+                    got = None
+                if got != want:
+                    mismatches.append(("udp", n, pkt.hex(), got and got.hex(), want.hex()))
+                    if len(mismatches) > 10:
+                        break
+        with socket.create_connection((HOST, server.port), timeout=3) as t:
+            for n in range(500):
+                pkt = mutate(rng, rng.choice(bases))
+                want = expected_reply(img, pkt, tcp=True)
+                t.sendall(frame(pkt))
+                if want is None:
+                    continue
+                got = read_frame(t)
+                if got != want:
+                    mismatches.append(("tcp", n, pkt.hex(), got.hex(), want.hex()))
+                    if len(mismatches) > 10:
+                        break
+        assert not mismatches, mismatches[:3]
+        assert server.worker_pids() == pids, server.logs()
+        # Still correct afterwards, for every sample query.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            for pkt in bases:
+                want = expected_reply(img, pkt, tcp=False)
+                s.sendto(pkt, (HOST, server.port))
+                if want is not None:
+                    assert s.recv(65535) == want
+        assert "exited with status" not in server.logs()
