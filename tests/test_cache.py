@@ -1,0 +1,189 @@
+"""Cache of forwarded answers: lifetimes (RFC 2308), countdown, caps, eviction, serve-stale
+(RFC 8767) and the stored wire form the packet path will serve from. Time is a fake clock."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from dnslib import RCODE, RR, DNSRecord, EDNS0
+
+from kdns.cache import STALE_TTL, Cache, scan
+
+SOA = "test. {ttl} IN SOA ns.test. host.test. 1 7200 1800 86400 {minimum}"
+KEY = (b"\x01a\x04test\x00", 1, 1, 0, 0)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 500.0
+
+    def __call__(self):
+        return self.now
+
+
+def reply(name="a.test", qtype="A", answer=(), auth=(), extra=(), rcode=0, tc=False,
+          edns=False) -> bytes:
+    rec = DNSRecord.question(name, qtype).reply()
+    rec.header.id, rec.header.rcode, rec.header.tc = 999, rcode, int(tc)
+    for text in answer:
+        rec.add_answer(*RR.fromZone(text))
+    for text in auth:
+        rec.add_auth(*RR.fromZone(text))
+    for text in extra:
+        rec.add_ar(*RR.fromZone(text))
+    if edns:
+        rec.add_ar(EDNS0(udp_len=1232))
+    return bytes(rec.pack())
+
+
+def serve(e, clock, name=b"\x01A\x04TeSt\x00", qid=7, stale=False) -> DNSRecord:
+    return DNSRecord.parse(bytes(e.render(qid, name + b"\x00\x01\x00\x01", 0x0100, clock(),
+                                          stale=stale)))
+
+
+def test_positive_ttl_is_min_rr_ttl_and_counts_down_per_rr():
+    clock = Clock()
+    c = Cache(clock=clock)
+    e = c.put(KEY, reply(answer=["a.test. 100 IN CNAME b.test.", "b.test. 40 IN A 1.2.3.4"]))
+    assert e.ttl == 40
+    clock.now += 15
+    got = c.get(KEY)
+    rec = serve(got, clock)
+    assert [r.ttl for r in rec.rr] == [25, 25]       # min(rr ttl, entry ttl) - age
+    assert rec.header.id == 7 and str(rec.q.qname) == "A.TeSt." and rec.header.rd
+    assert not rec.header.aa
+    clock.now += 25
+    assert c.get(KEY) is None and c.hits == 1 and c.misses == 1
+
+
+@pytest.mark.parametrize("rr_ttl, min_ttl, max_ttl, expect", [
+    (1, 5, 3600, 5),          # floor (CoreDNS min TTL 5)
+    (86400, 5, 3600, 3600),   # cap
+    (30, 0, 30, 30),
+])
+def test_min_and_max_ttl_caps(rr_ttl, min_ttl, max_ttl, expect):
+    c = Cache(min_ttl=min_ttl, max_ttl=max_ttl, clock=Clock())
+    assert c.put(KEY, reply(answer=[f"a.test. {rr_ttl} IN A 1.2.3.4"])).ttl == expect
+
+
+def test_served_ttl_never_exceeds_the_cap():
+    clock = Clock()
+    c = Cache(max_ttl=60, clock=clock)
+    c.put(KEY, reply(answer=["a.test. 86400 IN A 1.2.3.4"]))
+    clock.now += 10
+    assert serve(c.get(KEY), clock).rr[0].ttl == 50
+
+
+@pytest.mark.parametrize("rcode, answer", [(RCODE.NXDOMAIN, []), (RCODE.NOERROR, [])])
+@pytest.mark.parametrize("soa_ttl, minimum, expect", [(300, 60, 60), (20, 60, 20)])
+def test_negative_ttl_from_soa(rcode, answer, soa_ttl, minimum, expect):
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM), for NXDOMAIN and NODATA alike."""
+    clock = Clock()
+    c = Cache(clock=clock)
+    e = c.put(KEY, reply(rcode=rcode, auth=[SOA.format(ttl=soa_ttl, minimum=minimum)]))
+    assert e.ttl == expect
+    clock.now += expect - 1
+    assert c.get(KEY) is not None
+    clock.now += 1
+    assert c.get(KEY) is None
+
+
+def test_negative_ttl_capped_separately():
+    c = Cache(max_neg_ttl=10, clock=Clock())
+    assert c.put(KEY, reply(rcode=3, auth=[SOA.format(ttl=300, minimum=300)])).ttl == 10
+
+
+def test_negative_without_soa_not_cached():
+    c = Cache(clock=Clock())
+    assert c.put(KEY, reply(rcode=RCODE.NXDOMAIN)) is None and len(c) == 0
+    assert c.put(KEY, reply(rcode=RCODE.NOERROR)) is None
+
+
+def test_servfail_cached_five_seconds_and_never_stale():
+    clock = Clock()
+    c = Cache(clock=clock, serve_stale=True)
+    assert c.put(KEY, reply(rcode=RCODE.SERVFAIL)).ttl == 5
+    clock.now += 4.9
+    assert c.get(KEY) is not None
+    clock.now += 0.1
+    assert c.get(KEY) is None and c.get_stale(KEY) is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(tc=True, answer=["a.test. 30 IN A 1.2.3.4"]),
+                                    dict(rcode=RCODE.REFUSED), dict(rcode=RCODE.FORMERR),
+                                    dict(rcode=RCODE.NOTIMP)])
+def test_not_cached(kwargs):
+    c = Cache(clock=Clock())
+    assert c.put(KEY, reply(**kwargs)) is None and len(c) == 0
+
+
+def test_malformed_not_cached():
+    c = Cache(clock=Clock())
+    assert c.put(KEY, reply(answer=["a.test. 30 IN A 1.2.3.4"])[:-3]) is None
+
+
+def test_lru_eviction_keeps_recently_used():
+    c = Cache(capacity=2, clock=Clock())
+    keys = [(b"\x01%d\x00" % i, 1, 1, 0, 0) for i in range(3)]
+    c.put(keys[0], reply(answer=["a.test. 30 IN A 1.2.3.4"]))
+    c.put(keys[1], reply(answer=["a.test. 30 IN A 1.2.3.4"]))
+    assert c.get(keys[0]) is not None               # 0 is now the most recent
+    c.put(keys[2], reply(answer=["a.test. 30 IN A 1.2.3.4"]))
+    assert len(c) == 2 and c.evictions == 1
+    assert c.get(keys[1]) is None and c.get(keys[0]) is not None and c.get(keys[2]) is not None
+
+
+def test_serve_stale_window():
+    """RFC 8767: expired entries are kept up to max_stale and served with TTL 30."""
+    clock = Clock()
+    c = Cache(clock=clock, serve_stale=True, max_stale=100)
+    c.put(KEY, reply(answer=["a.test. 60 IN A 1.2.3.4"]))
+    clock.now += 61
+    assert c.get(KEY) is None                       # never served stale by the normal path
+    e = c.get_stale(KEY)
+    assert e is not None and serve(e, clock, stale=True).rr[0].ttl == STALE_TTL
+    clock.now += 100
+    assert c.get_stale(KEY) is None
+    assert c.get(KEY) is None and len(c) == 0       # dropped once past the stale window
+
+
+def test_serve_stale_off_drops_expired():
+    clock = Clock()
+    c = Cache(clock=clock)
+    c.put(KEY, reply(answer=["a.test. 60 IN A 1.2.3.4"]))
+    clock.now += 61
+    assert c.get_stale(KEY) is None and c.get(KEY) is None and len(c) == 0
+
+
+def test_stored_form_is_canonical_and_offsets_point_at_ttls():
+    """The form the compiled path will serve: ID 0, lowercase question, no OPT, and one TTL
+    offset per RR (names compressed or not)."""
+    raw = reply(name="A.TEST", answer=["A.TEST. 30 IN A 1.2.3.4", "A.TEST. 40 IN A 1.2.3.5"],
+                auth=["test. 50 IN NS ns.test."], extra=["ns.test. 60 IN A 5.6.7.8"], edns=True)
+    e = Cache(clock=Clock()).put(KEY, raw)
+    assert e.wire[:2] == b"\0\0" and b"\x01a\x04test\x00" in e.wire[12:e.qend]
+    assert struct.unpack_from("!H", e.wire, 10)[0] == 1 and len(e.ttl_offs) == 4   # OPT gone
+    assert [struct.unpack_from("!I", e.wire, o)[0] for o in e.ttl_offs] == [30, 40, 50, 60]
+    assert e.ttls == (30, 40, 50, 60) and e.ttl == 30
+    assert len(scan(e.wire).records) == 4
+
+
+def test_records_after_opt_are_dropped_not_moved():
+    rec = DNSRecord.question("a.test", "A").reply()
+    rec.add_answer(*RR.fromZone("a.test. 30 IN A 1.2.3.4"))
+    rec.add_ar(EDNS0(udp_len=1232))
+    rec.add_ar(*RR.fromZone("x.test. 30 IN A 1.2.3.4"))
+    e = Cache(clock=Clock()).put(KEY, bytes(rec.pack()))
+    parsed = DNSRecord.parse(e.wire)
+    assert len(parsed.rr) == 1 and parsed.ar == []
+
+
+def test_extended_rcode_not_cached():
+    rec = DNSRecord.question("a.test", "A").reply()
+    rec.add_ar(EDNS0(udp_len=1232, ext_rcode=1))
+    assert Cache(clock=Clock()).put(KEY, bytes(rec.pack())) is None
+
+
+def test_capacity_must_be_positive():
+    with pytest.raises(ValueError):
+        Cache(capacity=0)
