@@ -9,15 +9,16 @@ What it must not do: hold cluster-zone answers (those always come from the live 
 explicit serve-stale path (RFC 8767).
 
 Stored form (chosen so the compiled packet path can serve hits later without Python): an
-entry is the upstream reply as wire bytes in a canonical shape — ID 0, question name
-lowercased, the OPT RR removed (it is hop-by-hop, RFC 6891 §6.1.1) — plus the byte offset of
-every RR's TTL field and that RR's original TTL. Serving a hit is therefore:
-copy the bytes, patch the ID, copy the client's question bytes over the stored question
-(same length: only the case can differ, DNS 0x20), patch RD/CD from the query (AA cleared), write each
-TTL as ``max(0, min(ttl, entry_ttl) - age)``, append an OPT if the client sent one, and cut
-to the client's size with TC. No name parsing, no allocation beyond the output buffer: a
-later step can lay these entries out in shared memory (offsets, not pointers) and let
-``_fastpath`` do exactly that.
+entry is the upstream reply as wire bytes in a canonical shape (ID 0, question name
+lowercased, the OPT RR removed: it is hop-by-hop, RFC 6891 §6.1.1) plus the byte offset of
+every RR's TTL field and that RR's original TTL. Serving a hit is then: copy the bytes;
+patch the ID; copy the client's question bytes over the stored question (same length, only
+the case can differ: DNS 0x20); patch RD/CD from the query and clear AA; write each TTL as
+``max(0, min(ttl, entry_ttl) - age)``; append an OPT if the client sent one; cut to the
+client's size with TC (record ends follow from the TTL offsets: TTL, RDLENGTH, RDATA are
+adjacent, so ``forward.fit`` needs no name parsing). No parsing and no allocation beyond
+the output buffer, so a later step can lay entries out in shared memory (offsets, not
+pointers) and let ``_fastpath`` do exactly this.
 
 Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (spec §4.4).
 Lifetimes: positive = min RR TTL; negative (NXDOMAIN / NODATA) = min(SOA TTL, SOA MINIMUM)

@@ -24,7 +24,7 @@ import socket
 import struct
 from typing import Awaitable, Callable, Iterable, NamedTuple
 
-from .cache import RD, SERVFAIL, TC, Cache, Entry, Scanned, scan, strip_opt
+from .cache import RD, SERVFAIL, TC, Cache, Entry, scan, strip_opt
 from .refpath import Malformed, parse_edns, parse_name
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,15 @@ class Forwarder:
     Timing parameters are in seconds; tests pass small ones. ``random_start=False`` always
     tries the servers in the order given (a primary and its backups). ``host_resolver`` (optional,
     async name → list of IPs) resolves stub servers given as names; without it they are
-    resolved once per configuration through the default upstreams."""
+    resolved once per configuration through the default upstreams.
+
+    Counters (plain ints, rendered by the metrics issue): ``requests``; ``responses``
+    (rcode → count, of replies returned); ``timeouts`` (per-try); ``forged`` (replies
+    dropped as not matching, RFC 5452); ``refused_inflight`` (over ``max_inflight``);
+    ``coalesced`` (clients that joined a query already in flight); ``tcp_retries``;
+    ``failures`` (no usable reply before the deadline → SERVFAIL); ``stale_served``;
+    ``loop_probes_seen``; ``per_upstream`` (``str(Upstream)`` → UpstreamStats). Cache
+    counters live on the Cache."""
 
     def __init__(self, upstreams: Iterable[Upstream] = (),
                  stub_domains: dict[str, Iterable[Upstream]] | None = None, *,

@@ -35,7 +35,7 @@ from .forward import Upstream
 
 log = logging.getLogger(__name__)
 
-MAX_UPSTREAMS = 3            # kube-dns config.go: "upstreamNameservers cannot have more than three entries"
+MAX_UPSTREAMS = 3            # kube-dns config.go: "cannot have more than three entries"
 DEFAULT_CONFIG_DIR = "/kube-dns-config"
 DEFAULT_CONFIG_PERIOD = 10.0
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"

@@ -128,7 +128,7 @@ def test_failover_when_first_upstream_dead_or_slow(failure):
         t0 = time.monotonic()
         rec = run(ask(fwd, "a.test"))
         assert [str(r.rdata) for r in rec.rr] == ["9.9.9.2"]
-        assert 0.25 < time.monotonic() - t0 < 0.9
+        assert 0.25 < time.monotonic() - t0 < 1.5      # one per-try timeout, then success
         assert bad.udp_queries == 1 and good.udp_queries == 1
         assert fwd.timeouts == 1 and fwd.per_upstream[str(up(bad))].timeouts == 1
 
@@ -168,7 +168,7 @@ def test_overall_deadline_gives_servfail():
         rec = run(ask(fwd, "a.test", qid=77))
         elapsed = time.monotonic() - t0
         assert rec.header.rcode == RCODE.SERVFAIL and rec.header.id == 77 and rec.header.ra
-        assert 0.75 < elapsed < 1.2           # deadline honoured, not 2 × 2 × try_timeout
+        assert 0.75 < elapsed < 1.6       # the deadline ends it, not 2 rounds × 2 × try_timeout
         assert fwd.failures == 1 and fwd.timeouts >= 2 and fwd.responses == {2: 1}
 
 

@@ -9,8 +9,8 @@ Zone: ``{"name.": ["A 1.1.1.1", "60 TXT hello"]}`` (TTL optional, default 30). N
 the zone get NXDOMAIN with the SOA of ``soa``; known names without that type get NODATA.
 
 Switches (attributes, changeable while running): ``silent`` (drop everything), ``delay``
-(seconds before answering), ``truncate`` (UDP replies are empty with TC=1; also done when a reply exceeds the
-client's UDP size), ``forge``
+(seconds before answering), ``truncate`` (UDP replies are empty with TC=1; also done when a
+reply exceeds the client's UDP size), ``forge``
 (a set of 'id', 'question', 'port': before the real reply send a forged one of each kind),
 ``forge_only`` (send only the forged replies), ``rcode`` (answer every query with this rcode),
 ``forward_to`` ((host, port): relay each query there instead of answering, to build loops).
@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 
-from dnslib import CLASS, QTYPE, RCODE, RR, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
 
 DEFAULT_SOA = "example. 300 IN SOA ns.example. host.example. 1 7200 1800 86400 60"
 
@@ -223,13 +223,5 @@ def make_query(name: str, qtype: str = "A", *, qid: int = 1234, edns: int | None
     q = DNSRecord.question(name, qtype, qclass)
     q.header.id = qid
     if edns is not None:
-        q.add_ar(_edns(edns, do))
+        q.add_ar(EDNS0(udp_len=edns, flags="do" if do else ""))
     return bytes(q.pack())
-
-
-def _edns(size: int, do: bool):
-    from dnslib import EDNS0
-    return EDNS0(udp_len=size, flags="do" if do else "")
-
-
-__all__ = ["TestDNSServer", "make_query", "CLASS"]
