@@ -168,13 +168,13 @@ class Cache:
         self.hits += 1
         return e
 
-    def get_stale(self, key: tuple) -> Entry | None:
+    def get_stale(self, key: tuple, count: bool = True) -> Entry | None:
         """RFC 8767: an expired positive or negative entry no older than ``max_stale`` past its
-        expiry, for use only when every upstream has failed."""
+        expiry, for use only when upstreams fail or are too slow (the forwarder decides)."""
         e = self.entries.get(key)
-        if e is None or not self._stale_usable(e):
+        if e is None or self.clock() < e.expires() or not self._stale_usable(e):
             return None
-        self.stale_hits += 1
+        self.stale_hits += count
         return e
 
     def _stale_usable(self, e: Entry) -> bool:

@@ -154,10 +154,12 @@ class Forwarder:
                  cache: Cache | None = None, try_timeout: float = 2.0, deadline: float = 4.5,
                  max_inflight: int = 1000, edns_size: int = EDNS_SIZE,
                  probe_token: str | None = None, random_start: bool = True,
+                 stale_answer_timeout: float = 1.8,
                  host_resolver: Callable[[str], Awaitable[list[str]]] | None = None):
         self.cache, self.try_timeout, self.deadline = cache, try_timeout, deadline
         self.max_inflight, self.edns_size = max_inflight, edns_size
         self.host_resolver, self.random_start = host_resolver, random_start
+        self.stale_answer_timeout = stale_answer_timeout
         # One token per kdns instance: the lead creates it before forking so every worker
         # recognises the instance's own probes (a probe may come back to another worker).
         self.probe_token = probe_token or secrets.token_hex(8)
@@ -238,6 +240,15 @@ class Forwarder:
                                    if self._inflight.get(k) is t else None)
         else:
             self.coalesced += 1
+        if self.cache is not None and not task.done():
+            stale = self.cache.get_stale(key, count=False)
+            if stale is not None:
+                # RFC 8767 §5 client response timer: with a stale answer at hand, do not keep
+                # the client waiting longer than 1.8 s; the refresh goes on in the background.
+                done, _ = await asyncio.wait({task}, timeout=self.stale_answer_timeout)
+                if not done:
+                    self.cache.stale_hits += 1
+                    return self._count(self._from_entry(stale, q, limit, stale=True))
         # shield: a client that goes away must not cancel the query other clients wait on.
         kind, payload = await asyncio.shield(task)
         if kind == "reply":

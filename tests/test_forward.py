@@ -422,6 +422,28 @@ def test_serve_stale_when_every_upstream_fails(stale):
         assert too_old.header.rcode == RCODE.SERVFAIL
 
 
+def test_stale_answer_after_client_response_timer_while_refresh_continues():
+    """RFC 8767 §5: a slow upstream does not hold the client past the timer; the refresh
+    still lands in the cache for the next client."""
+    with TestDNSServer({"a.test.": ["60 A 9.9.9.9"]}) as s:
+        clock = Clock()
+        fwd = Forwarder([up(s)], cache=Cache(clock=clock, serve_stale=True),
+                        stale_answer_timeout=0.1, try_timeout=1.0, deadline=2.0)
+
+        async def main():
+            await ask(fwd, "a.test")
+            clock.now += 120
+            s.delay = 0.4
+            t0 = time.monotonic()
+            stale = await ask(fwd, "a.test")
+            waited = time.monotonic() - t0
+            await asyncio.sleep(0.6)            # the refresh completes meanwhile
+            return stale, waited, await ask(fwd, "a.test")
+        stale, waited, fresh = run(main())
+        assert stale.rr[0].ttl == 30 and waited < 0.35
+        assert fresh.rr[0].ttl == 60 and s.udp_queries == 2
+
+
 def test_refreshed_answer_replaces_stale_entry():
     with TestDNSServer({"a.test.": ["60 A 9.9.9.9"]}) as s:
         clock = Clock()
