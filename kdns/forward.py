@@ -30,8 +30,8 @@ from .refpath import Malformed, parse_edns, parse_name
 log = logging.getLogger(__name__)
 
 QR, AA, RA, CD = 0x8000, 0x0400, 0x0080, 0x0010
-FORMERR, REFUSED = 1, 5
-T_A, T_TXT, T_OPT = 1, 16, 41
+FORMERR, NOTIMP, REFUSED = 1, 4, 5
+T_A, T_TXT, T_OPT, T_IXFR, T_AXFR = 1, 16, 41, 251, 252
 UDP_PLAIN = 512          # RFC 1035 §4.2.1
 EDNS_SIZE = 1232         # DNS flag day 2020: fits the IPv6 minimum MTU without fragments
 TCP_MAX = 65535          # RFC 7766 §8: two-byte length prefix
@@ -222,6 +222,12 @@ class Forwarder:
             limit = max(UDP_PLAIN, min(q.edns[0], self.edns_size))   # RFC 6891 §6.2.5
         else:
             limit = UDP_PLAIN
+        if q.flags & 0x7800:
+            return self._count(self._rcode_reply(q, NOTIMP))    # only QUERY is relayed
+        if q.qtype in (T_AXFR, T_IXFR):
+            # A zone transfer is a session with the primary (RFC 5936 §4), not something a
+            # forwarder relays message by message.
+            return self._count(self._rcode_reply(q, REFUSED))
         if len(q.labels) >= 3 and q.labels[-1] == PROBE_ZONE and q.labels[-2] == self.probe_token:
             return self._count(self._probe_answer(q, limit))
         key = (q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 1 if q.flags & CD else 0)

@@ -184,16 +184,16 @@ def read_config_dir(path: str) -> tuple[str, dict[str, str]]:
     Hidden names cover the volume's ``..data`` / ``..<timestamp>`` directories; the visible
     entries are symlinks into them, so symlinks are followed (kube-dns reads them the same
     way). Version = sha256 over names and contents (sync_dir.go)."""
-    data = {}
+    data, h = {}, hashlib.sha256()
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
         if name.startswith(".") or not os.path.isfile(full):
             continue
-        with open(full, encoding="utf-8") as f:
-            data[name] = f.read()
-    h = hashlib.sha256()
-    for name, text in data.items():
-        h.update(name.encode() + b"\0" + text.encode() + b"\0")
+        with open(full, "rb") as f:
+            raw = f.read()
+        h.update(name.encode() + b"\0" + raw + b"\0")
+        # Invalid UTF-8 becomes U+FFFD and then fails validation naming the key.
+        data[name] = raw.decode("utf-8", errors="replace")
     return h.hexdigest(), data
 
 
@@ -230,7 +230,7 @@ class ConfigDirWatcher:
             version, data = read_config_dir(self.path)
         except FileNotFoundError:
             version, data = "absent", {}          # optional volume missing → defaults
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             log.error("kube-dns config dir %s unreadable, keeping the previous config: %s",
                       self.path, exc)
             return False

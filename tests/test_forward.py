@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import struct
 import time
@@ -22,6 +23,18 @@ from tests.upstream import TestDNSServer, make_query
 pytestmark = pytest.mark.timeout(20)
 
 FAST = dict(try_timeout=0.3, deadline=0.9, random_start=False)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Guard: the forwarder under test may only ever talk to loopback addresses."""
+    for name in ("_udp", "_tcp"):
+        original = getattr(Forwarder, name)
+
+        def guarded(self, host, port, *args, _original=original):
+            assert ipaddress.ip_address(host).is_loopback, f"test sent to {host}"
+            return _original(self, host, port, *args)
+        monkeypatch.setattr(Forwarder, name, guarded)
 
 
 def run(coro, limit: float = 10.0):
@@ -279,6 +292,18 @@ def test_non_in_class_is_forwarded():
         fwd = Forwarder([up(s)], **FAST)
         rec = run(ask(fwd, "version.bind", "TXT", qclass="CH"))
         assert rec.header.rcode == RCODE.NOERROR and s.queries[0][:2] == ("version.bind.", "TXT")
+
+
+@pytest.mark.parametrize("qtype, opcode, rcode", [("AXFR", 0, RCODE.REFUSED),
+                                                  ("IXFR", 0, RCODE.REFUSED),
+                                                  ("A", 2, RCODE.NOTIMP)])
+def test_not_relayed(qtype, opcode, rcode):
+    with TestDNSServer() as s:
+        fwd = Forwarder([up(s)], **FAST)
+        q = DNSRecord.question("example.test", qtype)
+        q.header.opcode = opcode
+        assert parse(run(fwd.resolve(bytes(q.pack()), "tcp"))).header.rcode == rcode
+        assert s.udp_queries == s.tcp_queries == 0
 
 
 def test_malformed_and_responses():

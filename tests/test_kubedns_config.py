@@ -148,6 +148,13 @@ def test_watcher_hot_reload_valid_then_invalid_keeps_previous(tmp_path, caplog):
     assert applied[-1].stub_domains == {"acme.local": (Upstream("1.2.3.4"),)}
 
 
+def test_invalid_utf8_rejected_naming_the_key(tmp_path, caplog):
+    (tmp_path / "upstreamNameservers").write_bytes(b'["8.8.8.8\xff"]')
+    with caplog.at_level(logging.ERROR):
+        assert not ConfigDirWatcher(str(tmp_path), lambda c: None).poll_once()
+    assert "'upstreamNameservers'" in caplog.records[-1].message
+
+
 def test_watcher_missing_dir_means_defaults(tmp_path):
     applied = []
     assert ConfigDirWatcher(str(tmp_path / "absent"), applied.append).poll_once()
