@@ -430,15 +430,71 @@ def fmt(v, spec: str) -> str:
 
 def table(cells: list[dict]) -> str:
     head = (f"{'target':<20} {'mix':<7} {'tool':<8} {'QPS':>10} {'avg us':>8} {'p99 us':>7} "
-            f"{'lost':>6} {'srv CPU us/q':>12} {'srv CPU %':>9} {'cli CPU %':>9}")
+            f"{'lost':>6} {'NXDOMAIN':>8} {'srv CPU us/q':>12} {'srv CPU %':>9} {'cli CPU %':>9}")
     rows = [head, "-" * len(head)]
     for c in cells:
         run = c.get("run_s") or c["wall_s"]
         rows.append(f"{c['target']:<20} {c['mix']:<7} {c['tool']:<8} {fmt(c['qps'], ',.0f'):>10} "
                     f"{fmt(c['avg_latency_us'], '.0f'):>8} {fmt(c.get('p99_us'), '.0f'):>7} "
-                    f"{c['lost']:>6} {fmt(c['cpu_us_per_query'], '.2f'):>12} "
+                    f"{c['lost']:>6} {100 * rcode_shares(c).get('NXDOMAIN', 0):>7.1f}% "
+                    f"{fmt(c['cpu_us_per_query'], '.2f'):>12} "
                     f"{100 * c['server_cpu_s'] / run:>8.0f}% {100 * c['client_cpu_s'] / run:>8.0f}%")
     return "\n".join(rows)
+
+
+def aggregate(samples: list[dict]) -> list[dict]:
+    """One cell per (target, mix, tool) over the rounds: medians of the rates, sums of the
+    counts (lost is every query lost in any round)."""
+    groups: dict[tuple, list] = {}
+    for c in samples:
+        groups.setdefault((c["target"], c["mix"], c["tool"]), []).append(c)
+
+    def median(vals):
+        vals = sorted(v for v in vals if v is not None)
+        if not vals:
+            return None
+        m = len(vals) // 2
+        return vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2
+
+    out = []
+    for (target, mix, tool_), cs in groups.items():
+        c = {"target": target, "mix": mix, "tool": tool_, "rounds": len(cs)}
+        for k in ("qps", "avg_latency_us", "p50_us", "p90_us", "p99_us", "p999_us",
+                  "cpu_us_per_query"):
+            c[k] = median(x.get(k) for x in cs)
+        for k in ("sent", "completed", "lost", "server_cpu_s", "client_cpu_s", "wall_s"):
+            c[k] = sum(x[k] for x in cs)
+        rc: dict = {}
+        for x in cs:
+            for name, n in x["rcodes"].items():
+                rc[name] = rc.get(name, 0) + n
+        c["rcodes"] = rc
+        c["qps_rounds"] = [x["qps"] for x in cs]
+        out.append(c)
+    return out
+
+
+def rcode_shares(c: dict) -> dict:
+    total = sum(c["rcodes"].values())
+    return {k: v / total for k, v in c["rcodes"].items()} if total else {}
+
+
+def rcode_drift(cells: list[dict], ref: str, floor: str) -> list[str]:
+    """Every answered query of a mix counts here, not only the check names: the servers
+    must split NOERROR/NXDOMAIN alike (within 1 point; cells cut the file at different
+    places)."""
+    idx = {(c["mix"], c["tool"]): c for c in cells if c["target"] == ref}
+    out = []
+    for c in cells:
+        r = idx.get((c["mix"], c["tool"]))
+        if c["target"] in (ref, floor) or r is None:
+            continue
+        a, b = rcode_shares(r), rcode_shares(c)
+        for k in sorted(set(a) | set(b)):
+            if abs(a.get(k, 0) - b.get(k, 0)) > 0.01:
+                out.append(f"{c['target']} {c['mix']} {c['tool']}: {k} {100 * b.get(k, 0):.1f}% "
+                           f"vs {ref} {100 * a.get(k, 0):.1f}%")
+    return out
 
 
 def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> tuple[str, dict]:
@@ -502,7 +558,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--short", action="store_true",
                     help="CI size: 1,000 services, 20,000 queries per file, 2 s per cell")
-    ap.add_argument("--seconds", type=float, help="per cell (default 10, --short 2)")
+    ap.add_argument("--seconds", type=float, help="per cell and round (default 5, --short 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved repetitions of every cell; the "
+                    "table shows medians (default 3, --short 1)")
     ap.add_argument("--services", type=int)
     ap.add_argument("--namespaces", type=int)
     ap.add_argument("--named", type=int)
@@ -523,7 +581,8 @@ def parse_args(argv=None):
                     help="measure even if kdns and NSD disagree (the report says so)")
     a = ap.parse_args(argv)
     small = a.short
-    a.seconds = a.seconds or (2.0 if small else 10.0)
+    a.seconds = a.seconds or (2.0 if small else 5.0)
+    a.rounds = a.rounds or (1 if small else 3)
     a.services = a.services or (1000 if small else 5000)
     a.namespaces = a.namespaces or (20 if small else 50)
     a.named = a.named or (200 if small else 1000)
@@ -551,7 +610,7 @@ def main(argv=None) -> int:
         checks = [tuple(line.split()) for line in f if line.strip()]
     zdir = os.path.join(cdir, "nsd")
     # Server lifetime bound for the responder (it stops itself); a generous upper bound.
-    bound = 60 + 2 * len(a.tools) * len(a.mixes) * (a.seconds + 5)
+    bound = 120 + 4 * a.rounds * len(a.tools) * len(a.mixes) * (a.seconds + 10)
 
     report = {"started": stamp, "args": vars(a), "cluster": meta, "host": {
         "cpus": os.cpu_count(), "uname": " ".join(os.uname()),
@@ -559,7 +618,7 @@ def main(argv=None) -> int:
         "dnsperf": next((ln.strip() for ln in subprocess.run([tool("dnsperf"), "-h"], capture_output=True,
                                                                text=True).stderr.splitlines()
                          if ln.startswith("Version")), "?")},
-        "verify": {}, "cells": []}
+        "verify": {}, "samples": [], "cells": []}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns2": "kdns-unpinned-2w",
               "floor": "responder-cpu1"}
     running: list[Server] = []
@@ -569,74 +628,74 @@ def main(argv=None) -> int:
         s.start(timeout)
         return s
 
-    def stop(s: Server) -> None:
-        s.stop()
-        running.remove(s)
+    def cell(key: str, s: Server, mix: str, tl: str, rnd: int) -> dict:
+        if tl == "dnsperf":
+            c = dnsperf_cell(s, qfiles[mix], a.seconds, a)
+        else:
+            c = loadgen_cell(s, exes["loadgen"], qfiles[mix], a.seconds, a)
+        c.update(target=labels[key], mix=mix, round=rnd)
+        log(f"r{rnd} {labels[key]:<18} {mix:<6} {tl:<7} {c['qps']:>10,.0f} q/s  "
+            f"avg {fmt(c['avg_latency_us'], '.0f')} us  lost {c['lost']}  "
+            f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
+        return c
 
-    def measure(key: str, s: Server) -> None:
-        for mix in a.mixes:
-            for tl in a.tools:
-                if tl == "dnsperf":
-                    c = dnsperf_cell(s, qfiles[mix], a.seconds, a)
-                else:
-                    c = loadgen_cell(s, exes["loadgen"], qfiles[mix], a.seconds, a)
-                c.update(target=labels[key], mix=mix)
-                report["cells"].append(c)
-                log(f"{labels[key]:<18} {mix:<6} {tl:<7} {c['qps']:>10,.0f} q/s  "
-                    f"avg {fmt(c['avg_latency_us'], '.0f')} us  lost {c['lost']}  "
-                    f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
+    def verify(name: str, s: Server, ref: dict) -> None:
+        hard, soft = compare(ref, record_answers(s.port, checks))
+        report["verify"][name] = {"names": len(checks), "mismatch": hard, "differences": soft}
+        for line in soft:
+            log(f"note ({name}): {line}")
+        for line in hard:
+            log(f"MISMATCH ({name}): {line}")
+        if hard and not a.no_verify:
+            raise SystemExit(f"load.py: {name} and NSD disagree; not measuring "
+                             "(--no-verify to measure anyway)")
+        if not hard:
+            log(f"verified {name}: {len(checks)} names, same rcode and answers as NSD")
 
+    servers: dict[str, Server] = {}
     try:
-        # -- equivalence first: never compare a fast wrong answer with a slow right one.
-        nsd_ref = None
+        # All servers up at once (an idle server costs nothing), so that rounds can interleave
+        # them: on a shared machine the background load drifts, and interleaving spreads the
+        # drift over every target instead of penalising whichever ran during a busy minute.
         if "nsd" in a.targets or not a.no_verify:
-            nsd = start(nsd_server(zdir, os.path.join(outdir, "nsd-run"), free_port(), SERVER_CPU))
-            nsd_ref = record_answers(nsd.port, checks)
-        kd1 = None
-        if "kdns1" in a.targets or not a.no_verify:
-            kd1 = start(kdns_server(meta["paths"]["kdns_input"], free_port(), SERVER_CPU, 1,
-                                    outdir, a.pure))
-            report["kdns_engine"] = kdns_engine(kd1)
+            servers["nsd"] = start(nsd_server(zdir, os.path.join(outdir, "nsd-run"), free_port(),
+                                              SERVER_CPU))
+        if "kdns1" in a.targets:
+            servers["kdns1"] = start(kdns_server(meta["paths"]["kdns_input"], free_port(),
+                                                 SERVER_CPU, 1, outdir, a.pure))
+        if "kdns2" in a.targets:
+            servers["kdns2"] = start(kdns_server(meta["paths"]["kdns_input"], free_port(), None,
+                                                 2, outdir, a.pure))
+        if "floor" in a.targets:
+            servers["floor"] = start(responder_server(exes["responder"], free_port(), SERVER_CPU,
+                                                      outdir, bound))
+        kd = servers.get("kdns1") or servers.get("kdns2")
+        if kd:
+            report["kdns_engine"] = kdns_engine(kd)
             log(f"kdns engine: {report['kdns_engine']}")
-            if report["kdns_engine"] not in ("compiled", "cython", "fastpath", "_fastpath"):
+            if report["kdns_engine"] != "compiled":
                 log("WARNING: kdns is not running the compiled packet path; "
                     "its figures are the pure-Python fallback's")
-        if nsd_ref is not None and kd1 is not None:
-            hard, soft = compare(nsd_ref, record_answers(kd1.port, checks))
-            sd = static_diff(meta["paths"]["kdns_input"], zdir)
-            report["verify"] = {"names": len(checks), "mismatch": hard, "differences": soft,
-                                "static_diff": sd}
-            for line in soft + sd:
-                log(f"note: {line}")
-            if hard:
-                for line in hard:
-                    log(f"MISMATCH: {line}")
-                if not a.no_verify:
-                    raise SystemExit("load.py: kdns and NSD disagree; not measuring "
-                                     "(--no-verify to measure anyway)")
-            else:
-                log(f"verified: {len(checks)} names give the same rcode and answers on both")
-        # -- measurements, one server at a time.
-        if nsd_ref is not None:
-            if "nsd" in a.targets:
-                measure("nsd", nsd)
-            stop(nsd)
-        if kd1 is not None:
-            if "kdns1" in a.targets:
-                measure("kdns1", kd1)
-            stop(kd1)
-        if "kdns2" in a.targets:
-            kd2 = start(kdns_server(meta["paths"]["kdns_input"], free_port(), None, 2, outdir, a.pure))
-            if nsd_ref is not None:
-                hard, _ = compare(nsd_ref, record_answers(kd2.port, checks))
-                if hard and not a.no_verify:
-                    raise SystemExit("load.py: kdns with 2 workers disagrees with NSD: " + hard[0])
-            measure("kdns2", kd2)
-            stop(kd2)
-        if "floor" in a.targets:
-            fl = start(responder_server(exes["responder"], free_port(), SERVER_CPU, outdir, bound))
-            measure("floor", fl)
-            stop(fl)
+        # Equivalence first: never compare a fast wrong answer with a slow right one.
+        if "nsd" in servers:
+            ref = record_answers(servers["nsd"].port, checks)
+            for key in ("kdns1", "kdns2"):
+                if key in servers:
+                    verify(labels[key], servers[key], ref)
+            if kd:
+                sd = static_diff(meta["paths"]["kdns_input"], zdir)
+                report["verify"]["static_diff"] = sd
+                for line in sd:
+                    log(f"note (kdns records vs NSD zone): {line}")
+        if "nsd" not in a.targets and "nsd" in servers:
+            servers.pop("nsd").stop()
+        for rnd in range(a.rounds):
+            keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
+            keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+            for key in keys:
+                for mix in a.mixes:
+                    for tl in a.tools:
+                        report["samples"].append(cell(key, servers[key], mix, tl, rnd))
     finally:
         for s in list(running):
             try:
@@ -644,22 +703,27 @@ def main(argv=None) -> int:
             except Exception as e:          # keep stopping the others
                 log(f"stopping {s.name}: {e}")
 
+    report["cells"] = aggregate(report["samples"])
     cells = report["cells"]
     text_table = table(cells)
     rtext, report["ratios"] = ratios(cells, labels["kdns1"], labels["kdns2"], labels["nsd"],
                                      labels["floor"])
     report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
+    report["verify"]["rcode_drift"] = rcode_drift(cells, labels["nsd"], labels["floor"])
     path = os.path.join(outdir, "results.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     shutil.copyfile(path, os.path.join(OUT, "load-latest.json"))
     print(f"\nkdns engine: {report.get('kdns_engine', '-')}   cluster: {a.services} services, "
-          f"{a.seconds:g} s per cell, server CPU {SERVER_CPU}, client CPU {CLIENT_CPU}")
+          f"{a.seconds:g} s per cell x {a.rounds} round(s) (median shown), server CPU {SERVER_CPU}, "
+          f"client CPU {CLIENT_CPU}")
     print(text_table)
     print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
     print(rtext)
     print("\ngoal (issue 2 §7), this run:")
     print("\n".join(report["goals"]) or "(needs the nsd and kdns1 targets)")
+    for line in report["verify"]["rcode_drift"]:
+        print(f"RCODE DRIFT: {line}")
     print(f"\nresults: {path}")
     return 0
 
