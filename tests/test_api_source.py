@@ -1,0 +1,534 @@
+"""The API source against a fake API server, through the real ``kubernetes`` client.
+
+Every test builds a kubeconfig pointing at ``tests/fakeapi.py`` on loopback, so auth headers,
+URLs and the HTTP layer are the client's own; faults come from the server side. Timings are
+shrunk (1 s watches, 0.2 s backoff base) and every wait is bounded.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import pathlib
+import re
+import threading
+import time
+
+import pytest
+import yaml
+
+from fakeapi import FakeApiServer, Gone, HttpError, Reset, Slow, Stall
+from kdns.sources import api as source
+from kdns.sources.kubeconfig import (ConnectionConfigError, api_client_from_flags,
+                                     check_master_url, expand_env)
+
+pytestmark = pytest.mark.timeout(20)
+
+FAST = source.WatchSettings(page_size=5, watch_timeout=(1, 1), read_slack=0.5,
+                            connect_timeout=1.0, list_read_timeout=2.0, backoff_base=0.2,
+                            backoff_cap=1.0, retry_after_cap=5.0, min_stream_seconds=0.5)
+
+
+class RecordingSink:
+    """A reference implementation of the sink contract that records every call."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.calls: list[tuple] = []
+        self.objects: dict[str, dict] = {}
+        self.synced_kinds: list[str] = []
+        self._seen: dict[str, set] = {}
+
+    @staticmethod
+    def _key(obj):
+        meta = obj["metadata"]
+        return meta.get("namespace", ""), meta["name"]
+
+    def relist_begin(self, kind):
+        with self.cond:
+            self.calls.append(("begin", kind))
+            self._seen[kind] = set()
+
+    def apply(self, kind, obj):
+        with self.cond:
+            key = self._key(obj)
+            self.calls.append(("apply", kind, key, obj["metadata"].get("resourceVersion")))
+            assert obj["kind"] == kind and obj["apiVersion"]
+            self.objects.setdefault(kind, {})[key] = obj
+            if kind in self._seen:
+                self._seen[kind].add(key)
+            self.cond.notify_all()
+
+    def delete(self, kind, namespace, name):
+        with self.cond:
+            self.calls.append(("delete", kind, (namespace, name)))
+            self.objects.get(kind, {}).pop((namespace, name), None)
+            self.cond.notify_all()
+
+    def relist_end(self, kind):
+        with self.cond:
+            self.calls.append(("end", kind))
+            seen = self._seen.pop(kind)
+            for key in set(self.objects.get(kind, {})) - seen:
+                del self.objects[kind][key]
+            self.cond.notify_all()
+
+    def synced(self, kind):
+        with self.cond:
+            self.calls.append(("synced", kind))
+            self.synced_kinds.append(kind)
+            self.cond.notify_all()
+
+    def names(self, kind) -> set:
+        with self.cond:
+            return {name for _, name in self.objects.get(kind, {})}
+
+    def wait_for(self, predicate, timeout=5.0, what="condition"):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out waiting for {what}; calls: {self.calls[-20:]}"
+                self.cond.wait(min(left, 0.05))
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def svc(name, ns="default", **spec):
+    return {"metadata": {"namespace": ns, "name": name},
+            "spec": {"clusterIP": "10.0.0.1", **spec}}
+
+
+def write_kubeconfig(path: pathlib.Path, server: str, user: dict) -> str:
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+           "clusters": [{"name": "fake", "cluster": {"server": server}}],
+           "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+           "users": [{"name": "u", "user": user}]}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture
+def api():
+    server = FakeApiServer(token="secret").start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def client(api, tmp_path):
+    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
+        tmp_path / "kubeconfig", api.url, {"token": "secret"}))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@contextlib.contextmanager
+def running(client, sink, *, pods=False, settings=FAST):
+    src = source.ApiSource(api_client=client, sink=sink, pods=pods, settings=settings)
+    src.start()
+    try:
+        yield src
+    finally:
+        src.stop(timeout=3)
+        assert not any(t.is_alive() for t in src._threads), "watcher threads did not stop"
+
+
+@contextlib.contextmanager
+def watching(client, sink, resource=source.SERVICES, settings=FAST, fallback=None):
+    """One watcher in a thread, stopped and joined on exit."""
+    stop = threading.Event()
+    w = source.ResourceWatcher(api_client=client, resource=resource, sink=sink, stop=stop,
+                               settings=settings, fallback=fallback)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        yield w
+    finally:
+        stop.set()
+        w.interrupt()
+        t.join(3)
+        assert not t.is_alive(), "watcher thread did not stop"
+
+
+def applied_versions(sink, name):
+    return [int(c[3]) for c in sink.calls if c[0] == "apply" and c[2][1] == name]
+
+
+# ---- listing ----------------------------------------------------------------------------------
+
+def test_initial_paginated_list_is_delivered_completely_in_one_relist(api, client):
+    api.create_many("services", [svc(f"s{i:02}") for i in range(23)])
+    sink = RecordingSink()
+    with running(client, sink):
+        sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+        assert sink.names("Service") == {f"s{i:02}" for i in range(23)}
+        # One begin/end pair around all five pages; synced only after the end.
+        svc_calls = [c for c in sink.calls if c[1] == "Service"]
+        assert svc_calls[0] == ("begin", "Service")
+        assert svc_calls[-2:] == [("end", "Service"), ("synced", "Service")]
+    lists = api.calls(verb="list", resource="services")
+    assert [r.query.get("limit") for r in lists] == ["5"] * 5
+    assert "continue" not in lists[0].query and all("continue" in r.query for r in lists[1:])
+
+
+def test_changes_during_a_slow_paginated_list_arrive_through_the_watch(api, client):
+    api.create_many("services", [svc(f"s{i:02}") for i in range(12)])
+    api.inject("services", "list", Slow(0.3), times=3)
+    sink = RecordingSink()
+    with running(client, sink):
+        wait_until(lambda: api.count(verb="list", resource="services") >= 2, what="page 2")
+        api.create("services", svc("late"))
+        api.delete("services", "default", "s00")
+        sink.wait_for(lambda: "late" in sink.names("Service")
+                      and "s00" not in sink.names("Service"), what="late changes")
+    # The pages were a snapshot: "late" was not in them, and the list was not restarted.
+    assert api.count(verb="list", resource="services") == 3
+    watch = api.calls(verb="watch", resource="services")[0]
+    assert int(watch.query["resourceVersion"]) < api.resource_version - 1
+
+
+# ---- watching ---------------------------------------------------------------------------------
+
+def test_add_modify_delete_are_seen_through_the_watch(api, client):
+    api.create("services", svc("a"))
+    sink = RecordingSink()
+    with running(client, sink):
+        sink.wait_for(lambda: "Service" in sink.synced_kinds)
+        api.create("services", svc("b"))
+        api.update("services", svc("a", clusterIP="None"))
+        api.delete("services", "default", "b")
+        sink.wait_for(lambda: ("delete", "Service", ("default", "b")) in sink.calls)
+        assert sink.objects["Service"][("default", "a")]["spec"]["clusterIP"] == "None"
+        assert sink.names("Service") == {"a"}
+    assert api.count(verb="list", resource="services") == 1
+
+
+def test_bookmark_advances_the_resume_version(api, client):
+    api.create("services", svc("a"))
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        listed = int(w.resource_version)
+        # Other kinds move the global version; only a bookmark tells the service watch.
+        for i in range(3):
+            api.create("namespaces", {"metadata": {"name": f"ns{i}"}})
+        target = api.resource_version
+        api.bookmark_interval = 0.3     # the API server sends bookmarks periodically
+        wait_until(lambda: w.resource_version == str(target), what="bookmark applied")
+        wait_until(lambda: any(r.query["resourceVersion"] == str(target)
+                               for r in api.calls(verb="watch", resource="services")),
+                   what="a watch resumed from the bookmark")
+    assert listed < target
+    assert api.calls(verb="watch", resource="services")[0].query["allowWatchBookmarks"] == "true"
+    assert not [c for c in sink.calls if c[0] == "apply" and c[3] and int(c[3]) > listed]
+
+
+def test_connection_reset_mid_stream_resumes_from_the_last_version(api, client):
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        api.inject("services", "watch", Reset(after_events=2))
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 2,
+                   what="a watch carrying the fault")   # the next stream takes the fault
+        for i in range(5):
+            api.create("services", svc(f"n{i}"))
+        sink.wait_for(lambda: sink.names("Service") == {f"n{i}" for i in range(5)})
+        watches = api.calls(verb="watch", resource="services")
+    assert api.count(verb="list", resource="services") == 1, "a reset must not cause a relist"
+    resumed = [int(r.query["resourceVersion"]) for r in watches]
+    assert resumed == sorted(resumed)
+    # Each object applied exactly once, in version order: nothing lost, nothing replayed.
+    for i in range(5):
+        assert len(applied_versions(sink, f"n{i}")) == 1
+
+
+def test_compacted_history_after_disconnect_relists_and_applies_deletions(api, client):
+    api.create_many("services", [svc("a"), svc("b"), svc("c")])
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 1)
+        with api.atomically():           # the stream cannot see any of this
+            api.delete("services", "default", "b")
+            api.update("services", svc("a", clusterIP="10.0.0.9"))
+            api.create("services", svc("d"))
+            api.compact()
+            api.drop_connections()
+        sink.wait_for(lambda: sink.names("Service") == {"a", "c", "d"}, what="converged")
+        assert sink.objects["Service"][("default", "a")]["spec"]["clusterIP"] == "10.0.0.9"
+        assert w.relists == 2
+    assert ("delete", "Service", ("default", "b")) not in sink.calls, \
+        "the deletion can only have come from the relist"
+    assert api.count(verb="list", resource="services") == 2
+
+
+def test_gone_error_event_mid_stream_relists_and_applies_deletions(api, client):
+    api.create_many("services", [svc("a"), svc("b"), svc("c")])
+    api.inject("services", "watch", Gone(after_events=1))
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 1)
+        with api.atomically():
+            api.update("services", svc("a", clusterIP="10.0.0.9"))
+            api.delete("services", "default", "b")
+            api.delete("services", "default", "c")
+            api.create("services", svc("d"))
+        sink.wait_for(lambda: sink.names("Service") == {"a", "d"} and w.relists == 2,
+                      what="relisted")
+    assert not [c for c in sink.calls if c[0] == "delete"], "deletions came from the relist"
+    ends = [i for i, c in enumerate(sink.calls) if c == ("end", "Service")]
+    assert len(ends) == 2
+
+
+def test_an_object_the_sink_rejects_does_not_stall_the_stream(api, client):
+    class PickySink(RecordingSink):
+        def apply(self, kind, obj):
+            if obj["metadata"]["name"] == "bad":
+                raise ValueError("spec.ports[0].port: not an integer")
+            super().apply(kind, obj)
+
+    api.create_many("services", [svc("bad"), svc("good")])
+    sink = PickySink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        api.update("services", svc("bad", clusterIP="10.0.0.2"))
+        api.create("services", svc("later"))
+        sink.wait_for(lambda: "later" in sink.names("Service"))
+    assert sink.names("Service") == {"good", "later"}
+    assert w.rejected == 2 and w.relists == 1
+
+
+# ---- errors and backoff -----------------------------------------------------------------------
+
+def test_http_500_on_list_backs_off_with_growing_delays(api, client):
+    api.inject("services", "list", HttpError(500), times=3)
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced, timeout=6)
+    t = [r.at for r in api.calls(verb="list", resource="services")]
+    assert len(t) == 4, "three failures, one success, no extra requests"
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    # Delays are drawn from [d/2, d] with d = 0.2, 0.4, 0.8: each at least its floor.
+    for gap, floor in zip(gaps, (0.1, 0.2, 0.4)):
+        assert gap >= floor
+    assert sum(gaps) < 0.2 + 0.4 + 0.8 + 1.0
+
+
+def test_errors_on_watch_resume_without_relisting(api, client):
+    api.create("services", svc("a"))
+    api.inject("services", "watch", HttpError(500), times=2)
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        api.create("services", svc("b"))
+        sink.wait_for(lambda: "b" in sink.names("Service"))
+    assert api.count(verb="list", resource="services") == 1
+    watches = api.calls(verb="watch", resource="services")
+    assert [r.status for r in watches[:3]] == [500, 500, 200]
+    assert len({r.query["resourceVersion"] for r in watches[:3]}) == 1
+
+
+def test_429_retry_after_is_honoured(api, client):
+    api.inject("services", "watch", HttpError(429, retry_after=1), times=2)
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 3, timeout=5)
+    t = [r.at for r in api.calls(verb="watch", resource="services")]
+    # Backoff alone would wait 0.1-0.4 s; the server asked for 1 s, twice.
+    assert t[1] - t[0] >= 0.95 and t[2] - t[1] >= 0.95
+
+
+def test_every_list_failing_never_spins(api, client):
+    api.inject("services", "list", HttpError(503), times=100)
+    stop = threading.Event()
+    w = source.ResourceWatcher(api_client=client, resource=source.SERVICES,
+                               sink=RecordingSink(), stop=stop, settings=FAST)
+    started = time.monotonic()
+    w.run(iterations=4)                 # the iteration hook bounds the forever loop
+    elapsed = time.monotonic() - started
+    assert api.count(verb="list", resource="services") == 4
+    assert elapsed >= 0.1 + 0.2 + 0.4 + 0.5 and not w.synced
+    assert "503" in w.last_error
+
+
+def test_stalled_stream_is_detected_by_read_timeout(api, client):
+    sink = RecordingSink()
+    api.inject("services", "watch", Stall(seconds=15))
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        started = time.monotonic()
+        api.create("services", svc("after-stall"))
+        sink.wait_for(lambda: "after-stall" in sink.names("Service"), timeout=5)
+        waited = time.monotonic() - started
+    # Silent for timeoutSeconds (1) + read_slack (0.5): declared dead, resumed, caught up.
+    assert 1.2 <= waited < 3.5
+    assert api.count(verb="list", resource="services") == 1
+
+
+def test_list_that_outlives_the_read_timeout_is_retried(api, client):
+    api.create("services", svc("a"))
+    api.inject("services", "list", Stall(seconds=15))
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced, timeout=6)
+        assert sink.names("Service") == {"a"}
+    assert api.count(verb="list", resource="services") == 2
+
+
+def test_unauthorized_then_rotated_token_file_recovers(api, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
+        tmp_path / "kubeconfig", api.url, {"tokenFile": str(token)}))
+    sink = RecordingSink()
+    try:
+        with watching(c, sink) as w:
+            sink.wait_for(lambda: w.synced)
+            # The API stops accepting the old token before the new one reaches the file.
+            api.token = "rotated"
+            api.drop_connections()
+            wait_until(lambda: any(r.status == 401 for r in api.requests), what="a 401")
+            # The kubelet swaps the projected token file atomically.
+            (tmp_path / "token.new").write_text("rotated\n")
+            os.replace(tmp_path / "token.new", token)
+            api.create("services", svc("after-rotation"))
+            sink.wait_for(lambda: "after-rotation" in sink.names("Service"))
+    finally:
+        c.close()
+    assert api.requests[-1].authorization == "Bearer rotated"
+    # Rejected requests were backed off, not hammered.
+    assert 1 <= sum(r.status == 401 for r in api.requests) <= 3
+    assert api.count(verb="list", resource="services") == 1
+
+
+# ---- which resources --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("refusal", ["forbidden", "not_served"])
+def test_endpointslices_refused_falls_back_to_v1_endpoints(api, client, refusal):
+    getattr(api, refusal).add("endpointslices")
+    api.create("endpoints", {"metadata": {"namespace": "default", "name": "web"},
+                             "subsets": [{"addresses": [{"ip": "10.1.0.1"}]}]})
+    sink = RecordingSink()
+    with running(client, sink) as src:
+        sink.wait_for(lambda: src.synced)
+        assert sorted(sink.synced_kinds) == ["Endpoints", "Namespace", "Service"]
+        assert sink.names("Endpoints") == {"web"}
+        api.create("endpoints", {"metadata": {"namespace": "default", "name": "api"}})
+        sink.wait_for(lambda: "api" in sink.names("Endpoints"))
+    assert api.count(resource="endpointslices") == 1, "no retrying a refused resource"
+
+
+def test_endpointslices_used_when_readable(api, client):
+    api.create("endpointslices", {"metadata": {"namespace": "default", "name": "web-abc"},
+                                  "addressType": "IPv4", "endpoints": []})
+    sink = RecordingSink()
+    with running(client, sink) as src:
+        sink.wait_for(lambda: src.synced)
+        assert sink.names("EndpointSlice") == {"web-abc"}
+    assert api.count(resource="endpoints") == 0
+
+
+@pytest.mark.parametrize("pods", [False, True])
+def test_pods_are_watched_only_when_requested(api, client, pods):
+    api.create("pods", {"metadata": {"namespace": "default", "name": "p"},
+                        "status": {"podIP": "10.1.0.7"}})
+    sink = RecordingSink()
+    with running(client, sink, pods=pods) as src:
+        sink.wait_for(lambda: src.synced)
+        assert ("Pod" in sink.synced_kinds) is pods
+        assert (sink.names("Pod") == {"p"}) is pods
+    assert (api.count(resource="pods") > 0) is pods
+
+
+def test_stop_is_prompt_during_a_long_watch(api, client):
+    slow = source.WatchSettings(watch_timeout=(300, 300))
+    src = source.ApiSource(api_client=client, sink=RecordingSink(), settings=slow)
+    src.start()
+    try:
+        wait_until(lambda: api.count(verb="watch") >= 3, what="all watches open")
+    finally:
+        started = time.monotonic()
+        src.stop(timeout=3)
+    assert time.monotonic() - started < 1.0
+    assert not any(t.is_alive() for t in src._threads)
+
+
+# ---- connection flags -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["10.0.0.1:6443", "https://", "ftp://h", "//host:1"])
+def test_master_url_needs_scheme_and_host(url):
+    with pytest.raises(ConnectionConfigError, match="needs a scheme and a host"):
+        check_master_url(url)
+
+
+def test_flags_are_env_expanded_and_master_url_overrides_kubeconfig(tmp_path):
+    env = {"API_HOST": "127.0.0.1", "DIR": str(tmp_path)}
+    write_kubeconfig(tmp_path / "kc", "http://127.0.0.2:1", {"token": "x"})
+    c = api_client_from_flags(kubecfg_file="${DIR}/kc", kube_master_url="http://$API_HOST:8080",
+                              environ=env)
+    try:
+        assert c.configuration.host == "http://127.0.0.1:8080"
+        assert c.configuration.api_key["BearerToken"] == "Bearer x"
+        assert c.configuration.retries is False
+    finally:
+        c.close()
+    assert expand_env("$UNSET-${UNSET}x", {}) == "-x"
+
+
+def test_missing_kubeconfig_is_a_clear_error(tmp_path):
+    with pytest.raises(ConnectionConfigError, match="no such file"):
+        api_client_from_flags(kubecfg_file=str(tmp_path / "nope"))
+
+
+def test_sources_never_import_the_compiler_or_dns_layers():
+    path = pathlib.Path(source.__file__)
+    for name in ("api.py", "kubeconfig.py"):
+        tree = ast.parse((path.parent / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        kdns_modules = {m for m in imported if m and m.startswith("kdns")}
+        assert kdns_modules <= {"kdns.sources", "kdns.sources.kubeconfig"}, kdns_modules
+
+
+def _role_grants(text: str) -> set:
+    role = next(d for d in yaml.safe_load_all(text) if d["kind"] == "ClusterRole")
+    granted = set()
+    for rule in role["rules"]:
+        assert rule["verbs"] == ["list", "watch"], rule
+        granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    return granted
+
+
+def _source_reads(*, pods: bool) -> set:
+    src = source.ApiSource(api_client=None, sink=RecordingSink(), pods=pods)
+    return {(res.api_version.rpartition("/")[0], res.plural)
+            for w in src.watchers for res in (w.resource, w.fallback) if res}
+
+
+def test_rbac_grants_exactly_what_the_source_reads():
+    text = (pathlib.Path(__file__).resolve().parent.parent / "deploy" / "rbac.yaml").read_text()
+    assert _role_grants(text) == _source_reads(pods=False)
+    # The commented-out pods rule, once uncommented as its comment says, is what
+    # --pods verified needs.
+    uncommented = re.sub(r'(?m)^# (- apiGroups: \[""\]\n)# (  resources: \["pods"\]\n)# ',
+                         r"\1\2", text)
+    assert uncommented != text
+    assert _role_grants(uncommented) == _source_reads(pods=True)
+    docs = list(yaml.safe_load_all(text))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kube-dns",
+                                    "namespace": "kube-system"}]
