@@ -242,7 +242,7 @@ notloop:
     uint64_t t_timeout = (uint64_t)(timeout * 1e9);
     uint64_t t0 = now_ns(), t_end = t0 + (uint64_t)(duration * 1e9), t_run_end = 0;
     int cur = 0, sending = 1;
-    uint64_t t_drain_end = 0;
+    uint64_t t_drain_end = 0, t_last_answer = 0;
 
     for (;;) {
         uint64_t now = now_ns();
@@ -343,6 +343,7 @@ notloop:
                 free_n++;
                 inflight--;
                 answered++;
+                t_last_answer = now;
             }
         }
 
@@ -367,6 +368,10 @@ notloop:
     }
 
     double run_s = (t_run_end - t0) / 1e9;
+    /* Time-bounded: replies during the sending phase over its length. Count-bounded (-n
+     * reached): every reply over the time to the last one, drain included. */
+    double qps = run_s > 0 ? answered_run / run_s : 0.0;
+    if (maxq && sent >= maxq && t_last_answer > t0) qps = answered / ((t_last_answer - t0) / 1e9);
     static const char *rn[16] = {"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP",
                                  "REFUSED", "YXDOMAIN", "YXRRSET", "NXRRSET", "NOTAUTH",
                                  "NOTZONE", "RCODE11", "RCODE12", "RCODE13", "RCODE14", "RCODE15"};
@@ -376,8 +381,7 @@ notloop:
            "\"unmatched\": %llu, \"mismatched\": %llu, \"send_errors\": %llu, \"refused\": %llu, "
            "\"qps\": %.1f, \"rcodes\": {",
            server, port, nq, window, batch, nsock, edns ? "true" : "false", run_s, sent, answered,
-           sent - answered, timeouts, unmatched, mismatched, send_err, refused,
-           run_s > 0 ? answered_run / run_s : 0.0);
+           sent - answered, timeouts, unmatched, mismatched, send_err, refused, qps);
     int first = 1;
     for (int i = 0; i < 16; i++)
         if (rcodes[i]) { printf("%s\"%s\": %llu", first ? "" : ", ", rn[i], rcodes[i]); first = 0; }
