@@ -216,36 +216,41 @@ class Forwarder:
             return self._count(self._error_reply(query, FORMERR))
         if q is None:
             return None
+        limit = self._client_limit(q, proto)
+        reply = self._answer_here(q, limit)
+        if reply is None:
+            reply = await self._answer_forwarded(q, limit)
+        return self._count(reply)
+
+    def _client_limit(self, q: Question, proto: str) -> int:
         if proto == "tcp":
-            limit = TCP_MAX      # RFC 7766: a TCP client gets the whole answer
-        elif q.edns:
-            limit = max(UDP_PLAIN, min(q.edns[0], self.edns_size))   # RFC 6891 §6.2.5
-        else:
-            limit = UDP_PLAIN
+            return TCP_MAX       # RFC 7766: a TCP client gets the whole answer
+        if q.edns:
+            return max(UDP_PLAIN, min(q.edns[0], self.edns_size))   # RFC 6891 §6.2.5
+        return UDP_PLAIN         # RFC 1035 §4.2.1
+
+    def _answer_here(self, q: Question, limit: int) -> bytes | None:
+        """The few queries the forwarder answers without an upstream, else None."""
         if q.flags & 0x7800:
-            return self._count(self._rcode_reply(q, NOTIMP))    # only QUERY is relayed
+            return self._rcode_reply(q, NOTIMP)      # only opcode QUERY is relayed
         if q.qtype in (T_AXFR, T_IXFR):
             # A zone transfer is a session with the primary (RFC 5936 §4), not something a
             # forwarder relays message by message.
-            return self._count(self._rcode_reply(q, REFUSED))
+            return self._rcode_reply(q, REFUSED)
         if len(q.labels) >= 3 and q.labels[-1] == PROBE_ZONE and q.labels[-2] == self.probe_token:
-            return self._count(self._probe_answer(q, limit))
+            return self._probe_answer(q, limit)
+        return None
+
+    async def _answer_forwarded(self, q: Question, limit: int) -> bytes:
         key = (q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 1 if q.flags & CD else 0)
         if self.cache is not None:
             e = self.cache.get(key)
             if e is not None:
-                return self._count(self._from_entry(e, q, limit, stale=False))
-        task = self._inflight.get(key)
+                return self._from_entry(e, q, limit, stale=False)
+        task = self._join(q, key)
         if task is None:
-            if len(self._inflight) >= self.max_inflight:
-                self.refused_inflight += 1
-                return self._count(self._rcode_reply(q, REFUSED))
-            task = asyncio.get_running_loop().create_task(self._forward(q, key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._inflight.pop(k, None)
-                                   if self._inflight.get(k) is t else None)
-        else:
-            self.coalesced += 1
+            self.refused_inflight += 1
+            return self._rcode_reply(q, REFUSED)
         if self.cache is not None and not task.done():
             stale = self.cache.get_stale(key, count=False)
             if stale is not None:
@@ -254,14 +259,29 @@ class Forwarder:
                 done, _ = await asyncio.wait({task}, timeout=self.stale_answer_timeout)
                 if not done:
                     self.cache.stale_hits += 1
-                    return self._count(self._from_entry(stale, q, limit, stale=True))
+                    return self._from_entry(stale, q, limit, stale=True)
         # shield: a client that goes away must not cancel the query other clients wait on.
         kind, payload = await asyncio.shield(task)
         if kind == "reply":
-            return self._count(self._from_upstream(payload, q, limit))
+            return self._from_upstream(payload, q, limit)
         if kind == "stale":
-            return self._count(self._from_entry(payload, q, limit, stale=True))
-        return self._count(self._rcode_reply(q, SERVFAIL))
+            return self._from_entry(payload, q, limit, stale=True)
+        return self._rcode_reply(q, SERVFAIL)
+
+    def _join(self, q: Question, key: tuple) -> asyncio.Task | None:
+        """The upstream query for ``key`` already in flight, or a new one; None when the
+        in-flight bound is reached (CoreDNS max_concurrent: REFUSED beyond it)."""
+        task = self._inflight.get(key)
+        if task is not None:
+            self.coalesced += 1
+            return task
+        if len(self._inflight) >= self.max_inflight:
+            return None
+        task = asyncio.get_running_loop().create_task(self._forward(q, key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._inflight.pop(key, None)
+                               if self._inflight.get(key) is t else None)
+        return task
 
     def _count(self, reply: bytes | None) -> bytes | None:
         if reply is not None:
