@@ -517,6 +517,8 @@ def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> t
                 r["kdns1_over_floor_qps"] = k1["qps"] / f["qps"] if f["qps"] else None
             if n and f:
                 r["nsd_over_floor_qps"] = n["qps"] / f["qps"] if f["qps"] else None
+            if not r:
+                continue
             out[f"{tool_}/{mix}"] = r
             lines.append(f"{tool_:<8} {mix:<7} " + "  ".join(
                 f"{k}={v:.2f}" for k, v in r.items() if v is not None))
@@ -623,10 +625,21 @@ def main(argv=None) -> int:
               "floor": "responder-cpu1"}
     running: list[Server] = []
 
-    def start(s: Server, timeout=120.0) -> Server:
-        running.append(s)
-        s.start(timeout)
-        return s
+    def start(make, timeout=120.0) -> Server:
+        """``make(port)`` -> Server. free_port() can race with other programs taking ports
+        on a shared machine: a server that finds its port taken gets another one."""
+        for attempt in range(3):
+            s = make(free_port())
+            running.append(s)
+            try:
+                s.start(timeout)
+                return s
+            except RuntimeError as e:
+                s.stop()
+                running.remove(s)
+                if attempt == 2 or "in use" not in str(e).lower():
+                    raise
+                log(f"{s.name}: port {s.port} was taken; retrying on another")
 
     def cell(key: str, s: Server, mix: str, tl: str, rnd: int) -> dict:
         if tl == "dnsperf":
@@ -658,17 +671,17 @@ def main(argv=None) -> int:
         # them: on a shared machine the background load drifts, and interleaving spreads the
         # drift over every target instead of penalising whichever ran during a busy minute.
         if "nsd" in a.targets or not a.no_verify:
-            servers["nsd"] = start(nsd_server(zdir, os.path.join(outdir, "nsd-run"), free_port(),
-                                              SERVER_CPU))
+            servers["nsd"] = start(lambda p: nsd_server(zdir, os.path.join(outdir, "nsd-run"), p,
+                                                        SERVER_CPU))
         if "kdns1" in a.targets:
-            servers["kdns1"] = start(kdns_server(meta["paths"]["kdns_input"], free_port(),
-                                                 SERVER_CPU, 1, outdir, a.pure))
+            servers["kdns1"] = start(lambda p: kdns_server(meta["paths"]["kdns_input"], p,
+                                                           SERVER_CPU, 1, outdir, a.pure))
         if "kdns2" in a.targets:
-            servers["kdns2"] = start(kdns_server(meta["paths"]["kdns_input"], free_port(), None,
-                                                 2, outdir, a.pure))
+            servers["kdns2"] = start(lambda p: kdns_server(meta["paths"]["kdns_input"], p, None,
+                                                           2, outdir, a.pure))
         if "floor" in a.targets:
-            servers["floor"] = start(responder_server(exes["responder"], free_port(), SERVER_CPU,
-                                                      outdir, bound))
+            servers["floor"] = start(lambda p: responder_server(exes["responder"], p, SERVER_CPU,
+                                                                outdir, bound))
         kd = servers.get("kdns1") or servers.get("kdns2")
         if kd:
             report["kdns_engine"] = kdns_engine(kd)
