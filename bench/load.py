@@ -579,6 +579,8 @@ def parse_args(argv=None):
     ap.add_argument("--dnsperf-clients", type=int, default=4)
     ap.add_argument("--dnsperf-outstanding", type=int, default=100)
     ap.add_argument("--pure", action="store_true", help="run kdns with KDNS_PURE=1")
+    ap.add_argument("--idle-seconds", type=float, default=1.0,
+                    help="how long to measure the servers' idle CPU before loading them")
     ap.add_argument("--no-verify", action="store_true",
                     help="measure even if kdns and NSD disagree (the report says so)")
     a = ap.parse_args(argv)
@@ -614,7 +616,9 @@ def main(argv=None) -> int:
     # Server lifetime bound for the responder (it stops itself); a generous upper bound.
     bound = 120 + 4 * a.rounds * len(a.tools) * len(a.mixes) * (a.seconds + 10)
 
-    report = {"started": stamp, "args": vars(a), "cluster": meta, "host": {
+    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    report = {"started": stamp, "kdns_commit": git, "args": vars(a), "cluster": meta, "host": {
         "cpus": os.cpu_count(), "uname": " ".join(os.uname()),
         "nsd": subprocess.run([tool("nsd"), "-v"], capture_output=True, text=True).stderr.splitlines()[0],
         "dnsperf": next((ln.strip() for ln in subprocess.run([tool("dnsperf"), "-h"], capture_output=True,
@@ -702,6 +706,13 @@ def main(argv=None) -> int:
                     log(f"note (kdns records vs NSD zone): {line}")
         if "nsd" not in a.targets and "nsd" in servers:
             servers.pop("nsd").stop()
+        # What each server burns doing nothing (timers, file polling): part of every
+        # cell's CPU figure, so shown on its own.
+        idle0 = {k: s.ticks()[0] for k, s in servers.items()}
+        time.sleep(a.idle_seconds)
+        report["idle_cpu_pct"] = {labels[k]: 100 * (s.ticks()[0] - idle0[k]) / CLK_TCK / a.idle_seconds
+                                  for k, s in servers.items()}
+        log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
             keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
@@ -727,10 +738,13 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     shutil.copyfile(path, os.path.join(OUT, "load-latest.json"))
-    print(f"\nkdns engine: {report.get('kdns_engine', '-')}   cluster: {a.services} services, "
+    print(f"\nkdns {report['kdns_commit']}, engine: {report.get('kdns_engine', '-')}   cluster: {a.services} services, "
           f"{a.seconds:g} s per cell x {a.rounds} round(s) (median shown), server CPU {SERVER_CPU}, "
           f"client CPU {CLIENT_CPU}")
     print(text_table)
+    if report.get("idle_cpu_pct"):
+        print("idle CPU (before load): " + ", ".join(
+            f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
     print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
     print(rtext)
     print("\ngoal (issue 2 §7), this run:")
