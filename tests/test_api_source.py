@@ -164,6 +164,30 @@ def applied_versions(sink, name):
     return [int(c[3]) for c in sink.calls if c[0] == "apply" and c[2][1] == name]
 
 
+# ---- the fake speaks the protocol the official client expects ------------------------------
+
+def test_fake_api_serves_the_official_clients_typed_list_and_watch(api, client):
+    from kubernetes import client as k8s, watch
+
+    api.create_many("services", [svc(f"s{i}") for i in range(3)])
+    api.create("endpointslices", {"metadata": {"namespace": "default", "name": "s0-x"},
+                                  "addressType": "IPv4", "endpoints": [
+                                      {"addresses": ["10.1.0.1"], "conditions": {"ready": True}}]})
+    core = k8s.CoreV1Api(client)
+    page = core.list_service_for_all_namespaces(limit=2)
+    assert [s.metadata.name for s in page.items] == ["s0", "s1"]
+    rest = core.list_service_for_all_namespaces(limit=2, _continue=page.metadata._continue)
+    assert [s.metadata.name for s in rest.items] == ["s2"] and not rest.metadata._continue
+    assert rest.metadata.resource_version == page.metadata.resource_version
+    slices = k8s.DiscoveryV1Api(client).list_endpoint_slice_for_all_namespaces()
+    assert slices.items[0].endpoints[0].addresses == ["10.1.0.1"]
+    since = page.metadata.resource_version
+    api.delete("services", "default", "s1")
+    events = list(watch.Watch().stream(core.list_service_for_all_namespaces,
+                                       resource_version=since, timeout_seconds=1))
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [("DELETED", "s1")]
+
+
 # ---- listing ----------------------------------------------------------------------------------
 
 def test_initial_paginated_list_is_delivered_completely_in_one_relist(api, client):
@@ -195,6 +219,25 @@ def test_changes_during_a_slow_paginated_list_arrive_through_the_watch(api, clie
     assert api.count(verb="list", resource="services") == 3
     watch = api.calls(verb="watch", resource="services")[0]
     assert int(watch.query["resourceVersion"]) < api.resource_version - 1
+
+
+def test_expired_continue_token_restarts_the_list_from_scratch(api, client):
+    api.create_many("services", [svc(f"s{i:02}") for i in range(12)])
+    api.inject("services", "list", Slow(0.5))
+    api.inject("services", "list", Slow(0.5))     # page 2 of the first list, held back
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        wait_until(lambda: api.count(verb="list", resource="services") >= 2, what="page 2")
+        with api.atomically():
+            api.delete("services", "default", "s05")
+            api.compact()                          # page 2's snapshot is gone: 410
+        sink.wait_for(lambda: w.synced, timeout=6)
+        assert sink.names("Service") == {f"s{i:02}" for i in range(12)} - {"s05"}
+    statuses = [r.status for r in api.calls(verb="list", resource="services")]
+    assert statuses[:2] == [200, 410] and len(statuses) == 2 + 3
+    # The half-done relist was begun again, never ended with half the objects.
+    assert [c for c in sink.calls if c[0] in ("begin", "end")] == [
+        ("begin", "Service"), ("begin", "Service"), ("end", "Service")]
 
 
 # ---- watching ---------------------------------------------------------------------------------
@@ -485,6 +528,26 @@ def test_flags_are_env_expanded_and_master_url_overrides_kubeconfig(tmp_path):
     finally:
         c.close()
     assert expand_env("$UNSET-${UNSET}x", {}) == "-x"
+
+
+def test_in_cluster_config_follows_the_service_account_token(tmp_path):
+    (tmp_path / "token").write_text("first")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    c = api_client_from_flags(environ=env, service_account_dir=str(tmp_path))
+    try:
+        cfg = c.configuration
+        assert cfg.host == "https://10.96.0.1:443"
+        assert cfg.ssl_ca_cert == str(tmp_path / "ca.crt")
+        assert cfg.auth_settings()["BearerToken"]["value"] == "Bearer first"
+        (tmp_path / "token.new").write_text("second")
+        os.replace(tmp_path / "token.new", tmp_path / "token")
+        # The client alone would keep "first" for up to a minute.
+        assert cfg.auth_settings()["BearerToken"]["value"] == "Bearer second"
+    finally:
+        c.close()
+    with pytest.raises(ConnectionConfigError, match="not running inside a cluster"):
+        api_client_from_flags(environ={}, service_account_dir=str(tmp_path))
 
 
 def test_missing_kubeconfig_is_a_clear_error(tmp_path):

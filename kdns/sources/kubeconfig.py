@@ -22,6 +22,7 @@ from kubernetes import client, config
 from kubernetes.config import incluster_config
 
 USER_AGENT = "kdns/0.1 (cluster DNS)"
+SERVICE_ACCOUNT_DIR = os.path.dirname(incluster_config.SERVICE_TOKEN_FILENAME)
 
 
 class ConnectionConfigError(ValueError):
@@ -46,7 +47,8 @@ def check_master_url(url: str) -> str:
 
 
 def api_client_from_flags(*, kubecfg_file: str = "", kube_master_url: str = "",
-                          environ=os.environ) -> client.ApiClient:
+                          environ=os.environ,
+                          service_account_dir: str = SERVICE_ACCOUNT_DIR) -> client.ApiClient:
     """An ApiClient configured as kube-dns would be from the same flags.
 
     Neither flag: in-cluster service account. ``--kubecfg-file``: that file's current context.
@@ -60,7 +62,7 @@ def api_client_from_flags(*, kubecfg_file: str = "", kube_master_url: str = "",
     if kubecfg_file:
         token_file = _load_kubeconfig(kubecfg_file, cfg)
     elif not master:
-        token_file = _load_incluster(cfg, environ)
+        token_file = _load_incluster(cfg, environ, service_account_dir)
     if master:
         cfg.host = master
     # One retry policy, ours (backoff with jitter, Retry-After): urllib3's silent retries would
@@ -100,14 +102,18 @@ def _kubeconfig_token_file(path: str) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(path)), token_file)
 
 
-def _load_incluster(cfg: client.Configuration, environ) -> str:
+def _load_incluster(cfg: client.Configuration, environ, sa_dir: str) -> str:
+    token_file = os.path.join(sa_dir, "token")
+    loader = incluster_config.InClusterConfigLoader(
+        token_filename=token_file, cert_filename=os.path.join(sa_dir, "ca.crt"),
+        environ=environ)
     try:
-        config.load_incluster_config(client_configuration=cfg)
+        loader.load_and_set(cfg)
     except config.ConfigException as e:
         raise ConnectionConfigError(
             f"not running inside a cluster ({e}); give --kubecfg-file or --kube-master-url"
         ) from None
-    return incluster_config.SERVICE_TOKEN_FILENAME
+    return token_file
 
 
 def follow_token_file(cfg: client.Configuration, path: str) -> None:
