@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -350,6 +351,24 @@ def test_an_object_the_sink_rejects_does_not_stall_the_stream(api, client):
         sink.wait_for(lambda: "later" in sink.names("Service"))
     assert sink.names("Service") == {"good", "later"}
     assert w.rejected == 2 and w.relists == 1
+
+
+@pytest.mark.parametrize("status, expected", [
+    ({"code": 410, "reason": "Expired", "message": "too old resource version: 1 (9)"},
+     source.Gone),
+    ({"code": 410, "reason": "Gone"}, source.Gone),
+    ({"code": 500, "message": "etcdserver: mvcc: required revision has been compacted"},
+     source.Gone),
+    ({"code": 500, "reason": "InternalError", "message": "etcd leader changed"},
+     source.ApiError),
+])
+def test_watch_error_events_that_mean_relist(status, expected):
+    w = source.ResourceWatcher(api_client=None, resource=source.SERVICES, sink=RecordingSink(),
+                               stop=threading.Event())
+    line = json.dumps({"type": "ERROR", "object": {"kind": "Status", **status}}).encode()
+    with pytest.raises(source.ApiError) as raised:
+        w._handle_event(line)
+    assert type(raised.value) is expected
 
 
 # ---- errors and backoff -----------------------------------------------------------------------

@@ -120,6 +120,9 @@ class Gone(ApiError):
     """410: the version we hold is older than the API's history; only a relist helps."""
 
 
+_EXPIRED_MESSAGES = ("too old resource version", "required revision has been compacted")
+
+
 class TransportError(Exception):
     """The connection failed, broke, or went silent (read timeout)."""
 
@@ -307,9 +310,10 @@ class ResourceWatcher:
         except (ValueError, KeyError, TypeError):
             raise TransportError(f"unparsable watch event: {line[:200]!r}") from None
         if kind_of_event == "ERROR":
-            code = int(obj.get("code") or 500)
-            cls = Gone if code == 410 else ApiError
-            raise cls(code, str(obj.get("reason", "")), str(obj.get("message", "")))
+            code, message = int(obj.get("code") or 500), str(obj.get("message", ""))
+            # Old API servers report a compacted etcd revision as a 500; it means 410.
+            expired = code == 410 or any(m in message for m in _EXPIRED_MESSAGES)
+            raise (Gone if expired else ApiError)(code, str(obj.get("reason", "")), message)
         meta = obj.get("metadata") or {}
         kind = self.resource.kind
         if kind_of_event in ("ADDED", "MODIFIED"):
