@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -101,6 +102,13 @@ def canonical_ip(text) -> str:
     """Canonical text of an IP (K ``net.ParseIP().String()``), ValueError if it is none."""
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not an IP address")
+    if ":" not in text:
+        # The C conversions are ~10x faster than ipaddress and agree with it on IPv4
+        # (both refuse leading zeros and short forms); 100,000 endpoints make it matter.
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text.strip()))
+        except OSError:
+            raise ValueError(f"{text!r} is not an IP address") from None
     return str(ipaddress.ip_address(text.strip()))
 
 

@@ -41,8 +41,12 @@ Layout (all integers little-endian; every offset is from the start of the image)
 """
 from __future__ import annotations
 
+import array
+import gc
 import ipaddress
+import socket
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -100,51 +104,189 @@ class Zone:
 def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
                   exists: Iterable[str] = (), synced: bool = True, serial: int = 0) -> bytes:
     """RRsets -> image bytes. Identical input gives identical bytes."""
-    return _Compiler(list(zones), synced, serial).build(rrsets, exists)
+    # The compiler makes ~10 container objects per name and frees none until it returns;
+    # the cyclic GC would rescan them all again and again (a third of the time at 250,000
+    # names) and can find nothing to free, so it is paused for the duration.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _Compiler(list(zones), synced, serial).build(rrsets, exists)
+    finally:
+        if paused:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- compiler
+#
+# Speed matters here: the controller rebuilds the whole image on every (debounced) change, and
+# a cluster of 10,000 services and 100,000 endpoints is ~250,000 names (issue 3 asks for a
+# compile under a second). So: every name is parsed once and its labels, zone, wire form and
+# packed addresses are cached; the common answers (address RRsets, single PTRs) are encoded
+# directly; tables are packed in bulk. The generic Wire-based encoder handles the rest (SRV
+# with glue, CNAME chains, SOA, NS) and is the definition the fast paths must match byte for
+# byte (tests/test_records.py holds them to it through the reference packet path).
+
+_LITTLE = sys.byteorder == "little"
+_RR_FIXED = struct.Struct("!HHIH")      # type, class, TTL, rdlength (RFC 1035 §4.1.3)
+_OWNER_Q = b"\xc0\x0c"                  # the owner is the question name at offset 12
+_SEG0 = SEG.pack(0, 0, 0, 0, 1)         # "nothing fits": the answer was cut, so TC
+
+
+def _fast_labels(name: str) -> tuple:
+    """``rr.name_labels`` in one pass for well-formed names; it re-does odd ones (and raises)."""
+    text = name[:-1] if name.endswith(".") else name
+    try:
+        b = text.encode("ascii").lower()
+    except UnicodeEncodeError:
+        return R.name_labels(name)
+    labels = tuple(b.split(b"."))
+    if not text or len(b) + 2 > R.MAX_NAME or b"" in labels or max(map(len, labels)) > R.MAX_LABEL:
+        return R.name_labels(name)
+    return labels
+
+
+def _fast_reverse_key(labels: tuple):
+    """``reverse_to_ip`` for canonical names via C-implemented conversions; None when unsure
+    (then the careful version decides, so the two cannot disagree)."""
+    try:
+        if len(labels) == 6 and labels[4] == b"in-addr" and labels[5] == b"arpa":
+            text = b".".join(labels[3::-1]).decode()
+            ip = socket.inet_pton(socket.AF_INET, text)
+            if socket.inet_ntop(socket.AF_INET, ip) == text:      # no leading zeros
+                return 4, ip + bytes(12)
+        elif len(labels) == 34 and labels[32] == b"ip6" and labels[33] == b"arpa":
+            nibbles = b"".join(labels[31::-1])
+            if len(nibbles) == 32 and nibbles.isalnum():          # one char per label
+                return 6, bytes.fromhex(nibbles.decode())
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _child_key(labels: tuple) -> tuple:
+    return len(labels[0]), labels[0]
+
+
+def _wire(labels: tuple) -> bytes:
+    """Uncompressed wire form of a name (RFC 1035 §3.1)."""
+    return b"".join([bytes((len(label),)) + label for label in labels]) + b"\0"
 
 
 class _Compiler:
     def __init__(self, zones: list[Zone], synced: bool, serial: int):
         self.zones = sorted(zones, key=lambda z: R.name_labels(z.apex)[::-1])
         self.zone_labels = [R.name_labels(z.apex) for z in self.zones]
+        self.apex_index = {apex: zi for zi, apex in enumerate(self.zone_labels)}
+        # Longest apex first, so the deepest zone wins (a delegated sub-zone, 0.10.in-addr.arpa).
+        self.apex_lengths = sorted({len(a) for a in self.zone_labels}, reverse=True)
         self.synced = synced
         self.serial = serial
         self.data: dict[tuple, dict[int, R.RRset]] = {}   # labels -> rtype -> RRset
+        self.name_zone: dict[tuple, int] = {}             # labels -> zone index
         self.explicit: set[tuple] = set()
+        self.cname_owners: list[tuple] = []
         self.blobs = bytearray()
         self.blob_cache: dict[bytes, int] = {}
+        self.label_cache: dict[str, tuple] = {}
+        self.wire_cache: dict[tuple, bytes] = {}
+        self.packed_cache: dict[str, bytes] = {}
+        self.tree_nodes: dict[tuple, list] = {}
+        self.prefix_cache: dict[tuple, tuple] = {}
+
+    # ---- cached conversions
+    def labels(self, name: str) -> tuple:
+        labels = self.label_cache.get(name)
+        if labels is None:
+            labels = self.label_cache[name] = _fast_labels(name)
+        return labels
+
+    def wire(self, labels: tuple) -> bytes:
+        w = self.wire_cache.get(labels)
+        if w is None:
+            w = self.wire_cache[labels] = _wire(labels)
+        return w
+
+    def packed(self, address: str) -> bytes:
+        p = self.packed_cache.get(address)
+        if p is None:
+            try:
+                p = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+            except OSError:
+                p = ipaddress.ip_address(address).packed   # forms inet_pton refuses
+            self.packed_cache[address] = p
+        return p
 
     # ---- input
     def zone_of(self, labels: tuple) -> int:
-        best = -1
-        for i, apex in enumerate(self.zone_labels):
-            if R.is_subdomain(labels, apex) and (best < 0 or len(apex) > len(self.zone_labels[best])):
-                best = i
-        return best
+        n = len(labels)
+        for length in self.apex_lengths:
+            if length <= n:
+                zi = self.apex_index.get(labels[n - length:])
+                if zi is not None:
+                    return zi
+        return -1
+
+    def _place(self, labels: tuple, what: str) -> None:
+        zi = self.zone_of(labels)
+        if zi < 0:
+            raise CompileError(f"{what} is outside every served zone")
+        self.name_zone[labels] = zi
 
     def add(self, rrsets: Iterable[R.RRset], exists: Iterable[str]) -> None:
+        data = self.data
         for s in rrsets:
-            labels = R.name_labels(s.name)
-            if self.zone_of(labels) < 0:
-                raise CompileError(f"{s.name} is outside every served zone")
-            byname = self.data.setdefault(labels, {})
-            if s.rtype in byname:
+            labels = self.labels(s.name)
+            byname = data.get(labels)
+            if byname is None:
+                self._place(labels, s.name)
+                byname = data[labels] = {}
+            elif s.rtype in byname:
                 raise CompileError(f"duplicate RRset {s.name} {R.TYPE_NAMES.get(s.rtype, s.rtype)}")
             byname[s.rtype] = s
+            if s.rtype == R.CNAME:
+                self.cname_owners.append(labels)
         for name in exists:
-            labels = R.name_labels(name)
-            if self.zone_of(labels) < 0:
-                raise CompileError(f"{name} is outside every served zone")
+            labels = self.labels(name)
+            if labels not in self.name_zone:
+                self._place(labels, name)
             self.explicit.add(labels)
-        for labels, byname in self.data.items():
-            if R.CNAME in byname and len(byname) > 1:
+        for labels in self.cname_owners:
+            if len(data[labels]) > 1:
                 # RFC 2181 §10.1: a CNAME owner has no other data.
                 raise CompileError(f"{'.'.join(l.decode() for l in labels)}. has a CNAME and other data")
 
     # ---- blobs
+    def intern(self, blob: bytes) -> int:
+        blob += b"\0" * (-len(blob) % 4)
+        off = self.blob_cache.get(blob)
+        if off is None:
+            off = len(self.blobs)
+            self.blobs += blob
+            self.blob_cache[blob] = off
+        return off
+
+    def put_rr(self, w: R.Wire, ptr, owner: tuple, rtype: int, ttl: int, rd) -> None:
+        """``Wire.rr`` with the compiler's cached name and address conversions."""
+        buf = w.buf
+        if ptr is not None:
+            buf += struct.pack("!H", 0xC000 | ptr)
+        else:
+            w.name(owner)
+        buf += struct.pack("!HHI", rtype, R.CLASS_IN, ttl)
+        len_at = len(buf)
+        buf += b"\0\0"
+        if rtype == R.A or rtype == R.AAAA:
+            buf += self.packed(rd.address)
+        elif rtype == R.SRV:
+            buf += struct.pack("!HHH", rd.priority, rd.weight, rd.port)
+            # RFC 2782: "name compression is not to be used for this field".
+            w.name(self.labels(rd.target), compress=False)
+        elif rtype in (R.CNAME, R.PTR, R.NS):
+            w.name(self.labels(rd.target))
+        else:
+            rd.write(w)
+        struct.pack_into("!H", buf, len_at, len(buf) - len_at - 2)
+
     def blob(self, hdr: int, sections: list[list[tuple]], qname: tuple = (),
              prebuilt: tuple | None = None) -> int:
         """Encode sections of (owner_labels, owner_pointer, RRset); returns the blob's offset.
@@ -162,7 +304,7 @@ class _Compiler:
             for si, section in enumerate(sections):
                 for owner, ptr, s in section:
                     for rd in s.rdatas:
-                        w.rr(ptr, owner, s.rtype, s.ttl, rd)
+                        self.put_rr(w, ptr, owner, s.rtype, s.ttl, rd)
                     counts[si] += len(s.rdatas)
                     segs.append((len(w.buf), *counts))
             data, fix = bytes(w.buf), []
@@ -172,14 +314,37 @@ class _Compiler:
         head = BLOBHDR.pack(hdr, counts[0], counts[1], counts[2], len(fix), len(segs), len(data))
         fixb = b"".join(struct.pack("<H", f) for f in fix)
         fixb += b"\0" * (-len(fixb) % 4)
-        blob = head + fixb + seg_bytes + data
-        blob += b"\0" * (-len(blob) % 4)
-        off = self.blob_cache.get(blob)
-        if off is None:
-            off = len(self.blobs)
-            self.blobs += blob
-            self.blob_cache[blob] = off
-        return off
+        return self.intern(head + fixb + seg_bytes + data)
+
+    def answer_only_blob(self, qname: tuple, s: R.RRset) -> int:
+        """The common case encoded directly: one RRset owned by the question, no name in its
+        rdata that could compress (addresses; a PTR whose target shares no suffix with the
+        question). Returns -1 when the generic encoder must be used. Same bytes as ``blob``."""
+        rtype = s.rtype
+        if rtype == R.A or rtype == R.AAAA:
+            n = len(s.rdatas)
+            key = (rtype, s.ttl, n)
+            pre = self.prefix_cache.get(key)
+            if pre is None:
+                size = 4 if rtype == R.A else 16
+                dlen = n * (12 + size)
+                pre = self.prefix_cache[key] = (
+                    BLOBHDR.pack(HDR_AA, n, 0, 0, 0, 2, dlen) + _SEG0 + SEG.pack(dlen, n, 0, 0, 0),
+                    _OWNER_Q + _RR_FIXED.pack(rtype, R.CLASS_IN, s.ttl, size))
+            head, rr = pre
+            packed = self.packed
+            if n == 1:
+                return self.intern(head + rr + packed(s.rdatas[0].address))
+            return self.intern(head + b"".join([rr + packed(rd.address) for rd in s.rdatas]))
+        if rtype == R.PTR and len(s.rdatas) == 1:
+            target = self.labels(s.rdatas[0].target)
+            if target and qname and target[-1] == qname[-1]:
+                return -1
+            rd = self.wire(target)
+            data = _OWNER_Q + _RR_FIXED.pack(rtype, R.CLASS_IN, s.ttl, len(rd)) + rd
+            return self.intern(BLOBHDR.pack(HDR_AA, 1, 0, 0, 0, 2, len(data)) + _SEG0
+                               + SEG.pack(len(data), 1, 0, 0, 0) + data)
+        return -1
 
     def negative_blob(self, zi: int) -> int:
         """The zone's SOA for the authority section, with its apex written as fixups."""
@@ -221,11 +386,23 @@ class _Compiler:
         """A/AAAA of in-image targets, for the additional section (RFC 2782, RFC 1035 §3.3.11)."""
         out = []
         for t in targets:
+            byname = self.data.get(t)
+            if byname is None:
+                continue
             for rtype in (R.A, R.AAAA):
-                s = self.data.get(t, {}).get(rtype)
+                s = byname.get(rtype)
                 if s is not None:
                     out.append((t, None, s))
         return out
+
+    def soa_authority(self, zi: int) -> list[tuple]:
+        apex = self.zone_labels[zi]
+        return [(apex, None, self.data[apex][R.SOA])]
+
+    def name_exists(self, labels: tuple) -> bool:
+        """A name without data exists if declared, or if it is a node of the forward tree
+        (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
+        return labels in self.explicit or labels in self.tree_nodes
 
     def chase(self, labels: tuple, qtype: int):
         """Answer sections and rcode for (labels, qtype), following in-image CNAMEs (≤10)."""
@@ -233,13 +410,12 @@ class _Compiler:
         cur, ptr = labels, QUESTION_OFFSET
         for _ in range(11):
             byname = self.data.get(cur)
-            zi = self.zone_of(cur)
             if byname is None:
-                exists = cur in self.explicit or cur in self.enclosers
+                zi = self.zone_of(cur)
                 if zi < 0 or self.zones[zi].kind == ZONE_REVERSE:
                     return answer, [], [], RCODE_NOERROR     # outside: CNAME alone
-                return answer, [(self.zone_labels[zi], None, self.data[self.zone_labels[zi]][R.SOA])], \
-                    [], RCODE_NOERROR if exists else RCODE_NXDOMAIN
+                rcode = RCODE_NOERROR if self.name_exists(cur) else RCODE_NXDOMAIN
+                return answer, self.soa_authority(zi), [], rcode
             cname = byname.get(R.CNAME)
             if cname is not None and qtype != R.CNAME:
                 if cur in seen:
@@ -247,33 +423,43 @@ class _Compiler:
                 seen.add(cur)
                 answer.append((cur, ptr, cname))
                 ptr = None
-                cur = R.name_labels(cname.rdatas[0].target)
+                cur = self.labels(cname.rdatas[0].target)
                 continue
             s = byname.get(qtype)
             if s is None:
-                return answer, [(self.zone_labels[zi], None, self.data[self.zone_labels[zi]][R.SOA])], \
-                    [], RCODE_NOERROR
+                return answer, self.soa_authority(self.zone_of(cur)), [], RCODE_NOERROR
             answer.append((cur, ptr, s))
             extra = []
             if qtype in (R.SRV, R.NS):
-                extra = self.glue([R.name_labels(rd.target) for rd in s.rdatas])
+                extra = self.glue([self.labels(rd.target) for rd in s.rdatas])
             return answer, [], extra, RCODE_NOERROR
         return answer, [], [], RCODE_SERVFAIL   # CNAME loop or chain too long
 
     def rr_entries(self, labels: tuple) -> list[tuple[int, int]]:
-        byname = self.data.get(labels, {})
-        qtypes = set(byname)
+        byname = self.data[labels]
         if R.CNAME in byname:
-            # Every type the chain can answer gets its own blob; 0 covers the rest.
-            cur = R.name_labels(byname[R.CNAME].rdatas[0].target)
-            for _ in range(10):
-                nxt = self.data.get(cur, {})
-                qtypes |= set(nxt)
-                if R.CNAME not in nxt:
-                    break
-                cur = R.name_labels(nxt[R.CNAME].rdatas[0].target)
-            qtypes.discard(R.CNAME)
-            qtypes = {q for q in qtypes if q not in (R.SOA, R.NS)} | {R.CNAME, DEFAULT_QTYPE}
+            return self.chain_entries(labels, byname)
+        entries = []
+        for qtype in sorted(byname):
+            off = self.answer_only_blob(labels, byname[qtype])
+            if off < 0:
+                an, ns, ar, rcode = self.chase(labels, qtype)
+                off = self.blob(HDR_AA | rcode, [an, ns, ar], labels)
+            entries.append((qtype, off))
+        return entries
+
+    def chain_entries(self, labels: tuple, byname: dict) -> list[tuple[int, int]]:
+        # Every type the chain can answer gets its own blob; 0 covers the rest.
+        qtypes = set(byname)
+        cur = self.labels(byname[R.CNAME].rdatas[0].target)
+        for _ in range(10):
+            nxt = self.data.get(cur, {})
+            qtypes |= set(nxt)
+            if R.CNAME not in nxt:
+                break
+            cur = self.labels(nxt[R.CNAME].rdatas[0].target)
+        qtypes.discard(R.CNAME)
+        qtypes = {q for q in qtypes if q not in (R.SOA, R.NS)} | {R.CNAME, DEFAULT_QTYPE}
         entries = []
         for qtype in sorted(qtypes):
             an, ns, ar, rcode = self.chase(labels, qtype if qtype else 0xFFFF - 1)
@@ -283,75 +469,103 @@ class _Compiler:
         return entries
 
     # ---- trie
-    def build(self, rrsets, exists) -> bytes:
-        self.add(rrsets, exists)
-        names = set(self.data) | self.explicit
-        for apex in self.zone_labels:
-            names.add(apex)
-        # Every ancestor of a name inside its zone is an empty non-terminal (it exists).
-        self.enclosers = set()
-        fwd_names, rev_names = [], []
-        for labels in names:
-            zi = self.zone_of(labels)
-            if self.zones[zi].kind == ZONE_REVERSE and labels != self.zone_labels[zi]:
-                rev_names.append(labels)
-                continue
-            fwd_names.append(labels)
-            apex_len = len(self.zone_labels[zi])
-            for i in range(1, len(labels) - apex_len + 1):
-                self.enclosers.add(labels[i:])
+    def split_names(self) -> tuple[list, list]:
+        """Forward names (trie) and full reverse names (the sorted reverse table)."""
+        fwd, rev = [], []
+        reverse_apexes = {self.zone_labels[zi] for zi, z in enumerate(self.zones)
+                          if z.kind == ZONE_REVERSE}
+        for labels, zi in self.name_zone.items():
+            if self.zones[zi].kind == ZONE_REVERSE and labels not in reverse_apexes:
+                rev.append(labels)
+            else:
+                fwd.append(labels)
+        fwd.extend(a for a in self.zone_labels if a not in self.name_zone)
         for z, apex in zip(self.zones, self.zone_labels):
             if z.pods != "disabled":
-                for ns in z.pod_namespaces:
-                    pn = (ns.encode().lower(), b"pod") + apex
-                    fwd_names.append(pn)
-                    self.enclosers.add((b"pod",) + apex)
+                fwd.extend((ns.encode().lower(), b"pod") + apex for ns in z.pod_namespaces)
+        return fwd, rev
 
-        # Tree of dicts keyed by label, walked from the root.
-        tree: dict = {}
-        for labels in fwd_names:
-            node = tree
-            for label in reversed(labels):
-                node = node.setdefault(label, {})
-        # Breadth-first numbering keeps each node's children contiguous.
-        order = [((), tree)]
-        nodes_meta = []
+    def grow_tree(self, names: list) -> dict:
+        """Children of every node of the forward trie, by the node's labels (root ``()``).
+        Every suffix is remembered, so a name whose parent exists costs one lookup."""
+        kids: dict[tuple, list] = {(): []}
+        for labels in names:
+            if labels in kids:
+                continue
+            i = 1
+            while labels[i:] not in kids:
+                i += 1
+            siblings = kids[labels[i:]]
+            for j in range(i - 1, -1, -1):
+                child = labels[j:]
+                siblings.append(child)
+                siblings = kids[child] = []
+        self.tree_nodes = kids
+        return kids
+
+    @staticmethod
+    def number_nodes(kids: dict) -> list[tuple]:
+        """Breadth-first numbering keeps each node's children contiguous and sorted by
+        (length, bytes), the order the packet path binary-searches."""
+        order = [()]
+        meta = []
         i = 0
         while i < len(order):
-            labels, sub = order[i]
-            kids = sorted(sub, key=lambda l: (len(l), l))
-            first = len(order)
-            for k in kids:
-                order.append(((k,) + labels, sub[k]))
-            nodes_meta.append((labels, first if kids else 0, len(kids)))
+            labels = order[i]
+            ks = kids[labels]
+            if ks:
+                if len(ks) > 1:
+                    ks.sort(key=_child_key)
+                meta.append((labels, len(order), len(ks)))
+                order += ks
+            else:
+                meta.append((labels, 0, 0))
             i += 1
+        return meta
+
+    def reverse_key(self, labels: tuple) -> tuple[int, bytes]:
+        key = _fast_reverse_key(labels) or reverse_to_ip(labels)
+        if key[0] == 0:
+            raise CompileError(f"{'.'.join(l.decode() for l in labels)}. is not a full reverse name")
+        return key
+
+    def build(self, rrsets, exists) -> bytes:
+        self.add(rrsets, exists)
+        fwd_names, rev_names = self.split_names()
+        nodes_meta = self.number_nodes(self.grow_tree(fwd_names))
 
         self.zone_negs = [self.negative_blob(zi) for zi in range(len(self.zones))]
         servfail = self.blob(RCODE_SERVFAIL, [], prebuilt=(b"", [0, 0, 0], [(0, 0, 0, 0)], []))
 
-        labels_pool = bytearray()
-        label_offs: dict[bytes, int] = {}
-        rrtab = bytearray()
-        node_recs = []
-        pod_lists = bytearray()
-        apex_index = {apex: zi for zi, apex in enumerate(self.zone_labels)}
         pod_info = {}
         for z, apex in zip(self.zones, self.zone_labels):
             if z.pods != "disabled":
                 for ns, ips in z.pod_namespaces.items():
                     pod_info[(ns.encode().lower(), b"pod") + apex] = (z.pods, ips)
+
+        labels_pool = bytearray()
+        label_offs: dict[bytes, int] = {}
+        rr_flat: list[int] = []          # qtype, blob offset (pool-relative), pairwise
+        node_flat: list[int] = []        # six u32 per node, offsets section-relative
+        pod_lists = bytearray()
+        verified_nodes = []              # node indexes whose ``extra`` is pod-list-relative
+        data, explicit, apex_index = self.data, self.explicit, self.apex_index
+        apex_nodes = {}
         for idx, (labels, first, nchild) in enumerate(nodes_meta):
             label = labels[0] if labels else b""
-            if label not in label_offs:
-                label_offs[label] = len(labels_pool)
+            loff = label_offs.get(label)
+            if loff is None:
+                loff = label_offs[label] = len(labels_pool)
                 labels_pool.append(len(label))
                 labels_pool += label
             flags, extra = 0, 0
-            if labels in self.data or labels in self.explicit:
-                flags |= NODE_EXISTS
+            has_data = labels in data
+            if has_data or labels in explicit:
+                flags = NODE_EXISTS
             if labels in apex_index:
                 flags |= NODE_ZONE_APEX | NODE_EXISTS
                 extra = apex_index[labels]
+                apex_nodes[labels] = idx
             if labels in pod_info:
                 mode, ips = pod_info[labels]
                 flags |= NODE_POD_NS | NODE_EXISTS
@@ -359,81 +573,83 @@ class _Compiler:
                     flags |= NODE_POD_VERIFIED
                     packed = sorted(ipaddress.ip_address(ip).packed.ljust(16, b"\0") for ip in (ips or ()))
                     extra = len(pod_lists)
+                    verified_nodes.append(idx)
                     pod_lists += struct.pack("<I", len(packed)) + b"".join(packed)
-            entries = self.rr_entries(labels) if labels in self.data else []
-            node_recs.append([label_offs[label], first, nchild, len(rrtab), len(entries), flags, extra])
-            for qtype, boff in entries:
-                rrtab += RRENT.pack(qtype, 0, boff)
+            rr_start = len(rr_flat)
+            if has_data:
+                for qtype, boff in self.rr_entries(labels):
+                    rr_flat += (qtype, boff)
+            node_flat += (loff, first, nchild, rr_start * 4, (len(rr_flat) - rr_start) // 2
+                          | flags << 16, extra)
 
+        # Sorted before encoding: blobs are laid out in encoding order, and set order varies
+        # between processes (hash randomisation); identical input must give identical bytes.
         rev_recs = []
-        for labels in rev_names:
-            zi = self.zone_of(labels)
-            fam, ip = reverse_to_ip(labels)
-            if fam == 0:
-                raise CompileError(f"{'.'.join(l.decode() for l in labels)}. is not a full reverse name")
-            entries = self.rr_entries(labels) if labels in self.data else []
-            rev_recs.append((fam, ip, entries, zi))
-        rev_recs.sort(key=lambda r: (r[0], r[1]))
+        for (fam, ip), labels in sorted((self.reverse_key(labels), labels) for labels in rev_names):
+            entries = self.rr_entries(labels) if labels in data else []
+            rev_recs.append((fam, ip, entries, self.name_zone[labels]))
+        rev_rr_start = len(rr_flat)
+        for _, _, entries, _ in rev_recs:
+            for qtype, boff in entries:
+                rr_flat += (qtype, boff)
 
         # Lay out sections; offsets are absolute.
-        off = HEADER.size
-        nodes_off = off
-        off += NODE.size * len(node_recs)
-        zones_off = off
-        off += ZONE.size * len(self.zones)
-        rev_off = off
-        off += REV.size * len(rev_recs)
-        rrtab_off = off
-        rev_rrtab = bytearray()
-        for fam, ip, entries, zi in rev_recs:
-            for qtype, boff in entries:
-                rev_rrtab += RRENT.pack(qtype, 0, boff)
-        off += len(rrtab) + len(rev_rrtab)
-        labels_off = off
-        off += len(labels_pool)
-        off += -off % 4
-        pods_off = off
-        off += len(pod_lists)
-        blobs_off = off
+        nnodes = len(nodes_meta)
+        nodes_off = HEADER.size
+        zones_off = nodes_off + NODE.size * nnodes
+        rev_off = zones_off + ZONE.size * len(self.zones)
+        rrtab_off = rev_off + REV.size * len(rev_recs)
+        labels_off = rrtab_off + 4 * len(rr_flat)
+        pods_off = labels_off + len(labels_pool)
+        pods_off += -pods_off % 4
+        blobs_off = pods_off + len(pod_lists)
         total = blobs_off + len(self.blobs)
 
+        # Rebase the section-relative offsets, then pack each table in one go.
+        for k in range(0, len(node_flat), 6):
+            node_flat[k] += labels_off
+            node_flat[k + 3] += rrtab_off
+        for idx in verified_nodes:
+            node_flat[6 * idx + 5] += pods_off
+        for k in range(1, len(rr_flat), 2):
+            rr_flat[k] += blobs_off
+
         out = bytearray(total)
-        p = nodes_off
-        for rec in node_recs:
-            rec[0] += labels_off
-            rec[3] += rrtab_off
-            if rec[5] & NODE_POD_VERIFIED:
-                rec[6] += pods_off
-            NODE.pack_into(out, p, *rec)
-            p += NODE.size
-        # Blob offsets inside rr entries are relative to the blob pool: rebase them.
-        rebased = bytearray()
-        for tab in (rrtab, rev_rrtab):
-            for j in range(0, len(tab), RRENT.size):
-                qtype, _, boff = RRENT.unpack_from(tab, j)
-                rebased += RRENT.pack(qtype, 0, boff + blobs_off)
-        out[rrtab_off:rrtab_off + len(rebased)] = rebased
+        out[nodes_off:zones_off] = _pack_u32(node_flat)
         p = zones_off
         for zi, (z, apex) in enumerate(zip(self.zones, self.zone_labels)):
-            apex_node = next(i for i, m in enumerate(nodes_meta) if m[0] == apex) \
-                if z.kind == ZONE_AUTH else 0
+            apex_node = apex_nodes.get(apex, 0) if z.kind == ZONE_AUTH else 0
             ZONE.pack_into(out, p, apex_node, self.zone_negs[zi] + blobs_off, z.ttl,
                            R.wire_length(apex), z.kind)
             p += ZONE.size
         p = rev_off
-        rr_cursor = rrtab_off + len(rrtab)
+        rr_cursor = rrtab_off + 4 * rev_rr_start
         for fam, ip, entries, zi in rev_recs:
             REV.pack_into(out, p, fam, ip, rr_cursor, len(entries), zi)
             rr_cursor += RRENT.size * len(entries)
             p += REV.size
+        out[rrtab_off:labels_off] = _pack_u32(rr_flat)
         out[labels_off:labels_off + len(labels_pool)] = labels_pool
         out[pods_off:pods_off + len(pod_lists)] = pod_lists
         out[blobs_off:] = self.blobs
         crc = zlib.crc32(memoryview(out)[HEADER.size:])
         HEADER.pack_into(out, 0, MAGIC, total, FLAG_SYNCED if self.synced else 0,
-                         nodes_off, len(node_recs), zones_off, len(self.zones), rev_off,
+                         nodes_off, nnodes, zones_off, len(self.zones), rev_off,
                          len(rev_recs), servfail + blobs_off, 0, self.serial, crc, 0)
         return bytes(out)
+
+
+def _pack_u32(values: list[int]) -> bytes:
+    """Little-endian u32s. NODE is six of them (nrr and flags share one: nrr | flags << 16)
+    and RRENT two (qtype with its zero pad, blob); the asserts below keep that true."""
+    if _LITTLE:
+        return array.array("I", values).tobytes()
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+assert array.array("I").itemsize == 4
+assert NODE.pack(1, 2, 3, 4, 5, 6, 7) == _pack_u32([1, 2, 3, 4, 5 | 6 << 16, 7])
+assert RRENT.pack(28, 0, 9) == _pack_u32([28, 9])
 
 
 def reverse_to_ip(labels: tuple) -> tuple[int, bytes]:

@@ -11,10 +11,12 @@ What it must not do: know the image layout or sockets (it hands RRsets to
 """
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 from . import image as I
@@ -61,6 +63,15 @@ def dashed_ip(ip: str) -> str:
     return label + "0" if label.endswith("-") else label
 
 
+def reverse_name(ip: str) -> str:
+    """PTR owner of a canonical IP (RFC 1035 §3.5, RFC 3596 §2.5); ``image.reverse_name``
+    without ipaddress objects, which cost more than the rest of a PTR's rules."""
+    if ":" not in ip:
+        a, b, c, d = ip.split(".")
+        return f"{d}.{c}.{b}.{a}.in-addr.arpa."
+    return ".".join(socket.inet_pton(socket.AF_INET6, ip).hex()[::-1]) + ".ip6.arpa."
+
+
 def srv_weight(n: int) -> int:
     """spec §1.5 R: priority 0, weight floor(100/N), at least 1."""
     return max(1, 100 // n)
@@ -69,7 +80,8 @@ def srv_weight(n: int) -> int:
 class _Builder:
     """Accumulates rdatas per (name, type) as ordered sets, then freezes them into RRsets."""
 
-    __slots__ = ("zone", "ttl", "endpoint_pod_names", "sets", "ptr", "exists", "warnings")
+    __slots__ = ("zone", "ttl", "endpoint_pod_names", "sets", "ptr", "exists", "warnings",
+                 "addresses")
 
     def __init__(self, zone: str, ttl: int, endpoint_pod_names: bool):
         self.zone = zone
@@ -79,23 +91,31 @@ class _Builder:
         self.ptr: dict[str, dict[str, None]] = {}     # ip -> ordered set of targets
         self.exists: set[str] = set()
         self.warnings: dict[str, None] = {}   # ordered set: one warning per problem
+        self.addresses: dict[str, tuple] = {}
 
     def add(self, name: str, rtype: int, rdata) -> None:
         self.sets.setdefault((name, rtype), {})[rdata] = None
 
     def address(self, name: str, ip: str) -> None:
-        self.add(name, R.AAAA if ":" in ip else R.A, R.Address(ip))
+        # One Address object per IP: each endpoint IP appears in three RRsets and a PTR.
+        typed = self.addresses.get(ip)
+        if typed is None:
+            typed = self.addresses[ip] = (R.AAAA if ":" in ip else R.A, R.Address(ip))
+        self.sets.setdefault((name, typed[0]), {})[typed[1]] = None
 
     def warn(self, message: str) -> None:
         self.warnings[message] = None
 
     def rrsets(self) -> list[R.RRset]:
-        out = [R.RRset(name, rtype, self.ttl, tuple(sorted(rdatas)))
+        ttl, RRset = self.ttl, R.RRset
+        # Sorted rdatas make the image independent of object order (identical input,
+        # identical bytes); one-record sets, the vast majority, need no sort.
+        out = [RRset(name, rtype, ttl, tuple(rdatas) if len(rdatas) == 1 else tuple(sorted(rdatas)))
                for (name, rtype), rdatas in self.sets.items()]
         for ip, targets in self.ptr.items():
             # spec §1.7 (C): one PTR per distinct target.
-            out.append(R.RRset(I.reverse_name(ip), R.PTR, self.ttl,
-                               tuple(R.Target(t) for t in sorted(targets))))
+            out.append(RRset(reverse_name(ip), R.PTR, ttl,
+                             tuple(R.Target(t) for t in sorted(targets))))
         return out
 
 
@@ -265,6 +285,18 @@ def zone_data(model: ClusterModel, *, domain: str = "cluster.local", ttl: int = 
     """The whole cluster zone (and the reverse zones) for ``model``."""
     if pods not in PODS_MODES:
         raise ValueError(f"pods must be one of {', '.join(PODS_MODES)}, not {pods!r}")
+    # As in image.compile_image: hundreds of thousands of new objects, none garbage until
+    # the end, so the cyclic GC would only rescan them.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _zone_data(model, domain, ttl, pods, endpoint_pod_names, ns_ips, serial)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _zone_data(model, domain, ttl, pods, endpoint_pod_names, ns_ips, serial) -> ZoneData:
     zone = R.canonical(domain)
     b = _Builder(zone, ttl, endpoint_pod_names)
     serial = model.serial if serial is None else serial

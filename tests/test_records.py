@@ -565,3 +565,17 @@ def test_compile_file_rejects_bad_input(tmp_path):
 def test_unknown_pods_mode_is_refused():
     with pytest.raises(ValueError, match="pods"):
         records.zone_data(ClusterModel(), pods="sometimes")
+
+
+def test_identical_input_gives_identical_image_across_processes():
+    """Set and dict order of bytes keys changes with PYTHONHASHSEED; the image must not
+    (workers and tests compare images by bytes). This caught reverse-table blob order."""
+    import hashlib
+    import subprocess
+    import sys
+    code = ("import hashlib, sys; sys.path.insert(0, 'tests'); import test_records as t; "
+            "print(hashlib.sha256(t.build_image()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+               for seed in ("1", "2", "3")}
+    assert len(digests) == 1 and hashlib.sha256(build_image()).hexdigest() + "\n" in digests
