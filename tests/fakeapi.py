@@ -467,7 +467,8 @@ class _Handler(BaseHTTPRequestHandler):
                         pending = []
                         break
                     wake = min(deadline, next_bookmark) if bookmarks else deadline
-                    if not (bookmarks and seen_gen != api._bookmark_gen):
+                    if not (bookmarks and seen_gen != api._bookmark_gen
+                            or api._closing.is_set()):
                         api._cond.wait(max(0.0, wake - now))
                     i = bisect.bisect_right(hist.rvs, pos)
                 pending = hist.events[i:]
