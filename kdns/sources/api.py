@@ -226,8 +226,8 @@ class ResourceWatcher:
             resp = self._response
         if resp is not None:
             try:
-                resp.shutdown()
-            except Exception:     # already closed or released: nothing left to unblock
+                resp.shutdown()     # urllib3 >= 2.3: shuts the socket, so a blocked read returns
+            except Exception:       # already closed, or an older urllib3: the read timeout ends it
                 pass
 
     # ---- loop 2: list, then watch from the list's version ---------------------------------
