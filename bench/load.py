@@ -3,17 +3,19 @@
 One run:
   1. generates the cluster (bench/gen_cluster.py) as kdns input, NSD zones and query files;
   2. builds bench/loadgen.c and bench/responder.c with gcc into bench/bin/;
-  3. starts NSD (pinned to CPU 1) and kdns (--workers 1, pinned to CPU 1) and checks that
-     they give the same rcode and answer data for names of every kind in the mixes;
-  4. drives each target with dnsperf and with loadgen (both pinned to CPU 0), on the hit mix
-     and the search-path mix: NSD pinned, kdns pinned with one worker, kdns unpinned with two
-     workers, and the C responder that only flips QR (pinned);
-  5. records QPS, latency, lost queries and the server's CPU time per query (utime+stime of
+  3. starts every target: NSD (pinned to CPU 1), kdns with one worker (pinned to CPU 1),
+     kdns with two workers (unpinned) and the C responder that only flips QR (pinned);
+  4. checks that each kdns gives NSD's rcode and answer data for names of every kind in the
+     mixes, and stops if not;
+  5. drives each target with dnsperf and with loadgen (both pinned to CPU 0) on the hit mix
+     and the search-path mix, in interleaved rounds;
+  6. records QPS, latency, lost queries and the server's CPU time per query (utime+stime of
      every process of the server, from /proc, before/after each cell), prints a table and the
-     ratios kdns/NSD and kdns/floor, and writes everything to bench/out/load-<time>.json.
+     ratios kdns/NSD and kdns/floor, and writes everything to
+     bench/out/load-<time>/results.json (and bench/out/load-latest.json).
 
-    .venv/bin/python bench/load.py --short      # CI: small cluster, 2 s per cell
-    .venv/bin/python bench/load.py              # full: 5,000 services, 10 s per cell
+    .venv/bin/python bench/load.py --short      # CI: 1,000 services, 2 s per cell, 1 round
+    .venv/bin/python bench/load.py              # full: 5,000 services, 5 s per cell, 3 rounds
 
 Every server is started by this process, pinned with taskset, in its own session (so it can
 be ended by its process-group id) and with PR_SET_PDEATHSIG so it dies with the harness;
