@@ -228,7 +228,7 @@ def test_every_truncation_and_byte_mutation():
     """Cut every valid query at every length and overwrite every byte with values that sit on
     parser boundaries: both paths agree on each (action and bytes)."""
     seeds = [CASES[n]["query"] for n in ("hit_a", "srv_additional", "unknown_edns_option",
-                                          "pod_v6", "ptr", "badvers")]
+                                          "pod_v4", "pod_v6", "ptr", "badvers")]
     for q in seeds:
         for cut in range(len(q) + 1):
             ref, fast = both("insecure", q[:cut])
@@ -241,6 +241,31 @@ def test_every_truncation_and_byte_mutation():
                 assert fast == ref, (q.hex(), pos, v)
 
 
+POD_LABELS = ["1-2-3-4", "01-2-3-4", "1-2-3-04", "0-0-0-0", "255-255-255-255", "256-1-1-1",
+              "1-2-3", "1-2-3-4-5", "1--2-3", "1-2--3", "--1-2", "1-2-3--", "1-2-3-4-",
+              "-1-2-3", "a-b-c-d", "1-2-3-4a", "1:2:3:4", "fd00--5", "fd00-10-244--5",
+              "FD00-10-244--5", "fd00-10-244-0-0-0-0-5", "fd00-10-244-0-0-0-0-0-5",
+              "fd00-0-0-0-0-0-0-00005", "fd00-0-0-0-0-0-0-0005", "fd00:10:244::5", "--", "---",
+              "----", "0--0", "--1", "1--", "1---2", "1--2--3", "ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff",
+              "g--1", "1-2-3-4-5-6-7", "1-2-3-4-5-6-7-8", "1-2-3-4-5-6-7-8-9", "1--2-3-4-5-6-7",
+              "1--2-3-4-5-6-7-8", "-fd00--5", "fd00--5-"]
+REVERSE_NAMES = ["1.0.96.10", "01.0.96.10", "1.0.96.010", "256.0.96.10", "1.0.96", "1.1.0.96.10",
+                 "a.0.96.10", "1.0.96.1o"]
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_KINDS))
+def test_pod_and_reverse_names_at_the_parsers_edges(kind):
+    names = [f"{lab}.{ns}.pod.cluster.local." for lab in POD_LABELS
+             for ns in ("default", "kube-system", "nons")]
+    names += [f"{r}.in-addr.arpa." for r in REVERSE_NAMES]
+    v6 = Z.I.reverse_name("fd00::20")
+    names += [v6, v6.upper(), "00." + v6[2:], "g" + v6[1:], v6[2:], "0." + v6]
+    for name in names:
+        for qt in ("A", "AAAA", "PTR"):
+            ref, fast = both(kind, query(name, qt))
+            assert fast == ref, (name, qt)
+
+
 # ------------------------------------------------------------------------ property
 
 
@@ -250,6 +275,8 @@ LABEL_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789-_ABCZ:"
 @st.composite
 def qnames(draw):
     """Wire labels: sample names with random case and extra labels, or random labels."""
+    if draw(st.booleans()):
+        return draw(synthesised_names())
     if draw(st.booleans()):
         base = draw(st.sampled_from(Z.SAMPLE_NAMES)).encode()
         labels = [bytes(c ^ 0x20 if chr(c).isalpha() and draw(st.booleans()) else c for c in lab)
@@ -268,6 +295,45 @@ def qnames(draw):
             [b"cluster", b"local", b"svc", b"in-addr", b"arpa", b"ip6", b"pod", b"10", b"0"]),
             max_size=8))
     return labels
+
+
+DECIMAL = st.sampled_from(["0", "1", "5", "10", "96", "244", "255", "256", "01", "00", "1000",
+                           "", "2a", "-1"]) | st.text("0123456789", min_size=1, max_size=4)
+HEXGROUP = st.sampled_from(["fd00", "FD00", "10", "244", "5", "0", "", "00000", "g", "ffff"]) | \
+    st.text("0123456789abcdefABCDEF", min_size=0, max_size=5)
+NIBBLE = st.sampled_from(list("0123456789abcdefABCDEF")) | st.sampled_from(["g", "00", ""])
+
+
+@st.composite
+def synthesised_names(draw):
+    """Pod and reverse names near the parsers' edges: leading zeros, overflows, empty or
+    long groups, '--' anywhere, too many or too few parts, nibbles that are not one hex."""
+    kind = draw(st.sampled_from(["pod4", "pod6", "rev4", "rev6"]))
+    if kind == "pod4":
+        label = "-".join(draw(st.lists(DECIMAL, min_size=3, max_size=5)))
+    elif kind == "pod6":
+        groups = draw(st.lists(HEXGROUP, min_size=8, max_size=8))
+        if draw(st.booleans()):               # '::' for a run of groups, RFC 4291 §2.2
+            i = draw(st.integers(0, 8))
+            j = draw(st.integers(i, 8))
+            groups[i:j] = [""] * (1 + (i == 0) + (j == 8) if i < j else 1)
+        if rarely(draw, 4):
+            groups = draw(st.lists(HEXGROUP, min_size=1, max_size=10))
+        label = draw(st.sampled_from(["-", "-", "-", ":"])).join(groups)
+    if kind.startswith("pod"):
+        ns = draw(st.sampled_from(["default", "kube-system", "nons", "Default"]))
+        return [lab.encode() for lab in [label, ns, "pod", "cluster", "local"] if lab] or [b"x"]
+    if kind == "rev4":
+        known, pool, tail = ["1", "0", "96", "10"], DECIMAL, ["in-addr", "arpa"]
+    else:
+        known, pool, tail = Z.I.reverse_name("fd00::20").split(".")[:32], NIBBLE, ["ip6", "arpa"]
+    if draw(st.booleans()):   # a name the image holds, with a few parts redrawn
+        octets = list(known)
+        for _ in range(draw(st.integers(0, 2))):
+            octets[draw(st.integers(0, len(octets) - 1))] = draw(pool)
+    else:
+        octets = draw(st.lists(pool, min_size=len(known) - 1, max_size=len(known) + 1))
+    return [lab.encode() for lab in octets + tail if lab] or [b"x"]
 
 
 def encode_name(labels) -> bytes:
@@ -295,6 +361,9 @@ def queries(draw):
     if rarely(draw, 6):                     # junk in answer/authority before any OPT
         an_ns = 1
         records.append(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 30, 4) + b"\1\2\3\4")
+    if rarely(draw, 12):                    # OPT outside the additional section: FORMERR
+        an_ns += 1
+        records.append(b"\0" + struct.pack("!HHIH", 41, 1232, 0, 0))
     if draw(st.booleans()):
         size = draw(st.sampled_from([0, 100, 512, 1232, 4096, 65535]) | st.integers(0, 0xFFFF))
         version = draw(st.sampled_from([1, 255])) if rarely(draw, 8) else 0

@@ -1,0 +1,148 @@
+"""The packet path counts what kdns/counters.py says, where it says.
+
+The expected counts are worked out here from the oracle's replies and the helpers in
+kdns/counters.py (an independent statement of the buckets), then compared word by word with
+the page the C code filled while serving real loopback queries.
+"""
+import collections
+import mmap
+import socket
+import struct
+
+import dns.message
+import dns.rcode
+import pytest
+
+from kdns import _fastpath as F
+from kdns import counters as K
+from kdns import refpath as P
+from tests import zonefixtures as Z
+from tests.test_udpserver import Loopback, client, receive, wire
+
+S = "kubernetes.default.svc.cluster.local."
+
+
+def test_layout_is_the_one_in_counters_py():
+    assert F.counter_layout() == K.LAYOUT
+
+
+def test_counter_page_must_be_writable_whole_and_aligned():
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        F.Counters(bytes(K.SLOT_WORDS * 8))                 # read-only
+    with pytest.raises(ValueError, match="needs"):
+        F.Counters(bytearray(K.SLOT_WORDS * 8 - 8))
+    with mmap.mmap(-1, K.SLOT_WORDS * 8 + 8) as mm:
+        with pytest.raises(ValueError, match="aligned"):
+            F.Counters(memoryview(mm)[1:])
+    page = bytearray(K.SLOT_WORDS * 8)
+    c = F.Counters(page)
+    c[K.LAYOUT["image_generation"]] = 7                      # the worker's gauge
+    assert struct.unpack_from("=Q", page, 8 * K.LAYOUT["image_generation"])[0] == 7
+    assert len(c) == K.SLOT_WORDS
+
+
+def qtype_of(q: bytes):
+    """The question's type as the counters see it; None when no question can be read."""
+    try:
+        if len(q) < 12 or q[2] & 0x80 or struct.unpack_from("!H", q, 4)[0] != 1:
+            return None
+        _, end = P.parse_name(q, 12)
+        return struct.unpack_from("!H", q, end)[0] if end + 4 <= len(q) else None
+    except P.Malformed:
+        return None
+
+
+def expected_counts(ref, sent, proto, tcp=False, edns_max=1232):
+    """Counter name -> value for queries ``sent`` (each delivered whole), per counters.py."""
+    exp = collections.Counter()
+    for q in sent:
+        qt = qtype_of(q)
+        exp[f"queries_{proto}_{K.QTYPES[K.qtype_index(qt)][0] if qt is not None else 'other'}"] += 1
+        exp[f"request_size_{proto}_bucket_{K.size_bucket(len(q))}"] += 1
+        exp[f"request_size_{proto}_sum"] += len(q)
+        action, reply = P.answer(ref, q, tcp=tcp, edns_max=edns_max)
+        if action == P.ACTION_SEND:
+            m = dns.message.from_wire(reply) if len(reply) > 12 else None
+            rcode = 16 if m is not None and m.rcode() == dns.rcode.BADVERS else reply[3] & 0xF
+            exp[f"rcode_{proto}_{rcode}"] += 1
+            exp[f"response_size_{proto}_bucket_{K.size_bucket(len(reply))}"] += 1
+            exp[f"response_size_{proto}_sum"] += len(reply)
+            exp[f"truncated_{proto}"] += bool(reply[2] & 0x02)
+            exp[f"formerr_{proto}"] += rcode == 1
+        else:
+            exp[f"{'handoff' if action == P.ACTION_HANDOFF else 'dropped'}_{proto}"] += 1
+    return exp
+
+
+def mixed_queries():
+    formerr = bytearray(wire(S, qid=20))
+    formerr[5] = 2                                               # two questions
+    badvers = wire(S, qid=21, edns=1)
+    notimp = bytearray(wire(S, qid=22))
+    notimp[2] |= 0x20                                            # opcode 4, NOTIFY
+    return [wire(S, qid=1), wire(S, "AAAA", qid=2), wire("_https._tcp." + S, "SRV", qid=3),
+            wire("nope.default.svc.cluster.local.", qid=4), wire(S, "TXT", qid=5),
+            wire("1.0.96.10.in-addr.arpa.", "PTR", qid=6), wire("cluster.local.", "AXFR", qid=7),
+            wire("dual.default.svc.cluster.local.", "CAA", qid=8),
+            wire("big.default.svc.cluster.local.", qid=9),                     # TC at 512
+            wire("big.default.svc.cluster.local.", qid=10, edns=0, payload=4096),
+            wire("google.com.", qid=11), wire("2.0.96.10.in-addr.arpa.", "PTR", qid=12),
+            bytes(formerr), badvers, bytes(notimp), b"\x00\x01\x02"]             # short: drop
+
+
+def test_udp_counts_after_real_queries():
+    lo = Loopback(edns_max=4096)
+    c = client()
+    sent = mixed_queries()
+    for q in sent:
+        c.sendto(q, lo.addr)
+    c.sendto(b"\0" * 5000, lo.addr)            # truncated on receive: dropped, nothing else
+    lo.pump()
+    answered = sum(P.answer(lo.ref, q)[0] == P.ACTION_SEND for q in sent)
+    receive(c, answered)
+    exp = expected_counts(lo.ref, sent, "udp", edns_max=4096)
+    exp["dropped_udp"] += 1
+    # The mix covers every kind of event once at least (the big RRset over plain UDP is the
+    # one truncation; at 4096 it fits).
+    assert (exp["rcode_udp_16"], exp["formerr_udp"], exp["handoff_udp"], exp["truncated_udp"],
+            exp["rcode_udp_4"], exp["rcode_udp_5"], exp["rcode_udp_3"]) == (1, 1, 2, 1, 1, 1, 1)
+    for name in K.LAYOUT:
+        if name.startswith("latency_"):
+            continue
+        assert lo.counter(name) == exp.get(name, 0), name
+    # Every datagram of a batch gets that batch's recvmmsg -> sendmmsg time.
+    buckets = sum(lo.counter(f"latency_udp_bucket_{i}") for i in range(len(K.LATENCY_BOUNDS) + 1))
+    assert buckets == len(sent) + 1
+    assert lo.counter("latency_udp_sum_ns") > 0
+    assert sum(lo.counter(f"latency_tcp_bucket_{i}") for i in range(17)) == 0
+    total = K.sum_slots(lo.page, 1)                   # the supervisor's view of the page
+    assert total[K.LAYOUT["queries_udp_A"]] == lo.counter("queries_udp_A") > 0
+    c.close()
+    lo.close()
+
+
+def test_tcp_answer_counts_under_tcp():
+    buf = Z.sample_image()
+    img, ref = F.Image(buf), P.Image(buf)
+    page = bytearray(K.SLOT_WORDS * 8)
+    counters = F.Counters(page)
+    sent = mixed_queries()
+    for q in sent:
+        assert F.tcp_answer(img, counters, q) == P.answer(ref, q, tcp=True)
+    exp = expected_counts(ref, sent, "tcp", tcp=True)
+    assert exp["truncated_tcp"] == 0                  # TCP carries the whole big RRset
+    for name, index in K.LAYOUT.items():
+        if name.startswith("latency_"):
+            continue
+        assert counters[index] == exp.get(name, 0), name
+    assert sum(counters[K.LAYOUT[f"latency_tcp_bucket_{i}"]] for i in range(17)) == len(sent)
+
+
+@pytest.mark.parametrize("ns", [0, 250_000, 250_001, 500_000, 8_192_000_000, 8_192_000_001])
+def test_latency_bucket_edges(ns):
+    """The C buckets (250000 << k ns) agree with counters.latency_bucket at the edges."""
+    page = bytearray(K.SLOT_WORDS * 8)
+    F._count_latency_for_test(F.Counters(page), ns)
+    words = struct.unpack_from(f"={K.SLOT_WORDS}Q", page)
+    assert words[K.LAYOUT[f"latency_udp_bucket_{K.latency_bucket(ns)}"]] == 1
+    assert words[K.LAYOUT["latency_udp_sum_ns"]] == ns

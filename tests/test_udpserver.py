@@ -1,0 +1,195 @@
+"""UdpServer on real loopback sockets: batched replies are right, handoffs carry the client's
+address, nothing is lost in a burst. Only 127.0.0.1 and ::1 are ever used."""
+import mmap
+import select
+import socket
+import threading
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from kdns import _fastpath as F
+from kdns import counters as K
+from kdns import refpath as P
+from tests import zonefixtures as Z
+
+S = "kubernetes.default.svc.cluster.local."
+BUF = 1 << 20
+
+
+class Loopback:
+    """A kdns UDP socket on loopback served by UdpServer, pumped from the test thread."""
+
+    def __init__(self, family=socket.AF_INET, host="127.0.0.1", image=None, **server_args):
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        # A burst of 200 queries must fit the receive queue (SO_RCVBUF is doubled and capped
+        # by net.core.rmem_max; 1 MiB asks for plenty).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+        self.buf = image or Z.sample_image()
+        self.img = F.Image(self.buf)
+        self.ref = P.Image(self.buf)
+        self.page = mmap.mmap(-1, K.SLOT_WORDS * 8)     # a worker's shared counter page
+        self.counters = F.Counters(self.page)
+        self.server = F.UdpServer(self.sock.fileno(), **server_args)
+        self.handoffs = []
+        self.serve_calls = []
+
+    def pump(self, idle=0.3, max_batches=16):
+        """Serve until the socket has been quiet for ``idle`` seconds; keep the handoffs."""
+        while select.select([self.sock], [], [], idle)[0]:
+            n = self.server.serve(self.img, self.counters, max_batches)
+            assert self.server.last_errno == 0
+            self.serve_calls.append(n)
+            self.handoffs += [(self.server.handoff_packet(i), self.server.handoff_addr(i))
+                              for i in range(n)]
+
+    def counter(self, name):
+        return self.counters[K.LAYOUT[name]]
+
+    def close(self):
+        del self.server, self.counters
+        self.page.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def lo():
+    server = Loopback()
+    yield server
+    server.close()
+
+
+def client(family=socket.AF_INET, host="127.0.0.1"):
+    c = socket.socket(family, socket.SOCK_DGRAM)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
+    c.bind((host, 0))
+    c.settimeout(2)
+    return c
+
+
+def wire(name, rdtype="A", qid=7, edns=-1, payload=1232):
+    m = dns.message.make_query(name, rdtype, use_edns=edns, payload=payload)
+    m.id = qid
+    return m.to_wire()
+
+
+def receive(sock, n):
+    return [sock.recv(65535) for _ in range(n)]
+
+
+def test_replies_are_the_oracles_bytes(lo):
+    c = client()
+    queries = [wire(S), wire("_https._tcp." + S, "SRV", qid=8, edns=0),
+               wire("NoPe.Default.svc.cluster.local.", qid=9),
+               wire("1-2-3-4.default.pod.cluster.local.", qid=10),
+               wire("big.default.svc.cluster.local.", qid=11)]
+    for q in queries:
+        c.sendto(q, lo.addr)
+    lo.pump()
+    replies = {dns.message.from_wire(r).id: r for r in receive(c, len(queries))}
+    for q in queries:
+        qid = int.from_bytes(q[:2], "big")
+        assert (P.ACTION_SEND, replies[qid]) == P.answer(lo.ref, q)
+    assert dns.message.from_wire(replies[7]).answer[0].to_text() == f"{S} 30 IN A 10.96.0.1"
+    assert dns.message.from_wire(replies[9]).rcode() == dns.rcode.NXDOMAIN
+    assert dns.message.from_wire(replies[11]).flags & dns.flags.TC     # 120 A > 512 bytes
+    assert lo.handoffs == []
+    c.close()
+
+
+def test_dnspython_client_gets_an_answer(lo):
+    result = {}
+
+    def ask():
+        q = dns.message.make_query("dual.default.svc.cluster.local.", "AAAA")
+        result["r"] = dns.query.udp(q, "127.0.0.1", port=lo.addr[1], timeout=5)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    while t.is_alive():
+        lo.pump(idle=0.05)
+    t.join()
+    assert result["r"].answer[0].to_text() == "dual.default.svc.cluster.local. 30 IN AAAA fd00::20"
+
+
+def test_out_of_zone_names_are_handed_off_with_the_client_address(lo):
+    c1, c2 = client(), client()
+    q1, q2 = wire("google.com.", qid=1), wire("2.0.96.10.in-addr.arpa.", "PTR", qid=2)
+    c1.sendto(q1, lo.addr)
+    c2.sendto(q2, lo.addr)
+    c1.sendto(wire(S, qid=3), lo.addr)               # answered in the same batch
+    lo.pump()
+    assert sorted(lo.handoffs) == sorted([(q1, c1.getsockname()), (q2, c2.getsockname())])
+    assert dns.message.from_wire(c1.recv(4096)).id == 3
+    c2.settimeout(0.2)
+    with pytest.raises(socket.timeout):               # a handoff is never answered here
+        c2.recv(4096)
+    c1.close()
+    c2.close()
+
+
+def test_ipv6_loopback_handoff_address_is_a_4_tuple():
+    lo6 = Loopback(socket.AF_INET6, "::1")
+    c = client(socket.AF_INET6, "::1")
+    c.sendto(wire("example.org."), lo6.addr)
+    c.sendto(wire(S, qid=5), lo6.addr)
+    lo6.pump()
+    (packet, addr), = lo6.handoffs
+    assert addr == c.getsockname() and len(addr) == 4
+    assert dns.message.from_wire(c.recv(4096)).id == 5
+    c.close()
+    lo6.close()
+
+
+def test_a_burst_of_200_is_fully_answered(lo):
+    c = client()
+    names = [n for n in Z.SAMPLE_NAMES if P.answer(lo.ref, wire(n))[0] == P.ACTION_SEND]
+    queries = [wire(names[i % len(names)], qid=1000 + i) for i in range(200)]
+    for q in queries:
+        c.sendto(q, lo.addr)
+    lo.pump()
+    replies = {dns.message.from_wire(r).id: r for r in receive(c, 200)}
+    assert len(replies) == 200
+    for q in queries:
+        assert replies[int.from_bytes(q[:2], "big")] == P.answer(lo.ref, q)[1]
+    assert lo.counter("send_failed_udp") == 0
+    assert sum(lo.counter(f"rcode_udp_{r}") for r in range(17)) == 200
+
+
+def test_handoff_area_fills_at_256_and_the_rest_waits(lo):
+    c = client()
+    for i in range(300):
+        c.sendto(wire(f"host{i}.example.org.", qid=i), lo.addr)
+    lo.pump()
+    assert max(lo.serve_calls) == 256
+    assert sorted(int.from_bytes(p[:2], "big") for p, _ in lo.handoffs) == list(range(300))
+    c.close()
+
+
+def test_oversized_datagram_is_dropped_and_edns_is_capped_at_4096():
+    lo = Loopback(edns_max=65535)
+    c = client()
+    c.sendto(b"\0" * 5000, lo.addr)                  # MSG_TRUNC: larger than any slot
+    big = wire("big.default.svc.cluster.local.", edns=0, payload=65535)
+    c.sendto(big, lo.addr)
+    lo.pump()
+    (reply,) = receive(c, 1)
+    assert reply == P.answer(lo.ref, big, edns_max=4096)[1]
+    m = dns.message.from_wire(reply)
+    assert m.payload == 4096 and len(m.answer[0]) == 120 and not m.flags & dns.flags.TC
+    assert lo.counter("dropped_udp") == 1
+    c.close()
+    lo.close()
+
+
+def test_server_arguments_are_checked():
+    with pytest.raises(ValueError):
+        F.UdpServer(-1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(ValueError):
+            F.UdpServer(s.fileno(), batch=0)
