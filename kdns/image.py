@@ -167,11 +167,6 @@ def _child_key(labels: tuple) -> tuple:
     return len(labels[0]), labels[0]
 
 
-def _wire(labels: tuple) -> bytes:
-    """Uncompressed wire form of a name (RFC 1035 §3.1)."""
-    return b"".join([bytes((len(label),)) + label for label in labels]) + b"\0"
-
-
 class _Compiler:
     def __init__(self, zones: list[Zone], synced: bool, serial: int):
         self.zones = sorted(zones, key=lambda z: R.name_labels(z.apex)[::-1])
@@ -201,9 +196,12 @@ class _Compiler:
         return labels
 
     def wire(self, labels: tuple) -> bytes:
+        """Uncompressed wire form (RFC 1035 §3.1), built on the cached form of the parent:
+        the endpoints of one service share everything but their first label."""
         w = self.wire_cache.get(labels)
         if w is None:
-            w = self.wire_cache[labels] = _wire(labels)
+            w = self.wire_cache[labels] = (bytes((len(labels[0]),)) + labels[0]
+                                           + self.wire(labels[1:])) if labels else b"\0"
         return w
 
     def packed(self, address: str) -> bytes:
@@ -233,9 +231,11 @@ class _Compiler:
         self.name_zone[labels] = zi
 
     def add(self, rrsets: Iterable[R.RRset], exists: Iterable[str]) -> None:
-        data = self.data
+        data, label_cache = self.data, self.label_cache
         for s in rrsets:
-            labels = self.labels(s.name)
+            labels = label_cache.get(s.name)
+            if labels is None:
+                labels = label_cache[s.name] = _fast_labels(s.name)
             byname = data.get(labels)
             if byname is None:
                 self._place(labels, s.name)
@@ -385,7 +385,8 @@ class _Compiler:
     def glue(self, targets: list[tuple]) -> list[tuple]:
         """A/AAAA of in-image targets, for the additional section (RFC 2782, RFC 1035 §3.3.11)."""
         out = []
-        for t in targets:
+        # Several SRVs may share a target (one per port): its glue goes in once (RFC 2181 §5).
+        for t in dict.fromkeys(targets):
             byname = self.data.get(t)
             if byname is None:
                 continue
@@ -442,11 +443,12 @@ class _Compiler:
         entries = []
         for qtype in sorted(byname):
             off = self.answer_only_blob(labels, byname[qtype])
-            if off < 0:
-                an, ns, ar, rcode = self.chase(labels, qtype)
-                off = self.blob(HDR_AA | rcode, [an, ns, ar], labels)
-            entries.append((qtype, off))
+            entries.append((qtype, off if off >= 0 else self.generic_blob(labels, qtype)))
         return entries
+
+    def generic_blob(self, labels: tuple, qtype: int) -> int:
+        an, ns, ar, rcode = self.chase(labels, qtype)
+        return self.blob(HDR_AA | rcode, [an, ns, ar], labels)
 
     def chain_entries(self, labels: tuple, byname: dict) -> list[tuple[int, int]]:
         # Every type the chain can answer gets its own blob; 0 covers the rest.
@@ -523,6 +525,23 @@ class _Compiler:
             i += 1
         return meta
 
+    def special_node(self, labels: tuple, flags: int, pod_info: dict,
+                     pod_lists: bytearray) -> tuple[int, int]:
+        """Flags and ``extra`` of a zone apex or a pod namespace node (see the layout)."""
+        extra = 0
+        if labels in self.apex_index:
+            flags |= NODE_ZONE_APEX | NODE_EXISTS
+            extra = self.apex_index[labels]
+        if labels in pod_info:
+            mode, ips = pod_info[labels]
+            flags |= NODE_POD_NS | NODE_EXISTS
+            if mode == "verified":
+                flags |= NODE_POD_VERIFIED
+                packed = sorted(ipaddress.ip_address(ip).packed.ljust(16, b"\0") for ip in (ips or ()))
+                extra = len(pod_lists)       # relative to the pod lists; rebased later
+                pod_lists += struct.pack("<I", len(packed)) + b"".join(packed)
+        return flags, extra
+
     def reverse_key(self, labels: tuple) -> tuple[int, bytes]:
         key = _fast_reverse_key(labels) or reverse_to_ip(labels)
         if key[0] == 0:
@@ -549,8 +568,8 @@ class _Compiler:
         node_flat: list[int] = []        # six u32 per node, offsets section-relative
         pod_lists = bytearray()
         verified_nodes = []              # node indexes whose ``extra`` is pod-list-relative
-        data, explicit, apex_index = self.data, self.explicit, self.apex_index
-        apex_nodes = {}
+        data, explicit, special = self.data, self.explicit, set(self.apex_index) | set(pod_info)
+        answer_only, apex_nodes = self.answer_only_blob, {}
         for idx, (labels, first, nchild) in enumerate(nodes_meta):
             label = labels[0] if labels else b""
             loff = label_offs.get(label)
@@ -558,27 +577,27 @@ class _Compiler:
                 loff = label_offs[label] = len(labels_pool)
                 labels_pool.append(len(label))
                 labels_pool += label
-            flags, extra = 0, 0
-            has_data = labels in data
-            if has_data or labels in explicit:
-                flags = NODE_EXISTS
-            if labels in apex_index:
-                flags |= NODE_ZONE_APEX | NODE_EXISTS
-                extra = apex_index[labels]
-                apex_nodes[labels] = idx
-            if labels in pod_info:
-                mode, ips = pod_info[labels]
-                flags |= NODE_POD_NS | NODE_EXISTS
-                if mode == "verified":
-                    flags |= NODE_POD_VERIFIED
-                    packed = sorted(ipaddress.ip_address(ip).packed.ljust(16, b"\0") for ip in (ips or ()))
-                    extra = len(pod_lists)
-                    verified_nodes.append(idx)
-                    pod_lists += struct.pack("<I", len(packed)) + b"".join(packed)
             rr_start = len(rr_flat)
-            if has_data:
+            byname = data.get(labels)
+            if byname is None:
+                flags = NODE_EXISTS if labels in explicit else 0
+            elif len(byname) == 1 and R.CNAME not in byname:
+                # The common node: one RRset (rr_entries' loop, unrolled).
+                flags = NODE_EXISTS
+                (qtype, rrset), = byname.items()
+                off = answer_only(labels, rrset)
+                rr_flat += (qtype, off if off >= 0 else self.generic_blob(labels, qtype))
+            else:
+                flags = NODE_EXISTS
                 for qtype, boff in self.rr_entries(labels):
                     rr_flat += (qtype, boff)
+            extra = 0
+            if labels in special:
+                flags, extra = self.special_node(labels, flags, pod_info, pod_lists)
+                if flags & NODE_ZONE_APEX:
+                    apex_nodes[labels] = idx
+                if flags & NODE_POD_VERIFIED:
+                    verified_nodes.append(idx)
             node_flat += (loff, first, nchild, rr_start * 4, (len(rr_flat) - rr_start) // 2
                           | flags << 16, extra)
 
