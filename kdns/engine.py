@@ -19,7 +19,7 @@ The API (issue 2 §4, §5):
 - ``tcp_answer(img, counters, msg, edns_max=1232) -> (action, reply)`` (counted as tcp).
 
 Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
-and ``count_reply(page, proto, query, reply, started_ns)``.
+and ``count_reply(page, proto, reply)``.
 
 What it must not do: import the control plane (sources, records, server).
 """
@@ -82,7 +82,7 @@ def _count_query(words, proto: str, query: bytes) -> None:
     words[L[f"request_size_{proto}_sum"]] += len(query)
 
 
-def _count_sent(words, proto: str, reply: bytes, started_ns: int) -> None:
+def _count_sent(words, proto: str, reply: bytes) -> None:
     L = C.LAYOUT
     rcode = _rcode(reply)
     words[L[f"rcode_{proto}_{rcode}"]] += 1
@@ -92,27 +92,29 @@ def _count_sent(words, proto: str, reply: bytes, started_ns: int) -> None:
         words[L[f"truncated_{proto}"]] += 1
     words[L[f"response_size_{proto}_bucket_{C.size_bucket(len(reply))}"]] += 1
     words[L[f"response_size_{proto}_sum"]] += len(reply)
-    elapsed = max(0, time.perf_counter_ns() - started_ns)
-    words[L[f"latency_{proto}_bucket_{C.latency_bucket(elapsed)}"]] += 1
-    words[L[f"latency_{proto}_sum_ns"]] += elapsed
 
 
 def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int) -> None:
-    if action == DROP:
-        words[C.LAYOUT[f"dropped_{proto}"]] += 1
-        return
+    """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
+    request (type, size) and a latency sample; then what became of it."""
     _count_query(words, proto, query)
-    if action == HANDOFF:
+    if action == SEND:
+        _count_sent(words, proto, reply)
+    elif action == HANDOFF:
         # The reply's rcode is counted when the worker sends it (count_reply).
         words[C.LAYOUT[f"handoff_{proto}"]] += 1
     else:
-        _count_sent(words, proto, reply, started_ns)
+        words[C.LAYOUT[f"dropped_{proto}"]] += 1
+    elapsed = max(0, time.perf_counter_ns() - started_ns)
+    words[C.LAYOUT[f"latency_{proto}_bucket_{C.latency_bucket(elapsed)}"]] += 1
+    words[C.LAYOUT[f"latency_{proto}_sum_ns"]] += elapsed
 
 
-def count_reply(page, proto: str, reply: bytes, started_ns: int) -> None:
-    """Count a reply the worker sent for a handed-off query (either engine)."""
+def count_reply(page, proto: str, reply: bytes) -> None:
+    """Count a reply the worker sent for a handed-off query (either engine). The query itself
+    and its latency sample were counted by the engine when it handed the packet off."""
     if len(reply) >= 12:
-        _count_sent(_page_words(page), proto, reply, started_ns)
+        _count_sent(_page_words(page), proto, reply)
 
 
 def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
@@ -148,8 +150,13 @@ class PureImage:
         self.ref = refpath.Image(buffer)      # ValueError on bad magic or length
 
     def verify(self) -> bool:
+        """True, or ValueError when the CRC does not match (as ``_fastpath``)."""
         crc = HEADER.unpack_from(self._buffer, 0)[12]
-        return zlib.crc32(memoryview(self._buffer)[HEADER.size:]) == crc
+        data = zlib.crc32(memoryview(self._buffer)[HEADER.size:])
+        if data != crc:
+            raise ValueError(f"kdns image crc32 mismatch: header {crc:#x}, data {data:#x}; "
+                             f"the image is corrupt")
+        return True
 
     @property
     def serial(self) -> int:

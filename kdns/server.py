@@ -67,12 +67,11 @@ class ServeConfig:
 def checked_image(data: bytes, where: str) -> bytes:
     """Refuse bytes the workers would refuse, before they are published."""
     try:
-        img = engine.Image(data)
-        ok = img.verify() is not False
+        ok = engine.Image(data).verify() is not False
     except ValueError as e:
-        raise LoadError(f"{where} is not a valid kdns zone image ({e}).") from None
+        raise LoadError(f"{where} is not a valid kdns zone image ({e}); rebuild it.") from None
     if not ok:
-        raise LoadError(f"{where} is a kdns zone image with a bad checksum; rebuild it.")
+        raise LoadError(f"{where} is not a valid kdns zone image (bad checksum); rebuild it.")
     return data
 
 

@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from typing import Protocol
 
 from . import counters as C
@@ -147,16 +146,15 @@ class Worker:
         if not n:
             return
         # Copy out before the next serve() reuses the engine's hand-off slots.
-        started = time.perf_counter_ns()
         items = [(self.udp_server.handoff_packet(i), self.udp_server.handoff_addr(i))
                  for i in range(n)]
         for packet, addr in items:
             if len(self.tasks) >= UDP_MAX_PENDING:
                 self.count("dropped_udp")
                 continue
-            self.spawn(self.udp_handoff(packet, addr, started))
+            self.spawn(self.udp_handoff(packet, addr))
 
-    async def udp_handoff(self, packet: bytes, addr, started: int) -> None:
+    async def udp_handoff(self, packet: bytes, addr) -> None:
         reply = await self.handoff.resolve(packet, "udp")
         if reply is None:
             return
@@ -165,7 +163,7 @@ class Worker:
         except OSError:
             self.count("send_failed_udp")
             return
-        engine.count_reply(self.page, "udp", reply, started)
+        engine.count_reply(self.page, "udp", reply)
 
     # ---- helpers
     def spawn(self, coro) -> asyncio.Task:
@@ -241,16 +239,16 @@ class TcpConnection(asyncio.Protocol):
             self.write(reply)
         elif action == engine.HANDOFF:
             self.pending += 1
-            w.spawn(self.handoff(msg, time.perf_counter_ns()))
+            w.spawn(self.handoff(msg))
 
-    async def handoff(self, msg: bytes, started: int) -> None:
+    async def handoff(self, msg: bytes) -> None:
         try:
             reply = await self.worker.handoff.resolve(msg, "tcp")
         finally:
             self.pending -= 1
         if reply is not None and not self.transport.is_closing():
             self.write(reply)
-            engine.count_reply(self.worker.page, "tcp", reply, started)
+            engine.count_reply(self.worker.page, "tcp", reply)
         self.update_reading()
         if not self.write_paused:
             self.process()

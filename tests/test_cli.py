@@ -1,0 +1,185 @@
+"""`kdns serve` / `kdns records` flags (issue 2 §2): a bad flag or input is one sentence naming
+it, exit status 2, and nothing half-started."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from kdns import cli
+from serverutil import HOST, ROOT, free_port
+from zonefixtures import sample_image
+
+EXAMPLE = os.path.join(ROOT, "examples", "cluster.yaml")
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "zone.img"
+    path.write_bytes(sample_image())
+    return str(path)
+
+
+def run_main(capsys, argv) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD_FLAGS = [
+    ([], "--from-file"),
+    (["--from-file", "/nonexistent/cluster.yaml"], "--from-file"),
+    (["--dns-port", "70000"], "--dns-port"),
+    (["--dns-port", "fifty-three"], "--dns-port"),
+    (["--workers", "0"], "--workers"),
+    (["--pods", "sometimes"], "--pods"),
+    (["--dns-bind-address", "10.0.0"], "--dns-bind-address"),
+    (["--ttl", "-1"], "--ttl"),
+    (["--edns-udp-size", "100"], "--edns-udp-size"),
+    (["--tcp-idle-timeout", "0"], "--tcp-idle-timeout"),
+    (["--tcp-max-connections", "0"], "--tcp-max-connections"),
+    (["--domain", "cluster..local"], "--domain"),
+    (["--log-level", "chatty"], "--log-level"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--healthz-port", "5300", "--dns-port", "5300"], "--healthz-port"),
+    (["--metrics-port", "5300", "--dns-port", "5300", "--healthz-port", "0"], "--metrics-port"),
+]
+
+
+@pytest.mark.parametrize("extra,flag", BAD_FLAGS, ids=[f for _, f in BAD_FLAGS])
+def test_bad_flag_is_one_sentence_naming_it(capsys, image_file, extra, flag):
+    source = [] if extra and extra[0] == "--from-file" or not extra else ["--from-image", image_file]
+    code, out, err = run_main(capsys, ["serve", *source, *extra])
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err and "Traceback" not in err
+
+
+def test_from_file_and_from_image_are_exclusive(capsys, image_file):
+    code, _, err = run_main(capsys, ["serve", "--from-file", EXAMPLE, "--from-image", image_file])
+    assert code == 2 and "--from-image" in err and len(err.strip().splitlines()) == 1
+
+
+def leftovers(mark: str) -> list[int]:
+    """Processes still running with our marker in their environment."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def run_kdns(*args, timeout=30):
+    """`python -m kdns ...` in a child, with a marker to find anything it left running."""
+    mark = f"KDNS_TEST_MARK={uuid.uuid4()}"
+    env = {**os.environ, "KDNS_TEST_MARK": mark.split("=", 1)[1]}
+    proc = subprocess.run([sys.executable, "-m", "kdns", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, leftovers(mark)
+
+
+def serve_args(*source, port=None):
+    return ["serve", *source, "--dns-bind-address", HOST, "--dns-port", str(port or free_port()),
+            "--healthz-port", "0", "--metrics-port", "0", "--workers", "2"]
+
+
+def assert_clean_failure(proc, left, *words):
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not left, f"processes left running: {left}"
+
+
+def test_invalid_zone_file_exits_2_before_starting(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("items: [this is not: a kubernetes list")
+    proc, left = run_kdns(*serve_args("--from-file", str(bad)))
+    assert_clean_failure(proc, left, str(bad))
+
+
+def test_unreadable_zone_file_exits_2(tmp_path):
+    # A directory: unreadable as a file even for root (a mode-0 file is not, for root).
+    proc, left = run_kdns(*serve_args("--from-file", str(tmp_path)))
+    assert_clean_failure(proc, left, "--from-file", str(tmp_path), "not a readable file")
+
+
+def test_garbage_image_exits_2(tmp_path):
+    bad = tmp_path / "zone.img"
+    bad.write_bytes(b"KDNSIMG1" + b"\0" * 100)
+    proc, left = run_kdns(*serve_args("--from-image", str(bad)))
+    assert_clean_failure(proc, left, str(bad), "not a valid kdns zone image")
+
+
+def test_image_with_bad_checksum_exits_2(tmp_path):
+    img = bytearray(sample_image())
+    img[-1] ^= 0xFF
+    bad = tmp_path / "zone.img"
+    bad.write_bytes(bytes(img))
+    proc, left = run_kdns(*serve_args("--from-image", str(bad)))
+    assert_clean_failure(proc, left, str(bad), "crc32 mismatch")
+
+
+def test_dns_port_in_use_exits_2(image_file):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((HOST, 0))                    # no SO_REUSEPORT: kdns cannot share it
+        port = taken.getsockname()[1]
+        proc, left = run_kdns(*serve_args("--from-image", image_file, port=port))
+    assert_clean_failure(proc, left, "--dns-port", str(port))
+
+
+def test_http_port_in_use_exits_2(image_file):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        http_port = taken.getsockname()[1]
+        args = serve_args("--from-image", image_file)
+        args[args.index("--healthz-port") + 1] = str(http_port)
+        proc, left = run_kdns(*args)
+    assert_clean_failure(proc, left, "--healthz-port")
+
+
+def test_records_prints_the_zone():
+    proc, _ = run_kdns("records", "--from-file", EXAMPLE)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("kubernetes.default.svc.cluster.local.") and "10.96.0.1" in line
+               for line in lines), proc.stdout[:2000]
+
+
+def test_records_with_another_domain():
+    proc, _ = run_kdns("records", "--from-file", EXAMPLE, "--domain", "example.internal",
+                       "--ttl", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert "kubernetes.default.svc.example.internal.\t7\tIN\tA\t10.96.0.1" in proc.stdout
+
+
+def test_records_bad_file_exits_2(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("items: [this is not: a kubernetes list")
+    proc, _ = run_kdns("records", "--from-file", str(bad))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert str(bad) in proc.stderr
+
+
+def test_help_lists_the_flags(capsys):
+    code, out, _ = run_main(capsys, ["serve", "--help"])
+    assert code == 0
+    for flag in ("--from-file", "--domain", "--dns-bind-address", "--dns-port", "--ttl",
+                 "--workers", "--healthz-port", "--metrics-port", "--pods", "--edns-udp-size",
+                 "--tcp-idle-timeout", "--tcp-max-connections", "--log-level"):
+        assert flag in out
