@@ -53,7 +53,10 @@ def _page_words(buffer) -> memoryview:
 
 
 def _qtype(query: bytes) -> int:
-    """The question's type, or 0 ("other") when the question cannot be parsed."""
+    """The question's type, or 0 ("other") when the path does not read the question: as in
+    ``refpath.answer``, a short packet, a response (QR) or QDCOUNT != 1 stop before it."""
+    if len(query) < 12 or query[2] & 0x80 or query[4:6] != b"\0\1":
+        return 0
     try:
         _, end = refpath.parse_name(query, 12)
     except refpath.Malformed:
