@@ -16,10 +16,11 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr
 from libc.string cimport memcmp, memcpy, memset
 
 from kdns.includes.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
-                                   INET6_ADDRSTRLEN, KDNS_WOULD_BLOCK, MSG_DONTWAIT, MSG_TRUNC,
-                                   clock_gettime, errno, inet_ntop, iovec, mmsghdr, ntohl,
-                                   ntohs, recvmmsg, sendmmsg, sockaddr_in, sockaddr_in6,
-                                   sockaddr_storage, socklen_t, timespec)
+                                   INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
+                                   MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
+                                   iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
+                                   sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
+                                   timespec)
 
 import zlib
 
@@ -173,12 +174,14 @@ cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, 
     cdef const uint8_t *data = seg + nseg * IMG_SEG
     cdef const uint8_t *best = seg
     cdef uint32_t end
+    KDNS_CHECK(blob >= IMG_HEADER and blob + IMG_BLOBHDR <= <uint64_t>img.length)
     hflags[0] |= le16(b)
     for k in range(1, nseg):
         if <int64_t>le32(seg + k * IMG_SEG) > room:
             break
         best = seg + k * IMG_SEG
     end = le32(best)
+    KDNS_CHECK(data + end <= img.base + img.length)
     if end > <uint32_t>cap:
         return -1
     counts[0] = le16(best + 4)
@@ -239,6 +242,7 @@ cdef int build_reply(const Ask *a, const ImageView *img, uint32_t blob, int rcod
         put16(p + 9, 0)
         p += OPT_LEN
     res.length = <int>(p - out)
+    KDNS_CHECK(res.length <= cap)
     res.rcode = RC_BADVERS if a.edns_ext == 1 else <int>(hflags & 0xF)
     res.tc = (hflags & F_TC) != 0
     return ACTION_SEND
@@ -261,6 +265,7 @@ cdef int64_t find_child(const ImageView *img, const uint8_t *node, const uint8_t
     cdef uint32_t first = le32(node + 4), lo = 0, hi = le32(node + 8), mid
     cdef const uint8_t *lab
     cdef int cmp
+    KDNS_CHECK(<uint64_t>first + hi <= img.nnodes)
     while lo < hi:
         mid = lo + (hi - lo) // 2
         lab = img.base + le32(node_at(img, first + mid))

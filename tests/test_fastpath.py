@@ -98,7 +98,8 @@ CASES = {
                         answer=[f"ext.default.svc.cluster.local. 30 IN CNAME {S}",
                                 f"{S} 30 IN A 10.96.0.1"]),
     "cname_outside": case(query("outside.default.svc.cluster.local."),
-                          answer=["outside.default.svc.cluster.local. 30 IN CNAME www.example.com."]),
+                          answer=["outside.default.svc.cluster.local. 30 IN CNAME "
+                                  "www.example.com."]),
     "pod_v4": case(query("1-2-3-4.default.pod.cluster.local."),
                    answer=["1-2-3-4.default.pod.cluster.local. 30 IN A 1.2.3.4"]),
     "pod_v6": case(query("fd00-10-244--5.default.pod.cluster.local.", "AAAA"),
@@ -246,7 +247,8 @@ POD_LABELS = ["1-2-3-4", "01-2-3-4", "1-2-3-04", "0-0-0-0", "255-255-255-255", "
               "-1-2-3", "a-b-c-d", "1-2-3-4a", "1:2:3:4", "fd00--5", "fd00-10-244--5",
               "FD00-10-244--5", "fd00-10-244-0-0-0-0-5", "fd00-10-244-0-0-0-0-0-5",
               "fd00-0-0-0-0-0-0-00005", "fd00-0-0-0-0-0-0-0005", "fd00:10:244::5", "--", "---",
-              "----", "0--0", "--1", "1--", "1---2", "1--2--3", "ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff",
+              "----", "0--0", "--1", "1--", "1---2", "1--2--3",
+              "ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff",
               "g--1", "1-2-3-4-5-6-7", "1-2-3-4-5-6-7-8", "1-2-3-4-5-6-7-8-9", "1--2-3-4-5-6-7",
               "1--2-3-4-5-6-7-8", "-fd00--5", "fd00--5-"]
 REVERSE_NAMES = ["1.0.96.10", "01.0.96.10", "1.0.96.010", "256.0.96.10", "1.0.96", "1.1.0.96.10",

@@ -96,3 +96,19 @@ cdef extern from *:
     #define KDNS_WOULD_BLOCK(e) ((e) == EAGAIN || (e) == EWOULDBLOCK)
     """
     bint KDNS_WOULD_BLOCK(int e) nogil
+
+
+cdef extern from *:
+    """
+    #include <stdio.h>
+    #include <stdlib.h>
+    #ifndef KDNS_DEBUG
+    #define KDNS_DEBUG 0
+    #endif
+    /* KDNS_DEBUG=1 builds (setup.py) check packet-path invariants and abort loudly; normal
+       builds compile the checks away. Python's own -DNDEBUG rules out plain assert(). */
+    #define KDNS_CHECK(cond) do { if (KDNS_DEBUG && !(cond)) { \\
+        fprintf(stderr, "kdns: packet path invariant failed: %s (%s:%d)\\n", \\
+                #cond, __FILE__, __LINE__); abort(); } } while (0)
+    """
+    void KDNS_CHECK(bint cond) nogil
