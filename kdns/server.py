@@ -176,7 +176,7 @@ def listening_sockets(host: str, port: int, n: int) -> list[tuple[socket.socket,
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             tcp.bind((host, port))
-            tcp.listen(1024)
+            tcp.listen(1024)       # worker.LISTEN_BACKLOG
     except OSError as e:
         for pair in pairs:
             for s in pair:

@@ -35,6 +35,7 @@ log = logging.getLogger("kdns.worker")
 
 TCP_HIGH_WATER = 64 * 1024      # pause reading a client whose replies pile up above this
 TCP_MAX_PENDING = 256           # hand-offs in flight per connection before reading pauses
+LISTEN_BACKLOG = 1024           # same as the supervisor's listen()
 UDP_MAX_PENDING = 4096          # hand-offs in flight per worker; beyond, UDP ones are dropped
 
 
@@ -79,12 +80,14 @@ class Worker:
         self.tasks: set[asyncio.Task] = set()
         self.udp_server = engine.UdpServer(udp.fileno(), edns_max=edns_max)
         self.stopping: asyncio.Event | None = None
+        self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
+        self.has_image = asyncio.Event()
         publish.set_page_generation(self.page, 0)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop)
@@ -95,7 +98,9 @@ class Worker:
             return
         self.udp.setblocking(False)
         self.loop.add_reader(self.udp.fileno(), self.drain_udp)
-        server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp)
+        # backlog: asyncio calls listen() again; keep the supervisor's queue length.
+        server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
+                                               backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
         try:
             await self.stopping.wait()
@@ -109,11 +114,15 @@ class Worker:
                 task.cancel()
 
     async def first_image(self) -> None:
-        while self.img is None and not self.stopping.is_set():
-            await asyncio.sleep(0.01)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        ready = asyncio.ensure_future(self.has_image.wait())
+        await asyncio.wait([stop, ready], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        ready.cancel()
 
     def stop(self) -> None:
         self.stopping.set()
+        self.has_image.set()
 
     # ---- images
     def on_control(self) -> None:
@@ -139,10 +148,14 @@ class Worker:
         # does not hold one) goes away.
         self.img, self.generation = img, generation
         publish.set_page_generation(self.page, generation)
+        self.has_image.set()
 
     # ---- UDP
     def drain_udp(self) -> None:
         n = self.udp_server.serve(self.img, self.counters, max_batches=16)
+        if getattr(self.udp_server, "last_errno", 0):
+            log.debug("worker %d: UDP receive error %s", self.slot,
+                      os.strerror(self.udp_server.last_errno))
         if not n:
             return
         # Copy out before the next serve() reuses the engine's hand-off slots.

@@ -25,15 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
     """A loopback port free for both UDP and TCP right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
+        with socket.socket(family, socket.SOCK_STREAM) as t:
+            t.bind((host, 0))
             port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            with socket.socket(family, socket.SOCK_DGRAM) as u:
                 try:
-                    u.bind((HOST, port))
+                    u.bind((host, port))
                 except OSError:
                     continue
         return port
@@ -70,10 +71,11 @@ class Kdns:
     """A running `kdns serve` child process."""
 
     def __init__(self, tmp_path, *, image: bytes | None = None, zone_file: str | None = None,
-                 workers: int = 2, args: tuple = (), env: dict | None = None):
+                 workers: int = 2, args: tuple = (), env: dict | None = None, host: str = HOST):
         self.tmp = tmp_path
-        self.port = free_port()
-        self.http_port = free_port()
+        self.host = host
+        self.port = free_port(host)
+        self.http_port = free_port(host)
         self.workers = workers
         self.image_path = None
         if image is not None:
@@ -85,7 +87,7 @@ class Kdns:
             source = ["--from-file", zone_file]
         self.log_path = tmp_path / f"kdns-{self.port}.log"
         self.argv = [sys.executable, "-m", "kdns", "serve", *source,
-                     "--dns-bind-address", HOST, "--dns-port", str(self.port),
+                     "--dns-bind-address", host, "--dns-port", str(self.port),
                      "--healthz-port", str(self.http_port), "--metrics-port", str(self.http_port),
                      "--workers", str(workers), *args]
         self.env = {**os.environ, **(env or {})}
@@ -140,7 +142,8 @@ class Kdns:
     # ---- HTTP
     def http_get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}{path}", timeout=2) as r:
+            netloc = f"[{self.host}]" if ":" in self.host else self.host
+            with urllib.request.urlopen(f"http://{netloc}:{self.http_port}{path}", timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
@@ -191,11 +194,11 @@ class Kdns:
     # ---- DNS
     def udp(self, name: str, rdtype: str = "A", **kw) -> dns.message.Message:
         q = dns.message.make_query(name, rdtype, **kw)
-        return dns.query.udp(q, HOST, port=self.port, timeout=2)
+        return dns.query.udp(q, self.host, port=self.port, timeout=2)
 
     def tcp(self, name: str, rdtype: str = "A", **kw) -> dns.message.Message:
         q = dns.message.make_query(name, rdtype, **kw)
-        return dns.query.tcp(q, HOST, port=self.port, timeout=2)
+        return dns.query.tcp(q, self.host, port=self.port, timeout=2)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,22 @@ def test_answers_hit_miss_and_outside(server, proto):
     assert [rd.port for rd in srv.answer[0]] == [443]
 
 
+def test_serves_on_ipv6_loopback(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured on this machine")
+    with running(tmp_path, image=sample_image(), workers=1, host="::1") as server:
+        for proto in ("udp", "tcp"):
+            ask = getattr(server, proto)
+            assert a_records(ask(K)) == [OLD]
+            # The hand-off path sends to the client's IPv6 address tuple.
+            assert rcode_text(ask("google.com")) == "REFUSED"
+
+
 def test_replies_are_byte_identical_to_the_reference_path(server):
     """Whatever engine the workers run, the wire bytes are refpath's for the same image."""
     img = refpath.Image(sample_image())
