@@ -331,6 +331,10 @@ class Supervisor:
                             slot.index, slot.proc.pid, status, age,
                             f" in {delay:.1f}s" if delay else "")
                 self.publisher.detach(slot.index)
+                # Nobody serves this slot now: say so (the page has no other writer until the
+                # replacement starts), so generation == current means "the new one serves".
+                publish.set_page_generation(memoryview(self.counters)[
+                    slot.index * publish.PAGE_BYTES:(slot.index + 1) * publish.PAGE_BYTES], 0)
                 slot.proc = None
                 slot.respawn_at = now + delay
             if slot.proc is None and now >= slot.respawn_at and not self.stopping:

@@ -53,17 +53,12 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
     stop = threading.Event()
     wire = dns.message.make_query(K, "A").to_wire()
     expected = refpath.answer(refpath.Image(sample_image()), wire)[1]
+    nclients = 12           # one socket each: some hash to each worker's SO_REUSEPORT socket
 
-    def load():
-        # Many source ports, so queries reach both workers' SO_REUSEPORT sockets.
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(8)]
-        try:
-            for s in socks:
-                s.settimeout(2)
-            i = 0
+    def client():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
             while not stop.is_set():
-                s = socks[i % len(socks)]
-                i += 1
                 t = time.monotonic()
                 try:
                     s.sendto(wire, (HOST, server.port))
@@ -71,12 +66,10 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
                 except OSError:
                     ok = False
                 results.append((t, ok))
-        finally:
-            for s in socks:
-                s.close()
+                time.sleep(0.002)
 
     with running(tmp_path, image=sample_image(), workers=2) as server:
-        threads = [threading.Thread(target=load) for _ in range(2)]
+        threads = [threading.Thread(target=client) for _ in range(nclients)]
         for t in threads:
             t.start()
         try:
@@ -91,8 +84,10 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
             replaced_after = time.monotonic() - killed_at
             assert replaced, f"no replacement after {replaced_after:.2f}s: {server.logs()}"
             assert replaced_after < 1.0
-            server.wait_generation(1, timeout=5)         # the replacement maps the image
-            served_by_now = time.monotonic()
+            # The supervisor zeroes a dead slot's generation, so 1 again means the
+            # replacement has mapped the image and serves.
+            server.wait_generation(1, timeout=5)
+            serving_at = time.monotonic()
             time.sleep(1.0)
         finally:
             stop.set()
@@ -100,16 +95,15 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
                 t.join(10)
         assert alive(survivor) and survivor in server.worker_pids()
         assert not alive(victim)
-        during = [ok for t, ok in results if killed_at <= t < killed_at + 1.0]
-        after = [ok for t, ok in results if t >= served_by_now + 0.1]
-        # The survivor kept answering while its sibling was dead.
-        assert sum(during) > 10, (len(during), sum(during))
+        gap = [ok for t, ok in results if killed_at <= t < serving_at]
+        after = [ok for t, ok in results if t >= serving_at + 0.1]
+        # The survivor kept answering while its sibling was dead and not yet replaced.
+        assert sum(gap) > 0, (len(gap), serving_at - killed_at)
         # No lasting error: once the replacement serves, everything is answered.
-        assert after and all(after), (len(after), after.count(False))
-        # Queued packets are not lost: the replacement inherits the socket. Only packets the
-        # killed worker had already read (at most one batch) may go unanswered.
-        lost = [t for t, ok in results if not ok]
-        assert len(lost) <= 64, len(lost)
+        assert len(after) > 100 and all(after), (len(after), after.count(False))
+        # Queued packets are not lost (the replacement inherits the socket): only a query
+        # the killed worker had already read can go unanswered, one per client at most.
+        assert sum(not ok for _, ok in results) <= nclients
         assert a_records(server.tcp(K)) == ["10.96.0.1"]
         assert "Traceback" not in server.logs()
 
