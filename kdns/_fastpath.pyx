@@ -867,7 +867,7 @@ cdef class Counters:
         self.words[i] = value
 
 
-def answer(Image img, bytes query, bint tcp=False, int edns_max=1232):
+def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
     as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max)."""
     cdef Outcome res
@@ -885,7 +885,8 @@ def answer(Image img, bytes query, bint tcp=False, int edns_max=1232):
         PyMem_Free(out)
 
 
-def tcp_answer(Image img, Counters c, const unsigned char[:] msg, int edns_max=1232):
+def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
+               int edns_max=1232):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
     RFC 7766 framing stays with the caller; TCP is not the hot path."""
     cdef Outcome res
@@ -909,7 +910,8 @@ def tcp_answer(Image img, Counters c, const unsigned char[:] msg, int edns_max=1
         PyMem_Free(out)
 
 
-def bench_answer(Image img, bytes query, Py_ssize_t n, bint tcp=False, int edns_max=1232):
+def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tcp=False,
+                 int edns_max=1232):
     """Mean nanoseconds per answer_query() over ``n`` runs, with no Python in the loop."""
     cdef Outcome res
     cdef Py_ssize_t k
@@ -940,7 +942,8 @@ cdef class UdpServer:
 
     Packets the image does not answer are kept for the caller (the forwarder's work):
     ``serve`` returns how many, ``handoff_packet(i)`` / ``handoff_addr(i)`` give them back.
-    The socket is the caller's: this class never closes it.
+    The socket is the caller's: this class never closes it. One thread serves at a time
+    (the buffers are the server's own, reused by every call).
     """
     cdef int fd
     cdef int edns_max
@@ -1004,7 +1007,7 @@ cdef class UdpServer:
         PyMem_Free(self.hlen)
         PyMem_Free(self.haddr)
 
-    def serve(self, Image img, Counters c, int max_batches=16):
+    def serve(self, Image img not None, Counters c not None, int max_batches=16):
         """Drain the socket: at most ``max_batches`` recvmmsg batches, stopping early when it
         is empty or the handoff area is full. Returns the number of handoff packets stored.
         A socket error other than EAGAIN/EINTR ends the call and is left in ``last_errno``."""
@@ -1114,6 +1117,6 @@ cdef class UdpServer:
         raise ValueError(f"unsupported address family {self.haddr[i].ss_family}")
 
 
-def _count_latency_for_test(Counters c, int64_t ns):
+def _count_latency_for_test(Counters c not None, int64_t ns):
     """Count one UDP packet that took ``ns``: lets tests pin the bucket edges."""
     count_latency(c.words, PROTO_UDP, 1, ns)

@@ -447,3 +447,11 @@ def test_bench_answer_measures_the_real_path():
     _, _, fast = images("insecure")
     ns = F.bench_answer(fast, query(S), 2000)
     assert math.isfinite(ns) and 0 < ns < 1e6
+
+
+def test_none_is_refused_at_the_boundary():
+    # The C path dereferences the image: None must stop at the Python edge, not crash.
+    with pytest.raises(TypeError):
+        F.answer(None, query(S))
+    with pytest.raises(TypeError):
+        F.tcp_answer(None, F.Counters(bytearray(8192)), query(S))

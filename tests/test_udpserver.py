@@ -193,3 +193,6 @@ def test_server_arguments_are_checked():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         with pytest.raises(ValueError):
             F.UdpServer(s.fileno(), batch=0)
+        page = bytearray(K.SLOT_WORDS * 8)
+        with pytest.raises(TypeError):                  # before the first image arrives
+            F.UdpServer(s.fileno()).serve(None, F.Counters(page))
