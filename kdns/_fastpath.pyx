@@ -19,12 +19,9 @@ from kdns.includes.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
                                    INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
                                    MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
                                    iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
-                                   sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t,
-                                   timespec)
+                                   sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
 
 import zlib
-
-ACTION_NAMES = {ACTION_DROP: "drop", ACTION_SEND: "send", ACTION_HANDOFF: "handoff"}
 
 # ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
 cdef uint8_t LOWER[256]

@@ -146,3 +146,25 @@ def test_latency_bucket_edges(ns):
     words = struct.unpack_from(f"={K.SLOT_WORDS}Q", page)
     assert words[K.LAYOUT[f"latency_udp_bucket_{K.latency_bucket(ns)}"]] == 1
     assert words[K.LAYOUT["latency_udp_sum_ns"]] == ns
+
+
+def test_every_named_qtype_and_size_edge_lands_in_its_word():
+    """The C tables restate counters.QTYPES and SIZE_BOUNDS; every entry and edge is hit."""
+    buf = Z.sample_image()
+    img = F.Image(buf)
+    page = bytearray(K.SLOT_WORDS * 8)
+    counters = F.Counters(page)
+    for name, code in K.QTYPES:
+        before = counters[K.LAYOUT[f"queries_tcp_{name}"]]
+        F.tcp_answer(img, counters, wire(S, code if code else 999))
+        assert counters[K.LAYOUT[f"queries_tcp_{name}"]] == before + 1, name
+    q = wire(S)
+    for bound in K.SIZE_BOUNDS:
+        for n in (bound, bound + 1):
+            # Trailing bytes after the question are ignored, so any length >= len(q) is a
+            # query; shorter ones are garbage, still counted as requests of that size.
+            packet = q + bytes(n - len(q)) if n >= len(q) else bytes(n)
+            bucket = K.LAYOUT[f"request_size_tcp_bucket_{K.size_bucket(n)}"]
+            before = counters[bucket]
+            F.tcp_answer(img, counters, packet)
+            assert counters[bucket] == before + 1, n
