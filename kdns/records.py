@@ -54,6 +54,13 @@ def is_label(text: str) -> bool:
     return len(text) <= R.MAX_LABEL and _LABEL.match(text) is not None
 
 
+def fits(name: str) -> bool:
+    """An absolute name (trailing dot) within RFC 1035 §2.3.4's 255 wire bytes. Each part is
+    a valid label, but together they can be too long with a long domain: such a name is
+    skipped with a warning instead of failing the whole compile."""
+    return len(name) <= R.MAX_NAME - 1
+
+
 def dashed_ip(ip: str) -> str:
     """Endpoint label from an IP (spec §1.4, C endpointHostname): IPv4 dots and IPv6 colons
     become dashes; an IPv6 label ending in '-' gets a '0' so it does not end in a dash."""
@@ -128,6 +135,9 @@ def _service_records(b: _Builder, model: ClusterModel, svc: Service) -> None:
         b.warn(f"skipping {what}: its name or namespace is not a DNS label")
         return
     fqdn = f"{svc.name}.{svc.namespace}.svc.{b.zone}"
+    if not fits(fqdn):
+        b.warn(f"skipping {what}: {fqdn} is longer than 255 bytes")
+        return
     if svc.type == "ExternalName":
         _external_name(b, svc, fqdn, what)
         return
@@ -163,6 +173,9 @@ def _named_srv(b: _Builder, fqdn: str, port_name: str, proto: str,
         b.warn(f"skipping SRV for port {port_name!r}/{proto} of {fqdn}: not a DNS label")
         return
     name = f"_{port_name.lower()}._{proto.lower()}.{fqdn}"
+    if not fits(name):
+        b.warn(f"skipping SRV {name}: longer than 255 bytes")
+        return
     w = srv_weight(len(entries))
     for port, target in entries:
         b.add(name, R.SRV, R.Srv(0, w, port, target))
@@ -177,7 +190,9 @@ def _headless(b: _Builder, svc: Service, fqdn: str, sets: tuple[EndpointSet, ...
         for ep in es.endpoints:
             for ip in ep.addresses:
                 b.address(fqdn, ip)
-                target = f"{endpoint_label(b, ep, ip, what)}.{fqdn}"
+                target = host_name(b, ep, ip, fqdn, what)
+                if target is None:
+                    continue
                 for p in es.ports:
                     bare.append((p.port, target))
                     if p.name:
@@ -197,9 +212,21 @@ def _endpoint_names(b: _Builder, svc: Service, fqdn: str, sets: tuple[EndpointSe
     for es in sets:
         for ep in es.endpoints:
             for ip in ep.addresses:
-                host = f"{endpoint_label(b, ep, ip, what)}.{fqdn}"
+                host = host_name(b, ep, ip, fqdn, what)
+                if host is None:
+                    continue
                 b.address(host, ip)
                 b.ptr.setdefault(ip, {})[host] = None
+
+
+def host_name(b: _Builder, ep, ip: str, fqdn: str, what: str) -> str | None:
+    """``<host>.<svc>.<ns>.svc.Z`` of one endpoint address, or None (warned) if too long."""
+    host = f"{endpoint_label(b, ep, ip, what)}.{fqdn}"
+    if fits(host):
+        return host
+    b.warn(f"{what}: endpoint name {host} is longer than 255 bytes; serving the address "
+           "under the service name only")
+    return None
 
 
 def endpoint_label(b: _Builder, ep, ip: str, what: str) -> str:

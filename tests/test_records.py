@@ -590,3 +590,29 @@ def test_identical_input_gives_identical_image_across_processes():
                               env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
                for seed in ("1", "2", "3")}
     assert len(digests) == 1 and hashlib.sha256(build_image()).hexdigest() + "\n" in digests
+
+
+def test_names_too_long_for_the_domain_are_skipped_not_fatal(caplog):
+    """Each part is a valid label, yet with a long --domain a name can exceed 255 bytes
+    (RFC 1035 §2.3.4): that name is skipped with a warning, the rest of the zone compiles."""
+    model = ClusterModel()
+    ns, svc = "b" * 63, "a" * 63
+    model.apply({"kind": "Service", "metadata": {"name": svc, "namespace": ns},
+                 "spec": {"clusterIP": "None", "ports": [{"name": "c" * 15, "port": 1}]}})
+    model.apply({"kind": "EndpointSlice",
+                 "metadata": {"name": "s", "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+                 "endpoints": [{"addresses": ["10.0.0.1"], "hostname": "h" * 63}],
+                 "ports": [{"name": "c" * 15, "port": 1}]})
+    model.apply({"kind": "Service", "metadata": {"name": "ok", "namespace": "default"},
+                 "spec": {"clusterIP": "10.96.0.1"}})
+    domain = "x" * 60 + ".example"
+    with caplog.at_level(logging.WARNING):
+        zd = records.zone_data(model, domain=domain, serial=1)
+    img = refpath.Image(I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, serial=1))
+    assert any("longer than 255 bytes" in m for m in caplog.messages)
+    q = dns.message.make_query(f"ok.default.svc.{domain}.", "A", use_edns=False)
+    assert section_lines(dns.message.from_wire(refpath.answer(img, q.to_wire())[1]).answer) == [
+        f"ok.default.svc.{domain}. 30 A 10.96.0.1"]
+    q = dns.message.make_query(f"{svc}.{ns}.svc.{domain}.", "A", use_edns=False)
+    assert section_lines(dns.message.from_wire(refpath.answer(img, q.to_wire())[1]).answer) == [
+        f"{svc}.{ns}.svc.{domain}. 30 A 10.0.0.1"]
