@@ -1,10 +1,11 @@
 """The Kubernetes DNS rules, one table row per rule (spec/kubernetes-dns.md, issue 3).
 
 Each row is a question and the whole expected reply: rcode, answer, authority, additional,
-AA and TTLs. ``check(message, row)`` compares a dnspython reply with a row, so the same table
-can be sent to a running server over UDP and TCP; here it runs in-process through the
-reference packet path (``refpath``) on an image compiled from ``examples/cluster.yaml`` plus
-the edge-case objects below.
+AA and TTLs. ``check(message, row)`` / ``check_wire(reply, row)`` compare a reply with a row,
+so the same table can be sent to a running server over UDP and TCP; here every row runs
+in-process through both packet paths (``refpath`` and, when built, ``_fastpath``, which must
+also agree byte for byte) on an image compiled from ``examples/cluster.yaml`` plus the
+edge-case objects below.
 """
 from __future__ import annotations
 
@@ -170,12 +171,38 @@ def check_wire(wire: bytes, row: Row, **soa) -> None:
     check(msg, row, **soa)
 
 
-def ask(img: refpath.Image, row: Row, tcp: bool = False) -> tuple[int, bytes]:
+class Impl(NamedTuple):
+    """One packet path: how to map an image, and its answer function."""
+    image: object
+    answer: object
+
+
+IMPLS = {"refpath": Impl(refpath.Image, refpath.answer)}
+try:
+    from kdns import _fastpath
+    IMPLS["fastpath"] = Impl(_fastpath.Image, _fastpath.answer)
+except ImportError:                      # not built: the reference path still runs every row
+    pass
+
+
+class Mapped(NamedTuple):
+    impl: Impl
+    image: object
+
+    def answer(self, query: bytes, tcp: bool = False):
+        return self.impl.answer(self.image, query, tcp=tcp)
+
+
+def mapped(buf: bytes, impl: str = "refpath") -> Mapped:
+    return Mapped(IMPLS[impl], IMPLS[impl].image(buf))
+
+
+def ask(img: Mapped, row: Row, tcp: bool = False) -> tuple[int, bytes]:
     q = dns.message.make_query(row.qname, row.qtype, use_edns=False)
-    return refpath.answer(img, q.to_wire(), tcp=tcp)
+    return img.answer(q.to_wire(), tcp=tcp)
 
 
-def run(img: refpath.Image, row: Row, **soa) -> None:
+def run(img: Mapped, row: Row, **soa) -> None:
     action, wire = ask(img, row)
     if row.rcode == "HANDOFF":
         assert action == refpath.ACTION_HANDOFF
@@ -442,8 +469,13 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def img():
-    return refpath.Image(build_image())
+def image_bytes():
+    return build_image()
+
+
+@pytest.fixture(scope="module", params=sorted(IMPLS))
+def img(request, image_bytes):
+    return mapped(image_bytes, request.param)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.qname}/{r.qtype}" for r in ROWS])
@@ -458,7 +490,16 @@ def test_table_is_large():
 def test_tcp_gives_the_same_reply(img):
     for row in ROWS[:40]:
         q = dns.message.make_query(row.qname, row.qtype, use_edns=False).to_wire()
-        assert refpath.answer(img, q, tcp=True) == refpath.answer(img, q)
+        assert img.answer(q, tcp=True) == img.answer(q)
+
+
+@pytest.mark.skipif("fastpath" not in IMPLS, reason="kdns._fastpath is not built")
+def test_fastpath_gives_the_reference_bytes(image_bytes):
+    ref, fast = mapped(image_bytes, "refpath"), mapped(image_bytes, "fastpath")
+    for row in ROWS:
+        for edns in (False, True):
+            q = dns.message.make_query(row.qname, row.qtype, use_edns=edns).to_wire()
+            assert fast.answer(q) == ref.answer(q), row
 
 
 # ---- option variants: each changes the rules, so each gets its own image
@@ -497,15 +538,16 @@ POD_NAMES = [
 @pytest.mark.parametrize("options,rows", [
     ({"pods": "verified"}, VERIFIED), ({"pods": "disabled"}, DISABLED),
     ({"endpoint_pod_names": True}, POD_NAMES)], ids=["verified", "disabled", "pod-names"])
-def test_option_rules(options, rows):
-    img = refpath.Image(build_image(**options))
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_option_rules(options, rows, impl):
+    img = mapped(build_image(**options), impl)
     for row in rows:
         run(img, row)
 
 
 def test_ttl_applies_everywhere_and_soa_ttl_is_capped():
     """spec §2.2/§2.3: every record TTL = ttl; SOA TTL min(ttl, 300); SOA MINIMUM = ttl."""
-    img = refpath.Image(build_image(ttl=600))
+    img = mapped(build_image(ttl=600))
     run(img, Row(K, "A", answer=(f"{K} 600 A 10.96.0.1",)))
     run(img, Row(K, "AAAA", authority=NODATA), ttl=300, minimum=600)
     run(img, Row("nope.cluster.local.", "A", NX, authority=NODATA), ttl=300, minimum=600)
@@ -514,13 +556,13 @@ def test_ttl_applies_everywhere_and_soa_ttl_is_capped():
 
 
 def test_other_domain():
-    img = refpath.Image(I.compile_image(*_zd_args(domain="Example.Test")))
+    img = mapped(I.compile_image(*_zd_args(domain="Example.Test")))
     q = dns.message.make_query("kubernetes.default.svc.example.test.", "A", use_edns=False)
-    action, wire = refpath.answer(img, q.to_wire())
+    action, wire = img.answer(q.to_wire())
     assert section_lines(dns.message.from_wire(wire).answer) == [
         "kubernetes.default.svc.example.test. 30 A 10.96.0.1"]
     q = dns.message.make_query(K, "A", use_edns=False)
-    assert refpath.answer(img, q.to_wire())[0] == refpath.ACTION_HANDOFF
+    assert img.answer(q.to_wire())[0] == refpath.ACTION_HANDOFF
 
 
 def _zd_args(**options):
