@@ -48,6 +48,25 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
+def _duration(text: str) -> float:
+    """Seconds, plain or Go-style as kube-dns/CoreDNS write them: 5s, 500ms, 1m."""
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
+    t = text.strip()
+    for suffix, scale in units:
+        if t.endswith(suffix) and (suffix != "s" or not t.endswith("ms")):
+            t, mult = t[:-len(suffix)], scale
+            break
+    else:
+        mult = 1.0
+    try:
+        v = float(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 5s or 500ms)") from None
+    if not 0 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give 0 to 1h")
+    return v
+
+
 def _address(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -111,7 +130,12 @@ def build_parser() -> Parser:
     s.add_argument("--tcp-max-connections",
                    type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
                    default=1000, help="TCP connections per worker (default 1000)")
+    s.add_argument("--lameduck", type=_duration, default=0.0, metavar="DURATION",
+                   help="after SIGTERM, report not ready but keep answering this long before "
+                        "stopping, e.g. 5s (default 0: stop at once)")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
+                   metavar="N", help="kube-dns (glog) verbosity; 3 or more means --log-level debug")
 
     r = sub.add_parser("records", help="print the zone kdns would serve, as a master file")
     r.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH", required=True)
@@ -125,7 +149,8 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         dns_bind_address=a.dns_bind_address, dns_port=a.dns_port, ttl=a.ttl, workers=a.workers,
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
-        tcp_max_connections=a.tcp_max_connections, log_level=a.log_level)
+        tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
+        log_level="debug" if a.v is not None and a.v >= 3 else a.log_level)
 
 
 def _fail(message: str) -> int:
@@ -138,10 +163,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return _fail(f"--healthz-port {a.healthz_port} is also the --dns-port; choose another.")
     if a.metrics_port and a.metrics_port == a.dns_port:
         return _fail(f"--metrics-port {a.metrics_port} is also the --dns-port; choose another.")
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+    cfg = _config(a)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
     try:
-        return server.serve(_config(a))
+        return server.serve(cfg)
     except (server.StartError, server.LoadError) as e:
         return _fail(str(e))
 

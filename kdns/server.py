@@ -58,6 +58,7 @@ class ServeConfig:
     edns_udp_size: int = 1232
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1000
+    lameduck: float = 0.0
     log_level: str = "info"
 
 
@@ -212,6 +213,7 @@ class Supervisor:
         self.counters = None
         self.ready = False
         self.stopping = False
+        self.lameduck_until: float | None = None
         self.reload_requested = False
         self.wake_r = self.wake_w = -1
 
@@ -240,7 +242,8 @@ class Supervisor:
 
     def start_http(self) -> None:
         cfg = self.cfg
-        probes = http.probe_routes(lambda: self.ready and not self.stopping)
+        probes = http.probe_routes(
+            lambda: self.ready and not self.stopping and self.lameduck_until is None)
         metrics = {"/metrics": http.metrics_route(http.CounterCollector(
             self.counters, cfg.workers, lambda: self.publisher.generation))}
         if cfg.healthz_port and cfg.healthz_port == cfg.metrics_port:
@@ -294,6 +297,8 @@ class Supervisor:
                 self.publisher.retry()
                 self.check_ready()
                 now = time.monotonic()
+                if self.lameduck_until is not None and now >= self.lameduck_until:
+                    break
                 if self.reload_requested or now >= next_poll:
                     self.reload(force=self.reload_requested)
                     self.reload_requested = False
@@ -310,6 +315,13 @@ class Supervisor:
             pass
 
     def on_stop_signal(self, signum, frame) -> None:
+        # DESIGN.md: SIGTERM is a lameduck (not ready at once, still answering while the
+        # endpoints controller takes the pod out of the Service, then stop); a second
+        # signal, or SIGINT, stops now.
+        if signum == signal.SIGTERM and self.cfg.lameduck > 0 and self.lameduck_until is None:
+            self.lameduck_until = time.monotonic() + self.cfg.lameduck
+            log.info("SIGTERM: not ready; answering for %.1fs more (--lameduck)", self.cfg.lameduck)
+            return
         self.stopping = True
 
     def on_reload_signal(self, signum, frame) -> None:

@@ -47,6 +47,8 @@ BAD_FLAGS = [
     (["--tcp-max-connections", "0"], "--tcp-max-connections"),
     (["--domain", "cluster..local"], "--domain"),
     (["--log-level", "chatty"], "--log-level"),
+    (["--lameduck", "soon"], "--lameduck"),
+    (["--v", "loud"], "--v"),
     (["--no-such-flag"], "--no-such-flag"),
     (["--healthz-port", "5300", "--dns-port", "5300"], "--healthz-port"),
     (["--metrics-port", "5300", "--dns-port", "5300", "--healthz-port", "0"], "--metrics-port"),
@@ -176,10 +178,16 @@ def test_records_bad_file_exits_2(tmp_path):
     assert str(bad) in proc.stderr
 
 
+@pytest.mark.parametrize("text,seconds", [("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("2", 2.0),
+                                          ("0", 0.0)])
+def test_lameduck_accepts_go_durations(text, seconds):
+    assert cli._duration(text) == seconds
+
+
 def test_help_lists_the_flags(capsys):
     code, out, _ = run_main(capsys, ["serve", "--help"])
     assert code == 0
     for flag in ("--from-file", "--domain", "--dns-bind-address", "--dns-port", "--ttl",
                  "--workers", "--healthz-port", "--metrics-port", "--pods", "--edns-udp-size",
-                 "--tcp-idle-timeout", "--tcp-max-connections", "--log-level"):
+                 "--tcp-idle-timeout", "--tcp-max-connections", "--log-level", "--lameduck"):
         assert flag in out

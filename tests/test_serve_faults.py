@@ -130,6 +130,21 @@ def test_stop_signal_stops_everything_cleanly(tmp_path, sig):
         t.bind((HOST, port))
 
 
+def test_sigterm_with_lameduck_reports_not_ready_but_keeps_answering(tmp_path):
+    with running(tmp_path, image=sample_image(), workers=2, args=("--lameduck", "1500ms")) as server:
+        pids = server.worker_pids()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: server.http_get("/readiness")[0] == 503, 1.0)
+        for _ in range(10):                          # still answering over both protocols
+            assert a_records(server.udp(K)) == ["10.96.0.1"]
+            assert a_records(server.tcp(K)) == ["10.96.0.1"]
+        assert server.proc.wait(10) == 0
+        assert 1.4 <= time.monotonic() - signalled < 8
+        assert wait_for(lambda: not any(alive(p) for p in pids), 5)
+        assert "Traceback" not in server.logs()
+
+
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path):
     """SIGKILL on the supervisor cannot run its shutdown: the workers notice the control
     channel close and exit by themselves, so nothing keeps answering as an orphan."""
