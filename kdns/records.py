@@ -87,8 +87,7 @@ def srv_weight(n: int) -> int:
 class _Builder:
     """Accumulates rdatas per (name, type) as ordered sets, then freezes them into RRsets."""
 
-    __slots__ = ("zone", "ttl", "endpoint_pod_names", "sets", "ptr", "exists", "warnings",
-                 "addresses")
+    __slots__ = ("zone", "ttl", "endpoint_pod_names", "sets", "ptr", "warnings", "addresses")
 
     def __init__(self, zone: str, ttl: int, endpoint_pod_names: bool):
         self.zone = zone
@@ -96,7 +95,6 @@ class _Builder:
         self.endpoint_pod_names = endpoint_pod_names
         self.sets: dict[tuple[str, int], dict] = {}
         self.ptr: dict[str, dict[str, None]] = {}     # ip -> ordered set of targets
-        self.exists: set[str] = set()
         self.warnings: dict[str, None] = {}   # ordered set: one warning per problem
         self.addresses: dict[str, tuple] = {}
 
