@@ -185,7 +185,6 @@ class _Compiler:
         self.blob_cache: dict[bytes, int] = {}
         self.label_cache: dict[str, tuple] = {}
         self.wire_cache: dict[tuple, bytes] = {}
-        self.packed_cache: dict[str, bytes] = {}
         self.tree_nodes: dict[tuple, list] = {}
         self.prefix_cache: dict[tuple, tuple] = {}
 
@@ -218,15 +217,14 @@ class _Compiler:
                                            + self.wire(labels[1:])) if labels else b"\0"
         return w
 
-    def packed(self, address: str) -> bytes:
-        p = self.packed_cache.get(address)
-        if p is None:
-            try:
-                p = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
-            except OSError:
-                p = ipaddress.ip_address(address).packed   # forms inet_pton refuses
-            self.packed_cache[address] = p
-        return p
+    @staticmethod
+    def packed(address: str) -> bytes:
+        # Not cached: most addresses are seen once or twice, and inet_pton costs about what
+        # a dictionary lookup does.
+        try:
+            return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        except OSError:
+            return ipaddress.ip_address(address).packed   # forms inet_pton refuses
 
     # ---- input
     def zone_of(self, labels: tuple) -> int:
@@ -272,12 +270,10 @@ class _Compiler:
     # ---- blobs
     def intern(self, blob: bytes) -> int:
         blob += b"\0" * (-len(blob) % 4)
-        off = self.blob_cache.get(blob)
-        if off is None:
-            off = self.blobs_len
+        off = self.blob_cache.setdefault(blob, self.blobs_len)
+        if off == self.blobs_len:               # new: it goes at the end of the pool
             self.blobs.append(blob)
             self.blobs_len += len(blob)
-            self.blob_cache[blob] = off
         return off
 
     def put_rr(self, w: R.Wire, ptr, owner: tuple, rtype: int, ttl: int, rd) -> None:
