@@ -214,6 +214,7 @@ class Supervisor:
         self.ready = False
         self.stopping = False
         self.lameduck_until: float | None = None
+        self.published = b""
         self.reload_requested = False
         self.wake_r = self.wake_w = -1
 
@@ -232,6 +233,7 @@ class Supervisor:
                              f"({e.strerror or e}); choose another --healthz-port or "
                              f"--metrics-port, or 0 to disable it.") from None
         self.publisher.publish(first_image)
+        self.published = first_image
         log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
                  cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
                  engine.IMPLEMENTATION)
@@ -362,7 +364,12 @@ class Supervisor:
 
     def reload(self, force: bool = False) -> None:
         data = self.source.poll(force=force)
+        if data is not None and data == self.published and not force:
+            log.debug("%s changed but compiles to the same image; nothing to publish",
+                      self.source.path)
+            return
         if data is not None:
+            self.published = data
             gen = self.publisher.publish(data)
             log.info("published image generation %d from %s (%d bytes)",
                      gen, self.source.path, len(data))

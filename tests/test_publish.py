@@ -48,6 +48,22 @@ def page() -> mmap.mmap:
     return mmap.mmap(-1, publish.PAGE_BYTES)            # page-aligned, like the real one
 
 
+def test_packet_side_imports_no_control_plane():
+    """DESIGN.md layering: a worker imports the engine and publishing, never the record rules,
+    sources, controller or supervisor."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import sys, kdns.worker; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('kdns'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert "kdns.worker" in out and "kdns.engine" in out
+    # (refpath reads the image layout from kdns.image; that is the packet path's contract.)
+    assert not [m for m in out if m.split(".")[1:2] and m.split(".")[1] in
+                ("records", "cluster", "sources", "controller", "server", "cli", "http")], out
+
+
 # --------------------------------------------------------------------------- sealed memfds
 
 
