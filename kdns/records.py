@@ -24,7 +24,7 @@ from . import rr as R
 from .cluster import ClusterModel, EndpointSet, Service
 from .sources.file import InputError, read_objects
 
-__all__ = ["ZoneData", "zone_data", "compile_file", "master_file", "model_from_file",
+__all__ = ["ZoneData", "zone_data", "compile_model", "compile_file", "master_file", "model_from_file",
            "InputError", "PODS_MODES", "DNS_SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -359,14 +359,22 @@ def _file_serial(path: str) -> int:
     return int(os.stat(path).st_mtime)
 
 
+def compile_model(model: ClusterModel, *, synced: bool = True, **options) -> bytes:
+    """Image bytes for ``model`` (what the controller publishes after a change); ``options``
+    are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
+    answer SERVFAIL, never a false NXDOMAIN (DESIGN.md "Failure behaviour")."""
+    zd = zone_data(model, **options)
+    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, synced=synced,
+                           serial=zd.serial)
+
+
 def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
                  pods: str = "insecure", endpoint_pod_names: bool = False,
                  serial: int | None = None) -> bytes:
     """Image bytes for the objects in ``path``; InputError if the file is unusable."""
-    zd = zone_data(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
-                   endpoint_pod_names=endpoint_pod_names,
-                   serial=_file_serial(path) if serial is None else serial)
-    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, serial=zd.serial)
+    return compile_model(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
+                         endpoint_pod_names=endpoint_pod_names,
+                         serial=_file_serial(path) if serial is None else serial)
 
 
 def master_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,

@@ -658,3 +658,12 @@ def test_names_too_long_for_the_domain_are_skipped_not_fatal(caplog):
     q = dns.message.make_query(f"{svc}.{ns}.svc.{domain}.", "A", use_edns=False)
     assert section_lines(dns.message.from_wire(refpath.answer(img, q.to_wire())[1]).answer) == [
         f"{svc}.{ns}.svc.{domain}. 30 A 10.0.0.1"]
+
+
+def test_compile_model_before_sync_is_servfail_not_nxdomain():
+    img = mapped(records.compile_model(build_model(), synced=False, serial=SERIAL))
+    for name in (K, "nope.default.svc.cluster.local."):
+        action, wire = img.answer(dns.message.make_query(name, "A", use_edns=False).to_wire())
+        assert dns.message.from_wire(wire).rcode() == dns.rcode.SERVFAIL
+    synced = mapped(records.compile_model(build_model(), serial=SERIAL))
+    run(synced, Row(K, "A", answer=(f"{K} 30 A 10.96.0.1",)))
