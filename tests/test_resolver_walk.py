@@ -19,7 +19,10 @@ import subprocess
 import threading
 
 import dns.message
+import dns.name
+import dns.query
 import dns.rcode
+import dns.rdatatype
 import dns.resolver
 import pytest
 
