@@ -312,6 +312,11 @@ def test_publish_100_alternating_images_while_queries_flow(tmp_path):
                 t.join(10)
         assert server.generation == 101
         assert a_records(server.udp(K)) == [OLD]       # the 100th publish was the old image
+        # Old images are unmapped after the swap: no worker accumulates 100 mappings.
+        for pid in server.worker_pids():
+            with open(f"/proc/{pid}/maps") as f:
+                images = {line.split()[4] for line in f if "/memfd:kdns-image" in line}
+            assert 1 <= len(images) <= 2, (pid, images)     # distinct memfd inodes mapped
     assert not errors, errors[:5]
     assert counts["udp"] > 50 and counts["tcp"] > 50, counts
 
