@@ -7,6 +7,10 @@ sockets. Workers are started as ``python -m kdns.worker`` with the fds passed (f
 of a fresh interpreter: the supervisor has HTTP threads, and forking a threaded process
 is unsafe). Zone images go to workers through ``publish`` (sealed memfds, no file system).
 
+Signals: SIGTERM stops (after ``--lameduck``, not ready meanwhile), SIGINT stops at once,
+SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker is
+replaced at once (the loop wakes on SIGCHLD), with a back-off only if it keeps dying young.
+
 What it must not do: contain DNS rules or answer queries.
 """
 from __future__ import annotations
