@@ -177,7 +177,10 @@ class _Compiler:
         self.synced = synced
         self.serial = serial
         self.data: dict[tuple, dict[int, R.RRset]] = {}   # labels -> rtype -> RRset
-        self.name_zone: dict[tuple, int] = {}             # labels -> zone index
+        self.fwd_names: list[tuple] = []                  # names of the trie
+        self.rev_names: list[tuple] = []                  # (labels, zone) of reverse names
+        self.zone_reverse = [z.kind == ZONE_REVERSE for z in self.zones]
+        self.apex_len = [len(a) for a in self.zone_labels]
         self.explicit: set[tuple] = set()
         self.cname_owners: list[tuple] = []
         self.blobs: list[bytes] = []      # the same objects as blob_cache's keys: one copy
@@ -237,10 +240,15 @@ class _Compiler:
         return -1
 
     def _place(self, labels: tuple, what: str) -> None:
+        """File a new name: forward names go into the trie, full reverse names into the
+        reverse table (with their zone)."""
         zi = self.zone_of(labels)
         if zi < 0:
             raise CompileError(f"{what} is outside every served zone")
-        self.name_zone[labels] = zi
+        if self.zone_reverse[zi] and len(labels) != self.apex_len[zi]:
+            self.rev_names.append((labels, zi))
+        else:
+            self.fwd_names.append(labels)
 
     def add(self, rrsets: Iterable[R.RRset], exists: Iterable[str]) -> None:
         data, label_cache = self.data, self.label_cache
@@ -259,7 +267,7 @@ class _Compiler:
                 self.cname_owners.append(labels)
         for name in exists:
             labels = self.labels(name)
-            if labels not in self.name_zone:
+            if labels not in data and labels not in self.explicit:
                 self._place(labels, name)
             self.explicit.add(labels)
         for labels in self.cname_owners:
@@ -530,20 +538,13 @@ class _Compiler:
 
     # ---- trie
     def split_names(self) -> tuple[list, list]:
-        """Forward names (trie) and full reverse names (the sorted reverse table)."""
-        fwd, rev = [], []
-        reverse_apexes = {self.zone_labels[zi] for zi, z in enumerate(self.zones)
-                          if z.kind == ZONE_REVERSE}
-        for labels, zi in self.name_zone.items():
-            if self.zones[zi].kind == ZONE_REVERSE and labels not in reverse_apexes:
-                rev.append(labels)
-            else:
-                fwd.append(labels)
-        fwd.extend(a for a in self.zone_labels if a not in self.name_zone)
+        """Forward names (trie: with every apex and pod namespace) and full reverse names."""
+        fwd = self.fwd_names
+        fwd.extend(a for a in self.zone_labels if a not in self.data and a not in self.explicit)
         for z, apex in zip(self.zones, self.zone_labels):
             if z.pods != "disabled":
                 fwd.extend((ns.encode().lower(), b"pod") + apex for ns in z.pod_namespaces)
-        return fwd, rev
+        return fwd, self.rev_names
 
     def grow_tree(self, names: list) -> dict:
         """Children of every node of the forward trie, by the node's labels (root ``()``).
@@ -635,12 +636,14 @@ class _Compiler:
         pod_lists = bytearray()
         verified_nodes = []              # node indexes whose ``extra`` is pod-list-relative
         data, explicit, special = self.data, self.explicit, set(self.apex_index) | set(pod_info)
+        # Tuples do not cache their hash: test the few special names by length first.
+        special_len = max(map(len, special), default=-1)
         answer_only, apex_nodes = self.answer_only_blob, {}
         for idx, (labels, first, nchild) in enumerate(nodes_meta):
             label = labels[0] if labels else b""
-            loff = label_offs.get(label)
-            if loff is None:
-                loff = label_offs[label] = len(labels_pool)
+            pool_len = len(labels_pool)
+            loff = label_offs.setdefault(label, pool_len)
+            if loff == pool_len:
                 labels_pool.append(len(label))
                 labels_pool += label
             rr_start = len(rr_flat)
@@ -658,7 +661,7 @@ class _Compiler:
                 for qtype, boff in self.rr_entries(labels):
                     rr_flat.extend((qtype, boff))
             extra = 0
-            if labels in special:
+            if len(labels) <= special_len and labels in special:
                 flags, extra = self.special_node(labels, flags, pod_info, pod_lists)
                 if flags & NODE_ZONE_APEX:
                     apex_nodes[labels] = idx
@@ -670,7 +673,9 @@ class _Compiler:
         # Sorted before encoding: blobs are laid out in encoding order, and set order varies
         # between processes (hash randomisation); identical input must give identical bytes.
         rev_recs = []
-        for (fam, ip), labels in sorted((self.reverse_key(labels), labels) for labels in rev_names):
+        # (Keys are unique, so the sort never compares the labels or zones.)
+        for (fam, ip), labels, zi in sorted((self.reverse_key(labels), labels, zi)
+                                            for labels, zi in rev_names):
             byname = data.get(labels)
             if byname is None:
                 entries = []
@@ -679,7 +684,7 @@ class _Compiler:
                 entries = [(R.PTR, off if off >= 0 else self.generic_blob(labels, R.PTR))]
             else:
                 entries = self.rr_entries(labels)
-            rev_recs.append((fam, ip, entries, self.name_zone[labels]))
+            rev_recs.append((fam, ip, entries, zi))
         rev_rr_start = len(rr_flat)
         for _, _, entries, _ in rev_recs:
             for qtype, boff in entries:
