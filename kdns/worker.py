@@ -130,6 +130,7 @@ class Worker:
             got = self.control.receive()
         except EOFError:
             log.info("worker %d: supervisor went away; stopping", self.slot)
+            self.loop.remove_reader(self.control.fileno())     # EOF stays readable
             self.stop()
             return
         if got is not None:
