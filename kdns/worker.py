@@ -207,7 +207,6 @@ class TcpConnection(asyncio.Protocol):
         self.read_paused = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.accepted = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -217,7 +216,6 @@ class TcpConnection(asyncio.Protocol):
             # connections); abort sends RST so the client learns immediately.
             transport.abort()
             return
-        self.accepted = True
         w.connections.add(self)
         transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
         self.last_activity = w.loop.time()
@@ -233,8 +231,10 @@ class TcpConnection(asyncio.Protocol):
         self.process()
 
     def process(self) -> None:
-        """Answer every complete message in the buffer unless writing is paused."""
-        while not self.write_paused and len(self.buf) >= 2:
+        """Answer the complete messages in the buffer while the client keeps up: stop when
+        its replies pile up (write paused) or too many hand-offs are in flight."""
+        while (not self.write_paused and self.pending < TCP_MAX_PENDING
+               and len(self.buf) >= 2 and not self.transport.is_closing()):
             n = int.from_bytes(self.buf[:2], "big")
             if len(self.buf) < 2 + n:
                 break
@@ -264,8 +264,7 @@ class TcpConnection(asyncio.Protocol):
             self.write(reply)
             engine.count_reply(self.worker.page, "tcp", reply)
         self.update_reading()
-        if not self.write_paused:
-            self.process()
+        self.process()
 
     def write(self, reply: bytes) -> None:
         # RFC 7766 §8: length and message in one write, so they leave in one segment.

@@ -324,3 +324,42 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
     assert ("silent.example.", "udp") in handoff.seen and ("slow.example.", "tcp") in handoff.seen
     words = memoryview(pg).cast("Q")
     assert words[C.LAYOUT["rcode_tcp_3"]] == 2 and words[C.LAYOUT["rcode_udp_3"]] == 1
+
+
+def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
+    """A client pipelining more slow hand-offs than TCP_MAX_PENDING: the worker stops taking
+    new ones until some finish, then answers every one."""
+    from kdns import worker as W
+    pub = publish.Publisher()
+    pub.publish(sample_image())
+    handoff = ScriptedHandoff()
+    worker, _ = make_worker(handoff, pub)
+    total = W.TCP_MAX_PENDING + 44
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        while worker.img is None:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(*worker.tcp.getsockname())
+        for i in range(total):
+            wire = dns.message.make_query(f"slow.n{i}.example.", "A", id=i).to_wire()
+            writer.write(struct.pack("!H", len(wire)) + wire)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        in_flight = len(handoff.seen)
+        for i in range(total):
+            handoff.gate(f"slow.n{i}.example.").set()
+        ids = sorted([(await read_msg(reader)).id for _ in range(total)])
+        writer.close()
+        worker.stop()
+        await run
+        return in_flight, ids
+
+    try:
+        in_flight, ids = asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        pub.close()
+        worker.udp.close()
+        worker.tcp.close()
+    assert in_flight == W.TCP_MAX_PENDING
+    assert ids == list(range(total))
