@@ -9,7 +9,7 @@ SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap
 # runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin).
 SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin
 
-.PHONY: install run test bench system-deps clean
+.PHONY: install run test bench bench-short system-deps clean
 
 install: $(STAMP)
 
@@ -39,8 +39,16 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Full benchmarks: micro-benchmarks of the per-packet function, then the dnsperf/NSD/loadgen
+# table (bench/README.md). Quiet machine wanted: the figures are ratios measured in one run.
 bench: install system-deps
-	$(BIN)/python -m pytest bench -q --benchmark-only $(PYTEST_ARGS)
+	$(BIN)/python -m pytest bench/test_micro.py -q --benchmark-only
+	$(BIN)/python bench/load.py
+
+# The short version CI prints: same code paths, smaller cluster, a couple of seconds per cell.
+bench-short: install system-deps
+	$(BIN)/python -m pytest bench/test_micro.py -q --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3
+	$(BIN)/python bench/load.py --short
 
 clean:
 	rm -rf $(VENV) build kdns/_fastpath.c kdns/*.so *.egg-info
