@@ -933,6 +933,9 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
         PyMem_Free(out)
 
 
+include "includes/pktcache.pxi"
+
+
 cdef class UdpServer:
     """Drains one UDP socket in batches with the GIL released: recvmmsg, answer each packet
     in place, one sendmmsg (NSD's handle_udp shape). All buffers are allocated here, once.
@@ -957,6 +960,10 @@ cdef class UdpServer:
     cdef uint8_t *hbuf
     cdef uint16_t *hlen
     cdef sockaddr_storage *haddr
+    cdef object cache                   # PacketCache or None; ctab/cmask point into it
+    cdef PCEntry *ctab
+    cdef uint64_t cmask
+    cdef int cedns
 
     def __cinit__(self, int fd, int edns_max=1232, int batch=64):
         if fd < 0:
@@ -1004,6 +1011,13 @@ cdef class UdpServer:
         PyMem_Free(self.hlen)
         PyMem_Free(self.haddr)
 
+    def set_cache(self, PacketCache cache):
+        """Answer hand-offs found in ``cache`` here, without Python (None: stop)."""
+        self.cache = cache
+        self.ctab = cache.tab if cache is not None else NULL
+        self.cmask = cache.mask if cache is not None else 0
+        self.cedns = cache.edns_size if cache is not None else 0
+
     def serve(self, Image img not None, Counters c not None, int max_batches=16):
         """Drain the socket: at most ``max_batches`` recvmmsg batches, stopping early when it
         is empty or the handoff area is full. Returns the number of handoff packets stored.
@@ -1047,6 +1061,7 @@ cdef class UdpServer:
         cdef uint8_t *inp
         cdef uint8_t *outp
         cdef Py_ssize_t plen
+        cdef int64_t now = 0
         for i in range(n):
             if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 # Larger than any query we accept; answering a prefix would be wrong.
@@ -1056,6 +1071,14 @@ cdef class UdpServer:
             outp = self.outbuf + i * UDP_BUF
             plen = self.rmsgs[i].msg_len
             action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res)
+            if action == ACTION_HANDOFF and self.ctab != NULL:
+                # Outside the image: the forwarder's cache may hold it (issue 5).
+                if now == 0:
+                    now = now_ns()
+                action = cache_answer(self.ctab, self.cmask, self.cedns, inp, plen, now,
+                                      outp, &res)
+                ctr[C_EVENTS + PROTO_UDP * NEVENTS +
+                    (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
             count_packet(ctr, PROTO_UDP, plen, action, &res)
             if action == ACTION_SEND:
                 self.siov[nsend].iov_base = outp

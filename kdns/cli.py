@@ -101,6 +101,54 @@ def _add_record_flags(p: argparse.ArgumentParser) -> None:
                         "or disabled (default insecure)")
 
 
+def _nameservers(text: str):
+    from .kubedns_config import parse_nameservers_flag
+    try:
+        return parse_nameservers_flag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--nameservers: ")) from None
+
+
+def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
+    """Issue 5: kube-dns's flags for names outside the cluster."""
+    s.add_argument("--config-dir", default=None, metavar="PATH",
+                   help="kube-dns ConfigMap mounted as a directory (stubDomains, "
+                        "upstreamNameservers), polled every --config-period; a missing "
+                        "directory means defaults (default /kube-dns-config)")
+    s.add_argument("--config-period", type=_duration, default=10.0, metavar="DURATION",
+                   help="how often --config-dir is re-read, e.g. 10s (default 10s)")
+    s.add_argument("--config-map", default="", metavar="NAME",
+                   help="kube-dns ConfigMap to watch through the API (not supported yet: "
+                        "mount it and use --config-dir)")
+    s.add_argument("--config-map-namespace", default="kube-system", metavar="NAMESPACE",
+                   help="namespace of --config-map (default kube-system)")
+    s.add_argument("--nameservers", type=_nameservers, default=(), metavar="IP[:PORT],...",
+                   help="upstreams used when neither upstreamNameservers nor the resolv.conf "
+                        "name any")
+    s.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="PATH",
+                   help="resolv.conf whose nameserver lines are the default upstreams "
+                        "(default /etc/resolv.conf: the node's, with dnsPolicy: Default)")
+
+
+def _forwarding(a: argparse.Namespace):
+    from .forwarding import ForwardingOptions
+    return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
+                             config_period=a.config_period, resolv_conf=a.resolv_conf,
+                             nameservers=a.nameservers)
+
+
+def _forwarding_problem(a: argparse.Namespace) -> str | None:
+    if a.config_map and a.config_dir:
+        # kube-dns: "Cannot use both ConfigMap and ConfigDir".
+        return "--config-map and --config-dir cannot be used together; choose one."
+    if a.config_map:
+        return ("--config-map is not supported yet; mount the ConfigMap as a volume and pass "
+                "its directory with --config-dir.")
+    if a.config_period <= 0:
+        return "--config-period must be above 0, e.g. 10s."
+    return None
+
+
 def build_parser() -> Parser:
     p = Parser(prog="kdns", description="Cluster DNS for Kubernetes (a kube-dns replacement).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -133,6 +181,7 @@ def build_parser() -> Parser:
     s.add_argument("--lameduck", type=_duration, default=0.0, metavar="DURATION",
                    help="after SIGTERM, report not ready but keep answering this long before "
                         "stopping, e.g. 5s (default 0: stop at once)")
+    _add_forwarding_flags(s)
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
                    metavar="N", help="kube-dns (glog) verbosity; 3 or more means --log-level debug")
@@ -150,6 +199,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
+        forwarding=_forwarding(a),
         log_level="debug" if a.v is not None and a.v >= 3 else a.log_level)
 
 
@@ -163,6 +213,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return _fail(f"--healthz-port {a.healthz_port} is also the --dns-port; choose another.")
     if a.metrics_port and a.metrics_port == a.dns_port:
         return _fail(f"--metrics-port {a.metrics_port} is also the --dns-port; choose another.")
+    problem = _forwarding_problem(a)
+    if problem:
+        return _fail(problem)
     cfg = _config(a)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")

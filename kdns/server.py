@@ -64,6 +64,8 @@ class ServeConfig:
     tcp_max_connections: int = 1000
     lameduck: float = 0.0
     log_level: str = "info"
+    # Issue 5: where outside names go (forwarding.ForwardingOptions); None = REFUSED.
+    forwarding: object = None
 
 
 # --------------------------------------------------------------------------- image sources
@@ -221,6 +223,10 @@ class Supervisor:
         self.published = b""
         self.reload_requested = False
         self.wake_r = self.wake_w = -1
+        self.forwarding = None
+        if cfg.forwarding is not None:
+            from . import forwarding         # issue 5: the kube-dns ConfigMap and upstreams
+            self.forwarding = forwarding.ForwardingControl(cfg.forwarding)
 
     # ---- start
     def start(self, first_image: bytes) -> None:
@@ -238,6 +244,8 @@ class Supervisor:
                              f"--metrics-port, or 0 to disable it.") from None
         self.publisher.publish(first_image)
         self.published = first_image
+        if self.forwarding is not None:
+            self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
         log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
                  cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
                  engine.IMPLEMENTATION)
@@ -249,7 +257,8 @@ class Supervisor:
     def start_http(self) -> None:
         cfg = self.cfg
         probes = http.probe_routes(
-            lambda: self.ready and not self.stopping and self.lameduck_until is None)
+            lambda: self.ready and not self.stopping and self.lameduck_until is None
+            and (self.forwarding is None or self.forwarding.ready))
         metrics = {"/metrics": http.metrics_route(http.CounterCollector(
             self.counters, cfg.workers, lambda: self.publisher.generation))}
         if cfg.healthz_port and cfg.healthz_port == cfg.metrics_port:
@@ -271,6 +280,7 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         cfg = self.cfg
         control = self.publisher.attach(slot.index)
+        fwd = self.forwarding.attach(slot.index) if self.forwarding is not None else None
         fds = (slot.udp.fileno(), slot.tcp.fileno(), control.fileno(), self.counters_fd)
         argv = [sys.executable, "-m", "kdns.worker", "--slot", str(slot.index),
                 "--udp-fd", str(fds[0]), "--tcp-fd", str(fds[1]), "--control-fd", str(fds[2]),
@@ -278,11 +288,17 @@ class Supervisor:
                 "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
                 "--tcp-max-connections", str(cfg.tcp_max_connections),
                 "--log-level", cfg.log_level]
+        if fwd is not None:
+            fds += (fwd.fileno(),)
+            argv += ["--forward-fd", str(fwd.fileno()),
+                     "--cache-size", str(cfg.forwarding.cache_size)]
         try:
             slot.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
                                          env=self.worker_env())
         finally:
             control.close()
+            if fwd is not None:
+                fwd.close()
         slot.started = time.monotonic()
         log.debug("worker %d started as pid %d", slot.index, slot.proc.pid)
 
@@ -302,6 +318,8 @@ class Supervisor:
                 self.supervise()
                 self.publisher.retry()
                 self.check_ready()
+                if self.forwarding is not None:
+                    self.forwarding.poll(time.monotonic())
                 now = time.monotonic()
                 if self.lameduck_until is not None and now >= self.lameduck_until:
                     break
@@ -349,6 +367,8 @@ class Supervisor:
                             slot.index, slot.proc.pid, status, age,
                             f" in {delay:.1f}s" if delay else "")
                 self.publisher.detach(slot.index)
+                if self.forwarding is not None:
+                    self.forwarding.detach(slot.index)
                 # Nobody serves this slot now: say so (the page has no other writer until the
                 # replacement starts), so generation == current means "the new one serves".
                 publish.set_page_generation(memoryview(self.counters)[
@@ -405,6 +425,8 @@ class Supervisor:
             listener.close()
         self.http = []
         self.publisher.close()
+        if self.forwarding is not None:
+            self.forwarding.close()
         for slot in self.slots:
             slot.udp.close()
             slot.tcp.close()

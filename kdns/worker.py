@@ -314,6 +314,9 @@ def parse_args(argv):
     p.add_argument("--tcp-idle-timeout", type=float, default=10.0)
     p.add_argument("--tcp-max-connections", type=int, default=1000)
     p.add_argument("--log-level", default="info")
+    # Issue 5: the supervisor's forwarding-config channel; without it outside names are REFUSED.
+    p.add_argument("--forward-fd", type=int, default=-1)
+    p.add_argument("--cache-size", type=int, default=10000)
     return p.parse_args(argv)
 
 
@@ -330,10 +333,27 @@ def main(argv=None) -> int:
         edns_max=a.edns_udp_size,
         tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections,
+        handoff=forwarding_handoff(a),
     )
     os.close(a.counters_fd)
-    asyncio.run(worker.run())
+    asyncio.run(run_worker(worker))
     return 0
+
+
+def forwarding_handoff(a):
+    if a.forward_fd < 0:
+        return None
+    from .forwarding import ForwardingHandoff
+    return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
+                             cache_size=a.cache_size)
+
+
+async def run_worker(worker: Worker) -> None:
+    attach = getattr(worker.handoff, "attach", None)
+    if attach is not None:
+        # Config first (it is already queued), then cache hits served by the UdpServer.
+        attach(asyncio.get_running_loop(), worker.udp_server)
+    await worker.run()
 
 
 if __name__ == "__main__":

@@ -67,6 +67,20 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+def own_resolvers(tmp_path, args) -> list[str]:
+    """Issue 5: a test kdns never forwards to the machine's resolvers: unless the test
+    chose them, an empty resolv.conf (no upstream: outside names are REFUSED) and no
+    ConfigMap directory."""
+    extra = []
+    if "--resolv-conf" not in args:
+        path = tmp_path / "empty-resolv.conf"
+        path.write_text("")
+        extra += ["--resolv-conf", str(path)]
+    if "--config-dir" not in args:
+        extra += ["--config-dir", str(tmp_path / "no-kube-dns-config")]
+    return extra
+
+
 class Kdns:
     """A running `kdns serve` child process."""
 
@@ -89,7 +103,7 @@ class Kdns:
         self.argv = [sys.executable, "-m", "kdns", "serve", *source,
                      "--dns-bind-address", host, "--dns-port", str(self.port),
                      "--healthz-port", str(self.http_port), "--metrics-port", str(self.http_port),
-                     "--workers", str(workers), *args]
+                     "--workers", str(workers), *args, *own_resolvers(tmp_path, args)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.generation = 1

@@ -1,0 +1,310 @@
+"""Forwarding wired into the running server: the supervisor owns the kube-dns config, the
+workers each run a Forwarder as their hand-off.
+
+Why: every worker must apply the same configuration at the same moment, without restart and
+without dropping queries (issue 5). The supervisor reads and validates the kube-dns ConfigMap
+(``kubedns_config``), works out the effective upstreams (``upstreamNameservers``, else the
+resolv.conf nameservers, else ``--nameservers``: spec §3.2), runs loop detection at start and
+on every change, and sends the result to each worker as one JSON datagram over a per-worker
+SEQPACKET socketpair (a second control channel next to ``publish``'s image channel, so the
+image protocol stays untouched). A worker swaps routes between two queries
+(``Forwarder.configure`` is one assignment per field); queries in flight finish on the routes
+they started with.
+
+Cache hits skip Python: each worker mirrors every entry its ``Cache`` stores into a
+``_fastpath.PacketCache``, which ``UdpServer`` consults for the packets the image hands off.
+
+What it must not do: contain DNS packet rules (they are in ``forward``/``cache``/
+``_fastpath``) or know the Kubernetes record rules.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from . import engine
+from .cache import Cache
+from .forward import Forwarder, Upstream, parse_query
+from .kubedns_config import (DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PERIOD, ConfigDirWatcher,
+                             KubeDNSConfig, effective_upstreams, parse_resolv_conf)
+from .refpath import Malformed
+
+log = logging.getLogger("kdns.forwarding")
+
+MESSAGE_MAX = 1 << 20        # a config datagram (3 upstreams + stub domains) is far below
+FAST_SLOTS = 4096            # compiled cache slots per worker (~1.8 KB each, allocated once)
+
+
+@dataclass
+class ForwardingOptions:
+    """The kube-dns flags that decide where outside names go (cli.py fills it)."""
+    config_dir: str | None = DEFAULT_CONFIG_DIR
+    config_period: float = DEFAULT_CONFIG_PERIOD
+    resolv_conf: str = "/etc/resolv.conf"
+    nameservers: tuple[Upstream, ...] = ()
+    cache_size: int = 10000
+    try_timeout: float = 2.0
+
+
+# --------------------------------------------------------------------------- the message
+
+
+def encode_config(token: str, upstreams, stubs: dict, looping=()) -> bytes:
+    return json.dumps({
+        "token": token,
+        "upstreams": [list(u) for u in upstreams],
+        "stubs": {d: [list(u) for u in s] for d, s in sorted(stubs.items())},
+        "looping": [list(u) for u in looping],
+    }, sort_keys=True).encode()
+
+
+def decode_config(data: bytes) -> tuple[str, tuple, dict, set]:
+    m = json.loads(data)
+    ups = tuple(Upstream(h, p) for h, p in m["upstreams"])
+    stubs = {d: tuple(Upstream(h, p) for h, p in s) for d, s in m["stubs"].items()}
+    return m["token"], ups, stubs, {Upstream(h, p) for h, p in m["looping"]}
+
+
+# --------------------------------------------------------------------------- supervisor side
+
+
+class ForwardingControl:
+    """Supervisor side: config dir polling, loop checks, one config channel per worker.
+
+    Not thread-safe except for the loop check, which runs in a thread (it waits on the
+    network) and hands its result back through ``_check_result``; ``poll`` applies it."""
+
+    def __init__(self, opts: ForwardingOptions):
+        self.opts = opts
+        self.token = secrets.token_hex(8)       # one per instance, shared by every worker
+        self.resolv = parse_resolv_conf(opts.resolv_conf)
+        self.config = KubeDNSConfig()
+        self.watcher = (ConfigDirWatcher(opts.config_dir, self._on_change,
+                                         period=opts.config_period)
+                        if opts.config_dir else None)
+        self.own: list[tuple[str, int]] = []
+        self.looping: tuple[Upstream, ...] = ()
+        self.loop_errors: list[str] = []
+        self.message = b""
+        self._channels: dict[int, socket.socket] = {}
+        self._next_poll = 0.0
+        self._check_seq = 0
+        self._check_result: tuple | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """False while an upstream loops back to us (readiness says why: ``loop_errors``)."""
+        return not self.loop_errors
+
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return effective_upstreams(self.config, self.resolv, self.opts.nameservers)
+
+    def start(self, own: list[tuple[str, int]]) -> None:
+        self.own = own
+        if self.watcher is not None:
+            self.watcher.poll_once()
+        self._next_poll = time.monotonic() + self.opts.config_period
+        self._publish()
+        log.info("forwarding to %s; stub domains: %s",
+                 ", ".join(map(str, self.upstreams())) or "nobody (outside names: REFUSED)",
+                 ", ".join(sorted(self.config.stub_domains)) or "none")
+        self._start_loop_check()
+
+    def poll(self, now: float) -> None:
+        with self._lock:
+            result, self._check_result = self._check_result, None
+        if result is not None and result[0] == self._check_seq:
+            self._apply_check(result[1], result[2])
+        if self.watcher is not None and now >= self._next_poll:
+            self._next_poll = now + self.opts.config_period
+            self.watcher.poll_once()
+
+    def _on_change(self, config: KubeDNSConfig) -> None:
+        old = self.config
+        self.config = config
+        if self.message:             # not the first read: say what changed
+            log.info("kube-dns config changed: upstreams %s, stub domains %s",
+                     ", ".join(map(str, self.upstreams())) or "none",
+                     ", ".join(sorted(config.stub_domains)) or "none")
+            self.looping = ()        # re-checked below; the new servers start trusted
+            self._publish()
+            if config != old:
+                self._start_loop_check()
+
+    def _apply_check(self, looping: tuple, errors: list[str]) -> None:
+        if errors != self.loop_errors:
+            if errors:
+                for why in errors:
+                    log.error("%s; kdns reports not ready until this is fixed", why)
+            elif self.loop_errors:
+                log.info("forwarding loop gone; ready again")
+        self.looping, self.loop_errors = looping, errors
+        self._publish()
+
+    def _start_loop_check(self) -> None:
+        """Probe every upstream in a thread (RFC-less but CoreDNS ``loop`` plugin's idea: a
+        query only this instance answers must not come back to it)."""
+        self._check_seq += 1
+        seq, ups, stubs = self._check_seq, self.upstreams(), dict(self.config.stub_domains)
+
+        def run():
+            fw = Forwarder(ups, stubs, probe_token=self.token, try_timeout=self.opts.try_timeout)
+            try:
+                errors = asyncio.run(fw.check_loop(self.own))
+            except Exception as e:          # a probe bug must not take the supervisor down
+                log.warning("loop check failed: %r", e)
+                return
+            with self._lock:
+                self._check_result = (seq, tuple(fw.looping), errors)
+
+        threading.Thread(target=run, name="kdns-loop-check", daemon=True).start()
+
+    def _publish(self) -> None:
+        self.message = encode_config(self.token, self.upstreams(), self.config.stub_domains,
+                                     self.looping)
+        for slot in list(self._channels):
+            self._send(slot)
+
+    def _send(self, slot: int) -> None:
+        try:
+            self._channels[slot].send(self.message)
+        except OSError as e:
+            # A full channel (a worker stuck for many reloads) or a dead worker: the
+            # supervisor replaces dead ones, and a new channel starts with the latest config.
+            log.warning("could not send the forwarding config to worker %d: %s", slot, e)
+
+    def attach(self, slot: int) -> socket.socket:
+        """A new channel for ``slot``; returns the worker's end, the config already queued."""
+        self.detach(slot)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self._channels[slot] = ours
+        if self.message:
+            self._send(slot)
+        return theirs
+
+    def detach(self, slot: int) -> None:
+        sock = self._channels.pop(slot, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for slot in list(self._channels):
+            self.detach(slot)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def cache_key_bytes(key: tuple) -> bytes:
+    """forward.py's cache key (name, qtype, qclass, DO, CD) as PacketCache's flat bytes."""
+    name, qtype, qclass, do, cd = key
+    return bytes(name) + struct.pack("!HHBB", qtype, qclass, do, cd)
+
+
+class LinkedCache(Cache):
+    """The forwarder's Cache, mirroring every stored entry into the compiled PacketCache."""
+
+    def __init__(self, *args, fast=None, **kw):
+        super().__init__(*args, **kw)
+        self.fast = fast
+
+    def put(self, key, reply):
+        e = super().put(key, reply)
+        if e is not None and self.fast is not None:
+            self.fast.put(cache_key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl,
+                          e.stored)
+        return e
+
+    def clear(self) -> None:
+        self.entries.clear()
+        if self.fast is not None:
+            self.fast.clear()
+
+
+class ForwardingHandoff:
+    """A worker's hand-off: the Forwarder, configured from the supervisor's channel."""
+
+    def __init__(self, control: socket.socket, *, edns_max: int = 1232,
+                 cache_size: int = 10000):
+        self.control = control
+        self.control.setblocking(False)
+        fast = None
+        if engine.IMPLEMENTATION == "compiled":
+            from . import _fastpath
+            fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), FAST_SLOTS),
+                                         edns_size=edns_max)
+        self.fast = fast
+        self.cache = LinkedCache(cache_size, fast=fast)
+        self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max)
+        self.edns_max = edns_max
+        self.configured = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop, udp_server=None) -> None:
+        """Apply the queued config now (it was sent before this worker started), then
+        follow the channel; let ``udp_server`` serve cache hits itself."""
+        self.on_control()
+        loop.add_reader(self.control.fileno(), self.on_control)
+        if udp_server is not None and self.fast is not None and hasattr(udp_server, "set_cache"):
+            udp_server.set_cache(self.fast)
+        self._loop = loop
+
+    def on_control(self) -> None:
+        latest = None
+        while True:
+            try:
+                data = self.control.recv(MESSAGE_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                # The supervisor went away; the worker's image channel stops the worker.
+                try:
+                    self._loop.remove_reader(self.control.fileno())
+                except (AttributeError, ValueError):
+                    pass
+                break
+            latest = data
+        if latest is not None:
+            try:
+                self.apply(*decode_config(latest))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("malformed forwarding config from the supervisor (%s); ignored", e)
+
+    def apply(self, token: str, ups: tuple, stubs: dict, looping: set) -> None:
+        fw = self.forwarder
+        if self.configured and (ups, stubs) != (fw.upstreams, fw.stubs):
+            self.cache.clear()          # new routes: answers from the old ones may not hold
+        fw.probe_token = token
+        fw.configure(ups, stubs)
+        fw.looping = looping
+        self.configured = True
+
+    async def resolve(self, query: bytes, proto: str) -> bytes | None:
+        fw = self.forwarder
+        if not fw.upstreams and not fw.stubs:
+            # Nobody to ask (no ConfigMap upstreams, resolv.conf or --nameservers): refuse,
+            # as before forwarding existed, rather than SERVFAIL after a timeout.
+            try:
+                q = parse_query(query)
+            except Malformed:
+                q = None
+            probe = q is not None and fw.probe_token in q.labels
+            if not probe:
+                return engine.refused(query, self.edns_max)
+        return await fw.resolve(query, proto)
+
+
+def _pow2(n: int) -> int:
+    p = 8
+    while p < n:
+        p <<= 1
+    return p

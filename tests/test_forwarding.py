@@ -1,0 +1,130 @@
+"""kdns/forwarding.py and the compiled cache (_fastpath.PacketCache) it feeds.
+
+The compiled hit must be byte-identical to what the Python forwarder renders from the same
+entry (Entry.render + forward.fit), and UdpServer must serve it without handing off.
+"""
+from __future__ import annotations
+
+import mmap
+import socket
+import struct
+import time
+
+import pytest
+
+from kdns import counters as C
+from kdns import engine, publish
+from kdns.cache import Cache
+from kdns.forward import Forwarder, parse_query
+from kdns.forwarding import (LinkedCache, cache_key_bytes, decode_config, encode_config)
+from kdns.forward import Upstream
+from upstream import make_query
+from zonefixtures import sample_image
+
+_fastpath = pytest.importorskip("kdns._fastpath")
+pytestmark = pytest.mark.skipif(engine.IMPLEMENTATION != "compiled",
+                                reason="the compiled cache needs _fastpath")
+
+
+def upstream_reply(name: str, n: int = 3, ttl: int = 300, rcode: int = 0) -> bytes:
+    """A plausible upstream answer: n A records, compressed owners, an OPT."""
+    from dnslib import A, EDNS0, QTYPE, RR, DNSRecord
+    q = DNSRecord.question(name, "A")
+    r = q.reply()
+    r.header.rcode = rcode
+    for i in range(n):
+        r.add_answer(RR(name, QTYPE.A, rdata=A(f"10.0.{i // 250}.{i % 250}"), ttl=ttl - i))
+    r.add_ar(EDNS0(udp_len=1232))
+    return bytes(r.pack())
+
+
+def fill(name: str, **kw):
+    fast = _fastpath.PacketCache(64, 1232)
+    cache = LinkedCache(100, fast=fast)
+    q = parse_query(make_query(name))
+    key = (q.name, q.qtype, q.qclass, 0, 0)
+    e = cache.put(key, upstream_reply(name, **kw))
+    assert e is not None
+    return fast, cache, e
+
+
+@pytest.mark.parametrize("name,edns,do,n", [
+    ("www.Example.COM", None, False, 3),
+    ("www.example.com", 1232, False, 3),
+    ("www.example.com", 1232, True, 3),
+    ("www.example.com", None, False, 40),     # does not fit 512: cut, TC
+    ("www.example.com", 600, False, 40),
+])
+def test_compiled_hit_is_byte_identical_to_python(name, edns, do, n):
+    fast, cache, e = fill(name.lower(), n=n)
+    query = make_query(name, qid=4321, edns=edns, do=do)
+    q = parse_query(query)
+    key = cache_key_bytes((q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 0))
+    if do:
+        # DO is part of the key (RFC 3225): the entry stored without DO must not answer.
+        assert fast.answer(query)[0] == engine.HANDOFF
+        return
+    fw = Forwarder(cache=cache)
+    action, reply = fast.answer(query)
+    assert action == engine.SEND
+    assert reply == fw._from_entry(e, q, fw._client_limit(q, "udp"), stale=False)
+    assert key.startswith(q.name)
+
+
+def test_ttls_count_down_and_entry_expires():
+    fast, cache, e = fill("a.example", n=1, ttl=300)
+    query = make_query("a.example")
+    fast.put(cache_key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
+             e.ttl_offs, e.ttls, 2, time.monotonic() - 1.5)       # 2 s lifetime, 1.5 s old
+    action, reply = fast.answer(query)
+    assert action == engine.SEND
+    assert struct.unpack_from("!I", reply, e.ttl_offs[0])[0] == 1
+    fast.put(cache_key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
+             e.ttl_offs, e.ttls, 2, time.monotonic() - 2.5)
+    assert fast.answer(query)[0] == engine.HANDOFF
+
+
+def test_udpserver_serves_cache_hits_without_handing_off():
+    fast, cache, e = fill("hit.example", n=2)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli.settimeout(2)
+    page = mmap.mmap(-1, publish.PAGE_BYTES)
+    try:
+        us = engine.UdpServer(srv.fileno())
+        us.set_cache(fast)
+        img, ctr = engine.Image(sample_image()), engine.Counters(page)
+        for name in ("hit.example", "miss.example"):
+            cli.sendto(make_query(name), srv.getsockname())
+        deadline = time.monotonic() + 2
+        handed = []
+        while len(handed) + ctr[C.LAYOUT["cache_hit_udp"]] < 2 and time.monotonic() < deadline:
+            n = us.serve(img, ctr)
+            handed += [us.handoff_packet(i) for i in range(n)]
+        assert ctr[C.LAYOUT["cache_hit_udp"]] == 1
+        assert ctr[C.LAYOUT["cache_miss_udp"]] == 1
+        assert len(handed) == 1 and b"miss" in handed[0]
+        reply = cli.recv(4096)
+        assert reply[:2] == make_query("hit.example")[:2] and reply[7] == 2
+    finally:
+        srv.close()
+        cli.close()
+
+
+def test_config_message_round_trip():
+    msg = encode_config("tok", (Upstream("10.0.0.1", 53),),
+                        {"acme.local": (Upstream("1.2.3.4", 5353),)}, {Upstream("10.0.0.9")})
+    token, ups, stubs, looping = decode_config(msg)
+    assert token == "tok" and ups == (Upstream("10.0.0.1", 53),)
+    assert stubs == {"acme.local": (Upstream("1.2.3.4", 5353),)}
+    assert looping == {Upstream("10.0.0.9", 53)}
+
+
+def test_plain_cache_is_unchanged_by_linking():
+    plain = Cache(10)
+    linked = LinkedCache(10, fast=None)
+    key = (b"\x01a\x07example\x00", 1, 1, 0, 0)
+    assert (plain.put(key, upstream_reply("a.example")).wire ==
+            linked.put(key, upstream_reply("a.example")).wire)

@@ -1,0 +1,190 @@
+"""Forwarding through a running ``kdns serve`` (issue 5): the kube-dns conformance scenarios
+with a ConfigMap directory, hot reload (valid and invalid), TCP, the compiled cache, loops.
+
+Every upstream is a TestDNSServer on loopback started here; kdns reads a resolv.conf and a
+ConfigMap directory written here, never the machine's.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from serverutil import Kdns
+from upstream import TestDNSServer
+from zonefixtures import sample_image
+
+PERIOD = "0.2s"
+
+
+def write_config(d, **keys) -> None:
+    d.mkdir(exist_ok=True)
+    for f in d.iterdir():
+        f.unlink()
+    for key, value in keys.items():
+        (d / key).write_text(value if isinstance(value, str) else json.dumps(value))
+
+
+def addr(server: TestDNSServer) -> str:
+    return f"{server.host}:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fwd")
+    stub = TestDNSServer({"abc.acme.local.": ["A 1.1.1.1"], "def.acme.local.": ["A 2.2.2.2"]})
+    up = TestDNSServer({"widget.local.": ["A 3.3.3.3"],
+                        "123.2.0.192.in-addr.arpa.": ["PTR my.test."],
+                        **{f"c{i}.widget.local.": ["300 A 10.0.0.1"] for i in range(10)}})
+    other = TestDNSServer({"widget.local.": ["A 4.4.4.4"]})
+    with stub, up, other:
+        cfg = tmp / "kube-dns-config"
+        write_config(cfg, stubDomains={"acme.local": [addr(stub)]},
+                     upstreamNameservers=[addr(up)])
+        resolv = tmp / "resolv.conf"
+        resolv.write_text("")            # no default upstream: only the ConfigMap's
+        k = Kdns(tmp, image=sample_image(), workers=2,
+                 args=("--config-dir", str(cfg), "--config-period", PERIOD,
+                       "--resolv-conf", str(resolv)))
+        k.start()
+        try:
+            yield k, cfg, stub, up, other
+        finally:
+            k.stop()
+
+
+def ask(k: Kdns, name: str, qtype: str = "A", tcp: bool = False, **kw) -> dns.message.Message:
+    q = dns.message.make_query(name, qtype)
+    if tcp:
+        return dns.query.tcp(q, k.host, port=k.port, timeout=5)
+    return dns.query.udp(q, k.host, port=k.port, timeout=5, **kw)
+
+
+def addresses(m: dns.message.Message) -> list[str]:
+    return sorted(r.to_text() for rr in m.answer for r in rr)
+
+
+def test_stub_domain_acme_local(env):
+    k, _, stub, _, _ = env
+    assert addresses(ask(k, "abc.acme.local")) == ["1.1.1.1"]
+    assert addresses(ask(k, "def.acme.local")) == ["2.2.2.2"]
+    assert any(q[0] == "abc.acme.local." for q in stub.queries)
+
+
+def test_upstream_nameservers_widget_local(env):
+    k, _, _, up, _ = env
+    assert addresses(ask(k, "widget.local")) == ["3.3.3.3"]
+    assert any(q[0] == "widget.local." for q in up.queries)
+
+
+def test_ptr_forwarding(env):
+    k = env[0]
+    m = ask(k, "123.2.0.192.in-addr.arpa", "PTR")
+    assert addresses(m) == ["my.test."]
+
+
+def test_cluster_names_still_from_the_image(env):
+    k, _, _, up, _ = env
+    before = len(up.queries)
+    m = ask(k, "kubernetes.default.svc.cluster.local")
+    assert addresses(m) == ["10.96.0.1"] and m.flags & 0x0400       # AA: from the image
+    assert len(up.queries) == before
+
+
+def test_tcp_client_answered_over_tcp(env):
+    k = env[0]
+    m = ask(k, "def.acme.local", tcp=True)
+    assert addresses(m) == ["2.2.2.2"]
+
+
+def test_cache_hits_ask_the_upstream_once(env):
+    k, _, _, up, _ = env
+    name = "c1.widget.local."
+    # One client port: SO_REUSEPORT sends every datagram of it to the same worker.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((k.host, 0))
+        port = s.getsockname()[1]
+    replies = [ask(k, name.upper() if i % 2 else name, source=k.host, source_port=port)
+               for i in range(20)]
+    assert [addresses(r) for r in replies] == [["10.0.0.1"]] * 20
+    assert sum(1 for q in up.queries if q[0] == name) == 1
+    # DNS 0x20: the question comes back in the client's case.
+    assert replies[1].question[0].name.to_text() == name.upper()
+    assert all(r.answer[0].ttl <= 300 for r in replies)
+
+
+def test_hot_reload_valid_then_invalid(env):
+    k, cfg, stub, up, other = env
+    write_config(cfg, stubDomains={"acme.local": [addr(stub)]},
+                 upstreamNameservers=[addr(other)])
+    deadline = time.monotonic() + 10
+    while addresses(ask(k, "widget.local")) != ["4.4.4.4"]:
+        assert time.monotonic() < deadline, k.logs()
+        time.sleep(0.1)
+    # Invalid: the whole update is rejected with a line naming the key; the last good
+    # configuration stays in force.
+    write_config(cfg, stubDomains={"acme.local": [addr(stub)]},
+                 upstreamNameservers="[not json")
+    deadline = time.monotonic() + 10
+    while "'upstreamNameservers' rejected" not in k.logs():
+        assert time.monotonic() < deadline, k.logs()
+        time.sleep(0.1)
+    assert addresses(ask(k, "widget.local")) == ["4.4.4.4"]
+    assert addresses(ask(k, "abc.acme.local")) == ["1.1.1.1"]
+    assert k.ready()
+    write_config(cfg, stubDomains={"acme.local": [addr(stub)]}, upstreamNameservers=[addr(up)])
+    deadline = time.monotonic() + 10
+    while addresses(ask(k, "widget.local")) != ["3.3.3.3"]:
+        assert time.monotonic() < deadline, k.logs()
+        time.sleep(0.1)
+
+
+def test_no_upstream_means_refused(tmp_path):
+    k = Kdns(tmp_path, image=sample_image(), workers=1)     # serverutil: empty resolv.conf
+    k.start()
+    try:
+        assert ask(k, "google.com").rcode() == dns.rcode.REFUSED
+    finally:
+        k.stop()
+
+
+def test_loop_makes_kdns_not_ready_and_it_keeps_serving(tmp_path):
+    cfg = tmp_path / "kube-dns-config"
+    with TestDNSServer({"widget.local.": ["A 3.3.3.3"]}) as good, TestDNSServer() as relay:
+        write_config(cfg, upstreamNameservers=[addr(good)])
+        k = Kdns(tmp_path, image=sample_image(), workers=2,
+                 args=("--config-dir", str(cfg), "--config-period", PERIOD))
+        relay.forward_to = (k.host, k.port)         # an upstream that sends queries back
+        k.start()
+        try:
+            # On config change: an upstream that relays to kdns is probed and found.
+            write_config(cfg, upstreamNameservers=[addr(relay)])
+            deadline = time.monotonic() + 15
+            while k.ready():
+                assert time.monotonic() < deadline, k.logs()
+                time.sleep(0.1)
+            assert "forwarding loop" in k.logs() and addr(relay) in k.logs()
+            m = ask(k, "kubernetes.default.svc.cluster.local")
+            assert addresses(m) == ["10.96.0.1"]
+            # kdns itself as upstream: found without a probe.
+            write_config(cfg, upstreamNameservers=[f"{k.host}:{k.port}"])
+            deadline = time.monotonic() + 15
+            while "is kdns's own listening address" not in k.logs():
+                assert time.monotonic() < deadline, k.logs()
+                time.sleep(0.1)
+            assert not k.ready()
+            # Fixed: ready again.
+            write_config(cfg, upstreamNameservers=[addr(good)])
+            deadline = time.monotonic() + 15
+            while not k.ready():
+                assert time.monotonic() < deadline, k.logs()
+                time.sleep(0.1)
+            assert addresses(ask(k, "widget.local")) == ["3.3.3.3"]
+        finally:
+            k.stop()
