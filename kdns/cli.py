@@ -154,11 +154,21 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("serve", help="serve DNS")
-    src = s.add_mutually_exclusive_group(required=True)
+    # Issue 4: neither source flag means the Kubernetes API, as kube-dns.
+    src = s.add_mutually_exclusive_group()
     src.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH",
                      help="Kubernetes objects (kubectl get -o yaml|json); re-read when it changes")
     src.add_argument("--from-image", type=_readable("--from-image"), metavar="PATH",
                      help="a compiled kdns zone image (tests, benchmarks); re-read when it changes")
+    s.add_argument("--kubecfg-file", default="", metavar="PATH",
+                   help="kubeconfig to reach the Kubernetes API (default: the in-cluster "
+                        "service account); ignored with --from-file/--from-image")
+    s.add_argument("--kube-master-url", default="", metavar="URL",
+                   help="Kubernetes API server URL, e.g. https://10.96.0.1:443 (overrides the "
+                        "kubeconfig's server)")
+    s.add_argument("--initial-sync-timeout", type=_duration, default=60.0, metavar="DURATION",
+                   help="log an error when the first sync with the API takes longer than this; "
+                        "kdns keeps trying and stays not ready meanwhile (default 60s)")
     _add_record_flags(s)
     s.add_argument("--dns-bind-address", type=_address, default="0.0.0.0",
                    help="address to serve DNS on (default 0.0.0.0)")
@@ -195,6 +205,8 @@ def build_parser() -> Parser:
 def _config(a: argparse.Namespace) -> server.ServeConfig:
     return server.ServeConfig(
         from_file=a.from_file, from_image=a.from_image, domain=a.domain,
+        kubecfg_file=a.kubecfg_file, kube_master_url=a.kube_master_url,
+        initial_sync_timeout=a.initial_sync_timeout,
         dns_bind_address=a.dns_bind_address, dns_port=a.dns_port, ttl=a.ttl, workers=a.workers,
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,

@@ -344,3 +344,8 @@ class ClusterModel:
 
     def count(self, kind: str) -> int:
         return len(self._objs[kind])
+
+    def keys(self, kind: str) -> list[tuple[str, str]]:
+        """(namespace, name) of every object of ``kind``: what a relist did not see is
+        deleted by the controller (issue 4) without a second copy of the list."""
+        return list(self._objs[kind])

@@ -64,6 +64,10 @@ class ServeConfig:
     tcp_max_connections: int = 1000
     lameduck: float = 0.0
     log_level: str = "info"
+    # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
+    kubecfg_file: str = ""
+    kube_master_url: str = ""
+    initial_sync_timeout: float = 60.0
     # Issue 5: where outside names go (forwarding.ForwardingOptions); None = REFUSED.
     forwarding: object = None
 
@@ -118,6 +122,21 @@ class WatchedFile:
         self.stamp = None
         self.failed_stamp = None
 
+    # The supervisor's source protocol, shared with the API controller (kdns/controller.py,
+    # issue 4): a push source wakes the loop itself and is polled every iteration; /readiness
+    # waits until every worker serves ready_generation.
+    push = False
+    ready_generation = 1
+
+    def bind(self, *, wake, served_generation) -> None:
+        """Nothing to wake: the loop polls a file once a second."""
+
+    def published(self, generation: int) -> None:
+        """Nothing to track for a file."""
+
+    def stop(self) -> None:
+        """Nothing runs in the background."""
+
     def _stat(self):
         st = os.stat(self.path)
         return st.st_ino, st.st_size, st.st_mtime_ns
@@ -157,7 +176,13 @@ class WatchedFile:
 def make_source(cfg: ServeConfig) -> WatchedFile:
     if cfg.from_image:
         return WatchedFile(cfg.from_image, image_file_loader)
-    return WatchedFile(cfg.from_file, zone_file_loader(cfg))
+    if cfg.from_file:
+        return WatchedFile(cfg.from_file, zone_file_loader(cfg))
+    from . import controller        # issue 4: list+watch the Kubernetes API
+    try:
+        return controller.ApiController.from_config(cfg)
+    except controller.ConfigError as e:
+        raise StartError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- sockets
@@ -242,7 +267,7 @@ class Supervisor:
             raise StartError(f"cannot listen for HTTP on {cfg.dns_bind_address} "
                              f"({e.strerror or e}); choose another --healthz-port or "
                              f"--metrics-port, or 0 to disable it.") from None
-        self.publisher.publish(first_image)
+        self.source.published(self.publisher.publish(first_image))
         self.published = first_image
         if self.forwarding is not None:
             self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
@@ -310,6 +335,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.on_stop_signal)
         signal.signal(signal.SIGHUP, self.on_reload_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # only to wake the loop
+        self.source.bind(wake=self.wake, served_generation=self.served_generation)
         next_poll = time.monotonic() + FILE_POLL
         try:
             while not self.stopping:
@@ -323,7 +349,7 @@ class Supervisor:
                 now = time.monotonic()
                 if self.lameduck_until is not None and now >= self.lameduck_until:
                     break
-                if self.reload_requested or now >= next_poll:
+                if self.reload_requested or now >= next_poll or self.source.push:
                     self.reload(force=self.reload_requested)
                     self.reload_requested = False
                     next_poll = now + FILE_POLL
@@ -380,7 +406,8 @@ class Supervisor:
 
     def check_ready(self) -> None:
         """Ready once every worker has mapped the first image (issue 2 §2: /readiness)."""
-        if not self.ready and all(publish.page_generation(self.counters, s.index) >= 1
+        need = self.source.ready_generation     # 0: the API is not synced yet (issue 4)
+        if not self.ready and need and all(publish.page_generation(self.counters, s.index) >= need
                                   for s in self.slots):
             self.ready = True
             log.info("ready: all %d workers serve image generation %d",
@@ -395,12 +422,25 @@ class Supervisor:
         if data is not None:
             self.published = data
             gen = self.publisher.publish(data)
+            self.source.published(gen)
             log.info("published image generation %d from %s (%d bytes)",
                      gen, self.source.path, len(data))
 
     # ---- stop
+    def wake(self) -> None:
+        """Make the main loop run now (from another thread: the controller has an image)."""
+        try:
+            os.write(self.wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass            # already pending, or shutting down
+
+    def served_generation(self) -> int:
+        """The oldest image generation any worker serves (0: a slot has no worker)."""
+        return min(publish.page_generation(self.counters, s.index) for s in self.slots)
+
     def shutdown(self) -> None:
         self.ready = False
+        self.source.stop()
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.send_signal(signal.SIGTERM)

@@ -131,6 +131,7 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         self.forbidden: set[str] = set()        # plurals answered with 403 (RBAC)
         self.not_served: set[str] = set()       # plurals answered with 404 (API not served)
+        self.down = False                       # set_down(True): an outage, see set_down
         self.requests: list[Request] = []
         self._cond = threading.Condition()
         self._rv = 1
@@ -172,6 +173,13 @@ class FakeApiServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def set_down(self, down: bool) -> None:
+        """An API outage (issue 4): while down, open streams are reset and every new request
+        is reset before any response byte; state changes still happen (and are in history)."""
+        self.down = down
+        if down:
+            self.drop_connections()
 
     def drop_connections(self) -> None:
         """Reset every open client connection (an API server restart, seen from the client)."""
@@ -360,6 +368,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _route(self, api, req, path, res, query) -> None:
+        if api.down:
+            _reset(self.connection)
+            raise _Aborted
         if api.token is not None and req.authorization != f"Bearer {api.token}":
             return self._send_status(req, 401, "Unauthorized")
         if res is None:
