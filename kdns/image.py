@@ -670,37 +670,49 @@ class _Compiler:
             node_flat.extend((loff, first, nchild, rr_start * 4, (len(rr_flat) - rr_start) // 2
                               | flags << 16, extra))
 
-        # Sorted before encoding: blobs are laid out in encoding order, and set order varies
-        # between processes (hash randomisation); identical input must give identical bytes.
-        rev_recs = []
-        # (Keys are unique, so the sort never compares the labels or zones.)
-        for (fam, ip), labels, zi in sorted((self.reverse_key(labels), labels, zi)
-                                            for labels, zi in rev_names):
-            byname = data.get(labels)
-            if byname is None:
-                entries = []
-            elif len(byname) == 1 and R.PTR in byname:      # the common reverse name
-                off = answer_only(labels, byname[R.PTR])
-                entries = [(R.PTR, off if off >= 0 else self.generic_blob(labels, R.PTR))]
-            else:
-                entries = self.rr_entries(labels)
-            rev_recs.append((fam, ip, entries, zi))
-        rev_rr_start = len(rr_flat)
-        for _, _, entries, _ in rev_recs:
-            for qtype, boff in entries:
-                rr_flat.extend((qtype, boff))
-
-        # Lay out sections; offsets are absolute.
-        nnodes = len(nodes_meta)
+        del nodes_meta
+        # Sections before the rr table have sizes known now (one reverse entry per reverse
+        # name), so reverse entries are packed with absolute offsets as they are made: a
+        # tuple per entry would cost ~30 MB at 110,000 reverse names, at the memory peak.
+        nnodes = len(node_flat) // 6
         nodes_off = HEADER.size
         zones_off = nodes_off + NODE.size * nnodes
         rev_off = zones_off + ZONE.size * len(self.zones)
-        rrtab_off = rev_off + REV.size * len(rev_recs)
+        rrtab_off = rev_off + REV.size * len(rev_names)
+        rev_table = bytearray(REV.size * len(rev_names))
+        # Sorted before encoding: blobs are laid out in encoding order, and set order varies
+        # between processes (hash randomisation); identical input must give identical bytes.
+        # (Keys are unique, so the sort never compares the labels or zones.)
+        p = 0
+        for (fam, ip), labels, zi in sorted((self.reverse_key(labels), labels, zi)
+                                            for labels, zi in rev_names):
+            byname = data.get(labels)
+            rr_cursor = rrtab_off + 4 * len(rr_flat)
+            if byname is None:
+                nrr = 0
+            elif len(byname) == 1 and R.PTR in byname:      # the common reverse name
+                off = answer_only(labels, byname[R.PTR])
+                rr_flat.extend((R.PTR, off if off >= 0 else self.generic_blob(labels, R.PTR)))
+                nrr = 1
+            else:
+                entries = self.rr_entries(labels)
+                for qtype, boff in entries:
+                    rr_flat.extend((qtype, boff))
+                nrr = len(entries)
+            REV.pack_into(rev_table, p, fam, ip, rr_cursor, nrr, zi)
+            p += REV.size
+        nrev = len(rev_names)
+        blob_data = b"".join(self.blobs)
+        # Every blob is made: what only encoding needed goes before the compile's peak.
+        del data, explicit, label_offs, fwd_names, rev_names
+        self.release()
+
         labels_off = rrtab_off + 4 * len(rr_flat)
         pods_off = labels_off + len(labels_pool)
-        pods_off += -pods_off % 4
+        pad = -pods_off % 4
+        pods_off += pad
         blobs_off = pods_off + len(pod_lists)
-        total = blobs_off + self.blobs_len
+        total = blobs_off + len(blob_data)
 
         # Rebase the section-relative offsets, then pack each table in one go.
         for k in range(0, len(node_flat), 6):
@@ -710,30 +722,31 @@ class _Compiler:
             node_flat[6 * idx + 5] += pods_off
         for k in range(1, len(rr_flat), 2):
             rr_flat[k] += blobs_off
-
-        out = bytearray(total)
-        out[nodes_off:zones_off] = _pack_u32(node_flat)
-        p = zones_off
+        zone_table = bytearray(ZONE.size * len(self.zones))
         for zi, (z, apex) in enumerate(zip(self.zones, self.zone_labels)):
             apex_node = apex_nodes.get(apex, 0) if z.kind == ZONE_AUTH else 0
-            ZONE.pack_into(out, p, apex_node, self.zone_negs[zi] + blobs_off, z.ttl,
-                           R.wire_length(apex), z.kind)
-            p += ZONE.size
-        p = rev_off
-        rr_cursor = rrtab_off + 4 * rev_rr_start
-        for fam, ip, entries, zi in rev_recs:
-            REV.pack_into(out, p, fam, ip, rr_cursor, len(entries), zi)
-            rr_cursor += RRENT.size * len(entries)
-            p += REV.size
-        out[rrtab_off:labels_off] = _pack_u32(rr_flat)
-        out[labels_off:labels_off + len(labels_pool)] = labels_pool
-        out[pods_off:pods_off + len(pod_lists)] = pod_lists
-        out[blobs_off:] = b"".join(self.blobs)
-        crc = zlib.crc32(memoryview(out)[HEADER.size:])
-        HEADER.pack_into(out, 0, MAGIC, total, FLAG_SYNCED if self.synced else 0,
-                         nodes_off, nnodes, zones_off, len(self.zones), rev_off,
-                         len(rev_recs), servfail + blobs_off, 0, self.serial, crc, 0)
-        return bytes(out)
+            ZONE.pack_into(zone_table, ZONE.size * zi, apex_node, self.zone_negs[zi] + blobs_off,
+                           z.ttl, R.wire_length(apex), z.kind)
+
+        # The sections in order, joined once: no bytearray of the whole image and then its
+        # bytes() copy (two image-sized buffers at the peak instead of one).
+        parts = [_pack_u32(node_flat), zone_table, rev_table, _pack_u32(rr_flat), labels_pool,
+                 b"\0" * pad, pod_lists, blob_data]
+        del node_flat, rr_flat, blob_data
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        header = HEADER.pack(MAGIC, total, FLAG_SYNCED if self.synced else 0,
+                             nodes_off, nnodes, zones_off, len(self.zones), rev_off,
+                             nrev, servfail + blobs_off, 0, self.serial, crc, 0)
+        return b"".join([header, *parts])
+
+    def release(self) -> None:
+        """Drop everything only encoding needs (names, caches, the blob pool's pieces) before
+        the image is assembled: their big dict tables go straight back to the OS."""
+        self.data = self.blob_cache = self.label_cache = self.wire_cache = None
+        self.tree_nodes = self.prefix_cache = self.explicit = None
+        self.blobs = self.fwd_names = self.rev_names = self.cname_owners = None
 
 
 def _pack_u32(values) -> bytes:
