@@ -14,13 +14,19 @@ import logging
 import os
 import sys
 
-from . import server
+from . import logs, server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+    """argparse that reports a usage error as one line (no usage dump) and exits 2.
+
+    No abbreviations: kube-dns (pflag) accepts only whole flag names (issue 6)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`).\n")
@@ -101,6 +107,47 @@ def _add_record_flags(p: argparse.ArgumentParser) -> None:
                         "or disabled (default insecure)")
 
 
+def _version() -> str:
+    return f"kdns {logs.kdns_version()}"
+
+
+def _federations(text: str) -> str:
+    """kube-dns --federations: name=domain[,name=domain] (deprecated, spec §3.1)."""
+    for part in filter(None, text.split(",")):
+        name, eq, domain = part.partition("=")
+        if not eq or not name or not domain:
+            raise argparse.ArgumentTypeError(f"{part!r} is not name=domain")
+        _domain(domain)
+    return text
+
+
+def _add_drop_in_flags(s: argparse.ArgumentParser, port) -> None:
+    """Issue 6: the listeners of the kube-dns pod and of CoreDNS, and kube-dns's own flags
+    that kdns accepts with the same meaning."""
+    s.add_argument("--health-port", type=port, default=8080,
+                   help="CoreDNS-style /health port: 200 while the workers answer a DNS probe "
+                        "(default 8080; 0 disables)")
+    s.add_argument("--ready-port", type=port, default=8181,
+                   help="CoreDNS-style /ready port (default 8181; 0 disables)")
+    s.add_argument("--sidecar-port", type=port, default=10054,
+                   help="what kube-dns's sidecar serves: /healthcheck/kubedns, /healthz and "
+                        "kubedns_* /metrics (default 10054; 0 disables; set 0 when the real "
+                        "sidecar runs in the same pod)")
+    s.add_argument("--federations", type=_federations, default="", metavar="NAME=DOMAIN,...",
+                   help="deprecated kube-dns federation names; accepted, not served (a warning "
+                        "is logged)")
+    s.add_argument("--profiling", nargs="?", const=True, type=logs.go_bool, default=False,
+                   metavar="BOOL", help="accepted for kube-dns compatibility; kdns has no "
+                                        "pprof endpoint (a note is logged)")
+    s.add_argument("--log-queries", action="store_true",
+                   help="log each query that reaches Python (TCP, and names handed to the "
+                        "forwarder) with its rcode, and every 10s a count of all queries by "
+                        "protocol and rcode; UDP queries answered by the compiled path are "
+                        "only counted, never logged one by one (default off)")
+    s.add_argument("--version", action="version", version=_version())
+    logs.add_klog_flags(s, _duration)
+
+
 def _nameservers(text: str):
     from .kubedns_config import parse_nameservers_flag
     try:
@@ -151,6 +198,7 @@ def _forwarding_problem(a: argparse.Namespace) -> str | None:
 
 def build_parser() -> Parser:
     p = Parser(prog="kdns", description="Cluster DNS for Kubernetes (a kube-dns replacement).")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("serve", help="serve DNS")
@@ -178,9 +226,10 @@ def build_parser() -> Parser:
                    default=len(os.sched_getaffinity(0)),
                    help="worker processes (default: the CPUs this process may use)")
     s.add_argument("--healthz-port", type=port, default=8081,
-                   help="/readiness and /health port (default 8081; 0 disables)")
+                   help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=9153,
-                   help="Prometheus /metrics port (default 9153; 0 disables)")
+                   help="CoreDNS-style Prometheus /metrics port (default 9153; 0 disables)")
+    _add_drop_in_flags(s, port)
     s.add_argument("--edns-udp-size", type=_int_in(512, 65535, "a size from 512 to 65535 bytes"),
                    default=1232, help="largest UDP reply advertised with EDNS (default 1232)")
     s.add_argument("--tcp-idle-timeout", type=_positive_seconds, default=10.0,
@@ -188,9 +237,10 @@ def build_parser() -> Parser:
     s.add_argument("--tcp-max-connections",
                    type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
                    default=1000, help="TCP connections per worker (default 1000)")
-    s.add_argument("--lameduck", type=_duration, default=0.0, metavar="DURATION",
+    s.add_argument("--lameduck", type=_duration, default=5.0, metavar="DURATION",
                    help="after SIGTERM, report not ready but keep answering this long before "
-                        "stopping, e.g. 5s (default 0: stop at once)")
+                        "exiting 0, e.g. 5s (default 5s, as CoreDNS's kubeadm Corefile; "
+                        "0 stops at once)")
     _add_forwarding_flags(s)
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
@@ -212,7 +262,9 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
         forwarding=_forwarding(a),
-        log_level="debug" if a.v is not None and a.v >= 3 else a.log_level)
+        log_level=logs.level_for(a.log_level, a.v),
+        health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
+        log_queries=a.log_queries)
 
 
 def _fail(message: str) -> int:
@@ -220,17 +272,44 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _prometheus_env(cfg: server.ServeConfig) -> str | None:
+    """kube-dns's PROMETHEUS_PORT/PROMETHEUS_PATH: skydns_* metrics when the port is set."""
+    text = os.environ.get("PROMETHEUS_PORT", "").strip()
+    if text:
+        if not text.isdigit() or not 0 < int(text) <= 65535:
+            return f"PROMETHEUS_PORT={text!r} is not a port from 1 to 65535; fix or unset it."
+        cfg.prometheus_port = int(text)
+    path = os.environ.get("PROMETHEUS_PATH", "").strip() or "/metrics"
+    if not path.startswith("/"):
+        return f"PROMETHEUS_PATH={path!r} must start with /; fix or unset it."
+    cfg.prometheus_path = path
+    return None
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    if a.healthz_port and a.healthz_port == a.dns_port:
-        return _fail(f"--healthz-port {a.healthz_port} is also the --dns-port; choose another.")
-    if a.metrics_port and a.metrics_port == a.dns_port:
-        return _fail(f"--metrics-port {a.metrics_port} is also the --dns-port; choose another.")
+    http_ports = ("--healthz-port", "--metrics-port", "--health-port", "--ready-port",
+                  "--sidecar-port")
+    for flag in http_ports:
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if value and value == a.dns_port:
+            return _fail(f"{flag} {value} is also the --dns-port; choose another.")
     problem = _forwarding_problem(a)
     if problem:
         return _fail(problem)
     cfg = _config(a)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    problem = _prometheus_env(cfg)
+    if problem:
+        return _fail(problem)
+    try:
+        logs.setup(cfg.log_level, a)
+    except OSError as e:
+        return _fail(f"cannot open the log file ({e.strerror or e}); fix --log-file/--log-dir.")
+    if a.profiling:
+        logging.getLogger("kdns").info("--profiling: kdns has no pprof endpoint; ignored")
+    if a.federations:
+        logging.getLogger("kdns").warning(
+            "--federations is deprecated in kube-dns and not supported by kdns; federation "
+            "names will not resolve (remove the flag to silence this warning)")
     try:
         return server.serve(cfg)
     except (server.StartError, server.LoadError) as e:
@@ -253,7 +332,8 @@ def cmd_records(a: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = build_parser().parse_args(logs.normalise_flag_names(argv))
     return {"serve": cmd_serve, "records": cmd_records}[a.command](a)
 
 

@@ -25,6 +25,7 @@ import struct
 from typing import Awaitable, Callable, Iterable, NamedTuple
 
 from .cache import RD, SERVFAIL, TC, Cache, Entry, scan, strip_opt
+from .counters import LATENCY_BOUNDS, latency_bucket
 from .refpath import Malformed, parse_edns, parse_name
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,23 @@ class Question(NamedTuple):
 
 class UpstreamStats:
     """Per-upstream counters (plain ints; the metrics issue renders them)."""
-    __slots__ = ("queries", "replies", "timeouts", "errors", "forged", "tcp_retries")
+    __slots__ = ("queries", "replies", "timeouts", "errors", "forged", "tcp_retries",
+                 "rcodes", "latency_buckets", "latency_sum_ns")
 
     def __init__(self):
         self.queries = self.replies = self.timeouts = self.errors = 0
         self.forged = self.tcp_retries = 0
+        # Issue 6 (coredns_forward_responses_total / _request_duration_seconds): upstream
+        # reply rcodes, and reply latency in counters.LATENCY_BOUNDS buckets (+Inf last).
+        self.rcodes: dict[int, int] = {}
+        self.latency_buckets = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum_ns = 0
+
+    def observe(self, rcode: int, seconds: float) -> None:
+        ns = int(seconds * 1e9)
+        self.rcodes[rcode] = self.rcodes.get(rcode, 0) + 1
+        self.latency_buckets[latency_bucket(ns)] += 1
+        self.latency_sum_ns += ns
 
 
 class TryFailed(Exception):
@@ -391,6 +404,7 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         st = self.stats_for(up)
         st.queries += 1
+        started = loop.time()
         host = await self._address(up)
         qid = secrets.randbits(16)            # RFC 5452 §4.3: unpredictable ID per query
         try:
@@ -414,6 +428,7 @@ class Forwarder:
             st.errors += 1
             raise TryFailed from None
         st.replies += 1
+        st.observe(raw[3] & 0xF, loop.time() - started)
         return raw
 
     def _query(self, q: Question, qid: int, tcp: bool = False) -> bytes:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from . import counters as C
 from . import engine
+from . import logs
 from . import publish
 
 log = logging.getLogger("kdns.worker")
@@ -37,6 +38,7 @@ TCP_HIGH_WATER = 64 * 1024      # pause reading a client whose replies pile up a
 TCP_MAX_PENDING = 256           # hand-offs in flight per connection before reading pauses
 LISTEN_BACKLOG = 1024           # same as the supervisor's listen()
 UDP_MAX_PENDING = 4096          # hand-offs in flight per worker; beyond, UDP ones are dropped
+FORWARD_MIRROR_PERIOD = 1.0     # seconds between copies of the forwarder's counters (issue 6)
 
 
 class Handoff(Protocol):
@@ -62,7 +64,7 @@ class Worker:
     def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
                  control: socket.socket, page, edns_max: int = 1232,
                  tcp_idle_timeout: float = 10.0, tcp_max_connections: int = 1000,
-                 handoff: Handoff | None = None):
+                 handoff: Handoff | None = None, log_queries: bool = False):
         self.slot = slot
         self.udp = udp
         self.tcp = tcp
@@ -82,6 +84,8 @@ class Worker:
         self.stopping: asyncio.Event | None = None
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.forward_mirror = None
+        self.log_queries = log_queries
 
     # ---- lifecycle
     async def run(self) -> None:
@@ -102,9 +106,15 @@ class Worker:
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
+        mirror = self.loop.call_soon(self.mirror_forwarder)
         try:
             await self.stopping.wait()
         finally:
+            mirror.cancel()
+            # Lameduck (issue 6): the supervisor has taken the UDP socket out of the
+            # SO_REUSEPORT group; answer what is still queued on it before exiting.
+            self.drain_udp()
+            self.mirror_forwarder(again=False)
             self.loop.remove_reader(self.udp.fileno())
             self.loop.remove_reader(self.control.fileno())
             server.close()
@@ -123,6 +133,20 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
         self.has_image.set()
+
+    def mirror_forwarder(self, again: bool = True) -> None:
+        """Copy the forwarder's counters into this worker's page once a second (issue 6:
+        the supervisor renders coredns_forward_*/coredns_cache_* from it, never per query)."""
+        fw = getattr(self.handoff, "forwarder", None)
+        if fw is not None:
+            if self.forward_mirror is None:
+                self.forward_mirror = C.ForwardMirror(self.page)
+            try:
+                self.forward_mirror.update(fw)
+            except Exception:  # noqa: BLE001 -- metrics must never stop the worker
+                log.exception("worker %d: copying forwarder counters failed", self.slot)
+        if again:
+            self.loop.call_later(FORWARD_MIRROR_PERIOD, self.mirror_forwarder)
 
     # ---- images
     def on_control(self) -> None:
@@ -170,6 +194,8 @@ class Worker:
 
     async def udp_handoff(self, packet: bytes, addr) -> None:
         reply = await self.handoff.resolve(packet, "udp")
+        if self.log_queries:
+            logs.log_query("udp", addr, packet, reply)
         if reply is None:
             return
         try:
@@ -249,6 +275,9 @@ class TcpConnection(asyncio.Protocol):
     def query(self, msg: bytes) -> None:
         w = self.worker
         action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max)
+        if w.log_queries and action != engine.HANDOFF:
+            logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
+                           reply if action == engine.SEND else None)
         if action == engine.SEND:
             self.write(reply)
         elif action == engine.HANDOFF:
@@ -260,6 +289,8 @@ class TcpConnection(asyncio.Protocol):
             reply = await self.worker.handoff.resolve(msg, "tcp")
         finally:
             self.pending -= 1
+        if self.worker.log_queries:
+            logs.log_query("tcp", self.transport.get_extra_info("peername"), msg, reply)
         if reply is not None and not self.transport.is_closing():
             self.write(reply)
             engine.count_reply(self.worker.page, "tcp", reply)
@@ -314,6 +345,7 @@ def parse_args(argv):
     p.add_argument("--tcp-idle-timeout", type=float, default=10.0)
     p.add_argument("--tcp-max-connections", type=int, default=1000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-queries", action="store_true")
     # Issue 5: the supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
     p.add_argument("--cache-size", type=int, default=10000)
@@ -333,6 +365,7 @@ def main(argv=None) -> int:
         edns_max=a.edns_udp_size,
         tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections,
+        log_queries=a.log_queries,
         handoff=forwarding_handoff(a),
     )
     os.close(a.counters_fd)

@@ -103,6 +103,10 @@ class Kdns:
         self.argv = [sys.executable, "-m", "kdns", "serve", *source,
                      "--dns-bind-address", host, "--dns-port", str(self.port),
                      "--healthz-port", str(self.http_port), "--metrics-port", str(self.http_port),
+                     # Issue 6: the other listeners have fixed default ports (tests run in
+                     # parallel) and SIGTERM would wait out the 5s lameduck; tests opt in.
+                     "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
+                     "--lameduck", "0",
                      "--workers", str(workers), *args, *own_resolvers(tmp_path, args)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None

@@ -95,7 +95,8 @@ def run_kdns(*args, timeout=30):
 
 def serve_args(*source, port=None):
     return ["serve", *source, "--dns-bind-address", HOST, "--dns-port", str(port or free_port()),
-            "--healthz-port", "0", "--metrics-port", "0", "--workers", "2"]
+            "--healthz-port", "0", "--metrics-port", "0", "--health-port", "0",
+            "--ready-port", "0", "--sidecar-port", "0", "--workers", "2"]
 
 
 def assert_clean_failure(proc, left, *words):

@@ -385,7 +385,10 @@ def test_readiness_health_and_metrics(server):
     after = server.metrics()
 
     def delta(name, **labels):
-        key = (name, frozenset({"server": "dns://", "zone": ".", **labels}.items()))
+        # CoreDNS's label sets (issue 6): requests by family, responses by plugin.
+        base = {"server": f"dns://{server.host}:{server.port}", "zone": ".", "view": ""}
+        extra = {"family": "1"} if name == "coredns_dns_requests_total" else {"plugin": ""}
+        key = (name, frozenset({**base, **extra, **labels}.items()))
         return after.get(key, 0) - before.get(key, 0)
 
     assert delta("coredns_dns_requests_total", proto="udp", type="SRV") == 3
