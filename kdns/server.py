@@ -97,6 +97,14 @@ class ServeConfig:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1000
     lameduck: float = 0.0
+    # Issue 6: the kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
+    # on kube-dns's PROMETHEUS_PORT (0: off), query logging.
+    health_port: int = 0
+    ready_port: int = 0
+    sidecar_port: int = 0
+    prometheus_port: int = 0
+    prometheus_path: str = "/metrics"
+    log_queries: bool = False
     log_level: str = "info"
     # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
     kubecfg_file: str = ""
@@ -283,6 +291,12 @@ class Supervisor:
         self.reload_requested = False
         self.wake_r = self.wake_w = -1
         self.forwarding = None
+        # Issue 6: health probe, metrics and logs.
+        self.prober = None
+        self.query_summary = None
+        self.worker_deaths = 0
+        self.image_bytes = 0
+        self.published_at = 0.0
         if cfg.forwarding is not None:
             from . import forwarding         # issue 5: the kube-dns ConfigMap and upstreams
             self.forwarding = forwarding.ForwardingControl(cfg.forwarding)
@@ -312,22 +326,20 @@ class Supervisor:
             self.spawn(slot)
         for listener in self.http:
             listener.start()
+        if self.prober is not None:
+            self.prober.start()
+        self.image_bytes, self.published_at = len(first_image), time.time()
 
     def start_http(self) -> None:
-        cfg = self.cfg
-        probes = http.probe_routes(
-            lambda: self.ready and not self.stopping and self.lameduck_until is None
-            and (self.forwarding is None or self.forwarding.ready))
-        metrics = {"/metrics": http.metrics_route(http.CounterCollector(
-            self.counters, cfg.workers, lambda: self.publisher.generation))}
-        if cfg.healthz_port and cfg.healthz_port == cfg.metrics_port:
-            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.healthz_port,
-                                               {**probes, **metrics}))
-            return
-        if cfg.healthz_port:
-            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.healthz_port, probes))
-        if cfg.metrics_port:
-            self.http.append(http.HttpListener(cfg.dns_bind_address, cfg.metrics_port, metrics))
+        # Issue 6: listeners, probe and metrics are kdns/health.py's and kdns/metrics.py's.
+        from . import health, logs
+        try:
+            self.prober, self.http = health.start_listeners(self)
+        except health.PortError as e:
+            self.close()
+            raise StartError(str(e)) from None
+        if self.cfg.log_queries:
+            self.query_summary = logs.QuerySummary(self.counters, self.cfg.workers)
 
     def worker_env(self) -> dict:
         # The worker must import this very kdns even when it is not installed.
@@ -346,7 +358,7 @@ class Supervisor:
                 "--counters-fd", str(fds[3]), "--edns-udp-size", str(cfg.edns_udp_size),
                 "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
                 "--tcp-max-connections", str(cfg.tcp_max_connections),
-                "--log-level", cfg.log_level]
+                "--log-level", cfg.log_level] + (["--log-queries"] if cfg.log_queries else [])
         if fwd is not None:
             fds += (fwd.fileno(),)
             argv += ["--forward-fd", str(fwd.fileno()),
@@ -378,6 +390,8 @@ class Supervisor:
                 self.supervise()
                 self.publisher.retry()
                 self.check_ready()
+                if self.query_summary is not None:
+                    self.query_summary.tick(time.monotonic())
                 if self.forwarding is not None:
                     self.forwarding.poll(time.monotonic())
                 now = time.monotonic()
@@ -435,6 +449,7 @@ class Supervisor:
                     slot.index * publish.PAGE_BYTES:(slot.index + 1) * publish.PAGE_BYTES], 0)
                 slot.proc = None
                 slot.respawn_at = now + delay
+                self.worker_deaths += 1
             if slot.proc is None and now >= slot.respawn_at and not self.stopping:
                 self.spawn(slot)
 
@@ -444,11 +459,15 @@ class Supervisor:
         if not self.ready and need and all(publish.page_generation(self.counters, s.index) >= need
                                   for s in self.slots):
             self.ready = True
+            if self.prober is not None:
+                self.prober.kick()      # health and readiness need a real answer (issue 6)
             log.info("ready: all %d workers serve image generation %d",
                      len(self.slots), self.publisher.generation)
 
     def reload(self, force: bool = False) -> None:
+        t0 = time.monotonic()
         data = self.source.poll(force=force)
+        took = time.monotonic() - t0
         if data is not None and image_digest(data) == self.published and not force:
             log.debug("%s changed but compiles to the same image; nothing to publish",
                       self.source.path)
@@ -457,10 +476,38 @@ class Supervisor:
             self.published = image_digest(data)
             gen = self.publisher.publish(data)
             self.source.published(gen)
-            log.info("published image generation %d from %s (%d bytes)",
-                     gen, self.source.path, len(data))
+            log.info("published image generation %d from %s (%d bytes, built in %.3fs)",
+                     gen, self.source.path, len(data), took)
+            self.image_bytes, self.published_at = len(data), time.time()
             del data
             release_memory()
+
+    # ---- what health and metrics read (issue 6; kdns/health.py, kdns/metrics.py)
+    def is_ready(self) -> bool:
+        """First sync served by every worker, a real DNS answer seen, not in lameduck."""
+        answering = self.prober is None or self.prober.answering()
+        return (self.ready and answering and not self.stopping and self.lameduck_until is None
+                and (self.forwarding is None or self.forwarding.ready))
+
+    def dns_port(self) -> int:
+        return self.slots[0].udp.getsockname()[1] if self.slots else self.cfg.dns_port
+
+    def _source_stat(self, name: str, default):
+        get = getattr(self.source, name, None)
+        return get() if callable(get) else default
+
+    def staleness_seconds(self) -> float:
+        return self._source_stat("staleness_seconds", 0.0)
+
+    def relists(self) -> int:
+        return self._source_stat("relists", 0)
+
+    def programming_histograms(self) -> dict:
+        """{service_kind: ([(le, cumulative count)...], sum)} from the controller."""
+        return self._source_stat("programming_histograms", {})
+
+    def upstream_names(self) -> list[str]:
+        return []
 
     # ---- stop
     def wake(self) -> None:
@@ -474,8 +521,20 @@ class Supervisor:
         """The oldest image generation any worker serves (0: a slot has no worker)."""
         return min(publish.page_generation(self.counters, s.index) for s in self.slots)
 
+    def leave_reuseport_group(self) -> None:
+        """Lameduck's last step (issue 6): connect each UDP socket to its own address. Since
+        Linux 5.7 a connected socket is no longer picked for other flows of its SO_REUSEPORT
+        group, so another kdns on the same port gets every new packet, while the packets
+        already queued here stay readable for the workers' last drain: none is lost."""
+        for slot in self.slots:
+            try:
+                slot.udp.connect(slot.udp.getsockname())
+            except OSError as e:
+                log.debug("worker %d: cannot leave the SO_REUSEPORT group (%s)", slot.index, e)
+
     def shutdown(self) -> None:
         self.ready = False
+        self.leave_reuseport_group()
         self.source.stop()
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
@@ -497,6 +556,9 @@ class Supervisor:
         log.info("stopped")
 
     def close(self) -> None:
+        if self.prober is not None:
+            self.prober.close()
+            self.prober = None
         for listener in self.http:
             listener.close()
         self.http = []
