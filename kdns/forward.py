@@ -179,6 +179,7 @@ class Forwarder:
         self.upstreams: tuple[Upstream, ...] = ()
         self.stubs: dict[str, tuple[Upstream, ...]] = {}
         self._host_addrs: dict[str, list[str]] = {}
+        self._ip_hosts: set[str] = set()      # hosts known to be IP literals (parsed once)
         self._inflight: dict[tuple, asyncio.Task] = {}
         self.looping: set[Upstream] = set()
         self.loop_errors: list[str] = []
@@ -409,8 +410,7 @@ class Forwarder:
         qid = secrets.randbits(16)            # RFC 5452 §4.3: unpredictable ID per query
         try:
             timeout = min(self.try_timeout, deadline - loop.time())
-            raw = await asyncio.wait_for(self._udp(host, up.port, self._query(q, qid), qid, q, st),
-                                         timeout)
+            raw = await self._udp(host, up.port, self._query(q, qid), qid, q, st, timeout)
             if struct.unpack_from("!H", raw, 2)[0] & TC:
                 # RFC 7766 §5 / RFC 1035 §4.2.1: truncated over UDP → ask again over TCP.
                 self.tcp_retries += 1
@@ -453,27 +453,55 @@ class Forwarder:
         st.forged += 1
 
     async def _udp(self, host: str, port: int, msg: bytes, qid: int, q: Question,
-                   st: UpstreamStats) -> bytes:
+                   st: UpstreamStats, timeout: float) -> bytes:
+        """One UDP exchange on a fresh socket; TimeoutError after ``timeout`` seconds.
+
+        Callback style (one reader, one timer, one future) rather than sock_recvfrom under
+        wait_for: this runs once per forwarded query, and the extra tasks cost more than
+        the syscalls."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = random_port_socket(family)
-        try:
-            await loop.sock_sendto(sock, msg, (host, port))
-            want = (ipaddress.ip_address(host), port)
-            while True:
-                data, src = await loop.sock_recvfrom(sock, 65535)
+        fut = loop.create_future()
+
+        def readable() -> None:
+            while not fut.done():
+                try:
+                    data, src = sock.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:          # e.g. ICMP port unreachable: no server there
+                    fut.set_exception(e)
+                    return
                 # The socket is not connected so that replies from elsewhere reach us and can
                 # be counted; RFC 5452 §3: the source address and port must be the server's.
-                if (ipaddress.ip_address(src[0].split("%")[0]), src[1]) != want:
+                if src[1] != port or (src[0] != host and not same_ip(src[0], host)):
                     self._reject(st)
                 elif not self._matches(data, qid, q):
                     self._reject(st)
                 else:
-                    scan(data)   # a reply we cannot parse is no reply: Malformed → ValueError
-                    return data
-        except Malformed:
-            raise ValueError("malformed reply") from None
+                    try:
+                        scan(data)   # a reply we cannot parse is no reply
+                    except Malformed:
+                        fut.set_exception(ValueError("malformed reply"))
+                        return
+                    fut.set_result(data)
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+
+        fd = sock.fileno()
+        timer = None
+        try:
+            sock.sendto(msg, (host, port))       # a datagram socket does not block on send
+            loop.add_reader(fd, readable)
+            timer = loop.call_later(max(timeout, 0.0), expire)
+            return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
+                loop.remove_reader(fd)
             sock.close()
 
     async def _tcp(self, host: str, port: int, msg: bytes, qid: int, q: Question,
@@ -499,8 +527,11 @@ class Forwarder:
 
     async def _address(self, up: Upstream) -> str:
         """IP of an upstream; stub servers given as names are resolved once per config."""
+        if up.host in self._ip_hosts:
+            return up.host
         try:
             ipaddress.ip_address(up.host)
+            self._ip_hosts.add(up.host)
             return up.host
         except ValueError:
             pass
@@ -570,6 +601,14 @@ class Forwarder:
                     f"{name} came back); point it at a resolver that does not forward to "
                     "cluster DNS")
         return None
+
+
+def same_ip(a: str, b: str) -> bool:
+    """Two textual addresses for the same IP (IPv6 spellings differ; scope ids dropped)."""
+    try:
+        return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
+    except ValueError:
+        return False
 
 
 def is_same_endpoint(up: Upstream, host: str, port: int) -> bool:
