@@ -52,6 +52,7 @@ LATENCY_BUCKETS = tuple(0.001 * 2 ** i for i in range(20))
 # Watchers block (back-pressure on their HTTP stream) when this many events wait unapplied,
 # so a compiler that falls behind cannot make raw API dicts pile up (issue 4: no two copies).
 MAX_PENDING = 20_000
+SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selector")
 # Latency stamps kept per compile; a relist touching 100,000 objects is one observation each
 # up to this many, the rest are dropped rather than held.
 MAX_STAMPS = 50_000
@@ -108,6 +109,12 @@ class Histogram:
                 self._sum += v
                 self.recent.append(v)
 
+    def prometheus_pairs(self) -> tuple[list, float]:
+        """([(le text, cumulative count)... ending with +Inf], sum) as prometheus_client's
+        HistogramMetricFamily.add_metric takes them."""
+        buckets, cumulative, total, count = self.snapshot()
+        return [(repr(b), c) for b, c in zip(buckets, cumulative)] + [("+Inf", count)], total
+
     def snapshot(self) -> tuple[tuple, list, float, int]:
         with self._lock:
             cumulative, total = [], 0
@@ -134,6 +141,12 @@ class _Inbox:
             while len(self._items) >= self._limit and not self.closed:
                 self._cond.wait(0.5)
             self._items.append(item)
+            self._cond.notify_all()
+
+    def nudge(self) -> None:
+        """Wake the compiler thread without ever blocking (the supervisor's thread calls it)."""
+        with self._cond:
+            self._items.append(("nudge", None, None, 0.0))
             self._cond.notify_all()
 
     def take(self, timeout: float) -> list:
@@ -209,14 +222,17 @@ class Controller:
         self.clock = clock
         self.inbox = _Inbox()
         self.sink = ModelSink(self.inbox, clock)
-        self.latency = Histogram()
+        self.latency = Histogram()                 # every change
+        # CoreDNS's service_kind label; Namespace and Pod changes are only in ``latency``.
+        self.latency_by_kind = {k: Histogram() for k in SERVICE_KINDS}
         # -- compiler thread state
         self._synced_kinds: list[str] = []
         self._seen: dict[str, set] = {}            # kind -> keys applied since relist_begin
+        self._slice_service: dict = {}             # EndpointSlice key -> its service's name
         self._dirty_since: float | None = None     # first pending change
         self._last_event = 0.0
         self._changed: set = set()
-        self._stamps: list[float] = []
+        self._stamps: list[tuple[float, str | None]] = []   # (seen at, service_kind)
         self._started = clock()
         self._next_sync_warning = self._started + initial_sync_timeout
         # -- shared with the supervisor's thread, under _lock
@@ -280,7 +296,7 @@ class Controller:
             if synced and not self._ready_generation:
                 self._ready_generation = generation
         self.last_published_at = self.clock()
-        self.inbox.put(("published", None, None, 0.0))   # wake the compiler thread to watch
+        self.inbox.nudge()      # the compiler thread watches the workers switch (latency)
 
     @property
     def ready_generation(self) -> int:
@@ -339,6 +355,9 @@ class Controller:
         model = self.model
         if op == "apply":
             key = object_key(kind, arg)
+            if kind == "EndpointSlice":       # for the latency label (_service_kind)
+                labels = (arg.get("metadata") or {}).get("labels") or {}
+                self._slice_service[key] = labels.get("kubernetes.io/service-name", "")
             if kind in self._seen:
                 self._seen[kind].add(key)
             self._changed_if(model.apply(arg), kind, key, seen_at)
@@ -373,7 +392,7 @@ class Controller:
         # Before the first sync there is nothing to program (CoreDNS, too, starts measuring
         # after its initial list); afterwards every change is one latency observation.
         if self.synced and len(self._stamps) < MAX_STAMPS:
-            self._stamps.append(seen_at)
+            self._stamps.append((seen_at, self._service_kind(kind, key)))
         self._mark_dirty(seen_at)
 
     def _mark_dirty(self, seen_at: float) -> None:
@@ -418,7 +437,22 @@ class Controller:
             self._awaiting = [a for a in self._awaiting if a[0] > served]
         if done:
             now = self.clock()
-            self.latency.observe_many(now - t for _, stamps in done for t in stamps)
+            observed = [(now - t, k) for _, stamps in done for t, k in stamps]
+            self.latency.observe_many(v for v, _ in observed)
+            for kind, hist in self.latency_by_kind.items():
+                hist.observe_many(v for v, k in observed if k == kind)
+
+    def _service_kind(self, kind: str, key) -> str | None:
+        """CoreDNS's label for a change of this object (service_kind); None for kinds CoreDNS
+        does not measure. The slim model keeps no selector: a headless service counts as
+        ``headless_with_selector`` (EndpointSlices managed by Kubernetes imply one)."""
+        if kind == "Service":
+            svc = self.model.service(*key)
+        elif kind in ("EndpointSlice", "Endpoints"):
+            svc = self.model.service(key[0], self._slice_service.get(key, key[1]))
+        else:
+            return None
+        return "headless_with_selector" if svc is not None and svc.headless else "cluster_ip"
 
     def _warn_not_synced(self, now: float) -> None:
         # Issue 4: --initial-sync-timeout logs loudly and keeps trying; a crash loop would only
@@ -430,7 +464,18 @@ class Controller:
                   self.describe_waiting() or "the first list")
         self._next_sync_warning = now + max(self.initial_sync_timeout, 1.0)
 
-    # ---- metrics getters (rendered by kdns/http.py) ----------------------------------------
+    # ---- metrics getters (rendered by kdns/metrics.py through the supervisor) ----------------
+    def programming_histograms(self) -> dict:
+        """{service_kind: ([(le, cumulative count)..., ("+Inf", count)], sum)} for
+        coredns_kubernetes_dns_programming_duration_seconds."""
+        return {kind: h.prometheus_pairs() for kind, h in self.latency_by_kind.items()}
+
+    def staleness_seconds(self) -> float:
+        return 0.0
+
+    def relists(self) -> int:
+        return 0
+
     def status(self) -> dict:
         """Plain numbers for kdns_* metrics: see ``ApiController.status``."""
         return {"synced": self.synced, "compiles": self.compiles,
@@ -485,19 +530,36 @@ class ApiController(Controller):
         return ", ".join(parts)
 
     # ---- metrics getters -------------------------------------------------------------------
+    def staleness_seconds(self) -> float:
+        """Seconds the served data may lag the API: for a watcher failing since its last good
+        contact, the time since that contact (issue 4: an outage serves the last good image
+        and says how stale it is); 0 while every watcher is connected, and before the first
+        sync (nothing from the API is served yet)."""
+        if not self.ready_generation:
+            return 0.0
+        now, worst = time.monotonic(), 0.0
+        for st in self.source.status():
+            contact, failed = st["last_contact"], st.get("last_error_at")
+            if contact is not None and failed is not None and failed > contact:
+                worst = max(worst, now - contact)
+        return worst
+
+    def relists(self) -> int:
+        """Lists done by all watchers, the first ones included (410 Gone, fallbacks)."""
+        return sum(w.relists for w in self.source.watchers)
+
     def status(self) -> dict:
-        """For kdns_* metrics: the controller's numbers plus, per watched kind, ``synced``,
-        ``last_contact`` (monotonic), ``staleness`` (seconds since the API last answered that
-        watcher; grows during an outage while the last good image is served), ``relists``,
-        ``rejected`` and ``last_error``."""
+        """For kdns_* metrics and debugging: the controller's numbers, ``staleness`` and
+        ``relists``, plus per watched kind ``synced``, ``last_contact`` (monotonic),
+        ``since_contact`` (seconds since the API last answered it), ``relists``, ``rejected``
+        and ``last_error``."""
         out = super().status()
         now = time.monotonic()
         watchers = []
         for st in self.source.status():
             contact = st["last_contact"]
-            watchers.append({**st, "staleness": None if contact is None else now - contact})
+            watchers.append({**st, "since_contact": None if contact is None else now - contact})
         out["watchers"] = watchers
-        out["relists"] = sum(w["relists"] for w in watchers)
-        out["staleness"] = max((w["staleness"] for w in watchers
-                                if w["staleness"] is not None), default=None)
+        out["relists"] = self.relists()
+        out["staleness"] = self.staleness_seconds()
         return out

@@ -87,11 +87,13 @@ class FakeSupervisor:
 
     def pump(self):
         image = self.ctl.poll()
-        if image is not None:
-            self.generation += 1
-            self.images.append(image)
-            self.ctl.published(self.generation)
-            self.served = self.generation
+        if image is None:
+            return False
+        self.generation += 1
+        self.images.append(image)
+        self.ctl.published(self.generation)
+        self.served = self.generation
+        return True
 
 
 @pytest.fixture
@@ -174,6 +176,65 @@ def test_a_burst_is_coalesced_and_a_single_change_is_quick():
         assert cumulative[-1] == 301        # everything under ~9 minutes
     finally:
         ctl.stop()
+
+
+def test_latency_is_labelled_by_service_kind_as_coredns(ctl):
+    sup = FakeSupervisor(ctl)
+    listed(ctl.sink, "Service", [svc("web"), svc("db", ip="None")])
+    ctl.sink.synced("Service")
+    ctl.sink.synced("Namespace")
+    wait_until(lambda: ctl.compiles == 1)
+    sup.pump()
+    ctl.sink.apply("EndpointSlice", {**eps("db-1", "db", ["10.1.0.1"]), "kind": "EndpointSlice"})
+    ctl.sink.apply("EndpointSlice", {**eps("web-1", "web", ["10.1.0.2"]), "kind": "EndpointSlice"})
+    ctl.sink.apply("Service", {**svc("web", ip="10.96.0.9"), "kind": "Service"})
+    ctl.sink.apply("Namespace", {**nsobj("team"), "kind": "Namespace"})
+    wait_until(lambda: ctl._outbox is not None and not ctl._dirty_since, what="the compile")
+    sup.pump()
+    wait_until(lambda: ctl.latency.snapshot()[3] == 4, what="four observations")
+    hist = ctl.programming_histograms()
+    assert set(hist) == set(C.SERVICE_KINDS)
+    counts = {kind: pairs[-1] for kind, (pairs, _) in hist.items()}
+    assert counts == {"cluster_ip": ("+Inf", 2), "headless_with_selector": ("+Inf", 1),
+                      "headless_without_selector": ("+Inf", 0)}
+    pairs, total = hist["cluster_ip"]
+    assert pairs[0] == ("0.001", pairs[0][1]) and total > 0
+    assert [c for _, c in pairs] == sorted(c for _, c in pairs)     # cumulative
+
+
+def test_staleness_grows_during_an_outage_and_clears_after(api):
+    """ApiController with the real watchers against the fake API, in process (fast timings)."""
+    from kdns.sources import api as source
+    from kdns.sources.kubeconfig import api_client_from_flags
+    import pathlib
+    import tempfile
+    base_objects(api)
+    fast = source.WatchSettings(page_size=50, watch_timeout=(2, 2), read_slack=0.5,
+                                connect_timeout=1.0, list_read_timeout=2.0, backoff_base=0.2,
+                                backoff_cap=0.5, min_stream_seconds=0.2)
+    with tempfile.TemporaryDirectory() as d:
+        cfg = write_kubeconfig(pathlib.Path(d) / "kubeconfig", api.url, {"token": api.token})
+        ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg), settings=fast)
+        ctl.first()
+        try:
+            sup = FakeSupervisor(ctl)
+            wait_until(lambda: sup.pump() is not None and ctl.ready_generation, timeout=10,
+                       what="the first sync")
+            assert ctl.staleness_seconds() == 0.0
+            relists = ctl.relists()
+            assert relists == 3                 # one list per watcher
+            api.set_down(True)
+            api.delete("services", "default", "kubernetes")
+            api.compact()       # the delete is no longer in history: only a relist sees it
+            time.sleep(1.5)
+            assert ctl.staleness_seconds() > 0.5
+            api.set_down(False)
+            wait_until(lambda: ctl.staleness_seconds() == 0.0, timeout=10, what="reconnected")
+            wait_until(lambda: ctl.relists() > relists, timeout=10, what="relist after 410")
+            wait_until(lambda: sup.pump() is not None and ctl.model.count("Service") == 0,
+                       timeout=5, what="the deletion made during the outage")
+        finally:
+            ctl.stop()
 
 
 def test_initial_sync_timeout_logs_loudly_and_keeps_waiting(caplog):

@@ -191,6 +191,7 @@ class ResourceWatcher:
         self.synced = False
         self.last_contact: float | None = None     # monotonic time of the last good response
         self.last_error: str | None = None
+        self.last_error_at: float | None = None    # monotonic; after last_contact = failing now
         self.relists = 0
         self.rejected = 0                          # objects the sink raised on
         self._events_since_list = 0
@@ -347,7 +348,8 @@ class ResourceWatcher:
         """What the controller needs to report staleness and readiness."""
         return {"kind": self.resource.kind, "synced": self.synced,
                 "resource_version": self.resource_version, "last_contact": self.last_contact,
-                "last_error": self.last_error, "relists": self.relists,
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
+                "relists": self.relists,
                 "rejected": self.rejected}
 
     # ---- HTTP -------------------------------------------------------------------------------
@@ -437,6 +439,7 @@ class ResourceWatcher:
     def _pause(self, error: Exception) -> None:
         delay = self.backoff.next_delay(retry_after=getattr(error, "retry_after", None))
         self.last_error = str(error)
+        self.last_error_at = time.monotonic()
         level = logging.WARNING if self.backoff.failures >= 3 else logging.INFO
         log.log(level, "%s: %s; retrying in %.1fs%s", self.resource.kind, error, delay,
                 _hint(error, self.resource))
