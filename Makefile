@@ -4,10 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdns-installed
-SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap
+SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool
 # Debian packages that provide the tools above (dig comes from bind9-dnsutils; podman needs
 # runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin).
-SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin
+SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus
 
 .PHONY: install run test bench bench-short system-deps clean
 

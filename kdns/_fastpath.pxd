@@ -21,6 +21,7 @@ cdef enum:
     NODE_POD_NS = 4
     NODE_POD_VERIFIED = 8
     ZONE_REVERSE = 1
+    HDR_HANDOFF = 0x8000                  # blob hdr: CNAME chain leaves the cluster (issue 5)
 
 # ---------------------------------------------------------------- DNS constants (RFC 1035)
 cdef enum:

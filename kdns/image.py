@@ -28,7 +28,8 @@ Layout (all integers little-endian; every offset is from the start of the image)
     ZONE_REVERSE: reverse-zone misses are handed to the forwarder, not denied).
   reverse entry (28 bytes): family B, pad 3x, ip 16s (IPv4 in the first 4 bytes), rr_off I,
     nrr H, zone H. Sorted by (family, ip).
-  blob: hdr H (AA bit and rcode to OR into the reply), an H, ns H, ar H, nfix H, nseg H,
+  blob: hdr H (AA bit and rcode to OR into the reply; HDR_HANDOFF 0x8000 = chain leaves
+    the cluster: hand off), an H, ns H, ar H, nfix H, nseg H,
     len I, fix H*nfix, pad to 4, seg (end I, an H, ns H, ar H, tc H) * nseg, data[len].
     ``data`` is the answer, authority and additional sections as they follow the question.
     Positive blobs are encoded for the exact owner name, whose question sits at offset 12,
@@ -75,6 +76,12 @@ ZONE_AUTH = 0
 ZONE_REVERSE = 1
 
 HDR_AA = 0x0400
+# Issue 5 / spec §1.6: a CNAME chain that leaves the cluster (ExternalName to an outside
+# name) is answered as CNAME + the target's records from the forwarder. Its blobs carry this
+# bit; the packet paths hand such queries off, and the forwarder composes the answer from the
+# blob (CNAME alone) and the upstream's records. QR is set in every reply anyway, so ORing the
+# header into the flags changes no byte.
+HDR_HANDOFF = 0x8000
 RCODE_NOERROR, RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN = 0, 1, 2, 3
 RCODE_NOTIMP, RCODE_REFUSED = 4, 5
 
@@ -528,13 +535,25 @@ class _Compiler:
             cur = self.labels(nxt[R.CNAME].rdatas[0].target)
         qtypes.discard(R.CNAME)
         qtypes = {q for q in qtypes if q not in (R.SOA, R.NS)} | {R.CNAME, DEFAULT_QTYPE}
+        outside = self.chain_leaves_cluster(cur)
         entries = []
         for qtype in sorted(qtypes):
             an, ns, ar, rcode = self.chase(labels, qtype if qtype else 0xFFFF - 1)
             if not an and rcode == RCODE_NOERROR:
                 continue                        # plain NODATA: the zone blob answers it
-            entries.append((qtype, self.blob(HDR_AA | rcode, [an, ns, ar], labels)))
+            # A CNAME query is answered by the CNAME alone (RFC 1034 §3.6.2); any other
+            # type of a chain ending outside needs the target's records: hand off.
+            handoff = HDR_HANDOFF if outside and qtype != R.CNAME else 0
+            entries.append((qtype, self.blob(HDR_AA | rcode | handoff, [an, ns, ar], labels)))
         return entries
+
+    def chain_leaves_cluster(self, last: tuple) -> bool:
+        """Does the chain's last target lie outside every served zone (or in a reverse
+        zone without data: the forwarder's too)?"""
+        if last in self.data:
+            return False
+        zi = self.zone_of(last)
+        return zi < 0 or self.zones[zi].kind == ZONE_REVERSE
 
     # ---- trie
     def split_names(self) -> tuple[list, list]:

@@ -138,10 +138,11 @@ class CoreDNSCollector:
                                    labels=["server", "view", "zones"])
         hits.add_metric([server, view, zone],
                         sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"])
+        # A packet-cache miss goes on to the Python cache: only its misses are real misses.
         miss = CounterMetricFamily("coredns_cache_misses", "The count of cache misses.",
                                    labels=["server", "view", "zones"])
         miss.add_metric([server, view, zone],
-                        sum(s[f"cache_miss_{p}"] for p in C.PROTOS) + f["cache_misses"])
+                        f["cache_misses"])
         size = GaugeMetricFamily("coredns_cache_entries", "The number of elements in the "
                                  "cache (summed over workers).", labels=["server", "view", "zones"])
         size.add_metric([server, view, zone], f["cache_entries"])
@@ -240,7 +241,7 @@ class KdnsCollector:
                                 "was published.")
         age.add_metric([], max(0.0, time.time() - sup.published_at) if sup.published_at else 0)
         size = GaugeMetricFamily("kdns_image_bytes", "Size of the newest zone image.")
-        size.add_metric([], len(sup.published))
+        size.add_metric([], sup.image_bytes)
         restarts = CounterMetricFamily("kdns_worker_restarts", "Workers that exited and were "
                                        "replaced.")
         restarts.add_metric([], sup.worker_deaths)
@@ -304,8 +305,7 @@ class SkyDNSCollector:
         err.add_metric(["auth", "truncated"], sum(s[f"truncated_{pr}"] for pr in C.PROTOS))
         miss = CounterMetricFamily(p + "cachemiss_count", "Counter of DNS requests that "
                                    "result in a cache miss.", labels=["cache"])
-        miss.add_metric(["response"], sum(s[f"cache_miss_{pr}"] for pr in C.PROTOS)
-                        + s.fwd["cache_misses"])
+        miss.add_metric(["response"], s.fwd["cache_misses"])
         return [req, dur, size, err, miss]
 
 
@@ -338,7 +338,7 @@ class SidecarCollector:
         f = s.fwd
         values = {
             "hits": sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"],
-            "misses": sum(s[f"cache_miss_{p}"] for p in C.PROTOS) + f["cache_misses"],
+            "misses": f["cache_misses"],
             "evictions": f["cache_evictions"],
             "insertions": f["cache_inserts"],
             "max_size": f["cache_capacity"],

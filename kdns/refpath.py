@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from .image import (BLOBHDR, FLAG_SYNCED, HEADER, MAGIC, NODE, NODE_POD_NS, NODE_POD_VERIFIED,
+from .image import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE, NODE_POD_NS,
+                    NODE_POD_VERIFIED,
                     NODE_ZONE_APEX, REV, RRENT, SEG, ZONE, ZONE_REVERSE, reverse_to_ip)
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
@@ -200,8 +201,12 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
     return 6, b"".join(struct.pack("!H", v) for v in vals)
 
 
-def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232) -> tuple[int, bytes]:
-    """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's)."""
+def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
+           external_cname: bool = False) -> tuple[int, bytes]:
+    """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
+
+    ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
+    of handing it off (the forwarder's first half of such an answer, issue 5)."""
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
@@ -235,10 +240,10 @@ def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232) -
         edns = None
     if qclass != CLASS_IN:
         return ACTION_HANDOFF, b""
-    return resolve(image, q, qend, labels, qtype, limit, edns)
+    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname)
 
 
-def resolve(img: Image, q, qend, labels, qtype, limit, edns):
+def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False):
     low = [label.lower() for label in labels]
     ni, zone, i = 0, -1, len(low) - 1
     node = img.node(0)
@@ -273,6 +278,8 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns):
         return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)
     if i < 0:
         blob = img.lookup_rr(node[3], node[4], qtype)
+        if blob and not external_cname and BLOBHDR.unpack_from(img.buf, blob)[0] & HDR_HANDOFF:
+            return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)

@@ -1,0 +1,82 @@
+"""Lameduck the way a rolling update exercises it (issue 6): two kdns instances share one
+DNS port through SO_REUSEPORT, dnsperf sends steady load, one instance gets SIGTERM. It must
+report not ready at once, keep answering for --lameduck, exit 0, and dnsperf must lose no
+query: the dying instance's UDP sockets leave the SO_REUSEPORT group and drain what is
+queued on them before they close."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import require_tool
+from serverutil import Kdns
+from zonefixtures import sample_image
+
+pytestmark = pytest.mark.timeout(120)
+
+QUERIES = ["kubernetes.default.svc.cluster.local A", "kubernetes.default.svc.cluster.local SRV",
+           "_https._tcp.kubernetes.default.svc.cluster.local SRV",
+           "dual.default.svc.cluster.local AAAA", "nope.default.svc.cluster.local A"]
+LAMEDUCK = 3.0
+RUN = 9                   # seconds of load; SIGTERM at 2 s, so the exit falls inside the run
+
+
+def requests(k: Kdns) -> int:
+    return int(sum(v for (name, labels), v in k.metrics().items()
+                   if name == "coredns_dns_requests_total"))
+
+
+def test_rolling_update_loses_no_query(tmp_path):
+    dnsperf = require_tool("dnsperf")
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("\n".join(QUERIES) + "\n")
+    args = ("--lameduck", f"{LAMEDUCK}s")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = Kdns(tmp_path / "old",
+               image=sample_image(), workers=1, args=args)
+    new = Kdns(tmp_path / "new",
+               image=sample_image(), workers=1, args=args)
+    # Same DNS port for both: the supervisor sets SO_REUSEPORT on every socket.
+    new.port = old.port
+    new.argv[new.argv.index("--dns-port") + 1] = str(old.port)
+    old.start()
+    try:
+        new.start()
+        perf = subprocess.Popen(
+            [dnsperf, "-s", "127.0.0.1", "-p", str(old.port), "-d", str(qfile), "-l", str(RUN),
+             "-Q", "2000", "-c", "16", "-t", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(2)
+            both = requests(old), requests(new)
+            assert min(both) > 0, f"load did not reach both instances: {both}"
+            t0 = time.monotonic()
+            old.proc.send_signal(signal.SIGTERM)
+            # Not ready at once...
+            while old.http_get("/readiness")[0] == 200:
+                assert time.monotonic() - t0 < 0.5, "still ready after SIGTERM"
+                time.sleep(0.01)
+            # ...still answering through the lameduck, then exit 0.
+            served_at_term = requests(old)
+            assert old.proc.wait(LAMEDUCK + 10) == 0, old.logs()
+            took = time.monotonic() - t0
+            assert LAMEDUCK - 0.2 <= took < LAMEDUCK + 6, took
+            out, _ = perf.communicate(timeout=RUN + 20)
+        finally:
+            if perf.poll() is None:
+                perf.kill()
+                perf.wait()
+        sent = int(re.search(r"Queries sent:\s+(\d+)", out).group(1))
+        lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))
+        assert sent > 2000 * (RUN - 2), out
+        assert lost == 0, out
+        assert served_at_term > 0
+        assert new.ready() and requests(new) > both[1]
+    finally:
+        old.stop()
+        new.stop()

@@ -1,0 +1,175 @@
+"""Prometheus exposition (issue 6): CoreDNS names and labels on --metrics-port, kube-dns's
+SkyDNS names on PROMETHEUS_PORT, the sidecar's kubedns_* on --sidecar-port, all rendered
+from the shared counters when scraped; `promtool check metrics` passes on each, and the series
+the common CoreDNS alert rules use are present."""
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import require_tool
+from serverutil import HOST, Kdns, free_port
+from upstream import TestDNSServer
+from zonefixtures import sample_image
+
+K = "kubernetes.default.svc.cluster.local"
+
+
+def scrape(port, path="/metrics") -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=3) as r:
+        return r.read().decode()
+
+
+def samples(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def find(m: dict, name: str, **labels) -> list[float]:
+    want = set(labels.items())
+    return [v for (n, ls), v in m.items() if n == name and want <= set(ls)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One kdns with every metrics listener, an upstream, and some traffic of each kind."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    with TestDNSServer({"www.example.": ["A 192.0.2.1"]}) as up:
+        ports = {"sidecar": free_port(), "prometheus": free_port(), "health": free_port()}
+        k = Kdns(tmp, image=sample_image(), workers=2,
+                 args=("--sidecar-port", str(ports["sidecar"]), "--health-port",
+                       str(ports["health"]), "--nameservers", f"{HOST}:{up.port}"),
+                 env={"PROMETHEUS_PORT": str(ports["prometheus"]), "PROMETHEUS_PATH": "/skydns"})
+        k.start()
+        try:
+            for _ in range(5):
+                k.udp(K, "SRV")
+                k.udp("www.example.", "A")          # forwarded, then from the cache
+            k.tcp(K, "A")
+            k.udp("nope.default.svc.cluster.local", "A")
+            time.sleep(1.5)          # the workers copy forwarder counters once a second
+            yield k, ports, up
+        finally:
+            assert k.stop() == 0
+
+
+def promtool_check(text: str, allowed: tuple = ()) -> None:
+    """Valid exposition, and no lint finding but the ``allowed`` ones (promtool exits 3 for
+    lint findings, 1 for a parse error)."""
+    promtool = require_tool("promtool")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    findings = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert r.returncode in (0, 3) and all(f in allowed for f in findings), findings
+    assert r.returncode == 0 or findings
+
+
+def test_coredns_metrics_pass_promtool(served):
+    k, _, _ = served
+    promtool_check(scrape(k.http_port))
+
+
+def test_skydns_metrics_pass_promtool(served):
+    _, ports, _ = served
+    promtool_check(scrape(ports["prometheus"], "/skydns"))
+
+
+def test_sidecar_metrics_pass_promtool(served):
+    _, ports, _ = served
+    # The sidecar's own name (spec §3.4) breaks one lint rule; kept so dashboards still work.
+    promtool_check(scrape(ports["sidecar"]), allowed=(
+        "kubedns_probe_kubedns_latency_ms metric names should not contain abbreviated units",))
+
+
+def test_coredns_names_and_labels(served):
+    k, _, _ = served
+    m = samples(scrape(k.http_port))
+    server = f"dns://{HOST}:{k.port}"
+    base = {"server": server, "zone": ".", "view": ""}
+    assert find(m, "coredns_dns_requests_total", **base, proto="udp", family="1", type="SRV")[0] >= 5
+    assert find(m, "coredns_dns_requests_total", **base, proto="tcp", family="1", type="A")[0] >= 1
+    assert find(m, "coredns_dns_responses_total", **base, rcode="NXDOMAIN", plugin="")[0] >= 1
+    assert find(m, "coredns_dns_request_duration_seconds_count", **base)[0] >= 12
+    for kind in ("request", "response"):
+        for proto in ("udp", "tcp"):
+            assert find(m, f"coredns_dns_{kind}_size_bytes_count", **base, proto=proto)[0] >= 1
+    assert find(m, "coredns_build_info", version="0.1.0") == [1.0]
+    assert find(m, "coredns_panics_total") == [0.0]
+    # Bounded label sets: qtypes are a fixed list, whatever clients ask.
+    types = {dict(ls)["type"] for (n, ls) in m if n == "coredns_dns_requests_total"}
+    assert len(types) <= 15 and "other" in types
+
+
+def test_forward_and_cache_metrics_from_the_workers(served):
+    k, _, up = served
+    m = samples(scrape(k.http_port))
+    to = f"{HOST}:{up.port}"
+    # The workers' queries (the supervisor's loop probe at start is not a forwarded query).
+    sent = sum(1 for name, _, _ in up.queries if name.rstrip(".") == "www.example")
+    assert sent >= 1
+    assert find(m, "coredns_forward_requests_total", to=to)[0] == sent
+    assert find(m, "coredns_forward_responses_total", to=to, rcode="NOERROR")[0] == sent
+    assert find(m, "coredns_forward_request_duration_seconds_count", to=to)[0] == sent
+    assert find(m, "coredns_proxy_requests_total", to=to)[0] == sent
+    # Five asks, one upstream query per worker at most: the rest are cache hits.
+    assert find(m, "coredns_cache_hits_total")[0] >= 5 - sent
+    assert find(m, "coredns_cache_misses_total")[0] >= 1
+
+
+ALERT_SERIES = [
+    # coredns-mixin / kube-prometheus alerts: CoreDNSLatencyHigh, CoreDNSErrorsHigh,
+    # CoreDNSForwardLatencyHigh, CoreDNSForwardErrorsHigh, CoreDNSForwardHealthcheckFailureCount.
+    ("coredns_dns_request_duration_seconds_bucket", {}),
+    ("coredns_dns_responses_total", {"rcode": "SERVFAIL"}),
+    ("coredns_forward_request_duration_seconds_bucket", {}),
+    ("coredns_forward_responses_total", {"rcode": "SERVFAIL"}),
+    ("coredns_forward_healthcheck_failures_total", {}),
+]
+
+
+@pytest.mark.parametrize("name,labels", ALERT_SERIES, ids=[n for n, _ in ALERT_SERIES])
+def test_alert_rule_series_are_present(served, name, labels):
+    k, _, _ = served
+    assert find(samples(scrape(k.http_port)), name, **labels), f"{name} {labels} missing"
+
+
+def test_kdns_own_series(served):
+    k, _, _ = served
+    m = samples(scrape(k.http_port))
+    assert find(m, "kdns_image_published_generation") == [1.0]
+    assert find(m, "kdns_image_generation", worker="0") == [1.0]
+    assert find(m, "kdns_image_bytes")[0] == len(sample_image())
+    assert 0 <= find(m, "kdns_image_age_seconds")[0] < 120
+    assert find(m, "kdns_worker_restarts_total") == [0.0]
+    assert find(m, "kdns_ready") == [1.0]
+    assert find(m, "kdns_api_staleness_seconds") == [0.0]
+    assert find(m, "kdns_api_relists_total") == [0.0]
+    assert find(m, "process_cpu_seconds_total")
+
+
+def test_skydns_names(served):
+    _, ports, _ = served
+    m = samples(scrape(ports["prometheus"], "/skydns"))
+    p = "skydns_skydns_dns_"
+    assert find(m, p + "request_count_total", system="auth")[0] >= 7
+    assert find(m, p + "request_count_total", system="recursive")[0] >= 1
+    assert find(m, p + "request_duration_seconds_count", system="auth")
+    assert find(m, p + "response_size_bytes_count", system="auth")
+    assert find(m, p + "error_count_total", system="auth", cause="nxdomain")[0] >= 1
+    assert find(m, p + "cachemiss_count_total", cache="response")
+
+
+def test_sidecar_names(served):
+    _, ports, _ = served
+    m = samples(scrape(ports["sidecar"]))
+    assert find(m, "kubedns_probe_kubedns_latency_ms_count")[0] >= 1
+    assert find(m, "kubedns_probe_kubedns_errors") is not None
+    for name in ("hits", "misses", "evictions", "insertions", "max_size"):
+        assert find(m, f"kubedns_dnsmasq_{name}"), name
