@@ -558,6 +558,8 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
         return build_reply(a, img, 0, RC_REFUSED, 0, NULL, 0, out, cap, res)
     if i < 0:
         blob = lookup_rr(img, le32(node + 12), le16(node + 16), a.qtype)
+        if blob and le16(img.base + blob) & HDR_HANDOFF:
+            return ACTION_HANDOFF           # CNAME to outside: the forwarder completes it
         if blob:
             return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
         return build_reply(a, img, le32(zone + 4), 0, apex_ptr, NULL, 0, out, cap, res)
