@@ -15,6 +15,10 @@ What it must not do: contain DNS rules or answer queries.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import hashlib
 import logging
 import os
 import select
@@ -31,6 +35,36 @@ from . import http
 from . import publish
 
 log = logging.getLogger("kdns.server")
+
+
+def image_digest(data: bytes) -> bytes:
+    """What the supervisor remembers of the image it published: comparing digests finds an
+    unchanged image without keeping a private copy of it (30 MiB at 10k services/100k
+    endpoints; the workers' shared mapping is the one copy that must exist, issue 3)."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def release_memory() -> None:
+    """Give a compile's transient memory back to the OS, so the supervisor's PSS is its
+    steady state, not its peak (issue 3: the whole pod under 170 MiB).
+
+    The full collection matters although a build leaves no cycles: measured at 10k services
+    and 100k endpoints, RSS falls from ~180 to ~70 MiB (most likely because emptying the
+    interpreter's free lists lets pymalloc unmap arenas that only cached objects held), and an
+    idle supervisor allocates too little for the automatic full collection ever to run.
+    malloc_trim(0) then hands glibc's free heap pages back (~70 -> ~55 MiB).
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim          # glibc only: musl has no malloc_trim
+except (OSError, AttributeError):
+    _LIBC = None
 
 TICK = 0.1                  # main-loop wake-up: a dead worker is noticed within this
 FILE_POLL = 1.0             # issue 2 §2: the input file is re-read when it changes
@@ -72,12 +106,12 @@ class ServeConfig:
     prometheus_path: str = "/metrics"
     log_queries: bool = False
     log_level: str = "info"
+    # Issue 5: where outside names go (forwarding.ForwardingOptions); None = REFUSED.
+    forwarding: object = None
     # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
     kubecfg_file: str = ""
     kube_master_url: str = ""
     initial_sync_timeout: float = 60.0
-    # Issue 5: where outside names go (forwarding.ForwardingOptions); None = REFUSED.
-    forwarding: object = None
 
 
 # --------------------------------------------------------------------------- image sources
@@ -282,7 +316,7 @@ class Supervisor:
                              f"({e.strerror or e}); choose another --healthz-port or "
                              f"--metrics-port, or 0 to disable it.") from None
         self.source.published(self.publisher.publish(first_image))
-        self.published = first_image
+        self.published = image_digest(first_image)
         if self.forwarding is not None:
             self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
         log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
@@ -434,17 +468,19 @@ class Supervisor:
         t0 = time.monotonic()
         data = self.source.poll(force=force)
         took = time.monotonic() - t0
-        if data is not None and data == self.published and not force:
+        if data is not None and image_digest(data) == self.published and not force:
             log.debug("%s changed but compiles to the same image; nothing to publish",
                       self.source.path)
             return
         if data is not None:
-            self.published = data
+            self.published = image_digest(data)
             gen = self.publisher.publish(data)
             self.source.published(gen)
             log.info("published image generation %d from %s (%d bytes, built in %.3fs)",
                      gen, self.source.path, len(data), took)
             self.image_bytes, self.published_at = len(data), time.time()
+            del data
+            release_memory()
 
     # ---- what health and metrics read (issue 6; kdns/health.py, kdns/metrics.py)
     def is_ready(self) -> bool:
@@ -552,4 +588,6 @@ def serve(cfg: ServeConfig) -> int:
     first = source.first()
     sup = Supervisor(cfg, source)
     sup.start(first)
+    del first                   # the workers' shared mapping is the copy that serves
+    release_memory()
     return sup.run()
