@@ -64,7 +64,7 @@ class Question(NamedTuple):
 class UpstreamStats:
     """Per-upstream counters (plain ints; the metrics issue renders them)."""
     __slots__ = ("queries", "replies", "timeouts", "errors", "forged", "tcp_retries",
-                 "rcodes", "latency_buckets", "latency_sum_ns")
+                 "rcodes", "latency_buckets", "latency_sum_ns", "failing")
 
     def __init__(self):
         self.queries = self.replies = self.timeouts = self.errors = 0
@@ -74,6 +74,18 @@ class UpstreamStats:
         self.rcodes: dict[int, int] = {}
         self.latency_buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum_ns = 0
+        self.failing = False            # logs once per change, not once per failed try
+
+    def failed(self, up, why: str) -> None:
+        # Issue 6: one log line when an upstream starts failing, one when it answers again.
+        if not self.failing:
+            self.failing = True
+            log.warning("upstream %s failed (%s); trying others", up, why)
+
+    def answered(self, up) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("upstream %s answers again", up)
 
     def observe(self, rcode: int, seconds: float) -> None:
         ns = int(seconds * 1e9)
@@ -422,12 +434,15 @@ class Forwarder:
         except (TimeoutError, asyncio.TimeoutError):
             self.timeouts += 1
             st.timeouts += 1
+            st.failed(up, "timeout")
             raise TryFailed from None
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             log.debug("upstream %s: %s", up, exc)
             st.errors += 1
+            st.failed(up, str(exc) or type(exc).__name__)
             raise TryFailed from None
         st.replies += 1
+        st.answered(up)
         st.observe(raw[3] & 0xF, loop.time() - started)
         return raw
 
