@@ -4,8 +4,9 @@ Why: Kubernetes probes and Prometheus need HTTP, and neither may ever sit on the
 path: these threads run in the supervisor only, and metrics are read from the workers'
 shared counter pages when Prometheus scrapes (DESIGN.md "What makes it fast").
 
-What it must not do: touch DNS sockets or call into the workers. The full metrics set
-(histograms, cache, forwarder) is issue 6; this renders the counters issue 2 needs.
+What it must not do: touch DNS sockets or call into the workers. The listeners kdns serve
+starts, their routes and the full metrics set are kdns/health.py's and kdns/metrics.py's
+(issue 6); CounterCollector and probe_routes here are issue 2's minimal set.
 """
 from __future__ import annotations
 
