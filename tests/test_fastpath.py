@@ -97,9 +97,12 @@ CASES = {
     "cname_chain": case(query("ext.default.svc.cluster.local."),
                         answer=[f"ext.default.svc.cluster.local. 30 IN CNAME {S}",
                                 f"{S} 30 IN A 10.96.0.1"]),
-    "cname_outside": case(query("outside.default.svc.cluster.local."),
-                          answer=["outside.default.svc.cluster.local. 30 IN CNAME "
-                                  "www.example.com."]),
+    # Issue 5 (spec §1.6): a chain leaving the cluster is completed by the forwarder; a
+    # CNAME query is still answered by the CNAME alone.
+    "cname_outside": case(query("outside.default.svc.cluster.local."), action=HANDOFF),
+    "cname_outside_cname": case(query("outside.default.svc.cluster.local.", "CNAME"),
+                                answer=["outside.default.svc.cluster.local. 30 IN CNAME "
+                                        "www.example.com."]),
     "pod_v4": case(query("1-2-3-4.default.pod.cluster.local."),
                    answer=["1-2-3-4.default.pod.cluster.local. 30 IN A 1.2.3.4"]),
     "pod_v6": case(query("fd00-10-244--5.default.pod.cluster.local.", "AAAA"),
