@@ -412,6 +412,10 @@ def test_a_burst_of_300_endpointslice_changes_is_a_few_publishes(api, kdns_api):
     publishes = k.published() - before
     print(f"300 EndpointSlice changes -> {publishes} publishes")
     assert 1 <= publishes <= 30, f"{publishes} publishes for 300 changes"
+    # Every change was one programming-latency observation, exported as CoreDNS does.
+    count = k.metrics()[("coredns_kubernetes_dns_programming_duration_seconds_count",
+                         frozenset({("service_kind", "headless_with_selector")}))]
+    assert count >= 300
 
 
 def test_gone_in_a_busy_stream_loses_no_update(api, kdns_api):
@@ -461,12 +465,19 @@ def test_an_api_outage_keeps_answers_flowing_then_converges(api, kdns_api):
         assert k.ready(), "not ready during an API outage"
         time.sleep(0.05)
     assert not failures and queries > 100, failures[:5]
+    m = k.metrics()
+    assert m[("kdns_api_staleness_seconds", frozenset())] > 5     # says how stale it is
+    relists = m[("kdns_api_relists_total", frozenset())]
     api.set_down(False)
     k.wait_answer(f"gone.default.svc.{ZONE}", rcode("NXDOMAIN"), timeout=40)
     k.wait_answer(f"moved.default.svc.{ZONE}", answers("10.96.1.4"), timeout=5)
     k.wait_answer(f"new.default.svc.{ZONE}", answers("10.96.1.5"), timeout=5)
     k.wait_answer(f"keep.default.svc.{ZONE}", answers("10.96.1.1"), timeout=5)
     assert k.ready()
+    # Watchers with nothing to deliver reconnect on their own backoff (up to backoff_cap).
+    wait_until(lambda: k.metrics()[("kdns_api_staleness_seconds", frozenset())] == 0,
+               timeout=35, step=0.2, what="every watcher reconnected")
+    assert k.metrics()[("kdns_api_relists_total", frozenset())] > relists
 
 
 def test_pods_verified_watches_pods(api, tmp_path):
@@ -486,3 +497,19 @@ def test_pods_verified_watches_pods(api, tmp_path):
         assert api.count(verb="watch", resource="pods") >= 1
     finally:
         k.stop()
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--kubecfg-file", "/nonexistent/kubeconfig"], "--kubecfg-file"),
+    (["--kube-master-url", "ftp://api"], "--kube-master-url"),
+    (["--initial-sync-timeout", "soon"], "--initial-sync-timeout"),
+])
+def test_bad_connection_flags_are_one_sentence_naming_them(capsys, flags, named):
+    from kdns import cli
+    try:
+        code = cli.main(["serve", "--dns-port", "0", "--healthz-port", "0", "--metrics-port", "0",
+                         *flags])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
