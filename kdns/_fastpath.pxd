@@ -213,7 +213,7 @@ cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns)
 
 cdef class Image:
     cdef ImageView view
-    cdef object buffer
+    cdef readonly object buffer          # the mapping (kdns.external reads it through refpath)
     cdef const uint8_t[::1] mem
 
 

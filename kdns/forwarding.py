@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from . import engine
 from .cache import Cache
+from .external import ExternalNames
 from .forward import Forwarder, Upstream, parse_query
 from .kubedns_config import (DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PERIOD, ConfigDirWatcher,
                              KubeDNSConfig, effective_upstreams, parse_resolv_conf)
@@ -248,8 +249,10 @@ class ForwardingHandoff:
         self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max)
         self.edns_max = edns_max
         self.configured = False
+        self.worker = None
+        self.external = ExternalNames(self.forwarder, edns_max)
 
-    def attach(self, loop: asyncio.AbstractEventLoop, udp_server=None) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop, udp_server=None, worker=None) -> None:
         """Apply the queued config now (it was sent before this worker started), then
         follow the channel; let ``udp_server`` serve cache hits itself."""
         self.on_control()
@@ -257,6 +260,7 @@ class ForwardingHandoff:
         if udp_server is not None and self.fast is not None and hasattr(udp_server, "set_cache"):
             udp_server.set_cache(self.fast)
         self._loop = loop
+        self.worker = worker
 
     def on_control(self) -> None:
         latest = None
@@ -300,6 +304,11 @@ class ForwardingHandoff:
             probe = q is not None and fw.probe_token in q.labels
             if not probe:
                 return engine.refused(query, self.edns_max)
+        if self.worker is not None and self.worker.img is not None:
+            # An ExternalName to an outside name: CNAME + the target's records (spec §1.6).
+            reply = await self.external.answer(self.worker.img, query, proto)
+            if reply is not None:
+                return reply
         return await fw.resolve(query, proto)
 
 

@@ -385,7 +385,7 @@ async def run_worker(worker: Worker) -> None:
     attach = getattr(worker.handoff, "attach", None)
     if attach is not None:
         # Config first (it is already queued), then cache hits served by the UdpServer.
-        attach(asyncio.get_running_loop(), worker.udp_server)
+        attach(asyncio.get_running_loop(), worker.udp_server, worker)
     await worker.run()
 
 

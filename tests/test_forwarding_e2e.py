@@ -40,6 +40,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fwd")
     stub = TestDNSServer({"abc.acme.local.": ["A 1.1.1.1"], "def.acme.local.": ["A 2.2.2.2"]})
     up = TestDNSServer({"widget.local.": ["A 3.3.3.3"],
+                        "www.example.com.": ["A 93.184.216.34", "A 93.184.216.35"],
                         "123.2.0.192.in-addr.arpa.": ["PTR my.test."],
                         **{f"c{i}.widget.local.": ["300 A 10.0.0.1"] for i in range(10)}})
     other = TestDNSServer({"widget.local.": ["A 4.4.4.4"]})
@@ -117,6 +118,23 @@ def test_cache_hits_ask_the_upstream_once(env):
     # DNS 0x20: the question comes back in the client's case.
     assert replies[1].question[0].name.to_text() == name.upper()
     assert all(r.answer[0].ttl <= 300 for r in replies)
+
+
+def test_external_name_outside_gets_the_target_records(env):
+    """spec §1.6: CNAME (from the image, AA) followed by the target's A records (upstream)."""
+    k, _, _, up, _ = env
+    for tcp in (False, True):
+        m = ask(k, "outside.default.svc.cluster.local", tcp=tcp)
+        assert m.rcode() == dns.rcode.NOERROR
+        texts = [rr.to_text() for rr in m.answer]
+        assert texts[0] == "outside.default.svc.cluster.local. 30 IN CNAME www.example.com."
+        assert addresses(m)[:2] == ["93.184.216.34", "93.184.216.35"]
+        assert all(rr.name.to_text() == "www.example.com." for rr in m.answer[1:])
+    # The CNAME query itself is the image's alone; the target is asked once (then cached).
+    m = ask(k, "outside.default.svc.cluster.local", "CNAME")
+    assert [rr.to_text() for rr in m.answer] == [
+        "outside.default.svc.cluster.local. 30 IN CNAME www.example.com."]
+    assert sum(1 for q in up.queries if q[0] == "www.example.com.") <= 2    # one per worker
 
 
 def test_hot_reload_valid_then_invalid(env):
