@@ -141,6 +141,10 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         except OSError as e:
             raise LoadError(f"cannot read --from-file {path}: {e.strerror or e}; "
                             f"check the path and its permissions.") from None
+        # At once, before anything else allocates: a few objects made between the compile
+        # and the release would each pin an otherwise empty arena (measured at 10k services
+        # and 100k endpoints: supervisor RSS 86 MiB when released after start, 35 at once).
+        release_memory()
         return checked_image(data, f"the image compiled from {path}")
     return load
 
