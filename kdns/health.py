@@ -73,6 +73,7 @@ class Prober:
         self.target, self.name, self.label = target, name, label
         self.interval, self.timeout = interval, timeout
         self.last: ProbeResult | None = None
+        self.answered_once = False      # readiness: the workers have answered at least once
         self.errors = 0
         self.buckets = [0] * (len(LATENCY_MS_BOUNDS) + 1)
         self.latency_ms_sum = 0.0
@@ -117,6 +118,7 @@ class Prober:
         if ok and self.last is not None and not self.last.ok:
             log.info("DNS probe %s SRV answered again", self.name)
         self.last = ProbeResult(replied, ok, latency, err, time.time())
+        self.answered_once = self.answered_once or replied
         return self.last
 
     def exchange(self) -> tuple[bool, bool, str]:

@@ -488,8 +488,10 @@ class Supervisor:
 
     # ---- what health and metrics read (issue 6; kdns/health.py, kdns/metrics.py)
     def is_ready(self) -> bool:
-        """First sync served by every worker, a real DNS answer seen, not in lameduck."""
-        answering = self.prober is None or self.prober.answering()
+        """First sync served by every worker, a real DNS answer seen, not in lameduck. Only
+        the first answer gates readiness: a slow probe under load must not flap it (a
+        failing probe is liveness's business, /health)."""
+        answering = self.prober is None or self.prober.answered_once
         return (self.ready and answering and not self.stopping and self.lameduck_until is None
                 and (self.forwarding is None or self.forwarding.ready))
 
