@@ -17,6 +17,7 @@ What it must not do: sit on the packet path, or touch DNS sockets.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
@@ -248,7 +249,8 @@ class KdnsCollector:
         ready = GaugeMetricFamily("kdns_ready", "1 when ready (first sync served, not in "
                                   "lameduck).")
         ready.add_metric([], 1 if sup.is_ready() else 0)
-        out = [trunc, drops, handoff, pub, served, age, size, restarts, ready]
+        out = [trunc, drops, handoff, pub, served, age, size, restarts, ready,
+               *worker_process_metrics(sup)]
         stale = sup.staleness_seconds()
         st = GaugeMetricFamily("kdns_api_staleness_seconds", "Seconds since the served data was "
                                "last known current with the API (0 when up to date or not "
@@ -258,6 +260,28 @@ class KdnsCollector:
                                   "reconnects).")
         rel.add_metric([], sup.relists())
         return out + [st, rel]
+
+
+def worker_process_metrics(sup):
+    """CPU and memory of each worker (process_* covers the supervisor only; the workers do
+    the DNS work), read from /proc at scrape time."""
+    cpu = CounterMetricFamily("kdns_worker_cpu_seconds", "CPU time of each worker process.",
+                              labels=["worker"])
+    rss = GaugeMetricFamily("kdns_worker_resident_memory_bytes", "Resident memory of each "
+                            "worker process.", labels=["worker"])
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for slot in getattr(sup, "slots", ()):
+        proc = slot.proc
+        if proc is None:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                     # exited between the check and the read
+        cpu.add_metric([str(slot.index)], (int(fields[11]) + int(fields[12])) / tick)
+        rss.add_metric([str(slot.index)], int(fields[21]) * page)
+    return [cpu, rss]
 
 
 class SkyDNSCollector:

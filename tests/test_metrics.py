@@ -152,6 +152,8 @@ def test_kdns_own_series(served):
     assert find(m, "kdns_api_staleness_seconds") == [0.0]
     assert find(m, "kdns_api_relists_total") == [0.0]
     assert find(m, "process_cpu_seconds_total")
+    assert find(m, "kdns_worker_cpu_seconds_total", worker="1")[0] > 0
+    assert find(m, "kdns_worker_resident_memory_bytes", worker="0")[0] > 1 << 20
 
 
 def test_skydns_names(served):
