@@ -193,6 +193,12 @@ def _forwarding_problem(a: argparse.Namespace) -> str | None:
                 "its directory with --config-dir.")
     if a.config_period <= 0:
         return "--config-period must be above 0, e.g. 10s."
+    if a.config_map:
+        from .forwarding import api_client_for
+        try:
+            api_client_for(_forwarding(a))
+        except ValueError as e:            # kubeconfig.ConnectionConfigError
+            return f"--config-map needs the Kubernetes API: {e}"
     return None
 
 

@@ -34,7 +34,8 @@ from .cache import Cache
 from .external import ExternalNames
 from .forward import Forwarder, Upstream, parse_query
 from .kubedns_config import (DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PERIOD, ConfigDirWatcher,
-                             KubeDNSConfig, effective_upstreams, parse_resolv_conf)
+                             ConfigError, KubeDNSConfig, effective_upstreams, parse_configmap,
+                             parse_resolv_conf)
 from .refpath import Malformed
 
 log = logging.getLogger("kdns.forwarding")
@@ -52,6 +53,10 @@ class ForwardingOptions:
     nameservers: tuple[Upstream, ...] = ()
     cache_size: int = 10000
     try_timeout: float = 2.0
+    config_map: str = ""                 # --config-map: read through the API instead
+    config_map_namespace: str = "kube-system"
+    kubecfg_file: str = ""
+    kube_master_url: str = ""
 
 
 # --------------------------------------------------------------------------- the message
@@ -90,6 +95,10 @@ class ForwardingControl:
         self.watcher = (ConfigDirWatcher(opts.config_dir, self._on_change,
                                          period=opts.config_period)
                         if opts.config_dir else None)
+        self.configmap = (ConfigMapPoller(opts, api_client_for(opts))
+                          if opts.config_map else None)
+        self._cm_version: str | None = None
+        self.rejected = 0
         self.own: list[tuple[str, int]] = []
         self.looping: tuple[Upstream, ...] = ()
         self.loop_errors: list[str] = []
@@ -112,6 +121,10 @@ class ForwardingControl:
         self.own = own
         if self.watcher is not None:
             self.watcher.poll_once()
+        if self.configmap is not None:
+            self.configmap.fetch()           # the first read before any worker starts
+            self._take_configmap()
+            self.configmap.start()
         self._next_poll = time.monotonic() + self.opts.config_period
         self._publish()
         log.info("forwarding to %s; stub domains: %s",
@@ -127,6 +140,24 @@ class ForwardingControl:
         if self.watcher is not None and now >= self._next_poll:
             self._next_poll = now + self.opts.config_period
             self.watcher.poll_once()
+        if self.configmap is not None:
+            self._take_configmap()
+
+    def _take_configmap(self) -> None:
+        """Apply the ConfigMap the poller fetched last, as ConfigDirWatcher does a directory:
+        an unchanged version is ignored, an invalid one rejected with one line, once."""
+        got = self.configmap.take()
+        if got is None or got[0] == self._cm_version:
+            return
+        self._cm_version = got[0]
+        try:
+            config = parse_configmap(got[1])
+        except ConfigError as exc:
+            self.rejected += 1
+            log.error("%s (ConfigMap %s/%s); keeping the previous configuration", exc,
+                      self.opts.config_map_namespace, self.opts.config_map)
+            return
+        self._on_change(config)
 
     def _on_change(self, config: KubeDNSConfig) -> None:
         old = self.config
@@ -201,6 +232,65 @@ class ForwardingControl:
     def close(self) -> None:
         for slot in list(self._channels):
             self.detach(slot)
+        if self.configmap is not None:
+            self.configmap.stop.set()
+
+
+def api_client_for(opts: ForwardingOptions):
+    from .sources import kubeconfig        # only with --config-map
+    return kubeconfig.api_client_from_flags(kubecfg_file=opts.kubecfg_file,
+                                            kube_master_url=opts.kube_master_url)
+
+
+class ConfigMapPoller:
+    """--config-map: GET the ConfigMap every --config-period in a thread (one small object:
+    a poll bounds the delay exactly as --config-dir's does, with no watch to keep alive). A
+    missing ConfigMap means defaults, as in kube-dns; an unreachable API keeps the last one."""
+
+    def __init__(self, opts: ForwardingOptions, api_client):
+        self.name, self.namespace = opts.config_map, opts.config_map_namespace
+        self.period, self.api = opts.config_period, api_client
+        self.stop = threading.Event()
+        self._latest: tuple[str, dict] | None = None
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="kdns-configmap", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            self.fetch()
+
+    def fetch(self) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+        try:
+            cm = client.CoreV1Api(self.api).read_namespaced_config_map(
+                self.name, self.namespace, _request_timeout=(5, 5))
+            got = (f"rv:{cm.metadata.resource_version}", dict(cm.data or {}))
+        except ApiException as e:
+            if e.status != 404:
+                return self._failed(f"HTTP {e.status} {e.reason}")
+            got = ("absent", {})
+        except Exception as e:   # noqa: BLE001 -- network, TLS: keep the last config
+            return self._failed(str(e))
+        if self._failing:
+            log.info("ConfigMap %s/%s readable again", self.namespace, self.name)
+        self._failing = False
+        with self._lock:
+            self._latest = got
+
+    def _failed(self, why: str) -> None:
+        if not self._failing:
+            log.warning("cannot read ConfigMap %s/%s (%s); keeping the current configuration "
+                        "and retrying every %gs", self.namespace, self.name, why, self.period)
+        self._failing = True
+
+    def take(self) -> tuple[str, dict] | None:
+        with self._lock:
+            got, self._latest = self._latest, None
+        return got
 
 
 # --------------------------------------------------------------------------- worker side

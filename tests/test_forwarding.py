@@ -5,6 +5,7 @@ entry (Entry.render + forward.fit), and UdpServer must serve it without handing 
 """
 from __future__ import annotations
 
+import json
 import mmap
 import socket
 import struct
@@ -128,3 +129,93 @@ def test_plain_cache_is_unchanged_by_linking():
     key = (b"\x01a\x07example\x00", 1, 1, 0, 0)
     assert (plain.put(key, upstream_reply("a.example")).wire ==
             linked.put(key, upstream_reply("a.example")).wire)
+
+
+# --------------------------------------------------------------------------- --config-map
+
+
+class _ConfigMapApi:
+    """A loopback HTTP server answering GET of one ConfigMap (404 until ``data`` is set)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        outer = self
+        self.data, self.rv, self.gets = None, 1, 0
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.gets += 1
+                if self.path != "/api/v1/namespaces/kube-system/configmaps/kube-dns" or \
+                        outer.data is None:
+                    body, code = b'{"kind":"Status","code":404,"reason":"NotFound"}', 404
+                else:
+                    body, code = json.dumps({"kind": "ConfigMap", "apiVersion": "v1",
+                                             "metadata": {"name": "kube-dns",
+                                                          "resourceVersion": str(outer.rv)},
+                                             "data": outer.data}).encode(), 200
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_config_map_through_the_api(tmp_path):
+    from kdns.forwarding import ForwardingControl, ForwardingOptions
+    api = _ConfigMapApi()
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("")
+    try:
+        opts = ForwardingOptions(config_dir="", config_map="kube-dns", resolv_conf=str(resolv),
+                                 kube_master_url=api.url, config_period=0.05)
+        ctl = ForwardingControl(opts)
+        ctl._start_loop_check = lambda: None          # no upstream to probe here
+        ctl.start([("127.0.0.1", 53)])
+        assert ctl.upstreams() == ()                   # 404: defaults, as kube-dns
+        api.data = {"upstreamNameservers": '["127.0.0.1:5353"]'}
+        api.rv = 2
+        deadline = time.monotonic() + 5
+        while ctl.upstreams() != (Upstream("127.0.0.1", 5353),):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+            ctl.poll(time.monotonic())
+        api.data = {"upstreamNameservers": "[nope"}    # invalid: rejected, previous stays
+        api.rv = 3
+        deadline = time.monotonic() + 5
+        while not ctl.rejected:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+            ctl.poll(time.monotonic())
+        assert ctl.upstreams() == (Upstream("127.0.0.1", 5353),)
+        assert decode_config(ctl.message)[1] == (Upstream("127.0.0.1", 5353),)
+        ctl.close()
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config-map", "kube-dns", "--config-dir", "/x"], "cannot be used together"),
+    (["--nameservers", "1.2.3.4:99999"], "--nameservers"),
+    (["--config-period", "0s"], "--config-period"),
+])
+def test_forwarding_flag_errors_name_the_flag(tmp_path, capsys, args, message):
+    from kdns import cli
+    img = tmp_path / "z.img"
+    img.write_bytes(sample_image())
+    with pytest.raises(SystemExit) as e:
+        code = cli.main(["serve", "--from-image", str(img), *args])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
