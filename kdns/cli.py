@@ -165,8 +165,8 @@ def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config-period", type=_duration, default=10.0, metavar="DURATION",
                    help="how often --config-dir is re-read, e.g. 10s (default 10s)")
     s.add_argument("--config-map", default="", metavar="NAME",
-                   help="kube-dns ConfigMap to watch through the API (not supported yet: "
-                        "mount it and use --config-dir)")
+                   help="kube-dns ConfigMap read through the Kubernetes API every "
+                        "--config-period (instead of --config-dir)")
     s.add_argument("--config-map-namespace", default="kube-system", metavar="NAMESPACE",
                    help="namespace of --config-map (default kube-system)")
     s.add_argument("--nameservers", type=_nameservers, default=(), metavar="IP[:PORT],...",
@@ -181,16 +181,16 @@ def _forwarding(a: argparse.Namespace):
     from .forwarding import ForwardingOptions
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
-                             nameservers=a.nameservers)
+                             nameservers=a.nameservers, config_map=a.config_map,
+                             config_map_namespace=a.config_map_namespace,
+                             kubecfg_file=getattr(a, "kubecfg_file", ""),
+                             kube_master_url=getattr(a, "kube_master_url", ""))
 
 
 def _forwarding_problem(a: argparse.Namespace) -> str | None:
     if a.config_map and a.config_dir:
         # kube-dns: "Cannot use both ConfigMap and ConfigDir".
         return "--config-map and --config-dir cannot be used together; choose one."
-    if a.config_map:
-        return ("--config-map is not supported yet; mount the ConfigMap as a volume and pass "
-                "its directory with --config-dir.")
     if a.config_period <= 0:
         return "--config-period must be above 0, e.g. 10s."
     if a.config_map:
