@@ -51,7 +51,7 @@ log = logging.getLogger("kdns.controller")
 LATENCY_BUCKETS = tuple(0.001 * 2 ** i for i in range(20))
 # Watchers block (back-pressure on their HTTP stream) when this many events wait unapplied,
 # so a compiler that falls behind cannot make raw API dicts pile up (issue 4: no two copies).
-MAX_PENDING = 20_000
+MAX_PENDING = 5_000         # ten list pages of the watchers' default 500
 SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selector")
 # Latency stamps kept per compile; a relist touching 100,000 objects is one observation each
 # up to this many, the rest are dropped rather than held.
