@@ -234,19 +234,29 @@ def main(argv=None) -> int:
     finally:
         for s in reversed(servers):
             s.stop()
-    med = {}
+    med, cpu = {}, {}
     for c in results["cells"]:
         med.setdefault((c["target"], c["mix"]), []).append(c["qps"])
+        cpu.setdefault((c["target"], c["mix"]), []).append(c["cpu_us_per_query"])
     med = {key: median(v) for key, v in med.items()}
-    lines = [f"{t:<8} {m:<9} {q:>12,.0f} qps" for (t, m), q in sorted(med.items())]
+    cpu = {key: median([x for x in v if x is not None]) for key, v in cpu.items()}
+    # Server CPU per answered query is the steadier figure on a shared machine: it does not
+    # drop when another process takes the core away, QPS does.
+    lines = [f"{t:<8} {m:<9} {q:>12,.0f} qps {cpu[(t, m)] or 0:>8.2f} server CPU us/query"
+             for (t, m), q in sorted(med.items())]
     ratios = {}
     if ("kdns", "cluster") in med:
         ratios["cachehit/cluster"] = med[("kdns", "cachehit")] / med[("kdns", "cluster")]
+        ratios["cachehit/cluster by CPU per query (cluster/cachehit)"] = (
+            cpu[("kdns", "cluster")] / cpu[("kdns", "cachehit")])
     for other in ("unbound", "dnsmasq"):
         if (other, "miss") in med and ("kdns", "miss") in med:
             ratios[f"kdns miss/{other} miss"] = med[("kdns", "miss")] / med[(other, "miss")]
+            ratios[f"kdns miss/{other} miss by CPU per query ({other}/kdns)"] = (
+                cpu[(other, "miss")] / cpu[("kdns", "miss")])
     lines += [f"{name}: {r:.2f}x" for name, r in ratios.items()]
     results["medians"] = {f"{t}/{m}": q for (t, m), q in med.items()}
+    results["cpu_us_per_query"] = {f"{t}/{m}": v for (t, m), v in cpu.items()}
     results["ratios"] = ratios
     out = os.path.join(load.OUT, f"forward-{stamp}.json")
     with open(out, "w") as f:
