@@ -304,7 +304,9 @@ class Controller:
         every worker serves it, and for good: outages keep the last good image)."""
         return self._ready_generation
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        # A compile in progress cannot be interrupted; the thread is a daemon, so shutdown
+        # (and the end of a lameduck) waits at most ``timeout`` for it.
         self._stop.set()
         self.inbox.close()
         if self._thread is not None:
@@ -431,7 +433,7 @@ class Controller:
                 return
             try:
                 served = self._served()
-            except (ValueError, OSError):       # counters unmapped at shutdown
+            except (ValueError, OSError, TypeError):    # counters unmapped at shutdown
                 return
             done = [a for a in self._awaiting if a[0] <= served]
             self._awaiting = [a for a in self._awaiting if a[0] > served]
@@ -517,9 +519,9 @@ class ApiController(Controller):
         super().start()
         self.source.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         self.source.stop(timeout=timeout)
-        super().stop(timeout)
+        super().stop(min(timeout, 1.0))
 
     def _waiting(self) -> str:
         parts = []
