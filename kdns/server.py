@@ -483,8 +483,9 @@ class Supervisor:
             log.info("published image generation %d from %s (%d bytes, built in %.3fs)",
                      gen, self.source.path, len(data), took)
             self.image_bytes, self.published_at = len(data), time.time()
-            del data
-            release_memory()
+            # No release_memory() here: with the API controller the model stays alive and a
+            # full collection over it takes 150-300 ms of this loop per publish (issue 4's
+            # latency budget); the file loader releases right after its own compile.
 
     # ---- what health and metrics read (issue 6; kdns/health.py, kdns/metrics.py)
     def is_ready(self) -> bool:
