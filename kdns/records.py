@@ -372,9 +372,12 @@ def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
                  pods: str = "insecure", endpoint_pod_names: bool = False,
                  serial: int | None = None) -> bytes:
     """Image bytes for the objects in ``path``; InputError if the file is unusable."""
-    return compile_model(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
-                         endpoint_pod_names=endpoint_pod_names,
-                         serial=_file_serial(path) if serial is None else serial)
+    # The model is garbage once the rules have run, so the compile reuses its memory: a
+    # file's model is rebuilt on every change, nothing keeps it (issue 3: startup peak).
+    zd = zone_data(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
+                   endpoint_pod_names=endpoint_pod_names,
+                   serial=_file_serial(path) if serial is None else serial)
+    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, synced=True, serial=zd.serial)
 
 
 def master_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
