@@ -311,10 +311,22 @@ class LinkedCache(Cache):
 
     def put(self, key, reply):
         e = super().put(key, reply)
-        if e is not None and self.fast is not None:
+        if e is not None:
+            self._mirror(key, e)
+        return e
+
+    def get(self, key):
+        # A fresh hit here means the compiled table lost the entry (evicted by a burst of
+        # other names, or asked over TCP): put it back so the next UDP ask stays in C.
+        e = super().get(key)
+        if e is not None:
+            self._mirror(key, e)
+        return e
+
+    def _mirror(self, key, e) -> None:
+        if self.fast is not None:
             self.fast.put(cache_key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl,
                           e.stored)
-        return e
 
     def clear(self) -> None:
         self.entries.clear()

@@ -219,3 +219,27 @@ def test_forwarding_flag_errors_name_the_flag(tmp_path, capsys, args, message):
         raise SystemExit(code)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_full_table_evicts_the_entry_stored_longest_ago():
+    """8 slots, 8-slot probe window: every put sees the whole table."""
+    fast, cache, e = fill("a.example", n=1)
+    fast = _fastpath.PacketCache(8, 1232)
+    now = time.monotonic()
+    keys = [cache_key_bytes((bytes([1, 97 + i]) + b"\x07example\x00", 1, 1, 0, 0))
+            for i in range(9)]
+    for i, key in enumerate(keys[:8]):
+        assert fast.put(key, e.wire, e.qend, e.ttl_offs, e.ttls, 300, now - 100 + i)
+    fast.put(keys[8], e.wire, e.qend, e.ttl_offs, e.ttls, 300, now)
+    asks = [make_query(chr(97 + i) + ".example") for i in range(9)]
+    assert fast.answer(asks[0])[0] == engine.HANDOFF            # oldest: evicted
+    assert all(fast.answer(q)[0] == engine.SEND for q in asks[1:])
+
+
+def test_python_hit_restores_the_compiled_entry():
+    fast, cache, e = fill("b.example", n=1)
+    fast.clear()
+    q = parse_query(make_query("b.example"))
+    assert fast.answer(make_query("b.example"))[0] == engine.HANDOFF
+    assert cache.get((q.name, 1, 1, 0, 0)) is not None
+    assert fast.answer(make_query("b.example"))[0] == engine.SEND

@@ -193,6 +193,7 @@ cdef class PacketCache:
                 or len(wire) < qend):
             self.skipped += 1
             return False
+        cdef PCEntry *oldest = NULL
         h = pc_hash(<const uint8_t *><const char *>key, klen)
         for i in range(PC_PROBE):
             e = &self.tab[(h + i) & self.mask]
@@ -201,8 +202,13 @@ cdef class PacketCache:
                 break
             if victim == NULL and (e.hash == 0 or now >= e.expires_ns):
                 victim = e
+            if oldest == NULL or e.stored_ns < oldest.stored_ns:
+                oldest = e
         if victim == NULL:
-            victim = &self.tab[h & self.mask]       # window full of live entries: evict
+            # Window full of live entries: evict the one stored longest ago, so a burst of
+            # one-off names cannot push out the names asked again and again (they are
+            # re-stored on every Python hit, see forwarding.LinkedCache).
+            victim = oldest
         e = victim
         e.hash = h
         e.keylen = klen
