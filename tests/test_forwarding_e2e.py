@@ -145,6 +145,10 @@ def test_hot_reload_valid_then_invalid(env):
     while addresses(ask(k, "widget.local")) != ["4.4.4.4"]:
         assert time.monotonic() < deadline, k.logs()
         time.sleep(0.1)
+    # Every worker applied it (each ask has its own source port, so SO_REUSEPORT spreads
+    # them over both workers); the config channel reaches them in the same supervisor tick.
+    time.sleep(0.3)
+    assert all(addresses(ask(k, "widget.local")) == ["4.4.4.4"] for _ in range(20))
     # Invalid: the whole update is rejected with a line naming the key; the last good
     # configuration stays in force.
     write_config(cfg, stubDomains={"acme.local": [addr(stub)]},
