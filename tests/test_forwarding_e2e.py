@@ -138,13 +138,28 @@ def test_external_name_outside_gets_the_target_records(env):
 
 
 def test_hot_reload_valid_then_invalid(env):
+    import threading
     k, cfg, stub, up, other = env
+    failures, answered, stop = [], [], threading.Event()
+
+    def client():               # queries during the reload: none may go unanswered
+        while not stop.is_set():
+            try:
+                answered.append(addresses(ask(k, "abc.acme.local")))
+            except Exception as e:          # timeout = a dropped query
+                failures.append(repr(e))
+
+    t = threading.Thread(target=client)
+    t.start()
     write_config(cfg, stubDomains={"acme.local": [addr(stub)]},
                  upstreamNameservers=[addr(other)])
     deadline = time.monotonic() + 10
     while addresses(ask(k, "widget.local")) != ["4.4.4.4"]:
         assert time.monotonic() < deadline, k.logs()
         time.sleep(0.1)
+    stop.set()
+    t.join()
+    assert not failures and answered and all(a == ["1.1.1.1"] for a in answered)
     # Every worker applied it (each ask has its own source port, so SO_REUSEPORT spreads
     # them over both workers); the config channel reaches them in the same supervisor tick.
     time.sleep(0.3)
