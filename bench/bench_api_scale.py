@@ -236,6 +236,8 @@ def main(argv=None) -> dict:
         threads[1].join(40)
         with lock:
             never = len(outstanding)
+        pss_end = proc_kb(proc.pid, "Pss", "smaps_rollup")
+        time.sleep(3.0)         # idle: the controller gives a compile's memory back
         pids = children(proc.pid)
         result = {
             "services": a.services, "endpoints": a.services * a.per_slice,
@@ -243,7 +245,8 @@ def main(argv=None) -> dict:
             "list_and_sync_seconds": sync_after,
             "time_to_first_ready_seconds": round(ready_after, 3),
             "supervisor_peak_rss_mb": round(max(hwm_peak, proc_kb(proc.pid, "VmHWM")) / 1024, 1),
-            "supervisor_pss_mb_end": round(proc_kb(proc.pid, "Pss", "smaps_rollup") / 1024, 1),
+            "supervisor_pss_mb_end_of_churn": round(pss_end / 1024, 1),
+            "supervisor_pss_mb_idle": round(proc_kb(proc.pid, "Pss", "smaps_rollup") / 1024, 1),
             "workers_pss_mb_end": [round(proc_kb(p, "Pss", "smaps_rollup") / 1024, 1)
                                    for p in sorted(pids)],
             "churn_rate_per_second": a.rate, "churn_seconds": a.seconds,

@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
@@ -52,6 +55,25 @@ LATENCY_BUCKETS = tuple(0.001 * 2 ** i for i in range(20))
 # Watchers block (back-pressure on their HTTP stream) when this many events wait unapplied,
 # so a compiler that falls behind cannot make raw API dicts pile up (issue 4: no two copies).
 MAX_PENDING = 5_000         # ten list pages of the watchers' default 500
+# After a compile, once the events have paused this long, give its transient memory back
+# (issue 3's PSS budget) without costing a busy stream any latency.
+TRIM_AFTER_IDLE = 1.0
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim          # glibc only: musl has no malloc_trim
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def release_memory() -> None:
+    """A full collection empties the interpreter's free lists so pymalloc can unmap arenas,
+    then malloc_trim hands glibc's free pages back (server.release_memory measured both)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)        # ctypes releases the GIL for the call
+
+
 SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selector")
 # Latency stamps kept per compile; a relist touching 100,000 objects is one observation each
 # up to this many, the rest are dropped rather than held.
@@ -234,6 +256,7 @@ class Controller:
         self._changed: set = set()
         self._stamps: list[tuple[float, str | None]] = []   # (seen at, service_kind)
         self._started = clock()
+        self._trim_at: float | None = None
         self._next_sync_warning = self._started + initial_sync_timeout
         # -- shared with the supervisor's thread, under _lock
         self._lock = threading.Lock()
@@ -334,6 +357,11 @@ class Controller:
             self._warn_not_synced(now)
         if self._due(now):
             self._compile()
+            self._trim_at = self.clock() + TRIM_AFTER_IDLE
+        elif self._trim_at is not None and self._dirty_since is None and now >= self._trim_at \
+                and now >= self._last_event + TRIM_AFTER_IDLE:
+            self._trim_at = None
+            release_memory()
 
     def _timeout(self) -> float:
         now = self.clock()
@@ -343,6 +371,8 @@ class Controller:
             return max(0.0, due - now)
         if self._awaiting:
             return 0.001            # watching for the workers to switch: the latency's end
+        if self._trim_at is not None:
+            return max(0.0, min(0.5, max(self._trim_at, self._last_event + TRIM_AFTER_IDLE) - now))
         return 0.5
 
     def _due(self, now: float) -> bool:
