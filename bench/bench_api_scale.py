@@ -119,6 +119,7 @@ def main(argv=None) -> dict:
     api = FakeApiServer().start()
     tmp = os.path.join(ROOT, "bench", "out", "api_scale")
     os.makedirs(tmp, exist_ok=True)
+    open(os.path.join(tmp, "empty-resolv.conf"), "w").close()   # no upstreams: loopback only
     proc = None
     try:
         t0 = time.monotonic()
@@ -143,6 +144,9 @@ def main(argv=None) -> dict:
         argv = [sys.executable, "-m", "kdns", "serve", "--kubecfg-file", kubeconfig,
                 "--dns-bind-address", "127.0.0.1", "--dns-port", str(port),
                 "--healthz-port", str(http_port), "--metrics-port", "0",
+                "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
+                "--lameduck", "0", "--resolv-conf", os.path.join(tmp, "empty-resolv.conf"),
+                "--config-dir", os.path.join(tmp, "no-config"),
                 "--workers", str(a.workers)]
         started = time.monotonic()
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

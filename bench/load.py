@@ -254,6 +254,18 @@ def kdns_cmd() -> list:
     return [py if os.path.exists(py) else sys.executable, "-m", "kdns"]
 
 
+def quiet_flags(rundir: str) -> list[str]:
+    """Flags that keep a benchmark kdns to itself: no HTTP listener on a fixed port (two
+    instances run at once), and no upstreams, so its start-up loop probe and any forward can
+    never reach the machine's own resolvers (loopback only)."""
+    resolv = os.path.join(rundir, "empty-resolv.conf")
+    open(resolv, "w").close()
+    return ["--healthz-port", "0", "--metrics-port", "0", "--health-port", "0",
+            "--ready-port", "0", "--sidecar-port", "0", "--lameduck", "0",
+            "--resolv-conf", resolv, "--config-dir", os.path.join(rundir, "no-config"),
+            "--log-level", "info"]
+
+
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
                 pure: bool = False) -> Server:
     env = dict(os.environ)
@@ -261,8 +273,7 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
     if pure:
         env["KDNS_PURE"] = "1"
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
-                         "--dns-port", str(port), "--workers", str(workers),
-                         "--healthz-port", "0", "--metrics-port", "0", "--log-level", "info"]
+                         "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"))
