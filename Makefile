@@ -20,12 +20,18 @@ $(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/sources/*.py kdns/*.
 	$(BIN)/python -c 'import kdns._fastpath'
 	touch $(STAMP)
 
+# Names outside the example cluster are forwarded to the nameservers in RUN_RESOLV: none by
+# default (they get REFUSED), so a demo never sends queries off this machine; use
+# `make run RUN_RESOLV=/etc/resolv.conf` to forward through the machine's resolvers.
+RUN_RESOLV ?= /dev/null
+
 run: install
 	@echo "kdns answers for examples/cluster.yaml on 127.0.0.1:5353. Try:"
 	@echo "    dig @127.0.0.1 -p 5353 kubernetes.default.svc.cluster.local"
 	@echo "    dig @127.0.0.1 -p 5353 _https._tcp.kubernetes.default.svc.cluster.local SRV"
 	$(BIN)/kdns serve --from-file examples/cluster.yaml --dns-bind-address 127.0.0.1 \
-		--dns-port 5353 --healthz-port 0 --metrics-port 0
+		--dns-port 5353 --healthz-port 0 --metrics-port 0 --health-port 0 --ready-port 0 \
+		--sidecar-port 0 --lameduck 0 --resolv-conf $(RUN_RESOLV) --config-dir /nonexistent
 
 # Tools the tests and benchmarks drive; installed with apt when missing.
 system-deps:
