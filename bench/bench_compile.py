@@ -120,7 +120,11 @@ def main(argv=None) -> None:
     ap.add_argument("--endpoints", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", choices=("rules", "compile"), help="cProfile one phase")
+    ap.add_argument("--pure", action="store_true",
+                    help="the reference compiler (image._Compiler), not the compiled core")
     args = ap.parse_args(argv)
+    if args.pure:
+        os.environ["KDNS_PURE_COMPILE"] = "1"
     objs = generate(args.services, args.endpoints)
     model, mw, mc = best_of(1, build_model, objs)
     del objs
@@ -131,6 +135,7 @@ def main(argv=None) -> None:
     compile_zd = lambda: I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, serial=zd.serial)
     img, cw, cc = best_of(args.repeat, compile_zd)
     names = len({s.name for s in zd.rrsets})
+    print(f"compiler: {'reference (pure Python)' if I._compiled_core() is None else 'compiled core'}")
     print(f"services={args.services} endpoints={args.endpoints} rrsets={len(zd.rrsets)} "
           f"names={names} (best of {args.repeat}; load average {os.getloadavg()[0]:.1f})")
     print(f"{'phase':24} {'wall s':>8} {'cpu s':>8}")

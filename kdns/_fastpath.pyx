@@ -936,6 +936,7 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
 
 
 include "includes/pktcache.pxi"
+include "_compile.pxi"
 
 
 cdef class UdpServer:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import array
 import gc
 import ipaddress
+import os
 import socket
 import struct
 import sys
@@ -117,10 +118,33 @@ def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
     paused = gc.isenabled()
     gc.disable()
     try:
-        return _Compiler(list(zones), synced, serial).build(rrsets, exists)
+        zones = list(zones)
+        core = _compiled_core()
+        if core is not None:
+            # Materialised once: the reference compiler may have to run on the same input.
+            rrsets = rrsets if isinstance(rrsets, (list, tuple)) else list(rrsets)
+            exists = exists if isinstance(exists, (list, tuple)) else list(exists)
+            try:
+                return _CoreCompiler(zones, synced, serial, core).build(rrsets, exists)
+            except _CoreUnsupported:
+                pass          # input the core does not model exactly: the reference decides
+        return _Compiler(zones, synced, serial).build(rrsets, exists)
     finally:
         if paused:
             gc.enable()
+
+
+def _compiled_core():
+    """``_fastpath.ZoneCore`` unless the extension is missing, ``KDNS_PURE=1``, or
+    ``KDNS_PURE_COMPILE=1`` (the reference compiler with the compiled packet path: an
+    escape hatch, and the "before" of bench/bench_scale.py's memory figures)."""
+    if os.environ.get("KDNS_PURE") == "1" or os.environ.get("KDNS_PURE_COMPILE") == "1":
+        return None
+    try:
+        from ._fastpath import ZoneCore
+    except ImportError:
+        return None
+    return ZoneCore
 
 
 # --------------------------------------------------------------------------- compiler
@@ -417,6 +441,10 @@ class _Compiler:
             rr = rr_head + struct.pack("!HHHH", 6 + len(tw), rd.priority, rd.weight, rd.port) + tw
             parts.append(rr)
             size += len(rr)
+        if base + size > R.MAX_POINTER:
+            # Positions past 0x3FFF are not remembered (and glue pointers to them would not
+            # even pack): the generic encoder decides. Glue only makes it bigger.
+            return -1
         n_an, segs = len(parts), [SEG.pack(0, 0, 0, 0, 1), SEG.pack(size, len(parts), 0, 0, 0)]
         n_ar = 0
         for owner, _, glue in self.glue(targets):
@@ -784,6 +812,123 @@ class _Compiler:
         self.data = self.blob_cache = self.label_cache = self.wire_cache = None
         self.tree_nodes = self.prefix_cache = self.explicit = None
         self.blobs = self.fwd_names = self.rev_names = self.cname_owners = None
+
+
+class _CoreUnsupported(Exception):
+    """Raised by the compiled core for input it does not model exactly."""
+
+
+class _CoreData:
+    """``_Compiler.data`` (labels -> RRsets) answered by the compiled core's name table."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core):
+        self.core = core
+
+    def get(self, labels, default=None):
+        found = self.core.rrsets_of(labels)
+        return default if found is None else found
+
+    def __contains__(self, labels) -> bool:
+        return self.core.rrsets_of(labels) is not None
+
+    def __getitem__(self, labels):
+        found = self.core.rrsets_of(labels)
+        if found is None:
+            raise KeyError(labels)
+        return found
+
+
+class _CoreNames:
+    """``_Compiler.explicit`` (which=0) or ``tree_nodes`` (which=1), membership only."""
+
+    __slots__ = ("core", "which")
+
+    def __init__(self, core, which: int):
+        self.core, self.which = core, which
+
+    def __contains__(self, labels) -> bool:
+        return self.core.has_flag(labels, self.which)
+
+
+class _CoreCompiler(_Compiler):
+    """The same compile with the hot phases in ``_fastpath.ZoneCore`` (kdns/_compile.pxi):
+    names, trie, common answers (A/AAAA, SRV with glue, single PTR), reverse table and
+    assembly. This class keeps the rest: the zones, negative and SERVFAIL blobs, CNAME
+    chains and the rare RRsets, through the reference methods above, which see the core's
+    names through ``_CoreData``/``_CoreNames``. Same bytes as ``_Compiler`` (tests hold it)."""
+
+    def __init__(self, zones, synced, serial, core_type):
+        super().__init__(zones, synced, serial)
+        self.core = core_type(self.zone_labels, self.zone_reverse, error=CompileError,
+                              unsupported=_CoreUnsupported, name_labels=R.name_labels,
+                              packed_fallback=self.packed, type_names=R.TYPE_NAMES)
+        self.data = _CoreData(self.core)
+        self.explicit = _CoreNames(self.core, 0)
+        self.tree_nodes = _CoreNames(self.core, 1)
+
+    def intern(self, blob: bytes) -> int:
+        return self.core.intern(bytes(blob))
+
+    def build(self, rrsets, exists) -> bytes:
+        core = self.core
+        core.add(rrsets, exists)
+        pod_info = {}
+        for z, apex in zip(self.zones, self.zone_labels):
+            if z.pods != "disabled":
+                for ns, ips in z.pod_namespaces.items():
+                    pod_info[(ns.encode().lower(), b"pod") + apex] = (z.pods, ips)
+        for apex in self.zone_labels:
+            core.mark(apex, True, True)
+        for labels in pod_info:
+            core.mark(labels, True, True)
+        nnodes = core.grow()
+
+        self.zone_negs = [self.negative_blob(zi) for zi in range(len(self.zones))]
+        servfail = self.blob(RCODE_SERVFAIL, [], prebuilt=(b"", [0, 0, 0], [(0, 0, 0, 0)], []))
+
+        pod_lists = bytearray()
+        apex_nodes, verified_nodes = {}, []
+
+        def special(labels, flags, idx):
+            flags, extra = self.special_node(labels, flags, pod_info, pod_lists)
+            if flags & NODE_ZONE_APEX:
+                apex_nodes[labels] = idx
+            if flags & NODE_POD_VERIFIED:
+                verified_nodes.append(idx)
+            return flags, extra
+
+        chain = self._chain_entries
+        core.encode_nodes(chain, self.generic_blob, special)
+        nrev = core.encode_reverse(chain, self.generic_blob)
+        nnodes, nrev, rr_bytes, labels_len, pool_len = core.sizes()
+
+        nodes_off = HEADER.size
+        zones_off = nodes_off + NODE.size * nnodes
+        rev_off = zones_off + ZONE.size * len(self.zones)
+        rrtab_off = rev_off + REV.size * nrev
+        labels_off = rrtab_off + rr_bytes
+        pods_off = labels_off + labels_len
+        pods_off += -pods_off % 4
+        blobs_off = pods_off + len(pod_lists)
+        total = blobs_off + pool_len
+        zone_table = bytearray(ZONE.size * len(self.zones))
+        for zi, (z, apex) in enumerate(zip(self.zones, self.zone_labels)):
+            apex_node = apex_nodes.get(apex, 0) if z.kind == ZONE_AUTH else 0
+            ZONE.pack_into(zone_table, ZONE.size * zi, apex_node, self.zone_negs[zi] + blobs_off,
+                           z.ttl, R.wire_length(apex), z.kind)
+
+        def header(crc: int) -> bytes:
+            return HEADER.pack(MAGIC, total, FLAG_SYNCED if self.synced else 0,
+                               nodes_off, nnodes, zones_off, len(self.zones), rev_off,
+                               nrev, servfail + blobs_off, 0, self.serial, crc, 0)
+
+        return core.assemble(bytes(zone_table), bytes(pod_lists), verified_nodes, labels_off,
+                             rrtab_off, pods_off, blobs_off, total, header)
+
+    def _chain_entries(self, labels: tuple) -> list:
+        return self.chain_entries(labels, self.data[labels])
 
 
 def _pack_u32(values) -> bytes:
