@@ -181,6 +181,7 @@ cdef class ZoneCore:
     # Python side
     cdef object error, unsupported, name_labels, packed_fallback, type_names
     cdef int stage          # 0 new, 1 RRsets added, 2 tables encoded, 3 assembled (freed)
+    cdef bint dropped       # the RRsets were let go (``drop_rrsets``)
 
     def __cinit__(self):
         self.ht_cap = 1 << 16
@@ -517,6 +518,8 @@ cdef class ZoneCore:
         """The name's RRsets in input order, or None (image.py's ``data.get``)."""
         self.check(2)
         cdef int32_t i = self.lookup(labels), r
+        if self.dropped:
+            raise ValueError("rrsets_of() after drop_rrsets()")
         if i < 0 or not self.nflags[i] & NF_DATA:
             return None
         out = []
@@ -1046,6 +1049,14 @@ cdef class ZoneCore:
         finally:
             free(keys)
         return m
+
+    def drop_rrsets(self):
+        """Let the RRsets go once every blob is encoded: with the caller's references gone
+        too, their memory is free again before the image is assembled (the compile's peak)."""
+        if self.stage != 2:
+            raise ValueError("drop_rrsets() before the tables were encoded")
+        self.dropped = True
+        self.rrsets = []
 
     def sizes(self):
         """(nodes, reverse entries, rr table bytes, labels pool bytes, blob pool bytes)."""

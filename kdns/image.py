@@ -110,8 +110,14 @@ class Zone:
 
 
 def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
-                  exists: Iterable[str] = (), synced: bool = True, serial: int = 0) -> bytes:
-    """RRsets -> image bytes. Identical input gives identical bytes."""
+                  exists: Iterable[str] = (), synced: bool = True, serial: int = 0,
+                  consume: bool = False) -> bytes:
+    """RRsets -> image bytes. Identical input gives identical bytes.
+
+    ``consume=True`` with a list of RRsets: the compiled core empties the list once every
+    answer is encoded, so that (when the caller holds no other reference) the RRsets' memory
+    is free before the image is assembled. Issue 3: the first build's peak sets the memory
+    limit a pod needs."""
     # The compiler makes ~10 container objects per name and frees none until it returns;
     # the cyclic GC would rescan them all again and again (a third of the time at 250,000
     # names) and can find nothing to free, so it is paused for the duration.
@@ -125,7 +131,7 @@ def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
             rrsets = rrsets if isinstance(rrsets, (list, tuple)) else list(rrsets)
             exists = exists if isinstance(exists, (list, tuple)) else list(exists)
             try:
-                return _CoreCompiler(zones, synced, serial, core).build(rrsets, exists)
+                return _CoreCompiler(zones, synced, serial, core, consume).build(rrsets, exists)
             except _CoreUnsupported:
                 pass          # input the core does not model exactly: the reference decides
         return _Compiler(zones, synced, serial).build(rrsets, exists)
@@ -859,8 +865,9 @@ class _CoreCompiler(_Compiler):
     chains and the rare RRsets, through the reference methods above, which see the core's
     names through ``_CoreData``/``_CoreNames``. Same bytes as ``_Compiler`` (tests hold it)."""
 
-    def __init__(self, zones, synced, serial, core_type):
+    def __init__(self, zones, synced, serial, core_type, consume: bool = False):
         super().__init__(zones, synced, serial)
+        self.consume = consume
         self.core = core_type(self.zone_labels, self.zone_reverse, error=CompileError,
                               unsupported=_CoreUnsupported, name_labels=R.name_labels,
                               packed_fallback=self.packed, type_names=R.TYPE_NAMES)
@@ -902,6 +909,11 @@ class _CoreCompiler(_Compiler):
         chain = self._chain_entries
         core.encode_nodes(chain, self.generic_blob, special)
         nrev = core.encode_reverse(chain, self.generic_blob)
+        # Every answer is encoded: from here on nothing can send the input back to the
+        # reference compiler, so the RRsets may go before the image is assembled.
+        core.drop_rrsets()
+        if self.consume and isinstance(rrsets, list):
+            rrsets.clear()
         nnodes, nrev, rr_bytes, labels_len, pool_len = core.sizes()
 
         nodes_off = HEADER.size

@@ -382,9 +382,16 @@ def compile_model(model: ClusterModel, *, synced: bool = True, **options) -> byt
     """Image bytes for ``model`` (what the controller publishes after a change); ``options``
     are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
     answer SERVFAIL, never a false NXDOMAIN (DESIGN.md "Failure behaviour")."""
-    zd = zone_data(model, **options)
-    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, synced=synced,
-                           serial=zd.serial)
+    return _compile(zone_data(model, **options), synced)
+
+
+def _compile(zd: ZoneData, synced: bool) -> bytes:
+    """Compile ``zd``, which the caller must not keep: the compiler lets the RRsets go once
+    it has encoded them, before the image is assembled (issue 3: the first build's peak)."""
+    rrsets, zones, exists, serial = list(zd.rrsets), zd.zones, zd.exists, zd.serial
+    del zd
+    return I.compile_image(rrsets, zones, exists=exists, synced=synced, serial=serial,
+                           consume=True)
 
 
 def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
@@ -393,10 +400,9 @@ def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
     """Image bytes for the objects in ``path``; InputError if the file is unusable."""
     # The model is garbage once the rules have run, so the compile reuses its memory: a
     # file's model is rebuilt on every change, nothing keeps it (issue 3: startup peak).
-    zd = zone_data(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
-                   endpoint_pod_names=endpoint_pod_names,
-                   serial=_file_serial(path) if serial is None else serial)
-    return I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, synced=True, serial=zd.serial)
+    return _compile(zone_data(model_from_file(path), domain=domain, ttl=ttl, pods=pods,
+                              endpoint_pod_names=endpoint_pod_names,
+                              serial=_file_serial(path) if serial is None else serial), True)
 
 
 def master_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,

@@ -98,6 +98,15 @@ def test_compile_image_uses_the_core_unless_pure(monkeypatch):
             assert Z.sample_image() == img and calls == [1]
 
 
+def test_consume_empties_the_list_after_encoding():
+    rrsets = Z.sample_rrsets()
+    img = I.compile_image(rrsets, Z.sample_zones(), exists=SAMPLE_EXISTS, consume=True)
+    assert rrsets == [] and img == Z.sample_image()
+    kept = Z.sample_rrsets()
+    I.compile_image(kept, Z.sample_zones(), exists=SAMPLE_EXISTS)
+    assert kept == Z.sample_rrsets()                     # only when asked
+
+
 def test_unsupported_input_falls_back_to_the_reference():
     # An A RRset holding an IPv6 address: the core does not model the reference's bytes
     # for it, so compile_image must give exactly the reference's image.
@@ -148,6 +157,9 @@ def test_misuse_raises_instead_of_crashing():
     c.grow()
     c.encode_nodes(None, None, lambda labels, flags, idx: (flags, 0))
     c.encode_reverse(None, None)
+    c.drop_rrsets()
+    with pytest.raises(ValueError):
+        c.rrsets_of(())                                       # the RRsets are gone
     with pytest.raises(ValueError):
         c.assemble(b"", b"", [], 0, 0, 0, 0, 0, None)          # layout that does not add up
     nnodes, nrev, rr_bytes, labels_len, pool_len = c.sizes()
