@@ -12,7 +12,7 @@ layout) and everything it counts follows ``kdns/counters.py``.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
 from kdns.includes.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
@@ -20,6 +20,9 @@ from kdns.includes.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
                                    MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
                                    iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
                                    sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
+from kdns.includes.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN,
+                                   close, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
+                                   getrandom, socklen_t)
 
 import zlib
 
@@ -545,6 +548,7 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
         node = node_at(img, <uint32_t>c)
         i -= 1
     if zi < 0:
+        res.outside = 1
         return ACTION_HANDOFF           # outside every zone: the forwarder's
     zone = zone_at(img, <uint32_t>zi)
     # The apex inside the echoed question: 12 + qname length - apex length.
@@ -584,6 +588,7 @@ cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, b
     res.qtype = -1
     res.rcode = 0
     res.tc = 0
+    res.outside = 0
     if qlen < 12:
         return ACTION_DROP
     a.q = q
@@ -936,6 +941,7 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
 
 
 include "includes/pktcache.pxi"
+include "includes/fwd.pxi"
 include "_compile.pxi"
 
 
@@ -967,6 +973,8 @@ cdef class UdpServer:
     cdef PCEntry *ctab
     cdef uint64_t cmask
     cdef int cedns
+    cdef object fwd                     # FwdEngine or None; fws points into it
+    cdef FwState *fws
 
     def __cinit__(self, int fd, int edns_max=1232, int batch=64):
         if fd < 0:
@@ -1021,6 +1029,11 @@ cdef class UdpServer:
         self.cmask = cache.mask if cache is not None else 0
         self.cedns = cache.edns_size if cache is not None else 0
 
+    def set_forwarder(self, FwdEngine fwd):
+        """Forward plain cache misses from C (includes/fwd.pxi); None: Python does."""
+        self.fwd = fwd
+        self.fws = fwd.s if fwd is not None else NULL
+
     def serve(self, Image img not None, Counters c not None, int max_batches=16):
         """Drain the socket: at most ``max_batches`` recvmmsg batches, stopping early when it
         is empty or the handoff area is full. Returns the number of handoff packets stored.
@@ -1033,6 +1046,63 @@ cdef class UdpServer:
             err = self.drain(&view, ctr, max_batches)
         self.last_errno = err
         return self.nhandoff
+
+    def pump(self, Image img not None, Counters c not None, int budget_us=2000,
+             int max_batches=16):
+        """serve() and the compiled forwarder's reply drain in one loop without the GIL
+        (issue 5, forwarding.CompiledForward): waits on the client socket and the upstream
+        sockets together, so a forwarded query and its reply cost no trip through the event
+        loop. Returns to Python after ``budget_us`` at most, as soon as Python has work (hand-
+        offs, handbacks), or when both sides stay idle for a millisecond. Same return value
+        as serve(). Without a forwarder it is serve()."""
+        cdef ImageView view = img.view
+        cdef uint64_t *ctr = c.words
+        cdef int err
+        cdef epoll_event ev
+        if self.fws == NULL:
+            return self.serve(img, c, max_batches)
+        if not self.fws.client_watched:
+            ev.events = EPOLLIN
+            ev.data.u32 = FW_CLIENT
+            if epoll_ctl(self.fws.epfd, EPOLL_CTL_ADD, self.fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed")
+            self.fws.client_watched = 1
+        self.nhandoff = 0
+        with nogil:
+            err = self.pump_loop(&view, ctr, budget_us, max_batches)
+        self.last_errno = err
+        return self.nhandoff
+
+    cdef int pump_loop(self, const ImageView *img, uint64_t *ctr, int budget_us,
+                       int max_batches) noexcept nogil:
+        cdef epoll_event evs[FW_EVENTS]
+        cdef FwState *s = self.fws
+        cdef int n, i, err, wait = 0
+        cdef bint client
+        cdef int64_t now, end = now_ns() + <int64_t>budget_us * 1000
+        while True:
+            n = epoll_wait(s.epfd, evs, FW_EVENTS, wait)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                return 0
+            if n == 0 and wait:
+                return 0                # idle: back to the event loop
+            client = False
+            now = now_ns()
+            for i in range(n):
+                if evs[i].data.u32 == FW_CLIENT:
+                    client = True
+                elif <int>evs[i].data.u32 < s.nsock:
+                    fw_drain_sock(s, evs[i].data.u32, ctr, now)
+            fw_tx_flush(s)
+            if client:
+                err = self.drain(img, ctr, max_batches)
+                if err:
+                    return err
+            if self.nhandoff or s.nhb or s.ndone or now_ns() >= end:
+                return 0
+            wait = 1
 
     cdef int drain(self, const ImageView *img, uint64_t *ctr, int max_batches) noexcept nogil:
         cdef int b, n, want, e
@@ -1052,6 +1122,8 @@ cdef class UdpServer:
                 return 0 if KDNS_WOULD_BLOCK(e) else e
             t0 = now_ns()
             self.send_all(ctr, self.answer_batch(img, ctr, n))
+            if self.fws != NULL and self.fws.nq:
+                fw_flush(self.fws)
             count_latency(ctr, PROTO_UDP, n, now_ns() - t0)
             if n < want:
                 return 0                # drained: a further recvmmsg would say EAGAIN
@@ -1083,6 +1155,12 @@ cdef class UdpServer:
                 ctr[C_EVENTS + PROTO_UDP * NEVENTS +
                     (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
             count_packet(ctr, PROTO_UDP, plen, action, &res)
+            if action == ACTION_HANDOFF and res.outside and self.fws != NULL:
+                if now == 0:
+                    now = now_ns()
+                if fw_submit(self.fws, inp, plen, &self.addrs[i],
+                             self.rmsgs[i].msg_hdr.msg_namelen, now):
+                    continue                # forwarded from C: its reply comes via drain
             if action == ACTION_SEND:
                 self.siov[nsend].iov_base = outp
                 self.siov[nsend].iov_len = res.length

@@ -39,6 +39,17 @@ TCP_MAX = 65535          # RFC 7766 §8: two-byte length prefix
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
 
+# Why the compiled forwarder (_fastpath FwdEngine) handed a query back (includes/fwd.pxi).
+RETRY_TIMEOUT, RETRY_TC, RETRY_BAD, RETRY_RECONFIG = 1, 2, 3, 4
+
+
+class Retry(NamedTuple):
+    """A query the compiled path already sent once: why it came back, to whom it went, and
+    when (time.monotonic seconds): the overall deadline counts from then."""
+    reason: int
+    upstream: "Upstream"
+    started: float
+
 
 class Upstream(NamedTuple):
     """One upstream server. ``host`` is an IP address or (stub domains only) a host name."""
@@ -199,6 +210,8 @@ class Forwarder:
         self.requests = self.timeouts = self.forged = self.refused_inflight = 0
         self.coalesced = self.tcp_retries = self.failures = self.stale_served = 0
         self.loop_probes_seen = 0
+        # The compiled forwarder's queries in flight count against max_inflight too.
+        self.extra_inflight: Callable[[], int] = lambda: 0
         self.responses: dict[int, int] = {}
         self.per_upstream: dict[str, UpstreamStats] = {}
         self.configure(upstreams, stub_domains or {})
@@ -233,8 +246,9 @@ class Forwarder:
 
     # ---- the seam ------------------------------------------------------------------------
 
-    async def resolve(self, query: bytes, proto: str) -> bytes | None:
-        """One handed-off query → the reply to send on the client's transport, or None."""
+    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+        """One handed-off query → the reply to send on the client's transport, or None.
+        ``retry``: the compiled forwarder tried it once already (see ``Retry``)."""
         self.requests += 1
         try:
             q = parse_query(query)
@@ -245,7 +259,7 @@ class Forwarder:
         limit = self._client_limit(q, proto)
         reply = self._answer_here(q, limit)
         if reply is None:
-            reply = await self._answer_forwarded(q, limit)
+            reply = await self._answer_forwarded(q, limit, retry)
         return self._count(reply)
 
     def _client_limit(self, q: Question, proto: str) -> int:
@@ -267,13 +281,14 @@ class Forwarder:
             return self._probe_answer(q, limit)
         return None
 
-    async def _answer_forwarded(self, q: Question, limit: int) -> bytes:
+    async def _answer_forwarded(self, q: Question, limit: int,
+                                retry: Retry | None = None) -> bytes:
         key = (q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 1 if q.flags & CD else 0)
         if self.cache is not None:
             e = self.cache.get(key)
             if e is not None:
                 return self._from_entry(e, q, limit, stale=False)
-        task = self._join(q, key)
+        task = self._join(q, key, retry)
         if task is None:
             self.refused_inflight += 1
             return self._rcode_reply(q, REFUSED)
@@ -294,16 +309,16 @@ class Forwarder:
             return self._from_entry(payload, q, limit, stale=True)
         return self._rcode_reply(q, SERVFAIL)
 
-    def _join(self, q: Question, key: tuple) -> asyncio.Task | None:
+    def _join(self, q: Question, key: tuple, retry: Retry | None = None) -> asyncio.Task | None:
         """The upstream query for ``key`` already in flight, or a new one; None when the
         in-flight bound is reached (CoreDNS max_concurrent: REFUSED beyond it)."""
         task = self._inflight.get(key)
         if task is not None:
             self.coalesced += 1
             return task
-        if len(self._inflight) >= self.max_inflight:
+        if len(self._inflight) + self.extra_inflight() >= self.max_inflight:
             return None
-        task = asyncio.get_running_loop().create_task(self._forward(q, key))
+        task = asyncio.get_running_loop().create_task(self._forward(q, key, retry))
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._inflight.pop(key, None)
                                if self._inflight.get(key) is t else None)
@@ -366,11 +381,12 @@ class Forwarder:
 
     # ---- talking to upstreams ------------------------------------------------------------
 
-    async def _forward(self, q: Question, key: tuple) -> tuple[str, object]:
+    async def _forward(self, q: Question, key: tuple,
+                       retry: Retry | None = None) -> tuple[str, object]:
         """The one upstream exchange shared by every coalesced client."""
         try:
             servers = tuple(s for s in self.route(q.labels) if s not in self.looping)
-            raw = await self._exchange(q, servers) if servers else None
+            raw = await self._exchange(q, servers, retry) if servers else None
         except Exception:       # never let a bug turn into a hung client
             log.exception("forwarding %s failed", ".".join(q.labels))
             raw = None
@@ -386,16 +402,27 @@ class Forwarder:
             self.cache.put(key, raw)
         return "reply", raw
 
-    async def _exchange(self, q: Question, servers: tuple[Upstream, ...]) -> bytes | None:
+    async def _exchange(self, q: Question, servers: tuple[Upstream, ...],
+                        retry: Retry | None = None) -> bytes | None:
         """Try the servers in turn from a random start (kube-dns) until one gives a usable
         reply or the overall deadline passes. SERVFAIL/REFUSED move on to the next server
         (dnsmasq) but are relayed if nobody does better. Servers that failed on the network
-        get one more round while time is left (CoreDNS: 2 attempts per upstream)."""
+        get one more round while time is left (CoreDNS: 2 attempts per upstream).
+
+        After a compiled try (``retry``) the deadline counts from that try, a truncated reply
+        is asked again over TCP on the same server first, and the server that timed out or
+        failed goes last."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline
         start = secrets.randbelow(len(servers)) if self.random_start else 0
         pending = list(servers[start:] + servers[:start])
         last_bad = None
+        if retry is not None and retry.reason != RETRY_RECONFIG:
+            deadline = min(deadline, retry.started + self.deadline)
+            raw = await self._after_compiled(q, retry, deadline, pending)
+            if raw is not None and raw[3] & 0xF not in (SERVFAIL, REFUSED):
+                return raw
+            last_bad = raw
         for _ in range(2):
             retry = []
             for up in pending:
@@ -412,8 +439,28 @@ class Forwarder:
             pending = retry
         return last_bad
 
-    async def _try(self, up: Upstream, q: Question, deadline: float) -> bytes:
-        """One attempt: UDP (fresh random port and ID), then TCP on the same server if TC."""
+    async def _after_compiled(self, q: Question, retry: Retry, deadline: float,
+                              pending: list[Upstream]) -> bytes | None:
+        """Account for the compiled try and order what is left; a TC reply's TCP retry."""
+        up = retry.upstream
+        st = self.stats_for(up)
+        if retry.reason == RETRY_TIMEOUT:
+            self.timeouts += 1
+            st.failed(up, "timeout")
+        if up in pending and len(pending) > 1:
+            pending.remove(up)
+            pending.append(up)          # failover: the others first
+        if retry.reason != RETRY_TC:
+            return None
+        try:
+            return await self._try(up, q, deadline, tcp_only=True)
+        except TryFailed:
+            return None
+
+    async def _try(self, up: Upstream, q: Question, deadline: float,
+                   tcp_only: bool = False) -> bytes:
+        """One attempt: UDP (fresh random port and ID), then TCP on the same server if TC
+        (``tcp_only``: the compiled path already got TC over UDP)."""
         loop = asyncio.get_running_loop()
         st = self.stats_for(up)
         st.queries += 1
@@ -422,8 +469,11 @@ class Forwarder:
         qid = secrets.randbits(16)            # RFC 5452 §4.3: unpredictable ID per query
         try:
             timeout = min(self.try_timeout, deadline - loop.time())
-            raw = await self._udp(host, up.port, self._query(q, qid), qid, q, st, timeout)
-            if struct.unpack_from("!H", raw, 2)[0] & TC:
+            truncated = tcp_only
+            if not tcp_only:
+                raw = await self._udp(host, up.port, self._query(q, qid), qid, q, st, timeout)
+                truncated = bool(struct.unpack_from("!H", raw, 2)[0] & TC)
+            if truncated:
                 # RFC 7766 §5 / RFC 1035 §4.2.1: truncated over UDP → ask again over TCP.
                 self.tcp_retries += 1
                 st.tcp_retries += 1

@@ -138,6 +138,9 @@ class Worker:
         """Copy the forwarder's counters into this worker's page once a second (issue 6:
         the supervisor renders coredns_forward_*/coredns_cache_* from it, never per query)."""
         fw = getattr(self.handoff, "forwarder", None)
+        sync = getattr(self.handoff, "sync_counters", None)
+        if sync is not None:
+            sync()                      # the compiled forwarder's share (issue 5)
         if fw is not None:
             if self.forward_mirror is None:
                 self.forward_mirror = C.ForwardMirror(self.page)
@@ -176,8 +179,12 @@ class Worker:
         self.has_image.set()
 
     # ---- UDP
+    def serve_udp(self) -> int:
+        """One drain of the UDP socket; the compiled forwarder replaces it with its pump."""
+        return self.udp_server.serve(self.img, self.counters, max_batches=16)
+
     def drain_udp(self) -> None:
-        n = self.udp_server.serve(self.img, self.counters, max_batches=16)
+        n = self.serve_udp()
         if getattr(self.udp_server, "last_errno", 0):
             log.debug("worker %d: UDP receive error %s", self.slot,
                       os.strerror(self.udp_server.last_errno))
@@ -192,8 +199,19 @@ class Worker:
                 continue
             self.spawn(self.udp_handoff(packet, addr))
 
-    async def udp_handoff(self, packet: bytes, addr) -> None:
-        reply = await self.handoff.resolve(packet, "udp")
+    def udp_retry(self, packet: bytes, addr, retry) -> None:
+        """A query the compiled forwarder gave back (timeout, TC, ...): the hand-off
+        finishes it (issue 5; forwarding.CompiledForward)."""
+        if len(self.tasks) >= UDP_MAX_PENDING:
+            self.count("dropped_udp")
+            return
+        self.spawn(self.udp_handoff(packet, addr, retry))
+
+    async def udp_handoff(self, packet: bytes, addr, retry=None) -> None:
+        if retry is None:
+            reply = await self.handoff.resolve(packet, "udp")
+        else:
+            reply = await self.handoff.resolve(packet, "udp", retry)
         if self.log_queries:
             logs.log_query("udp", addr, packet, reply)
         if reply is None:

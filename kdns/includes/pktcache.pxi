@@ -105,27 +105,21 @@ cdef int pc_render(const PCEntry *e, const Ask *a, int64_t now, int edns_size, u
     return ACTION_SEND
 
 
-cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t *q,
-                      Py_ssize_t qlen, int64_t now, uint8_t *out,
-                      Outcome *res) noexcept nogil:
-    """A packet the image handed off -> SEND from the cache, or HANDOFF on a miss.
-
-    The packet already passed answer_query up to the hand-off, so it parses; it is parsed
-    again here (cheaper than threading state through, and only misses of the image pay)."""
-    cdef Ask a
-    cdef int found = 0, version = 0, do_bit = 0, nl, klen
+cdef int pc_prepare(const uint8_t *q, Py_ssize_t qlen, int edns_size, Ask *a,
+                    uint8_t *key) noexcept nogil:
+    """Parse a handed-off query into ``a`` (question, EDNS, the client's size limit) and
+    its cache key into ``key``; the key's length, or -1 when Python must look at it.
+    Shared by the cache lookup and the compiled forwarder (includes/fwd.pxi)."""
+    cdef int found = 0, version = 0, do_bit = 0, nl
     cdef unsigned int opt_size = 0
-    cdef uint8_t key[PC_KEYMAX]
-    cdef PCEntry *e
-    cdef uint64_t h
     a.q = q
     a.qlen = qlen
     a.flags = be16(q + 2)
-    if parse_question(&a) < 0:
-        return ACTION_HANDOFF
-    if parse_edns(&a, be16(q + 6), be16(q + 8), be16(q + 10), &found, &opt_size, &version,
+    if parse_question(a) < 0:
+        return -1
+    if parse_edns(a, be16(q + 6), be16(q + 8), be16(q + 10), &found, &opt_size, &version,
                   &do_bit) < 0 or version > 0:
-        return ACTION_HANDOFF
+        return -1
     a.edns = found
     a.edns_do = do_bit if found else 0
     # The client's limit as forward.Forwarder._client_limit computes it (RFC 6891 §6.2.5).
@@ -142,13 +136,70 @@ cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t 
     put16(key + nl + 2, a.qclass)
     key[nl + 4] = a.edns_do
     key[nl + 5] = 1 if a.flags & F_CD else 0
-    klen = nl + 6
+    return nl + 6
+
+
+cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t *q,
+                      Py_ssize_t qlen, int64_t now, uint8_t *out,
+                      Outcome *res) noexcept nogil:
+    """A packet the image handed off -> SEND from the cache, or HANDOFF on a miss.
+
+    The packet already passed answer_query up to the hand-off, so it parses; it is parsed
+    again here (cheaper than threading state through, and only misses of the image pay)."""
+    cdef Ask a
+    cdef int klen
+    cdef uint8_t key[PC_KEYMAX]
+    cdef PCEntry *e
+    cdef uint64_t h
+    klen = pc_prepare(q, qlen, edns_size, &a, key)
+    if klen < 0:
+        return ACTION_HANDOFF
     h = pc_hash(key, klen)
     e = pc_find(tab, mask, key, klen, h)
     if e == NULL or now >= e.expires_ns or e.qend != a.qend:
         return ACTION_HANDOFF
     res.qtype = a.qtype
     return pc_render(e, &a, now, edns_size, out, res)
+
+
+cdef void pc_store(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
+                   const uint8_t *wire, int wirelen, int qend, const uint16_t *offs,
+                   const uint32_t *ttls, int nrr, uint32_t ttl, int64_t stored_ns,
+                   int64_t now) noexcept nogil:
+    """Store one entry (the caller checked the sizes against PC_KEYMAX/WIREMAX/MAXRR)."""
+    cdef int i, j
+    cdef uint64_t h = pc_hash(key, klen)
+    cdef PCEntry *e
+    cdef PCEntry *victim = NULL
+    cdef PCEntry *oldest = NULL
+    for i in range(PC_PROBE):
+        e = &tab[(h + i) & mask]
+        if e.hash == h and e.keylen == klen and memcmp(e.key, key, klen) == 0:
+            victim = e
+            break
+        if victim == NULL and (e.hash == 0 or now >= e.expires_ns):
+            victim = e
+        if oldest == NULL or e.stored_ns < oldest.stored_ns:
+            oldest = e
+    if victim == NULL:
+        # Window full of live entries: evict the one stored longest ago, so a burst of
+        # one-off names cannot push out the names asked again and again (they are
+        # re-stored on every Python hit, see forwarding.LinkedCache).
+        victim = oldest
+    e = victim
+    e.hash = h
+    e.keylen = klen
+    memcpy(e.key, key, klen)
+    e.wirelen = wirelen
+    memcpy(e.wire, wire, wirelen)
+    e.qend = qend
+    e.nrr = nrr
+    for j in range(nrr):
+        e.ttl_off[j] = offs[j]
+        e.ttls[j] = ttls[j]
+    e.ttl = ttl
+    e.stored_ns = stored_ns
+    e.expires_ns = stored_ns + <int64_t>ttl * 1000000000
 
 
 cdef class PacketCache:
@@ -184,45 +235,19 @@ cdef class PacketCache:
 
     def put(self, bytes key not None, bytes wire not None, int qend, ttl_offs, ttls,
             uint32_t ttl, double stored):
-        cdef int klen = len(key), nrr = len(ttl_offs), j, i
-        cdef uint64_t h
-        cdef PCEntry *e
-        cdef PCEntry *victim = NULL
-        cdef int64_t now = now_ns()
+        cdef int klen = len(key), nrr = len(ttl_offs), j
+        cdef uint16_t offs[PC_MAXRR]
+        cdef uint32_t tt[PC_MAXRR]
         if (klen > PC_KEYMAX or len(wire) > PC_WIREMAX or nrr > PC_MAXRR or qend < 16
                 or len(wire) < qend):
             self.skipped += 1
             return False
-        cdef PCEntry *oldest = NULL
-        h = pc_hash(<const uint8_t *><const char *>key, klen)
-        for i in range(PC_PROBE):
-            e = &self.tab[(h + i) & self.mask]
-            if e.hash == h and e.keylen == klen and memcmp(e.key, <const char *>key, klen) == 0:
-                victim = e
-                break
-            if victim == NULL and (e.hash == 0 or now >= e.expires_ns):
-                victim = e
-            if oldest == NULL or e.stored_ns < oldest.stored_ns:
-                oldest = e
-        if victim == NULL:
-            # Window full of live entries: evict the one stored longest ago, so a burst of
-            # one-off names cannot push out the names asked again and again (they are
-            # re-stored on every Python hit, see forwarding.LinkedCache).
-            victim = oldest
-        e = victim
-        e.hash = h
-        e.keylen = klen
-        memcpy(e.key, <const char *>key, klen)
-        e.wirelen = len(wire)
-        memcpy(e.wire, <const char *>wire, e.wirelen)
-        e.qend = qend
-        e.nrr = nrr
         for j in range(nrr):
-            e.ttl_off[j] = ttl_offs[j]
-            e.ttls[j] = ttls[j]
-        e.ttl = ttl
-        e.stored_ns = <int64_t>(stored * 1e9)
-        e.expires_ns = e.stored_ns + <int64_t>ttl * 1000000000
+            offs[j] = ttl_offs[j]
+            tt[j] = ttls[j]
+        pc_store(self.tab, self.mask, <const uint8_t *><const char *>key, klen,
+                 <const uint8_t *><const char *>wire, len(wire), qend, offs, tt, nrr, ttl,
+                 <int64_t>(stored * 1e9), now_ns())
         self.inserts += 1
         return True
 

@@ -112,3 +112,34 @@ cdef extern from *:
                 #cond, __FILE__, __LINE__); abort(); } } while (0)
     """
     void KDNS_CHECK(bint cond) nogil
+
+
+# Issue 5, compiled forwarding (includes/fwd.pxi): one epoll set over the upstream sockets
+# (registered once with the worker's event loop) and the kernel CSPRNG for query IDs.
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *ev)
+    int epoll_wait(int epfd, epoll_event *evs, int maxevents, int timeout)
+
+
+cdef extern from "<sys/random.h>" nogil:
+    long getrandom(void *buf, size_t buflen, unsigned int flags)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)

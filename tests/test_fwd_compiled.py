@@ -1,0 +1,349 @@
+"""The compiled forwarder (kdns/includes/fwd.pxi + forwarding.CompiledForward), driven
+through a real UdpServer on loopback, with the Python Forwarder as the reference.
+
+Each test runs a small worker harness: the client socket's queries go through
+``UdpServer.serve`` (image miss, cache miss -> FwdEngine), replies come back through
+``FwdEngine.drain``, and what the engine hands back goes to ``Forwarder.resolve`` with a
+``Retry``. Every upstream is a TestDNSServer on loopback started by the test.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+from dnslib import DNSRecord
+
+from kdns import counters as C
+from kdns import engine
+from kdns.cache import Cache
+from kdns.forward import Forwarder, Upstream
+from kdns.forwarding import CompiledForward, LinkedCache, _pow2
+from upstream import TestDNSServer, make_query
+from zonefixtures import sample_image
+
+pytestmark = pytest.mark.skipif(engine.IMPLEMENTATION != "compiled",
+                                reason="the compiled forwarder needs the compiled engine")
+
+ZONE = {"widget.local.": ["A 3.3.3.3"],
+        "big.local.": [f"A 10.0.0.{i}" for i in range(1, 60)],
+        **{f"n{i}.local.": [f"A 10.1.0.{i}"] for i in range(64)}}
+
+
+class Harness:
+    """One worker's UDP path with the compiled forwarder attached (worker.py's shape)."""
+
+    def __init__(self, loop, upstreams, *, try_timeout=2.0, max_inflight=1000, nsockets=64,
+                 sweep=0.05, stubs=None, serve_stale=False):
+        from kdns import _fastpath
+        self.loop = loop
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        self.addr = self.udp.getsockname()
+        self.img = engine.Image(sample_image())
+        self.page = bytearray(C.SLOT_WORDS * 8)
+        self.counters = engine.Counters(self.page)
+        self.server = engine.UdpServer(self.udp.fileno())
+        self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
+        self.cache = LinkedCache(1024, fast=self.fast, serve_stale=serve_stale)
+        self.server.set_cache(self.fast)
+        self.forwarder = Forwarder([up(s) for s in upstreams], stubs or {}, cache=self.cache,
+                                   try_timeout=try_timeout, max_inflight=max_inflight)
+        self.tasks = set()
+        self.compiled = CompiledForward(self, loop, self.server, self, nsockets=nsockets,
+                                        sweep=sweep)
+        loop.add_reader(self.udp.fileno(), self.drain_udp)
+
+    # the bits of ForwardingHandoff / Worker that CompiledForward uses
+    def serve_udp(self):
+        return self.server.serve(self.img, self.counters)
+
+    def drain_udp(self):
+        n = self.serve_udp()
+        for i in range(n):
+            self.spawn(self.server.handoff_packet(i), self.server.handoff_addr(i), None)
+
+    def udp_retry(self, packet, addr, retry):
+        self.spawn(packet, addr, retry)
+
+    def spawn(self, packet, addr, retry):
+        async def run():
+            reply = await self.forwarder.resolve(packet, "udp", retry)
+            if reply is not None:
+                self.udp.sendto(reply, addr)
+        t = self.loop.create_task(run())
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    def close(self):
+        self.loop.remove_reader(self.udp.fileno())
+        self.compiled.close()
+        self.udp.close()
+
+    def stats(self):
+        return self.compiled.engine.stats()
+
+    async def ask(self, query: bytes, timeout: float = 5.0) -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.setblocking(False)
+            c.connect(self.addr)
+            c.send(query)
+            return await asyncio.wait_for(self.loop.sock_recv(c, 65535), timeout)
+
+
+def up(s: TestDNSServer) -> Upstream:
+    return Upstream(s.host, s.port)
+
+
+def run_with(upstreams, body, limit=15.0, **kw):
+    async def main():
+        h = Harness(asyncio.get_running_loop(), upstreams, **kw)
+        try:
+            return await asyncio.wait_for(body(h), limit)
+        finally:
+            h.close()
+    return asyncio.run(main())
+
+
+def answers(reply: bytes) -> list[str]:
+    return sorted(str(r.rdata) for r in DNSRecord.parse(reply).rr)
+
+
+async def until(cond, limit=3.0):
+    for _ in range(int(limit / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_plain_forward_is_relayed_by_c_and_cached():
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            reply = await h.ask(make_query("widget.local", qid=77))
+            assert answers(reply) == ["3.3.3.3"]
+            assert h.stats()["relayed"] == 1
+            assert h.forwarder._inflight == {}          # no Python task was involved
+            # The reply went into the compiled cache: the next ask is a hit.
+            await h.ask(make_query("widget.local", qid=78))
+            assert s.udp_queries == 1
+        run_with([s], body)
+
+
+def test_client_id_and_case_restored_upstream_sees_our_id():
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            q = make_query("WiDgEt.LoCaL", qid=0x4242)
+            reply = await h.ask(q)
+            assert reply[:2] == b"\x42\x42"
+            assert reply[12:12 + 18] == q[12:12 + 18]          # the question as sent
+            sent, _ = s.raw[0]
+            assert sent[12:30] == q[12:30]                      # case preserved upstream
+            ids = set()
+            for i in range(16):
+                await h.ask(make_query(f"n{i}.local", qid=7))
+                ids.add(s.raw[-1][0][:2])
+            assert len(ids) >= 12                               # fresh random ID per query
+        run_with([s], body)
+
+
+def test_source_ports_vary_across_queries():
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            for i in range(24):
+                await h.ask(make_query(f"n{i}.local", qid=i))
+            ports = {addr[1] for _, addr in s.raw}
+            assert len(ports) >= 10                             # 24 draws from 64 sockets
+        run_with([s], body)
+
+
+def test_ports_rotate():
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            before = {so.getsockname()[1] for so in h.compiled.socks}
+            await asyncio.sleep(0.5)                            # ~10 sweeps, one socket each
+            after = {so.getsockname()[1] for so in h.compiled.socks}
+            assert len(after - before) >= 5
+            assert answers(await h.ask(make_query("widget.local"))) == ["3.3.3.3"]
+        run_with([s], body, nsockets=8)
+
+
+def test_forged_replies_dropped_and_counted_by_c():
+    with TestDNSServer(ZONE) as s:
+        s.silent = True
+        async def body(h):
+            q = make_query("widget.local", qid=9)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.setblocking(False)
+                c.connect(h.addr)
+                c.send(q)
+                await until(lambda: s.raw)
+                sent, ours = s.raw[0]
+                good = s.answer(sent).pack()
+                wrong_id = struct.pack("!H", (struct.unpack_from("!H", good)[0] + 1) & 0xFFFF) \
+                    + good[2:]
+                other = s.answer(make_query("n1.local", qid=struct.unpack_from("!H", sent)[0]))
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as port_s, \
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as addr_s:
+                    port_s.bind(("127.0.0.1", 0))
+                    addr_s.bind(("127.0.0.2", s.port))
+                    s.udp.sendto(wrong_id, ours)                # wrong ID
+                    s.udp.sendto(other.pack(), ours)            # wrong question
+                    port_s.sendto(good, ours)                   # wrong source port
+                    addr_s.sendto(good, ours)                   # wrong source address
+                    await until(lambda: (h.stats()["forged"] +
+                                         h.stats()["upstreams"][0]["forged"]) >= 4)
+                    s.udp.sendto(good, ours)                    # the real one
+                    reply = await asyncio.wait_for(h.loop.sock_recv(c, 65535), 5)
+            assert reply[:2] == q[:2] and answers(reply) == ["3.3.3.3"]
+            st = h.stats()
+            assert st["forged"] == 1                             # no such (socket, ID)
+            assert st["upstreams"][0]["forged"] == 3             # question, port, address
+            h.compiled.fold()
+            assert h.forwarder.forged == 4
+        run_with([s], body)
+
+
+def test_timeout_on_first_upstream_fails_over():
+    with TestDNSServer() as dead, TestDNSServer(ZONE) as good:
+        dead.silent = True
+        async def body(h):
+            replies = await asyncio.gather(*(h.ask(make_query(f"n{i}.local", qid=i))
+                                             for i in range(12)))
+            assert [answers(r) for r in replies] == [[f"10.1.0.{i}"] for i in range(12)]
+            st = h.stats()
+            assert st["upstreams"][0]["timeouts"] >= 1          # C sent some to the dead one
+            assert dead.udp_queries == st["upstreams"][0]["queries"]  # Python did not re-ask it
+        run_with([dead, good], body, try_timeout=0.3)
+
+
+def test_truncated_reply_retried_over_tcp():
+    with TestDNSServer(ZONE) as s:
+        s.truncate = True
+        async def body(h):
+            reply = await h.ask(make_query("widget.local", qid=5, edns=1232))
+            assert answers(reply) == ["3.3.3.3"] and not DNSRecord.parse(reply).header.tc
+            assert (s.udp_queries, s.tcp_queries) == (1, 1)     # C's UDP try, Python's TCP
+            assert h.forwarder.tcp_retries == 1
+        run_with([s], body)
+
+
+def test_identical_questions_coalesced_in_c():
+    with TestDNSServer(ZONE) as s:
+        s.delay = 0.2
+        async def body(h):
+            replies = await asyncio.gather(*(h.ask(make_query("WIDGET.local", qid=100 + i))
+                                             for i in range(3)))
+            assert sorted(r[:2] for r in replies) == [struct.pack("!H", 100 + i)
+                                                      for i in range(3)]
+            assert all(answers(r) == ["3.3.3.3"] for r in replies)
+            assert s.udp_queries == 1 and h.stats()["coalesced"] == 2
+        run_with([s], body)
+
+
+def test_inflight_bound_counts_compiled_queries():
+    with TestDNSServer(ZONE) as s:
+        s.delay = 0.3
+        async def body(h):
+            replies = await asyncio.gather(*(h.ask(make_query(f"n{i}.local", qid=i))
+                                             for i in range(3)))
+            rcodes = sorted(DNSRecord.parse(r).header.rcode for r in replies)
+            assert rcodes == [0, 0, 5]                           # third: REFUSED
+            assert h.forwarder.refused_inflight == 1
+        run_with([s], body, max_inflight=2)
+
+
+def test_stub_domains_stay_in_python():
+    with TestDNSServer(ZONE) as s, TestDNSServer({"abc.acme.local.": ["A 1.1.1.1"]}) as stub:
+        async def body(h):
+            assert answers(await h.ask(make_query("abc.acme.local"))) == ["1.1.1.1"]
+            assert h.stats()["relayed"] == 0 and s.udp_queries == 0
+            assert answers(await h.ask(make_query("widget.local"))) == ["3.3.3.3"]
+            assert h.stats()["relayed"] == 1
+        run_with([s], body, stubs={"acme.local": [up(stub)]})
+
+
+@pytest.mark.parametrize("name,qtype,edns,do", [
+    ("widget.local", "A", None, False),
+    ("WIDGET.local", "A", 1232, True),
+    ("big.local", "A", None, False),          # cut to 512 with TC
+    ("big.local", "A", 700, False),           # cut to 700 with TC
+    ("big.local", "A", 4096, False),          # whole (1232 cap)
+    ("missing.local", "A", 1232, False),      # NXDOMAIN + SOA
+    ("widget.local", "AAAA", None, False),    # NODATA + SOA
+])
+def test_same_bytes_as_the_python_forwarder(name, qtype, edns, do):
+    """The relayed reply is byte-for-byte what Forwarder._from_upstream + fit produce."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            q = make_query(name, qtype, qid=0x3131, edns=edns, do=do)
+            got = await h.ask(q)
+            ref = Forwarder([up(s)], cache=Cache())
+            want = await ref.resolve(q, "udp")
+            assert got == want
+            assert h.stats()["relayed"] == 1
+        run_with([s], body)
+
+
+def test_servfail_handed_back_and_relayed():
+    with TestDNSServer(ZONE) as s:
+        s.rcode = 2
+        async def body(h):
+            reply = await h.ask(make_query("widget.local"))
+            assert DNSRecord.parse(reply).header.rcode == 2
+            assert h.stats()["relayed"] == 0
+        run_with([s], body)
+
+
+@pytest.mark.parametrize("name,qtype", [("widget.local", "A"), ("missing.local", "A"),
+                                        ("widget.local", "AAAA"), ("n3.local", "A")])
+def test_c_cache_store_matches_python_cache(name, qtype):
+    """C stores relayed replies in the compiled cache with cache.Cache.put's rules and form:
+    the next hit renders the same bytes as Python's Cache would."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query(name, qtype, qid=1, edns=1232))
+            assert h.stats()["cached"] == 1 and len(h.cache) == 0
+            again = make_query(name.upper(), qtype, qid=2, edns=1232)
+            action, got = h.fast.answer(again)
+            ref = Forwarder([up(s)], cache=Cache())
+            await ref.resolve(make_query(name, qtype, qid=1, edns=1232), "udp")
+            want = await ref.resolve(again, "udp")
+            assert action == engine.SEND and got == want
+        run_with([s], body)
+
+
+def test_python_keeps_the_cache_when_serving_stale():
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query("widget.local"))
+            await until(lambda: len(h.cache) == 1)
+            assert h.stats()["cached"] == 0
+        run_with([s], body, serve_stale=True)
+
+
+def test_a_burst_spread_over_sockets_is_sent_and_matched_exactly():
+    """Many queries in one receive batch: each goes out once, on its own socket and ID
+    (regression: regrouped send headers once pointed at another query's buffer)."""
+    names = {f"b{i}.local.": [f"A 10.2.{i >> 8}.{i & 255}"] for i in range(200)}
+    with TestDNSServer(names) as s:
+        async def body(h):
+            for _ in range(3):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                    c.setblocking(False)
+                    c.connect(h.addr)
+                    base = len(s.raw)
+                    for i in range(64):
+                        c.send(make_query(f"b{base + i}.local", qid=i))
+                    got = {}
+                    while len(got) < 64:
+                        r = await asyncio.wait_for(h.loop.sock_recv(c, 65535), 5)
+                        got[struct.unpack_from("!H", r)[0]] = answers(r)
+                for i in range(64):
+                    n = base + i
+                    assert got[i] == [f"10.2.{n >> 8}.{n & 255}"]
+            st = h.stats()
+            assert st["forged"] == 0 and st["relayed"] == 192 and s.udp_queries == 192
+        run_with([s], body)
