@@ -958,6 +958,17 @@ assert NODE.pack(1, 2, 3, 4, 5, 6, 7) == _pack_u32([1, 2, 3, 4, 5 | 6 << 16, 7])
 assert RRENT.pack(28, 0, 9) == _pack_u32([28, 9])
 
 
+def ipv4_key(parts) -> tuple[int, bytes]:
+    """Four decimal octets -> (4, 16-byte key), or (0, b'') unless each is canonical: 1-3
+    digits, no leading zero (Go's net.ParseIP, which CoreDNS uses, rejects those), at most 255."""
+    octets = []
+    for p in parts:
+        if not p.isdigit() or len(p) > 3 or (len(p) > 1 and p[:1] == b"0") or int(p) > 255:
+            return 0, b""
+        octets.append(int(p))
+    return 4, bytes(octets).ljust(16, b"\0")
+
+
 def reverse_to_ip(labels: tuple) -> tuple[int, bytes]:
     """Full reverse name (RFC 1035 §3.5, RFC 3596 §2.5) -> (family, 16-byte key); (0, b'') if not.
 
@@ -965,15 +976,7 @@ def reverse_to_ip(labels: tuple) -> tuple[int, bytes]:
     same rule the packet path applies.
     """
     if labels[-2:] == (b"in-addr", b"arpa") and len(labels) == 6:
-        octets = []
-        for label in labels[3::-1]:
-            if not label.isdigit() or len(label) > 3 or (len(label) > 1 and label[0:1] == b"0"):
-                return 0, b""
-            v = int(label)
-            if v > 255:
-                return 0, b""
-            octets.append(v)
-        return 4, bytes(octets).ljust(16, b"\0")
+        return ipv4_key(labels[3::-1])
     if labels[-2:] == (b"ip6", b"arpa") and len(labels) == 34:
         nibbles = []
         for label in labels[31::-1]:

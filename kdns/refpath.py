@@ -10,7 +10,8 @@ import struct
 
 from .image import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE, NODE_POD_NS,
                     NODE_POD_VERIFIED,
-                    NODE_ZONE_APEX, REV, RRENT, SEG, ZONE, ZONE_REVERSE, reverse_to_ip)
+                    NODE_ZONE_APEX, REV, RRENT, SEG, ZONE, ZONE_REVERSE, ipv4_key,
+                    reverse_to_ip)
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
@@ -164,16 +165,7 @@ def parse_pod_label(label: bytes) -> tuple[int, bytes]:
     dashes and no '--' is IPv4 (dashes for dots), anything else IPv6 (dashes for colons)."""
     s = label.lower()
     if s.count(b"-") == 3 and b"--" not in s:
-        parts = s.split(b"-")
-        out = []
-        for p in parts:
-            if not p or len(p) > 3 or not p.isdigit() or (len(p) > 1 and p[:1] == b"0"):
-                return 0, b""
-            v = int(p)
-            if v > 255:
-                return 0, b""
-            out.append(v)
-        return 4, bytes(out).ljust(16, b"\0")
+        return ipv4_key(s.split(b"-"))
     return parse_ipv6(s.replace(b"-", b":"))
 
 
