@@ -12,6 +12,14 @@ if ROOT not in sys.path:
 IN_CI = os.environ.get("CI") == "true"
 
 
+def unavailable(reason: str):
+    """Skip a test that cannot run on this developer machine; under CI=true, fail it instead
+    (CI must run every test: a skip there would hide a missing feature)."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool. Under CI=true a missing tool fails the test (never a skip):
     `make test` installs every tool the suite needs."""

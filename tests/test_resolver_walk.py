@@ -26,6 +26,7 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
+from conftest import unavailable
 from kdns import records, refpath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,9 +158,7 @@ def test_srv_short_name_of_the_e2e_suite(responder):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    serverutil = pytest.importorskip("serverutil")
-    if not hasattr(serverutil, "Kdns"):
-        pytest.skip("tests/serverutil.py has no Kdns runner yet")
+    import serverutil
     srv = serverutil.Kdns(tmp_path_factory.mktemp("walk"), zone_file=EXAMPLE, workers=1).start()
     yield srv
     srv.stop()
@@ -180,11 +179,12 @@ def _getent_available() -> bool:
                 and shutil.which("ip"))
 
 
-@pytest.mark.skipif(not _getent_available(), reason="needs root, unshare, ip and getent")
 def test_walk_through_the_c_library(tmp_path):
     """glibc's own resolver (getent ahosts: A and AAAA per candidate) against kdns on
     127.0.0.1:53. A private network namespace gives a private loopback, so port 53 is ours
     and nothing can leave the machine; a private mount namespace replaces resolv.conf."""
+    if not _getent_available():
+        unavailable("needs root, unshare, ip and getent")
     conf = tmp_path / "resolv.conf"
     conf.write_text(f"nameserver 127.0.0.1\nsearch {' '.join(SEARCH)}\n"
                     "options ndots:5 attempts:1 timeout:2\n")
