@@ -19,7 +19,10 @@ from tests import test_records as TR
 from tests import zonefixtures as Z
 
 CORE = I._compiled_core()
-pytestmark = pytest.mark.skipif(CORE is None, reason="extension not built (or KDNS_PURE=1)")
+if CORE is None:
+    # Under CI this fails: the compiled compiler must be built and compared.
+    from conftest import unavailable
+    unavailable("the compiled compiler core is not built (or KDNS_PURE=1)")
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 

@@ -13,6 +13,8 @@ import struct
 import time
 
 import pytest
+
+from conftest import unavailable
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from kdns.cache import Cache
@@ -574,11 +576,11 @@ def test_stub_server_given_as_name_resolved_through_upstreams():
 
 def test_ipv6_loopback_upstream():
     if not os.path.exists("/proc/net/if_inet6"):
-        pytest.skip("no IPv6 on this machine")
+        unavailable("no IPv6 on this machine")
     try:
         server = TestDNSServer({"a.test.": ["AAAA 2001:db8::1"]}, host="::1")
     except OSError:
-        pytest.skip("::1 not usable here")
+        unavailable("::1 not usable here")
     with server:
         fwd = Forwarder([up(server)], **FAST)
         assert answers(run(fwd.resolve(make_query("a.test", "AAAA"), "udp"))) == ["2001:db8::1"]

@@ -23,8 +23,10 @@ from kdns.forwarding import CompiledForward, LinkedCache, _pow2
 from upstream import TestDNSServer, make_query
 from zonefixtures import sample_image
 
-pytestmark = pytest.mark.skipif(engine.IMPLEMENTATION != "compiled",
-                                reason="the compiled forwarder needs the compiled engine")
+if engine.IMPLEMENTATION != "compiled":
+    # Under CI this fails: the compiled forwarder must be built and tested.
+    from conftest import unavailable
+    unavailable("the compiled forwarder needs the compiled engine (make install builds it)")
 
 ZONE = {"widget.local.": ["A 3.3.3.3"],
         "big.local.": [f"A 10.0.0.{i}" for i in range(1, 60)],

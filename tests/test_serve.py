@@ -14,7 +14,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from conftest import require_tool
+from conftest import require_tool, unavailable
 from kdns import refpath
 from serverutil import HOST, a_records, rcode_text, running
 from zonefixtures import SAMPLE_NAMES, sample_image
@@ -71,12 +71,12 @@ def test_answers_hit_miss_and_outside(server, proto):
 
 def test_serves_on_ipv6_loopback(tmp_path):
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python")
+        unavailable("no IPv6 in this Python")
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
             probe.bind(("::1", 0))
     except OSError:
-        pytest.skip("::1 is not configured on this machine")
+        unavailable("::1 is not configured on this machine")
     with running(tmp_path, image=sample_image(), workers=1, host="::1") as server:
         for proto in ("udp", "tcp"):
             ask = getattr(server, proto)
