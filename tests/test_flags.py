@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from test_cli import run_main
+
 from kdns import cli, logs
 
 
 def parse(*args):
     return cli.build_parser().parse_args(["serve", *logs.normalise_flag_names(list(args))])
-
-
-def run_main(capsys, argv):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # Every flag of cmd/kube-dns/app/options/options.go, written as kube-dns manifests write them.
