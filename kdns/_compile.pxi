@@ -18,7 +18,7 @@
 # the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
 # its input.
 
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, strlen
 from libc.stdint cimport int16_t, int32_t
 from cpython.bytes cimport PyBytes_AS_STRING
@@ -38,6 +38,7 @@ cdef enum:
     NF_TREE = 16         # a node of the forward trie
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
+    NF_ENC = 128         # answers given already encoded (``add_encoded``, issue 4)
     NODE_EXISTS_ = 1     # image.py NODE_EXISTS
 
     T_SRV = 33
@@ -120,6 +121,14 @@ cdef int _cmp_rev(const void *a, const void *b) noexcept nogil:
     return memcmp((<const RevKey *>a).key, (<const RevKey *>b).key, 17)
 
 
+cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint32_t *bref,
+                      const uint32_t *placed, size_t nplaced) noexcept nogil:
+    cdef size_t k
+    for k in range(nplaced):
+        memcpy(o, pool + bref[2 * placed[k]], bref[2 * placed[k] + 1])
+        o += bref[2 * placed[k] + 1]
+
+
 cdef class ZoneCore:
     """One compile's names, trie, blobs and tables. Driven by image.py's ``_CoreCompiler``."""
 
@@ -138,6 +147,10 @@ cdef class ZoneCore:
     cdef uint32_t *where
     cdef uint32_t *seen
     cdef int32_t *kid_start
+    cdef int32_t *rr_at              # first rr-table pair of the name's answers, -1 none yet
+    cdef uint16_t *rr_n
+    cdef uint32_t *enc_at            # its encoded answers: first pair in ``ents``
+    cdef uint8_t *enc_n              # ... and how many (0: none; persistent, see ``apply``)
     cdef int32_t n
     cdef size_t cap
     cdef int32_t *ht
@@ -151,13 +164,30 @@ cdef class ZoneCore:
     cdef int32_t *apex_id
     cdef bint *zone_rev
     cdef int nzones
-    # blobs
+    # blob store: every distinct blob once, by id, content-addressed through ``bht``; kept
+    # across compiles with a reference count (encoded answers hold one each, a compile's own
+    # blobs one until the next ``begin``). A compile lays out the blobs it uses in the order
+    # it first uses them (``place_blob``), which is the image's pool.
     cdef uint8_t *pool
     cdef size_t pool_len, pool_cap
-    cdef uint32_t *bref              # (offset, length) per blob
+    cdef uint32_t *bref              # (offset in the store, length) per blob id
+    cdef uint32_t *bcnt              # references
+    cdef uint32_t *bplace            # offset in this compile's image pool ...
+    cdef uint32_t *bepoch            # ... valid when this equals ``cepoch``
     cdef size_t nblobs, blobs_cap
     cdef int32_t *bht
     cdef size_t bht_cap
+    cdef size_t live_bytes, dead_bytes
+    cdef uint32_t cepoch
+    cdef uint32_t *placed            # blob ids in image pool order
+    cdef size_t nplaced, placed_cap, placed_len
+    cdef uint32_t *tmp               # blob ids this compile referenced (released by ``begin``)
+    cdef size_t ntmp, tmp_cap
+    # encoded answers (``apply``): (qtype, blob id) pairs
+    cdef uint32_t *ents
+    cdef size_t ents_len, ents_cap, ents_dead
+    cdef size_t n_enc
+    cdef bint persistent
     cdef uint8_t *dat
     cdef size_t dat_cap
     cdef uint8_t *scr
@@ -180,7 +210,7 @@ cdef class ZoneCore:
     cdef int32_t nrev
     # Python side
     cdef object error, unsupported, name_labels, packed_fallback, type_names
-    cdef int stage          # 0 new, 1 RRsets added, 2 tables encoded, 3 assembled (freed)
+    cdef int stage          # 0 begun, 1 RRsets added, 2 tables encoded, 3 assembled/applied
     cdef bint dropped       # the RRsets were let go (``drop_rrsets``)
 
     def __cinit__(self):
@@ -198,9 +228,13 @@ cdef class ZoneCore:
         self.epoch = 0
 
     def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
-                 packed_fallback, type_names):
-        """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order."""
+                 packed_fallback, type_names, persistent=False):
+        """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
+        ``persistent``: the core outlives one compile (issue 4's incremental compiler): names,
+        encoded answers and the blob store are kept, each compile starting with ``begin``;
+        otherwise ``assemble`` frees everything."""
         cdef int zi
+        self.persistent = bool(persistent)
         self.error, self.unsupported = error, unsupported
         self.name_labels, self.packed_fallback = name_labels, packed_fallback
         self.type_names = type_names
@@ -217,6 +251,7 @@ cdef class ZoneCore:
         for zi in range(self.nzones):
             # zone[] is filled lazily by zone_of; apexes mark themselves here.
             self.zone[self.apex_id[zi]] = zi
+        self.begin()
 
     def __dealloc__(self):
         self.release()
@@ -229,6 +264,12 @@ cdef class ZoneCore:
         free(self.zone_rev); free(self.pool); free(self.bref); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lpool); free(self.lht)
         free(self.kids); free(self.order); free(self.nodes); free(self.rrf); free(self.rev)
+        free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
+        free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
+        free(self.ents)
+        self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
+        self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.placed = NULL
+        self.tmp = NULL; self.ents = NULL
         self.nbuf = NULL; self.noff = NULL; self.nlen = NULL; self.parent = NULL
         self.nlab = NULL; self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL
         self.zone = NULL; self.stamp = NULL; self.where = NULL; self.seen = NULL
@@ -244,21 +285,38 @@ cdef class ZoneCore:
         free(self.nbuf); free(self.noff); free(self.nlen); free(self.parent); free(self.nlab)
         free(self.nflags); free(self.first_rr); free(self.last_rr); free(self.zone)
         free(self.stamp); free(self.where); free(self.seen); free(self.kid_start)
-        free(self.ht); free(self.rr_next); free(self.rr_type); free(self.bref); free(self.bht)
+        # Kept: the store (``pool``, ``bref``) and ``placed``, which assemble copies from.
+        free(self.ht); free(self.rr_next); free(self.rr_type); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lht); free(self.kids)
-        free(self.order)
+        free(self.order); free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
+        free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.tmp); free(self.ents)
+        self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
+        self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.tmp = NULL
+        self.ents = NULL; self.ntmp = self.tmp_cap = 0; self.ents_len = self.ents_cap = 0
         self.nbuf = NULL; self.noff = NULL; self.nlen = NULL; self.parent = NULL
         self.nlab = NULL; self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL
         self.zone = NULL; self.stamp = NULL; self.where = NULL; self.seen = NULL
         self.kid_start = NULL; self.ht = NULL; self.rr_next = NULL; self.rr_type = NULL
-        self.bref = NULL; self.bht = NULL; self.dat = NULL; self.scr = NULL; self.segs = NULL
+        self.bht = NULL; self.dat = NULL; self.scr = NULL; self.segs = NULL
         self.lht = NULL; self.kids = NULL; self.order = NULL
         self.n = 0
-        self.cap = self.nbuf_cap = self.nbuf_len = self.ht_cap = self.blobs_cap = 0
-        self.nblobs = self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
+        self.cap = self.nbuf_cap = self.nbuf_len = self.ht_cap = 0
+        self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
         self.lht_cap = 0
         self.rrsets = []
         self.stage = 3
+
+    cdef void release_compile(self) noexcept:
+        """A persistent core between compiles: free the big per-compile tables (the trie,
+        the node, rr and reverse tables, the label pool); ``begin`` starts from empty ones."""
+        free(self.kids); free(self.order); free(self.kid_start); free(self.nodes)
+        free(self.rrf); free(self.rev); free(self.lpool); free(self.rr_next); free(self.rr_type)
+        self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.nodes = NULL
+        self.rrf = NULL; self.rev = NULL; self.lpool = NULL; self.rr_next = NULL
+        self.rr_type = NULL
+        self.rrf_cap = self.lpool_cap = 0
+        self.rrf_len = self.lpool_len = 0
+        self.rrsets = []
 
     cdef int check(self, int at_most) except -1:
         # Methods called out of order (or after assemble freed the tables) must raise,
@@ -285,6 +343,10 @@ cdef class ZoneCore:
         self.stamp = <uint32_t *>self._re(self.stamp, c * 4)
         self.where = <uint32_t *>self._re(self.where, c * 4)
         self.seen = <uint32_t *>self._re(self.seen, c * 4)
+        self.rr_at = <int32_t *>self._re(self.rr_at, c * 4)
+        self.rr_n = <uint16_t *>self._re(self.rr_n, c * 2)
+        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
+        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
         self.cap = c
         return 0
 
@@ -352,6 +414,10 @@ cdef class ZoneCore:
         self.stamp[i] = 0
         self.where[i] = 0
         self.seen[i] = 0
+        self.rr_at[i] = -1
+        self.rr_n[i] = 0
+        self.enc_at[i] = 0
+        self.enc_n[i] = 0
         mask = self.ht_cap - 1
         j = fnv1a(w, wl) & mask
         while self.ht[j] >= 0:
@@ -442,7 +508,8 @@ cdef class ZoneCore:
     cdef int place(self, int32_t i, what) except -1:
         cdef int zi = self.zone_of(i)
         if zi < 0:
-            raise self.error(f"{what} is outside every served zone")
+            raise self.error(f"{self.text_of(i) if what is None else what} is outside every "
+                             "served zone")
         if self.zone_rev[zi] and self.nlab[i] != self.nlab[self.apex_id[zi]]:
             self.nflags[i] |= NF_REV
         else:
@@ -472,6 +539,8 @@ cdef class ZoneCore:
             i = self.intern_name(name)
             self.rr_next[k] = -1
             self.rr_type[k] = rtype
+            if self.nflags[i] & NF_ENC:
+                raise self.error(f"{name} has encoded answers and RRsets")
             if not self.nflags[i] & NF_DATA:
                 self.place(i, name)
                 self.nflags[i] |= NF_DATA
@@ -498,6 +567,229 @@ cdef class ZoneCore:
                 # RFC 2181 §10.1: a CNAME owner has no other data.
                 raise self.error(f"{self.text_of(i)} has a CNAME and other data")
 
+    def begin(self):
+        """Start a compile: forget the last one's RRsets, trie, tables and pool layout, and
+        release the blobs only it used; keep the names, the encoded answers (``apply``) and
+        the blob store."""
+        cdef size_t k, nn
+        cdef int32_t i
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        for k in range(self.ntmp):
+            self.decref(self.tmp[k])
+        self.ntmp = 0
+        self.cepoch += 1
+        self.nplaced = 0
+        self.placed_len = 0
+        self.rrsets = []
+        self.dropped = False
+        self.rrf_len = 0
+        self.nrev = 0
+        self.nnodes = 0
+        self.lpool_len = 0
+        self.nlabels = 0
+        memset(self.lht, 0xFF, self.lht_cap * sizeof(int32_t))
+        nn = self.n
+        if nn:
+            memset(self.nflags, 0, nn)
+            memset(self.first_rr, 0xFF, nn * 4)
+            memset(self.last_rr, 0xFF, nn * 4)
+            memset(self.rr_at, 0xFF, nn * 4)
+            memset(self.rr_n, 0, nn * 2)
+        for i in range(self.n):
+            if self.enc_n[i]:
+                self.nflags[i] = NF_DATA | NF_ENC
+                self.place(i, None)
+        self.stage = 0
+
+    cdef Py_ssize_t record(self, const uint8_t *b, Py_ssize_t total, Py_ssize_t p) except -1:
+        """Check the ``export`` record at ``p``: [u8 wire length][wire name][u8 n]
+        [n x (u16le qtype, u32le blob length)][blobs, each padded to 4]; its end."""
+        cdef Py_ssize_t q, wl, k, nent, body
+        cdef uint32_t blen
+        wl = b[p]
+        if wl < 1 or p + 1 + wl + 1 > total:
+            raise ValueError("encoded record: truncated name")
+        q = p + 1
+        while b[q] != 0:           # labels within the wire length, root label last
+            if b[q] > 63 or q + 1 + b[q] >= p + 1 + wl:
+                raise ValueError("encoded record: bad name")
+            q += 1 + b[q]
+        if q != p + wl:
+            raise ValueError("encoded record: bad name length")
+        nent = b[p + 1 + wl]
+        body = p + 2 + wl + 6 * nent
+        if nent == 0 or body > total:
+            raise ValueError("encoded record: truncated entries")
+        for k in range(nent):
+            blen = le32(b + p + 2 + wl + 6 * k + 2)
+            if blen < 16 or blen % 4 or body + blen > total:
+                raise ValueError("encoded record: bad blob length")
+            body += blen
+        return body
+
+    def apply(self, bytes old not None, bytes new not None):
+        """Replace encoded answers between compiles (persistent cores): every name in the
+        ``old`` records loses its answers, then every name in ``new`` gets its own. A name
+        given answers here must not also get RRsets in a compile (``add`` refuses). An error
+        leaves the core half-changed: the caller then discards it."""
+        cdef Py_ssize_t total, p, end, wl, k, nent, body
+        cdef const uint8_t *b
+        cdef int32_t i
+        cdef uint32_t blen, bid, j
+        self.stage = 3                  # ``begin`` before the next compile
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        total = len(old)
+        b = <const uint8_t *>PyBytes_AS_STRING(old)
+        p = 0
+        while p < total:
+            end = self.record(b, total, p)
+            i = self.find(b + p + 1, b[p])
+            if i < 0 or not self.enc_n[i]:
+                raise self.error("encoded record to remove is not there")
+            for j in range(self.enc_n[i]):
+                self.decref(self.ents[2 * (self.enc_at[i] + j) + 1])
+            self.ents_dead += self.enc_n[i]
+            self.enc_n[i] = 0
+            self.n_enc -= 1
+            p = end
+        total = len(new)
+        b = <const uint8_t *>PyBytes_AS_STRING(new)
+        p = 0
+        while p < total:
+            end = self.record(b, total, p)
+            wl = b[p]
+            nent = b[p + 1 + wl]
+            i = self.intern_wire(b + p + 1, wl)
+            if self.enc_n[i]:
+                raise self.error(f"{self.text_of(i)} given encoded answers twice")
+            if self.zone_of(i) < 0:
+                raise self.error(f"{self.text_of(i)} is outside every served zone")
+            _grow(<void **>&self.ents, &self.ents_cap, 2 * (self.ents_len + nent), 4)
+            self.enc_at[i] = self.ents_len
+            body = p + 2 + wl + 6 * nent
+            for k in range(nent):
+                blen = le32(b + p + 2 + wl + 6 * k + 2)
+                _grow(<void **>&self.scr, &self.scr_cap, blen + 4, 1)
+                memcpy(self.scr, b + body, blen)
+                bid = self.store_blob(blen)
+                self.incref(bid)
+                self.ents[2 * self.ents_len] = le16(b + p + 2 + wl + 6 * k)
+                self.ents[2 * self.ents_len + 1] = bid
+                self.ents_len += 1
+                body += blen
+            self.enc_n[i] = nent
+            self.n_enc += 1
+            p = end
+        if self.ents_dead > 4096 and self.ents_dead * 2 > self.ents_len:
+            self.compact_ents()
+
+    cdef int compact_ents(self) except -1:
+        cdef uint32_t *fresh = <uint32_t *>malloc((2 * (self.ents_len - self.ents_dead) + 2) * 4)
+        cdef size_t m = 0
+        cdef int32_t i
+        if fresh == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            if self.enc_n[i]:
+                memcpy(fresh + 2 * m, self.ents + 2 * self.enc_at[i], 8 * self.enc_n[i])
+                self.enc_at[i] = m
+                m += self.enc_n[i]
+        free(self.ents)
+        self.ents = fresh
+        self.ents_len = self.ents_cap = m
+        self.ents_dead = 0
+        return 0
+
+    def stats(self):
+        """Sizes for the caller's decision to start over with a fresh core (garbage)."""
+        return {"names": self.n, "encoded_names": self.n_enc, "blobs": self.nblobs,
+                "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
+                "entries": self.ents_len, "dead_entries": self.ents_dead}
+
+    def export(self, groups):
+        """After ``encode_reverse``: every name's answers as ``add_encoded`` records, one
+        bytes per group, each name going to the group of its nearest ancestor-or-self among
+        ``groups`` (text names; a service's name, a reverse name). A name in no group, or
+        one whose answers follow a CNAME (they depend on other names), raises."""
+        cdef Py_ssize_t ng = len(groups), g, k, sz
+        cdef int32_t i, j, e
+        cdef int32_t *gof
+        cdef size_t *size
+        cdef size_t *pos
+        cdef uint8_t *o
+        cdef const uint8_t *blob
+        cdef uint32_t bid, blen
+        self.check(2)
+        if self.stage != 2:
+            raise ValueError("export() before the tables were encoded")
+        ids = [self.intern_name(name) for name in groups]
+        gof = <int32_t *>malloc((self.n + 1) * sizeof(int32_t))
+        size = <size_t *>calloc(ng + 1, sizeof(size_t))
+        pos = <size_t *>calloc(ng + 1, sizeof(size_t))
+        if gof == NULL or size == NULL or pos == NULL:
+            free(gof); free(size); free(pos)
+            raise MemoryError()
+        try:
+            memset(gof, 0xFF, (self.n + 1) * sizeof(int32_t))
+            for g in range(ng):
+                gof[<int32_t>ids[g]] = g
+            for i in range(self.n):       # pass 1: each name's group and record size
+                if not self.nflags[i] & NF_DATA:
+                    continue
+                if self.nflags[i] & (NF_CNAME | NF_ENC) or self.rr_at[i] < 0:
+                    raise self.error(f"{self.text_of(i)} cannot be exported")
+                j = i
+                while j >= 0 and gof[j] < 0:
+                    j = self.parent[j]
+                if j < 0:
+                    raise self.error(f"{self.text_of(i)} is in no export group")
+                gof[i] = gof[j]
+                sz = 2 + self.nlen[i] + 6 * self.rr_n[i]
+                for e in range(self.rr_n[i]):
+                    sz += self.bref[2 * self.bid_at(self.rrf[2 * (self.rr_at[i] + e) + 1]) + 1]
+                size[gof[i]] += sz
+            out = [PyBytes_FromStringAndSize(NULL, size[g]) for g in range(ng)]
+            for i in range(self.n):       # pass 2: write the records
+                if not self.nflags[i] & NF_DATA:
+                    continue
+                g = gof[i]
+                o = <uint8_t *>PyBytes_AS_STRING(out[g]) + pos[g]
+                o[0] = self.nlen[i]
+                memcpy(o + 1, self.nbuf + self.noff[i], self.nlen[i])
+                o[1 + self.nlen[i]] = self.rr_n[i]
+                k = 2 + self.nlen[i]
+                sz = k + 6 * self.rr_n[i]
+                for e in range(self.rr_n[i]):
+                    bid = self.bid_at(self.rrf[2 * (self.rr_at[i] + e) + 1])
+                    blen = self.bref[2 * bid + 1]
+                    put16le(o + k, self.rrf[2 * (self.rr_at[i] + e)])
+                    put32le(o + k + 2, blen)
+                    memcpy(o + sz, self.pool + self.bref[2 * bid], blen)
+                    k += 6
+                    sz += blen
+                pos[g] += sz
+            for g in range(ng):
+                if pos[g] != size[g]:
+                    raise AssertionError("export: sizes disagree")
+            return out
+        finally:
+            free(gof); free(size); free(pos)
+
+    cdef uint32_t bid_at(self, uint32_t off) except? 0xFFFFFFFF:
+        """The id of the blob at ``off`` in this compile's pool (placement is in order)."""
+        cdef size_t lo = 0, hi = self.nplaced, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.bplace[self.placed[mid]] < off:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo >= self.nplaced or self.bplace[self.placed[lo]] != off:
+            raise ValueError("no blob at that pool offset")
+        return self.placed[lo]
+
     def mark(self, labels, bint fwd, bint special):
         """A name image.py adds to the trie (apexes, pod namespaces) or decides itself."""
         self.check(1)
@@ -522,6 +814,10 @@ cdef class ZoneCore:
             raise ValueError("rrsets_of() after drop_rrsets()")
         if i < 0 or not self.nflags[i] & NF_DATA:
             return None
+        if self.nflags[i] & NF_ENC:
+            # Its RRsets are not here (only its answers): a CNAME chain or glue that needs
+            # them cannot be compiled from encoded input; the caller compiles it all anew.
+            raise self.unsupported(f"{self.text_of(i)} is encoded; its RRsets are needed")
         out = []
         r = self.first_rr[i]
         while r >= 0:
@@ -537,11 +833,11 @@ cdef class ZoneCore:
 
     # ------------------------------------------------------------------ blobs
 
-    cdef uint32_t intern_scr(self, size_t n) except? 0xFFFFFFFF:
-        """Intern the blob in ``scr[0:n]`` (padded to 4 here); its pool offset."""
+    cdef uint32_t store_blob(self, size_t n) except? 0xFFFFFFFF:
+        """Id of the blob in ``scr[0:n]`` (padded to 4 here) in the store, adding it
+        (unreferenced) if new."""
         cdef size_t mask, j, k
         cdef int32_t b
-        cdef uint64_t h
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
         while n % 4:
             self.scr[n] = 0
@@ -555,20 +851,64 @@ cdef class ZoneCore:
             if b < 0:
                 break
             if self.bref[2 * b + 1] == n and memcmp(self.pool + self.bref[2 * b], self.scr, n) == 0:
-                return self.bref[2 * b]
+                return b
             j = (j + 1) & mask
         if self.pool_len + n > 0xFFFFFFFF:
-            raise self.unsupported("blob pool over 4 GiB")
+            raise self.unsupported("blob store over 4 GiB")
         _grow(<void **>&self.pool, &self.pool_cap, self.pool_len + n, 1)
-        _grow(<void **>&self.bref, &self.blobs_cap, self.nblobs + 1, 8)
+        if self.nblobs + 1 > self.blobs_cap:
+            _grow(<void **>&self.bref, &self.blobs_cap, self.nblobs + 1, 8)
+            self.bcnt = <uint32_t *>self._re(self.bcnt, self.blobs_cap * 4)
+            self.bplace = <uint32_t *>self._re(self.bplace, self.blobs_cap * 4)
+            self.bepoch = <uint32_t *>self._re(self.bepoch, self.blobs_cap * 4)
         k = self.nblobs
         self.nblobs += 1
         self.bref[2 * k] = self.pool_len
         self.bref[2 * k + 1] = n
+        self.bcnt[k] = 0
+        self.bepoch[k] = 0
+        self.dead_bytes += n
         memcpy(self.pool + self.pool_len, self.scr, n)
         self.pool_len += n
         self.bht[j] = k
-        return self.bref[2 * k]
+        return k
+
+    cdef inline void incref(self, uint32_t bid) noexcept:
+        if self.bcnt[bid] == 0:
+            self.dead_bytes -= self.bref[2 * bid + 1]
+            self.live_bytes += self.bref[2 * bid + 1]
+        self.bcnt[bid] += 1
+
+    cdef inline void decref(self, uint32_t bid) noexcept:
+        self.bcnt[bid] -= 1
+        if self.bcnt[bid] == 0:
+            self.live_bytes -= self.bref[2 * bid + 1]
+            self.dead_bytes += self.bref[2 * bid + 1]
+
+    cdef uint32_t place_blob(self, uint32_t bid) except? 0xFFFFFFFF:
+        """The blob's offset in this compile's image pool, laid out on first use."""
+        cdef uint32_t n
+        if self.bepoch[bid] == self.cepoch:
+            return self.bplace[bid]
+        n = self.bref[2 * bid + 1]
+        if self.placed_len + n > 0xFFFFFFFF:
+            raise self.unsupported("blob pool over 4 GiB")
+        _grow(<void **>&self.placed, &self.placed_cap, self.nplaced + 1, 4)
+        self.placed[self.nplaced] = bid
+        self.nplaced += 1
+        self.bepoch[bid] = self.cepoch
+        self.bplace[bid] = self.placed_len
+        self.placed_len += n
+        return self.bplace[bid]
+
+    cdef uint32_t intern_scr(self, size_t n) except? 0xFFFFFFFF:
+        """Intern the blob in ``scr[0:n]`` for this compile; its image pool offset."""
+        cdef uint32_t bid = self.store_blob(n)
+        self.incref(bid)
+        _grow(<void **>&self.tmp, &self.tmp_cap, self.ntmp + 1, 4)
+        self.tmp[self.ntmp] = bid
+        self.ntmp += 1
+        return self.place_blob(bid)
 
     cdef int rehash_blobs(self) except -1:
         cdef size_t ncap = self.bht_cap * 2, mask = ncap - 1, j, k
@@ -804,9 +1144,18 @@ cdef class ZoneCore:
         cdef int nr = 0, a, b
         cdef int32_t r, tmp
         cdef int64_t off
+        cdef const uint32_t *e
+        self.rr_at[i] = self.rrf_len // 2
+        if self.nflags[i] & NF_ENC:
+            for a in range(self.enc_n[i]):
+                e = self.ents + 2 * (self.enc_at[i] + a)
+                self.push_rr(e[0], self.place_blob(e[1]))
+            self.rr_n[i] = self.enc_n[i]
+            return 0
         if self.nflags[i] & NF_CNAME:
             for qtype, boff in chain(self.labels_of(i)):
                 self.push_rr(qtype, boff)
+            self.rr_n[i] = self.rrf_len // 2 - self.rr_at[i]
             return 0
         r = self.first_rr[i]
         while r >= 0:
@@ -827,6 +1176,7 @@ cdef class ZoneCore:
             if off < 0:
                 off = generic(self.labels_of(i), self.rr_type[rs[a]])
             self.push_rr(self.rr_type[rs[a]], off)
+        self.rr_n[i] = nr
         return 0
 
     def grow(self):
@@ -1060,7 +1410,7 @@ cdef class ZoneCore:
 
     def sizes(self):
         """(nodes, reverse entries, rr table bytes, labels pool bytes, blob pool bytes)."""
-        return self.nnodes, self.nrev, self.rrf_len * 4, self.lpool_len, self.pool_len
+        return self.nnodes, self.nrev, self.rrf_len * 4, self.lpool_len, self.placed_len
 
     def assemble(self, bytes zone_table not None, bytes pod_lists not None, verified,
                  uint32_t labels_off, uint32_t rrtab_off, uint32_t pods_off,
@@ -1080,13 +1430,14 @@ cdef class ZoneCore:
         if rrtab != rrtab_off or <size_t>labels_off != rrtab + 4 * self.rrf_len \
                 or pods_off < labels_off + self.lpool_len \
                 or pods_off > labels_off + self.lpool_len + 3 \
-                or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.pool_len:
+                or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.placed_len:
             raise ValueError("inconsistent image layout")
         verified = list(verified)
         for idx in verified:
             if not 0 <= idx < self.nnodes:
                 raise ValueError("verified node index out of range")
-        self.release_names()
+        if not self.persistent:
+            self.release_names()
         for idx in verified:
             self.nodes[6 * idx + 5] += pods_off
         out = PyBytes_FromStringAndSize(NULL, total)
@@ -1122,9 +1473,15 @@ cdef class ZoneCore:
         pos += npl
         # The names and tables are no longer needed: give them back before the pool copy's
         # peak is reached by the caller.
-        if self.pool_len:
-            memcpy(o + pos, self.pool, self.pool_len)
-        self.release()
+        # The blobs, in the order first used; without the GIL (issue 4: the watchers and
+        # the supervisor's loop run meanwhile).
+        with nogil:
+            copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
+        if self.persistent:
+            self.release_compile()
+            self.stage = 3
+        else:
+            self.release()
         crc = zlib.crc32(memoryview(out)[64:])
         header = make_header(crc)
         if len(header) != 64:

@@ -865,15 +865,27 @@ class _CoreCompiler(_Compiler):
     chains and the rare RRsets, through the reference methods above, which see the core's
     names through ``_CoreData``/``_CoreNames``. Same bytes as ``_Compiler`` (tests hold it)."""
 
-    def __init__(self, zones, synced, serial, core_type, consume: bool = False):
+    def __init__(self, zones, synced, serial, core_type, consume: bool = False, core=None):
         super().__init__(zones, synced, serial)
         self.consume = consume
-        self.core = core_type(self.zone_labels, self.zone_reverse, error=CompileError,
-                              unsupported=_CoreUnsupported, name_labels=R.name_labels,
-                              packed_fallback=self.packed, type_names=R.TYPE_NAMES)
+        if core is None:
+            core = self.new_core(core_type, self.zone_labels, self.zone_reverse)
+        else:
+            core.begin()        # a persistent core (kdns/incremental.py) starts a compile
+        self.core = core
         self.data = _CoreData(self.core)
         self.explicit = _CoreNames(self.core, 0)
         self.tree_nodes = _CoreNames(self.core, 1)
+
+    @classmethod
+    def new_core(cls, core_type, zone_labels, zone_reverse, persistent: bool = False):
+        """A ``ZoneCore``; a ``persistent`` one keeps encoded answers (``ZoneCore.apply``)
+        across compiles: the names given answers there are compiled without RRsets, with
+        the same bytes as if their RRsets were given (issue 4's incremental compiler)."""
+        return core_type(zone_labels, zone_reverse, error=CompileError,
+                         unsupported=_CoreUnsupported, name_labels=R.name_labels,
+                         packed_fallback=cls.packed, type_names=R.TYPE_NAMES,
+                         persistent=persistent)
 
     def intern(self, blob: bytes) -> int:
         return self.core.intern(bytes(blob))
@@ -941,6 +953,24 @@ class _CoreCompiler(_Compiler):
 
     def _chain_entries(self, labels: tuple) -> list:
         return self.chain_entries(labels, self.data[labels])
+
+    def export(self, rrsets, groups: list) -> list:
+        """Encode ``rrsets`` (no zone apex data, no CNAME) and return their answers as
+        ``build(encoded=...)`` records, one bytes per name in ``groups``: each name with
+        data goes to its nearest ancestor-or-self in ``groups``. The blobs are the ones a
+        full compile makes for the same names, so an image assembled from them is the
+        same bytes, as long as each group's answers depend only on its own names (a
+        Kubernetes service's names do: its SRV glue points inside it)."""
+        core = self.core
+        core.add(rrsets, ())
+        core.grow()
+
+        def special(labels, flags, idx):
+            raise CompileError("export: zone apexes are not exported")
+
+        core.encode_nodes(self._chain_entries, self.generic_blob, special)
+        core.encode_reverse(self._chain_entries, self.generic_blob)
+        return core.export(groups)
 
 
 def _pack_u32(values) -> bytes:
