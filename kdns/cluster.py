@@ -332,6 +332,12 @@ class ClusterModel:
             return tuple(slices[k] for k in sorted(slices))
         return self._objs[ENDPOINTS].get((namespace, service), ())
 
+    def slice_service(self, namespace: str, name: str) -> str | None:
+        """The service an EndpointSlice belongs to (its service-name label), or None if no
+        such slice: the incremental compiler's map from a changed slice to its service."""
+        es = self._objs[ENDPOINT_SLICE].get((namespace, name))
+        return None if es is None else es.service
+
     def namespaces(self) -> set[str]:
         """Namespaces known to exist: Namespace objects, and any namespace holding a service
         (a service cannot outlive its namespace; this keeps kube-dns RBAC clusters working)."""

@@ -116,18 +116,30 @@ class _Builder:
         self.warnings[message] = None
 
     def rrsets(self) -> list[R.RRset]:
+        return self.set_rrsets() + [ptr_rrset(ip, targets, self.ttl)
+                                    for ip, targets in self.ptr.items()]
+
+    def set_rrsets(self) -> list[R.RRset]:
+        """Every RRset but the PTRs (which merge across services: ``ptr_rrset``)."""
         ttl, RRset = self.ttl, R.RRset
         # Sorted rdatas make the image independent of object order (identical input,
         # identical bytes); one-record sets, the vast majority, need no sort.
-        out = [RRset(name, rtype, ttl, tuple(sorted(rdatas)) if type(rdatas) is dict else (rdatas,))
-               for (name, rtype), rdatas in self.sets.items()]
-        Target = R.Target
-        for ip, targets in self.ptr.items():
-            # spec §1.7 (C): one PTR per distinct target.
-            out.append(RRset(reverse_name(ip), R.PTR, ttl,
-                             tuple(Target(t) for t in sorted(targets)) if type(targets) is dict
-                             else (Target(targets),)))
-        return out
+        return [RRset(name, rtype, ttl, tuple(sorted(rdatas)) if type(rdatas) is dict else (rdatas,))
+                for (name, rtype), rdatas in self.sets.items()]
+
+    def ptr_pairs(self) -> tuple:
+        """(ip, target) of every PTR this builder collected."""
+        return tuple((ip, t) for ip, targets in self.ptr.items()
+                     for t in (targets if type(targets) is dict else (targets,)))
+
+
+def ptr_rrset(ip: str, targets, ttl: int) -> R.RRset:
+    """The PTR RRset of ``ip``: ``targets`` is one target or an ordered set (dict) of them;
+    spec §1.7 (C): one PTR per distinct target, sorted (identical input, identical bytes)."""
+    Target = R.Target
+    return R.RRset(reverse_name(ip), R.PTR, ttl,
+                   tuple(Target(t) for t in sorted(targets)) if type(targets) is dict
+                   else (Target(targets),))
 
 
 def _add_to_set(sets: dict, key, value) -> None:
@@ -144,6 +156,18 @@ def _add_to_set(sets: dict, key, value) -> None:
 
 
 # --------------------------------------------------------------------------- services
+
+
+def service_records(model: ClusterModel, svc: Service, *, zone: str, ttl: int,
+                    endpoint_pod_names: bool = False) -> tuple[list, tuple, tuple]:
+    """One service's records alone: (RRsets, (ip, PTR target) pairs, warnings). A service's
+    names are disjoint from every other's (all end in <svc>.<ns>.svc.<zone>) and its SRV
+    targets are its own names; only PTRs merge across services (by IP). So the zone is the
+    union of these plus ``zone_data``'s apex and PTRs, which the incremental compiler
+    (kdns/incremental.py, issue 4) relies on."""
+    b = _Builder(zone, ttl, endpoint_pod_names)
+    _service_records(b, model, svc)
+    return b.set_rrsets(), b.ptr_pairs(), tuple(b.warnings)
 
 
 def _service_records(b: _Builder, model: ClusterModel, svc: Service) -> None:
@@ -342,20 +366,31 @@ def zone_data(model: ClusterModel, *, domain: str = "cluster.local", ttl: int = 
 
 def _zone_data(model, domain, ttl, pods, endpoint_pod_names, ns_ips, serial) -> ZoneData:
     zone = R.canonical(domain)
-    b = _Builder(zone, ttl, endpoint_pod_names)
     serial = model.serial if serial is None else serial
-    fixed = _apex(b, model, serial, ns_ips)
+    frame, zones, exists = zone_frame(model, zone=zone, ttl=ttl, pods=pods, ns_ips=ns_ips,
+                                      serial=serial)
+    b = _Builder(zone, ttl, endpoint_pod_names)
     for svc in sorted(model.services(), key=lambda s: (s.namespace, s.name)):
         _service_records(b, model, svc)
+    for w in b.warnings:
+        log.warning("%s", w)
+    return ZoneData(tuple(frame + b.rrsets()), zones, exists, serial, tuple(b.warnings))
+
+
+def zone_frame(model: ClusterModel, *, zone: str, ttl: int, pods: str, serial: int,
+               ns_ips=None) -> tuple[list, tuple, tuple]:
+    """The zone without its services (``service_records``) and PTRs: (the apex RRsets with
+    the name server's address and dns-version, the zones with their pod namespaces, the
+    names that exist without data)."""
+    b = _Builder(zone, ttl, False)
+    fixed = _apex(b, model, serial, ns_ips)
     namespaces = sorted(ns for ns in model.namespaces() if is_label(ns))
     # spec §1.1/§1.11: svc.Z and pod.Z always exist; so does <ns>.svc.Z of every namespace.
     exists = ["svc." + zone, "pod." + zone] + [f"{ns}.svc.{zone}" for ns in namespaces]
     zones = (I.Zone(zone, ttl=ttl, pods=pods,
                     pod_namespaces=_pod_namespaces(b, model, pods, namespaces)),
              *(I.Zone(rz, kind=I.ZONE_REVERSE, ttl=ttl) for rz in REVERSE_ZONES))
-    for w in b.warnings:
-        log.warning("%s", w)
-    return ZoneData(tuple(fixed + b.rrsets()), zones, tuple(exists), serial, tuple(b.warnings))
+    return fixed + b.set_rrsets(), zones, tuple(exists)
 
 
 # --------------------------------------------------------------------------- files
