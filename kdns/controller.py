@@ -26,7 +26,9 @@ from the moment a watcher handed us the event to the moment every worker serves 
 containing it (the workers' ``image_generation`` reached that image's generation).
 
 The compiler is pluggable (``Compiler``): it receives the model and the keys changed since
-the last compile, so an incremental compiler can drop in for ``FullCompiler``.
+the last compile. The API controller uses ``incremental.IncrementalCompiler``, which
+re-derives only the services those keys touch (about 40 ms a compile at 10,000 services and
+100,000 endpoints, against about a second for ``FullCompiler``) and makes the same bytes.
 
 What it must not do: touch sockets or the packet path, parse DNS, talk HTTP itself (the
 watchers do), or publish from its own thread (the supervisor's main thread publishes).
@@ -101,7 +103,8 @@ class Compiler(Protocol):
 
 
 class FullCompiler:
-    """Today's compiler: the whole zone from the whole model on every change."""
+    """The whole zone from the whole model on every change (the reference for
+    ``IncrementalCompiler``, and what it falls back to)."""
 
     def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure"):
         self.options = {"domain": domain, "ttl": ttl, "pods": pods}
@@ -439,8 +442,11 @@ class Controller:
         started = self.clock()
         try:
             image = self.compiler.compile(self.model, synced=True, changed=changed)
-            if engine.Image(image).verify() is False:
-                raise ValueError("the compiled image fails its own checksum")
+            # The layout is checked (bad magic, length or any offset outside raise), as each
+            # worker checks it again before swapping. The crc32, which guards image files in
+            # transit, is not recomputed over bytes made right here: ~8 ms of a 30 MiB image
+            # on every change's latency (issue 4).
+            engine.Image(image)
         except Exception:
             # Keep serving the last good image; the next change retries (the model is fine).
             log.exception("controller: compile failed; still serving the last good image")
@@ -525,7 +531,9 @@ class ApiController(Controller):
                  ttl: int = 30, initial_sync_timeout: float = 60.0,
                  debounce: Debounce = Debounce(), settings=None):
         from .sources import api as source
-        super().__init__(compiler=FullCompiler(domain=domain, ttl=ttl, pods=pods), needed=0,
+        from .incremental import IncrementalCompiler
+        super().__init__(compiler=IncrementalCompiler(domain=domain, ttl=ttl, pods=pods),
+                         needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
         self.source = source.ApiSource(api_client=api_client, sink=self.sink,
