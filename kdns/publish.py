@@ -85,7 +85,7 @@ class Publisher:
     def publish(self, data: bytes) -> int:
         """Seal ``data``, send it to every attached worker; returns the new generation.
 
-        The caller validates the image first (``engine.Image`` + ``verify``).
+        The caller validates the image first (``engine.Image``; ``verify`` for files).
         """
         fd = seal_image(data)
         old, self._fd = self._fd, fd

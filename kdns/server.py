@@ -472,12 +472,17 @@ class Supervisor:
         t0 = time.monotonic()
         data = self.source.poll(force=force)
         took = time.monotonic() - t0
-        if data is not None and image_digest(data) == self.published and not force:
-            log.debug("%s changed but compiles to the same image; nothing to publish",
-                      self.source.path)
-            return
+        # A file can change and compile to the same image; the API controller's images never
+        # repeat (the SOA serial moves with every change), and hashing 30 MiB would cost
+        # ~45 ms of every publish (issue 4's programming latency), so only files are hashed.
+        if data is not None and not self.source.push:
+            digest = image_digest(data)
+            if digest == self.published and not force:
+                log.debug("%s changed but compiles to the same image; nothing to publish",
+                          self.source.path)
+                return
+            self.published = digest
         if data is not None:
-            self.published = image_digest(data)
             gen = self.publisher.publish(data)
             self.source.published(gen)
             log.info("published image generation %d from %s (%d bytes, built in %.3fs)",

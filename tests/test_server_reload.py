@@ -16,6 +16,7 @@ from tests.zonefixtures import sample_image
 
 class FakeSource:
     path = "fake"
+    push = False        # polled like a file: unchanged images are recognised and skipped
 
     def __init__(self):
         self.next = None
@@ -58,5 +59,25 @@ def test_supervisor_keeps_no_reference_to_a_published_image():
         # Only this test's frame may hold it (the supervisor, its publisher or any container
         # of theirs would show up here as the object or its __dict__).
         assert [r for r in gc.get_referrers(data) if not inspect.isframe(r)] == []
+    finally:
+        sup.publisher.close()
+
+
+def test_a_push_source_is_published_without_hashing_the_image(monkeypatch):
+    """The API controller's images never repeat (the SOA serial moves with every change):
+    hashing 30 MiB per publish would only add to issue 4's programming latency."""
+    from kdns import server as S
+
+    def no_hash(data):
+        raise AssertionError("a push source's image was hashed")
+
+    sup, source = supervisor()
+    source.push = True
+    monkeypatch.setattr(S, "image_digest", no_hash)
+    try:
+        for data, expect in [(sample_image(), [1]), (sample_image("10.96.0.2"), [1, 2])]:
+            source.next = data
+            sup.reload()
+            assert source.generations == expect
     finally:
         sup.publisher.close()
