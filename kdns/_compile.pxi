@@ -151,6 +151,8 @@ cdef class ZoneCore:
     cdef uint16_t *rr_n
     cdef uint32_t *enc_at            # its encoded answers: first pair in ``ents``
     cdef uint8_t *enc_n              # ... and how many (0: none; persistent, see ``apply``)
+    cdef int32_t *ghead              # a group's first member (``apply``), -1: not a group
+    cdef int32_t *gnext              # the next member of the name's group, -1: last
     cdef int32_t n
     cdef size_t cap
     cdef int32_t *ht
@@ -266,7 +268,8 @@ cdef class ZoneCore:
         free(self.kids); free(self.order); free(self.nodes); free(self.rrf); free(self.rev)
         free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
-        free(self.ents)
+        free(self.ents); free(self.ghead); free(self.gnext)
+        self.ghead = NULL; self.gnext = NULL
         self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
         self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.placed = NULL
         self.tmp = NULL; self.ents = NULL
@@ -290,6 +293,8 @@ cdef class ZoneCore:
         free(self.dat); free(self.scr); free(self.segs); free(self.lht); free(self.kids)
         free(self.order); free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.tmp); free(self.ents)
+        free(self.ghead); free(self.gnext)
+        self.ghead = NULL; self.gnext = NULL
         self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
         self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.tmp = NULL
         self.ents = NULL; self.ntmp = self.tmp_cap = 0; self.ents_len = self.ents_cap = 0
@@ -347,6 +352,8 @@ cdef class ZoneCore:
         self.rr_n = <uint16_t *>self._re(self.rr_n, c * 2)
         self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
         self.enc_n = <uint8_t *>self._re(self.enc_n, c)
+        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
+        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
         self.cap = c
         return 0
 
@@ -418,6 +425,8 @@ cdef class ZoneCore:
         self.rr_n[i] = 0
         self.enc_at[i] = 0
         self.enc_n[i] = 0
+        self.ghead[i] = -1
+        self.gnext[i] = -1
         mask = self.ht_cap - 1
         j = fnv1a(w, wl) & mask
         while self.ht[j] >= 0:
@@ -628,62 +637,122 @@ cdef class ZoneCore:
             body += blen
         return body
 
-    def apply(self, bytes old not None, bytes new not None):
-        """Replace encoded answers between compiles (persistent cores): every name in the
-        ``old`` records loses its answers, then every name in ``new`` gets its own. A name
-        given answers here must not also get RRsets in a compile (``add`` refuses). An error
-        leaves the core half-changed: the caller then discards it."""
+    def apply(self, remove, add):
+        """Replace encoded answers between compiles (persistent cores), by group: a group is
+        a name (a service's, a reverse name) and the encoded names at or under it given
+        with it. ``remove``: group names whose names lose their answers; ``add``: (group
+        name, ``export`` records) pairs, every record at or under its group. A group added
+        must not be there already, nor a name in it have answers. A name given answers here
+        must not also get RRsets in a compile (``add`` refuses). An error leaves the core
+        half-changed: the caller then discards it."""
         cdef Py_ssize_t total, p, end, wl, k, nent, body
         cdef const uint8_t *b
-        cdef int32_t i
-        cdef uint32_t blen, bid, j
+        cdef int32_t i, g, j, nxt
+        cdef uint32_t blen, bid, e
+        cdef bytes recs
         self.stage = 3                  # ``begin`` before the next compile
         if self.ht == NULL:
             raise ValueError("ZoneCore used after assemble()")
-        total = len(old)
-        b = <const uint8_t *>PyBytes_AS_STRING(old)
-        p = 0
-        while p < total:
-            end = self.record(b, total, p)
-            i = self.find(b + p + 1, b[p])
-            if i < 0 or not self.enc_n[i]:
-                raise self.error("encoded record to remove is not there")
-            for j in range(self.enc_n[i]):
-                self.decref(self.ents[2 * (self.enc_at[i] + j) + 1])
-            self.ents_dead += self.enc_n[i]
-            self.enc_n[i] = 0
-            self.n_enc -= 1
-            p = end
-        total = len(new)
-        b = <const uint8_t *>PyBytes_AS_STRING(new)
-        p = 0
-        while p < total:
-            end = self.record(b, total, p)
-            wl = b[p]
-            nent = b[p + 1 + wl]
-            i = self.intern_wire(b + p + 1, wl)
-            if self.enc_n[i]:
-                raise self.error(f"{self.text_of(i)} given encoded answers twice")
-            if self.zone_of(i) < 0:
-                raise self.error(f"{self.text_of(i)} is outside every served zone")
-            _grow(<void **>&self.ents, &self.ents_cap, 2 * (self.ents_len + nent), 4)
-            self.enc_at[i] = self.ents_len
-            body = p + 2 + wl + 6 * nent
-            for k in range(nent):
-                blen = le32(b + p + 2 + wl + 6 * k + 2)
-                _grow(<void **>&self.scr, &self.scr_cap, blen + 4, 1)
-                memcpy(self.scr, b + body, blen)
-                bid = self.store_blob(blen)
-                self.incref(bid)
-                self.ents[2 * self.ents_len] = le16(b + p + 2 + wl + 6 * k)
-                self.ents[2 * self.ents_len + 1] = bid
-                self.ents_len += 1
-                body += blen
-            self.enc_n[i] = nent
-            self.n_enc += 1
-            p = end
+        for name in remove:
+            g = self.intern_name(name)
+            if self.ghead[g] < 0:
+                raise self.error(f"encoded group {name} to remove is not there")
+            j = self.ghead[g]
+            while j >= 0:
+                for e in range(self.enc_n[j]):
+                    self.decref(self.ents[2 * (self.enc_at[j] + e) + 1])
+                self.ents_dead += self.enc_n[j]
+                self.enc_n[j] = 0
+                self.n_enc -= 1
+                nxt = self.gnext[j]
+                self.gnext[j] = -1
+                j = nxt
+            self.ghead[g] = -1
+        for name, recs in add:
+            g = self.intern_name(name)
+            if self.ghead[g] >= 0:
+                raise self.error(f"encoded group {name} given twice")
+            total = len(recs)
+            b = <const uint8_t *>PyBytes_AS_STRING(recs)
+            p = 0
+            while p < total:
+                end = self.record(b, total, p)
+                wl = b[p]
+                nent = b[p + 1 + wl]
+                i = self.intern_wire(b + p + 1, wl)
+                if self.enc_n[i]:
+                    raise self.error(f"{self.text_of(i)} given encoded answers twice")
+                j = i
+                while j >= 0 and j != g:
+                    j = self.parent[j]
+                if j != g:
+                    raise self.error(f"{self.text_of(i)} is not in its group {name}")
+                if self.zone_of(i) < 0:
+                    raise self.error(f"{self.text_of(i)} is outside every served zone")
+                _grow(<void **>&self.ents, &self.ents_cap, 2 * (self.ents_len + nent), 4)
+                self.enc_at[i] = self.ents_len
+                body = p + 2 + wl + 6 * nent
+                for k in range(nent):
+                    blen = le32(b + p + 2 + wl + 6 * k + 2)
+                    _grow(<void **>&self.scr, &self.scr_cap, blen + 4, 1)
+                    memcpy(self.scr, b + body, blen)
+                    bid = self.store_blob(blen)
+                    self.incref(bid)
+                    self.ents[2 * self.ents_len] = le16(b + p + 2 + wl + 6 * k)
+                    self.ents[2 * self.ents_len + 1] = bid
+                    self.ents_len += 1
+                    body += blen
+                self.enc_n[i] = nent
+                self.n_enc += 1
+                self.gnext[i] = self.ghead[g]
+                self.ghead[g] = i
+                p = end
         if self.ents_dead > 4096 and self.ents_dead * 2 > self.ents_len:
             self.compact_ents()
+
+    def dump(self):
+        """Every group as ``apply`` takes it: [(group name, records)]. A fresh core loaded
+        with these holds the same answers without the garbage (names and blobs no longer
+        used) this one accumulated."""
+        cdef int32_t g, j
+        cdef size_t sz, pos
+        cdef uint8_t *o
+        cdef uint32_t e, bid
+        cdef const uint32_t *en
+        out = []
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        for g in range(self.n):
+            if self.ghead[g] < 0:
+                continue
+            sz = 0
+            j = self.ghead[g]
+            while j >= 0:
+                sz += 2 + self.nlen[j] + 6 * self.enc_n[j]
+                for e in range(self.enc_n[j]):
+                    sz += self.bref[2 * self.ents[2 * (self.enc_at[j] + e) + 1] + 1]
+                j = self.gnext[j]
+            recs = PyBytes_FromStringAndSize(NULL, sz)
+            o = <uint8_t *>PyBytes_AS_STRING(recs)
+            pos = 0
+            j = self.ghead[g]
+            while j >= 0:
+                o[pos] = self.nlen[j]
+                memcpy(o + pos + 1, self.nbuf + self.noff[j], self.nlen[j])
+                o[pos + 1 + self.nlen[j]] = self.enc_n[j]
+                en = self.ents + 2 * self.enc_at[j]
+                pos += 2 + self.nlen[j]
+                for e in range(self.enc_n[j]):
+                    put16le(o + pos + 6 * e, en[2 * e])
+                    put32le(o + pos + 6 * e + 2, self.bref[2 * en[2 * e + 1] + 1])
+                pos += 6 * self.enc_n[j]
+                for e in range(self.enc_n[j]):
+                    bid = en[2 * e + 1]
+                    memcpy(o + pos, self.pool + self.bref[2 * bid], self.bref[2 * bid + 1])
+                    pos += self.bref[2 * bid + 1]
+                j = self.gnext[j]
+            out.append((self.text_of(g), recs))
+        return out
 
     cdef int compact_ents(self) except -1:
         cdef uint32_t *fresh = <uint32_t *>malloc((2 * (self.ents_len - self.ents_dead) + 2) * 4)

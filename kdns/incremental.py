@@ -44,13 +44,20 @@ from .cluster import ClusterModel
 log = logging.getLogger("kdns.incremental")
 
 
+# Services derived and exported together, then PTRs: a chunk's RRsets are garbage before
+# the next chunk makes its own, so a first compile of 10,000 services never holds them all
+# (memory peak), and what it keeps is not scattered over arenas full of freed RRsets.
+CHUNK_SERVICES = 256
+CHUNK_PTRS = 4096
+
+
 @dataclass(slots=True)
 class _Service:
-    """What the last compile derived from one service."""
+    """What the last compile derived from one service (its answers live in the core)."""
     fqdn: str
-    ptrs: tuple                  # (ip, target) pairs it contributes to PTRs
+    ptrs: tuple                  # ip, target, ip, target...: what it adds to PTRs
     warnings: tuple
-    enc: bytes = b""             # its names' answers as ``export`` records (in the core)
+    in_core: bool = False        # its answers are a group in the core, named ``fqdn``
     raw: tuple | None = None     # its RRsets instead: a CNAME is, or points, into it
 
 
@@ -76,8 +83,9 @@ class IncrementalCompiler:
     def _reset(self) -> None:
         self._services: dict[tuple[str, str], _Service] = {}
         self._slice_owner: dict[tuple[str, str], str] = {}
-        self._ptr: dict[str, dict] = {}        # ip -> ordered set of PTR targets
-        self._ptr_enc: dict[str, bytes] = {}   # ip -> its reverse name's record
+        # ip -> its PTR target, or an ordered set (dict) of them; each IP here has its
+        # reverse name as a group in the core.
+        self._ptr: dict[str, object] = {}
         self._pinned: set = set()              # services compiled from RRsets (``_pins``)
         self._primed = False
         self._core = None                      # the persistent ZoneCore
@@ -168,19 +176,35 @@ class IncrementalCompiler:
         dirty |= pinned ^ self._pinned
         self._pinned = pinned
         self.last_dirty = len(dirty)
-        dirty_ips: set[str] = set()
-        encode, groups, owners, gone = [], [], [], []
-        for key in sorted(dirty):
+        self.last_encoded = 0
+        if self._core is None:
+            self._core = self._new_core(core_type)
+        ptr_before: dict[str, bool] = {}     # dirty IP -> had a PTR group in the core
+        keys = sorted(dirty)
+        for at in range(0, len(keys), CHUNK_SERVICES):
+            self._services_chunk(model, keys[at:at + CHUNK_SERVICES], pinned, ptr_before,
+                                 core_type)
+        ips = sorted(ptr_before)
+        for at in range(0, len(ips), CHUNK_PTRS):
+            self._ptrs_chunk(ips[at:at + CHUNK_PTRS], ptr_before, core_type)
+        st = self._core.stats()
+        # Garbage: names and blobs that nothing uses any more (churn brings new IPs, so new
+        # names); past these bounds a fresh core costs less than carrying them.
+        if st["dead_bytes"] > st["live_bytes"] // 2 + (8 << 20) or \
+                st["names"] > 2 * st["encoded_names"] + 100_000:
+            log.debug("reloading the compile core: %s", st)
+            fresh = self._new_core(core_type)
+            fresh.apply((), self._core.dump())
+            self._core = fresh
+
+    def _services_chunk(self, model, keys, pinned, ptr_before, core_type) -> None:
+        remove, encode, groups, owners = [], [], [], []
+        for key in keys:
             old = self._services.pop(key, None)
             if old is not None:
-                for ip, target in old.ptrs:
-                    targets = self._ptr[ip]
-                    del targets[target]
-                    if not targets:
-                        del self._ptr[ip]
-                    dirty_ips.add(ip)
-                if old.enc:
-                    gone.append(old.enc)
+                self._drop_ptrs(old.ptrs, ptr_before)
+                if old.in_core:
+                    remove.append(old.fqdn)
             svc = model.service(*key)
             if svc is None:
                 continue
@@ -190,10 +214,9 @@ class IncrementalCompiler:
             if warnings != (old.warnings if old is not None else ()):
                 for w in warnings:
                     log.warning("%s", w)
-            entry = _Service(f"{svc.name}.{svc.namespace}{self.svc_suffix}", ptrs, warnings)
-            for ip, target in ptrs:
-                self._ptr.setdefault(ip, {})[target] = None
-                dirty_ips.add(ip)
+            flat = tuple(x for pair in ptrs for x in pair)
+            entry = _Service(f"{svc.name}.{svc.namespace}{self.svc_suffix}", flat, warnings)
+            self._add_ptrs(flat, ptr_before)
             if key in pinned or any(s.rtype == R.CNAME for s in rrsets):
                 entry.raw = tuple(rrsets)
             elif rrsets:
@@ -201,52 +224,62 @@ class IncrementalCompiler:
                 groups.append(entry.fqdn)
                 owners.append(entry)
             self._services[key] = entry
-        ips = []
-        for ip in sorted(dirty_ips):
-            old_enc = self._ptr_enc.pop(ip, None)
-            if old_enc is not None:
-                gone.append(old_enc)
+        out = self._export(encode, groups, core_type)
+        self._core.apply(remove, [(e.fqdn, recs) for e, recs in zip(owners, out) if recs])
+        for e, recs in zip(owners, out):
+            e.in_core = bool(recs)
+
+    def _ptrs_chunk(self, ips, ptr_before, core_type) -> None:
+        remove, encode, groups = [], [], []
+        for ip in ips:
+            if ptr_before[ip]:
+                remove.append(records.reverse_name(ip))
             targets = self._ptr.get(ip)
-            if targets:
-                s = records.ptr_rrset(ip, targets if len(targets) > 1 else next(iter(targets)),
-                                      self.ttl)
+            if targets is not None:
+                s = records.ptr_rrset(ip, targets, self.ttl)
                 encode.append(s)
                 groups.append(s.name)
-                ips.append(ip)
-        self.last_encoded = len(encode)
-        out = []
-        if encode:
-            try:
-                out = I._CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
-            except (I._CoreUnsupported, I.CompileError):
-                # Input the core leaves to the reference compiler (every compile is then a
-                # full one, until it changes): start over from the model next time.
-                self._reset()
-                raise
-        for entry, enc in zip(owners, out):
-            entry.enc = enc
-        for ip, enc in zip(ips, out[len(owners):]):
-            self._ptr_enc[ip] = enc
-        if self._core is None:
-            self._load(core_type)
-        else:
-            self._core.apply(b"".join(gone), b"".join(out))
-            st = self._core.stats()
-            # Garbage: names and blobs that nothing uses any more (churn brings new IPs, so
-            # new names); past these bounds a fresh core costs less than carrying them.
-            if st["dead_bytes"] > st["live_bytes"] // 2 + (8 << 20) or \
-                    st["names"] > 2 * st["encoded_names"] + 100_000:
-                log.debug("reloading the compile core: %s", st)
-                self._load(core_type)
+        out = self._export(encode, groups, core_type)
+        self._core.apply(remove, list(zip(groups, out)))
 
-    def _load(self, core_type) -> None:
-        """A fresh persistent core holding every saved record."""
+    def _export(self, encode: list, groups: list, core_type) -> list:
+        self.last_encoded += len(encode)
+        if not encode:
+            return [b""] * len(groups)
+        # Input the core leaves to the reference compiler raises here; the caller forgets
+        # everything and compiles in full (every compile, until that input changes).
+        return I._CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
+
+    def _drop_ptrs(self, flat: tuple, ptr_before: dict) -> None:
+        ptr = self._ptr
+        for k in range(0, len(flat), 2):
+            ip, target = flat[k], flat[k + 1]
+            cur = ptr[ip]
+            ptr_before.setdefault(ip, True)
+            if type(cur) is dict:
+                del cur[target]
+                if len(cur) == 1:
+                    ptr[ip] = next(iter(cur))
+            else:
+                del ptr[ip]
+
+    def _add_ptrs(self, flat: tuple, ptr_before: dict) -> None:
+        ptr = self._ptr
+        for k in range(0, len(flat), 2):
+            ip, target = flat[k], flat[k + 1]
+            cur = ptr.get(ip)
+            ptr_before.setdefault(ip, cur is not None)
+            if cur is None:
+                ptr[ip] = target
+            elif type(cur) is dict:
+                cur[target] = None
+            elif cur != target:
+                ptr[ip] = {cur: None, target: None}
+
+    def _new_core(self, core_type):
         base = I._Compiler(list(self._zones), True, 0)
-        core = I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
+        return I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
                                         persistent=True)
-        core.apply(b"", b"".join([e.enc for e in self._services.values() if e.enc]
-                                 + list(self._ptr_enc.values())))
-        self._core = core
 
     # ------------------------------------------------------------------ assembly
     def _assemble(self, model: ClusterModel, synced: bool, core_type) -> bytes:

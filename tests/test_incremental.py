@@ -215,32 +215,43 @@ def test_a_cname_into_a_reverse_name_is_compiled_in_full():
 
 def test_core_refuses_inconsistent_records():
     """``apply`` and ``add`` guard the persistent core against records that would make a
-    wrong image: a name given twice, or given both answers and RRsets."""
+    wrong image: a group or name given twice, a name outside its group, a name given both
+    answers and RRsets, a group removed that is not there, a truncated record."""
     zones = [I.Zone("cluster.local."), I.Zone("in-addr.arpa.", kind=I.ZONE_REVERSE)]
     core_type = I._compiled_core()
     if core_type is None:
         unavailable("the compiled compiler core is not built (or KDNS_PURE=1)")
     base = I._Compiler(list(zones), True, 0)
-    rr = [records.R.RRset("a.default.svc.cluster.local.", records.R.A, 30,
-                          (records.R.Address("10.0.0.1"),))]
-    enc, = I._CoreCompiler(list(zones), True, 0, core_type).export(
-        rr, ["a.default.svc.cluster.local."])
-    core = I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
-                                    persistent=True)
-    core.apply(b"", enc)
+    a = "a.default.svc.cluster.local."
+    rr = [records.R.RRset(a, records.R.A, 30, (records.R.Address("10.0.0.1"),))]
+    enc, = I._CoreCompiler(list(zones), True, 0, core_type).export(rr, [a])
+
+    def fresh(loaded=True):
+        core = I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
+                                        persistent=True)
+        if loaded:
+            core.apply((), [(a, enc)])
+        return core
+
+    core = fresh()
+    assert core.dump() == [(a, enc)]
     with pytest.raises(I.CompileError, match="twice"):
-        core.apply(b"", enc)
-    core = I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
-                                    persistent=True)
-    core.apply(b"", enc)
+        fresh().apply((), [(a, enc)])
+    with pytest.raises(I.CompileError, match="twice"):
+        fresh().apply((), [("default.svc.cluster.local.", enc)])
+    with pytest.raises(I.CompileError, match="not in its group"):
+        fresh(loaded=False).apply((), [("b.default.svc.cluster.local.", enc)])
+    with pytest.raises(I.CompileError, match="not there"):
+        fresh().apply(["b.default.svc.cluster.local."], ())
+    with pytest.raises(ValueError, match="encoded record"):
+        fresh().apply([a], [(a, enc[:-3])])
     soa = records.R.RRset("cluster.local.", records.R.SOA, 30, (records.R.Soa(
         "ns.dns.cluster.local.", "hostmaster.cluster.local.", 1, 2, 3, 4, 5),))
     with pytest.raises(I.CompileError, match="encoded answers and RRsets"):
-        I._CoreCompiler(list(zones), True, 0, core_type, core=core).build(rr + [soa], ())
-    with pytest.raises(ValueError, match="encoded record"):
-        core.apply(b"", enc[:-3])
-    with pytest.raises(I.CompileError, match="not there"):
-        core.apply(enc.replace(b"\x01a", b"\x01b"), b"")
+        I._CoreCompiler(list(zones), True, 0, core_type, core=fresh()).build(rr + [soa], ())
+    core.apply([a], ())                 # removed, then given again: fine
+    core.apply((), [(a, enc)])
+    assert core.dump() == [(a, enc)] and core.stats()["encoded_names"] == 1
 
 
 def test_services_a_cname_points_into_are_compiled_from_rrsets():
@@ -263,5 +274,5 @@ def test_services_a_cname_points_into_are_compiled_from_rrsets():
     model.delete("Service", "default", "alias")
     got = inc.compile(model, synced=True, changed={("Service", "default", "alias")})
     assert got == records.compile_model(model)
-    assert inc._services[web].raw is None and inc._services[web].enc
+    assert inc._services[web].raw is None and inc._services[web].in_core
     assert inc.full_compiles == 0
