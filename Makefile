@@ -13,7 +13,8 @@ SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/sources/*.py kdns/*.pyx kdns/*.pxd)
+$(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/sources/*.py kdns/*.pyx kdns/*.pxd \
+		kdns/*.pxi kdns/includes/*.pxi kdns/includes/*.pxd)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -45,16 +46,21 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Full benchmarks: micro-benchmarks of the per-packet function, then the dnsperf/NSD/loadgen
-# table (bench/README.md). Quiet machine wanted: the figures are ratios measured in one run.
+# Full benchmarks: micro-benchmarks of the per-packet function and of one compile after a
+# change, the dnsperf/NSD/loadgen table, then issue 4's API scale run (bench/README.md).
+# Quiet machine wanted: the figures are ratios measured in one run.
 bench: install system-deps
-	$(BIN)/python -m pytest bench/test_micro.py -q --benchmark-only
+	$(BIN)/python -m pytest bench/test_micro.py bench/test_compile.py -q --benchmark-only
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/bench_api_scale.py
 
 # The short version CI prints: same code paths, smaller cluster, a couple of seconds per cell.
 bench-short: install system-deps
 	$(BIN)/python -m pytest bench/test_micro.py -q --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3
+	$(BIN)/python -m pytest bench/test_compile.py -q --benchmark-only
 	$(BIN)/python bench/load.py --short
+	$(BIN)/python bench/bench_api_scale.py --services 1000 --seconds 5 \
+		--out bench/out/api_scale_short.json
 
 clean:
 	rm -rf $(VENV) build kdns/_fastpath.c kdns/*.so *.egg-info
