@@ -795,43 +795,73 @@ cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
     return True
 
 
-cdef str check_layout(const ImageView *v):
+cdef enum:
+    # scan_layout's findings; check_layout words them.
+    LAYOUT_OK, LAYOUT_NODES, LAYOUT_ZONES, LAYOUT_REV, LAYOUT_SERVFAIL, LAYOUT_LABEL
+    LAYOUT_CHILDREN, LAYOUT_ZONE_INDEX, LAYOUT_POD_LIST, LAYOUT_NODE_RRS, LAYOUT_ZONE
+    LAYOUT_REV_ENTRY
+
+
+cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
     """Every offset the packet path follows stays inside the image (it is shared memory,
-    and a bad offset would read out of bounds instead of raising)."""
-    cdef uint32_t i, j
+    and a bad offset would read out of bounds instead of raising). Without the GIL: a
+    worker checks a new image of tens of MiB while its loop keeps serving (issue 4)."""
+    cdef uint32_t i
     cdef const uint8_t *n
     cdef const uint8_t *e
     if not span_ok(v, v.nodes_off, <uint64_t>v.nnodes * IMG_NODE) or v.nnodes == 0:
-        return "node table out of bounds"
+        return LAYOUT_NODES
     if not span_ok(v, v.zones_off, <uint64_t>v.nzones * IMG_ZONE):
-        return "zone table out of bounds"
+        return LAYOUT_ZONES
     if not span_ok(v, v.rev_off, <uint64_t>v.nrev * IMG_REV):
-        return "reverse table out of bounds"
+        return LAYOUT_REV
     if not blob_ok(v, v.servfail):
-        return "SERVFAIL blob out of bounds"
+        return LAYOUT_SERVFAIL
     for i in range(v.nnodes):
+        where[0] = i
         n = node_at(v, i)
         if not span_ok(v, le32(n), 1) or not span_ok(v, le32(n), 1 + v.base[le32(n)]):
-            return f"label of node {i} out of bounds"
+            return LAYOUT_LABEL
         if <uint64_t>le32(n + 4) + le32(n + 8) > v.nnodes:
-            return f"children of node {i} out of bounds"
+            return LAYOUT_CHILDREN
         if le16(n + 18) & NODE_ZONE_APEX and le32(n + 20) >= v.nzones:
-            return f"zone index of node {i} out of bounds"
+            return LAYOUT_ZONE_INDEX
         if le16(n + 18) & NODE_POD_VERIFIED and not (
                 span_ok(v, le32(n + 20), 4) and
                 span_ok(v, le32(n + 20) + 4, <uint64_t>le32(v.base + le32(n + 20)) * 16)):
-            return f"pod list of node {i} out of bounds"
+            return LAYOUT_POD_LIST
         if not rr_entries_ok(v, le32(n + 12), le16(n + 16)):
-            return f"rr entries of node {i} out of bounds"
+            return LAYOUT_NODE_RRS
     for i in range(v.nzones):
+        where[0] = i
         e = zone_at(v, i)
         if le32(e) >= v.nnodes or not blob_ok(v, le32(e + 4)):
-            return f"zone {i} out of bounds"
+            return LAYOUT_ZONE
     for i in range(v.nrev):
+        where[0] = i
         e = v.base + v.rev_off + <size_t>i * IMG_REV
         if le16(e + 26) >= v.nzones or not rr_entries_ok(v, le32(e + 20), le16(e + 24)):
-            return f"reverse entry {i} out of bounds"
-    return ""
+            return LAYOUT_REV_ENTRY
+    return LAYOUT_OK
+
+
+cdef str check_layout(const ImageView *v):
+    """``scan_layout``'s finding in words; "" when the layout is sound."""
+    cdef uint32_t i = 0
+    cdef int code
+    with nogil:
+        code = scan_layout(v, &i)
+    return {LAYOUT_OK: "", LAYOUT_NODES: "node table out of bounds",
+            LAYOUT_ZONES: "zone table out of bounds",
+            LAYOUT_REV: "reverse table out of bounds",
+            LAYOUT_SERVFAIL: "SERVFAIL blob out of bounds",
+            LAYOUT_LABEL: f"label of node {i} out of bounds",
+            LAYOUT_CHILDREN: f"children of node {i} out of bounds",
+            LAYOUT_ZONE_INDEX: f"zone index of node {i} out of bounds",
+            LAYOUT_POD_LIST: f"pod list of node {i} out of bounds",
+            LAYOUT_NODE_RRS: f"rr entries of node {i} out of bounds",
+            LAYOUT_ZONE: f"zone {i} out of bounds",
+            LAYOUT_REV_ENTRY: f"reverse entry {i} out of bounds"}[code]
 
 
 cdef bint rr_entries_ok(const ImageView *v, uint32_t off, unsigned int nrr) noexcept nogil:

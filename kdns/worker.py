@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -86,6 +87,10 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.forward_mirror = None
         self.log_queries = log_queries
+        # New images are checked on this thread while the loop keeps serving the old one
+        # (the check releases the GIL): under churn images arrive many times a second.
+        self.checker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"kdns-image-check-{slot}")
 
     # ---- lifecycle
     async def run(self) -> None:
@@ -122,6 +127,7 @@ class Worker:
                 conn.transport.abort()
             for task in list(self.tasks):
                 task.cancel()
+            self.checker.shutdown(wait=False, cancel_futures=True)
 
     async def first_image(self) -> None:
         stop = asyncio.ensure_future(self.stopping.wait())
@@ -160,10 +166,28 @@ class Worker:
             self.loop.remove_reader(self.control.fileno())     # EOF stays readable
             self.stop()
             return
-        if got is not None:
-            self.swap(*got)
+        if got is None:
+            return
+        generation, mapping = got
+        if self.img is None:            # nothing to serve meanwhile: check it here
+            self.swap(generation, self.checked(generation, mapping))
+            return
+        done = self.loop.run_in_executor(self.checker, self.checked, generation, mapping)
+        done.add_done_callback(lambda f: self.swap(generation, f.result()))
 
-    def swap(self, generation: int, mapping) -> None:
+    def swap(self, generation: int, img) -> None:
+        # One checker thread keeps arrival order; a newer image already served wins anyway.
+        if img is None or generation <= self.generation or (
+                self.stopping is not None and self.stopping.is_set()):
+            return
+        # The old image's mapping is released when its last reference (a running hand-off
+        # does not hold one) goes away.
+        self.img, self.generation = img, generation
+        publish.set_page_generation(self.page, generation)
+        self.has_image.set()
+
+    def checked(self, generation: int, mapping):
+        """The image for ``mapping``, or None (logged) when the worker must not serve it."""
         try:
             # The layout check (every offset inside the image) is what lets the packet path
             # trust the image, and it runs here. The crc32 guards image files on their way
@@ -171,16 +195,11 @@ class Worker:
             # compiled images are made in the supervisor, and a sealed memfd cannot change.
             # Checking it again here cost ~8 ms of serving per swap of a 30 MiB image
             # (issue 4: under churn the workers swap images many times a second).
-            img = engine.Image(mapping)
+            return engine.Image(mapping)
         except ValueError as e:
             log.error("worker %d: image generation %d rejected (%s); keeping generation %d",
                       self.slot, generation, e, self.generation)
-            return
-        # The old image's mapping is released when its last reference (a running hand-off
-        # does not hold one) goes away.
-        self.img, self.generation = img, generation
-        publish.set_page_generation(self.page, generation)
-        self.has_image.set()
+            return None
 
     # ---- UDP
     def serve_udp(self) -> int:
