@@ -87,6 +87,7 @@ class IncrementalCompiler:
         # reverse name as a group in the core.
         self._ptr: dict[str, object] = {}
         self._pinned: set = set()              # services compiled from RRsets (``_pins``)
+        self._pod_lists: dict | None = None    # verified: namespace -> packed pod IPs
         self._primed = False
         self._core = None                      # the persistent ZoneCore
         self._zones = (I.Zone(self.zone), *(I.Zone(rz, kind=I.ZONE_REVERSE)
@@ -111,7 +112,7 @@ class IncrementalCompiler:
                 self.full_compiles += 1
                 return records.compile_model(model, synced=synced, **self.options)
             try:
-                return self._assemble(model, synced, core)
+                return self._assemble(model, synced, core, changed)
             except (I._CoreUnsupported, I.CompileError) as e:
                 # Input the records cannot express (a CNAME into a reverse name's saved
                 # answer) or that the core leaves to the reference compiler: the full path
@@ -282,12 +283,38 @@ class IncrementalCompiler:
                                         persistent=True)
 
     # ------------------------------------------------------------------ assembly
-    def _assemble(self, model: ClusterModel, synced: bool, core_type) -> bytes:
+    def _pods(self, model: ClusterModel, changed: set) -> dict | None:
+        """``--pods verified``: each namespace's pod IPs packed for the image, re-packed only
+        for namespaces whose pods changed (100,000 pods cost ~0.3 s to pack every time)."""
+        if self.pods != "verified":
+            return None
+        if self._pod_lists is None:
+            dirty = None
+        else:
+            dirty = {ns for kind, ns, _ in changed if kind == "Pod"}
+            if not dirty:
+                return self._pod_lists
+        ips: dict[str, list] = {}
+        for pod in model.pods():
+            if dirty is None or pod.namespace in dirty:
+                ips.setdefault(pod.namespace, []).append(pod.ip)
+        lists = {} if dirty is None else self._pod_lists
+        for ns in (ips if dirty is None else dirty):
+            packed = I.pod_list(ips.get(ns, ()))
+            if packed:
+                lists[ns] = packed
+            else:
+                lists.pop(ns, None)
+        self._pod_lists = lists
+        return lists
+
+    def _assemble(self, model: ClusterModel, synced: bool, core_type, changed: set) -> bytes:
         started = time.perf_counter()
         serial = model.serial
         frame, zones, exists = records.zone_frame(model, zone=self.zone, ttl=self.ttl,
                                                   pods=self.pods, serial=serial,
-                                                  ns_ips=self.ns_ips)
+                                                  ns_ips=self.ns_ips,
+                                                  pod_lists=self._pods(model, changed))
         raw = list(frame)
         for entry in self._services.values():
             if entry.raw is not None:

@@ -378,17 +378,21 @@ def _zone_data(model, domain, ttl, pods, endpoint_pod_names, ns_ips, serial) -> 
 
 
 def zone_frame(model: ClusterModel, *, zone: str, ttl: int, pods: str, serial: int,
-               ns_ips=None) -> tuple[list, tuple, tuple]:
+               ns_ips=None, pod_lists=None) -> tuple[list, tuple, tuple]:
     """The zone without its services (``service_records``) and PTRs: (the apex RRsets with
     the name server's address and dns-version, the zones with their pod namespaces, the
-    names that exist without data)."""
+    names that exist without data). ``pod_lists``: for ``verified``, each namespace's pods
+    already packed (``image.pod_list``) by a caller that keeps them between compiles."""
     b = _Builder(zone, ttl, False)
     fixed = _apex(b, model, serial, ns_ips)
     namespaces = sorted(ns for ns in model.namespaces() if is_label(ns))
     # spec §1.1/§1.11: svc.Z and pod.Z always exist; so does <ns>.svc.Z of every namespace.
     exists = ["svc." + zone, "pod." + zone] + [f"{ns}.svc.{zone}" for ns in namespaces]
-    zones = (I.Zone(zone, ttl=ttl, pods=pods,
-                    pod_namespaces=_pod_namespaces(b, model, pods, namespaces)),
+    if pods == "verified" and pod_lists is not None:
+        pod_namespaces = {ns: pod_lists.get(ns, b"") for ns in namespaces}
+    else:
+        pod_namespaces = _pod_namespaces(b, model, pods, namespaces)
+    zones = (I.Zone(zone, ttl=ttl, pods=pods, pod_namespaces=pod_namespaces),
              *(I.Zone(rz, kind=I.ZONE_REVERSE, ttl=ttl) for rz in REVERSE_ZONES))
     return fixed + b.set_rrsets(), zones, tuple(exists)
 
