@@ -1483,9 +1483,12 @@ cdef class ZoneCore:
 
     def assemble(self, bytes zone_table not None, bytes pod_lists not None, verified,
                  uint32_t labels_off, uint32_t rrtab_off, uint32_t pods_off,
-                 uint32_t blobs_off, uint32_t total, make_header):
+                 uint32_t blobs_off, uint32_t total, make_header, out=None):
         """The image: header from ``make_header(crc)``, then the sections in layout order
-        with every section-relative offset rebased."""
+        with every section-relative offset rebased. Written into ``out`` when given (a
+        writable buffer of ``total`` bytes: a memfd's mapping, publish.ImageBuffer), which
+        is returned; otherwise into a new bytes object."""
+        cdef uint8_t[::1] into
         cdef int32_t idx, k
         cdef uint32_t *nd
         cdef uint8_t *o
@@ -1509,8 +1512,14 @@ cdef class ZoneCore:
             self.release_names()
         for idx in verified:
             self.nodes[6 * idx + 5] += pods_off
-        out = PyBytes_FromStringAndSize(NULL, total)
-        o = <uint8_t *>PyBytes_AS_STRING(out)
+        if out is None:
+            out = PyBytes_FromStringAndSize(NULL, total)
+            o = <uint8_t *>PyBytes_AS_STRING(out)
+        else:
+            into = out
+            if into.shape[0] != total:
+                raise ValueError("output buffer is not the image's size")
+            o = &into[0]
         memset(o, 0, 64)
         pos = 64
         for idx in range(self.nnodes):

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from . import engine
+from . import publish
 from . import records
 from .cluster import NAMESPACE, ClusterModel
 
@@ -446,7 +447,7 @@ class Controller:
             # worker checks it again before swapping. The crc32, which guards image files in
             # transit, is not recomputed over bytes made right here: ~8 ms of a 30 MiB image
             # on every change's latency (issue 4).
-            engine.Image(image)
+            engine.Image(image.map if isinstance(image, publish.ImageMemfd) else image)
         except Exception:
             # Keep serving the last good image; the next change retries (the model is fine).
             log.exception("controller: compile failed; still serving the last good image")
@@ -459,6 +460,8 @@ class Controller:
         with self._lock:
             if self._outbox is not None:         # not taken yet: this one replaces it
                 stamps = self._outbox[2] + stamps
+                if isinstance(self._outbox[0], publish.ImageMemfd):
+                    self._outbox[0].close()
             self._outbox = (image, True, stamps)
             wake = self._wake
         wake()
@@ -532,7 +535,8 @@ class ApiController(Controller):
                  debounce: Debounce = Debounce(), settings=None):
         from .sources import api as source
         from .incremental import IncrementalCompiler
-        super().__init__(compiler=IncrementalCompiler(domain=domain, ttl=ttl, pods=pods),
+        super().__init__(compiler=IncrementalCompiler(domain=domain, ttl=ttl, pods=pods,
+                                                      into_memfd=True),
                          needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)

@@ -890,7 +890,9 @@ class _CoreCompiler(_Compiler):
     def intern(self, blob: bytes) -> int:
         return self.core.intern(bytes(blob))
 
-    def build(self, rrsets, exists) -> bytes:
+    def build(self, rrsets, exists, into=None):
+        """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
+        ``publish.ImageBuffer``), the image is written into that buffer, which is returned."""
         core = self.core
         core.add(rrsets, exists)
         pod_info = {}
@@ -948,8 +950,17 @@ class _CoreCompiler(_Compiler):
                                nodes_off, nnodes, zones_off, len(self.zones), rev_off,
                                nrev, servfail + blobs_off, 0, self.serial, crc, 0)
 
-        return core.assemble(bytes(zone_table), bytes(pod_lists), verified_nodes, labels_off,
-                             rrtab_off, pods_off, blobs_off, total, header)
+        args = (bytes(zone_table), bytes(pod_lists), verified_nodes, labels_off, rrtab_off,
+                pods_off, blobs_off, total, header)
+        out = None if into is None else into(total)
+        if out is None:
+            return core.assemble(*args)
+        try:
+            core.assemble(*args, out=out.map)
+        except BaseException:
+            out.close()
+            raise
+        return out
 
     def _chain_entries(self, labels: tuple) -> list:
         return self.chain_entries(labels, self.data[labels])

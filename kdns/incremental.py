@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 from . import image as I
+from . import publish
 from . import records
 from . import rr as R
 from .cluster import ClusterModel
@@ -49,6 +50,7 @@ log = logging.getLogger("kdns.incremental")
 # (memory peak), and what it keeps is not scattered over arenas full of freed RRsets.
 CHUNK_SERVICES = 256
 CHUNK_PTRS = 4096
+MEMFD_MIN_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -65,13 +67,16 @@ class IncrementalCompiler:
     """``controller.Compiler`` that re-encodes only the services a change touched."""
 
     def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure",
-                 endpoint_pod_names: bool = False, ns_ips=None):
+                 endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False):
+        """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
+        (``publish.ImageMemfd``) that the supervisor publishes without copying it."""
         if pods not in records.PODS_MODES:
             raise ValueError(f"pods must be one of {', '.join(records.PODS_MODES)}, not {pods!r}")
         self.zone = R.canonical(domain)
         self.svc_suffix = ".svc." + self.zone
         self.ttl, self.pods = ttl, pods
         self.endpoint_pod_names, self.ns_ips = endpoint_pod_names, ns_ips
+        self.into_memfd = into_memfd
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
                         "endpoint_pod_names": endpoint_pod_names, "ns_ips": ns_ips}
         # Statistics, for logs, metrics and tests.
@@ -283,6 +288,10 @@ class IncrementalCompiler:
                                         persistent=True)
 
     # ------------------------------------------------------------------ assembly
+    def _into(self, size: int):
+        # Small images copy in no time; a memfd each would only cost file descriptors.
+        return publish.ImageMemfd(size) if self.into_memfd and size >= MEMFD_MIN_BYTES else None
+
     def _pods(self, model: ClusterModel, changed: set) -> dict | None:
         """``--pods verified``: each namespace's pod IPs packed for the image, re-packed only
         for namespaces whose pods changed (100,000 pods cost ~0.3 s to pack every time)."""
@@ -320,7 +329,9 @@ class IncrementalCompiler:
             if entry.raw is not None:
                 raw += entry.raw
         image = I._CoreCompiler(list(zones), synced, serial, core_type,
-                                core=self._core).build(raw, exists)
+                                core=self._core).build(raw, exists, into=self._into)
+        if isinstance(image, publish.ImageMemfd):
+            image.seal()
         log.debug("assembled %d bytes in %.3fs (%d services re-derived, %d RRsets encoded)",
                   len(image), time.perf_counter() - started, self.last_dirty, self.last_encoded)
         return image

@@ -319,8 +319,10 @@ class Supervisor:
             raise StartError(f"cannot listen for HTTP on {cfg.dns_bind_address} "
                              f"({e.strerror or e}); choose another --healthz-port or "
                              f"--metrics-port, or 0 to disable it.") from None
+        size = len(first_image)
+        if not self.source.push:
+            self.published = image_digest(first_image)
         self.source.published(self.publisher.publish(first_image))
-        self.published = image_digest(first_image)
         if self.forwarding is not None:
             self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
         log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
@@ -332,7 +334,7 @@ class Supervisor:
             listener.start()
         if self.prober is not None:
             self.prober.start()
-        self.image_bytes, self.published_at = len(first_image), time.time()
+        self.image_bytes, self.published_at = size, time.time()
 
     def start_http(self) -> None:
         # Issue 6: listeners, probe and metrics are kdns/health.py's and kdns/metrics.py's.
@@ -483,11 +485,12 @@ class Supervisor:
                 return
             self.published = digest
         if data is not None:
+            size = len(data)
             gen = self.publisher.publish(data)
             self.source.published(gen)
             log.info("published image generation %d from %s (%d bytes, built in %.3fs)",
-                     gen, self.source.path, len(data), took)
-            self.image_bytes, self.published_at = len(data), time.time()
+                     gen, self.source.path, size, took)
+            self.image_bytes, self.published_at = size, time.time()
             # No release_memory() here: with the API controller the model stays alive and a
             # full collection over it takes 150-300 ms of this loop per publish (issue 4's
             # latency budget); the file loader releases right after its own compile.

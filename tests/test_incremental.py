@@ -276,3 +276,34 @@ def test_services_a_cname_points_into_are_compiled_from_rrsets():
     assert got == records.compile_model(model)
     assert inc._services[web].raw is None and inc._services[web].in_core
     assert inc.full_compiles == 0
+
+
+def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monkeypatch):
+    """With ``into_memfd`` (the API controller's setting) the image is written straight into
+    a memfd, sealed, and published by handing that fd to the workers: same bytes, no copy."""
+    import fcntl
+
+    from kdns import incremental, publish
+    monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 0)
+    model = ClusterModel()
+    model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "web"},
+                 "spec": {"clusterIP": "10.96.0.9"}})
+    inc = IncrementalCompiler(into_memfd=True)
+    img = inc.compile(model, synced=True, changed=set())
+    want = records.compile_model(model)
+    assert isinstance(img, publish.ImageMemfd) and len(img) == len(want)
+    assert bytes(img.map) == want
+    assert fcntl.fcntl(img.fd, fcntl.F_GET_SEALS) & publish.SEALS == publish.SEALS
+    pub = publish.Publisher()
+    try:
+        sub = publish.Subscription(pub.attach(0))
+        assert pub.publish(img) == 1
+        generation, mapping = sub.receive()
+        assert generation == 1 and bytes(mapping) == want
+        with pytest.raises(ValueError, match="given away"):
+            img.take_fd()
+        img.close()             # nothing left to close; the publisher owns the fd
+    finally:
+        pub.close()
+    monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40)
+    assert inc.compile(model, synced=True, changed=set()) == want     # small: plain bytes
