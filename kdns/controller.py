@@ -270,6 +270,7 @@ class Controller:
         self._ready_generation = 0
         self._wake: Callable[[], None] = lambda: None
         self._served: Callable[[], int] | None = None
+        self._served_at: Callable[[], float] | None = None
         # -- counters for metrics and tests (read without a lock: plain ints and floats)
         self.compiles = 0
         self.compile_seconds_last = 0.0
@@ -292,11 +293,15 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name="kdns-compiler", daemon=True)
         self._thread.start()
 
-    def bind(self, *, wake: Callable[[], None], served_generation: Callable[[], int]) -> None:
+    def bind(self, *, wake: Callable[[], None], served_generation: Callable[[], int],
+             served_at: Callable[[], float] | None = None) -> None:
         """``wake``: make the supervisor poll soon; ``served_generation``: the lowest image
-        generation any worker serves (latency ends when it reaches an image's)."""
+        generation any worker serves (latency ends when it reaches an image's);
+        ``served_at``: when a worker last swapped (monotonic seconds), the end of the latency
+        when it is earlier than the moment this thread looks (it may be busy compiling)."""
         with self._lock:
             self._wake, self._served = wake, served_generation
+            self._served_at = served_at
             if self._outbox is not None:
                 wake()
 
@@ -476,8 +481,18 @@ class Controller:
                 return
             done = [a for a in self._awaiting if a[0] <= served]
             self._awaiting = [a for a in self._awaiting if a[0] > served]
+            served_at = self._served_at
         if done:
             now = self.clock()
+            if served_at is not None:
+                # Every worker switched to these images after they were published, so after
+                # their events were seen: the last swap bounds the end from above.
+                try:
+                    swapped = served_at()
+                except (ValueError, OSError, TypeError):     # counters unmapped at shutdown
+                    swapped = 0.0
+                if swapped > 0:
+                    now = min(now, swapped)
             observed = [(now - t, k) for _, stamps in done for t, k in stamps]
             self.latency.observe_many(v for v, _ in observed)
             for kind, hist in self.latency_by_kind.items():

@@ -98,6 +98,12 @@ FWD_WORDS = len(FWD_GLOBALS) + FWD_UPSTREAMS * FWD_ROW
 FWD_BASE = SLOT_WORDS - FWD_WORDS
 assert len(LAYOUT) <= FWD_BASE
 
+# Issue 4: when the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
+# to the forwarder region (so not mirrored by _fastpath.pxd either): DNS programming latency
+# ends when the last worker serves a change, not when the controller next looks.
+SWAPPED_NS_WORD = FWD_BASE - 1
+assert len(LAYOUT) <= SWAPPED_NS_WORD
+
 
 def _row(u: int) -> int:
     return FWD_BASE + len(FWD_GLOBALS) + u * FWD_ROW

@@ -28,6 +28,7 @@ GENERATION = struct.Struct("<Q")
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 PAGE_BYTES = C.SLOT_WORDS * 8
 GENERATION_SLOT = C.LAYOUT["image_generation"]
+SWAPPED_SLOT = C.SWAPPED_NS_WORD
 
 
 def seal_image(data: bytes, name: str = "kdns-image") -> int:
@@ -119,8 +120,17 @@ def page_generation(buf, slot: int) -> int:
     return GENERATION.unpack_from(buf, slot * PAGE_BYTES + GENERATION_SLOT * 8)[0]
 
 
-def set_page_generation(page, generation: int) -> None:
+def set_page_generation(page, generation: int, swapped_ns: int | None = None) -> None:
+    """Record the generation served; ``swapped_ns`` (time.monotonic_ns) first, so a reader
+    that sees the generation sees a swap time at least as late."""
+    if swapped_ns is not None:
+        GENERATION.pack_into(page, SWAPPED_SLOT * 8, swapped_ns)
     GENERATION.pack_into(page, GENERATION_SLOT * 8, generation)
+
+
+def page_swapped_ns(buf, slot: int) -> int:
+    """When the worker in ``slot`` last swapped images (time.monotonic_ns; 0: never)."""
+    return GENERATION.unpack_from(buf, slot * PAGE_BYTES + SWAPPED_SLOT * 8)[0]
 
 
 class Publisher:

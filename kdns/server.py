@@ -174,7 +174,7 @@ class WatchedFile:
     push = False
     ready_generation = 1
 
-    def bind(self, *, wake, served_generation) -> None:
+    def bind(self, *, wake, served_generation, served_at=None) -> None:
         """Nothing to wake: the loop polls a file once a second."""
 
     def published(self, generation: int) -> None:
@@ -387,7 +387,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.on_stop_signal)
         signal.signal(signal.SIGHUP, self.on_reload_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # only to wake the loop
-        self.source.bind(wake=self.wake, served_generation=self.served_generation)
+        self.source.bind(wake=self.wake, served_generation=self.served_generation,
+                         served_at=self.served_at)
         next_poll = time.monotonic() + FILE_POLL
         try:
             while not self.stopping:
@@ -535,6 +536,11 @@ class Supervisor:
     def served_generation(self) -> int:
         """The oldest image generation any worker serves (0: a slot has no worker)."""
         return min(publish.page_generation(self.counters, s.index) for s in self.slots)
+
+    def served_at(self) -> float:
+        """When a worker last swapped images (time.monotonic seconds): once every worker
+        serves a generation, the last of them switched no later than this."""
+        return max(publish.page_swapped_ns(self.counters, s.index) for s in self.slots) / 1e9
 
     def leave_reuseport_group(self) -> None:
         """Lameduck's last step (issue 6): connect each UDP socket to its own address. Since

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Protocol
 
 from . import counters as C
@@ -183,7 +184,7 @@ class Worker:
         # The old image's mapping is released when its last reference (a running hand-off
         # does not hold one) goes away.
         self.img, self.generation = img, generation
-        publish.set_page_generation(self.page, generation)
+        publish.set_page_generation(self.page, generation, swapped_ns=time.monotonic_ns())
         self.has_image.set()
 
     def checked(self, generation: int, mapping):

@@ -202,6 +202,30 @@ def test_latency_is_labelled_by_service_kind_as_coredns(ctl):
     assert [c for _, c in pairs] == sorted(c for _, c in pairs)     # cumulative
 
 
+def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks(ctl):
+    """The compiler thread may be busy when the workers switch; the workers' swap time
+    (``served_at``) ends the measurement, so a late look does not inflate it."""
+    sup = FakeSupervisor(ctl)
+    swapped = {"at": 0.0}
+    ctl.bind(wake=sup.event.set, served_generation=lambda: sup.served,
+             served_at=lambda: swapped["at"])
+    listed(ctl.sink, "Service", [svc("web")])
+    ctl.sink.synced("Service")
+    ctl.sink.synced("Namespace")
+    wait_until(lambda: ctl.compiles == 1)
+    sup.pump()
+    seen = time.monotonic()
+    ctl.sink.apply("Service", {**svc("web", ip="10.96.0.9"), "kind": "Service"})
+    wait_until(lambda: ctl._outbox is not None and not ctl._dirty_since, what="the compile")
+    # Published and served now, but the workers "swapped" 50 ms after the event was seen
+    # and the controller only looks 300 ms later.
+    swapped["at"] = seen + 0.05
+    time.sleep(0.3)
+    sup.pump()
+    wait_until(lambda: ctl.latency.snapshot()[3] == 1, what="the observation")
+    assert ctl.latency.recent[-1] <= 0.05
+
+
 def test_staleness_grows_during_an_outage_and_clears_after(api):
     """ApiController with the real watchers against the fake API, in process (fast timings)."""
     from kdns.sources import api as source
