@@ -370,6 +370,9 @@ class Controller:
         elif self._trim_at is not None and self._dirty_since is None and now >= self._trim_at \
                 and now >= self._last_event + TRIM_AFTER_IDLE:
             self._trim_at = None
+            idle = getattr(self.compiler, "idle", None)
+            if idle is not None:
+                idle()
             release_memory()
 
     def _timeout(self) -> float:

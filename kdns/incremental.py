@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,9 @@ class IncrementalCompiler:
         self.ttl, self.pods = ttl, pods
         self.endpoint_pod_names, self.ns_ips = endpoint_pod_names, ns_ips
         self.into_memfd = into_memfd
+        self._spare: publish.SpareMemfd | None = None  # the next image's memfd
+        self._spare_lock = threading.Lock()
+        self._next_spare = 0
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
                         "endpoint_pod_names": endpoint_pod_names, "ns_ips": ns_ips}
         # Statistics, for logs, metrics and tests.
@@ -290,7 +294,33 @@ class IncrementalCompiler:
     # ------------------------------------------------------------------ assembly
     def _into(self, size: int):
         # Small images copy in no time; a memfd each would only cost file descriptors.
-        return publish.ImageMemfd(size) if self.into_memfd and size >= MEMFD_MIN_BYTES else None
+        if not self.into_memfd or size < MEMFD_MIN_BYTES:
+            return None
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.capacity < size:
+            spare.close()
+            spare = None
+        self._next_spare = size + size // 16
+        return publish.ImageMemfd(size, spare=spare)
+
+    def _prepare(self, capacity: int) -> None:
+        try:
+            spare = publish.SpareMemfd(capacity)
+        except OSError as e:
+            log.debug("no spare image memfd: %s", e)
+            return
+        with self._spare_lock:
+            old, self._spare = self._spare, spare
+        if old is not None:
+            old.close()
+
+    def idle(self) -> None:
+        """The changes stopped (the controller's idle trim): give the spare memfd back."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
     def _pods(self, model: ClusterModel, changed: set) -> dict | None:
         """``--pods verified``: each namespace's pod IPs packed for the image, re-packed only
@@ -332,6 +362,11 @@ class IncrementalCompiler:
                                 core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):
             image.seal()
+            # The next image's memfd, allocated while this one is published (after the
+            # compile: alongside it, the two fought over memory bandwidth), and dropped by
+            # ``idle`` when the changes stop: it is memory the pod is charged for.
+            threading.Thread(target=self._prepare, args=(self._next_spare,), daemon=True,
+                             name="kdns-spare-memfd").start()
         log.debug("assembled %d bytes in %.3fs (%d services re-derived, %d RRsets encoded)",
                   len(image), time.perf_counter() - started, self.last_dirty, self.last_encoded)
         return image

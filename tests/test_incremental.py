@@ -10,6 +10,7 @@ incremental image must equal ``records.compile_model`` byte for byte, in each po
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -305,5 +306,25 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
         img.close()             # nothing left to close; the publisher owns the fd
     finally:
         pub.close()
+    # The next image's memfd was prepared meanwhile, and is used: same bytes again.
+    deadline = time.monotonic() + 5
+    while inc._spare is None:
+        assert time.monotonic() < deadline, "no spare memfd prepared"
+        time.sleep(0.01)
+    spare = inc._spare
+    model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "db"},
+                 "spec": {"clusterIP": "10.96.0.10"}})
+    img = inc.compile(model, synced=True, changed={("Service", "default", "db")})
+    assert spare.fd is None, "the spare was not used"
+    assert bytes(img.map) == records.compile_model(model)
+    img.close()
+    deadline = time.monotonic() + 5
+    while inc._spare is None:
+        assert time.monotonic() < deadline, "no spare memfd prepared"
+        time.sleep(0.01)
+    spare = inc._spare
+    inc.idle()                  # changes stopped: the spare's memory goes back
+    assert inc._spare is None and spare.fd is None
     monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40)
+    want = records.compile_model(model)
     assert inc.compile(model, synced=True, changed=set()) == want     # small: plain bytes
