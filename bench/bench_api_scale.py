@@ -142,6 +142,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "api_scale.json"))
+    ap.add_argument("--full-compile", action="store_true",
+                    help="KDNS_FULL_COMPILE=1: a full compile on every change (the reference)")
     a = ap.parse_args(argv)
 
     api = FakeApiServer().start()
@@ -177,8 +179,9 @@ def main(argv=None) -> dict:
                 "--config-dir", os.path.join(tmp, "no-config"),
                 "--workers", str(a.workers)]
         started = time.monotonic()
+        env = {**os.environ, "KDNS_FULL_COMPILE": "1" if a.full_compile else "0"}
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
         ready_after = None
         while time.monotonic() - started < 300:
             assert proc.poll() is None, open(log_path).read()
@@ -273,6 +276,7 @@ def main(argv=None) -> dict:
         time.sleep(3.0)         # idle: the controller gives a compile's memory back
         pids = children(proc.pid)
         result = {
+            "compiler": "full" if a.full_compile else "incremental",
             "services": a.services, "endpoints": a.services * a.per_slice,
             "headless_services": len(headless), "workers": a.workers,
             "list_and_sync_seconds": sync_after,

@@ -41,6 +41,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -553,9 +554,13 @@ class ApiController(Controller):
                  debounce: Debounce = Debounce(), settings=None):
         from .sources import api as source
         from .incremental import IncrementalCompiler
-        super().__init__(compiler=IncrementalCompiler(domain=domain, ttl=ttl, pods=pods,
-                                                      into_memfd=True),
-                         needed=0,
+        if os.environ.get("KDNS_FULL_COMPILE") == "1":
+            # The reference compile on every change: an escape hatch, and the "before" of
+            # bench/bench_api_scale.py --full-compile.
+            compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods)
+        else:
+            compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True)
+        super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
         self.source = source.ApiSource(api_client=api_client, sink=self.sink,

@@ -226,6 +226,18 @@ def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks
     assert ctl.latency.recent[-1] <= 0.05
 
 
+@pytest.mark.parametrize("full", ["0", "1"])
+def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, monkeypatch,
+                                                                      full):
+    from kdns.incremental import IncrementalCompiler
+    from kdns.sources.kubeconfig import api_client_from_flags
+    monkeypatch.setenv("KDNS_FULL_COMPILE", full)
+    cfg = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", {"token": "t"})
+    ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg))
+    want = C.FullCompiler if full == "1" else IncrementalCompiler
+    assert type(ctl.compiler) is want
+
+
 def test_staleness_grows_during_an_outage_and_clears_after(api):
     """ApiController with the real watchers against the fake API, in process (fast timings)."""
     from kdns.sources import api as source
