@@ -106,8 +106,7 @@ class IncrementalCompiler:
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
         core = I._compiled_core()
         if core is None:                       # KDNS_PURE: the reference compiler only
-            self.full_compiles += 1
-            return records.compile_model(model, synced=synced, **self.options)
+            return self._full(model, synced)
         paused = gc.isenabled()
         gc.disable()       # as compile_image: many new objects, no garbage cycles among them
         try:
@@ -117,27 +116,28 @@ class IncrementalCompiler:
                 # A bug here must not cost a wrong answer: forget everything saved (the next
                 # compile derives it again from the model) and compile this one in full.
                 log.exception("incremental compile failed; compiling in full")
-                self._reset()
-                self.full_compiles += 1
-                return records.compile_model(model, synced=synced, **self.options)
+                return self._full(model, synced, reset=True)
             try:
                 return self._assemble(model, synced, core, changed)
             except (I._CoreUnsupported, I.CompileError) as e:
-                # Input the records cannot express (a CNAME into a reverse name's saved
-                # answer) or that the core leaves to the reference compiler: the full path
-                # decides, with the same rules; the saved records stay valid (the next
-                # compile's ``begin`` forgets this one's half-done tables).
+                # Input the saved answers cannot express (a CNAME into a reverse name) or
+                # that the core leaves to the reference compiler: the full path decides,
+                # with the same rules. The saved state is whole (the next ``begin``
+                # forgets this compile's half-done tables).
                 log.debug("compiling in full: %s", e)
-                self.full_compiles += 1
-                return records.compile_model(model, synced=synced, **self.options)
+                return self._full(model, synced)
             except Exception:
                 log.exception("incremental compile failed; compiling in full")
-                self._reset()
-                self.full_compiles += 1
-                return records.compile_model(model, synced=synced, **self.options)
+                return self._full(model, synced, reset=True)
         finally:
             if paused:
                 gc.enable()
+
+    def _full(self, model: ClusterModel, synced: bool, reset: bool = False) -> bytes:
+        if reset:
+            self._reset()
+        self.full_compiles += 1
+        return records.compile_model(model, synced=synced, **self.options)
 
     # ------------------------------------------------------------------ the saved state
     def _dirty(self, model: ClusterModel, changed: set) -> set:
