@@ -38,7 +38,7 @@ cdef enum:
     NF_TREE = 16         # a node of the forward trie
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
-    NF_ENC = 128         # answers given already encoded (``add_encoded``, issue 4)
+    NF_ENC = 128         # answers given already encoded (``apply``, issue 4)
     NODE_EXISTS_ = 1     # image.py NODE_EXISTS
 
     T_SRV = 33
@@ -778,7 +778,7 @@ cdef class ZoneCore:
                 "entries": self.ents_len, "dead_entries": self.ents_dead}
 
     def export(self, groups):
-        """After ``encode_reverse``: every name's answers as ``add_encoded`` records, one
+        """After ``encode_reverse``: every name's answers as ``apply`` records, one
         bytes per group, each name going to the group of its nearest ancestor-or-self among
         ``groups`` (text names; a service's name, a reverse name). A name in no group, or
         one whose answers follow a CNAME (they depend on other names), raises."""
@@ -1486,7 +1486,7 @@ cdef class ZoneCore:
                  uint32_t blobs_off, uint32_t total, make_header, out=None):
         """The image: header from ``make_header(crc)``, then the sections in layout order
         with every section-relative offset rebased. Written into ``out`` when given (a
-        writable buffer of ``total`` bytes: a memfd's mapping, publish.ImageBuffer), which
+        writable buffer of ``total`` bytes: a memfd's mapping, publish.ImageMemfd), which
         is returned; otherwise into a new bytes object."""
         cdef uint8_t[::1] into
         cdef int32_t idx, k

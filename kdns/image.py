@@ -892,7 +892,8 @@ class _CoreCompiler(_Compiler):
 
     def build(self, rrsets, exists, into=None):
         """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
-        ``publish.ImageBuffer``), the image is written into that buffer, which is returned."""
+        ``publish.ImageMemfd``, or None for bytes), the image is written into it, which is
+        returned."""
         core = self.core
         core.add(rrsets, exists)
         pod_info = {}
@@ -967,7 +968,7 @@ class _CoreCompiler(_Compiler):
 
     def export(self, rrsets, groups: list) -> list:
         """Encode ``rrsets`` (no zone apex data, no CNAME) and return their answers as
-        ``build(encoded=...)`` records, one bytes per name in ``groups``: each name with
+        ``ZoneCore.apply`` records, one bytes per name in ``groups``: each name with
         data goes to its nearest ancestor-or-self in ``groups``. The blobs are the ones a
         full compile makes for the same names, so an image assembled from them is the
         same bytes, as long as each group's answers depend only on its own names (a
