@@ -325,6 +325,20 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
     spare = inc._spare
     inc.idle()                  # changes stopped: the spare's memory goes back
     assert inc._spare is None and spare.fd is None
+    # A spare too small for the next image is given back and a fresh memfd used instead.
+    small = inc._spare = publish.SpareMemfd(4096)
+    model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "cache"},
+                 "spec": {"clusterIP": "10.96.0.11"}})
+    img = inc.compile(model, synced=True, changed={("Service", "default", "cache")})
+    assert small.fd is None and bytes(img.map) == records.compile_model(model)
+    img.close()
+    deadline = time.monotonic() + 5
+    while inc._spare is None:
+        assert time.monotonic() < deadline, "no spare memfd prepared"
+        time.sleep(0.01)
+    spare = inc._spare
+    inc.idle()
+    assert inc._spare is None and spare.fd is None
     monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40)
     want = records.compile_model(model)
     assert inc.compile(model, synced=True, changed=set()) == want     # small: plain bytes

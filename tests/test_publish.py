@@ -361,3 +361,46 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
         worker.tcp.close()
     assert in_flight == W.TCP_MAX_PENDING
     assert ids == list(range(total))
+
+
+def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order():
+    """Issue 4: a worker checks each new image on its checker thread, swaps when it passes,
+    records when it swapped (the end of DNS programming latency), refuses a corrupt layout
+    while serving the last good image, and never swaps back to an older generation."""
+    import time
+    pub = publish.Publisher()
+    pub.publish(sample_image())
+    worker, pg = make_worker(ScriptedHandoff(), pub)
+    good = sample_image(tag="10.96.0.2")
+    corrupt = bytearray(sample_image(tag="10.96.0.3"))
+    struct.pack_into("<I", corrupt, 20, 1 << 30)        # nnodes: the node table runs out
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        while worker.img is None:
+            await asyncio.sleep(0.01)
+        before = time.monotonic_ns()
+        pub.publish(good)
+        while worker.generation != 2:
+            await asyncio.sleep(0.01)
+        swapped = publish.page_swapped_ns(pg, 0)
+        assert before <= swapped <= time.monotonic_ns()
+        pub.publish(bytes(corrupt))                       # generation 3: refused
+        await asyncio.sleep(0.3)
+        assert worker.generation == 2 and publish.page_generation(pg, 0) == 2
+        assert publish.page_swapped_ns(pg, 0) == swapped
+        img = worker.img
+        worker.swap(1, img)                               # a late older check: ignored
+        assert worker.generation == 2
+        pub.publish(good)                                 # generation 4
+        while worker.generation != 4:
+            await asyncio.sleep(0.01)
+        worker.stop()
+        await run
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        pub.close()
+        worker.udp.close()
+        worker.tcp.close()
