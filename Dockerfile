@@ -29,7 +29,7 @@ COPY . .
 RUN /opt/build/bin/pip wheel --wheel-dir /wheels . \
     && python3 -m venv --without-pip /opt/kdns \
     && /opt/build/bin/pip --python /opt/kdns/bin/python install --no-index --find-links /wheels kdns \
-    && cd / && /opt/kdns/bin/python -c 'import kdns._fastpath'
+    && cd / && /opt/kdns/bin/python -c 'import kdns.packet._fastpath'
 
 FROM ${BASE_IMAGE}
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the pod (pip already compiled
@@ -52,7 +52,7 @@ RUN python3 -c 'import os, struct; \
 p = os.path.realpath("/opt/kdns/bin/python"); \
 os.setxattr(p, "security.capability", struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)); \
 print("cap_net_bind_service=ep on", p)' \
-    && python3 -c 'import kdns._fastpath, kdns.cli'
+    && python3 -c 'import kdns.packet._fastpath, kdns.cli'
 # Numeric, so kubelet can check runAsNonRoot; 1001 is the uid of kube-dns's containers.
 USER 1001:1001
 EXPOSE 53/udp 53/tcp 8080/tcp 8081/tcp 8181/tcp 9153/tcp 10054/tcp

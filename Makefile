@@ -13,12 +13,12 @@ SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/sources/*.py kdns/*.pyx kdns/*.pxd \
-		kdns/*.pxi kdns/includes/*.pxi kdns/includes/*.pxd)
+$(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/*/*.py kdns/*/*.pyx kdns/*/*.pxd \
+		kdns/*/*.pxi)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c 'import kdns._fastpath'
+	$(BIN)/python -c 'import kdns.packet._fastpath'
 	touch $(STAMP)
 
 # Names outside the example cluster are forwarded to the nameservers in RUN_RESOLV: none by
@@ -63,4 +63,4 @@ bench-short: install system-deps
 		--out bench/out/api_scale_short.json
 
 clean:
-	rm -rf $(VENV) build kdns/_fastpath.c kdns/*.so *.egg-info
+	rm -rf $(VENV) build kdns/*/*.c kdns/*/*.so *.egg-info

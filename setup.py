@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 debug = os.environ.get("KDNS_DEBUG") == "1"
 
 ext = Extension(
-    "kdns._fastpath",
-    sources=["kdns/_fastpath.pyx"],
+    "kdns.packet._fastpath",
+    sources=["kdns/packet/_fastpath.pyx"],
     extra_compile_args=["-O3", "-fno-strict-aliasing"] + ([] if debug else ["-DNDEBUG"]),
     define_macros=[("_GNU_SOURCE", "1"), ("KDNS_DEBUG", "1" if debug else "0")],
 )

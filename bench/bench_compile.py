@@ -19,9 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kdns import image as I          # noqa: E402
-from kdns import records             # noqa: E402
-from kdns.cluster import ClusterModel  # noqa: E402
+from kdns.zone import image as I  # noqa: E402
+from kdns.kube import records  # noqa: E402
+from kdns.serve import build
+from kdns.kube.model import ClusterModel  # noqa: E402
 
 
 def generate(services: int = 10_000, endpoints: int = 100_000, namespaces: int = 100):
@@ -130,11 +131,11 @@ def main(argv=None) -> None:
     del objs
     gc.collect()
     rss_model = _rss_mib("VmRSS")
-    # The first build on its own, as the controller does it (records.compile_model: the
+    # The first build on its own, as the controller does it (build.compile_model: the
     # compiler may let the RRsets go before assembling): the timing runs below keep their
     # results alive, so their peak is not the one a memory limit sees.
     _reset_peak()
-    first = records.compile_model(model, serial=1)
+    first = build.compile_model(model, serial=1)
     peak_first = _rss_mib("VmHWM")
     del first
     gc.collect()

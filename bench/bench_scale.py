@@ -40,8 +40,8 @@ import bench_compile as BC       # noqa: E402  (bench/ is not a package)
 import gen_cluster               # noqa: E402
 import load                      # noqa: E402
 
-from kdns import image as I      # noqa: E402
-from kdns import records         # noqa: E402
+from kdns.zone import image as I  # noqa: E402
+from kdns.kube import records  # noqa: E402
 
 OUT = os.path.join(BENCH, "out", "scale")
 PSS_GOAL_MIB = 170

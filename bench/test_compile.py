@@ -1,6 +1,6 @@
 """Benchmarks of one compile after one change (issue 4's programming latency, the part kdns
-controls): the full compile (``records.compile_model``: every rule, every answer) against the
-incremental compiler (``kdns.incremental``: the touched service's rules and answers, then
+controls): the full compile (``build.compile_model``: every rule, every answer) against the
+incremental compiler (``kdns.serve.incremental``: the touched service's rules and answers, then
 the persistent core's layout), on the same cluster and the same change.
 
 The cluster is bench_api_scale.py's shape: one EndpointSlice of 10 addresses per service,
@@ -27,9 +27,10 @@ for p in (ROOT, BENCH):
         sys.path.insert(0, p)
 
 from bench_api_scale import service, slice_for  # noqa: E402
-from kdns import records  # noqa: E402
-from kdns.cluster import ClusterModel  # noqa: E402
-from kdns.incremental import IncrementalCompiler  # noqa: E402
+from kdns.kube import records  # noqa: E402
+from kdns.serve import build
+from kdns.kube.model import ClusterModel  # noqa: E402
+from kdns.serve.incremental import IncrementalCompiler  # noqa: E402
 
 SERVICES = int(os.environ.get("KDNS_BENCH_SERVICES", "2000"))
 
@@ -61,7 +62,7 @@ def test_full_compile_after_one_change(benchmark, cluster):
     def setup():
         next(churn)             # the change is applied to the model outside the timing
 
-    image = benchmark.pedantic(lambda: records.compile_model(model), setup=setup, rounds=3,
+    image = benchmark.pedantic(lambda: build.compile_model(model), setup=setup, rounds=3,
                                iterations=1)
     assert image == IncrementalCompiler().compile(model, synced=True, changed=set())
 
@@ -78,4 +79,4 @@ def test_incremental_compile_after_one_change(benchmark, cluster):
 
     image = benchmark.pedantic(one, setup=setup, rounds=20, iterations=1)
     assert inc.full_compiles == 0 and inc.last_dirty == 1
-    assert image == records.compile_model(model)
+    assert image == build.compile_model(model)

@@ -3,7 +3,7 @@
 Both implementations on the same image and the same query bytes: the compiled
 ``_fastpath.answer`` and the pure-Python ``refpath.answer`` (the oracle and fallback), on the
 small sample image of the tests and on a generated 5,000-service cluster (bench/gen_cluster.py
-through kdns.records), for a hit (A), NXDOMAIN (a search-walk miss), NODATA (AAAA on a
+through kdns.kube.records), for a hit (A), NXDOMAIN (a search-walk miss), NODATA (AAAA on a
 v4-only service), SRV with an A record in the additional section, and PTR.
 
 ``answer`` is measured as Python calls it (argument parsing, output buffer, bytes object);
@@ -33,7 +33,7 @@ for p in (ROOT, os.path.join(ROOT, "tests"), BENCH):
 
 import dns.message  # noqa: E402
 
-from kdns import refpath  # noqa: E402
+from kdns.zone import refpath  # noqa: E402
 
 NOERROR, NXDOMAIN = 0, 3
 
@@ -59,9 +59,9 @@ CASES = {
 
 def _fastpath():
     try:
-        from kdns import _fastpath
+        from kdns.packet import _fastpath
     except ImportError as e:
-        pytest.fail(f"kdns._fastpath is not importable ({e}); build it with `make install` "
+        pytest.fail(f"kdns.packet._fastpath is not importable ({e}); build it with `make install` "
                     f"(or `.venv/bin/pip install -e .`) before benchmarking the compiled path")
     return _fastpath
 
@@ -72,7 +72,8 @@ def images(tmp_path_factory):
     import zonefixtures
 
     import gen_cluster
-    from kdns import records
+    from kdns.kube import records
+    from kdns.serve import build
 
     out = {"sample": (zonefixtures.sample_image(), {})}
     d = tmp_path_factory.mktemp("cluster")
@@ -83,7 +84,7 @@ def images(tmp_path_factory):
     import ipaddress
     fmt = {"fqdn": svc.fqdn, "name": svc.name, "ns": svc.namespace, "podns": podns,
            "port": svc.port_name, "rev": ipaddress.ip_address(svc.ip).reverse_pointer}
-    out["cluster5k"] = (records.compile_file(meta["paths"]["kdns_input"]), fmt)
+    out["cluster5k"] = (build.compile_file(meta["paths"]["kdns_input"]), fmt)
     return out
 
 
@@ -129,7 +130,7 @@ def test_native_loop(benchmark, image, case, images):
     the mean ns per answer as the packet function sees it."""
     mod, img, query, _ = _setup("fastpath", image, case, images)
     if not hasattr(mod, "bench_answer"):
-        pytest.fail("kdns._fastpath has no bench_answer(img, query, n)")
+        pytest.fail("kdns.packet._fastpath has no bench_answer(img, query, n)")
     n = 1000
     benchmark.group = f"native-loop-x{n}"
     ns = benchmark(mod.bench_answer, img, query, n)

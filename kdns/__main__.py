@@ -1,6 +1,6 @@
 """``python -m kdns`` is the ``kdns`` command."""
 import sys
 
-from .cli import main
+from kdns.cli import main
 
 sys.exit(main())

@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 
-from . import logs, server
+from kdns.observe import logs
+from kdns.serve import supervisor as server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -149,7 +150,7 @@ def _add_drop_in_flags(s: argparse.ArgumentParser, port) -> None:
 
 
 def _nameservers(text: str):
-    from .kubedns_config import parse_nameservers_flag
+    from kdns.forward.kubedns_config import parse_nameservers_flag
     try:
         return parse_nameservers_flag(text)
     except ValueError as e:
@@ -178,7 +179,7 @@ def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
 
 
 def _forwarding(a: argparse.Namespace):
-    from .forwarding import ForwardingOptions
+    from kdns.forward.control import ForwardingOptions
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
                              nameservers=a.nameservers, config_map=a.config_map,
@@ -194,9 +195,9 @@ def _forwarding_problem(a: argparse.Namespace) -> str | None:
     if a.config_period <= 0:
         return "--config-period must be above 0, e.g. 10s."
     if a.config_map:
-        from .forwarding import api_client_for
+        from kdns.kube.configmap import api_client_for
         try:
-            api_client_for(_forwarding(a))
+            api_client_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
         except ValueError as e:            # kubeconfig.ConnectionConfigError
             return f"--config-map needs the Kubernetes API: {e}"
     return None
@@ -324,9 +325,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_records(a: argparse.Namespace) -> int:
     try:
-        from . import records
+        from kdns.kube import records
     except ImportError as e:
-        return _fail(f"kdns records needs kdns.records, which failed to import ({e}).")
+        return _fail(f"kdns records needs kdns.kube.records, which failed to import ({e}).")
     try:
         text = records.master_file(a.from_file, domain=a.domain, ttl=a.ttl, pods=a.pods)
     except records.InputError as e:

@@ -1,6 +1,6 @@
 """A fake Kubernetes API server that speaks the real list/watch protocol, for tests.
 
-Why: the API source (``kdns/sources/api.py``) must survive what a real API server does —
+Why: the API source (``kdns/kube/api.py``) must survive what a real API server does —
 paginated lists, watch streams, bookmarks, compacted history (410 Gone), throttling, RBAC
 refusals, dropped and stalled connections. Mocking the client would test our assumptions
 about the protocol, not the protocol; this server lets the real ``kubernetes`` client talk

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from fakeapi import FakeApiServer, Gone, HttpError, Reset, Slow, Stall
-from kdns.sources import api as source
-from kdns.sources.kubeconfig import (ConnectionConfigError, api_client_from_flags,
+from kdns.kube import api as source
+from kdns.kube.kubeconfig import (ConnectionConfigError, api_client_from_flags,
                                      check_master_url, expand_env)
 
 pytestmark = pytest.mark.timeout(20)
@@ -581,7 +581,7 @@ def test_sources_never_import_the_compiler_or_dns_layers():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         kdns_modules = {m for m in imported if m and m.startswith("kdns")}
-        assert kdns_modules <= {"kdns.sources", "kdns.sources.kubeconfig"}, kdns_modules
+        assert kdns_modules <= {"kdns.kube", "kdns.kube.kubeconfig"}, kdns_modules
 
 
 def _role_grants(text: str) -> set:

@@ -7,7 +7,7 @@ import struct
 import pytest
 from dnslib import RCODE, RR, DNSRecord, EDNS0
 
-from kdns.cache import STALE_TTL, Cache, scan
+from kdns.forward.cache import STALE_TTL, Cache, scan
 
 SOA = "test. {ttl} IN SOA ns.test. host.test. 1 7200 1800 86400 {minimum}"
 KEY = (b"\x01a\x04test\x00", 1, 1, 0, 0)

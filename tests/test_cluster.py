@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from kdns import cluster as C
+from kdns.kube import model as C
 
 
 def svc(name="web", ns="default", ip="10.96.0.5", **spec):

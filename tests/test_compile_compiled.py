@@ -1,4 +1,4 @@
-"""The compiled compiler core (kdns/_compile.pxi) against the reference (image._Compiler).
+"""The compiled compiler core (kdns/packet/_compile.pxi) against the reference (image._Compiler).
 
 The core must give byte-identical images for any input, raise the same CompileError for bad
 input, hand input it does not model back to the reference, and never crash when misused.
@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdns import image as I
-from kdns import records
-from kdns import rr as R
+from kdns.dns.names import reverse_name
+from kdns.zone import image as I
+from kdns.kube import records
+from kdns.dns import rr as R
 from tests import test_records as TR
 from tests import zonefixtures as Z
 
@@ -187,8 +188,8 @@ _FWD = st.lists(_LABELS, min_size=0, max_size=3).map(lambda ls: ".".join(ls + ["
 _OUT = st.sampled_from(["www.example.com.", "local.", "b.local."])
 _V4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 _V6 = st.sampled_from(["fd00::1", "fd00::2", "2001:db8::", "::1"])
-_REV4 = st.sampled_from(["10.96.0.1", "10.0.0.2", "1.2.3.4"]).map(I.reverse_name)
-_REV6 = _V6.map(I.reverse_name)
+_REV4 = st.sampled_from(["10.96.0.1", "10.0.0.2", "1.2.3.4"]).map(reverse_name)
+_REV6 = _V6.map(reverse_name)
 _TARGET = st.one_of(_FWD, _OUT)
 
 

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from fakeapi import FakeApiServer, Gone, Slow
-from kdns import controller as C
-from kdns import records
+from kdns.serve import controller as C
+from kdns.kube import records
+from kdns.serve import build
 from serverutil import Kdns, a_records, rcode_text
 from test_api_source import write_kubeconfig
 
@@ -67,7 +68,7 @@ class RecordingCompiler:
     def compile(self, model, *, synced, changed):
         time.sleep(self.delay)
         self.calls.append((synced, {s.name for s in model.services()}, set(changed)))
-        return records.compile_model(model, synced=synced)
+        return build.compile_model(model, synced=synced)
 
 
 def wait_until(predicate, timeout=5.0, what="condition", step=0.01):
@@ -229,8 +230,8 @@ def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks
 @pytest.mark.parametrize("full", ["0", "1"])
 def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, monkeypatch,
                                                                       full):
-    from kdns.incremental import IncrementalCompiler
-    from kdns.sources.kubeconfig import api_client_from_flags
+    from kdns.serve.incremental import IncrementalCompiler
+    from kdns.kube.kubeconfig import api_client_from_flags
     monkeypatch.setenv("KDNS_FULL_COMPILE", full)
     cfg = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", {"token": "t"})
     ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg))
@@ -240,8 +241,8 @@ def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, 
 
 def test_staleness_grows_during_an_outage_and_clears_after(api):
     """ApiController with the real watchers against the fake API, in process (fast timings)."""
-    from kdns.sources import api as source
-    from kdns.sources.kubeconfig import api_client_from_flags
+    from kdns.kube import api as source
+    from kdns.kube.kubeconfig import api_client_from_flags
     import pathlib
     import tempfile
     base_objects(api)

@@ -1,7 +1,7 @@
-"""The packet path counts what kdns/counters.py says, where it says.
+"""The packet path counts what kdns/packet/counters.py says, where it says.
 
 The expected counts are worked out here from the oracle's replies and the helpers in
-kdns/counters.py (an independent statement of the buckets), then compared word by word with
+kdns/packet/counters.py (an independent statement of the buckets), then compared word by word with
 the page the C code filled while serving real loopback queries.
 """
 import collections
@@ -13,9 +13,9 @@ import dns.message
 import dns.rcode
 import pytest
 
-from kdns import _fastpath as F
-from kdns import counters as K
-from kdns import refpath as P
+from kdns.packet import _fastpath as F
+from kdns.packet import counters as K
+from kdns.zone import refpath as P
 from tests import zonefixtures as Z
 from tests.test_udpserver import Loopback, client, receive, wire
 

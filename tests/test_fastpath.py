@@ -1,4 +1,4 @@
-"""The compiled packet path against its oracle (kdns/refpath.py) and against DNS meaning.
+"""The compiled packet path against its oracle (kdns/zone/refpath.py) and against DNS meaning.
 
 Golden captures (tests/golden/*.txt) pin the exact bytes of representative replies; each is
 decoded with dnspython and checked for what it must mean, and both packet paths must
@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdns import _fastpath as F
-from kdns import refpath as P
+from kdns.dns.names import reverse_name
+from kdns.packet import _fastpath as F
+from kdns.zone import refpath as P
 from tests import zonefixtures as Z
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -263,7 +264,7 @@ def test_pod_and_reverse_names_at_the_parsers_edges(kind):
     names = [f"{lab}.{ns}.pod.cluster.local." for lab in POD_LABELS
              for ns in ("default", "kube-system", "nons")]
     names += [f"{r}.in-addr.arpa." for r in REVERSE_NAMES]
-    v6 = Z.I.reverse_name("fd00::20")
+    v6 = reverse_name("fd00::20")
     names += [v6, v6.upper(), "00." + v6[2:], "g" + v6[1:], v6[2:], "0." + v6]
     for name in names:
         for qt in ("A", "AAAA", "PTR"):
@@ -331,7 +332,7 @@ def synthesised_names(draw):
     if kind == "rev4":
         known, pool, tail = ["1", "0", "96", "10"], DECIMAL, ["in-addr", "arpa"]
     else:
-        known, pool, tail = Z.I.reverse_name("fd00::20").split(".")[:32], NIBBLE, ["ip6", "arpa"]
+        known, pool, tail = reverse_name("fd00::20").split(".")[:32], NIBBLE, ["ip6", "arpa"]
     if draw(st.booleans()):   # a name the image holds, with a few parts redrawn
         octets = list(known)
         for _ in range(draw(st.integers(0, 2))):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kdns.sources.file import InputError, read_objects
+from kdns.kube.file import InputError, read_objects
 
 SVC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "x"},
        "spec": {"clusterIP": "10.0.0.1"}}

@@ -7,7 +7,8 @@ import pytest
 
 from test_cli import run_main
 
-from kdns import cli, logs
+from kdns import cli
+from kdns.observe import logs
 
 
 def parse(*args):

@@ -17,9 +17,9 @@ import pytest
 from conftest import unavailable
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from kdns.cache import Cache
-from kdns.forward import PROBE_ZONE, Forwarder, Upstream, random_port_socket
-from kdns.kubedns_config import ConfigDirWatcher, effective_upstreams, parse_resolv_conf
+from kdns.forward.cache import Cache
+from kdns.forward.forwarder import PROBE_ZONE, Forwarder, Upstream, random_port_socket
+from kdns.forward.kubedns_config import ConfigDirWatcher, effective_upstreams, parse_resolv_conf
 from tests.upstream import TestDNSServer, make_query
 
 pytestmark = pytest.mark.timeout(20)

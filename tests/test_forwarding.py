@@ -1,4 +1,4 @@
-"""kdns/forwarding.py and the compiled cache (_fastpath.PacketCache) it feeds.
+"""kdns/forward/control.py and the compiled cache (_fastpath.PacketCache) it feeds.
 
 The compiled hit must be byte-identical to what the Python forwarder renders from the same
 entry (Entry.render + forward.fit), and UdpServer must serve it without handing off.
@@ -13,20 +13,21 @@ import time
 
 import pytest
 
-from kdns import counters as C
-from kdns import engine, publish
-from kdns.cache import Cache
-from kdns.forward import Forwarder, parse_query
-from kdns.forwarding import (LinkedCache, cache_key_bytes, decode_config, encode_config)
-from kdns.forward import Upstream
+from kdns.packet import counters as C
+from kdns.packet import engine
+from kdns.serve import publish
+from kdns.forward.cache import Cache
+from kdns.forward.forwarder import Forwarder, parse_query
+from kdns.forward.control import (LinkedCache, cache_key_bytes, decode_config, encode_config)
+from kdns.forward.forwarder import Upstream
 from upstream import make_query
 from zonefixtures import sample_image
 
 if engine.IMPLEMENTATION != "compiled":
     # Collected under CI, this must fail: a skip would hide a missing compiled cache.
     from conftest import unavailable
-    unavailable("the compiled cache needs kdns._fastpath (make install builds it)")
-from kdns import _fastpath  # noqa: E402
+    unavailable("the compiled cache needs kdns.packet._fastpath (make install builds it)")
+from kdns.packet import _fastpath  # noqa: E402
 
 
 def upstream_reply(name: str, n: int = 3, ttl: int = 300, rcode: int = 0) -> bytes:
@@ -94,7 +95,7 @@ def test_udpserver_serves_cache_hits_without_handing_off():
     srv.setblocking(False)
     cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     cli.settimeout(2)
-    page = mmap.mmap(-1, publish.PAGE_BYTES)
+    page = mmap.mmap(-1, C.PAGE_BYTES)
     try:
         us = engine.UdpServer(srv.fileno())
         us.set_cache(fast)
@@ -175,14 +176,15 @@ class _ConfigMapApi:
 
 
 def test_config_map_through_the_api(tmp_path):
-    from kdns.forwarding import ForwardingControl, ForwardingOptions
+    from kdns.forward.control import ForwardingOptions
+    from kdns.serve.supervisor import forwarding_control
     api = _ConfigMapApi()
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("")
     try:
         opts = ForwardingOptions(config_dir="", config_map="kube-dns", resolv_conf=str(resolv),
                                  kube_master_url=api.url, config_period=0.05)
-        ctl = ForwardingControl(opts)
+        ctl = forwarding_control(opts)
         ctl._start_loop_check = lambda: None          # no upstream to probe here
         ctl.start([("127.0.0.1", 53)])
         assert ctl.upstreams() == ()                   # 404: defaults, as kube-dns

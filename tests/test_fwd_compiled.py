@@ -1,4 +1,4 @@
-"""The compiled forwarder (kdns/includes/fwd.pxi + forwarding.CompiledForward), driven
+"""The compiled forwarder (kdns/packet/fwd.pxi + forwarding.CompiledForward), driven
 through a real UdpServer on loopback, with the Python Forwarder as the reference.
 
 Each test runs a small worker harness: the client socket's queries go through
@@ -15,11 +15,11 @@ import struct
 import pytest
 from dnslib import DNSRecord
 
-from kdns import counters as C
-from kdns import engine
-from kdns.cache import Cache
-from kdns.forward import Forwarder, Upstream
-from kdns.forwarding import CompiledForward, LinkedCache, _pow2
+from kdns.packet import counters as C
+from kdns.packet import engine
+from kdns.forward.cache import Cache
+from kdns.forward.forwarder import Forwarder, Upstream
+from kdns.forward.control import CompiledForward, LinkedCache, _pow2
 from upstream import TestDNSServer, make_query
 from zonefixtures import sample_image
 
@@ -38,7 +38,7 @@ class Harness:
 
     def __init__(self, loop, upstreams, *, try_timeout=2.0, max_inflight=1000, nsockets=64,
                  sweep=0.05, stubs=None, serve_stale=False):
-        from kdns import _fastpath
+        from kdns.packet import _fastpath
         self.loop = loop
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))

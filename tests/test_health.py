@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from kdns import health
+from kdns.observe import health
 from serverutil import HOST, Kdns, free_port
 from zonefixtures import sample_image
 

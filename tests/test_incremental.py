@@ -5,7 +5,7 @@ service types (ClusterIP, dual-stack, headless, NodePort, ExternalName to outsid
 in-zone services, endpoint names, pod names, itself), EndpointSlices that
 move between services, v1 Endpoints, endpoint IPs shared between services (merged PTRs),
 hostnames good and bad, namespaces and pods coming and going. After every step the
-incremental image must equal ``records.compile_model`` byte for byte, in each pods mode.
+incremental image must equal ``build.compile_model`` byte for byte, in each pods mode.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import time
 import pytest
 
 from conftest import unavailable
-from kdns import image as I
-from kdns import records
-from kdns.cluster import ClusterModel
-from kdns.incremental import IncrementalCompiler
+from kdns.zone import image as I
+from kdns.kube import records
+from kdns.serve import build
+from kdns.kube.model import ClusterModel
+from kdns.serve.incremental import IncrementalCompiler
 
 ZONE = "cluster.local"
 NAMESPACES = ["default", "ns1", "ns2", "kube-system"]
@@ -125,11 +126,11 @@ def test_churn_gives_the_full_compile_bytes(seed, pods):
     model = ClusterModel(clock=lambda: 1_700_000_000)
     inc = IncrementalCompiler(domain=ZONE, pods=pods)
     first = inc.compile(model, synced=False, changed=set())
-    assert first == records.compile_model(model, synced=False, domain=ZONE, pods=pods)
+    assert first == build.compile_model(model, synced=False, domain=ZONE, pods=pods)
     for n in range(120):
         changed = step(rng, model)
         got = inc.compile(model, synced=True, changed=changed)
-        want = records.compile_model(model, synced=True, domain=ZONE, pods=pods)
+        want = build.compile_model(model, synced=True, domain=ZONE, pods=pods)
         assert got == want, f"seed {seed} step {n}: images differ after {sorted(changed)}"
     # Every compile used the saved records: a full one here would mean a CNAME met a saved
     # answer it needed the RRsets of (a service it points into was not pinned).
@@ -150,7 +151,7 @@ def test_a_change_touches_only_its_service():
                  "endpoints": [{"addresses": ["10.2.0.1"]}]})
     got = inc.compile(model, synced=True, changed={("EndpointSlice", "default", "s7-x")})
     assert inc.last_dirty == 1 and inc.full_compiles == 0
-    assert got == records.compile_model(model)
+    assert got == build.compile_model(model)
 
 
 def test_garbage_is_collected_by_reloading_the_core(monkeypatch):
@@ -171,11 +172,11 @@ def test_garbage_is_collected_by_reloading_the_core(monkeypatch):
         got = inc.compile(model, synced=True, changed={("EndpointSlice", "default", "web-a")})
         cores.add(id(inc._core))
         if gen % 50 == 0:
-            assert got == records.compile_model(model)
+            assert got == build.compile_model(model)
         stats = inc._core.stats()
         assert stats["names"] <= 2 * stats["encoded_names"] + 100_000 + 600
     assert len(cores) > 1, "the core was never reloaded"
-    assert got == records.compile_model(model)
+    assert got == build.compile_model(model)
 
 
 def test_a_failure_in_the_incremental_path_compiles_in_full_and_starts_over(monkeypatch):
@@ -193,13 +194,13 @@ def test_a_failure_in_the_incremental_path_compiles_in_full_and_starts_over(monk
 
     monkeypatch.setattr(records, "service_records", broken)
     got = inc.compile(model, synced=True, changed={("Service", "default", "b")})
-    assert got == records.compile_model(model) and inc.full_compiles == 1
+    assert got == build.compile_model(model) and inc.full_compiles == 1
     assert inc._core is None                # forgotten: the next compile starts over
     monkeypatch.setattr(records, "service_records", real)
     model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "c"},
                  "spec": {"clusterIP": "10.96.0.7"}})
     got = inc.compile(model, synced=True, changed={("Service", "default", "c")})
-    assert got == records.compile_model(model) and inc.full_compiles == 1
+    assert got == build.compile_model(model) and inc.full_compiles == 1
 
 
 def test_a_cname_into_a_reverse_name_is_compiled_in_full():
@@ -210,7 +211,7 @@ def test_a_cname_into_a_reverse_name_is_compiled_in_full():
                  "spec": {"type": "ExternalName", "externalName": "9.0.96.10.in-addr.arpa"}})
     inc = IncrementalCompiler()
     got = inc.compile(model, synced=True, changed=set())
-    assert got == records.compile_model(model)
+    assert got == build.compile_model(model)
     assert inc.full_compiles == 1       # the PTR's RRset is not in the saved answers
 
 
@@ -270,11 +271,11 @@ def test_services_a_cname_points_into_are_compiled_from_rrsets():
         model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "alias"},
                      "spec": {"type": "ExternalName", "externalName": target}})
         got = inc.compile(model, synced=True, changed={("Service", "default", "alias")})
-        assert got == records.compile_model(model)
+        assert got == build.compile_model(model)
         assert inc._services[web].raw is not None
     model.delete("Service", "default", "alias")
     got = inc.compile(model, synced=True, changed={("Service", "default", "alias")})
-    assert got == records.compile_model(model)
+    assert got == build.compile_model(model)
     assert inc._services[web].raw is None and inc._services[web].in_core
     assert inc.full_compiles == 0
 
@@ -284,14 +285,15 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
     a memfd, sealed, and published by handing that fd to the workers: same bytes, no copy."""
     import fcntl
 
-    from kdns import incremental, publish
+    from kdns.serve import incremental
+    from kdns.serve import publish
     monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 0)
     model = ClusterModel()
     model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "web"},
                  "spec": {"clusterIP": "10.96.0.9"}})
     inc = IncrementalCompiler(into_memfd=True)
     img = inc.compile(model, synced=True, changed=set())
-    want = records.compile_model(model)
+    want = build.compile_model(model)
     assert isinstance(img, publish.ImageMemfd) and len(img) == len(want)
     assert bytes(img.map) == want
     assert fcntl.fcntl(img.fd, fcntl.F_GET_SEALS) & publish.SEALS == publish.SEALS
@@ -316,7 +318,7 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
                  "spec": {"clusterIP": "10.96.0.10"}})
     img = inc.compile(model, synced=True, changed={("Service", "default", "db")})
     assert spare.fd is None, "the spare was not used"
-    assert bytes(img.map) == records.compile_model(model)
+    assert bytes(img.map) == build.compile_model(model)
     img.close()
     deadline = time.monotonic() + 5
     while inc._spare is None:
@@ -330,7 +332,7 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
     model.apply({"kind": "Service", "metadata": {"namespace": "default", "name": "cache"},
                  "spec": {"clusterIP": "10.96.0.11"}})
     img = inc.compile(model, synced=True, changed={("Service", "default", "cache")})
-    assert small.fd is None and bytes(img.map) == records.compile_model(model)
+    assert small.fd is None and bytes(img.map) == build.compile_model(model)
     img.close()
     deadline = time.monotonic() + 5
     while inc._spare is None:
@@ -340,5 +342,5 @@ def test_into_memfd_compiles_a_sealed_memfd_the_supervisor_publishes_as_is(monke
     inc.idle()
     assert inc._spare is None and spare.fd is None
     monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40)
-    want = records.compile_model(model)
+    want = build.compile_model(model)
     assert inc.compile(model, synced=True, changed=set()) == want     # small: plain bytes

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from kdns.forward import Upstream
-from kdns.kubedns_config import (ConfigDirWatcher, ConfigError, KubeDNSConfig,
+from kdns.forward.forwarder import Upstream
+from kdns.forward.kubedns_config import (ConfigDirWatcher, ConfigError, KubeDNSConfig,
                                  effective_upstreams, parse_configmap, parse_duration,
                                  parse_nameservers_flag, parse_resolv_conf, read_config_dir)
 

@@ -8,8 +8,9 @@ import logging
 import mmap
 import time
 
-from kdns import counters as C
-from kdns import forward, logs
+from kdns.packet import counters as C
+from kdns.forward import forwarder as forward
+from kdns.observe import logs
 from serverutil import Kdns
 from zonefixtures import sample_image
 
@@ -64,7 +65,7 @@ def test_query_summary_reads_the_counters(caplog):
 def test_upstream_failure_is_one_line_per_change(caplog):
     st = forward.UpstreamStats()
     up = forward.Upstream("192.0.2.53")
-    with caplog.at_level(logging.INFO, logger="kdns.forward"):
+    with caplog.at_level(logging.INFO, logger="kdns.forward.forwarder"):
         for _ in range(5):
             st.failed(up, "timeout")
         st.answered(up)

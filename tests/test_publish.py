@@ -15,9 +15,11 @@ import dns.rcode
 import pytest
 
 from conftest import unavailable
-from kdns import counters as C
-from kdns import engine, publish, refpath
-from kdns.worker import Worker
+from kdns.packet import counters as C
+from kdns.packet import engine
+from kdns.serve import publish
+from kdns.zone import refpath
+from kdns.serve.worker import Worker
 from zonefixtures import sample_image
 
 K = "kubernetes.default.svc.cluster.local"
@@ -25,9 +27,9 @@ K = "kubernetes.default.svc.cluster.local"
 
 def compiled_engine():
     try:
-        from kdns import _fastpath
+        from kdns.packet import _fastpath
     except ImportError:
-        unavailable("kdns._fastpath is not built; `make install` builds it")
+        unavailable("kdns.packet._fastpath is not built; `make install` builds it")
     return _fastpath
 
 
@@ -43,7 +45,7 @@ def engine_api(which):
 
 
 def page() -> mmap.mmap:
-    return mmap.mmap(-1, publish.PAGE_BYTES)            # page-aligned, like the real one
+    return mmap.mmap(-1, C.PAGE_BYTES)            # page-aligned, like the real one
 
 
 def test_packet_side_imports_no_control_plane():
@@ -52,12 +54,12 @@ def test_packet_side_imports_no_control_plane():
     import subprocess
     import sys
     from conftest import ROOT
-    code = ("import sys, kdns.worker; "
+    code = ("import sys, kdns.serve.worker; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('kdns'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
-    assert "kdns.worker" in out and "kdns.engine" in out
-    # (refpath reads the image layout from kdns.image; that is the packet path's contract.)
+    assert "kdns.serve.worker" in out and "kdns.packet.engine" in out
+    # (refpath reads the image layout from kdns.zone.image; that is the packet path's contract.)
     assert not [m for m in out if m.split(".")[1:2] and m.split(".")[1] in
                 ("records", "cluster", "sources", "controller", "server", "cli", "http")], out
 
@@ -137,8 +139,8 @@ def test_counter_pages_are_shared_and_generation_is_visible():
     fd, whole = publish.counters_memfd(3)
     try:
         worker_page = publish.map_page(fd, 2)
-        publish.set_page_generation(worker_page, 41)
-        assert [publish.page_generation(whole, s) for s in range(3)] == [0, 0, 41]
+        C.set_page_generation(worker_page, 41)
+        assert [C.page_generation(whole, s) for s in range(3)] == [0, 0, 41]
         worker_page.close()
     finally:
         whole.close()
@@ -318,7 +320,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
     assert sorted(order[:2]) == [1, 4] and order[2:] == [2, 0]
     assert reply.id == 99 and reply.rcode() == dns.rcode.NXDOMAIN
     assert [rd.address for rd in after_swap.answer[0]] == ["10.96.0.2"]
-    assert publish.page_generation(pg, 0) == 2
+    assert C.page_generation(pg, 0) == 2
     assert ("silent.example.", "udp") in handoff.seen and ("slow.example.", "tcp") in handoff.seen
     words = memoryview(pg).cast("Q")
     assert words[C.LAYOUT["rcode_tcp_3"]] == 2 and words[C.LAYOUT["rcode_udp_3"]] == 1
@@ -327,7 +329,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
 def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
     """A client pipelining more slow hand-offs than TCP_MAX_PENDING: the worker stops taking
     new ones until some finish, then answers every one."""
-    from kdns import worker as W
+    from kdns.serve import worker as W
     pub = publish.Publisher()
     pub.publish(sample_image())
     handoff = ScriptedHandoff()
@@ -383,12 +385,12 @@ def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_o
         pub.publish(good)
         while worker.generation != 2:
             await asyncio.sleep(0.01)
-        swapped = publish.page_swapped_ns(pg, 0)
+        swapped = C.page_swapped_ns(pg, 0)
         assert before <= swapped <= time.monotonic_ns()
         pub.publish(bytes(corrupt))                       # generation 3: refused
         await asyncio.sleep(0.3)
-        assert worker.generation == 2 and publish.page_generation(pg, 0) == 2
-        assert publish.page_swapped_ns(pg, 0) == swapped
+        assert worker.generation == 2 and C.page_generation(pg, 0) == 2
+        assert C.page_swapped_ns(pg, 0) == swapped
         img = worker.img
         worker.swap(1, img)                               # a late older check: ignored
         assert worker.generation == 2

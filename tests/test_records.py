@@ -23,10 +23,13 @@ import pytest
 from conftest import unavailable
 import yaml
 
-from kdns import image as I
-from kdns import records, refpath
-from kdns.cluster import ClusterModel
-from kdns.sources.file import read_objects
+from kdns.dns.names import reverse_name
+from kdns.zone import image as I
+from kdns.kube import records
+from kdns.serve import build
+from kdns.zone import refpath
+from kdns.kube.model import ClusterModel
+from kdns.kube.file import read_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "cluster.yaml")
@@ -181,7 +184,7 @@ class Impl(NamedTuple):
 
 IMPLS = {"refpath": Impl(refpath.Image, refpath.answer)}
 try:
-    from kdns import _fastpath
+    from kdns.packet import _fastpath
     IMPLS["fastpath"] = Impl(_fastpath.Image, _fastpath.answer)
 except ImportError:                      # not built: the reference path still runs every row
     pass
@@ -438,8 +441,8 @@ ROWS = [
     Row("10.2.244.10.in-addr.arpa.", "PTR", answer=(f"10.2.244.10.in-addr.arpa. 30 PTR db-0.{DB}",)),
     Row("0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.2.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa.", "PTR",
         answer=(f"0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.2.0.0.0.4.4.2.0.0.1.0.0.0.0.d.f.ip6.arpa. 30 PTR db-0.{DB}",)),
-    Row(I.reverse_name("5678:abcd::1"), "PTR",
-        answer=(f"{I.reverse_name('5678:abcd::1')} 30 PTR 5678-abcd--1.{SIX}",)),
+    Row(reverse_name("5678:abcd::1"), "PTR",
+        answer=(f"{reverse_name('5678:abcd::1')} 30 PTR 5678-abcd--1.{SIX}",)),
     Row("10.1.244.10.in-addr.arpa.", "PTR",             # ClusterIP endpoint (C)
         answer=(f"10.1.244.10.in-addr.arpa. 30 PTR 10-244-1-10.{API}",)),
     Row("2.0.244.10.in-addr.arpa.", "PTR",              # one PTR per distinct target
@@ -497,7 +500,7 @@ def test_tcp_gives_the_same_reply(img):
 
 def test_fastpath_gives_the_reference_bytes(image_bytes):
     if "fastpath" not in IMPLS:
-        unavailable("kdns._fastpath is not built (make install builds it)")
+        unavailable("kdns.packet._fastpath is not built (make install builds it)")
     ref, fast = mapped(image_bytes, "refpath"), mapped(image_bytes, "fastpath")
     for row in ROWS:
         for edns in (False, True):
@@ -596,7 +599,7 @@ def test_identical_input_gives_identical_image():
 
 
 def test_compile_file_and_master_file(tmp_path):
-    img = records.compile_file(EXAMPLE, serial=7)
+    img = build.compile_file(EXAMPLE, serial=7)
     zd = records.zone_data(records.model_from_file(EXAMPLE), serial=7)
     assert img == I.compile_image(zd.rrsets, zd.zones, exists=zd.exists, serial=7)
     text = records.master_file(EXAMPLE, serial=7)
@@ -613,7 +616,7 @@ def test_compile_file_rejects_bad_input(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: List\nitems: [\n")
     with pytest.raises(records.InputError, match="bad.yaml"):
-        records.compile_file(str(bad))
+        build.compile_file(str(bad))
     with pytest.raises(records.InputError, match="no such file"):
         records.master_file(str(tmp_path / "missing.yaml"))
 
@@ -664,9 +667,9 @@ def test_names_too_long_for_the_domain_are_skipped_not_fatal(caplog):
 
 
 def test_compile_model_before_sync_is_servfail_not_nxdomain():
-    img = mapped(records.compile_model(build_model(), synced=False, serial=SERIAL))
+    img = mapped(build.compile_model(build_model(), synced=False, serial=SERIAL))
     for name in (K, "nope.default.svc.cluster.local."):
         action, wire = img.answer(dns.message.make_query(name, "A", use_edns=False).to_wire())
         assert dns.message.from_wire(wire).rcode() == dns.rcode.SERVFAIL
-    synced = mapped(records.compile_model(build_model(), serial=SERIAL))
+    synced = mapped(build.compile_model(build_model(), serial=SERIAL))
     run(synced, Row(K, "A", answer=(f"{K} 30 A 10.96.0.1",)))

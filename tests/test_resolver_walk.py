@@ -27,7 +27,9 @@ import dns.resolver
 import pytest
 
 from conftest import unavailable
-from kdns import records, refpath
+from kdns.kube import records
+from kdns.serve import build
+from kdns.zone import refpath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "cluster.yaml")
@@ -123,7 +125,7 @@ def walk_rcodes(name: str, qtype: str, port: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def responder():
-    with Responder(records.compile_file(EXAMPLE, serial=1)) as r:
+    with Responder(build.compile_file(EXAMPLE, serial=1)) as r:
         yield r
 
 

@@ -15,7 +15,7 @@ import dns.rcode
 import pytest
 
 from conftest import require_tool, unavailable
-from kdns import refpath
+from kdns.zone import refpath
 from serverutil import HOST, a_records, rcode_text, running
 from zonefixtures import SAMPLE_NAMES, sample_image
 

@@ -13,7 +13,8 @@ import time
 import dns.message
 import pytest
 
-from kdns import engine, refpath
+from kdns.packet import engine
+from kdns.zone import refpath
 from serverutil import HOST, alive, a_records, free_port, running
 from zonefixtures import SAMPLE_NAMES, sample_image
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import inspect
 
-from kdns import server
+from kdns.serve import supervisor as server
 from tests.zonefixtures import sample_image
 
 
@@ -66,7 +66,7 @@ def test_supervisor_keeps_no_reference_to_a_published_image():
 def test_a_push_source_is_published_without_hashing_the_image(monkeypatch):
     """The API controller's images never repeat (the SOA serial moves with every change):
     hashing 30 MiB per publish would only add to issue 4's programming latency."""
-    from kdns import server as S
+    from kdns.serve import supervisor as S
 
     def no_hash(data):
         raise AssertionError("a push source's image was hashed")

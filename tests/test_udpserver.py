@@ -10,9 +10,9 @@ import dns.query
 import dns.rcode
 import pytest
 
-from kdns import _fastpath as F
-from kdns import counters as K
-from kdns import refpath as P
+from kdns.packet import _fastpath as F
+from kdns.packet import counters as K
+from kdns.zone import refpath as P
 from tests import zonefixtures as Z
 
 S = "kubernetes.default.svc.cluster.local."

@@ -1,7 +1,8 @@
 """A small but rich zone image built straight from RRsets, for tests of the packet path and
 the server that must not depend on the Kubernetes record rules."""
-from kdns import image as I
-from kdns import rr as R
+from kdns.dns.names import reverse_name
+from kdns.zone import image as I
+from kdns.dns import rr as R
 
 Z = "cluster.local."
 
@@ -29,7 +30,7 @@ def sample_rrsets(tag: str = "10.96.0.1") -> list:
         R.RRset("outside.default.svc." + Z, R.CNAME, 30, (R.Target("www.example.com."),)),
         R.RRset("big.default.svc." + Z, R.A, 30, many),
         R.RRset("1.0.96.10.in-addr.arpa.", R.PTR, 30, (R.Target(s),)),
-        R.RRset(I.reverse_name("fd00::20"), R.PTR, 30, (R.Target("dual.default.svc." + Z),)),
+        R.RRset(reverse_name("fd00::20"), R.PTR, 30, (R.Target("dual.default.svc." + Z),)),
     ]
 
 
@@ -58,5 +59,5 @@ SAMPLE_NAMES = [
     "fd00-10-244--5.default.pod.cluster.local", "10-244-0-5.default.pod.cluster.local",
     "1-2-3-4.nons.pod.cluster.local", "x.1-2-3-4.default.pod.cluster.local",
     "1.0.96.10.in-addr.arpa", "2.0.96.10.in-addr.arpa", "0.96.10.in-addr.arpa", "in-addr.arpa",
-    I.reverse_name("fd00::20").rstrip("."), "google.com", "com", "local",
+    reverse_name("fd00::20").rstrip("."), "google.com", "com", "local",
 ]

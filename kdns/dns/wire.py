@@ -1,0 +1,28 @@
+"""DNS wire facts: type and class codes, header flags, rcodes, size limits.
+
+The one place these numbers are written down; every other module imports them by name.
+"""
+
+# Type codes kdns answers, forwards or refuses (RFC 1035 §3.2.2, RFC 3596, RFC 2782,
+# RFC 6891, RFC 1995/5936 for the zone transfers).
+T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_MX, T_TXT = 1, 2, 5, 6, 12, 15, 16
+T_AAAA, T_SRV, T_OPT = 28, 33, 41
+T_IXFR, T_AXFR, T_ANY = 251, 252, 255
+CLASS_IN = 1
+
+# Header flag bits in the second 16-bit word (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD and CD).
+QR, AA, TC, RD, RA, AD, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010
+
+# RCODEs (RFC 1035 §4.1.1, RFC 2136 §2.2, RFC 6891 §9 for the extended BADVERS = 16).
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+# The names CoreDNS uses for rcode labels, indexed by rcode (16 = BADVERS).
+RCODE_NAMES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN",
+               "YXRRSET", "NXRRSET", "NOTAUTH", "NOTZONE", "RCODE11", "RCODE12", "RCODE13",
+               "RCODE14", "RCODE15", "BADVERS")
+
+HEADER_LEN = 12          # RFC 1035 §4.1.1
+EDNS_MIN = 512           # RFC 6891 §6.2.5: a UDP payload size below 512 is treated as 512
+MAX_LABEL = 63           # RFC 1035 §2.3.4
+MAX_NAME = 255           # RFC 1035 §2.3.4, wire length including the root byte
+MAX_POINTER = 0x3FFF     # RFC 1035 §4.1.4: 14-bit offsets

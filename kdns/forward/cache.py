@@ -1,0 +1,224 @@
+"""Cache of forwarded answers (names outside the cluster zones only).
+
+Why: pods resolve the same outside names over and over (every ``google.com`` lookup costs
+three in-zone misses and then one forward, spec §5.2); answering repeats from memory saves
+the upstream round trip and shields upstreams from bursts.
+
+What it must not do: hold cluster-zone answers (those always come from the live image, issue
+5), know about Kubernetes or sockets, or serve an entry past its TTL except through the
+explicit serve-stale path (RFC 8767).
+
+Stored form (chosen so the compiled packet path can serve hits later without Python): an
+entry is the upstream reply as wire bytes in a canonical shape (ID 0, question name
+lowercased, the OPT RR removed: it is hop-by-hop, RFC 6891 §6.1.1) plus the byte offset of
+every RR's TTL field and that RR's original TTL. Serving a hit is then: copy the bytes;
+patch the ID; copy the client's question bytes over the stored question (same length, only
+the case can differ: DNS 0x20); patch RD/CD from the query and clear AA; write each TTL as
+``max(0, min(ttl, entry_ttl) - age)``; append an OPT if the client sent one; cut to the
+client's size with TC (record ends follow from the TTL offsets: TTL, RDLENGTH, RDATA are
+adjacent, so ``forward.fit`` needs no name parsing). No parsing and no allocation beyond
+the output buffer, so a later step can lay entries out in shared memory (offsets, not
+pointers) and let ``_fastpath`` do exactly this.
+
+Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (spec §4.4).
+Lifetimes: positive = min RR TTL; negative (NXDOMAIN / NODATA) = min(SOA TTL, SOA MINIMUM)
+(RFC 2308 §5); both clamped to [min_ttl, max_ttl] / [min_ttl, max_neg_ttl]; SERVFAIL kept 5 s
+(RFC 2308 §7.1 allows up to 5 minutes; CoreDNS uses 5 s); TC replies and other rcodes are
+never stored; negative answers without an SOA are not stored (RFC 2308 §5: no SOA, no
+negative caching).
+"""
+from __future__ import annotations
+
+import struct
+import time
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+from kdns.zone.refpath import Malformed, skip_name
+
+from kdns.dns.wire import AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_OPT, T_SOA, TC  # noqa: F401
+STALE_TTL = 30              # RFC 8767 §4: "a TTL of 30 seconds is recommended"
+SERVFAIL_TTL = 5            # RFC 2308 §7.1 caps it at 5 minutes; CoreDNS uses 5 s
+
+
+class Record(NamedTuple):
+    """One RR in a message: where it is and what the caller needs to know about it."""
+    start: int
+    end: int
+    rtype: int
+    ttl_off: int
+    ttl: int
+    section: int            # 0 answer, 1 authority, 2 additional
+
+
+class Scanned(NamedTuple):
+    qend: int               # offset just past the question (12 + name + 4)
+    records: list[Record]
+
+
+def scan(msg: bytes) -> Scanned:
+    """Find every RR boundary in a one-question message; Malformed if it does not parse."""
+    if len(msg) < 12:
+        raise Malformed
+    qd, an, ns, ar = struct.unpack_from("!HHHH", msg, 4)
+    if qd != 1:
+        raise Malformed
+    off = skip_name(msg, 12) + 4
+    if off > len(msg):
+        raise Malformed
+    qend, records = off, []
+    for i in range(an + ns + ar):
+        start = off
+        off = skip_name(msg, off)
+        if off + 10 > len(msg):
+            raise Malformed
+        rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", msg, off)
+        end = off + 10 + rdlen
+        if end > len(msg):
+            raise Malformed
+        section = 0 if i < an else 1 if i < an + ns else 2
+        records.append(Record(start, end, rtype, off + 4, ttl, section))
+        off = end
+    return Scanned(qend, records)
+
+
+def strip_opt(msg: bytes, sc: Scanned) -> tuple[bytes, Scanned]:
+    """The message without its OPT RR and whatever follows it in the additional section.
+
+    RFC 6891 §6.1.1: OPT is per hop, so ours is rebuilt for each client. Records after the
+    OPT are dropped rather than moved (moving would break compression pointers into them);
+    additional data is optional, so dropping it needs no TC (RFC 2181 §9)."""
+    for i, r in enumerate(sc.records):
+        if r.rtype == T_OPT:
+            kept = sc.records[:i]
+            counts = [sum(1 for k in kept if k.section == s) for s in range(3)]
+            head = msg[:6] + struct.pack("!HHH", *counts)
+            return head + msg[12:r.start], Scanned(sc.qend, kept)
+    return msg, sc
+
+
+def soa_negative_ttl(msg: bytes, sc: Scanned) -> int | None:
+    """RFC 2308 §5: the negative TTL is min(SOA TTL, SOA MINIMUM) of the authority SOA."""
+    for r in sc.records:
+        if r.section == 1 and r.rtype == T_SOA and r.end - 4 >= r.ttl_off + 6:
+            (minimum,) = struct.unpack_from("!I", msg, r.end - 4)
+            return min(r.ttl, minimum)
+    return None
+
+
+class Entry:
+    """A stored reply in the canonical wire form described in the module docstring."""
+    __slots__ = ("wire", "qend", "ttl_offs", "ttls", "ttl", "stored", "rcode")
+
+    def __init__(self, wire, qend, ttl_offs, ttls, ttl, stored, rcode):
+        self.wire, self.qend, self.ttl_offs, self.ttls = wire, qend, ttl_offs, ttls
+        self.ttl, self.stored, self.rcode = ttl, stored, rcode
+
+    def expires(self) -> float:
+        return self.stored + self.ttl
+
+    def render(self, qid: int, question: bytes, qflags: int, now: float,
+               stale: bool = False) -> bytearray:
+        """The stored reply for one client: its ID, its question case, RD/CD from its query,
+        TTLs counted down (RFC 1035 §4.1.3 / RFC 2181 §8: remaining time), or STALE_TTL when
+        served stale (RFC 8767 §4)."""
+        out = bytearray(self.wire)
+        # AA cleared: an answer from our memory is not authoritative (RFC 1035 §4.1.1).
+        flags = struct.unpack_from("!H", out, 2)[0] & ~(AA | RD | CD)
+        struct.pack_into("!HH", out, 0, qid, flags | (qflags & (RD | CD)))
+        out[12:self.qend] = question
+        age = int(now - self.stored)
+        for off, ttl in zip(self.ttl_offs, self.ttls):
+            left = STALE_TTL if stale else max(0, min(ttl, self.ttl) - age)
+            struct.pack_into("!I", out, off, left)
+        return out
+
+
+class Cache:
+    """Bounded LRU of forwarded replies. All times come from ``clock`` (monotonic seconds) so
+    tests can move time instead of sleeping."""
+
+    def __init__(self, capacity: int = 10000, *, min_ttl: int = 5, max_ttl: int = 3600,
+                 max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
+                 serve_stale: bool = False, max_stale: int = 3600,
+                 clock: Callable[[], float] = time.monotonic):
+        if capacity < 1:
+            raise ValueError("cache capacity must be at least 1")
+        self.capacity, self.min_ttl, self.max_ttl = capacity, min_ttl, max_ttl
+        self.max_neg_ttl, self.servfail_ttl = max_neg_ttl, servfail_ttl
+        self.serve_stale, self.max_stale, self.clock = serve_stale, max_stale, clock
+        self.entries: OrderedDict[tuple, Entry] = OrderedDict()
+        # Counters for metrics (rendered by the metrics issue).
+        self.hits = self.misses = self.stale_hits = self.inserts = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: tuple) -> Entry | None:
+        """A fresh entry, or None (expired entries stay for serve-stale until evicted)."""
+        e = self.entries.get(key)
+        if e is None or self.clock() >= e.expires():
+            self.misses += 1
+            if e is not None and not self._stale_usable(e):
+                del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return e
+
+    def get_stale(self, key: tuple, count: bool = True) -> Entry | None:
+        """RFC 8767: an expired positive or negative entry no older than ``max_stale`` past its
+        expiry, for use only when upstreams fail or are too slow (the forwarder decides)."""
+        e = self.entries.get(key)
+        if e is None or self.clock() < e.expires() or not self._stale_usable(e):
+            return None
+        self.stale_hits += count
+        return e
+
+    def _stale_usable(self, e: Entry) -> bool:
+        # SERVFAIL is never served stale: it is the failure serve-stale exists to hide.
+        return (self.serve_stale and e.rcode != SERVFAIL
+                and self.clock() < e.expires() + self.max_stale)
+
+    def put(self, key: tuple, reply: bytes) -> Entry | None:
+        """Store an upstream reply if the rules allow; returns the entry or None."""
+        try:
+            sc = scan(reply)
+        except Malformed:
+            return None
+        flags = struct.unpack_from("!H", reply, 2)[0]
+        ttl = self._lifetime(reply, sc, flags)
+        if ttl is None:
+            return None
+        wire, sc = strip_opt(reply, sc)
+        wire = bytearray(wire)
+        struct.pack_into("!H", wire, 0, 0)
+        wire[12:sc.qend - 4] = bytes(wire[12:sc.qend - 4]).lower()
+        e = Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),
+                  tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
+        self.entries[key] = e
+        self.entries.move_to_end(key)
+        self.inserts += 1
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+        return e
+
+    def _lifetime(self, reply: bytes, sc: Scanned, flags: int) -> int | None:
+        rcode = flags & 0xF
+        if flags & TC:
+            return None          # a partial answer must not be replayed as if complete
+        if any(r.rtype == T_OPT and (r.ttl >> 24) for r in sc.records):
+            return None          # extended rcode (RFC 6891 §6.1.3): not a plain answer
+        if rcode == SERVFAIL:
+            return self.servfail_ttl
+        has_answer = any(r.section == 0 for r in sc.records)
+        if rcode == NOERROR and has_answer:
+            ttls = [r.ttl for r in sc.records if r.rtype != T_OPT]
+            return max(self.min_ttl, min(min(ttls), self.max_ttl))
+        if rcode in (NOERROR, NXDOMAIN):
+            neg = soa_negative_ttl(reply, sc)
+            if neg is None:
+                return None
+            return max(self.min_ttl, min(neg, self.max_neg_ttl))
+        return None

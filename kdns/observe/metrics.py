@@ -1,0 +1,395 @@
+"""Prometheus exposition in the dialects kdns replaces: CoreDNS, kube-dns (SkyDNS), the sidecar.
+
+Why: dashboards and alerts written for CoreDNS (``coredns_*`` on :9153) or kube-dns
+(``skydns_skydns_dns_*`` on ``PROMETHEUS_PORT``, ``kubedns_*`` on the sidecar's :10054) must
+keep working (issue 6). Every value is read when Prometheus scrapes: the workers' shared
+counter pages are summed then (DESIGN.md "What makes it fast"); prometheus_client is never
+called per query. Label sets are bounded: qtypes are the fixed list in ``counters.QTYPES``,
+rcodes 17 names, protocols 2, upstreams at most ``counters.FWD_UPSTREAMS``.
+
+What is not measured, and therefore not invented: latency is sampled per protocol (one
+sample per packet of a batch), not per qtype, so ``coredns_dns_request_duration_seconds``
+has no ``type`` label; the cache counters do not tell success from denial, so
+``coredns_cache_*`` have no ``type`` label; responses are not attributed to a plugin, so
+``plugin`` is empty, as CoreDNS writes it for responses no plugin claimed.
+
+What it must not do: sit on the packet path, or touch DNS sockets.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, UnknownMetricFamily)
+
+from kdns.dns.wire import RCODE_NAMES
+from kdns.packet import counters as C
+
+# kubedns_probe_<label>_latency_ms buckets (ms); one observation per probe, not per query.
+LATENCY_MS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+disable_created_metrics()      # *_created series are OpenMetrics noise neither peer exposes
+
+
+
+def version() -> str:
+    from kdns.observe.logs import kdns_version
+    return kdns_version()
+
+
+def _buckets(total: list[int], prefix: str, bounds, scale: float = 1.0):
+    """Per-bucket counts (counters.py stores them non-cumulative) -> cumulative pairs."""
+    out, acc = [], 0
+    for i, bound in enumerate(bounds):
+        acc += total[C.LAYOUT[f"{prefix}_bucket_{i}"]]
+        out.append((_le(bound * scale), acc))
+    acc += total[C.LAYOUT[f"{prefix}_bucket_{len(bounds)}"]]
+    out.append(("+Inf", acc))
+    return out, acc
+
+
+def _le(x: float) -> str:
+    return repr(float(x))
+
+
+class Snapshot:
+    """One scrape's view: the summed counter pages and what the supervisor knows."""
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.total = C.sum_slots(sup.counters, sup.cfg.workers)
+        self.fwd = C.forward_totals(sup.counters, sup.cfg.workers)
+
+    def __getitem__(self, name: str) -> int:
+        return self.total[C.LAYOUT[name]]
+
+
+class CoreDNSCollector:
+    """coredns_* with CoreDNS's names and labels, plus kdns_* for what CoreDNS has not."""
+
+    def __init__(self, sup):
+        self.sup = sup
+
+    def labels(self) -> tuple[str, str, str]:
+        cfg = self.sup.cfg
+        host = "" if cfg.dns_bind_address in ("0.0.0.0", "::") else cfg.dns_bind_address
+        host = f"[{host}]" if ":" in host else host
+        return f"dns://{host}:{self.sup.dns_port()}", ".", ""
+
+    def collect(self):
+        snap = Snapshot(self.sup)
+        yield from self.dns(snap)
+        yield from self.cache(snap)
+        yield from self.forward(snap)
+        yield from self.plugin_info(snap)
+        yield from KdnsCollector(self.sup).collect(snap)
+
+    def dns(self, s: Snapshot):
+        server, zone, view = self.labels()
+        family = "2" if ":" in self.sup.cfg.dns_bind_address else "1"
+        req = CounterMetricFamily("coredns_dns_requests", "Counter of DNS requests made per "
+                                  "zone, protocol and family.",
+                                  labels=["server", "zone", "view", "proto", "family", "type"])
+        for proto in C.PROTOS:
+            for qtype, _ in C.QTYPES:
+                req.add_metric([server, zone, view, proto, family, qtype],
+                               s[f"queries_{proto}_{qtype}"])
+        resp = CounterMetricFamily("coredns_dns_responses", "Counter of response status codes.",
+                                   labels=["server", "zone", "view", "rcode", "plugin"])
+        for rcode, name in enumerate(RCODE_NAMES):
+            resp.add_metric([server, zone, view, name, ""],
+                            sum(s[f"rcode_{p}_{rcode}"] for p in C.PROTOS))
+        dur = HistogramMetricFamily("coredns_dns_request_duration_seconds",
+                                    "Histogram of the time (in seconds) each request took.",
+                                    labels=["server", "zone", "view"])
+        merged = [sum(s[f"latency_{p}_bucket_{i}"] for p in C.PROTOS)
+                  for i in range(len(C.LATENCY_BOUNDS) + 1)]
+        acc, pairs = 0, []
+        for i, bound in enumerate(C.LATENCY_BOUNDS):
+            acc += merged[i]
+            pairs.append((_le(bound), acc))
+        pairs.append(("+Inf", acc + merged[-1]))
+        dur.add_metric([server, zone, view], pairs,
+                       sum(s[f"latency_{p}_sum_ns"] for p in C.PROTOS) / 1e9)
+        out = [req, resp, dur]
+        for kind, what in (("request", "request"), ("response", "response")):
+            h = HistogramMetricFamily(f"coredns_dns_{kind}_size_bytes",
+                                      f"Size of the {what} in bytes.",
+                                      labels=["server", "zone", "view", "proto"])
+            for proto in C.PROTOS:
+                pairs, _ = _buckets(s.total, f"{kind}_size_{proto}", C.SIZE_BOUNDS)
+                h.add_metric([server, zone, view, proto], pairs, s[f"{kind}_size_{proto}_sum"])
+            out.append(h)
+        panics = CounterMetricFamily("coredns_panics", "A metrics that counts the number of "
+                                     "panics (kdns: workers that died and were replaced).")
+        panics.add_metric([], self.sup.worker_deaths)
+        out.append(panics)
+        return out
+
+    def cache(self, s: Snapshot):
+        server, zone, view = self.labels()
+        f = s.fwd
+        hits = CounterMetricFamily("coredns_cache_hits", "The count of cache hits (forwarded "
+                                   "answers served from kdns's cache).",
+                                   labels=["server", "view", "zones"])
+        hits.add_metric([server, view, zone],
+                        sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"])
+        # A packet-cache miss goes on to the Python cache: only its misses are real misses.
+        miss = CounterMetricFamily("coredns_cache_misses", "The count of cache misses.",
+                                   labels=["server", "view", "zones"])
+        miss.add_metric([server, view, zone],
+                        f["cache_misses"])
+        size = GaugeMetricFamily("coredns_cache_entries", "The number of elements in the "
+                                 "cache (summed over workers).", labels=["server", "view", "zones"])
+        size.add_metric([server, view, zone], f["cache_entries"])
+        ev = CounterMetricFamily("coredns_cache_evictions", "The count of cache evictions.",
+                                 labels=["server", "view", "zones"])
+        ev.add_metric([server, view, zone], f["cache_evictions"])
+        stale = CounterMetricFamily("coredns_cache_served_stale", "The number of requests "
+                                    "served from stale cache entries.",
+                                    labels=["server", "view", "zones"])
+        stale.add_metric([server, view, zone], f["stale_served"])
+        return [hits, miss, size, ev, stale]
+
+    def forward(self, s: Snapshot):
+        fams = []
+        for prefix in ("coredns_forward", "coredns_proxy"):
+            # coredns_proxy_* is the pre-1.7 name of the same numbers (old dashboards).
+            req = CounterMetricFamily(f"{prefix}_requests", "Counter of requests made per "
+                                      "upstream.", labels=["to"])
+            resp = CounterMetricFamily(f"{prefix}_responses", "Counter of responses received "
+                                       "per upstream.", labels=["to", "rcode"])
+            dur = HistogramMetricFamily(f"{prefix}_request_duration_seconds", "Histogram of the "
+                                        "time each request took.", labels=["to", "rcode"])
+            for u, up in enumerate(s.fwd["upstreams"]):
+                to = up["to"] or f"upstream-{u}"
+                req.add_metric([to], up["requests"])
+                for rcode, n in up["rcodes"].items():
+                    resp.add_metric([to, rcode], n)
+                pairs, acc = [], 0
+                for i, bound in enumerate(C.LATENCY_BOUNDS):
+                    acc += up["latency"][i]
+                    pairs.append((_le(bound), acc))
+                pairs.append(("+Inf", acc + up["latency"][-1]))
+                dur.add_metric([to, ""], pairs, up["latency_sum_ns"] / 1e9)
+            fams += [req, resp, dur]
+        hc = CounterMetricFamily("coredns_forward_healthcheck_failures", "Counter of the number "
+                                 "of failed tries per upstream (timeouts and errors; kdns has "
+                                 "no separate health check query).", labels=["to"])
+        for u, up in enumerate(s.fwd["upstreams"]):
+            hc.add_metric([up["to"] or (names[u] if u < len(names) else f"upstream-{u}")],
+                          up["failures"])
+        broken = CounterMetricFamily("coredns_forward_healthcheck_broken", "Counter of the "
+                                     "number of complete failures of the upstreams (replies "
+                                     "given up on: SERVFAIL to the client).")
+        broken.add_metric([], s.fwd["failures"])
+        rej = CounterMetricFamily("coredns_forward_max_concurrent_rejects", "Counter of "
+                                  "queries rejected because the concurrent limit was reached.")
+        rej.add_metric([], s.fwd["refused_inflight"])
+        return fams + [hc, broken, rej]
+
+    def plugin_info(self, s: Snapshot):
+        info = GaugeMetricFamily("coredns_build_info", "A metric with a constant '1' value "
+                                 "labeled by version, revision, and goversion from which "
+                                 "CoreDNS was built (kdns: its version and Python's).",
+                                 labels=["version", "revision", "goversion"])
+        info.add_metric([version(), "kdns",
+                         f"python{sys.version_info.major}.{sys.version_info.minor}"], 1)
+        prog = HistogramMetricFamily("coredns_kubernetes_dns_programming_duration_seconds",
+                                     "Histogram of the time (in seconds) it took to program a "
+                                     "dns instance.", labels=["service_kind"])
+        for kind, (pairs, total) in self.sup.programming_histograms().items():
+            prog.add_metric([kind], pairs, total)
+        return [info, prog]
+
+
+class KdnsCollector:
+    """kdns_*: what neither peer exposes (image generation and age, staleness, relists,
+    worker restarts, truncation and drops)."""
+
+    def __init__(self, sup):
+        self.sup = sup
+
+    def collect(self, snap: Snapshot | None = None):
+        s = snap or Snapshot(self.sup)
+        sup = self.sup
+        trunc = CounterMetricFamily("kdns_truncated_responses", "Replies sent with TC set.",
+                                    labels=["proto"])
+        drops = CounterMetricFamily("kdns_dropped_queries", "Packets dropped unanswered.",
+                                    labels=["proto"])
+        handoff = CounterMetricFamily("kdns_handoff_queries", "Queries the compiled path "
+                                      "handed to Python (names outside the image).",
+                                      labels=["proto"])
+        for proto in C.PROTOS:
+            trunc.add_metric([proto], s[f"truncated_{proto}"])
+            drops.add_metric([proto], s[f"dropped_{proto}"])
+            handoff.add_metric([proto], s[f"handoff_{proto}"])
+        pub = GaugeMetricFamily("kdns_image_published_generation",
+                                "Generation of the newest zone image the supervisor published.")
+        pub.add_metric([], sup.publisher.generation)
+        served = GaugeMetricFamily("kdns_image_generation",
+                                   "Generation of the zone image each worker serves (0: none).",
+                                   labels=["worker"])
+        for slot in range(sup.cfg.workers):
+            served.add_metric([str(slot)], C.page_generation(sup.counters, slot))
+        age = GaugeMetricFamily("kdns_image_age_seconds", "Seconds since the newest zone image "
+                                "was published.")
+        age.add_metric([], max(0.0, time.time() - sup.published_at) if sup.published_at else 0)
+        size = GaugeMetricFamily("kdns_image_bytes", "Size of the newest zone image.")
+        size.add_metric([], sup.image_bytes)
+        restarts = CounterMetricFamily("kdns_worker_restarts", "Workers that exited and were "
+                                       "replaced.")
+        restarts.add_metric([], sup.worker_deaths)
+        ready = GaugeMetricFamily("kdns_ready", "1 when ready (first sync served, not in "
+                                  "lameduck).")
+        ready.add_metric([], 1 if sup.is_ready() else 0)
+        out = [trunc, drops, handoff, pub, served, age, size, restarts, ready,
+               *worker_process_metrics(sup)]
+        stale = sup.staleness_seconds()
+        st = GaugeMetricFamily("kdns_api_staleness_seconds", "Seconds since the served data was "
+                               "last known current with the API (0 when up to date or not "
+                               "reading the API).")
+        st.add_metric([], stale or 0.0)
+        rel = CounterMetricFamily("kdns_api_relists", "Full relists of the API (410 Gone, "
+                                  "reconnects).")
+        rel.add_metric([], sup.relists())
+        return out + [st, rel]
+
+
+def worker_process_metrics(sup):
+    """CPU and memory of each worker (process_* covers the supervisor only; the workers do
+    the DNS work), read from /proc at scrape time."""
+    cpu = CounterMetricFamily("kdns_worker_cpu_seconds", "CPU time of each worker process.",
+                              labels=["worker"])
+    rss = GaugeMetricFamily("kdns_worker_resident_memory_bytes", "Resident memory of each "
+                            "worker process.", labels=["worker"])
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for slot in getattr(sup, "slots", ()):
+        proc = slot.proc
+        if proc is None:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                     # exited between the check and the read
+        cpu.add_metric([str(slot.index)], (int(fields[11]) + int(fields[12])) / tick)
+        rss.add_metric([str(slot.index)], int(fields[21]) * page)
+    return [cpu, rss]
+
+
+class SkyDNSCollector:
+    """kube-dns's SkyDNS metrics on PROMETHEUS_PORT (spec §3.1). ``system`` is "auth" for
+    what the compiled path answered and "recursive" for what went to the forwarder."""
+
+    def __init__(self, sup):
+        self.sup = sup
+
+    def collect(self):
+        s = Snapshot(self.sup)
+        p = "skydns_skydns_dns_"
+        queries = sum(s[f"queries_{pr}_{t}"] for pr in C.PROTOS for t, _ in C.QTYPES)
+        handoff = sum(s[f"handoff_{pr}"] for pr in C.PROTOS)
+        req = CounterMetricFamily(p + "request_count", "Counter of DNS requests made.",
+                                  labels=["system"])
+        req.add_metric(["auth"], queries - handoff)
+        req.add_metric(["recursive"], handoff)
+        merged = [sum(s[f"latency_{pr}_bucket_{i}"] for pr in C.PROTOS)
+                  for i in range(len(C.LATENCY_BOUNDS) + 1)]
+        pairs, acc = [], 0
+        for i, bound in enumerate(C.LATENCY_BOUNDS):
+            acc += merged[i]
+            pairs.append((_le(bound), acc))
+        pairs.append(("+Inf", acc + merged[-1]))
+        dur = HistogramMetricFamily(p + "request_duration_seconds", "Histogram of the time (in "
+                                    "seconds) each request took to resolve.", labels=["system"])
+        dur.add_metric(["auth"], pairs, sum(s[f"latency_{pr}_sum_ns"] for pr in C.PROTOS) / 1e9)
+        size = HistogramMetricFamily(p + "response_size_bytes", "Size of the returns response "
+                                     "in bytes.", labels=["system"])
+        sz = [sum(s[f"response_size_{pr}_bucket_{i}"] for pr in C.PROTOS)
+              for i in range(len(C.SIZE_BOUNDS) + 1)]
+        pairs, acc = [], 0
+        for i, bound in enumerate(C.SIZE_BOUNDS):
+            acc += sz[i]
+            pairs.append((_le(bound), acc))
+        pairs.append(("+Inf", acc + sz[-1]))
+        size.add_metric(["auth"], pairs, sum(s[f"response_size_{pr}_sum"] for pr in C.PROTOS))
+        err = CounterMetricFamily(p + "error_count", "Counter of DNS requests resulting in an "
+                                  "error.", labels=["system", "cause"])
+        rc = lambda r: sum(s[f"rcode_{pr}_{r}"] for pr in C.PROTOS)   # noqa: E731
+        err.add_metric(["auth", "nxdomain"], rc(3))
+        err.add_metric(["auth", "refused"], rc(5))
+        err.add_metric(["auth", "fail"], rc(2))
+        err.add_metric(["auth", "truncated"], sum(s[f"truncated_{pr}"] for pr in C.PROTOS))
+        miss = CounterMetricFamily(p + "cachemiss_count", "Counter of DNS requests that "
+                                   "result in a cache miss.", labels=["cache"])
+        miss.add_metric(["response"], s.fwd["cache_misses"])
+        return [req, dur, size, err, miss]
+
+
+class SidecarCollector:
+    """What kube-dns's sidecar exports on :10054 (spec §3.4): its probe of kdns, and
+    kubedns_dnsmasq_* where kdns has the number (its forward cache plays dnsmasq's part)."""
+
+    def __init__(self, sup, prober):
+        self.sup, self.prober = sup, prober
+
+    def collect(self):
+        out = []
+        pr = self.prober
+        if pr is not None:
+            lat = HistogramMetricFamily(f"kubedns_probe_{pr.label}_latency_ms",
+                                        f"Latency of the DNS probe request {pr.label}")
+            pairs, acc = [], 0
+            for i, bound in enumerate(LATENCY_MS_BOUNDS):
+                acc += pr.buckets[i]
+                pairs.append((_le(bound), acc))
+            pairs.append(("+Inf", acc + pr.buckets[-1]))
+            lat.add_metric([], pairs, pr.latency_ms_sum)
+            # The sidecar's client_golang counter has no _total suffix: untyped keeps the name.
+            errs = UnknownMetricFamily(f"kubedns_probe_{pr.label}_errors",
+                                       f"Counter of errors for the DNS probe {pr.label}")
+            errs.add_metric([], pr.errors)
+            out += [lat, errs]
+        s = Snapshot(self.sup)
+        f = s.fwd
+        values = {
+            "hits": sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"],
+            "misses": f["cache_misses"],
+            "evictions": f["cache_evictions"],
+            "insertions": f["cache_inserts"],
+            "max_size": f["cache_capacity"],
+        }
+        for name, value in values.items():
+            g = GaugeMetricFamily(f"kubedns_dnsmasq_{name}", f"dnsmasq {name} (kdns: its "
+                                  f"forward cache, summed over workers)")
+            g.add_metric([], value)
+            out.append(g)
+        return out
+
+
+def registry(*collectors) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)
+    ProcessCollector(registry=reg)       # process_* of the supervisor
+    return reg
+
+
+def route(reg: CollectorRegistry) -> Callable[[], tuple[int, str, bytes]]:
+    from prometheus_client import generate_latest
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+    return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(reg))
+
+
+def routes(sup, prober) -> dict[str, dict]:
+    """Metrics routes per listener kind (the supervisor merges them into its listeners)."""
+    return {
+        "metrics": {"/metrics": route(registry(CoreDNSCollector(sup)))},
+        "sidecar": {"/metrics": route(registry(SidecarCollector(sup, prober)))},
+        "prometheus": {sup.cfg.prometheus_path: route(registry(SkyDNSCollector(sup)))},
+    }

@@ -1,0 +1,1568 @@
+# The zone compiler's hot phases in C (issue 3: compile 10k services / 100k endpoints in
+# under a second, and in far less memory). Included by _fastpath.pyx (one extension), so it
+# shares its cimports and LOWER; it runs in the supervisor, never on the packet path.
+#
+# Why C data: the pure compiler (kdns/zone/image.py ``_Compiler``) spends its time creating and
+# hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
+# interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
+# children and RRsets are arrays indexed by id; answer blobs are written into one growing
+# buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
+#
+# What it must not decide: the image format and the DNS rules of the rare cases. The format
+# is image.py's docstring (the offsets written below restate it; the tests compare images
+# byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
+# encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to image.py's
+# reference code through callbacks, which see the core's names through lookup methods.
+# Input the core does not model exactly (out-of-range numbers, addresses of the wrong
+# family) raises the caller's ``unsupported`` exception, and the caller recompiles with
+# the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
+# its input.
+
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
+from libc.string cimport memchr, strlen
+from libc.stdint cimport int16_t, int32_t
+from cpython.bytes cimport PyBytes_AS_STRING
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+
+cdef enum:
+    # Per-name flags.
+    NF_DATA = 1          # owns RRsets
+    NF_EXPLICIT = 2      # declared to exist (``exists``)
+    NF_FWD = 4           # a name of the forward trie (with its ancestors)
+    NF_REV = 8           # a full reverse name: goes to the reverse table
+    NF_TREE = 16         # a node of the forward trie
+    NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
+    NF_CNAME = 64        # owns a CNAME RRset
+    NF_ENC = 128         # answers given already encoded (``apply``, issue 4)
+    NODE_EXISTS_ = 1     # image.py NODE_EXISTS
+
+    T_SRV = 33
+    T_PTR = 12
+    T_CNAME = 5
+    HDR_AA_BIT = 0x0400
+    MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
+
+
+cdef inline void put16be(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 8) & 0xFF
+    p[1] = v & 0xFF
+
+
+cdef inline void put32be(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef inline void put16le(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+
+
+cdef inline void put32le(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef inline uint64_t fnv1a(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 1469598103934665603ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return h
+
+
+cdef int _grow(void **buf, size_t *cap, size_t need, size_t item) except -1:
+    """Make ``*buf`` hold at least ``need`` items of ``item`` bytes (doubling)."""
+    cdef size_t ncap
+    cdef void *p
+    if need <= cap[0]:
+        return 0
+    ncap = cap[0] * 2 if cap[0] else 64
+    while ncap < need:
+        ncap *= 2
+    p = realloc(buf[0], ncap * item)
+    if p == NULL:
+        raise MemoryError()
+    buf[0] = p
+    cap[0] = ncap
+    return 0
+
+
+# qsort comparators need the name buffer; the core holds the GIL throughout, so one
+# compile at a time uses these.
+cdef const uint8_t *_sort_nbuf = NULL
+cdef const uint32_t *_sort_noff = NULL
+
+
+cdef int _cmp_child(const void *a, const void *b) noexcept nogil:
+    # Children sorted by (label length, label bytes), the order the packet path searches.
+    cdef const uint8_t *x = _sort_nbuf + _sort_noff[(<const int32_t *>a)[0]]
+    cdef const uint8_t *y = _sort_nbuf + _sort_noff[(<const int32_t *>b)[0]]
+    if x[0] != y[0]:
+        return -1 if x[0] < y[0] else 1
+    return memcmp(x + 1, y + 1, x[0])
+
+
+cdef struct RevKey:
+    uint8_t key[17]      # family, then the 16-byte address: the reverse table's order
+    int32_t id
+
+
+cdef int _cmp_rev(const void *a, const void *b) noexcept nogil:
+    return memcmp((<const RevKey *>a).key, (<const RevKey *>b).key, 17)
+
+
+cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint32_t *bref,
+                      const uint32_t *placed, size_t nplaced) noexcept nogil:
+    cdef size_t k
+    for k in range(nplaced):
+        memcpy(o, pool + bref[2 * placed[k]], bref[2 * placed[k] + 1])
+        o += bref[2 * placed[k] + 1]
+
+
+cdef class ZoneCore:
+    """One compile's names, trie, blobs and tables. Driven by image.py's ``_CoreCompiler``."""
+
+    # names: wire forms in nbuf; per-id arrays
+    cdef uint8_t *nbuf
+    cdef size_t nbuf_len, nbuf_cap
+    cdef uint32_t *noff
+    cdef uint16_t *nlen
+    cdef int32_t *parent
+    cdef uint8_t *nlab
+    cdef uint8_t *nflags
+    cdef int32_t *first_rr
+    cdef int32_t *last_rr
+    cdef int16_t *zone
+    cdef uint32_t *stamp
+    cdef uint32_t *where
+    cdef uint32_t *seen
+    cdef int32_t *kid_start
+    cdef int32_t *rr_at              # first rr-table pair of the name's answers, -1 none yet
+    cdef uint16_t *rr_n
+    cdef uint32_t *enc_at            # its encoded answers: first pair in ``ents``
+    cdef uint8_t *enc_n              # ... and how many (0: none; persistent, see ``apply``)
+    cdef int32_t *ghead              # a group's first member (``apply``), -1: not a group
+    cdef int32_t *gnext              # the next member of the name's group, -1: last
+    cdef int32_t n
+    cdef size_t cap
+    cdef int32_t *ht
+    cdef size_t ht_cap
+    cdef uint32_t epoch
+    # RRsets, by input index
+    cdef list rrsets
+    cdef int32_t *rr_next
+    cdef uint16_t *rr_type
+    # zones
+    cdef int32_t *apex_id
+    cdef bint *zone_rev
+    cdef int nzones
+    # blob store: every distinct blob once, by id, content-addressed through ``bht``; kept
+    # across compiles with a reference count (encoded answers hold one each, a compile's own
+    # blobs one until the next ``begin``). A compile lays out the blobs it uses in the order
+    # it first uses them (``place_blob``), which is the image's pool.
+    cdef uint8_t *pool
+    cdef size_t pool_len, pool_cap
+    cdef uint32_t *bref              # (offset in the store, length) per blob id
+    cdef uint32_t *bcnt              # references
+    cdef uint32_t *bplace            # offset in this compile's image pool ...
+    cdef uint32_t *bepoch            # ... valid when this equals ``cepoch``
+    cdef size_t nblobs, blobs_cap
+    cdef int32_t *bht
+    cdef size_t bht_cap
+    cdef size_t live_bytes, dead_bytes
+    cdef uint32_t cepoch
+    cdef uint32_t *placed            # blob ids in image pool order
+    cdef size_t nplaced, placed_cap, placed_len
+    cdef uint32_t *tmp               # blob ids this compile referenced (released by ``begin``)
+    cdef size_t ntmp, tmp_cap
+    # encoded answers (``apply``): (qtype, blob id) pairs
+    cdef uint32_t *ents
+    cdef size_t ents_len, ents_cap, ents_dead
+    cdef size_t n_enc
+    cdef bint persistent
+    cdef uint8_t *dat
+    cdef size_t dat_cap
+    cdef uint8_t *scr
+    cdef size_t scr_cap
+    cdef uint8_t *segs
+    cdef size_t segs_cap
+    # labels pool
+    cdef uint8_t *lpool
+    cdef size_t lpool_len, lpool_cap
+    cdef int32_t *lht
+    cdef size_t lht_cap, nlabels
+    # trie and tables
+    cdef int32_t *kids
+    cdef int32_t *order
+    cdef int32_t nnodes
+    cdef uint32_t *nodes
+    cdef uint32_t *rrf
+    cdef size_t rrf_len, rrf_cap
+    cdef uint8_t *rev
+    cdef int32_t nrev
+    # Python side
+    cdef object error, unsupported, name_labels, packed_fallback, type_names
+    cdef int stage          # 0 begun, 1 RRsets added, 2 tables encoded, 3 assembled/applied
+    cdef bint dropped       # the RRsets were let go (``drop_rrsets``)
+
+    def __cinit__(self):
+        self.ht_cap = 1 << 16
+        self.ht = <int32_t *>malloc(self.ht_cap * sizeof(int32_t))
+        self.bht_cap = 1 << 14
+        self.bht = <int32_t *>malloc(self.bht_cap * sizeof(int32_t))
+        self.lht_cap = 1 << 12
+        self.lht = <int32_t *>malloc(self.lht_cap * sizeof(int32_t))
+        if self.ht == NULL or self.bht == NULL or self.lht == NULL:
+            raise MemoryError()
+        memset(self.ht, 0xFF, self.ht_cap * sizeof(int32_t))
+        memset(self.bht, 0xFF, self.bht_cap * sizeof(int32_t))
+        memset(self.lht, 0xFF, self.lht_cap * sizeof(int32_t))
+        self.epoch = 0
+
+    def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
+                 packed_fallback, type_names, persistent=False):
+        """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
+        ``persistent``: the core outlives one compile (issue 4's incremental compiler): names,
+        encoded answers and the blob store are kept, each compile starting with ``begin``;
+        otherwise ``assemble`` frees everything."""
+        cdef int zi
+        self.persistent = bool(persistent)
+        self.error, self.unsupported = error, unsupported
+        self.name_labels, self.packed_fallback = name_labels, packed_fallback
+        self.type_names = type_names
+        self.rrsets = []
+        self.nzones = len(apexes)
+        self.apex_id = <int32_t *>malloc((self.nzones + 1) * sizeof(int32_t))
+        self.zone_rev = <bint *>malloc((self.nzones + 1) * sizeof(bint))
+        if self.apex_id == NULL or self.zone_rev == NULL:
+            raise MemoryError()
+        self.intern_labels(())            # the root is id 0
+        for zi in range(self.nzones):
+            self.apex_id[zi] = self.intern_labels(apexes[zi])
+            self.zone_rev[zi] = bool(zone_reverse[zi])
+        for zi in range(self.nzones):
+            # zone[] is filled lazily by zone_of; apexes mark themselves here.
+            self.zone[self.apex_id[zi]] = zi
+        self.begin()
+
+    def __dealloc__(self):
+        self.release()
+
+    cdef void release(self) noexcept:
+        free(self.nbuf); free(self.noff); free(self.nlen); free(self.parent); free(self.nlab)
+        free(self.nflags); free(self.first_rr); free(self.last_rr); free(self.zone)
+        free(self.stamp); free(self.where); free(self.seen); free(self.kid_start)
+        free(self.ht); free(self.rr_next); free(self.rr_type); free(self.apex_id)
+        free(self.zone_rev); free(self.pool); free(self.bref); free(self.bht)
+        free(self.dat); free(self.scr); free(self.segs); free(self.lpool); free(self.lht)
+        free(self.kids); free(self.order); free(self.nodes); free(self.rrf); free(self.rev)
+        free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
+        free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
+        free(self.ents); free(self.ghead); free(self.gnext)
+        self.ghead = NULL; self.gnext = NULL
+        self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
+        self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.placed = NULL
+        self.tmp = NULL; self.ents = NULL
+        self.nbuf = NULL; self.noff = NULL; self.nlen = NULL; self.parent = NULL
+        self.nlab = NULL; self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL
+        self.zone = NULL; self.stamp = NULL; self.where = NULL; self.seen = NULL
+        self.kid_start = NULL; self.ht = NULL; self.rr_next = NULL; self.rr_type = NULL
+        self.apex_id = NULL; self.zone_rev = NULL; self.pool = NULL; self.bref = NULL
+        self.bht = NULL; self.dat = NULL; self.scr = NULL; self.segs = NULL
+        self.lpool = NULL; self.lht = NULL; self.kids = NULL; self.order = NULL
+        self.nodes = NULL; self.rrf = NULL; self.rev = NULL
+
+    cdef void release_names(self) noexcept:
+        """Free what only encoding needs (names, hashes, scratch), before the image exists:
+        the compile's memory peak is the image plus the blob pool, not plus these too."""
+        free(self.nbuf); free(self.noff); free(self.nlen); free(self.parent); free(self.nlab)
+        free(self.nflags); free(self.first_rr); free(self.last_rr); free(self.zone)
+        free(self.stamp); free(self.where); free(self.seen); free(self.kid_start)
+        # Kept: the store (``pool``, ``bref``) and ``placed``, which assemble copies from.
+        free(self.ht); free(self.rr_next); free(self.rr_type); free(self.bht)
+        free(self.dat); free(self.scr); free(self.segs); free(self.lht); free(self.kids)
+        free(self.order); free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
+        free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.tmp); free(self.ents)
+        free(self.ghead); free(self.gnext)
+        self.ghead = NULL; self.gnext = NULL
+        self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
+        self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.tmp = NULL
+        self.ents = NULL; self.ntmp = self.tmp_cap = 0; self.ents_len = self.ents_cap = 0
+        self.nbuf = NULL; self.noff = NULL; self.nlen = NULL; self.parent = NULL
+        self.nlab = NULL; self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL
+        self.zone = NULL; self.stamp = NULL; self.where = NULL; self.seen = NULL
+        self.kid_start = NULL; self.ht = NULL; self.rr_next = NULL; self.rr_type = NULL
+        self.bht = NULL; self.dat = NULL; self.scr = NULL; self.segs = NULL
+        self.lht = NULL; self.kids = NULL; self.order = NULL
+        self.n = 0
+        self.cap = self.nbuf_cap = self.nbuf_len = self.ht_cap = 0
+        self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
+        self.lht_cap = 0
+        self.rrsets = []
+        self.stage = 3
+
+    cdef void release_compile(self) noexcept:
+        """A persistent core between compiles: free the big per-compile tables (the trie,
+        the node, rr and reverse tables, the label pool); ``begin`` starts from empty ones."""
+        free(self.kids); free(self.order); free(self.kid_start); free(self.nodes)
+        free(self.rrf); free(self.rev); free(self.lpool); free(self.rr_next); free(self.rr_type)
+        self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.nodes = NULL
+        self.rrf = NULL; self.rev = NULL; self.lpool = NULL; self.rr_next = NULL
+        self.rr_type = NULL
+        self.rrf_cap = self.lpool_cap = 0
+        self.rrf_len = self.lpool_len = 0
+        self.rrsets = []
+
+    cdef int check(self, int at_most) except -1:
+        # Methods called out of order (or after assemble freed the tables) must raise,
+        # never touch freed memory.
+        if self.stage > at_most or self.ht == NULL:
+            raise ValueError("ZoneCore used out of order or after assemble()")
+        return 0
+
+    # ------------------------------------------------------------------ names
+
+    cdef int grow_names(self) except -1:
+        cdef size_t c = self.cap, i
+        if <size_t>self.n < c:
+            return 0
+        c = c * 2 if c else 1024
+        self.noff = <uint32_t *>self._re(self.noff, c * 4)
+        self.nlen = <uint16_t *>self._re(self.nlen, c * 2)
+        self.parent = <int32_t *>self._re(self.parent, c * 4)
+        self.nlab = <uint8_t *>self._re(self.nlab, c)
+        self.nflags = <uint8_t *>self._re(self.nflags, c)
+        self.first_rr = <int32_t *>self._re(self.first_rr, c * 4)
+        self.last_rr = <int32_t *>self._re(self.last_rr, c * 4)
+        self.zone = <int16_t *>self._re(self.zone, c * 2)
+        self.stamp = <uint32_t *>self._re(self.stamp, c * 4)
+        self.where = <uint32_t *>self._re(self.where, c * 4)
+        self.seen = <uint32_t *>self._re(self.seen, c * 4)
+        self.rr_at = <int32_t *>self._re(self.rr_at, c * 4)
+        self.rr_n = <uint16_t *>self._re(self.rr_n, c * 2)
+        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
+        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
+        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
+        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
+        self.cap = c
+        return 0
+
+    cdef void *_re(self, void *p, size_t size) except NULL:
+        cdef void *q = realloc(p, size)
+        if q == NULL:
+            raise MemoryError()
+        return q
+
+    cdef int rehash(self) except -1:
+        cdef size_t ncap = self.ht_cap * 2, mask = ncap - 1, j
+        cdef int32_t i
+        cdef int32_t *t = <int32_t *>malloc(ncap * sizeof(int32_t))
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0xFF, ncap * sizeof(int32_t))
+        for i in range(self.n):
+            j = fnv1a(self.nbuf + self.noff[i], self.nlen[i]) & mask
+            while t[j] >= 0:
+                j = (j + 1) & mask
+            t[j] = i
+        free(self.ht)
+        self.ht = t
+        self.ht_cap = ncap
+        return 0
+
+    cdef int32_t find(self, const uint8_t *w, Py_ssize_t wl) noexcept:
+        cdef size_t mask = self.ht_cap - 1
+        cdef size_t j = fnv1a(w, wl) & mask
+        cdef int32_t i
+        while True:
+            i = self.ht[j]
+            if i < 0:
+                return -1
+            if self.nlen[i] == wl and memcmp(self.nbuf + self.noff[i], w, wl) == 0:
+                return i
+            j = (j + 1) & mask
+
+    cdef int32_t intern_wire(self, const uint8_t *w, Py_ssize_t wl) except -2:
+        """Id of the lower-cased wire name ``w`` (which must not point into nbuf), adding it
+        and every missing ancestor."""
+        cdef int32_t i = self.find(w, wl), par
+        cdef size_t mask, j
+        if i >= 0:
+            return i
+        par = -1
+        if w[0] != 0:
+            par = self.intern_wire(w + 1 + w[0], wl - 1 - w[0])
+        if (<size_t>self.n + 1) * 2 > self.ht_cap:
+            self.rehash()
+        self.grow_names()
+        _grow(<void **>&self.nbuf, &self.nbuf_cap, self.nbuf_len + wl, 1)
+        i = self.n
+        self.n += 1
+        memcpy(self.nbuf + self.nbuf_len, w, wl)
+        self.noff[i] = self.nbuf_len
+        self.nbuf_len += wl
+        self.nlen[i] = wl
+        self.parent[i] = par
+        self.nlab[i] = 0 if par < 0 else self.nlab[par] + 1
+        self.nflags[i] = 0
+        self.first_rr[i] = -1
+        self.last_rr[i] = -1
+        self.zone[i] = -2                 # not looked up yet
+        self.stamp[i] = 0
+        self.where[i] = 0
+        self.seen[i] = 0
+        self.rr_at[i] = -1
+        self.rr_n[i] = 0
+        self.enc_at[i] = 0
+        self.enc_n[i] = 0
+        self.ghead[i] = -1
+        self.gnext[i] = -1
+        mask = self.ht_cap - 1
+        j = fnv1a(w, wl) & mask
+        while self.ht[j] >= 0:
+            j = (j + 1) & mask
+        self.ht[j] = i
+        return i
+
+    cdef Py_ssize_t labels_wire(self, labels, uint8_t *w) except -1:
+        """Wire form of a labels tuple into ``w`` (256 bytes); -1 without an exception when
+        the tuple is not a valid name (it then names nothing in this image)."""
+        cdef Py_ssize_t pos = 0, ln
+        cdef bytes b
+        for label in labels:
+            b = label
+            ln = len(b)
+            if ln == 0 or ln > 63 or pos + ln + 2 > 255:
+                return -1
+            w[pos] = ln
+            memcpy(w + pos + 1, <const char *>b, ln)
+            pos += ln + 1
+        w[pos] = 0
+        return pos + 1
+
+    cdef int32_t intern_labels(self, labels) except -2:
+        cdef uint8_t w[256]
+        cdef Py_ssize_t wl = self.labels_wire(labels, w)
+        if wl < 0:
+            raise self.unsupported(f"not a name: {labels!r}")
+        return self.intern_wire(w, wl)
+
+    cdef int32_t intern_name(self, name) except -2:
+        """``rr.name_labels`` for text names, straight to an id: well-formed ASCII names are
+        parsed here, anything else by ``name_labels`` itself (which raises on bad names)."""
+        cdef Py_ssize_t n, i, start, pos, ln
+        cdef const char *s = PyUnicode_AsUTF8AndSize(name, &n)
+        cdef uint8_t w[256]
+        cdef uint8_t c
+        if n > 0 and s[n - 1] == 46:      # one trailing dot: absolute form
+            n -= 1
+        if n == 0 or n + 2 > 255:
+            return self.intern_labels(self.name_labels(name))
+        start = 0
+        pos = 0
+        for i in range(n + 1):
+            if i == n or s[i] == 46:
+                ln = i - start
+                if ln == 0 or ln > 63:
+                    return self.intern_labels(self.name_labels(name))
+                w[pos] = ln
+                pos += ln + 1
+                start = i + 1
+            else:
+                c = <uint8_t>s[i]
+                if c >= 0x80 or c == 0:
+                    return self.intern_labels(self.name_labels(name))
+                w[pos + 1 + i - start] = LOWER[c]
+        w[pos] = 0
+        return self.intern_wire(w, pos + 1)
+
+    cdef object labels_of(self, int32_t i):
+        out = []
+        cdef const uint8_t *p
+        while i >= 0 and self.nlab[i] > 0:
+            p = self.nbuf + self.noff[i]
+            out.append(PyBytes_FromStringAndSize(<const char *>p + 1, p[0]))
+            i = self.parent[i]
+        return tuple(out)
+
+    cdef object text_of(self, int32_t i):
+        return ".".join([l.decode("ascii", "replace") for l in self.labels_of(i)]) + "."
+
+    cdef int zone_of(self, int32_t i) noexcept:
+        """The deepest zone whose apex is ``i`` or an ancestor of it; -1 if none (cached
+        along the way: -2 means not looked up yet, and apexes know their zone)."""
+        cdef int32_t j = i
+        cdef int z = -1
+        while j >= 0:
+            if self.zone[j] != -2:
+                z = self.zone[j]
+                break
+            j = self.parent[j]
+        j = i
+        while j >= 0 and self.zone[j] == -2:
+            self.zone[j] = z
+            j = self.parent[j]
+        return z
+
+    cdef int place(self, int32_t i, what) except -1:
+        cdef int zi = self.zone_of(i)
+        if zi < 0:
+            raise self.error(f"{self.text_of(i) if what is None else what} is outside every "
+                             "served zone")
+        if self.zone_rev[zi] and self.nlab[i] != self.nlab[self.apex_id[zi]]:
+            self.nflags[i] |= NF_REV
+        else:
+            self.nflags[i] |= NF_FWD
+        return 0
+
+    # ------------------------------------------------------------------ input
+
+    def add(self, rrsets, exists):
+        """image.py ``_Compiler.add``: file every RRset under its name, in input order."""
+        cdef Py_ssize_t k, nr
+        cdef int32_t i, r
+        cdef int rtype
+        cdef list cnames = []
+        self.check(0)
+        self.stage = 1
+        self.rrsets = list(rrsets)
+        nr = len(self.rrsets)
+        self.rr_next = <int32_t *>self._re(self.rr_next, (nr + 1) * 4)
+        self.rr_type = <uint16_t *>self._re(self.rr_type, (nr + 1) * 2)
+        for k in range(nr):
+            s = self.rrsets[k]
+            name = s.name
+            rtype = s.rtype
+            if not 0 <= rtype <= 0xFFFF:
+                raise self.unsupported(f"type {rtype}")
+            i = self.intern_name(name)
+            self.rr_next[k] = -1
+            self.rr_type[k] = rtype
+            if self.nflags[i] & NF_ENC:
+                raise self.error(f"{name} has encoded answers and RRsets")
+            if not self.nflags[i] & NF_DATA:
+                self.place(i, name)
+                self.nflags[i] |= NF_DATA
+                self.first_rr[i] = k
+            else:
+                r = self.first_rr[i]
+                while r >= 0:
+                    if self.rr_type[r] == rtype:
+                        raise self.error(
+                            f"duplicate RRset {name} {self.type_names.get(rtype, rtype)}")
+                    r = self.rr_next[r]
+                self.rr_next[self.last_rr[i]] = k
+            self.last_rr[i] = k
+            if rtype == T_CNAME:
+                self.nflags[i] |= NF_CNAME
+                cnames.append(i)
+        for name in exists:
+            i = self.intern_name(name)
+            if not self.nflags[i] & (NF_DATA | NF_EXPLICIT):
+                self.place(i, name)
+            self.nflags[i] |= NF_EXPLICIT
+        for i in cnames:
+            if self.first_rr[i] != self.last_rr[i]:
+                # RFC 2181 §10.1: a CNAME owner has no other data.
+                raise self.error(f"{self.text_of(i)} has a CNAME and other data")
+
+    def begin(self):
+        """Start a compile: forget the last one's RRsets, trie, tables and pool layout, and
+        release the blobs only it used; keep the names, the encoded answers (``apply``) and
+        the blob store."""
+        cdef size_t k, nn
+        cdef int32_t i
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        for k in range(self.ntmp):
+            self.decref(self.tmp[k])
+        self.ntmp = 0
+        self.cepoch += 1
+        self.nplaced = 0
+        self.placed_len = 0
+        self.rrsets = []
+        self.dropped = False
+        self.rrf_len = 0
+        self.nrev = 0
+        self.nnodes = 0
+        self.lpool_len = 0
+        self.nlabels = 0
+        memset(self.lht, 0xFF, self.lht_cap * sizeof(int32_t))
+        nn = self.n
+        if nn:
+            memset(self.nflags, 0, nn)
+            memset(self.first_rr, 0xFF, nn * 4)
+            memset(self.last_rr, 0xFF, nn * 4)
+            memset(self.rr_at, 0xFF, nn * 4)
+            memset(self.rr_n, 0, nn * 2)
+        for i in range(self.n):
+            if self.enc_n[i]:
+                self.nflags[i] = NF_DATA | NF_ENC
+                self.place(i, None)
+        self.stage = 0
+
+    cdef Py_ssize_t record(self, const uint8_t *b, Py_ssize_t total, Py_ssize_t p) except -1:
+        """Check the ``export`` record at ``p``: [u8 wire length][wire name][u8 n]
+        [n x (u16le qtype, u32le blob length)][blobs, each padded to 4]; its end."""
+        cdef Py_ssize_t q, wl, k, nent, body
+        cdef uint32_t blen
+        wl = b[p]
+        if wl < 1 or p + 1 + wl + 1 > total:
+            raise ValueError("encoded record: truncated name")
+        q = p + 1
+        while b[q] != 0:           # labels within the wire length, root label last
+            if b[q] > 63 or q + 1 + b[q] >= p + 1 + wl:
+                raise ValueError("encoded record: bad name")
+            q += 1 + b[q]
+        if q != p + wl:
+            raise ValueError("encoded record: bad name length")
+        nent = b[p + 1 + wl]
+        body = p + 2 + wl + 6 * nent
+        if nent == 0 or body > total:
+            raise ValueError("encoded record: truncated entries")
+        for k in range(nent):
+            blen = le32(b + p + 2 + wl + 6 * k + 2)
+            if blen < 16 or blen % 4 or body + blen > total:
+                raise ValueError("encoded record: bad blob length")
+            body += blen
+        return body
+
+    def apply(self, remove, add):
+        """Replace encoded answers between compiles (persistent cores), by group: a group is
+        a name (a service's, a reverse name) and the encoded names at or under it given
+        with it. ``remove``: group names whose names lose their answers; ``add``: (group
+        name, ``export`` records) pairs, every record at or under its group. A group added
+        must not be there already, nor a name in it have answers. A name given answers here
+        must not also get RRsets in a compile (``add`` refuses). An error leaves the core
+        half-changed: the caller then discards it."""
+        cdef Py_ssize_t total, p, end, wl, k, nent, body
+        cdef const uint8_t *b
+        cdef int32_t i, g, j, nxt
+        cdef uint32_t blen, bid, e
+        cdef bytes recs
+        self.stage = 3                  # ``begin`` before the next compile
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        for name in remove:
+            g = self.intern_name(name)
+            if self.ghead[g] < 0:
+                raise self.error(f"encoded group {name} to remove is not there")
+            j = self.ghead[g]
+            while j >= 0:
+                for e in range(self.enc_n[j]):
+                    self.decref(self.ents[2 * (self.enc_at[j] + e) + 1])
+                self.ents_dead += self.enc_n[j]
+                self.enc_n[j] = 0
+                self.n_enc -= 1
+                nxt = self.gnext[j]
+                self.gnext[j] = -1
+                j = nxt
+            self.ghead[g] = -1
+        for name, recs in add:
+            g = self.intern_name(name)
+            if self.ghead[g] >= 0:
+                raise self.error(f"encoded group {name} given twice")
+            total = len(recs)
+            b = <const uint8_t *>PyBytes_AS_STRING(recs)
+            p = 0
+            while p < total:
+                end = self.record(b, total, p)
+                wl = b[p]
+                nent = b[p + 1 + wl]
+                i = self.intern_wire(b + p + 1, wl)
+                if self.enc_n[i]:
+                    raise self.error(f"{self.text_of(i)} given encoded answers twice")
+                j = i
+                while j >= 0 and j != g:
+                    j = self.parent[j]
+                if j != g:
+                    raise self.error(f"{self.text_of(i)} is not in its group {name}")
+                if self.zone_of(i) < 0:
+                    raise self.error(f"{self.text_of(i)} is outside every served zone")
+                _grow(<void **>&self.ents, &self.ents_cap, 2 * (self.ents_len + nent), 4)
+                self.enc_at[i] = self.ents_len
+                body = p + 2 + wl + 6 * nent
+                for k in range(nent):
+                    blen = le32(b + p + 2 + wl + 6 * k + 2)
+                    _grow(<void **>&self.scr, &self.scr_cap, blen + 4, 1)
+                    memcpy(self.scr, b + body, blen)
+                    bid = self.store_blob(blen)
+                    self.incref(bid)
+                    self.ents[2 * self.ents_len] = le16(b + p + 2 + wl + 6 * k)
+                    self.ents[2 * self.ents_len + 1] = bid
+                    self.ents_len += 1
+                    body += blen
+                self.enc_n[i] = nent
+                self.n_enc += 1
+                self.gnext[i] = self.ghead[g]
+                self.ghead[g] = i
+                p = end
+        if self.ents_dead > 4096 and self.ents_dead * 2 > self.ents_len:
+            self.compact_ents()
+
+    def dump(self):
+        """Every group as ``apply`` takes it: [(group name, records)]. A fresh core loaded
+        with these holds the same answers without the garbage (names and blobs no longer
+        used) this one accumulated."""
+        cdef int32_t g, j
+        cdef size_t sz, pos
+        cdef uint8_t *o
+        cdef uint32_t e, bid
+        cdef const uint32_t *en
+        out = []
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after assemble()")
+        for g in range(self.n):
+            if self.ghead[g] < 0:
+                continue
+            sz = 0
+            j = self.ghead[g]
+            while j >= 0:
+                sz += 2 + self.nlen[j] + 6 * self.enc_n[j]
+                for e in range(self.enc_n[j]):
+                    sz += self.bref[2 * self.ents[2 * (self.enc_at[j] + e) + 1] + 1]
+                j = self.gnext[j]
+            recs = PyBytes_FromStringAndSize(NULL, sz)
+            o = <uint8_t *>PyBytes_AS_STRING(recs)
+            pos = 0
+            j = self.ghead[g]
+            while j >= 0:
+                o[pos] = self.nlen[j]
+                memcpy(o + pos + 1, self.nbuf + self.noff[j], self.nlen[j])
+                o[pos + 1 + self.nlen[j]] = self.enc_n[j]
+                en = self.ents + 2 * self.enc_at[j]
+                pos += 2 + self.nlen[j]
+                for e in range(self.enc_n[j]):
+                    put16le(o + pos + 6 * e, en[2 * e])
+                    put32le(o + pos + 6 * e + 2, self.bref[2 * en[2 * e + 1] + 1])
+                pos += 6 * self.enc_n[j]
+                for e in range(self.enc_n[j]):
+                    bid = en[2 * e + 1]
+                    memcpy(o + pos, self.pool + self.bref[2 * bid], self.bref[2 * bid + 1])
+                    pos += self.bref[2 * bid + 1]
+                j = self.gnext[j]
+            out.append((self.text_of(g), recs))
+        return out
+
+    cdef int compact_ents(self) except -1:
+        cdef uint32_t *fresh = <uint32_t *>malloc((2 * (self.ents_len - self.ents_dead) + 2) * 4)
+        cdef size_t m = 0
+        cdef int32_t i
+        if fresh == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            if self.enc_n[i]:
+                memcpy(fresh + 2 * m, self.ents + 2 * self.enc_at[i], 8 * self.enc_n[i])
+                self.enc_at[i] = m
+                m += self.enc_n[i]
+        free(self.ents)
+        self.ents = fresh
+        self.ents_len = self.ents_cap = m
+        self.ents_dead = 0
+        return 0
+
+    def stats(self):
+        """Sizes for the caller's decision to start over with a fresh core (garbage)."""
+        return {"names": self.n, "encoded_names": self.n_enc, "blobs": self.nblobs,
+                "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
+                "entries": self.ents_len, "dead_entries": self.ents_dead}
+
+    def export(self, groups):
+        """After ``encode_reverse``: every name's answers as ``apply`` records, one
+        bytes per group, each name going to the group of its nearest ancestor-or-self among
+        ``groups`` (text names; a service's name, a reverse name). A name in no group, or
+        one whose answers follow a CNAME (they depend on other names), raises."""
+        cdef Py_ssize_t ng = len(groups), g, k, sz
+        cdef int32_t i, j, e
+        cdef int32_t *gof
+        cdef size_t *size
+        cdef size_t *pos
+        cdef uint8_t *o
+        cdef const uint8_t *blob
+        cdef uint32_t bid, blen
+        self.check(2)
+        if self.stage != 2:
+            raise ValueError("export() before the tables were encoded")
+        ids = [self.intern_name(name) for name in groups]
+        gof = <int32_t *>malloc((self.n + 1) * sizeof(int32_t))
+        size = <size_t *>calloc(ng + 1, sizeof(size_t))
+        pos = <size_t *>calloc(ng + 1, sizeof(size_t))
+        if gof == NULL or size == NULL or pos == NULL:
+            free(gof); free(size); free(pos)
+            raise MemoryError()
+        try:
+            memset(gof, 0xFF, (self.n + 1) * sizeof(int32_t))
+            for g in range(ng):
+                gof[<int32_t>ids[g]] = g
+            for i in range(self.n):       # pass 1: each name's group and record size
+                if not self.nflags[i] & NF_DATA:
+                    continue
+                if self.nflags[i] & (NF_CNAME | NF_ENC) or self.rr_at[i] < 0:
+                    raise self.error(f"{self.text_of(i)} cannot be exported")
+                j = i
+                while j >= 0 and gof[j] < 0:
+                    j = self.parent[j]
+                if j < 0:
+                    raise self.error(f"{self.text_of(i)} is in no export group")
+                gof[i] = gof[j]
+                sz = 2 + self.nlen[i] + 6 * self.rr_n[i]
+                for e in range(self.rr_n[i]):
+                    sz += self.bref[2 * self.bid_at(self.rrf[2 * (self.rr_at[i] + e) + 1]) + 1]
+                size[gof[i]] += sz
+            out = [PyBytes_FromStringAndSize(NULL, size[g]) for g in range(ng)]
+            for i in range(self.n):       # pass 2: write the records
+                if not self.nflags[i] & NF_DATA:
+                    continue
+                g = gof[i]
+                o = <uint8_t *>PyBytes_AS_STRING(out[g]) + pos[g]
+                o[0] = self.nlen[i]
+                memcpy(o + 1, self.nbuf + self.noff[i], self.nlen[i])
+                o[1 + self.nlen[i]] = self.rr_n[i]
+                k = 2 + self.nlen[i]
+                sz = k + 6 * self.rr_n[i]
+                for e in range(self.rr_n[i]):
+                    bid = self.bid_at(self.rrf[2 * (self.rr_at[i] + e) + 1])
+                    blen = self.bref[2 * bid + 1]
+                    put16le(o + k, self.rrf[2 * (self.rr_at[i] + e)])
+                    put32le(o + k + 2, blen)
+                    memcpy(o + sz, self.pool + self.bref[2 * bid], blen)
+                    k += 6
+                    sz += blen
+                pos[g] += sz
+            for g in range(ng):
+                if pos[g] != size[g]:
+                    raise AssertionError("export: sizes disagree")
+            return out
+        finally:
+            free(gof); free(size); free(pos)
+
+    cdef uint32_t bid_at(self, uint32_t off) except? 0xFFFFFFFF:
+        """The id of the blob at ``off`` in this compile's pool (placement is in order)."""
+        cdef size_t lo = 0, hi = self.nplaced, mid
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.bplace[self.placed[mid]] < off:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo >= self.nplaced or self.bplace[self.placed[lo]] != off:
+            raise ValueError("no blob at that pool offset")
+        return self.placed[lo]
+
+    def mark(self, labels, bint fwd, bint special):
+        """A name image.py adds to the trie (apexes, pod namespaces) or decides itself."""
+        self.check(1)
+        cdef int32_t i = self.intern_labels(labels)
+        if fwd:
+            self.nflags[i] |= NF_FWD
+        if special:
+            self.nflags[i] |= NF_SPECIAL
+
+    # ------------------------------------------------------------------ lookups (callbacks)
+
+    cdef int32_t lookup(self, labels) except -2:
+        cdef uint8_t w[256]
+        cdef Py_ssize_t wl = self.labels_wire(labels, w)
+        return -1 if wl < 0 else self.find(w, wl)
+
+    def rrsets_of(self, labels):
+        """The name's RRsets in input order, or None (image.py's ``data.get``)."""
+        self.check(2)
+        cdef int32_t i = self.lookup(labels), r
+        if self.dropped:
+            raise ValueError("rrsets_of() after drop_rrsets()")
+        if i < 0 or not self.nflags[i] & NF_DATA:
+            return None
+        if self.nflags[i] & NF_ENC:
+            # Its RRsets are not here (only its answers): a CNAME chain or glue that needs
+            # them cannot be compiled from encoded input; the caller compiles it all anew.
+            raise self.unsupported(f"{self.text_of(i)} is encoded; its RRsets are needed")
+        out = []
+        r = self.first_rr[i]
+        while r >= 0:
+            out.append(self.rrsets[r])
+            r = self.rr_next[r]
+        return tuple(out)
+
+    def has_flag(self, labels, int flag):
+        """``flag``: 0 explicit, 1 a node of the forward trie."""
+        self.check(2)
+        cdef int32_t i = self.lookup(labels)
+        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT if flag == 0 else NF_TREE))
+
+    # ------------------------------------------------------------------ blobs
+
+    cdef uint32_t store_blob(self, size_t n) except? 0xFFFFFFFF:
+        """Id of the blob in ``scr[0:n]`` (padded to 4 here) in the store, adding it
+        (unreferenced) if new."""
+        cdef size_t mask, j, k
+        cdef int32_t b
+        _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
+        while n % 4:
+            self.scr[n] = 0
+            n += 1
+        if (self.nblobs + 1) * 2 > self.bht_cap:
+            self.rehash_blobs()
+        mask = self.bht_cap - 1
+        j = fnv1a(self.scr, n) & mask
+        while True:
+            b = self.bht[j]
+            if b < 0:
+                break
+            if self.bref[2 * b + 1] == n and memcmp(self.pool + self.bref[2 * b], self.scr, n) == 0:
+                return b
+            j = (j + 1) & mask
+        if self.pool_len + n > 0xFFFFFFFF:
+            raise self.unsupported("blob store over 4 GiB")
+        _grow(<void **>&self.pool, &self.pool_cap, self.pool_len + n, 1)
+        if self.nblobs + 1 > self.blobs_cap:
+            _grow(<void **>&self.bref, &self.blobs_cap, self.nblobs + 1, 8)
+            self.bcnt = <uint32_t *>self._re(self.bcnt, self.blobs_cap * 4)
+            self.bplace = <uint32_t *>self._re(self.bplace, self.blobs_cap * 4)
+            self.bepoch = <uint32_t *>self._re(self.bepoch, self.blobs_cap * 4)
+        k = self.nblobs
+        self.nblobs += 1
+        self.bref[2 * k] = self.pool_len
+        self.bref[2 * k + 1] = n
+        self.bcnt[k] = 0
+        self.bepoch[k] = 0
+        self.dead_bytes += n
+        memcpy(self.pool + self.pool_len, self.scr, n)
+        self.pool_len += n
+        self.bht[j] = k
+        return k
+
+    cdef inline void incref(self, uint32_t bid) noexcept:
+        if self.bcnt[bid] == 0:
+            self.dead_bytes -= self.bref[2 * bid + 1]
+            self.live_bytes += self.bref[2 * bid + 1]
+        self.bcnt[bid] += 1
+
+    cdef inline void decref(self, uint32_t bid) noexcept:
+        self.bcnt[bid] -= 1
+        if self.bcnt[bid] == 0:
+            self.live_bytes -= self.bref[2 * bid + 1]
+            self.dead_bytes += self.bref[2 * bid + 1]
+
+    cdef uint32_t place_blob(self, uint32_t bid) except? 0xFFFFFFFF:
+        """The blob's offset in this compile's image pool, laid out on first use."""
+        cdef uint32_t n
+        if self.bepoch[bid] == self.cepoch:
+            return self.bplace[bid]
+        n = self.bref[2 * bid + 1]
+        if self.placed_len + n > 0xFFFFFFFF:
+            raise self.unsupported("blob pool over 4 GiB")
+        _grow(<void **>&self.placed, &self.placed_cap, self.nplaced + 1, 4)
+        self.placed[self.nplaced] = bid
+        self.nplaced += 1
+        self.bepoch[bid] = self.cepoch
+        self.bplace[bid] = self.placed_len
+        self.placed_len += n
+        return self.bplace[bid]
+
+    cdef uint32_t intern_scr(self, size_t n) except? 0xFFFFFFFF:
+        """Intern the blob in ``scr[0:n]`` for this compile; its image pool offset."""
+        cdef uint32_t bid = self.store_blob(n)
+        self.incref(bid)
+        _grow(<void **>&self.tmp, &self.tmp_cap, self.ntmp + 1, 4)
+        self.tmp[self.ntmp] = bid
+        self.ntmp += 1
+        return self.place_blob(bid)
+
+    cdef int rehash_blobs(self) except -1:
+        cdef size_t ncap = self.bht_cap * 2, mask = ncap - 1, j, k
+        cdef int32_t *t = <int32_t *>malloc(ncap * sizeof(int32_t))
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0xFF, ncap * sizeof(int32_t))
+        for k in range(self.nblobs):
+            j = fnv1a(self.pool + self.bref[2 * k], self.bref[2 * k + 1]) & mask
+            while t[j] >= 0:
+                j = (j + 1) & mask
+            t[j] = k
+        free(self.bht)
+        self.bht = t
+        self.bht_cap = ncap
+        return 0
+
+    def intern(self, bytes blob not None):
+        """image.py ``_Compiler.intern``: the blob's offset in the pool."""
+        cdef size_t n = len(blob)
+        self.check(2)
+        _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
+        memcpy(self.scr, <const char *>blob, n)
+        return self.intern_scr(n)
+
+    cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen) except? 0xFFFFFFFF:
+        """BLOBHDR + the segments in ``segs`` + the data in ``dat`` -> interned offset."""
+        cdef size_t n = 16 + 12 * nseg + dlen
+        _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
+        put16le(self.scr, HDR_AA_BIT)
+        put16le(self.scr + 2, an)
+        put16le(self.scr + 4, 0)
+        put16le(self.scr + 6, ar)
+        put16le(self.scr + 8, 0)
+        put16le(self.scr + 10, nseg)
+        put32le(self.scr + 12, dlen)
+        memcpy(self.scr + 16, self.segs, 12 * nseg)
+        memcpy(self.scr + 16 + 12 * nseg, self.dat, dlen)
+        return self.intern_scr(n)
+
+    cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc) except -1:
+        _grow(<void **>&self.segs, &self.segs_cap, 12 * (k + 1), 1)
+        put32le(self.segs + 12 * k, end)
+        put16le(self.segs + 12 * k + 4, an)
+        put16le(self.segs + 12 * k + 6, 0)
+        put16le(self.segs + 12 * k + 8, ar)
+        put16le(self.segs + 12 * k + 10, tc)
+        return 0
+
+    cdef int addr(self, rd, uint8_t *out) except -1:
+        """Packed address of an A/AAAA rdata into ``out`` (16 bytes); its length."""
+        cdef Py_ssize_t n
+        cdef const char *s
+        text = rd.address
+        s = PyUnicode_AsUTF8AndSize(text, &n)
+        if <Py_ssize_t>strlen(s) == n:
+            if memchr(s, 58, n) != NULL:
+                if inet_pton(AF_INET6, s, out) == 1:
+                    return 16
+            elif inet_pton(AF_INET, s, out) == 1:
+                return 4
+        packed = self.packed_fallback(text)       # forms inet_pton refuses (it raises)
+        n = len(packed)
+        if n != 4 and n != 16:
+            raise self.unsupported("address length")
+        memcpy(out, <const char *>(<bytes>packed), n)
+        return n
+
+    cdef int64_t addr_blob(self, s, int rtype) except -2:
+        """``answer_only_blob`` for A/AAAA: every address, owner 0xC00C."""
+        cdef uint8_t ip[16]
+        cdef Py_ssize_t k, nrd, size = 4 if rtype == T_A else 16, ln
+        cdef uint8_t *p
+        cdef uint32_t ttl = s.ttl
+        rdatas = s.rdatas
+        nrd = len(rdatas)
+        if nrd > 0xFFFF:
+            raise self.unsupported("RRset too large")
+        _grow(<void **>&self.dat, &self.dat_cap, nrd * (12 + 16), 1)
+        for k in range(nrd):
+            ln = self.addr(rdatas[k], ip)
+            if ln != size:
+                raise self.unsupported("address of the other family")
+            p = self.dat + k * (12 + size)
+            put16be(p, 0xC00C)
+            put16be(p + 2, rtype)
+            put16be(p + 4, CLASS_IN)
+            put32be(p + 6, ttl)
+            put16be(p + 10, size)
+            memcpy(p + 12, ip, size)
+        self.seg(0, 0, 0, 0, 1)
+        self.seg(1, nrd * (12 + size), nrd, 0, 0)
+        return self.finish_blob(nrd, 0, 2, nrd * (12 + size))
+
+    cdef int32_t top(self, int32_t i) noexcept:
+        """The name's last label (its one-label ancestor), or -1 for the root."""
+        while i >= 0 and self.nlab[i] > 1:
+            i = self.parent[i]
+        return i if i >= 0 and self.nlab[i] == 1 else -1
+
+    cdef int64_t ptr_blob(self, int32_t q, s) except -2:
+        """``answer_only_blob`` for one PTR whose target cannot compress against the question
+        (their last labels differ); -1 otherwise."""
+        cdef int32_t t = self.intern_name(s.rdatas[0].target)
+        cdef uint32_t ttl = s.ttl
+        cdef Py_ssize_t tl
+        if self.nlab[t] > 0 and self.nlab[q] > 0 and self.top(t) == self.top(q):
+            return -1
+        tl = self.nlen[t]
+        _grow(<void **>&self.dat, &self.dat_cap, 12 + tl, 1)
+        put16be(self.dat, 0xC00C)
+        put16be(self.dat + 2, T_PTR)
+        put16be(self.dat + 4, CLASS_IN)
+        put32be(self.dat + 6, ttl)
+        put16be(self.dat + 10, tl)
+        memcpy(self.dat + 12, self.nbuf + self.noff[t], tl)
+        self.seg(0, 0, 0, 0, 1)
+        self.seg(1, 12 + tl, 1, 0, 0)
+        return self.finish_blob(1, 0, 2, 12 + tl)
+
+    cdef void remember(self, int32_t i, uint32_t pos) noexcept:
+        """Where each suffix of name ``i`` first stands (``Wire.seed``/``setdefault``)."""
+        while i >= 0 and self.nlab[i] > 0:
+            if self.stamp[i] != self.epoch:
+                self.stamp[i] = self.epoch
+                self.where[i] = pos
+            pos += self.nbuf[self.noff[i]] + 1
+            i = self.parent[i]
+
+    cdef int64_t srv_blob(self, int32_t q, s) except -2:
+        """image.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
+        cdef uint32_t ttl = s.ttl, gttl, base, size = 0, n_ar = 0, ptr
+        cdef Py_ssize_t k, nrd, tl, m, nseg = 2, ln
+        cdef int32_t t, r
+        cdef int prio, weight, port, gtype
+        cdef uint8_t ip[16]
+        cdef uint8_t *p
+        rdatas = s.rdatas
+        nrd = len(rdatas)
+        if nrd > 0xFFFF:
+            raise self.unsupported("RRset too large")
+        self.epoch += 1
+        base = 12 + self.nlen[q] + 4
+        self.remember(q, 12)
+        targets = []
+        for k in range(nrd):
+            rd = rdatas[k]
+            prio, weight, port = rd.priority, rd.weight, rd.port
+            if not (0 <= prio <= 0xFFFF and 0 <= weight <= 0xFFFF and 0 <= port <= 0xFFFF):
+                raise self.unsupported("SRV field out of range")
+            t = self.intern_name(rd.target)
+            targets.append(t)
+            tl = self.nlen[t]
+            self.remember(t, base + size + 18)
+            # RFC 2782: the target is never compressed.
+            _grow(<void **>&self.dat, &self.dat_cap, size + 18 + tl, 1)
+            p = self.dat + size
+            put16be(p, 0xC00C)
+            put16be(p + 2, T_SRV)
+            put16be(p + 4, CLASS_IN)
+            put32be(p + 6, ttl)
+            put16be(p + 10, 6 + tl)
+            put16be(p + 12, prio)
+            put16be(p + 14, weight)
+            put16be(p + 16, port)
+            memcpy(p + 18, self.nbuf + self.noff[t], tl)
+            size += 18 + tl
+            if base + size > MAX_PTR:
+                return -1               # positions past 0x3FFF are not remembered
+        self.seg(0, 0, 0, 0, 1)
+        self.seg(1, size, nrd, 0, 0)
+        for t in targets:
+            # RFC 2181 §5: a target shared by several SRVs gets its glue once.
+            if self.seen[t] == self.epoch:
+                continue
+            self.seen[t] = self.epoch
+            if not self.nflags[t] & NF_DATA:
+                continue
+            for gtype in (T_A, T_AAAA):
+                r = self.first_rr[t]
+                while r >= 0 and self.rr_type[r] != gtype:
+                    r = self.rr_next[r]
+                if r < 0:
+                    continue
+                if self.stamp[t] != self.epoch:
+                    raise self.unsupported("glue owner without a position")
+                ptr = self.where[t]
+                g = self.rrsets[r]
+                gttl = g.ttl
+                for rd in g.rdatas:
+                    ln = self.addr(rd, ip)
+                    _grow(<void **>&self.dat, &self.dat_cap, size + 12 + ln, 1)
+                    p = self.dat + size
+                    put16be(p, 0xC000 | ptr)
+                    put16be(p + 2, gtype)
+                    put16be(p + 4, CLASS_IN)
+                    put32be(p + 6, gttl)
+                    put16be(p + 10, ln)
+                    memcpy(p + 12, ip, ln)
+                    size += 12 + ln
+                    n_ar += 1
+                if n_ar > 0xFFFF:
+                    raise self.unsupported("too much glue")
+                self.seg(nseg, size, nrd, n_ar, 0)
+                nseg += 1
+        if base + size > MAX_PTR:
+            return -1
+        return self.finish_blob(nrd, n_ar, nseg, size)
+
+    cdef int64_t answer_only(self, int32_t q, int32_t r) except -2:
+        cdef int rtype = self.rr_type[r]
+        s = self.rrsets[r]
+        if rtype == T_A or rtype == T_AAAA:
+            return self.addr_blob(s, rtype)
+        if rtype == T_SRV:
+            return self.srv_blob(q, s)
+        if rtype == T_PTR and len(s.rdatas) == 1:
+            return self.ptr_blob(q, s)
+        return -1
+
+    # ------------------------------------------------------------------ tables
+
+    cdef int push_rr(self, uint32_t qtype, uint32_t off) except -1:
+        _grow(<void **>&self.rrf, &self.rrf_cap, self.rrf_len + 2, 4)
+        self.rrf[self.rrf_len] = qtype
+        self.rrf[self.rrf_len + 1] = off
+        self.rrf_len += 2
+        return 0
+
+    cdef int entries(self, int32_t i, chain, generic) except -1:
+        """image.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
+        cdef int32_t rs[64]
+        cdef int nr = 0, a, b
+        cdef int32_t r, tmp
+        cdef int64_t off
+        cdef const uint32_t *e
+        self.rr_at[i] = self.rrf_len // 2
+        if self.nflags[i] & NF_ENC:
+            for a in range(self.enc_n[i]):
+                e = self.ents + 2 * (self.enc_at[i] + a)
+                self.push_rr(e[0], self.place_blob(e[1]))
+            self.rr_n[i] = self.enc_n[i]
+            return 0
+        if self.nflags[i] & NF_CNAME:
+            for qtype, boff in chain(self.labels_of(i)):
+                self.push_rr(qtype, boff)
+            self.rr_n[i] = self.rrf_len // 2 - self.rr_at[i]
+            return 0
+        r = self.first_rr[i]
+        while r >= 0:
+            if nr == 64:
+                raise self.unsupported("more than 64 RRsets at one name")
+            rs[nr] = r
+            nr += 1
+            r = self.rr_next[r]
+        for a in range(1, nr):          # insertion sort: types are unique per name
+            b = a
+            while b > 0 and self.rr_type[rs[b - 1]] > self.rr_type[rs[b]]:
+                tmp = rs[b]
+                rs[b] = rs[b - 1]
+                rs[b - 1] = tmp
+                b -= 1
+        for a in range(nr):
+            off = self.answer_only(i, rs[a])
+            if off < 0:
+                off = generic(self.labels_of(i), self.rr_type[rs[a]])
+            self.push_rr(self.rr_type[rs[a]], off)
+        self.rr_n[i] = nr
+        return 0
+
+    def grow(self):
+        """image.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
+        node's children contiguous and sorted by (length, bytes)."""
+        global _sort_nbuf, _sort_noff
+        cdef int32_t i, j, c, head, tail, nk
+        cdef int32_t *fill
+        self.check(1)
+        for i in range(self.n):
+            if self.nflags[i] & NF_FWD:
+                j = i
+                while j >= 0 and not self.nflags[j] & NF_TREE:
+                    self.nflags[j] |= NF_TREE
+                    j = self.parent[j]
+        self.nflags[0] |= NF_TREE
+        self.kid_start = <int32_t *>self._re(self.kid_start, (self.n + 1) * 4)
+        memset(self.kid_start, 0, (self.n + 1) * 4)
+        nk = 0
+        for i in range(1, self.n):
+            if self.nflags[i] & NF_TREE:
+                self.kid_start[self.parent[i] + 1] += 1
+                nk += 1
+        for i in range(self.n):
+            self.kid_start[i + 1] += self.kid_start[i]
+        self.kids = <int32_t *>self._re(self.kids, (nk + 1) * 4)
+        fill = <int32_t *>malloc((self.n + 1) * 4)
+        if fill == NULL:
+            raise MemoryError()
+        memcpy(fill, self.kid_start, (self.n + 1) * 4)
+        for i in range(1, self.n):
+            if self.nflags[i] & NF_TREE:
+                self.kids[fill[self.parent[i]]] = i
+                fill[self.parent[i]] += 1
+        free(fill)
+        _sort_nbuf = self.nbuf
+        _sort_noff = self.noff
+        for i in range(self.n):
+            c = self.kid_start[i + 1] - self.kid_start[i]
+            if c > 1:
+                qsort(self.kids + self.kid_start[i], c, sizeof(int32_t), _cmp_child)
+        _sort_nbuf = NULL
+        _sort_noff = NULL
+        self.order = <int32_t *>self._re(self.order, (nk + 1) * 4)
+        self.order[0] = 0
+        tail = 1
+        for head in range(nk + 1):
+            i = self.order[head]
+            c = self.kid_start[i + 1] - self.kid_start[i]
+            if c:
+                memcpy(self.order + tail, self.kids + self.kid_start[i], c * 4)
+                tail += c
+        self.nnodes = nk + 1
+        return self.nnodes
+
+    cdef uint32_t label_off(self, int32_t i) except? 0xFFFFFFFF:
+        """Offset of the name's first label in the labels pool ([u8 len][bytes], each label
+        once, in first-use order); the root's label is empty."""
+        cdef const uint8_t *lab
+        cdef uint8_t empty = 0
+        cdef size_t ln, mask, j, ncap, k
+        cdef int32_t o
+        cdef int32_t *t
+        lab = self.nbuf + self.noff[i] if i != 0 else &empty
+        ln = lab[0] + 1
+        if (self.nlabels + 1) * 2 > self.lht_cap:
+            ncap = self.lht_cap * 2
+            t = <int32_t *>malloc(ncap * 4)
+            if t == NULL:
+                raise MemoryError()
+            memset(t, 0xFF, ncap * 4)
+            for k in range(self.lht_cap):
+                o = self.lht[k]
+                if o >= 0:
+                    j = fnv1a(self.lpool + o, self.lpool[o] + 1) & (ncap - 1)
+                    while t[j] >= 0:
+                        j = (j + 1) & (ncap - 1)
+                    t[j] = o
+            free(self.lht)
+            self.lht = t
+            self.lht_cap = ncap
+        mask = self.lht_cap - 1
+        j = fnv1a(lab, ln) & mask
+        while self.lht[j] >= 0:
+            o = self.lht[j]
+            if self.lpool[o] + 1 == ln and memcmp(self.lpool + o, lab, ln) == 0:
+                return o
+            j = (j + 1) & mask
+        _grow(<void **>&self.lpool, &self.lpool_cap, self.lpool_len + ln, 1)
+        o = self.lpool_len
+        memcpy(self.lpool + o, lab, ln)
+        self.lpool_len += ln
+        self.lht[j] = o
+        self.nlabels += 1
+        return o
+
+    def encode_nodes(self, chain, generic, special):
+        """The node table in trie order, encoding each node's blobs (image.py ``build``'s
+        node loop); ``special(labels, flags, idx)`` -> (flags, extra) for apexes and pod
+        namespaces."""
+        cdef int32_t idx, i, c
+        cdef uint32_t flags, extra, loff
+        cdef size_t rr_start
+        cdef uint32_t *nd
+        cdef int32_t nxt = 1
+        self.check(1)
+        if self.order == NULL:
+            raise ValueError("encode_nodes() before grow()")
+        self.nodes = <uint32_t *>self._re(self.nodes, (self.nnodes + 1) * 24)
+        for idx in range(self.nnodes):
+            i = self.order[idx]
+            loff = self.label_off(i)
+            rr_start = self.rrf_len
+            if not self.nflags[i] & NF_DATA:
+                flags = NODE_EXISTS_ if self.nflags[i] & NF_EXPLICIT else 0
+            else:
+                flags = NODE_EXISTS_
+                self.entries(i, chain, generic)
+            extra = 0
+            if self.nflags[i] & NF_SPECIAL:
+                flags, extra = special(self.labels_of(i), flags, idx)
+            c = self.kid_start[i + 1] - self.kid_start[i]
+            nd = self.nodes + 6 * idx
+            nd[0] = loff
+            # First child: the breadth-first index of the first of the contiguous children.
+            nd[1] = 0
+            nd[2] = c
+            nd[3] = rr_start * 4
+            nd[4] = ((self.rrf_len - rr_start) // 2) | (flags << 16)
+            nd[5] = extra
+        # First-child indexes from a second breadth-first pass (children follow in order).
+        for idx in range(self.nnodes):
+            i = self.order[idx]
+            c = self.kid_start[i + 1] - self.kid_start[i]
+            if c:
+                self.nodes[6 * idx + 1] = nxt
+                nxt += c
+
+    cdef int rev_key(self, int32_t i, uint8_t *key) noexcept:
+        """image.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
+        not a full canonical reverse name."""
+        cdef const uint8_t *p = self.nbuf + self.noff[i]
+        cdef int k, ln, v, d
+        cdef int nl = self.nlab[i]
+        memset(key, 0, 17)
+        if nl == 6 and self.nlen[i] >= 14 and memcmp(p + self.nlen[i] - 14, b"\x07in-addr\x04arpa\x00", 14) == 0:
+            key[0] = 4
+            for k in range(4):
+                ln = p[0]
+                if ln < 1 or ln > 3 or (ln > 1 and p[1] == 48):
+                    return 0
+                v = 0
+                for d in range(ln):
+                    if not 48 <= p[1 + d] <= 57:
+                        return 0
+                    v = v * 10 + p[1 + d] - 48
+                if v > 255:
+                    return 0
+                key[1 + 3 - k] = v
+                p += ln + 1
+            return 1
+        if nl == 34 and self.nlen[i] >= 10 and memcmp(p + self.nlen[i] - 10, b"\x03ip6\x04arpa\x00", 10) == 0:
+            key[0] = 6
+            for k in range(32):
+                if p[0] != 1:
+                    return 0
+                v = hex_nibble(p[1])
+                if v < 0:
+                    return 0
+                # Labels are least significant nibble first (RFC 3596 §2.5).
+                d = 31 - k
+                if d % 2 == 0:
+                    key[1 + d // 2] |= v << 4
+                else:
+                    key[1 + d // 2] |= v
+                p += 2
+            return 1
+        return 0
+
+    def encode_reverse(self, chain, generic):
+        """The reverse table, sorted by (family, address), encoding each name's blobs;
+        entries hold rr offsets relative to the rr table until ``assemble``."""
+        cdef int32_t i, k, m = 0
+        cdef RevKey *keys
+        cdef uint8_t *e
+        cdef size_t rr_start
+        self.check(1)
+        if self.nodes == NULL:
+            raise ValueError("encode_reverse() before encode_nodes()")
+        self.stage = 2
+        for i in range(self.n):
+            if self.nflags[i] & NF_REV:
+                m += 1
+        keys = <RevKey *>malloc((m + 1) * sizeof(RevKey))
+        if keys == NULL:
+            raise MemoryError()
+        try:
+            m = 0
+            for i in range(self.n):
+                if self.nflags[i] & NF_REV:
+                    if not self.rev_key(i, keys[m].key):
+                        raise self.error(f"{self.text_of(i)} is not a full reverse name")
+                    keys[m].id = i
+                    m += 1
+            qsort(keys, m, sizeof(RevKey), _cmp_rev)
+            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * 28)
+            memset(self.rev, 0, (m + 1) * 28)
+            self.nrev = m
+            for k in range(m):
+                i = keys[k].id
+                rr_start = self.rrf_len
+                if self.nflags[i] & NF_DATA:
+                    self.entries(i, chain, generic)
+                e = self.rev + 28 * k
+                e[0] = keys[k].key[0]
+                memcpy(e + 4, keys[k].key + 1, 16)
+                put32le(e + 20, rr_start * 4)
+                put16le(e + 24, (self.rrf_len - rr_start) // 2)
+                put16le(e + 26, self.zone_of(i))
+        finally:
+            free(keys)
+        return m
+
+    def drop_rrsets(self):
+        """Let the RRsets go once every blob is encoded: with the caller's references gone
+        too, their memory is free again before the image is assembled (the compile's peak)."""
+        if self.stage != 2:
+            raise ValueError("drop_rrsets() before the tables were encoded")
+        self.dropped = True
+        self.rrsets = []
+
+    def sizes(self):
+        """(nodes, reverse entries, rr table bytes, labels pool bytes, blob pool bytes)."""
+        return self.nnodes, self.nrev, self.rrf_len * 4, self.lpool_len, self.placed_len
+
+    def assemble(self, bytes zone_table not None, bytes pod_lists not None, verified,
+                 uint32_t labels_off, uint32_t rrtab_off, uint32_t pods_off,
+                 uint32_t blobs_off, uint32_t total, make_header, out=None):
+        """The image: header from ``make_header(crc)``, then the sections in layout order
+        with every section-relative offset rebased. Written into ``out`` when given (a
+        writable buffer of ``total`` bytes: a memfd's mapping, publish.ImageMemfd), which
+        is returned; otherwise into a new bytes object."""
+        cdef uint8_t[::1] into
+        cdef int32_t idx, k
+        cdef uint32_t *nd
+        cdef uint8_t *o
+        cdef uint8_t *e
+        cdef size_t pos, nz = len(zone_table), npl = len(pod_lists), rrtab
+        self.check(2)
+        if self.stage != 2 or self.nodes == NULL:
+            raise ValueError("assemble() before the tables were encoded")
+        # Every write below is inside [0, total) exactly when these hold.
+        rrtab = 64 + 24 * <size_t>self.nnodes + nz + 28 * <size_t>self.nrev
+        if rrtab != rrtab_off or <size_t>labels_off != rrtab + 4 * self.rrf_len \
+                or pods_off < labels_off + self.lpool_len \
+                or pods_off > labels_off + self.lpool_len + 3 \
+                or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.placed_len:
+            raise ValueError("inconsistent image layout")
+        verified = list(verified)
+        for idx in verified:
+            if not 0 <= idx < self.nnodes:
+                raise ValueError("verified node index out of range")
+        if not self.persistent:
+            self.release_names()
+        for idx in verified:
+            self.nodes[6 * idx + 5] += pods_off
+        if out is None:
+            out = PyBytes_FromStringAndSize(NULL, total)
+            o = <uint8_t *>PyBytes_AS_STRING(out)
+        else:
+            into = out
+            if into.shape[0] != total:
+                raise ValueError("output buffer is not the image's size")
+            o = &into[0]
+        memset(o, 0, 64)
+        pos = 64
+        for idx in range(self.nnodes):
+            nd = self.nodes + 6 * idx
+            put32le(o + pos, nd[0] + labels_off)
+            put32le(o + pos + 4, nd[1])
+            put32le(o + pos + 8, nd[2])
+            put32le(o + pos + 12, nd[3] + rrtab_off)
+            put32le(o + pos + 16, nd[4])
+            put32le(o + pos + 20, nd[5])
+            pos += 24
+        memcpy(o + pos, <const char *>zone_table, nz)
+        pos += nz
+        for k in range(self.nrev):
+            e = self.rev + 28 * k
+            memcpy(o + pos, e, 28)
+            put32le(o + pos + 20, le32(e + 20) + rrtab_off)
+            pos += 28
+        for k in range(0, <int32_t>self.rrf_len, 2):
+            put32le(o + pos, self.rrf[k])
+            put32le(o + pos + 4, self.rrf[k + 1] + blobs_off)
+            pos += 8
+        memcpy(o + pos, self.lpool, self.lpool_len)
+        pos += self.lpool_len
+        while pos < pods_off:
+            o[pos] = 0
+            pos += 1
+        memcpy(o + pos, <const char *>pod_lists, npl)
+        pos += npl
+        # The names and tables are no longer needed: give them back before the pool copy's
+        # peak is reached by the caller.
+        # The blobs, in the order first used; without the GIL (issue 4: the watchers and
+        # the supervisor's loop run meanwhile).
+        with nogil:
+            copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
+        if self.persistent:
+            self.release_compile()
+            self.stage = 3
+        else:
+            self.release()
+        crc = zlib.crc32(memoryview(out)[64:])
+        header = make_header(crc)
+        if len(header) != 64:
+            raise ValueError("header must be 64 bytes")
+        memcpy(o, <const char *>(<bytes>header), 64)
+        return out

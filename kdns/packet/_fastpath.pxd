@@ -1,0 +1,223 @@
+# Declarations of the compiled packet path: the image layout and counter layout as C
+# constants, the structs the per-packet functions share, and the bounds-checked cursor
+# (asyncpg frb.pxd idea). Bodies live in _fastpath.pyx. The numbers here restate
+# kdns/zone/image.py (the layout's single definition) and kdns/packet/counters.py; the tests hold
+# them to it (golden replies, counter_layout() == counters.LAYOUT).
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+
+# ---------------------------------------------------------------- image layout (image.py)
+cdef enum:
+    IMG_HEADER = 64
+    IMG_NODE = 24
+    IMG_RRENT = 8
+    IMG_ZONE = 16
+    IMG_REV = 28
+    IMG_BLOBHDR = 16
+    IMG_SEG = 12
+
+    FLAG_SYNCED = 1
+    NODE_ZONE_APEX = 2
+    NODE_POD_NS = 4
+    NODE_POD_VERIFIED = 8
+    ZONE_REVERSE = 1
+    HDR_HANDOFF = 0x8000                  # blob hdr: CNAME chain leaves the cluster (issue 5)
+
+# ---------------------------------------------------------------- DNS constants (RFC 1035)
+cdef enum:
+    ACTION_DROP = 0
+    ACTION_SEND = 1
+    ACTION_HANDOFF = 2
+
+    F_QR = 0x8000
+    F_AA = 0x0400
+    F_TC = 0x0200
+    F_RD = 0x0100
+    F_CD = 0x0010
+    F_ECHO = 0x7800 | 0x0100 | 0x0010     # opcode, RD, CD are copied into the reply
+
+    RC_FORMERR = 1
+    RC_NXDOMAIN = 3
+    RC_NOTIMP = 4
+    RC_REFUSED = 5
+    RC_BADVERS = 16                       # RFC 6891 §6.1.3, counted as 16
+
+    T_A = 1
+    T_AAAA = 28
+    T_OPT = 41
+    T_IXFR = 251
+    T_AXFR = 252
+    CLASS_IN = 1
+
+    EDNS_MIN = 512                        # RFC 6891 §6.2.5
+    UDP_PLAIN = 512                       # RFC 1035 §4.2.1
+    TCP_MAX = 65535
+    OPT_LEN = 11
+    MAX_LABELS = 128                      # 255-byte names have at most 127 labels
+
+    # The largest reply: the TCP limit, or an empty answer whose echoed question
+    # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.
+    OUT_MAX = 65536 + 512
+    UDP_BUF = 4096                        # per-slot datagram buffers; edns_max is capped here
+    HANDOFF_CAP = 256
+
+# ---------------------------------------------------------------- counter layout (counters.py)
+cdef enum:
+    SLOT_WORDS = 1024
+    NQTYPES = 15                          # counters.QTYPES, "other" last
+    NRCODES = 17
+    NSIZE = 15                            # len(SIZE_BOUNDS) + the +Inf bucket
+    NLAT = 17                             # len(LATENCY_BOUNDS) + the +Inf bucket
+    NEVENTS = 7
+    PROTO_UDP = 0
+    PROTO_TCP = 1
+
+    C_IMAGE_GENERATION = 0
+    C_QUERIES = 1                         # + proto * NQTYPES + qtype index
+    C_RCODE = C_QUERIES + 2 * NQTYPES     # + proto * NRCODES + rcode
+    C_REQ_SIZE = C_RCODE + 2 * NRCODES    # + proto * (NSIZE + 1) + bucket; sum at + NSIZE
+    C_RESP_SIZE = C_REQ_SIZE + 2 * (NSIZE + 1)
+    C_LATENCY = C_RESP_SIZE + 2 * (NSIZE + 1)   # + proto * (NLAT + 1) + bucket; sum_ns at + NLAT
+    C_EVENTS = C_LATENCY + 2 * (NLAT + 1)       # + proto * NEVENTS + event
+
+    EV_TRUNCATED = 0
+    EV_HANDOFF = 1
+    EV_DROPPED = 2
+    EV_FORMERR = 3
+    EV_SEND_FAILED = 4
+    EV_CACHE_HIT = 5
+    EV_CACHE_MISS = 6
+
+
+# ---------------------------------------------------------------- shared structs
+cdef struct ImageView:
+    # The header fields the walk needs, read once when the image is mapped.
+    const uint8_t *base
+    Py_ssize_t length
+    uint32_t flags
+    uint32_t nodes_off
+    uint32_t nnodes
+    uint32_t zones_off
+    uint32_t nzones
+    uint32_t rev_off
+    uint32_t nrev
+    uint32_t servfail
+
+
+cdef struct Outcome:
+    # What the counters need to know about one answered packet.
+    int length          # reply bytes (ACTION_SEND only)
+    int qtype           # -1 when no question could be read
+    int rcode           # 0..15 from the header, RC_BADVERS for BADVERS
+    int tc
+    int outside         # HANDOFF because the name is outside every zone (issue 5)
+
+
+cdef struct Ask:
+    # One query being answered: its question, lower-cased once, and the reply's EDNS terms.
+    const uint8_t *q
+    Py_ssize_t qlen
+    int flags
+    int qend            # offset just past the question
+    int qtype
+    int qclass
+    int nlabels
+    int limit           # reply size limit (RFC 1035 §4.2.1 / RFC 6891 §6.2.5 / TCP)
+    int edns            # reply carries OPT
+    int edns_size
+    int edns_do
+    int edns_ext        # extended rcode bits (1 = BADVERS)
+    uint8_t loff[128]   # offset in ``name`` of each label's length byte, left to right
+    uint8_t name[256]   # the question name in wire form, lower-cased
+
+
+cdef struct Cursor:
+    const uint8_t *ptr
+    const uint8_t *end
+
+
+# ---------------------------------------------------------------- inline readers
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
+    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) |
+            <uint32_t>p[3])
+
+
+# Image integers are little-endian; byte-wise assembly is portable and compilers fuse it
+# into one load on little-endian machines.
+cdef inline uint16_t le16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) |
+            (<uint32_t>p[3] << 24))
+
+
+cdef inline void put16(uint8_t *p, unsigned int v) noexcept nogil:
+    p[0] = (v >> 8) & 0xFF
+    p[1] = v & 0xFF
+
+
+cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef inline Py_ssize_t cur_left(const Cursor *c) noexcept nogil:
+    return c.end - c.ptr
+
+
+cdef inline bint cur_u8(Cursor *c, unsigned int *v) noexcept nogil:
+    if c.ptr >= c.end:
+        return False
+    v[0] = c.ptr[0]
+    c.ptr += 1
+    return True
+
+
+cdef inline bint cur_u16(Cursor *c, unsigned int *v) noexcept nogil:
+    if c.end - c.ptr < 2:
+        return False
+    v[0] = be16(c.ptr)
+    c.ptr += 2
+    return True
+
+
+cdef inline bint cur_u32(Cursor *c, uint32_t *v) noexcept nogil:
+    if c.end - c.ptr < 4:
+        return False
+    v[0] = be32(c.ptr)
+    c.ptr += 4
+    return True
+
+
+cdef inline bint cur_skip(Cursor *c, Py_ssize_t n) noexcept nogil:
+    if c.end - c.ptr < n:
+        return False
+    c.ptr += n
+    return True
+
+
+# ---------------------------------------------------------------- packet path
+cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
+                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil
+cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
+                       const Outcome *res) noexcept nogil
+cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil
+
+
+cdef class Image:
+    cdef ImageView view
+    cdef readonly object buffer          # the mapping (kdns.forward.external reads it through refpath)
+    cdef const uint8_t[::1] mem
+
+
+cdef class Counters:
+    cdef uint64_t *words
+    cdef uint8_t[::1] mem

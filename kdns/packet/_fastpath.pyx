@@ -1,0 +1,1253 @@
+# cython: language_level=3
+"""The compiled packet path: query bytes in, reply bytes out, from a zone image.
+
+Why: every query a cluster makes passes through here, so the per-packet work is C with no
+Python objects, no allocation, no locks and no syscalls beyond the batched ones. It is a
+byte-for-byte twin of ``kdns/zone/refpath.py``, the readable oracle the tests hold it to.
+
+What it must not do: import anything from kdns (only its own .pxd files), raise inside the
+per-packet functions (errors become rcodes or actions), or allocate per packet. Everything
+it reads was decided by the image compiler (``kdns/zone/image.py``, whose docstring defines the
+layout) and everything it counts follows ``kdns/packet/counters.py``.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcmp, memcpy, memset
+
+from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
+                                   INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
+                                   MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
+                                   iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
+                                   sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
+from kdns.packet.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN,
+                                   close, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
+                                   getrandom, socklen_t)
+
+import zlib
+
+# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
+cdef uint8_t LOWER[256]
+cdef int _i
+for _i in range(256):
+    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
+
+# counters.QTYPES as a lookup: qtype -> index, everything else "other".
+cdef uint8_t QTYPE_INDEX[256]
+_QTYPE_CODES = (1, 28, 33, 12, 16, 6, 2, 5, 15, 255, 252, 251, 65, 64)
+_QTYPE_NAMES = ("A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY", "AXFR",
+                "IXFR", "HTTPS", "SVCB", "other")
+_EVENT_NAMES = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit",
+                "cache_miss")
+for _i in range(256):
+    QTYPE_INDEX[_i] = NQTYPES - 1
+for _i, _code in enumerate(_QTYPE_CODES):
+    QTYPE_INDEX[_code] = _i
+
+# CoreDNS response size buckets (counters.SIZE_BOUNDS); n <= bound picks the bucket.
+cdef uint32_t SIZE_BOUNDS[14]
+for _i, _b in enumerate((0, 100, 200, 300, 400, 511, 1023, 2047, 4095, 8291, 16000, 32000,
+                         48000, 64000)):
+    SIZE_BOUNDS[_i] = _b
+
+
+# =============================================================================== parsing
+
+
+cdef int parse_question(Ask *a) noexcept nogil:
+    """Question name, type and class from offset 12; lower-cases the name once.
+
+    No compression: a one-question query has nothing earlier to point at (RFC 1035 §4.1.4),
+    so anything above 63 is malformed. Returns 0, or -1 when malformed.
+    """
+    cdef Cursor c
+    cdef unsigned int n, qtype, qclass
+    cdef int total = 1, pos = 0, k
+    c.ptr = a.q + 12
+    c.end = a.q + a.qlen
+    a.nlabels = 0
+    while True:
+        if not cur_u8(&c, &n):
+            return -1
+        if n == 0:
+            break
+        if n > 63:                      # RFC 1035 §2.3.4
+            return -1
+        total += n + 1
+        if total > 255 or cur_left(&c) < n:
+            return -1
+        a.loff[a.nlabels] = pos
+        a.nlabels += 1
+        a.name[pos] = n
+        for k in range(<int>n):
+            a.name[pos + 1 + k] = LOWER[c.ptr[k]]
+        pos += n + 1
+        c.ptr += n
+    a.name[pos] = 0
+    if not cur_u16(&c, &qtype) or not cur_u16(&c, &qclass):
+        return -1
+    a.qtype = qtype
+    a.qclass = qclass
+    a.qend = <int>(c.ptr - a.q)
+    return 0
+
+
+cdef Py_ssize_t skip_name(const uint8_t *q, Py_ssize_t qlen, Py_ssize_t off) noexcept nogil:
+    """Skip a possibly compressed name in the other sections; -1 when malformed."""
+    cdef unsigned int n
+    while True:
+        if off >= qlen:
+            return -1
+        n = q[off]
+        if n == 0:
+            return off + 1
+        if n & 0xC0 == 0xC0:
+            return off + 2 if off + 2 <= qlen else -1
+        if n > 63:
+            return -1
+        off += 1 + n
+
+
+cdef bint opt_options_ok(const uint8_t *q, Py_ssize_t o, Py_ssize_t end) noexcept nogil:
+    # RFC 6891 §6.1.2: OPTION-CODE, OPTION-LENGTH, data; they must tile the rdata exactly.
+    while o < end:
+        if o + 4 > end:
+            return False
+        o += 4 + be16(q + o + 2)
+    return o == end
+
+
+cdef int parse_edns(Ask *a, unsigned int an, unsigned int ns, unsigned int ar,
+                    int *found, unsigned int *size, int *version, int *do_bit) noexcept nogil:
+    """Walk the records after the question; report the OPT if there is one. -1 = FORMERR."""
+    cdef Py_ssize_t off = a.qend, start
+    cdef unsigned int i, rtype, rclass, rdlen
+    cdef uint32_t ttl
+    found[0] = 0
+    for i in range(an + ns + ar):
+        start = off
+        off = skip_name(a.q, a.qlen, off)
+        if off < 0 or off + 10 > a.qlen:
+            return -1
+        rtype = be16(a.q + off)
+        rclass = be16(a.q + off + 2)
+        ttl = be32(a.q + off + 4)
+        rdlen = be16(a.q + off + 8)
+        off += 10 + rdlen
+        if off > a.qlen:
+            return -1
+        if rtype == T_OPT:
+            # RFC 6891 §6.1.1: only in the additional section, owner root, at most one.
+            if i < an + ns or a.q[start] != 0 or found[0]:
+                return -1
+            if not opt_options_ok(a.q, start + 11, off):
+                return -1
+            found[0] = 1
+            size[0] = rclass
+            version[0] = (ttl >> 16) & 0xFF
+            do_bit[0] = (ttl >> 15) & 1
+    return 0
+
+
+# =============================================================================== replies
+
+
+cdef int header_only(const uint8_t *q, int rcode, uint8_t *out, Outcome *res) noexcept nogil:
+    # No question could be echoed: the header alone, all counts zero.
+    memcpy(out, q, 2)
+    put16(out + 2, F_QR | (be16(q + 2) & F_ECHO) | rcode)
+    memset(out + 4, 0, 8)
+    res.length = 12
+    res.rcode = rcode
+    return ACTION_SEND
+
+
+cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, uint8_t *p,
+                   int cap, unsigned int *hflags, unsigned int *counts) noexcept nogil:
+    """Copy the longest segment of ``blob`` that fits in ``room`` and apply its fixups.
+
+    Returns the bytes written, or -1 if they would pass ``cap`` (never for a valid image).
+    """
+    cdef const uint8_t *b = img.base + blob
+    cdef unsigned int nfix = le16(b + 8), nseg = le16(b + 10), k, f
+    cdef const uint8_t *seg = b + IMG_BLOBHDR + ((2 * nfix + 3) & ~3u)
+    cdef const uint8_t *data = seg + nseg * IMG_SEG
+    cdef const uint8_t *best = seg
+    cdef uint32_t end
+    KDNS_CHECK(blob >= IMG_HEADER and blob + IMG_BLOBHDR <= <uint64_t>img.length)
+    hflags[0] |= le16(b)
+    for k in range(1, nseg):
+        if <int64_t>le32(seg + k * IMG_SEG) > room:
+            break
+        best = seg + k * IMG_SEG
+    end = le32(best)
+    KDNS_CHECK(data + end <= img.base + img.length)
+    if end > <uint32_t>cap:
+        return -1
+    counts[0] = le16(best + 4)
+    counts[1] = le16(best + 6)
+    counts[2] = le16(best + 8)
+    if le16(best + 10):
+        hflags[0] |= F_TC               # RFC 2181 §9: answer or authority data was cut
+    memcpy(p, data, end)
+    for k in range(nfix):
+        f = le16(b + IMG_BLOBHDR + 2 * k)
+        if f + 2 <= end:
+            put16(p + f, 0xC000 | apex_ptr)
+    return <int>end
+
+
+cdef int build_reply(const Ask *a, const ImageView *img, uint32_t blob, int rcode,
+                     int apex_ptr, const uint8_t *synth, int synth_len, uint8_t *out, int cap,
+                     Outcome *res) noexcept nogil:
+    """Header + the client's own question (case kept, DNS 0x20) + blob or synthesised RR +
+    OPT, within ``a.limit``. Mirrors refpath.reply."""
+    cdef unsigned int hflags = F_QR | (a.flags & F_ECHO) | rcode
+    cdef unsigned int counts[3]
+    cdef int opt = OPT_LEN if a.edns else 0
+    cdef int room = a.limit - a.qend - opt
+    cdef int body = 0
+    cdef uint8_t *p = out + a.qend
+    counts[0] = counts[1] = counts[2] = 0
+    if a.qend + opt > cap:
+        return ACTION_DROP
+    if synth_len:
+        hflags |= F_AA
+        if synth_len <= room:
+            memcpy(p, synth, synth_len)
+            body = synth_len
+            counts[0] = 1
+        else:
+            hflags |= F_TC
+    elif blob:
+        body = blob_body(img, blob, room, apex_ptr, p, cap - a.qend - opt, &hflags, counts)
+        if body < 0:
+            return ACTION_DROP
+    memcpy(out, a.q, 2)
+    put16(out + 2, hflags)
+    put16(out + 4, 1)
+    put16(out + 6, counts[0])
+    put16(out + 8, counts[1])
+    put16(out + 10, counts[2] + (1 if a.edns else 0))
+    memcpy(out + 12, a.q + 12, a.qend - 12)
+    p += body
+    if a.edns:
+        # RFC 6891 §6.1.2-3: root owner, CLASS = our UDP size, TTL = ext rcode, version, DO.
+        p[0] = 0
+        put16(p + 1, T_OPT)
+        put16(p + 3, a.edns_size)
+        p[5] = a.edns_ext
+        p[6] = 0
+        put16(p + 7, a.edns_do << 15)
+        put16(p + 9, 0)
+        p += OPT_LEN
+    res.length = <int>(p - out)
+    KDNS_CHECK(res.length <= cap)
+    res.rcode = RC_BADVERS if a.edns_ext == 1 else <int>(hflags & 0xF)
+    res.tc = (hflags & F_TC) != 0
+    return ACTION_SEND
+
+
+# =============================================================================== image walk
+
+
+cdef inline const uint8_t *node_at(const ImageView *img, uint32_t i) noexcept nogil:
+    return img.base + img.nodes_off + <size_t>i * IMG_NODE
+
+
+cdef inline const uint8_t *zone_at(const ImageView *img, uint32_t i) noexcept nogil:
+    return img.base + img.zones_off + <size_t>i * IMG_ZONE
+
+
+cdef int64_t find_child(const ImageView *img, const uint8_t *node, const uint8_t *label,
+                        unsigned int n) noexcept nogil:
+    """Binary search of the children, ordered by (length, lower-cased bytes) as compiled."""
+    cdef uint32_t first = le32(node + 4), lo = 0, hi = le32(node + 8), mid
+    cdef const uint8_t *lab
+    cdef int cmp
+    KDNS_CHECK(<uint64_t>first + hi <= img.nnodes)
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        lab = img.base + le32(node_at(img, first + mid))
+        if lab[0] != n:
+            cmp = <int>lab[0] - <int>n
+        else:
+            cmp = memcmp(lab + 1, label, n)
+        if cmp == 0:
+            return first + mid
+        if cmp < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return -1
+
+
+cdef uint32_t lookup_rr(const ImageView *img, uint32_t rr_off, unsigned int nrr,
+                        unsigned int qtype) noexcept nogil:
+    # Exact qtype wins; entry type 0 answers any other type (a CNAME owner's chain).
+    cdef uint32_t default = 0
+    cdef const uint8_t *e = img.base + rr_off
+    cdef unsigned int j, t
+    for j in range(nrr):
+        t = le16(e + j * IMG_RRENT)
+        if t == qtype:
+            return le32(e + j * IMG_RRENT + 4)
+        if t == 0:
+            default = le32(e + j * IMG_RRENT + 4)
+    return default
+
+
+cdef bint label_is(const Ask *a, int i, const char *text, unsigned int n) noexcept nogil:
+    cdef const uint8_t *lab = a.name + a.loff[i]
+    return lab[0] == n and memcmp(lab + 1, text, n) == 0
+
+
+cdef int decimal_octet(const uint8_t *s, unsigned int n) noexcept nogil:
+    """Canonical decimal 0..255 (no sign, no leading zero) or -1, as reverse and pod names
+    spell octets."""
+    cdef unsigned int k
+    cdef int v = 0
+    if n == 0 or n > 3 or (n > 1 and s[0] == 48):
+        return -1
+    for k in range(n):
+        if not 48 <= s[k] <= 57:
+            return -1
+        v = v * 10 + s[k] - 48
+    return v if v <= 255 else -1
+
+
+cdef inline int hex_nibble(uint8_t c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+cdef int reverse_key(const Ask *a, uint8_t *key) noexcept nogil:
+    """Full reverse name (RFC 1035 §3.5, RFC 3596 §2.5) -> family 4/6 and 16-byte key, or 0.
+    Only canonical spellings match, as image.reverse_to_ip."""
+    cdef int k, v, hi_n, lo_n
+    cdef const uint8_t *lab
+    memset(key, 0, 16)
+    if a.nlabels == 6 and label_is(a, 4, b"in-addr", 7) and label_is(a, 5, b"arpa", 4):
+        for k in range(4):
+            lab = a.name + a.loff[3 - k]
+            v = decimal_octet(lab + 1, lab[0])
+            if v < 0:
+                return 0
+            key[k] = v
+        return 4
+    if a.nlabels == 34 and label_is(a, 32, b"ip6", 3) and label_is(a, 33, b"arpa", 4):
+        for k in range(16):
+            lab = a.name + a.loff[31 - 2 * k]
+            if lab[0] != 1:
+                return 0
+            hi_n = hex_nibble(lab[1])
+            lab = a.name + a.loff[30 - 2 * k]
+            if lab[0] != 1:
+                return 0
+            lo_n = hex_nibble(lab[1])
+            if hi_n < 0 or lo_n < 0:
+                return 0
+            key[k] = (hi_n << 4) | lo_n
+        return 6
+    return 0
+
+
+cdef const uint8_t *rev_lookup(const ImageView *img, int fam, const uint8_t *key) noexcept nogil:
+    # Reverse entries are sorted by (family, 16-byte address).
+    cdef uint32_t lo = 0, hi = img.nrev, mid
+    cdef const uint8_t *rec
+    cdef int cmp
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        rec = img.base + img.rev_off + <size_t>mid * IMG_REV
+        cmp = <int>rec[0] - fam
+        if cmp == 0:
+            cmp = memcmp(rec + 4, key, 16)
+        if cmp == 0:
+            return rec
+        if cmp < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return NULL
+
+
+# ------------------------------------------------------------------------ pod names
+
+
+cdef inline bint is_colon(uint8_t c) noexcept nogil:
+    # Pod labels spell IPv6 with dashes for colons (CoreDNS parse.go); a raw ':' counts too,
+    # as refpath replaces dashes and then splits on colons.
+    return c == 58 or c == 45
+
+
+cdef int ipv6_groups(const uint8_t *s, int start, int stop, uint16_t *vals) noexcept nogil:
+    """Split s[start:stop] at colons into 1-4 digit hex groups; count, or -1 if invalid or
+    more than 8 (no valid address has more)."""
+    cdef int n = 0, glen = 0, v = 0, k, h
+    if start == stop:
+        return 0
+    for k in range(start, stop + 1):
+        if k == stop or is_colon(s[k]):
+            if glen == 0 or n == 8:
+                return -1
+            vals[n] = v
+            n += 1
+            glen = v = 0
+            continue
+        h = hex_nibble(s[k])
+        if h < 0 or glen == 4:
+            return -1
+        v = (v << 4) | h
+        glen += 1
+    return n
+
+
+cdef int parse_ipv6(const uint8_t *s, int n, uint8_t *key) noexcept nogil:
+    """RFC 4291 §2.2 text form, hex groups only; '::' stands for at least one group."""
+    cdef int k = 0, count = 0, first = -1, nh, nt, g
+    cdef uint16_t head[8]
+    cdef uint16_t tail[8]
+    # Non-overlapping '::' occurrences, left to right (bytes.count semantics).
+    while k + 1 < n:
+        if is_colon(s[k]) and is_colon(s[k + 1]):
+            count += 1
+            if first < 0:
+                first = k
+            k += 2
+        else:
+            k += 1
+    if count > 1:
+        return 0
+    if count == 1:
+        nh = ipv6_groups(s, 0, first, head)
+        nt = ipv6_groups(s, first + 2, n, tail)
+        if nh < 0 or nt < 0 or nh + nt > 7:
+            return 0
+    else:
+        nh = ipv6_groups(s, 0, n, head)
+        nt = 0
+        if nh != 8:
+            return 0
+    memset(key, 0, 16)
+    for g in range(nh):
+        put16(key + 2 * g, head[g])
+    for g in range(nt):
+        put16(key + 16 - 2 * (nt - g), tail[g])
+    return 6
+
+
+cdef int parse_pod_label(const uint8_t *s, int n, uint8_t *key) noexcept nogil:
+    """Pod label -> family and 16-byte key, or 0 (CoreDNS parse.go): exactly three dashes and
+    no '--' is IPv4 with dashes for dots; anything else is IPv6 with dashes for colons."""
+    cdef int dashes = 0, double = 0, k, start = 0, part = 0, v
+    for k in range(n):
+        if s[k] == 45:
+            dashes += 1
+            if k > 0 and s[k - 1] == 45:
+                double = 1
+    if dashes != 3 or double:
+        return parse_ipv6(s, n, key)
+    memset(key, 0, 16)
+    for k in range(n + 1):
+        if k == n or s[k] == 45:
+            v = decimal_octet(s + start, k - start)
+            if v < 0:
+                return 0
+            key[part] = v
+            part += 1
+            start = k + 1
+    return 4
+
+
+cdef bint pod_ip_known(const ImageView *img, uint32_t off, const uint8_t *key) noexcept nogil:
+    # Verified pod mode: [u32 count][count x 16-byte addresses, sorted].
+    cdef uint32_t lo = 0, hi = le32(img.base + off), mid
+    cdef int cmp
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        cmp = memcmp(img.base + off + 4 + <size_t>mid * 16, key, 16)
+        if cmp == 0:
+            return True
+        if cmp < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return False
+
+
+cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_t extra,
+                    const uint8_t *zone, int apex_ptr, uint8_t *out, int cap,
+                    Outcome *res) noexcept nogil:
+    """<ip>.<namespace>.pod.<zone>: A/AAAA synthesised from the name, NODATA for other types;
+    -1 when the label is no (known) address, so the caller denies the name."""
+    cdef uint8_t key[16]
+    cdef uint8_t rr[28]
+    cdef const uint8_t *lab = a.name + a.loff[0]
+    cdef int fam = parse_pod_label(lab + 1, lab[0], key)
+    cdef int rdlen
+    if fam == 0 or (nflags & NODE_POD_VERIFIED and not pod_ip_known(img, extra, key)):
+        return -1
+    if (fam == 4 and a.qtype == T_A) or (fam == 6 and a.qtype == T_AAAA):
+        rdlen = 4 if fam == 4 else 16
+        put16(rr, 0xC00C)             # owner: the question name
+        put16(rr + 2, a.qtype)
+        put16(rr + 4, CLASS_IN)
+        put32(rr + 6, le32(zone + 8))
+        put16(rr + 10, rdlen)
+        memcpy(rr + 12, key, rdlen)
+        return build_reply(a, img, 0, 0, 0, rr, 12 + rdlen, out, cap, res)
+    return build_reply(a, img, le32(zone + 4), 0, apex_ptr, NULL, 0, out, cap, res)
+
+
+cdef int answer_reverse(const Ask *a, const ImageView *img, uint8_t *out, int cap,
+                        Outcome *res) noexcept nogil:
+    # Reverse names are a sorted table, not trie nodes; a miss belongs to the forwarder.
+    cdef uint8_t key[16]
+    cdef int fam = reverse_key(a, key)
+    cdef const uint8_t *rec
+    cdef const uint8_t *rzone
+    cdef uint32_t blob
+    if fam == 0:
+        return ACTION_HANDOFF
+    rec = rev_lookup(img, fam, key)
+    if rec == NULL:
+        return ACTION_HANDOFF
+    rzone = zone_at(img, le16(rec + 26))
+    blob = lookup_rr(img, le32(rec + 20), le16(rec + 24), a.qtype)
+    if blob:
+        return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+    return build_reply(a, img, le32(rzone + 4), 0, a.qend - 4 - le16(rzone + 12), NULL, 0,
+                       out, cap, res)
+
+
+cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
+                 Outcome *res) noexcept nogil:
+    """Walk the trie right to left to the closest encloser, then HIT / NODATA / NXDOMAIN /
+    pod synthesis / reverse table / handoff, as refpath.resolve."""
+    cdef const uint8_t *node = node_at(img, 0)
+    cdef const uint8_t *zone
+    cdef const uint8_t *lab
+    cdef int64_t zi = -1, c
+    cdef int i = a.nlabels - 1, apex_ptr, act
+    cdef unsigned int nflags
+    cdef uint32_t blob
+    while True:
+        nflags = le16(node + 18)
+        if nflags & NODE_ZONE_APEX:
+            zi = le32(node + 20)
+        if i < 0:
+            break
+        lab = a.name + a.loff[i]
+        c = find_child(img, node, lab + 1, lab[0])
+        if c < 0:
+            break
+        node = node_at(img, <uint32_t>c)
+        i -= 1
+    if zi < 0:
+        res.outside = 1
+        return ACTION_HANDOFF           # outside every zone: the forwarder's
+    zone = zone_at(img, <uint32_t>zi)
+    # The apex inside the echoed question: 12 + qname length - apex length.
+    apex_ptr = a.qend - 4 - le16(zone + 12)
+    if le16(zone + 14) == ZONE_REVERSE and i >= 0:
+        return answer_reverse(a, img, out, cap, res)
+    if not img.flags & FLAG_SYNCED:
+        # Not synced yet: SERVFAIL, never a false NXDOMAIN.
+        return build_reply(a, img, img.servfail, 0, 0, NULL, 0, out, cap, res)
+    if a.qtype == T_AXFR or a.qtype == T_IXFR:
+        return build_reply(a, img, 0, RC_REFUSED, 0, NULL, 0, out, cap, res)
+    if i < 0:
+        blob = lookup_rr(img, le32(node + 12), le16(node + 16), a.qtype)
+        if blob and le16(img.base + blob) & HDR_HANDOFF:
+            return ACTION_HANDOFF           # CNAME to outside: the forwarder completes it
+        if blob:
+            return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+        return build_reply(a, img, le32(zone + 4), 0, apex_ptr, NULL, 0, out, cap, res)
+    if nflags & NODE_POD_NS and i == 0:
+        act = answer_pod(a, img, nflags, le32(node + 20), zone, apex_ptr, out, cap, res)
+        if act >= 0:
+            return act
+    return build_reply(a, img, le32(zone + 4), RC_NXDOMAIN, apex_ptr, NULL, 0, out, cap, res)
+
+
+cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
+                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+    """One query -> action, with the reply in ``out`` (``res.length`` bytes) when SEND.
+
+    ``cap`` must be at least max(reply limit, 12 + 255 + 4 + OPT_LEN). Mirrors
+    refpath.answer step by step.
+    """
+    cdef Ask a
+    cdef unsigned int qd, an, ns, ar, opt_size = 0
+    cdef int opcode, found = 0, version = 0, do_bit = 0
+    res.length = 0
+    res.qtype = -1
+    res.rcode = 0
+    res.tc = 0
+    res.outside = 0
+    if qlen < 12:
+        return ACTION_DROP
+    a.q = q
+    a.qlen = qlen
+    a.flags = be16(q + 2)
+    if a.flags & F_QR:
+        return ACTION_DROP              # a response: never answer it (no reflection loops)
+    opcode = (a.flags >> 11) & 0xF
+    qd = be16(q + 4)
+    an = be16(q + 6)
+    ns = be16(q + 8)
+    ar = be16(q + 10)
+    if qd != 1 or parse_question(&a) < 0:
+        return header_only(q, RC_NOTIMP if opcode else RC_FORMERR, out, res)
+    res.qtype = a.qtype
+    a.edns = 0
+    a.edns_ext = 0
+    a.limit = 0
+    if opcode:
+        return build_reply(&a, img, 0, RC_NOTIMP, 0, NULL, 0, out, cap, res)
+    if parse_edns(&a, an, ns, ar, &found, &opt_size, &version, &do_bit) < 0:
+        return build_reply(&a, img, 0, RC_FORMERR, 0, NULL, 0, out, cap, res)
+    if found:
+        a.edns = 1
+        a.edns_do = do_bit
+        a.edns_size = <int>opt_size if <int>opt_size < edns_max else edns_max
+        if a.edns_size < EDNS_MIN:
+            a.edns_size = EDNS_MIN
+        if version > 0:
+            a.edns_ext = 1              # BADVERS (RFC 6891 §6.1.3)
+            return build_reply(&a, img, 0, 0, 0, NULL, 0, out, cap, res)
+        a.limit = TCP_MAX if tcp else a.edns_size
+    else:
+        a.limit = TCP_MAX if tcp else UDP_PLAIN
+    if a.qclass != CLASS_IN:
+        return ACTION_HANDOFF
+    return resolve(&a, img, out, cap, res)
+
+
+# =============================================================================== counters
+
+
+cdef inline int size_bucket(Py_ssize_t n) noexcept nogil:
+    cdef int k
+    for k in range(NSIZE - 1):
+        if n <= SIZE_BOUNDS[k]:
+            return k
+    return NSIZE - 1
+
+
+cdef inline int latency_bucket(int64_t ns) noexcept nogil:
+    # counters.LATENCY_BOUNDS are 0.25 ms * 2**k, i.e. exactly 250000 << k nanoseconds.
+    cdef int k
+    for k in range(NLAT - 1):
+        if ns <= (<int64_t>250000 << k):
+            return k
+    return NLAT - 1
+
+
+cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
+                       const Outcome *res) noexcept nogil:
+    """One received query: its type, request size and what became of it."""
+    cdef int qi = QTYPE_INDEX[res.qtype] if 0 <= res.qtype < 256 else NQTYPES - 1
+    cdef int ev = C_EVENTS + proto * NEVENTS
+    cdef int rq = C_REQ_SIZE + proto * (NSIZE + 1)
+    cdef int rs = C_RESP_SIZE + proto * (NSIZE + 1)
+    ctr[C_QUERIES + proto * NQTYPES + qi] += 1
+    ctr[rq + size_bucket(reqlen)] += 1
+    ctr[rq + NSIZE] += <uint64_t>reqlen
+    if action == ACTION_SEND:
+        ctr[C_RCODE + proto * NRCODES + res.rcode] += 1
+        ctr[rs + size_bucket(res.length)] += 1
+        ctr[rs + NSIZE] += <uint64_t>res.length
+        if res.tc:
+            ctr[ev + EV_TRUNCATED] += 1
+        if res.rcode == RC_FORMERR:
+            ctr[ev + EV_FORMERR] += 1
+    elif action == ACTION_HANDOFF:
+        ctr[ev + EV_HANDOFF] += 1
+    else:
+        ctr[ev + EV_DROPPED] += 1
+
+
+cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil:
+    cdef int base = C_LATENCY + proto * (NLAT + 1)
+    if ns < 0:
+        ns = 0
+    ctr[base + latency_bucket(ns)] += npackets
+    ctr[base + NLAT] += npackets * <uint64_t>ns
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+def counter_layout():
+    """Counter name -> word index, built from the .pxd constants (must equal
+    kdns.packet.counters.LAYOUT; tests/test_counters.py checks it)."""
+    cdef int p, k
+    out = {"image_generation": C_IMAGE_GENERATION}
+    protos = ("udp", "tcp")
+    for p in range(2):
+        for k in range(NQTYPES):
+            out[f"queries_{protos[p]}_{_QTYPE_NAMES[k]}"] = C_QUERIES + p * NQTYPES + k
+    for p in range(2):
+        for k in range(NRCODES):
+            out[f"rcode_{protos[p]}_{k}"] = C_RCODE + p * NRCODES + k
+    for kind, base in (("request_size", C_REQ_SIZE), ("response_size", C_RESP_SIZE)):
+        for p in range(2):
+            for k in range(NSIZE):
+                out[f"{kind}_{protos[p]}_bucket_{k}"] = base + p * (NSIZE + 1) + k
+            out[f"{kind}_{protos[p]}_sum"] = base + p * (NSIZE + 1) + NSIZE
+    for p in range(2):
+        for k in range(NLAT):
+            out[f"latency_{protos[p]}_bucket_{k}"] = C_LATENCY + p * (NLAT + 1) + k
+        out[f"latency_{protos[p]}_sum_ns"] = C_LATENCY + p * (NLAT + 1) + NLAT
+    for p in range(2):
+        for k in range(NEVENTS):
+            out[f"{_EVENT_NAMES[k]}_{protos[p]}"] = C_EVENTS + p * NEVENTS + k
+    return out
+
+
+# =============================================================================== Python API
+
+
+cdef class Image:
+    """A mapped zone image (bytes, mmap, any buffer); keeps the buffer alive and exported.
+
+    The header is checked here, once, so the packet path can trust the offsets: magic,
+    length, and that every table, label, rr entry, pod list and blob lies inside the image.
+    """
+
+    def __cinit__(self, buffer):
+        cdef const uint8_t[::1] mem = memoryview(buffer).cast("B")
+        cdef const uint8_t *b
+        if mem.shape[0] < IMG_HEADER:
+            raise ValueError(f"not a kdns image: {mem.shape[0]} bytes is shorter than the header")
+        b = &mem[0]
+        if memcmp(b, b"KDNSIMG1", 8) != 0:
+            raise ValueError("not a kdns image: bad magic (expected KDNSIMG1)")
+        if le32(b + 8) != <uint64_t>mem.shape[0]:
+            raise ValueError(f"kdns image length mismatch: header says {le32(b + 8)}, "
+                             f"buffer has {mem.shape[0]} bytes")
+        self.buffer = buffer
+        self.mem = mem
+        self.view.base = b
+        self.view.length = mem.shape[0]
+        self.view.flags = le32(b + 12)
+        self.view.nodes_off = le32(b + 16)
+        self.view.nnodes = le32(b + 20)
+        self.view.zones_off = le32(b + 24)
+        self.view.nzones = le32(b + 28)
+        self.view.rev_off = le32(b + 32)
+        self.view.nrev = le32(b + 36)
+        self.view.servfail = le32(b + 40)
+        problem = check_layout(&self.view)
+        if problem:
+            raise ValueError(f"corrupt kdns image: {problem}; recompile it")
+
+    def verify(self):
+        """Check the header's crc32 of bytes [64, length); True, or ValueError."""
+        crc = zlib.crc32(self.mem[IMG_HEADER:])
+        if crc != le32(self.view.base + 56):
+            raise ValueError(f"kdns image crc32 mismatch: header {le32(self.view.base + 56):#x}, "
+                             f"data {crc:#x}; the image is corrupt")
+        return True
+
+    @property
+    def serial(self):
+        return (<uint64_t>le32(self.view.base + 48)) | (<uint64_t>le32(self.view.base + 52) << 32)
+
+    @property
+    def synced(self):
+        return bool(self.view.flags & FLAG_SYNCED)
+
+    @property
+    def nbytes(self):
+        return self.view.length
+
+
+cdef bint span_ok(const ImageView *v, uint64_t off, uint64_t n) noexcept nogil:
+    return off + n <= <uint64_t>v.length
+
+
+cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
+    cdef const uint8_t *b
+    cdef uint64_t nfix, nseg, dlen, seg, data
+    cdef unsigned int k
+    if off < IMG_HEADER or not span_ok(v, off, IMG_BLOBHDR):
+        return False
+    b = v.base + off
+    nfix = le16(b + 8)
+    nseg = le16(b + 10)
+    dlen = le32(b + 12)
+    seg = off + IMG_BLOBHDR + ((2 * nfix + 3) & ~3u)
+    data = seg + nseg * IMG_SEG
+    if nseg == 0 or not span_ok(v, data, dlen):
+        return False
+    for k in range(nseg):
+        if le32(v.base + seg + k * IMG_SEG) > dlen:
+            return False
+    return True
+
+
+cdef enum:
+    # scan_layout's findings; check_layout words them.
+    LAYOUT_OK, LAYOUT_NODES, LAYOUT_ZONES, LAYOUT_REV, LAYOUT_SERVFAIL, LAYOUT_LABEL
+    LAYOUT_CHILDREN, LAYOUT_ZONE_INDEX, LAYOUT_POD_LIST, LAYOUT_NODE_RRS, LAYOUT_ZONE
+    LAYOUT_REV_ENTRY
+
+
+cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
+    """Every offset the packet path follows stays inside the image (it is shared memory,
+    and a bad offset would read out of bounds instead of raising). Without the GIL: a
+    worker checks a new image of tens of MiB while its loop keeps serving (issue 4)."""
+    cdef uint32_t i
+    cdef const uint8_t *n
+    cdef const uint8_t *e
+    if not span_ok(v, v.nodes_off, <uint64_t>v.nnodes * IMG_NODE) or v.nnodes == 0:
+        return LAYOUT_NODES
+    if not span_ok(v, v.zones_off, <uint64_t>v.nzones * IMG_ZONE):
+        return LAYOUT_ZONES
+    if not span_ok(v, v.rev_off, <uint64_t>v.nrev * IMG_REV):
+        return LAYOUT_REV
+    if not blob_ok(v, v.servfail):
+        return LAYOUT_SERVFAIL
+    for i in range(v.nnodes):
+        where[0] = i
+        n = node_at(v, i)
+        if not span_ok(v, le32(n), 1) or not span_ok(v, le32(n), 1 + v.base[le32(n)]):
+            return LAYOUT_LABEL
+        if <uint64_t>le32(n + 4) + le32(n + 8) > v.nnodes:
+            return LAYOUT_CHILDREN
+        if le16(n + 18) & NODE_ZONE_APEX and le32(n + 20) >= v.nzones:
+            return LAYOUT_ZONE_INDEX
+        if le16(n + 18) & NODE_POD_VERIFIED and not (
+                span_ok(v, le32(n + 20), 4) and
+                span_ok(v, le32(n + 20) + 4, <uint64_t>le32(v.base + le32(n + 20)) * 16)):
+            return LAYOUT_POD_LIST
+        if not rr_entries_ok(v, le32(n + 12), le16(n + 16)):
+            return LAYOUT_NODE_RRS
+    for i in range(v.nzones):
+        where[0] = i
+        e = zone_at(v, i)
+        if le32(e) >= v.nnodes or not blob_ok(v, le32(e + 4)):
+            return LAYOUT_ZONE
+    for i in range(v.nrev):
+        where[0] = i
+        e = v.base + v.rev_off + <size_t>i * IMG_REV
+        if le16(e + 26) >= v.nzones or not rr_entries_ok(v, le32(e + 20), le16(e + 24)):
+            return LAYOUT_REV_ENTRY
+    return LAYOUT_OK
+
+
+cdef str check_layout(const ImageView *v):
+    """``scan_layout``'s finding in words; "" when the layout is sound."""
+    cdef uint32_t i = 0
+    cdef int code
+    with nogil:
+        code = scan_layout(v, &i)
+    return {LAYOUT_OK: "", LAYOUT_NODES: "node table out of bounds",
+            LAYOUT_ZONES: "zone table out of bounds",
+            LAYOUT_REV: "reverse table out of bounds",
+            LAYOUT_SERVFAIL: "SERVFAIL blob out of bounds",
+            LAYOUT_LABEL: f"label of node {i} out of bounds",
+            LAYOUT_CHILDREN: f"children of node {i} out of bounds",
+            LAYOUT_ZONE_INDEX: f"zone index of node {i} out of bounds",
+            LAYOUT_POD_LIST: f"pod list of node {i} out of bounds",
+            LAYOUT_NODE_RRS: f"rr entries of node {i} out of bounds",
+            LAYOUT_ZONE: f"zone {i} out of bounds",
+            LAYOUT_REV_ENTRY: f"reverse entry {i} out of bounds"}[code]
+
+
+cdef bint rr_entries_ok(const ImageView *v, uint32_t off, unsigned int nrr) noexcept nogil:
+    cdef unsigned int j
+    if not span_ok(v, off, <uint64_t>nrr * IMG_RRENT):
+        return False
+    for j in range(nrr):
+        if not blob_ok(v, le32(v.base + off + j * IMG_RRENT + 4)):
+            return False
+    return True
+
+
+cdef class Counters:
+    """One worker's page of shared counters: counters.SLOT_WORDS native uint64 words over a
+    writable buffer (one writer per page, so plain increments suffice)."""
+
+    def __cinit__(self, buffer):
+        cdef uint8_t[::1] mem = memoryview(buffer).cast("B")
+        if mem.shape[0] < SLOT_WORDS * 8:
+            raise ValueError(f"counter page needs {SLOT_WORDS * 8} bytes, got {mem.shape[0]}")
+        if (<uintptr_t>&mem[0]) % 8:
+            raise ValueError("counter page must be 8-byte aligned (use mmap or a page slice)")
+        self.mem = mem
+        self.words = <uint64_t *>&mem[0]
+
+    def __len__(self):
+        return SLOT_WORDS
+
+    def __getitem__(self, Py_ssize_t i):
+        if not 0 <= i < SLOT_WORDS:
+            raise IndexError(i)
+        return self.words[i]
+
+    def __setitem__(self, Py_ssize_t i, uint64_t value):
+        if not 0 <= i < SLOT_WORDS:
+            raise IndexError(i)
+        self.words[i] = value
+
+
+def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232):
+    """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
+    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max)."""
+    cdef Outcome res
+    cdef int action
+    cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        action = answer_query(&img.view, <const uint8_t *><const char *>query, len(query), tcp,
+                              edns_max, out, OUT_MAX, &res)
+        if action != ACTION_SEND:
+            return action, b""
+        return action, PyBytes_FromStringAndSize(<char *>out, res.length)
+    finally:
+        PyMem_Free(out)
+
+
+def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
+               int edns_max=1232):
+    """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
+    RFC 7766 framing stays with the caller; TCP is not the hot path."""
+    cdef Outcome res
+    cdef int action
+    cdef int64_t t0
+    cdef Py_ssize_t n = msg.shape[0]
+    cdef const uint8_t *q = &msg[0] if n else NULL
+    cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            t0 = now_ns()
+            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res)
+            count_packet(c.words, PROTO_TCP, n, action, &res)
+            count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
+        if action != ACTION_SEND:
+            return action, b""
+        return action, PyBytes_FromStringAndSize(<char *>out, res.length)
+    finally:
+        PyMem_Free(out)
+
+
+def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tcp=False,
+                 int edns_max=1232):
+    """Mean nanoseconds per answer_query() over ``n`` runs, with no Python in the loop."""
+    cdef Outcome res
+    cdef Py_ssize_t k
+    cdef int64_t t0, t1
+    cdef uint64_t sink = 0
+    cdef const uint8_t *q = <const uint8_t *><const char *>query
+    cdef Py_ssize_t qlen = len(query)
+    cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            t0 = now_ns()
+            for k in range(n):
+                sink += answer_query(&img.view, q, qlen, tcp, edns_max, out, OUT_MAX, &res)
+                sink += res.length
+            t1 = now_ns()
+        if sink == 0 and n > 0:
+            return float("nan")          # keeps ``sink`` observable to the optimiser
+        return (t1 - t0) / <double>max(n, 1)
+    finally:
+        PyMem_Free(out)
+
+
+include "pktcache.pxi"
+include "fwd.pxi"
+include "_compile.pxi"
+
+
+cdef class UdpServer:
+    """Drains one UDP socket in batches with the GIL released: recvmmsg, answer each packet
+    in place, one sendmmsg (NSD's handle_udp shape). All buffers are allocated here, once.
+
+    Packets the image does not answer are kept for the caller (the forwarder's work):
+    ``serve`` returns how many, ``handoff_packet(i)`` / ``handoff_addr(i)`` give them back.
+    The socket is the caller's: this class never closes it. One thread serves at a time
+    (the buffers are the server's own, reused by every call).
+    """
+    cdef int fd
+    cdef int edns_max
+    cdef int batch
+    cdef int nhandoff
+    cdef readonly int last_errno
+    cdef mmsghdr *rmsgs
+    cdef mmsghdr *smsgs
+    cdef iovec *riov
+    cdef iovec *siov
+    cdef sockaddr_storage *addrs
+    cdef uint8_t *inbuf
+    cdef uint8_t *outbuf
+    cdef uint8_t *hbuf
+    cdef uint16_t *hlen
+    cdef sockaddr_storage *haddr
+    cdef object cache                   # PacketCache or None; ctab/cmask point into it
+    cdef PCEntry *ctab
+    cdef uint64_t cmask
+    cdef int cedns
+    cdef object fwd                     # FwdEngine or None; fws points into it
+    cdef FwState *fws
+
+    def __cinit__(self, int fd, int edns_max=1232, int batch=64):
+        if fd < 0:
+            raise ValueError(f"fd must be an open socket, got {fd}")
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"batch must be between 1 and 1024, got {batch}")
+        self.fd = fd
+        self.edns_max = min(edns_max, UDP_BUF)  # a reply must fit its slot's buffer
+        self.batch = batch
+        self.rmsgs = <mmsghdr *>PyMem_Malloc(batch * sizeof(mmsghdr))
+        self.smsgs = <mmsghdr *>PyMem_Malloc(batch * sizeof(mmsghdr))
+        self.riov = <iovec *>PyMem_Malloc(batch * sizeof(iovec))
+        self.siov = <iovec *>PyMem_Malloc(batch * sizeof(iovec))
+        self.addrs = <sockaddr_storage *>PyMem_Malloc(batch * sizeof(sockaddr_storage))
+        self.inbuf = <uint8_t *>PyMem_Malloc(batch * UDP_BUF)
+        self.outbuf = <uint8_t *>PyMem_Malloc(batch * UDP_BUF)
+        self.hbuf = <uint8_t *>PyMem_Malloc(HANDOFF_CAP * UDP_BUF)
+        self.hlen = <uint16_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(uint16_t))
+        self.haddr = <sockaddr_storage *>PyMem_Malloc(HANDOFF_CAP * sizeof(sockaddr_storage))
+        if not (self.rmsgs and self.smsgs and self.riov and self.siov and self.addrs and
+                self.inbuf and self.outbuf and self.hbuf and self.hlen and self.haddr):
+            raise MemoryError()
+        memset(self.rmsgs, 0, batch * sizeof(mmsghdr))
+        memset(self.smsgs, 0, batch * sizeof(mmsghdr))
+        memset(self.haddr, 0, HANDOFF_CAP * sizeof(sockaddr_storage))
+        cdef int i
+        for i in range(batch):
+            self.riov[i].iov_base = self.inbuf + i * UDP_BUF
+            self.riov[i].iov_len = UDP_BUF
+            self.rmsgs[i].msg_hdr.msg_iov = &self.riov[i]
+            self.rmsgs[i].msg_hdr.msg_iovlen = 1
+            self.rmsgs[i].msg_hdr.msg_name = &self.addrs[i]
+            self.smsgs[i].msg_hdr.msg_iov = &self.siov[i]
+            self.smsgs[i].msg_hdr.msg_iovlen = 1
+
+    def __dealloc__(self):
+        PyMem_Free(self.rmsgs)
+        PyMem_Free(self.smsgs)
+        PyMem_Free(self.riov)
+        PyMem_Free(self.siov)
+        PyMem_Free(self.addrs)
+        PyMem_Free(self.inbuf)
+        PyMem_Free(self.outbuf)
+        PyMem_Free(self.hbuf)
+        PyMem_Free(self.hlen)
+        PyMem_Free(self.haddr)
+
+    def set_cache(self, PacketCache cache):
+        """Answer hand-offs found in ``cache`` here, without Python (None: stop)."""
+        self.cache = cache
+        self.ctab = cache.tab if cache is not None else NULL
+        self.cmask = cache.mask if cache is not None else 0
+        self.cedns = cache.edns_size if cache is not None else 0
+
+    def set_forwarder(self, FwdEngine fwd):
+        """Forward plain cache misses from C (fwd.pxi); None: Python does."""
+        self.fwd = fwd
+        self.fws = fwd.s if fwd is not None else NULL
+
+    def serve(self, Image img not None, Counters c not None, int max_batches=16):
+        """Drain the socket: at most ``max_batches`` recvmmsg batches, stopping early when it
+        is empty or the handoff area is full. Returns the number of handoff packets stored.
+        A socket error other than EAGAIN/EINTR ends the call and is left in ``last_errno``."""
+        cdef ImageView view = img.view
+        cdef uint64_t *ctr = c.words
+        cdef int err
+        self.nhandoff = 0
+        with nogil:
+            err = self.drain(&view, ctr, max_batches)
+        self.last_errno = err
+        return self.nhandoff
+
+    def pump(self, Image img not None, Counters c not None, int budget_us=2000,
+             int max_batches=16):
+        """serve() and the compiled forwarder's reply drain in one loop without the GIL
+        (issue 5, forwarding.CompiledForward): waits on the client socket and the upstream
+        sockets together, so a forwarded query and its reply cost no trip through the event
+        loop. Returns to Python after ``budget_us`` at most, as soon as Python has work (hand-
+        offs, handbacks), or when both sides stay idle for a millisecond. Same return value
+        as serve(). Without a forwarder it is serve()."""
+        cdef ImageView view = img.view
+        cdef uint64_t *ctr = c.words
+        cdef int err
+        cdef epoll_event ev
+        if self.fws == NULL:
+            return self.serve(img, c, max_batches)
+        if not self.fws.client_watched:
+            ev.events = EPOLLIN
+            ev.data.u32 = FW_CLIENT
+            if epoll_ctl(self.fws.epfd, EPOLL_CTL_ADD, self.fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl failed")
+            self.fws.client_watched = 1
+        self.nhandoff = 0
+        with nogil:
+            err = self.pump_loop(&view, ctr, budget_us, max_batches)
+        self.last_errno = err
+        return self.nhandoff
+
+    cdef int pump_loop(self, const ImageView *img, uint64_t *ctr, int budget_us,
+                       int max_batches) noexcept nogil:
+        cdef epoll_event evs[FW_EVENTS]
+        cdef FwState *s = self.fws
+        cdef int n, i, err, wait = 0
+        cdef bint client
+        cdef int64_t now, end = now_ns() + <int64_t>budget_us * 1000
+        while True:
+            n = epoll_wait(s.epfd, evs, FW_EVENTS, wait)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                return 0
+            if n == 0 and wait:
+                return 0                # idle: back to the event loop
+            client = False
+            now = now_ns()
+            for i in range(n):
+                if evs[i].data.u32 == FW_CLIENT:
+                    client = True
+                elif <int>evs[i].data.u32 < s.nsock:
+                    fw_drain_sock(s, evs[i].data.u32, ctr, now)
+            fw_tx_flush(s)
+            if client:
+                err = self.drain(img, ctr, max_batches)
+                if err:
+                    return err
+            if self.nhandoff or s.nhb or s.ndone or now_ns() >= end:
+                return 0
+            wait = 1
+
+    cdef int drain(self, const ImageView *img, uint64_t *ctr, int max_batches) noexcept nogil:
+        cdef int b, n, want, e
+        cdef int64_t t0
+        for b in range(max_batches):
+            want = min(self.batch, HANDOFF_CAP - self.nhandoff)
+            if want <= 0:
+                return 0                # handoff area full: the caller forwards first
+            for n in range(want):
+                self.rmsgs[n].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                self.rmsgs[n].msg_hdr.msg_flags = 0
+            n = recvmmsg(self.fd, self.rmsgs, want, MSG_DONTWAIT, NULL)
+            if n < 0:
+                e = errno
+                if e == EINTR:
+                    continue
+                return 0 if KDNS_WOULD_BLOCK(e) else e
+            t0 = now_ns()
+            self.send_all(ctr, self.answer_batch(img, ctr, n))
+            if self.fws != NULL and self.fws.nq:
+                fw_flush(self.fws)
+            count_latency(ctr, PROTO_UDP, n, now_ns() - t0)
+            if n < want:
+                return 0                # drained: a further recvmmsg would say EAGAIN
+        return 0
+
+    cdef int answer_batch(self, const ImageView *img, uint64_t *ctr, int n) noexcept nogil:
+        """Answer packets [0, n) into their out slots; queue replies, keep handoffs."""
+        cdef int i, action, nsend = 0
+        cdef Outcome res
+        cdef uint8_t *inp
+        cdef uint8_t *outp
+        cdef Py_ssize_t plen
+        cdef int64_t now = 0
+        for i in range(n):
+            if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                # Larger than any query we accept; answering a prefix would be wrong.
+                ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_DROPPED] += 1
+                continue
+            inp = self.inbuf + i * UDP_BUF
+            outp = self.outbuf + i * UDP_BUF
+            plen = self.rmsgs[i].msg_len
+            action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res)
+            if action == ACTION_HANDOFF and self.ctab != NULL:
+                # Outside the image: the forwarder's cache may hold it (issue 5).
+                if now == 0:
+                    now = now_ns()
+                action = cache_answer(self.ctab, self.cmask, self.cedns, inp, plen, now,
+                                      outp, &res)
+                ctr[C_EVENTS + PROTO_UDP * NEVENTS +
+                    (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
+            count_packet(ctr, PROTO_UDP, plen, action, &res)
+            if action == ACTION_HANDOFF and res.outside and self.fws != NULL:
+                if now == 0:
+                    now = now_ns()
+                if fw_submit(self.fws, inp, plen, &self.addrs[i],
+                             self.rmsgs[i].msg_hdr.msg_namelen, now):
+                    continue                # forwarded from C: its reply comes via drain
+            if action == ACTION_SEND:
+                self.siov[nsend].iov_base = outp
+                self.siov[nsend].iov_len = res.length
+                self.smsgs[nsend].msg_hdr.msg_name = &self.addrs[i]
+                self.smsgs[nsend].msg_hdr.msg_namelen = self.rmsgs[i].msg_hdr.msg_namelen
+                nsend += 1
+            elif action == ACTION_HANDOFF:
+                memcpy(self.hbuf + self.nhandoff * UDP_BUF, inp, plen)
+                self.hlen[self.nhandoff] = <uint16_t>plen
+                memcpy(&self.haddr[self.nhandoff], &self.addrs[i], sizeof(sockaddr_storage))
+                self.nhandoff += 1
+        return nsend
+
+    cdef void send_all(self, uint64_t *ctr, int nsend) noexcept nogil:
+        # sendmmsg may send a prefix; resume after it. A full socket buffer (EAGAIN) drops
+        # the rest, as a busy server must; any other error loses only that one datagram.
+        cdef int sent = 0, r, e
+        cdef uint64_t *failed = &ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_SEND_FAILED]
+        while sent < nsend:
+            r = sendmmsg(self.fd, self.smsgs + sent, nsend - sent, MSG_DONTWAIT)
+            if r > 0:
+                sent += r
+                continue
+            e = errno
+            if r < 0 and e == EINTR:
+                continue
+            if r == 0 or KDNS_WOULD_BLOCK(e):
+                failed[0] += nsend - sent
+                return
+            failed[0] += 1
+            sent += 1
+
+    def handoff_packet(self, int i):
+        if not 0 <= i < self.nhandoff:
+            raise IndexError(f"handoff index {i} out of range (have {self.nhandoff})")
+        return PyBytes_FromStringAndSize(<char *>self.hbuf + i * UDP_BUF, self.hlen[i])
+
+    def handoff_addr(self, int i):
+        """The client's address, socket-module style: (host, port) or
+        (host, port, flowinfo, scope_id)."""
+        cdef char text[INET6_ADDRSTRLEN + 1]
+        cdef sockaddr_in *a4
+        cdef sockaddr_in6 *a6
+        if not 0 <= i < self.nhandoff:
+            raise IndexError(f"handoff index {i} out of range (have {self.nhandoff})")
+        if self.haddr[i].ss_family == AF_INET:
+            a4 = <sockaddr_in *>&self.haddr[i]
+            inet_ntop(AF_INET, &a4.sin_addr, text, sizeof(text))
+            return (text.decode("ascii"), ntohs(a4.sin_port))
+        if self.haddr[i].ss_family == AF_INET6:
+            a6 = <sockaddr_in6 *>&self.haddr[i]
+            inet_ntop(AF_INET6, &a6.sin6_addr, text, sizeof(text))
+            return (text.decode("ascii"), ntohs(a6.sin6_port), ntohl(a6.sin6_flowinfo),
+                    a6.sin6_scope_id)
+        raise ValueError(f"unsupported address family {self.haddr[i].ss_family}")
+
+
+def _count_latency_for_test(Counters c not None, int64_t ns):
+    """Count one UDP packet that took ``ns``: lets tests pin the bucket edges."""
+    count_latency(c.words, PROTO_UDP, 1, ns)

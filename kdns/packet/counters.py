@@ -1,0 +1,239 @@
+"""Layout of the per-worker shared counters: the one definition both packet paths follow.
+
+Why: metrics must cost the packet path nothing, so each worker increments plain uint64 slots
+in its own page of shared memory (one writer per slot, no atomics needed), and the supervisor
+sums the pages when Prometheus scrapes. ``_fastpath.pxd`` mirrors these indices as C
+constants; ``tests/test_counters.py`` checks that the two agree.
+
+Histograms are stored as per-bucket counts (not cumulative) plus a sum; the renderer
+accumulates them. Bucket bounds follow CoreDNS so dashboards keep working (issue 6).
+"""
+from __future__ import annotations
+
+import struct
+
+PROTOS = ("udp", "tcp")
+# Query types counted by name; everything else is "other" (bounded label set, issue 6).
+QTYPES = (("A", 1), ("AAAA", 28), ("SRV", 33), ("PTR", 12), ("TXT", 16), ("SOA", 6),
+          ("NS", 2), ("CNAME", 5), ("MX", 15), ("ANY", 255), ("AXFR", 252), ("IXFR", 251),
+          ("HTTPS", 65), ("SVCB", 64), ("other", 0))
+NRCODES = 17          # rcodes 0..15 from the header, 16 = BADVERS (RFC 6891)
+# Size buckets in bytes (CoreDNS dns.ResponseSizeBuckets); a final +Inf bucket follows.
+SIZE_BOUNDS = (0, 100, 200, 300, 400, 511, 1023, 2047, 4095, 8291, 16000, 32000, 48000, 64000)
+# Latency buckets in seconds (CoreDNS plugin.TimeBuckets: 0.00025 * 2**k); +Inf follows.
+LATENCY_BOUNDS = tuple(0.00025 * 2 ** k for k in range(16))
+SLOT_WORDS = 1024     # uint64 words per worker page (room to grow without a format change)
+
+GAUGES = ("image_generation",)
+EVENTS = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit", "cache_miss")
+
+
+def _layout() -> dict[str, int]:
+    names: list[str] = list(GAUGES)
+    for p in PROTOS:
+        names += [f"queries_{p}_{t}" for t, _ in QTYPES]
+    for p in PROTOS:
+        names += [f"rcode_{p}_{r}" for r in range(NRCODES)]
+    for kind in ("request_size", "response_size"):
+        for p in PROTOS:
+            names += [f"{kind}_{p}_bucket_{i}" for i in range(len(SIZE_BOUNDS) + 1)]
+            names.append(f"{kind}_{p}_sum")
+    for p in PROTOS:
+        names += [f"latency_{p}_bucket_{i}" for i in range(len(LATENCY_BOUNDS) + 1)]
+        names.append(f"latency_{p}_sum_ns")
+    for p in PROTOS:
+        names += [f"{e}_{p}" for e in EVENTS]
+    assert len(names) <= SLOT_WORDS
+    return {n: i for i, n in enumerate(names)}
+
+
+LAYOUT = _layout()
+
+
+def qtype_index(qtype: int) -> int:
+    for i, (_, code) in enumerate(QTYPES):
+        if code == qtype:
+            return i
+    return len(QTYPES) - 1
+
+
+def size_bucket(n: int) -> int:
+    for i, bound in enumerate(SIZE_BOUNDS):
+        if n <= bound:
+            return i
+    return len(SIZE_BOUNDS)
+
+
+def latency_bucket(ns: int) -> int:
+    for i, bound in enumerate(LATENCY_BOUNDS):
+        if ns <= bound * 1e9:
+            return i
+    return len(LATENCY_BOUNDS)
+
+
+def sum_slots(buf, nslots: int) -> list[int]:
+    """Sum the pages of ``nslots`` workers (memoryview of uint64) into one list."""
+    words = memoryview(buf).cast("B").cast("Q")
+    total = [0] * len(LAYOUT)
+    for s in range(nslots):
+        base = s * SLOT_WORDS
+        for i in range(len(LAYOUT)):
+            total[i] += words[base + i]
+    return total
+
+
+# ------------------------------------------------------------------ forwarder (Python-written)
+# Issue 6: the forwarder runs in Python in each worker and keeps plain-int counters on its
+# Forwarder object; the worker copies their increase into this region of its own page once a
+# second (never per query), so the supervisor can render coredns_forward_* / coredns_cache_*.
+# The region sits at the top of the page, outside LAYOUT: the compiled path never writes it,
+# so _fastpath.pxd does not mirror it.
+FWD_UPSTREAMS = 8         # per-worker upstream rows; further upstreams share the last row
+FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other")
+FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
+               "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight")
+FWD_GAUGES = ("cache_entries", "cache_capacity")
+# Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures,
+# rcodes, latency buckets (LATENCY_BOUNDS + Inf), latency sum in ns.
+FWD_ROW = 2 + 1 + 1 + 1 + len(FWD_RCODES) + len(LATENCY_BOUNDS) + 1 + 1
+FWD_WORDS = len(FWD_GLOBALS) + FWD_UPSTREAMS * FWD_ROW
+FWD_BASE = SLOT_WORDS - FWD_WORDS
+assert len(LAYOUT) <= FWD_BASE
+
+# Issue 4: when the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
+# to the forwarder region (so not mirrored by _fastpath.pxd either): DNS programming latency
+# ends when the last worker serves a change, not when the controller next looks.
+SWAPPED_NS_WORD = FWD_BASE - 1
+assert len(LAYOUT) <= SWAPPED_NS_WORD
+
+
+def _row(u: int) -> int:
+    return FWD_BASE + len(FWD_GLOBALS) + u * FWD_ROW
+
+
+def forward_totals(buf, nslots: int) -> dict:
+    """Sum the forwarder region of ``nslots`` pages: globals by name, and one dict per
+    upstream address seen (requests, failures, rcodes, latency buckets, latency_sum_ns)."""
+    import ipaddress
+    words = memoryview(buf).cast("B").cast("Q")
+    out = {name: 0 for name in FWD_GLOBALS}
+    ups: dict[str, dict] = {}
+    nlat = len(LATENCY_BOUNDS) + 1
+    for s in range(nslots):
+        base = s * SLOT_WORDS
+        for i, name in enumerate(FWD_GLOBALS):
+            out[name] += words[base + FWD_BASE + i]
+        for u in range(FWD_UPSTREAMS):
+            r = base + _row(u)
+            port = words[r + 2]
+            if not port:
+                continue
+            raw = words[r].to_bytes(8, "little") + words[r + 1].to_bytes(8, "little")
+            ip = ipaddress.IPv6Address(raw)
+            host = str(ip.ipv4_mapped) if ip.ipv4_mapped else f"[{ip}]"
+            to = "other" if port == 0xFFFF_FFFF else f"{host}:{port}"
+            up = ups.setdefault(to, {"to": to, "requests": 0, "failures": 0,
+                                     "rcodes": dict.fromkeys(FWD_RCODES, 0),
+                                     "latency": [0] * nlat, "latency_sum_ns": 0})
+            up["requests"] += words[r + 3]
+            up["failures"] += words[r + 4]
+            for k, rc in enumerate(FWD_RCODES):
+                up["rcodes"][rc] += words[r + 5 + k]
+            lat = r + 5 + len(FWD_RCODES)
+            for k in range(nlat):
+                up["latency"][k] += words[lat + k]
+            up["latency_sum_ns"] += words[lat + nlat]
+    out["upstreams"] = sorted(ups.values(), key=lambda u: u["to"])
+    return out
+
+
+class ForwardMirror:
+    """Copies a Forwarder's counters into the worker's page (call ``update`` about once a
+    second). Counters are added as increases since the last call, so a replacement worker
+    keeps the page's totals growing (Prometheus counters never go down)."""
+
+    def __init__(self, page):
+        self.words = memoryview(page).cast("B").cast("Q")
+        self.seen: dict[tuple, int] = {}
+
+    def _add(self, key: tuple, index: int, value: int) -> None:
+        delta = value - self.seen.get(key, 0)
+        if delta > 0:
+            self.words[index] += delta
+        self.seen[key] = value
+
+    def _row_for(self, to: str) -> int:
+        import ipaddress
+        host, _, port = to.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+            port = int(port)
+        except ValueError:
+            ip, port = None, 0
+        packed = (ipaddress.IPv6Address(f"::ffff:{ip}") if ip is not None and ip.version == 4
+                  else ip)
+        raw = packed.packed if packed is not None else b"\0" * 16
+        lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+        for u in range(FWD_UPSTREAMS - 1 if port else 0):
+            r = _row(u)
+            if self.words[r + 2] == 0:
+                self.words[r], self.words[r + 1], self.words[r + 2] = lo, hi, port
+            if (self.words[r], self.words[r + 1], self.words[r + 2]) == (lo, hi, port):
+                return r
+        r = _row(FWD_UPSTREAMS - 1)
+        self.words[r + 2] = 0xFFFF_FFFF        # "other": upstreams beyond the rows, or names
+        return r
+
+    def update(self, fwd) -> None:
+        g = FWD_BASE
+        cache = getattr(fwd, "cache", None)
+        values = {
+            "cache_hits": getattr(cache, "hits", 0), "cache_misses": getattr(cache, "misses", 0),
+            "cache_evictions": getattr(cache, "evictions", 0),
+            "cache_inserts": getattr(cache, "inserts", 0),
+            "stale_served": getattr(fwd, "stale_served", 0),
+            "failures": getattr(fwd, "failures", 0),
+            "refused_inflight": getattr(fwd, "refused_inflight", 0),
+        }
+        for i, name in enumerate(FWD_GLOBALS):
+            if name in FWD_GAUGES:
+                continue
+            self._add((name,), g + i, values[name])
+        self.words[g + FWD_GLOBALS.index("cache_entries")] = len(cache) if cache is not None else 0
+        self.words[g + FWD_GLOBALS.index("cache_capacity")] = getattr(cache, "capacity", 0)
+        for to, st in list(getattr(fwd, "per_upstream", {}).items()):
+            r = self._row_for(to)
+            self._add((to, "q"), r + 3, st.queries)
+            self._add((to, "f"), r + 4, st.timeouts + st.errors)
+            for rc, n in getattr(st, "rcodes", {}).items():
+                k = rc if rc < len(FWD_RCODES) - 1 else len(FWD_RCODES) - 1
+                self._add((to, "rc", rc), r + 5 + k, n)
+            lat = r + 5 + len(FWD_RCODES)
+            for k, n in enumerate(getattr(st, "latency_buckets", ())):
+                self._add((to, "lat", k), lat + k, n)
+            self._add((to, "lsum"), lat + len(LATENCY_BOUNDS) + 1, getattr(st, "latency_sum_ns", 0))
+
+
+# Accessors of a page's two gauges the supervisor polls: which image a worker serves, and when
+# it swapped to it.
+PAGE_BYTES = SLOT_WORDS * 8
+GENERATION_WORD = LAYOUT["image_generation"]
+_WORD = struct.Struct("<Q")
+
+
+def page_generation(buf, slot: int) -> int:
+    """The generation the worker in ``slot`` serves (0: none yet)."""
+    return _WORD.unpack_from(buf, slot * PAGE_BYTES + GENERATION_WORD * 8)[0]
+
+
+def set_page_generation(page, generation: int, swapped_ns: int | None = None) -> None:
+    """Record the generation served; ``swapped_ns`` (time.monotonic_ns) first, so a reader
+    that sees the generation sees a swap time at least as late."""
+    if swapped_ns is not None:
+        _WORD.pack_into(page, SWAPPED_NS_WORD * 8, swapped_ns)
+    _WORD.pack_into(page, GENERATION_WORD * 8, generation)
+
+
+def page_swapped_ns(buf, slot: int) -> int:
+    """When the worker in ``slot`` last swapped images (time.monotonic_ns; 0: never)."""
+    return _WORD.unpack_from(buf, slot * PAGE_BYTES + SWAPPED_NS_WORD * 8)[0]

@@ -1,0 +1,259 @@
+"""The packet-path engine the workers call: the compiled ``_fastpath`` or its pure twin.
+
+Why: workers must not care which implementation answers. ``_fastpath`` (Cython) is used
+unless ``KDNS_PURE=1`` or it fails to import; otherwise this module supplies pure-Python
+classes with the same API, built on ``refpath`` (the oracle), which also count into the
+worker's shared counter page so metrics work in pure mode (aiohttp's ``_http_parser`` /
+``http_parser`` pattern).
+
+The API (issue 2 §4, §5):
+
+- ``Image(buffer)`` checks magic and length; ``.verify()`` checks the CRC; ``.serial``,
+  ``.synced``.
+- ``answer(img, query, tcp=False, edns_max=1232) -> (action, reply)``; actions ``DROP``,
+  ``SEND``, ``HANDOFF``.
+- ``Counters(buffer)`` over one worker's page (``counters.SLOT_WORDS`` uint64 words).
+- ``UdpServer(fd, edns_max=1232, batch=64)``: ``.serve(img, counters, max_batches=16)``
+  drains the non-blocking socket and returns how many packets it handed off;
+  ``.handoff_packet(i)``, ``.handoff_addr(i)``.
+- ``tcp_answer(img, counters, msg, edns_max=1232) -> (action, reply)`` (counted as tcp).
+
+Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
+and ``count_reply(page, proto, reply)``.
+
+What it must not do: import the control plane (sources, records, server).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+import zlib
+
+from kdns.packet import counters as C
+from kdns.zone import refpath
+from kdns.zone.image import FLAG_SYNCED, HEADER
+
+log = logging.getLogger("kdns.packet.engine")
+
+DROP, SEND, HANDOFF = refpath.ACTION_DROP, refpath.ACTION_SEND, refpath.ACTION_HANDOFF
+_OPT_EXT_RCODE_FROM_END = 6      # OPT (no options) is last: ext-rcode sits 6 bytes from the end
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _page_words(buffer) -> memoryview:
+    words = memoryview(buffer).cast("B").cast("Q")
+    if len(words) < C.SLOT_WORDS:
+        raise ValueError(f"a counter page holds {C.SLOT_WORDS} words, got {len(words)}")
+    return words
+
+
+def _qtype(query: bytes) -> int:
+    """The question's type, or 0 ("other") when the path does not read the question: as in
+    ``refpath.answer``, a short packet, a response (QR) or QDCOUNT != 1 stop before it."""
+    if len(query) < 12 or query[2] & 0x80 or query[4:6] != b"\0\1":
+        return 0
+    try:
+        _, end = refpath.parse_name(query, 12)
+    except refpath.Malformed:
+        return 0
+    if end + 4 > len(query):
+        return 0
+    return struct.unpack_from("!H", query, end)[0]
+
+
+def _rcode(reply: bytes) -> int:
+    rcode = reply[3] & 0x0F
+    # RFC 6891 §6.1.3: BADVERS is extended rcode 1 with header rcode 0; our replies put a
+    # bare OPT last, so its extended-rcode byte is at a fixed distance from the end.
+    arcount = struct.unpack_from("!H", reply, 10)[0]
+    if rcode == 0 and arcount and len(reply) >= 12 + refpath.OPT_LEN \
+            and reply[-refpath.OPT_LEN:-refpath.OPT_LEN + 3] == b"\0\0\x29" \
+            and reply[-_OPT_EXT_RCODE_FROM_END] == refpath.BADVERS_EXT:
+        return 16
+    return rcode
+
+
+def _count_query(words, proto: str, query: bytes) -> None:
+    L = C.LAYOUT
+    words[L[f"queries_{proto}_{C.QTYPES[C.qtype_index(_qtype(query))][0]}"]] += 1
+    words[L[f"request_size_{proto}_bucket_{C.size_bucket(len(query))}"]] += 1
+    words[L[f"request_size_{proto}_sum"]] += len(query)
+
+
+def _count_sent(words, proto: str, reply: bytes) -> None:
+    L = C.LAYOUT
+    rcode = _rcode(reply)
+    words[L[f"rcode_{proto}_{rcode}"]] += 1
+    if rcode == refpath.FORMERR:
+        words[L[f"formerr_{proto}"]] += 1
+    if reply[2] & 0x02:                          # TC
+        words[L[f"truncated_{proto}"]] += 1
+    words[L[f"response_size_{proto}_bucket_{C.size_bucket(len(reply))}"]] += 1
+    words[L[f"response_size_{proto}_sum"]] += len(reply)
+
+
+def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int) -> None:
+    """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
+    request (type, size) and a latency sample; then what became of it."""
+    _count_query(words, proto, query)
+    if action == SEND:
+        _count_sent(words, proto, reply)
+    elif action == HANDOFF:
+        # The reply's rcode is counted when the worker sends it (count_reply).
+        words[C.LAYOUT[f"handoff_{proto}"]] += 1
+    else:
+        words[C.LAYOUT[f"dropped_{proto}"]] += 1
+    elapsed = max(0, time.perf_counter_ns() - started_ns)
+    words[C.LAYOUT[f"latency_{proto}_bucket_{C.latency_bucket(elapsed)}"]] += 1
+    words[C.LAYOUT[f"latency_{proto}_sum_ns"]] += elapsed
+
+
+def count_reply(page, proto: str, reply: bytes) -> None:
+    """Count a reply the worker sent for a handed-off query (either engine). The query itself
+    and its latency sample were counted by the engine when it handed the packet off."""
+    if len(reply) >= 12:
+        _count_sent(_page_words(page), proto, reply)
+
+
+def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
+    """REFUSED for a query the image does not cover: the default hand-off answer until the
+    forwarder exists (issue 2 §4). Echoes the question and, when the query had one, an OPT
+    (RFC 6891 §6.1.1). None when the query cannot be echoed (the engine had parsed it, so
+    this only happens for a caller's mistake)."""
+    try:
+        _, qend = refpath.parse_name(query, 12)
+        qend += 4
+        if qend > len(query):
+            return None
+        qd, an, ns, ar = struct.unpack_from("!HHHH", query, 4)
+        opt = refpath.parse_edns(query, qend, an, ns, ar)
+    except (refpath.Malformed, struct.error):
+        return None
+    edns = None
+    if opt is not None:
+        edns = (max(refpath.EDNS_MIN, min(opt[0], edns_max)), opt[2], 0)
+    return refpath.reply(query, qend, 0, refpath.REFUSED, None, edns)
+
+
+# --------------------------------------------------------------------------- pure engine
+
+
+class PureImage:
+    """``refpath.Image`` with the ``_fastpath.Image`` surface."""
+
+    __slots__ = ("_buffer", "ref")
+
+    def __init__(self, buffer):
+        self._buffer = buffer
+        self.ref = refpath.Image(buffer)      # ValueError on bad magic or length
+
+    def verify(self) -> bool:
+        """True, or ValueError when the CRC does not match (as ``_fastpath``)."""
+        crc = HEADER.unpack_from(self._buffer, 0)[12]
+        data = zlib.crc32(memoryview(self._buffer)[HEADER.size:])
+        if data != crc:
+            raise ValueError(f"kdns image crc32 mismatch: header {crc:#x}, data {data:#x}; "
+                             f"the image is corrupt")
+        return True
+
+    @property
+    def serial(self) -> int:
+        return self.ref.serial
+
+    @property
+    def synced(self) -> bool:
+        return bool(self.ref.flags & FLAG_SYNCED)
+
+
+def pure_answer(img: PureImage, query: bytes, tcp: bool = False, edns_max: int = 1232):
+    try:
+        return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max)
+    except Exception:   # noqa: BLE001 -- bad input never crashes a worker (DESIGN.md)
+        log.debug("pure path raised on a %d-byte query; dropped", len(query), exc_info=True)
+        return DROP, b""
+
+
+class PureCounters:
+    """One worker's counter page as uint64 words."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, buffer):
+        self.words = _page_words(buffer)
+
+
+def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int = 1232):
+    started = time.perf_counter_ns()
+    action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max)
+    _count(counters.words, "tcp", msg, action, reply, started)
+    return action, reply
+
+
+class PureUdpServer:
+    """Drains a non-blocking UDP socket one ``recvfrom`` at a time (the compiled one batches
+    with ``recvmmsg``/``sendmmsg``); same results, same counters."""
+
+    def __init__(self, fd: int, edns_max: int = 1232, batch: int = 64):
+        self.sock = socket.socket(fileno=os.dup(fd))   # our own fd: the caller keeps theirs
+        self.sock.setblocking(False)
+        self.edns_max = edns_max
+        self.batch = batch
+        self._handoffs: list[tuple[bytes, tuple]] = []
+
+    def serve(self, img: PureImage, counters: PureCounters, max_batches: int = 16) -> int:
+        self._handoffs.clear()
+        words = counters.words
+        for _ in range(self.batch * max_batches):
+            try:
+                query, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue          # e.g. an ICMP error queued on the socket; keep draining
+            started = time.perf_counter_ns()
+            action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max)
+            if action == SEND:
+                try:
+                    self.sock.sendto(reply, addr)
+                except OSError:
+                    words[C.LAYOUT["send_failed_udp"]] += 1
+            elif action == HANDOFF:
+                self._handoffs.append((query, addr))
+            _count(words, "udp", query, action, reply, started)
+        return len(self._handoffs)
+
+    def handoff_packet(self, i: int) -> bytes:
+        return self._handoffs[i][0]
+
+    def handoff_addr(self, i: int) -> tuple:
+        return self._handoffs[i][1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _select():
+    if os.environ.get("KDNS_PURE") == "1":
+        return None
+    try:
+        from kdns.packet import _fastpath
+        return (_fastpath.Image, _fastpath.answer, _fastpath.Counters, _fastpath.UdpServer,
+                _fastpath.tcp_answer)
+    except (ImportError, AttributeError) as e:
+        log.info("compiled packet path unavailable (%s); using the pure-Python one", e)
+        return None
+
+
+_fast = _select()
+PURE = _fast is None
+if PURE:
+    Image, answer, Counters, UdpServer, tcp_answer = (PureImage, pure_answer, PureCounters,
+                                                      PureUdpServer, pure_tcp_answer)
+else:
+    Image, answer, Counters, UdpServer, tcp_answer = _fast
+IMPLEMENTATION = "pure" if PURE else "compiled"

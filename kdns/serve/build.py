@@ -1,0 +1,38 @@
+"""From the cluster model to image bytes: the record rules, then the zone compiler.
+
+Why here: the record rules (``kdns.kube.records``) know Kubernetes and not the image; the
+zone compiler (``kdns.zone.image``) knows the image and not Kubernetes. This joins them for
+the full compile of a model (the API controller's first build and its fallback) and of a
+file (``--from-file``); ``incremental`` joins them for the compile after a change.
+"""
+from __future__ import annotations
+
+from kdns.kube import records
+from kdns.zone import image as I
+
+
+def compile_model(model, *, synced: bool = True, **options) -> bytes:
+    """Image bytes for ``model`` (what the controller publishes after a change); ``options``
+    are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
+    answer SERVFAIL, never a false NXDOMAIN (DESIGN.md "Failure behaviour")."""
+    return _compile(records.zone_data(model, **options), synced)
+
+
+def _compile(zd: records.ZoneData, synced: bool) -> bytes:
+    """Compile ``zd``, which the caller must not keep: the compiler lets the RRsets go once
+    it has encoded them, before the image is assembled (issue 3: the first build's peak)."""
+    rrsets, zones, exists, serial = list(zd.rrsets), zd.zones, zd.exists, zd.serial
+    del zd
+    return I.compile_image(rrsets, zones, exists=exists, synced=synced, serial=serial,
+                           consume=True)
+
+
+def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
+                 pods: str = "insecure", endpoint_pod_names: bool = False,
+                 serial: int | None = None) -> bytes:
+    """Image bytes for the objects in ``path``; InputError if the file is unusable."""
+    # The model is garbage once the rules have run, so the compile reuses its memory: a
+    # file's model is rebuilt on every change, nothing keeps it (issue 3: startup peak).
+    return _compile(records.zone_data(records.model_from_file(path), domain=domain, ttl=ttl, pods=pods,
+                              endpoint_pod_names=endpoint_pod_names,
+                              serial=records.file_serial(path) if serial is None else serial), True)

@@ -1,0 +1,435 @@
+"""One worker process: an asyncio loop around the engine, on sockets the supervisor owns.
+
+Why: the supervisor opens the SO_REUSEPORT sockets and keeps them, so a replacement worker
+inherits the very sockets (and queued packets) of the one that died; it starts each worker
+as ``python -m kdns.serve.worker`` with the fds passed (no fork from a threaded process).
+
+The loop does four things:
+- UDP readable -> ``UdpServer.serve`` drains it in batches (GIL released in the compiled
+  engine) and returns only the packets the image does not cover; those go to the hand-off.
+- TCP (RFC 7766): length-framed, several queries per connection, pipelined, each response
+  written as soon as it is ready; idle timeout; a per-worker connection cap; a client that
+  does not read gets its reading paused, then is closed when idle.
+- Control channel readable -> map the newest image and swap; swaps happen between batches
+  because the loop runs one callback at a time.
+- SIGTERM/SIGINT, or the supervisor going away -> stop and exit 0.
+
+What it must not do: contain DNS rules (they are in the engine) or touch the file system.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Protocol
+
+from kdns.packet import counters as C
+from kdns.packet import engine
+from kdns.observe import logs
+from kdns.serve import publish
+
+log = logging.getLogger("kdns.serve.worker")
+
+TCP_HIGH_WATER = 64 * 1024      # pause reading a client whose replies pile up above this
+TCP_MAX_PENDING = 256           # hand-offs in flight per connection before reading pauses
+LISTEN_BACKLOG = 1024           # same as the supervisor's listen()
+UDP_MAX_PENDING = 4096          # hand-offs in flight per worker; beyond, UDP ones are dropped
+FORWARD_MIRROR_PERIOD = 1.0     # seconds between copies of the forwarder's counters (issue 6)
+
+
+class Handoff(Protocol):
+    """Where queries the image cannot answer go (the forwarder plugs in here, a later issue).
+
+    ``resolve`` returns the complete reply, or None to send nothing.
+    """
+
+    async def resolve(self, query: bytes, proto: str) -> bytes | None: ...
+
+
+class RefuseHandoff:
+    """The default hand-off: REFUSED for names outside every served zone (issue 2 §4)."""
+
+    def __init__(self, edns_max: int = 1232):
+        self.edns_max = edns_max
+
+    async def resolve(self, query: bytes, proto: str) -> bytes | None:
+        return engine.refused(query, self.edns_max)
+
+
+class Worker:
+    def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
+                 control: socket.socket, page, edns_max: int = 1232,
+                 tcp_idle_timeout: float = 10.0, tcp_max_connections: int = 1000,
+                 handoff: Handoff | None = None, log_queries: bool = False):
+        self.slot = slot
+        self.udp = udp
+        self.tcp = tcp
+        self.control = publish.Subscription(control)
+        self.page = page
+        self.words = memoryview(page).cast("Q")
+        self.counters = engine.Counters(page)
+        self.edns_max = edns_max
+        self.idle_timeout = tcp_idle_timeout
+        self.max_connections = tcp_max_connections
+        self.handoff = handoff or RefuseHandoff(edns_max)
+        self.img = None
+        self.generation = 0
+        self.connections: set[TcpConnection] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.udp_server = engine.UdpServer(udp.fileno(), edns_max=edns_max)
+        self.stopping: asyncio.Event | None = None
+        self.has_image: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.forward_mirror = None
+        self.log_queries = log_queries
+        # New images are checked on this thread while the loop keeps serving the old one
+        # (the check releases the GIL): under churn images arrive many times a second.
+        self.checker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"kdns-image-check-{slot}")
+
+    # ---- lifecycle
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.has_image = asyncio.Event()
+        C.set_page_generation(self.page, 0)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop)
+        self.loop.add_reader(self.control.fileno(), self.on_control)
+        self.on_control()
+        await self.first_image()
+        if self.stopping.is_set():
+            return
+        self.udp.setblocking(False)
+        self.loop.add_reader(self.udp.fileno(), self.drain_udp)
+        # backlog: asyncio calls listen() again; keep the supervisor's queue length.
+        server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
+                                               backlog=LISTEN_BACKLOG)
+        log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
+        mirror = self.loop.call_soon(self.mirror_forwarder)
+        try:
+            await self.stopping.wait()
+        finally:
+            mirror.cancel()
+            # Lameduck (issue 6): the supervisor has taken the UDP socket out of the
+            # SO_REUSEPORT group; answer what is still queued on it before exiting.
+            self.drain_udp()
+            self.mirror_forwarder(again=False)
+            self.loop.remove_reader(self.udp.fileno())
+            self.loop.remove_reader(self.control.fileno())
+            server.close()
+            for conn in list(self.connections):
+                conn.transport.abort()
+            for task in list(self.tasks):
+                task.cancel()
+            self.checker.shutdown(wait=False, cancel_futures=True)
+
+    async def first_image(self) -> None:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        ready = asyncio.ensure_future(self.has_image.wait())
+        await asyncio.wait([stop, ready], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        ready.cancel()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.has_image.set()
+
+    def mirror_forwarder(self, again: bool = True) -> None:
+        """Copy the forwarder's counters into this worker's page once a second (issue 6:
+        the supervisor renders coredns_forward_*/coredns_cache_* from it, never per query)."""
+        fw = getattr(self.handoff, "forwarder", None)
+        sync = getattr(self.handoff, "sync_counters", None)
+        if sync is not None:
+            sync()                      # the compiled forwarder's share (issue 5)
+        if fw is not None:
+            if self.forward_mirror is None:
+                self.forward_mirror = C.ForwardMirror(self.page)
+            try:
+                self.forward_mirror.update(fw)
+            except Exception:  # noqa: BLE001 -- metrics must never stop the worker
+                log.exception("worker %d: copying forwarder counters failed", self.slot)
+        if again:
+            self.loop.call_later(FORWARD_MIRROR_PERIOD, self.mirror_forwarder)
+
+    # ---- images
+    def on_control(self) -> None:
+        try:
+            got = self.control.receive()
+        except EOFError:
+            log.info("worker %d: supervisor went away; stopping", self.slot)
+            self.loop.remove_reader(self.control.fileno())     # EOF stays readable
+            self.stop()
+            return
+        if got is None:
+            return
+        generation, mapping = got
+        if self.img is None:            # nothing to serve meanwhile: check it here
+            self.swap(generation, self.checked(generation, mapping))
+            return
+        done = self.loop.run_in_executor(self.checker, self.checked, generation, mapping)
+        done.add_done_callback(lambda f: self.swap(generation, f.result()))
+
+    def swap(self, generation: int, img) -> None:
+        # One checker thread keeps arrival order; a newer image already served wins anyway.
+        if img is None or generation <= self.generation or (
+                self.stopping is not None and self.stopping.is_set()):
+            return
+        # The old image's mapping is released when its last reference (a running hand-off
+        # does not hold one) goes away.
+        self.img, self.generation = img, generation
+        C.set_page_generation(self.page, generation, swapped_ns=time.monotonic_ns())
+        self.has_image.set()
+
+    def checked(self, generation: int, mapping):
+        """The image for ``mapping``, or None (logged) when the worker must not serve it."""
+        try:
+            # The layout check (every offset inside the image) is what lets the packet path
+            # trust the image, and it runs here. The crc32 guards image files on their way
+            # in, and the supervisor checks it when it reads one (server.checked_image);
+            # compiled images are made in the supervisor, and a sealed memfd cannot change.
+            # Checking it again here cost ~8 ms of serving per swap of a 30 MiB image
+            # (issue 4: under churn the workers swap images many times a second).
+            return engine.Image(mapping)
+        except ValueError as e:
+            log.error("worker %d: image generation %d rejected (%s); keeping generation %d",
+                      self.slot, generation, e, self.generation)
+            return None
+
+    # ---- UDP
+    def serve_udp(self) -> int:
+        """One drain of the UDP socket; the compiled forwarder replaces it with its pump."""
+        return self.udp_server.serve(self.img, self.counters, max_batches=16)
+
+    def drain_udp(self) -> None:
+        n = self.serve_udp()
+        if getattr(self.udp_server, "last_errno", 0):
+            log.debug("worker %d: UDP receive error %s", self.slot,
+                      os.strerror(self.udp_server.last_errno))
+        if not n:
+            return
+        # Copy out before the next serve() reuses the engine's hand-off slots.
+        items = [(self.udp_server.handoff_packet(i), self.udp_server.handoff_addr(i))
+                 for i in range(n)]
+        for packet, addr in items:
+            if len(self.tasks) >= UDP_MAX_PENDING:
+                self.count("dropped_udp")
+                continue
+            self.spawn(self.udp_handoff(packet, addr))
+
+    def udp_retry(self, packet: bytes, addr, retry) -> None:
+        """A query the compiled forwarder gave back (timeout, TC, ...): the hand-off
+        finishes it (issue 5; forwarding.CompiledForward)."""
+        if len(self.tasks) >= UDP_MAX_PENDING:
+            self.count("dropped_udp")
+            return
+        self.spawn(self.udp_handoff(packet, addr, retry))
+
+    async def udp_handoff(self, packet: bytes, addr, retry=None) -> None:
+        if retry is None:
+            reply = await self.handoff.resolve(packet, "udp")
+        else:
+            reply = await self.handoff.resolve(packet, "udp", retry)
+        if self.log_queries:
+            logs.log_query("udp", addr, packet, reply)
+        if reply is None:
+            return
+        try:
+            self.udp.sendto(reply, addr)
+        except OSError:
+            self.count("send_failed_udp")
+            return
+        engine.count_reply(self.page, "udp", reply)
+
+    # ---- helpers
+    def spawn(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)          # keep a strong reference until done
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hand-off failed: %r", task.exception())
+
+    def count(self, name: str) -> None:
+        self.words[C.LAYOUT[name]] += 1
+
+
+class TcpConnection(asyncio.Protocol):
+    """One DNS-over-TCP client (RFC 7766)."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending = 0
+        self.write_paused = False
+        self.read_paused = False
+        self.last_activity = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        w = self.worker
+        if len(w.connections) >= w.max_connections:
+            # Over the per-worker cap: close at once (RFC 7766 §6.2.2 lets a server limit
+            # connections); abort sends RST so the client learns immediately.
+            transport.abort()
+            return
+        w.connections.add(self)
+        transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
+        self.last_activity = w.loop.time()
+        self.timer = w.loop.call_later(w.idle_timeout, self.check_idle)
+
+    def connection_lost(self, exc) -> None:
+        self.worker.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.process()
+
+    def process(self) -> None:
+        """Answer the complete messages in the buffer while the client keeps up: stop when
+        its replies pile up (write paused) or too many hand-offs are in flight."""
+        while (not self.write_paused and self.pending < TCP_MAX_PENDING
+               and len(self.buf) >= 2 and not self.transport.is_closing()):
+            n = int.from_bytes(self.buf[:2], "big")
+            if len(self.buf) < 2 + n:
+                break
+            msg = bytes(self.buf[2:2 + n])
+            del self.buf[:2 + n]
+            # RFC 7766 §6.2.3: idle means no complete query for the timeout, so a client
+            # trickling one byte at a time is still closed.
+            self.last_activity = self.worker.loop.time()
+            self.query(msg)
+        self.update_reading()
+
+    def query(self, msg: bytes) -> None:
+        w = self.worker
+        action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max)
+        if w.log_queries and action != engine.HANDOFF:
+            logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
+                           reply if action == engine.SEND else None)
+        if action == engine.SEND:
+            self.write(reply)
+        elif action == engine.HANDOFF:
+            self.pending += 1
+            w.spawn(self.handoff(msg))
+
+    async def handoff(self, msg: bytes) -> None:
+        try:
+            reply = await self.worker.handoff.resolve(msg, "tcp")
+        finally:
+            self.pending -= 1
+        if self.worker.log_queries:
+            logs.log_query("tcp", self.transport.get_extra_info("peername"), msg, reply)
+        if reply is not None and not self.transport.is_closing():
+            self.write(reply)
+            engine.count_reply(self.worker.page, "tcp", reply)
+        self.update_reading()
+        self.process()
+
+    def write(self, reply: bytes) -> None:
+        # RFC 7766 §8: length and message in one write, so they leave in one segment.
+        self.transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    def update_reading(self) -> None:
+        want_pause = self.write_paused or self.pending >= TCP_MAX_PENDING
+        if self.transport.is_closing() or want_pause == self.read_paused:
+            return
+        self.read_paused = want_pause
+        if want_pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.process()
+
+    def check_idle(self) -> None:
+        w = self.worker
+        left = self.last_activity + w.idle_timeout - w.loop.time()
+        busy = self.pending and not self.write_paused
+        if left > 0 or busy:
+            self.timer = w.loop.call_later(max(left, 0.1), self.check_idle)
+            return
+        # A client that stopped reading cannot drain our buffer: drop it (abort), otherwise
+        # close gracefully after the last reply (RFC 7766 §6.2.3).
+        if self.write_paused:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- process entry
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="kdns.serve.worker", description="kdns worker (started by kdns serve)")
+    for name in ("--slot", "--udp-fd", "--tcp-fd", "--control-fd", "--counters-fd"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--edns-udp-size", type=int, default=1232)
+    p.add_argument("--tcp-idle-timeout", type=float, default=10.0)
+    p.add_argument("--tcp-max-connections", type=int, default=1000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-queries", action="store_true")
+    # Issue 5: the supervisor's forwarding-config channel; without it outside names are REFUSED.
+    p.add_argument("--forward-fd", type=int, default=-1)
+    p.add_argument("--cache-size", type=int, default=10000)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    worker = Worker(
+        slot=a.slot,
+        udp=socket.socket(fileno=a.udp_fd),
+        tcp=socket.socket(fileno=a.tcp_fd),
+        control=socket.socket(fileno=a.control_fd),
+        page=publish.map_page(a.counters_fd, a.slot),
+        edns_max=a.edns_udp_size,
+        tcp_idle_timeout=a.tcp_idle_timeout,
+        tcp_max_connections=a.tcp_max_connections,
+        log_queries=a.log_queries,
+        handoff=forwarding_handoff(a),
+    )
+    os.close(a.counters_fd)
+    asyncio.run(run_worker(worker))
+    return 0
+
+
+def forwarding_handoff(a):
+    if a.forward_fd < 0:
+        return None
+    from kdns.forward.control import ForwardingHandoff
+    return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
+                             cache_size=a.cache_size)
+
+
+async def run_worker(worker: Worker) -> None:
+    attach = getattr(worker.handoff, "attach", None)
+    if attach is not None:
+        # Config first (it is already queued), then cache hits served by the UdpServer.
+        attach(asyncio.get_running_loop(), worker.udp_server, worker)
+    await worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The packet path in plain Python: the readable statement of the rules and the test oracle.
+
+Same image in, same bytes out as ``_fastpath.answer``; the tests hold the two to byte
+equality. It also serves when the extension is not built (or ``KDNS_PURE=1``), slowly.
+It must not import the control plane: only the image layout from ``image.py``.
+"""
+from __future__ import annotations
+
+import struct
+
+from kdns.zone.image import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE, NODE_POD_NS,
+                    NODE_POD_VERIFIED,
+                    NODE_ZONE_APEX, REV, RRENT, SEG, ZONE, ZONE_REVERSE, ipv4_key,
+                    reverse_to_ip)
+
+ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
+
+from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, NOTIMP, NXDOMAIN, QR,  # noqa: F401
+                           RD, REFUSED, SERVFAIL, T_A, T_AAAA, T_AXFR, T_IXFR, T_OPT, TC)
+UDP_PLAIN = 512         # RFC 1035 §4.2.1
+TCP_MAX = 65535
+OPT_LEN = 11
+BADVERS_EXT = 1         # RFC 6891 §6.1.3: rcode 16 = extended 1, header 0
+
+
+class Malformed(Exception):
+    pass
+
+
+def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
+    """Question name -> (labels as sent, end offset). No compression (RFC 1035 §4.1.4 allows
+    it, but a one-question query has nothing earlier to point at, so a pointer is malformed)."""
+    labels, total = [], 1
+    while True:
+        if off >= len(q):
+            raise Malformed
+        n = q[off]
+        if n == 0:
+            return labels, off + 1
+        if n > 63:
+            raise Malformed
+        total += n + 1
+        if total > 255 or off + 1 + n > len(q):
+            raise Malformed
+        labels.append(q[off + 1:off + 1 + n])
+        off += 1 + n
+
+
+def skip_name(q: bytes, off: int) -> int:
+    """Skip a possibly compressed name in the other sections."""
+    while True:
+        if off >= len(q):
+            raise Malformed
+        n = q[off]
+        if n == 0:
+            return off + 1
+        if n & 0xC0 == 0xC0:
+            if off + 2 > len(q):
+                raise Malformed
+            return off + 2
+        if n > 63:
+            raise Malformed
+        off += 1 + n
+
+
+def parse_edns(q: bytes, off: int, an: int, ns: int, ar: int) -> tuple[int, int, int] | None:
+    """Skip answer/authority records; return (udp_size, version, do_bit) of the OPT, if any."""
+    opt = None
+    for i in range(an + ns + ar):
+        start = off
+        off = skip_name(q, off)
+        if off + 10 > len(q):
+            raise Malformed
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", q, off)
+        off += 10 + rdlen
+        if off > len(q):
+            raise Malformed
+        if rtype == T_OPT:
+            # RFC 6891 §6.1.1: only in the additional section, owner root, at most one.
+            if i < an + ns or q[start] != 0 or opt is not None:
+                raise Malformed
+            o = start + 11
+            while o < off:
+                if o + 4 > off:
+                    raise Malformed
+                o += 4 + struct.unpack_from("!H", q, o + 2)[0]
+            if o != off:
+                raise Malformed
+            opt = (rclass, (ttl >> 16) & 0xFF, (ttl >> 15) & 1)
+    return opt
+
+
+def header_only(q: bytes, rcode: int) -> bytes:
+    qid, flags = struct.unpack_from("!HH", q, 0)
+    return struct.pack("!HHHHHH", qid, QR | (flags & (0x7800 | RD | CD)) | rcode, 0, 0, 0, 0)
+
+
+class Image:
+    """Read-only view of an image with the accessors the walk needs."""
+
+    def __init__(self, buf: bytes):
+        self.buf = memoryview(buf)
+        (magic, length, self.flags, self.nodes_off, self.nnodes, self.zones_off, self.nzones,
+         self.rev_off, self.nrev, self.servfail, _, self.serial, _, _) = HEADER.unpack_from(buf, 0)
+        if magic != MAGIC or length != len(buf):
+            raise ValueError("not a kdns image")
+
+    def node(self, i):
+        return NODE.unpack_from(self.buf, self.nodes_off + i * NODE.size)
+
+    def label(self, off):
+        n = self.buf[off]
+        return bytes(self.buf[off + 1:off + 1 + n])
+
+    def child(self, node, label: bytes):
+        _, first, nchild, *_ = node
+        key = (len(label), label)
+        lo, hi = 0, nchild
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cand = self.node(first + mid)
+            lab = self.label(cand[0])
+            ck = (len(lab), lab)
+            if ck == key:
+                return first + mid
+            if ck < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return -1
+
+    def zone(self, zi):
+        return ZONE.unpack_from(self.buf, self.zones_off + zi * ZONE.size)
+
+    def lookup_rr(self, rr_off, nrr, qtype):
+        default = 0
+        for j in range(nrr):
+            t, _, blob = RRENT.unpack_from(self.buf, rr_off + j * RRENT.size)
+            if t == qtype:
+                return blob
+            if t == 0:
+                default = blob
+        return default
+
+    def rev_lookup(self, fam, ip):
+        key = (fam, ip)
+        lo, hi = 0, self.nrev
+        while lo < hi:
+            mid = (lo + hi) // 2
+            rec = REV.unpack_from(self.buf, self.rev_off + mid * REV.size)
+            if (rec[0], rec[1]) == key:
+                return rec
+            if (rec[0], rec[1]) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return None
+
+
+def parse_pod_label(label: bytes) -> tuple[int, bytes]:
+    """Pod label -> (family, 16-byte key) or (0, b''). CoreDNS parse.go rules: exactly three
+    dashes and no '--' is IPv4 (dashes for dots), anything else IPv6 (dashes for colons)."""
+    s = label.lower()
+    if s.count(b"-") == 3 and b"--" not in s:
+        return ipv4_key(s.split(b"-"))
+    return parse_ipv6(s.replace(b"-", b":"))
+
+
+def parse_ipv6(s: bytes) -> tuple[int, bytes]:
+    """RFC 4291 §2.2 text form, hex groups only; '::' must stand for at least one group."""
+    if s.count(b"::") > 1:
+        return 0, b""
+    if b"::" in s:
+        head, tail = s.split(b"::")
+        hg = head.split(b":") if head else []
+        tg = tail.split(b":") if tail else []
+        if len(hg) + len(tg) > 7:
+            return 0, b""
+    else:
+        hg, tg = s.split(b":"), []
+        if len(hg) != 8:
+            return 0, b""
+    groups = []
+    for g in hg + tg:
+        if not 1 <= len(g) <= 4 or any(c not in b"0123456789abcdef" for c in g):
+            return 0, b""
+        groups.append(int(g, 16))
+    fill = 8 - len(hg) - len(tg)
+    vals = groups[:len(hg)] + [0] * fill + groups[len(hg):]
+    return 6, b"".join(struct.pack("!H", v) for v in vals)
+
+
+def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
+           external_cname: bool = False) -> tuple[int, bytes]:
+    """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
+
+    ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
+    of handing it off (the forwarder's first half of such an answer, issue 5)."""
+    if len(q) < 12:
+        return ACTION_DROP, b""
+    qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
+    if flags & QR:
+        return ACTION_DROP, b""          # a response: never answer it (no reflection loops)
+    opcode = (flags >> 11) & 0xF
+    if qd != 1:
+        return ACTION_SEND, header_only(q, NOTIMP if opcode else FORMERR)
+    try:
+        labels, qend = parse_name(q, 12)
+        if qend + 4 > len(q):
+            raise Malformed
+    except Malformed:
+        return ACTION_SEND, header_only(q, NOTIMP if opcode else FORMERR)
+    qtype, qclass = struct.unpack_from("!HH", q, qend)
+    qend += 4
+    if opcode:
+        return ACTION_SEND, reply(q, qend, 0, NOTIMP, None, None, 0)
+    try:
+        opt = parse_edns(q, qend, an, ns, ar)
+    except Malformed:
+        return ACTION_SEND, reply(q, qend, 0, FORMERR, None, None, 0)
+    if opt is not None:
+        size = max(EDNS_MIN, min(opt[0], edns_max))
+        if opt[1] > 0:
+            return ACTION_SEND, reply(q, qend, 0, 0, None, (size, opt[2], BADVERS_EXT), 0)
+        limit = TCP_MAX if tcp else size
+        edns = (size, opt[2], 0)
+    else:
+        limit = TCP_MAX if tcp else UDP_PLAIN
+        edns = None
+    if qclass != CLASS_IN:
+        return ACTION_HANDOFF, b""
+    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname)
+
+
+def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False):
+    low = [label.lower() for label in labels]
+    ni, zone, i = 0, -1, len(low) - 1
+    node = img.node(0)
+    while True:
+        if node[5] & NODE_ZONE_APEX:
+            zone = node[6]
+        if i < 0:
+            break
+        c = img.child(node, low[i])
+        if c < 0:
+            break
+        ni, node, i = c, img.node(c), i - 1
+    if zone < 0:
+        return ACTION_HANDOFF, b""
+    apex_node, neg_blob, ttl, apex_len, kind = img.zone(zone)
+    qlen = qend - 4 - 12
+    apex_ptr = 12 + qlen - apex_len
+    if kind == ZONE_REVERSE and i >= 0:
+        fam, ip = reverse_to_ip(tuple(low))
+        rec = img.rev_lookup(fam, ip) if fam else None
+        if rec is None:
+            return ACTION_HANDOFF, b""
+        _, _, rr_off, nrr, rzone = rec
+        neg_blob, rzone_apex_len = img.zone(rzone)[1], img.zone(rzone)[3]
+        blob = img.lookup_rr(rr_off, nrr, qtype)
+        if blob:
+            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
+    if not img.flags & FLAG_SYNCED:
+        return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
+    if qtype in (T_AXFR, T_IXFR):
+        return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)
+    if i < 0:
+        blob = img.lookup_rr(node[3], node[4], qtype)
+        if blob and not external_cname and BLOBHDR.unpack_from(img.buf, blob)[0] & HDR_HANDOFF:
+            return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
+        if blob:
+            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
+    if node[5] & NODE_POD_NS and i == 0:
+        fam, ip = parse_pod_label(low[0])
+        if fam and (not node[5] & NODE_POD_VERIFIED or pod_ip_known(img, node[6], ip)):
+            if (fam, qtype) in ((4, T_A), (6, T_AAAA)):
+                rdata = ip[:4] if fam == 4 else ip
+                rr = struct.pack("!HHHIH", 0xC00C, qtype, CLASS_IN, ttl, len(rdata)) + rdata
+                return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=rr)
+            return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
+    return ACTION_SEND, reply(q, qend, neg_blob, NXDOMAIN, img, edns, limit, apex_ptr)
+
+
+def pod_ip_known(img: Image, off: int, ip: bytes) -> bool:
+    (count,) = struct.unpack_from("<I", img.buf, off)
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cand = bytes(img.buf[off + 4 + 16 * mid:off + 20 + 16 * mid])
+        if cand == ip:
+            return True
+        if cand < ip:
+            lo = mid + 1
+        else:
+            hi = mid
+    return False
+
+
+def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b""):
+    """Header + echoed question + (blob or synthesised RR) + OPT, cut to ``limit``."""
+    qid, flags = struct.unpack_from("!HH", q, 0)
+    hflags = QR | (flags & (0x7800 | RD | CD)) | rcode
+    counts = [0, 0, 0]
+    body = b""
+    room = limit - qend - (OPT_LEN if edns else 0)
+    if synth:
+        hflags |= AA
+        if len(synth) <= room:
+            body, counts = synth, [1, 0, 0]
+        else:
+            hflags |= TC
+    elif blob:
+        hdr, an, ns, ar, nfix, nseg, dlen = BLOBHDR.unpack_from(img.buf, blob)
+        hflags |= hdr
+        fixes = struct.unpack_from(f"<{nfix}H", img.buf, blob + BLOBHDR.size)
+        seg_off = blob + BLOBHDR.size + ((2 * nfix + 3) & ~3)
+        data_off = seg_off + nseg * SEG.size
+        best = SEG.unpack_from(img.buf, seg_off)
+        for k in range(1, nseg):
+            seg = SEG.unpack_from(img.buf, seg_off + k * SEG.size)
+            if seg[0] > room:
+                break
+            best = seg
+        end, counts[0], counts[1], counts[2], tc = best
+        if tc:
+            hflags |= TC
+        data = bytearray(img.buf[data_off:data_off + end])
+        for f in fixes:
+            if f + 2 <= end:
+                struct.pack_into("!H", data, f, 0xC000 | apex_ptr)
+        body = bytes(data)
+    out = struct.pack("!HHHHHH", qid, hflags, 1, counts[0], counts[1], counts[2] + (1 if edns else 0))
+    out += q[12:qend] + body
+    if edns:
+        size, do, ext = edns
+        out += b"\0" + struct.pack("!HHBBHH", T_OPT, size, ext, 0, do << 15, 0)
+    return out
