@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from kdns import settings
 from kdns.observe import logs
 from kdns.serve import supervisor as server
 
@@ -99,11 +100,11 @@ def _readable(flag: str):
 
 
 def _add_record_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--domain", type=_domain, default="cluster.local",
+    p.add_argument("--domain", type=_domain, default=settings.DOMAIN,
                    help="cluster domain served authoritatively (default cluster.local)")
     p.add_argument("--ttl", type=_int_in(0, 2**31 - 1, "a TTL in seconds, 0 to 2147483647"),
-                   default=30, help="TTL of cluster records (default 30)")
-    p.add_argument("--pods", choices=("insecure", "verified", "disabled"), default="insecure",
+                   default=settings.TTL, help=f"TTL of cluster records (default {settings.TTL})")
+    p.add_argument("--pods", choices=("insecure", "verified", "disabled"), default=settings.PODS,
                    help="pod A/AAAA records: insecure (any IP), verified (only existing pods), "
                         "or disabled (default insecure)")
 
@@ -125,12 +126,12 @@ def _federations(text: str) -> str:
 def _add_drop_in_flags(s: argparse.ArgumentParser, port) -> None:
     """Issue 6: the listeners of the kube-dns pod and of CoreDNS, and kube-dns's own flags
     that kdns accepts with the same meaning."""
-    s.add_argument("--health-port", type=port, default=8080,
+    s.add_argument("--health-port", type=port, default=settings.HEALTH_PORT,
                    help="CoreDNS-style /health port: 200 while the workers answer a DNS probe "
                         "(default 8080; 0 disables)")
-    s.add_argument("--ready-port", type=port, default=8181,
+    s.add_argument("--ready-port", type=port, default=settings.READY_PORT,
                    help="CoreDNS-style /ready port (default 8181; 0 disables)")
-    s.add_argument("--sidecar-port", type=port, default=10054,
+    s.add_argument("--sidecar-port", type=port, default=settings.SIDECAR_PORT,
                    help="what kube-dns's sidecar serves: /healthcheck/kubedns, /healthz and "
                         "kubedns_* /metrics (default 10054; 0 disables; set 0 when the real "
                         "sidecar runs in the same pod)")
@@ -163,17 +164,17 @@ def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
                    help="kube-dns ConfigMap mounted as a directory (stubDomains, "
                         "upstreamNameservers), polled every --config-period; a missing "
                         "directory means defaults (default /kube-dns-config)")
-    s.add_argument("--config-period", type=_duration, default=10.0, metavar="DURATION",
+    s.add_argument("--config-period", type=_duration, default=settings.CONFIG_PERIOD, metavar="DURATION",
                    help="how often --config-dir is re-read, e.g. 10s (default 10s)")
     s.add_argument("--config-map", default="", metavar="NAME",
                    help="kube-dns ConfigMap read through the Kubernetes API every "
                         "--config-period (instead of --config-dir)")
-    s.add_argument("--config-map-namespace", default="kube-system", metavar="NAMESPACE",
+    s.add_argument("--config-map-namespace", default=settings.CONFIG_MAP_NAMESPACE, metavar="NAMESPACE",
                    help="namespace of --config-map (default kube-system)")
     s.add_argument("--nameservers", type=_nameservers, default=(), metavar="IP[:PORT],...",
                    help="upstreams used when neither upstreamNameservers nor the resolv.conf "
                         "name any")
-    s.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="PATH",
+    s.add_argument("--resolv-conf", default=settings.RESOLV_CONF, metavar="PATH",
                    help="resolv.conf whose nameserver lines are the default upstreams "
                         "(default /etc/resolv.conf: the node's, with dnsPolicy: Default)")
 
@@ -221,30 +222,33 @@ def build_parser() -> Parser:
     s.add_argument("--kube-master-url", default="", metavar="URL",
                    help="Kubernetes API server URL, e.g. https://10.96.0.1:443 (overrides the "
                         "kubeconfig's server)")
-    s.add_argument("--initial-sync-timeout", type=_duration, default=60.0, metavar="DURATION",
+    s.add_argument("--initial-sync-timeout", type=_duration, default=settings.INITIAL_SYNC_TIMEOUT, metavar="DURATION",
                    help="log an error when the first sync with the API takes longer than this; "
                         "kdns keeps trying and stays not ready meanwhile (default 60s)")
     _add_record_flags(s)
-    s.add_argument("--dns-bind-address", type=_address, default="0.0.0.0",
+    s.add_argument("--dns-bind-address", type=_address, default=settings.DNS_BIND_ADDRESS,
                    help="address to serve DNS on (default 0.0.0.0)")
     port = _int_in(0, 65535, "a port from 0 to 65535")
-    s.add_argument("--dns-port", type=port, default=53, help="DNS port (default 53)")
+    s.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
+                   help=f"DNS port (default {settings.DNS_PORT})")
     s.add_argument("--workers", type=_int_in(1, 1024, "a number of workers from 1 to 1024"),
                    default=len(os.sched_getaffinity(0)),
                    help="worker processes (default: the CPUs this process may use)")
-    s.add_argument("--healthz-port", type=port, default=8081,
+    s.add_argument("--healthz-port", type=port, default=settings.HEALTHZ_PORT,
                    help="kube-dns /readiness port (default 8081; 0 disables)")
-    s.add_argument("--metrics-port", type=port, default=9153,
+    s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
                    help="CoreDNS-style Prometheus /metrics port (default 9153; 0 disables)")
     _add_drop_in_flags(s, port)
     s.add_argument("--edns-udp-size", type=_int_in(512, 65535, "a size from 512 to 65535 bytes"),
-                   default=1232, help="largest UDP reply advertised with EDNS (default 1232)")
-    s.add_argument("--tcp-idle-timeout", type=_positive_seconds, default=10.0,
+                   default=settings.EDNS_UDP_SIZE,
+                   help=f"largest UDP reply advertised with EDNS (default {settings.EDNS_UDP_SIZE})")
+    s.add_argument("--tcp-idle-timeout", type=_positive_seconds, default=settings.TCP_IDLE_TIMEOUT,
                    help="close a TCP connection idle this many seconds (default 10)")
     s.add_argument("--tcp-max-connections",
                    type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
-                   default=1000, help="TCP connections per worker (default 1000)")
-    s.add_argument("--lameduck", type=_duration, default=5.0, metavar="DURATION",
+                   default=settings.TCP_MAX_CONNECTIONS,
+                   help=f"TCP connections per worker (default {settings.TCP_MAX_CONNECTIONS})")
+    s.add_argument("--lameduck", type=_duration, default=settings.LAMEDUCK, metavar="DURATION",
                    help="after SIGTERM, report not ready but keep answering this long before "
                         "exiting 0, e.g. 5s (default 5s, as CoreDNS's kubeadm Corefile; "
                         "0 stops at once)")

@@ -232,7 +232,8 @@ def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, 
                                                                       full):
     from kdns.serve.incremental import IncrementalCompiler
     from kdns.kube.kubeconfig import api_client_from_flags
-    monkeypatch.setenv("KDNS_FULL_COMPILE", full)
+    from kdns import settings
+    monkeypatch.setattr(settings, "ENV", settings.from_env({"KDNS_FULL_COMPILE": full}))
     cfg = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", {"token": "t"})
     ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg))
     want = C.FullCompiler if full == "1" else IncrementalCompiler

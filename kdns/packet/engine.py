@@ -32,6 +32,7 @@ import struct
 import time
 import zlib
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.zone import refpath
 from kdns.zone.image import FLAG_SYNCED, HEADER
@@ -238,7 +239,7 @@ class PureUdpServer:
 
 
 def _select():
-    if os.environ.get("KDNS_PURE") == "1":
+    if settings.ENV.pure:
         return None
     try:
         from kdns.packet import _fastpath

@@ -41,12 +41,12 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from kdns import settings as kdns_settings
 from kdns.packet import engine
 from kdns.serve import publish
 from kdns.kube import records
@@ -555,7 +555,7 @@ class ApiController(Controller):
                  debounce: Debounce = Debounce(), settings=None):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
-        if os.environ.get("KDNS_FULL_COMPILE") == "1":
+        if kdns_settings.ENV.full_compile:
             # The reference compile on every change: an escape hatch, and the "before" of
             # bench/bench_api_scale.py --full-compile.
             compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods)

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.observe import http
@@ -99,17 +100,17 @@ class LoadError(Exception):
 class ServeConfig:
     from_file: str | None = None
     from_image: str | None = None
-    domain: str = "cluster.local"
-    dns_bind_address: str = "0.0.0.0"
-    dns_port: int = 53
-    ttl: int = 30
+    domain: str = settings.DOMAIN
+    dns_bind_address: str = settings.DNS_BIND_ADDRESS
+    dns_port: int = settings.DNS_PORT
+    ttl: int = settings.TTL
     workers: int = 1
-    healthz_port: int = 8081
-    metrics_port: int = 9153
-    pods: str = "insecure"
-    edns_udp_size: int = 1232
-    tcp_idle_timeout: float = 10.0
-    tcp_max_connections: int = 1000
+    healthz_port: int = settings.HEALTHZ_PORT
+    metrics_port: int = settings.METRICS_PORT
+    pods: str = settings.PODS
+    edns_udp_size: int = settings.EDNS_UDP_SIZE
+    tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT
+    tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS
     lameduck: float = 0.0
     # Issue 6: the kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
     # on kube-dns's PROMETHEUS_PORT (0: off), query logging.
@@ -125,7 +126,7 @@ class ServeConfig:
     # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
     kubecfg_file: str = ""
     kube_master_url: str = ""
-    initial_sync_timeout: float = 60.0
+    initial_sync_timeout: float = settings.INITIAL_SYNC_TIMEOUT
 
 
 # --------------------------------------------------------------------------- image sources

@@ -1,0 +1,68 @@
+"""Every default kdns has, and every KDNS_* environment switch, in one place.
+
+Why: a default written in two places drifts (the EDNS size once stood in 24 places), and an
+environment variable read in the module that happens to need it is invisible to whoever
+reads the flags. Flags (``kdns.cli``) take their defaults from here; code that needs a
+default when it is not given one takes it from here; nothing else hard-codes them.
+
+The environment is read once, when this module is first imported (``ENV``). Tests that need
+another switch replace ``ENV`` with ``from_env({...})`` rather than setting os.environ.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------- the zone
+DOMAIN = "cluster.local"
+TTL = 30                       # kube-dns's record TTL, and kubeadm's Corefile `ttl 30`
+PODS = "insecure"              # kubeadm's Corefile `pods insecure`
+
+# --------------------------------------------------------------------------- listening
+DNS_BIND_ADDRESS = "0.0.0.0"
+DNS_PORT = 53
+# The largest UDP reply kdns sends and the size it advertises upstream: the DNS Flag Day
+# 2020 value, which fits the IPv6 minimum MTU (RFC 8200 §5) without fragments.
+EDNS_UDP_SIZE = 1232
+UDP_BATCH = 64                 # datagrams per recvmmsg/sendmmsg call
+TCP_IDLE_TIMEOUT = 10.0        # seconds a TCP connection may sit idle (RFC 7766 §6.2.3)
+TCP_MAX_CONNECTIONS = 1000     # TCP connections per worker
+
+# --------------------------------------------------------------------------- HTTP ports
+HEALTHZ_PORT = 8081            # kube-dns's /readiness
+METRICS_PORT = 9153            # CoreDNS's prometheus plugin
+HEALTH_PORT = 8080             # CoreDNS's health plugin
+READY_PORT = 8181              # CoreDNS's ready plugin
+SIDECAR_PORT = 10054           # kube-dns's sidecar
+LAMEDUCK = 5.0                 # kubeadm's Corefile `health { lameduck 5s }`
+
+# --------------------------------------------------------------------------- the API
+INITIAL_SYNC_TIMEOUT = 60.0    # kube-dns's --initial-sync-timeout
+
+# --------------------------------------------------------------------------- forwarding
+CONFIG_DIR = "/kube-dns-config"    # where kube-dns's manifest mounts its ConfigMap
+CONFIG_PERIOD = 10.0               # kube-dns's --config-period
+CONFIG_MAP_NAMESPACE = "kube-system"
+RESOLV_CONF = "/etc/resolv.conf"
+CACHE_SIZE = 10000             # forwarded answers kept per worker (CoreDNS: 9984 per class)
+FAST_CACHE_SLOTS = 4096        # slots of the compiled packet cache per worker
+TRY_TIMEOUT = 2.0              # seconds per upstream try (kube-dns and CoreDNS: 2 s)
+
+
+@dataclass(frozen=True)
+class Env:
+    """The KDNS_* switches: escape hatches and references for benchmarks, all off by default."""
+    pure: bool = False             # KDNS_PURE=1: the pure-Python packet path and compiler
+    pure_compile: bool = False     # KDNS_PURE_COMPILE=1: the reference compiler only
+    full_compile: bool = False     # KDNS_FULL_COMPILE=1: no incremental compile after a change
+    fwd_compiled: bool = True      # KDNS_FWD_COMPILED=0: cache misses forwarded from Python
+
+
+def from_env(environ) -> Env:
+    return Env(pure=environ.get("KDNS_PURE") == "1",
+               pure_compile=environ.get("KDNS_PURE_COMPILE") == "1",
+               full_compile=environ.get("KDNS_FULL_COMPILE") == "1",
+               fwd_compiled=environ.get("KDNS_FWD_COMPILED", "1") != "0")
+
+
+ENV = from_env(os.environ)
