@@ -125,8 +125,13 @@ def test_runtime_is_minimal(rootfs):
     assert not os.path.exists(os.path.join(rootfs, "usr/bin/gcc")), "a compiler in the runtime"
     assert not os.path.exists(os.path.join(rootfs, "src")), "the source tree in the runtime"
     site = os.path.join(venv, "lib/python3.11/site-packages/kdns")
-    so = [f for f in os.listdir(site) if f.startswith("_fastpath.") and f.endswith(".so")]
+    so = [f for f in os.listdir(os.path.join(site, "packet"))
+          if f.startswith("_fastpath.") and f.endswith(".so")]
     assert so, "the compiled fast path is missing from the image"
+    # The image carries what runs: no C or Cython sources next to the extensions.
+    leftovers = [os.path.join(d, f) for d, _, files in os.walk(site) for f in files
+                 if f.endswith((".c", ".pyx", ".pxd", ".pxi"))]
+    assert not leftovers, leftovers
     # Bytecode was compiled at install time: nothing needs writing under a read-only root.
     assert os.listdir(os.path.join(site, "__pycache__"))
 
