@@ -85,10 +85,6 @@ SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selec
 MAX_STAMPS = 50_000
 
 
-class ConfigError(ValueError):
-    """The connection flags cannot be used; one sentence saying what to change."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class Debounce:
     settle: float = 0.005      # wait at least this long after the first pending change
@@ -577,7 +573,7 @@ class ApiController(Controller):
         except ConnectionConfigError as e:
             hint = "" if cfg.kubecfg_file or cfg.kube_master_url else (
                 " (or serve objects from a file with --from-file)")
-            raise ConfigError(f"{e}{hint}") from None
+            raise ConnectionConfigError(f"{e}{hint}") from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
                    initial_sync_timeout=cfg.initial_sync_timeout)
 

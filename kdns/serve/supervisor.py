@@ -240,10 +240,11 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
         return WatchedFile(cfg.from_image, image_file_loader)
     if cfg.from_file:
         return WatchedFile(cfg.from_file, zone_file_loader(cfg))
-    from kdns.serve import controller  # issue 4: list+watch the Kubernetes API
+    from kdns.kube.kubeconfig import ConnectionConfigError
+    from kdns.serve import controller
     try:
         return controller.ApiController.from_config(cfg)
-    except controller.ConfigError as e:
+    except ConnectionConfigError as e:
         raise StartError(str(e)) from None
 
 
