@@ -94,10 +94,6 @@ def _meta(obj: dict, kind: str) -> tuple[str, str]:
     return ns, meta["name"]
 
 
-def _label(kind: str, ns: str, name: str) -> str:
-    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
-
-
 def canonical_ip(text) -> str:
     """Canonical text of an IP (K ``net.ParseIP().String()``), ValueError if it is none."""
     if not isinstance(text, str):

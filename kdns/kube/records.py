@@ -16,7 +16,6 @@ import ipaddress
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 
 from kdns.dns import rr as R

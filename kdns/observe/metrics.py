@@ -181,7 +181,7 @@ class CoreDNSCollector:
                                  "of failed tries per upstream (timeouts and errors; kdns has "
                                  "no separate health check query).", labels=["to"])
         for u, up in enumerate(s.fwd["upstreams"]):
-            hc.add_metric([up["to"] or (names[u] if u < len(names) else f"upstream-{u}")],
+            hc.add_metric([up["to"] or f"upstream-{u}"],
                           up["failures"])
         broken = CounterMetricFamily("coredns_forward_healthcheck_broken", "Counter of the "
                                      "number of complete failures of the upstreams (replies "

@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import ctypes
-import ctypes.util
-import gc
 import logging
 import threading
 import time
@@ -49,7 +46,7 @@ from typing import Callable, Protocol
 from kdns import settings as kdns_settings
 from kdns.packet import engine
 from kdns.serve import publish
-from kdns.kube import records
+from kdns.serve.memory import release_memory
 from kdns.serve import build
 from kdns.kube.model import NAMESPACE, ClusterModel
 
@@ -63,21 +60,6 @@ MAX_PENDING = 5_000         # ten list pages of the watchers' default 500
 # After a compile, once the events have paused this long, give its transient memory back
 # (issue 3's PSS budget) without costing a busy stream any latency.
 TRIM_AFTER_IDLE = 1.0
-
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim          # glibc only: musl has no malloc_trim
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def release_memory() -> None:
-    """A full collection empties the interpreter's free lists so pymalloc can unmap arenas,
-    then malloc_trim hands glibc's free pages back (server.release_memory measured both)."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)        # ctypes releases the GIL for the call
-
 
 SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selector")
 # Latency stamps kept per compile; a relist touching 100,000 objects is one observation each

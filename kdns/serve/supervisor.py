@@ -15,9 +15,6 @@ What it must not do: contain DNS rules or answer queries.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import logging
 import os
@@ -35,6 +32,7 @@ from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.observe import http
 from kdns.serve import publish
+from kdns.serve.memory import release_memory
 
 log = logging.getLogger("kdns.serve.supervisor")
 
@@ -58,28 +56,6 @@ def forwarding_control(opts):
             configmap.api_client_for(opts.kubecfg_file, opts.kube_master_url))
     return forwarding.ForwardingControl(opts, poller)
 
-
-def release_memory() -> None:
-    """Give a compile's transient memory back to the OS, so the supervisor's PSS is its
-    steady state, not its peak (issue 3: the whole pod under 170 MiB).
-
-    The full collection matters although a build leaves no cycles: measured at 10k services
-    and 100k endpoints, RSS falls from ~180 to ~70 MiB (most likely because emptying the
-    interpreter's free lists lets pymalloc unmap arenas that only cached objects held), and an
-    idle supervisor allocates too little for the automatic full collection ever to run.
-    malloc_trim(0) then hands glibc's free heap pages back (~70 -> ~55 MiB).
-    """
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim          # glibc only: musl has no malloc_trim
-except (OSError, AttributeError):
-    _LIBC = None
 
 TICK = 0.1                  # main-loop wake-up: a dead worker is noticed within this
 FILE_POLL = 1.0             # issue 2 §2: the input file is re-read when it changes
