@@ -1,4 +1,4 @@
-"""The compiled compiler core (kdns/packet/_compile.pxi) against the reference (image._Compiler).
+"""The compiled compiler core (kdns/zone/_compile.pyx) against the reference (image._Compiler).
 
 The core must give byte-identical images for any input, raise the same CompileError for bad
 input, hand input it does not model back to the reference, and never crash when misused.

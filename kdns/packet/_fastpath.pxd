@@ -5,6 +5,9 @@
 # them to it (golden replies, counter_layout() == counters.LAYOUT).
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+# Image integers (little-endian), shared with the compiler core.
+from kdns.zone.layout cimport le16, le32
+
 
 # ---------------------------------------------------------------- image layout (image.py)
 cdef enum:
@@ -144,17 +147,6 @@ cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
 cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
     return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) |
             <uint32_t>p[3])
-
-
-# Image integers are little-endian; byte-wise assembly is portable and compilers fuse it
-# into one load on little-endian machines.
-cdef inline uint16_t le16(const uint8_t *p) noexcept nogil:
-    return p[0] | (<uint16_t>p[1] << 8)
-
-
-cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) |
-            (<uint32_t>p[3] << 24))
 
 
 cdef inline void put16(uint8_t *p, unsigned int v) noexcept nogil:

@@ -972,7 +972,6 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
 
 include "pktcache.pxi"
 include "fwd.pxi"
-include "_compile.pxi"
 
 
 cdef class UdpServer:

@@ -128,13 +128,13 @@ def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
 
 
 def _compiled_core():
-    """``_fastpath.ZoneCore`` unless the extension is missing, ``KDNS_PURE=1``, or
+    """``kdns.zone._compile.ZoneCore`` unless the extension is missing, ``KDNS_PURE=1``, or
     ``KDNS_PURE_COMPILE=1`` (the reference compiler with the compiled packet path: an
     escape hatch, and the "before" of bench/bench_scale.py's memory figures)."""
     if os.environ.get("KDNS_PURE") == "1" or os.environ.get("KDNS_PURE_COMPILE") == "1":
         return None
     try:
-        from kdns.packet._fastpath import ZoneCore
+        from kdns.zone._compile import ZoneCore
     except ImportError:
         return None
     return ZoneCore
@@ -846,7 +846,7 @@ class _CoreNames:
 
 
 class _CoreCompiler(_Compiler):
-    """The same compile with the hot phases in ``_fastpath.ZoneCore`` (kdns/packet/_compile.pxi):
+    """The same compile with the hot phases in ``ZoneCore`` (kdns/zone/_compile.pyx):
     names, trie, common answers (A/AAAA, SRV with glue, single PTR), reverse table and
     assembly. This class keeps the rest: the zones, negative and SERVFAIL blobs, CNAME
     chains and the rare RRsets, through the reference methods above, which see the core's

@@ -1,33 +1,51 @@
-# The zone compiler's hot phases in C (issue 3: compile 10k services / 100k endpoints in
-# under a second, and in far less memory). Included by _fastpath.pyx (one extension), so it
-# shares its cimports and LOWER; it runs in the supervisor, never on the packet path.
-#
-# Why C data: the pure compiler (kdns/zone/image.py ``_Compiler``) spends its time creating and
-# hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
-# interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
-# children and RRsets are arrays indexed by id; answer blobs are written into one growing
-# buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
-#
-# What it must not decide: the image format and the DNS rules of the rare cases. The format
-# is image.py's docstring (the offsets written below restate it; the tests compare images
-# byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
-# encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to image.py's
-# reference code through callbacks, which see the core's names through lookup methods.
-# Input the core does not model exactly (out-of-range numbers, addresses of the wrong
-# family) raises the caller's ``unsupported`` exception, and the caller recompiles with
-# the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
-# its input.
+# cython: language_level=3
+"""The zone compiler's hot phases in C (compile 10k services / 100k endpoints in under a
+second, and in far less memory). It runs in the supervisor, never on the packet path, so it
+is its own extension: it holds the GIL, allocates and raises, all of which the packet path
+(kdns/packet/_fastpath.pyx) must not do. What the two share, the image layout and its
+integer readers and writers, is kdns/zone/layout.pxd.
 
+Why C data: the pure compiler (kdns/zone/image.py ``_Compiler``) spends its time creating and
+hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
+interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
+children and RRsets are arrays indexed by id; answer blobs are written into one growing
+buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
+
+What it must not decide: the image format and the DNS rules of the rare cases. The format
+is image.py's docstring (the offsets written below restate it; the tests compare images
+byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
+encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to image.py's
+reference code through callbacks, which see the core's names through lookup methods.
+Input the core does not model exactly (out-of-range numbers, addresses of the wrong
+family) raises the caller's ``unsupported`` exception, and the caller recompiles with
+the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
+its input.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memchr, strlen
-from libc.stdint cimport int16_t, int32_t
-from cpython.bytes cimport PyBytes_AS_STRING
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
+
+from kdns.zone.layout cimport le16, le32, put16le, put32le
+
+import zlib
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_INET
+        AF_INET6
+
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+
+# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
+cdef uint8_t LOWER[256]
+cdef int _i
+for _i in range(256):
+    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
 
 cdef enum:
     # Per-name flags.
@@ -41,9 +59,12 @@ cdef enum:
     NF_ENC = 128         # answers given already encoded (``apply``, issue 4)
     NODE_EXISTS_ = 1     # image.py NODE_EXISTS
 
+    T_A = 1              # RFC 1035 §3.2.2, RFC 3596, RFC 2782
+    T_AAAA = 28
     T_SRV = 33
     T_PTR = 12
     T_CNAME = 5
+    CLASS_IN = 1
     HDR_AA_BIT = 0x0400
     MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
@@ -60,16 +81,12 @@ cdef inline void put32be(uint8_t *p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
-cdef inline void put16le(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-
-
-cdef inline void put32le(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
+cdef inline int hex_nibble(uint8_t c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
 
 
 cdef inline uint64_t fnv1a(const uint8_t *p, Py_ssize_t n) noexcept nogil:
