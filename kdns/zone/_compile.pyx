@@ -26,7 +26,13 @@ from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t,
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
-from kdns.zone.layout cimport le16, le32, put16le, put32le
+from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
+                               BLOB_NSEG, BLOBHDR_SIZE, HDR_AA, HEADER_SIZE, NODE_EXISTS,
+                               NODE_EXTRA, NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF,
+                               NODE_NCHILD, NODE_NRR, NODE_RR_OFF, NODE_SIZE, REV_FAMILY, REV_IP,
+                               REV_NRR, REV_RR_OFF, REV_SIZE, REV_ZONE, RRENT_BLOB, RRENT_QTYPE,
+                               RRENT_SIZE, SEG_AN, SEG_AR, SEG_END, SEG_NS, SEG_SIZE, SEG_TC,
+                               le16, le32, put16le, put32le)
 
 import zlib
 
@@ -56,8 +62,7 @@ cdef enum:
     NF_TREE = 16         # a node of the forward trie
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
-    NF_ENC = 128         # answers given already encoded (``apply``, issue 4)
-    NODE_EXISTS_ = 1     # image.py NODE_EXISTS
+    NF_ENC = 128         # answers given already encoded (``apply``)
 
     T_A = 1              # RFC 1035 §3.2.2, RFC 3596, RFC 2782
     T_AAAA = 28
@@ -65,7 +70,6 @@ cdef enum:
     T_PTR = 12
     T_CNAME = 5
     CLASS_IN = 1
-    HDR_AA_BIT = 0x0400
     MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
 
@@ -222,7 +226,7 @@ cdef class ZoneCore:
     cdef int32_t *kids
     cdef int32_t *order
     cdef int32_t nnodes
-    cdef uint32_t *nodes
+    cdef uint8_t *nodes              # the node table as the image has it, offsets relative
     cdef uint32_t *rrf
     cdef size_t rrf_len, rrf_cap
     cdef uint8_t *rev
@@ -1022,26 +1026,28 @@ cdef class ZoneCore:
 
     cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen) except? 0xFFFFFFFF:
         """BLOBHDR + the segments in ``segs`` + the data in ``dat`` -> interned offset."""
-        cdef size_t n = 16 + 12 * nseg + dlen
+        cdef size_t n = BLOBHDR_SIZE + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
-        put16le(self.scr, HDR_AA_BIT)
-        put16le(self.scr + 2, an)
-        put16le(self.scr + 4, 0)
-        put16le(self.scr + 6, ar)
-        put16le(self.scr + 8, 0)
-        put16le(self.scr + 10, nseg)
-        put32le(self.scr + 12, dlen)
-        memcpy(self.scr + 16, self.segs, 12 * nseg)
-        memcpy(self.scr + 16 + 12 * nseg, self.dat, dlen)
+        put16le(self.scr + BLOB_HDR, HDR_AA)
+        put16le(self.scr + BLOB_AN, an)
+        put16le(self.scr + BLOB_NS, 0)
+        put16le(self.scr + BLOB_AR, ar)
+        put16le(self.scr + BLOB_NFIX, 0)
+        put16le(self.scr + BLOB_NSEG, nseg)
+        put32le(self.scr + BLOB_LEN, dlen)
+        memcpy(self.scr + BLOBHDR_SIZE, self.segs, SEG_SIZE * nseg)
+        memcpy(self.scr + BLOBHDR_SIZE + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
     cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc) except -1:
-        _grow(<void **>&self.segs, &self.segs_cap, 12 * (k + 1), 1)
-        put32le(self.segs + 12 * k, end)
-        put16le(self.segs + 12 * k + 4, an)
-        put16le(self.segs + 12 * k + 6, 0)
-        put16le(self.segs + 12 * k + 8, ar)
-        put16le(self.segs + 12 * k + 10, tc)
+        cdef uint8_t *s
+        _grow(<void **>&self.segs, &self.segs_cap, SEG_SIZE * (k + 1), 1)
+        s = self.segs + SEG_SIZE * k
+        put32le(s + SEG_END, end)
+        put16le(s + SEG_AN, an)
+        put16le(s + SEG_NS, 0)
+        put16le(s + SEG_AR, ar)
+        put16le(s + SEG_TC, tc)
         return 0
 
     cdef int addr(self, rd, uint8_t *out) except -1:
@@ -1366,39 +1372,43 @@ cdef class ZoneCore:
         cdef int32_t idx, i, c
         cdef uint32_t flags, extra, loff
         cdef size_t rr_start
-        cdef uint32_t *nd
+        cdef uint8_t *nd
         cdef int32_t nxt = 1
         self.check(1)
         if self.order == NULL:
             raise ValueError("encode_nodes() before grow()")
-        self.nodes = <uint32_t *>self._re(self.nodes, (self.nnodes + 1) * 24)
+        self.nodes = <uint8_t *>self._re(self.nodes, (self.nnodes + 1) * NODE_SIZE)
         for idx in range(self.nnodes):
             i = self.order[idx]
             loff = self.label_off(i)
             rr_start = self.rrf_len
             if not self.nflags[i] & NF_DATA:
-                flags = NODE_EXISTS_ if self.nflags[i] & NF_EXPLICIT else 0
+                flags = NODE_EXISTS if self.nflags[i] & NF_EXPLICIT else 0
             else:
-                flags = NODE_EXISTS_
+                flags = NODE_EXISTS
                 self.entries(i, chain, generic)
             extra = 0
             if self.nflags[i] & NF_SPECIAL:
                 flags, extra = special(self.labels_of(i), flags, idx)
             c = self.kid_start[i + 1] - self.kid_start[i]
-            nd = self.nodes + 6 * idx
-            nd[0] = loff
+            # Offsets relative to the labels pool, the rr table and the pod lists (for a
+            # verified pod namespace's ``extra``) until ``assemble``; ``rrf`` holds two words
+            # per rr entry.
+            nd = self.nodes + NODE_SIZE * idx
+            put32le(nd + NODE_LABEL_OFF, loff)
             # First child: the breadth-first index of the first of the contiguous children.
-            nd[1] = 0
-            nd[2] = c
-            nd[3] = rr_start * 4
-            nd[4] = ((self.rrf_len - rr_start) // 2) | (flags << 16)
-            nd[5] = extra
+            put32le(nd + NODE_FIRST_CHILD, 0)
+            put32le(nd + NODE_NCHILD, c)
+            put32le(nd + NODE_RR_OFF, rr_start // 2 * RRENT_SIZE)
+            put16le(nd + NODE_NRR, (self.rrf_len - rr_start) // 2)
+            put16le(nd + NODE_FLAGS, flags)
+            put32le(nd + NODE_EXTRA, extra)
         # First-child indexes from a second breadth-first pass (children follow in order).
         for idx in range(self.nnodes):
             i = self.order[idx]
             c = self.kid_start[i + 1] - self.kid_start[i]
             if c:
-                self.nodes[6 * idx + 1] = nxt
+                put32le(self.nodes + NODE_SIZE * idx + NODE_FIRST_CHILD, nxt)
                 nxt += c
 
     cdef int rev_key(self, int32_t i, uint8_t *key) noexcept:
@@ -1468,20 +1478,20 @@ cdef class ZoneCore:
                     keys[m].id = i
                     m += 1
             qsort(keys, m, sizeof(RevKey), _cmp_rev)
-            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * 28)
-            memset(self.rev, 0, (m + 1) * 28)
+            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
+            memset(self.rev, 0, (m + 1) * REV_SIZE)
             self.nrev = m
             for k in range(m):
                 i = keys[k].id
                 rr_start = self.rrf_len
                 if self.nflags[i] & NF_DATA:
                     self.entries(i, chain, generic)
-                e = self.rev + 28 * k
-                e[0] = keys[k].key[0]
-                memcpy(e + 4, keys[k].key + 1, 16)
-                put32le(e + 20, rr_start * 4)
-                put16le(e + 24, (self.rrf_len - rr_start) // 2)
-                put16le(e + 26, self.zone_of(i))
+                e = self.rev + REV_SIZE * k
+                e[REV_FAMILY] = keys[k].key[0]
+                memcpy(e + REV_IP, keys[k].key + 1, 16)
+                put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
+                put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
+                put16le(e + REV_ZONE, self.zone_of(i))
         finally:
             free(keys)
         return m
@@ -1507,7 +1517,7 @@ cdef class ZoneCore:
         is returned; otherwise into a new bytes object."""
         cdef uint8_t[::1] into
         cdef int32_t idx, k
-        cdef uint32_t *nd
+        cdef uint8_t *nd
         cdef uint8_t *o
         cdef uint8_t *e
         cdef size_t pos, nz = len(zone_table), npl = len(pod_lists), rrtab
@@ -1515,8 +1525,8 @@ cdef class ZoneCore:
         if self.stage != 2 or self.nodes == NULL:
             raise ValueError("assemble() before the tables were encoded")
         # Every write below is inside [0, total) exactly when these hold.
-        rrtab = 64 + 24 * <size_t>self.nnodes + nz + 28 * <size_t>self.nrev
-        if rrtab != rrtab_off or <size_t>labels_off != rrtab + 4 * self.rrf_len \
+        rrtab = HEADER_SIZE + NODE_SIZE * <size_t>self.nnodes + nz + REV_SIZE * <size_t>self.nrev
+        if rrtab != rrtab_off or <size_t>labels_off != rrtab + RRENT_SIZE * (self.rrf_len // 2) \
                 or pods_off < labels_off + self.lpool_len \
                 or pods_off > labels_off + self.lpool_len + 3 \
                 or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.placed_len:
@@ -1528,7 +1538,8 @@ cdef class ZoneCore:
         if not self.persistent:
             self.release_names()
         for idx in verified:
-            self.nodes[6 * idx + 5] += pods_off
+            nd = self.nodes + NODE_SIZE * idx + NODE_EXTRA
+            put32le(nd, le32(nd) + pods_off)
         if out is None:
             out = PyBytes_FromStringAndSize(NULL, total)
             o = <uint8_t *>PyBytes_AS_STRING(out)
@@ -1537,28 +1548,25 @@ cdef class ZoneCore:
             if into.shape[0] != total:
                 raise ValueError("output buffer is not the image's size")
             o = &into[0]
-        memset(o, 0, 64)
-        pos = 64
+        memset(o, 0, HEADER_SIZE)
+        pos = HEADER_SIZE
         for idx in range(self.nnodes):
-            nd = self.nodes + 6 * idx
-            put32le(o + pos, nd[0] + labels_off)
-            put32le(o + pos + 4, nd[1])
-            put32le(o + pos + 8, nd[2])
-            put32le(o + pos + 12, nd[3] + rrtab_off)
-            put32le(o + pos + 16, nd[4])
-            put32le(o + pos + 20, nd[5])
-            pos += 24
+            nd = self.nodes + NODE_SIZE * idx
+            memcpy(o + pos, nd, NODE_SIZE)
+            put32le(o + pos + NODE_LABEL_OFF, le32(nd + NODE_LABEL_OFF) + labels_off)
+            put32le(o + pos + NODE_RR_OFF, le32(nd + NODE_RR_OFF) + rrtab_off)
+            pos += NODE_SIZE
         memcpy(o + pos, <const char *>zone_table, nz)
         pos += nz
         for k in range(self.nrev):
-            e = self.rev + 28 * k
-            memcpy(o + pos, e, 28)
-            put32le(o + pos + 20, le32(e + 20) + rrtab_off)
-            pos += 28
+            e = self.rev + REV_SIZE * k
+            memcpy(o + pos, e, REV_SIZE)
+            put32le(o + pos + REV_RR_OFF, le32(e + REV_RR_OFF) + rrtab_off)
+            pos += REV_SIZE
         for k in range(0, <int32_t>self.rrf_len, 2):
-            put32le(o + pos, self.rrf[k])
-            put32le(o + pos + 4, self.rrf[k + 1] + blobs_off)
-            pos += 8
+            put32le(o + pos + RRENT_QTYPE, self.rrf[k])      # with its zero pad: 32 bits
+            put32le(o + pos + RRENT_BLOB, self.rrf[k + 1] + blobs_off)
+            pos += RRENT_SIZE
         memcpy(o + pos, self.lpool, self.lpool_len)
         pos += self.lpool_len
         while pos < pods_off:
@@ -1577,9 +1585,9 @@ cdef class ZoneCore:
             self.stage = 3
         else:
             self.release()
-        crc = zlib.crc32(memoryview(out)[64:])
+        crc = zlib.crc32(memoryview(out)[HEADER_SIZE:])
         header = make_header(crc)
-        if len(header) != 64:
-            raise ValueError("header must be 64 bytes")
-        memcpy(o, <const char *>(<bytes>header), 64)
+        if len(header) != HEADER_SIZE:
+            raise ValueError(f"header must be {HEADER_SIZE} bytes")
+        memcpy(o, <const char *>(<bytes>header), HEADER_SIZE)
         return out

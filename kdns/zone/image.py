@@ -1,4 +1,4 @@
-"""The zone image: its single definition, and the compiler from RRsets to image bytes.
+"""The zone compiler: RRsets in, zone image bytes out.
 
 Why: the packet path must answer with no allocation and no Python, so everything that can be
 decided before a query arrives is decided here, once per zone change, and frozen into one flat,
@@ -6,39 +6,7 @@ position-independent byte string (offsets only, no pointers) that all workers ma
 
 What it must not do: know about Kubernetes (that is ``records.py``) or sockets.
 
-Layout (all integers little-endian; every offset is from the start of the image)::
-
-  header (64 bytes)
-    0  8s  magic b"KDNSIMG1"
-    8  I   total length           12 I  flags (FLAG_SYNCED)
-    16 I   nodes_off              20 I  nnodes     (node 0 is the root)
-    24 I   zones_off              28 I  nzones
-    32 I   rev_off                36 I  nrev
-    40 I   servfail_blob          44 I  reserved
-    48 Q   serial (informational) 56 I  crc32 of bytes [64, length)   60 I reserved
-
-  node (24 bytes): label_off I, first_child I, nchild I, rr_off I, nrr H, flags H, extra I
-    label_off -> [u8 len][lower-case bytes]; children are contiguous and sorted by
-    (length, bytes) so a walk binary-searches them. ZONE_APEX nodes carry their zone index in
-    ``extra``; POD_NS nodes (a namespace under pod.<zone>) synthesise pod answers and, with
-    POD_VERIFIED, ``extra`` points at [u32 count][count x 16-byte IPs, sorted].
-  rr entry (8 bytes): qtype H, pad H, blob I. qtype 0 is the default for any other type
-    (a CNAME owner answers every type with its chain).
-  zone (16 bytes): apex_node I, neg_blob I, ttl I, apex_wire_len H, kind H (ZONE_AUTH or
-    ZONE_REVERSE: reverse-zone misses are handed to the forwarder, not denied).
-  reverse entry (28 bytes): family B, pad 3x, ip 16s (IPv4 in the first 4 bytes), rr_off I,
-    nrr H, zone H. Sorted by (family, ip).
-  blob: hdr H (AA bit and rcode to OR into the reply; HDR_HANDOFF 0x8000 = chain leaves
-    the cluster: hand off), an H, ns H, ar H, nfix H, nseg H,
-    len I, fix H*nfix, pad to 4, seg (end I, an H, ns H, ar H, tc H) * nseg, data[len].
-    ``data`` is the answer, authority and additional sections as they follow the question.
-    Positive blobs are encoded for the exact owner name, whose question sits at offset 12,
-    so the owner is always pointer 0xC00C and every other pointer is baked in. The zone's
-    negative (SOA) blob is shared by every name in the zone: each ``fix`` position receives
-    the pointer 0xC000 | (12 + qname_len - apex_wire_len), i.e. the apex inside the
-    question, echoing its case. Segments are RRset boundaries, cumulative; the reply uses
-    the longest that fits and sets TC when ``tc`` says answer or authority data was cut
-    (RFC 2181 §9: dropping additional data alone does not set TC).
+The image's layout is defined in ``layout.py``; this module writes it.
 """
 from __future__ import annotations
 
@@ -55,39 +23,13 @@ from typing import Iterable
 
 from kdns.dns import rr as R
 from kdns.dns.rr import ZONE_AUTH, ZONE_REVERSE, Zone
-
-MAGIC = b"KDNSIMG1"
-HEADER = struct.Struct("<8sIIIIIIIIII Q II")
-NODE = struct.Struct("<IIIIHHI")
-RRENT = struct.Struct("<HHI")
-ZONE = struct.Struct("<IIIHH")
-REV = struct.Struct("<B3x16sIHH")
-BLOBHDR = struct.Struct("<HHHHHHI")
-SEG = struct.Struct("<IHHHH")
-assert (HEADER.size, NODE.size, RRENT.size, ZONE.size, REV.size, BLOBHDR.size, SEG.size) == \
-    (64, 24, 8, 16, 28, 16, 12)
-
-FLAG_SYNCED = 1
-
-NODE_EXISTS = 1        # has data or was declared to exist
-NODE_ZONE_APEX = 2
-NODE_POD_NS = 4
-NODE_POD_VERIFIED = 8
-
-
-HDR_AA = 0x0400
-# Issue 5 / spec §1.6: a CNAME chain that leaves the cluster (ExternalName to an outside
-# name) is answered as CNAME + the target's records from the forwarder. Its blobs carry this
-# bit; the packet paths hand such queries off, and the forwarder composes the answer from the
-# blob (CNAME alone) and the upstream's records. QR is set in every reply anyway, so ORing the
-# header into the flags changes no byte.
-HDR_HANDOFF = 0x8000
-from kdns.dns.wire import (FORMERR as RCODE_FORMERR, NOERROR as RCODE_NOERROR,  # noqa: F401,E402
+from kdns.dns.wire import (FORMERR as RCODE_FORMERR, NOERROR as RCODE_NOERROR,  # noqa: F401
                            NOTIMP as RCODE_NOTIMP, NXDOMAIN as RCODE_NXDOMAIN,
                            REFUSED as RCODE_REFUSED, SERVFAIL as RCODE_SERVFAIL)
-
-DEFAULT_QTYPE = 0
-QUESTION_OFFSET = 12
+from kdns.zone.layout import (BLOBHDR, DEFAULT_QTYPE, FLAG_SYNCED, HDR_AA,  # noqa: F401
+                              HDR_HANDOFF, HEADER, MAGIC, NODE, NODE_EXISTS, NODE_EXTRA,
+                              NODE_LABEL_OFF, NODE_POD_NS, NODE_POD_VERIFIED, NODE_RR_OFF,
+                              NODE_SIZE, NODE_ZONE_APEX, QUESTION_OFFSET, REV, RRENT, SEG, ZONE)
 
 
 class CompileError(ValueError):
@@ -154,6 +96,7 @@ _LITTLE = sys.byteorder == "little"
 _RR_FIXED = struct.Struct("!HHIH")      # type, class, TTL, rdlength (RFC 1035 §4.1.3)
 _OWNER_Q = b"\xc0\x0c"                  # the owner is the question name at offset 12
 _SEG0 = SEG.pack(0, 0, 0, 0, 1)         # "nothing fits": the answer was cut, so TC
+_NODE_WORDS = NODE_SIZE // 4            # a node as u32 words (``_pack_u32``)
 
 
 def _fast_labels(name: str) -> tuple:
@@ -732,7 +675,7 @@ class _Compiler:
         # Sections before the rr table have sizes known now (one reverse entry per reverse
         # name), so reverse entries are packed with absolute offsets as they are made: a
         # tuple per entry would cost ~30 MB at 110,000 reverse names, at the memory peak.
-        nnodes = len(node_flat) // 6
+        nnodes = len(node_flat) // _NODE_WORDS
         nodes_off = HEADER.size
         zones_off = nodes_off + NODE.size * nnodes
         rev_off = zones_off + ZONE.size * len(self.zones)
@@ -773,11 +716,11 @@ class _Compiler:
         total = blobs_off + len(blob_data)
 
         # Rebase the section-relative offsets, then pack each table in one go.
-        for k in range(0, len(node_flat), 6):
-            node_flat[k] += labels_off
-            node_flat[k + 3] += rrtab_off
+        for k in range(0, len(node_flat), _NODE_WORDS):
+            node_flat[k + NODE_LABEL_OFF // 4] += labels_off
+            node_flat[k + NODE_RR_OFF // 4] += rrtab_off
         for idx in verified_nodes:
-            node_flat[6 * idx + 5] += pods_off
+            node_flat[_NODE_WORDS * idx + NODE_EXTRA // 4] += pods_off
         for k in range(1, len(rr_flat), 2):
             rr_flat[k] += blobs_off
         zone_table = bytearray(ZONE.size * len(self.zones))
