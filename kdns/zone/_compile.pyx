@@ -5,17 +5,18 @@ is its own extension: it holds the GIL, allocates and raises, all of which the p
 (kdns/packet/_fastpath.pyx) must not do. What the two share, the image layout and its
 integer readers and writers, is kdns/zone/layout.pxd.
 
-Why C data: the pure compiler (kdns/zone/image.py ``_Compiler``) spends its time creating and
+Why C data: the reference compiler (kdns/zone/oracle.py) spends its time creating and
 hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
 interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
 children and RRsets are arrays indexed by id; answer blobs are written into one growing
 buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
 
 What it must not decide: the image format and the DNS rules of the rare cases. The format
-is image.py's docstring (the offsets written below restate it; the tests compare images
+is kdns/zone/layout.py (the offsets written below are its names; the tests compare images
 byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
-encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to image.py's
-reference code through callbacks, which see the core's names through lookup methods.
+encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to the shared
+Python encoder (kdns/zone/encode.py) through callbacks, which see the core's names through
+lookup methods.
 Input the core does not model exactly (out-of-range numbers, addresses of the wrong
 family) raises the caller's ``unsupported`` exception, and the caller recompiles with
 the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
@@ -151,7 +152,7 @@ cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint32_t *bref,
 
 
 cdef class ZoneCore:
-    """One compile's names, trie, blobs and tables. Driven by image.py's ``_CoreCompiler``."""
+    """One compile's names, trie, blobs and tables. Driven by image.py's ``CoreCompiler``."""
 
     # names: wire forms in nbuf; per-id arrays
     cdef uint8_t *nbuf
@@ -549,7 +550,7 @@ cdef class ZoneCore:
     # ------------------------------------------------------------------ input
 
     def add(self, rrsets, exists):
-        """image.py ``_Compiler.add``: file every RRset under its name, in input order."""
+        """oracle.py ``ReferenceCompiler.add``: file every RRset under its name, in input order."""
         cdef Py_ssize_t k, nr
         cdef int32_t i, r
         cdef int rtype
@@ -1017,7 +1018,7 @@ cdef class ZoneCore:
         return 0
 
     def intern(self, bytes blob not None):
-        """image.py ``_Compiler.intern``: the blob's offset in the pool."""
+        """oracle.py ``ReferenceCompiler.intern``: the blob's offset in the pool."""
         cdef size_t n = len(blob)
         self.check(2)
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
@@ -1131,7 +1132,7 @@ cdef class ZoneCore:
             i = self.parent[i]
 
     cdef int64_t srv_blob(self, int32_t q, s) except -2:
-        """image.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
+        """oracle.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
         cdef uint32_t ttl = s.ttl, gttl, base, size = 0, n_ar = 0, ptr
         cdef Py_ssize_t k, nrd, tl, m, nseg = 2, ln
         cdef int32_t t, r
@@ -1231,7 +1232,7 @@ cdef class ZoneCore:
         return 0
 
     cdef int entries(self, int32_t i, chain, generic) except -1:
-        """image.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
+        """oracle.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
         cdef int32_t rs[64]
         cdef int nr = 0, a, b
         cdef int32_t r, tmp
@@ -1272,7 +1273,7 @@ cdef class ZoneCore:
         return 0
 
     def grow(self):
-        """image.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
+        """oracle.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
         node's children contiguous and sorted by (length, bytes)."""
         global _sort_nbuf, _sort_noff
         cdef int32_t i, j, c, head, tail, nk
@@ -1366,7 +1367,7 @@ cdef class ZoneCore:
         return o
 
     def encode_nodes(self, chain, generic, special):
-        """The node table in trie order, encoding each node's blobs (image.py ``build``'s
+        """The node table in trie order, encoding each node's blobs (oracle.py ``build``'s
         node loop); ``special(labels, flags, idx)`` -> (flags, extra) for apexes and pod
         namespaces."""
         cdef int32_t idx, i, c
@@ -1412,7 +1413,7 @@ cdef class ZoneCore:
                 nxt += c
 
     cdef int rev_key(self, int32_t i, uint8_t *key) noexcept:
-        """image.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
+        """encode.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
         not a full canonical reverse name."""
         cdef const uint8_t *p = self.nbuf + self.noff[i]
         cdef int k, ln, v, d

@@ -3,7 +3,7 @@
 Same image in, same bytes out as ``_fastpath.answer``; the tests hold the two to byte
 equality. It also serves when the extension is not built (or ``KDNS_PURE=1``), slowly.
 It must not import the control plane: only the image layout (``layout.py``) and the
-reverse-name rules from ``image.py``. It reads fields by their layout names, as
+reverse-name rules from ``encode.py``. It reads fields by their layout names, as
 ``_fastpath.pyx`` does.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 from kdns.zone import layout as L
-from kdns.zone.image import ipv4_key, reverse_to_ip
+from kdns.zone.encode import ipv4_key, reverse_to_ip
 from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
                               NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_REVERSE)
 
