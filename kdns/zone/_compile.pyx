@@ -254,7 +254,7 @@ cdef class ZoneCore:
     def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
                  packed_fallback, type_names, persistent=False):
         """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
-        ``persistent``: the core outlives one compile (issue 4's incremental compiler): names,
+        ``persistent``: the core outlives one compile (the incremental compiler): names,
         encoded answers and the blob store are kept, each compile starting with ``begin``;
         otherwise ``assemble`` frees everything."""
         cdef int zi
@@ -1577,8 +1577,8 @@ cdef class ZoneCore:
         pos += npl
         # The names and tables are no longer needed: give them back before the pool copy's
         # peak is reached by the caller.
-        # The blobs, in the order first used; without the GIL (issue 4: the watchers and
-        # the supervisor's loop run meanwhile).
+        # The blobs, in the order first used; without the GIL (the API watchers and the
+        # supervisor's loop run meanwhile).
         with nogil:
             copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
         if self.persistent:

@@ -206,7 +206,7 @@ def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
-    of handing it off (the forwarder's first half of such an answer, issue 5)."""
+    of handing it off (the forwarder's first half of such an answer)."""
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
