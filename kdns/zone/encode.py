@@ -4,8 +4,8 @@ compression, CNAME chains, the zones' negative answers and the special nodes' fl
 Why one class for both: the compiled core (``image.CoreCompiler``) encodes the common
 answers itself and hands the rest (names with a CNAME, SOA, NS, TXT, several PTRs, SRV past
 the pointer range) to these methods, and the reference compiler (``oracle.py``) uses them for
-the same cases, so the two cannot differ there. ``data``, ``explicit`` and ``tree_nodes`` are
-the subclass's: the name table (labels -> RRsets), the declared names, the trie's nodes.
+the same cases, so the two cannot differ there. The names are the subclass's: it answers
+``rrsets_of`` and ``name_exists`` from its own name table.
 """
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ class Encoder:
 
     def intern(self, blob: bytes) -> int:
         """The blob's offset in the image's blob pool (each distinct blob once)."""
+        raise NotImplementedError
+
+    def rrsets_of(self, labels: tuple) -> tuple | None:
+        """The name's RRsets in input order, or None when it has none."""
+        raise NotImplementedError
+
+    def name_exists(self, labels: tuple) -> bool:
+        """A name without data exists if declared, or if it is a node of the forward tree
+        (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
         raise NotImplementedError
 
     # ---- cached conversions
@@ -176,7 +185,7 @@ class Encoder:
     def negative_blob(self, zi: int) -> int:
         """The zone's SOA for the authority section, with its apex written as fixups."""
         apex = self.zone_labels[zi]
-        soa = of_type(self.data.get(apex, ()), R.SOA)
+        soa = of_type(self.rrsets_of(apex) or (), R.SOA)
         if soa is None:
             raise CompileError(f"zone {self.zones[zi].apex} has no SOA RRset")
         rd = soa.rdatas[0]
@@ -214,7 +223,7 @@ class Encoder:
         out = []
         # Several SRVs may share a target (one per port): its glue goes in once (RFC 2181 §5).
         for t in dict.fromkeys(targets):
-            byname = self.data.get(t)
+            byname = self.rrsets_of(t)
             if byname is None:
                 continue
             for rtype in (R.A, R.AAAA):
@@ -225,19 +234,14 @@ class Encoder:
 
     def soa_authority(self, zi: int) -> list[tuple]:
         apex = self.zone_labels[zi]
-        return [(apex, None, of_type(self.data[apex], R.SOA))]
-
-    def name_exists(self, labels: tuple) -> bool:
-        """A name without data exists if declared, or if it is a node of the forward tree
-        (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
-        return labels in self.explicit or labels in self.tree_nodes
+        return [(apex, None, of_type(self.rrsets_of(apex), R.SOA))]
 
     def chase(self, labels: tuple, qtype: int):
         """Answer sections and rcode for (labels, qtype), following in-image CNAMEs (≤10)."""
         answer, seen = [], set()
         cur, ptr = labels, QUESTION_OFFSET
         for _ in range(11):
-            byname = self.data.get(cur)
+            byname = self.rrsets_of(cur)
             if byname is None:
                 zi = self.zone_of(cur)
                 if zi < 0 or self.zones[zi].kind == ZONE_REVERSE:
@@ -272,7 +276,7 @@ class Encoder:
         qtypes = {s.rtype for s in byname}
         cur = self.labels(of_type(byname, R.CNAME).rdatas[0].target)
         for _ in range(10):
-            nxt = self.data.get(cur, ())
+            nxt = self.rrsets_of(cur) or ()
             qtypes |= {s.rtype for s in nxt}
             cname = of_type(nxt, R.CNAME)
             if cname is None:
@@ -295,7 +299,7 @@ class Encoder:
     def chain_leaves_cluster(self, last: tuple) -> bool:
         """Does the chain's last target lie outside every served zone (or in a reverse
         zone without data: the forwarder's too)?"""
-        if last in self.data:
+        if self.rrsets_of(last) is not None:
             return False
         zi = self.zone_of(last)
         return zi < 0 or self.zones[zi].kind == ZONE_REVERSE

@@ -74,46 +74,12 @@ class CoreUnsupported(Exception):
     """Raised by the compiled core for input it does not model exactly."""
 
 
-class _CoreData:
-    """``Encoder.data`` (labels -> RRsets) answered by the compiled core's name table."""
-
-    __slots__ = ("core",)
-
-    def __init__(self, core):
-        self.core = core
-
-    def get(self, labels, default=None):
-        found = self.core.rrsets_of(labels)
-        return default if found is None else found
-
-    def __contains__(self, labels) -> bool:
-        return self.core.rrsets_of(labels) is not None
-
-    def __getitem__(self, labels):
-        found = self.core.rrsets_of(labels)
-        if found is None:
-            raise KeyError(labels)
-        return found
-
-
-class _CoreNames:
-    """``Encoder.explicit`` (which=0) or ``tree_nodes`` (which=1), membership only."""
-
-    __slots__ = ("core", "which")
-
-    def __init__(self, core, which: int):
-        self.core, self.which = core, which
-
-    def __contains__(self, labels) -> bool:
-        return self.core.has_flag(labels, self.which)
-
-
 class CoreCompiler(Encoder):
     """The compile, its hot phases in ``ZoneCore`` (kdns/zone/_compile.pyx): names, trie,
     common answers (A/AAAA, SRV with glue, single PTR), reverse table and assembly. This
     class keeps the rest: the zone table, negative and SERVFAIL blobs, CNAME chains and the
     rare RRsets, through ``Encoder``'s methods, which see the core's names through
-    ``_CoreData``/``_CoreNames``. Same bytes as ``ReferenceCompiler`` (tests hold it)."""
+    ``rrsets_of`` and ``name_exists``. Same bytes as ``ReferenceCompiler`` (tests hold it)."""
 
     def __init__(self, zones, synced, serial, core_type, consume: bool = False, core=None):
         super().__init__(zones, synced, serial)
@@ -123,9 +89,6 @@ class CoreCompiler(Encoder):
         else:
             core.begin()        # a persistent core (kdns/serve/incremental.py) starts a compile
         self.core = core
-        self.data = _CoreData(self.core)
-        self.explicit = _CoreNames(self.core, 0)
-        self.tree_nodes = _CoreNames(self.core, 1)
 
     @classmethod
     def new_core(cls, core_type, zones, persistent: bool = False):
@@ -141,6 +104,12 @@ class CoreCompiler(Encoder):
 
     def intern(self, blob: bytes) -> int:
         return self.core.intern(bytes(blob))
+
+    def rrsets_of(self, labels: tuple) -> tuple | None:
+        return self.core.rrsets_of(labels)
+
+    def name_exists(self, labels: tuple) -> bool:
+        return self.core.has_flag(labels, 0) or self.core.has_flag(labels, 1)
 
     def build(self, rrsets, exists, into=None):
         """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
@@ -216,7 +185,7 @@ class CoreCompiler(Encoder):
         return out
 
     def _chain_entries(self, labels: tuple) -> list:
-        return self.chain_entries(labels, self.data[labels])
+        return self.chain_entries(labels, self.core.rrsets_of(labels))
 
     def export(self, rrsets, groups: list) -> list:
         """Encode ``rrsets`` (no zone apex data, no CNAME) and return their answers as

@@ -77,6 +77,13 @@ class ReferenceCompiler(Encoder):
         self.tree_nodes: dict[tuple, list] = {}
         self.prefix_cache: dict[tuple, tuple] = {}
 
+    # ---- names
+    def rrsets_of(self, labels: tuple) -> tuple | None:
+        return self.data.get(labels)
+
+    def name_exists(self, labels: tuple) -> bool:
+        return labels in self.explicit or labels in self.tree_nodes
+
     # ---- input
     def _place(self, labels: tuple, what: str) -> None:
         """File a new name: forward names go into the trie, full reverse names into the
