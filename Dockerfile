@@ -23,13 +23,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/build
 WORKDIR /src
 COPY . .
-# The wheel (with the compiled _fastpath) and its dependencies' wheels; then a pip-less venv
+# The wheel (with both compiled extensions) and its dependencies' wheels; then a pip-less venv
 # holding only those, which is all the runtime stage receives. The import (from /, where the
-# source tree cannot shadow the installed package) proves the extension was built.
+# source tree cannot shadow the installed package) proves the extensions were built.
 RUN /opt/build/bin/pip wheel --wheel-dir /wheels . \
     && python3 -m venv --without-pip /opt/kdns \
     && /opt/build/bin/pip --python /opt/kdns/bin/python install --no-index --find-links /wheels kdns \
-    && cd / && /opt/kdns/bin/python -c 'import kdns.packet._fastpath'
+    && cd / && /opt/kdns/bin/python -c 'import kdns.packet._fastpath, kdns.zone._compile'
 
 FROM ${BASE_IMAGE}
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the pod (pip already compiled
@@ -52,7 +52,7 @@ RUN python3 -c 'import os, struct; \
 p = os.path.realpath("/opt/kdns/bin/python"); \
 os.setxattr(p, "security.capability", struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)); \
 print("cap_net_bind_service=ep on", p)' \
-    && python3 -c 'import kdns.packet._fastpath, kdns.cli'
+    && python3 -c 'import kdns.packet._fastpath, kdns.zone._compile, kdns.cli'
 # Numeric, so kubelet can check runAsNonRoot; 1001 is the uid of kube-dns's containers.
 USER 1001:1001
 EXPOSE 53/udp 53/tcp 8080/tcp 8081/tcp 8181/tcp 9153/tcp 10054/tcp

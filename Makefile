@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard kdns/*.py kdns/*/*.py kdns/*/*.pyx 
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c 'import kdns.packet._fastpath'
+	$(BIN)/python -c 'import kdns.packet._fastpath, kdns.zone._compile'
 	touch $(STAMP)
 
 # Names outside the example cluster are forwarded to the nameservers in RUN_RESOLV: none by

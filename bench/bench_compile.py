@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", choices=("rules", "compile"), help="cProfile one phase")
     ap.add_argument("--pure", action="store_true",
-                    help="the reference compiler (image._Compiler), not the compiled core")
+                    help="the reference compiler (oracle.ReferenceCompiler), not the compiled core")
     args = ap.parse_args(argv)
     if args.pure:
         os.environ["KDNS_PURE_COMPILE"] = "1"

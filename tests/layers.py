@@ -2,7 +2,8 @@
 
 Each stage package may import only the packages named for it below; a module outside every
 stage (``kdns.cli``, ``kdns.settings``...) is its own layer. The packet-path extension
-(``_fastpath.pyx`` and what it includes) may import nothing of kdns but its own declarations.
+(``_fastpath.pyx`` and what it includes) may import nothing of kdns but its own declarations
+and the image layout's; the zone compiler's extension only the image layout's.
 Imports anywhere in a module count, lazy ones inside functions too: a lazy import is still a
 dependency.
 """
@@ -26,8 +27,15 @@ ALLOWED = {
     "kdns.settings": set(),
     "kdns.errors": set(),
 }
-# The extension's sources: compiled into the worker, so nothing of the control plane.
-EXTENSION_ALLOWED = {"kdns.packet.system", "kdns.packet._fastpath"}
+# What each package's extension sources (.pyx/.pxi/.pxd) may cimport or import. The packet
+# path is compiled into the worker, so nothing of the control plane: its own declarations
+# and the image layout's (kdns/zone/layout.pxd: constants and inline functions, no module
+# at run time). The compiler core shares that layout and nothing else.
+EXTENSION_ALLOWED = {
+    "kdns.packet": {"kdns.packet.system", "kdns.packet._fastpath", "kdns.zone.layout"},
+    "kdns.zone": {"kdns.zone.layout"},
+}
+EXTENSION_NAMES = {"kdns.packet": "the packet-path extension", "kdns.zone": "the zone extension"}
 TOP_MODULES_MAX = 6
 # The entry points: they wire everything and nothing imports them (but each other).
 ENTRY = {"kdns.cli", "kdns.__main__"}
@@ -110,10 +118,12 @@ def check(root: Path) -> list[str]:
                 problems.append(problem)
     for path in sorted(list(root.rglob("*.pyx")) + list(root.rglob("*.pxi"))
                        + list(root.rglob("*.pxd"))):
+        pkg = owner(module_name(root, path), known)
+        allowed = EXTENSION_ALLOWED.get(pkg, set())
         for line, imp in cython_imports(path):
-            if imp not in EXTENSION_ALLOWED:
-                problems.append(f"{path}:{line}: the packet-path extension imports {imp}; it "
-                                f"may import only {sorted(EXTENSION_ALLOWED)}")
+            if imp not in allowed:
+                problems.append(f"{path}:{line}: {EXTENSION_NAMES.get(pkg, pkg)} imports {imp}; "
+                                f"it may import only {sorted(allowed) or 'nothing of kdns'}")
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     tops = sorted(p.name for p in root.glob("*.py"))
     if len(tops) > TOP_MODULES_MAX:

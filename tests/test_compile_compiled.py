@@ -1,4 +1,5 @@
-"""The compiled compiler core (kdns/packet/_compile.pxi) against the reference (image._Compiler).
+"""The compiled compiler core (kdns/zone/_compile.pyx) against its oracle, the reference compiler
+(kdns/zone/oracle.py): the one suite that holds the two byte-identical.
 
 The core must give byte-identical images for any input, raise the same CompileError for bad
 input, hand input it does not model back to the reference, and never crash when misused.
@@ -29,11 +30,11 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pure(rrsets, zones, exists=(), synced=True, serial=0) -> bytes:
-    return I._Compiler(list(zones), synced, serial).build(list(rrsets), list(exists))
+    return I.ReferenceCompiler(list(zones), synced, serial).build(list(rrsets), list(exists))
 
 
 def core(rrsets, zones, exists=(), synced=True, serial=0) -> bytes:
-    return I._CoreCompiler(list(zones), synced, serial, CORE).build(list(rrsets), list(exists))
+    return I.CoreCompiler(list(zones), synced, serial, CORE).build(list(rrsets), list(exists))
 
 
 def outcome(fn, *args, **kw):
@@ -92,8 +93,8 @@ def test_generated_10k():
 
 def test_compile_image_uses_the_core_unless_pure(monkeypatch):
     calls = []
-    real = I._CoreCompiler.build
-    monkeypatch.setattr(I._CoreCompiler, "build", lambda self, *a: calls.append(1) or real(self, *a))
+    real = I.CoreCompiler.build
+    monkeypatch.setattr(I.CoreCompiler, "build", lambda self, *a: calls.append(1) or real(self, *a))
     img = Z.sample_image()
     assert calls == [1]
     for var in ("KDNS_PURE", "KDNS_PURE_COMPILE"):
@@ -115,7 +116,7 @@ def test_unsupported_input_falls_back_to_the_reference():
     # An A RRset holding an IPv6 address: the core does not model the reference's bytes
     # for it, so compile_image must give exactly the reference's image.
     rrsets = Z.sample_rrsets() + [R.RRset("odd.default.svc." + Z.Z, R.A, 30, (R.Address("fd00::1"),))]
-    with pytest.raises(I._CoreUnsupported):
+    with pytest.raises(I.CoreUnsupported):
         core(rrsets, Z.sample_zones(), SAMPLE_EXISTS)
     assert I.compile_image(rrsets, Z.sample_zones(), exists=SAMPLE_EXISTS) == \
         pure(rrsets, Z.sample_zones(), SAMPLE_EXISTS)
@@ -149,8 +150,8 @@ def test_no_soa_same_error():
 
 def test_misuse_raises_instead_of_crashing():
     c = CORE([(b"cluster", b"local")], [False], error=I.CompileError,
-             unsupported=I._CoreUnsupported, name_labels=R.name_labels,
-             packed_fallback=I._Compiler.packed, type_names=R.TYPE_NAMES)
+             unsupported=I.CoreUnsupported, name_labels=R.name_labels,
+             packed_fallback=I.Encoder.packed, type_names=R.TYPE_NAMES)
     with pytest.raises(ValueError):
         c.encode_nodes(None, None, None)                      # before grow()
     with pytest.raises(ValueError):

@@ -125,9 +125,10 @@ def test_runtime_is_minimal(rootfs):
     assert not os.path.exists(os.path.join(rootfs, "usr/bin/gcc")), "a compiler in the runtime"
     assert not os.path.exists(os.path.join(rootfs, "src")), "the source tree in the runtime"
     site = os.path.join(venv, "lib/python3.11/site-packages/kdns")
-    so = [f for f in os.listdir(os.path.join(site, "packet"))
-          if f.startswith("_fastpath.") and f.endswith(".so")]
-    assert so, "the compiled fast path is missing from the image"
+    for pkg, ext in (("packet", "_fastpath."), ("zone", "_compile.")):
+        so = [f for f in os.listdir(os.path.join(site, pkg))
+              if f.startswith(ext) and f.endswith(".so")]
+        assert so, f"the compiled kdns.{pkg}.{ext[:-1]} is missing from the image"
     # The image carries what runs: no C or Cython sources next to the extensions.
     leftovers = [os.path.join(d, f) for d, _, files in os.walk(site) for f in files
                  if f.endswith((".c", ".pyx", ".pxd", ".pxi"))]

@@ -223,14 +223,12 @@ def test_core_refuses_inconsistent_records():
     core_type = I._compiled_core()
     if core_type is None:
         unavailable("the compiled compiler core is not built (or KDNS_PURE=1)")
-    base = I._Compiler(list(zones), True, 0)
     a = "a.default.svc.cluster.local."
     rr = [records.R.RRset(a, records.R.A, 30, (records.R.Address("10.0.0.1"),))]
-    enc, = I._CoreCompiler(list(zones), True, 0, core_type).export(rr, [a])
+    enc, = I.CoreCompiler(list(zones), True, 0, core_type).export(rr, [a])
 
     def fresh(loaded=True):
-        core = I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
-                                        persistent=True)
+        core = I.CoreCompiler.new_core(core_type, list(zones), persistent=True)
         if loaded:
             core.apply((), [(a, enc)])
         return core
@@ -250,7 +248,7 @@ def test_core_refuses_inconsistent_records():
     soa = records.R.RRset("cluster.local.", records.R.SOA, 30, (records.R.Soa(
         "ns.dns.cluster.local.", "hostmaster.cluster.local.", 1, 2, 3, 4, 5),))
     with pytest.raises(I.CompileError, match="encoded answers and RRsets"):
-        I._CoreCompiler(list(zones), True, 0, core_type, core=fresh()).build(rr + [soa], ())
+        I.CoreCompiler(list(zones), True, 0, core_type, core=fresh()).build(rr + [soa], ())
     core.apply([a], ())                 # removed, then given again: fine
     core.apply((), [(a, enc)])
     assert core.dump() == [(a, enc)] and core.stats()["encoded_names"] == 1

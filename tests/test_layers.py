@@ -42,6 +42,20 @@ def test_the_extension_may_not_import_the_control_plane(tmp_path):
     assert "_fastpath.pyx:1" in problem and "kdns.serve.publish" in problem
 
 
+def test_the_packet_extension_may_not_cimport_the_compiler_core(tmp_path):
+    root = _tree(tmp_path, {"packet/_fastpath.pyx": "from kdns.zone.layout cimport le16\n"
+                                                    "from kdns.zone._compile cimport ZoneCore\n",
+                            "zone/_compile.pyx": "from kdns.zone.layout cimport le16\n"})
+    (problem,) = layers.check(root)
+    assert "_fastpath.pyx:2" in problem and "kdns.zone._compile" in problem
+
+
+def test_the_zone_extension_may_cimport_only_the_layout(tmp_path):
+    root = _tree(tmp_path, {"zone/_compile.pyx": "from kdns.packet.system cimport AF_INET\n"})
+    (problem,) = layers.check(root)
+    assert "_compile.pyx:1: the zone extension imports kdns.packet.system" in problem
+
+
 def test_a_cycle_inside_one_layer_is_named(tmp_path):
     root = _tree(tmp_path, {"observe/a.py": "from kdns.observe import b\n",
                             "observe/b.py": "from kdns.observe import a\n"})

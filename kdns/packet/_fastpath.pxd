@@ -1,27 +1,25 @@
 # Declarations of the compiled packet path: the image layout and counter layout as C
 # constants, the structs the per-packet functions share, and the bounds-checked cursor
-# (asyncpg frb.pxd idea). Bodies live in _fastpath.pyx. The numbers here restate
-# kdns/zone/image.py (the layout's single definition) and kdns/packet/counters.py; the tests hold
-# them to it (golden replies, counter_layout() == counters.LAYOUT).
+# (asyncpg frb.pxd idea). Bodies live in _fastpath.pyx. The image layout comes from
+# kdns/zone/layout.pxd; the counter numbers here restate kdns/packet/counters.py, and the
+# tests hold them to it (counter_layout() == counters.LAYOUT).
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+# The image layout (kdns/zone/layout.py's names and numbers) and its little-endian readers,
+# shared with the compiler core.
+from kdns.zone.layout cimport (BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOBHDR_SIZE,
+                               FLAG_SYNCED, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
+                               HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
+                               HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
+                               HEADER_SIZE, HEADER_ZONES_OFF, HDR_HANDOFF, NODE_EXTRA,
+                               NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF, NODE_NCHILD,
+                               NODE_NRR, NODE_POD_NS, NODE_POD_VERIFIED, NODE_RR_OFF, NODE_SIZE,
+                               NODE_ZONE_APEX, REV_FAMILY, REV_IP, REV_NRR, REV_RR_OFF, REV_SIZE,
+                               REV_ZONE, RRENT_BLOB, RRENT_QTYPE, RRENT_SIZE, SEG_AN, SEG_AR,
+                               SEG_END, SEG_NS, SEG_SIZE, SEG_TC, ZONE_APEX_NODE,
+                               ZONE_APEX_WIRE_LEN, ZONE_KIND, ZONE_NEG_BLOB, ZONE_REVERSE,
+                               ZONE_SIZE, ZONE_TTL, le16, le32)
 
-# ---------------------------------------------------------------- image layout (image.py)
-cdef enum:
-    IMG_HEADER = 64
-    IMG_NODE = 24
-    IMG_RRENT = 8
-    IMG_ZONE = 16
-    IMG_REV = 28
-    IMG_BLOBHDR = 16
-    IMG_SEG = 12
-
-    FLAG_SYNCED = 1
-    NODE_ZONE_APEX = 2
-    NODE_POD_NS = 4
-    NODE_POD_VERIFIED = 8
-    ZONE_REVERSE = 1
-    HDR_HANDOFF = 0x8000                  # blob hdr: CNAME chain leaves the cluster (issue 5)
 
 # ---------------------------------------------------------------- DNS constants (RFC 1035)
 cdef enum:
@@ -144,17 +142,6 @@ cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
 cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
     return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) |
             <uint32_t>p[3])
-
-
-# Image integers are little-endian; byte-wise assembly is portable and compilers fuse it
-# into one load on little-endian machines.
-cdef inline uint16_t le16(const uint8_t *p) noexcept nogil:
-    return p[0] | (<uint16_t>p[1] << 8)
-
-
-cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) |
-            (<uint32_t>p[3] << 24))
 
 
 cdef inline void put16(uint8_t *p, unsigned int v) noexcept nogil:

@@ -5,10 +5,11 @@ Why: every query a cluster makes passes through here, so the per-packet work is 
 Python objects, no allocation, no locks and no syscalls beyond the batched ones. It is a
 byte-for-byte twin of ``kdns/zone/refpath.py``, the readable oracle the tests hold it to.
 
-What it must not do: import anything from kdns (only its own .pxd files), raise inside the
-per-packet functions (errors become rcodes or actions), or allocate per packet. Everything
-it reads was decided by the image compiler (``kdns/zone/image.py``, whose docstring defines the
-layout) and everything it counts follows ``kdns/packet/counters.py``.
+What it must not do: import anything from kdns (only its own .pxd files and the image
+layout's, ``kdns/zone/layout.pxd``), raise inside the per-packet functions (errors become
+rcodes or actions), or allocate per packet. Everything it reads was decided by the image
+compiler (``kdns/zone/image.py``; ``kdns/zone/layout.py`` defines the layout) and everything
+it counts follows ``kdns/packet/counters.py``.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -169,29 +170,29 @@ cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, 
     Returns the bytes written, or -1 if they would pass ``cap`` (never for a valid image).
     """
     cdef const uint8_t *b = img.base + blob
-    cdef unsigned int nfix = le16(b + 8), nseg = le16(b + 10), k, f
-    cdef const uint8_t *seg = b + IMG_BLOBHDR + ((2 * nfix + 3) & ~3u)
-    cdef const uint8_t *data = seg + nseg * IMG_SEG
+    cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f
+    cdef const uint8_t *seg = b + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
+    cdef const uint8_t *data = seg + nseg * SEG_SIZE
     cdef const uint8_t *best = seg
     cdef uint32_t end
-    KDNS_CHECK(blob >= IMG_HEADER and blob + IMG_BLOBHDR <= <uint64_t>img.length)
-    hflags[0] |= le16(b)
+    KDNS_CHECK(blob >= HEADER_SIZE and blob + BLOBHDR_SIZE <= <uint64_t>img.length)
+    hflags[0] |= le16(b + BLOB_HDR)
     for k in range(1, nseg):
-        if <int64_t>le32(seg + k * IMG_SEG) > room:
+        if <int64_t>le32(seg + k * SEG_SIZE + SEG_END) > room:
             break
-        best = seg + k * IMG_SEG
-    end = le32(best)
+        best = seg + k * SEG_SIZE
+    end = le32(best + SEG_END)
     KDNS_CHECK(data + end <= img.base + img.length)
     if end > <uint32_t>cap:
         return -1
-    counts[0] = le16(best + 4)
-    counts[1] = le16(best + 6)
-    counts[2] = le16(best + 8)
-    if le16(best + 10):
+    counts[0] = le16(best + SEG_AN)
+    counts[1] = le16(best + SEG_NS)
+    counts[2] = le16(best + SEG_AR)
+    if le16(best + SEG_TC):
         hflags[0] |= F_TC               # RFC 2181 §9: answer or authority data was cut
     memcpy(p, data, end)
     for k in range(nfix):
-        f = le16(b + IMG_BLOBHDR + 2 * k)
+        f = le16(b + BLOBHDR_SIZE + 2 * k)
         if f + 2 <= end:
             put16(p + f, 0xC000 | apex_ptr)
     return <int>end
@@ -252,23 +253,23 @@ cdef int build_reply(const Ask *a, const ImageView *img, uint32_t blob, int rcod
 
 
 cdef inline const uint8_t *node_at(const ImageView *img, uint32_t i) noexcept nogil:
-    return img.base + img.nodes_off + <size_t>i * IMG_NODE
+    return img.base + img.nodes_off + <size_t>i * NODE_SIZE
 
 
 cdef inline const uint8_t *zone_at(const ImageView *img, uint32_t i) noexcept nogil:
-    return img.base + img.zones_off + <size_t>i * IMG_ZONE
+    return img.base + img.zones_off + <size_t>i * ZONE_SIZE
 
 
 cdef int64_t find_child(const ImageView *img, const uint8_t *node, const uint8_t *label,
                         unsigned int n) noexcept nogil:
     """Binary search of the children, ordered by (length, lower-cased bytes) as compiled."""
-    cdef uint32_t first = le32(node + 4), lo = 0, hi = le32(node + 8), mid
+    cdef uint32_t first = le32(node + NODE_FIRST_CHILD), lo = 0, hi = le32(node + NODE_NCHILD), mid
     cdef const uint8_t *lab
     cdef int cmp
     KDNS_CHECK(<uint64_t>first + hi <= img.nnodes)
     while lo < hi:
         mid = lo + (hi - lo) // 2
-        lab = img.base + le32(node_at(img, first + mid))
+        lab = img.base + le32(node_at(img, first + mid) + NODE_LABEL_OFF)
         if lab[0] != n:
             cmp = <int>lab[0] - <int>n
         else:
@@ -289,11 +290,11 @@ cdef uint32_t lookup_rr(const ImageView *img, uint32_t rr_off, unsigned int nrr,
     cdef const uint8_t *e = img.base + rr_off
     cdef unsigned int j, t
     for j in range(nrr):
-        t = le16(e + j * IMG_RRENT)
+        t = le16(e + j * RRENT_SIZE + RRENT_QTYPE)
         if t == qtype:
-            return le32(e + j * IMG_RRENT + 4)
+            return le32(e + j * RRENT_SIZE + RRENT_BLOB)
         if t == 0:
-            default = le32(e + j * IMG_RRENT + 4)
+            default = le32(e + j * RRENT_SIZE + RRENT_BLOB)
     return default
 
 
@@ -362,10 +363,10 @@ cdef const uint8_t *rev_lookup(const ImageView *img, int fam, const uint8_t *key
     cdef int cmp
     while lo < hi:
         mid = lo + (hi - lo) // 2
-        rec = img.base + img.rev_off + <size_t>mid * IMG_REV
-        cmp = <int>rec[0] - fam
+        rec = img.base + img.rev_off + <size_t>mid * REV_SIZE
+        cmp = <int>rec[REV_FAMILY] - fam
         if cmp == 0:
-            cmp = memcmp(rec + 4, key, 16)
+            cmp = memcmp(rec + REV_IP, key, 16)
         if cmp == 0:
             return rec
         if cmp < 0:
@@ -496,11 +497,11 @@ cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_
         put16(rr, 0xC00C)             # owner: the question name
         put16(rr + 2, a.qtype)
         put16(rr + 4, CLASS_IN)
-        put32(rr + 6, le32(zone + 8))
+        put32(rr + 6, le32(zone + ZONE_TTL))
         put16(rr + 10, rdlen)
         memcpy(rr + 12, key, rdlen)
         return build_reply(a, img, 0, 0, 0, rr, 12 + rdlen, out, cap, res)
-    return build_reply(a, img, le32(zone + 4), 0, apex_ptr, NULL, 0, out, cap, res)
+    return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
 
 
 cdef int answer_reverse(const Ask *a, const ImageView *img, uint8_t *out, int cap,
@@ -516,12 +517,12 @@ cdef int answer_reverse(const Ask *a, const ImageView *img, uint8_t *out, int ca
     rec = rev_lookup(img, fam, key)
     if rec == NULL:
         return ACTION_HANDOFF
-    rzone = zone_at(img, le16(rec + 26))
-    blob = lookup_rr(img, le32(rec + 20), le16(rec + 24), a.qtype)
+    rzone = zone_at(img, le16(rec + REV_ZONE))
+    blob = lookup_rr(img, le32(rec + REV_RR_OFF), le16(rec + REV_NRR), a.qtype)
     if blob:
         return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
-    return build_reply(a, img, le32(rzone + 4), 0, a.qend - 4 - le16(rzone + 12), NULL, 0,
-                       out, cap, res)
+    return build_reply(a, img, le32(rzone + ZONE_NEG_BLOB), 0,
+                       a.qend - 4 - le16(rzone + ZONE_APEX_WIRE_LEN), NULL, 0, out, cap, res)
 
 
 cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
@@ -536,9 +537,9 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     cdef unsigned int nflags
     cdef uint32_t blob
     while True:
-        nflags = le16(node + 18)
+        nflags = le16(node + NODE_FLAGS)
         if nflags & NODE_ZONE_APEX:
-            zi = le32(node + 20)
+            zi = le32(node + NODE_EXTRA)
         if i < 0:
             break
         lab = a.name + a.loff[i]
@@ -552,8 +553,8 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
         return ACTION_HANDOFF           # outside every zone: the forwarder's
     zone = zone_at(img, <uint32_t>zi)
     # The apex inside the echoed question: 12 + qname length - apex length.
-    apex_ptr = a.qend - 4 - le16(zone + 12)
-    if le16(zone + 14) == ZONE_REVERSE and i >= 0:
+    apex_ptr = a.qend - 4 - le16(zone + ZONE_APEX_WIRE_LEN)
+    if le16(zone + ZONE_KIND) == ZONE_REVERSE and i >= 0:
         return answer_reverse(a, img, out, cap, res)
     if not img.flags & FLAG_SYNCED:
         # Not synced yet: SERVFAIL, never a false NXDOMAIN.
@@ -561,17 +562,18 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     if a.qtype == T_AXFR or a.qtype == T_IXFR:
         return build_reply(a, img, 0, RC_REFUSED, 0, NULL, 0, out, cap, res)
     if i < 0:
-        blob = lookup_rr(img, le32(node + 12), le16(node + 16), a.qtype)
-        if blob and le16(img.base + blob) & HDR_HANDOFF:
+        blob = lookup_rr(img, le32(node + NODE_RR_OFF), le16(node + NODE_NRR), a.qtype)
+        if blob and le16(img.base + blob + BLOB_HDR) & HDR_HANDOFF:
             return ACTION_HANDOFF           # CNAME to outside: the forwarder completes it
         if blob:
             return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
-        return build_reply(a, img, le32(zone + 4), 0, apex_ptr, NULL, 0, out, cap, res)
+        return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
     if nflags & NODE_POD_NS and i == 0:
-        act = answer_pod(a, img, nflags, le32(node + 20), zone, apex_ptr, out, cap, res)
+        act = answer_pod(a, img, nflags, le32(node + NODE_EXTRA), zone, apex_ptr, out, cap, res)
         if act >= 0:
             return act
-    return build_reply(a, img, le32(zone + 4), RC_NXDOMAIN, apex_ptr, NULL, 0, out, cap, res)
+    return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), RC_NXDOMAIN, apex_ptr, NULL, 0, out,
+                       cap, res)
 
 
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
@@ -726,41 +728,43 @@ cdef class Image:
     def __cinit__(self, buffer):
         cdef const uint8_t[::1] mem = memoryview(buffer).cast("B")
         cdef const uint8_t *b
-        if mem.shape[0] < IMG_HEADER:
+        if mem.shape[0] < HEADER_SIZE:
             raise ValueError(f"not a kdns image: {mem.shape[0]} bytes is shorter than the header")
         b = &mem[0]
-        if memcmp(b, b"KDNSIMG1", 8) != 0:
+        if memcmp(b + HEADER_MAGIC, b"KDNSIMG1", 8) != 0:
             raise ValueError("not a kdns image: bad magic (expected KDNSIMG1)")
-        if le32(b + 8) != <uint64_t>mem.shape[0]:
-            raise ValueError(f"kdns image length mismatch: header says {le32(b + 8)}, "
+        if le32(b + HEADER_LENGTH) != <uint64_t>mem.shape[0]:
+            raise ValueError(f"kdns image length mismatch: header says {le32(b + HEADER_LENGTH)}, "
                              f"buffer has {mem.shape[0]} bytes")
         self.buffer = buffer
         self.mem = mem
         self.view.base = b
         self.view.length = mem.shape[0]
-        self.view.flags = le32(b + 12)
-        self.view.nodes_off = le32(b + 16)
-        self.view.nnodes = le32(b + 20)
-        self.view.zones_off = le32(b + 24)
-        self.view.nzones = le32(b + 28)
-        self.view.rev_off = le32(b + 32)
-        self.view.nrev = le32(b + 36)
-        self.view.servfail = le32(b + 40)
+        self.view.flags = le32(b + HEADER_FLAGS)
+        self.view.nodes_off = le32(b + HEADER_NODES_OFF)
+        self.view.nnodes = le32(b + HEADER_NNODES)
+        self.view.zones_off = le32(b + HEADER_ZONES_OFF)
+        self.view.nzones = le32(b + HEADER_NZONES)
+        self.view.rev_off = le32(b + HEADER_REV_OFF)
+        self.view.nrev = le32(b + HEADER_NREV)
+        self.view.servfail = le32(b + HEADER_SERVFAIL)
         problem = check_layout(&self.view)
         if problem:
             raise ValueError(f"corrupt kdns image: {problem}; recompile it")
 
     def verify(self):
         """Check the header's crc32 of bytes [64, length); True, or ValueError."""
-        crc = zlib.crc32(self.mem[IMG_HEADER:])
-        if crc != le32(self.view.base + 56):
-            raise ValueError(f"kdns image crc32 mismatch: header {le32(self.view.base + 56):#x}, "
-                             f"data {crc:#x}; the image is corrupt")
+        crc = zlib.crc32(self.mem[HEADER_SIZE:])
+        if crc != le32(self.view.base + HEADER_CRC):
+            raise ValueError(f"kdns image crc32 mismatch: header "
+                             f"{le32(self.view.base + HEADER_CRC):#x}, data {crc:#x}; the "
+                             f"image is corrupt")
         return True
 
     @property
     def serial(self):
-        return (<uint64_t>le32(self.view.base + 48)) | (<uint64_t>le32(self.view.base + 52) << 32)
+        return ((<uint64_t>le32(self.view.base + HEADER_SERIAL))
+                | (<uint64_t>le32(self.view.base + HEADER_SERIAL + 4) << 32))
 
     @property
     def synced(self):
@@ -779,18 +783,18 @@ cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
     cdef const uint8_t *b
     cdef uint64_t nfix, nseg, dlen, seg, data
     cdef unsigned int k
-    if off < IMG_HEADER or not span_ok(v, off, IMG_BLOBHDR):
+    if off < HEADER_SIZE or not span_ok(v, off, BLOBHDR_SIZE):
         return False
     b = v.base + off
-    nfix = le16(b + 8)
-    nseg = le16(b + 10)
-    dlen = le32(b + 12)
-    seg = off + IMG_BLOBHDR + ((2 * nfix + 3) & ~3u)
-    data = seg + nseg * IMG_SEG
+    nfix = le16(b + BLOB_NFIX)
+    nseg = le16(b + BLOB_NSEG)
+    dlen = le32(b + BLOB_LEN)
+    seg = off + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
+    data = seg + nseg * SEG_SIZE
     if nseg == 0 or not span_ok(v, data, dlen):
         return False
     for k in range(nseg):
-        if le32(v.base + seg + k * IMG_SEG) > dlen:
+        if le32(v.base + seg + k * SEG_SIZE + SEG_END) > dlen:
             return False
     return True
 
@@ -809,38 +813,41 @@ cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
     cdef uint32_t i
     cdef const uint8_t *n
     cdef const uint8_t *e
-    if not span_ok(v, v.nodes_off, <uint64_t>v.nnodes * IMG_NODE) or v.nnodes == 0:
+    if not span_ok(v, v.nodes_off, <uint64_t>v.nnodes * NODE_SIZE) or v.nnodes == 0:
         return LAYOUT_NODES
-    if not span_ok(v, v.zones_off, <uint64_t>v.nzones * IMG_ZONE):
+    if not span_ok(v, v.zones_off, <uint64_t>v.nzones * ZONE_SIZE):
         return LAYOUT_ZONES
-    if not span_ok(v, v.rev_off, <uint64_t>v.nrev * IMG_REV):
+    if not span_ok(v, v.rev_off, <uint64_t>v.nrev * REV_SIZE):
         return LAYOUT_REV
     if not blob_ok(v, v.servfail):
         return LAYOUT_SERVFAIL
     for i in range(v.nnodes):
         where[0] = i
         n = node_at(v, i)
-        if not span_ok(v, le32(n), 1) or not span_ok(v, le32(n), 1 + v.base[le32(n)]):
+        if not span_ok(v, le32(n + NODE_LABEL_OFF), 1) or not span_ok(
+                v, le32(n + NODE_LABEL_OFF), 1 + v.base[le32(n + NODE_LABEL_OFF)]):
             return LAYOUT_LABEL
-        if <uint64_t>le32(n + 4) + le32(n + 8) > v.nnodes:
+        if <uint64_t>le32(n + NODE_FIRST_CHILD) + le32(n + NODE_NCHILD) > v.nnodes:
             return LAYOUT_CHILDREN
-        if le16(n + 18) & NODE_ZONE_APEX and le32(n + 20) >= v.nzones:
+        if le16(n + NODE_FLAGS) & NODE_ZONE_APEX and le32(n + NODE_EXTRA) >= v.nzones:
             return LAYOUT_ZONE_INDEX
-        if le16(n + 18) & NODE_POD_VERIFIED and not (
-                span_ok(v, le32(n + 20), 4) and
-                span_ok(v, le32(n + 20) + 4, <uint64_t>le32(v.base + le32(n + 20)) * 16)):
+        if le16(n + NODE_FLAGS) & NODE_POD_VERIFIED and not (
+                span_ok(v, le32(n + NODE_EXTRA), 4) and
+                span_ok(v, le32(n + NODE_EXTRA) + 4,
+                        <uint64_t>le32(v.base + le32(n + NODE_EXTRA)) * 16)):
             return LAYOUT_POD_LIST
-        if not rr_entries_ok(v, le32(n + 12), le16(n + 16)):
+        if not rr_entries_ok(v, le32(n + NODE_RR_OFF), le16(n + NODE_NRR)):
             return LAYOUT_NODE_RRS
     for i in range(v.nzones):
         where[0] = i
         e = zone_at(v, i)
-        if le32(e) >= v.nnodes or not blob_ok(v, le32(e + 4)):
+        if le32(e + ZONE_APEX_NODE) >= v.nnodes or not blob_ok(v, le32(e + ZONE_NEG_BLOB)):
             return LAYOUT_ZONE
     for i in range(v.nrev):
         where[0] = i
-        e = v.base + v.rev_off + <size_t>i * IMG_REV
-        if le16(e + 26) >= v.nzones or not rr_entries_ok(v, le32(e + 20), le16(e + 24)):
+        e = v.base + v.rev_off + <size_t>i * REV_SIZE
+        if le16(e + REV_ZONE) >= v.nzones or not rr_entries_ok(v, le32(e + REV_RR_OFF),
+                                                               le16(e + REV_NRR)):
             return LAYOUT_REV_ENTRY
     return LAYOUT_OK
 
@@ -866,10 +873,10 @@ cdef str check_layout(const ImageView *v):
 
 cdef bint rr_entries_ok(const ImageView *v, uint32_t off, unsigned int nrr) noexcept nogil:
     cdef unsigned int j
-    if not span_ok(v, off, <uint64_t>nrr * IMG_RRENT):
+    if not span_ok(v, off, <uint64_t>nrr * RRENT_SIZE):
         return False
     for j in range(nrr):
-        if not blob_ok(v, le32(v.base + off + j * IMG_RRENT + 4)):
+        if not blob_ok(v, le32(v.base + off + j * RRENT_SIZE + RRENT_BLOB)):
             return False
     return True
 
@@ -972,7 +979,6 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
 
 include "pktcache.pxi"
 include "fwd.pxi"
-include "_compile.pxi"
 
 
 cdef class UdpServer:

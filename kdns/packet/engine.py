@@ -35,7 +35,7 @@ import zlib
 from kdns import settings
 from kdns.packet import counters as C
 from kdns.zone import refpath
-from kdns.zone.image import FLAG_SYNCED, HEADER
+from kdns.zone.layout import FLAG_SYNCED, HEADER
 
 log = logging.getLogger("kdns.packet.engine")
 

@@ -121,7 +121,7 @@ class IncrementalCompiler:
                 return self._full(model, synced, reset=True)
             try:
                 return self._assemble(model, synced, core, changed)
-            except (I._CoreUnsupported, I.CompileError) as e:
+            except (I.CoreUnsupported, I.CompileError) as e:
                 # Input the saved answers cannot express (a CNAME into a reverse name) or
                 # that the core leaves to the reference compiler: the full path decides,
                 # with the same rules. The saved state is whole (the next ``begin``
@@ -260,7 +260,7 @@ class IncrementalCompiler:
             return [b""] * len(groups)
         # Input the core leaves to the reference compiler raises here; the caller forgets
         # everything and compiles in full (every compile, until that input changes).
-        return I._CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
+        return I.CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
 
     def _drop_ptrs(self, flat: tuple, ptr_before: dict) -> None:
         ptr = self._ptr
@@ -289,9 +289,7 @@ class IncrementalCompiler:
                 ptr[ip] = {cur: None, target: None}
 
     def _new_core(self, core_type):
-        base = I._Compiler(list(self._zones), True, 0)
-        return I._CoreCompiler.new_core(core_type, base.zone_labels, base.zone_reverse,
-                                        persistent=True)
+        return I.CoreCompiler.new_core(core_type, list(self._zones), persistent=True)
 
     # ------------------------------------------------------------------ assembly
     def _into(self, size: int):
@@ -360,8 +358,8 @@ class IncrementalCompiler:
         for entry in self._services.values():
             if entry.raw is not None:
                 raw += entry.raw
-        image = I._CoreCompiler(list(zones), synced, serial, core_type,
-                                core=self._core).build(raw, exists, into=self._into)
+        image = I.CoreCompiler(list(zones), synced, serial, core_type,
+                               core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):
             image.seal()
             # The next image's memfd, allocated while this one is published (after the

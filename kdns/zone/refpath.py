@@ -2,16 +2,18 @@
 
 Same image in, same bytes out as ``_fastpath.answer``; the tests hold the two to byte
 equality. It also serves when the extension is not built (or ``KDNS_PURE=1``), slowly.
-It must not import the control plane: only the image layout from ``image.py``.
+It must not import the control plane: only the image layout (``layout.py``) and the
+reverse-name rules from ``encode.py``. It reads fields by their layout names, as
+``_fastpath.pyx`` does.
 """
 from __future__ import annotations
 
 import struct
 
-from kdns.zone.image import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE, NODE_POD_NS,
-                    NODE_POD_VERIFIED,
-                    NODE_ZONE_APEX, REV, RRENT, SEG, ZONE, ZONE_REVERSE, ipv4_key,
-                    reverse_to_ip)
+from kdns.zone import layout as L
+from kdns.zone.encode import ipv4_key, reverse_to_ip
+from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
+                              NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_REVERSE)
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
@@ -105,21 +107,27 @@ class Image:
         if magic != MAGIC or length != len(buf):
             raise ValueError("not a kdns image")
 
-    def node(self, i):
-        return NODE.unpack_from(self.buf, self.nodes_off + i * NODE.size)
+    def u16(self, off: int) -> int:
+        return self.buf[off] | self.buf[off + 1] << 8
+
+    def u32(self, off: int) -> int:
+        return int.from_bytes(self.buf[off:off + 4], "little")
+
+    def node(self, i: int) -> int:
+        """Where node ``i`` starts; its fields are at ``L.NODE_*`` from there."""
+        return self.nodes_off + i * L.NODE_SIZE
 
     def label(self, off):
         n = self.buf[off]
         return bytes(self.buf[off + 1:off + 1 + n])
 
-    def child(self, node, label: bytes):
-        _, first, nchild, *_ = node
+    def child(self, node: int, label: bytes):
+        first, nchild = self.u32(node + L.NODE_FIRST_CHILD), self.u32(node + L.NODE_NCHILD)
         key = (len(label), label)
         lo, hi = 0, nchild
         while lo < hi:
             mid = (lo + hi) // 2
-            cand = self.node(first + mid)
-            lab = self.label(cand[0])
+            lab = self.label(self.u32(self.node(first + mid) + L.NODE_LABEL_OFF))
             ck = (len(lab), lab)
             if ck == key:
                 return first + mid
@@ -135,7 +143,8 @@ class Image:
     def lookup_rr(self, rr_off, nrr, qtype):
         default = 0
         for j in range(nrr):
-            t, _, blob = RRENT.unpack_from(self.buf, rr_off + j * RRENT.size)
+            e = rr_off + j * L.RRENT_SIZE
+            t, blob = self.u16(e + L.RRENT_QTYPE), self.u32(e + L.RRENT_BLOB)
             if t == qtype:
                 return blob
             if t == 0:
@@ -143,14 +152,16 @@ class Image:
         return default
 
     def rev_lookup(self, fam, ip):
+        """The reverse entry's offset for (family, 16-byte address), or None."""
         key = (fam, ip)
         lo, hi = 0, self.nrev
         while lo < hi:
             mid = (lo + hi) // 2
-            rec = REV.unpack_from(self.buf, self.rev_off + mid * REV.size)
-            if (rec[0], rec[1]) == key:
+            rec = self.rev_off + mid * L.REV_SIZE
+            k = (self.buf[rec + L.REV_FAMILY], bytes(self.buf[rec + L.REV_IP:rec + L.REV_IP + 16]))
+            if k == key:
                 return rec
-            if (rec[0], rec[1]) < key:
+            if k < key:
                 lo = mid + 1
             else:
                 hi = mid
@@ -195,7 +206,7 @@ def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
-    of handing it off (the forwarder's first half of such an answer, issue 5)."""
+    of handing it off (the forwarder's first half of such an answer)."""
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
@@ -237,8 +248,8 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
     ni, zone, i = 0, -1, len(low) - 1
     node = img.node(0)
     while True:
-        if node[5] & NODE_ZONE_APEX:
-            zone = node[6]
+        if img.u16(node + L.NODE_FLAGS) & NODE_ZONE_APEX:
+            zone = img.u32(node + L.NODE_EXTRA)
         if i < 0:
             break
         c = img.child(node, low[i])
@@ -255,9 +266,8 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
         rec = img.rev_lookup(fam, ip) if fam else None
         if rec is None:
             return ACTION_HANDOFF, b""
-        _, _, rr_off, nrr, rzone = rec
-        neg_blob, rzone_apex_len = img.zone(rzone)[1], img.zone(rzone)[3]
-        blob = img.lookup_rr(rr_off, nrr, qtype)
+        _, neg_blob, _, rzone_apex_len, _ = img.zone(img.u16(rec + L.REV_ZONE))
+        blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), img.u16(rec + L.REV_NRR), qtype)
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
@@ -266,15 +276,17 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
     if qtype in (T_AXFR, T_IXFR):
         return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)
     if i < 0:
-        blob = img.lookup_rr(node[3], node[4], qtype)
-        if blob and not external_cname and BLOBHDR.unpack_from(img.buf, blob)[0] & HDR_HANDOFF:
+        blob = img.lookup_rr(img.u32(node + L.NODE_RR_OFF), img.u16(node + L.NODE_NRR), qtype)
+        if blob and not external_cname and img.u16(blob + L.BLOB_HDR) & HDR_HANDOFF:
             return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
-    if node[5] & NODE_POD_NS and i == 0:
+    nflags = img.u16(node + L.NODE_FLAGS)
+    if nflags & NODE_POD_NS and i == 0:
         fam, ip = parse_pod_label(low[0])
-        if fam and (not node[5] & NODE_POD_VERIFIED or pod_ip_known(img, node[6], ip)):
+        if fam and (not nflags & NODE_POD_VERIFIED
+                    or pod_ip_known(img, img.u32(node + L.NODE_EXTRA), ip)):
             if (fam, qtype) in ((4, T_A), (6, T_AAAA)):
                 rdata = ip[:4] if fam == 4 else ip
                 rr = struct.pack("!HHHIH", 0xC00C, qtype, CLASS_IN, ttl, len(rdata)) + rdata

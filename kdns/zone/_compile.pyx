@@ -1,33 +1,58 @@
-# The zone compiler's hot phases in C (issue 3: compile 10k services / 100k endpoints in
-# under a second, and in far less memory). Included by _fastpath.pyx (one extension), so it
-# shares its cimports and LOWER; it runs in the supervisor, never on the packet path.
-#
-# Why C data: the pure compiler (kdns/zone/image.py ``_Compiler``) spends its time creating and
-# hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
-# interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
-# children and RRsets are arrays indexed by id; answer blobs are written into one growing
-# buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
-#
-# What it must not decide: the image format and the DNS rules of the rare cases. The format
-# is image.py's docstring (the offsets written below restate it; the tests compare images
-# byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
-# encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to image.py's
-# reference code through callbacks, which see the core's names through lookup methods.
-# Input the core does not model exactly (out-of-range numbers, addresses of the wrong
-# family) raises the caller's ``unsupported`` exception, and the caller recompiles with
-# the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
-# its input.
+# cython: language_level=3
+"""The zone compiler's hot phases in C (compile 10k services / 100k endpoints in under a
+second, and in far less memory). It runs in the supervisor, never on the packet path, so it
+is its own extension: it holds the GIL, allocates and raises, all of which the packet path
+(kdns/packet/_fastpath.pyx) must not do. What the two share, the image layout and its
+integer readers and writers, is kdns/zone/layout.pxd.
 
+Why C data: the reference compiler (kdns/zone/oracle.py) spends its time creating and
+hashing tuples, dicts and bytes, about ten objects per name. Here a name is an integer id
+interned in one open-addressing table of lower-cased wire forms, so its parent, zone, trie
+children and RRsets are arrays indexed by id; answer blobs are written into one growing
+buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
+
+What it must not decide: the image format and the DNS rules of the rare cases. The format
+is kdns/zone/layout.py (the offsets written below are its names; the tests compare images
+byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
+encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to the shared
+Python encoder (kdns/zone/encode.py) through callbacks, which see the core's names through
+lookup methods.
+Input the core does not model exactly (out-of-range numbers, addresses of the wrong
+family) raises the caller's ``unsupported`` exception, and the caller recompiles with
+the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
+its input.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memchr, strlen
-from libc.stdint cimport int16_t, int32_t
-from cpython.bytes cimport PyBytes_AS_STRING
+from libc.string cimport memchr, memcmp, memcpy, memset, strlen
+
+from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
+                               BLOB_NSEG, BLOBHDR_SIZE, HDR_AA, HEADER_SIZE, NODE_EXISTS,
+                               NODE_EXTRA, NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF,
+                               NODE_NCHILD, NODE_NRR, NODE_RR_OFF, NODE_SIZE, REV_FAMILY, REV_IP,
+                               REV_NRR, REV_RR_OFF, REV_SIZE, REV_ZONE, RRENT_BLOB, RRENT_QTYPE,
+                               RRENT_SIZE, SEG_AN, SEG_AR, SEG_END, SEG_NS, SEG_SIZE, SEG_TC,
+                               le16, le32, put16le, put32le)
+
+import zlib
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_INET
+        AF_INET6
+
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+
+# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
+cdef uint8_t LOWER[256]
+cdef int _i
+for _i in range(256):
+    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
 
 cdef enum:
     # Per-name flags.
@@ -38,13 +63,14 @@ cdef enum:
     NF_TREE = 16         # a node of the forward trie
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
-    NF_ENC = 128         # answers given already encoded (``apply``, issue 4)
-    NODE_EXISTS_ = 1     # image.py NODE_EXISTS
+    NF_ENC = 128         # answers given already encoded (``apply``)
 
+    T_A = 1              # RFC 1035 §3.2.2, RFC 3596, RFC 2782
+    T_AAAA = 28
     T_SRV = 33
     T_PTR = 12
     T_CNAME = 5
-    HDR_AA_BIT = 0x0400
+    CLASS_IN = 1
     MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
 
@@ -60,16 +86,12 @@ cdef inline void put32be(uint8_t *p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
-cdef inline void put16le(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-
-
-cdef inline void put32le(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
+cdef inline int hex_nibble(uint8_t c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
 
 
 cdef inline uint64_t fnv1a(const uint8_t *p, Py_ssize_t n) noexcept nogil:
@@ -130,7 +152,7 @@ cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint32_t *bref,
 
 
 cdef class ZoneCore:
-    """One compile's names, trie, blobs and tables. Driven by image.py's ``_CoreCompiler``."""
+    """One compile's names, trie, blobs and tables. Driven by image.py's ``CoreCompiler``."""
 
     # names: wire forms in nbuf; per-id arrays
     cdef uint8_t *nbuf
@@ -205,7 +227,7 @@ cdef class ZoneCore:
     cdef int32_t *kids
     cdef int32_t *order
     cdef int32_t nnodes
-    cdef uint32_t *nodes
+    cdef uint8_t *nodes              # the node table as the image has it, offsets relative
     cdef uint32_t *rrf
     cdef size_t rrf_len, rrf_cap
     cdef uint8_t *rev
@@ -232,7 +254,7 @@ cdef class ZoneCore:
     def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
                  packed_fallback, type_names, persistent=False):
         """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
-        ``persistent``: the core outlives one compile (issue 4's incremental compiler): names,
+        ``persistent``: the core outlives one compile (the incremental compiler): names,
         encoded answers and the blob store are kept, each compile starting with ``begin``;
         otherwise ``assemble`` frees everything."""
         cdef int zi
@@ -528,7 +550,7 @@ cdef class ZoneCore:
     # ------------------------------------------------------------------ input
 
     def add(self, rrsets, exists):
-        """image.py ``_Compiler.add``: file every RRset under its name, in input order."""
+        """oracle.py ``ReferenceCompiler.add``: file every RRset under its name, in input order."""
         cdef Py_ssize_t k, nr
         cdef int32_t i, r
         cdef int rtype
@@ -996,7 +1018,7 @@ cdef class ZoneCore:
         return 0
 
     def intern(self, bytes blob not None):
-        """image.py ``_Compiler.intern``: the blob's offset in the pool."""
+        """oracle.py ``ReferenceCompiler.intern``: the blob's offset in the pool."""
         cdef size_t n = len(blob)
         self.check(2)
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
@@ -1005,26 +1027,28 @@ cdef class ZoneCore:
 
     cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen) except? 0xFFFFFFFF:
         """BLOBHDR + the segments in ``segs`` + the data in ``dat`` -> interned offset."""
-        cdef size_t n = 16 + 12 * nseg + dlen
+        cdef size_t n = BLOBHDR_SIZE + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
-        put16le(self.scr, HDR_AA_BIT)
-        put16le(self.scr + 2, an)
-        put16le(self.scr + 4, 0)
-        put16le(self.scr + 6, ar)
-        put16le(self.scr + 8, 0)
-        put16le(self.scr + 10, nseg)
-        put32le(self.scr + 12, dlen)
-        memcpy(self.scr + 16, self.segs, 12 * nseg)
-        memcpy(self.scr + 16 + 12 * nseg, self.dat, dlen)
+        put16le(self.scr + BLOB_HDR, HDR_AA)
+        put16le(self.scr + BLOB_AN, an)
+        put16le(self.scr + BLOB_NS, 0)
+        put16le(self.scr + BLOB_AR, ar)
+        put16le(self.scr + BLOB_NFIX, 0)
+        put16le(self.scr + BLOB_NSEG, nseg)
+        put32le(self.scr + BLOB_LEN, dlen)
+        memcpy(self.scr + BLOBHDR_SIZE, self.segs, SEG_SIZE * nseg)
+        memcpy(self.scr + BLOBHDR_SIZE + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
     cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc) except -1:
-        _grow(<void **>&self.segs, &self.segs_cap, 12 * (k + 1), 1)
-        put32le(self.segs + 12 * k, end)
-        put16le(self.segs + 12 * k + 4, an)
-        put16le(self.segs + 12 * k + 6, 0)
-        put16le(self.segs + 12 * k + 8, ar)
-        put16le(self.segs + 12 * k + 10, tc)
+        cdef uint8_t *s
+        _grow(<void **>&self.segs, &self.segs_cap, SEG_SIZE * (k + 1), 1)
+        s = self.segs + SEG_SIZE * k
+        put32le(s + SEG_END, end)
+        put16le(s + SEG_AN, an)
+        put16le(s + SEG_NS, 0)
+        put16le(s + SEG_AR, ar)
+        put16le(s + SEG_TC, tc)
         return 0
 
     cdef int addr(self, rd, uint8_t *out) except -1:
@@ -1108,7 +1132,7 @@ cdef class ZoneCore:
             i = self.parent[i]
 
     cdef int64_t srv_blob(self, int32_t q, s) except -2:
-        """image.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
+        """oracle.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
         cdef uint32_t ttl = s.ttl, gttl, base, size = 0, n_ar = 0, ptr
         cdef Py_ssize_t k, nrd, tl, m, nseg = 2, ln
         cdef int32_t t, r
@@ -1208,7 +1232,7 @@ cdef class ZoneCore:
         return 0
 
     cdef int entries(self, int32_t i, chain, generic) except -1:
-        """image.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
+        """oracle.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
         cdef int32_t rs[64]
         cdef int nr = 0, a, b
         cdef int32_t r, tmp
@@ -1249,7 +1273,7 @@ cdef class ZoneCore:
         return 0
 
     def grow(self):
-        """image.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
+        """oracle.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
         node's children contiguous and sorted by (length, bytes)."""
         global _sort_nbuf, _sort_noff
         cdef int32_t i, j, c, head, tail, nk
@@ -1343,49 +1367,53 @@ cdef class ZoneCore:
         return o
 
     def encode_nodes(self, chain, generic, special):
-        """The node table in trie order, encoding each node's blobs (image.py ``build``'s
+        """The node table in trie order, encoding each node's blobs (oracle.py ``build``'s
         node loop); ``special(labels, flags, idx)`` -> (flags, extra) for apexes and pod
         namespaces."""
         cdef int32_t idx, i, c
         cdef uint32_t flags, extra, loff
         cdef size_t rr_start
-        cdef uint32_t *nd
+        cdef uint8_t *nd
         cdef int32_t nxt = 1
         self.check(1)
         if self.order == NULL:
             raise ValueError("encode_nodes() before grow()")
-        self.nodes = <uint32_t *>self._re(self.nodes, (self.nnodes + 1) * 24)
+        self.nodes = <uint8_t *>self._re(self.nodes, (self.nnodes + 1) * NODE_SIZE)
         for idx in range(self.nnodes):
             i = self.order[idx]
             loff = self.label_off(i)
             rr_start = self.rrf_len
             if not self.nflags[i] & NF_DATA:
-                flags = NODE_EXISTS_ if self.nflags[i] & NF_EXPLICIT else 0
+                flags = NODE_EXISTS if self.nflags[i] & NF_EXPLICIT else 0
             else:
-                flags = NODE_EXISTS_
+                flags = NODE_EXISTS
                 self.entries(i, chain, generic)
             extra = 0
             if self.nflags[i] & NF_SPECIAL:
                 flags, extra = special(self.labels_of(i), flags, idx)
             c = self.kid_start[i + 1] - self.kid_start[i]
-            nd = self.nodes + 6 * idx
-            nd[0] = loff
+            # Offsets relative to the labels pool, the rr table and the pod lists (for a
+            # verified pod namespace's ``extra``) until ``assemble``; ``rrf`` holds two words
+            # per rr entry.
+            nd = self.nodes + NODE_SIZE * idx
+            put32le(nd + NODE_LABEL_OFF, loff)
             # First child: the breadth-first index of the first of the contiguous children.
-            nd[1] = 0
-            nd[2] = c
-            nd[3] = rr_start * 4
-            nd[4] = ((self.rrf_len - rr_start) // 2) | (flags << 16)
-            nd[5] = extra
+            put32le(nd + NODE_FIRST_CHILD, 0)
+            put32le(nd + NODE_NCHILD, c)
+            put32le(nd + NODE_RR_OFF, rr_start // 2 * RRENT_SIZE)
+            put16le(nd + NODE_NRR, (self.rrf_len - rr_start) // 2)
+            put16le(nd + NODE_FLAGS, flags)
+            put32le(nd + NODE_EXTRA, extra)
         # First-child indexes from a second breadth-first pass (children follow in order).
         for idx in range(self.nnodes):
             i = self.order[idx]
             c = self.kid_start[i + 1] - self.kid_start[i]
             if c:
-                self.nodes[6 * idx + 1] = nxt
+                put32le(self.nodes + NODE_SIZE * idx + NODE_FIRST_CHILD, nxt)
                 nxt += c
 
     cdef int rev_key(self, int32_t i, uint8_t *key) noexcept:
-        """image.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
+        """encode.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
         not a full canonical reverse name."""
         cdef const uint8_t *p = self.nbuf + self.noff[i]
         cdef int k, ln, v, d
@@ -1451,20 +1479,20 @@ cdef class ZoneCore:
                     keys[m].id = i
                     m += 1
             qsort(keys, m, sizeof(RevKey), _cmp_rev)
-            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * 28)
-            memset(self.rev, 0, (m + 1) * 28)
+            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
+            memset(self.rev, 0, (m + 1) * REV_SIZE)
             self.nrev = m
             for k in range(m):
                 i = keys[k].id
                 rr_start = self.rrf_len
                 if self.nflags[i] & NF_DATA:
                     self.entries(i, chain, generic)
-                e = self.rev + 28 * k
-                e[0] = keys[k].key[0]
-                memcpy(e + 4, keys[k].key + 1, 16)
-                put32le(e + 20, rr_start * 4)
-                put16le(e + 24, (self.rrf_len - rr_start) // 2)
-                put16le(e + 26, self.zone_of(i))
+                e = self.rev + REV_SIZE * k
+                e[REV_FAMILY] = keys[k].key[0]
+                memcpy(e + REV_IP, keys[k].key + 1, 16)
+                put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
+                put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
+                put16le(e + REV_ZONE, self.zone_of(i))
         finally:
             free(keys)
         return m
@@ -1490,7 +1518,7 @@ cdef class ZoneCore:
         is returned; otherwise into a new bytes object."""
         cdef uint8_t[::1] into
         cdef int32_t idx, k
-        cdef uint32_t *nd
+        cdef uint8_t *nd
         cdef uint8_t *o
         cdef uint8_t *e
         cdef size_t pos, nz = len(zone_table), npl = len(pod_lists), rrtab
@@ -1498,8 +1526,8 @@ cdef class ZoneCore:
         if self.stage != 2 or self.nodes == NULL:
             raise ValueError("assemble() before the tables were encoded")
         # Every write below is inside [0, total) exactly when these hold.
-        rrtab = 64 + 24 * <size_t>self.nnodes + nz + 28 * <size_t>self.nrev
-        if rrtab != rrtab_off or <size_t>labels_off != rrtab + 4 * self.rrf_len \
+        rrtab = HEADER_SIZE + NODE_SIZE * <size_t>self.nnodes + nz + REV_SIZE * <size_t>self.nrev
+        if rrtab != rrtab_off or <size_t>labels_off != rrtab + RRENT_SIZE * (self.rrf_len // 2) \
                 or pods_off < labels_off + self.lpool_len \
                 or pods_off > labels_off + self.lpool_len + 3 \
                 or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.placed_len:
@@ -1511,7 +1539,8 @@ cdef class ZoneCore:
         if not self.persistent:
             self.release_names()
         for idx in verified:
-            self.nodes[6 * idx + 5] += pods_off
+            nd = self.nodes + NODE_SIZE * idx + NODE_EXTRA
+            put32le(nd, le32(nd) + pods_off)
         if out is None:
             out = PyBytes_FromStringAndSize(NULL, total)
             o = <uint8_t *>PyBytes_AS_STRING(out)
@@ -1520,28 +1549,25 @@ cdef class ZoneCore:
             if into.shape[0] != total:
                 raise ValueError("output buffer is not the image's size")
             o = &into[0]
-        memset(o, 0, 64)
-        pos = 64
+        memset(o, 0, HEADER_SIZE)
+        pos = HEADER_SIZE
         for idx in range(self.nnodes):
-            nd = self.nodes + 6 * idx
-            put32le(o + pos, nd[0] + labels_off)
-            put32le(o + pos + 4, nd[1])
-            put32le(o + pos + 8, nd[2])
-            put32le(o + pos + 12, nd[3] + rrtab_off)
-            put32le(o + pos + 16, nd[4])
-            put32le(o + pos + 20, nd[5])
-            pos += 24
+            nd = self.nodes + NODE_SIZE * idx
+            memcpy(o + pos, nd, NODE_SIZE)
+            put32le(o + pos + NODE_LABEL_OFF, le32(nd + NODE_LABEL_OFF) + labels_off)
+            put32le(o + pos + NODE_RR_OFF, le32(nd + NODE_RR_OFF) + rrtab_off)
+            pos += NODE_SIZE
         memcpy(o + pos, <const char *>zone_table, nz)
         pos += nz
         for k in range(self.nrev):
-            e = self.rev + 28 * k
-            memcpy(o + pos, e, 28)
-            put32le(o + pos + 20, le32(e + 20) + rrtab_off)
-            pos += 28
+            e = self.rev + REV_SIZE * k
+            memcpy(o + pos, e, REV_SIZE)
+            put32le(o + pos + REV_RR_OFF, le32(e + REV_RR_OFF) + rrtab_off)
+            pos += REV_SIZE
         for k in range(0, <int32_t>self.rrf_len, 2):
-            put32le(o + pos, self.rrf[k])
-            put32le(o + pos + 4, self.rrf[k + 1] + blobs_off)
-            pos += 8
+            put32le(o + pos + RRENT_QTYPE, self.rrf[k])      # with its zero pad: 32 bits
+            put32le(o + pos + RRENT_BLOB, self.rrf[k + 1] + blobs_off)
+            pos += RRENT_SIZE
         memcpy(o + pos, self.lpool, self.lpool_len)
         pos += self.lpool_len
         while pos < pods_off:
@@ -1551,8 +1577,8 @@ cdef class ZoneCore:
         pos += npl
         # The names and tables are no longer needed: give them back before the pool copy's
         # peak is reached by the caller.
-        # The blobs, in the order first used; without the GIL (issue 4: the watchers and
-        # the supervisor's loop run meanwhile).
+        # The blobs, in the order first used; without the GIL (the API watchers and the
+        # supervisor's loop run meanwhile).
         with nogil:
             copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
         if self.persistent:
@@ -1560,9 +1586,9 @@ cdef class ZoneCore:
             self.stage = 3
         else:
             self.release()
-        crc = zlib.crc32(memoryview(out)[64:])
+        crc = zlib.crc32(memoryview(out)[HEADER_SIZE:])
         header = make_header(crc)
-        if len(header) != 64:
-            raise ValueError("header must be 64 bytes")
-        memcpy(o, <const char *>(<bytes>header), 64)
+        if len(header) != HEADER_SIZE:
+            raise ValueError(f"header must be {HEADER_SIZE} bytes")
+        memcpy(o, <const char *>(<bytes>header), HEADER_SIZE)
         return out
