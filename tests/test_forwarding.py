@@ -1,4 +1,4 @@
-"""kdns/forward/control.py and the compiled cache (_fastpath.PacketCache) it feeds.
+"""kdns/forward/handoff.py and the compiled cache (_fastpath.PacketCache) it feeds.
 
 The compiled hit must be byte-identical to what the Python forwarder renders from the same
 entry (Entry.render + forward.fit), and UdpServer must serve it without handing off.
@@ -18,7 +18,8 @@ from kdns.packet import engine
 from kdns.serve import publish
 from kdns.forward.cache import Cache
 from kdns.forward.forwarder import Forwarder, parse_query
-from kdns.forward.control import (LinkedCache, cache_key_bytes, decode_config, encode_config)
+from kdns.forward.control import decode_config, encode_config
+from kdns.forward.handoff import LinkedCache, cache_key_bytes
 from kdns.forward.forwarder import Upstream
 from upstream import make_query
 from zonefixtures import sample_image

@@ -1,4 +1,4 @@
-"""The compiled forwarder (kdns/packet/fwd.pxi + forwarding.CompiledForward), driven
+"""The compiled forwarder (kdns/packet/fwd.pxi + handoff.CompiledForward), driven
 through a real UdpServer on loopback, with the Python Forwarder as the reference.
 
 Each test runs a small worker harness: the client socket's queries go through
@@ -19,7 +19,7 @@ from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache
 from kdns.forward.forwarder import Forwarder, Upstream
-from kdns.forward.control import CompiledForward, LinkedCache, _pow2
+from kdns.forward.handoff import CompiledForward, LinkedCache, _pow2
 from upstream import TestDNSServer, make_query
 from zonefixtures import sample_image
 

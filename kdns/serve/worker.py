@@ -418,7 +418,7 @@ def main(argv=None) -> int:
 def forwarding_handoff(a):
     if a.forward_fd < 0:
         return None
-    from kdns.forward.control import ForwardingHandoff
+    from kdns.forward.handoff import ForwardingHandoff
     return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
                              cache_size=a.cache_size)
 
