@@ -48,13 +48,14 @@ class Harness:
         self.page = bytearray(C.SLOT_WORDS * 8)
         self.counters = engine.Counters(self.page)
         self.server = engine.UdpServer(self.udp.fileno())
+        self.udp_server = self.server
         self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
         self.cache = LinkedCache(1024, fast=self.fast, serve_stale=serve_stale)
         self.server.set_cache(self.fast)
         self.forwarder = Forwarder([up(s) for s in upstreams], stubs or {}, cache=self.cache,
                                    try_timeout=try_timeout, max_inflight=max_inflight)
         self.tasks = set()
-        self.compiled = CompiledForward(self, loop, self.server, self, nsockets=nsockets,
+        self.compiled = CompiledForward(self, loop, self, nsockets=nsockets,
                                         sweep=sweep)
         loop.add_reader(self.udp.fileno(), self.drain_udp)
 

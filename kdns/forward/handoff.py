@@ -91,12 +91,14 @@ class CompiledForward:
     gives back to the Forwarder (with a ``Retry``), stores relayed replies in the Cache
     (its rules; one batch per drain) and copies the engine's counters into the Forwarder's."""
 
-    def __init__(self, handoff: "ForwardingHandoff", loop, udp_server, worker, *,
+    def __init__(self, handoff: "ForwardingHandoff", loop, worker, *,
                  nsockets: int = FWD_SOCKETS, sweep: float = FWD_SWEEP):
         from kdns.packet import _fastpath
         fw = handoff.forwarder
         self.handoff, self.forwarder, self.cache = handoff, fw, handoff.cache
         self.loop, self.worker, self.period = loop, worker, sweep
+        self.udp_server = worker.udp_server
+        self.pumping = False          # the worker drains UDP through pump() (it called it)
         self.socks = [self._socket() for _ in range(nsockets)]
         self.engine = _fastpath.FwdEngine(worker.udp.fileno(), [s.fileno() for s in self.socks],
                                           capacity=fw.max_inflight, try_timeout=fw.try_timeout,
@@ -115,14 +117,14 @@ class CompiledForward:
         self.apply_routes()
         loop.add_reader(self.engine.fileno(), self.on_readable)
         self.timer = loop.call_later(sweep, self.sweep)
-        udp_server.set_forwarder(self.engine)
-        self.udp_server = udp_server
-        worker.serve_udp = self.pump
+        self.udp_server.set_forwarder(self.engine)
 
-    def pump(self) -> int:
-        """The worker's UDP drain: client queries and upstream replies in one compiled loop
-        (``UdpServer.pump``); then Python's share."""
-        n = self.udp_server.pump(self.worker.img, self.worker.counters, FWD_PUMP_BUDGET_US)
+    def pump(self, img, counters) -> int:
+        """The worker's UDP drain (what ``ForwardingHandoff.attach`` gives the worker):
+        client queries and upstream replies in one compiled loop (``UdpServer.pump``), then
+        Python's share. Returns the hand-off packets left in the UdpServer, as serve()."""
+        self.pumping = True
+        n = self.udp_server.pump(img, counters, FWD_PUMP_BUDGET_US)
         self.take()
         return n
 
@@ -147,15 +149,12 @@ class CompiledForward:
         self.take()
 
     def on_readable(self) -> None:
-        if self.worker.img is not None and self.engine_pumping():
+        if self.pumping and self.worker.img is not None:
             self.worker.drain_udp()     # the pump drains both sides
             return
         nhb, ndone = self.engine.drain(self.worker.counters)
         if nhb or ndone:
             self.take()
-
-    def engine_pumping(self) -> bool:
-        return getattr(self.worker, "serve_udp", None) == self.pump
 
     def sweep(self) -> None:
         try:
@@ -261,18 +260,22 @@ class ForwardingHandoff:
         self.external = ExternalNames(self.forwarder, edns_max)
         self.compiled: CompiledForward | None = None
 
-    def attach(self, loop: asyncio.AbstractEventLoop, udp_server=None, worker=None) -> None:
-        """Apply the queued config now (it was sent before this worker started), then
-        follow the channel; let ``udp_server`` serve cache hits itself."""
+    def attach(self, loop: asyncio.AbstractEventLoop, worker=None):
+        """The worker's ``Handoff.attach``: apply the queued config now (it was sent before
+        this worker started), then follow the channel; let the worker's UdpServer serve cache
+        hits itself. Returns the compiled forwarder's UDP pump for the worker to drain UDP
+        with, or None (then the worker's own ``UdpServer.serve``)."""
+        self._loop = loop
         self.on_control()
         loop.add_reader(self.control.fileno(), self.on_control)
-        if udp_server is not None and self.fast is not None and hasattr(udp_server, "set_cache"):
-            udp_server.set_cache(self.fast)
-        self._loop = loop
         self.worker = worker
-        if (compiled_forward_enabled() and worker is not None
-                and hasattr(udp_server, "set_forwarder")):
-            self.compiled = CompiledForward(self, loop, udp_server, worker)
+        udp_server = getattr(worker, "udp_server", None)
+        if self.fast is not None and hasattr(udp_server, "set_cache"):
+            udp_server.set_cache(self.fast)
+        if compiled_forward_enabled() and hasattr(udp_server, "set_forwarder"):
+            self.compiled = CompiledForward(self, loop, worker)
+            return self.compiled.pump
+        return None
 
     def on_control(self) -> None:
         latest = None

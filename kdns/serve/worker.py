@@ -44,12 +44,21 @@ FORWARD_MIRROR_PERIOD = 1.0     # seconds between copies of the forwarder's coun
 
 
 class Handoff(Protocol):
-    """Where queries the image cannot answer go (the forwarder plugs in here, a later issue).
+    """Where queries the image cannot answer go.
 
-    ``resolve`` returns the complete reply, or None to send nothing.
+    ``resolve(query, proto)`` returns the complete reply, or None to send nothing; for a
+    query the hand-off's own UDP pump gave back (``Worker.udp_retry``) it is called as
+    ``resolve(query, "udp", retry)``.
+
+    A hand-off may also have ``attach(loop, worker)``: the worker calls it once, before it
+    serves, and it returns the UDP drain to use instead of ``UdpServer.serve``, or None.
+    That drain is ``pump(img, counters) -> n`` with ``serve``'s meaning of ``n`` (hand-off
+    packets left in ``worker.udp_server``). What the hand-off may use of the worker:
+    ``loop``, ``udp``, ``udp_server``, ``page``, ``counters``, ``img`` (read only), and the
+    methods ``drain_udp()`` and ``udp_retry()``. It never sets attributes on the worker.
     """
 
-    async def resolve(self, query: bytes, proto: str) -> bytes | None: ...
+    async def resolve(self, query: bytes, proto: str, retry=None) -> bytes | None: ...
 
 
 class RefuseHandoff:
@@ -86,6 +95,7 @@ class Worker:
         self.stopping: asyncio.Event | None = None
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.udp_pump = None            # the hand-off's UDP drain (Handoff.attach), if any
         self.forward_mirror = None
         self.log_queries = log_queries
         # New images are checked on this thread while the loop keeps serving the old one
@@ -99,6 +109,10 @@ class Worker:
         self.stopping = asyncio.Event()
         self.has_image = asyncio.Event()
         C.set_page_generation(self.page, 0)
+        attach = getattr(self.handoff, "attach", None)
+        if attach is not None:
+            # Its config first (already queued by the supervisor), then its UDP drain.
+            self.udp_pump = attach(self.loop, self)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop)
         self.loop.add_reader(self.control.fileno(), self.on_control)
@@ -204,7 +218,9 @@ class Worker:
 
     # ---- UDP
     def serve_udp(self) -> int:
-        """One drain of the UDP socket; the compiled forwarder replaces it with its pump."""
+        """One drain of the UDP socket: the hand-off's pump when it gave one, else serve()."""
+        if self.udp_pump is not None:
+            return self.udp_pump(self.img, self.counters)
         return self.udp_server.serve(self.img, self.counters, max_batches=16)
 
     def drain_udp(self) -> None:
@@ -224,8 +240,8 @@ class Worker:
             self.spawn(self.udp_handoff(packet, addr))
 
     def udp_retry(self, packet: bytes, addr, retry) -> None:
-        """A query the compiled forwarder gave back (timeout, TC, ...): the hand-off
-        finishes it (issue 5; forwarding.CompiledForward)."""
+        """A query the hand-off's pump gave back (the compiled forwarder's timeout, TC...):
+        the hand-off's ``resolve`` finishes it with ``retry``."""
         if len(self.tasks) >= UDP_MAX_PENDING:
             self.count("dropped_udp")
             return
@@ -411,7 +427,7 @@ def main(argv=None) -> int:
         handoff=forwarding_handoff(a),
     )
     os.close(a.counters_fd)
-    asyncio.run(run_worker(worker))
+    asyncio.run(worker.run())
     return 0
 
 
@@ -422,13 +438,6 @@ def forwarding_handoff(a):
     return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
                              cache_size=a.cache_size)
 
-
-async def run_worker(worker: Worker) -> None:
-    attach = getattr(worker.handoff, "attach", None)
-    if attach is not None:
-        # Config first (it is already queued), then cache hits served by the UdpServer.
-        attach(asyncio.get_running_loop(), worker.udp_server, worker)
-    await worker.run()
 
 
 if __name__ == "__main__":
