@@ -17,9 +17,9 @@ from dnslib import DNSRecord
 
 from kdns.packet import counters as C
 from kdns.packet import engine
-from kdns.forward.cache import Cache
+from kdns.forward.cache import Cache, CompiledCache, key_bytes
 from kdns.forward.forwarder import Forwarder, Upstream
-from kdns.forward.handoff import CompiledForward, LinkedCache, _pow2
+from kdns.forward.handoff import CompiledForward, _pow2
 from upstream import TestDNSServer, make_query
 from zonefixtures import sample_image
 
@@ -50,7 +50,7 @@ class Harness:
         self.server = engine.UdpServer(self.udp.fileno())
         self.udp_server = self.server
         self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
-        self.cache = LinkedCache(1024, fast=self.fast, serve_stale=serve_stale)
+        self.cache = CompiledCache(self.fast, 1024, serve_stale=serve_stale)
         self.server.set_cache(self.fast)
         self.forwarder = Forwarder([up(s) for s in upstreams], stubs or {}, cache=self.cache,
                                    try_timeout=try_timeout, max_inflight=max_inflight)
@@ -310,7 +310,7 @@ def test_c_cache_store_matches_python_cache(name, qtype):
     with TestDNSServer(ZONE) as s:
         async def body(h):
             await h.ask(make_query(name, qtype, qid=1, edns=1232))
-            assert h.stats()["cached"] == 1 and len(h.cache) == 0
+            assert h.stats()["cached"] == 1 and len(h.cache) == 1 and not h.cache.entries
             again = make_query(name.upper(), qtype, qid=2, edns=1232)
             action, got = h.fast.answer(again)
             ref = Forwarder([up(s)], cache=Cache())
@@ -320,13 +320,36 @@ def test_c_cache_store_matches_python_cache(name, qtype):
         run_with([s], body)
 
 
-def test_python_keeps_the_cache_when_serving_stale():
+def test_tcp_client_gets_what_c_cached_for_a_udp_client():
+    """One cache: the reply C relayed and stored answers the Forwarder's TCP client, with
+    no second upstream query (each side once kept its own copy and asked again)."""
     with TestDNSServer(ZONE) as s:
         async def body(h):
-            await h.ask(make_query("widget.local"))
-            await until(lambda: len(h.cache) == 1)
-            assert h.stats()["cached"] == 0
-        run_with([s], body, serve_stale=True)
+            await h.ask(make_query("widget.local", qid=1))
+            assert h.stats()["cached"] == 1
+            reply = await h.forwarder.resolve(make_query("widget.local", qid=2), "tcp")
+            assert answers(reply) == ["3.3.3.3"] and reply[:2] == b"\x00\x02"
+            assert (s.udp_queries, s.tcp_queries) == (1, 0) and h.cache.hits == 1
+        run_with([s], body)
+
+
+def test_serve_stale_reads_the_entry_c_stored():
+    """RFC 8767: with every upstream silent, an expired entry in the compiled table is
+    served stale by the Forwarder (the compiled path never serves an expired entry)."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query("widget.local", qid=1))
+            q = h.forwarder
+            key = (b"\x06widget\x05local\x00", 1, 1, 0, 0)
+            e = h.cache.get(key)
+            # The same entry, stored long enough ago to have expired.
+            h.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl,
+                       e.stored - e.ttl - 1)
+            s.silent = True
+            reply = await h.ask(make_query("widget.local", qid=3))
+            assert answers(reply) == ["3.3.3.3"] and q.stale_served == 1
+            assert DNSRecord.parse(reply).rr[0].ttl == 30          # RFC 8767 §4
+        run_with([s], body, serve_stale=True, try_timeout=0.2)
 
 
 def test_a_burst_spread_over_sockets_is_sent_and_matched_exactly():

@@ -8,7 +8,13 @@ What it must not do: hold cluster-zone answers (those always come from the live 
 5), know about Kubernetes or sockets, or serve an entry past its TTL except through the
 explicit serve-stale path (RFC 8767).
 
-Stored form (chosen so the compiled packet path can serve hits later without Python): an
+Two implementations of one interface: ``CompiledCache`` keeps the entries in the worker's
+compiled ``_fastpath.PacketCache``, the one store that the UDP packet path (hits, and the
+replies the compiled forwarder relays) and the Python Forwarder (TCP clients, retries, stub
+domains) both read and fill; ``Cache`` keeps them in Python, for the pure engine
+(``KDNS_PURE=1``) and as the tests' oracle.
+
+Stored form (chosen so the compiled packet path serves hits without Python): an
 entry is the upstream reply as wire bytes in a canonical shape (ID 0, question name
 lowercased, the OPT RR removed: it is hop-by-hop, RFC 6891 §6.1.1) plus the byte offset of
 every RR's TTL field and that RR's original TTL. Serving a hit is then: copy the bytes;
@@ -16,9 +22,8 @@ patch the ID; copy the client's question bytes over the stored question (same le
 the case can differ: DNS 0x20); patch RD/CD from the query and clear AA; write each TTL as
 ``max(0, min(ttl, entry_ttl) - age)``; append an OPT if the client sent one; cut to the
 client's size with TC (record ends follow from the TTL offsets: TTL, RDLENGTH, RDATA are
-adjacent, so ``forward.fit`` needs no name parsing). No parsing and no allocation beyond
-the output buffer, so a later step can lay entries out in shared memory (offsets, not
-pointers) and let ``_fastpath`` do exactly this.
+adjacent, so ``forwarder.fit`` needs no name parsing). No parsing and no allocation beyond
+the output buffer, which is what ``_fastpath``'s ``pc_render`` does in C.
 
 Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (spec §4.4).
 Lifetimes: positive = min RR TTL; negative (NXDOMAIN / NODATA) = min(SOA TTL, SOA MINIMUM)
@@ -156,20 +161,20 @@ class Cache:
 
     def get(self, key: tuple) -> Entry | None:
         """A fresh entry, or None (expired entries stay for serve-stale until evicted)."""
-        e = self.entries.get(key)
+        e = self._find(key)
         if e is None or self.clock() >= e.expires():
             self.misses += 1
             if e is not None and not self._stale_usable(e):
-                del self.entries[key]
+                self._forget(key)
             return None
-        self.entries.move_to_end(key)
+        self._touch(key)
         self.hits += 1
         return e
 
     def get_stale(self, key: tuple, count: bool = True) -> Entry | None:
         """RFC 8767: an expired positive or negative entry no older than ``max_stale`` past its
         expiry, for use only when upstreams fail or are too slow (the forwarder decides)."""
-        e = self.entries.get(key)
+        e = self._find(key)
         if e is None or self.clock() < e.expires() or not self._stale_usable(e):
             return None
         self.stale_hits += count
@@ -182,6 +187,14 @@ class Cache:
 
     def put(self, key: tuple, reply: bytes) -> Entry | None:
         """Store an upstream reply if the rules allow; returns the entry or None."""
+        e = self.entry(reply)
+        if e is not None:
+            self._store(key, e)
+            self.inserts += 1
+        return e
+
+    def entry(self, reply: bytes) -> Entry | None:
+        """The stored form of an upstream reply, or None when the rules keep it out."""
         try:
             sc = scan(reply)
         except Malformed:
@@ -194,15 +207,28 @@ class Cache:
         wire = bytearray(wire)
         struct.pack_into("!H", wire, 0, 0)
         wire[12:sc.qend - 4] = bytes(wire[12:sc.qend - 4]).lower()
-        e = Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),
-                  tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
+        return Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),
+                     tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    # The store itself; CompiledCache keeps entries elsewhere.
+    def _find(self, key: tuple) -> Entry | None:
+        return self.entries.get(key)
+
+    def _touch(self, key: tuple) -> None:
+        self.entries.move_to_end(key)
+
+    def _forget(self, key: tuple) -> None:
+        del self.entries[key]
+
+    def _store(self, key: tuple, e: Entry) -> None:
         self.entries[key] = e
         self.entries.move_to_end(key)
-        self.inserts += 1
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
             self.evictions += 1
-        return e
 
     def _lifetime(self, reply: bytes, sc: Scanned, flags: int) -> int | None:
         rcode = flags & 0xF
@@ -222,3 +248,56 @@ class Cache:
                 return None
             return max(self.min_ttl, min(neg, self.max_neg_ttl))
         return None
+
+
+def key_bytes(key: tuple) -> bytes:
+    """A cache key (name, qtype, qclass, DO, CD) as the compiled cache's flat bytes: the
+    name's wire form, qtype and qclass (network order), DO, CD (_fastpath pc_prepare)."""
+    name, qtype, qclass, do, cd = key
+    return bytes(name) + struct.pack("!HHBB", qtype, qclass, do, cd)
+
+
+class CompiledCache(Cache):
+    """The Cache whose entries live in the worker's compiled PacketCache (``fast``).
+
+    Every entry is in one place: the compiled table, or, when it does not fit a compiled slot
+    (a long answer fetched over TCP after TC), the inherited Python LRU. The packet path
+    answers UDP hits and stores what the compiled forwarder relays straight in the table;
+    this class gives the Python Forwarder the same entries. Its clock is time.monotonic,
+    the CLOCK_MONOTONIC the compiled table stamps entries with.
+
+    Differences from ``Cache``, both the compiled table's: a full probe window evicts the
+    entry stored longest ago, not the one used longest ago; and an expired entry's slot is
+    reused first, so under pressure serve-stale finds fewer expired entries."""
+
+    def __init__(self, fast, capacity: int = 10000, **kw):
+        kw.pop("clock", None)
+        super().__init__(capacity, clock=time.monotonic, **kw)
+        self.fast = fast
+
+    def __len__(self) -> int:
+        return len(self.fast) + len(self.entries)
+
+    def _find(self, key: tuple) -> Entry | None:
+        got = self.fast.lookup(key_bytes(key))
+        if got is None:
+            return self.entries.get(key)
+        wire, qend, ttl_offs, ttls, ttl, stored = got
+        return Entry(wire, qend, ttl_offs, ttls, ttl, stored, wire[3] & 0xF)
+
+    def _touch(self, key: tuple) -> None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def _forget(self, key: tuple) -> None:
+        self.entries.pop(key, None)   # a compiled slot is reused once expired
+
+    def _store(self, key: tuple, e: Entry) -> None:
+        if self.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl, e.stored):
+            self.entries.pop(key, None)
+        else:
+            super()._store(key, e)
+
+    def clear(self) -> None:
+        self.fast.clear()
+        self.entries.clear()

@@ -5,11 +5,13 @@ supervisor's ``control`` decides; a worker applies each configuration between tw
 (``Forwarder.configure`` is one assignment per field), so queries in flight finish on the
 routes they started with.
 
-Cache hits skip Python: each worker mirrors every entry its ``Cache`` stores into a
-``_fastpath.PacketCache``, which ``UdpServer`` consults for the packets the image hands off.
-Plain cache misses skip Python too: ``CompiledForward`` runs a ``_fastpath.FwdEngine`` that
-sends them upstream and relays the replies from C; timeouts, TC, SERVFAIL/REFUSED, stub
-domains and TCP clients stay with the ``Forwarder`` (``KDNS_FWD_COMPILED=0`` turns it off).
+One cache per worker, a ``_fastpath.PacketCache`` (``cache.CompiledCache``): ``UdpServer``
+answers UDP hits from it without Python, the compiled forwarder stores what it relays in it,
+and the ``Forwarder`` reads and fills the same entries, so a TCP client gets what a UDP
+client cached and the other way round. Plain cache misses skip Python too:
+``CompiledForward`` runs a ``_fastpath.FwdEngine`` that sends them upstream and relays the
+replies from C; timeouts, TC, SERVFAIL/REFUSED, stub domains and TCP clients stay with the
+``Forwarder`` (``KDNS_FWD_COMPILED=0`` turns it off). The pure engine uses ``cache.Cache``.
 
 What it must not do: contain DNS packet rules (they are in ``forwarder``/``cache``/
 ``_fastpath``), know the Kubernetes record rules, or read the kube-dns config itself.
@@ -21,10 +23,9 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 
 from kdns.packet import engine
-from kdns.forward.cache import Cache
+from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config
 from kdns.forward.external import ExternalNames
 from kdns.forward.forwarder import Forwarder, Retry, Upstream, encode_name, parse_query
@@ -32,48 +33,10 @@ from kdns.zone.refpath import Malformed
 
 log = logging.getLogger("kdns.forward.handoff")
 
-FAST_SLOTS = 4096            # compiled cache slots per worker (~1.8 KB each, allocated once)
+FAST_SLOTS = 16384           # most compiled cache slots per worker (~1.8 KB each, zeroed pages)
 FWD_SOCKETS = 64             # upstream sockets per worker for the compiled forwarder
 FWD_PUMP_BUDGET_US = 2000    # longest stay in the compiled pump before the event loop runs
 FWD_SWEEP = 0.1              # seconds between timeout sweeps (and one port rotation each)
-
-
-def cache_key_bytes(key: tuple) -> bytes:
-    """forward.py's cache key (name, qtype, qclass, DO, CD) as PacketCache's flat bytes."""
-    name, qtype, qclass, do, cd = key
-    return bytes(name) + struct.pack("!HHBB", qtype, qclass, do, cd)
-
-
-class LinkedCache(Cache):
-    """The forwarder's Cache, mirroring every stored entry into the compiled PacketCache."""
-
-    def __init__(self, *args, fast=None, **kw):
-        super().__init__(*args, **kw)
-        self.fast = fast
-
-    def put(self, key, reply):
-        e = super().put(key, reply)
-        if e is not None:
-            self._mirror(key, e)
-        return e
-
-    def get(self, key):
-        # A fresh hit here means the compiled table lost the entry (evicted by a burst of
-        # other names, or asked over TCP): put it back so the next UDP ask stays in C.
-        e = super().get(key)
-        if e is not None:
-            self._mirror(key, e)
-        return e
-
-    def _mirror(self, key, e) -> None:
-        if self.fast is not None:
-            self.fast.put(cache_key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl,
-                          e.stored)
-
-    def clear(self) -> None:
-        self.entries.clear()
-        if self.fast is not None:
-            self.fast.clear()
 
 
 def compiled_forward_enabled() -> bool:
@@ -88,8 +51,8 @@ class CompiledForward:
     sweep when nothing waits on it, so ports keep moving: RFC 5452 §9.2), tells the engine
     the routes it may take (IPv4 upstreams; stub-domain names stay in Python), watches the
     engine's epoll fd, sweeps timeouts every ``FWD_SWEEP`` seconds, hands queries the engine
-    gives back to the Forwarder (with a ``Retry``), stores relayed replies in the Cache
-    (its rules; one batch per drain) and copies the engine's counters into the Forwarder's."""
+    gives back to the Forwarder (with a ``Retry``) and copies the engine's counters into the
+    Forwarder's. The engine stores relayed replies in the worker's one cache itself."""
 
     def __init__(self, handoff: "ForwardingHandoff", loop, worker, *,
                  nsockets: int = FWD_SOCKETS, sweep: float = FWD_SWEEP):
@@ -109,10 +72,8 @@ class CompiledForward:
                              "cached": 0, "upstreams": {}}
         fw.extra_inflight = lambda: self.engine.inflight
         c = self.cache
-        if c is not None and getattr(c, "fast", None) is not None and not c.serve_stale:
-            # C stores replies in the compiled cache itself (Cache.put there costs more than
-            # the whole compiled forward). Python's Cache then does not hold them: TCP asks
-            # for those names go upstream again. Serve-stale needs Python's copy: off then.
+        if isinstance(c, CompiledCache):
+            # C stores what it relays in the worker's one cache, with Cache.put's rules.
             self.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
         self.apply_routes()
         loop.add_reader(self.engine.fileno(), self.on_readable)
@@ -152,8 +113,7 @@ class CompiledForward:
         if self.pumping and self.worker.img is not None:
             self.worker.drain_udp()     # the pump drains both sides
             return
-        nhb, ndone = self.engine.drain(self.worker.counters)
-        if nhb or ndone:
+        if self.engine.drain(self.worker.counters):
             self.take()
 
     def sweep(self) -> None:
@@ -178,11 +138,7 @@ class CompiledForward:
             new.close()
 
     def take(self) -> None:
-        """Python's share after a drain or sweep: cache inserts, then handbacks."""
-        for key, raw in self.engine.cacheable():
-            name, tail = key[:-6], key[-6:]
-            qtype, qclass, do, cd = struct.unpack("!HHBB", tail)
-            self.cache.put((name, qtype, qclass, do, cd), raw)
+        """Python's share after a drain or sweep: the queries the engine handed back."""
         for query, addr, reason, up, started in self.engine.handbacks():
             upstream = self.routes[up] if up < len(self.routes) else None
             retry = Retry(reason, upstream, started) if upstream is not None else None
@@ -251,8 +207,10 @@ class ForwardingHandoff:
             from kdns.packet import _fastpath
             fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), FAST_SLOTS),
                                          edns_size=edns_max)
+            self.cache = CompiledCache(fast, cache_size)
+        else:
+            self.cache = Cache(cache_size)
         self.fast = fast
-        self.cache = LinkedCache(cache_size, fast=fast)
         self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max)
         self.edns_max = edns_max
         self.configured = False

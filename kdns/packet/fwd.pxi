@@ -1,5 +1,4 @@
-# The compiled forwarder (issue 5: cache misses without an asyncio task and a socket per
-# try). Included by _fastpath.pyx, so it shares its cimports and helpers.
+# The compiled forwarder (cache misses without an asyncio task and a socket per try). Included by _fastpath.pyx, so it shares its cimports and helpers.
 #
 # One FwdEngine per worker, owning a pool of non-blocking UDP sockets on kernel-chosen
 # ephemeral ports (Python opens them and rotates one every sweep, RFC 5452 §9.2), all in one
@@ -17,8 +16,8 @@
 #   exactly like forward.Forwarder._from_upstream + fit: the client's ID and question case,
 #   RD copied, the upstream OPT replaced by ours, cut to the client's UDP size with TC.
 #   Cacheable replies go straight into the worker's PacketCache with cache.Cache.put's
-#   rules (fw_cache_store), or, when Python keeps the cache (serve-stale), to Cache.put in
-#   one batch per drain (Cache.put in Python costs ~30 us, more than the whole forward).
+#   rules (fw_cache_store): the one cache the Python Forwarder reads too, so a TCP client
+#   asking the same name next is answered from it.
 #
 #   UdpServer.pump waits on the client socket and the upstream sockets together (this
 #   epoll set) without the GIL, so a forward and its reply cost no event-loop iteration;
@@ -42,7 +41,6 @@ cdef enum:
     FW_TX = 64                   # client replies per sendmmsg
     FW_EVENTS = 64
     FW_CLIENT = 0xFFFF           # epoll tag of the worker's client socket (UdpServer.pump)
-    FW_DONE = 256                # cacheable replies kept for Python per drain
 
     FE_FREE = 0
     FE_LEADER = 1                # owns the upstream query (in idtab)
@@ -105,19 +103,17 @@ cdef struct FwState:
     int nq
     int ntx
     int nhb
-    int ndone
     uint64_t forged              # replies matching no pending query (no upstream known)
     uint64_t sent_fail
     uint64_t coalesced
     uint64_t relayed
     uint64_t taken               # queries C took (cache misses Python's Cache never saw)
     uint64_t cached              # replies stored straight into the PacketCache
-    PCEntry *ctab                # the worker's PacketCache, when C stores replies itself
-    uint64_t cmask
+    PCTable *ct                  # the worker's PacketCache (set_cache), or NULL
     uint32_t min_ttl
     uint32_t max_ttl
     uint32_t max_neg_ttl
-    uint64_t done_skipped
+    uint64_t cache_skipped       # cacheable replies too big for a cache slot
     int socks[FW_MAXSOCK]
     int sockpend[FW_MAXSOCK]
     FwUp ups[FW_MAXUP]
@@ -143,11 +139,6 @@ cdef struct FwState:
     iovec tiov[FW_TX]
     sockaddr_storage taddr[FW_TX]
     uint8_t *tbuf
-    # cacheable replies for Python
-    uint16_t done_len[FW_DONE]
-    uint16_t done_klen[FW_DONE]
-    uint8_t done_key[FW_DONE][PC_KEYMAX]
-    uint8_t *done_buf
 
 
 cdef inline uint32_t fw_rand16(FwState *s) noexcept nogil:
@@ -518,17 +509,8 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
         return
     if opt >= 0:
         ext = (be32(m + ttloff[opt]) >> 24) & 0xFF
-    if s.ctab != NULL:
+    if s.ct != NULL:
         fw_cache_store(s, m, n, qend, nrec, ends, types, ttloff, opt, ext, p, now)
-    # Otherwise Python's Cache decides whether and how long to keep it (one batch per drain).
-    elif s.ndone < FW_DONE:
-        memcpy(s.done_buf + s.ndone * UDP_BUF, m, n)
-        s.done_len[s.ndone] = n
-        memcpy(s.done_key[s.ndone], p.key, p.klen)
-        s.done_klen[s.ndone] = p.klen
-        s.ndone += 1
-    else:
-        s.done_skipped += 1
     c = e
     while c >= 0:
         nxt = s.pool[c].next
@@ -582,7 +564,7 @@ cdef void fw_cache_store(FwState *s, const uint8_t *m, int n, int qend, int nrec
         life = life if life > s.min_ttl else s.min_ttl
     wlen = ends[kept - 1] if kept else qend
     if wlen > PC_WIREMAX or kept > PC_MAXRR or p.klen > PC_KEYMAX:
-        s.done_skipped += 1
+        s.cache_skipped += 1
         return
     memcpy(buf, m, wlen)
     put16(buf, 0)
@@ -596,7 +578,7 @@ cdef void fw_cache_store(FwState *s, const uint8_t *m, int n, int qend, int nrec
     for i in range(kept):
         offs[i] = ttloff[i]
         ttls[i] = be32(m + ttloff[i])
-    pc_store(s.ctab, s.cmask, p.key, p.klen, buf, wlen, qend, offs, ttls, kept,
+    pc_store(s.ct, p.key, p.klen, buf, wlen, qend, offs, ttls, kept,
              <uint32_t>life, now, now)
     s.cached += 1
 
@@ -645,7 +627,7 @@ cdef class FwdEngine:
     upstream sockets (Python's; non-blocking, bound). ``set_routes(upstreams, stubs)``:
     IPv4 (host, port) pairs and stub-domain wire names that stay in Python. ``fileno()``
     is the epoll fd to watch; ``drain(counters)`` relays replies; ``sweep()`` hands timed
-    out queries back. ``handbacks()`` / ``cacheable()`` give Python its share after either."""
+    out queries back. ``handbacks()`` gives Python its share after either."""
     cdef FwState *s
     cdef readonly int capacity
     cdef object cache                   # the PacketCache C stores into, or None
@@ -680,9 +662,8 @@ cdef class FwdEngine:
         s.qsock = <int *>PyMem_Malloc(FW_SENDQ * sizeof(int))
         s.rbuf = <uint8_t *>PyMem_Malloc(FW_RX * UDP_BUF)
         s.tbuf = <uint8_t *>PyMem_Malloc(FW_TX * UDP_BUF)
-        s.done_buf = <uint8_t *>PyMem_Malloc(FW_DONE * UDP_BUF)
         if not (s.pool and s.idtab and s.ktab and s.hb and s.qmsg and s.qiov and s.qbuf and
-                s.qsock and s.rbuf and s.tbuf and s.done_buf):
+                s.qsock and s.rbuf and s.tbuf):
             raise MemoryError()
         memset(s.pool, 0, capacity * sizeof(FwEntry))
         for i in range(capacity):
@@ -739,7 +720,6 @@ cdef class FwdEngine:
         PyMem_Free(s.qsock)
         PyMem_Free(s.rbuf)
         PyMem_Free(s.tbuf)
-        PyMem_Free(s.done_buf)
         PyMem_Free(s)
 
     def fileno(self):
@@ -748,10 +728,9 @@ cdef class FwdEngine:
     def set_cache(self, PacketCache cache, uint32_t min_ttl=5, uint32_t max_ttl=3600,
                   uint32_t max_neg_ttl=1800):
         """Store cacheable replies straight into ``cache`` with cache.Cache's rules and
-        limits (None: hand them to Python through ``cacheable()``)."""
+        limits (None: relay without caching)."""
         self.cache = cache
-        self.s.ctab = cache.tab if cache is not None else NULL
-        self.s.cmask = cache.mask if cache is not None else 0
+        self.s.ct = &cache.t if cache is not None else NULL
         self.s.min_ttl, self.s.max_ttl, self.s.max_neg_ttl = min_ttl, max_ttl, max_neg_ttl
 
     def set_routes(self, upstreams, stubs=()):
@@ -790,11 +769,11 @@ cdef class FwdEngine:
                 fw_handback(self.s, i, reason)
 
     def drain(self, Counters c not None):
-        """Relay the upstream replies waiting on the sockets; returns (handbacks, cacheable)."""
+        """Relay the upstream replies waiting on the sockets; returns the handbacks waiting."""
         cdef uint64_t *ctr = c.words
         with nogil:
             fw_drain(self.s, ctr)
-        return self.s.nhb, self.s.ndone
+        return self.s.nhb
 
     def sweep(self, double now=-1.0):
         """Hand back leaders whose try timed out (and their followers); the count."""
@@ -819,16 +798,6 @@ cdef class FwdEngine:
                         p.reason, p.up, p.sent_ns / 1e9))
             fw_free(self.s, self.s.hb[i])
         self.s.nhb = 0
-        return out
-
-    def cacheable(self):
-        """[(key bytes, reply bytes)] relayed since the last call, for Cache.put."""
-        cdef int i
-        out = [(PyBytes_FromStringAndSize(<char *>self.s.done_key[i], self.s.done_klen[i]),
-                PyBytes_FromStringAndSize(<char *>self.s.done_buf + i * UDP_BUF,
-                                          self.s.done_len[i]))
-               for i in range(self.s.ndone)]
-        self.s.ndone = 0
         return out
 
     def sock_pending(self, int i):
@@ -867,7 +836,7 @@ cdef class FwdEngine:
         return dict(forged=self.s.forged, send_failed=self.s.sent_fail,
                     coalesced=self.s.coalesced, relayed=self.s.relayed, taken=self.s.taken,
                     cached=self.s.cached,
-                    cache_skipped=self.s.done_skipped, upstreams=ups)
+                    cache_skipped=self.s.cache_skipped, upstreams=ups)
 
 
 cdef object sockaddr_tuple(const sockaddr_storage *ss):
