@@ -276,7 +276,12 @@ cdef class PacketCache:
         return self.t.used
 
     def clear(self):
-        memset(self.t.tab, 0, (self.t.mask + 1) * sizeof(PCEntry))
+        # Empty = hash 0. Only occupied slots are written: pages no entry ever used stay
+        # the kernel's shared zero page.
+        cdef uint64_t i
+        for i in range(self.t.mask + 1):
+            if self.t.tab[i].hash:
+                self.t.tab[i].hash = 0
         self.t.used = 0
         self.t.ctr[self.t.w_entries] = 0
 
