@@ -50,10 +50,13 @@ class Harness:
         self.server = engine.UdpServer(self.udp.fileno())
         self.udp_server = self.server
         self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
-        self.cache = CompiledCache(self.fast, 1024, serve_stale=serve_stale)
+        self.fwd_counters = C.ForwardCounters(self.page)     # as ForwardingHandoff does
+        self.cache = CompiledCache(self.fast, 1024, serve_stale=serve_stale,
+                                   counters=self.fwd_counters)
         self.server.set_cache(self.fast)
         self.forwarder = Forwarder([up(s) for s in upstreams], stubs or {}, cache=self.cache,
-                                   try_timeout=try_timeout, max_inflight=max_inflight)
+                                   try_timeout=try_timeout, max_inflight=max_inflight,
+                                   counters=self.fwd_counters)
         self.tasks = set()
         self.compiled = CompiledForward(self, loop, self, nsockets=nsockets,
                                         sweep=sweep)
@@ -206,8 +209,6 @@ def test_forged_replies_dropped_and_counted_by_c():
             st = h.stats()
             assert st["forged"] == 1                             # no such (socket, ID)
             assert st["upstreams"][0]["forged"] == 3             # question, port, address
-            h.compiled.fold()
-            assert h.forwarder.forged == 4
         run_with([s], body)
 
 
@@ -375,3 +376,37 @@ def test_a_burst_spread_over_sockets_is_sent_and_matched_exactly():
             st = h.stats()
             assert st["forged"] == 0 and st["relayed"] == 192 and s.udp_queries == 192
         run_with([s], body)
+
+
+def test_both_forwarders_count_into_the_workers_page():
+    """The compiled forwarder and the Python Forwarder count into the same rows of the
+    worker's page as they go (nothing copies counters later): what the upstream received
+    is what the page says was sent."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query("n1.local", qid=1))                  # C: miss, relay, store
+            await h.forwarder.resolve(make_query("n2.local", qid=2), "tcp")   # Python: same
+            await h.forwarder.resolve(make_query("n1.local", qid=3), "tcp")   # Python: hit
+            page = C.forward_totals(h.page, 1)
+            (row,) = page["upstreams"]
+            assert row["to"] == f"{s.host}:{s.port}"
+            assert row["requests"] == s.udp_queries == 2
+            assert row["rcodes"]["NOERROR"] == 2 and sum(row["latency"]) == 2
+            assert row["latency_sum_ns"] > 0 and row["failures"] == 0
+            assert (page["cache_misses"], page["cache_hits"]) == (2, 1)
+            assert (page["cache_inserts"], page["cache_entries"]) == (2, 2)
+            assert page["cache_capacity"] == 1024
+        run_with([s], body)
+
+
+def test_compiled_timeouts_are_failures_on_the_page():
+    with TestDNSServer() as dead, TestDNSServer(ZONE) as good:
+        dead.silent = True
+        async def body(h):
+            await asyncio.gather(*(h.ask(make_query(f"n{i}.local", qid=i)) for i in range(8)))
+            rows = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}
+            failed = rows[f"{dead.host}:{dead.port}"]
+            assert failed["requests"] == dead.udp_queries >= 1
+            assert failed["failures"] == h.stats()["upstreams"][0]["timeouts"] >= 1
+            assert rows[f"{good.host}:{good.port}"]["requests"] == good.udp_queries
+        run_with([dead, good], body, try_timeout=0.3)

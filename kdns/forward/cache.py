@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, skip_name
 
 from kdns.dns.wire import AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_OPT, T_SOA, TC  # noqa: F401
@@ -141,20 +142,32 @@ class Entry:
 
 class Cache:
     """Bounded LRU of forwarded replies. All times come from ``clock`` (monotonic seconds) so
-    tests can move time instead of sleeping."""
+    tests can move time instead of sleeping.
+
+    ``hits``, ``misses``, ``inserts``, ``evictions`` and the entry count and capacity are
+    words of ``counters`` (the worker's page, counters.ForwardCounters; None: a private
+    one), counted there as they happen."""
+
+    hits = C.Counted("cache_hits")
+    misses = C.Counted("cache_misses")
+    inserts = C.Counted("cache_inserts")
+    evictions = C.Counted("cache_evictions")
 
     def __init__(self, capacity: int = 10000, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
                  serve_stale: bool = False, max_stale: int = 3600,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 counters: C.ForwardCounters | None = None):
         if capacity < 1:
             raise ValueError("cache capacity must be at least 1")
         self.capacity, self.min_ttl, self.max_ttl = capacity, min_ttl, max_ttl
         self.max_neg_ttl, self.servfail_ttl = max_neg_ttl, servfail_ttl
         self.serve_stale, self.max_stale, self.clock = serve_stale, max_stale, clock
         self.entries: OrderedDict[tuple, Entry] = OrderedDict()
-        # Counters for metrics (rendered by the metrics issue).
-        self.hits = self.misses = self.stale_hits = self.inserts = self.evictions = 0
+        self.counters = counters if counters is not None else C.ForwardCounters()
+        self.counters["cache_capacity"] = capacity
+        self.counters["cache_entries"] = 0        # a new worker's cache starts empty
+        self.stale_hits = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -190,7 +203,6 @@ class Cache:
         e = self.entry(reply)
         if e is not None:
             self._store(key, e)
-            self.inserts += 1
         return e
 
     def entry(self, reply: bytes) -> Entry | None:
@@ -211,6 +223,7 @@ class Cache:
                      tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
 
     def clear(self) -> None:
+        self.counters["cache_entries"] -= len(self.entries)
         self.entries.clear()
 
     # The store itself; CompiledCache keeps entries elsewhere.
@@ -221,14 +234,19 @@ class Cache:
         self.entries.move_to_end(key)
 
     def _forget(self, key: tuple) -> None:
-        del self.entries[key]
+        if self.entries.pop(key, None) is not None:
+            self.counters["cache_entries"] -= 1
 
     def _store(self, key: tuple, e: Entry) -> None:
+        if key not in self.entries:
+            self.counters["cache_entries"] += 1
         self.entries[key] = e
         self.entries.move_to_end(key)
+        self.inserts += 1
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
             self.evictions += 1
+            self.counters["cache_entries"] -= 1
 
     def _lifetime(self, reply: bytes, sc: Scanned, flags: int) -> int | None:
         rcode = flags & 0xF
@@ -274,6 +292,11 @@ class CompiledCache(Cache):
         kw.pop("clock", None)
         super().__init__(capacity, clock=time.monotonic, **kw)
         self.fast = fast
+        # The compiled table counts its inserts, evictions and entries into the same words.
+        w = C.FWD_WORD
+        fast.count_into(self.counters.page, w["cache_inserts"], w["cache_evictions"],
+                        w["cache_entries"])
+        self.counters["cache_entries"] = len(fast)
 
     def __len__(self) -> int:
         return len(self.fast) + len(self.entries)
@@ -289,15 +312,13 @@ class CompiledCache(Cache):
         if key in self.entries:
             self.entries.move_to_end(key)
 
-    def _forget(self, key: tuple) -> None:
-        self.entries.pop(key, None)   # a compiled slot is reused once expired
-
     def _store(self, key: tuple, e: Entry) -> None:
         if self.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl, e.stored):
-            self.entries.pop(key, None)
+            self._forget(key)         # counted by the compiled table; one place per entry
         else:
             super()._store(key, e)
 
     def clear(self) -> None:
-        self.fast.clear()
+        self.fast.clear()             # its share of the entry count goes to 0
         self.entries.clear()
+        self.counters["cache_entries"] = 0

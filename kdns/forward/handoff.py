@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 
+from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config
@@ -51,8 +52,9 @@ class CompiledForward:
     sweep when nothing waits on it, so ports keep moving: RFC 5452 §9.2), tells the engine
     the routes it may take (IPv4 upstreams; stub-domain names stay in Python), watches the
     engine's epoll fd, sweeps timeouts every ``FWD_SWEEP`` seconds, hands queries the engine
-    gives back to the Forwarder (with a ``Retry``) and copies the engine's counters into the
-    Forwarder's. The engine stores relayed replies in the worker's one cache itself."""
+    gives back to the Forwarder (with a ``Retry``). The engine stores relayed replies in the
+    worker's one cache and counts into the rows of the worker's page the Forwarder counts
+    into, itself."""
 
     def __init__(self, handoff: "ForwardingHandoff", loop, worker, *,
                  nsockets: int = FWD_SOCKETS, sweep: float = FWD_SWEEP):
@@ -67,9 +69,12 @@ class CompiledForward:
                                           capacity=fw.max_inflight, try_timeout=fw.try_timeout,
                                           edns_size=fw.edns_size)
         self.routes: list[Upstream] = []
+        self.replies_seen: list[int] = []     # per route: the engine's replies at the last sweep
         self.rotate_next = 0
-        self.folded: dict = {"forged": 0, "relayed": 0, "coalesced": 0, "taken": 0,
-                             "cached": 0, "upstreams": {}}
+        w = C.FWD_WORD
+        self.engine.set_counters(fw.counters.page, w["cache_misses"], C.ROW_REQUESTS,
+                                 C.ROW_FAILURES, C.ROW_RCODES, len(C.FWD_RCODES),
+                                 C.ROW_LATENCY, C.ROW_LATENCY_SUM)
         fw.extra_inflight = lambda: self.engine.inflight
         c = self.cache
         if isinstance(c, CompiledCache):
@@ -98,15 +103,15 @@ class CompiledForward:
 
     def apply_routes(self) -> None:
         """The Forwarder's current routes, as far as C can take them (else: all Python)."""
-        self.fold()
         fw = self.forwarder
         ups = [u for u in fw.upstreams if u not in fw.looping]
         if not all(_is_ipv4(u.host) for u in ups):
             ups = []                  # names or IPv6: the Forwarder handles everything
         self.routes = ups
-        self.folded["upstreams"] = {}
+        self.replies_seen = [0] * len(ups)
         self.engine.set_routes([(u.host, u.port) for u in ups],
-                               [encode_name(d) for d in fw.stubs])
+                               [encode_name(d) for d in fw.stubs],
+                               [fw.stats_for(u).row for u in ups])
         self.take()
 
     def on_readable(self) -> None:
@@ -120,10 +125,21 @@ class CompiledForward:
         try:
             self.engine.sweep()
             self.take()
+            self.note_answers()
             self.rotate()
         except Exception:   # noqa: BLE001 -- the sweep must keep running
             log.exception("compiled forwarder sweep failed")
         self.timer = self.loop.call_later(self.period, self.sweep)
+
+    def note_answers(self) -> None:
+        """An upstream the Forwarder marked failing that answered C since: log that it
+        answers again (UpstreamStats.answered), as a Python reply would."""
+        fw = self.forwarder
+        for i, st in enumerate(self.engine.stats()["upstreams"][:len(self.routes)]):
+            up = self.routes[i]
+            if st["replies"] > self.replies_seen[i]:
+                self.replies_seen[i] = st["replies"]
+                fw.stats_for(up).answered(up)
 
     def rotate(self) -> None:
         i = self.rotate_next
@@ -143,40 +159,6 @@ class CompiledForward:
             upstream = self.routes[up] if up < len(self.routes) else None
             retry = Retry(reason, upstream, started) if upstream is not None else None
             self.worker.udp_retry(query, addr, retry)
-
-    def fold(self) -> None:
-        """Add the engine's counters since the last fold to the Forwarder's (issue 6; the
-        worker calls it right before copying the Forwarder's counters to its page)."""
-        fw, st, old = self.forwarder, self.engine.stats(), self.folded
-        fw.requests += st["relayed"] - old["relayed"]
-        fw.coalesced += st["coalesced"] - old["coalesced"]
-        fw.forged += st["forged"] - old["forged"]
-        if self.cache is not None:
-            self.cache.misses += st["taken"] - old["taken"]
-            self.cache.inserts += st["cached"] - old["cached"]
-        for up, now in zip(self.routes, st["upstreams"]):
-            before = old["upstreams"].get(up)
-            s = fw.stats_for(up)
-            d = {k: now[k] - (before[k] if before else 0)
-                 for k in ("queries", "replies", "forged", "timeouts", "latency_sum_ns")}
-            s.queries += d["queries"]
-            s.replies += d["replies"]
-            s.forged += d["forged"]
-            fw.forged += d["forged"]
-            s.timeouts += d["timeouts"]
-            s.latency_sum_ns += d["latency_sum_ns"]
-            for rc, n in enumerate(now["rcodes"]):
-                delta = n - (before["rcodes"][rc] if before else 0)
-                if delta:
-                    s.rcodes[rc] = s.rcodes.get(rc, 0) + delta
-                    fw.responses[rc] = fw.responses.get(rc, 0) + delta
-            for b, n in enumerate(now["latency"][:len(s.latency_buckets)]):
-                s.latency_buckets[b] += n - (before["latency"][b] if before else 0)
-            if d["replies"]:
-                s.answered(up)
-            old["upstreams"][up] = now
-        old.update(forged=st["forged"], relayed=st["relayed"], coalesced=st["coalesced"],
-                   taken=st["taken"], cached=st["cached"])
 
     def close(self) -> None:
         self.timer.cancel()
@@ -199,19 +181,22 @@ class ForwardingHandoff:
     """A worker's hand-off: the Forwarder, configured from the supervisor's channel."""
 
     def __init__(self, control: socket.socket, *, edns_max: int = 1232,
-                 cache_size: int = 10000):
+                 cache_size: int = 10000, page=None):
         self.control = control
         self.control.setblocking(False)
+        # The worker's counter page (None: a private one): the Forwarder, the cache and the
+        # compiled forwarder all count into its forwarder region as they go.
+        self.counters = C.ForwardCounters(page)
         fast = None
         if engine.IMPLEMENTATION == "compiled":
             from kdns.packet import _fastpath
             fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), FAST_SLOTS),
                                          edns_size=edns_max)
-            self.cache = CompiledCache(fast, cache_size)
+            self.cache = CompiledCache(fast, cache_size, counters=self.counters)
         else:
-            self.cache = Cache(cache_size)
+            self.cache = Cache(cache_size, counters=self.counters)
         self.fast = fast
-        self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max)
+        self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max, counters=self.counters)
         self.edns_max = edns_max
         self.configured = False
         self.worker = None
@@ -266,11 +251,6 @@ class ForwardingHandoff:
         self.configured = True
         if self.compiled is not None:
             self.compiled.apply_routes()
-
-    def sync_counters(self) -> None:
-        """Bring the Forwarder's counters up to date with the compiled forwarder's."""
-        if self.compiled is not None:
-            self.compiled.fold()
 
     async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
         fw = self.forwarder

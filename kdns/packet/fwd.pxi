@@ -79,9 +79,15 @@ cdef struct FwUp:
     uint64_t replies
     uint64_t forged
     uint64_t timeouts
-    uint64_t rcodes[16]
-    uint64_t lat[NLAT]
-    uint64_t lat_sum
+    # This upstream's row of the worker's counter page (the metrics' numbers, counted where
+    # they happen; the Python Forwarder counts its tries into the same row): words of
+    # FwState.ctr, placed by set_counters/set_routes.
+    int row
+    uint64_t *requests
+    uint64_t *failures
+    uint64_t *rcodes             # nrcodes words, the last one for every other rcode
+    uint64_t *lat                # NLAT buckets
+    uint64_t *lat_sum
 
 
 cdef struct FwState:
@@ -107,7 +113,16 @@ cdef struct FwState:
     uint64_t sent_fail
     uint64_t coalesced
     uint64_t relayed
-    uint64_t taken               # queries C took (cache misses Python's Cache never saw)
+    uint64_t taken               # queries C took (each a miss of the worker's cache)
+    uint64_t *ctr                # the worker's counter page (set_counters), else scratch
+    int w_misses                 # its cache-miss word
+    int r_requests               # offsets inside an upstream row (counters.ROW_*)
+    int r_failures
+    int r_rcodes
+    int nrcodes
+    int r_latency
+    int r_latency_sum
+    uint64_t scratch[SLOT_WORDS]
     uint64_t cached              # replies stored straight into the PacketCache
     PCTable *ct                  # the worker's PacketCache (set_cache), or NULL
     uint32_t min_ttl
@@ -139,6 +154,17 @@ cdef struct FwState:
     iovec tiov[FW_TX]
     sockaddr_storage taddr[FW_TX]
     uint8_t *tbuf
+
+
+cdef void fw_place_row(FwState *s, int i, int row) noexcept nogil:
+    """Point upstream ``i``'s counters at its page row (-1: at scratch, uncounted)."""
+    cdef uint64_t *r = s.ctr + row if row >= 0 else s.scratch
+    s.ups[i].row = row
+    s.ups[i].requests = r + s.r_requests
+    s.ups[i].failures = r + s.r_failures
+    s.ups[i].rcodes = r + s.r_rcodes
+    s.ups[i].lat = r + s.r_latency
+    s.ups[i].lat_sum = r + s.r_latency_sum
 
 
 cdef inline uint32_t fw_rand16(FwState *s) noexcept nogil:
@@ -196,6 +222,7 @@ cdef int fw_submit(FwState *s, const uint8_t *q, Py_ssize_t qlen, const sockaddr
     """Take a handed-off UDP query (1) or leave it to Python (0)."""
     cdef int took = fw_take(s, q, qlen, addr, alen, now)
     s.taken += took
+    s.ctr[s.w_misses] += took
     return took
 
 
@@ -261,6 +288,7 @@ cdef int fw_take(FwState *s, const uint8_t *q, Py_ssize_t qlen, const sockaddr_s
     s.leaders += 1
     s.sockpend[sock] += 1
     s.ups[p.up].queries += 1
+    s.ups[p.up].requests[0] += 1
     # The upstream query, as Forwarder._query: our ID, RD plus the client's CD, the client's
     # question bytes, our OPT (RFC 6891 §6.2.5) with the client's DO.
     qend = a.qend
@@ -497,9 +525,9 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
     u.replies += 1
     took = now - p.sent_ns
     u.lat[latency_bucket(took)] += 1
-    u.lat_sum += <uint64_t>took
+    u.lat_sum[0] += <uint64_t>took
     rcode = flags & 0xF
-    u.rcodes[rcode] += 1
+    u.rcodes[rcode if rcode < s.nrcodes - 1 else s.nrcodes - 1] += 1
     nrec = fw_scan(m, n, qend, ends, types, ttloff, &opt)
     if nrec < 0 or rcode == F_RCODE_SERVFAIL or rcode == RC_REFUSED:
         fw_handback(s, e, HB_BAD)
@@ -631,6 +659,7 @@ cdef class FwdEngine:
     cdef FwState *s
     cdef readonly int capacity
     cdef object cache                   # the PacketCache C stores into, or None
+    cdef object counters                # the Counters whose page s.ctr points into
 
     def __cinit__(self, int client_fd, sock_fds, int capacity=1000, double try_timeout=2.0,
                   int edns_size=1232):
@@ -691,6 +720,13 @@ cdef class FwdEngine:
             s.tmsg[i].msg_hdr.msg_iovlen = 1
         s.client_fd = client_fd
         s.edns_size = edns_size
+        # Until set_counters: count into scratch, at the page's shape.
+        s.ctr = s.scratch
+        s.nrcodes = 16
+        s.r_latency = 16
+        s.r_latency_sum = 16 + NLAT
+        for i in range(FW_MAXUP):
+            fw_place_row(s, i, -1)
         s.try_ns = <int64_t>(try_timeout * 1e9)
         s.rpos = FW_RAND
         s.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -733,18 +769,45 @@ cdef class FwdEngine:
         self.s.ct = &cache.t if cache is not None else NULL
         self.s.min_ttl, self.s.max_ttl, self.s.max_neg_ttl = min_ttl, max_ttl, max_neg_ttl
 
-    def set_routes(self, upstreams, stubs=()):
-        """IPv4 (host, port) upstreams C may use (empty: everything goes to Python) and the
-        stub domains' wire names (lowercase) whose names stay in Python. Queries in flight
-        are handed back (Python finishes them on the new routes)."""
-        cdef int i
+    def set_counters(self, page, int misses, int requests, int failures, int rcodes,
+                     int nrcodes, int latency, int latency_sum):
+        """Count into the worker's counter ``page``: cache misses (the queries C takes) at
+        word ``misses``, and per upstream, at these offsets from its row (set_routes):
+        requests, failures (timeouts), ``nrcodes`` rcode words (the last for every other
+        rcode), NLAT latency buckets and their sum in ns."""
+        cdef Counters c = Counters(page)
+        cdef int i, end = max(requests, failures, rcodes + nrcodes, latency + NLAT,
+                              latency_sum + 1)
+        if not (0 <= misses < SLOT_WORDS and 1 <= nrcodes <= 16 and
+                min(requests, failures, rcodes, latency, latency_sum) >= 0 and end <= 64):
+            raise ValueError("counter words outside the page")
+        self.counters = c
+        self.s.ctr = c.words
+        self.s.w_misses = misses
+        self.s.r_requests, self.s.r_failures, self.s.r_rcodes = requests, failures, rcodes
+        self.s.nrcodes, self.s.r_latency, self.s.r_latency_sum = nrcodes, latency, latency_sum
+        for i in range(FW_MAXUP):
+            fw_place_row(self.s, i, self.s.ups[i].row)
+
+    def set_routes(self, upstreams, stubs=(), rows=None):
+        """IPv4 (host, port) upstreams C may use (empty: everything goes to Python), the
+        stub domains' wire names (lowercase) whose names stay in Python, and the first word
+        of each upstream's counter row (None: uncounted). Queries in flight are handed back
+        (Python finishes them on the new routes)."""
+        cdef int i, row
         cdef sockaddr_in *a
         import socket as _socket
-        if len(upstreams) > FW_MAXUP or len(stubs) > FW_MAXSTUB:
+        rows = list(rows) if rows is not None else [-1] * len(upstreams)
+        if len(upstreams) > FW_MAXUP or len(stubs) > FW_MAXSTUB or len(rows) != len(upstreams):
             self.s.nup = 0
             return False
+        for row in rows:
+            if not -1 <= row <= SLOT_WORDS - 64:
+                raise ValueError(f"counter row {row} outside the page")
         self.reset(HB_RECONFIG)
         memset(self.s.ups, 0, sizeof(self.s.ups))
+        for i in range(FW_MAXUP):
+            fw_place_row(self.s, i, rows[i] if i < len(rows) else -1)
         for i, (host, port) in enumerate(upstreams):
             a = &self.s.ups[i].addr
             a.sin_family = AF_INET
@@ -783,6 +846,7 @@ cdef class FwdEngine:
         for i in range(self.s.cap):
             if self.s.pool[i].state == FE_LEADER and t - self.s.pool[i].sent_ns >= self.s.try_ns:
                 self.s.ups[self.s.pool[i].up].timeouts += 1
+                self.s.ups[self.s.pool[i].up].failures[0] += 1
                 fw_unlink(self.s, i)
                 fw_handback(self.s, i, HB_TIMEOUT)
         return self.s.nhb - before
@@ -830,9 +894,7 @@ cdef class FwdEngine:
         for i in range(self.s.nup):
             u = &self.s.ups[i]
             ups.append(dict(queries=u.queries, replies=u.replies, forged=u.forged,
-                            timeouts=u.timeouts, rcodes=[u.rcodes[k] for k in range(16)],
-                            latency=[u.lat[k] for k in range(NLAT)],
-                            latency_sum_ns=u.lat_sum))
+                            timeouts=u.timeouts))
         return dict(forged=self.s.forged, send_failed=self.s.sent_fail,
                     coalesced=self.s.coalesced, relayed=self.s.relayed, taken=self.s.taken,
                     cached=self.s.cached,

@@ -252,10 +252,11 @@ cdef class PacketCache:
     def __dealloc__(self):
         PyMem_Free(self.t.tab)
 
-    def count_into(self, Counters c not None, int inserts, int evictions, int entries):
-        """Count inserts and evictions into words ``inserts``/``evictions`` of ``c``'s page
-        (adding to what is there: a replacement worker continues its predecessor's totals)
-        and keep word ``entries`` equal to the entries held."""
+    def count_into(self, page, int inserts, int evictions, int entries):
+        """Count inserts and evictions into words ``inserts``/``evictions`` of the counter
+        ``page`` (adding to what is there: a replacement worker continues its predecessor's
+        totals) and keep word ``entries`` equal to the entries held."""
+        cdef Counters c = Counters(page)
         if not (0 <= inserts < SLOT_WORDS and 0 <= evictions < SLOT_WORDS
                 and 0 <= entries < SLOT_WORDS):
             raise IndexError("counter word outside the page")

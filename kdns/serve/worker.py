@@ -40,7 +40,6 @@ TCP_HIGH_WATER = 64 * 1024      # pause reading a client whose replies pile up a
 TCP_MAX_PENDING = 256           # hand-offs in flight per connection before reading pauses
 LISTEN_BACKLOG = 1024           # same as the supervisor's listen()
 UDP_MAX_PENDING = 4096          # hand-offs in flight per worker; beyond, UDP ones are dropped
-FORWARD_MIRROR_PERIOD = 1.0     # seconds between copies of the forwarder's counters (issue 6)
 
 
 class Handoff(Protocol):
@@ -62,7 +61,7 @@ class Handoff(Protocol):
 
 
 class RefuseHandoff:
-    """The default hand-off: REFUSED for names outside every served zone (issue 2 §4)."""
+    """The default hand-off: REFUSED for names outside every served zone."""
 
     def __init__(self, edns_max: int = 1232):
         self.edns_max = edns_max
@@ -96,7 +95,6 @@ class Worker:
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.udp_pump = None            # the hand-off's UDP drain (Handoff.attach), if any
-        self.forward_mirror = None
         self.log_queries = log_queries
         # New images are checked on this thread while the loop keeps serving the old one
         # (the check releases the GIL): under churn images arrive many times a second.
@@ -126,15 +124,12 @@ class Worker:
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
-        mirror = self.loop.call_soon(self.mirror_forwarder)
         try:
             await self.stopping.wait()
         finally:
-            mirror.cancel()
-            # Lameduck (issue 6): the supervisor has taken the UDP socket out of the
-            # SO_REUSEPORT group; answer what is still queued on it before exiting.
+            # Lameduck: the supervisor has taken the UDP socket out of the SO_REUSEPORT
+            # group; answer what is still queued on it before exiting.
             self.drain_udp()
-            self.mirror_forwarder(again=False)
             self.loop.remove_reader(self.udp.fileno())
             self.loop.remove_reader(self.control.fileno())
             server.close()
@@ -154,23 +149,6 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
         self.has_image.set()
-
-    def mirror_forwarder(self, again: bool = True) -> None:
-        """Copy the forwarder's counters into this worker's page once a second (issue 6:
-        the supervisor renders coredns_forward_*/coredns_cache_* from it, never per query)."""
-        fw = getattr(self.handoff, "forwarder", None)
-        sync = getattr(self.handoff, "sync_counters", None)
-        if sync is not None:
-            sync()                      # the compiled forwarder's share (issue 5)
-        if fw is not None:
-            if self.forward_mirror is None:
-                self.forward_mirror = C.ForwardMirror(self.page)
-            try:
-                self.forward_mirror.update(fw)
-            except Exception:  # noqa: BLE001 -- metrics must never stop the worker
-                log.exception("worker %d: copying forwarder counters failed", self.slot)
-        if again:
-            self.loop.call_later(FORWARD_MIRROR_PERIOD, self.mirror_forwarder)
 
     # ---- images
     def on_control(self) -> None:
@@ -404,7 +382,7 @@ def parse_args(argv):
     p.add_argument("--tcp-max-connections", type=int, default=1000)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-queries", action="store_true")
-    # Issue 5: the supervisor's forwarding-config channel; without it outside names are REFUSED.
+    # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
     p.add_argument("--cache-size", type=int, default=10000)
     return p.parse_args(argv)
@@ -414,29 +392,32 @@ def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    page = publish.map_page(a.counters_fd, a.slot)
     worker = Worker(
         slot=a.slot,
         udp=socket.socket(fileno=a.udp_fd),
         tcp=socket.socket(fileno=a.tcp_fd),
         control=socket.socket(fileno=a.control_fd),
-        page=publish.map_page(a.counters_fd, a.slot),
+        page=page,
         edns_max=a.edns_udp_size,
         tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections,
         log_queries=a.log_queries,
-        handoff=forwarding_handoff(a),
+        handoff=forwarding_handoff(a, page),
     )
     os.close(a.counters_fd)
     asyncio.run(worker.run())
     return 0
 
 
-def forwarding_handoff(a):
+def forwarding_handoff(a, page):
+    """The forwarding hand-off when the supervisor gave a config channel; it counts into
+    this worker's ``page``."""
     if a.forward_fd < 0:
         return None
     from kdns.forward.handoff import ForwardingHandoff
     return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
-                             cache_size=a.cache_size)
+                             cache_size=a.cache_size, page=page)
 
 
 
