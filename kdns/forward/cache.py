@@ -1,11 +1,11 @@
 """Cache of forwarded answers (names outside the cluster zones only).
 
 Why: pods resolve the same outside names over and over (every ``google.com`` lookup costs
-three in-zone misses and then one forward, spec §5.2); answering repeats from memory saves
+three in-zone misses of the resolver's search list and then one forward); answering repeats from memory saves
 the upstream round trip and shields upstreams from bursts.
 
-What it must not do: hold cluster-zone answers (those always come from the live image, issue
-5), know about Kubernetes or sockets, or serve an entry past its TTL except through the
+What it must not do: hold cluster-zone answers (those always come from the live image, so
+a change is served at once), know about Kubernetes or sockets, or serve an entry past its TTL except through the
 explicit serve-stale path (RFC 8767).
 
 Two implementations of one interface: ``CompiledCache`` keeps the entries in the worker's
@@ -25,7 +25,8 @@ client's size with TC (record ends follow from the TTL offsets: TTL, RDLENGTH, R
 adjacent, so ``forwarder.fit`` needs no name parsing). No parsing and no allocation beyond
 the output buffer, which is what ``_fastpath``'s ``pc_render`` does in C.
 
-Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (spec §4.4).
+Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (DO and CD change the
+answer: RFC 4035 §3.2).
 Lifetimes: positive = min RR TTL; negative (NXDOMAIN / NODATA) = min(SOA TTL, SOA MINIMUM)
 (RFC 2308 §5); both clamped to [min_ttl, max_ttl] / [min_ttl, max_neg_ttl]; SERVFAIL kept 5 s
 (RFC 2308 §7.1 allows up to 5 minutes; CoreDNS uses 5 s); TC replies and other rcodes are

@@ -2,8 +2,8 @@
 
 Why: pods send every name through cluster DNS (``google.com``, ``db.corp.example``, reverse
 lookups of outside addresses); names the zone image cannot answer come here and are relayed
-to the stub-domain servers or the upstream nameservers, with a cache in front (spec §2.6,
-§3.2, §4.5; issue 5).
+to the stub-domain servers or the upstream nameservers, with a cache in front, as kube-dns
+(dnsmasq) and CoreDNS ``forward`` do.
 
 The worker's seam is ``await Forwarder.resolve(query, proto)``: the client's query bytes
 and its transport ('udp' or 'tcp') in, the reply bytes to send back out (None = drop).
@@ -30,11 +30,8 @@ from kdns.zone.refpath import Malformed, parse_edns, parse_name
 
 log = logging.getLogger(__name__)
 
-from kdns.dns.wire import (AA, CD, FORMERR, NOTIMP, QR, RA, REFUSED, T_A, T_AXFR,  # noqa: F401
-                           T_IXFR, T_OPT, T_TXT)
-UDP_PLAIN = 512          # RFC 1035 §4.2.1
-EDNS_SIZE = 1232         # DNS flag day 2020: fits the IPv6 minimum MTU without fragments
-TCP_MAX = 65535          # RFC 7766 §8: two-byte length prefix
+from kdns.dns.wire import (AA, CD, EDNS_SIZE, FORMERR, NOTIMP, QR, RA, REFUSED,  # noqa: F401
+                           T_A, T_AXFR, T_IXFR, T_OPT, T_TXT, TCP_MAX, UDP_PLAIN)
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
 
@@ -374,7 +371,7 @@ class Forwarder:
         return fit(buf, e.qend, e.ttl_offs, limit, self._client_opt(q))
 
     def _rcode_reply(self, q: Question, rcode: int) -> bytes:
-        # RA=1: kdns offers recursion for outside names (kube-dns sets RA on these, spec §2.5).
+        # RA=1: kdns offers recursion for outside names (RFC 1035 §4.1.1; kube-dns sets it).
         flags = QR | RA | (q.flags & (0x7800 | RD | CD)) | rcode
         opt = self._client_opt(q)
         head = struct.pack("!HHHHHH", q.qid, flags, 1, 0, 0, 1 if opt else 0)

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 
+from kdns.dns.wire import EDNS_SIZE
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache, CompiledCache
@@ -180,7 +181,7 @@ def _is_ipv4(host: str) -> bool:
 class ForwardingHandoff:
     """A worker's hand-off: the Forwarder, configured from the supervisor's channel."""
 
-    def __init__(self, control: socket.socket, *, edns_max: int = 1232,
+    def __init__(self, control: socket.socket, *, edns_max: int = EDNS_SIZE,
                  cache_size: int = 10000, page=None):
         self.control = control
         self.control.setblocking(False)
@@ -267,7 +268,8 @@ class ForwardingHandoff:
             if not probe:
                 return engine.refused(query, self.edns_max)
         if self.worker is not None and self.worker.img is not None:
-            # An ExternalName to an outside name: CNAME + the target's records (spec §1.6).
+            # An ExternalName to an outside name: CNAME + the target's records, as CoreDNS
+            # answers it (RFC 1034 §3.6.2: a resolver follows the CNAME for the client).
             reply = await self.external.answer(self.worker.img, query, proto)
             if reply is not None:
                 return reply

@@ -6,14 +6,14 @@ sums the pages when Prometheus scrapes. ``_fastpath.pxd`` mirrors these indices 
 constants; ``tests/test_counters.py`` checks that the two agree.
 
 Histograms are stored as per-bucket counts (not cumulative) plus a sum; the renderer
-accumulates them. Bucket bounds follow CoreDNS so dashboards keep working (issue 6).
+accumulates them. Bucket bounds follow CoreDNS so dashboards keep working.
 """
 from __future__ import annotations
 
 import struct
 
 PROTOS = ("udp", "tcp")
-# Query types counted by name; everything else is "other" (bounded label set, issue 6).
+# Query types counted by name; everything else is "other" (a bounded label set).
 QTYPES = (("A", 1), ("AAAA", 28), ("SRV", 33), ("PTR", 12), ("TXT", 16), ("SOA", 6),
           ("NS", 2), ("CNAME", 5), ("MX", 15), ("ANY", 255), ("AXFR", 252), ("IXFR", 251),
           ("HTTPS", 65), ("SVCB", 64), ("other", 0))
@@ -101,7 +101,7 @@ FWD_WORDS = len(FWD_GLOBALS) + FWD_UPSTREAMS * FWD_ROW
 FWD_BASE = SLOT_WORDS - FWD_WORDS
 assert len(LAYOUT) <= FWD_BASE
 
-# Issue 4: when the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
+# When the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
 # to the forwarder region (so not mirrored by _fastpath.pxd either): DNS programming latency
 # ends when the last worker serves a change, not when the controller next looks.
 SWAPPED_NS_WORD = FWD_BASE - 1

@@ -187,7 +187,7 @@ class Worker:
             # in, and the supervisor checks it when it reads one (server.checked_image);
             # compiled images are made in the supervisor, and a sealed memfd cannot change.
             # Checking it again here cost ~8 ms of serving per swap of a 30 MiB image
-            # (issue 4: under churn the workers swap images many times a second).
+            # (under churn the workers swap images many times a second).
             return engine.Image(mapping)
         except ValueError as e:
             log.error("worker %d: image generation %d rejected (%s); keeping generation %d",
