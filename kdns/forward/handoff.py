@@ -35,7 +35,7 @@ from kdns.zone.refpath import Malformed
 
 log = logging.getLogger("kdns.forward.handoff")
 
-FAST_SLOTS = 16384           # most compiled cache slots per worker (~1.8 KB each, zeroed pages)
+FAST_SLOTS = 4096            # most compiled cache slots per worker (~1.8 KB each, zeroed pages)
 FWD_SOCKETS = 64             # upstream sockets per worker for the compiled forwarder
 FWD_PUMP_BUDGET_US = 2000    # longest stay in the compiled pump before the event loop runs
 FWD_SWEEP = 0.1              # seconds between timeout sweeps (and one port rotation each)
