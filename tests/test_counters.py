@@ -168,3 +168,29 @@ def test_every_named_qtype_and_size_edge_lands_in_its_word():
             before = counters[bucket]
             F.tcp_answer(img, counters, packet)
             assert counters[bucket] == before + 1, n
+
+
+def test_forward_counters_are_page_words_a_successor_keeps_adding_to():
+    """The Forwarder's and Cache's counters are the page's words: a replacement worker in
+    the same slot finds its upstream's row by address and keeps the totals growing."""
+    from kdns.forward.cache import Cache
+    from kdns.forward.forwarder import Forwarder, Upstream
+    page = bytearray(K.PAGE_BYTES)
+    up = Upstream("192.0.2.1", 53)
+    for _ in range(2):                                   # a worker, then its replacement
+        ctr = K.ForwardCounters(page)
+        fw = Forwarder([up], cache=Cache(10, counters=ctr), counters=ctr)
+        st = fw.stats_for(up)
+        st.sent()
+        st.observe(3, 0.001)
+        st.try_failed()
+        fw.failures += 1
+        fw.cache.misses += 1
+    tot = K.forward_totals(page, 1)
+    (row,) = tot["upstreams"]
+    assert row["to"] == "192.0.2.1:53" and row["requests"] == 2 and row["failures"] == 2
+    assert row["rcodes"]["NXDOMAIN"] == 2 and row["latency"][K.latency_bucket(10 ** 6)] == 2
+    assert tot["failures"] == 2 and tot["cache_misses"] == 2 and tot["cache_capacity"] == 10
+    other = Forwarder([], counters=K.ForwardCounters(page)).stats_for(Upstream("dns.example"))
+    other.sent()                                          # a name: the shared "other" row
+    assert [u["to"] for u in K.forward_totals(page, 1)["upstreams"]] == ["192.0.2.1:53", "other"]

@@ -1,7 +1,9 @@
-"""kdns/forward/control.py and the compiled cache (_fastpath.PacketCache) it feeds.
+"""The worker's one forwarder cache (_fastpath.PacketCache behind cache.CompiledCache) and
+the forwarding config message.
 
 The compiled hit must be byte-identical to what the Python forwarder renders from the same
-entry (Entry.render + forward.fit), and UdpServer must serve it without handing off.
+entry (Entry.render + forwarder.fit), UdpServer must serve it without handing off, and an
+entry either side stores is the other side's hit.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ import pytest
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.serve import publish
-from kdns.forward.cache import Cache
+from kdns.forward.cache import Cache, CompiledCache, key_bytes
 from kdns.forward.forwarder import Forwarder, parse_query
-from kdns.forward.control import (LinkedCache, cache_key_bytes, decode_config, encode_config)
+from kdns.forward.control import decode_config, encode_config
 from kdns.forward.forwarder import Upstream
 from upstream import make_query
 from zonefixtures import sample_image
@@ -44,7 +46,7 @@ def upstream_reply(name: str, n: int = 3, ttl: int = 300, rcode: int = 0) -> byt
 
 def fill(name: str, **kw):
     fast = _fastpath.PacketCache(64, 1232)
-    cache = LinkedCache(100, fast=fast)
+    cache = CompiledCache(fast, 100)
     q = parse_query(make_query(name))
     key = (q.name, q.qtype, q.qclass, 0, 0)
     e = cache.put(key, upstream_reply(name, **kw))
@@ -63,7 +65,7 @@ def test_compiled_hit_is_byte_identical_to_python(name, edns, do, n):
     fast, cache, e = fill(name.lower(), n=n)
     query = make_query(name, qid=4321, edns=edns, do=do)
     q = parse_query(query)
-    key = cache_key_bytes((q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 0))
+    key = key_bytes((q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 0))
     if do:
         # DO is part of the key (RFC 3225): the entry stored without DO must not answer.
         assert fast.answer(query)[0] == engine.HANDOFF
@@ -78,12 +80,12 @@ def test_compiled_hit_is_byte_identical_to_python(name, edns, do, n):
 def test_ttls_count_down_and_entry_expires():
     fast, cache, e = fill("a.example", n=1, ttl=300)
     query = make_query("a.example")
-    fast.put(cache_key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
+    fast.put(key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
              e.ttl_offs, e.ttls, 2, time.monotonic() - 1.5)       # 2 s lifetime, 1.5 s old
     action, reply = fast.answer(query)
     assert action == engine.SEND
     assert struct.unpack_from("!I", reply, e.ttl_offs[0])[0] == 1
-    fast.put(cache_key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
+    fast.put(key_bytes((b"\x01a\x07example\x00", 1, 1, 0, 0)), e.wire, e.qend,
              e.ttl_offs, e.ttls, 2, time.monotonic() - 2.5)
     assert fast.answer(query)[0] == engine.HANDOFF
 
@@ -126,12 +128,20 @@ def test_config_message_round_trip():
     assert looping == {Upstream("10.0.0.9", 53)}
 
 
-def test_plain_cache_is_unchanged_by_linking():
+def test_compiled_cache_holds_what_the_python_cache_holds():
+    """The pure twin is the oracle: same rules, same stored form, read back from C."""
     plain = Cache(10)
-    linked = LinkedCache(10, fast=None)
+    compiled = CompiledCache(_fastpath.PacketCache(8, 1232), 10)
     key = (b"\x01a\x07example\x00", 1, 1, 0, 0)
-    assert (plain.put(key, upstream_reply("a.example")).wire ==
-            linked.put(key, upstream_reply("a.example")).wire)
+    want = plain.put(key, upstream_reply("a.example"))
+    compiled.put(key, upstream_reply("a.example"))
+    got = compiled.get(key)
+    assert len(compiled.entries) == 0 and len(compiled) == 1     # held by the compiled table
+    assert (got.wire, got.qend, got.ttl_offs, got.ttls, got.ttl, got.rcode) == \
+        (want.wire, want.qend, want.ttl_offs, want.ttls, want.ttl, want.rcode)
+    assert abs(got.stored - want.stored) < 1
+    assert compiled.get((b"\x01b\x07example\x00", 1, 1, 0, 0)) is None
+    assert (compiled.hits, compiled.misses) == (1, 1)
 
 
 # --------------------------------------------------------------------------- --config-map
@@ -230,7 +240,7 @@ def test_full_table_evicts_the_entry_stored_longest_ago():
     fast, cache, e = fill("a.example", n=1)
     fast = _fastpath.PacketCache(8, 1232)
     now = time.monotonic()
-    keys = [cache_key_bytes((bytes([1, 97 + i]) + b"\x07example\x00", 1, 1, 0, 0))
+    keys = [key_bytes((bytes([1, 97 + i]) + b"\x07example\x00", 1, 1, 0, 0))
             for i in range(9)]
     for i, key in enumerate(keys[:8]):
         assert fast.put(key, e.wire, e.qend, e.ttl_offs, e.ttls, 300, now - 100 + i)
@@ -240,10 +250,25 @@ def test_full_table_evicts_the_entry_stored_longest_ago():
     assert all(fast.answer(q)[0] == engine.SEND for q in asks[1:])
 
 
-def test_python_hit_restores_the_compiled_entry():
+def test_one_store_for_both_paths():
+    """What the Forwarder stores is a compiled hit; what C stores, the Forwarder finds."""
     fast, cache, e = fill("b.example", n=1)
-    fast.clear()
-    q = parse_query(make_query("b.example"))
-    assert fast.answer(make_query("b.example"))[0] == engine.HANDOFF
-    assert cache.get((q.name, 1, 1, 0, 0)) is not None
     assert fast.answer(make_query("b.example"))[0] == engine.SEND
+    q = parse_query(make_query("c.example"))
+    key = (q.name, 1, 1, 0, 0)
+    assert cache.get(key) is None
+    fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, 300, time.monotonic())
+    assert cache.get(key) is not None
+    cache.clear()
+    assert cache.get(key) is None and len(cache) == 0
+    assert fast.answer(make_query("b.example"))[0] == engine.HANDOFF
+
+
+def test_too_big_for_a_compiled_slot_is_kept_in_python_once():
+    fast = _fastpath.PacketCache(8, 1232)
+    cache = CompiledCache(fast, 10)
+    q = parse_query(make_query("big.example"))
+    key = (q.name, q.qtype, q.qclass, 0, 0)
+    assert cache.put(key, upstream_reply("big.example", n=90)) is not None   # > 1232 bytes
+    assert len(fast) == 0 and len(cache.entries) == 1 and cache.get(key) is not None
+    assert fast.answer(make_query("big.example"))[0] == engine.HANDOFF

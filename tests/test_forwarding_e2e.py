@@ -225,3 +225,25 @@ def test_loop_makes_kdns_not_ready_and_it_keeps_serving(tmp_path):
             assert addresses(ask(k, "widget.local")) == ["3.3.3.3"]
         finally:
             k.stop()
+
+
+def test_tcp_after_udp_is_answered_from_the_cache(tmp_path):
+    """One cache per worker: a name a UDP client had answered upstream (relayed and cached
+    by the compiled path) is answered to a TCP client from that cache, and the other way
+    round. One worker, so both clients reach the same cache."""
+    with TestDNSServer({"once.example.": ["300 A 192.0.2.7"],
+                        "back.example.": ["300 A 192.0.2.8"]}) as up:
+        k = Kdns(tmp_path, image=sample_image(), workers=1, args=("--nameservers", addr(up)))
+        k.start()
+        try:
+            def asked(name):
+                return sum(1 for q in up.queries if q[0] == name)
+
+            assert addresses(ask(k, "once.example")) == ["192.0.2.7"]
+            assert addresses(ask(k, "once.example", tcp=True)) == ["192.0.2.7"]
+            assert asked("once.example.") == 1
+            assert addresses(ask(k, "back.example", tcp=True)) == ["192.0.2.8"]
+            assert addresses(ask(k, "back.example")) == ["192.0.2.8"]
+            assert asked("back.example.") == 1
+        finally:
+            k.stop()

@@ -1,4 +1,4 @@
-"""The compiled forwarder (kdns/packet/fwd.pxi + forwarding.CompiledForward), driven
+"""The compiled forwarder (kdns/packet/fwd.pxi + handoff.CompiledForward), driven
 through a real UdpServer on loopback, with the Python Forwarder as the reference.
 
 Each test runs a small worker harness: the client socket's queries go through
@@ -17,9 +17,9 @@ from dnslib import DNSRecord
 
 from kdns.packet import counters as C
 from kdns.packet import engine
-from kdns.forward.cache import Cache
+from kdns.forward.cache import Cache, CompiledCache, key_bytes
 from kdns.forward.forwarder import Forwarder, Upstream
-from kdns.forward.control import CompiledForward, LinkedCache, _pow2
+from kdns.forward.handoff import CompiledForward, _pow2
 from upstream import TestDNSServer, make_query
 from zonefixtures import sample_image
 
@@ -48,13 +48,17 @@ class Harness:
         self.page = bytearray(C.SLOT_WORDS * 8)
         self.counters = engine.Counters(self.page)
         self.server = engine.UdpServer(self.udp.fileno())
+        self.udp_server = self.server
         self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
-        self.cache = LinkedCache(1024, fast=self.fast, serve_stale=serve_stale)
+        self.fwd_counters = C.ForwardCounters(self.page)     # as ForwardingHandoff does
+        self.cache = CompiledCache(self.fast, 1024, serve_stale=serve_stale,
+                                   counters=self.fwd_counters)
         self.server.set_cache(self.fast)
         self.forwarder = Forwarder([up(s) for s in upstreams], stubs or {}, cache=self.cache,
-                                   try_timeout=try_timeout, max_inflight=max_inflight)
+                                   try_timeout=try_timeout, max_inflight=max_inflight,
+                                   counters=self.fwd_counters)
         self.tasks = set()
-        self.compiled = CompiledForward(self, loop, self.server, self, nsockets=nsockets,
+        self.compiled = CompiledForward(self, loop, self, nsockets=nsockets,
                                         sweep=sweep)
         loop.add_reader(self.udp.fileno(), self.drain_udp)
 
@@ -205,8 +209,6 @@ def test_forged_replies_dropped_and_counted_by_c():
             st = h.stats()
             assert st["forged"] == 1                             # no such (socket, ID)
             assert st["upstreams"][0]["forged"] == 3             # question, port, address
-            h.compiled.fold()
-            assert h.forwarder.forged == 4
         run_with([s], body)
 
 
@@ -309,7 +311,7 @@ def test_c_cache_store_matches_python_cache(name, qtype):
     with TestDNSServer(ZONE) as s:
         async def body(h):
             await h.ask(make_query(name, qtype, qid=1, edns=1232))
-            assert h.stats()["cached"] == 1 and len(h.cache) == 0
+            assert h.stats()["cached"] == 1 and len(h.cache) == 1 and not h.cache.entries
             again = make_query(name.upper(), qtype, qid=2, edns=1232)
             action, got = h.fast.answer(again)
             ref = Forwarder([up(s)], cache=Cache())
@@ -319,13 +321,36 @@ def test_c_cache_store_matches_python_cache(name, qtype):
         run_with([s], body)
 
 
-def test_python_keeps_the_cache_when_serving_stale():
+def test_tcp_client_gets_what_c_cached_for_a_udp_client():
+    """One cache: the reply C relayed and stored answers the Forwarder's TCP client, with
+    no second upstream query (each side once kept its own copy and asked again)."""
     with TestDNSServer(ZONE) as s:
         async def body(h):
-            await h.ask(make_query("widget.local"))
-            await until(lambda: len(h.cache) == 1)
-            assert h.stats()["cached"] == 0
-        run_with([s], body, serve_stale=True)
+            await h.ask(make_query("widget.local", qid=1))
+            assert h.stats()["cached"] == 1
+            reply = await h.forwarder.resolve(make_query("widget.local", qid=2), "tcp")
+            assert answers(reply) == ["3.3.3.3"] and reply[:2] == b"\x00\x02"
+            assert (s.udp_queries, s.tcp_queries) == (1, 0) and h.cache.hits == 1
+        run_with([s], body)
+
+
+def test_serve_stale_reads_the_entry_c_stored():
+    """RFC 8767: with every upstream silent, an expired entry in the compiled table is
+    served stale by the Forwarder (the compiled path never serves an expired entry)."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query("widget.local", qid=1))
+            q = h.forwarder
+            key = (b"\x06widget\x05local\x00", 1, 1, 0, 0)
+            e = h.cache.get(key)
+            # The same entry, stored long enough ago to have expired.
+            h.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl,
+                       e.stored - e.ttl - 1)
+            s.silent = True
+            reply = await h.ask(make_query("widget.local", qid=3))
+            assert answers(reply) == ["3.3.3.3"] and q.stale_served == 1
+            assert DNSRecord.parse(reply).rr[0].ttl == 30          # RFC 8767 §4
+        run_with([s], body, serve_stale=True, try_timeout=0.2)
 
 
 def test_a_burst_spread_over_sockets_is_sent_and_matched_exactly():
@@ -351,3 +376,37 @@ def test_a_burst_spread_over_sockets_is_sent_and_matched_exactly():
             st = h.stats()
             assert st["forged"] == 0 and st["relayed"] == 192 and s.udp_queries == 192
         run_with([s], body)
+
+
+def test_both_forwarders_count_into_the_workers_page():
+    """The compiled forwarder and the Python Forwarder count into the same rows of the
+    worker's page as they go (nothing copies counters later): what the upstream received
+    is what the page says was sent."""
+    with TestDNSServer(ZONE) as s:
+        async def body(h):
+            await h.ask(make_query("n1.local", qid=1))                  # C: miss, relay, store
+            await h.forwarder.resolve(make_query("n2.local", qid=2), "tcp")   # Python: same
+            await h.forwarder.resolve(make_query("n1.local", qid=3), "tcp")   # Python: hit
+            page = C.forward_totals(h.page, 1)
+            (row,) = page["upstreams"]
+            assert row["to"] == f"{s.host}:{s.port}"
+            assert row["requests"] == s.udp_queries == 2
+            assert row["rcodes"]["NOERROR"] == 2 and sum(row["latency"]) == 2
+            assert row["latency_sum_ns"] > 0 and row["failures"] == 0
+            assert (page["cache_misses"], page["cache_hits"]) == (2, 1)
+            assert (page["cache_inserts"], page["cache_entries"]) == (2, 2)
+            assert page["cache_capacity"] == 1024
+        run_with([s], body)
+
+
+def test_compiled_timeouts_are_failures_on_the_page():
+    with TestDNSServer() as dead, TestDNSServer(ZONE) as good:
+        dead.silent = True
+        async def body(h):
+            await asyncio.gather(*(h.ask(make_query(f"n{i}.local", qid=i)) for i in range(8)))
+            rows = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}
+            failed = rows[f"{dead.host}:{dead.port}"]
+            assert failed["requests"] == dead.udp_queries >= 1
+            assert failed["failures"] == h.stats()["upstreams"][0]["timeouts"] >= 1
+            assert rows[f"{good.host}:{good.port}"]["requests"] == good.udp_queries
+        run_with([dead, good], body, try_timeout=0.3)

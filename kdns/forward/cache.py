@@ -1,14 +1,20 @@
 """Cache of forwarded answers (names outside the cluster zones only).
 
 Why: pods resolve the same outside names over and over (every ``google.com`` lookup costs
-three in-zone misses and then one forward, spec §5.2); answering repeats from memory saves
+three in-zone misses of the resolver's search list and then one forward); answering repeats from memory saves
 the upstream round trip and shields upstreams from bursts.
 
-What it must not do: hold cluster-zone answers (those always come from the live image, issue
-5), know about Kubernetes or sockets, or serve an entry past its TTL except through the
+What it must not do: hold cluster-zone answers (those always come from the live image, so
+a change is served at once), know about Kubernetes or sockets, or serve an entry past its TTL except through the
 explicit serve-stale path (RFC 8767).
 
-Stored form (chosen so the compiled packet path can serve hits later without Python): an
+Two implementations of one interface: ``CompiledCache`` keeps the entries in the worker's
+compiled ``_fastpath.PacketCache``, the one store that the UDP packet path (hits, and the
+replies the compiled forwarder relays) and the Python Forwarder (TCP clients, retries, stub
+domains) both read and fill; ``Cache`` keeps them in Python, for the pure engine
+(``KDNS_PURE=1``) and as the tests' oracle.
+
+Stored form (chosen so the compiled packet path serves hits without Python): an
 entry is the upstream reply as wire bytes in a canonical shape (ID 0, question name
 lowercased, the OPT RR removed: it is hop-by-hop, RFC 6891 §6.1.1) plus the byte offset of
 every RR's TTL field and that RR's original TTL. Serving a hit is then: copy the bytes;
@@ -16,11 +22,11 @@ patch the ID; copy the client's question bytes over the stored question (same le
 the case can differ: DNS 0x20); patch RD/CD from the query and clear AA; write each TTL as
 ``max(0, min(ttl, entry_ttl) - age)``; append an OPT if the client sent one; cut to the
 client's size with TC (record ends follow from the TTL offsets: TTL, RDLENGTH, RDATA are
-adjacent, so ``forward.fit`` needs no name parsing). No parsing and no allocation beyond
-the output buffer, so a later step can lay entries out in shared memory (offsets, not
-pointers) and let ``_fastpath`` do exactly this.
+adjacent, so ``forwarder.fit`` needs no name parsing). No parsing and no allocation beyond
+the output buffer, which is what ``_fastpath``'s ``pc_render`` does in C.
 
-Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (spec §4.4).
+Key: (lowercased qname, qtype, qclass, DO, CD) like CoreDNS ``cache`` (DO and CD change the
+answer: RFC 4035 §3.2).
 Lifetimes: positive = min RR TTL; negative (NXDOMAIN / NODATA) = min(SOA TTL, SOA MINIMUM)
 (RFC 2308 §5); both clamped to [min_ttl, max_ttl] / [min_ttl, max_neg_ttl]; SERVFAIL kept 5 s
 (RFC 2308 §7.1 allows up to 5 minutes; CoreDNS uses 5 s); TC replies and other rcodes are
@@ -34,6 +40,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, skip_name
 
 from kdns.dns.wire import AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_OPT, T_SOA, TC  # noqa: F401
@@ -136,40 +143,52 @@ class Entry:
 
 class Cache:
     """Bounded LRU of forwarded replies. All times come from ``clock`` (monotonic seconds) so
-    tests can move time instead of sleeping."""
+    tests can move time instead of sleeping.
+
+    ``hits``, ``misses``, ``inserts``, ``evictions`` and the entry count and capacity are
+    words of ``counters`` (the worker's page, counters.ForwardCounters; None: a private
+    one), counted there as they happen."""
+
+    hits = C.Counted("cache_hits")
+    misses = C.Counted("cache_misses")
+    inserts = C.Counted("cache_inserts")
+    evictions = C.Counted("cache_evictions")
 
     def __init__(self, capacity: int = 10000, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
                  serve_stale: bool = False, max_stale: int = 3600,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 counters: C.ForwardCounters | None = None):
         if capacity < 1:
             raise ValueError("cache capacity must be at least 1")
         self.capacity, self.min_ttl, self.max_ttl = capacity, min_ttl, max_ttl
         self.max_neg_ttl, self.servfail_ttl = max_neg_ttl, servfail_ttl
         self.serve_stale, self.max_stale, self.clock = serve_stale, max_stale, clock
         self.entries: OrderedDict[tuple, Entry] = OrderedDict()
-        # Counters for metrics (rendered by the metrics issue).
-        self.hits = self.misses = self.stale_hits = self.inserts = self.evictions = 0
+        self.counters = counters if counters is not None else C.ForwardCounters()
+        self.counters["cache_capacity"] = capacity
+        self.counters["cache_entries"] = 0        # a new worker's cache starts empty
+        self.stale_hits = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def get(self, key: tuple) -> Entry | None:
         """A fresh entry, or None (expired entries stay for serve-stale until evicted)."""
-        e = self.entries.get(key)
+        e = self._find(key)
         if e is None or self.clock() >= e.expires():
             self.misses += 1
             if e is not None and not self._stale_usable(e):
-                del self.entries[key]
+                self._forget(key)
             return None
-        self.entries.move_to_end(key)
+        self._touch(key)
         self.hits += 1
         return e
 
     def get_stale(self, key: tuple, count: bool = True) -> Entry | None:
         """RFC 8767: an expired positive or negative entry no older than ``max_stale`` past its
         expiry, for use only when upstreams fail or are too slow (the forwarder decides)."""
-        e = self.entries.get(key)
+        e = self._find(key)
         if e is None or self.clock() < e.expires() or not self._stale_usable(e):
             return None
         self.stale_hits += count
@@ -182,6 +201,13 @@ class Cache:
 
     def put(self, key: tuple, reply: bytes) -> Entry | None:
         """Store an upstream reply if the rules allow; returns the entry or None."""
+        e = self.entry(reply)
+        if e is not None:
+            self._store(key, e)
+        return e
+
+    def entry(self, reply: bytes) -> Entry | None:
+        """The stored form of an upstream reply, or None when the rules keep it out."""
         try:
             sc = scan(reply)
         except Malformed:
@@ -194,15 +220,34 @@ class Cache:
         wire = bytearray(wire)
         struct.pack_into("!H", wire, 0, 0)
         wire[12:sc.qend - 4] = bytes(wire[12:sc.qend - 4]).lower()
-        e = Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),
-                  tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
+        return Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),
+                     tuple(r.ttl for r in sc.records), ttl, self.clock(), flags & 0xF)
+
+    def clear(self) -> None:
+        self.counters["cache_entries"] -= len(self.entries)
+        self.entries.clear()
+
+    # The store itself; CompiledCache keeps entries elsewhere.
+    def _find(self, key: tuple) -> Entry | None:
+        return self.entries.get(key)
+
+    def _touch(self, key: tuple) -> None:
+        self.entries.move_to_end(key)
+
+    def _forget(self, key: tuple) -> None:
+        if self.entries.pop(key, None) is not None:
+            self.counters["cache_entries"] -= 1
+
+    def _store(self, key: tuple, e: Entry) -> None:
+        if key not in self.entries:
+            self.counters["cache_entries"] += 1
         self.entries[key] = e
         self.entries.move_to_end(key)
         self.inserts += 1
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
             self.evictions += 1
-        return e
+            self.counters["cache_entries"] -= 1
 
     def _lifetime(self, reply: bytes, sc: Scanned, flags: int) -> int | None:
         rcode = flags & 0xF
@@ -222,3 +267,59 @@ class Cache:
                 return None
             return max(self.min_ttl, min(neg, self.max_neg_ttl))
         return None
+
+
+def key_bytes(key: tuple) -> bytes:
+    """A cache key (name, qtype, qclass, DO, CD) as the compiled cache's flat bytes: the
+    name's wire form, qtype and qclass (network order), DO, CD (_fastpath pc_prepare)."""
+    name, qtype, qclass, do, cd = key
+    return bytes(name) + struct.pack("!HHBB", qtype, qclass, do, cd)
+
+
+class CompiledCache(Cache):
+    """The Cache whose entries live in the worker's compiled PacketCache (``fast``).
+
+    Every entry is in one place: the compiled table, or, when it does not fit a compiled slot
+    (a long answer fetched over TCP after TC), the inherited Python LRU. The packet path
+    answers UDP hits and stores what the compiled forwarder relays straight in the table;
+    this class gives the Python Forwarder the same entries. Its clock is time.monotonic,
+    the CLOCK_MONOTONIC the compiled table stamps entries with.
+
+    Differences from ``Cache``, both the compiled table's: a full probe window evicts the
+    entry stored longest ago, not the one used longest ago; and an expired entry's slot is
+    reused first, so under pressure serve-stale finds fewer expired entries."""
+
+    def __init__(self, fast, capacity: int = 10000, **kw):
+        kw.pop("clock", None)
+        super().__init__(capacity, clock=time.monotonic, **kw)
+        self.fast = fast
+        # The compiled table counts its inserts, evictions and entries into the same words.
+        w = C.FWD_WORD
+        fast.count_into(self.counters.page, w["cache_inserts"], w["cache_evictions"],
+                        w["cache_entries"])
+        self.counters["cache_entries"] = len(fast)
+
+    def __len__(self) -> int:
+        return len(self.fast) + len(self.entries)
+
+    def _find(self, key: tuple) -> Entry | None:
+        got = self.fast.lookup(key_bytes(key))
+        if got is None:
+            return self.entries.get(key)
+        wire, qend, ttl_offs, ttls, ttl, stored = got
+        return Entry(wire, qend, ttl_offs, ttls, ttl, stored, wire[3] & 0xF)
+
+    def _touch(self, key: tuple) -> None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+
+    def _store(self, key: tuple, e: Entry) -> None:
+        if self.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl, e.stored):
+            self._forget(key)         # counted by the compiled table; one place per entry
+        else:
+            super()._store(key, e)
+
+    def clear(self) -> None:
+        self.fast.clear()             # its share of the entry count goes to 0
+        self.entries.clear()
+        self.counters["cache_entries"] = 0

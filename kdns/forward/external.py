@@ -1,7 +1,7 @@
 """ExternalName services whose target is outside the cluster: CNAME + the target's records.
 
 Why: CoreDNS answers ``ext.ns.svc.cluster.local A`` for ``externalName: www.example.com``
-with the CNAME followed by the target's A records, resolved upstream (spec §1.6); a client
+with the CNAME followed by the target's A records, resolved upstream; a client
 that only gets the CNAME must ask again. The image marks such chains (``HDR_HANDOFF``) and
 the packet paths hand them off; here the worker asks ``refpath`` for the CNAME part (the
 same bytes the image would send), asks the forwarder (and so its cache) for the target with
@@ -19,8 +19,8 @@ from kdns.zone import refpath
 from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
 from kdns.zone.refpath import Malformed
 
-from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, T_MX, T_NS, T_PTR, T_SOA, TC  # noqa: F401
-UDP_PLAIN, TCP_MAX = 512, 65535
+from kdns.dns.wire import (CD, QR, RA, RD, T_CNAME, T_MX, T_NS, T_PTR, T_SOA, TC,  # noqa: F401
+                           TCP_MAX, UDP_PLAIN)
 MAX_POINTERS = 64
 
 

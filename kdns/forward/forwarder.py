@@ -2,8 +2,8 @@
 
 Why: pods send every name through cluster DNS (``google.com``, ``db.corp.example``, reverse
 lookups of outside addresses); names the zone image cannot answer come here and are relayed
-to the stub-domain servers or the upstream nameservers, with a cache in front (spec §2.6,
-§3.2, §4.5; issue 5).
+to the stub-domain servers or the upstream nameservers, with a cache in front, as kube-dns
+(dnsmasq) and CoreDNS ``forward`` do.
 
 The worker's seam is ``await Forwarder.resolve(query, proto)``: the client's query bytes
 and its transport ('udp' or 'tcp') in, the reply bytes to send back out (None = drop).
@@ -25,16 +25,13 @@ import struct
 from typing import Awaitable, Callable, Iterable, NamedTuple
 
 from kdns.forward.cache import RD, SERVFAIL, TC, Cache, Entry, scan, strip_opt
-from kdns.packet.counters import LATENCY_BOUNDS, latency_bucket
+from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, parse_edns, parse_name
 
 log = logging.getLogger(__name__)
 
-from kdns.dns.wire import (AA, CD, FORMERR, NOTIMP, QR, RA, REFUSED, T_A, T_AXFR,  # noqa: F401
-                           T_IXFR, T_OPT, T_TXT)
-UDP_PLAIN = 512          # RFC 1035 §4.2.1
-EDNS_SIZE = 1232         # DNS flag day 2020: fits the IPv6 minimum MTU without fragments
-TCP_MAX = 65535          # RFC 7766 §8: two-byte length prefix
+from kdns.dns.wire import (AA, CD, EDNS_SIZE, FORMERR, NOTIMP, QR, RA, REFUSED,  # noqa: F401
+                           T_A, T_AXFR, T_IXFR, T_OPT, T_TXT, TCP_MAX, UDP_PLAIN)
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
 
@@ -72,22 +69,34 @@ class Question(NamedTuple):
 
 
 class UpstreamStats:
-    """Per-upstream counters (plain ints; the metrics issue renders them)."""
-    __slots__ = ("queries", "replies", "timeouts", "errors", "forged", "tcp_retries",
-                 "rcodes", "latency_buckets", "latency_sum_ns", "failing")
+    """Per-upstream counters. What the metrics render (coredns_forward_requests_total,
+    _responses_total, _request_duration_seconds, _healthcheck_failures_total) is counted
+    straight into this upstream's row of the worker's page (``counters``), the row the
+    compiled forwarder counts its tries into as well; the rest are plain ints."""
+    __slots__ = ("replies", "timeouts", "errors", "forged", "tcp_retries", "failing",
+                 "words", "row")
 
-    def __init__(self):
-        self.queries = self.replies = self.timeouts = self.errors = 0
+    def __init__(self, counters: "C.ForwardCounters | None" = None, to: str = ""):
+        counters = counters if counters is not None else C.ForwardCounters()
+        self.words, self.row = counters.words, counters.row(to)
+        self.replies = self.timeouts = self.errors = 0
         self.forged = self.tcp_retries = 0
-        # Issue 6 (coredns_forward_responses_total / _request_duration_seconds): upstream
-        # reply rcodes, and reply latency in counters.LATENCY_BOUNDS buckets (+Inf last).
-        self.rcodes: dict[int, int] = {}
-        self.latency_buckets = [0] * (len(LATENCY_BOUNDS) + 1)
-        self.latency_sum_ns = 0
         self.failing = False            # logs once per change, not once per failed try
 
+    @property
+    def queries(self) -> int:
+        """Tries sent to this upstream (by this Forwarder and the compiled one)."""
+        return self.words[self.row + C.ROW_REQUESTS]
+
+    def sent(self) -> None:
+        self.words[self.row + C.ROW_REQUESTS] += 1
+
+    def try_failed(self) -> None:
+        """A timeout or network error: a healthcheck failure in CoreDNS's terms."""
+        self.words[self.row + C.ROW_FAILURES] += 1
+
     def failed(self, up, why: str) -> None:
-        # Issue 6: one log line when an upstream starts failing, one when it answers again.
+        # One log line when an upstream starts failing, one when it answers again.
         if not self.failing:
             self.failing = True
             log.warning("upstream %s failed (%s); trying others", up, why)
@@ -98,10 +107,12 @@ class UpstreamStats:
             log.info("upstream %s answers again", up)
 
     def observe(self, rcode: int, seconds: float) -> None:
+        """One reply: its rcode, and its latency in counters.LATENCY_BOUNDS buckets."""
         ns = int(seconds * 1e9)
-        self.rcodes[rcode] = self.rcodes.get(rcode, 0) + 1
-        self.latency_buckets[latency_bucket(ns)] += 1
-        self.latency_sum_ns += ns
+        w, r = self.words, self.row
+        w[r + C.ROW_RCODES + C.rcode_slot(rcode)] += 1
+        w[r + C.ROW_LATENCY + C.latency_bucket(ns)] += 1
+        w[r + C.ROW_LATENCY_SUM] += ns
 
 
 class TryFailed(Exception):
@@ -176,7 +187,9 @@ class Forwarder:
     async name → list of IPs) resolves stub servers given as names; without it they are
     resolved once per configuration through the default upstreams.
 
-    Counters (plain ints, rendered by the metrics issue): ``requests``; ``responses``
+    ``counters``: the worker's page region (counters.ForwardCounters; None: a private one).
+    ``failures``, ``refused_inflight``, ``stale_served`` and the per-upstream numbers the
+    metrics render are words of it; the rest are plain ints. Counters: ``requests``; ``responses``
     (rcode → count, of replies returned); ``timeouts`` (per-try); ``forged`` (replies
     dropped as not matching, RFC 5452); ``refused_inflight`` (over ``max_inflight``);
     ``coalesced`` (clients that joined a query already in flight); ``tcp_retries``;
@@ -184,13 +197,19 @@ class Forwarder:
     ``loop_probes_seen``; ``per_upstream`` (``str(Upstream)`` → UpstreamStats). Cache
     counters live on the Cache."""
 
+    failures = C.Counted("failures")
+    refused_inflight = C.Counted("refused_inflight")
+    stale_served = C.Counted("stale_served")
+
     def __init__(self, upstreams: Iterable[Upstream] = (),
                  stub_domains: dict[str, Iterable[Upstream]] | None = None, *,
                  cache: Cache | None = None, try_timeout: float = 2.0, deadline: float = 4.5,
                  max_inflight: int = 1000, edns_size: int = EDNS_SIZE,
                  probe_token: str | None = None, random_start: bool = True,
                  stale_answer_timeout: float = 1.8,
-                 host_resolver: Callable[[str], Awaitable[list[str]]] | None = None):
+                 host_resolver: Callable[[str], Awaitable[list[str]]] | None = None,
+                 counters: C.ForwardCounters | None = None):
+        self.counters = counters if counters is not None else C.ForwardCounters()
         self.cache, self.try_timeout, self.deadline = cache, try_timeout, deadline
         self.max_inflight, self.edns_size = max_inflight, edns_size
         self.host_resolver, self.random_start = host_resolver, random_start
@@ -205,9 +224,8 @@ class Forwarder:
         self._inflight: dict[tuple, asyncio.Task] = {}
         self.looping: set[Upstream] = set()
         self.loop_errors: list[str] = []
-        # Counters for metrics (plain ints; the metrics issue renders them).
-        self.requests = self.timeouts = self.forged = self.refused_inflight = 0
-        self.coalesced = self.tcp_retries = self.failures = self.stale_served = 0
+        self.requests = self.timeouts = self.forged = 0
+        self.coalesced = self.tcp_retries = 0
         self.loop_probes_seen = 0
         # The compiled forwarder's queries in flight count against max_inflight too.
         self.extra_inflight: Callable[[], int] = lambda: 0
@@ -240,7 +258,7 @@ class Forwarder:
     def stats_for(self, up: Upstream) -> UpstreamStats:
         st = self.per_upstream.get(str(up))
         if st is None:
-            st = self.per_upstream[str(up)] = UpstreamStats()
+            st = self.per_upstream[str(up)] = UpstreamStats(self.counters, str(up))
         return st
 
     # ---- the seam ------------------------------------------------------------------------
@@ -353,7 +371,7 @@ class Forwarder:
         return fit(buf, e.qend, e.ttl_offs, limit, self._client_opt(q))
 
     def _rcode_reply(self, q: Question, rcode: int) -> bytes:
-        # RA=1: kdns offers recursion for outside names (kube-dns sets RA on these, spec §2.5).
+        # RA=1: kdns offers recursion for outside names (RFC 1035 §4.1.1; kube-dns sets it).
         flags = QR | RA | (q.flags & (0x7800 | RD | CD)) | rcode
         opt = self._client_opt(q)
         head = struct.pack("!HHHHHH", q.qid, flags, 1, 0, 0, 1 if opt else 0)
@@ -462,7 +480,7 @@ class Forwarder:
         (``tcp_only``: the compiled path already got TC over UDP)."""
         loop = asyncio.get_running_loop()
         st = self.stats_for(up)
-        st.queries += 1
+        st.sent()
         started = loop.time()
         host = await self._address(up)
         qid = secrets.randbits(16)            # RFC 5452 §4.3: unpredictable ID per query
@@ -483,11 +501,13 @@ class Forwarder:
         except (TimeoutError, asyncio.TimeoutError):
             self.timeouts += 1
             st.timeouts += 1
+            st.try_failed()
             st.failed(up, "timeout")
             raise TryFailed from None
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             log.debug("upstream %s: %s", up, exc)
             st.errors += 1
+            st.try_failed()
             st.failed(up, str(exc) or type(exc).__name__)
             raise TryFailed from None
         st.replies += 1

@@ -1,9 +1,9 @@
 """The kube-dns ConfigMap (``kube-system/kube-dns``), read the way kube-dns reads it.
 
 Why: kdns is a drop-in for kube-dns, so clusters that already route ``acme.local`` to a stub
-server or set ``upstreamNameservers`` must keep working unchanged (spec §3.2,
+server or set ``upstreamNameservers`` must keep working unchanged (kube-dns's
 ``pkg/dns/config/{config.go,sync_dir.go}``). This module turns the ConfigMap keys (and the
-``--nameservers`` flag and resolv.conf) into plain ``Upstream`` lists for ``forward.py``.
+``--nameservers`` flag and resolv.conf) into plain ``Upstream`` lists for ``forwarder.py``.
 
 Keys: ``stubDomains`` (JSON object: DNS-1123 subdomain → list of IP, IP:port, [IPv6]:port or
 DNS-1123 name; port 0–65535, as kube-dns accepts), ``upstreamNameservers`` (JSON array, at

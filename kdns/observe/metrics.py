@@ -138,7 +138,8 @@ class CoreDNSCollector:
                                    labels=["server", "view", "zones"])
         hits.add_metric([server, view, zone],
                         sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"])
-        # A packet-cache miss goes on to the Python cache: only its misses are real misses.
+        # A miss in the UDP packet path is counted once, by whoever forwards it next (the
+        # compiled forwarder or the Python Forwarder's cache lookup), in cache_misses.
         miss = CounterMetricFamily("coredns_cache_misses", "The count of cache misses.",
                                    labels=["server", "view", "zones"])
         miss.add_metric([server, view, zone],

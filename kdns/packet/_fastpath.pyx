@@ -12,7 +12,7 @@ compiler (``kdns/zone/image.py``; ``kdns/zone/layout.py`` defines the layout) an
 it counts follows ``kdns/packet/counters.py``.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -1061,8 +1061,8 @@ cdef class UdpServer:
     def set_cache(self, PacketCache cache):
         """Answer hand-offs found in ``cache`` here, without Python (None: stop)."""
         self.cache = cache
-        self.ctab = cache.tab if cache is not None else NULL
-        self.cmask = cache.mask if cache is not None else 0
+        self.ctab = cache.t.tab if cache is not None else NULL
+        self.cmask = cache.t.mask if cache is not None else 0
         self.cedns = cache.edns_size if cache is not None else 0
 
     def set_forwarder(self, FwdEngine fwd):
@@ -1086,7 +1086,7 @@ cdef class UdpServer:
     def pump(self, Image img not None, Counters c not None, int budget_us=2000,
              int max_batches=16):
         """serve() and the compiled forwarder's reply drain in one loop without the GIL
-        (issue 5, forwarding.CompiledForward): waits on the client socket and the upstream
+        (kdns/forward/handoff.py CompiledForward): waits on the client socket and the upstream
         sockets together, so a forwarded query and its reply cost no trip through the event
         loop. Returns to Python after ``budget_us`` at most, as soon as Python has work (hand-
         offs, handbacks), or when both sides stay idle for a millisecond. Same return value
@@ -1136,7 +1136,7 @@ cdef class UdpServer:
                 err = self.drain(img, ctr, max_batches)
                 if err:
                     return err
-            if self.nhandoff or s.nhb or s.ndone or now_ns() >= end:
+            if self.nhandoff or s.nhb or now_ns() >= end:
                 return 0
             wait = 1
 

@@ -6,14 +6,14 @@ sums the pages when Prometheus scrapes. ``_fastpath.pxd`` mirrors these indices 
 constants; ``tests/test_counters.py`` checks that the two agree.
 
 Histograms are stored as per-bucket counts (not cumulative) plus a sum; the renderer
-accumulates them. Bucket bounds follow CoreDNS so dashboards keep working (issue 6).
+accumulates them. Bucket bounds follow CoreDNS so dashboards keep working.
 """
 from __future__ import annotations
 
 import struct
 
 PROTOS = ("udp", "tcp")
-# Query types counted by name; everything else is "other" (bounded label set, issue 6).
+# Query types counted by name; everything else is "other" (a bounded label set).
 QTYPES = (("A", 1), ("AAAA", 28), ("SRV", 33), ("PTR", 12), ("TXT", 16), ("SOA", 6),
           ("NS", 2), ("CNAME", 5), ("MX", 15), ("ANY", 255), ("AXFR", 252), ("IXFR", 251),
           ("HTTPS", 65), ("SVCB", 64), ("other", 0))
@@ -82,12 +82,13 @@ def sum_slots(buf, nslots: int) -> list[int]:
     return total
 
 
-# ------------------------------------------------------------------ forwarder (Python-written)
-# Issue 6: the forwarder runs in Python in each worker and keeps plain-int counters on its
-# Forwarder object; the worker copies their increase into this region of its own page once a
-# second (never per query), so the supervisor can render coredns_forward_* / coredns_cache_*.
-# The region sits at the top of the page, outside LAYOUT: the compiled path never writes it,
-# so _fastpath.pxd does not mirror it.
+# ------------------------------------------------------------------ forwarder
+# The forwarder's counters (coredns_forward_* / coredns_cache_*), counted straight into this
+# region of the worker's page where the counting happens: the Python Forwarder and Cache
+# through ForwardCounters, the compiled forwarder and cache from C at the word indices
+# ForwardCounters gives them. One thread per worker runs both, so each word still has one
+# writer at a time. The region sits at the top of the page, outside LAYOUT, so
+# _fastpath.pxd does not mirror it: C gets its indices at run time.
 FWD_UPSTREAMS = 8         # per-worker upstream rows; further upstreams share the last row
 FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other")
 FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
@@ -100,7 +101,7 @@ FWD_WORDS = len(FWD_GLOBALS) + FWD_UPSTREAMS * FWD_ROW
 FWD_BASE = SLOT_WORDS - FWD_WORDS
 assert len(LAYOUT) <= FWD_BASE
 
-# Issue 4: when the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
+# When the worker last swapped images (CLOCK_MONOTONIC, ns), written by Python next
 # to the forwarder region (so not mirrored by _fastpath.pxd either): DNS programming latency
 # ends when the last worker serves a change, not when the controller next looks.
 SWAPPED_NS_WORD = FWD_BASE - 1
@@ -131,7 +132,7 @@ def forward_totals(buf, nslots: int) -> dict:
             raw = words[r].to_bytes(8, "little") + words[r + 1].to_bytes(8, "little")
             ip = ipaddress.IPv6Address(raw)
             host = str(ip.ipv4_mapped) if ip.ipv4_mapped else f"[{ip}]"
-            to = "other" if port == 0xFFFF_FFFF else f"{host}:{port}"
+            to = "other" if port == OTHER_PORT else f"{host}:{port}"
             up = ups.setdefault(to, {"to": to, "requests": 0, "failures": 0,
                                      "rcodes": dict.fromkeys(FWD_RCODES, 0),
                                      "latency": [0] * nlat, "latency_sum_ns": 0})
@@ -147,22 +148,39 @@ def forward_totals(buf, nslots: int) -> dict:
     return out
 
 
-class ForwardMirror:
-    """Copies a Forwarder's counters into the worker's page (call ``update`` about once a
-    second). Counters are added as increases since the last call, so a replacement worker
-    keeps the page's totals growing (Prometheus counters never go down)."""
+FWD_WORD = {name: FWD_BASE + i for i, name in enumerate(FWD_GLOBALS)}
+# Offsets inside an upstream row.
+ROW_PORT, ROW_REQUESTS, ROW_FAILURES, ROW_RCODES = 2, 3, 4, 5
+ROW_LATENCY = ROW_RCODES + len(FWD_RCODES)
+ROW_LATENCY_SUM = ROW_LATENCY + len(LATENCY_BOUNDS) + 1
+OTHER_PORT = 0xFFFF_FFFF        # the last row's port when it stands for "other"
 
-    def __init__(self, page):
-        self.words = memoryview(page).cast("B").cast("Q")
-        self.seen: dict[tuple, int] = {}
 
-    def _add(self, key: tuple, index: int, value: int) -> None:
-        delta = value - self.seen.get(key, 0)
-        if delta > 0:
-            self.words[index] += delta
-        self.seen[key] = value
+def rcode_slot(rcode: int) -> int:
+    """The FWD_RCODES index of an rcode: named ones, else "other"."""
+    return rcode if rcode < len(FWD_RCODES) - 1 else len(FWD_RCODES) - 1
 
-    def _row_for(self, to: str) -> int:
+
+class ForwardCounters:
+    """The forwarder region of one worker's page, as words to add to.
+
+    ``page``: the worker's page (counting adds to what a predecessor in the same slot left,
+    so Prometheus counters never go down); None: a private page (the supervisor's loop
+    check, tests). ``self[name]`` reads and ``self[name] = v`` writes a FWD_GLOBALS word;
+    ``row(to)`` is the first word of the upstream row for ``to`` ("host:port"), claimed on
+    first use."""
+
+    def __init__(self, page=None):
+        self.page = page if page is not None else bytearray(PAGE_BYTES)
+        self.words = memoryview(self.page).cast("B").cast("Q")
+
+    def __getitem__(self, name: str) -> int:
+        return self.words[FWD_WORD[name]]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.words[FWD_WORD[name]] = value
+
+    def row(self, to: str) -> int:
         import ipaddress
         host, _, port = to.rpartition(":")
         try:
@@ -174,44 +192,30 @@ class ForwardMirror:
                   else ip)
         raw = packed.packed if packed is not None else b"\0" * 16
         lo, hi = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+        w = self.words
         for u in range(FWD_UPSTREAMS - 1 if port else 0):
             r = _row(u)
-            if self.words[r + 2] == 0:
-                self.words[r], self.words[r + 1], self.words[r + 2] = lo, hi, port
-            if (self.words[r], self.words[r + 1], self.words[r + 2]) == (lo, hi, port):
+            if w[r + ROW_PORT] == 0:
+                w[r], w[r + 1], w[r + ROW_PORT] = lo, hi, port
+            if (w[r], w[r + 1], w[r + ROW_PORT]) == (lo, hi, port):
                 return r
         r = _row(FWD_UPSTREAMS - 1)
-        self.words[r + 2] = 0xFFFF_FFFF        # "other": upstreams beyond the rows, or names
+        w[r + ROW_PORT] = OTHER_PORT      # upstreams beyond the rows, or given by name
         return r
 
-    def update(self, fwd) -> None:
-        g = FWD_BASE
-        cache = getattr(fwd, "cache", None)
-        values = {
-            "cache_hits": getattr(cache, "hits", 0), "cache_misses": getattr(cache, "misses", 0),
-            "cache_evictions": getattr(cache, "evictions", 0),
-            "cache_inserts": getattr(cache, "inserts", 0),
-            "stale_served": getattr(fwd, "stale_served", 0),
-            "failures": getattr(fwd, "failures", 0),
-            "refused_inflight": getattr(fwd, "refused_inflight", 0),
-        }
-        for i, name in enumerate(FWD_GLOBALS):
-            if name in FWD_GAUGES:
-                continue
-            self._add((name,), g + i, values[name])
-        self.words[g + FWD_GLOBALS.index("cache_entries")] = len(cache) if cache is not None else 0
-        self.words[g + FWD_GLOBALS.index("cache_capacity")] = getattr(cache, "capacity", 0)
-        for to, st in list(getattr(fwd, "per_upstream", {}).items()):
-            r = self._row_for(to)
-            self._add((to, "q"), r + 3, st.queries)
-            self._add((to, "f"), r + 4, st.timeouts + st.errors)
-            for rc, n in getattr(st, "rcodes", {}).items():
-                k = rc if rc < len(FWD_RCODES) - 1 else len(FWD_RCODES) - 1
-                self._add((to, "rc", rc), r + 5 + k, n)
-            lat = r + 5 + len(FWD_RCODES)
-            for k, n in enumerate(getattr(st, "latency_buckets", ())):
-                self._add((to, "lat", k), lat + k, n)
-            self._add((to, "lsum"), lat + len(LATENCY_BOUNDS) + 1, getattr(st, "latency_sum_ns", 0))
+
+class Counted:
+    """An attribute that is FWD_GLOBALS word ``name`` of the owner's ``counters`` (a
+    ForwardCounters): ``obj.failures += 1`` adds one to the page word itself."""
+
+    def __init__(self, name: str):
+        self.index = FWD_WORD[name]
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else obj.counters.words[self.index]
+
+    def __set__(self, obj, value: int) -> None:
+        obj.counters.words[self.index] = value
 
 
 # Accessors of a page's two gauges the supervisor polls: which image a worker serves, and when

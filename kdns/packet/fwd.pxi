@@ -1,5 +1,4 @@
-# The compiled forwarder (issue 5: cache misses without an asyncio task and a socket per
-# try). Included by _fastpath.pyx, so it shares its cimports and helpers.
+# The compiled forwarder (cache misses without an asyncio task and a socket per try). Included by _fastpath.pyx, so it shares its cimports and helpers.
 #
 # One FwdEngine per worker, owning a pool of non-blocking UDP sockets on kernel-chosen
 # ephemeral ports (Python opens them and rotates one every sweep, RFC 5452 §9.2), all in one
@@ -17,8 +16,8 @@
 #   exactly like forward.Forwarder._from_upstream + fit: the client's ID and question case,
 #   RD copied, the upstream OPT replaced by ours, cut to the client's UDP size with TC.
 #   Cacheable replies go straight into the worker's PacketCache with cache.Cache.put's
-#   rules (fw_cache_store), or, when Python keeps the cache (serve-stale), to Cache.put in
-#   one batch per drain (Cache.put in Python costs ~30 us, more than the whole forward).
+#   rules (fw_cache_store): the one cache the Python Forwarder reads too, so a TCP client
+#   asking the same name next is answered from it.
 #
 #   UdpServer.pump waits on the client socket and the upstream sockets together (this
 #   epoll set) without the GIL, so a forward and its reply cost no event-loop iteration;
@@ -42,7 +41,6 @@ cdef enum:
     FW_TX = 64                   # client replies per sendmmsg
     FW_EVENTS = 64
     FW_CLIENT = 0xFFFF           # epoll tag of the worker's client socket (UdpServer.pump)
-    FW_DONE = 256                # cacheable replies kept for Python per drain
 
     FE_FREE = 0
     FE_LEADER = 1                # owns the upstream query (in idtab)
@@ -81,9 +79,15 @@ cdef struct FwUp:
     uint64_t replies
     uint64_t forged
     uint64_t timeouts
-    uint64_t rcodes[16]
-    uint64_t lat[NLAT]
-    uint64_t lat_sum
+    # This upstream's row of the worker's counter page (the metrics' numbers, counted where
+    # they happen; the Python Forwarder counts its tries into the same row): words of
+    # FwState.ctr, placed by set_counters/set_routes.
+    int row
+    uint64_t *requests
+    uint64_t *failures
+    uint64_t *rcodes             # nrcodes words, the last one for every other rcode
+    uint64_t *lat                # NLAT buckets
+    uint64_t *lat_sum
 
 
 cdef struct FwState:
@@ -105,19 +109,26 @@ cdef struct FwState:
     int nq
     int ntx
     int nhb
-    int ndone
     uint64_t forged              # replies matching no pending query (no upstream known)
     uint64_t sent_fail
     uint64_t coalesced
     uint64_t relayed
-    uint64_t taken               # queries C took (cache misses Python's Cache never saw)
+    uint64_t taken               # queries C took (each a miss of the worker's cache)
+    uint64_t *ctr                # the worker's counter page (set_counters), else scratch
+    int w_misses                 # its cache-miss word
+    int r_requests               # offsets inside an upstream row (counters.ROW_*)
+    int r_failures
+    int r_rcodes
+    int nrcodes
+    int r_latency
+    int r_latency_sum
+    uint64_t scratch[SLOT_WORDS]
     uint64_t cached              # replies stored straight into the PacketCache
-    PCEntry *ctab                # the worker's PacketCache, when C stores replies itself
-    uint64_t cmask
+    PCTable *ct                  # the worker's PacketCache (set_cache), or NULL
     uint32_t min_ttl
     uint32_t max_ttl
     uint32_t max_neg_ttl
-    uint64_t done_skipped
+    uint64_t cache_skipped       # cacheable replies too big for a cache slot
     int socks[FW_MAXSOCK]
     int sockpend[FW_MAXSOCK]
     FwUp ups[FW_MAXUP]
@@ -143,11 +154,17 @@ cdef struct FwState:
     iovec tiov[FW_TX]
     sockaddr_storage taddr[FW_TX]
     uint8_t *tbuf
-    # cacheable replies for Python
-    uint16_t done_len[FW_DONE]
-    uint16_t done_klen[FW_DONE]
-    uint8_t done_key[FW_DONE][PC_KEYMAX]
-    uint8_t *done_buf
+
+
+cdef void fw_place_row(FwState *s, int i, int row) noexcept nogil:
+    """Point upstream ``i``'s counters at its page row (-1: at scratch, uncounted)."""
+    cdef uint64_t *r = s.ctr + row if row >= 0 else s.scratch
+    s.ups[i].row = row
+    s.ups[i].requests = r + s.r_requests
+    s.ups[i].failures = r + s.r_failures
+    s.ups[i].rcodes = r + s.r_rcodes
+    s.ups[i].lat = r + s.r_latency
+    s.ups[i].lat_sum = r + s.r_latency_sum
 
 
 cdef inline uint32_t fw_rand16(FwState *s) noexcept nogil:
@@ -205,6 +222,7 @@ cdef int fw_submit(FwState *s, const uint8_t *q, Py_ssize_t qlen, const sockaddr
     """Take a handed-off UDP query (1) or leave it to Python (0)."""
     cdef int took = fw_take(s, q, qlen, addr, alen, now)
     s.taken += took
+    s.ctr[s.w_misses] += took
     return took
 
 
@@ -270,6 +288,7 @@ cdef int fw_take(FwState *s, const uint8_t *q, Py_ssize_t qlen, const sockaddr_s
     s.leaders += 1
     s.sockpend[sock] += 1
     s.ups[p.up].queries += 1
+    s.ups[p.up].requests[0] += 1
     # The upstream query, as Forwarder._query: our ID, RD plus the client's CD, the client's
     # question bytes, our OPT (RFC 6891 §6.2.5) with the client's DO.
     qend = a.qend
@@ -506,9 +525,9 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
     u.replies += 1
     took = now - p.sent_ns
     u.lat[latency_bucket(took)] += 1
-    u.lat_sum += <uint64_t>took
+    u.lat_sum[0] += <uint64_t>took
     rcode = flags & 0xF
-    u.rcodes[rcode] += 1
+    u.rcodes[rcode if rcode < s.nrcodes - 1 else s.nrcodes - 1] += 1
     nrec = fw_scan(m, n, qend, ends, types, ttloff, &opt)
     if nrec < 0 or rcode == F_RCODE_SERVFAIL or rcode == RC_REFUSED:
         fw_handback(s, e, HB_BAD)
@@ -518,17 +537,8 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
         return
     if opt >= 0:
         ext = (be32(m + ttloff[opt]) >> 24) & 0xFF
-    if s.ctab != NULL:
+    if s.ct != NULL:
         fw_cache_store(s, m, n, qend, nrec, ends, types, ttloff, opt, ext, p, now)
-    # Otherwise Python's Cache decides whether and how long to keep it (one batch per drain).
-    elif s.ndone < FW_DONE:
-        memcpy(s.done_buf + s.ndone * UDP_BUF, m, n)
-        s.done_len[s.ndone] = n
-        memcpy(s.done_key[s.ndone], p.key, p.klen)
-        s.done_klen[s.ndone] = p.klen
-        s.ndone += 1
-    else:
-        s.done_skipped += 1
     c = e
     while c >= 0:
         nxt = s.pool[c].next
@@ -582,7 +592,7 @@ cdef void fw_cache_store(FwState *s, const uint8_t *m, int n, int qend, int nrec
         life = life if life > s.min_ttl else s.min_ttl
     wlen = ends[kept - 1] if kept else qend
     if wlen > PC_WIREMAX or kept > PC_MAXRR or p.klen > PC_KEYMAX:
-        s.done_skipped += 1
+        s.cache_skipped += 1
         return
     memcpy(buf, m, wlen)
     put16(buf, 0)
@@ -596,7 +606,7 @@ cdef void fw_cache_store(FwState *s, const uint8_t *m, int n, int qend, int nrec
     for i in range(kept):
         offs[i] = ttloff[i]
         ttls[i] = be32(m + ttloff[i])
-    pc_store(s.ctab, s.cmask, p.key, p.klen, buf, wlen, qend, offs, ttls, kept,
+    pc_store(s.ct, p.key, p.klen, buf, wlen, qend, offs, ttls, kept,
              <uint32_t>life, now, now)
     s.cached += 1
 
@@ -645,10 +655,11 @@ cdef class FwdEngine:
     upstream sockets (Python's; non-blocking, bound). ``set_routes(upstreams, stubs)``:
     IPv4 (host, port) pairs and stub-domain wire names that stay in Python. ``fileno()``
     is the epoll fd to watch; ``drain(counters)`` relays replies; ``sweep()`` hands timed
-    out queries back. ``handbacks()`` / ``cacheable()`` give Python its share after either."""
+    out queries back. ``handbacks()`` gives Python its share after either."""
     cdef FwState *s
     cdef readonly int capacity
     cdef object cache                   # the PacketCache C stores into, or None
+    cdef object counters                # the Counters whose page s.ctr points into
 
     def __cinit__(self, int client_fd, sock_fds, int capacity=1000, double try_timeout=2.0,
                   int edns_size=1232):
@@ -680,9 +691,8 @@ cdef class FwdEngine:
         s.qsock = <int *>PyMem_Malloc(FW_SENDQ * sizeof(int))
         s.rbuf = <uint8_t *>PyMem_Malloc(FW_RX * UDP_BUF)
         s.tbuf = <uint8_t *>PyMem_Malloc(FW_TX * UDP_BUF)
-        s.done_buf = <uint8_t *>PyMem_Malloc(FW_DONE * UDP_BUF)
         if not (s.pool and s.idtab and s.ktab and s.hb and s.qmsg and s.qiov and s.qbuf and
-                s.qsock and s.rbuf and s.tbuf and s.done_buf):
+                s.qsock and s.rbuf and s.tbuf):
             raise MemoryError()
         memset(s.pool, 0, capacity * sizeof(FwEntry))
         for i in range(capacity):
@@ -710,6 +720,13 @@ cdef class FwdEngine:
             s.tmsg[i].msg_hdr.msg_iovlen = 1
         s.client_fd = client_fd
         s.edns_size = edns_size
+        # Until set_counters: count into scratch, at the page's shape.
+        s.ctr = s.scratch
+        s.nrcodes = 16
+        s.r_latency = 16
+        s.r_latency_sum = 16 + NLAT
+        for i in range(FW_MAXUP):
+            fw_place_row(s, i, -1)
         s.try_ns = <int64_t>(try_timeout * 1e9)
         s.rpos = FW_RAND
         s.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -739,7 +756,6 @@ cdef class FwdEngine:
         PyMem_Free(s.qsock)
         PyMem_Free(s.rbuf)
         PyMem_Free(s.tbuf)
-        PyMem_Free(s.done_buf)
         PyMem_Free(s)
 
     def fileno(self):
@@ -748,24 +764,50 @@ cdef class FwdEngine:
     def set_cache(self, PacketCache cache, uint32_t min_ttl=5, uint32_t max_ttl=3600,
                   uint32_t max_neg_ttl=1800):
         """Store cacheable replies straight into ``cache`` with cache.Cache's rules and
-        limits (None: hand them to Python through ``cacheable()``)."""
+        limits (None: relay without caching)."""
         self.cache = cache
-        self.s.ctab = cache.tab if cache is not None else NULL
-        self.s.cmask = cache.mask if cache is not None else 0
+        self.s.ct = &cache.t if cache is not None else NULL
         self.s.min_ttl, self.s.max_ttl, self.s.max_neg_ttl = min_ttl, max_ttl, max_neg_ttl
 
-    def set_routes(self, upstreams, stubs=()):
-        """IPv4 (host, port) upstreams C may use (empty: everything goes to Python) and the
-        stub domains' wire names (lowercase) whose names stay in Python. Queries in flight
-        are handed back (Python finishes them on the new routes)."""
-        cdef int i
+    def set_counters(self, page, int misses, int requests, int failures, int rcodes,
+                     int nrcodes, int latency, int latency_sum):
+        """Count into the worker's counter ``page``: cache misses (the queries C takes) at
+        word ``misses``, and per upstream, at these offsets from its row (set_routes):
+        requests, failures (timeouts), ``nrcodes`` rcode words (the last for every other
+        rcode), NLAT latency buckets and their sum in ns."""
+        cdef Counters c = Counters(page)
+        cdef int i, end = max(requests, failures, rcodes + nrcodes, latency + NLAT,
+                              latency_sum + 1)
+        if not (0 <= misses < SLOT_WORDS and 1 <= nrcodes <= 16 and
+                min(requests, failures, rcodes, latency, latency_sum) >= 0 and end <= 64):
+            raise ValueError("counter words outside the page")
+        self.counters = c
+        self.s.ctr = c.words
+        self.s.w_misses = misses
+        self.s.r_requests, self.s.r_failures, self.s.r_rcodes = requests, failures, rcodes
+        self.s.nrcodes, self.s.r_latency, self.s.r_latency_sum = nrcodes, latency, latency_sum
+        for i in range(FW_MAXUP):
+            fw_place_row(self.s, i, self.s.ups[i].row)
+
+    def set_routes(self, upstreams, stubs=(), rows=None):
+        """IPv4 (host, port) upstreams C may use (empty: everything goes to Python), the
+        stub domains' wire names (lowercase) whose names stay in Python, and the first word
+        of each upstream's counter row (None: uncounted). Queries in flight are handed back
+        (Python finishes them on the new routes)."""
+        cdef int i, row
         cdef sockaddr_in *a
         import socket as _socket
-        if len(upstreams) > FW_MAXUP or len(stubs) > FW_MAXSTUB:
+        rows = list(rows) if rows is not None else [-1] * len(upstreams)
+        if len(upstreams) > FW_MAXUP or len(stubs) > FW_MAXSTUB or len(rows) != len(upstreams):
             self.s.nup = 0
             return False
+        for row in rows:
+            if not -1 <= row <= SLOT_WORDS - 64:
+                raise ValueError(f"counter row {row} outside the page")
         self.reset(HB_RECONFIG)
         memset(self.s.ups, 0, sizeof(self.s.ups))
+        for i in range(FW_MAXUP):
+            fw_place_row(self.s, i, rows[i] if i < len(rows) else -1)
         for i, (host, port) in enumerate(upstreams):
             a = &self.s.ups[i].addr
             a.sin_family = AF_INET
@@ -790,11 +832,11 @@ cdef class FwdEngine:
                 fw_handback(self.s, i, reason)
 
     def drain(self, Counters c not None):
-        """Relay the upstream replies waiting on the sockets; returns (handbacks, cacheable)."""
+        """Relay the upstream replies waiting on the sockets; returns the handbacks waiting."""
         cdef uint64_t *ctr = c.words
         with nogil:
             fw_drain(self.s, ctr)
-        return self.s.nhb, self.s.ndone
+        return self.s.nhb
 
     def sweep(self, double now=-1.0):
         """Hand back leaders whose try timed out (and their followers); the count."""
@@ -804,6 +846,7 @@ cdef class FwdEngine:
         for i in range(self.s.cap):
             if self.s.pool[i].state == FE_LEADER and t - self.s.pool[i].sent_ns >= self.s.try_ns:
                 self.s.ups[self.s.pool[i].up].timeouts += 1
+                self.s.ups[self.s.pool[i].up].failures[0] += 1
                 fw_unlink(self.s, i)
                 fw_handback(self.s, i, HB_TIMEOUT)
         return self.s.nhb - before
@@ -819,16 +862,6 @@ cdef class FwdEngine:
                         p.reason, p.up, p.sent_ns / 1e9))
             fw_free(self.s, self.s.hb[i])
         self.s.nhb = 0
-        return out
-
-    def cacheable(self):
-        """[(key bytes, reply bytes)] relayed since the last call, for Cache.put."""
-        cdef int i
-        out = [(PyBytes_FromStringAndSize(<char *>self.s.done_key[i], self.s.done_klen[i]),
-                PyBytes_FromStringAndSize(<char *>self.s.done_buf + i * UDP_BUF,
-                                          self.s.done_len[i]))
-               for i in range(self.s.ndone)]
-        self.s.ndone = 0
         return out
 
     def sock_pending(self, int i):
@@ -861,13 +894,11 @@ cdef class FwdEngine:
         for i in range(self.s.nup):
             u = &self.s.ups[i]
             ups.append(dict(queries=u.queries, replies=u.replies, forged=u.forged,
-                            timeouts=u.timeouts, rcodes=[u.rcodes[k] for k in range(16)],
-                            latency=[u.lat[k] for k in range(NLAT)],
-                            latency_sum_ns=u.lat_sum))
+                            timeouts=u.timeouts))
         return dict(forged=self.s.forged, send_failed=self.s.sent_fail,
                     coalesced=self.s.coalesced, relayed=self.s.relayed, taken=self.s.taken,
                     cached=self.s.cached,
-                    cache_skipped=self.s.done_skipped, upstreams=ups)
+                    cache_skipped=self.s.cache_skipped, upstreams=ups)
 
 
 cdef object sockaddr_tuple(const sockaddr_storage *ss):

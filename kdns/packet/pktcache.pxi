@@ -1,9 +1,11 @@
-# The forwarder's answer cache as seen by the packet path (issue 5: cache hits without
-# Python). Included by _fastpath.pyx, so it shares its cimports and helpers.
+# The forwarder's answer cache: one store per worker that both packet paths read and fill.
+# Included by _fastpath.pyx, so it shares its cimports and helpers.
 #
-# One PacketCache per worker: a fixed open-addressing table allocated once. The Python
-# forwarder inserts (``put``) after an upstream answered; ``UdpServer`` consults it, with the
-# GIL released, for the packets the image hands off. Both run on the worker's one thread
+# One PacketCache per worker: a fixed open-addressing table allocated once. ``UdpServer``
+# answers the packets the image hands off from it with the GIL released; the compiled
+# forwarder (fwd.pxi) stores the replies it relays; the Python Forwarder (TCP clients,
+# retries, stub domains) reads and fills the same entries through ``lookup`` and ``put``
+# (kdns/forward/cache.py CompiledCache). All of them run on the worker's one thread
 # (serve() returns before the event loop runs anything else), so there are no locks.
 #
 # An entry is kdns/forward/cache.py's stored form: the upstream reply with ID 0, question name
@@ -42,6 +44,19 @@ cdef inline uint64_t pc_hash(const uint8_t *k, int n) noexcept nogil:
     for i in range(n):
         h = (h ^ k[i]) * 1099511628211ULL
     return h if h else 1
+
+
+cdef struct PCTable:
+    PCEntry *tab
+    uint64_t mask
+    # Where inserts, evictions and the entry count go: the worker's counter page once
+    # bound (PacketCache.count_into), else ``own``. Indices into ``ctr``.
+    uint64_t *ctr
+    int w_inserts
+    int w_evictions
+    int w_entries
+    uint64_t own[3]
+    uint64_t used                # slots holding an entry (fresh or expired)
 
 
 cdef PCEntry *pc_find(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
@@ -162,7 +177,7 @@ cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t 
     return pc_render(e, &a, now, edns_size, out, res)
 
 
-cdef void pc_store(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
+cdef void pc_store(PCTable *t, const uint8_t *key, int klen,
                    const uint8_t *wire, int wirelen, int qend, const uint16_t *offs,
                    const uint32_t *ttls, int nrr, uint32_t ttl, int64_t stored_ns,
                    int64_t now) noexcept nogil:
@@ -172,21 +187,27 @@ cdef void pc_store(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
     cdef PCEntry *e
     cdef PCEntry *victim = NULL
     cdef PCEntry *oldest = NULL
+    cdef bint same = False
     for i in range(PC_PROBE):
-        e = &tab[(h + i) & mask]
+        e = &t.tab[(h + i) & t.mask]
         if e.hash == h and e.keylen == klen and memcmp(e.key, key, klen) == 0:
             victim = e
+            same = True
             break
         if victim == NULL and (e.hash == 0 or now >= e.expires_ns):
             victim = e
         if oldest == NULL or e.stored_ns < oldest.stored_ns:
             oldest = e
     if victim == NULL:
-        # Window full of live entries: evict the one stored longest ago, so a burst of
-        # one-off names cannot push out the names asked again and again (they are
-        # re-stored on every Python hit, see forwarding.LinkedCache).
+        # Window full of live entries: evict the one stored longest ago (FIFO within the
+        # window: a hit does not move an entry, so the packet path writes nothing on a hit).
         victim = oldest
+        t.ctr[t.w_evictions] += 1
     e = victim
+    if e.hash == 0:
+        t.used += 1
+        t.ctr[t.w_entries] += 1
+    t.ctr[t.w_inserts] += 1
     e.hash = h
     e.keylen = klen
     memcpy(e.key, key, klen)
@@ -203,35 +224,67 @@ cdef void pc_store(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
 
 
 cdef class PacketCache:
-    """A worker's compiled view of the forwarder cache (see the top of this file).
+    """A worker's forwarder cache (see the top of this file).
 
     ``put(key, wire, qend, ttl_offs, ttls, ttl, stored)`` copies one kdns.forward.cache.Entry in
     (key = name wire + qtype + qclass + DO + CD bytes, ``stored`` in time.monotonic()
-    seconds); entries too big for a slot are skipped (Python serves them). ``get(key)``
-    is for tests."""
-    cdef PCEntry *tab
-    cdef uint64_t mask
+    seconds); an entry too big for a slot is refused (False). ``lookup(key)`` gives an
+    entry back, fresh or expired, as ``(wire, qend, ttl_offs, ttls, ttl, stored)``, or
+    None. ``count_into`` moves its insert/eviction/entry counts onto the worker's page."""
+    cdef PCTable t
+    cdef object counters                # the Counters whose page ``t.ctr`` points into
     cdef readonly int capacity
     cdef readonly int edns_size
-    cdef readonly uint64_t inserts
-    cdef readonly uint64_t skipped
 
     def __cinit__(self, int capacity=4096, int edns_size=1232):
         if capacity < 8 or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two >= 8, got {capacity}")
-        self.tab = <PCEntry *>PyMem_Malloc(capacity * sizeof(PCEntry))
-        if self.tab == NULL:
+        # Zeroed pages from the kernel: a slot costs memory only once an entry lands in it.
+        self.t.tab = <PCEntry *>PyMem_Calloc(capacity, sizeof(PCEntry))
+        if self.t.tab == NULL:
             raise MemoryError()
-        memset(self.tab, 0, capacity * sizeof(PCEntry))
-        self.mask = capacity - 1
+        self.t.mask = capacity - 1
+        self.t.ctr = self.t.own
+        self.t.w_inserts, self.t.w_evictions, self.t.w_entries = 0, 1, 2
         self.capacity = capacity
         self.edns_size = edns_size
 
     def __dealloc__(self):
-        PyMem_Free(self.tab)
+        PyMem_Free(self.t.tab)
+
+    def count_into(self, page, int inserts, int evictions, int entries):
+        """Count inserts and evictions into words ``inserts``/``evictions`` of the counter
+        ``page`` (adding to what is there: a replacement worker continues its predecessor's
+        totals) and keep word ``entries`` equal to the entries held."""
+        cdef Counters c = Counters(page)
+        if not (0 <= inserts < SLOT_WORDS and 0 <= evictions < SLOT_WORDS
+                and 0 <= entries < SLOT_WORDS):
+            raise IndexError("counter word outside the page")
+        self.counters = c
+        self.t.ctr = c.words
+        self.t.w_inserts, self.t.w_evictions, self.t.w_entries = inserts, evictions, entries
+        self.t.ctr[entries] = self.t.used
+
+    @property
+    def inserts(self):
+        return self.t.ctr[self.t.w_inserts]
+
+    @property
+    def evictions(self):
+        return self.t.ctr[self.t.w_evictions]
+
+    def __len__(self):
+        return self.t.used
 
     def clear(self):
-        memset(self.tab, 0, (self.mask + 1) * sizeof(PCEntry))
+        # Empty = hash 0. Only occupied slots are written: pages no entry ever used stay
+        # the kernel's shared zero page.
+        cdef uint64_t i
+        for i in range(self.t.mask + 1):
+            if self.t.tab[i].hash:
+                self.t.tab[i].hash = 0
+        self.t.used = 0
+        self.t.ctr[self.t.w_entries] = 0
 
     def put(self, bytes key not None, bytes wire not None, int qend, ttl_offs, ttls,
             uint32_t ttl, double stored):
@@ -239,17 +292,29 @@ cdef class PacketCache:
         cdef uint16_t offs[PC_MAXRR]
         cdef uint32_t tt[PC_MAXRR]
         if (klen > PC_KEYMAX or len(wire) > PC_WIREMAX or nrr > PC_MAXRR or qend < 16
-                or len(wire) < qend):
-            self.skipped += 1
+                or len(wire) < qend or len(ttls) != nrr):
             return False
         for j in range(nrr):
             offs[j] = ttl_offs[j]
             tt[j] = ttls[j]
-        pc_store(self.tab, self.mask, <const uint8_t *><const char *>key, klen,
+        pc_store(&self.t, <const uint8_t *><const char *>key, klen,
                  <const uint8_t *><const char *>wire, len(wire), qend, offs, tt, nrr, ttl,
                  <int64_t>(stored * 1e9), now_ns())
-        self.inserts += 1
         return True
+
+    def lookup(self, bytes key not None):
+        """The entry under ``key``, fresh or expired (the caller decides), or None."""
+        cdef int klen = len(key), j
+        cdef const PCEntry *e
+        if klen > PC_KEYMAX:
+            return None
+        e = pc_find(self.t.tab, self.t.mask, <const uint8_t *><const char *>key, klen,
+                    pc_hash(<const uint8_t *><const char *>key, klen))
+        if e == NULL:
+            return None
+        return (PyBytes_FromStringAndSize(<const char *>e.wire, e.wirelen), e.qend,
+                tuple([e.ttl_off[j] for j in range(e.nrr)]),
+                tuple([e.ttls[j] for j in range(e.nrr)]), e.ttl, e.stored_ns / 1e9)
 
     def answer(self, bytes query not None):
         """(action, reply) for one UDP query, as UdpServer would; for tests."""
@@ -259,7 +324,7 @@ cdef class PacketCache:
         if len(query) < 12:
             return ACTION_HANDOFF, b""
         res.tc = 0
-        action = cache_answer(self.tab, self.mask, self.edns_size,
+        action = cache_answer(self.t.tab, self.t.mask, self.edns_size,
                               <const uint8_t *><const char *>query, len(query),
                               now_ns(), out, &res)
         if action != ACTION_SEND:

@@ -97,7 +97,7 @@ class ServeConfig:
     prometheus_path: str = "/metrics"
     log_queries: bool = False
     log_level: str = "info"
-    # Issue 5: where outside names go (forwarding.ForwardingOptions); None = REFUSED.
+    # Where outside names go (control.ForwardingOptions); None = REFUSED.
     forwarding: object = None
     # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
     kubecfg_file: str = ""

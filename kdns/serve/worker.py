@@ -40,20 +40,28 @@ TCP_HIGH_WATER = 64 * 1024      # pause reading a client whose replies pile up a
 TCP_MAX_PENDING = 256           # hand-offs in flight per connection before reading pauses
 LISTEN_BACKLOG = 1024           # same as the supervisor's listen()
 UDP_MAX_PENDING = 4096          # hand-offs in flight per worker; beyond, UDP ones are dropped
-FORWARD_MIRROR_PERIOD = 1.0     # seconds between copies of the forwarder's counters (issue 6)
 
 
 class Handoff(Protocol):
-    """Where queries the image cannot answer go (the forwarder plugs in here, a later issue).
+    """Where queries the image cannot answer go.
 
-    ``resolve`` returns the complete reply, or None to send nothing.
+    ``resolve(query, proto)`` returns the complete reply, or None to send nothing; for a
+    query the hand-off's own UDP pump gave back (``Worker.udp_retry``) it is called as
+    ``resolve(query, "udp", retry)``.
+
+    A hand-off may also have ``attach(loop, worker)``: the worker calls it once, before it
+    serves, and it returns the UDP drain to use instead of ``UdpServer.serve``, or None.
+    That drain is ``pump(img, counters) -> n`` with ``serve``'s meaning of ``n`` (hand-off
+    packets left in ``worker.udp_server``). What the hand-off may use of the worker:
+    ``loop``, ``udp``, ``udp_server``, ``page``, ``counters``, ``img`` (read only), and the
+    methods ``drain_udp()`` and ``udp_retry()``. It never sets attributes on the worker.
     """
 
-    async def resolve(self, query: bytes, proto: str) -> bytes | None: ...
+    async def resolve(self, query: bytes, proto: str, retry=None) -> bytes | None: ...
 
 
 class RefuseHandoff:
-    """The default hand-off: REFUSED for names outside every served zone (issue 2 §4)."""
+    """The default hand-off: REFUSED for names outside every served zone."""
 
     def __init__(self, edns_max: int = 1232):
         self.edns_max = edns_max
@@ -86,7 +94,7 @@ class Worker:
         self.stopping: asyncio.Event | None = None
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.forward_mirror = None
+        self.udp_pump = None            # the hand-off's UDP drain (Handoff.attach), if any
         self.log_queries = log_queries
         # New images are checked on this thread while the loop keeps serving the old one
         # (the check releases the GIL): under churn images arrive many times a second.
@@ -99,6 +107,10 @@ class Worker:
         self.stopping = asyncio.Event()
         self.has_image = asyncio.Event()
         C.set_page_generation(self.page, 0)
+        attach = getattr(self.handoff, "attach", None)
+        if attach is not None:
+            # Its config first (already queued by the supervisor), then its UDP drain.
+            self.udp_pump = attach(self.loop, self)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop)
         self.loop.add_reader(self.control.fileno(), self.on_control)
@@ -112,15 +124,12 @@ class Worker:
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
-        mirror = self.loop.call_soon(self.mirror_forwarder)
         try:
             await self.stopping.wait()
         finally:
-            mirror.cancel()
-            # Lameduck (issue 6): the supervisor has taken the UDP socket out of the
-            # SO_REUSEPORT group; answer what is still queued on it before exiting.
+            # Lameduck: the supervisor has taken the UDP socket out of the SO_REUSEPORT
+            # group; answer what is still queued on it before exiting.
             self.drain_udp()
-            self.mirror_forwarder(again=False)
             self.loop.remove_reader(self.udp.fileno())
             self.loop.remove_reader(self.control.fileno())
             server.close()
@@ -140,23 +149,6 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
         self.has_image.set()
-
-    def mirror_forwarder(self, again: bool = True) -> None:
-        """Copy the forwarder's counters into this worker's page once a second (issue 6:
-        the supervisor renders coredns_forward_*/coredns_cache_* from it, never per query)."""
-        fw = getattr(self.handoff, "forwarder", None)
-        sync = getattr(self.handoff, "sync_counters", None)
-        if sync is not None:
-            sync()                      # the compiled forwarder's share (issue 5)
-        if fw is not None:
-            if self.forward_mirror is None:
-                self.forward_mirror = C.ForwardMirror(self.page)
-            try:
-                self.forward_mirror.update(fw)
-            except Exception:  # noqa: BLE001 -- metrics must never stop the worker
-                log.exception("worker %d: copying forwarder counters failed", self.slot)
-        if again:
-            self.loop.call_later(FORWARD_MIRROR_PERIOD, self.mirror_forwarder)
 
     # ---- images
     def on_control(self) -> None:
@@ -195,7 +187,7 @@ class Worker:
             # in, and the supervisor checks it when it reads one (server.checked_image);
             # compiled images are made in the supervisor, and a sealed memfd cannot change.
             # Checking it again here cost ~8 ms of serving per swap of a 30 MiB image
-            # (issue 4: under churn the workers swap images many times a second).
+            # (under churn the workers swap images many times a second).
             return engine.Image(mapping)
         except ValueError as e:
             log.error("worker %d: image generation %d rejected (%s); keeping generation %d",
@@ -204,7 +196,9 @@ class Worker:
 
     # ---- UDP
     def serve_udp(self) -> int:
-        """One drain of the UDP socket; the compiled forwarder replaces it with its pump."""
+        """One drain of the UDP socket: the hand-off's pump when it gave one, else serve()."""
+        if self.udp_pump is not None:
+            return self.udp_pump(self.img, self.counters)
         return self.udp_server.serve(self.img, self.counters, max_batches=16)
 
     def drain_udp(self) -> None:
@@ -224,8 +218,8 @@ class Worker:
             self.spawn(self.udp_handoff(packet, addr))
 
     def udp_retry(self, packet: bytes, addr, retry) -> None:
-        """A query the compiled forwarder gave back (timeout, TC, ...): the hand-off
-        finishes it (issue 5; forwarding.CompiledForward)."""
+        """A query the hand-off's pump gave back (the compiled forwarder's timeout, TC...):
+        the hand-off's ``resolve`` finishes it with ``retry``."""
         if len(self.tasks) >= UDP_MAX_PENDING:
             self.count("dropped_udp")
             return
@@ -388,7 +382,7 @@ def parse_args(argv):
     p.add_argument("--tcp-max-connections", type=int, default=1000)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-queries", action="store_true")
-    # Issue 5: the supervisor's forwarding-config channel; without it outside names are REFUSED.
+    # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
     p.add_argument("--cache-size", type=int, default=10000)
     return p.parse_args(argv)
@@ -398,37 +392,33 @@ def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    page = publish.map_page(a.counters_fd, a.slot)
     worker = Worker(
         slot=a.slot,
         udp=socket.socket(fileno=a.udp_fd),
         tcp=socket.socket(fileno=a.tcp_fd),
         control=socket.socket(fileno=a.control_fd),
-        page=publish.map_page(a.counters_fd, a.slot),
+        page=page,
         edns_max=a.edns_udp_size,
         tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections,
         log_queries=a.log_queries,
-        handoff=forwarding_handoff(a),
+        handoff=forwarding_handoff(a, page),
     )
     os.close(a.counters_fd)
-    asyncio.run(run_worker(worker))
+    asyncio.run(worker.run())
     return 0
 
 
-def forwarding_handoff(a):
+def forwarding_handoff(a, page):
+    """The forwarding hand-off when the supervisor gave a config channel; it counts into
+    this worker's ``page``."""
     if a.forward_fd < 0:
         return None
-    from kdns.forward.control import ForwardingHandoff
+    from kdns.forward.handoff import ForwardingHandoff
     return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
-                             cache_size=a.cache_size)
+                             cache_size=a.cache_size, page=page)
 
-
-async def run_worker(worker: Worker) -> None:
-    attach = getattr(worker.handoff, "attach", None)
-    if attach is not None:
-        # Config first (it is already queued), then cache hits served by the UdpServer.
-        attach(asyncio.get_running_loop(), worker.udp_server, worker)
-    await worker.run()
 
 
 if __name__ == "__main__":

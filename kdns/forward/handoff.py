@@ -1,0 +1,283 @@
+"""Forwarding, worker side: the hand-off a worker sends the queries its image cannot answer.
+
+Why: names outside the cluster zones go to the upstreams (or stub-domain servers) the
+supervisor's ``control`` decides; a worker applies each configuration between two queries
+(``Forwarder.configure`` is one assignment per field), so queries in flight finish on the
+routes they started with.
+
+One cache per worker, a ``_fastpath.PacketCache`` (``cache.CompiledCache``): ``UdpServer``
+answers UDP hits from it without Python, the compiled forwarder stores what it relays in it,
+and the ``Forwarder`` reads and fills the same entries, so a TCP client gets what a UDP
+client cached and the other way round. Plain cache misses skip Python too:
+``CompiledForward`` runs a ``_fastpath.FwdEngine`` that sends them upstream and relays the
+replies from C; timeouts, TC, SERVFAIL/REFUSED, stub domains and TCP clients stay with the
+``Forwarder`` (``KDNS_FWD_COMPILED=0`` turns it off). The pure engine uses ``cache.Cache``.
+
+What it must not do: contain DNS packet rules (they are in ``forwarder``/``cache``/
+``_fastpath``), know the Kubernetes record rules, or read the kube-dns config itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+
+from kdns.dns.wire import EDNS_SIZE
+from kdns.packet import counters as C
+from kdns.packet import engine
+from kdns.forward.cache import Cache, CompiledCache
+from kdns.forward.control import MESSAGE_MAX, decode_config
+from kdns.forward.external import ExternalNames
+from kdns.forward.forwarder import Forwarder, Retry, Upstream, encode_name, parse_query
+from kdns.zone.refpath import Malformed
+
+log = logging.getLogger("kdns.forward.handoff")
+
+FAST_SLOTS = 4096            # most compiled cache slots per worker (~1.8 KB each, zeroed pages)
+FWD_SOCKETS = 64             # upstream sockets per worker for the compiled forwarder
+FWD_PUMP_BUDGET_US = 2000    # longest stay in the compiled pump before the event loop runs
+FWD_SWEEP = 0.1              # seconds between timeout sweeps (and one port rotation each)
+
+
+def compiled_forward_enabled() -> bool:
+    return (engine.IMPLEMENTATION == "compiled"
+            and os.environ.get("KDNS_FWD_COMPILED", "1") != "0")
+
+
+class CompiledForward:
+    """A worker's compiled forwarder: the ``_fastpath.FwdEngine`` plus its Python chores.
+
+    It opens the upstream sockets (kernel-chosen ephemeral ports; one is replaced every
+    sweep when nothing waits on it, so ports keep moving: RFC 5452 §9.2), tells the engine
+    the routes it may take (IPv4 upstreams; stub-domain names stay in Python), watches the
+    engine's epoll fd, sweeps timeouts every ``FWD_SWEEP`` seconds, hands queries the engine
+    gives back to the Forwarder (with a ``Retry``). The engine stores relayed replies in the
+    worker's one cache and counts into the rows of the worker's page the Forwarder counts
+    into, itself."""
+
+    def __init__(self, handoff: "ForwardingHandoff", loop, worker, *,
+                 nsockets: int = FWD_SOCKETS, sweep: float = FWD_SWEEP):
+        from kdns.packet import _fastpath
+        fw = handoff.forwarder
+        self.handoff, self.forwarder, self.cache = handoff, fw, handoff.cache
+        self.loop, self.worker, self.period = loop, worker, sweep
+        self.udp_server = worker.udp_server
+        self.pumping = False          # the worker drains UDP through pump() (it called it)
+        self.socks = [self._socket() for _ in range(nsockets)]
+        self.engine = _fastpath.FwdEngine(worker.udp.fileno(), [s.fileno() for s in self.socks],
+                                          capacity=fw.max_inflight, try_timeout=fw.try_timeout,
+                                          edns_size=fw.edns_size)
+        self.routes: list[Upstream] = []
+        self.replies_seen: list[int] = []     # per route: the engine's replies at the last sweep
+        self.rotate_next = 0
+        w = C.FWD_WORD
+        self.engine.set_counters(fw.counters.page, w["cache_misses"], C.ROW_REQUESTS,
+                                 C.ROW_FAILURES, C.ROW_RCODES, len(C.FWD_RCODES),
+                                 C.ROW_LATENCY, C.ROW_LATENCY_SUM)
+        fw.extra_inflight = lambda: self.engine.inflight
+        c = self.cache
+        if isinstance(c, CompiledCache):
+            # C stores what it relays in the worker's one cache, with Cache.put's rules.
+            self.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
+        self.apply_routes()
+        loop.add_reader(self.engine.fileno(), self.on_readable)
+        self.timer = loop.call_later(sweep, self.sweep)
+        self.udp_server.set_forwarder(self.engine)
+
+    def pump(self, img, counters) -> int:
+        """The worker's UDP drain (what ``ForwardingHandoff.attach`` gives the worker):
+        client queries and upstream replies in one compiled loop (``UdpServer.pump``), then
+        Python's share. Returns the hand-off packets left in the UdpServer, as serve()."""
+        self.pumping = True
+        n = self.udp_server.pump(img, counters, FWD_PUMP_BUDGET_US)
+        self.take()
+        return n
+
+    @staticmethod
+    def _socket() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind(("0.0.0.0", 0))        # the kernel picks a random ephemeral port
+        return s
+
+    def apply_routes(self) -> None:
+        """The Forwarder's current routes, as far as C can take them (else: all Python)."""
+        fw = self.forwarder
+        ups = [u for u in fw.upstreams if u not in fw.looping]
+        if not all(_is_ipv4(u.host) for u in ups):
+            ups = []                  # names or IPv6: the Forwarder handles everything
+        self.routes = ups
+        self.replies_seen = [0] * len(ups)
+        self.engine.set_routes([(u.host, u.port) for u in ups],
+                               [encode_name(d) for d in fw.stubs],
+                               [fw.stats_for(u).row for u in ups])
+        self.take()
+
+    def on_readable(self) -> None:
+        if self.pumping and self.worker.img is not None:
+            self.worker.drain_udp()     # the pump drains both sides
+            return
+        if self.engine.drain(self.worker.counters):
+            self.take()
+
+    def sweep(self) -> None:
+        try:
+            self.engine.sweep()
+            self.take()
+            self.note_answers()
+            self.rotate()
+        except Exception:   # noqa: BLE001 -- the sweep must keep running
+            log.exception("compiled forwarder sweep failed")
+        self.timer = self.loop.call_later(self.period, self.sweep)
+
+    def note_answers(self) -> None:
+        """An upstream the Forwarder marked failing that answered C since: log that it
+        answers again (UpstreamStats.answered), as a Python reply would."""
+        fw = self.forwarder
+        for i, st in enumerate(self.engine.stats()["upstreams"][:len(self.routes)]):
+            up = self.routes[i]
+            if st["replies"] > self.replies_seen[i]:
+                self.replies_seen[i] = st["replies"]
+                fw.stats_for(up).answered(up)
+
+    def rotate(self) -> None:
+        i = self.rotate_next
+        self.rotate_next = (i + 1) % len(self.socks)
+        if self.engine.sock_pending(i):
+            return                    # busy: its turn comes again
+        new = self._socket()
+        if self.engine.replace_socket(i, new.fileno()):
+            self.socks[i].close()
+            self.socks[i] = new
+        else:
+            new.close()
+
+    def take(self) -> None:
+        """Python's share after a drain or sweep: the queries the engine handed back."""
+        for query, addr, reason, up, started in self.engine.handbacks():
+            upstream = self.routes[up] if up < len(self.routes) else None
+            retry = Retry(reason, upstream, started) if upstream is not None else None
+            self.worker.udp_retry(query, addr, retry)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.udp_server.set_forwarder(None)
+        self.loop.remove_reader(self.engine.fileno())
+        self.engine.reset()
+        self.take()
+        for s in self.socks:
+            s.close()
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
+class ForwardingHandoff:
+    """A worker's hand-off: the Forwarder, configured from the supervisor's channel."""
+
+    def __init__(self, control: socket.socket, *, edns_max: int = EDNS_SIZE,
+                 cache_size: int = 10000, page=None):
+        self.control = control
+        self.control.setblocking(False)
+        # The worker's counter page (None: a private one): the Forwarder, the cache and the
+        # compiled forwarder all count into its forwarder region as they go.
+        self.counters = C.ForwardCounters(page)
+        fast = None
+        if engine.IMPLEMENTATION == "compiled":
+            from kdns.packet import _fastpath
+            fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), FAST_SLOTS),
+                                         edns_size=edns_max)
+            self.cache = CompiledCache(fast, cache_size, counters=self.counters)
+        else:
+            self.cache = Cache(cache_size, counters=self.counters)
+        self.fast = fast
+        self.forwarder = Forwarder(cache=self.cache, edns_size=edns_max, counters=self.counters)
+        self.edns_max = edns_max
+        self.configured = False
+        self.worker = None
+        self.external = ExternalNames(self.forwarder, edns_max)
+        self.compiled: CompiledForward | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop, worker=None):
+        """The worker's ``Handoff.attach``: apply the queued config now (it was sent before
+        this worker started), then follow the channel; let the worker's UdpServer serve cache
+        hits itself. Returns the compiled forwarder's UDP pump for the worker to drain UDP
+        with, or None (then the worker's own ``UdpServer.serve``)."""
+        self._loop = loop
+        self.on_control()
+        loop.add_reader(self.control.fileno(), self.on_control)
+        self.worker = worker
+        udp_server = getattr(worker, "udp_server", None)
+        if self.fast is not None and hasattr(udp_server, "set_cache"):
+            udp_server.set_cache(self.fast)
+        if compiled_forward_enabled() and hasattr(udp_server, "set_forwarder"):
+            self.compiled = CompiledForward(self, loop, worker)
+            return self.compiled.pump
+        return None
+
+    def on_control(self) -> None:
+        latest = None
+        while True:
+            try:
+                data = self.control.recv(MESSAGE_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                # The supervisor went away; the worker's image channel stops the worker.
+                try:
+                    self._loop.remove_reader(self.control.fileno())
+                except (AttributeError, ValueError):
+                    pass
+                break
+            latest = data
+        if latest is not None:
+            try:
+                self.apply(*decode_config(latest))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("malformed forwarding config from the supervisor (%s); ignored", e)
+
+    def apply(self, token: str, ups: tuple, stubs: dict, looping: set) -> None:
+        fw = self.forwarder
+        if self.configured and (ups, stubs) != (fw.upstreams, fw.stubs):
+            self.cache.clear()          # new routes: answers from the old ones may not hold
+        fw.probe_token = token
+        fw.configure(ups, stubs)
+        fw.looping = looping
+        self.configured = True
+        if self.compiled is not None:
+            self.compiled.apply_routes()
+
+    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+        fw = self.forwarder
+        if retry is not None:
+            return await fw.resolve(query, proto, retry)
+        if not fw.upstreams and not fw.stubs:
+            # Nobody to ask (no ConfigMap upstreams, resolv.conf or --nameservers): refuse,
+            # as before forwarding existed, rather than SERVFAIL after a timeout.
+            try:
+                q = parse_query(query)
+            except Malformed:
+                q = None
+            probe = q is not None and fw.probe_token in q.labels
+            if not probe:
+                return engine.refused(query, self.edns_max)
+        if self.worker is not None and self.worker.img is not None:
+            # An ExternalName to an outside name: CNAME + the target's records, as CoreDNS
+            # answers it (RFC 1034 §3.6.2: a resolver follows the CNAME for the client).
+            reply = await self.external.answer(self.worker.img, query, proto)
+            if reply is not None:
+                return reply
+        return await fw.resolve(query, proto)
+
+
+def _pow2(n: int) -> int:
+    p = 8
+    while p < n:
+        p <<= 1
+    return p
