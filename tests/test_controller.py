@@ -295,27 +295,20 @@ class ApiKdns(Kdns):
     """``kdns serve`` reading the fake API through a kubeconfig (no --from-* flag)."""
 
     def __init__(self, tmp_path, api: FakeApiServer, *, args=(), workers=1):
-        super().__init__(tmp_path, image=b"", workers=workers, args=args)
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, {"token": api.token})
-        i = self.argv.index("--from-image")
-        self.argv[i:i + 2] = ["--kubecfg-file", kubeconfig]
+        super().__init__(tmp_path, workers=workers, args=args,
+                         source=["--kubecfg-file", kubeconfig])
+
+    def answering(self) -> bool:
+        try:
+            self.udp(K)
+            return True
+        except Exception:           # noqa: BLE001 -- not listening yet
+            return False
 
     def start_serving(self, timeout=20.0) -> "ApiKdns":
         """Start and wait until the workers answer (ready or not)."""
-        self.log = open(self.log_path, "wb")
-        import subprocess
-        from serverutil import ROOT
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"kdns exited: {self.logs()}"
-            try:
-                self.udp(K)
-                return self
-            except Exception:           # noqa: BLE001 -- not listening yet
-                time.sleep(0.05)
-        raise AssertionError(f"kdns did not answer in {timeout}s: {self.logs()}")
+        return self.start(timeout, until=ApiKdns.answering)
 
     def published(self) -> int:
         return int(self.metrics()[("kdns_image_published_generation", frozenset())])

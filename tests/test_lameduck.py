@@ -39,12 +39,11 @@ def test_rolling_update_loses_no_query(tmp_path):
     (tmp_path / "new").mkdir()
     old = Kdns(tmp_path / "old",
                image=sample_image(), workers=1, args=args)
-    new = Kdns(tmp_path / "new",
-               image=sample_image(), workers=1, args=args)
-    # Same DNS port for both: the supervisor sets SO_REUSEPORT on every socket.
-    new.port = old.port
-    new.argv[new.argv.index("--dns-port") + 1] = str(old.port)
     old.start()
+    # Same DNS port for both (known once old runs): the supervisor sets SO_REUSEPORT on
+    # every socket.
+    new = Kdns(tmp_path / "new",
+               image=sample_image(), workers=1, args=args, dns_port=old.port)
     try:
         new.start()
         perf = subprocess.Popen(

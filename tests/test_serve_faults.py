@@ -14,7 +14,7 @@ import dns.message
 import pytest
 
 from kdns import engine, refpath
-from serverutil import HOST, alive, a_records, free_port, running
+from serverutil import HOST, alive, a_records, running
 from zonefixtures import SAMPLE_NAMES, sample_image
 
 K = "kubernetes.default.svc.cluster.local"
