@@ -577,8 +577,13 @@ class ApiController(Controller):
             hint = "" if cfg.kubecfg_file or cfg.kube_master_url else (
                 " (or serve objects from a file with --from-file)")
             raise ConfigError(f"{e}{hint}") from None
+        from .sources.api import WatchSettings
+        try:
+            settings = WatchSettings.from_env(os.environ)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
-                   initial_sync_timeout=cfg.initial_sync_timeout)
+                   initial_sync_timeout=cfg.initial_sync_timeout, settings=settings)
 
     def start(self) -> None:
         super().start()

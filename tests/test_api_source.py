@@ -614,3 +614,13 @@ def test_rbac_grants_exactly_what_the_source_reads():
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kube-dns",
                                     "namespace": "kube-system"}]
+
+
+def test_watch_settings_from_env_overrides_named_fields_and_rejects_unknown_ones():
+    assert source.WatchSettings.from_env({}) == source.WatchSettings()
+    got = source.WatchSettings.from_env(
+        {"KDNS_WATCH_SETTINGS": '{"backoff_cap": 1.5, "watch_timeout": [2, 3]}'})
+    assert got == source.WatchSettings(backoff_cap=1.5, watch_timeout=(2, 3))
+    for bad in ('{"backof_cap": 1}', "[1]", "not json"):
+        with pytest.raises(ValueError, match="KDNS_WATCH_SETTINGS"):
+            source.WatchSettings.from_env({"KDNS_WATCH_SETTINGS": bad})

@@ -103,6 +103,26 @@ class WatchSettings:
     # proxy closing every stream at once cannot turn the loop hot.
     min_stream_seconds: float = 1.0
 
+    @classmethod
+    def from_env(cls, environ) -> "WatchSettings":
+        """Defaults, overridden by ``KDNS_WATCH_SETTINGS`` (a JSON object of these fields, in
+        seconds) when set. A hook for tests and experiments: a test that stops the fake API
+        sets a small backoff so reconnects land within a bound it can derive from the same
+        numbers, instead of racing a jittered 30 s cap. ValueError names a bad field."""
+        text = environ.get("KDNS_WATCH_SETTINGS")
+        if not text:
+            return cls()
+        try:
+            fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            if "watch_timeout" in fields:
+                fields["watch_timeout"] = tuple(fields["watch_timeout"])
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"KDNS_WATCH_SETTINGS={text!r} is not valid ({e}); "
+                             f"fix or unset it.") from None
+
 
 class ApiError(Exception):
     """A non-2xx answer or an ERROR watch event, with the API's Status fields."""
