@@ -554,5 +554,10 @@ class ApiSource:
     def synced(self) -> bool:
         return all(w.synced for w in self.watchers)
 
+    @property
+    def alive(self) -> bool:
+        """Any watcher thread still running (read-only; tests check that stop ends them)."""
+        return any(t.is_alive() for t in self._threads)
+
     def status(self) -> list[dict]:
         return [w.status() for w in self.watchers]
