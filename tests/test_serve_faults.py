@@ -140,7 +140,7 @@ def test_sigterm_with_lameduck_reports_not_ready_but_keeps_answering(tmp_path):
             assert a_records(server.udp(K)) == ["10.96.0.1"]
             assert a_records(server.tcp(K)) == ["10.96.0.1"]
         assert server.proc.wait(10) == 0
-        assert 1.4 <= time.monotonic() - signalled < 8
+        assert time.monotonic() - signalled >= 1.4      # not before the lameduck ends
         assert wait_for(lambda: not any(alive(p) for p in pids), 5)
         assert "Traceback" not in server.logs()
 
