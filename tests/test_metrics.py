@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require_tool
+from kdns.worker import FORWARD_MIRROR_PERIOD
 from serverutil import HOST, Kdns, Port
 from upstream import TestDNSServer
 from zonefixtures import sample_image
@@ -30,6 +31,22 @@ def samples(text: str) -> dict:
         for s in fam.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
+
+
+def wait_mirrored(k, up) -> None:
+    """The workers copy their forwarder counters into the shared page every
+    FORWARD_MIRROR_PERIOD: wait until every upstream query and the five asks' cache lookups
+    show, for at most a few copies (each worker copies on its own schedule)."""
+    sent = sum(1 for name, _, _ in up.queries if name.rstrip(".") == "www.example")
+    deadline = time.monotonic() + 3 * FORWARD_MIRROR_PERIOD + 2
+    while True:
+        m = samples(scrape(k.http_port))
+        got = find(m, "coredns_forward_requests_total", to=f"{HOST}:{up.port}")
+        looked_up = sum(find(m, "coredns_cache_hits_total") + find(m, "coredns_cache_misses_total"))
+        if got == [sent] and looked_up >= 5:
+            return
+        assert time.monotonic() < deadline, f"forwarded {sent}, metrics say {got}, {looked_up}"
+        time.sleep(0.05)
 
 
 def find(m: dict, name: str, **labels) -> list[float]:
@@ -54,7 +71,7 @@ def served(tmp_path_factory):
                 k.udp("www.example.", "A")          # forwarded, then from the cache
             k.tcp(K, "A")
             k.udp("nope.default.svc.cluster.local", "A")
-            time.sleep(1.5)          # the workers copy forwarder counters once a second
+            wait_mirrored(k, up)
             yield k, ports, up
         finally:
             assert k.stop() == 0
