@@ -261,10 +261,18 @@ def test_connection_cap_per_worker(tmp_path):
                     extra.sendall(frame(q))
                     read_frame(extra)
             conns.pop().close()
-            time.sleep(0.2)
-            with tcp_connect(server) as again:           # a slot is free again
-                again.sendall(frame(q))
-                assert a_records(dns.message.from_wire(read_frame(again))) == [OLD]
+            # A slot is free again once the worker has seen the close: until then a new
+            # connection is refused as above, so try again (bounded) rather than sleep.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    with tcp_connect(server) as again:
+                        again.settimeout(3)
+                        again.sendall(frame(q))
+                        assert a_records(dns.message.from_wire(read_frame(again))) == [OLD]
+                    break
+                except (ConnectionResetError, EOFError, BrokenPipeError):
+                    assert time.monotonic() < deadline, "no slot freed by the close"
         finally:
             for c in conns:
                 c.close()
