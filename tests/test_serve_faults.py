@@ -73,7 +73,8 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
         for t in threads:
             t.start()
         try:
-            time.sleep(0.5)
+            # Load first: answers flowing from every client before the kill.
+            assert wait_for(lambda: sum(ok for _, ok in results) >= 10 * nclients, 10)
             before = server.worker_pids()
             assert len(before) == 2
             victim = min(before)
@@ -88,7 +89,9 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
             # replacement has mapped the image and serves.
             server.wait_generation(1, timeout=5)
             serving_at = time.monotonic()
-            time.sleep(1.0)
+            # Enough queries sent after the replacement serves to show no lasting error.
+            assert wait_for(lambda: sum(1 for t, _ in list(results) if t >= serving_at + 0.1)
+                            > 100, 10)
         finally:
             stop.set()
             for t in threads:
