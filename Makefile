@@ -9,7 +9,7 @@ SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool
 # runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin).
 SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus
 
-.PHONY: install run test bench bench-short system-deps clean
+.PHONY: install run test test-repeat bench bench-short system-deps clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Flake finder: the suite N times on this tree, then each test that did not pass every time
+# (tests/repeat.py). Run it on changes that touch timing, processes or sockets.
+N ?= 3
+test-repeat: install system-deps
+	$(BIN)/python tests/repeat.py -n $(N) -- $(PYTEST_ARGS)
 
 # Full benchmarks: micro-benchmarks of the per-packet function and of one compile after a
 # change, the dnsperf/NSD/loadgen table, then issue 4's API scale run (bench/README.md).

@@ -56,13 +56,17 @@ class Env:
     pure_compile: bool = False     # KDNS_PURE_COMPILE=1: the reference compiler only
     full_compile: bool = False     # KDNS_FULL_COMPILE=1: no incremental compile after a change
     fwd_compiled: bool = True      # KDNS_FWD_COMPILED=0: cache misses forwarded from Python
+    # KDNS_WATCH_SETTINGS: the API watchers' timings as JSON (kdns.kube.api.WatchSettings),
+    # so a test can shorten the backoff of a kdns it starts.
+    watch_settings: str | None = None
 
 
 def from_env(environ) -> Env:
     return Env(pure=environ.get("KDNS_PURE") == "1",
                pure_compile=environ.get("KDNS_PURE_COMPILE") == "1",
                full_compile=environ.get("KDNS_FULL_COMPILE") == "1",
-               fwd_compiled=environ.get("KDNS_FWD_COMPILED", "1") != "0")
+               fwd_compiled=environ.get("KDNS_FWD_COMPILED", "1") != "0",
+               watch_settings=environ.get("KDNS_WATCH_SETTINGS") or None)
 
 
 ENV = from_env(os.environ)

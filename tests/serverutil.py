@@ -1,6 +1,6 @@
 """Run a real `kdns serve` for end-to-end tests, and always stop it by pid.
 
-The server listens on a free loopback port; with an image (tests/zonefixtures) it is started
+The server listens on loopback ports drawn at start (redrawn if one is taken meanwhile); with an image (tests/zonefixtures) it is started
 with --from-image, so tests do not depend on the Kubernetes record rules; ``publish`` then
 replaces the image file and sends SIGHUP (an immediate re-read) and waits until every worker
 reports the new generation through /metrics.
@@ -81,50 +81,105 @@ def own_resolvers(tmp_path, args) -> list[str]:
     return extra
 
 
+class Port:
+    """A placeholder for a loopback port in ``Kdns(args=..., env=...)``: drawn afresh for each
+    start attempt, read back as ``kdns.ports[name]`` once started."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Port({self.name!r})"
+
+
+# How many times Kdns.start draws new ports when kdns reports one of them taken: a port free
+# when drawn may be bound by anyone before the child binds it; five losses in a row would
+# mean something other than bad luck.
+START_ATTEMPTS = 5
+PORT_TAKEN = "Address already in use"
+
+
 class Kdns:
-    """A running `kdns serve` child process."""
+    """A running `kdns serve` child process.
+
+    Its ports are drawn when it starts (``port``, ``http_port``, and one per ``Port`` in
+    ``args`` or ``env``, in ``ports``); if kdns exits because one was taken meanwhile, start
+    draws them all again and retries, so no test fails on another socket's luck."""
 
     def __init__(self, tmp_path, *, image: bytes | None = None, zone_file: str | None = None,
-                 workers: int = 2, args: tuple = (), env: dict | None = None, host: str = HOST):
+                 workers: int = 2, args: tuple = (), env: dict | None = None, host: str = HOST,
+                 source: list[str] | None = None, dns_port: int | None = None):
         self.tmp = tmp_path
         self.host = host
-        self.port = free_port(host)
-        self.http_port = free_port(host)
         self.workers = workers
         self.image_path = None
-        if image is not None:
+        if source is not None:                   # e.g. --kubecfg-file: no zone file here
+            pass
+        elif image is not None:
             self.image_path = str(tmp_path / "zone.img")
             with open(self.image_path, "wb") as f:
                 f.write(image)
             source = ["--from-image", self.image_path]
         else:
             source = ["--from-file", zone_file]
-        self.log_path = tmp_path / f"kdns-{self.port}.log"
-        self.argv = [sys.executable, "-m", "kdns", "serve", *source,
-                     "--dns-bind-address", host, "--dns-port", str(self.port),
-                     "--healthz-port", str(self.http_port), "--metrics-port", str(self.http_port),
-                     # Issue 6: the other listeners have fixed default ports (tests run in
-                     # parallel) and SIGTERM would wait out the 5s lameduck; tests opt in.
-                     "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
-                     "--lameduck", "0",
-                     "--workers", str(workers), *args, *own_resolvers(tmp_path, args)]
-        self.env = {**os.environ, **(env or {})}
+        self.argv_template = [
+            sys.executable, "-m", "kdns", "serve", *source,
+            # A fixed dns_port is shared on purpose (SO_REUSEPORT): not redrawn.
+            "--dns-bind-address", host,
+            "--dns-port", Port("dns") if dns_port is None else str(dns_port),
+            "--healthz-port", Port("http"), "--metrics-port", Port("http"),
+            # Issue 6: the other listeners have fixed default ports (tests run in
+            # parallel) and SIGTERM would wait out the 5s lameduck; tests opt in.
+            "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
+            "--lameduck", "0",
+            "--workers", str(workers), *args, *own_resolvers(tmp_path, args)]
+        self.env_template = {**os.environ, **(env or {})}
+        self.attempt = 0
+        self.draw_ports()
         self.proc: subprocess.Popen | None = None
         self.generation = 1
 
+    def draw_ports(self) -> None:
+        """Fresh ports for every placeholder; argv, env and log path follow."""
+        names = [v.name for v in [*self.argv_template, *self.env_template.values()]
+                 if isinstance(v, Port)]
+        self.ports: dict[str, int] = {}
+        for name in names:
+            if name not in self.ports:
+                self.ports[name] = free_port(self.host)
+        fill = lambda v: str(self.ports[v.name]) if isinstance(v, Port) else v
+        self.argv = [fill(v) for v in self.argv_template]
+        self.env = {k: fill(v) for k, v in self.env_template.items()}
+        self.port = self.ports.get("dns", int(self.argv[self.argv.index("--dns-port") + 1]))
+        self.http_port = self.ports["http"]
+        self.attempt += 1
+        self.log_path = self.tmp / f"kdns-{self.port}-{self.attempt}.log"
+
     # ---- lifecycle
-    def start(self, timeout: float = 20.0) -> "Kdns":
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kdns exited with {self.proc.returncode}: {self.logs()}")
-            if self.ready():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"kdns did not become ready in {timeout}s: {self.logs()}")
+    def start(self, timeout: float = 20.0, until=None) -> "Kdns":
+        """Start and wait for /readiness (or ``until(self)``); ``timeout`` is per attempt."""
+        until = until or Kdns.ready
+        for attempt in range(START_ATTEMPTS):
+            if attempt:
+                self.draw_ports()
+            self.log = open(self.log_path, "wb")
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=self.log,
+                                         stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if until(self):
+                    return self
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"kdns did not become ready in {timeout}s: {self.logs()}")
+            # kdns exits 2 naming the flag when a port is taken (before any worker exists).
+            if self.proc.returncode != 2 or PORT_TAKEN not in self.logs():
+                break
+            self.log.close()
+        raise AssertionError(f"kdns exited with {self.proc.returncode}: {self.logs()}")
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit; only this pid (its workers follow)."""

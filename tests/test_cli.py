@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from kdns import cli
-from serverutil import HOST, ROOT, free_port
+from serverutil import HOST, ROOT
 from zonefixtures import sample_image
 
 EXAMPLE = os.path.join(ROOT, "examples", "cluster.yaml")
@@ -94,7 +94,9 @@ def run_kdns(*args, timeout=30):
 
 
 def serve_args(*source, port=None):
-    return ["serve", *source, "--dns-bind-address", HOST, "--dns-port", str(port or free_port()),
+    # DNS port 0 unless a test names one: the kernel picks it as kdns binds, so no other
+    # socket can take it in between and turn the expected failure into another one.
+    return ["serve", *source, "--dns-bind-address", HOST, "--dns-port", str(port or 0),
             "--healthz-port", "0", "--metrics-port", "0", "--health-port", "0",
             "--ready-port", "0", "--sidecar-port", "0", "--workers", "2"]
 

@@ -7,6 +7,7 @@ every change checked by querying the server. Every wait is bounded.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -78,6 +79,38 @@ def wait_until(predicate, timeout=5.0, what="condition", step=0.01):
         time.sleep(step)
 
 
+class FakeClock:
+    """The controller's injected clock: time moves only when a test says so, so debounce
+    decisions do not depend on how fast this machine runs the test."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def full_steps(ctl):
+    """Wait until the compiler thread has finished two more passes than now: whatever it
+    took in before this call has then been applied and judged (compile or not)."""
+    start = ctl.steps
+    ctl.inbox.nudge()
+    # An idle pass waits at most 0.5 s (Controller._timeout); nudged, it returns at once.
+    wait_until(lambda: ctl.steps >= start + 2 or ctl.inbox.nudge(), timeout=5.0,
+               what="two compiler-thread passes")
+
+
+def compiled(ctl):
+    """Every change taken in is compiled and the image waits for the supervisor's poll."""
+    return not ctl.changes_pending and ctl.image_waiting
+
+
 class FakeSupervisor:
     """The supervisor's side of the hand-off: publishes on wake, workers switch at once."""
 
@@ -115,14 +148,32 @@ def listed(sink, kind, objs):
     sink.relist_end(kind)
 
 
-def test_nothing_compiled_as_synced_until_every_watcher_listed(ctl):
+def test_nothing_compiled_as_synced_until_every_watcher_listed():
+    clock = FakeClock()
+    ctl = C.Controller(compiler=RecordingCompiler(), needed=2, clock=clock)
+    ctl.first()
+    try:
+        nothing_compiled_until_synced(ctl, clock)
+    finally:
+        ctl.stop()
+
+
+def nothing_compiled_until_synced(ctl, clock):
     sink = ctl.sink
     listed(sink, "Service", [svc("a")])
     sink.synced("Service")
-    time.sleep(0.2)
-    assert ctl.poll() is None and ctl.ready_generation == 0
+    # The clock moves only once the change is taken in (it is stamped when applied), then
+    # past every debounce delay, and the thread judges it again: synced, it would compile.
+    full_steps(ctl)
+    assert ctl.changes_pending
+    clock.advance(ctl.debounce.max_delay)
+    full_steps(ctl)
+    assert ctl.compiles == 0 and ctl.poll() is None and ctl.ready_generation == 0
     listed(sink, "Namespace", [nsobj("default")])
     sink.synced("Namespace")
+    wait_until(lambda: ctl.synced, what="both synced")
+    full_steps(ctl)             # the pass that took it in is over: its stamps are made
+    clock.advance(ctl.debounce.max_delay)
     wait_until(lambda: ctl.compiles == 1, what="the first synced compile")
     sup = FakeSupervisor(ctl)
     sup.pump()
@@ -149,34 +200,52 @@ def test_relist_deletes_what_it_did_not_see_and_a_restarted_list_is_authoritativ
 
 
 def test_a_burst_is_coalesced_and_a_single_change_is_quick():
+    clock = FakeClock()
     comp = RecordingCompiler(delay=0.02)
-    ctl = C.Controller(compiler=comp, needed=1)
+    ctl = C.Controller(compiler=comp, needed=1, clock=clock)
     ctl.first()
     try:
-        sup = FakeSupervisor(ctl)
-        ctl.sink.synced("Service")
-        wait_until(lambda: ctl.compiles == 1)
-        sup.pump()
-        for i in range(300):
-            ctl.sink.apply("EndpointSlice", {**eps(f"s{i}", "web", [f"10.1.{i // 250}.{i % 250 + 1}"]),
-                                             "kind": "EndpointSlice"})
-        wait_until(lambda: ctl.status()["objects"]["EndpointSlice"] == 300
-                   and not ctl._dirty_since and ctl._outbox is not None, what="the burst")
-        burst = ctl.compiles - 1
-        assert 1 <= burst <= 5, f"{burst} compiles for a burst of 300 changes"
-        sup.pump()
-        before, t0 = ctl.compiles, time.monotonic()
-        ctl.sink.apply("Service", {**svc("one"), "kind": "Service"})
-        wait_until(lambda: ctl.compiles == before + 1, what="one change compiled")
-        # settle (5 ms) + quiet + one 20 ms compile, with room for a busy machine.
-        assert time.monotonic() - t0 < 0.5
-        sup.pump()
-        wait_until(lambda: ctl.latency.snapshot()[3] >= 301, what="latency observed")
-        _, cumulative, total, count = ctl.latency.snapshot()
-        assert count == 301 and 0 < total
-        assert cumulative[-1] == 301        # everything under ~9 minutes
+        burst_then_one(ctl, clock)
     finally:
         ctl.stop()
+
+
+def burst_then_one(ctl, clock):
+    debounce = ctl.debounce
+    due = max(debounce.settle, debounce.quiet)      # a lone change waits this long, no more
+    sup = FakeSupervisor(ctl)
+    ctl.sink.synced("Service")
+    wait_until(lambda: ctl.synced, what="synced")      # taken in, then time moves
+    full_steps(ctl)
+    clock.advance(due)
+    wait_until(lambda: ctl.compiles == 1)
+    sup.pump()
+    # 300 changes inside one debounce window (the clock stands still): one compile.
+    for i in range(300):
+        ctl.sink.apply("EndpointSlice", {**eps(f"s{i}", "web", [f"10.1.{i // 250}.{i % 250 + 1}"]),
+                                         "kind": "EndpointSlice"})
+    wait_until(lambda: ctl.status()["objects"]["EndpointSlice"] == 300, what="the burst taken in")
+    full_steps(ctl)
+    clock.advance(due)
+    wait_until(lambda: compiled(ctl), what="the burst compiled")
+    burst = ctl.compiles - 1
+    assert burst == 1, f"{burst} compiles for a burst of 300 changes"
+    sup.pump()
+    # One change: not compiled before the debounce delay, compiled as soon as it has passed.
+    before = ctl.compiles
+    ctl.sink.apply("Service", {**svc("one"), "kind": "Service"})
+    wait_until(lambda: ctl.status()["objects"]["Service"] == 1, what="the change taken in")
+    full_steps(ctl)
+    clock.advance(due / 2)
+    full_steps(ctl)
+    assert ctl.compiles == before and ctl.changes_pending
+    clock.advance(due / 2)
+    wait_until(lambda: ctl.compiles == before + 1, what="one change compiled")
+    sup.pump()
+    wait_until(lambda: ctl.latency.snapshot()[3] >= 301, what="latency observed")
+    _, cumulative, total, count = ctl.latency.snapshot()
+    assert count == 301 and 0 < total
+    assert cumulative[-1] == 301        # everything under ~9 minutes
 
 
 def test_latency_is_labelled_by_service_kind_as_coredns(ctl):
@@ -190,7 +259,7 @@ def test_latency_is_labelled_by_service_kind_as_coredns(ctl):
     ctl.sink.apply("EndpointSlice", {**eps("web-1", "web", ["10.1.0.2"]), "kind": "EndpointSlice"})
     ctl.sink.apply("Service", {**svc("web", ip="10.96.0.9"), "kind": "Service"})
     ctl.sink.apply("Namespace", {**nsobj("team"), "kind": "Namespace"})
-    wait_until(lambda: ctl._outbox is not None and not ctl._dirty_since, what="the compile")
+    wait_until(lambda: compiled(ctl), what="the compile")
     sup.pump()
     wait_until(lambda: ctl.latency.snapshot()[3] == 4, what="four observations")
     hist = ctl.programming_histograms()
@@ -203,9 +272,20 @@ def test_latency_is_labelled_by_service_kind_as_coredns(ctl):
     assert [c for _, c in pairs] == sorted(c for _, c in pairs)     # cumulative
 
 
-def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks(ctl):
+def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks():
     """The compiler thread may be busy when the workers switch; the workers' swap time
     (``served_at``) ends the measurement, so a late look does not inflate it."""
+    clock = FakeClock()
+    ctl = C.Controller(compiler=RecordingCompiler(), needed=2, clock=clock)
+    ctl.first()
+    try:
+        latency_ends_at_the_swap(ctl, clock)
+    finally:
+        ctl.stop()
+
+
+def latency_ends_at_the_swap(ctl, clock):
+    due = max(ctl.debounce.settle, ctl.debounce.quiet)
     sup = FakeSupervisor(ctl)
     swapped = {"at": 0.0}
     ctl.bind(wake=sup.event.set, served_generation=lambda: sup.served,
@@ -213,18 +293,24 @@ def test_latency_ends_when_the_last_worker_swapped_not_when_the_controller_looks
     listed(ctl.sink, "Service", [svc("web")])
     ctl.sink.synced("Service")
     ctl.sink.synced("Namespace")
+    wait_until(lambda: ctl.synced, what="synced")      # taken in, then time moves
+    full_steps(ctl)
+    clock.advance(due)
     wait_until(lambda: ctl.compiles == 1)
     sup.pump()
-    seen = time.monotonic()
+    seen = clock()
     ctl.sink.apply("Service", {**svc("web", ip="10.96.0.9"), "kind": "Service"})
-    wait_until(lambda: ctl._outbox is not None and not ctl._dirty_since, what="the compile")
+    wait_until(lambda: ctl.changes_pending, what="the change taken in")
+    full_steps(ctl)
+    clock.advance(due)
+    wait_until(lambda: compiled(ctl), what="the compile")
     # Published and served now, but the workers "swapped" 50 ms after the event was seen
     # and the controller only looks 300 ms later.
     swapped["at"] = seen + 0.05
-    time.sleep(0.3)
+    clock.advance(0.3)
     sup.pump()
     wait_until(lambda: ctl.latency.snapshot()[3] == 1, what="the observation")
-    assert ctl.latency.recent[-1] <= 0.05
+    assert ctl.latency.recent[-1] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("full", ["0", "1"])
@@ -264,8 +350,12 @@ def test_staleness_grows_during_an_outage_and_clears_after(api):
             api.set_down(True)
             api.delete("services", "default", "kubernetes")
             api.compact()       # the delete is no longer in history: only a relist sees it
-            time.sleep(1.5)
-            assert ctl.staleness_seconds() > 0.5
+            # The reset streams fail at once; staleness then grows with the time since the
+            # last contact (bounded: the slowest a watcher notices is a silent stream's
+            # watch timeout + read slack).
+            wait_until(lambda: ctl.staleness_seconds() > 0.5,
+                       timeout=fast.watch_timeout[1] + fast.read_slack + 0.5,
+                       what="staleness during the outage")
             api.set_down(False)
             wait_until(lambda: ctl.staleness_seconds() == 0.0, timeout=10, what="reconnected")
             wait_until(lambda: ctl.relists() > relists, timeout=10, what="relist after 410")
@@ -296,28 +386,21 @@ def test_initial_sync_timeout_logs_loudly_and_keeps_waiting(caplog):
 class ApiKdns(Kdns):
     """``kdns serve`` reading the fake API through a kubeconfig (no --from-* flag)."""
 
-    def __init__(self, tmp_path, api: FakeApiServer, *, args=(), workers=1):
-        super().__init__(tmp_path, image=b"", workers=workers, args=args)
+    def __init__(self, tmp_path, api: FakeApiServer, *, args=(), workers=1, env=None):
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, {"token": api.token})
-        i = self.argv.index("--from-image")
-        self.argv[i:i + 2] = ["--kubecfg-file", kubeconfig]
+        super().__init__(tmp_path, workers=workers, args=args, env=env,
+                         source=["--kubecfg-file", kubeconfig])
+
+    def answering(self) -> bool:
+        try:
+            self.udp(K)
+            return True
+        except Exception:           # noqa: BLE001 -- not listening yet
+            return False
 
     def start_serving(self, timeout=20.0) -> "ApiKdns":
         """Start and wait until the workers answer (ready or not)."""
-        self.log = open(self.log_path, "wb")
-        import subprocess
-        from serverutil import ROOT
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"kdns exited: {self.logs()}"
-            try:
-                self.udp(K)
-                return self
-            except Exception:           # noqa: BLE001 -- not listening yet
-                time.sleep(0.05)
-        raise AssertionError(f"kdns did not answer in {timeout}s: {self.logs()}")
+        return self.start(timeout, until=ApiKdns.answering)
 
     def published(self) -> int:
         return int(self.metrics()[("kdns_image_published_generation", frozenset())])
@@ -446,10 +529,14 @@ def test_a_burst_of_300_endpointslice_changes_is_a_few_publishes(api, kdns_api):
                         | ({"10.3.0.1"} if i == 0 else set())) for i in range(10)}
     for i in range(10):
         k.wait_answer(f"b{i}.default.svc.{ZONE}", answers(*expect[i]), timeout=10)
-    time.sleep(0.3)         # let any trailing compile land before counting
+    # Every answer shows the last change, so the last compile with a change has landed.
     publishes = k.published() - before
     print(f"300 EndpointSlice changes -> {publishes} publishes")
-    assert 1 <= publishes <= 30, f"{publishes} publishes for 300 changes"
+    # Coalesced: fewer publishes than changes. How many fewer depends on how fast the fake
+    # API delivers them (one per event when they trickle slower than the debounce); the
+    # exact coalescing is checked with an injected clock in
+    # test_a_burst_is_coalesced_and_a_single_change_is_quick.
+    assert 1 <= publishes < 300, f"{publishes} publishes for 300 changes"
     # Every change was one programming-latency observation, exported as CoreDNS does.
     count = k.metrics()[("coredns_kubernetes_dns_programming_duration_seconds_count",
                          frozenset({("service_kind", "headless_with_selector")}))]
@@ -481,40 +568,70 @@ def test_gone_in_a_busy_stream_loses_no_update(api, kdns_api):
     assert api.count(verb="list", resource="endpointslices") > lists_before, "no relist happened"
 
 
-def test_an_api_outage_keeps_answers_flowing_then_converges(api, kdns_api):
+# The outage test's watch settings, given to kdns through KDNS_WATCH_SETTINGS: a small backoff
+# cap so that every watcher's reconnect after the outage lands within a bound derived from
+# these numbers (kdns's default 30 s cap would make any wait race the jitter).
+OUTAGE_SETTINGS = {"backoff_base": 0.1, "backoff_cap": 1.0, "connect_timeout": 2.0,
+                   "list_read_timeout": 5.0}
+# Once the API is back, a watcher's next attempt starts within backoff_cap and its relist
+# (the outage's history is compacted) finishes within connect + read timeouts.
+RECONNECT_BOUND = (OUTAGE_SETTINGS["backoff_cap"] + OUTAGE_SETTINGS["connect_timeout"]
+                   + OUTAGE_SETTINGS["list_read_timeout"])
+OUTAGE_SECONDS = 10
+OUTAGE_ROUNDS = 40          # query rounds during the outage, however slow the machine is
+
+
+def test_an_api_outage_keeps_answers_flowing_then_converges(api, tmp_path):
     # The issue asks for 30 s; 10 s shows the same (several failed reconnects with growing
     # backoff, then convergence) and keeps the suite short.
-    k = kdns_api
+    base_objects(api)
+    k = ApiKdns(tmp_path, api, env={"KDNS_WATCH_SETTINGS": json.dumps(OUTAGE_SETTINGS)})
+    try:
+        k.start(timeout=30)
+        outage_then_convergence(api, k)
+    finally:
+        k.stop()
+
+
+def outage_then_convergence(api, k):
     for name, ip in (("keep", "10.96.1.1"), ("gone", "10.96.1.2"), ("moved", "10.96.1.3")):
         api.create("services", svc(name, ip=ip))
     k.wait_answer(f"moved.default.svc.{ZONE}", answers("10.96.1.3"))
     api.set_down(True)
+    down_at = time.monotonic()
     api.delete("services", "default", "gone")
     api.update("services", svc("moved", ip="10.96.1.4"))
     api.create("services", svc("new", ip="10.96.1.5"))
     api.compact()       # the history of the outage is gone: only a relist can see the delete
-    failures, queries, t_end = [], 0, time.monotonic() + 10
-    while time.monotonic() < t_end:
+    failures, rounds = [], 0
+    # Both a duration (the watchers fail and back off several times) and a number of rounds
+    # (answers checked all along), so a loaded machine lengthens the loop instead of failing.
+    while rounds < OUTAGE_ROUNDS or time.monotonic() - down_at < OUTAGE_SECONDS:
         for name, ip in (("keep", "10.96.1.1"), ("gone", "10.96.1.2"), ("moved", "10.96.1.3")):
             msg = k.udp(f"{name}.default.svc.{ZONE}")
-            queries += 1
             if a_records(msg) != [ip]:
                 failures.append((name, rcode_text(msg), a_records(msg)))
         assert k.ready(), "not ready during an API outage"
+        rounds += 1
         time.sleep(0.05)
-    assert not failures and queries > 100, failures[:5]
+    assert not failures, failures[:5]
     m = k.metrics()
-    assert m[("kdns_api_staleness_seconds", frozenset())] > 5     # says how stale it is
+    # Says how stale it is: at least as long as the API has been down (last contact was
+    # before set_down).
+    assert m[("kdns_api_staleness_seconds", frozenset())] >= OUTAGE_SECONDS
     relists = m[("kdns_api_relists_total", frozenset())]
     api.set_down(False)
-    k.wait_answer(f"gone.default.svc.{ZONE}", rcode("NXDOMAIN"), timeout=40)
-    k.wait_answer(f"moved.default.svc.{ZONE}", answers("10.96.1.4"), timeout=5)
-    k.wait_answer(f"new.default.svc.{ZONE}", answers("10.96.1.5"), timeout=5)
-    k.wait_answer(f"keep.default.svc.{ZONE}", answers("10.96.1.1"), timeout=5)
+    # Each watcher is back within RECONNECT_BOUND; the compile and hand-off after it are the
+    # debounce's max_delay plus the workers' switch (the other waits in this file: 10 s).
+    converge = RECONNECT_BOUND + 10
+    k.wait_answer(f"gone.default.svc.{ZONE}", rcode("NXDOMAIN"), timeout=converge)
+    k.wait_answer(f"moved.default.svc.{ZONE}", answers("10.96.1.4"), timeout=converge)
+    k.wait_answer(f"new.default.svc.{ZONE}", answers("10.96.1.5"), timeout=converge)
+    k.wait_answer(f"keep.default.svc.{ZONE}", answers("10.96.1.1"), timeout=converge)
     assert k.ready()
-    # Watchers with nothing to deliver reconnect on their own backoff (up to backoff_cap).
+    # Watchers with nothing to deliver reconnect on their own backoff too.
     wait_until(lambda: k.metrics()[("kdns_api_staleness_seconds", frozenset())] == 0,
-               timeout=35, step=0.2, what="every watcher reconnected")
+               timeout=RECONNECT_BOUND, step=0.2, what="every watcher reconnected")
     assert k.metrics()[("kdns_api_relists_total", frozenset())] > relists
 
 

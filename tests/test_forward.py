@@ -140,10 +140,9 @@ def test_failover_when_first_upstream_dead_or_slow(failure):
         else:
             bad.delay = 0.6          # longer than the 0.3 s per-try timeout
         fwd = Forwarder([up(bad), up(good)], **FAST)
-        t0 = time.monotonic()
         rec = run(ask(fwd, "a.test"))
         assert [str(r.rdata) for r in rec.rr] == ["9.9.9.2"]
-        assert 0.25 < time.monotonic() - t0 < 1.5      # one per-try timeout, then success
+        # One per-try timeout, then success (counted, not timed: a loaded machine is slow).
         assert bad.udp_queries == 1 and good.udp_queries == 1
         assert fwd.timeouts == 1 and fwd.per_upstream[str(up(bad))].timeouts == 1
 
@@ -183,7 +182,11 @@ def test_overall_deadline_gives_servfail():
         rec = run(ask(fwd, "a.test", qid=77))
         elapsed = time.monotonic() - t0
         assert rec.header.rcode == RCODE.SERVFAIL and rec.header.id == 77 and rec.header.ra
-        assert 0.75 < elapsed < 1.6       # the deadline ends it, not 2 rounds × 2 × try_timeout
+        # Not given up before the deadline (a lower bound: load only adds to it) ...
+        assert elapsed >= 0.8 - 0.05
+        # ... and the deadline ends it, not 2 rounds × 2 upstreams × try_timeout: a third try
+        # (due 0.6 s in, later on a loaded machine) is cut short and no fourth is sent.
+        assert a.udp_queries + b.udp_queries in (2, 3), (a.udp_queries, b.udp_queries)
         assert fwd.failures == 1 and fwd.timeouts >= 2 and fwd.responses == {2: 1}
 
 
@@ -351,14 +354,18 @@ def test_identical_concurrent_queries_coalesced():
 
 def test_coalescing_survives_a_client_going_away():
     with TestDNSServer({"a.test.": ["A 9.9.9.9"]}) as s:
-        s.delay = 0.2
-        fwd = Forwarder([up(s)], try_timeout=1.0, deadline=2.0)
+        # The upstream holds its answer long enough for the steps below, each of which
+        # waits for what the previous one caused instead of sleeping.
+        s.delay = 1.0
+        fwd = Forwarder([up(s)], try_timeout=3.0, deadline=4.0)
 
         async def main():
             first = asyncio.ensure_future(fwd.resolve(make_query("a.test", qid=1), "udp"))
-            await asyncio.sleep(0.05)
+            while s.udp_queries == 0:           # the first client's query is upstream
+                await asyncio.sleep(0.005)
             second = asyncio.ensure_future(fwd.resolve(make_query("a.test", qid=2), "udp"))
-            await asyncio.sleep(0.01)
+            while fwd.coalesced == 0:           # the second client joined it
+                await asyncio.sleep(0.005)
             first.cancel()
             return await second
         assert answers(run(main())) == ["9.9.9.9"] and s.udp_queries == 1
@@ -455,19 +462,20 @@ def test_stale_answer_after_client_response_timer_while_refresh_continues():
     with TestDNSServer({"a.test.": ["60 A 9.9.9.9"]}) as s:
         clock = Clock()
         fwd = Forwarder([up(s)], cache=Cache(clock=clock, serve_stale=True),
-                        stale_answer_timeout=0.1, try_timeout=1.0, deadline=2.0)
+                        stale_answer_timeout=0.1, try_timeout=2.0, deadline=3.0)
 
         async def main():
             await ask(fwd, "a.test")
             clock.now += 120
-            s.delay = 0.4
-            t0 = time.monotonic()
+            s.delay = 1.0                       # ten times the client's timer
             stale = await ask(fwd, "a.test")
-            waited = time.monotonic() - t0
-            await asyncio.sleep(0.6)            # the refresh completes meanwhile
-            return stale, waited, await ask(fwd, "a.test")
-        stale, waited, fresh = run(main())
-        assert stale.rr[0].ttl == 30 and waited < 0.35
+            # Served stale (TTL 30) while the refresh was still waiting on the upstream,
+            # which is how the client was not held past the timer. The refresh then lands.
+            assert stale.rr[0].ttl == 30 and fwd.inflight == 1
+            while fwd.inflight:                 # bounded by the forwarder's deadline
+                await asyncio.sleep(0.01)
+            return await ask(fwd, "a.test")
+        fresh = run(main())
         assert fresh.rr[0].ttl == 60 and s.udp_queries == 2
 
 

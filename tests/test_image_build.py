@@ -174,7 +174,9 @@ def test_image_serves_dns_on_port_53_as_in_the_pod(image, tmp_path):
     ]
     usage = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0, usage.stdout + usage.stderr
-    readiness_port = free_port()
+    # On the random loopback address the container alone listens on, so no other socket on
+    # this machine draws the port between this check and kdns binding it.
+    readiness_port = free_port(addr)
     serve_args = [
         "--from-file", "/etc/kdns/cluster.yaml", "--dns-bind-address", addr, "--dns-port", "53",
         "--workers", "1", "--healthz-port", str(readiness_port),

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require_tool
-from serverutil import HOST, Kdns, free_port
+from serverutil import HOST, Kdns, Port
 from upstream import TestDNSServer
 from zonefixtures import sample_image
 
@@ -41,12 +41,12 @@ def served(tmp_path_factory):
     """One kdns with every metrics listener, an upstream, and some traffic of each kind."""
     tmp = tmp_path_factory.mktemp("metrics")
     with TestDNSServer({"www.example.": ["A 192.0.2.1"]}) as up:
-        ports = {"sidecar": free_port(), "prometheus": free_port(), "health": free_port()}
         k = Kdns(tmp, image=sample_image(), workers=2,
-                 args=("--sidecar-port", str(ports["sidecar"]), "--health-port",
-                       str(ports["health"]), "--nameservers", f"{HOST}:{up.port}"),
-                 env={"PROMETHEUS_PORT": str(ports["prometheus"]), "PROMETHEUS_PATH": "/skydns"})
+                 args=("--sidecar-port", Port("sidecar"), "--health-port",
+                       Port("health"), "--nameservers", f"{HOST}:{up.port}"),
+                 env={"PROMETHEUS_PORT": Port("prometheus"), "PROMETHEUS_PATH": "/skydns"})
         k.start()
+        ports = k.ports
         try:
             for _ in range(5):
                 k.udp(K, "SRV")

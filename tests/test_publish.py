@@ -345,8 +345,22 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
             wire = dns.message.make_query(f"slow.n{i}.example.", "A", id=i).to_wire()
             writer.write(struct.pack("!H", len(wire)) + wire)
         await writer.drain()
-        await asyncio.sleep(0.3)
-        in_flight = len(handoff.seen)
+        tcp_taken = lambda: sum(1 for _, proto in handoff.seen if proto == "tcp")
+        while tcp_taken() < W.TCP_MAX_PENDING:
+            await asyncio.sleep(0.01)
+        # The rest of the pipeline is readable all along: a few UDP round trips through the
+        # same loop give the worker every chance to take more if it did not stop reading.
+        loop = asyncio.get_running_loop()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.setblocking(False)
+        udp.bind(("127.0.0.1", 0))
+        for i in range(3):
+            await loop.sock_sendto(udp, dns.message.make_query("fast.example.", "A",
+                                                               id=1000 + i).to_wire(),
+                                   worker.udp.getsockname())
+            await asyncio.wait_for(loop.sock_recv(udp, 65535), 5)
+        udp.close()
+        in_flight = tcp_taken()
         for i in range(total):
             handoff.gate(f"slow.n{i}.example.").set()
         ids = sorted([(await read_msg(reader)).id for _ in range(total)])
@@ -365,7 +379,7 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
     assert ids == list(range(total))
 
 
-def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order():
+def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog):
     """Issue 4: a worker checks each new image on its checker thread, swaps when it passes,
     records when it swapped (the end of DNS programming latency), refuses a corrupt layout
     while serving the last good image, and never swaps back to an older generation."""
@@ -388,7 +402,8 @@ def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_o
         swapped = C.page_swapped_ns(pg, 0)
         assert before <= swapped <= time.monotonic_ns()
         pub.publish(bytes(corrupt))                       # generation 3: refused
-        await asyncio.sleep(0.3)
+        while "image generation 3 rejected" not in caplog.text:     # the checker's verdict
+            await asyncio.sleep(0.01)
         assert worker.generation == 2 and C.page_generation(pg, 0) == 2
         assert C.page_swapped_ns(pg, 0) == swapped
         img = worker.img

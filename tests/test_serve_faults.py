@@ -15,7 +15,7 @@ import pytest
 
 from kdns.packet import engine
 from kdns.zone import refpath
-from serverutil import HOST, alive, a_records, free_port, running
+from serverutil import HOST, alive, a_records, running
 from zonefixtures import SAMPLE_NAMES, sample_image
 
 K = "kubernetes.default.svc.cluster.local"
@@ -74,7 +74,8 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
         for t in threads:
             t.start()
         try:
-            time.sleep(0.5)
+            # Load first: answers flowing from every client before the kill.
+            assert wait_for(lambda: sum(ok for _, ok in results) >= 10 * nclients, 10)
             before = server.worker_pids()
             assert len(before) == 2
             victim = min(before)
@@ -89,7 +90,9 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
             # replacement has mapped the image and serves.
             server.wait_generation(1, timeout=5)
             serving_at = time.monotonic()
-            time.sleep(1.0)
+            # Enough queries sent after the replacement serves to show no lasting error.
+            assert wait_for(lambda: sum(1 for t, _ in list(results) if t >= serving_at + 0.1)
+                            > 100, 10)
         finally:
             stop.set()
             for t in threads:
@@ -141,7 +144,7 @@ def test_sigterm_with_lameduck_reports_not_ready_but_keeps_answering(tmp_path):
             assert a_records(server.udp(K)) == ["10.96.0.1"]
             assert a_records(server.tcp(K)) == ["10.96.0.1"]
         assert server.proc.wait(10) == 0
-        assert 1.4 <= time.monotonic() - signalled < 8
+        assert time.monotonic() - signalled >= 1.4      # not before the lameduck ends
         assert wait_for(lambda: not any(alive(p) for p in pids), 5)
         assert "Traceback" not in server.logs()
 

@@ -19,6 +19,7 @@ Counters: ``udp_queries``, ``tcp_queries``, ``queries`` (list of (qname, qtype, 
 """
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -51,14 +52,8 @@ class TestDNSServer:
         self.raw: list[tuple[bytes, tuple]] = []     # (query bytes, client address)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.udp = socket.socket(fam, socket.SOCK_DGRAM)
-        self.udp.bind((host, 0))
+        self.udp, self.tcp = bind_pair(host)
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(fam, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
-        self.tcp.listen(16)
         self.udp.settimeout(0.05)
         self.tcp.settimeout(0.05)
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
@@ -205,6 +200,35 @@ class TestDNSServer:
                 conn.sendall(struct.pack("!H", len(reply)) + reply)
         except OSError:
             pass
+
+
+PAIR_ATTEMPTS = 50
+
+
+def bind_pair(host: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket bound to the same loopback port, both held.
+
+    The kernel picks the UDP port; the same number may already be held over TCP by another
+    socket (ports are per protocol), so on EADDRINUSE the pair is dropped and drawn again.
+    Nothing is ever closed and re-bound later, so no other process can take the port in
+    between."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(PAIR_ATTEMPTS):
+        udp = socket.socket(fam, socket.SOCK_DGRAM)
+        udp.bind((host, 0))
+        tcp = socket.socket(fam, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind((host, udp.getsockname()[1]))
+        except OSError as e:
+            tcp.close()
+            udp.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        tcp.listen(16)
+        return udp, tcp
+    raise RuntimeError(f"no port free for both UDP and TCP on {host} in {PAIR_ATTEMPTS} draws")
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:

@@ -233,6 +233,12 @@ class Forwarder:
         self.per_upstream: dict[str, UpstreamStats] = {}
         self.configure(upstreams, stub_domains or {})
 
+    @property
+    def inflight(self) -> int:
+        """Upstream queries this (Python) forwarder has in flight, refreshes included
+        (read-only; tests wait on it instead of sleeping through a refresh)."""
+        return len(self._inflight)
+
     # ---- configuration -------------------------------------------------------------------
 
     def configure(self, upstreams: Iterable[Upstream],

@@ -103,6 +103,26 @@ class WatchSettings:
     # proxy closing every stream at once cannot turn the loop hot.
     min_stream_seconds: float = 1.0
 
+    @classmethod
+    def from_text(cls, text: str | None) -> "WatchSettings":
+        """Defaults, overridden by ``KDNS_WATCH_SETTINGS`` (``settings.ENV.watch_settings``: a
+        JSON object of these fields, in seconds) when set. A hook for tests and experiments: a
+        test that stops the fake API sets a small backoff so reconnects land within a bound it
+        can derive from the same numbers, instead of racing a jittered 30 s cap. ValueError
+        names a bad field."""
+        if not text:
+            return cls()
+        try:
+            fields = json.loads(text)
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            if "watch_timeout" in fields:
+                fields["watch_timeout"] = tuple(fields["watch_timeout"])
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"KDNS_WATCH_SETTINGS={text!r} is not valid ({e}); "
+                             f"fix or unset it.") from None
+
 
 class ApiError(Exception):
     """A non-2xx answer or an ERROR watch event, with the API's Status fields."""
@@ -533,6 +553,11 @@ class ApiSource:
     @property
     def synced(self) -> bool:
         return all(w.synced for w in self.watchers)
+
+    @property
+    def alive(self) -> bool:
+        """Any watcher thread still running (read-only; tests check that stop ends them)."""
+        return any(t.is_alive() for t in self._threads)
 
     def status(self) -> list[dict]:
         return [w.status() for w in self.watchers]

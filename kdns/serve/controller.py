@@ -258,6 +258,7 @@ class Controller:
         self.events = 0
         self.synced_at: float | None = None
         self.last_published_at: float | None = None
+        self.steps = 0          # compiler-thread passes done: tests wait on it, never sleep
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -316,6 +317,17 @@ class Controller:
         every worker serves it, and for good: outages keep the last good image)."""
         return self._ready_generation
 
+    @property
+    def changes_pending(self) -> bool:
+        """A change the compiler thread took in is not compiled yet (read-only; for tests and
+        debugging: with ``image_waiting`` it says a burst has been compiled)."""
+        return self._dirty_since is not None
+
+    @property
+    def image_waiting(self) -> bool:
+        """A compiled image waits for the supervisor's ``poll`` (read-only; tests)."""
+        return self._outbox is not None
+
     def stop(self, timeout: float = 1.0) -> None:
         # A compile in progress cannot be interrupted; the thread is a daemon, so shutdown
         # (and the end of a lameduck) waits at most ``timeout`` for it.
@@ -354,6 +366,7 @@ class Controller:
             if idle is not None:
                 idle()
             release_memory()
+        self.steps += 1
 
     def _timeout(self) -> float:
         now = self.clock()
@@ -556,8 +569,13 @@ class ApiController(Controller):
             hint = "" if cfg.kubecfg_file or cfg.kube_master_url else (
                 " (or serve objects from a file with --from-file)")
             raise ConnectionConfigError(f"{e}{hint}") from None
+        from kdns.kube.api import WatchSettings
+        try:
+            watch = WatchSettings.from_text(kdns_settings.ENV.watch_settings)
+        except ValueError as e:
+            raise ConnectionConfigError(str(e)) from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
-                   initial_sync_timeout=cfg.initial_sync_timeout)
+                   initial_sync_timeout=cfg.initial_sync_timeout, settings=watch)
 
     def start(self) -> None:
         super().start()
