@@ -108,9 +108,11 @@ class Kdns:
 
     def __init__(self, tmp_path, *, image: bytes | None = None, zone_file: str | None = None,
                  workers: int = 2, args: tuple = (), env: dict | None = None, host: str = HOST,
-                 source: list[str] | None = None, dns_port: int | None = None):
+                 source: list[str] | None = None, dns_port: int | None = None,
+                 python: str = sys.executable, cwd: str = ROOT):
         self.tmp = tmp_path
         self.host = host
+        self.cwd = cwd
         self.workers = workers
         self.image_path = None
         if source is not None:                   # e.g. --kubecfg-file: no zone file here
@@ -123,7 +125,7 @@ class Kdns:
         else:
             source = ["--from-file", zone_file]
         self.argv_template = [
-            sys.executable, "-m", "kdns", "serve", *source,
+            python, "-m", "kdns", "serve", *source,
             # A fixed dns_port is shared on purpose (SO_REUSEPORT): not redrawn.
             "--dns-bind-address", host,
             "--dns-port", Port("dns") if dns_port is None else str(dns_port),
@@ -163,7 +165,7 @@ class Kdns:
             if attempt:
                 self.draw_ports()
             self.log = open(self.log_path, "wb")
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env,
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=self.log,
                                          stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout
