@@ -35,13 +35,14 @@ def supervisor() -> tuple[server.Supervisor, FakeSource]:
     return server.Supervisor(server.ServeConfig(), source), source
 
 
-def test_unchanged_image_is_not_republished_changed_or_forced_is():
+def test_an_image_is_published_once_however_often_it_is_read():
     sup, source = supervisor()
     try:
         for data, force, expect in [(sample_image(), False, [1]),
                                     (sample_image(), False, [1]),          # same bytes: skip
                                     (sample_image("10.96.0.2"), False, [1, 2]),
-                                    (sample_image("10.96.0.2"), True, [1, 2, 3]),  # SIGHUP
+                                    (sample_image("10.96.0.2"), True, [1, 2]),  # SIGHUP
+                                    (sample_image(), True, [1, 2, 3]),      # SIGHUP, new
                                     (None, False, [1, 2, 3])]:             # nothing new
             source.next = data
             sup.reload(force=force)

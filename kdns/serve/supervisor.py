@@ -473,8 +473,11 @@ class Supervisor:
         # ~45 ms of every publish (issue 4's programming latency), so only files are hashed.
         if data is not None and not self.source.push:
             digest = image_digest(data)
-            if digest == self.published and not force:
-                log.debug("%s changed but compiles to the same image; nothing to publish",
+            # Also after SIGHUP (``force`` re-reads even an unchanged stamp): the workers serve
+            # these bytes already, and a second publish of them would only churn generations
+            # (a poll that saw the new file just before the signal publishes it once).
+            if digest == self.published:
+                log.debug("%s re-read: the same image as the one served; nothing to publish",
                           self.source.path)
                 return
             self.published = digest
