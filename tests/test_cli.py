@@ -184,7 +184,7 @@ def test_records_bad_file_exits_2(tmp_path):
 @pytest.mark.parametrize("text,seconds", [("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("2", 2.0),
                                           ("0", 0.0)])
 def test_lameduck_accepts_go_durations(text, seconds):
-    assert cli._duration(text) == seconds
+    assert cli.build_parser().parse_args(["serve", "--lameduck", text]).lameduck == seconds
 
 
 def test_help_lists_the_flags(capsys):
