@@ -592,3 +592,45 @@ def test_ipv6_loopback_upstream():
     with server:
         fwd = Forwarder([up(server)], **FAST)
         assert answers(run(fwd.resolve(make_query("a.test", "AAAA"), "udp"))) == ["2001:db8::1"]
+
+
+# ---- failures on the hand-off path answer SERVFAIL ---------------------------------------------
+
+# NOERROR whose only answer RR is TYPE 41 (OPT) for x.example.com A.
+OPT_ANSWER = bytes.fromhex("1234810000010001000000000178076578616d706c6503636f6d0000010001"
+                           "c00c002900010000012c000401020304")
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_reply_with_only_an_opt_answer_gets_an_answer(proto):
+    with TestDNSServer() as s:
+        s.reply_bytes = OPT_ANSWER
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        reply = run(fwd.resolve(make_query("x.example.com"), proto))
+        assert reply is not None and parse(reply).header.id == 1234
+
+
+def test_exception_while_forwarding_answers_servfail_and_counts(monkeypatch):
+    def broken(self, key, reply):
+        raise RuntimeError("cache broke")
+    monkeypatch.setattr(Cache, "put", broken)
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"]}) as s:
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        rec = run(ask(fwd, "a.test", proto="tcp"))
+        assert rec.header.rcode == RCODE.SERVFAIL and fwd.failures == 1
+
+
+def test_exception_in_the_handoff_answers_servfail():
+    import socket
+    from kdns.forward.handoff import ForwardingHandoff
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        h = ForwardingHandoff(a)
+        h.forwarder.configure([Upstream("127.0.0.1", 9)], {})
+
+        async def broken(*args, **kw):
+            raise RuntimeError("forwarder broke")
+        h.forwarder.resolve = broken
+        rec = parse(run(h.resolve(make_query("a.test", edns=1232), "tcp")))
+        assert rec.header.rcode == RCODE.SERVFAIL and h.forwarder.failures == 1
+        assert rec.q.qname == "a.test." and rec.ar        # question and OPT echoed

@@ -260,6 +260,8 @@ class Cache:
         has_answer = any(r.section == 0 for r in sc.records)
         if rcode == NOERROR and has_answer:
             ttls = [r.ttl for r in sc.records if r.rtype != T_OPT]
+            if not ttls:
+                return None      # nothing but OPT records: no lifetime to take
             return max(self.min_ttl, min(min(ttls), self.max_ttl))
         if rcode in (NOERROR, NXDOMAIN):
             neg = soa_negative_ttl(reply, sc)

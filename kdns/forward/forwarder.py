@@ -280,9 +280,14 @@ class Forwarder:
         if q is None:
             return None
         limit = self._client_limit(q, proto)
-        reply = self._answer_here(q, limit)
-        if reply is None:
-            reply = await self._answer_forwarded(q, limit, retry)
+        try:
+            reply = self._answer_here(q, limit)
+            if reply is None:
+                reply = await self._answer_forwarded(q, limit, retry)
+        except Exception:       # noqa: BLE001 -- a bug must cost one SERVFAIL, not a hung client
+            log.exception("forwarding %s failed", ".".join(q.labels))
+            self.failures += 1
+            reply = self._rcode_reply(q, SERVFAIL)
         return self._count(reply)
 
     def _client_limit(self, q: Question, proto: str) -> int:

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 
-from kdns.dns.wire import EDNS_SIZE
+from kdns.dns.wire import EDNS_SIZE, SERVFAIL
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache, CompiledCache
@@ -254,6 +254,17 @@ class ForwardingHandoff:
             self.compiled.apply_routes()
 
     async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+        """The worker's seam: the reply for a handed-off query. A failure on the way answers
+        SERVFAIL (RFC 1035 §4.1.1: "unable to process ... due to a problem with the name
+        server") and is counted as one, never left without an answer."""
+        try:
+            return await self._resolve(query, proto, retry)
+        except Exception:       # noqa: BLE001 -- the client gets an answer whatever broke
+            log.exception("hand-off failed")
+            self.forwarder.failures += 1
+            return engine.rcode_reply(query, SERVFAIL, self.edns_max)
+
+    async def _resolve(self, query: bytes, proto: str, retry: Retry | None) -> bytes | None:
         fw = self.forwarder
         if retry is not None:
             return await fw.resolve(query, proto, retry)

@@ -122,8 +122,12 @@ def count_reply(page, proto: str, reply: bytes) -> None:
 
 
 def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
-    """REFUSED for a query the image does not cover: the default hand-off answer until the
-    forwarder exists (issue 2 §4). Echoes the question and, when the query had one, an OPT
+    """REFUSED for a query the image does not cover and nobody to forward it to."""
+    return rcode_reply(query, refpath.REFUSED, edns_max)
+
+
+def rcode_reply(query: bytes, rcode: int, edns_max: int = 1232) -> bytes | None:
+    """``rcode`` with no records (REFUSED, or SERVFAIL when the hand-off broke). Echoes the question and, when the query had one, an OPT
     (RFC 6891 §6.1.1). None when the query cannot be echoed (the engine had parsed it, so
     this only happens for a caller's mistake)."""
     try:
@@ -138,7 +142,7 @@ def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
     edns = None
     if opt is not None:
         edns = (max(refpath.EDNS_MIN, min(opt[0], edns_max)), opt[2], 0)
-    return refpath.reply(query, qend, 0, refpath.REFUSED, None, edns)
+    return refpath.reply(query, qend, 0, rcode, None, edns)
 
 
 # --------------------------------------------------------------------------- pure engine
