@@ -607,7 +607,8 @@ def test_reply_with_only_an_opt_answer_gets_an_answer(proto):
         s.reply_bytes = OPT_ANSWER
         fwd = Forwarder([up(s)], cache=Cache(), **FAST)
         reply = run(fwd.resolve(make_query("x.example.com"), proto))
-        assert reply is not None and parse(reply).header.id == 1234
+        # RFC 6891 §6.1.1: OPT only in the additional section, so this reply is malformed.
+        assert parse(reply).header.rcode == RCODE.SERVFAIL and parse(reply).header.id == 1234
 
 
 def test_exception_while_forwarding_answers_servfail_and_counts(monkeypatch):
@@ -634,3 +635,55 @@ def test_exception_in_the_handoff_answers_servfail():
         rec = parse(run(h.resolve(make_query("a.test", edns=1232), "tcp")))
         assert rec.header.rcode == RCODE.SERVFAIL and h.forwarder.failures == 1
         assert rec.q.qname == "a.test." and rec.ar        # question and OPT echoed
+
+
+# ---- malformed upstream replies (RFC 1035 §4.1.4) ---------------------------------------------
+
+BAD_POINTER = bytes.fromhex("43218180000100010000000003626164076578616d706c65036f72670000010001"
+                            "ffff000100010000012c000401020304")
+QNAME = "03626164076578616d706c65036f726700"          # bad.example.org.
+
+
+def reply_with(rr_hex: str, an: int = 1, ns: int = 0) -> bytes:
+    return bytes.fromhex(f"43218180 0001 {an:04x} {ns:04x} 0000 {QNAME} 00010001 {rr_hex}"
+                         .replace(" ", ""))
+
+
+@pytest.mark.parametrize("reply", [
+    BAD_POINTER,
+    reply_with("c00d 0001 0001 0000012c 0004 01020304"),              # owner: forward pointer
+    reply_with("c021 0001 0001 0000012c 0004 01020304"),              # owner: points at itself
+    reply_with("c000 0001 0001 0000012c 0004 01020304"),              # into the header
+    reply_with("c00c 0005 0001 0000012c 0002 ffff"),                  # CNAME target out
+    reply_with("c00c 0005 0001 0000012c 0004 0161c02d"),              # CNAME target loops
+    reply_with("c00c 000f 0001 0000012c 0004 000a c0ff"),             # MX exchange out
+    reply_with("c00c 0001 0001 0000012c 0004 01020304 "
+               "c00c 0029 0001 0000012c 0000", an=2),                 # OPT in the answer
+], ids=["0x3fff", "forward", "self", "header", "cname", "cname-loop", "mx", "opt-answer"])
+def test_malformed_reply_is_dropped_never_relayed_or_cached(reply):
+    with TestDNSServer() as s:
+        s.reply_bytes = reply
+        cache = Cache()
+        fwd = Forwarder([up(s)], cache=cache, **FAST)
+        for proto in ("udp", "tcp"):
+            rec = run(ask(fwd, "bad.example.org", proto=proto))
+            assert rec.header.rcode == RCODE.SERVFAIL and not rec.rr
+        assert len(cache) == 0
+
+
+def test_malformed_reply_moves_on_to_the_next_upstream():
+    with TestDNSServer() as bad, TestDNSServer({"bad.example.org.": ["A 5.6.7.8"]},
+                                               host="127.0.0.2") as good:
+        bad.reply_bytes = BAD_POINTER
+        fwd = Forwarder([up(bad), up(good)], cache=Cache(), **FAST)
+        assert answers(run(fwd.resolve(make_query("bad.example.org"), "udp"))) == ["5.6.7.8"]
+
+
+def test_valid_compression_still_accepted():
+    ok = reply_with("c00c 0005 0001 0000012c 0006 03777777c00c "
+                    "c02d 0001 0001 0000012c 0004 01020304", an=2)
+    with TestDNSServer() as s:
+        s.reply_bytes = ok
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        rec = run(ask(fwd, "bad.example.org"))
+        assert [str(r.rdata) for r in rec.rr] == ["www.bad.example.org.", "1.2.3.4"]

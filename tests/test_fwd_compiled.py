@@ -411,3 +411,35 @@ def test_compiled_timeouts_are_failures_on_the_page():
             assert failed["failures"] == h.stats()["upstreams"][0]["timeouts"] >= 1
             assert rows[f"{good.host}:{good.port}"]["requests"] == good.udp_queries
         run_with([dead, good], body, try_timeout=0.3)
+
+
+# bad.example.org A whose answer owner is a pointer to 0x3fff, past the message's end.
+BAD_POINTER = bytes.fromhex("43218180000100010000000003626164076578616d706c65036f72670000010001"
+                            "ffff000100010000012c000401020304")
+
+
+def test_reply_with_a_pointer_out_of_the_message_is_dropped_not_cached():
+    """RFC 1035 §4.1.4: C hands it back, Python drops it too; SERVFAIL, nothing cached."""
+    with TestDNSServer() as s:
+        s.reply_bytes = BAD_POINTER
+        async def body(h):
+            h.forwarder.deadline = 1.0
+            reply = await h.ask(make_query("bad.example.org"))
+            assert DNSRecord.parse(reply).header.rcode == 2
+            assert h.stats()["relayed"] == 0
+            assert h.fast.lookup(key_bytes((b"\x03bad\x07example\x03org\x00", 1, 1, 0, 0))) is None
+            assert len(h.cache) == 0
+        run_with([s], body)
+
+
+def test_bad_pointer_reply_fails_over_to_the_next_upstream():
+    with TestDNSServer() as bad, TestDNSServer({"bad.example.org.": ["A 5.6.7.8"]},
+                                               host="127.0.0.2") as good:
+        bad.reply_bytes = BAD_POINTER
+        async def body(h):
+            h.forwarder.random_start = False
+            h.compiled.engine.set_routes([bad.address], [], [h.forwarder.stats_for(up(bad)).row])
+            h.compiled.routes = [up(bad)]
+            reply = await h.ask(make_query("bad.example.org"))
+            assert answers(reply) == ["5.6.7.8"]
+        run_with([bad, good], body)

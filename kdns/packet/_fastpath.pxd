@@ -41,7 +41,13 @@ cdef enum:
     RC_BADVERS = 16                       # RFC 6891 §6.1.3, counted as 16
 
     T_A = 1
+    T_NS = 2
+    T_CNAME = 5
+    T_SOA = 6
+    T_PTR = 12
+    T_MX = 15
     T_AAAA = 28
+    T_SRV = 33
     T_OPT = 41
     T_IXFR = 251
     T_AXFR = 252
@@ -52,6 +58,10 @@ cdef enum:
     TCP_MAX = 65535
     OPT_LEN = 11
     MAX_LABELS = 128                      # 255-byte names have at most 127 labels
+    DNS_HEADER = 12                       # RFC 1035 §4.1.1
+    MAX_LABEL = 63                        # RFC 1035 §2.3.4
+    MAX_NAME = 255                        # RFC 1035 §2.3.4, wire length with the root byte
+    MAX_HOPS = 127                        # refpath.MAX_HOPS: one pointer per label at most
 
     # The largest reply: the TCP limit, or an empty answer whose echoed question
     # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.

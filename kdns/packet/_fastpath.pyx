@@ -94,17 +94,33 @@ cdef int parse_question(Ask *a) noexcept nogil:
 
 
 cdef Py_ssize_t skip_name(const uint8_t *q, Py_ssize_t qlen, Py_ssize_t off) noexcept nogil:
-    """Skip a possibly compressed name in the other sections; -1 when malformed."""
-    cdef unsigned int n
+    """Skip a possibly compressed name in the other sections; -1 when malformed.
+
+    refpath.skip_name's rules: pointers only strictly backwards and past the header (RFC
+    1035 §4.1.4), at most MAX_HOPS of them, the name at most MAX_NAME bytes."""
+    cdef unsigned int n, ptr, total = 1, hops = 0
+    cdef Py_ssize_t end = -1
     while True:
         if off >= qlen:
             return -1
         n = q[off]
         if n == 0:
-            return off + 1
+            return end if end >= 0 else off + 1
         if n & 0xC0 == 0xC0:
-            return off + 2 if off + 2 <= qlen else -1
-        if n > 63:
+            if off + 2 > qlen:
+                return -1
+            ptr = (n & 0x3F) << 8 | q[off + 1]
+            hops += 1
+            if ptr < DNS_HEADER or ptr >= off or hops > MAX_HOPS:
+                return -1
+            if end < 0:
+                end = off + 2
+            off = ptr
+            continue
+        if n > MAX_LABEL:
+            return -1
+        total += n + 1
+        if total > MAX_NAME:
             return -1
         off += 1 + n
 

@@ -350,6 +350,27 @@ cdef void fw_flush(FwState *s) noexcept nogil:
     s.nq = 0
 
 
+cdef bint fw_rdata_names_ok(const uint8_t *m, int n, unsigned int rtype, Py_ssize_t start,
+                            Py_ssize_t end) noexcept nogil:
+    """cache.check_rdata_names: the names in this RDATA are valid and end with it."""
+    cdef Py_ssize_t off
+    if rtype == T_SOA:
+        off = skip_name(m, n, start)
+        if off < 0:
+            return False
+        off = skip_name(m, n, off)
+        return off >= 0 and off + 20 == end
+    if rtype == T_NS or rtype == T_CNAME or rtype == T_PTR:
+        off = skip_name(m, n, start)
+    elif rtype == T_MX:
+        off = skip_name(m, n, start + 2)
+    elif rtype == T_SRV:
+        off = skip_name(m, n, start + 6)
+    else:
+        return True
+    return off == end
+
+
 cdef int fw_scan(const uint8_t *m, int n, int qend, int *ends, int *types,
                  int *ttloff, int *opt) noexcept nogil:
     """Record ends/types/TTL offsets of a reply; the number of records, or -1."""
@@ -365,8 +386,15 @@ cdef int fw_scan(const uint8_t *m, int n, int qend, int *ends, int *types,
             return -1
         types[i] = be16(m + off)
         ttloff[i] = <int>off + 4
+        start = off + 10
         off += 10 + be16(m + off + 8)
         if off > n:
+            return -1
+        # Every name a relayed or cached reply carries is checked (cache.scan's rules);
+        # RFC 6891 §6.1.1: OPT only in the additional section.
+        if types[i] == T_OPT and i < an + ns:
+            return -1
+        if not fw_rdata_names_ok(m, n, types[i], start, off):
             return -1
         ends[i] = <int>off
         if types[i] == T_OPT and opt[0] < 0:

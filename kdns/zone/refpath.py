@@ -17,8 +17,10 @@ from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, 
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
-from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, NOTIMP, NXDOMAIN, QR,  # noqa: F401
-                           RD, REFUSED, SERVFAIL, T_A, T_AAAA, T_AXFR, T_IXFR, T_OPT, TC)
+from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN, MAX_LABEL,  # noqa: F401
+                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
+                           T_AXFR, T_IXFR, T_OPT, TC)
+MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
 UDP_PLAIN = 512         # RFC 1035 §4.2.1
 TCP_MAX = 65535
 OPT_LEN = 11
@@ -49,18 +51,35 @@ def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
 
 
 def skip_name(q: bytes, off: int) -> int:
-    """Skip a possibly compressed name in the other sections."""
+    """Skip a possibly compressed name in the other sections; the offset just past it.
+
+    Malformed unless every pointer goes strictly backwards (RFC 1035 §4.1.4: to a "prior
+    occurrence") to a point past the header, and the name, its pointers followed, is at
+    most MAX_NAME bytes. Backwards-only means a chain of pointers cannot loop; the length
+    bound stops labels that run into the pointer leading back to them; the hop bound is
+    the most labels a name can have."""
+    end, total, hops = -1, 1, 0
     while True:
         if off >= len(q):
             raise Malformed
         n = q[off]
         if n == 0:
-            return off + 1
+            return end if end >= 0 else off + 1
         if n & 0xC0 == 0xC0:
             if off + 2 > len(q):
                 raise Malformed
-            return off + 2
-        if n > 63:
+            ptr = (n & 0x3F) << 8 | q[off + 1]
+            hops += 1
+            if ptr < HEADER_LEN or ptr >= off or hops > MAX_HOPS:
+                raise Malformed
+            if end < 0:
+                end = off + 2
+            off = ptr
+            continue
+        if n > MAX_LABEL:
+            raise Malformed         # 0x40 and 0x80 label types are not DNS names (RFC 6891 §5)
+        total += n + 1
+        if total > MAX_NAME:
             raise Malformed
         off += 1 + n
 
