@@ -189,6 +189,14 @@ def test_no_upstream_means_refused(tmp_path):
     k.start()
     try:
         assert ask(k, "google.com").rcode() == dns.rcode.REFUSED
+        # An ExternalName to an outside name: kdns holds the CNAME, so it answers with it
+        # alone (RFC 1034 §3.6.2: the client resolves the target itself), not REFUSED.
+        for qtype in ("A", "AAAA", "SRV"):
+            for tcp in (False, True):
+                m = ask(k, "outside.default.svc.cluster.local", qtype, tcp=tcp)
+                assert m.rcode() == dns.rcode.NOERROR, (qtype, tcp)
+                assert [rr.to_text() for rr in m.answer] == [
+                    "outside.default.svc.cluster.local. 30 IN CNAME www.example.com."]
     finally:
         k.stop()
 

@@ -277,7 +277,11 @@ class ForwardingHandoff:
                 q = None
             probe = q is not None and fw.probe_token in q.labels
             if not probe:
-                return engine.refused(query, self.edns_max)
+                # An ExternalName to an outside name still has its CNAME here: answer
+                # with it alone (RFC 1034 §3.6.2: the client follows it), else REFUSED.
+                img = self.worker.img if self.worker is not None else None
+                cname = self.external.cname_only(img, query, proto) if img is not None else None
+                return cname if cname is not None else engine.refused(query, self.edns_max)
         if self.worker is not None and self.worker.img is not None:
             # An ExternalName to an outside name: CNAME + the target's records, as CoreDNS
             # answers it (RFC 1034 §3.6.2: a resolver follows the CNAME for the client).
