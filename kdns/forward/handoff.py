@@ -214,6 +214,7 @@ class ForwardingHandoff:
         loop.add_reader(self.control.fileno(), self.on_control)
         self.worker = worker
         udp_server = getattr(worker, "udp_server", None)
+        self._set_recursion()
         if self.fast is not None and hasattr(udp_server, "set_cache"):
             udp_server.set_cache(self.fast)
         if compiled_forward_enabled() and hasattr(udp_server, "set_forwarder"):
@@ -250,8 +251,18 @@ class ForwardingHandoff:
         fw.configure(ups, stubs)
         fw.looping = looping
         self.configured = True
+        self._set_recursion()
         if self.compiled is not None:
             self.compiled.apply_routes()
+
+    def _set_recursion(self) -> None:
+        """RA on the image's own replies exactly when this worker forwards: with upstreams
+        (or stub domains) recursion is available (RFC 1035 §4.1.1), and nslookup stops
+        warning "Got recursion not available" as with kube-dns."""
+        udp_server = getattr(self.worker, "udp_server", None)
+        if udp_server is not None and hasattr(udp_server, "ra"):
+            fw = self.forwarder
+            udp_server.ra = bool(fw.upstreams or fw.stubs)
 
     async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
         """The worker's seam: the reply for a handed-off query. A failure on the way answers

@@ -31,6 +31,7 @@ cdef enum:
     F_AA = 0x0400
     F_TC = 0x0200
     F_RD = 0x0100
+    F_RA = 0x0080
     F_CD = 0x0010
     F_ECHO = 0x7800 | 0x0100 | 0x0010     # opcode, RD, CD are copied into the reply
 
@@ -203,7 +204,8 @@ cdef inline bint cur_skip(Cursor *c, Py_ssize_t n) noexcept nogil:
 
 # ---------------------------------------------------------------- packet path
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
-                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil
+                      int edns_max, uint8_t *out, int cap, Outcome *res,
+                      bint ra=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
                        const Outcome *res) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil

@@ -593,8 +593,21 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
 
 
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
-                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+                      int edns_max, uint8_t *out, int cap, Outcome *res,
+                      bint ra=False) noexcept nogil:
     """One query -> action, with the reply in ``out`` (``res.length`` bytes) when SEND.
+
+    ``ra``: this worker forwards (it has upstreams), so every reply says recursion is
+    available (RFC 1035 §4.1.1), as kube-dns's did; one OR per reply (refpath.answer)."""
+    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res)
+    if ra and action == ACTION_SEND:
+        out[3] |= F_RA
+    return action
+
+
+cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
+                     int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+    """answer_query without RA.
 
     ``cap`` must be at least max(reply limit, 12 + 255 + 4 + OPT_LEN). Mirrors
     refpath.answer step by step.
@@ -924,9 +937,10 @@ cdef class Counters:
         self.words[i] = value
 
 
-def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232):
+def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232,
+           bint ra=False):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
-    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max)."""
+    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra)."""
     cdef Outcome res
     cdef int action
     cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
@@ -934,7 +948,7 @@ def answer(Image img not None, bytes query not None, bint tcp=False, int edns_ma
         raise MemoryError()
     try:
         action = answer_query(&img.view, <const uint8_t *><const char *>query, len(query), tcp,
-                              edns_max, out, OUT_MAX, &res)
+                              edns_max, out, OUT_MAX, &res, ra)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -943,7 +957,7 @@ def answer(Image img not None, bytes query not None, bint tcp=False, int edns_ma
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max=1232):
+               int edns_max=1232, bint ra=False):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
     RFC 7766 framing stays with the caller; TCP is not the hot path."""
     cdef Outcome res
@@ -957,7 +971,7 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
     try:
         with nogil:
             t0 = now_ns()
-            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res)
+            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
             count_packet(c.words, PROTO_TCP, n, action, &res)
             count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
         if action != ACTION_SEND:
@@ -1011,6 +1025,7 @@ cdef class UdpServer:
     cdef int batch
     cdef int nhandoff
     cdef readonly int last_errno
+    cdef public bint ra                 # set RA on the image's replies: this worker forwards
     cdef mmsghdr *rmsgs
     cdef mmsghdr *smsgs
     cdef iovec *riov
@@ -1197,7 +1212,8 @@ cdef class UdpServer:
             inp = self.inbuf + i * UDP_BUF
             outp = self.outbuf + i * UDP_BUF
             plen = self.rmsgs[i].msg_len
-            action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res)
+            action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
+                                  self.ra)
             if action == ACTION_HANDOFF and self.ctab != NULL:
                 # Outside the image: the forwarder's cache may hold it (issue 5).
                 if now == 0:

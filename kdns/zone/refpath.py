@@ -18,7 +18,7 @@ from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
 from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN, MAX_LABEL,  # noqa: F401
-                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
+                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
                            T_AXFR, T_IXFR, T_OPT, TC)
 MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
 UDP_PLAIN = 512         # RFC 1035 §4.2.1
@@ -221,11 +221,21 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
 
 
 def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
-           external_cname: bool = False) -> tuple[int, bytes]:
+           external_cname: bool = False, ra: bool = False) -> tuple[int, bytes]:
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
-    of handing it off (the forwarder's first half of such an answer)."""
+    of handing it off (the forwarder's first half of such an answer). ``ra``: the worker
+    forwards (it has upstreams), so every reply says recursion is available (RFC 1035
+    §4.1.1), as kube-dns's did."""
+    action, out = _answer(image, q, tcp, edns_max, external_cname)
+    if ra and action == ACTION_SEND:
+        out = out[:3] + bytes([out[3] | RA]) + out[4:]
+    return action, out
+
+
+def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
+            external_cname: bool) -> tuple[int, bytes]:
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
