@@ -668,7 +668,9 @@ def test_malformed_reply_is_dropped_never_relayed_or_cached(reply):
         for proto in ("udp", "tcp"):
             rec = run(ask(fwd, "bad.example.org", proto=proto))
             assert rec.header.rcode == RCODE.SERVFAIL and not rec.rr
-        assert len(cache) == 0
+        # Only the resolution failure is remembered (RFC 9520), never the reply's bytes.
+        assert all(e.wire[3] & 0xF == RCODE.SERVFAIL and e.wire[6:12] == bytes(6)
+                   for e in cache.entries.values())
 
 
 def test_malformed_reply_moves_on_to_the_next_upstream():
@@ -687,3 +689,78 @@ def test_valid_compression_still_accepted():
         fwd = Forwarder([up(s)], cache=Cache(), **FAST)
         rec = run(ask(fwd, "bad.example.org"))
         assert [str(r.rdata) for r in rec.rr] == ["www.bad.example.org.", "1.2.3.4"]
+
+
+# ---- failing upstreams: learnt fast, remembered, tried last ------------------------------------
+
+def closed_port(host: str = "127.0.0.1") -> Upstream:
+    """A loopback UDP port nobody listens on: the kernel answers ICMP port unreachable."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return Upstream(host, s.getsockname()[1])
+
+
+def test_closed_port_fails_on_the_icmp_error_not_the_timeout():
+    dead = closed_port()
+    # Timeouts far beyond the run limit: only the ICMP error can end the tries in time.
+    fwd = Forwarder([dead], try_timeout=60, deadline=60, random_start=False)
+    rec = run(ask(fwd, "a.test"), limit=10)
+    assert rec.header.rcode == RCODE.SERVFAIL
+    st = fwd.per_upstream[str(dead)]
+    assert st.unreachable >= 1 and fwd.unreachable == st.unreachable and st.timeouts == 0
+
+
+def test_resolution_failure_is_cached_and_backs_off():
+    """RFC 9520 §3.2: at least 1 s, longer on repeats; the retry of a client (glibc asks
+    twice) is answered from memory without asking the dead upstream again."""
+    dead = closed_port()
+    clock = Clock()
+    fwd = Forwarder([dead], cache=Cache(clock=clock), **FAST)
+    st = fwd.stats_for(dead)
+
+    async def main():
+        seen = []
+        for step in (0, 0.5, 0.6, 1.5, 0.6):     # at 0, .5, 1.1, 2.6, 3.2 s
+            clock.now += step
+            rec = await ask(fwd, "a.test")
+            assert rec.header.rcode == RCODE.SERVFAIL
+            seen.append(st.queries)
+        return seen
+    q = run(main())
+    # asked at 0; cached 1 s (hit at .5); asked at 1.1; cached 2 s (hit at 2.6); asked at 3.2
+    assert q[0] == q[1] and q[2] > q[1] and q[3] == q[2] and q[4] > q[3]
+
+
+def test_failure_is_forgotten_once_the_upstream_answers():
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"]}) as s:
+        clock = Clock()
+        fwd = Forwarder([up(s)], cache=Cache(clock=clock), **FAST)
+        s.rcode = None
+        s.silent = True
+        assert run(ask(fwd, "a.test")).header.rcode == RCODE.SERVFAIL
+        s.silent = False
+        clock.now += 1.1
+        assert answers_of(run(ask(fwd, "a.test"))) == ["9.9.9.9"]
+
+
+def answers_of(rec: DNSRecord) -> list[str]:
+    return [str(r.rdata) for r in rec.rr]
+
+
+def test_dead_upstream_is_marked_down_and_tried_last(caplog):
+    dead = closed_port()
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"], "b.test.": ["A 8.8.8.8"]}) as s:
+        fwd = Forwarder([dead, up(s)], **FAST)            # random_start=False: dead first
+        st = fwd.stats_for(dead)
+        assert answers_of(run(ask(fwd, "a.test"))) == ["9.9.9.9"]
+        assert st.queries == 1 and st.failing
+        assert answers_of(run(ask(fwd, "b.test"))) == ["8.8.8.8"]
+        assert st.queries == 1                               # the live one was asked first
+        assert "trying others" in caplog.text
+
+
+def test_log_does_not_promise_other_upstreams_when_there_are_none(caplog):
+    fwd = Forwarder([closed_port()], **FAST)
+    assert run(ask(fwd, "a.test")).header.rcode == RCODE.SERVFAIL
+    assert "failed" in caplog.text and "trying others" not in caplog.text

@@ -427,8 +427,9 @@ def test_reply_with_a_pointer_out_of_the_message_is_dropped_not_cached():
             reply = await h.ask(make_query("bad.example.org"))
             assert DNSRecord.parse(reply).header.rcode == 2
             assert h.stats()["relayed"] == 0
-            assert h.fast.lookup(key_bytes((b"\x03bad\x07example\x03org\x00", 1, 1, 0, 0))) is None
-            assert len(h.cache) == 0
+            got = h.fast.lookup(key_bytes((b"\x03bad\x07example\x03org\x00", 1, 1, 0, 0)))
+            # At most the resolution failure (RFC 9520), never the reply's bytes.
+            assert got is None or (got[0][3] & 0xF == 2 and got[0][6:12] == bytes(6))
         run_with([s], body)
 
 

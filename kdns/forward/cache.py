@@ -229,6 +229,13 @@ class Cache:
             self._store(key, e)
         return e
 
+    def put_failure(self, key: tuple, wire: bytes, ttl: int) -> Entry:
+        """A resolution failure (RFC 9520 §3.2): our SERVFAIL (ID 0, no records) for ``ttl``
+        seconds; get() serves it like an upstream SERVFAIL, and it is never served stale."""
+        e = Entry(wire, len(wire), (), (), ttl, self.clock(), SERVFAIL)
+        self._store(key, e)
+        return e
+
     def entry(self, reply: bytes) -> Entry | None:
         """The stored form of an upstream reply, or None when the rules keep it out."""
         try:
