@@ -444,3 +444,21 @@ def test_bad_pointer_reply_fails_over_to_the_next_upstream():
             reply = await h.ask(make_query("bad.example.org"))
             assert answers(reply) == ["5.6.7.8"]
         run_with([bad, good], body)
+
+
+def test_closed_port_is_handed_back_on_the_icmp_error_not_the_timeout():
+    """RFC 1122 §4.1.3.3: the ICMP port unreachable ends C's try at once (IP_RECVERR);
+    with 60 s tries only that can answer the client within the test's limit."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = Upstream("127.0.0.1", s.getsockname()[1])
+
+    class Dead:                      # what Harness reads of a server
+        host, port = dead
+
+    async def body(h):
+        reply = await h.ask(make_query("gone.example"), timeout=10)
+        assert DNSRecord.parse(reply).header.rcode == 2
+        st = h.forwarder.stats_for(dead)
+        assert st.unreachable >= 1 and st.timeouts == 0 and h.forwarder.timeouts == 0
+    run_with([Dead], body, try_timeout=60)

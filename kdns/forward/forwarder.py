@@ -45,7 +45,7 @@ IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)     # linux/in6.h
 FAIL_STREAK_MAX = 10000
 
 # Why the compiled forwarder (_fastpath FwdEngine) handed a query back (includes/fwd.pxi).
-RETRY_TIMEOUT, RETRY_TC, RETRY_BAD, RETRY_RECONFIG = 1, 2, 3, 4
+RETRY_TIMEOUT, RETRY_TC, RETRY_BAD, RETRY_RECONFIG, RETRY_UNREACHABLE = 1, 2, 3, 4, 5
 
 
 class Retry(NamedTuple):
@@ -508,6 +508,10 @@ class Forwarder:
         if retry.reason == RETRY_TIMEOUT:
             self.timeouts += 1
             st.failed(up, "timeout", len(pending) > 1)
+        elif retry.reason == RETRY_UNREACHABLE:
+            self.unreachable += 1
+            st.unreachable += 1
+            st.failed(up, "unreachable", len(pending) > 1)
         if up in pending and len(pending) > 1:
             pending.remove(up)
             pending.append(up)          # failover: the others first

@@ -16,10 +16,12 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
-from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
+from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, ECONNREFUSED,
+                                   EHOSTUNREACH, EINTR, ENETUNREACH,
                                    INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
-                                   MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
-                                   iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
+                                   MSG_DONTWAIT, MSG_ERRQUEUE, MSG_TRUNC, clock_gettime, errno,
+                                   inet_ntop, iovec, mmsghdr, msghdr, ntohl, ntohs, recvmmsg,
+                                   recvmsg, sendmmsg,
                                    sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
 from kdns.packet.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN,
                                    close, epoll_create1, epoll_ctl, epoll_event, epoll_wait,

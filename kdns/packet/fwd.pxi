@@ -51,6 +51,7 @@ cdef enum:
     HB_TC = 2
     HB_BAD = 3                   # SERVFAIL / REFUSED / malformed / too big for C
     HB_RECONFIG = 4
+    HB_UNREACHABLE = 5           # ICMP destination unreachable for the upstream (IP_RECVERR)
 
     F_RCODE_SERVFAIL = 2
 
@@ -650,7 +651,10 @@ cdef void fw_drain_sock(FwState *s, int sock, uint64_t *ctr, int64_t now) noexce
         if r < 0:
             if errno == EINTR:
                 continue
-            return                  # EAGAIN, or an ICMP error: the try times out
+            if errno == ECONNREFUSED or errno == EHOSTUNREACH or errno == ENETUNREACH:
+                fw_unreachable(s, sock)
+                continue            # replies may wait behind the error
+            return                  # EAGAIN
         for j in range(r):
             if s.rmsg[j].msg_hdr.msg_flags & MSG_TRUNC:
                 s.forged += 1
@@ -658,6 +662,40 @@ cdef void fw_drain_sock(FwState *s, int sock, uint64_t *ctr, int64_t now) noexce
             fw_reply(s, sock, s.rbuf + j * UDP_BUF, s.rmsg[j].msg_len, &s.raddr[j], ctr, now)
         if r < FW_RX:
             return
+
+
+cdef void fw_unreachable(FwState *s, int sock) noexcept nogil:
+    """ICMP destination unreachable on upstream socket ``sock`` (RFC 1122 §4.1.3.3; the
+    socket has IP_RECVERR): each queued error names the address the failed datagram went
+    to; the queries waiting on that upstream on this socket go back to Python at once
+    (HB_UNREACHABLE) instead of waiting out their try."""
+    cdef msghdr mh
+    cdef iovec iov
+    cdef sockaddr_storage dest
+    cdef uint8_t junk[64], ctl[256]
+    cdef int32_t i
+    cdef FwUp *u
+    while True:
+        memset(&mh, 0, sizeof(mh))
+        iov.iov_base = junk
+        iov.iov_len = sizeof(junk)
+        mh.msg_name = &dest
+        mh.msg_namelen = sizeof(dest)
+        mh.msg_iov = &iov
+        mh.msg_iovlen = 1
+        mh.msg_control = ctl
+        mh.msg_controllen = sizeof(ctl)
+        if recvmsg(s.socks[sock], &mh, MSG_ERRQUEUE | MSG_DONTWAIT) < 0:
+            if errno == EINTR:
+                continue
+            return
+        for i in range(s.cap):
+            if s.pool[i].state == FE_LEADER and s.pool[i].sock == sock:
+                u = &s.ups[s.pool[i].up]
+                if fw_source_ok(u, &dest):
+                    u.failures[0] += 1
+                    fw_unlink(s, i)
+                    fw_handback(s, i, HB_UNREACHABLE)
 
 
 cdef int fw_drain(FwState *s, uint64_t *ctr) noexcept nogil:
