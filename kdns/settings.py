@@ -47,6 +47,10 @@ RESOLV_CONF = "/etc/resolv.conf"
 CACHE_SIZE = 10000             # forwarded answers kept per worker (CoreDNS: 9984 per class)
 FAST_CACHE_SLOTS = 4096        # slots of the compiled packet cache per worker
 TRY_TIMEOUT = 2.0              # seconds per upstream try (kube-dns and CoreDNS: 2 s)
+# RFC 9520 §3.2: a resolution failure is cached at least 1 s, backing off on repeats up
+# to at most 5 minutes; kdns doubles from 1 s and stops at 30 s.
+FAILURE_TTL_MIN = 1
+FAILURE_TTL_MAX = 30
 
 
 @dataclass(frozen=True)

@@ -459,3 +459,38 @@ def test_none_is_refused_at_the_boundary():
         F.answer(None, query(S))
     with pytest.raises(TypeError):
         F.tcp_answer(None, F.Counters(bytearray(8192)), query(S))
+
+
+@pytest.mark.parametrize("owner", ["c000", "c019", "c018", "ffff", "0161c018"],
+                         ids=["header", "forward", "self", "outside", "loop"])
+def test_bad_pointers_in_a_query_are_formerr_in_both_paths(owner):
+    """RFC 1035 §4.1.4: pointers only backwards to a prior name inside the message (the
+    owner of an additional-section record here, at offset 24)."""
+    q = bytearray(query("a.test."))
+    q[10:12] = b"\x00\x01"                                      # ARCOUNT 1
+    q += bytes.fromhex(owner) + bytes.fromhex("0010 0001 00000000 0000")
+    (ra, pa), (rb, pb) = both("insecure", bytes(q))
+    assert (ra, pa) == (rb, pb) and pa[3] & 0xF == dns.rcode.FORMERR
+    q[24:24 + len(bytes.fromhex(owner))] = b""
+    q[24:24] = b"\xc0\x0c"                                    # a valid pointer still parses
+    (ra, pa), (rb, pb) = both("insecure", bytes(q))
+    assert (ra, pa) == (rb, pb) and (ra != SEND or pa[3] & 0xF != dns.rcode.FORMERR)
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_KINDS))
+def test_ra_flag_is_the_only_difference_and_both_paths_agree(kind):
+    """A forwarding worker sets RA (RFC 1035 §4.1.1) on every reply of the image, in both
+    paths alike; nothing else in the reply changes."""
+    _, ref, fast = images(kind)
+    qs = [query(S), query("nope." + S), query("x.example.", "A"), query(S, edns=0),
+          query(S, opcode=2), b"\x12\x34\x00\x00\x00\x02" + bytes(6)]
+    for q in qs:
+        plain = P.answer(ref, q)
+        ra_p = P.answer(ref, q, ra=True)
+        assert ra_p == F.answer(fast, q, ra=True)
+        assert F.answer(fast, q) == plain
+        if plain[0] == SEND:
+            assert ra_p[1][3] & 0x80 and not plain[1][3] & 0x80
+            assert ra_p[1][:3] + ra_p[1][4:] == plain[1][:3] + plain[1][4:]
+        else:
+            assert ra_p == plain

@@ -592,3 +592,175 @@ def test_ipv6_loopback_upstream():
     with server:
         fwd = Forwarder([up(server)], **FAST)
         assert answers(run(fwd.resolve(make_query("a.test", "AAAA"), "udp"))) == ["2001:db8::1"]
+
+
+# ---- failures on the hand-off path answer SERVFAIL ---------------------------------------------
+
+# NOERROR whose only answer RR is TYPE 41 (OPT) for x.example.com A.
+OPT_ANSWER = bytes.fromhex("1234810000010001000000000178076578616d706c6503636f6d0000010001"
+                           "c00c002900010000012c000401020304")
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_reply_with_only_an_opt_answer_gets_an_answer(proto):
+    with TestDNSServer() as s:
+        s.reply_bytes = OPT_ANSWER
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        reply = run(fwd.resolve(make_query("x.example.com"), proto))
+        # RFC 6891 §6.1.1: OPT only in the additional section, so this reply is malformed.
+        assert parse(reply).header.rcode == RCODE.SERVFAIL and parse(reply).header.id == 1234
+
+
+def test_exception_while_forwarding_answers_servfail_and_counts(monkeypatch):
+    def broken(self, key, reply):
+        raise RuntimeError("cache broke")
+    monkeypatch.setattr(Cache, "put", broken)
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"]}) as s:
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        rec = run(ask(fwd, "a.test", proto="tcp"))
+        assert rec.header.rcode == RCODE.SERVFAIL and fwd.failures == 1
+
+
+def test_exception_in_the_handoff_answers_servfail():
+    import socket
+    from kdns.forward.handoff import ForwardingHandoff
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        h = ForwardingHandoff(a)
+        h.forwarder.configure([Upstream("127.0.0.1", 9)], {})
+
+        async def broken(*args, **kw):
+            raise RuntimeError("forwarder broke")
+        h.forwarder.resolve = broken
+        rec = parse(run(h.resolve(make_query("a.test", edns=1232), "tcp")))
+        assert rec.header.rcode == RCODE.SERVFAIL and h.forwarder.failures == 1
+        assert rec.q.qname == "a.test." and rec.ar        # question and OPT echoed
+
+
+# ---- malformed upstream replies (RFC 1035 §4.1.4) ---------------------------------------------
+
+BAD_POINTER = bytes.fromhex("43218180000100010000000003626164076578616d706c65036f72670000010001"
+                            "ffff000100010000012c000401020304")
+QNAME = "03626164076578616d706c65036f726700"          # bad.example.org.
+
+
+def reply_with(rr_hex: str, an: int = 1, ns: int = 0) -> bytes:
+    return bytes.fromhex(f"43218180 0001 {an:04x} {ns:04x} 0000 {QNAME} 00010001 {rr_hex}"
+                         .replace(" ", ""))
+
+
+@pytest.mark.parametrize("reply", [
+    BAD_POINTER,
+    reply_with("c00d 0001 0001 0000012c 0004 01020304"),              # owner: forward pointer
+    reply_with("c021 0001 0001 0000012c 0004 01020304"),              # owner: points at itself
+    reply_with("c000 0001 0001 0000012c 0004 01020304"),              # into the header
+    reply_with("c00c 0005 0001 0000012c 0002 ffff"),                  # CNAME target out
+    reply_with("c00c 0005 0001 0000012c 0004 0161c02d"),              # CNAME target loops
+    reply_with("c00c 000f 0001 0000012c 0004 000a c0ff"),             # MX exchange out
+    reply_with("c00c 0001 0001 0000012c 0004 01020304 "
+               "c00c 0029 0001 0000012c 0000", an=2),                 # OPT in the answer
+], ids=["0x3fff", "forward", "self", "header", "cname", "cname-loop", "mx", "opt-answer"])
+def test_malformed_reply_is_dropped_never_relayed_or_cached(reply):
+    with TestDNSServer() as s:
+        s.reply_bytes = reply
+        cache = Cache()
+        fwd = Forwarder([up(s)], cache=cache, **FAST)
+        for proto in ("udp", "tcp"):
+            rec = run(ask(fwd, "bad.example.org", proto=proto))
+            assert rec.header.rcode == RCODE.SERVFAIL and not rec.rr
+        # Only the resolution failure is remembered (RFC 9520), never the reply's bytes.
+        assert all(e.wire[3] & 0xF == RCODE.SERVFAIL and e.wire[6:12] == bytes(6)
+                   for e in cache.entries.values())
+
+
+def test_malformed_reply_moves_on_to_the_next_upstream():
+    with TestDNSServer() as bad, TestDNSServer({"bad.example.org.": ["A 5.6.7.8"]},
+                                               host="127.0.0.2") as good:
+        bad.reply_bytes = BAD_POINTER
+        fwd = Forwarder([up(bad), up(good)], cache=Cache(), **FAST)
+        assert answers(run(fwd.resolve(make_query("bad.example.org"), "udp"))) == ["5.6.7.8"]
+
+
+def test_valid_compression_still_accepted():
+    ok = reply_with("c00c 0005 0001 0000012c 0006 03777777c00c "
+                    "c02d 0001 0001 0000012c 0004 01020304", an=2)
+    with TestDNSServer() as s:
+        s.reply_bytes = ok
+        fwd = Forwarder([up(s)], cache=Cache(), **FAST)
+        rec = run(ask(fwd, "bad.example.org"))
+        assert [str(r.rdata) for r in rec.rr] == ["www.bad.example.org.", "1.2.3.4"]
+
+
+# ---- failing upstreams: learnt fast, remembered, tried last ------------------------------------
+
+def closed_port(host: str = "127.0.0.1") -> Upstream:
+    """A loopback UDP port nobody listens on: the kernel answers ICMP port unreachable."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return Upstream(host, s.getsockname()[1])
+
+
+def test_closed_port_fails_on_the_icmp_error_not_the_timeout():
+    dead = closed_port()
+    # Timeouts far beyond the run limit: only the ICMP error can end the tries in time.
+    fwd = Forwarder([dead], try_timeout=60, deadline=60, random_start=False)
+    rec = run(ask(fwd, "a.test"), limit=10)
+    assert rec.header.rcode == RCODE.SERVFAIL
+    st = fwd.per_upstream[str(dead)]
+    assert st.unreachable >= 1 and fwd.unreachable == st.unreachable and st.timeouts == 0
+
+
+def test_resolution_failure_is_cached_and_backs_off():
+    """RFC 9520 §3.2: at least 1 s, longer on repeats; the retry of a client (glibc asks
+    twice) is answered from memory without asking the dead upstream again."""
+    dead = closed_port()
+    clock = Clock()
+    fwd = Forwarder([dead], cache=Cache(clock=clock), **FAST)
+    st = fwd.stats_for(dead)
+
+    async def main():
+        seen = []
+        for step in (0, 0.5, 0.6, 1.5, 0.6):     # at 0, .5, 1.1, 2.6, 3.2 s
+            clock.now += step
+            rec = await ask(fwd, "a.test")
+            assert rec.header.rcode == RCODE.SERVFAIL
+            seen.append(st.queries)
+        return seen
+    q = run(main())
+    # asked at 0; cached 1 s (hit at .5); asked at 1.1; cached 2 s (hit at 2.6); asked at 3.2
+    assert q[0] == q[1] and q[2] > q[1] and q[3] == q[2] and q[4] > q[3]
+
+
+def test_failure_is_forgotten_once_the_upstream_answers():
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"]}) as s:
+        clock = Clock()
+        fwd = Forwarder([up(s)], cache=Cache(clock=clock), **FAST)
+        s.rcode = None
+        s.silent = True
+        assert run(ask(fwd, "a.test")).header.rcode == RCODE.SERVFAIL
+        s.silent = False
+        clock.now += 1.1
+        assert answers_of(run(ask(fwd, "a.test"))) == ["9.9.9.9"]
+
+
+def answers_of(rec: DNSRecord) -> list[str]:
+    return [str(r.rdata) for r in rec.rr]
+
+
+def test_dead_upstream_is_marked_down_and_tried_last(caplog):
+    dead = closed_port()
+    with TestDNSServer({"a.test.": ["A 9.9.9.9"], "b.test.": ["A 8.8.8.8"]}) as s:
+        fwd = Forwarder([dead, up(s)], **FAST)            # random_start=False: dead first
+        st = fwd.stats_for(dead)
+        assert answers_of(run(ask(fwd, "a.test"))) == ["9.9.9.9"]
+        assert st.queries == 1 and st.failing
+        assert answers_of(run(ask(fwd, "b.test"))) == ["8.8.8.8"]
+        assert st.queries == 1                               # the live one was asked first
+        assert "trying others" in caplog.text
+
+
+def test_log_does_not_promise_other_upstreams_when_there_are_none(caplog):
+    fwd = Forwarder([closed_port()], **FAST)
+    assert run(ask(fwd, "a.test")).header.rcode == RCODE.SERVFAIL
+    assert "failed" in caplog.text and "trying others" not in caplog.text

@@ -10,6 +10,7 @@ import json
 import socket
 import time
 
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -184,11 +185,29 @@ def test_hot_reload_valid_then_invalid(env):
         time.sleep(0.1)
 
 
+def test_cluster_answers_say_recursion_available_when_kdns_forwards(env):
+    """RFC 1035 §4.1.1 RA, as kube-dns set it (nslookup: "Got recursion not available")."""
+    k = env[0]
+    for tcp in (False, True):
+        for name in ("kubernetes.default.svc.cluster.local", "nope.default.svc.cluster.local"):
+            assert ask(k, name, tcp=tcp).flags & dns.flags.RA, (name, tcp)
+
+
 def test_no_upstream_means_refused(tmp_path):
     k = Kdns(tmp_path, image=sample_image(), workers=1)     # serverutil: empty resolv.conf
     k.start()
     try:
         assert ask(k, "google.com").rcode() == dns.rcode.REFUSED
+        for tcp in (False, True):     # nobody to forward to: no recursion available
+            assert not ask(k, "kubernetes.default.svc.cluster.local", tcp=tcp).flags & dns.flags.RA
+        # An ExternalName to an outside name: kdns holds the CNAME, so it answers with it
+        # alone (RFC 1034 §3.6.2: the client resolves the target itself), not REFUSED.
+        for qtype in ("A", "AAAA", "SRV"):
+            for tcp in (False, True):
+                m = ask(k, "outside.default.svc.cluster.local", qtype, tcp=tcp)
+                assert m.rcode() == dns.rcode.NOERROR, (qtype, tcp)
+                assert [rr.to_text() for rr in m.answer] == [
+                    "outside.default.svc.cluster.local. 30 IN CNAME www.example.com."]
     finally:
         k.stop()
 

@@ -411,3 +411,54 @@ def test_compiled_timeouts_are_failures_on_the_page():
             assert failed["failures"] == h.stats()["upstreams"][0]["timeouts"] >= 1
             assert rows[f"{good.host}:{good.port}"]["requests"] == good.udp_queries
         run_with([dead, good], body, try_timeout=0.3)
+
+
+# bad.example.org A whose answer owner is a pointer to 0x3fff, past the message's end.
+BAD_POINTER = bytes.fromhex("43218180000100010000000003626164076578616d706c65036f72670000010001"
+                            "ffff000100010000012c000401020304")
+
+
+def test_reply_with_a_pointer_out_of_the_message_is_dropped_not_cached():
+    """RFC 1035 §4.1.4: C hands it back, Python drops it too; SERVFAIL, nothing cached."""
+    with TestDNSServer() as s:
+        s.reply_bytes = BAD_POINTER
+        async def body(h):
+            h.forwarder.deadline = 1.0
+            reply = await h.ask(make_query("bad.example.org"))
+            assert DNSRecord.parse(reply).header.rcode == 2
+            assert h.stats()["relayed"] == 0
+            got = h.fast.lookup(key_bytes((b"\x03bad\x07example\x03org\x00", 1, 1, 0, 0)))
+            # At most the resolution failure (RFC 9520), never the reply's bytes.
+            assert got is None or (got[0][3] & 0xF == 2 and got[0][6:12] == bytes(6))
+        run_with([s], body)
+
+
+def test_bad_pointer_reply_fails_over_to_the_next_upstream():
+    with TestDNSServer() as bad, TestDNSServer({"bad.example.org.": ["A 5.6.7.8"]},
+                                               host="127.0.0.2") as good:
+        bad.reply_bytes = BAD_POINTER
+        async def body(h):
+            h.forwarder.random_start = False
+            h.compiled.engine.set_routes([bad.address], [], [h.forwarder.stats_for(up(bad)).row])
+            h.compiled.routes = [up(bad)]
+            reply = await h.ask(make_query("bad.example.org"))
+            assert answers(reply) == ["5.6.7.8"]
+        run_with([bad, good], body)
+
+
+def test_closed_port_is_handed_back_on_the_icmp_error_not_the_timeout():
+    """RFC 1122 §4.1.3.3: the ICMP port unreachable ends C's try at once (IP_RECVERR);
+    with 60 s tries only that can answer the client within the test's limit."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = Upstream("127.0.0.1", s.getsockname()[1])
+
+    class Dead:                      # what Harness reads of a server
+        host, port = dead
+
+    async def body(h):
+        reply = await h.ask(make_query("gone.example"), timeout=10)
+        assert DNSRecord.parse(reply).header.rcode == 2
+        st = h.forwarder.stats_for(dead)
+        assert st.unreachable >= 1 and st.timeouts == 0 and h.forwarder.timeouts == 0
+    run_with([Dead], body, try_timeout=60)

@@ -47,6 +47,9 @@ class TestDNSServer:
         self.forge: set[str] = set()
         self.rcode: int | None = None
         self.forward_to: tuple[str, int] | None = None
+        # Scripted reply: these bytes (their ID replaced by the query's) instead of an answer,
+        # over UDP and TCP, for replies no honest server sends.
+        self.reply_bytes: bytes | None = None
         self.udp_queries = self.tcp_queries = 0
         self.queries: list[tuple[str, str, str]] = []
         self.raw: list[tuple[bytes, tuple]] = []     # (query bytes, client address)
@@ -145,6 +148,9 @@ class TestDNSServer:
             if out is not None:
                 self.udp.sendto(out, addr)
             return
+        if self.reply_bytes is not None:
+            self.udp.sendto(data[:2] + self.reply_bytes[2:], addr)
+            return
         rec = self.answer(data)
         # A real server cuts UDP replies to the client's size (RFC 6891 §6.2.3, RFC 1035).
         opts = [r for r in DNSRecord.parse(data).ar if r.rtype == QTYPE.OPT]
@@ -196,7 +202,8 @@ class TestDNSServer:
                     return
                 if self.delay:
                     time.sleep(self.delay)
-                reply = self.answer(data).pack()
+                reply = (data[:2] + self.reply_bytes[2:] if self.reply_bytes is not None
+                         else self.answer(data).pack())
                 conn.sendall(struct.pack("!H", len(reply)) + reply)
         except OSError:
             pass

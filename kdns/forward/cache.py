@@ -43,7 +43,8 @@ from typing import Callable, NamedTuple
 from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, skip_name
 
-from kdns.dns.wire import AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_OPT, T_SOA, TC  # noqa: F401
+from kdns.dns.wire import (AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_CNAME, T_MX,  # noqa: F401
+                           T_NS, T_OPT, T_PTR, T_SOA, T_SRV, TC)
 STALE_TTL = 30              # RFC 8767 §4: "a TTL of 30 seconds is recommended"
 SERVFAIL_TTL = 5            # RFC 2308 §7.1 caps it at 5 minutes; CoreDNS uses 5 s
 
@@ -84,9 +85,31 @@ def scan(msg: bytes) -> Scanned:
         if end > len(msg):
             raise Malformed
         section = 0 if i < an else 1 if i < an + ns else 2
+        if rtype == T_OPT and section != 2:
+            raise Malformed      # RFC 6891 §6.1.1: OPT only in the additional section
+        check_rdata_names(msg, rtype, off + 10, end)
         records.append(Record(start, end, rtype, off + 4, ttl, section))
         off = end
     return Scanned(qend, records)
+
+
+# Where the names start in the RDATA of the types whose names may be compressed (RFC 3597
+# §4: the RFC 1035 types; SRV too, which senders compress although RFC 2782 says not to).
+RDATA_NAME_AT = {T_NS: 0, T_CNAME: 0, T_PTR: 0, T_MX: 2, T_SRV: 6}
+
+
+def check_rdata_names(msg: bytes, rtype: int, start: int, end: int) -> None:
+    """Malformed unless the names in this RDATA are valid (skip_name) and end with it.
+    Every name a relayed or cached reply carries is checked: a client must never get a
+    pointer out of the message or into a loop (RFC 1035 §4.1.4)."""
+    if rtype == T_SOA:
+        off = skip_name(msg, skip_name(msg, start)) + 20     # MNAME RNAME, then 5 numbers
+    elif rtype in RDATA_NAME_AT:
+        off = skip_name(msg, start + RDATA_NAME_AT[rtype])
+    else:
+        return
+    if off != end:
+        raise Malformed
 
 
 def strip_opt(msg: bytes, sc: Scanned) -> tuple[bytes, Scanned]:
@@ -206,6 +229,13 @@ class Cache:
             self._store(key, e)
         return e
 
+    def put_failure(self, key: tuple, wire: bytes, ttl: int) -> Entry:
+        """A resolution failure (RFC 9520 §3.2): our SERVFAIL (ID 0, no records) for ``ttl``
+        seconds; get() serves it like an upstream SERVFAIL, and it is never served stale."""
+        e = Entry(wire, len(wire), (), (), ttl, self.clock(), SERVFAIL)
+        self._store(key, e)
+        return e
+
     def entry(self, reply: bytes) -> Entry | None:
         """The stored form of an upstream reply, or None when the rules keep it out."""
         try:
@@ -260,6 +290,8 @@ class Cache:
         has_answer = any(r.section == 0 for r in sc.records)
         if rcode == NOERROR and has_answer:
             ttls = [r.ttl for r in sc.records if r.rtype != T_OPT]
+            if not ttls:
+                return None      # nothing but OPT records: no lifetime to take
             return max(self.min_ttl, min(min(ttls), self.max_ttl))
         if rcode in (NOERROR, NXDOMAIN):
             neg = soa_negative_ttl(reply, sc)

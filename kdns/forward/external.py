@@ -104,6 +104,16 @@ class ExternalNames:
             self._img, self._ref = img, refpath.Image(buf) if buf is not None else None
         return self._ref
 
+    def cname_only(self, img, query: bytes, proto: str) -> bytes | None:
+        """The image's CNAME answer alone (nobody to resolve the target with), or None when
+        the query is not an external CNAME."""
+        ref = self.ref_image(img)
+        if ref is None:
+            return None
+        action, reply = refpath.answer(ref, query, tcp=proto == "tcp", edns_max=self.edns_max,
+                                       external_cname=True)
+        return reply if action == refpath.ACTION_SEND else None
+
     async def answer(self, img, query: bytes, proto: str) -> bytes | None:
         """The composed reply, or None when the query is not an external CNAME."""
         ref = self.ref_image(img) if img is not None else None

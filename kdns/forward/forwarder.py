@@ -24,6 +24,9 @@ import socket
 import struct
 from typing import Awaitable, Callable, Iterable, NamedTuple
 
+import errno
+
+from kdns import settings
 from kdns.forward.cache import RD, SERVFAIL, TC, Cache, Entry, scan, strip_opt
 from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, parse_edns, parse_name
@@ -35,8 +38,14 @@ from kdns.dns.wire import (AA, CD, EDNS_SIZE, FORMERR, NOTIMP, QR, RA, REFUSED, 
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
 
+# errnos of an ICMP destination unreachable reported on the socket (RFC 1122 §4.1.3.3).
+UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)         # linux/in.h
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)     # linux/in6.h
+FAIL_STREAK_MAX = 10000
+
 # Why the compiled forwarder (_fastpath FwdEngine) handed a query back (includes/fwd.pxi).
-RETRY_TIMEOUT, RETRY_TC, RETRY_BAD, RETRY_RECONFIG = 1, 2, 3, 4
+RETRY_TIMEOUT, RETRY_TC, RETRY_BAD, RETRY_RECONFIG, RETRY_UNREACHABLE = 1, 2, 3, 4, 5
 
 
 class Retry(NamedTuple):
@@ -73,13 +82,13 @@ class UpstreamStats:
     _responses_total, _request_duration_seconds, _healthcheck_failures_total) is counted
     straight into this upstream's row of the worker's page (``counters``), the row the
     compiled forwarder counts its tries into as well; the rest are plain ints."""
-    __slots__ = ("replies", "timeouts", "errors", "forged", "tcp_retries", "failing",
-                 "words", "row")
+    __slots__ = ("replies", "timeouts", "errors", "unreachable", "forged", "tcp_retries",
+                 "failing", "words", "row")
 
     def __init__(self, counters: "C.ForwardCounters | None" = None, to: str = ""):
         counters = counters if counters is not None else C.ForwardCounters()
         self.words, self.row = counters.words, counters.row(to)
-        self.replies = self.timeouts = self.errors = 0
+        self.replies = self.timeouts = self.errors = self.unreachable = 0
         self.forged = self.tcp_retries = 0
         self.failing = False            # logs once per change, not once per failed try
 
@@ -95,11 +104,13 @@ class UpstreamStats:
         """A timeout or network error: a healthcheck failure in CoreDNS's terms."""
         self.words[self.row + C.ROW_FAILURES] += 1
 
-    def failed(self, up, why: str) -> None:
-        # One log line when an upstream starts failing, one when it answers again.
+    def failed(self, up, why: str, others: bool = True) -> None:
+        # One log line when an upstream starts failing, one when it answers again. A
+        # failing upstream is marked down: the others are tried before it (_exchange).
         if not self.failing:
             self.failing = True
-            log.warning("upstream %s failed (%s); trying others", up, why)
+            log.warning("upstream %s failed (%s)%s", up, why,
+                        "; trying others" if others else "; no other upstream")
 
     def answered(self, up) -> None:
         if self.failing:
@@ -224,7 +235,10 @@ class Forwarder:
         self._inflight: dict[tuple, asyncio.Task] = {}
         self.looping: set[Upstream] = set()
         self.loop_errors: list[str] = []
-        self.requests = self.timeouts = self.forged = 0
+        self.requests = self.timeouts = self.forged = self.unreachable = 0
+        self._others = True               # the current exchange has more than one upstream
+        # RFC 9520 §3.2: consecutive resolution failures per cache key (the backoff).
+        self._fail_streak: dict[tuple, int] = {}
         self.coalesced = self.tcp_retries = 0
         self.loop_probes_seen = 0
         # The compiled forwarder's queries in flight count against max_inflight too.
@@ -280,9 +294,14 @@ class Forwarder:
         if q is None:
             return None
         limit = self._client_limit(q, proto)
-        reply = self._answer_here(q, limit)
-        if reply is None:
-            reply = await self._answer_forwarded(q, limit, retry)
+        try:
+            reply = self._answer_here(q, limit)
+            if reply is None:
+                reply = await self._answer_forwarded(q, limit, retry)
+        except Exception:       # noqa: BLE001 -- a bug must cost one SERVFAIL, not a hung client
+            log.exception("forwarding %s failed", ".".join(q.labels))
+            self.failures += 1
+            reply = self._rcode_reply(q, SERVFAIL)
         return self._count(reply)
 
     def _client_limit(self, q: Question, proto: str) -> int:
@@ -420,10 +439,25 @@ class Forwarder:
                 return "stale", e
         if raw is None:
             self.failures += 1
+            self._remember_failure(q, key)
             return "fail", None
+        self._fail_streak.pop(key, None)
         if self.cache is not None:
             self.cache.put(key, raw)
         return "reply", raw
+
+    def _remember_failure(self, q: Question, key: tuple) -> None:
+        """RFC 9520 §3.2: cache the resolution failure (at least 1 s, doubling on repeats)
+        so a client's retries and the queries behind it do not ask the dead upstreams again."""
+        if self.cache is None:
+            return
+        n = self._fail_streak.get(key, 0)
+        if len(self._fail_streak) > FAIL_STREAK_MAX:
+            self._fail_streak.clear()           # bounded; a lost streak only restarts at 1 s
+        self._fail_streak[key] = n + 1
+        ttl = min(settings.FAILURE_TTL_MIN * 2 ** min(n, 16), settings.FAILURE_TTL_MAX)
+        wire = struct.pack("!HHHHHH", 0, QR | RA | SERVFAIL, 1, 0, 0, 0) + q.qbytes
+        self.cache.put_failure(key, wire, ttl)
 
     async def _exchange(self, q: Question, servers: tuple[Upstream, ...],
                         retry: Retry | None = None) -> bytes | None:
@@ -439,6 +473,10 @@ class Forwarder:
         deadline = loop.time() + self.deadline
         start = secrets.randbelow(len(servers)) if self.random_start else 0
         pending = list(servers[start:] + servers[:start])
+        # Upstreams marked down (their last try failed) go last: the others first, and a
+        # down one is still asked when nobody else answers (it may be back).
+        pending.sort(key=lambda s: self.stats_for(s).failing)
+        self._others = len(pending) > 1
         last_bad = None
         if retry is not None and retry.reason != RETRY_RECONFIG:
             deadline = min(deadline, retry.started + self.deadline)
@@ -469,7 +507,11 @@ class Forwarder:
         st = self.stats_for(up)
         if retry.reason == RETRY_TIMEOUT:
             self.timeouts += 1
-            st.failed(up, "timeout")
+            st.failed(up, "timeout", len(pending) > 1)
+        elif retry.reason == RETRY_UNREACHABLE:
+            self.unreachable += 1
+            st.unreachable += 1
+            st.failed(up, "unreachable", len(pending) > 1)
         if up in pending and len(pending) > 1:
             pending.remove(up)
             pending.append(up)          # failover: the others first
@@ -508,13 +550,18 @@ class Forwarder:
             self.timeouts += 1
             st.timeouts += 1
             st.try_failed()
-            st.failed(up, "timeout")
+            st.failed(up, "timeout", self._others)
             raise TryFailed from None
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             log.debug("upstream %s: %s", up, exc)
-            st.errors += 1
+            if getattr(exc, "errno", None) in UNREACHABLE:
+                # ICMP port/host unreachable (IP_RECVERR): known now, not after the timeout.
+                self.unreachable += 1
+                st.unreachable += 1
+            else:
+                st.errors += 1
             st.try_failed()
-            st.failed(up, str(exc) or type(exc).__name__)
+            st.failed(up, str(exc) or type(exc).__name__, self._others)
             raise TryFailed from None
         st.replies += 1
         st.answered(up)
@@ -552,6 +599,12 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = random_port_socket(family)
+        # The socket stays unconnected (see readable); IP_RECVERR makes the kernel report an
+        # ICMP unreachable for it anyway, so a closed port fails this try at once.
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         fut = loop.create_future()
 
         def readable() -> None:

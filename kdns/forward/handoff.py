@@ -24,13 +24,14 @@ import logging
 import os
 import socket
 
-from kdns.dns.wire import EDNS_SIZE
+from kdns.dns.wire import EDNS_SIZE, SERVFAIL
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config
 from kdns.forward.external import ExternalNames
-from kdns.forward.forwarder import Forwarder, Retry, Upstream, encode_name, parse_query
+from kdns.forward.forwarder import (IP_RECVERR, Forwarder, Retry, Upstream, encode_name,
+                                    parse_query)
 from kdns.zone.refpath import Malformed
 
 log = logging.getLogger("kdns.forward.handoff")
@@ -99,6 +100,9 @@ class CompiledForward:
     def _socket() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setblocking(False)
+        # ICMP unreachable reported on the unconnected socket: the engine hands the queries
+        # to that upstream back at once (fwd.pxi fw_unreachable) instead of timing out.
+        s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         s.bind(("0.0.0.0", 0))        # the kernel picks a random ephemeral port
         return s
 
@@ -214,6 +218,7 @@ class ForwardingHandoff:
         loop.add_reader(self.control.fileno(), self.on_control)
         self.worker = worker
         udp_server = getattr(worker, "udp_server", None)
+        self._set_recursion()
         if self.fast is not None and hasattr(udp_server, "set_cache"):
             udp_server.set_cache(self.fast)
         if compiled_forward_enabled() and hasattr(udp_server, "set_forwarder"):
@@ -250,10 +255,31 @@ class ForwardingHandoff:
         fw.configure(ups, stubs)
         fw.looping = looping
         self.configured = True
+        self._set_recursion()
         if self.compiled is not None:
             self.compiled.apply_routes()
 
+    def _set_recursion(self) -> None:
+        """RA on the image's own replies exactly when this worker forwards: with upstreams
+        (or stub domains) recursion is available (RFC 1035 §4.1.1), and nslookup stops
+        warning "Got recursion not available" as with kube-dns."""
+        udp_server = getattr(self.worker, "udp_server", None)
+        if udp_server is not None and hasattr(udp_server, "ra"):
+            fw = self.forwarder
+            udp_server.ra = bool(fw.upstreams or fw.stubs)
+
     async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+        """The worker's seam: the reply for a handed-off query. A failure on the way answers
+        SERVFAIL (RFC 1035 §4.1.1: "unable to process ... due to a problem with the name
+        server") and is counted as one, never left without an answer."""
+        try:
+            return await self._resolve(query, proto, retry)
+        except Exception:       # noqa: BLE001 -- the client gets an answer whatever broke
+            log.exception("hand-off failed")
+            self.forwarder.failures += 1
+            return engine.rcode_reply(query, SERVFAIL, self.edns_max)
+
+    async def _resolve(self, query: bytes, proto: str, retry: Retry | None) -> bytes | None:
         fw = self.forwarder
         if retry is not None:
             return await fw.resolve(query, proto, retry)
@@ -266,7 +292,11 @@ class ForwardingHandoff:
                 q = None
             probe = q is not None and fw.probe_token in q.labels
             if not probe:
-                return engine.refused(query, self.edns_max)
+                # An ExternalName to an outside name still has its CNAME here: answer
+                # with it alone (RFC 1034 §3.6.2: the client follows it), else REFUSED.
+                img = self.worker.img if self.worker is not None else None
+                cname = self.external.cname_only(img, query, proto) if img is not None else None
+                return cname if cname is not None else engine.refused(query, self.edns_max)
         if self.worker is not None and self.worker.img is not None:
             # An ExternalName to an outside name: CNAME + the target's records, as CoreDNS
             # answers it (RFC 1034 §3.6.2: a resolver follows the CNAME for the client).

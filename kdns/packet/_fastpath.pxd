@@ -31,6 +31,7 @@ cdef enum:
     F_AA = 0x0400
     F_TC = 0x0200
     F_RD = 0x0100
+    F_RA = 0x0080
     F_CD = 0x0010
     F_ECHO = 0x7800 | 0x0100 | 0x0010     # opcode, RD, CD are copied into the reply
 
@@ -41,7 +42,13 @@ cdef enum:
     RC_BADVERS = 16                       # RFC 6891 §6.1.3, counted as 16
 
     T_A = 1
+    T_NS = 2
+    T_CNAME = 5
+    T_SOA = 6
+    T_PTR = 12
+    T_MX = 15
     T_AAAA = 28
+    T_SRV = 33
     T_OPT = 41
     T_IXFR = 251
     T_AXFR = 252
@@ -52,6 +59,10 @@ cdef enum:
     TCP_MAX = 65535
     OPT_LEN = 11
     MAX_LABELS = 128                      # 255-byte names have at most 127 labels
+    DNS_HEADER = 12                       # RFC 1035 §4.1.1
+    MAX_LABEL = 63                        # RFC 1035 §2.3.4
+    MAX_NAME = 255                        # RFC 1035 §2.3.4, wire length with the root byte
+    MAX_HOPS = 127                        # refpath.MAX_HOPS: one pointer per label at most
 
     # The largest reply: the TCP limit, or an empty answer whose echoed question
     # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.
@@ -193,7 +204,8 @@ cdef inline bint cur_skip(Cursor *c, Py_ssize_t n) noexcept nogil:
 
 # ---------------------------------------------------------------- packet path
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
-                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil
+                      int edns_max, uint8_t *out, int cap, Outcome *res,
+                      bint ra=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
                        const Outcome *res) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil

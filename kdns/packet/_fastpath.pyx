@@ -16,10 +16,12 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
-from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, EINTR,
+from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, ECONNREFUSED,
+                                   EHOSTUNREACH, EINTR, ENETUNREACH,
                                    INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
-                                   MSG_DONTWAIT, MSG_TRUNC, clock_gettime, errno, inet_ntop,
-                                   iovec, mmsghdr, ntohl, ntohs, recvmmsg, sendmmsg,
+                                   MSG_DONTWAIT, MSG_ERRQUEUE, MSG_TRUNC, clock_gettime, errno,
+                                   inet_ntop, iovec, mmsghdr, msghdr, ntohl, ntohs, recvmmsg,
+                                   recvmsg, sendmmsg,
                                    sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
 from kdns.packet.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN,
                                    close, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
@@ -94,17 +96,33 @@ cdef int parse_question(Ask *a) noexcept nogil:
 
 
 cdef Py_ssize_t skip_name(const uint8_t *q, Py_ssize_t qlen, Py_ssize_t off) noexcept nogil:
-    """Skip a possibly compressed name in the other sections; -1 when malformed."""
-    cdef unsigned int n
+    """Skip a possibly compressed name in the other sections; -1 when malformed.
+
+    refpath.skip_name's rules: pointers only strictly backwards and past the header (RFC
+    1035 §4.1.4), at most MAX_HOPS of them, the name at most MAX_NAME bytes."""
+    cdef unsigned int n, ptr, total = 1, hops = 0
+    cdef Py_ssize_t end = -1
     while True:
         if off >= qlen:
             return -1
         n = q[off]
         if n == 0:
-            return off + 1
+            return end if end >= 0 else off + 1
         if n & 0xC0 == 0xC0:
-            return off + 2 if off + 2 <= qlen else -1
-        if n > 63:
+            if off + 2 > qlen:
+                return -1
+            ptr = (n & 0x3F) << 8 | q[off + 1]
+            hops += 1
+            if ptr < DNS_HEADER or ptr >= off or hops > MAX_HOPS:
+                return -1
+            if end < 0:
+                end = off + 2
+            off = ptr
+            continue
+        if n > MAX_LABEL:
+            return -1
+        total += n + 1
+        if total > MAX_NAME:
             return -1
         off += 1 + n
 
@@ -577,8 +595,21 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
 
 
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
-                      int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+                      int edns_max, uint8_t *out, int cap, Outcome *res,
+                      bint ra=False) noexcept nogil:
     """One query -> action, with the reply in ``out`` (``res.length`` bytes) when SEND.
+
+    ``ra``: this worker forwards (it has upstreams), so every reply says recursion is
+    available (RFC 1035 §4.1.1), as kube-dns's did; one OR per reply (refpath.answer)."""
+    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res)
+    if ra and action == ACTION_SEND:
+        out[3] |= F_RA
+    return action
+
+
+cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
+                     int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+    """answer_query without RA.
 
     ``cap`` must be at least max(reply limit, 12 + 255 + 4 + OPT_LEN). Mirrors
     refpath.answer step by step.
@@ -908,9 +939,10 @@ cdef class Counters:
         self.words[i] = value
 
 
-def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232):
+def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232,
+           bint ra=False):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
-    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max)."""
+    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra)."""
     cdef Outcome res
     cdef int action
     cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
@@ -918,7 +950,7 @@ def answer(Image img not None, bytes query not None, bint tcp=False, int edns_ma
         raise MemoryError()
     try:
         action = answer_query(&img.view, <const uint8_t *><const char *>query, len(query), tcp,
-                              edns_max, out, OUT_MAX, &res)
+                              edns_max, out, OUT_MAX, &res, ra)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -927,7 +959,7 @@ def answer(Image img not None, bytes query not None, bint tcp=False, int edns_ma
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max=1232):
+               int edns_max=1232, bint ra=False):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
     RFC 7766 framing stays with the caller; TCP is not the hot path."""
     cdef Outcome res
@@ -941,7 +973,7 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
     try:
         with nogil:
             t0 = now_ns()
-            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res)
+            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
             count_packet(c.words, PROTO_TCP, n, action, &res)
             count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
         if action != ACTION_SEND:
@@ -995,6 +1027,7 @@ cdef class UdpServer:
     cdef int batch
     cdef int nhandoff
     cdef readonly int last_errno
+    cdef public bint ra                 # set RA on the image's replies: this worker forwards
     cdef mmsghdr *rmsgs
     cdef mmsghdr *smsgs
     cdef iovec *riov
@@ -1181,7 +1214,8 @@ cdef class UdpServer:
             inp = self.inbuf + i * UDP_BUF
             outp = self.outbuf + i * UDP_BUF
             plen = self.rmsgs[i].msg_len
-            action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res)
+            action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
+                                  self.ra)
             if action == ACTION_HANDOFF and self.ctab != NULL:
                 # Outside the image: the forwarder's cache may hold it (issue 5).
                 if now == 0:

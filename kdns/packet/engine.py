@@ -16,7 +16,8 @@ The API (issue 2 §4, §5):
 - ``UdpServer(fd, edns_max=1232, batch=64)``: ``.serve(img, counters, max_batches=16)``
   drains the non-blocking socket and returns how many packets it handed off;
   ``.handoff_packet(i)``, ``.handoff_addr(i)``.
-- ``tcp_answer(img, counters, msg, edns_max=1232) -> (action, reply)`` (counted as tcp).
+- ``tcp_answer(img, counters, msg, edns_max=1232, ra=False) -> (action, reply)`` (counted as
+  tcp; ``ra``: set RA, the worker forwards).
 
 Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
 and ``count_reply(page, proto, reply)``.
@@ -122,8 +123,12 @@ def count_reply(page, proto: str, reply: bytes) -> None:
 
 
 def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
-    """REFUSED for a query the image does not cover: the default hand-off answer until the
-    forwarder exists (issue 2 §4). Echoes the question and, when the query had one, an OPT
+    """REFUSED for a query the image does not cover and nobody to forward it to."""
+    return rcode_reply(query, refpath.REFUSED, edns_max)
+
+
+def rcode_reply(query: bytes, rcode: int, edns_max: int = 1232) -> bytes | None:
+    """``rcode`` with no records (REFUSED, or SERVFAIL when the hand-off broke). Echoes the question and, when the query had one, an OPT
     (RFC 6891 §6.1.1). None when the query cannot be echoed (the engine had parsed it, so
     this only happens for a caller's mistake)."""
     try:
@@ -138,7 +143,7 @@ def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
     edns = None
     if opt is not None:
         edns = (max(refpath.EDNS_MIN, min(opt[0], edns_max)), opt[2], 0)
-    return refpath.reply(query, qend, 0, refpath.REFUSED, None, edns)
+    return refpath.reply(query, qend, 0, rcode, None, edns)
 
 
 # --------------------------------------------------------------------------- pure engine
@@ -171,9 +176,10 @@ class PureImage:
         return bool(self.ref.flags & FLAG_SYNCED)
 
 
-def pure_answer(img: PureImage, query: bytes, tcp: bool = False, edns_max: int = 1232):
+def pure_answer(img: PureImage, query: bytes, tcp: bool = False, edns_max: int = 1232,
+                ra: bool = False):
     try:
-        return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max)
+        return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra)
     except Exception:   # noqa: BLE001 -- bad input never crashes a worker (DESIGN.md)
         log.debug("pure path raised on a %d-byte query; dropped", len(query), exc_info=True)
         return DROP, b""
@@ -188,9 +194,10 @@ class PureCounters:
         self.words = _page_words(buffer)
 
 
-def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int = 1232):
+def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int = 1232,
+                    ra: bool = False):
     started = time.perf_counter_ns()
-    action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max)
+    action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra)
     _count(counters.words, "tcp", msg, action, reply, started)
     return action, reply
 
@@ -204,6 +211,7 @@ class PureUdpServer:
         self.sock.setblocking(False)
         self.edns_max = edns_max
         self.batch = batch
+        self.ra = False           # set RA on the image's replies: this worker forwards
         self._handoffs: list[tuple[bytes, tuple]] = []
 
     def serve(self, img: PureImage, counters: PureCounters, max_batches: int = 16) -> int:
@@ -217,7 +225,8 @@ class PureUdpServer:
             except OSError:
                 continue          # e.g. an ICMP error queued on the socket; keep draining
             started = time.perf_counter_ns()
-            action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max)
+            action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max,
+                                        ra=self.ra)
             if action == SEND:
                 try:
                     self.sock.sendto(reply, addr)

@@ -51,6 +51,7 @@ cdef enum:
     HB_TC = 2
     HB_BAD = 3                   # SERVFAIL / REFUSED / malformed / too big for C
     HB_RECONFIG = 4
+    HB_UNREACHABLE = 5           # ICMP destination unreachable for the upstream (IP_RECVERR)
 
     F_RCODE_SERVFAIL = 2
 
@@ -350,6 +351,27 @@ cdef void fw_flush(FwState *s) noexcept nogil:
     s.nq = 0
 
 
+cdef bint fw_rdata_names_ok(const uint8_t *m, int n, unsigned int rtype, Py_ssize_t start,
+                            Py_ssize_t end) noexcept nogil:
+    """cache.check_rdata_names: the names in this RDATA are valid and end with it."""
+    cdef Py_ssize_t off
+    if rtype == T_SOA:
+        off = skip_name(m, n, start)
+        if off < 0:
+            return False
+        off = skip_name(m, n, off)
+        return off >= 0 and off + 20 == end
+    if rtype == T_NS or rtype == T_CNAME or rtype == T_PTR:
+        off = skip_name(m, n, start)
+    elif rtype == T_MX:
+        off = skip_name(m, n, start + 2)
+    elif rtype == T_SRV:
+        off = skip_name(m, n, start + 6)
+    else:
+        return True
+    return off == end
+
+
 cdef int fw_scan(const uint8_t *m, int n, int qend, int *ends, int *types,
                  int *ttloff, int *opt) noexcept nogil:
     """Record ends/types/TTL offsets of a reply; the number of records, or -1."""
@@ -365,8 +387,15 @@ cdef int fw_scan(const uint8_t *m, int n, int qend, int *ends, int *types,
             return -1
         types[i] = be16(m + off)
         ttloff[i] = <int>off + 4
+        start = off + 10
         off += 10 + be16(m + off + 8)
         if off > n:
+            return -1
+        # Every name a relayed or cached reply carries is checked (cache.scan's rules);
+        # RFC 6891 §6.1.1: OPT only in the additional section.
+        if types[i] == T_OPT and i < an + ns:
+            return -1
+        if not fw_rdata_names_ok(m, n, types[i], start, off):
             return -1
         ends[i] = <int>off
         if types[i] == T_OPT and opt[0] < 0:
@@ -622,7 +651,10 @@ cdef void fw_drain_sock(FwState *s, int sock, uint64_t *ctr, int64_t now) noexce
         if r < 0:
             if errno == EINTR:
                 continue
-            return                  # EAGAIN, or an ICMP error: the try times out
+            if errno == ECONNREFUSED or errno == EHOSTUNREACH or errno == ENETUNREACH:
+                fw_unreachable(s, sock)
+                continue            # replies may wait behind the error
+            return                  # EAGAIN
         for j in range(r):
             if s.rmsg[j].msg_hdr.msg_flags & MSG_TRUNC:
                 s.forged += 1
@@ -630,6 +662,40 @@ cdef void fw_drain_sock(FwState *s, int sock, uint64_t *ctr, int64_t now) noexce
             fw_reply(s, sock, s.rbuf + j * UDP_BUF, s.rmsg[j].msg_len, &s.raddr[j], ctr, now)
         if r < FW_RX:
             return
+
+
+cdef void fw_unreachable(FwState *s, int sock) noexcept nogil:
+    """ICMP destination unreachable on upstream socket ``sock`` (RFC 1122 §4.1.3.3; the
+    socket has IP_RECVERR): each queued error names the address the failed datagram went
+    to; the queries waiting on that upstream on this socket go back to Python at once
+    (HB_UNREACHABLE) instead of waiting out their try."""
+    cdef msghdr mh
+    cdef iovec iov
+    cdef sockaddr_storage dest
+    cdef uint8_t junk[64], ctl[256]
+    cdef int32_t i
+    cdef FwUp *u
+    while True:
+        memset(&mh, 0, sizeof(mh))
+        iov.iov_base = junk
+        iov.iov_len = sizeof(junk)
+        mh.msg_name = &dest
+        mh.msg_namelen = sizeof(dest)
+        mh.msg_iov = &iov
+        mh.msg_iovlen = 1
+        mh.msg_control = ctl
+        mh.msg_controllen = sizeof(ctl)
+        if recvmsg(s.socks[sock], &mh, MSG_ERRQUEUE | MSG_DONTWAIT) < 0:
+            if errno == EINTR:
+                continue
+            return
+        for i in range(s.cap):
+            if s.pool[i].state == FE_LEADER and s.pool[i].sock == sock:
+                u = &s.ups[s.pool[i].up]
+                if fw_source_ok(u, &dest):
+                    u.failures[0] += 1
+                    fw_unlink(s, i)
+                    fw_handback(s, i, HB_UNREACHABLE)
 
 
 cdef int fw_drain(FwState *s, uint64_t *ctr) noexcept nogil:

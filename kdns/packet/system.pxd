@@ -37,12 +37,14 @@ cdef extern from "<sys/socket.h>" nogil:
 
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, timespec *timeout)
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+    ssize_t recvmsg(int fd, msghdr *msg, int flags)
 
     enum:
         AF_INET
         AF_INET6
         MSG_DONTWAIT
         MSG_TRUNC
+        MSG_ERRQUEUE
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -87,6 +89,9 @@ cdef extern from "<errno.h>" nogil:
         EAGAIN
         EWOULDBLOCK
         EINTR
+        ECONNREFUSED
+        EHOSTUNREACH
+        ENETUNREACH
 
 
 cdef extern from *:

@@ -310,7 +310,7 @@ class TcpConnection(asyncio.Protocol):
 
     def query(self, msg: bytes) -> None:
         w = self.worker
-        action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max)
+        action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra)
         if w.log_queries and action != engine.HANDOFF:
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
                            reply if action == engine.SEND else None)

@@ -17,8 +17,10 @@ from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, 
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
-from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, NOTIMP, NXDOMAIN, QR,  # noqa: F401
-                           RD, REFUSED, SERVFAIL, T_A, T_AAAA, T_AXFR, T_IXFR, T_OPT, TC)
+from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN, MAX_LABEL,  # noqa: F401
+                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
+                           T_AXFR, T_IXFR, T_OPT, TC)
+MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
 UDP_PLAIN = 512         # RFC 1035 §4.2.1
 TCP_MAX = 65535
 OPT_LEN = 11
@@ -49,18 +51,35 @@ def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
 
 
 def skip_name(q: bytes, off: int) -> int:
-    """Skip a possibly compressed name in the other sections."""
+    """Skip a possibly compressed name in the other sections; the offset just past it.
+
+    Malformed unless every pointer goes strictly backwards (RFC 1035 §4.1.4: to a "prior
+    occurrence") to a point past the header, and the name, its pointers followed, is at
+    most MAX_NAME bytes. Backwards-only means a chain of pointers cannot loop; the length
+    bound stops labels that run into the pointer leading back to them; the hop bound is
+    the most labels a name can have."""
+    end, total, hops = -1, 1, 0
     while True:
         if off >= len(q):
             raise Malformed
         n = q[off]
         if n == 0:
-            return off + 1
+            return end if end >= 0 else off + 1
         if n & 0xC0 == 0xC0:
             if off + 2 > len(q):
                 raise Malformed
-            return off + 2
-        if n > 63:
+            ptr = (n & 0x3F) << 8 | q[off + 1]
+            hops += 1
+            if ptr < HEADER_LEN or ptr >= off or hops > MAX_HOPS:
+                raise Malformed
+            if end < 0:
+                end = off + 2
+            off = ptr
+            continue
+        if n > MAX_LABEL:
+            raise Malformed         # 0x40 and 0x80 label types are not DNS names (RFC 6891 §5)
+        total += n + 1
+        if total > MAX_NAME:
             raise Malformed
         off += 1 + n
 
@@ -202,11 +221,21 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
 
 
 def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
-           external_cname: bool = False) -> tuple[int, bytes]:
+           external_cname: bool = False, ra: bool = False) -> tuple[int, bytes]:
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
-    of handing it off (the forwarder's first half of such an answer)."""
+    of handing it off (the forwarder's first half of such an answer). ``ra``: the worker
+    forwards (it has upstreams), so every reply says recursion is available (RFC 1035
+    §4.1.1), as kube-dns's did."""
+    action, out = _answer(image, q, tcp, edns_max, external_cname)
+    if ra and action == ACTION_SEND:
+        out = out[:3] + bytes([out[3] | RA]) + out[4:]
+    return action, out
+
+
+def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
+            external_cname: bool) -> tuple[int, bytes]:
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
