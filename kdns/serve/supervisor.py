@@ -72,6 +72,17 @@ class LoadError(Exception):
     """An input file could not be turned into an image; one sentence naming the file."""
 
 
+class EmptyInput(LoadError):
+    """The input held no objects; ``data`` is its (empty cluster) image. Whether to publish
+    it is the source's call: a file being rewritten is empty for a moment (``kubectl get …
+    > f.yaml`` truncates it first), and publishing that would turn every cluster name into
+    an authoritative NXDOMAIN that resolvers cache for the SOA minimum (RFC 2308 §5)."""
+
+    def __init__(self, message: str, data: bytes):
+        super().__init__(message)
+        self.data = data
+
+
 @dataclass
 class ServeConfig:
     from_file: str | None = None
@@ -127,7 +138,8 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         except ImportError as e:
             raise LoadError(f"--from-file needs kdns.kube.records, which failed to import ({e}).") from None
         try:
-            data = build.compile_file(path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods)
+            data, objects = build.compile_file_counted(path, domain=cfg.domain, ttl=cfg.ttl,
+                                                       pods=cfg.pods)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:
@@ -137,7 +149,11 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         # and the release would each pin an otherwise empty arena (measured at 10k services
         # and 100k endpoints: supervisor RSS 86 MiB when released after start, 35 at once).
         release_memory()
-        return checked_image(data, f"the image compiled from {path}")
+        data = checked_image(data, f"the image compiled from {path}")
+        if objects == 0:
+            raise EmptyInput(f"--from-file {path} holds no Services, Endpoints, "
+                             f"EndpointSlices, Namespaces or Pods.", data)
+        return data
     return load
 
 
@@ -152,13 +168,21 @@ def image_file_loader(path: str) -> bytes:
 
 
 class WatchedFile:
-    """An input file re-read when its inode, size or mtime changes (issue 2 §2)."""
+    """An input file re-read when its inode, size, mtime or ctime changes (issue 2 §2).
+
+    ctime too: ``cp -p`` and ``rsync -t`` write new content under the old mtime, and a
+    same-size edit would otherwise never be seen; ctime cannot be set back by the writer.
+
+    An input with no objects is not published while the last one had some (EmptyInput):
+    it is far likelier a file caught mid-rewrite than a cluster that lost every Service.
+    An empty input after an empty one (or as the first) is published: that is deliberate."""
 
     def __init__(self, path: str, load: Callable[[str], bytes]):
         self.path = path
         self.load = load
         self.stamp = None
         self.failed_stamp = None
+        self.empty = False          # whether the image last published came from no objects
 
     # The supervisor's source protocol, shared with the API controller (kdns/serve/controller.py,
     # issue 4): a push source wakes the loop itself and is polled every iteration; /readiness
@@ -177,14 +201,19 @@ class WatchedFile:
 
     def _stat(self):
         st = os.stat(self.path)
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def first(self) -> bytes:
         try:
             self.stamp = self._stat()
         except OSError as e:
             raise LoadError(f"cannot read {self.path}: {e.strerror}; check the path.") from None
-        return self.load(self.path)
+        try:
+            return self.load(self.path)
+        except EmptyInput as e:
+            log.warning("%s Serving an empty cluster.", e)
+            self.empty = True
+            return e.data
 
     def poll(self, force: bool = False) -> bytes | None:
         """New image bytes when the file changed (or ``force``), else None; a bad update
@@ -201,13 +230,22 @@ class WatchedFile:
             return None
         if stamp == self.failed_stamp and not force:
             return None
+        empty = False
         try:
             data = self.load(self.path)
+        except EmptyInput as e:
+            if not self.empty:
+                log.error("%s Not publishing an empty cluster over a non-empty one (a file "
+                          "being rewritten is empty for a moment); still serving the last "
+                          "good image.", e)
+                self.failed_stamp = stamp
+                return None
+            data, empty = e.data, True
         except LoadError as e:
             log.error("%s Still serving the last good image.", e)
             self.failed_stamp = stamp
             return None
-        self.stamp, self.failed_stamp = stamp, None
+        self.stamp, self.failed_stamp, self.empty = stamp, None, empty
         return data
 
 
