@@ -238,6 +238,10 @@ def build_parser() -> Parser:
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
                    help="CoreDNS-style Prometheus /metrics port (default 9153; 0 disables)")
+    s.add_argument("--share-dns-port", action="store_true",
+                   help="serve the DNS port together with another kdns already on it "
+                        "(SO_REUSEPORT; a rolling hand-over in one network namespace); "
+                        "without it kdns refuses a port another process serves")
     _add_drop_in_flags(s, port)
     s.add_argument("--edns-udp-size", type=_int_in(512, 65535, "a size from 512 to 65535 bytes"),
                    default=settings.EDNS_UDP_SIZE,
@@ -272,6 +276,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
+        share_dns_port=a.share_dns_port,
         forwarding=_forwarding(a),
         log_level=logs.level_for(a.log_level, a.v),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,

@@ -404,3 +404,23 @@ def test_readiness_health_and_metrics(server):
     assert delta("coredns_dns_responses_total", rcode="NXDOMAIN") == 1
     assert delta("coredns_dns_responses_total", rcode="NOERROR") >= 3
     assert server.http_get("/nope")[0] == 404
+
+
+def test_second_kdns_on_a_served_port_refuses_to_start(server, tmp_path):
+    """SO_REUSEPORT would let it join the first one's group and take half its traffic."""
+    import sys
+    from serverutil import ROOT, own_resolvers
+    argv = [sys.executable, "-m", "kdns", "serve", "--from-image", server.image_path,
+            "--dns-bind-address", HOST, "--dns-port", str(server.port),
+            "--healthz-port", "0", "--metrics-port", "0", "--health-port", "0",
+            "--ready-port", "0", "--sidecar-port", "0", "--lameduck", "0", "--workers", "1",
+            *own_resolvers(tmp_path, ())]
+    # It exits before starting a worker; the timeout only bounds a regression that serves.
+    try:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second kdns started on a port another kdns serves")
+    assert done.returncode == 2, done.stderr
+    assert f"port {server.port}" in done.stderr and "--share-dns-port" in done.stderr
+    assert server.udp(K).answer                    # the first one still serves

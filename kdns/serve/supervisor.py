@@ -99,6 +99,9 @@ class ServeConfig:
     tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT
     tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS
     lameduck: float = 0.0
+    # Join another process's SO_REUSEPORT group on the DNS port (a rolling hand-over on one
+    # network namespace); without it, kdns refuses a port someone else serves.
+    share_dns_port: bool = False
     # Issue 6: the kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
     # on kube-dns's PROMETHEUS_PORT (0: off), query logging.
     health_port: int = 0
@@ -265,9 +268,39 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
 # --------------------------------------------------------------------------- sockets
 
 
-def listening_sockets(host: str, port: int, n: int) -> list[tuple[socket.socket, socket.socket]]:
-    """n pairs of SO_REUSEPORT (UDP, TCP) sockets on host:port; port 0 picks one for all."""
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` is served by someone else already (the OS's reason), or None.
+
+    Why: SO_REUSEPORT lets any process of the same user bind a port that is already in a
+    group, and the kernel then splits the traffic between unrelated servers (``make run``
+    twice). A bind without SO_REUSEPORT fails if any socket holds the port, so one probe of
+    each protocol tells a free port from a taken one; the probes are closed at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        probe = socket.socket(family, kind)
+        try:
+            if kind == socket.SOCK_STREAM:
+                # TIME_WAIT remains of an earlier kdns are not a server (RFC 793 §3.5).
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+        finally:
+            probe.close()
+    return None
+
+
+def listening_sockets(host: str, port: int, n: int,
+                      share: bool = False) -> list[tuple[socket.socket, socket.socket]]:
+    """n pairs of SO_REUSEPORT (UDP, TCP) sockets on host:port; port 0 picks one for all.
+    A port another process serves is refused unless ``share`` (--share-dns-port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port and not share:
+        taken = port_in_use(host, port)
+        if taken is not None:
+            raise StartError(f"cannot listen for DNS on {host} port {port} ({taken}): another "
+                             f"process serves it; stop it, choose another --dns-port, or pass "
+                             f"--share-dns-port to split the traffic with it on purpose.")
     pairs = []
     try:
         for _ in range(n):
@@ -339,7 +372,8 @@ class Supervisor:
     def start(self, first_image: bytes) -> None:
         """Everything that can fail for a user-fixable reason, before any worker exists."""
         cfg = self.cfg
-        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers)
+        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers,
+                                  share=cfg.share_dns_port)
         self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
         self.counters_fd, self.counters = publish.counters_memfd(cfg.workers)
         try:
