@@ -98,6 +98,7 @@ class ServeConfig:
     edns_udp_size: int = settings.EDNS_UDP_SIZE
     tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT
     tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS
+    tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE
     lameduck: float = 0.0
     # Join another process's SO_REUSEPORT group on the DNS port (a rolling hand-over on one
     # network namespace); without it, kdns refuses a port someone else serves.
@@ -429,6 +430,7 @@ class Supervisor:
                 "--counters-fd", str(fds[3]), "--edns-udp-size", str(cfg.edns_udp_size),
                 "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
                 "--tcp-max-connections", str(cfg.tcp_max_connections),
+                "--tcp-max-per-source", str(cfg.tcp_max_per_source),
                 "--log-level", cfg.log_level] + (["--log-queries"] if cfg.log_queries else [])
         if fwd is not None:
             fds += (fwd.fileno(),)
