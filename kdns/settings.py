@@ -35,6 +35,12 @@ TCP_MAX_PER_SOURCE = 200       # TCP connections per source address per worker
 # the cap down to this at the cap.
 TCP_IDLE_TIMEOUT_MIN = 0.5
 
+# --------------------------------------------------------------------------- workers
+WORKER_HEARTBEAT = 0.1         # seconds between a worker's heartbeats (its counter page)
+# A worker whose heartbeat stands still this long is killed and replaced: its socket's
+# queue is served by nobody meanwhile (the other workers' sockets take only their share).
+WORKER_STALL_TIMEOUT = 1.0
+
 # --------------------------------------------------------------------------- HTTP ports
 HEALTHZ_PORT = 8081            # kube-dns's /readiness
 METRICS_PORT = 9153            # CoreDNS's prometheus plugin

@@ -334,7 +334,8 @@ def listening_sockets(host: str, port: int, n: int,
 
 
 class Slot:
-    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at")
+    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at",
+                 "beat", "beat_at")
 
     def __init__(self, index, udp, tcp):
         self.index, self.udp, self.tcp = index, udp, tcp
@@ -342,6 +343,8 @@ class Slot:
         self.started = 0.0
         self.fast_deaths = 0
         self.respawn_at = 0.0
+        self.beat = 0               # the worker's heartbeat count last seen, and when
+        self.beat_at = 0.0
 
 
 class Supervisor:
@@ -423,6 +426,9 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         cfg = self.cfg
         control = self.publisher.attach(slot.index)
+        # No beat until the new worker serves: a predecessor's count must not look alive.
+        C.set_page_heartbeat(memoryview(self.counters)[
+            slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
         fwd = self.forwarding.attach(slot.index) if self.forwarding is not None else None
         fds = (slot.udp.fileno(), slot.tcp.fileno(), control.fileno(), self.counters_fd)
         argv = [sys.executable, "-m", "kdns.serve.worker", "--slot", str(slot.index),
@@ -444,6 +450,7 @@ class Supervisor:
             if fwd is not None:
                 fwd.close()
         slot.started = time.monotonic()
+        slot.beat, slot.beat_at = 0, slot.started
         log.debug("worker %d started as pid %d", slot.index, slot.proc.pid)
 
     # ---- run
@@ -506,6 +513,7 @@ class Supervisor:
             if slot.proc is not None:
                 status = slot.proc.poll()
                 if status is None:
+                    self.check_heartbeat(slot, now)
                     continue
                 age = now - slot.started
                 slot.fast_deaths = slot.fast_deaths + 1 if age < RESPAWN_FAST else 0
@@ -526,6 +534,20 @@ class Supervisor:
                 self.worker_deaths += 1
             if slot.proc is None and now >= slot.respawn_at and not self.stopping:
                 self.spawn(slot)
+
+    def check_heartbeat(self, slot: Slot, now: float) -> None:
+        """Kill a worker whose heartbeat stood still for WORKER_STALL_TIMEOUT: alive but
+        stopped or stuck, it leaves its socket's queue unserved, and nothing else would
+        notice (it never exits). SIGKILL works on a stopped process too; the next loop
+        reaps it and its replacement serves the packets queued on the kept socket."""
+        beat = C.page_heartbeat(self.counters, slot.index)
+        if beat != slot.beat:
+            slot.beat, slot.beat_at = beat, now
+        elif beat and now - slot.beat_at > settings.WORKER_STALL_TIMEOUT:
+            log.error("worker %d (pid %d) made no progress for %.1fs; killing it",
+                      slot.index, slot.proc.pid, now - slot.beat_at)
+            slot.proc.kill()
+            slot.beat_at = now          # once; the next loop sees it exit
 
     def check_ready(self) -> None:
         """Ready once every worker has mapped the first image (issue 2 §2: /readiness)."""

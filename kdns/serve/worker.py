@@ -89,6 +89,7 @@ class Worker:
         self.idle_timeout = tcp_idle_timeout
         self.max_connections = tcp_max_connections
         self.max_per_source = tcp_max_per_source
+        self.beats = 0
         self.handoff = handoff or RefuseHandoff(edns_max)
         self.img = None
         self.generation = 0
@@ -131,6 +132,7 @@ class Worker:
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
+        self.heartbeat()
         try:
             await self.stopping.wait()
         finally:
@@ -262,6 +264,14 @@ class Worker:
 
     def count(self, name: str) -> None:
         self.words[C.LAYOUT[name]] += 1
+
+    def heartbeat(self) -> None:
+        """Raise the page's heartbeat count, from this loop: the supervisor replaces a worker
+        whose count stands still (a stopped or stuck loop serves nothing)."""
+        self.beats += 1
+        C.set_page_heartbeat(self.page, self.beats)
+        if not self.stopping.is_set():
+            self.loop.call_later(settings.WORKER_HEARTBEAT, self.heartbeat)
 
     def tcp_idle_timeout(self) -> float:
         """RFC 7766 §6.2.3: the idle timeout shortens as connections near the cap, from
