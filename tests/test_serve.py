@@ -460,3 +460,16 @@ def test_second_kdns_on_a_served_port_refuses_to_start(server, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"port {server.port}" in done.stderr and "--share-dns-port" in done.stderr
     assert server.udp(K).answer                    # the first one still serves
+
+
+def test_idle_timeout_shortens_under_pressure():
+    """RFC 7766 §6.2.3: the configured timeout up to half the cap, then down to
+    TCP_IDLE_TIMEOUT_MIN at the cap."""
+    from types import SimpleNamespace
+    from kdns import settings
+    from kdns.serve.worker import Worker
+    w = SimpleNamespace(max_connections=10, idle_timeout=10.0, connections={})
+    timeout = lambda n: Worker.tcp_idle_timeout(SimpleNamespace(**{**vars(w), "connections": range(n)}))
+    assert timeout(0) == timeout(5) == 10.0
+    assert 10.0 > timeout(6) > timeout(9) > settings.TCP_IDLE_TIMEOUT_MIN
+    assert timeout(10) == settings.TCP_IDLE_TIMEOUT_MIN
