@@ -238,6 +238,10 @@ def build_parser() -> Parser:
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
                    help="CoreDNS-style Prometheus /metrics port (default 9153; 0 disables)")
+    s.add_argument("--share-dns-port", action="store_true",
+                   help="serve the DNS port together with another kdns already on it "
+                        "(SO_REUSEPORT; a rolling hand-over in one network namespace); "
+                        "without it kdns refuses a port another process serves")
     _add_drop_in_flags(s, port)
     s.add_argument("--edns-udp-size", type=_int_in(512, 65535, "a size from 512 to 65535 bytes"),
                    default=settings.EDNS_UDP_SIZE,
@@ -248,6 +252,12 @@ def build_parser() -> Parser:
                    type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
                    default=settings.TCP_MAX_CONNECTIONS,
                    help=f"TCP connections per worker (default {settings.TCP_MAX_CONNECTIONS})")
+    s.add_argument("--tcp-max-per-source",
+                   type=_int_in(1, 1_000_000, "a connection count from 1 to 1000000"),
+                   default=settings.TCP_MAX_PER_SOURCE,
+                   help="TCP connections per client address per worker; at this or "
+                        "--tcp-max-connections the oldest idle one is closed for a new one "
+                        f"(RFC 7766 §10; default {settings.TCP_MAX_PER_SOURCE})")
     s.add_argument("--lameduck", type=_duration, default=settings.LAMEDUCK, metavar="DURATION",
                    help="after SIGTERM, report not ready but keep answering this long before "
                         "exiting 0, e.g. 5s (default 5s, as CoreDNS's kubeadm Corefile; "
@@ -272,6 +282,8 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
+        tcp_max_per_source=a.tcp_max_per_source,
+        share_dns_port=a.share_dns_port,
         forwarding=_forwarding(a),
         log_level=logs.level_for(a.log_level, a.v),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,

@@ -27,6 +27,19 @@ EDNS_UDP_SIZE = 1232
 UDP_BATCH = 64                 # datagrams per recvmmsg/sendmmsg call
 TCP_IDLE_TIMEOUT = 10.0        # seconds a TCP connection may sit idle (RFC 7766 §6.2.3)
 TCP_MAX_CONNECTIONS = 1000     # TCP connections per worker
+# RFC 7766 §10: one source must not take every connection, or no other client can retry a
+# truncated UDP answer over TCP. A node's pods share no source address (each pod has its
+# own), so a fifth of the cap is plenty for any one client.
+TCP_MAX_PER_SOURCE = 200       # TCP connections per source address per worker
+# RFC 7766 §6.2.3: under pressure the idle timeout shortens, from TCP_IDLE_TIMEOUT at half
+# the cap down to this at the cap.
+TCP_IDLE_TIMEOUT_MIN = 0.5
+
+# --------------------------------------------------------------------------- workers
+WORKER_HEARTBEAT = 0.1         # seconds between a worker's heartbeats (its counter page)
+# A worker whose heartbeat stands still this long is killed and replaced: its socket's
+# queue is served by nobody meanwhile (the other workers' sockets take only their share).
+WORKER_STALL_TIMEOUT = 1.0
 
 # --------------------------------------------------------------------------- HTTP ports
 HEALTHZ_PORT = 8081            # kube-dns's /readiness

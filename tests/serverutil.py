@@ -129,6 +129,7 @@ class Kdns:
             # A fixed dns_port is shared on purpose (SO_REUSEPORT): not redrawn.
             "--dns-bind-address", host,
             "--dns-port", Port("dns") if dns_port is None else str(dns_port),
+            *(() if dns_port is None else ("--share-dns-port",)),
             "--healthz-port", Port("http"), "--metrics-port", Port("http"),
             # Issue 6: the other listeners have fixed default ports (tests run in
             # parallel) and SIGTERM would wait out the 5s lameduck; tests opt in.

@@ -112,6 +112,40 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
         assert "Traceback" not in server.logs()
 
 
+def test_stopped_worker_is_detected_and_replaced(tmp_path):
+    """A worker alive but making no progress (SIGSTOP) is killed and replaced, and the
+    replacement answers what queued on its slot's socket meanwhile."""
+    from kdns import settings
+    wire = dns.message.make_query(K, "A").to_wire()
+    expected = refpath.answer(refpath.Image(sample_image()), wire)[1]
+    # Detection takes WORKER_STALL_TIMEOUT; a fresh interpreter's start is bounded by what
+    # serverutil allows a whole kdns to start in.
+    bound = settings.WORKER_STALL_TIMEOUT + 20
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        before = server.worker_pids()
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGSTOP)              # a child of the server we started
+        try:
+            # One socket each: some hash to the stopped worker's socket and queue there.
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(12)]
+            for s in socks:
+                s.settimeout(bound)
+                s.sendto(wire, (HOST, server.port))
+            replaced = wait_for(lambda: not alive(victim)
+                                and len(server.worker_pids() - before) == 1, bound)
+            assert replaced, server.logs()
+            for s in socks:                          # queued ones answered by the new one
+                assert s.recv(65535) == expected
+                s.close()
+            server.wait_generation(1, timeout=bound)
+            assert "made no progress" in server.logs()
+            assert a_records(server.udp(K)) == ["10.96.0.1"]
+        finally:
+            if alive(victim):
+                os.kill(victim, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- stopping
 
 

@@ -107,6 +107,13 @@ assert len(LAYOUT) <= FWD_BASE
 SWAPPED_NS_WORD = FWD_BASE - 1
 assert len(LAYOUT) <= SWAPPED_NS_WORD
 
+# The worker's heartbeat: a count its event loop raises every settings.WORKER_HEARTBEAT
+# seconds, written by Python (so not mirrored by _fastpath.pxd). A worker that is alive but
+# makes no progress (stopped, deadlocked, spinning) keeps its sockets' queues unserved; the
+# supervisor replaces one whose count stands still (0: no beat yet, the worker is starting).
+HEARTBEAT_WORD = FWD_BASE - 2
+assert len(LAYOUT) <= HEARTBEAT_WORD
+
 
 def _row(u: int) -> int:
     return FWD_BASE + len(FWD_GLOBALS) + u * FWD_ROW
@@ -241,3 +248,12 @@ def set_page_generation(page, generation: int, swapped_ns: int | None = None) ->
 def page_swapped_ns(buf, slot: int) -> int:
     """When the worker in ``slot`` last swapped images (time.monotonic_ns; 0: never)."""
     return _WORD.unpack_from(buf, slot * PAGE_BYTES + SWAPPED_NS_WORD * 8)[0]
+
+
+def page_heartbeat(buf, slot: int) -> int:
+    """The heartbeat count of the worker in ``slot`` (0: none yet)."""
+    return _WORD.unpack_from(buf, slot * PAGE_BYTES + HEARTBEAT_WORD * 8)[0]
+
+
+def set_page_heartbeat(page, beats: int) -> None:
+    _WORD.pack_into(page, HEARTBEAT_WORD * 8, beats)

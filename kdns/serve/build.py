@@ -8,6 +8,7 @@ file (``--from-file``); ``incremental`` joins them for the compile after a chang
 from __future__ import annotations
 
 from kdns.kube import records
+from kdns.kube.model import KINDS
 from kdns.zone import image as I
 
 
@@ -27,12 +28,23 @@ def _compile(zd: records.ZoneData, synced: bool) -> bytes:
                            consume=True)
 
 
-def compile_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
-                 pods: str = "insecure", endpoint_pod_names: bool = False,
-                 serial: int | None = None) -> bytes:
+def compile_file(path: str, **options) -> bytes:
     """Image bytes for the objects in ``path``; InputError if the file is unusable."""
+    return compile_file_counted(path, **options)[0]
+
+
+def compile_file_counted(path: str, *, domain: str = "cluster.local", ttl: int = 30,
+                         pods: str = "insecure", endpoint_pod_names: bool = False,
+                         serial: int | None = None) -> tuple[bytes, int]:
+    """Image bytes for ``path`` and how many objects of the DNS kinds it held: the file
+    source refuses to replace a cluster with an empty one (a truncated file, see
+    ``supervisor.WatchedFile``), which only the object count tells apart."""
     # The model is garbage once the rules have run, so the compile reuses its memory: a
     # file's model is rebuilt on every change, nothing keeps it (issue 3: startup peak).
-    return _compile(records.zone_data(records.model_from_file(path), domain=domain, ttl=ttl, pods=pods,
-                              endpoint_pod_names=endpoint_pod_names,
-                              serial=records.file_serial(path) if serial is None else serial), True)
+    model = records.model_from_file(path)
+    objects = sum(model.count(kind) for kind in KINDS)
+    zd = records.zone_data(model, domain=domain, ttl=ttl, pods=pods,
+                           endpoint_pod_names=endpoint_pod_names,
+                           serial=records.file_serial(path) if serial is None else serial)
+    del model
+    return _compile(zd, True), objects

@@ -72,6 +72,17 @@ class LoadError(Exception):
     """An input file could not be turned into an image; one sentence naming the file."""
 
 
+class EmptyInput(LoadError):
+    """The input held no objects; ``data`` is its (empty cluster) image. Whether to publish
+    it is the source's call: a file being rewritten is empty for a moment (``kubectl get …
+    > f.yaml`` truncates it first), and publishing that would turn every cluster name into
+    an authoritative NXDOMAIN that resolvers cache for the SOA minimum (RFC 2308 §5)."""
+
+    def __init__(self, message: str, data: bytes):
+        super().__init__(message)
+        self.data = data
+
+
 @dataclass
 class ServeConfig:
     from_file: str | None = None
@@ -87,7 +98,11 @@ class ServeConfig:
     edns_udp_size: int = settings.EDNS_UDP_SIZE
     tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT
     tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS
+    tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE
     lameduck: float = 0.0
+    # Join another process's SO_REUSEPORT group on the DNS port (a rolling hand-over on one
+    # network namespace); without it, kdns refuses a port someone else serves.
+    share_dns_port: bool = False
     # Issue 6: the kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
     # on kube-dns's PROMETHEUS_PORT (0: off), query logging.
     health_port: int = 0
@@ -127,7 +142,8 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         except ImportError as e:
             raise LoadError(f"--from-file needs kdns.kube.records, which failed to import ({e}).") from None
         try:
-            data = build.compile_file(path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods)
+            data, objects = build.compile_file_counted(path, domain=cfg.domain, ttl=cfg.ttl,
+                                                       pods=cfg.pods)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:
@@ -137,7 +153,11 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         # and the release would each pin an otherwise empty arena (measured at 10k services
         # and 100k endpoints: supervisor RSS 86 MiB when released after start, 35 at once).
         release_memory()
-        return checked_image(data, f"the image compiled from {path}")
+        data = checked_image(data, f"the image compiled from {path}")
+        if objects == 0:
+            raise EmptyInput(f"--from-file {path} holds no Services, Endpoints, "
+                             f"EndpointSlices, Namespaces or Pods.", data)
+        return data
     return load
 
 
@@ -152,13 +172,21 @@ def image_file_loader(path: str) -> bytes:
 
 
 class WatchedFile:
-    """An input file re-read when its inode, size or mtime changes (issue 2 §2)."""
+    """An input file re-read when its inode, size, mtime or ctime changes (issue 2 §2).
+
+    ctime too: ``cp -p`` and ``rsync -t`` write new content under the old mtime, and a
+    same-size edit would otherwise never be seen; ctime cannot be set back by the writer.
+
+    An input with no objects is not published while the last one had some (EmptyInput):
+    it is far likelier a file caught mid-rewrite than a cluster that lost every Service.
+    An empty input after an empty one (or as the first) is published: that is deliberate."""
 
     def __init__(self, path: str, load: Callable[[str], bytes]):
         self.path = path
         self.load = load
         self.stamp = None
         self.failed_stamp = None
+        self.empty = False          # whether the image last published came from no objects
 
     # The supervisor's source protocol, shared with the API controller (kdns/serve/controller.py,
     # issue 4): a push source wakes the loop itself and is polled every iteration; /readiness
@@ -177,14 +205,19 @@ class WatchedFile:
 
     def _stat(self):
         st = os.stat(self.path)
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def first(self) -> bytes:
         try:
             self.stamp = self._stat()
         except OSError as e:
             raise LoadError(f"cannot read {self.path}: {e.strerror}; check the path.") from None
-        return self.load(self.path)
+        try:
+            return self.load(self.path)
+        except EmptyInput as e:
+            log.warning("%s Serving an empty cluster.", e)
+            self.empty = True
+            return e.data
 
     def poll(self, force: bool = False) -> bytes | None:
         """New image bytes when the file changed (or ``force``), else None; a bad update
@@ -201,13 +234,22 @@ class WatchedFile:
             return None
         if stamp == self.failed_stamp and not force:
             return None
+        empty = False
         try:
             data = self.load(self.path)
+        except EmptyInput as e:
+            if not self.empty:
+                log.error("%s Not publishing an empty cluster over a non-empty one (a file "
+                          "being rewritten is empty for a moment); still serving the last "
+                          "good image.", e)
+                self.failed_stamp = stamp
+                return None
+            data, empty = e.data, True
         except LoadError as e:
             log.error("%s Still serving the last good image.", e)
             self.failed_stamp = stamp
             return None
-        self.stamp, self.failed_stamp = stamp, None
+        self.stamp, self.failed_stamp, self.empty = stamp, None, empty
         return data
 
 
@@ -227,9 +269,39 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
 # --------------------------------------------------------------------------- sockets
 
 
-def listening_sockets(host: str, port: int, n: int) -> list[tuple[socket.socket, socket.socket]]:
-    """n pairs of SO_REUSEPORT (UDP, TCP) sockets on host:port; port 0 picks one for all."""
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` is served by someone else already (the OS's reason), or None.
+
+    Why: SO_REUSEPORT lets any process of the same user bind a port that is already in a
+    group, and the kernel then splits the traffic between unrelated servers (``make run``
+    twice). A bind without SO_REUSEPORT fails if any socket holds the port, so one probe of
+    each protocol tells a free port from a taken one; the probes are closed at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        probe = socket.socket(family, kind)
+        try:
+            if kind == socket.SOCK_STREAM:
+                # TIME_WAIT remains of an earlier kdns are not a server (RFC 793 §3.5).
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+        finally:
+            probe.close()
+    return None
+
+
+def listening_sockets(host: str, port: int, n: int,
+                      share: bool = False) -> list[tuple[socket.socket, socket.socket]]:
+    """n pairs of SO_REUSEPORT (UDP, TCP) sockets on host:port; port 0 picks one for all.
+    A port another process serves is refused unless ``share`` (--share-dns-port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port and not share:
+        taken = port_in_use(host, port)
+        if taken is not None:
+            raise StartError(f"cannot listen for DNS on {host} port {port} ({taken}): another "
+                             f"process serves it; stop it, choose another --dns-port, or pass "
+                             f"--share-dns-port to split the traffic with it on purpose.")
     pairs = []
     try:
         for _ in range(n):
@@ -262,7 +334,8 @@ def listening_sockets(host: str, port: int, n: int) -> list[tuple[socket.socket,
 
 
 class Slot:
-    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at")
+    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at",
+                 "beat", "beat_at")
 
     def __init__(self, index, udp, tcp):
         self.index, self.udp, self.tcp = index, udp, tcp
@@ -270,6 +343,8 @@ class Slot:
         self.started = 0.0
         self.fast_deaths = 0
         self.respawn_at = 0.0
+        self.beat = 0               # the worker's heartbeat count last seen, and when
+        self.beat_at = 0.0
 
 
 class Supervisor:
@@ -301,7 +376,8 @@ class Supervisor:
     def start(self, first_image: bytes) -> None:
         """Everything that can fail for a user-fixable reason, before any worker exists."""
         cfg = self.cfg
-        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers)
+        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers,
+                                  share=cfg.share_dns_port)
         self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
         self.counters_fd, self.counters = publish.counters_memfd(cfg.workers)
         try:
@@ -350,6 +426,9 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         cfg = self.cfg
         control = self.publisher.attach(slot.index)
+        # No beat until the new worker serves: a predecessor's count must not look alive.
+        C.set_page_heartbeat(memoryview(self.counters)[
+            slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
         fwd = self.forwarding.attach(slot.index) if self.forwarding is not None else None
         fds = (slot.udp.fileno(), slot.tcp.fileno(), control.fileno(), self.counters_fd)
         argv = [sys.executable, "-m", "kdns.serve.worker", "--slot", str(slot.index),
@@ -357,6 +436,7 @@ class Supervisor:
                 "--counters-fd", str(fds[3]), "--edns-udp-size", str(cfg.edns_udp_size),
                 "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
                 "--tcp-max-connections", str(cfg.tcp_max_connections),
+                "--tcp-max-per-source", str(cfg.tcp_max_per_source),
                 "--log-level", cfg.log_level] + (["--log-queries"] if cfg.log_queries else [])
         if fwd is not None:
             fds += (fwd.fileno(),)
@@ -370,6 +450,7 @@ class Supervisor:
             if fwd is not None:
                 fwd.close()
         slot.started = time.monotonic()
+        slot.beat, slot.beat_at = 0, slot.started
         log.debug("worker %d started as pid %d", slot.index, slot.proc.pid)
 
     # ---- run
@@ -432,6 +513,7 @@ class Supervisor:
             if slot.proc is not None:
                 status = slot.proc.poll()
                 if status is None:
+                    self.check_heartbeat(slot, now)
                     continue
                 age = now - slot.started
                 slot.fast_deaths = slot.fast_deaths + 1 if age < RESPAWN_FAST else 0
@@ -452,6 +534,20 @@ class Supervisor:
                 self.worker_deaths += 1
             if slot.proc is None and now >= slot.respawn_at and not self.stopping:
                 self.spawn(slot)
+
+    def check_heartbeat(self, slot: Slot, now: float) -> None:
+        """Kill a worker whose heartbeat stood still for WORKER_STALL_TIMEOUT: alive but
+        stopped or stuck, it leaves its socket's queue unserved, and nothing else would
+        notice (it never exits). SIGKILL works on a stopped process too; the next loop
+        reaps it and its replacement serves the packets queued on the kept socket."""
+        beat = C.page_heartbeat(self.counters, slot.index)
+        if beat != slot.beat:
+            slot.beat, slot.beat_at = beat, now
+        elif beat and now - slot.beat_at > settings.WORKER_STALL_TIMEOUT:
+            log.error("worker %d (pid %d) made no progress for %.1fs; killing it",
+                      slot.index, slot.proc.pid, now - slot.beat_at)
+            slot.proc.kill()
+            slot.beat_at = now          # once; the next loop sees it exit
 
     def check_ready(self) -> None:
         """Ready once every worker has mapped the first image (issue 2 §2: /readiness)."""

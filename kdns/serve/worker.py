@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Protocol
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.observe import logs
@@ -73,7 +74,9 @@ class RefuseHandoff:
 class Worker:
     def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
                  control: socket.socket, page, edns_max: int = 1232,
-                 tcp_idle_timeout: float = 10.0, tcp_max_connections: int = 1000,
+                 tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT,
+                 tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS,
+                 tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE,
                  handoff: Handoff | None = None, log_queries: bool = False):
         self.slot = slot
         self.udp = udp
@@ -85,10 +88,15 @@ class Worker:
         self.edns_max = edns_max
         self.idle_timeout = tcp_idle_timeout
         self.max_connections = tcp_max_connections
+        self.max_per_source = tcp_max_per_source
+        self.beats = 0
         self.handoff = handoff or RefuseHandoff(edns_max)
         self.img = None
         self.generation = 0
-        self.connections: set[TcpConnection] = set()
+        # Oldest activity first (a query moves its connection to the end), overall and per
+        # source address: at a cap the connection idle longest is the one to close.
+        self.connections: dict[TcpConnection, None] = {}
+        self.by_source: dict[str, dict[TcpConnection, None]] = {}
         self.tasks: set[asyncio.Task] = set()
         self.udp_server = engine.UdpServer(udp.fileno(), edns_max=edns_max)
         self.stopping: asyncio.Event | None = None
@@ -124,6 +132,7 @@ class Worker:
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
         log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
+        self.heartbeat()
         try:
             await self.stopping.wait()
         finally:
@@ -256,6 +265,34 @@ class Worker:
     def count(self, name: str) -> None:
         self.words[C.LAYOUT[name]] += 1
 
+    def heartbeat(self) -> None:
+        """Raise the page's heartbeat count, from this loop: the supervisor replaces a worker
+        whose count stands still (a stopped or stuck loop serves nothing)."""
+        self.beats += 1
+        C.set_page_heartbeat(self.page, self.beats)
+        if not self.stopping.is_set():
+            self.loop.call_later(settings.WORKER_HEARTBEAT, self.heartbeat)
+
+    def tcp_idle_timeout(self) -> float:
+        """RFC 7766 §6.2.3: the idle timeout shortens as connections near the cap, from
+        the configured one at half the cap to TCP_IDLE_TIMEOUT_MIN at the cap."""
+        half = self.max_connections / 2
+        over = len(self.connections) - half
+        if over <= 0:
+            return self.idle_timeout
+        floor = min(self.idle_timeout, settings.TCP_IDLE_TIMEOUT_MIN)
+        return max(floor, self.idle_timeout * (1 - over / half))
+
+    def close_oldest_idle(self, conns: dict) -> bool:
+        """Close the connection of ``conns`` idle longest (no reply owed), to make room for
+        a new one (RFC 7766 §10); False if every one has work in flight."""
+        for conn in conns:
+            if conn.pending == 0 and not conn.write_paused:
+                conn.forget()
+                conn.transport.close()
+                return True
+        return False
+
 
 class TcpConnection(asyncio.Protocol):
     """One DNS-over-TCP client (RFC 7766)."""
@@ -269,22 +306,51 @@ class TcpConnection(asyncio.Protocol):
         self.read_paused = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.source = ""
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         w = self.worker
-        if len(w.connections) >= w.max_connections:
-            # Over the per-worker cap: close at once (RFC 7766 §6.2.2 lets a server limit
-            # connections); abort sends RST so the client learns immediately.
+        peer = transport.get_extra_info("peername")
+        self.source = peer[0] if peer else ""
+        mine = w.by_source.get(self.source)
+        # RFC 7766 §10: a per-source limit, so one client cannot hold every connection, and
+        # at a limit the oldest idle connection makes room (its client can reconnect; the
+        # new one may be retrying a truncated UDP answer). Only if every connection has a
+        # reply in flight is the new one refused: abort sends RST so it learns at once.
+        if ((mine is not None and len(mine) >= w.max_per_source
+             and not w.close_oldest_idle(mine))
+                or (len(w.connections) >= w.max_connections
+                    and not w.close_oldest_idle(w.connections))):
             transport.abort()
             return
-        w.connections.add(self)
+        w.connections[self] = None
+        w.by_source.setdefault(self.source, {})[self] = None
         transport.set_write_buffer_limits(high=TCP_HIGH_WATER)
         self.last_activity = w.loop.time()
-        self.timer = w.loop.call_later(w.idle_timeout, self.check_idle)
+        self.timer = w.loop.call_later(w.tcp_idle_timeout(), self.check_idle)
+
+    def forget(self) -> None:
+        """No longer count this connection against the caps (it is closing)."""
+        w = self.worker
+        w.connections.pop(self, None)
+        mine = w.by_source.get(self.source)
+        if mine is not None:
+            mine.pop(self, None)
+            if not mine:
+                del w.by_source[self.source]
+
+    def touch(self) -> None:
+        """A complete query: this connection becomes the most recently active."""
+        w = self.worker
+        if w.connections.pop(self, 0) is None:
+            w.connections[self] = None
+            mine = w.by_source[self.source]
+            del mine[self]
+            mine[self] = None
 
     def connection_lost(self, exc) -> None:
-        self.worker.connections.discard(self)
+        self.forget()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -305,6 +371,7 @@ class TcpConnection(asyncio.Protocol):
             # RFC 7766 §6.2.3: idle means no complete query for the timeout, so a client
             # trickling one byte at a time is still closed.
             self.last_activity = self.worker.loop.time()
+            self.touch()
             self.query(msg)
         self.update_reading()
 
@@ -357,7 +424,7 @@ class TcpConnection(asyncio.Protocol):
 
     def check_idle(self) -> None:
         w = self.worker
-        left = self.last_activity + w.idle_timeout - w.loop.time()
+        left = self.last_activity + w.tcp_idle_timeout() - w.loop.time()
         busy = self.pending and not self.write_paused
         if left > 0 or busy:
             self.timer = w.loop.call_later(max(left, 0.1), self.check_idle)
@@ -378,8 +445,9 @@ def parse_args(argv):
     for name in ("--slot", "--udp-fd", "--tcp-fd", "--control-fd", "--counters-fd"):
         p.add_argument(name, type=int, required=True)
     p.add_argument("--edns-udp-size", type=int, default=1232)
-    p.add_argument("--tcp-idle-timeout", type=float, default=10.0)
-    p.add_argument("--tcp-max-connections", type=int, default=1000)
+    p.add_argument("--tcp-idle-timeout", type=float, default=settings.TCP_IDLE_TIMEOUT)
+    p.add_argument("--tcp-max-connections", type=int, default=settings.TCP_MAX_CONNECTIONS)
+    p.add_argument("--tcp-max-per-source", type=int, default=settings.TCP_MAX_PER_SOURCE)
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-queries", action="store_true")
     # The supervisor's forwarding-config channel; without it outside names are REFUSED.
@@ -402,6 +470,7 @@ def main(argv=None) -> int:
         edns_max=a.edns_udp_size,
         tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections,
+        tcp_max_per_source=a.tcp_max_per_source,
         log_queries=a.log_queries,
         handoff=forwarding_handoff(a, page),
     )
