@@ -177,7 +177,7 @@ def test_misuse_raises_instead_of_crashing():
                      pods_off, pods_off + pool_len, lambda crc: bytes(64))
     assert len(img) == pods_off + pool_len
     for call in (lambda: c.intern(b"x"), lambda: c.rrsets_of(()), lambda: c.grow(),
-                 lambda: c.has_flag((), 0), lambda: c.mark((), True, True)):
+                 lambda: c.name_exists(()), lambda: c.mark((), True, True)):
         with pytest.raises(ValueError):
             call()                                            # after assemble freed the tables
 

@@ -916,11 +916,12 @@ cdef class ZoneCore:
             r = self.rr_next[r]
         return tuple(out)
 
-    def has_flag(self, labels, int flag):
-        """``flag``: 0 explicit, 1 a node of the forward trie."""
+    def name_exists(self, labels):
+        """encode.py ``Encoder.name_exists``: declared to exist, or a node of the forward
+        trie (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
         self.check(2)
         cdef int32_t i = self.lookup(labels)
-        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT if flag == 0 else NF_TREE))
+        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT | NF_TREE))
 
     # ------------------------------------------------------------------ blobs
 

@@ -109,7 +109,7 @@ class CoreCompiler(Encoder):
         return self.core.rrsets_of(labels)
 
     def name_exists(self, labels: tuple) -> bool:
-        return self.core.has_flag(labels, 0) or self.core.has_flag(labels, 1)
+        return self.core.name_exists(labels)
 
     def build(self, rrsets, exists, into=None):
         """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
