@@ -151,7 +151,8 @@ def test_no_soa_same_error():
 def test_misuse_raises_instead_of_crashing():
     c = CORE([(b"cluster", b"local")], [False], error=I.CompileError,
              unsupported=I.CoreUnsupported, name_labels=R.name_labels,
-             packed_fallback=I.Encoder.packed, type_names=R.TYPE_NAMES)
+             packed_fallback=I.Encoder.packed, type_names=R.TYPE_NAMES,
+             rdata_classes=(R.Srv, R.Target, R.Txt, R.Soa))
     with pytest.raises(ValueError):
         c.encode_nodes(None, None, None)                      # before grow()
     with pytest.raises(ValueError):
