@@ -13,10 +13,10 @@ buffer and de-duplicated by a C hash; the image is assembled into one bytes obje
 
 What it must not decide: the image format and the DNS rules of the rare cases. The format
 is kdns/zone/layout.py (the offsets written below are its names; the tests compare images
-byte for byte with the reference compiler). Names with a CNAME, and RRsets the common
-encoders do not cover (SOA, NS, TXT, several PTRs, oversized SRV) are handed to the shared
-Python encoder (kdns/zone/encode.py) through callbacks, which see the core's names through
-lookup methods.
+byte for byte with the reference compiler). The core encodes every RRset of rr.py's rdata
+classes itself, name compression included (``plain_blob``, the generic encoder's rules);
+names with a CNAME, and rdata of other classes, are handed to the shared Python encoder
+(kdns/zone/encode.py) through callbacks, which see the core's names through lookup methods.
 Input the core does not model exactly (out-of-range numbers, addresses of the wrong
 family) raises the caller's ``unsupported`` exception, and the caller recompiles with
 the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
@@ -70,6 +70,9 @@ cdef enum:
     T_SRV = 33
     T_PTR = 12
     T_CNAME = 5
+    T_NS = 2
+    T_SOA = 6
+    T_TXT = 16
     CLASS_IN = 1
     MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
@@ -234,6 +237,7 @@ cdef class ZoneCore:
     cdef int32_t nrev
     # Python side
     cdef object error, unsupported, name_labels, packed_fallback, type_names
+    cdef object Srv, Target, Txt, Soa   # rr.py's rdata classes (the layer rules keep rr out)
     cdef int stage          # 0 begun, 1 RRsets added, 2 tables encoded, 3 assembled/applied
     cdef bint dropped       # the RRsets were let go (``drop_rrsets``)
 
@@ -252,8 +256,9 @@ cdef class ZoneCore:
         self.epoch = 0
 
     def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
-                 packed_fallback, type_names, persistent=False):
+                 packed_fallback, type_names, rdata_classes, persistent=False):
         """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
+        ``rdata_classes``: rr.py's (Srv, Target, Txt, Soa), whose rdata the core encodes.
         ``persistent``: the core outlives one compile (the incremental compiler): names,
         encoded answers and the blob store are kept, each compile starting with ``begin``;
         otherwise ``assemble`` frees everything."""
@@ -262,6 +267,7 @@ cdef class ZoneCore:
         self.error, self.unsupported = error, unsupported
         self.name_labels, self.packed_fallback = name_labels, packed_fallback
         self.type_names = type_names
+        self.Srv, self.Target, self.Txt, self.Soa = rdata_classes
         self.rrsets = []
         self.nzones = len(apexes)
         self.apex_id = <int32_t *>malloc((self.nzones + 1) * sizeof(int32_t))
@@ -916,11 +922,12 @@ cdef class ZoneCore:
             r = self.rr_next[r]
         return tuple(out)
 
-    def has_flag(self, labels, int flag):
-        """``flag``: 0 explicit, 1 a node of the forward trie."""
+    def name_exists(self, labels):
+        """encode.py ``Encoder.name_exists``: declared to exist, or a node of the forward
+        trie (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
         self.check(2)
         cdef int32_t i = self.lookup(labels)
-        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT if flag == 0 else NF_TREE))
+        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT | NF_TREE))
 
     # ------------------------------------------------------------------ blobs
 
@@ -1211,6 +1218,163 @@ cdef class ZoneCore:
             return -1
         return self.finish_blob(nrd, n_ar, nseg, size)
 
+    cdef int put_name(self, int32_t i, bint compress, uint32_t base, size_t *size) except -1:
+        """rr.py ``Wire.name`` into ``dat`` at ``*size`` (message offset ``base + *size``):
+        a pointer to the longest suffix already written (RFC 1035 §4.1.4) when
+        ``compress``; every suffix written here is remembered if a pointer can reach it."""
+        cdef uint32_t pos
+        cdef uint8_t ln
+        _grow(<void **>&self.dat, &self.dat_cap, size[0] + self.nlen[i] + 2, 1)
+        while i >= 0 and self.nlab[i] > 0:
+            if compress and self.stamp[i] == self.epoch:
+                put16be(self.dat + size[0], 0xC000 | self.where[i])
+                size[0] += 2
+                return 0
+            pos = base + size[0]
+            if pos <= MAX_PTR and self.stamp[i] != self.epoch:
+                self.stamp[i] = self.epoch
+                self.where[i] = pos
+            ln = self.nbuf[self.noff[i]]
+            memcpy(self.dat + size[0], self.nbuf + self.noff[i], ln + 1)
+            size[0] += ln + 1
+            i = self.parent[i]
+        self.dat[size[0]] = 0
+        size[0] += 1
+        return 0
+
+    cdef int put_rdata(self, int rtype, rd, uint32_t base, size_t *size) except -1:
+        """encode.py ``put_rr``'s rdata for the types the core knows (RFC 1035 §3.3,
+        RFC 2782); 0 (nothing written) for rdata it does not, which ``plain_blob`` then
+        leaves to the generic encoder."""
+        cdef uint8_t ip[16]
+        cdef Py_ssize_t ln
+        cdef bytes b
+        cdef uint8_t *p
+        cdef int64_t v
+        if rtype == T_A or rtype == T_AAAA:
+            ln = self.addr(rd, ip)
+            _grow(<void **>&self.dat, &self.dat_cap, size[0] + ln, 1)
+            memcpy(self.dat + size[0], ip, ln)
+            size[0] += ln
+            return 1
+        if rtype == T_SRV:
+            if type(rd) is not self.Srv:
+                return 0
+            if not (0 <= rd.priority <= 0xFFFF and 0 <= rd.weight <= 0xFFFF
+                    and 0 <= rd.port <= 0xFFFF):
+                raise self.unsupported("SRV field out of range")
+            _grow(<void **>&self.dat, &self.dat_cap, size[0] + 6, 1)
+            p = self.dat + size[0]
+            put16be(p, rd.priority)
+            put16be(p + 2, rd.weight)
+            put16be(p + 4, rd.port)
+            size[0] += 6
+            # RFC 2782: "name compression is not to be used for this field".
+            self.put_name(self.intern_name(rd.target), False, base, size)
+            return 1
+        if rtype == T_PTR or rtype == T_NS or rtype == T_CNAME:
+            if type(rd) is not self.Target:
+                return 0
+            self.put_name(self.intern_name(rd.target), True, base, size)
+            return 1
+        if rtype == T_TXT and type(rd) is self.Txt:
+            for text in rd.strings:
+                b = text.encode()
+                ln = len(b)
+                if ln > 255:
+                    raise self.unsupported("TXT character-string longer than 255 bytes")
+                _grow(<void **>&self.dat, &self.dat_cap, size[0] + 1 + ln, 1)
+                self.dat[size[0]] = ln
+                memcpy(self.dat + size[0] + 1, <const char *>b, ln)
+                size[0] += 1 + ln
+            return 1
+        if rtype == T_SOA and type(rd) is self.Soa:
+            self.put_name(self.intern_name(rd.mname), True, base, size)
+            self.put_name(self.intern_name(rd.rname), True, base, size)
+            _grow(<void **>&self.dat, &self.dat_cap, size[0] + 20, 1)
+            p = self.dat + size[0]
+            put32be(p, rd.serial & 0xFFFFFFFF)
+            for ln, v in enumerate((rd.refresh, rd.retry, rd.expire, rd.minimum)):
+                if not 0 <= v <= 0xFFFFFFFF:
+                    raise self.unsupported("SOA field out of range")
+                put32be(p + 4 + 4 * ln, v)
+            size[0] += 20
+            return 1
+        return 0
+
+    cdef int put_rr(self, int32_t owner, int rtype, uint32_t ttl, rd, uint32_t base,
+                    size_t *size) except -1:
+        """encode.py ``put_rr``: owner (a pointer to the question when ``owner`` < 0),
+        fixed part, rdata; 0 (``*size`` unchanged) when ``put_rdata`` does not know it."""
+        cdef size_t start = size[0], len_at
+        if owner < 0:
+            _grow(<void **>&self.dat, &self.dat_cap, size[0] + 2, 1)
+            put16be(self.dat + size[0], 0xC00C)
+            size[0] += 2
+        else:
+            self.put_name(owner, True, base, size)
+        _grow(<void **>&self.dat, &self.dat_cap, size[0] + 10, 1)
+        put16be(self.dat + size[0], rtype)
+        put16be(self.dat + size[0] + 2, CLASS_IN)
+        put32be(self.dat + size[0] + 4, ttl)
+        len_at = size[0] + 8
+        size[0] += 10
+        if not self.put_rdata(rtype, rd, base, size):
+            size[0] = start
+            return 0
+        if size[0] - len_at - 2 > 0xFFFF:
+            raise self.unsupported("rdata over 64 KiB")
+        put16be(self.dat + len_at, size[0] - len_at - 2)
+        return 1
+
+    cdef int64_t plain_blob(self, int32_t q, int32_t r) except -2:
+        """encode.py ``generic_blob`` for a name without a CNAME: its RRset of this type
+        owned by the question, and for SRV and NS the targets' A/AAAA in the additional
+        section (RFC 2782, RFC 1035 §3.3.11), each target's once (RFC 2181 §5); -1 for
+        rdata ``put_rdata`` does not know."""
+        cdef int rtype = self.rr_type[r], gtype
+        cdef uint32_t base = 12 + self.nlen[q] + 4, n_an, n_ar = 0
+        cdef size_t size = 0
+        cdef Py_ssize_t nseg = 2
+        cdef int32_t t, g
+        s = self.rrsets[r]
+        rdatas = s.rdatas
+        n_an = len(rdatas)
+        if n_an > 0xFFFF:
+            raise self.unsupported("RRset too large")
+        self.epoch += 1
+        self.remember(q, 12)            # ``Wire.seed``: the question at offset 12
+        for rd in rdatas:
+            if not self.put_rr(-1, rtype, s.ttl, rd, base, &size):
+                return -1
+        self.seg(0, 0, 0, 0, 1)
+        self.seg(1, size, n_an, 0, 0)
+        if rtype == T_SRV or rtype == T_NS:
+            targets = [self.intern_name(rd.target) for rd in rdatas]
+            for t in targets:
+                if self.seen[t] == self.epoch:
+                    continue
+                self.seen[t] = self.epoch
+                if not self.nflags[t] & NF_DATA:
+                    continue
+                if self.nflags[t] & NF_ENC:
+                    raise self.unsupported(f"{self.text_of(t)} is encoded; its RRsets are needed")
+                for gtype in (T_A, T_AAAA):
+                    g = self.first_rr[t]
+                    while g >= 0 and self.rr_type[g] != gtype:
+                        g = self.rr_next[g]
+                    if g < 0:
+                        continue
+                    gs = self.rrsets[g]
+                    for rd in gs.rdatas:
+                        self.put_rr(t, gtype, gs.ttl, rd, base, &size)
+                        n_ar += 1
+                    if n_ar > 0xFFFF:
+                        raise self.unsupported("too much glue")
+                    self.seg(nseg, size, n_an, n_ar, 0)
+                    nseg += 1
+        return self.finish_blob(n_an, n_ar, nseg, size)
+
     cdef int64_t answer_only(self, int32_t q, int32_t r) except -2:
         cdef int rtype = self.rr_type[r]
         s = self.rrsets[r]
@@ -1266,6 +1430,8 @@ cdef class ZoneCore:
                 b -= 1
         for a in range(nr):
             off = self.answer_only(i, rs[a])
+            if off < 0:
+                off = self.plain_blob(i, rs[a])
             if off < 0:
                 off = generic(self.labels_of(i), self.rr_type[rs[a]])
             self.push_rr(self.rr_type[rs[a]], off)

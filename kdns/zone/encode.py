@@ -1,9 +1,9 @@
 """The answer encoder both compilers share: RRsets to answer blobs with RFC 1035 name
 compression, CNAME chains, the zones' negative answers and the special nodes' flags.
 
-Why one class for both: the compiled core (``image.CoreCompiler``) encodes the common
-answers itself and hands the rest (names with a CNAME, SOA, NS, TXT, several PTRs, SRV past
-the pointer range) to these methods, and the reference compiler (``oracle.py``) uses them for
+Why one class for both: the compiled core (``image.CoreCompiler``) encodes the answers of
+names without a CNAME itself and hands the rest (names with a CNAME, rdata of classes rr.py
+does not define) to these methods, and the reference compiler (``oracle.py``) uses them for
 the same cases, so the two cannot differ there. The names are the subclass's: it answers
 ``rrsets_of`` and ``name_exists`` from its own name table.
 """

@@ -76,9 +76,9 @@ class CoreUnsupported(Exception):
 
 class CoreCompiler(Encoder):
     """The compile, its hot phases in ``ZoneCore`` (kdns/zone/_compile.pyx): names, trie,
-    common answers (A/AAAA, SRV with glue, single PTR), reverse table and assembly. This
-    class keeps the rest: the zone table, negative and SERVFAIL blobs, CNAME chains and the
-    rare RRsets, through ``Encoder``'s methods, which see the core's names through
+    the answers of names without a CNAME (rr.py's rdata classes), reverse table and
+    assembly. This class keeps the rest: the zone table, negative and SERVFAIL blobs, CNAME
+    chains and rdata of other classes, through ``Encoder``'s methods, which see the core's names through
     ``rrsets_of`` and ``name_exists``. Same bytes as ``ReferenceCompiler`` (tests hold it)."""
 
     def __init__(self, zones, synced, serial, core_type, consume: bool = False, core=None):
@@ -100,6 +100,7 @@ class CoreCompiler(Encoder):
         return core_type(zone_labels, zone_reverse, error=CompileError,
                          unsupported=CoreUnsupported, name_labels=R.name_labels,
                          packed_fallback=cls.packed, type_names=R.TYPE_NAMES,
+                         rdata_classes=(R.Srv, R.Target, R.Txt, R.Soa),
                          persistent=persistent)
 
     def intern(self, blob: bytes) -> int:
@@ -109,7 +110,7 @@ class CoreCompiler(Encoder):
         return self.core.rrsets_of(labels)
 
     def name_exists(self, labels: tuple) -> bool:
-        return self.core.has_flag(labels, 0) or self.core.has_flag(labels, 1)
+        return self.core.name_exists(labels)
 
     def build(self, rrsets, exists, into=None):
         """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
