@@ -1,4 +1,4 @@
-"""Issue 4's scale measurement: kdns serve against a fake API holding a large cluster.
+"""The scale measurement: kdns serve against a fake API holding a large cluster.
 
 A real ``kdns serve`` (supervisor + workers) lists 10,000 services and 100,000 endpoints
 (one 10-address EndpointSlice per service) from ``tests/fakeapi.py`` over loopback through

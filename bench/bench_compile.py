@@ -1,6 +1,6 @@
 """How long a from-scratch zone build takes at scale, and how big the image is.
 
-Why: issue 3 sets the goal "compile under 1 second" for 10,000 services and 100,000 endpoints;
+Why: the goal is "compile under 1 second" for 10,000 services and 100,000 endpoints;
 the controller rebuilds the whole image on every (debounced) change, so this is the latency
 between an API event and the answer changing. Run as a script (prints a table, optional
 cProfile) or under pytest-benchmark (``pytest bench/bench_compile.py``).

@@ -1,4 +1,4 @@
-"""Forwarding benchmark (issue 5): cache hits next to cluster hits, and cache misses next to
+"""Forwarding benchmark: cache hits next to cluster hits, and cache misses next to
 Unbound and dnsmasq, all in one run, on loopback only.
 
     .venv/bin/python bench/bench_forward.py [--seconds 3] [--rounds 2]

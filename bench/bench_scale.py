@@ -1,6 +1,6 @@
-"""Issue 3's measurements at scale, in one script the lead can rerun on a quiet machine.
+"""The measurements at scale, in one script the lead can rerun on a quiet machine.
 
-Why: issue 3 sets three goals for a cluster of 10,000 services and 100,000 endpoints (the
+Why: three goals for a cluster of 10,000 services and 100,000 endpoints (the
 cluster ``bench_compile.generate`` makes): compile under 1 second, total PSS of a running
 ``kdns serve`` supervisor plus 2 workers under 170 MiB (kube-dns's and CoreDNS's memory
 limit), and query throughput within 10% of the 5,000-service figure. This prints:

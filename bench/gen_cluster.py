@@ -5,13 +5,13 @@ One deterministic cluster (same seed, same bytes) becomes:
 * ``cluster.json``: kdns's input, a v1 ``List`` of Namespace and Service objects shaped as
   ``kubectl get -o json`` prints them;
 * ``nsd/cluster.local.zone`` and ``nsd/in-addr.arpa.zone``: the same names as NSD zone files,
-  holding exactly the records kdns serves for them (CoreDNS rules, spec §1.2, §1.5, §1.7,
+  holding exactly the records kdns serves for them (CoreDNS rules, dns-rules §1.2, §1.5, §1.7,
   §2.2: A per ClusterIP, SRV ``0 100 <port>`` for each named port and for the bare name
   (one per port, named or not), PTR per cluster IP, TTL 30, SOA with MINIMUM 30);
 * ``hits.txt``: dnsperf query file, positive-path mix (A, SRV, AAAA on v4-only services =
   NODATA, PTR);
 * ``search.txt``: what pods with ``ndots:5`` send while walking their search list
-  (spec §5.2): the in-zone NXDOMAIN candidates, then the name that answers;
+  (dns-rules §5.2): the in-zone NXDOMAIN candidates, then the name that answers;
 * ``check.txt``: a few names of every kind, for the harness's equivalence check;
 * ``meta.json``: parameters and counts.
 
@@ -161,7 +161,7 @@ def _soa(apex: str) -> str:
 
 def forward_zone(c: Cluster) -> str:
     lines = [_soa(ZONE), f"{ZONE}. {TTL} IN NS ns.dns.{ZONE}.\n",
-             # kdns gives the name-server name its own listening address (spec §1.10).
+             # kdns gives the name-server name its own listening address (dns-rules §1.10).
              f"ns.dns.{ZONE}. {TTL} IN A 127.0.0.1\n",
              f'dns-version.{ZONE}. {TTL} IN TXT "1.1.0"\n']
     for s in c.services:

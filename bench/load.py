@@ -539,7 +539,7 @@ def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> t
 
 
 def goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
-    """Issue 2 §7's goal, stated against this run's numbers (informational)."""
+    """The goal, stated against this run's numbers (informational)."""
     idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
     out = []
     for mix in ("hits", "search"):
@@ -760,7 +760,7 @@ def main(argv=None) -> int:
             f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
     print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
     print(rtext)
-    print("\ngoal (issue 2 §7), this run:")
+    print("\ngoal, this run:")
     print("\n".join(report["goals"]) or "(needs the nsd and kdns1 targets)")
     for line in report["verify"]["rcode_drift"]:
         print(f"RCODE DRIFT: {line}")

@@ -1,11 +1,11 @@
-"""Benchmarks of one compile after one change (issue 4's programming latency, the part kdns
+"""Benchmarks of one compile after one change (the programming latency, the part kdns
 controls): the full compile (``build.compile_model``: every rule, every answer) against the
 incremental compiler (``kdns.serve.incremental``: the touched service's rules and answers, then
 the persistent core's layout), on the same cluster and the same change.
 
 The cluster is bench_api_scale.py's shape: one EndpointSlice of 10 addresses per service,
 every fifth service headless. ``KDNS_BENCH_SERVICES`` sets its size (default 2,000: 20,000
-endpoints; issue 4's scale is 10,000).
+endpoints; the scale is 10,000).
 
     .venv/bin/python -m pytest bench/test_compile.py --benchmark-only -q
 

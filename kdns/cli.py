@@ -2,7 +2,7 @@
 
 Why: kube-dns users bring kube-dns flags (``--domain``, ``--dns-bind-address``,
 ``--dns-port``, ``--healthz-port``); a wrong flag must fail fast with one sentence that
-names it, exit status 2, and nothing half-started (issue 2 §2).
+names it, exit status 2, and nothing half-started.
 
 What it must not do: do I/O beyond reading the input named on the command line.
 """
@@ -24,7 +24,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (no usage dump) and exits 2.
 
-    No abbreviations: kube-dns (pflag) accepts only whole flag names (issue 6)."""
+    No abbreviations: kube-dns (pflag) accepts only whole flag names."""
 
     def __init__(self, *args, **kw):
         kw.setdefault("allow_abbrev", False)
@@ -114,7 +114,7 @@ def _version() -> str:
 
 
 def _federations(text: str) -> str:
-    """kube-dns --federations: name=domain[,name=domain] (deprecated, spec §3.1)."""
+    """kube-dns --federations: name=domain[,name=domain] (deprecated, dns-rules §3.1)."""
     for part in filter(None, text.split(",")):
         name, eq, domain = part.partition("=")
         if not eq or not name or not domain:
@@ -124,7 +124,7 @@ def _federations(text: str) -> str:
 
 
 def _add_drop_in_flags(s: argparse.ArgumentParser, port) -> None:
-    """Issue 6: the listeners of the kube-dns pod and of CoreDNS, and kube-dns's own flags
+    """The listeners of the kube-dns pod and of CoreDNS, and kube-dns's own flags
     that kdns accepts with the same meaning."""
     s.add_argument("--health-port", type=port, default=settings.HEALTH_PORT,
                    help="CoreDNS-style /health port: 200 while the workers answer a DNS probe "
@@ -159,7 +159,7 @@ def _nameservers(text: str):
 
 
 def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
-    """Issue 5: kube-dns's flags for names outside the cluster."""
+    """kube-dns's flags for names outside the cluster."""
     s.add_argument("--config-dir", default=None, metavar="PATH",
                    help="kube-dns ConfigMap mounted as a directory (stubDomains, "
                         "upstreamNameservers), polled every --config-period; a missing "
@@ -210,7 +210,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("serve", help="serve DNS")
-    # Issue 4: neither source flag means the Kubernetes API, as kube-dns.
+    # Neither source flag means the Kubernetes API, as kube-dns.
     src = s.add_mutually_exclusive_group()
     src.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH",
                      help="Kubernetes objects (kubectl get -o yaml|json); re-read when it changes")

@@ -175,7 +175,7 @@ class FakeApiServer:
         self.close()
 
     def set_down(self, down: bool) -> None:
-        """An API outage (issue 4): while down, open streams are reset and every new request
+        """An API outage: while down, open streams are reset and every new request
         is reset before any response byte; state changes still happen (and are in history)."""
         self.down = down
         if down:

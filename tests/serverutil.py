@@ -68,7 +68,7 @@ def alive(pid: int) -> bool:
 
 
 def own_resolvers(tmp_path, args) -> list[str]:
-    """Issue 5: a test kdns never forwards to the machine's resolvers: unless the test
+    """A test kdns never forwards to the machine's resolvers: unless the test
     chose them, an empty resolv.conf (no upstream: outside names are REFUSED) and no
     ConfigMap directory."""
     extra = []
@@ -131,7 +131,7 @@ class Kdns:
             "--dns-port", Port("dns") if dns_port is None else str(dns_port),
             *(() if dns_port is None else ("--share-dns-port",)),
             "--healthz-port", Port("http"), "--metrics-port", Port("http"),
-            # Issue 6: the other listeners have fixed default ports (tests run in
+            # The other listeners have fixed default ports (tests run in
             # parallel) and SIGTERM would wait out the 5s lameduck; tests opt in.
             "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
             "--lameduck", "0",

@@ -1,4 +1,4 @@
-"""`kdns serve` / `kdns records` flags (issue 2 §2): a bad flag or input is one sentence naming
+"""`kdns serve` / `kdns records` flags: a bad flag or input is one sentence naming
 it, exit status 2, and nothing half-started."""
 from __future__ import annotations
 

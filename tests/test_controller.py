@@ -1,4 +1,4 @@
-"""The controller (issue 4): API events -> model -> image -> workers, checked by DNS over UDP.
+"""The controller: API events -> model -> image -> workers, checked by DNS over UDP.
 
 Two layers: the controller alone (relist semantics, coalescing, latency, synced) with a
 recording compiler, and a real ``kdns serve`` (supervisor + a worker) reading
@@ -484,7 +484,7 @@ def test_add_modify_delete_of_each_kind(api, kdns_api):
     k.wait_answer(db, answers("10.1.0.3"), timeout=5)
     k.wait_answer(f"10-1-0-3.db.default.svc.{ZONE}", answers("10.1.0.3"), timeout=5)
     api.delete("endpointslices", "default", "db-1")
-    k.wait_answer(db, rcode("NXDOMAIN"), timeout=5)    # spec §1.13: headless, no endpoints
+    k.wait_answer(db, rcode("NXDOMAIN"), timeout=5)    # dns-rules §1.13: headless, no endpoints
     # Namespace: <ns>.svc exists (NODATA) only while the namespace does.
     team = f"team.svc.{ZONE}"
     k.wait_answer(team, rcode("NXDOMAIN"))

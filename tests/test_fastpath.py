@@ -98,7 +98,7 @@ CASES = {
     "cname_chain": case(query("ext.default.svc.cluster.local."),
                         answer=[f"ext.default.svc.cluster.local. 30 IN CNAME {S}",
                                 f"{S} 30 IN A 10.96.0.1"]),
-    # Issue 5 (spec §1.6): a chain leaving the cluster is completed by the forwarder; a
+    # A chain leaving the cluster is completed by the forwarder; a
     # CNAME query is still answered by the CNAME alone.
     "cname_outside": case(query("outside.default.svc.cluster.local."), action=HANDOFF),
     "cname_outside_cname": case(query("outside.default.svc.cluster.local.", "CNAME"),

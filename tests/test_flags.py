@@ -1,4 +1,4 @@
-"""kube-dns's command line works on kdns (issue 6, spec §3.1): every kube-dns flag with its
+"""kube-dns's command line works on kdns (dns-rules §3.1): every kube-dns flag with its
 default and meaning, the klog flags (underscores normalised to dashes as kube-dns does),
 --version, PROMETHEUS_PORT/PROMETHEUS_PATH; an unknown flag is one clear line."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_kube_dns_and_klog_flags_are_accepted(flag):
 
 
 def test_the_whole_stock_kubedns_command_line():
-    # cluster/addons/dns/kube-dns/kube-dns.yaml.in (spec §3.5), plus the klog flags people add.
+    # cluster/addons/dns/kube-dns/kube-dns.yaml.in (dns-rules §3.5), plus the klog flags people add.
     a = parse("--domain=cluster.local.", "--dns-port=10053", "--config-dir=/kube-dns-config",
               "--v=2", "--logtostderr")
     assert (a.domain, a.dns_port, a.config_dir, a.v) == ("cluster.local", 10053,
@@ -53,7 +53,7 @@ def test_defaults_are_kube_dns_and_coredns_defaults():
     assert a.healthz_port == 8081                 # kube-dns
     assert a.sidecar_port == 10054                # kube-dns sidecar
     assert (a.health_port, a.ready_port, a.metrics_port) == (8080, 8181, 9153)   # CoreDNS
-    assert a.lameduck == 5.0                      # issue 6 / kubeadm Corefile "lameduck 5s"
+    assert a.lameduck == 5.0                      # kubeadm Corefile "lameduck 5s"
     assert a.config_period == 10.0 and a.config_map_namespace == "kube-system"
     assert a.initial_sync_timeout == 60.0
     assert a.profiling is False and a.log_queries is False

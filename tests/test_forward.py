@@ -59,7 +59,7 @@ async def ask(fwd: Forwarder, name: str, qtype: str = "A", proto: str = "udp", *
     return parse(await fwd.resolve(make_query(name, qtype, **kw), proto))
 
 
-# ---- kube-dns conformance scenarios (issue 5) ------------------------------------------------
+# ---- kube-dns conformance scenarios ------------------------------------------------
 
 def test_conformance_stub_domain_upstreams_and_ptr(tmp_path):
     """The three kube-dns e2e scenarios, configured the kube-dns way: a ConfigMap directory."""

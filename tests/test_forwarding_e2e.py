@@ -1,4 +1,4 @@
-"""Forwarding through a running ``kdns serve`` (issue 5): the kube-dns conformance scenarios
+"""Forwarding through a running ``kdns serve``: the kube-dns conformance scenarios
 with a ConfigMap directory, hot reload (valid and invalid), TCP, the compiled cache, loops.
 
 Every upstream is a TestDNSServer on loopback started here; kdns reads a resolv.conf and a
@@ -122,7 +122,7 @@ def test_cache_hits_ask_the_upstream_once(env):
 
 
 def test_external_name_outside_gets_the_target_records(env):
-    """spec §1.6: CNAME (from the image, AA) followed by the target's A records (upstream)."""
+    """dns-rules §1.6: CNAME (from the image, AA) followed by the target's A records (upstream)."""
     k, _, _, up, _ = env
     for tcp in (False, True):
         m = ask(k, "outside.default.svc.cluster.local", tcp=tcp)

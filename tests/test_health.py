@@ -1,4 +1,4 @@
-"""Health and readiness as kube-dns's pod and CoreDNS report them (issue 6): /readiness,
+"""Health and readiness as kube-dns's pod and CoreDNS report them: /readiness,
 /health, /ready, and the sidecar's /healthcheck/kubedns and /healthz, each on its own port;
 health is a real DNS query to the workers, sent by a probe thread, cached, and never sent
 per HTTP request."""
@@ -49,7 +49,7 @@ def test_every_endpoint_on_its_own_port(tmp_path, ports):
         status, body = get(ports["sidecar"], "/healthcheck/kubedns")
         assert status == 200
         doc = json.loads(body)
-        # The sidecar's JSON: exactly these keys (spec §3.4).
+        # The sidecar's JSON: exactly these keys (dns-rules §3.4).
         assert list(doc) == ["IsOk", "LatencySeconds", "Err"]
         assert doc["IsOk"] is True and doc["Err"] == "" and 0 < doc["LatencySeconds"] < 2
         status, body = get(ports["sidecar"], "/healthz")
@@ -83,7 +83,7 @@ def test_health_is_a_cached_probe_not_a_query_per_request(tmp_path, ports):
 def test_sidecar_probe_fails_without_answer_records_but_health_passes(tmp_path, ports):
     # With another --domain, kubernetes.default.svc.example.org is outside the image: the
     # workers answer (REFUSED: no upstream in tests), so /health passes, but the sidecar's
-    # probe needs answer RRs and fails with 503 and IsOk false (spec §3.4).
+    # probe needs answer RRs and fails with 503 and IsOk false (dns-rules §3.4).
     k = Kdns(tmp_path, image=sample_image(), workers=1,
              args=("--domain", "example.org", "--health-port", Port("health"),
                    "--sidecar-port", Port("sidecar")))

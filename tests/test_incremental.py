@@ -1,4 +1,4 @@
-"""The incremental compiler (issue 4) makes the same image bytes as a full compile.
+"""The incremental compiler makes the same image bytes as a full compile.
 
 A random but seeded churn drives a small cluster through everything the rules distinguish:
 service types (ClusterIP, dual-stack, headless, NodePort, ExternalName to outside names, to

@@ -1,5 +1,5 @@
 """The kube-dns ConfigMap, resolv.conf and --nameservers, read the way kube-dns reads them
-(spec §3.2; kube-dns pkg/dns/config). Files are written by the tests into tmp_path."""
+(dns-rules §3.2; kube-dns pkg/dns/config). Files are written by the tests into tmp_path."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Lameduck the way a rolling update exercises it (issue 6): two kdns instances share one
+"""Lameduck the way a rolling update exercises it: two kdns instances share one
 DNS port through SO_REUSEPORT, dnsperf sends steady load, one instance gets SIGTERM. It must
 report not ready at once, keep answering for --lameduck, exit 0, and dnsperf must lose no
 query: the dying instance's UDP sockets leave the SO_REUSEPORT group and drain what is

@@ -1,4 +1,4 @@
-"""Logs (issue 6): leveled, one line per event; query logging off by default and, when on,
+"""Logs: leveled, one line per event; query logging off by default and, when on,
 one line per query that reaches Python plus a periodic summary of the compiled path's
 queries read from the shared counters; klog's --logtostderr=false with --log-file."""
 from __future__ import annotations

@@ -20,7 +20,7 @@ RBAC = os.path.join(ROOT, "deploy", "rbac.yaml")
 # before it) and the newest the installed kubernetes-validate knows.
 K8S_VERSIONS = ["1.29.0", kv.latest_version()]
 
-# kube-dns's Service, from cluster/addons/dns/kube-dns/kube-dns.yaml.in (spec §3.5).
+# kube-dns's Service, from cluster/addons/dns/kube-dns/kube-dns.yaml.in (dns-rules §3.5).
 KUBE_DNS_SERVICE_LABELS = {
     "k8s-app": "kube-dns",
     "kubernetes.io/cluster-service": "true",
@@ -32,7 +32,7 @@ KUBE_DNS_SERVICE_PORTS = [
     {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
 ]
 
-# kdns's listeners and their defaults (issue 6): flag -> default port; 0 disables.
+# kdns's listeners and their defaults: flag -> default port; 0 disables.
 PORT_FLAGS = {
     "--dns-port": 53,
     "--healthz-port": 8081,

@@ -1,4 +1,4 @@
-"""Prometheus exposition (issue 6): CoreDNS names and labels on --metrics-port, kube-dns's
+"""Prometheus exposition: CoreDNS names and labels on --metrics-port, kube-dns's
 SkyDNS names on PROMETHEUS_PORT, the sidecar's kubedns_* on --sidecar-port, all rendered
 from the shared counters when scraped; `promtool check metrics` passes on each, and the series
 the common CoreDNS alert rules use are present."""
@@ -82,7 +82,7 @@ def test_skydns_metrics_pass_promtool(served):
 
 def test_sidecar_metrics_pass_promtool(served):
     _, ports, _ = served
-    # The sidecar's own name (spec §3.4) breaks one lint rule; kept so dashboards still work.
+    # The sidecar's own name (dns-rules §3.4) breaks one lint rule; kept so dashboards still work.
     promtool_check(scrape(ports["sidecar"]), allowed=(
         "kubedns_probe_kubedns_latency_ms metric names should not contain abbreviated units",))
 

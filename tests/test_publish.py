@@ -1,5 +1,5 @@
 """Image publishing through sealed memfds, the engine twins' shared contract, and the worker's
-hand-off seam, in-process (issue 2 §5)."""
+hand-off seam, in-process."""
 from __future__ import annotations
 
 import asyncio
@@ -49,7 +49,7 @@ def page() -> mmap.mmap:
 
 
 def test_packet_side_imports_no_control_plane():
-    """DESIGN.md layering: a worker imports the engine and publishing, never the record rules,
+    """The layering (docs/architecture.md): a worker imports the engine and publishing, never the record rules,
     sources, controller or supervisor."""
     import subprocess
     import sys
@@ -380,7 +380,7 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
 
 
 def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog):
-    """Issue 4: a worker checks each new image on its checker thread, swaps when it passes,
+    """A worker checks each new image on its checker thread, swaps when it passes,
     records when it swapped (the end of DNS programming latency), refuses a corrupt layout
     while serving the last good image, and never swaps back to an older generation."""
     import time

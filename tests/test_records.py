@@ -1,4 +1,4 @@
-"""The Kubernetes DNS rules, one table row per rule (spec/kubernetes-dns.md, issue 3).
+"""The Kubernetes DNS rules, one table row per rule (docs/dns-rules.md).
 
 Each row is a question and the whole expected reply: rcode, answer, authority, additional,
 AA and TTLs. ``check(message, row)`` / ``check_wire(reply, row)`` compare a reply with a row,
@@ -40,7 +40,7 @@ Z = "cluster.local."
 EXTRA = """
 - {kind: Service, metadata: {name: legacy, namespace: default},
    spec: {clusterIP: None, ports: [{name: web, port: 8000}]}}
-- kind: Endpoints            # v1 fallback: this service has no EndpointSlice (spec §1.13)
+- kind: Endpoints            # v1 fallback: this service has no EndpointSlice (dns-rules §1.13)
   metadata: {name: legacy, namespace: default}
   subsets:
   - addresses: [{ip: 10.244.9.1, hostname: legacy-0}, {ip: 10.244.9.2}]
@@ -130,7 +130,7 @@ class Row(NamedTuple):
 
 
 def soa_line(row: Row, ttl: int = 30, minimum: int = 30, serial: int = SERIAL) -> str:
-    """The negative-answer SOA: owner is the apex as spelt in the question (spec §2.4)."""
+    """The negative-answer SOA: owner is the apex as spelt in the question (dns-rules §2.4)."""
     low = row.qname.lower().rstrip(".")
     apex = next(z for z in (Z.rstrip("."), "in-addr.arpa", "ip6.arpa")
                 if low == z or low.endswith("." + z))
@@ -157,7 +157,7 @@ def check(msg: dns.message.Message, row: Row, **soa) -> None:
     assert msg.question[0].name.to_text() == row.qname   # case echoed (DNS 0x20)
     answer = section_lines(msg.answer)
     assert sorted(answer) == sorted(row.answer), msg
-    # CNAMEs come before the data they lead to (spec §2.4 "Order").
+    # CNAMEs come before the data they lead to (dns-rules §2.4 "Order").
     kinds = [line.split()[2] for line in answer]
     assert kinds == sorted(kinds, key=lambda k: k != "CNAME")
     authority = [soa_line(row, **soa) if a == "SOA" else a for a in row.authority]
@@ -229,7 +229,7 @@ NX, NODATA = "NXDOMAIN", ("SOA",)
 SOA_ANSWER = f"cluster.local. 30 SOA ns.dns.cluster.local. hostmaster.cluster.local. {SERIAL} 7200 1800 86400 30"
 
 ROWS = [
-    # ---- apex, name-server name, schema version (spec §1.9, §1.10, §2.2)
+    # ---- apex, name-server name, schema version (dns-rules §1.9, §1.10, §2.2)
     Row("cluster.local.", "SOA", answer=(SOA_ANSWER,)),
     Row("CLUSTER.local.", "SOA", answer=(SOA_ANSWER.replace("cluster.local.", "CLUSTER.local."),)),
     Row("cluster.local.", "NS", answer=("cluster.local. 30 NS ns.dns.cluster.local.",),
@@ -244,7 +244,7 @@ ROWS = [
     Row("dns-version.cluster.local.", "TXT", answer=('dns-version.cluster.local. 30 TXT "1.1.0"',)),
     Row("DNS-Version.Cluster.Local.", "TXT", answer=('DNS-Version.Cluster.Local. 30 TXT "1.1.0"',)),
     Row("dns-version.cluster.local.", "A", authority=NODATA),
-    # ---- fixed empty non-terminals and the name grammar (spec §1.1, §1.11)
+    # ---- fixed empty non-terminals and the name grammar (dns-rules §1.1, §1.11)
     Row("svc.cluster.local.", "A", authority=NODATA),
     Row("svc.cluster.local.", "TXT", authority=NODATA),       # R: ENT TXT is NODATA
     Row("pod.cluster.local.", "A", authority=NODATA),
@@ -259,13 +259,13 @@ ROWS = [
     Row("nons.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("x.nons.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("a.b.c.kubernetes.default.svc.cluster.local.", "A", NX, authority=NODATA),
-    # ---- no wildcards: '*' is a literal label (spec §1.12 R:)
+    # ---- no wildcards: '*' is a literal label (dns-rules §1.12:)
     Row("*.default.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("kubernetes.*.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("kubernetes.default.*.cluster.local.", "A", NX, authority=NODATA),
     Row("_https._tcp.*.default.svc.cluster.local.", "SRV", NX, authority=NODATA),
     Row("any.default.svc.cluster.local.", "A", NX, authority=NODATA),
-    # ---- ClusterIP services (spec §1.2, §1.5, §2.1)
+    # ---- ClusterIP services (dns-rules §1.2, §1.5, §2.1)
     Row(K, "A", answer=(f"{K} 30 A 10.96.0.1",)),
     Row("KuBeRnEtEs.DeFaUlT.sVc.ClUsTeR.lOcAl.", "A",
         answer=("KuBeRnEtEs.DeFaUlT.sVc.ClUsTeR.lOcAl. 30 A 10.96.0.1",)),
@@ -300,7 +300,7 @@ ROWS = [
         additional=(f"{API} 30 A 10.96.5.6",)),
     Row("_http._tcp." + API, "SRV", answer=(f"_http._tcp.{API} 30 SRV 0 100 8080 {API}",),
         additional=(f"{API} 30 A 10.96.5.6",)),
-    # kube-dns: dns/UDP and dns-tcp/TCP on 53 -> N=2, one SRV after de-dup (spec §1.5)
+    # kube-dns: dns/UDP and dns-tcp/TCP on 53 -> N=2, one SRV after de-dup (dns-rules §1.5)
     Row(KDNS, "A", answer=(f"{KDNS} 30 A 10.96.0.10",)),
     Row(KDNS, "SRV", answer=(f"{KDNS} 30 SRV 0 50 53 {KDNS}",), additional=(f"{KDNS} 30 A 10.96.0.10",)),
     Row("_dns._udp." + KDNS, "SRV", answer=(f"_dns._udp.{KDNS} 30 SRV 0 100 53 {KDNS}",),
@@ -308,7 +308,7 @@ ROWS = [
     Row("_dns-tcp._tcp." + KDNS, "SRV", answer=(f"_dns-tcp._tcp.{KDNS} 30 SRV 0 100 53 {KDNS}",),
         additional=(f"{KDNS} 30 A 10.96.0.10",)),
     Row("_dns._tcp." + KDNS, "SRV", NX, authority=NODATA),
-    # dual-stack: N=2 -> weight 50, glue A and AAAA (spec §1.5 consequences)
+    # dual-stack: N=2 -> weight 50, glue A and AAAA (dns-rules §1.5 consequences)
     Row(FE, "A", answer=(f"{FE} 30 A 10.96.7.7",)),
     Row(FE, "AAAA", answer=(f"{FE} 30 AAAA fd00:10:96::7",)),
     Row(FE, "SRV", answer=(f"{FE} 30 SRV 0 50 80 {FE}",),
@@ -329,11 +329,11 @@ ROWS = [
         answer=("_sctp-x._sctp.udp.default.svc.cluster.local. 30 SRV 0 100 9 udp.default.svc.cluster.local.",),
         additional=("udp.default.svc.cluster.local. 30 A 10.96.8.30",)),
     Row("_syslog._tcp.udp.default.svc.cluster.local.", "SRV", NX, authority=NODATA),
-    # endpoint names of a ClusterIP service (C: spec §1.2 last bullet); not-ready ones absent
+    # endpoint names of a ClusterIP service (C: dns-rules §1.2 last bullet); not-ready ones absent
     Row("10-244-1-10." + API, "A", answer=(f"10-244-1-10.{API} 30 A 10.244.1.10",)),
     Row("10-244-1-11." + API, "A", NX, authority=NODATA),
     Row("192-168-0-10." + K, "A", answer=(f"192-168-0-10.{K} 30 A 192.168.0.10",)),
-    # ---- headless (spec §1.3, §1.4, §1.5)
+    # ---- headless (dns-rules §1.3, §1.4, §1.5)
     Row(DB, "A", answer=(f"{DB} 30 A 10.244.2.10", f"{DB} 30 A 10.244.2.11")),
     Row(DB, "AAAA", answer=(f"{DB} 30 AAAA fd00:10:244:2::10",)),
     Row("Db.Prod.Svc.Cluster.Local.", "A", answer=("Db.Prod.Svc.Cluster.Local. 30 A 10.244.2.10",
@@ -361,7 +361,7 @@ ROWS = [
         additional=(f"10-244-3-5.{CACHE} 30 A 10.244.3.5",)),
     Row("10-244-3-5." + CACHE, "A", answer=(f"10-244-3-5.{CACHE} 30 A 10.244.3.5",)),
     Row("cache-6b9f-ccccc." + CACHE, "A", NX, authority=NODATA),  # pod names only with option
-    # IPv6 dashed labels and de-duplication across slices (spec §1.4)
+    # IPv6 dashed labels and de-duplication across slices (dns-rules §1.4)
     Row(SIX, "AAAA", answer=(f"{SIX} 30 AAAA 2001:db8:3333:4444:5555:6666::",
                              f"{SIX} 30 AAAA 5678:abcd::1")),
     Row(SIX, "A", authority=NODATA),
@@ -381,18 +381,18 @@ ROWS = [
         additional=(f"shared.{TWINS} 30 A 10.244.5.1", f"shared.{TWINS} 30 A 10.244.5.2")),
     Row(TWINS, "SRV", answer=(f"{TWINS} 30 SRV 0 25 80 shared.{TWINS}", f"{TWINS} 30 SRV 0 25 53 shared.{TWINS}"),
         additional=(f"shared.{TWINS} 30 A 10.244.5.1", f"shared.{TWINS} 30 A 10.244.5.2")),
-    # headless without ports: A yes, bare SRV NODATA, port SRV NXDOMAIN (spec §1.3)
+    # headless without ports: A yes, bare SRV NODATA, port SRV NXDOMAIN (dns-rules §1.3)
     Row("portless.default.svc.cluster.local.", "A",
         answer=("portless.default.svc.cluster.local. 30 A 10.244.6.1",)),
     Row("portless.default.svc.cluster.local.", "SRV", authority=NODATA),
     Row("_http._tcp.portless.default.svc.cluster.local.", "SRV", NX, authority=NODATA),
-    # headless without ready endpoints: NXDOMAIN for every type (spec §1.3, §1.13)
+    # headless without ready endpoints: NXDOMAIN for every type (dns-rules §1.3, §1.13)
     Row("nohosts.default.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("nohosts.default.svc.cluster.local.", "SRV", NX, authority=NODATA),
     Row("notready.default.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("notready.default.svc.cluster.local.", "AAAA", NX, authority=NODATA),
     Row("_http._tcp.notready.default.svc.cluster.local.", "SRV", NX, authority=NODATA),
-    # v1 Endpoints fallback (spec §1.13): ready addresses only
+    # v1 Endpoints fallback (dns-rules §1.13): ready addresses only
     Row(LEGACY, "A", answer=(f"{LEGACY} 30 A 10.244.9.1", f"{LEGACY} 30 A 10.244.9.2")),
     Row("legacy-0." + LEGACY, "A", answer=(f"legacy-0.{LEGACY} 30 A 10.244.9.1",)),
     Row("10-244-9-2." + LEGACY, "A", answer=(f"10-244-9-2.{LEGACY} 30 A 10.244.9.2",)),
@@ -401,10 +401,10 @@ ROWS = [
         answer=(f"_web._tcp.{LEGACY} 30 SRV 0 50 8000 legacy-0.{LEGACY}",
                 f"_web._tcp.{LEGACY} 30 SRV 0 50 8000 10-244-9-2.{LEGACY}"),
         additional=(f"legacy-0.{LEGACY} 30 A 10.244.9.1", f"10-244-9-2.{LEGACY} 30 A 10.244.9.2")),
-    # ---- ExternalName (spec §1.6)
+    # ---- ExternalName (dns-rules §1.6)
     Row("search.prod.svc.cluster.local.", "CNAME",
         answer=("search.prod.svc.cluster.local. 30 CNAME search.example.com.",)),
-    # Target outside the cluster: the forwarder adds the target's records (issue 5), so
+    # Target outside the cluster: the forwarder adds the target's records, so
     # the image hands off every type but CNAME.
     Row("search.prod.svc.cluster.local.", "A", "HANDOFF"),
     Row("Search.Prod.svc.cluster.local.", "AAAA", "HANDOFF"),
@@ -428,7 +428,7 @@ ROWS = [
     # ---- invalid objects are skipped, the rest is served
     Row("bad_name.default.svc.cluster.local.", "A", NX, authority=NODATA),
     Row("badip.default.svc.cluster.local.", "A", NX, authority=NODATA),
-    # ---- PTR (spec §1.7)
+    # ---- PTR (dns-rules §1.7)
     Row("1.0.96.10.in-addr.arpa.", "PTR", answer=(f"1.0.96.10.in-addr.arpa. 30 PTR {K}",)),
     Row("1.0.96.10.IN-ADDR.ARPA.", "PTR", answer=(f"1.0.96.10.IN-ADDR.ARPA. 30 PTR {K}",)),
     Row("1.0.96.10.in-addr.arpa.", "A", authority=NODATA),
@@ -450,10 +450,10 @@ ROWS = [
                 "2.0.244.10.in-addr.arpa. 30 PTR dns-a.shared-ip.kube-system.svc.cluster.local.")),
     Row("1.9.244.10.in-addr.arpa.", "PTR", answer=(f"1.9.244.10.in-addr.arpa. 30 PTR legacy-0.{LEGACY}",)),
     Row("11.1.244.10.in-addr.arpa.", "PTR", "HANDOFF"),   # not ready: not ours
-    Row("9.9.9.9.in-addr.arpa.", "PTR", "HANDOFF"),       # misses go upstream (spec §2.6)
+    Row("9.9.9.9.in-addr.arpa.", "PTR", "HANDOFF"),       # misses go upstream (dns-rules §2.6)
     Row("96.10.in-addr.arpa.", "PTR", "HANDOFF"),
     Row("8.8.96.10.in-addr.arpa.", "PTR", answer=("8.8.96.10.in-addr.arpa. 30 PTR noports.default.svc.cluster.local.",)),
-    # ---- pods, insecure (spec §1.8)
+    # ---- pods, insecure (dns-rules §1.8)
     Row("10-1-2-3.default.pod.cluster.local.", "A", answer=("10-1-2-3.default.pod.cluster.local. 30 A 10.1.2.3",)),
     Row("10-1-2-3.DEFAULT.pod.cluster.local.", "A", answer=("10-1-2-3.DEFAULT.pod.cluster.local. 30 A 10.1.2.3",)),
     Row("10-1-2-3.default.pod.cluster.local.", "AAAA", authority=NODATA),
@@ -552,7 +552,7 @@ def test_option_rules(options, rows, impl):
 
 
 def test_ttl_applies_everywhere_and_soa_ttl_is_capped():
-    """spec §2.2/§2.3: every record TTL = ttl; SOA TTL min(ttl, 300); SOA MINIMUM = ttl."""
+    """dns-rules §2.2/§2.3: every record TTL = ttl; SOA TTL min(ttl, 300); SOA MINIMUM = ttl."""
     img = mapped(build_image(ttl=600))
     run(img, Row(K, "A", answer=(f"{K} 600 A 10.96.0.1",)))
     run(img, Row(K, "AAAA", authority=NODATA), ttl=300, minimum=600)

@@ -1,4 +1,4 @@
-"""A pod's resolver walking its search list through kdns (spec §5.1, §5.2).
+"""A pod's resolver walking its search list through kdns (dns-rules §5.1, §5.2).
 
 A pod in ``default`` has ``search default.svc.Z svc.Z Z`` and ``ndots:5``; short names like
 ``test.development`` or ``kubernetes.default`` only resolve if every candidate before the
@@ -7,7 +7,7 @@ right one is a clean NXDOMAIN (musl stops walking at NODATA). Checked three ways
   compiled example cluster (always available, no compiled extension needed);
 - the same Resolver against a real ``kdns serve --from-file`` (tests/serverutil.py);
 - the system C library (``getent ahosts``) in a private mount namespace whose
-  /etc/resolv.conf points at kdns on 127.0.0.1:53 (root only; issue 3).
+  /etc/resolv.conf points at kdns on 127.0.0.1:53 (root only).
 Loopback only: no candidate in these walks leaves the cluster zone.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_walk_through_refpath_responder(responder, name, qtype, address, steps):
 
 
 def test_aaaa_of_a_v4_service_stops_at_nodata(responder):
-    """spec §5.2 step 2: AAAA of test.development.svc.Z is NODATA, not NXDOMAIN."""
+    """dns-rules §5.2 step 2: AAAA of test.development.svc.Z is NODATA, not NXDOMAIN."""
     responder.seen.clear()
     with pytest.raises(dns.resolver.NoAnswer):
         pod_resolver(responder.port).resolve("test.development", "AAAA")

@@ -1,5 +1,5 @@
 """End to end over loopback: a real `kdns serve` (supervisor + workers) answering over UDP and
-TCP (issue 2 §5, §6), zone updates while queries flow, and the HTTP endpoints."""
+TCP (§6), zone updates while queries flow, and the HTTP endpoints."""
 from __future__ import annotations
 
 import socket
@@ -64,7 +64,7 @@ def test_answers_hit_miss_and_outside(server, proto):
     assert a_records(ask(K)) == [OLD]
     r = ask("nope.default.svc.cluster.local")
     assert rcode_text(r) == "NXDOMAIN" and r.authority[0].rdtype == 6      # SOA for negatives
-    assert rcode_text(ask("google.com")) == "REFUSED"    # hand-off default (issue 2 §4)
+    assert rcode_text(ask("google.com")) == "REFUSED"    # hand-off default
     srv = ask("_https._tcp." + K, "SRV")
     assert [rd.port for rd in srv.answer[0]] == [443]
 
@@ -318,7 +318,7 @@ def test_one_source_cannot_take_every_connection(tmp_path):
 
 
 def test_publish_100_alternating_images_while_queries_flow(tmp_path):
-    """Issue 2 §5: zero errors, and every reply is byte-for-byte the old or the new image's."""
+    """Zero errors, and every reply is byte-for-byte the old or the new image's."""
     images = {OLD: sample_image(tag=OLD), NEW: sample_image(tag=NEW)}
     names = [K, "big.default.svc.cluster.local", "dual.default.svc.cluster.local",
              "nope.default.svc.cluster.local", "1-2-3-4.default.pod.cluster.local"]
@@ -429,7 +429,7 @@ def test_readiness_health_and_metrics(server):
     after = server.metrics()
 
     def delta(name, **labels):
-        # CoreDNS's label sets (issue 6): requests by family, responses by plugin.
+        # CoreDNS's label sets: requests by family, responses by plugin.
         base = {"server": f"dns://{server.host}:{server.port}", "zone": ".", "view": ""}
         extra = {"family": "1"} if name == "coredns_dns_requests_total" else {"plugin": ""}
         key = (name, frozenset({**base, **extra, **labels}.items()))

@@ -1,4 +1,4 @@
-"""Faults against a running server (issue 2 §5, §6): a worker killed under load, clean stops,
+"""Faults against a running server (§6): a worker killed under load, clean stops,
 and thousands of mutated and truncated packets."""
 from __future__ import annotations
 

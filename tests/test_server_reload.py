@@ -1,5 +1,5 @@
 """Supervisor.reload: an unchanged image is not republished, and the supervisor keeps no
-copy of an image it published (issue 3: at 10k services and 100k endpoints a copy is 30 MiB
+copy of an image it published (at 10k services and 100k endpoints a copy is 30 MiB
 of the pod's 170 MiB; the workers' shared mapping is the one copy that must exist).
 
 No sockets or workers: a fake source hands ``reload`` image bytes, a real Publisher seals
@@ -66,7 +66,7 @@ def test_supervisor_keeps_no_reference_to_a_published_image():
 
 def test_a_push_source_is_published_without_hashing_the_image(monkeypatch):
     """The API controller's images never repeat (the SOA serial moves with every change):
-    hashing 30 MiB per publish would only add to issue 4's programming latency."""
+    hashing 30 MiB per publish would only add to the programming latency."""
     from kdns.serve import supervisor as S
 
     def no_hash(data):

@@ -1,7 +1,7 @@
 """A small test DNS server (UDP + TCP) on a loopback address, able to misbehave on purpose.
 
 Why: forwarder tests need real upstreams that the test owns: nothing may ever be sent to the
-machine's own resolvers (issue 5). Runs in its own threads so that delays and silence never
+machine's own resolvers. Runs in its own threads so that delays and silence never
 block the event loop under test. Use as a context manager; it stops and closes its sockets on
 exit.
 

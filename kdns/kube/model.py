@@ -147,7 +147,7 @@ def slim_service(obj: dict) -> Service:
         if not isinstance(ext, str) or not ext:
             raise ObjectError(f"Service {ns}/{name} is ExternalName without spec.externalName")
         return Service(ns, name, stype, (), False, ext, ports)
-    # spec.clusterIPs wins when set; older objects have only spec.clusterIP (spec §1.2).
+    # spec.clusterIPs wins when set; older objects have only spec.clusterIP (dns-rules §1.2).
     raw_ips = _list(spec.get("clusterIPs"), f"Service {ns}/{name} clusterIPs") \
         or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     if raw_ips and raw_ips[0] == "None":
@@ -182,7 +182,7 @@ def slim_endpoint_slice(obj: dict) -> EndpointSet:
     eps = []
     for raw in _list(obj.get("endpoints"), f"{what} endpoints"):
         raw = _dict(raw, f"{what} endpoint")
-        # Ready nil counts as ready (CoreDNS object/endpoint.go endpointsliceReady, spec §1.13).
+        # Ready nil counts as ready (CoreDNS object/endpoint.go endpointsliceReady, dns-rules §1.13).
         if _dict(raw.get("conditions"), f"{what} conditions").get("ready") is False:
             continue
         addrs = _list(raw.get("addresses"), f"{what} addresses")
@@ -192,7 +192,7 @@ def slim_endpoint_slice(obj: dict) -> EndpointSet:
 
 
 def slim_endpoints(obj: dict) -> tuple[EndpointSet, ...]:
-    """v1 Endpoints: one EndpointSet per subset; notReadyAddresses are ignored (spec §1.13)."""
+    """v1 Endpoints: one EndpointSet per subset; notReadyAddresses are ignored (dns-rules §1.13)."""
     ns, name = _meta(obj, ENDPOINTS)
     what = f"Endpoints {ns}/{name}"
     out = []
@@ -247,7 +247,7 @@ class ClusterModel:
         """Add or modify one object (watch ADDED/MODIFIED). Returns whether the model changed.
 
         An object that cannot be understood is skipped with one warning naming it: one bad
-        object must never stop the zone (issue 3).
+        object must never stop the zone.
         """
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind not in _SLIMMERS:
@@ -322,7 +322,7 @@ class ClusterModel:
 
     def endpoint_sets(self, namespace: str, service: str) -> tuple[EndpointSet, ...]:
         """Ready endpoints of a service: its EndpointSlices if it has any, else its v1
-        Endpoints (a cluster that grants only kube-dns's RBAC has no slices; spec §1.13 R:)."""
+        Endpoints (a cluster that grants only kube-dns's RBAC has no slices; dns-rules §1.13:)."""
         slices = self._slices_by_service.get((namespace, service))
         if slices:
             return tuple(slices[k] for k in sorted(slices))
@@ -349,5 +349,5 @@ class ClusterModel:
 
     def keys(self, kind: str) -> list[tuple[str, str]]:
         """(namespace, name) of every object of ``kind``: what a relist did not see is
-        deleted by the controller (issue 4) without a second copy of the list."""
+        deleted by the controller without a second copy of the list."""
         return list(self._objs[kind])

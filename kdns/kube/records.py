@@ -1,7 +1,7 @@
 """The Kubernetes DNS naming rules: cluster model -> RRsets, zones and existing names.
 
 Why: this is the one place that decides what a pod resolving through kdns sees, so it follows
-``spec/kubernetes-dns.md`` rule by rule, taking the R: recommendation where kube-dns (K) and
+``docs/dns-rules.md`` rule by rule, taking its choice where kube-dns (K) and
 CoreDNS (C) differ. Everything here is a pure function of the model and the options; section
 numbers in comments are the spec's.
 
@@ -29,9 +29,9 @@ __all__ = ["ZoneData", "zone_data", "master_file", "model_from_file",
 log = logging.getLogger(__name__)
 
 PODS_MODES = ("disabled", "insecure", "verified")
-DNS_SCHEMA_VERSION = "1.1.0"          # spec §1.9, kubernetes/dns docs/specification.md
-SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 7200, 1800, 86400   # spec §2.2 (C values)
-SOA_TTL_CAP = 300                     # spec §2.2: SOA TTL = min(ttl, 300)
+DNS_SCHEMA_VERSION = "1.1.0"          # dns-rules §1.9, kubernetes/dns docs/specification.md
+SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 7200, 1800, 86400   # dns-rules §2.2 (C values)
+SOA_TTL_CAP = 300                     # dns-rules §2.2: SOA TTL = min(ttl, 300)
 REVERSE_ZONES = ("in-addr.arpa.", "ip6.arpa.")
 DEFAULT_NS_IP = "127.0.0.1"           # C apex test: ns.dns.Z A 127.0.0.1 when nothing better
 
@@ -61,7 +61,7 @@ def fits(name: str) -> bool:
 
 
 def dashed_ip(ip: str) -> str:
-    """Endpoint label from an IP (spec §1.4, C endpointHostname): IPv4 dots and IPv6 colons
+    """Endpoint label from an IP (dns-rules §1.4, C endpointHostname): IPv4 dots and IPv6 colons
     become dashes; an IPv6 label ending in '-' gets a '0' so it does not end in a dash."""
     if ":" not in ip:
         return ip.replace(".", "-")
@@ -70,7 +70,7 @@ def dashed_ip(ip: str) -> str:
 
 
 def srv_weight(n: int) -> int:
-    """spec §1.5 R: priority 0, weight floor(100/N), at least 1."""
+    """dns-rules §1.5: priority 0, weight floor(100/N), at least 1."""
     return max(1, 100 // n)
 
 
@@ -125,7 +125,7 @@ class _Builder:
 
 def ptr_rrset(ip: str, targets, ttl: int) -> R.RRset:
     """The PTR RRset of ``ip``: ``targets`` is one target or an ordered set (dict) of them;
-    spec §1.7 (C): one PTR per distinct target, sorted (identical input, identical bytes)."""
+    dns-rules §1.7 (C): one PTR per distinct target, sorted (identical input, identical bytes)."""
     Target = R.Target
     return R.RRset(reverse_name(ip), R.PTR, ttl,
                    tuple(Target(t) for t in sorted(targets)) if type(targets) is dict
@@ -135,7 +135,7 @@ def ptr_rrset(ip: str, targets, ttl: int) -> R.RRset:
 def _add_to_set(sets: dict, key, value) -> None:
     """Add ``value`` to the ordered set ``sets[key]``. A one-member set is stored as the bare
     value (no value here is a dict): nearly every set has one member, and a one-entry dict
-    costs ~200 bytes, tens of MB at 10k services (issue 3: memory at the compile's peak)."""
+    costs ~200 bytes, tens of MB at 10k services (memory at the compile's peak)."""
     cur = sets.get(key)
     if cur is None:
         sets[key] = value
@@ -154,7 +154,7 @@ def service_records(model: ClusterModel, svc: Service, *, zone: str, ttl: int,
     names are disjoint from every other's (all end in <svc>.<ns>.svc.<zone>) and its SRV
     targets are its own names; only PTRs merge across services (by IP). So the zone is the
     union of these plus ``zone_data``'s apex and PTRs, which the incremental compiler
-    (kdns/serve/incremental.py, issue 4) relies on."""
+    (kdns/serve/incremental.py) relies on."""
     b = _Builder(zone, ttl, endpoint_pod_names)
     _service_records(b, model, svc)
     return b.set_rrsets(), b.ptr_pairs(), tuple(b.warnings)
@@ -181,13 +181,13 @@ def _service_records(b: _Builder, model: ClusterModel, svc: Service) -> None:
 
 
 def _cluster_ip(b: _Builder, svc: Service, fqdn: str) -> None:
-    """spec §1.2: A/AAAA from clusterIPs, endpoints or not; §1.5 SRV; §1.7 PTR."""
+    """dns-rules §1.2: A/AAAA from clusterIPs, endpoints or not; §1.5 SRV; §1.7 PTR."""
     for ip in svc.cluster_ips:
         b.address(fqdn, ip)
         b.add_ptr(ip, fqdn)
     nips = len(svc.cluster_ips)
     if not nips or not svc.ports:
-        return                      # zero ports: A only, bare SRV NODATA (spec §1.3)
+        return                      # zero ports: A only, bare SRV NODATA (dns-rules §1.3)
     # Bare name (C): one SRV per port x cluster IP, de-duplicated by (target, port).
     w = srv_weight(len(svc.ports) * nips)
     for p in svc.ports:
@@ -199,7 +199,7 @@ def _cluster_ip(b: _Builder, svc: Service, fqdn: str) -> None:
 
 def _named_srv(b: _Builder, fqdn: str, port_name: str, proto: str,
                entries: list[tuple[int, str]]) -> None:
-    """``_<port>._<proto>.<svc>`` (spec §1.5): N counts entries before de-duplication."""
+    """``_<port>._<proto>.<svc>`` (dns-rules §1.5): N counts entries before de-duplication."""
     if not is_label(port_name.lower()) or not is_label(proto.lower()):
         b.warn(f"skipping SRV for port {port_name!r}/{proto} of {fqdn}: not a DNS label")
         return
@@ -214,7 +214,7 @@ def _named_srv(b: _Builder, fqdn: str, port_name: str, proto: str,
 
 def _headless(b: _Builder, svc: Service, fqdn: str, sets: tuple[EndpointSet, ...],
               what: str) -> None:
-    """spec §1.3: one record per ready address (de-duplicated); none -> no name (NXDOMAIN)."""
+    """dns-rules §1.3: one record per ready address (de-duplicated); none -> no name (NXDOMAIN)."""
     bare: list[tuple[int, str]] = []
     named: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for es in sets:
@@ -238,8 +238,8 @@ def _headless(b: _Builder, svc: Service, fqdn: str, sets: tuple[EndpointSet, ...
 
 def _endpoint_names(b: _Builder, svc: Service, fqdn: str, sets: tuple[EndpointSet, ...],
                     what: str) -> None:
-    """``<host>.<svc>.<ns>.svc.Z`` -> every address with that hostname (C, spec §1.3: also for
-    ClusterIP services), and the PTR of every ready address pointing at it (spec §1.7)."""
+    """``<host>.<svc>.<ns>.svc.Z`` -> every address with that hostname (C, dns-rules §1.3: also for
+    ClusterIP services), and the PTR of every ready address pointing at it (dns-rules §1.7)."""
     for es in sets:
         for ep in es.endpoints:
             for ip in ep.addresses:
@@ -261,7 +261,7 @@ def host_name(b: _Builder, ep, ip: str, fqdn: str, what: str) -> str | None:
 
 
 def endpoint_label(b: _Builder, ep, ip: str, what: str) -> str:
-    """spec §1.4 precedence: hostname, then (option) the pod name, then the dashed IP."""
+    """dns-rules §1.4 precedence: hostname, then (option) the pod name, then the dashed IP."""
     if ep.hostname:
         if is_label(ep.hostname):
             return ep.hostname
@@ -272,7 +272,7 @@ def endpoint_label(b: _Builder, ep, ip: str, what: str) -> str:
 
 
 def _external_name(b: _Builder, svc: Service, fqdn: str, what: str) -> None:
-    """spec §1.6: CNAME to externalName; an in-zone target is followed by the compiler."""
+    """dns-rules §1.6: CNAME to externalName; an in-zone target is followed by the compiler."""
     target = svc.external_name.rstrip(".").lower()
     try:
         ipaddress.ip_address(target)
@@ -297,7 +297,7 @@ def _external_name(b: _Builder, svc: Service, fqdn: str, what: str) -> None:
 
 
 def _apex(b: _Builder, model: ClusterModel, serial: int, ns_ips) -> list[R.RRset]:
-    """spec §1.10/§2.2: SOA, NS ns.dns.<zone> with its address, dns-version TXT (§1.9)."""
+    """dns-rules §1.10/§2.2: SOA, NS ns.dns.<zone> with its address, dns-version TXT (§1.9)."""
     z = b.zone
     soa_ttl = min(b.ttl, SOA_TTL_CAP)
     out = []
@@ -325,7 +325,7 @@ def _ns_addresses(model: ClusterModel, ns_ips) -> tuple[str, ...]:
 
 
 def _pod_namespaces(b: _Builder, model: ClusterModel, pods: str, namespaces) -> dict:
-    """spec §1.8: insecure needs the namespace; verified also a live pod with that IP."""
+    """dns-rules §1.8: insecure needs the namespace; verified also a live pod with that IP."""
     if pods == "disabled":
         return {}
     if pods == "insecure":
@@ -376,7 +376,7 @@ def zone_frame(model: ClusterModel, *, zone: str, ttl: int, pods: str, serial: i
     b = _Builder(zone, ttl, False)
     fixed = _apex(b, model, serial, ns_ips)
     namespaces = sorted(ns for ns in model.namespaces() if is_label(ns))
-    # spec §1.1/§1.11: svc.Z and pod.Z always exist; so does <ns>.svc.Z of every namespace.
+    # dns-rules §1.1/§1.11: svc.Z and pod.Z always exist; so does <ns>.svc.Z of every namespace.
     exists = ["svc." + zone, "pod." + zone] + [f"{ns}.svc.{zone}" for ns in namespaces]
     if pods == "verified" and pod_lists is not None:
         pod_namespaces = {ns: pod_lists.get(ns, b"") for ns in namespaces}

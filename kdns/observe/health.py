@@ -1,8 +1,8 @@
-"""Health and readiness the way kube-dns's pod and CoreDNS report them (issue 6).
+"""Health and readiness the way kube-dns's pod and CoreDNS report them.
 
 Why: liveness must mean "the workers answer DNS", not "the supervisor's HTTP thread runs".
 So a probe thread in the supervisor sends the query kube-dns's sidecar sends
-(``kubernetes.default.svc.<domain>`` SRV, spec §3.4) to kdns's own DNS port every 5 s, and
+(``kubernetes.default.svc.<domain>`` SRV, dns-rules §3.4) to kdns's own DNS port every 5 s, and
 every health endpoint reports that cached result: an HTTP request never sends a query.
 
 - ``/healthcheck/kubedns`` (sidecar port): the sidecar's JSON; fails on no reply, an error
@@ -31,7 +31,7 @@ from kdns.observe.metrics import LATENCY_MS_BOUNDS
 
 log = logging.getLogger("kdns.observe.health")
 
-PROBE_INTERVAL = 5.0         # the sidecar's default probe interval (spec §3.4)
+PROBE_INTERVAL = 5.0         # the sidecar's default probe interval (dns-rules §3.4)
 PROBE_RETRY = 0.5            # until the first good probe, so liveness settles quickly
 PROBE_TIMEOUT = 2.0
 SRV = 33

@@ -2,7 +2,7 @@
 
 Why: Kubernetes probes and Prometheus need HTTP, and neither may ever sit on the packet
 path: these threads run in the supervisor only, and metrics are read from the workers'
-shared counter pages when Prometheus scrapes (DESIGN.md "What makes it fast").
+shared counter pages when Prometheus scrapes (docs/architecture.md, "What makes it fast").
 
 What it must not do: touch DNS sockets or call into the workers. The listeners kdns serve
 starts, their routes and the metrics are ``health``'s and ``metrics``'s.

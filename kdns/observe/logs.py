@@ -2,10 +2,10 @@
 
 Why: kube-dns pods are started with klog flags (``--v=2 --logtostderr``, sometimes
 ``--log_dir``/``--vmodule``); a drop-in must accept every one of them with kube-dns's
-spelling rules (underscores normalised to dashes, spec §3.1) and map what it can onto Python
+spelling rules (underscores normalised to dashes, dns-rules §3.1) and map what it can onto Python
 logging. Events that matter (sync, publish with sizes and durations, config changes,
 upstream failures, worker deaths) are one line each at INFO/WARNING; per-query lines only
-with ``--log-queries`` (issue 6), and then only where a query is already in Python.
+with ``--log-queries``, and then only where a query is already in Python.
 
 What it must not do: log from the compiled packet path (UDP queries answered there are
 summarised from the shared counters, never logged one by one).
@@ -135,7 +135,7 @@ def setup(level: str, a: argparse.Namespace | None = None) -> None:
 class QuerySummary:
     """With --log-queries: every QUERY_SUMMARY_PERIOD, one line with the queries answered
     since the last line (by protocol and rcode), read from the shared counters: UDP queries
-    answered in the compiled path are never logged one by one (issue 6)."""
+    answered in the compiled path are never logged one by one."""
 
     def __init__(self, pages, nslots: int, period: float = QUERY_SUMMARY_PERIOD):
         self.pages, self.nslots, self.period = pages, nslots, period

@@ -2,8 +2,8 @@
 
 Why: dashboards and alerts written for CoreDNS (``coredns_*`` on :9153) or kube-dns
 (``skydns_skydns_dns_*`` on ``PROMETHEUS_PORT``, ``kubedns_*`` on the sidecar's :10054) must
-keep working (issue 6). Every value is read when Prometheus scrapes: the workers' shared
-counter pages are summed then (DESIGN.md "What makes it fast"); prometheus_client is never
+keep working. Every value is read when Prometheus scrapes: the workers' shared
+counter pages are summed then (docs/architecture.md, "What makes it fast"); prometheus_client is never
 called per query. Label sets are bounded: qtypes are the fixed list in ``counters.QTYPES``,
 rcodes 17 names, protocols 2, upstreams at most ``counters.FWD_UPSTREAMS``.
 
@@ -284,7 +284,7 @@ def worker_process_metrics(sup):
 
 
 class SkyDNSCollector:
-    """kube-dns's SkyDNS metrics on PROMETHEUS_PORT (spec §3.1). ``system`` is "auth" for
+    """kube-dns's SkyDNS metrics on PROMETHEUS_PORT (dns-rules §3.1). ``system`` is "auth" for
     what the compiled path answered and "recursive" for what went to the forwarder."""
 
     def __init__(self, sup):
@@ -333,7 +333,7 @@ class SkyDNSCollector:
 
 
 class SidecarCollector:
-    """What kube-dns's sidecar exports on :10054 (spec §3.4): its probe of kdns, and
+    """What kube-dns's sidecar exports on :10054 (dns-rules §3.4): its probe of kdns, and
     kubedns_dnsmasq_* where kdns has the number (its forward cache plays dnsmasq's part)."""
 
     def __init__(self, sup, prober):

@@ -119,7 +119,7 @@ cdef struct Outcome:
     int qtype           # -1 when no question could be read
     int rcode           # 0..15 from the header, RC_BADVERS for BADVERS
     int tc
-    int outside         # HANDOFF because the name is outside every zone (issue 5)
+    int outside         # HANDOFF because the name is outside every zone
 
 
 cdef struct Ask:

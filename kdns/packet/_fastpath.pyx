@@ -840,7 +840,7 @@ cdef enum:
 cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
     """Every offset the packet path follows stays inside the image (it is shared memory,
     and a bad offset would read out of bounds instead of raising). Without the GIL: a
-    worker checks a new image of tens of MiB while its loop keeps serving (issue 4)."""
+    worker checks a new image of tens of MiB while its loop keeps serving."""
     cdef uint32_t i
     cdef const uint8_t *n
     cdef const uint8_t *e
@@ -1217,7 +1217,7 @@ cdef class UdpServer:
             action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
                                   self.ra)
             if action == ACTION_HANDOFF and self.ctab != NULL:
-                # Outside the image: the forwarder's cache may hold it (issue 5).
+                # Outside the image: the forwarder's cache may hold it.
                 if now == 0:
                     now = now_ns()
                 action = cache_answer(self.ctab, self.cmask, self.cedns, inp, plen, now,

@@ -6,7 +6,7 @@ classes with the same API, built on ``refpath`` (the oracle), which also count i
 worker's shared counter page so metrics work in pure mode (aiohttp's ``_http_parser`` /
 ``http_parser`` pattern).
 
-The API (issue 2 §4, §5):
+The API (§5):
 
 - ``Image(buffer)`` checks magic and length; ``.verify()`` checks the CRC; ``.serial``,
   ``.synced``.
@@ -180,7 +180,7 @@ def pure_answer(img: PureImage, query: bytes, tcp: bool = False, edns_max: int =
                 ra: bool = False):
     try:
         return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra)
-    except Exception:   # noqa: BLE001 -- bad input never crashes a worker (DESIGN.md)
+    except Exception:   # noqa: BLE001 -- bad input never crashes a worker (docs/architecture.md)
         log.debug("pure path raised on a %d-byte query; dropped", len(query), exc_info=True)
         return DROP, b""
 

@@ -119,7 +119,7 @@ cdef extern from *:
     void KDNS_CHECK(bint cond) nogil
 
 
-# Issue 5, compiled forwarding (includes/fwd.pxi): one epoll set over the upstream sockets
+# compiled forwarding (includes/fwd.pxi): one epoll set over the upstream sockets
 # (registered once with the worker's event loop) and the kernel CSPRNG for query IDs.
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:

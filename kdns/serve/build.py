@@ -15,13 +15,13 @@ from kdns.zone import image as I
 def compile_model(model, *, synced: bool = True, **options) -> bytes:
     """Image bytes for ``model`` (what the controller publishes after a change); ``options``
     are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
-    answer SERVFAIL, never a false NXDOMAIN (DESIGN.md "Failure behaviour")."""
+    answer SERVFAIL, never a false NXDOMAIN (docs/architecture.md, "Failure behaviour")."""
     return _compile(records.zone_data(model, **options), synced)
 
 
 def _compile(zd: records.ZoneData, synced: bool) -> bytes:
     """Compile ``zd``, which the caller must not keep: the compiler lets the RRsets go once
-    it has encoded them, before the image is assembled (issue 3: the first build's peak)."""
+    it has encoded them, before the image is assembled (the first build's peak)."""
     rrsets, zones, exists, serial = list(zd.rrsets), zd.zones, zd.exists, zd.serial
     del zd
     return I.compile_image(rrsets, zones, exists=exists, synced=synced, serial=serial,
@@ -40,7 +40,7 @@ def compile_file_counted(path: str, *, domain: str = "cluster.local", ttl: int =
     source refuses to replace a cluster with an empty one (a truncated file, see
     ``supervisor.WatchedFile``), which only the object count tells apart."""
     # The model is garbage once the rules have run, so the compile reuses its memory: a
-    # file's model is rebuilt on every change, nothing keeps it (issue 3: startup peak).
+    # file's model is rebuilt on every change, nothing keeps it (startup peak).
     model = records.model_from_file(path)
     objects = sum(model.count(kind) for kind in KINDS)
     zd = records.zone_data(model, domain=domain, ttl=ttl, pods=pods,

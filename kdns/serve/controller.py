@@ -1,6 +1,6 @@
 """The controller: API events -> cluster model -> records -> compiled image -> published image.
 
-Why (issue 4): kdns must keep its zone equal to the API's state with a small delay, never a
+Why: kdns must keep its zone equal to the API's state with a small delay, never a
 wrong answer, whatever the API server does. This is the one place that wires the pieces:
 the watchers (``sources/api.py``) hand every object to ``ModelSink``; one compiler thread
 owns the ``ClusterModel``, applies the events in order, and after a short debounce compiles
@@ -55,10 +55,10 @@ log = logging.getLogger("kdns.serve.controller")
 # CoreDNS plugin/kubernetes/metrics.go: ExponentialBuckets(0.001, 2, 20), 1 ms to ~9 min.
 LATENCY_BUCKETS = tuple(0.001 * 2 ** i for i in range(20))
 # Watchers block (back-pressure on their HTTP stream) when this many events wait unapplied,
-# so a compiler that falls behind cannot make raw API dicts pile up (issue 4: no two copies).
+# so a compiler that falls behind cannot make raw API dicts pile up (no two copies).
 MAX_PENDING = 5_000         # ten list pages of the watchers' default 500
 # After a compile, once the events have paused this long, give its transient memory back
-# (issue 3's PSS budget) without costing a busy stream any latency.
+# (the PSS budget) without costing a busy stream any latency.
 TRIM_AFTER_IDLE = 1.0
 
 SERVICE_KINDS = ("cluster_ip", "headless_with_selector", "headless_without_selector")
@@ -405,7 +405,7 @@ class Controller:
             # before are current data and the new list will apply them again.
             self._seen[kind] = set()
         elif op == "end":
-            # Issue 4: a relist drops what it did not see (deleted while we were away) without
+            # A relist drops what it did not see (deleted while we were away) without
             # holding a second copy of the list: only the keys seen since relist_begin.
             seen = self._seen.pop(kind, set())
             for key in [k for k in model.keys(kind) if k not in seen]:
@@ -447,7 +447,7 @@ class Controller:
             # The layout is checked (bad magic, length or any offset outside raise), as each
             # worker checks it again before swapping. The crc32, which guards image files in
             # transit, is not recomputed over bytes made right here: ~8 ms of a 30 MiB image
-            # on every change's latency (issue 4).
+            # on every change's latency.
             engine.Image(image.map if isinstance(image, publish.ImageMemfd) else image)
         except Exception:
             # Keep serving the last good image; the next change retries (the model is fine).
@@ -507,7 +507,7 @@ class Controller:
         return "headless_with_selector" if svc is not None and svc.headless else "cluster_ip"
 
     def _warn_not_synced(self, now: float) -> None:
-        # Issue 4: --initial-sync-timeout logs loudly and keeps trying; a crash loop would only
+        # --initial-sync-timeout logs loudly and keeps trying; a crash loop would only
         # add restarts to whatever keeps the API unreachable.
         log.error("not synced with the Kubernetes API %.0fs after start (waiting for: %s); "
                   "not ready, cluster names answer SERVFAIL. Still trying; check "
@@ -596,7 +596,7 @@ class ApiController(Controller):
     # ---- metrics getters -------------------------------------------------------------------
     def staleness_seconds(self) -> float:
         """Seconds the served data may lag the API: for a watcher failing since its last good
-        contact, the time since that contact (issue 4: an outage serves the last good image
+        contact, the time since that contact (an outage serves the last good image
         and says how stale it is); 0 while every watcher is connected, and before the first
         sync (nothing from the API is served yet)."""
         if not self.ready_generation:

@@ -1,7 +1,7 @@
 """The incremental compiler: after a change, re-run the rules and re-encode only the services
 it touched, and assemble the image from everything else's answers encoded earlier.
 
-Why (issue 4): at 10,000 services and 100,000 endpoints a full compile (every rule, every
+Why: at 10,000 services and 100,000 endpoints a full compile (every rule, every
 answer) takes about a second, so under a churn of 100 endpoint changes per second DNS
 programming latency sat at 2-3 s; the goal is a 99th percentile under 250 ms. Most of that
 second is spent re-deriving and re-encoding answers that did not change.

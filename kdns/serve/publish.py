@@ -72,7 +72,7 @@ class SpareMemfd:
 
 
 class ImageMemfd:
-    """An image compiled straight into a memfd (issue 4): the compile core writes through
+    """An image compiled straight into a memfd: the compile core writes through
     ``map``, ``seal`` makes it immutable, and ``Publisher.publish`` hands that very fd to the
     workers, so a 30 MiB image is not copied once more per change. ``len()`` is its size;
     after ``seal``, ``map`` is a read-only mapping (what ``engine.Image`` checks)."""

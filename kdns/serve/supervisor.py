@@ -40,7 +40,7 @@ log = logging.getLogger("kdns.serve.supervisor")
 def image_digest(data: bytes) -> bytes:
     """What the supervisor remembers of the image it published: comparing digests finds an
     unchanged image without keeping a private copy of it (30 MiB at 10k services/100k
-    endpoints; the workers' shared mapping is the one copy that must exist, issue 3)."""
+    endpoints; the workers' shared mapping is the one copy that must exist)."""
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
@@ -58,7 +58,7 @@ def forwarding_control(opts):
 
 
 TICK = 0.1                  # main-loop wake-up: a dead worker is noticed within this
-FILE_POLL = 1.0             # issue 2 §2: the input file is re-read when it changes
+FILE_POLL = 1.0             # The input file is re-read when it changes
 STOP_GRACE = 5.0            # seconds workers get to exit after SIGTERM before SIGKILL
 RESPAWN_FAST = 1.0          # a worker that dies younger than this is crash-looping
 RESPAWN_MAX_DELAY = 5.0
@@ -103,7 +103,7 @@ class ServeConfig:
     # Join another process's SO_REUSEPORT group on the DNS port (a rolling hand-over on one
     # network namespace); without it, kdns refuses a port someone else serves.
     share_dns_port: bool = False
-    # Issue 6: the kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
+    # The kube-dns pod's and CoreDNS's listeners (0 disables one), SkyDNS metrics
     # on kube-dns's PROMETHEUS_PORT (0: off), query logging.
     health_port: int = 0
     ready_port: int = 0
@@ -114,7 +114,7 @@ class ServeConfig:
     log_level: str = "info"
     # Where outside names go (control.ForwardingOptions); None = REFUSED.
     forwarding: object = None
-    # Issue 4: neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
+    # Neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
     kubecfg_file: str = ""
     kube_master_url: str = ""
     initial_sync_timeout: float = settings.INITIAL_SYNC_TIMEOUT
@@ -172,7 +172,7 @@ def image_file_loader(path: str) -> bytes:
 
 
 class WatchedFile:
-    """An input file re-read when its inode, size, mtime or ctime changes (issue 2 §2).
+    """An input file re-read when its inode, size, mtime or ctime changes.
 
     ctime too: ``cp -p`` and ``rsync -t`` write new content under the old mtime, and a
     same-size edit would otherwise never be seen; ctime cannot be set back by the writer.
@@ -189,7 +189,7 @@ class WatchedFile:
         self.empty = False          # whether the image last published came from no objects
 
     # The supervisor's source protocol, shared with the API controller (kdns/serve/controller.py,
-    # issue 4): a push source wakes the loop itself and is polled every iteration; /readiness
+    # the API): a push source wakes the loop itself and is polled every iteration; /readiness
     # waits until every worker serves ready_generation.
     push = False
     ready_generation = 1
@@ -363,7 +363,7 @@ class Supervisor:
         self.reload_requested = False
         self.wake_r = self.wake_w = -1
         self.forwarding = None
-        # Issue 6: health probe, metrics and logs.
+        # Health probe, metrics and logs.
         self.prober = None
         self.query_summary = None
         self.worker_deaths = 0
@@ -405,7 +405,7 @@ class Supervisor:
         self.image_bytes, self.published_at = size, time.time()
 
     def start_http(self) -> None:
-        # Issue 6: listeners, probe and metrics are kdns/observe/health.py's and kdns/observe/metrics.py's.
+        # Listeners, probe and metrics are kdns/observe/health.py's and kdns/observe/metrics.py's.
         from kdns.observe import health
         from kdns.observe import logs
         try:
@@ -494,7 +494,7 @@ class Supervisor:
             pass
 
     def on_stop_signal(self, signum, frame) -> None:
-        # DESIGN.md: SIGTERM is a lameduck (not ready at once, still answering while the
+        # SIGTERM is a lameduck (not ready at once, still answering while the
         # endpoints controller takes the pod out of the Service, then stop); a second
         # signal, or SIGINT, stops now.
         if signum == signal.SIGTERM and self.cfg.lameduck > 0 and self.lameduck_until is None:
@@ -550,13 +550,13 @@ class Supervisor:
             slot.beat_at = now          # once; the next loop sees it exit
 
     def check_ready(self) -> None:
-        """Ready once every worker has mapped the first image (issue 2 §2: /readiness)."""
-        need = self.source.ready_generation     # 0: the API is not synced yet (issue 4)
+        """Ready once every worker has mapped the first image (/readiness)."""
+        need = self.source.ready_generation     # 0: the API is not synced yet
         if not self.ready and need and all(C.page_generation(self.counters, s.index) >= need
                                   for s in self.slots):
             self.ready = True
             if self.prober is not None:
-                self.prober.kick()      # health and readiness need a real answer (issue 6)
+                self.prober.kick()      # health and readiness need a real answer
             log.info("ready: all %d workers serve image generation %d",
                      len(self.slots), self.publisher.generation)
 
@@ -566,7 +566,7 @@ class Supervisor:
         took = time.monotonic() - t0
         # A file can change and compile to the same image; the API controller's images never
         # repeat (the SOA serial moves with every change), and hashing 30 MiB would cost
-        # ~45 ms of every publish (issue 4's programming latency), so only files are hashed.
+        # ~45 ms of every publish (the programming latency), so only files are hashed.
         if data is not None and not self.source.push:
             digest = image_digest(data)
             # Also after SIGHUP (``force`` re-reads even an unchanged stamp): the workers serve
@@ -585,10 +585,10 @@ class Supervisor:
                      gen, self.source.path, size, took)
             self.image_bytes, self.published_at = size, time.time()
             # No release_memory() here: with the API controller the model stays alive and a
-            # full collection over it takes 150-300 ms of this loop per publish (issue 4's
+            # full collection over it takes 150-300 ms of this loop per publish (the
             # latency budget); the file loader releases right after its own compile.
 
-    # ---- what health and metrics read (issue 6; kdns/observe/health.py, kdns/observe/metrics.py)
+    # ---- what health and metrics read (kdns/observe/health.py, kdns/observe/metrics.py)
     def is_ready(self) -> bool:
         """First sync served by every worker, a real DNS answer seen, not in lameduck. Only
         the first answer gates readiness: a slow probe under load must not flap it (a
@@ -632,7 +632,7 @@ class Supervisor:
         return max(C.page_swapped_ns(self.counters, s.index) for s in self.slots) / 1e9
 
     def leave_reuseport_group(self) -> None:
-        """Lameduck's last step (issue 6): connect each UDP socket to its own address. Since
+        """Lameduck's last step: connect each UDP socket to its own address. Since
         Linux 5.7 a connected socket is no longer picked for other flows of its SO_REUSEPORT
         group, so another kdns on the same port gets every new packet, while the packets
         already queued here stay readable for the workers' last drain: none is lost."""
