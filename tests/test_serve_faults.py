@@ -236,7 +236,10 @@ def expected_reply(img, pkt: bytes, tcp: bool) -> bytes | None:
     if action == refpath.ACTION_SEND:
         return reply
     if action == refpath.ACTION_HANDOFF:
-        return engine.refused(pkt)          # the default hand-off
+        # With no upstream the hand-off answers an ExternalName's CNAME alone (the image
+        # holds it; RFC 1034 §3.6.2: the client follows it), and REFUSED for the rest.
+        action, reply = refpath.answer(img, pkt, tcp=tcp, external_cname=True)
+        return reply if action == refpath.ACTION_SEND else engine.refused(pkt)
     return None
 
 
