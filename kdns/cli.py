@@ -285,7 +285,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         tcp_max_per_source=a.tcp_max_per_source,
         share_dns_port=a.share_dns_port,
         forwarding=_forwarding(a),
-        log_level=logs.level_for(a.log_level, a.v),
+        log_level=logs.level_for(a.log_level, a.v), log_format=logs.format_of(a),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
         log_queries=a.log_queries)
 

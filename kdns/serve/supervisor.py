@@ -112,6 +112,7 @@ class ServeConfig:
     prometheus_path: str = "/metrics"
     log_queries: bool = False
     log_level: str = "info"
+    log_format: str = "klog"        # kdns/observe/logs.py LOG_FORMATS
     # Where outside names go (control.ForwardingOptions); None = REFUSED.
     forwarding: object = None
     # Neither --from-file nor --from-image means the Kubernetes API (kube-dns flags).
@@ -366,6 +367,7 @@ class Supervisor:
         # Health probe, metrics and logs.
         self.prober = None
         self.query_summary = None
+        self.log_relay = None           # logs.WorkerLogRelay, False, or None until the first spawn
         self.worker_deaths = 0
         self.image_bytes = 0
         self.published_at = 0.0
@@ -423,6 +425,13 @@ class Supervisor:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env
 
+    def worker_stderr(self):
+        """The workers' stderr: ours, or the relay's pipe when we write a log file."""
+        if self.log_relay is None:
+            from kdns.observe import logs
+            self.log_relay = logs.worker_log_relay() or False
+        return self.log_relay.write_fd if self.log_relay else None
+
     def spawn(self, slot: Slot) -> None:
         cfg = self.cfg
         control = self.publisher.attach(slot.index)
@@ -437,14 +446,15 @@ class Supervisor:
                 "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
                 "--tcp-max-connections", str(cfg.tcp_max_connections),
                 "--tcp-max-per-source", str(cfg.tcp_max_per_source),
-                "--log-level", cfg.log_level] + (["--log-queries"] if cfg.log_queries else [])
+                "--log-level", cfg.log_level, "--log-format", cfg.log_format] + (
+                    ["--log-queries"] if cfg.log_queries else [])
         if fwd is not None:
             fds += (fwd.fileno(),)
             argv += ["--forward-fd", str(fwd.fileno()),
                      "--cache-size", str(cfg.forwarding.cache_size)]
         try:
             slot.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                         env=self.worker_env())
+                                         stderr=self.worker_stderr(), env=self.worker_env())
         finally:
             control.close()
             if fwd is not None:
@@ -664,6 +674,8 @@ class Supervisor:
                 log.warning("worker %d exited with status %s", slot.index, slot.proc.returncode)
         self.close()
         log.info("stopped")
+        if self.log_relay:
+            self.log_relay.close()
 
     def close(self) -> None:
         if self.prober is not None:

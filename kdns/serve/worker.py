@@ -449,6 +449,7 @@ def parse_args(argv):
     p.add_argument("--tcp-max-connections", type=int, default=settings.TCP_MAX_CONNECTIONS)
     p.add_argument("--tcp-max-per-source", type=int, default=settings.TCP_MAX_PER_SOURCE)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="klog", choices=logs.LOG_FORMATS)
     p.add_argument("--log-queries", action="store_true")
     # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
@@ -458,8 +459,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logs.setup_worker(a.log_level, a.log_format)
     page = publish.map_page(a.counters_fd, a.slot)
     worker = Worker(
         slot=a.slot,
