@@ -18,7 +18,15 @@ https://kubernetes.io/docs/reference/using-api/api-concepts/:
 - ``watch=true`` streams newline-delimited JSON events with chunked encoding: events after
   ``resourceVersion`` (synthetic ADDED for everything when it is absent or "0"), BOOKMARKs
   when ``allowWatchBookmarks=true``, an ERROR event carrying a 410 Status when the version is
-  older than the compacted history, and a clean end after ``timeoutSeconds``.
+  older than the compacted history, and a clean end after ``timeoutSeconds``;
+- ``resourceVersion`` on a list with ``resourceVersionMatch=NotOlderThan`` (served "from the
+  watch cache": at least that version, 504 "Too large resource version" beyond the current
+  one); ``resourceVersion`` together with ``continue`` is a 400, as the API requires;
+- WatchList (``watch=true&sendInitialEvents=true``, logged as verb ``watchlist``), per
+  ``watch_list``: "on" streams the current state as ADDED events, then a BOOKMARK annotated
+  ``k8s.io/initial-events-end: "true"``, then changes; "off" (the default, a server with the
+  feature gate off) answers 422; "ignore" (a server that drops the parameter) serves a plain
+  watch.
 
 What it must not do: know anything about DNS or kdns; listen beyond loopback.
 """
@@ -64,6 +72,7 @@ class HttpError:
     """Answer with this status and a Status body (e.g. 500, or 429 with Retry-After)."""
     code: int
     retry_after: int | None = None
+    message: str = ""                   # the Status message; "injected <code>" when empty
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class Slow:
 class Request:
     """One request as the server saw it, for tests that count calls or check parameters."""
     at: float
-    verb: str            # "list", "watch", "discovery", "other"
+    verb: str            # "list", "watch", "watchlist", "discovery", "other"
     resource: str | None
     query: dict
     status: int = 0
@@ -115,7 +124,7 @@ def _status(code: int, reason: str, message: str) -> dict:
             "message": message, "reason": reason, "code": code}
 
 
-_REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Expired",
+_REASONS = {400: "BadRequest", 422: "Invalid", 504: "Timeout", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Expired",
             429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
@@ -126,8 +135,11 @@ class FakeApiServer:
     clients list and watch; every change bumps the global resourceVersion and wakes watchers.
     """
 
-    def __init__(self, *, token: str | None = None, bookmark_interval: float = 60.0):
+    def __init__(self, *, token: str | None = None, bookmark_interval: float = 60.0,
+                 watch_list: str = "off"):
+        assert watch_list in ("on", "off", "ignore")
         self.token = token                      # None: no authentication required
+        self.watch_list = watch_list
         self.bookmark_interval = bookmark_interval
         self.forbidden: set[str] = set()        # plurals answered with 403 (RBAC)
         self.not_served: set[str] = set()       # plurals answered with 404 (API not served)
@@ -352,10 +364,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         api = self.server.api
         parts = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         res = _BY_PATH.get(parts.path)
         watch = query.get("watch") in ("true", "1")
-        verb = ("watch" if watch else "list") if res else (
+        initial = watch and query.get("sendInitialEvents") in ("true", "1")
+        verb = ("watchlist" if initial else "watch" if watch else "list") if res else (
             "discovery" if parts.path in _DISCOVERY else "other")
         req = Request(time.monotonic(), verb, res.plural if res else None, query,
                       authorization=self.headers.get("Authorization"))
@@ -388,8 +401,18 @@ class _Handler(BaseHTTPRequestHandler):
                 f'"{res.plural}" in API group "{group}" at the cluster scope'))
         fault = api._take_fault(res.plural, req.verb)
         if isinstance(fault, HttpError):
-            return self._send_status(req, fault.code, f"injected {fault.code}",
+            return self._send_status(req, fault.code, fault.message or f"injected {fault.code}",
                                      retry_after=fault.retry_after)
+        if req.verb == "watchlist":
+            if api.watch_list == "off":
+                return self._send_status(req, 422, (
+                    "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch "
+                    "unless the WatchList feature gate is enabled"))
+            if api.watch_list == "on" and query.get("resourceVersionMatch") != "NotOlderThan":
+                return self._send_status(req, 422, (
+                    "resourceVersionMatch: Forbidden: sendInitialEvents requires setting "
+                    "resourceVersionMatch to NotOlderThan"))
+            return self._watch(api, req, res, query, fault, initial=api.watch_list == "on")
         if req.verb == "watch":
             return self._watch(api, req, res, query, fault)
         return self._list(api, req, res, query, fault)
@@ -405,6 +428,16 @@ class _Handler(BaseHTTPRequestHandler):
             if api._closing.wait(fault.seconds):
                 raise _Aborted
         limit = int(query.get("limit") or 0)
+        since, match = query.get("resourceVersion", ""), query.get("resourceVersionMatch", "")
+        if query.get("continue") and since:
+            return self._send_status(req, 400, (
+                "specifying resource version is not allowed when using continue"))
+        if match and not since:
+            return self._send_status(req, 400, (
+                "resourceVersionMatch is forbidden unless resourceVersion is provided"))
+        if match == "NotOlderThan" and since != "0" and int(since) > api._rv:
+            return self._send_status(req, 504, "Too large resource version: "
+                                     f"{since}, current: {api._rv}")
         with api._cond:
             if query.get("continue"):
                 try:
@@ -437,7 +470,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(req, 200, body)
 
     # ---- watch ------------------------------------------------------------------------------
-    def _watch(self, api, req, res, query, fault) -> None:
+    def _watch(self, api, req, res, query, fault, initial: bool = False) -> None:
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
@@ -447,7 +480,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._stall(req, fault)
         hist = api._history[res.plural]
         with api._cond:
-            if since == "0":
+            if initial:
+                # WatchList: the current state, then the bookmark that ends it.
+                pending = [("ADDED", o) for _, o in sorted(api._objects[res.plural].items())]
+                pos = api._rv
+                pending.append(("BOOKMARK", {
+                    "kind": res.kind, "apiVersion": res.api_version,
+                    "metadata": {"resourceVersion": str(pos),
+                                 "annotations": {"k8s.io/initial-events-end": "true"}}}))
+            elif since == "0":
                 # No version: the current state as synthetic ADDED events, then changes.
                 pending = [("ADDED", o) for _, o in sorted(api._objects[res.plural].items())]
                 pos = api._rv

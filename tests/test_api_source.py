@@ -241,6 +241,130 @@ def test_expired_continue_token_restarts_the_list_from_scratch(api, client):
         ("begin", "Service"), ("begin", "Service"), ("end", "Service")]
 
 
+# ---- what the API server pays: the watch cache and WatchList --------------------------------
+
+@contextlib.contextmanager
+def fake_api(tmp_path, **kw):
+    """A fake API server of its own (WatchList modes) and a client for it."""
+    server = FakeApiServer(token="secret", **kw).start()
+    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
+        tmp_path / "kubeconfig", server.url, {"token": "secret"}))
+    try:
+        yield server, c
+    finally:
+        c.close()
+        server.close()
+
+
+def test_lists_are_served_from_the_watch_cache_not_etcd(api, client):
+    api.create_many("services", [svc(f"s{i:02}") for i in range(12)])
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 1, what="watching")
+        seen = w.resource_version
+        api.inject("services", "watch", Gone())     # the next watch (1 s from now): 410
+        wait_until(lambda: api.count(verb="list", resource="services") >= 6, what="the relist")
+    lists = api.calls(verb="list", resource="services")
+    firsts = [r.query for r in lists if "continue" not in r.query]
+    # resourceVersion=0: whatever the cache holds (a quorum read is resourceVersion unset);
+    # a relist: the cache, never older than what this watcher already saw.
+    assert firsts[0]["resourceVersion"] == "0"
+    assert firsts[1]["resourceVersion"] == seen and int(seen) > 1
+    assert all(q["resourceVersionMatch"] == "NotOlderThan" for q in firsts)
+    # Continue pages carry no resourceVersion: the API rejects the pair with 400.
+    assert all("resourceVersion" not in r.query for r in lists if "continue" in r.query)
+    assert all(r.status == 200 for r in lists)
+
+
+def test_a_server_behind_what_was_seen_is_listed_as_it_is(api, client):
+    api.create_many("services", [svc("a"), svc("b")])
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 1, what="watching")
+        seen = w.resource_version
+        api.inject("services", "list", HttpError(504, message=(
+            f"Too large resource version: {seen}, current: 2")))
+        api.inject("services", "watch", Gone())
+        wait_until(lambda: api.count(verb="list", resource="services") >= 3, what="relisted")
+        sink.wait_for(lambda: sink.calls[-1] == ("end", "Service"), what="the relist's end")
+    versions = [r.query.get("resourceVersion") for r in api.calls(verb="list",
+                                                                  resource="services")]
+    assert versions[:3] == ["0", seen, "0"]
+
+
+def test_watch_list_streams_the_initial_state_without_a_list(tmp_path):
+    with fake_api(tmp_path, watch_list="on") as (api, client):
+        api.create_many("services", [svc(f"s{i:02}") for i in range(23)])
+        sink = RecordingSink()
+        with watching(client, sink) as w:
+            sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+            assert sink.names("Service") == {f"s{i:02}" for i in range(23)}
+            synced_at = w.resource_version
+            wait_until(lambda: api.count(verb="watch", resource="services") >= 1,
+                       what="watching after the initial events")
+            api.create("services", svc("late"))
+            sink.wait_for(lambda: "late" in sink.names("Service"), what="late service")
+        assert api.count(verb="list", resource="services") == 0
+        stream, = api.calls(verb="watchlist", resource="services")
+        assert {k: stream.query.get(k) for k in ("sendInitialEvents", "resourceVersionMatch",
+                                                  "allowWatchBookmarks", "resourceVersion")} == {
+            "sendInitialEvents": "true", "resourceVersionMatch": "NotOlderThan",
+            "allowWatchBookmarks": "true", "resourceVersion": ""}
+        # The watch resumes at the initial-events-end bookmark's version.
+        assert api.calls(verb="watch", resource="services")[0].query["resourceVersion"] == \
+            synced_at
+        calls = [c for c in sink.calls if c[1] == "Service"]
+        assert calls[0] == ("begin", "Service")
+        assert calls[24:26] == [("end", "Service"), ("synced", "Service")]
+
+
+def test_watch_list_relist_drops_what_was_deleted_meanwhile(tmp_path):
+    with fake_api(tmp_path, watch_list="on") as (api, client):
+        api.create_many("services", [svc("keep"), svc("gone")])
+        sink = RecordingSink()
+        with watching(client, sink):
+            sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+            wait_until(lambda: api.count(verb="watch", resource="services") >= 1,
+                       what="watching")
+            # The delete happens in an outage and is lost to a compacted history: only the
+            # relist can settle it.
+            api.set_down(True)
+            api.delete("services", "default", "gone")
+            api.compact()
+            api.set_down(False)
+            sink.wait_for(lambda: sink.names("Service") == {"keep"}, what="gone removed")
+        assert api.count(verb="watchlist", resource="services") == 2
+        assert api.count(verb="list", resource="services") == 0
+
+
+def test_a_server_without_watch_list_is_listed_and_not_asked_again(api, client):
+    api.create_many("services", [svc("a")])
+    sink = RecordingSink()
+    with watching(client, sink):
+        sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 1, what="watching")
+        api.inject("services", "watch", Gone())
+        api.create("services", svc("b"))
+        wait_until(lambda: api.count(verb="list", resource="services") >= 2, what="relisted")
+        sink.wait_for(lambda: "b" in sink.names("Service"), what="b")
+    refused, = api.calls(verb="watchlist", resource="services")
+    assert refused.status == 422
+
+
+def test_a_server_that_ignores_send_initial_events_is_listed(tmp_path):
+    with fake_api(tmp_path, watch_list="ignore", bookmark_interval=0.1) as (api, client):
+        api.create_many("services", [svc("a"), svc("b")])
+        sink = RecordingSink()
+        with watching(client, sink):
+            sink.wait_for(lambda: "Service" in sink.synced_kinds, what="services synced")
+            assert sink.names("Service") == {"a", "b"}
+        # Its plain bookmark (no initial-events-end) gave it away: listed, not asked again.
+        assert api.count(verb="watchlist", resource="services") == 1
+        assert api.count(verb="list", resource="services") == 1
+
+
 # ---- watching ---------------------------------------------------------------------------------
 
 def test_add_modify_delete_are_seen_through_the_watch(api, client):

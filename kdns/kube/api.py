@@ -102,6 +102,10 @@ class WatchSettings:
     # A watch that ends cleanly this fast having delivered nothing counts as a failure, so a
     # proxy closing every stream at once cannot turn the loop hot.
     min_stream_seconds: float = 1.0
+    # Stream the initial state as watch events (WatchList: sendInitialEvents=true) when the
+    # API server supports it: served from its watch cache, one object at a time, instead of
+    # list pages. Servers without it are detected on the first try and listed instead.
+    watch_list: bool = True
 
     @classmethod
     def from_text(cls, text: str | None) -> "WatchSettings":
@@ -216,6 +220,9 @@ class ResourceWatcher:
         self.rejected = 0                          # objects the sink raised on
         self._events_since_list = 0
         self._listed: set[str] = set()             # kinds this watcher has ever listed
+        # None until tried; False once the server showed it does not stream initial events.
+        self.watch_list_supported: bool | None = None if self.settings.watch_list else False
+        self._initial: bool = False                # inside a WatchList's initial events
         self._response = None
         self._response_lock = threading.Lock()
 
@@ -253,7 +260,8 @@ class ResourceWatcher:
 
     # ---- loop 2: list, then watch from the list's version ---------------------------------
     def _list_then_watch(self) -> None:
-        self._relist()
+        if self.watch_list_supported is False or not self._watch_list():
+            self._relist()
         while not self.stop.is_set():
             try:
                 started, delivered = time.monotonic(), self._watch_once()
@@ -269,15 +277,94 @@ class ResourceWatcher:
             else:
                 self._pause(TransportError("watch ended at once without events"))
 
+    def _watch_list(self) -> bool:
+        """The initial state as a watch stream (WatchList), then changes on the same stream.
+        True once the initial events were delivered (the caller goes on watching from
+        ``resource_version``, on a new stream); False when the server does not support it
+        or the stream broke before the end of its initial events, so the caller lists. ``resourceVersion=""`` with NotOlderThan: the current state, from the watch
+        cache; the server ends the initial events with a bookmark annotated
+        ``k8s.io/initial-events-end``."""
+        lo, hi = self.settings.watch_timeout
+        timeout = max(1, round(self.rng.uniform(lo, hi)))
+        query = [("watch", "true"), ("sendInitialEvents", "true"),
+                 ("allowWatchBookmarks", "true"), ("resourceVersionMatch", "NotOlderThan"),
+                 ("resourceVersion", ""), ("timeoutSeconds", timeout)]
+        try:
+            resp = self._request(query, read_timeout=self.settings.list_read_timeout)
+        except ApiError as e:
+            if e.status in (401, 429) or e.status >= 500:
+                raise               # not an answer about WatchList: retry it later
+            self._no_watch_list(f"the API server refused it ({e.status} {e.message})")
+            return False
+        kind = self.resource.kind
+        self._events_since_list = 0
+        self.sink.relist_begin(kind)
+        self._listed.add(kind)
+        self._initial = True
+        deadline = time.monotonic() + self.settings.list_read_timeout
+        try:
+            for line in self._lines(resp, deadline=deadline):
+                self._handle_event(line)
+                if self._initial is None:       # a bookmark without the end annotation
+                    self._no_watch_list("the API server sent no initial-events-end bookmark")
+                    return False
+                if not self._initial:
+                    # Initial events done. The read timeout and deadline of a list do not
+                    # suit a watch, so the caller watches afresh from this version.
+                    self.backoff.reset()
+                    return True
+            why = "the stream ended before its initial-events-end bookmark"
+        except TransportError as e:
+            why = str(e)
+        finally:
+            self._release(resp)
+            self._initial = False
+        # Objects delivered so far stay until the list's relist_end settles them.
+        log.info("%s: streaming the initial state failed (%s); listing instead",
+                 self.resource.kind, why)
+        return False
+
+    def _no_watch_list(self, why: str) -> None:
+        self.watch_list_supported = False
+        log.info("%s: streaming the initial state (WatchList) is not available: %s; listing "
+                 "from the watch cache instead", self.resource.kind, why)
+
+    def _initial_events_end(self, meta: dict) -> None:
+        kind = self.resource.kind
+        self._initial = False
+        self.watch_list_supported = True
+        self.sink.relist_end(kind)
+        self.resource_version = meta.get("resourceVersion") or self.resource_version
+        self.relists += 1
+        if not self.synced:
+            self.synced = True
+            self.sink.synced(kind)
+
     def _relist(self) -> None:
         kind, begun = self.resource.kind, False
         self._events_since_list = 0
         rv, token = None, None
+        # From the API server's watch cache, never older than what we have seen: a quorum
+        # read from etcd per list is what API server operators page about. Continue pages
+        # carry no resourceVersion (the token holds the list's), as the API requires.
+        since = self.resource_version or "0"
         while True:
             query = [("limit", self.settings.page_size)]
             if token:
                 query.append(("continue", token))
-            page = self._get_json(query, read_timeout=self.settings.list_read_timeout)
+            else:
+                query += [("resourceVersion", since), ("resourceVersionMatch", "NotOlderThan")]
+            try:
+                page = self._get_json(query, read_timeout=self.settings.list_read_timeout)
+            except ApiError as e:
+                if token or since == "0" or "too large resource version" not in e.message.lower():
+                    raise
+                # A server behind what we saw (restored etcd, another cluster behind the
+                # same address): its own current state, whatever its version.
+                log.warning("%s: the API server is behind resourceVersion %s (%s); listing "
+                            "its current state", kind, since, e.message)
+                since = "0"
+                continue
             if not begun:
                 self.sink.relist_begin(kind)
                 self._listed.add(kind)
@@ -346,6 +433,14 @@ class ResourceWatcher:
                           meta.get("name", ""))
         elif kind_of_event != "BOOKMARK":
             log.warning("%s: ignoring watch event of unknown type %r", kind, kind_of_event)
+            return
+        elif self._initial:
+            annotations = meta.get("annotations") or {}
+            if annotations.get("k8s.io/initial-events-end") == "true":
+                self._initial_events_end(meta)
+            else:
+                self._initial = None    # a server that ignored sendInitialEvents
+            self.last_contact = time.monotonic()
             return
         # Resume point: a bookmark exists only to move it forward without an object change.
         self.resource_version = meta.get("resourceVersion") or self.resource_version
