@@ -212,7 +212,10 @@ def test_no_upstream_means_refused(tmp_path):
         k.stop()
 
 
-def test_loop_makes_kdns_not_ready_and_it_keeps_serving(tmp_path):
+def test_a_loop_takes_the_upstream_out_of_routing_and_kdns_stays_ready(tmp_path):
+    """Every replica sees the same loop: not ready would empty the Service and take the
+    cluster names down with the outside ones. kdns stays ready, answers SERVFAIL for what
+    only the looping upstream serves, and says so in a log line and a gauge."""
     cfg = tmp_path / "kube-dns-config"
     with TestDNSServer({"widget.local.": ["A 3.3.3.3"]}) as good, TestDNSServer() as relay:
         write_config(cfg, upstreamNameservers=[addr(good)])
@@ -220,29 +223,34 @@ def test_loop_makes_kdns_not_ready_and_it_keeps_serving(tmp_path):
                  args=("--config-dir", str(cfg), "--config-period", PERIOD))
         k.start()
         relay.forward_to = (k.host, k.port)         # an upstream that sends queries back
+
+        def looping() -> float:
+            return k.metrics().get(("kdns_forward_looping_upstreams", frozenset()), -1)
+
+        def wait(pred, what):
+            deadline = time.monotonic() + 15
+            while not pred():
+                assert time.monotonic() < deadline, f"{what}: {k.logs()}"
+                time.sleep(0.1)
         try:
+            assert looping() == 0
             # On config change: an upstream that relays to kdns is probed and found.
             write_config(cfg, upstreamNameservers=[addr(relay)])
-            deadline = time.monotonic() + 15
-            while k.ready():
-                assert time.monotonic() < deadline, k.logs()
-                time.sleep(0.1)
+            wait(lambda: looping() == 1, "the loop found")
             assert "forwarding loop" in k.logs() and addr(relay) in k.logs()
-            m = ask(k, "kubernetes.default.svc.cluster.local")
-            assert addresses(m) == ["10.96.0.1"]
+            assert k.ready()
+            assert addresses(ask(k, "kubernetes.default.svc.cluster.local")) == ["10.96.0.1"]
+            relayed = len(relay.queries)
+            assert ask(k, "widget.local").rcode() == dns.rcode.SERVFAIL
+            assert ask(k, "widget.local", tcp=True).rcode() == dns.rcode.SERVFAIL
+            assert len(relay.queries) == relayed, "a looping upstream must get no queries"
             # kdns itself as upstream: found without a probe.
             write_config(cfg, upstreamNameservers=[f"{k.host}:{k.port}"])
-            deadline = time.monotonic() + 15
-            while "is kdns's own listening address" not in k.logs():
-                assert time.monotonic() < deadline, k.logs()
-                time.sleep(0.1)
-            assert not k.ready()
-            # Fixed: ready again.
+            wait(lambda: "is kdns's own listening address" in k.logs(), "own address found")
+            assert looping() == 1 and k.ready()
+            # Fixed: the gauge goes back to 0 and outside names resolve again.
             write_config(cfg, upstreamNameservers=[addr(good)])
-            deadline = time.monotonic() + 15
-            while not k.ready():
-                assert time.monotonic() < deadline, k.logs()
-                time.sleep(0.1)
+            wait(lambda: looping() == 0, "the loop gone")
             assert addresses(ask(k, "widget.local")) == ["3.3.3.3"]
         finally:
             k.stop()

@@ -98,10 +98,11 @@ class ForwardingControl:
         self._check_result: tuple | None = None
         self._lock = threading.Lock()
 
-    @property
-    def ready(self) -> bool:
-        """False while an upstream loops back to us (readiness says why: ``loop_errors``)."""
-        return not self.loop_errors
+    def looping_upstreams(self) -> int:
+        """How many upstreams send our queries back to us; they are out of routing. Not a
+        readiness matter: when every replica sees the loop, not ready would empty the
+        Service and take the cluster names down with the outside ones."""
+        return len(self.loop_errors)
 
     def upstreams(self) -> tuple[Upstream, ...]:
         return effective_upstreams(self.config, self.resolv, self.opts.nameservers)
@@ -164,9 +165,10 @@ class ForwardingControl:
         if errors != self.loop_errors:
             if errors:
                 for why in errors:
-                    log.error("%s; kdns reports not ready until this is fixed", why)
+                    log.error("%s; it is out of routing (what only it serves answers "
+                              "SERVFAIL) until this is fixed; cluster names are unaffected", why)
             elif self.loop_errors:
-                log.info("forwarding loop gone; ready again")
+                log.info("forwarding loop gone; every upstream is in routing again")
         self.looping, self.loop_errors = looping, errors
         self._publish()
 

@@ -258,7 +258,11 @@ class KdnsCollector:
         rel = CounterMetricFamily("kdns_api_relists", "Full relists of the API (410 Gone, "
                                   "reconnects).")
         rel.add_metric([], sup.relists())
-        return out + [st, rel]
+        loop = GaugeMetricFamily("kdns_forward_looping_upstreams", "Upstreams found sending "
+                                 "kdns's queries back to it (a forwarding loop); they are out "
+                                 "of routing and kdns stays ready.")
+        loop.add_metric([], sup.looping_upstreams())
+        return out + [st, rel, loop]
 
 
 def worker_process_metrics(sup):

@@ -604,8 +604,11 @@ class Supervisor:
         the first answer gates readiness: a slow probe under load must not flap it (a
         failing probe is liveness's business, /health)."""
         answering = self.prober is None or self.prober.answered_once
-        return (self.ready and answering and not self.stopping and self.lameduck_until is None
-                and (self.forwarding is None or self.forwarding.ready))
+        return (self.ready and answering and not self.stopping and self.lameduck_until is None)
+
+    def looping_upstreams(self) -> int:
+        """Upstreams found sending our queries back (out of routing; readiness unaffected)."""
+        return 0 if self.forwarding is None else self.forwarding.looping_upstreams()
 
     def dns_port(self) -> int:
         return self.slots[0].udp.getsockname()[1] if self.slots else self.cfg.dns_port
