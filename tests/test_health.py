@@ -5,13 +5,19 @@ per HTTP request."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from conftest import ROOT
 from kdns.observe import health
 from serverutil import HOST, Kdns, Port
 from zonefixtures import sample_image
@@ -127,5 +133,34 @@ def test_lameduck_makes_ready_fail_at_once_and_health_stay(tmp_path, ports):
         assert get(ports["health"], "/health") == (200, "OK")     # still answering
         assert k.udp("kubernetes.default.svc.cluster.local").answer
         assert k.proc.wait(10) == 0
+    finally:
+        k.stop()
+
+
+def test_cache_lists_the_served_zone_as_kdns_records_prints_it(tmp_path):
+    """kube-dns's /cache on the healthz port: the live zone, read back from the published
+    image, so a change shows once it is served."""
+    src = tmp_path / "cluster.yaml"
+    shutil.copy(os.path.join(ROOT, "examples", "cluster.yaml"), src)
+
+    def records_lines() -> list[str]:
+        out = subprocess.run([sys.executable, "-m", "kdns", "records", "--from-file", str(src)],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        return [line for line in out.splitlines() if not line.startswith(";")]
+
+    k = Kdns(tmp_path, zone_file=str(src), workers=1).start()
+    try:
+        status, text = k.http_get("/cache")
+        assert status == 200
+        assert text.splitlines() == records_lines()
+        assert "kubernetes.default.svc.cluster.local.\t30\tIN\tA\t10.96.0.1" in text
+        with open(src, "a") as f:
+            f.write("- {apiVersion: v1, kind: Service, metadata: {name: added, namespace: "
+                    "default}, spec: {type: ClusterIP, clusterIP: 10.96.9.9}}\n")
+        os.kill(k.proc.pid, signal.SIGHUP)                   # reload now
+        k.wait_generation(2)
+        status, text = k.http_get("/cache")
+        assert "added.default.svc.cluster.local.\t30\tIN\tA\t10.96.9.9" in text
+        assert text.splitlines() == records_lines()
     finally:
         k.stop()

@@ -170,7 +170,8 @@ def readiness_text(ready: bool, synced: bool, lameduck: bool) -> str:
 
 
 def routes(*, prober: Prober | None, ready: Callable[[], bool],
-           why_not_ready: Callable[[], str]) -> dict[str, dict[str, Route]]:
+           why_not_ready: Callable[[], str],
+           zone_text: Callable[[], str | None] | None = None) -> dict[str, dict[str, Route]]:
     """Routes per listener kind: healthz (kube-dns), health/ready (CoreDNS), sidecar."""
     def readiness():
         return (200, "text/plain", b"ok") if ready() else (503, "text/plain", b"not ready")
@@ -196,8 +197,18 @@ def routes(*, prober: Prober | None, ready: Callable[[], bool],
         now = datetime.datetime.now(datetime.timezone.utc)
         return 200, "text/plain", f"ok ({now:%Y-%m-%d %H:%M:%S.%f %z} UTC)".encode()
 
+    def cache():
+        # kube-dns's /cache listed its record tree; this lists the served zone image as a
+        # master file (what `kdns records` prints for a file), read back from the published
+        # bytes on each request: what the workers answer, never a copy kept for it.
+        text = zone_text() if zone_text is not None else None
+        if text is None:
+            return 503, "text/plain", b"no zone image published yet"
+        return 200, "text/plain; charset=utf-8", text.encode()
+
     out = {
-        "healthz": {"/readiness": readiness, "/health": health(b"ok"), "/healthz": health(b"ok")},
+        "healthz": {"/readiness": readiness, "/health": health(b"ok"), "/healthz": health(b"ok"),
+                    "/cache": cache},
         "health": {"/health": health()},
         "ready": {"/ready": ready_route},
         "sidecar": {"/healthz": healthz},
@@ -236,7 +247,8 @@ def start_listeners(sup):
                         f"kubernetes.default.svc.{cfg.domain.rstrip('.')}")
     kinds = routes(prober=prober, ready=sup.is_ready,
                    why_not_ready=lambda: readiness_text(
-                       sup.is_ready(), sup.ready, sup.lameduck_until is not None))
+                       sup.is_ready(), sup.ready, sup.lameduck_until is not None),
+                   zone_text=sup.zone_text)
     for kind, more in metrics.routes(sup, prober).items():
         kinds[kind] = {**kinds.get(kind, {}), **more}
     by_port: dict[int, tuple[list[str], dict]] = {}

@@ -19,6 +19,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 
 from kdns.packet import counters as C
 
@@ -164,6 +165,7 @@ class Publisher:
     def __init__(self):
         self.generation = 0
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()   # publish (main thread) vs current_image (HTTP)
         self._channels: dict[int, socket.socket] = {}
         self._behind: set[int] = set()    # slots whose socket was full at the last publish
 
@@ -174,13 +176,23 @@ class Publisher:
         The caller validates the image first (``engine.Image``; ``verify`` for files).
         """
         fd = data.take_fd() if isinstance(data, ImageMemfd) else seal_image(data)
-        old, self._fd = self._fd, fd
-        self.generation += 1
-        if old is not None:
-            os.close(old)       # workers that mapped it keep their mapping
+        with self._fd_lock:
+            old, self._fd = self._fd, fd
+            self.generation += 1
+            if old is not None:
+                os.close(old)       # workers that mapped it keep their mapping
         for slot in list(self._channels):
             self._send(slot)
         return self.generation
+
+    def current_image(self) -> tuple[int, mmap.mmap] | None:
+        """(generation, a read-only map of the image the workers were sent), or None before
+        the first publish; for readers outside the main thread (the /cache listing)."""
+        with self._fd_lock:
+            if self._fd is None:
+                return None
+            return self.generation, mmap.mmap(self._fd, 0, flags=mmap.MAP_SHARED,
+                                              prot=mmap.PROT_READ)
 
     def attach(self, slot: int) -> socket.socket:
         """A new channel for ``slot`` (replacing any old one); returns the worker's end,
@@ -207,9 +219,10 @@ class Publisher:
     def close(self) -> None:
         for slot in list(self._channels):
             self.detach(slot)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def _send(self, slot: int) -> None:
         try:

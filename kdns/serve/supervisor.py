@@ -606,6 +606,19 @@ class Supervisor:
         answering = self.prober is None or self.prober.answered_once
         return (self.ready and answering and not self.stopping and self.lameduck_until is None)
 
+    def zone_text(self) -> str | None:
+        """The served zone as a master file, read back from the published image (the
+        healthz listener's /cache); None before the first publish."""
+        from kdns.zone import dump
+        current = self.publisher.current_image()
+        if current is None:
+            return None
+        _, view = current
+        try:
+            return dump.master_text(view)
+        finally:
+            view.close()
+
     def looping_upstreams(self) -> int:
         """Upstreams found sending our queries back (out of routing; readiness unaffected)."""
         return 0 if self.forwarding is None else self.forwarding.looping_upstreams()
