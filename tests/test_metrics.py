@@ -4,7 +4,10 @@ from the shared counters when scraped; `promtool check metrics` passes on each, 
 the common CoreDNS alert rules use are present."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -174,3 +177,40 @@ def test_sidecar_names(served):
     assert find(m, "kubedns_probe_kubedns_errors") is not None
     for name in ("hits", "misses", "evictions", "insertions", "max_size"):
         assert find(m, f"kubedns_dnsmasq_{name}"), name
+
+
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+
+
+def test_process_series_are_the_whole_pods(tmp_path):
+    """process_* sums the supervisor and its workers (the workers do the DNS work); the CPU
+    counter keeps what a replaced worker used."""
+    k = Kdns(tmp_path, image=sample_image(), workers=2).start()
+    try:
+        for _ in range(50):
+            k.udp(K, "A")
+        pids = {k.proc.pid} | k.worker_pids()
+        assert len(pids) == 3
+        m = samples(scrape(k.http_port))
+        summed = sum(_pss(pid) for pid in pids)
+        mem = find(m, "process_resident_memory_bytes")[0]
+        assert 0.8 * summed <= mem <= 1.25 * summed, (mem, summed)
+        assert mem > 1.5 * _pss(k.proc.pid)              # not the supervisor alone
+        workers_cpu = sum(find(m, "kdns_worker_cpu_seconds_total"))
+        cpu = find(m, "process_cpu_seconds_total")[0]
+        assert cpu >= workers_cpu > 0
+        open_fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+        assert find(m, "process_open_fds")[0] >= open_fds - 5
+        # A worker dies and is replaced: its CPU stays in the pod's counter.
+        victim = min(k.worker_pids())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while victim in k.worker_pids() or len(k.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "worker not replaced"
+            time.sleep(0.05)
+        after = find(samples(scrape(k.http_port)), "process_cpu_seconds_total")[0]
+        assert after >= cpu
+    finally:
+        k.stop()

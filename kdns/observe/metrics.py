@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, UnknownMetricFamily)
 
@@ -266,8 +266,8 @@ class KdnsCollector:
 
 
 def worker_process_metrics(sup):
-    """CPU and memory of each worker (process_* covers the supervisor only; the workers do
-    the DNS work), read from /proc at scrape time."""
+    """CPU and memory of each worker (process_* sums the pod's processes), read from /proc
+    at scrape time."""
     cpu = CounterMetricFamily("kdns_worker_cpu_seconds", "CPU time of each worker process.",
                               labels=["worker"])
     rss = GaugeMetricFamily("kdns_worker_resident_memory_bytes", "Resident memory of each "
@@ -377,11 +377,100 @@ class SidecarCollector:
         return out
 
 
-def registry(*collectors) -> CollectorRegistry:
+class PodProcessCollector:
+    """process_* for the whole pod: the supervisor and every worker, since the workers do
+    the DNS work and a memory or CPU panel on the supervisor alone misleads (the per-worker
+    breakdown is kdns_worker_*).
+
+    CPU: the live processes' utime+stime plus what reaped workers used (the kernel's
+    RUSAGE_CHILDREN), so the counter never goes back when a worker is replaced. Memory: the
+    summed proportional set size (smaps_rollup), which is what the pod's cgroup is charged:
+    RSS would count the shared zone image and libraries once per process."""
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.cpu_high = 0.0
+
+    def pids(self) -> list[int]:
+        # returncode, not poll(): reaping is the supervisor loop's, not this HTTP thread's.
+        return [os.getpid()] + [s.proc.pid for s in getattr(self.sup, "slots", ())
+                                if s.proc is not None and s.proc.returncode is None]
+
+    def collect(self):
+        import resource
+        tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        pids = self.pids()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu, pss, vsz, fds, start = kids.ru_utime + kids.ru_stime, 0, 0, 0, None
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                pss += _pss_bytes(pid, int(fields[21]) * page)
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue                 # exited between listing and reading
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            vsz += int(fields[20])
+            if pid == os.getpid():
+                start = int(fields[19]) / tick + _boot_time()
+        c = CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time of "
+                                "every kdns process of the pod (supervisor and workers), in "
+                                "seconds.")
+        # A worker reaped between reading the children's usage and its /proc entry would be
+        # missing from this sum once: never let the counter go back for it.
+        self.cpu_high = max(self.cpu_high, cpu)
+        c.add_metric([], self.cpu_high)
+        yield c
+        for name, doc, value in (
+                ("process_resident_memory_bytes", "Memory of every kdns process of the pod: "
+                 "summed proportional set size, what the pod's cgroup is charged.", pss),
+                ("process_virtual_memory_bytes", "Virtual memory size of every kdns process "
+                 "of the pod, summed.", vsz),
+                ("process_open_fds", "Open file descriptors of every kdns process of the pod.",
+                 fds),
+                ("process_start_time_seconds", "Start time of the pod's supervisor since the "
+                 "epoch, in seconds.", start or 0)):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        g = GaugeMetricFamily("process_max_fds", "Maximum open file descriptors per process.")
+        g.add_metric([], soft)
+        yield g
+
+
+def _pss_bytes(pid: int, fallback: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return fallback                      # no smaps_rollup (old kernel): RSS
+
+
+_BOOT_TIME: list[float] = []
+
+
+def _boot_time() -> float:
+    if not _BOOT_TIME:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime"):
+                    _BOOT_TIME.append(float(line.split()[1]))
+                    break
+            else:
+                _BOOT_TIME.append(0.0)
+    return _BOOT_TIME[0]
+
+
+def registry(sup, *collectors) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     for c in collectors:
         reg.register(c)
-    ProcessCollector(registry=reg)       # process_* of the supervisor
+    reg.register(PodProcessCollector(sup))
     return reg
 
 
@@ -394,7 +483,7 @@ def route(reg: CollectorRegistry) -> Callable[[], tuple[int, str, bytes]]:
 def routes(sup, prober) -> dict[str, dict]:
     """Metrics routes per listener kind (the supervisor merges them into its listeners)."""
     return {
-        "metrics": {"/metrics": route(registry(CoreDNSCollector(sup)))},
-        "sidecar": {"/metrics": route(registry(SidecarCollector(sup, prober)))},
-        "prometheus": {sup.cfg.prometheus_path: route(registry(SkyDNSCollector(sup)))},
+        "metrics": {"/metrics": route(registry(sup, CoreDNSCollector(sup)))},
+        "sidecar": {"/metrics": route(registry(sup, SidecarCollector(sup, prober)))},
+        "prometheus": {sup.cfg.prometheus_path: route(registry(sup, SkyDNSCollector(sup)))},
     }
