@@ -4,7 +4,9 @@ from the shared counters when scraped; `promtool check metrics` passes on each, 
 the common CoreDNS alert rules use are present."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -87,7 +89,10 @@ def test_sidecar_metrics_pass_promtool(served):
     _, ports, _ = served
     # The sidecar's own name (dns-rules §3.4) breaks one lint rule; kept so dashboards still work.
     promtool_check(scrape(ports["sidecar"]), allowed=(
-        "kubedns_probe_kubedns_latency_ms metric names should not contain abbreviated units",))
+        "kubedns_probe_kubedns_latency_ms metric names should not contain abbreviated units",
+        "kubedns_probe_dnsmasq_latency_ms metric names should not contain abbreviated units",
+        *(f'kubedns_dnsmasq_{name} counter metrics should have "_total" suffix'
+          for name in ("hits", "misses", "evictions", "insertions", "max_size", "errors"))))
 
 
 def test_coredns_names_and_labels(served):
@@ -167,16 +172,33 @@ def test_skydns_names(served):
     assert find(m, p + "request_duration_seconds_count", system="auth")
     assert find(m, p + "response_size_bytes_count", system="auth")
     assert find(m, p + "error_count_total", system="auth", cause="nxdomain")[0] >= 1
+    # kube-dns's cause values (skydns metrics): "servfail", not "fail".
+    assert find(m, p + "error_count_total", system="auth", cause="servfail")
+    assert not find(m, p + "error_count_total", cause="fail")
     assert find(m, p + "cachemiss_count_total", cache="response")
 
 
 def test_sidecar_names(served):
     _, ports, _ = served
-    m = samples(scrape(ports["sidecar"]))
-    assert find(m, "kubedns_probe_kubedns_latency_ms_count")[0] >= 1
-    assert find(m, "kubedns_probe_kubedns_errors") is not None
-    for name in ("hits", "misses", "evictions", "insertions", "max_size"):
-        assert find(m, f"kubedns_dnsmasq_{name}"), name
+    text = scrape(ports["sidecar"])
+    m = samples(text)
+    # The kube-dns manifest's sidecar probes both kubedns and dnsmasq; both are kdns here.
+    for probe in ("kubedns", "dnsmasq"):
+        assert find(m, f"kubedns_probe_{probe}_latency_ms_count")[0] >= 1, probe
+        assert find(m, f"kubedns_probe_{probe}_errors") is not None, probe
+    # The sidecar's client_golang counters: TYPE counter under their own names (no _total).
+    for name in ("hits", "misses", "evictions", "insertions", "max_size", "errors"):
+        assert f"# TYPE kubedns_dnsmasq_{name} counter\n" in text, name
+        assert re.search(rf"^kubedns_dnsmasq_{name} [0-9.e+]+$", text, re.M), name
+    assert "kubedns_dnsmasq_hits_total" not in text
+
+
+def test_sidecar_dnsmasq_healthcheck(served):
+    _, ports, _ = served
+    with urllib.request.urlopen(f"http://{HOST}:{ports['sidecar']}/healthcheck/dnsmasq",
+                                timeout=3) as r:
+        body = json.loads(r.read())
+    assert body["IsOk"] is True and body["Err"] == ""
 
 
 def _pss(pid: int) -> int:

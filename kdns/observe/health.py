@@ -161,6 +161,9 @@ class Prober:
         return self.last is not None and self.last.replied
 
 
+SIDECAR_PROBE_LABELS = ("kubedns", "dnsmasq")
+
+
 def readiness_text(ready: bool, synced: bool, lameduck: bool) -> str:
     if ready:
         return ""
@@ -214,7 +217,10 @@ def routes(*, prober: Prober | None, ready: Callable[[], bool],
         "sidecar": {"/healthz": healthz},
     }
     if prober is not None:
-        out["sidecar"][f"/healthcheck/{prober.label}"] = healthcheck
+        # kube-dns's sidecar probed kubedns (:10053) and dnsmasq (:53) separately; in kdns
+        # both are the one server on --dns-port, so one probe reports under both names.
+        for label in SIDECAR_PROBE_LABELS:
+            out["sidecar"][f"/healthcheck/{label}"] = healthcheck
     return out
 
 

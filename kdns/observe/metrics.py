@@ -328,7 +328,7 @@ class SkyDNSCollector:
         rc = lambda r: sum(s[f"rcode_{pr}_{r}"] for pr in C.PROTOS)   # noqa: E731
         err.add_metric(["auth", "nxdomain"], rc(3))
         err.add_metric(["auth", "refused"], rc(5))
-        err.add_metric(["auth", "fail"], rc(2))
+        err.add_metric(["auth", "servfail"], rc(2))      # kube-dns's skydns spells it so
         err.add_metric(["auth", "truncated"], sum(s[f"truncated_{pr}"] for pr in C.PROTOS))
         miss = CounterMetricFamily(p + "cachemiss_count", "Counter of DNS requests that "
                                    "result in a cache miss.", labels=["cache"])
@@ -347,34 +347,46 @@ class SidecarCollector:
         out = []
         pr = self.prober
         if pr is not None:
-            lat = HistogramMetricFamily(f"kubedns_probe_{pr.label}_latency_ms",
-                                        f"Latency of the DNS probe request {pr.label}")
+            from kdns.observe.health import SIDECAR_PROBE_LABELS
             pairs, acc = [], 0
             for i, bound in enumerate(LATENCY_MS_BOUNDS):
                 acc += pr.buckets[i]
                 pairs.append((_le(bound), acc))
             pairs.append(("+Inf", acc + pr.buckets[-1]))
-            lat.add_metric([], pairs, pr.latency_ms_sum)
-            # The sidecar's client_golang counter has no _total suffix: untyped keeps the name.
-            errs = UnknownMetricFamily(f"kubedns_probe_{pr.label}_errors",
-                                       f"Counter of errors for the DNS probe {pr.label}")
-            errs.add_metric([], pr.errors)
-            out += [lat, errs]
+            for label in SIDECAR_PROBE_LABELS:
+                lat = HistogramMetricFamily(f"kubedns_probe_{label}_latency_ms",
+                                            f"Latency of the DNS probe request {label}")
+                lat.add_metric([], pairs, pr.latency_ms_sum)
+                # The sidecar's client_golang counter has no _total suffix: untyped keeps
+                # the name.
+                errs = UnknownMetricFamily(f"kubedns_probe_{label}_errors",
+                                           f"Counter of errors for the DNS probe {label}")
+                errs.add_metric([], pr.errors)
+                out += [lat, errs]
+        return out
+
+    def dnsmasq_text(self) -> bytes:
+        """kubedns_dnsmasq_*: counters in the sidecar (client_golang, no _total suffix), which
+        prometheus_client cannot render under their own names, so written out here. kdns's
+        forward cache plays dnsmasq's part; max_size is a counter there too."""
         s = Snapshot(self.sup)
         f = s.fwd
-        values = {
-            "hits": sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"],
-            "misses": f["cache_misses"],
-            "evictions": f["cache_evictions"],
-            "insertions": f["cache_inserts"],
-            "max_size": f["cache_capacity"],
-        }
-        for name, value in values.items():
-            g = GaugeMetricFamily(f"kubedns_dnsmasq_{name}", f"dnsmasq {name} (kdns: its "
-                                  f"forward cache, summed over workers)")
-            g.add_metric([], value)
-            out.append(g)
-        return out
+        values = (
+            ("hits", "Number of DNS cache hits (from start of process)",
+             sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"]),
+            ("misses", "Number of DNS cache misses (from start of process)", f["cache_misses"]),
+            ("evictions", "Counter of DNS cache evictions (from start of process)",
+             f["cache_evictions"]),
+            ("insertions", "Counter of DNS cache insertions (from start of process)",
+             f["cache_inserts"]),
+            ("max_size", "Maximum size of the DNS cache", f["cache_capacity"]),
+            ("errors", "Number of errors that have occurred getting metrics", 0),
+        )
+        lines = []
+        for name, doc, value in values:
+            full = f"kubedns_dnsmasq_{name}"
+            lines += [f"# HELP {full} {doc}", f"# TYPE {full} counter", f"{full} {float(value)!r}"]
+        return ("\n".join(lines) + "\n").encode()
 
 
 class PodProcessCollector:
@@ -474,16 +486,20 @@ def registry(sup, *collectors) -> CollectorRegistry:
     return reg
 
 
-def route(reg: CollectorRegistry) -> Callable[[], tuple[int, str, bytes]]:
+def route(reg: CollectorRegistry, extra: Callable[[], bytes] | None = None
+          ) -> Callable[[], tuple[int, str, bytes]]:
     from prometheus_client import generate_latest
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
-    return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(reg))
+    if extra is None:
+        return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(reg))
+    return lambda: (200, CONTENT_TYPE_LATEST, generate_latest(reg) + extra())
 
 
 def routes(sup, prober) -> dict[str, dict]:
     """Metrics routes per listener kind (the supervisor merges them into its listeners)."""
+    sidecar = SidecarCollector(sup, prober)
     return {
         "metrics": {"/metrics": route(registry(sup, CoreDNSCollector(sup)))},
-        "sidecar": {"/metrics": route(registry(sup, SidecarCollector(sup, prober)))},
+        "sidecar": {"/metrics": route(registry(sup, sidecar), sidecar.dnsmasq_text)},
         "prometheus": {sup.cfg.prometheus_path: route(registry(sup, SkyDNSCollector(sup)))},
     }
