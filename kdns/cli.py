@@ -227,7 +227,8 @@ def build_parser() -> Parser:
                         "kdns keeps trying and stays not ready meanwhile (default 60s)")
     _add_record_flags(s)
     s.add_argument("--dns-bind-address", type=_address, default=settings.DNS_BIND_ADDRESS,
-                   help="address to serve DNS on (default 0.0.0.0)")
+                   help="address to serve DNS on (default ::, both IPv6 and IPv4 on one socket; "
+                        "0.0.0.0 on a node without IPv6)")
     port = _int_in(0, 65535, "a port from 0 to 65535")
     s.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
                    help=f"DNS port (default {settings.DNS_PORT})")

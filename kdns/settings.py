@@ -19,7 +19,9 @@ TTL = 30                       # kube-dns's record TTL, and kubeadm's Corefile `
 PODS = "insecure"              # kubeadm's Corefile `pods insecure`
 
 # --------------------------------------------------------------------------- listening
-DNS_BIND_ADDRESS = "0.0.0.0"
+# Both families on one socket per worker (IPV6_V6ONLY off), so dual-stack clusters work
+# without a flag; a node without IPv6 falls back to 0.0.0.0 (kube-dns's default).
+DNS_BIND_ADDRESS = "::"
 DNS_PORT = 53
 # The largest UDP reply kdns sends and the size it advertises upstream: the DNS Flag Day
 # 2020 value, which fits the IPv6 minimum MTU (RFC 8200 §5) without fragments.

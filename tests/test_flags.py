@@ -49,7 +49,8 @@ def test_the_whole_stock_kubedns_command_line():
 def test_defaults_are_kube_dns_and_coredns_defaults():
     a = parse()
     assert a.domain == "cluster.local"
-    assert a.dns_port == 53 and a.dns_bind_address == "0.0.0.0"
+    # kube-dns's 0.0.0.0 widened to both families (:: with IPV6_V6ONLY off).
+    assert a.dns_port == 53 and a.dns_bind_address == "::"
     assert a.healthz_port == 8081                 # kube-dns
     assert a.sidecar_port == 10054                # kube-dns sidecar
     assert (a.health_port, a.ready_port, a.metrics_port) == (8080, 8181, 9153)   # CoreDNS

@@ -40,11 +40,10 @@ Route = Callable[[], tuple[int, str, bytes]]
 
 
 def probe_target(bind: str, port: int) -> tuple[str, int]:
-    """Where the probe goes: the bound address, loopback for a wildcard bind."""
-    if bind in ("0.0.0.0", ""):
+    """Where the probe goes: the bound address, loopback for a wildcard bind (IPv4's for
+    ``::``, which serves both families and needs no ::1 on the node)."""
+    if bind in ("0.0.0.0", "", "::"):
         return "127.0.0.1", port
-    if bind == "::":
-        return "::1", port
     return bind, port
 
 

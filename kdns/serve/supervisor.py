@@ -270,6 +270,26 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
 # --------------------------------------------------------------------------- sockets
 
 
+def dual_stack(host: str) -> bool:
+    """``::`` serves both families on one socket (IPV6_V6ONLY off, RFC 4291 §2.5.5.2's
+    IPv4-mapped addresses): dual-stack clusters need no second listener."""
+    return host == "::"
+
+
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _v6only_off(sock: socket.socket, host: str) -> None:
+    if dual_stack(host):
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
 def port_in_use(host: str, port: int) -> str | None:
     """Why ``host:port`` is served by someone else already (the OS's reason), or None.
 
@@ -281,6 +301,7 @@ def port_in_use(host: str, port: int) -> str | None:
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         probe = socket.socket(family, kind)
         try:
+            _v6only_off(probe, host)        # a dual-stack bind also finds IPv4 holders
             if kind == socket.SOCK_STREAM:
                 # TIME_WAIT remains of an earlier kdns are not a server (RFC 793 §3.5).
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -308,6 +329,7 @@ def listening_sockets(host: str, port: int, n: int,
         for _ in range(n):
             udp = socket.socket(family, socket.SOCK_DGRAM)
             pairs.append((udp, None))
+            _v6only_off(udp, host)
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -317,6 +339,7 @@ def listening_sockets(host: str, port: int, n: int,
             port = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)
             pairs[-1] = (udp, tcp)
+            _v6only_off(tcp, host)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             tcp.bind((host, port))
@@ -378,6 +401,10 @@ class Supervisor:
     def start(self, first_image: bytes) -> None:
         """Everything that can fail for a user-fixable reason, before any worker exists."""
         cfg = self.cfg
+        if dual_stack(cfg.dns_bind_address) and not ipv6_available():
+            log.warning("IPv6 is not available on this node; listening on 0.0.0.0 (IPv4) "
+                        "instead of ::")
+            cfg.dns_bind_address = "0.0.0.0"
         pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers,
                                   share=cfg.share_dns_port)
         self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
