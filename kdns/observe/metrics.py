@@ -205,7 +205,28 @@ class CoreDNSCollector:
                                      "dns instance.", labels=["service_kind"])
         for kind, (pairs, total) in self.sup.programming_histograms().items():
             prog.add_metric([kind], pairs, total)
-        return [info, prog]
+        return [info, prog, self.plugins()]
+
+    def plugins(self):
+        """coredns_plugin_enabled for each CoreDNS plugin whose job kdns is doing in this
+        configuration, so dashboards that count plugins see what runs; none it does not."""
+        cfg = self.sup.cfg
+        names = ["kubernetes", "errors", "reload", "prometheus"]
+        if cfg.forwarding is not None:
+            names += ["forward", "cache", "loop"]
+        if getattr(cfg, "health_port", 0) or getattr(cfg, "healthz_port", 0):
+            names.append("health")
+        if getattr(cfg, "ready_port", 0):
+            names.append("ready")
+        if cfg.log_queries:
+            names.append("log")
+        server, zone, _ = self.labels()
+        fam = GaugeMetricFamily("coredns_plugin_enabled", "A metric that indicates whether a "
+                                "plugin is enabled on per server and zone basis.",
+                                labels=["server", "zone", "view", "name"])
+        for name in sorted(names):
+            fam.add_metric([server, zone, "", name], 1)
+        return fam
 
 
 class KdnsCollector:
