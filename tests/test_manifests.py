@@ -284,6 +284,13 @@ def test_pod_placement_and_rollout(drop_in):
     pod = dep["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert {"key": "CriticalAddonsOnly", "operator": "Exists"} in pod["tolerations"]
+    # kubeadm's CoreDNS tolerates the control-plane taint: clusters with only control-plane
+    # nodes must get DNS too.
+    assert {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"} in \
+        pod["tolerations"]
+    # The count belongs to the autoscaler (or the operator), not to every apply.
+    assert "replicas" not in dep["spec"]
+    assert "addonmanager.kubernetes.io/mode" not in dep["metadata"]["labels"]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["dnsPolicy"] == "Default", "cluster DNS must not resolve through itself"
     (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
@@ -340,6 +347,8 @@ def test_variant_keeps_the_stock_pod(stock_pod):
     assert "k8s-dns-kube-dns" not in c["kubedns"]["image"]
     assert stock_pod["serviceAccountName"] == "kube-dns"
     assert stock_pod["dnsPolicy"] == "Default"
+    assert {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"} in \
+        stock_pod["tolerations"]
 
 
 def test_variant_kdns_where_dnsmasq_and_sidecar_look(stock_pod):
