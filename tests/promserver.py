@@ -25,13 +25,17 @@ SCRAPE_INTERVAL = "1s"
 
 class PrometheusServer:
     def __init__(self, tmp_path, targets: list[str], labels: dict[str, str], *,
-                 metrics_path: str = "/metrics"):
+                 metrics_path: str = "/metrics", rule_groups: list | None = None):
         self.tmp = tmp_path
         self.binary = require_tool("prometheus")
         cfg = {"global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": "1s"},
                "scrape_configs": [{"job_name": "kdns", "metrics_path": metrics_path,
                                    "static_configs": [{"targets": targets,
                                                        "labels": labels}]}]}
+        if rule_groups:
+            rules = tmp_path / "rules.yml"
+            rules.write_text(yaml.safe_dump({"groups": rule_groups}))
+            cfg["rule_files"] = [str(rules)]
         self.config = tmp_path / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
@@ -94,6 +98,12 @@ class PrometheusServer:
         res = self.query(expr)
         assert len(res) <= 1, (expr, res)
         return float(res[0]["value"][1]) if res else None
+
+    def rules(self) -> dict[str, dict]:
+        """Loaded alerting rules by name: their health ("ok" once evaluated) and state."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.port}/api/v1/rules", timeout=10) as r:
+            doc = json.loads(r.read())
+        return {rule["name"]: rule for g in doc["data"]["groups"] for rule in g["rules"]}
 
     def wait_scrapes(self, n: int, timeout: float = 30.0) -> None:
         """Until every target has been scraped successfully ``n`` times more from now."""

@@ -2,15 +2,24 @@
 alerts and dashboard returns series, and chosen ones return what the test drove."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import time
+
 import dns.message
 import dns.query
 import dns.rcode
 import pytest
+import yaml
 
 import coredns_mixin as mixin
-from conftest import ROOT
+from conftest import ROOT, require_tool
+from fakeapi import FakeApiServer
 from promserver import PrometheusServer
 from serverutil import Kdns
+from test_api_source import write_kubeconfig
 from upstream import TestDNSServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,3 +98,87 @@ def test_requests_by_type_and_rcode_are_what_was_sent(scraped):
         sent["nx"]
     assert prom.value(f'sum(coredns_dns_responses_total{{{sel},rcode="SERVFAIL"}})') == \
         sent["servfail"]
+
+
+# --------------------------------------------------------------------------- kdns's own
+# deploy/monitoring: the dashboard's queries and the alert rules, against kdns reading the
+# (fake) Kubernetes API, so the API and programming-latency series exist too.
+
+MONITORING = os.path.join(ROOT, "deploy", "monitoring")
+
+
+def rule_groups() -> list:
+    with open(os.path.join(MONITORING, "kdns-rules.yaml")) as f:
+        return yaml.safe_load(f)["spec"]["groups"]
+
+
+def dashboard_exprs() -> dict[str, str]:
+    with open(os.path.join(MONITORING, "kdns-dashboard.json")) as f:
+        dash = json.load(f)
+    out = {}
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            out[f"{p['title']} [{t['refId']}]"] = (t["expr"].replace("$pod", ".*")
+                                                   .replace("$__rate_interval", "1m"))
+    return out
+
+
+def without_threshold(expr: str) -> str:
+    return re.sub(r"\s*(>|<|>=|<=|==|!=)\s*[0-9.]+\s*$", "", expr)
+
+
+def test_rules_pass_promtool(tmp_path):
+    promtool = require_tool("promtool")
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule_groups()}))
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def api_scraped(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prom-api")
+    with FakeApiServer(token="secret") as api:
+        api.create("namespaces", {"metadata": {"name": "default"}})
+        api.create("services", {"metadata": {"namespace": "default", "name": "kubernetes"},
+                                "spec": {"clusterIP": "10.96.0.1", "ports": [
+                                    {"name": "https", "port": 443, "protocol": "TCP"}]}})
+        kubeconfig = write_kubeconfig(tmp / "kubeconfig", api.url, {"token": "secret"})
+        k = Kdns(tmp, workers=2, source=["--kubecfg-file", kubeconfig])
+        k.start()
+        try:
+            with PrometheusServer(tmp, [f"{k.host}:{k.http_port}"], LABELS,
+                                  rule_groups=rule_groups()) as prom:
+                prom.wait_scrapes(1)
+                # A change to program: a Service and its endpoints, answered once served.
+                api.create("services", {"metadata": {"namespace": "default", "name": "web"},
+                                        "spec": {"clusterIP": "10.96.7.7", "ports": [
+                                            {"name": "http", "port": 80, "protocol": "TCP"}]}})
+                deadline = time.monotonic() + 10
+                while not ask(k, "web.default.svc.cluster.local").answer:
+                    assert time.monotonic() < deadline, k.logs()
+                    time.sleep(0.05)
+                for _ in range(10):
+                    ask(k, K)
+                ask(k, "outside.example")              # handed off (REFUSED: no upstream)
+                prom.wait_scrapes(3)
+                yield prom
+        finally:
+            k.stop()
+
+
+@pytest.mark.parametrize("name", sorted(dashboard_exprs()))
+def test_kdns_dashboard_queries_return_series(api_scraped, name):
+    expr = dashboard_exprs()[name]
+    assert api_scraped.query(expr), expr
+
+
+@pytest.mark.parametrize("alert", [r["alert"] for g in rule_groups() for r in g["rules"]])
+def test_kdns_alerts_evaluate_and_stay_quiet_when_healthy(api_scraped, alert):
+    rule, = [r for g in rule_groups() for r in g["rules"] if r["alert"] == alert]
+    assert api_scraped.query(without_threshold(rule["expr"])), rule["expr"]
+    assert api_scraped.query(rule["expr"]) == [], f"{alert} fires on a healthy kdns"
+    # Prometheus loaded the rule and evaluates it.
+    loaded = api_scraped.rules()
+    assert alert in loaded and loaded[alert]["health"] == "ok", loaded.get(alert)
