@@ -66,6 +66,64 @@ def upstream_saw(up: TestDNSServer, name: str) -> list:
     return [q for q in up.queries if q[0].rstrip(".").lower() == name.rstrip(".").lower()]
 
 
+# --------------------------------------------------------------------------- classes
+
+
+def txt(r: dns.message.Message) -> list[str]:
+    return [b"".join(rd.strings).decode() for rr in r.answer for rd in rr]
+
+
+@pytest.mark.parametrize("send", [udp, tcp])
+def test_qclass_any_for_a_cluster_name_is_answered_from_the_zone(served, send):
+    k, up = served
+    r = send(k, dns.message.make_query(K, "A", "ANY"))
+    assert r.rcode() == dns.rcode.NOERROR
+    assert r.flags & dns.flags.AA
+    assert [(rr.rdclass, rd.address) for rr in r.answer for rd in rr] == [
+        (dns.rdataclass.IN, "10.96.0.1")]
+    assert r.question[0].rdclass == dns.rdataclass.ANY      # the question is echoed as asked
+    r = send(k, dns.message.make_query("nope.default.svc.cluster.local.", "A", "ANY"))
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    assert not upstream_saw(up, K) and not upstream_saw(up, "nope.default.svc.cluster.local")
+
+
+@pytest.mark.parametrize("send", [udp, tcp])
+def test_chaos_names_are_answered_locally(served, send):
+    """CoreDNS's chaos plugin's names: version.bind / version.server the version,
+    hostname.bind / id.server the host's name; TXT in class CH, never forwarded."""
+    k, up = served
+    version = f"kdns {importlib.metadata.version('kdns')}"
+    for name, want in (("version.bind.", version), ("version.server.", version),
+                       ("hostname.bind.", socket.gethostname()),
+                       ("id.server.", socket.gethostname())):
+        r = send(k, dns.message.make_query(name, "TXT", "CH"))
+        assert r.rcode() == dns.rcode.NOERROR, name
+        assert txt(r) == [want], name
+        assert r.answer[0].rdclass == dns.rdataclass.CH
+        assert r.answer[0].name.to_text() == name
+    assert not upstream_saw(up, "version.bind") and not upstream_saw(up, "id.server")
+
+
+@pytest.mark.parametrize("send", [udp, tcp])
+def test_other_classes_are_refused_never_forwarded(served, send):
+    k, up = served
+    asked = [("version.bind.", "A", "CH"), ("www.example.com.", "TXT", "CH"), (K, "A", "CH"),
+             ("www.example.com.", "A", "HS"), (K, "TXT", "HS"), ("www.example.com.", "A", 254)]
+    for name, qtype, qclass in asked:
+        r = send(k, dns.message.make_query(name, qtype, qclass))
+        assert r.rcode() == dns.rcode.REFUSED, (name, qtype, qclass)
+        assert not r.answer
+    assert not upstream_saw(up, "www.example.com") and not upstream_saw(up, K)
+
+
+def test_qclass_any_for_an_outside_name_is_forwarded(served):
+    """dns-rules §2.5: outside names are the upstream's in class ANY as in class IN."""
+    k, up = served
+    r = udp(k, dns.message.make_query("www.example.com.", "A", "ANY"))
+    assert upstream_saw(up, "www.example.com")
+    assert r.rcode() == dns.rcode.NOERROR
+
+
 # --------------------------------------------------------------------------- one bad part
 
 CLUSTER = textwrap.dedent("""\

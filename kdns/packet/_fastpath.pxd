@@ -46,13 +46,16 @@ cdef enum:
     T_CNAME = 5
     T_SOA = 6
     T_PTR = 12
+    T_HINFO = 13
     T_MX = 15
     T_AAAA = 28
     T_SRV = 33
     T_OPT = 41
     T_IXFR = 251
     T_AXFR = 252
+    T_ANY = 255
     CLASS_IN = 1
+    CLASS_ANY = 255                       # QCLASS "*" (RFC 6895 §3.2)
 
     EDNS_MIN = 512                        # RFC 6891 §6.2.5
     UDP_PLAIN = 512                       # RFC 1035 §4.2.1

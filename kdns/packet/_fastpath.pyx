@@ -656,8 +656,8 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
         a.limit = TCP_MAX if tcp else a.edns_size
     else:
         a.limit = TCP_MAX if tcp else UDP_PLAIN
-    if a.qclass != CLASS_IN:
-        return ACTION_HANDOFF
+    if a.qclass != CLASS_IN and a.qclass != CLASS_ANY:
+        return ACTION_HANDOFF           # CH, HS...: the worker's, never the image's (refpath)
     return resolve(&a, img, out, cap, res)
 
 

@@ -17,9 +17,10 @@ from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, 
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
-from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN, MAX_LABEL,  # noqa: F401
-                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
-                           T_AXFR, T_IXFR, T_OPT, TC)
+from kdns.dns.wire import (AA, CD, CLASS_ANY, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN,  # noqa: F401
+                           MAX_LABEL, MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED,
+                           RFC8482_HINFO, SERVFAIL, T_A, T_AAAA, T_ANY, T_AXFR, T_HINFO, T_IXFR,
+                           T_OPT, TC)
 MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
 UDP_PLAIN = 512         # RFC 1035 §4.2.1
 TCP_MAX = 65535
@@ -267,7 +268,10 @@ def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
     else:
         limit = TCP_MAX if tcp else UDP_PLAIN
         edns = None
-    if qclass != CLASS_IN:
+    if qclass != CLASS_IN and qclass != CLASS_ANY:
+        # CHAOS, Hesiod and the rest: the worker answers or refuses them, never the image
+        # and never an upstream (dns-rules §2.5). QCLASS ANY matches IN (RFC 6895 §3.2), the
+        # only class the zone has, so it is answered like IN, its records in class IN.
         return ACTION_HANDOFF, b""
     return resolve(image, q, qend, labels, qtype, limit, edns, external_cname)
 
