@@ -66,6 +66,44 @@ def upstream_saw(up: TestDNSServer, name: str) -> list:
     return [q for q in up.queries if q[0].rstrip(".").lower() == name.rstrip(".").lower()]
 
 
+# --------------------------------------------------------------------------- QTYPE=ANY
+
+
+@pytest.mark.parametrize("send", [udp, tcp])
+def test_any_at_a_name_with_data_is_one_synthesised_hinfo(served, send):
+    """RFC 8482 §4.2: not NODATA (which would claim the name has no data)."""
+    k, _ = served
+    for name in (K, "dual.default.svc.cluster.local.", "cluster.local.",
+                 "1.0.96.10.in-addr.arpa.", "1-2-3-4.default.pod.cluster.local."):
+        r = send(k, dns.message.make_query(name, "ANY"))
+        assert r.rcode() == dns.rcode.NOERROR, name
+        assert r.flags & dns.flags.AA
+        assert len(r.answer) == 1, (name, r.answer)
+        rr = r.answer[0]
+        assert (rr.rdtype, rr.rdclass, rr.name.to_text()) == (
+            dns.rdatatype.HINFO, dns.rdataclass.IN, name)
+        assert [(rd.cpu, rd.os) for rd in rr] == [(b"RFC8482", b"")]
+        assert rr.ttl == 30                      # the zone's TTL, as every cluster record
+        assert not r.authority
+
+
+def test_any_at_a_cname_answers_the_cname(served):
+    """A CNAME owner has no other data (RFC 1034 §3.6.2): its one RRset is the answer
+    (RFC 8482 §4.1), followed as for every type."""
+    k, _ = served
+    r = udp(k, dns.message.make_query("ext.default.svc.cluster.local.", "ANY"))
+    assert r.rcode() == dns.rcode.NOERROR
+    assert [rr.rdtype for rr in r.answer][0] == dns.rdatatype.CNAME
+
+
+def test_any_at_a_name_without_data_or_without_existence_keeps_its_negative(served):
+    k, _ = served
+    r = udp(k, dns.message.make_query("default.svc.cluster.local.", "ANY"))
+    assert (r.rcode(), r.answer, len(r.authority)) == (dns.rcode.NOERROR, [], 1)
+    r = udp(k, dns.message.make_query("nope.default.svc.cluster.local.", "ANY"))
+    assert (r.rcode(), r.answer, len(r.authority)) == (dns.rcode.NXDOMAIN, [], 1)
+
+
 # --------------------------------------------------------------------------- classes
 
 

@@ -498,6 +498,22 @@ cdef bint pod_ip_known(const ImageView *img, uint32_t off, const uint8_t *key) n
     return False
 
 
+cdef int answer_any(const Ask *a, const ImageView *img, uint32_t ttl, uint8_t *out, int cap,
+                    Outcome *res) noexcept nogil:
+    """QTYPE=ANY at a name with data: one synthesised HINFO "RFC8482" "" (RFC 8482 §4.2,
+    dns-rules §2.1), not NODATA, which would say the name has none (refpath.any_hinfo)."""
+    cdef uint8_t rr[21]
+    put16(rr, 0xC00C)                 # owner: the question name
+    put16(rr + 2, T_HINFO)
+    put16(rr + 4, CLASS_IN)
+    put32(rr + 6, ttl)
+    put16(rr + 10, 9)
+    rr[12] = 7                        # CPU: "RFC8482"
+    memcpy(rr + 13, b"RFC8482", 7)
+    rr[20] = 0                        # OS: ""
+    return build_reply(a, img, 0, 0, 0, rr, 21, out, cap, res)
+
+
 cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_t extra,
                     const uint8_t *zone, int apex_ptr, uint8_t *out, int cap,
                     Outcome *res) noexcept nogil:
@@ -519,6 +535,8 @@ cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_
         put16(rr + 10, rdlen)
         memcpy(rr + 12, key, rdlen)
         return build_reply(a, img, 0, 0, 0, rr, 12 + rdlen, out, cap, res)
+    if a.qtype == T_ANY:
+        return answer_any(a, img, le32(zone + ZONE_TTL), out, cap, res)
     return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
 
 
@@ -539,6 +557,8 @@ cdef int answer_reverse(const Ask *a, const ImageView *img, uint8_t *out, int ca
     blob = lookup_rr(img, le32(rec + REV_RR_OFF), le16(rec + REV_NRR), a.qtype)
     if blob:
         return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+    if a.qtype == T_ANY and le16(rec + REV_NRR):
+        return answer_any(a, img, le32(rzone + ZONE_TTL), out, cap, res)
     return build_reply(a, img, le32(rzone + ZONE_NEG_BLOB), 0,
                        a.qend - 4 - le16(rzone + ZONE_APEX_WIRE_LEN), NULL, 0, out, cap, res)
 
@@ -585,6 +605,8 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
             return ACTION_HANDOFF           # CNAME to outside: the forwarder completes it
         if blob:
             return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+        if a.qtype == T_ANY and le16(node + NODE_NRR):
+            return answer_any(a, img, le32(zone + ZONE_TTL), out, cap, res)
         return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
     if nflags & NODE_POD_NS and i == 0:
         act = answer_pod(a, img, nflags, le32(node + NODE_EXTRA), zone, apex_ptr, out, cap, res)

@@ -300,20 +300,29 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
         if rec is None:
             return ACTION_HANDOFF, b""
         _, neg_blob, _, rzone_apex_len, _ = img.zone(img.u16(rec + L.REV_ZONE))
-        blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), img.u16(rec + L.REV_NRR), qtype)
+        nrr = img.u16(rec + L.REV_NRR)
+        blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), nrr, qtype)
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        if qtype == T_ANY and nrr:
+            return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit,
+                                      synth=any_hinfo(img.zone(img.u16(rec + L.REV_ZONE))[2]))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
     if not img.flags & FLAG_SYNCED:
         return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
     if qtype in (T_AXFR, T_IXFR):
         return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)
     if i < 0:
-        blob = img.lookup_rr(img.u32(node + L.NODE_RR_OFF), img.u16(node + L.NODE_NRR), qtype)
+        nrr = img.u16(node + L.NODE_NRR)
+        blob = img.lookup_rr(img.u32(node + L.NODE_RR_OFF), nrr, qtype)
         if blob and not external_cname and img.u16(blob + L.BLOB_HDR) & HDR_HANDOFF:
             return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        if qtype == T_ANY and nrr:
+            # RFC 8482 §4.2: a name with data answers ANY with one synthesised HINFO, not
+            # NODATA (which would say it has none); dns-rules §2.1.
+            return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
     nflags = img.u16(node + L.NODE_FLAGS)
     if nflags & NODE_POD_NS and i == 0:
@@ -324,8 +333,16 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
                 rdata = ip[:4] if fam == 4 else ip
                 rr = struct.pack("!HHHIH", 0xC00C, qtype, CLASS_IN, ttl, len(rdata)) + rdata
                 return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=rr)
+            if qtype == T_ANY:
+                return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
             return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
     return ACTION_SEND, reply(q, qend, neg_blob, NXDOMAIN, img, edns, limit, apex_ptr)
+
+
+def any_hinfo(ttl: int) -> bytes:
+    """The RFC 8482 §4.2 answer to QTYPE=ANY: HINFO "RFC8482" "" at the question name, with
+    the zone's TTL as every record there."""
+    return struct.pack("!HHHIH", 0xC00C, T_HINFO, CLASS_IN, ttl, len(RFC8482_HINFO)) + RFC8482_HINFO
 
 
 def pod_ip_known(img: Image, off: int, ip: bytes) -> bool:
