@@ -66,6 +66,33 @@ def upstream_saw(up: TestDNSServer, name: str) -> list:
     return [q for q in up.queries if q[0].rstrip(".").lower() == name.rstrip(".").lower()]
 
 
+# --------------------------------------------------------------------------- big UDP queries
+
+
+# 5,000 bytes (the reported case), and the largest an IPv4 UDP datagram can carry (65,507
+# bytes) minus the header, question and OPT around the option.
+@pytest.mark.parametrize("option_len", [5000, 65507 - 12 - len(K) - 1 - 4 - 11 - 4])
+def test_a_udp_query_larger_than_a_batch_slot_is_answered(served, option_len):
+    k, _ = served
+    q = dns.message.make_query(K, "A", use_edns=0, payload=1232,
+                               options=[dns.edns.GenericOption(65001, b"x" * option_len)])
+    assert len(q.to_wire(max_size=65535)) > 4096
+    r = udp(k, q)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert [rd.address for rr in r.answer for rd in rr] == ["10.96.0.1"]
+    assert r.flags & dns.flags.AA
+
+
+def test_a_big_udp_query_the_image_does_not_answer_is_handed_off_whole(served):
+    """A CH query goes to the worker's Python side (the hand-off area), 5,000 bytes of it."""
+    k, up = served
+    q = dns.message.make_query("version.bind.", "TXT", "CH", use_edns=0,
+                               options=[dns.edns.GenericOption(65001, b"y" * 5000)])
+    r = udp(k, q)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert txt(r) == [f"kdns {importlib.metadata.version('kdns')}"]
+
+
 # --------------------------------------------------------------------------- QTYPE=ANY
 
 

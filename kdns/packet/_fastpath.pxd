@@ -70,7 +70,12 @@ cdef enum:
     # The largest reply: the TCP limit, or an empty answer whose echoed question
     # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.
     OUT_MAX = 65536 + 512
-    UDP_BUF = 4096                        # per-slot datagram buffers; edns_max is capped here
+    UDP_BUF = 4096                        # per-slot reply buffers; edns_max is capped here
+    # A query slot holds the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6):
+    # RFC 6891 options may make a query far larger than any reply we send, and recvmmsg
+    # cuts a datagram longer than its buffer (MSG_TRUNC), losing it. The slots are mapped,
+    # not written, so only the pages a large datagram touches become resident.
+    UDP_SLOT = 65536
     HANDOFF_CAP = 256
 
 # ---------------------------------------------------------------- counter layout (counters.py)
