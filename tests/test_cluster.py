@@ -157,11 +157,9 @@ def test_namespaces_include_those_holding_services():
 @pytest.mark.parametrize("obj,needle", [
     ({"kind": "Service", "metadata": {}}, "Service without metadata.name"),
     (svc(ip="10.96.0.300"), "Service default/web"),
-    (svc(ports=[{"name": "x", "port": 70000}]), "port 70000"),
     ({"kind": "Service", "metadata": {"name": "e", "namespace": "d"}, "spec": {"type": "ExternalName"}},
      "Service d/e is ExternalName without"),
     ({"kind": "EndpointSlice", "metadata": {"name": "s", "namespace": "d"}}, "EndpointSlice d/s has no"),
-    (eps(endpoints=[{"addresses": ["nonsense"]}]), "EndpointSlice default/web-1"),
     ({"kind": "Pod", "metadata": {"name": "p", "namespace": "d"}, "status": {"podIP": "x"}}, "Pod d/p"),
     ({"kind": "Service", "metadata": {"name": "s"}, "spec": "oops"}, "spec is not a mapping"),
     ({"kind": "Widget", "metadata": {"name": "w"}}, "unknown kind 'Widget'"),
@@ -173,3 +171,29 @@ def test_bad_objects_are_skipped_with_one_warning_naming_them(caplog, obj, needl
         assert m.apply(obj) is False
     assert len(caplog.records) == 1 and needle in caplog.messages[0]
     assert m.service("default", "keep") is not None
+
+
+def test_one_bad_port_or_address_skips_that_part_and_names_its_field(caplog):
+    """dns-rules §1.14: the rest of the object stays; the warning gives object and field."""
+    m = C.ClusterModel()
+    with caplog.at_level(logging.WARNING):
+        assert m.apply(svc(ports=[{"name": "a", "port": 80}, {"name": "b", "port": "x"},
+                                  {"name": "c", "port": 70000}, {"name": "d", "port": 53,
+                                                                 "protocol": "udp"}]))
+        assert m.apply(eps(endpoints=[{"addresses": ["10.1.0.1"]},
+                                      {"addresses": ["10.1.0.2", "nonsense"]},
+                                      {"addresses": ["fd00::zz"]}],
+                           ports=[{"name": "a", "port": -1}, {"name": "b", "port": 8080}]))
+    assert [(p.name, p.port) for p in m.service("default", "web").ports] == [("a", 80), ("d", 53)]
+    (es,) = m.endpoint_sets("default", "web")
+    assert [e.addresses for e in es.endpoints] == [("10.1.0.1",), ("10.1.0.2",)]
+    assert [(p.name, p.port) for p in es.ports] == [("b", 8080)]
+    text = "\n".join(caplog.messages)
+    for needle in ("Service default/web: spec.ports[1].port: 'x' is not a valid port",
+                   "Service default/web: spec.ports[2].port: 70000 is not a valid port",
+                   "EndpointSlice default/web-1: endpoints[1].addresses[1]: 'nonsense' is not "
+                   "an IP address",
+                   "EndpointSlice default/web-1: endpoints[2].addresses[0]:",
+                   "EndpointSlice default/web-1: ports[0].port: -1 is not a valid port"):
+        assert needle in text, (needle, text)
+    assert len(caplog.records) == 5

@@ -280,7 +280,8 @@ ROWS = [
     Row(K, "PTR", authority=NODATA),
     Row(K, "NS", authority=NODATA),
     Row(K, "SOA", authority=NODATA),
-    Row(K, "ANY", authority=NODATA),
+    # RFC 8482 §4.2: a name with data answers ANY with one synthesised HINFO (dns-rules §2.1).
+    Row(K, "ANY", answer=(f'{K} 30 HINFO "RFC8482" ""',)),
     Row(K, "HINFO", authority=NODATA),
     Row(K, "CAA", authority=NODATA),
     Row("_https._tcp." + K, "SRV", answer=(f"_https._tcp.{K} 30 SRV 0 100 443 {K}",),

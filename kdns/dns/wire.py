@@ -5,10 +5,14 @@ The one place these numbers are written down; every other module imports them by
 
 # Type codes kdns answers, forwards or refuses (RFC 1035 §3.2.2, RFC 3596, RFC 2782,
 # RFC 6891, RFC 1995/5936 for the zone transfers).
-T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_MX, T_TXT = 1, 2, 5, 6, 12, 15, 16
+T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_HINFO, T_MX, T_TXT = 1, 2, 5, 6, 12, 13, 15, 16
 T_AAAA, T_SRV, T_OPT = 28, 33, 41
 T_IXFR, T_AXFR, T_ANY = 251, 252, 255
-CLASS_IN = 1
+# Classes (RFC 1035 §3.2.4, RFC 6895 §3.2): IN, CHAOS, Hesiod, and the QCLASS "*" (ANY).
+CLASS_IN, CLASS_CH, CLASS_HS, CLASS_ANY = 1, 3, 4, 255
+# RFC 8482 §4.2: the RRset synthesised for QTYPE=ANY, HINFO with CPU "RFC8482" and an empty
+# OS string, as its RDATA (two character-strings).
+RFC8482_HINFO = b"\x07RFC8482\x00"
 
 # Header flag bits in the second 16-bit word (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD and CD).
 QR, AA, TC, RD, RA, AD, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0020, 0x0010

@@ -27,6 +27,7 @@ import socket
 from kdns.dns.wire import EDNS_SIZE, SERVFAIL
 from kdns.packet import counters as C
 from kdns.packet import engine
+from kdns.forward import chaos
 from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config
 from kdns.forward.external import ExternalNames
@@ -280,6 +281,9 @@ class ForwardingHandoff:
             return engine.rcode_reply(query, SERVFAIL, self.edns_max)
 
     async def _resolve(self, query: bytes, proto: str, retry: Retry | None) -> bytes | None:
+        local = chaos.answer(query, proto, self.edns_max)
+        if local is not None:
+            return local                # CH, HS...: answered or refused here, never forwarded
         fw = self.forwarder
         if retry is not None:
             return await fw.resolve(query, proto, retry)

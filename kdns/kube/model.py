@@ -124,15 +124,23 @@ def _list(value, what: str) -> list:
     return value
 
 
-def _ports(raw, what: str) -> tuple[Port, ...]:
+def _skip(obj: str, path: str, problem: str) -> None:
+    """One bad part of an object is skipped, the rest kept: say which, where, and why."""
+    log.warning("%s: %s: %s; skipping it, keeping the rest of the object", obj, path, problem)
+
+
+def _ports(raw, obj: str, path: str) -> tuple[Port, ...]:
+    """The valid ports of ``raw`` (the list at ``path`` in ``obj``); an invalid one is skipped
+    with a warning naming its field, so one bad port costs that port's SRV records only."""
     out = []
-    for p in _list(raw, what):
-        p = _dict(p, what)
+    for i, p in enumerate(_list(raw, f"{obj} {path}")):
+        p = _dict(p, f"{obj} {path}[{i}]")
         port = p.get("port")
         if port is None:
             continue               # EndpointSlice: nil port means "all ports" - no SRV
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ObjectError(f"{what}: port {port!r} is not a number 0-65535")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            _skip(obj, f"{path}[{i}].port", f"{port!r} is not a valid port")
+            continue
         out.append(Port(str(p.get("name") or ""), str(p.get("protocol") or "TCP").upper(), port))
     return tuple(out)
 
@@ -141,7 +149,7 @@ def slim_service(obj: dict) -> Service:
     ns, name = _meta(obj, SERVICE)
     spec = _dict(obj.get("spec"), f"Service {ns}/{name} spec")
     stype = spec.get("type") or "ClusterIP"
-    ports = _ports(spec.get("ports"), f"Service {ns}/{name} ports")
+    ports = _ports(spec.get("ports"), f"Service {ns}/{name}", "spec.ports")
     if stype == "ExternalName":
         ext = spec.get("externalName")
         if not isinstance(ext, str) or not ext:
@@ -159,17 +167,22 @@ def slim_service(obj: dict) -> Service:
     return Service(ns, name, stype, ips, False, "", ports)
 
 
-def _endpoint(raw: dict, what: str, addresses) -> Endpoint:
+def _endpoint(raw: dict, what: str, addresses, paths) -> Endpoint | None:
+    """One endpoint with its valid addresses (``paths[i]`` names address ``i`` in the
+    object); an invalid address is skipped with a warning, so one bad address costs that
+    address only. None when no address is valid."""
     ref = _dict(raw.get("targetRef"), f"{what} targetRef")
     pod = ref.get("name") if ref.get("kind", "Pod") == "Pod" else ""
     hostname = raw.get("hostname") or ""
     if not isinstance(hostname, str) or not isinstance(pod or "", str):
         raise ObjectError(f"{what}: hostname or targetRef.name is not a string")
-    try:
-        ips = tuple(canonical_ip(a) for a in addresses)
-    except ValueError as e:
-        raise ObjectError(f"{what}: {e}") from None
-    return Endpoint(ips, hostname, pod or "")
+    ips = []
+    for a, path in zip(addresses, paths):
+        try:
+            ips.append(canonical_ip(a))
+        except ValueError as e:
+            _skip(what, path, str(e))
+    return Endpoint(tuple(ips), hostname, pod or "") if ips else None
 
 
 def slim_endpoint_slice(obj: dict) -> EndpointSet:
@@ -180,15 +193,17 @@ def slim_endpoint_slice(obj: dict) -> EndpointSet:
     if not isinstance(service, str) or not service:
         raise ObjectError(f"{what} has no {SERVICE_NAME_LABEL} label")
     eps = []
-    for raw in _list(obj.get("endpoints"), f"{what} endpoints"):
+    for i, raw in enumerate(_list(obj.get("endpoints"), f"{what} endpoints")):
         raw = _dict(raw, f"{what} endpoint")
         # Ready nil counts as ready (CoreDNS object/endpoint.go endpointsliceReady, dns-rules §1.13).
         if _dict(raw.get("conditions"), f"{what} conditions").get("ready") is False:
             continue
         addrs = _list(raw.get("addresses"), f"{what} addresses")
-        if addrs:
-            eps.append(_endpoint(raw, what, addrs))
-    return EndpointSet(ns, service, _ports(obj.get("ports"), f"{what} ports"), tuple(eps))
+        ep = _endpoint(raw, what, addrs, [f"endpoints[{i}].addresses[{j}]"
+                                          for j in range(len(addrs))]) if addrs else None
+        if ep is not None:
+            eps.append(ep)
+    return EndpointSet(ns, service, _ports(obj.get("ports"), what, "ports"), tuple(eps))
 
 
 def slim_endpoints(obj: dict) -> tuple[EndpointSet, ...]:
@@ -196,12 +211,14 @@ def slim_endpoints(obj: dict) -> tuple[EndpointSet, ...]:
     ns, name = _meta(obj, ENDPOINTS)
     what = f"Endpoints {ns}/{name}"
     out = []
-    for sub in _list(obj.get("subsets"), f"{what} subsets"):
+    for i, sub in enumerate(_list(obj.get("subsets"), f"{what} subsets")):
         sub = _dict(sub, f"{what} subset")
-        eps = tuple(_endpoint(_dict(a, what), what, [_dict(a, what).get("ip")])
-                    for a in _list(sub.get("addresses"), f"{what} addresses"))
+        eps = tuple(ep for j, a in enumerate(_list(sub.get("addresses"), f"{what} addresses"))
+                    if (ep := _endpoint(_dict(a, what), what, [_dict(a, what).get("ip")],
+                                        [f"subsets[{i}].addresses[{j}].ip"])) is not None)
         if eps:
-            out.append(EndpointSet(ns, name, _ports(sub.get("ports"), f"{what} ports"), eps))
+            out.append(EndpointSet(ns, name, _ports(sub.get("ports"), what,
+                                                    f"subsets[{i}].ports"), eps))
     return tuple(out)
 
 

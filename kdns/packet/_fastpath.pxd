@@ -46,13 +46,16 @@ cdef enum:
     T_CNAME = 5
     T_SOA = 6
     T_PTR = 12
+    T_HINFO = 13
     T_MX = 15
     T_AAAA = 28
     T_SRV = 33
     T_OPT = 41
     T_IXFR = 251
     T_AXFR = 252
+    T_ANY = 255
     CLASS_IN = 1
+    CLASS_ANY = 255                       # QCLASS "*" (RFC 6895 §3.2)
 
     EDNS_MIN = 512                        # RFC 6891 §6.2.5
     UDP_PLAIN = 512                       # RFC 1035 §4.2.1
@@ -67,7 +70,12 @@ cdef enum:
     # The largest reply: the TCP limit, or an empty answer whose echoed question
     # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.
     OUT_MAX = 65536 + 512
-    UDP_BUF = 4096                        # per-slot datagram buffers; edns_max is capped here
+    UDP_BUF = 4096                        # per-slot reply buffers; edns_max is capped here
+    # A query slot holds the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6):
+    # RFC 6891 options may make a query far larger than any reply we send, and recvmmsg
+    # cuts a datagram longer than its buffer (MSG_TRUNC), losing it. The slots are mapped,
+    # not written, so only the pages a large datagram touches become resident.
+    UDP_SLOT = 65536
     HANDOFF_CAP = 256
 
 # ---------------------------------------------------------------- counter layout (counters.py)

@@ -26,6 +26,8 @@ from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, ECONNREFUSE
 from kdns.packet.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN,
                                    close, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
                                    getrandom, socklen_t)
+from kdns.packet.system cimport (MADV_DONTNEED, MAP_ANONYMOUS, MAP_FAILED, MAP_NORESERVE,
+                                   MAP_PRIVATE, PROT_READ, PROT_WRITE, madvise, mmap, munmap)
 
 import zlib
 
@@ -498,6 +500,22 @@ cdef bint pod_ip_known(const ImageView *img, uint32_t off, const uint8_t *key) n
     return False
 
 
+cdef int answer_any(const Ask *a, const ImageView *img, uint32_t ttl, uint8_t *out, int cap,
+                    Outcome *res) noexcept nogil:
+    """QTYPE=ANY at a name with data: one synthesised HINFO "RFC8482" "" (RFC 8482 §4.2,
+    dns-rules §2.1), not NODATA, which would say the name has none (refpath.any_hinfo)."""
+    cdef uint8_t rr[21]
+    put16(rr, 0xC00C)                 # owner: the question name
+    put16(rr + 2, T_HINFO)
+    put16(rr + 4, CLASS_IN)
+    put32(rr + 6, ttl)
+    put16(rr + 10, 9)
+    rr[12] = 7                        # CPU: "RFC8482"
+    memcpy(rr + 13, b"RFC8482", 7)
+    rr[20] = 0                        # OS: ""
+    return build_reply(a, img, 0, 0, 0, rr, 21, out, cap, res)
+
+
 cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_t extra,
                     const uint8_t *zone, int apex_ptr, uint8_t *out, int cap,
                     Outcome *res) noexcept nogil:
@@ -519,6 +537,8 @@ cdef int answer_pod(const Ask *a, const ImageView *img, uint32_t nflags, uint32_
         put16(rr + 10, rdlen)
         memcpy(rr + 12, key, rdlen)
         return build_reply(a, img, 0, 0, 0, rr, 12 + rdlen, out, cap, res)
+    if a.qtype == T_ANY:
+        return answer_any(a, img, le32(zone + ZONE_TTL), out, cap, res)
     return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
 
 
@@ -539,6 +559,8 @@ cdef int answer_reverse(const Ask *a, const ImageView *img, uint8_t *out, int ca
     blob = lookup_rr(img, le32(rec + REV_RR_OFF), le16(rec + REV_NRR), a.qtype)
     if blob:
         return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+    if a.qtype == T_ANY and le16(rec + REV_NRR):
+        return answer_any(a, img, le32(rzone + ZONE_TTL), out, cap, res)
     return build_reply(a, img, le32(rzone + ZONE_NEG_BLOB), 0,
                        a.qend - 4 - le16(rzone + ZONE_APEX_WIRE_LEN), NULL, 0, out, cap, res)
 
@@ -585,6 +607,8 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
             return ACTION_HANDOFF           # CNAME to outside: the forwarder completes it
         if blob:
             return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
+        if a.qtype == T_ANY and le16(node + NODE_NRR):
+            return answer_any(a, img, le32(zone + ZONE_TTL), out, cap, res)
         return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
     if nflags & NODE_POD_NS and i == 0:
         act = answer_pod(a, img, nflags, le32(node + NODE_EXTRA), zone, apex_ptr, out, cap, res)
@@ -656,8 +680,8 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
         a.limit = TCP_MAX if tcp else a.edns_size
     else:
         a.limit = TCP_MAX if tcp else UDP_PLAIN
-    if a.qclass != CLASS_IN:
-        return ACTION_HANDOFF
+    if a.qclass != CLASS_IN and a.qclass != CLASS_ANY:
+        return ACTION_HANDOFF           # CH, HS...: the worker's, never the image's (refpath)
     return resolve(&a, img, out, cap, res)
 
 
@@ -1013,6 +1037,15 @@ include "pktcache.pxi"
 include "fwd.pxi"
 
 
+cdef uint8_t *slot_area(int nslots):
+    """``nslots`` query slots of UDP_SLOT bytes, mapped lazily: a slot costs memory only
+    for the pages its datagrams reach (one page for a common query), so every slot can take
+    the largest datagram without a per-packet allocation. NULL when the map fails."""
+    cdef void *p = mmap(NULL, <size_t>nslots * UDP_SLOT, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    return NULL if p == MAP_FAILED else <uint8_t *>p
+
+
 cdef class UdpServer:
     """Drains one UDP socket in batches with the GIL released: recvmmsg, answer each packet
     in place, one sendmmsg (NSD's handle_udp shape). All buffers are allocated here, once.
@@ -1026,6 +1059,7 @@ cdef class UdpServer:
     cdef int edns_max
     cdef int batch
     cdef int nhandoff
+    cdef bint spilled                   # a datagram reached past a slot's first UDP_BUF bytes
     cdef readonly int last_errno
     cdef public bint ra                 # set RA on the image's replies: this worker forwards
     cdef mmsghdr *rmsgs
@@ -1058,9 +1092,9 @@ cdef class UdpServer:
         self.riov = <iovec *>PyMem_Malloc(batch * sizeof(iovec))
         self.siov = <iovec *>PyMem_Malloc(batch * sizeof(iovec))
         self.addrs = <sockaddr_storage *>PyMem_Malloc(batch * sizeof(sockaddr_storage))
-        self.inbuf = <uint8_t *>PyMem_Malloc(batch * UDP_BUF)
+        self.inbuf = slot_area(batch)
         self.outbuf = <uint8_t *>PyMem_Malloc(batch * UDP_BUF)
-        self.hbuf = <uint8_t *>PyMem_Malloc(HANDOFF_CAP * UDP_BUF)
+        self.hbuf = slot_area(HANDOFF_CAP)
         self.hlen = <uint16_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(uint16_t))
         self.haddr = <sockaddr_storage *>PyMem_Malloc(HANDOFF_CAP * sizeof(sockaddr_storage))
         if not (self.rmsgs and self.smsgs and self.riov and self.siov and self.addrs and
@@ -1071,8 +1105,8 @@ cdef class UdpServer:
         memset(self.haddr, 0, HANDOFF_CAP * sizeof(sockaddr_storage))
         cdef int i
         for i in range(batch):
-            self.riov[i].iov_base = self.inbuf + i * UDP_BUF
-            self.riov[i].iov_len = UDP_BUF
+            self.riov[i].iov_base = self.inbuf + <size_t>i * UDP_SLOT
+            self.riov[i].iov_len = UDP_SLOT
             self.rmsgs[i].msg_hdr.msg_iov = &self.riov[i]
             self.rmsgs[i].msg_hdr.msg_iovlen = 1
             self.rmsgs[i].msg_hdr.msg_name = &self.addrs[i]
@@ -1085,9 +1119,11 @@ cdef class UdpServer:
         PyMem_Free(self.riov)
         PyMem_Free(self.siov)
         PyMem_Free(self.addrs)
-        PyMem_Free(self.inbuf)
+        if self.inbuf != NULL:
+            munmap(self.inbuf, <size_t>self.batch * UDP_SLOT)
         PyMem_Free(self.outbuf)
-        PyMem_Free(self.hbuf)
+        if self.hbuf != NULL:
+            munmap(self.hbuf, <size_t>HANDOFF_CAP * UDP_SLOT)
         PyMem_Free(self.hlen)
         PyMem_Free(self.haddr)
 
@@ -1111,6 +1147,7 @@ cdef class UdpServer:
         cdef uint64_t *ctr = c.words
         cdef int err
         self.nhandoff = 0
+        self.release_spill()
         with nogil:
             err = self.drain(&view, ctr, max_batches)
         self.last_errno = err
@@ -1137,10 +1174,20 @@ cdef class UdpServer:
                 raise OSError(errno, "epoll_ctl failed")
             self.fws.client_watched = 1
         self.nhandoff = 0
+        self.release_spill()
         with nogil:
             err = self.pump_loop(&view, ctr, budget_us, max_batches)
         self.last_errno = err
         return self.nhandoff
+
+    cdef void release_spill(self) noexcept:
+        # Large datagrams leave their pages resident; give them back once the call that
+        # received them is over (the caller has copied its hand-offs out by now), so a burst
+        # of them costs memory for one call only. Common queries never set the flag.
+        if self.spilled:
+            madvise(self.inbuf, <size_t>self.batch * UDP_SLOT, MADV_DONTNEED)
+            madvise(self.hbuf, <size_t>HANDOFF_CAP * UDP_SLOT, MADV_DONTNEED)
+            self.spilled = False
 
     cdef int pump_loop(self, const ImageView *img, uint64_t *ctr, int budget_us,
                        int max_batches) noexcept nogil:
@@ -1208,12 +1255,15 @@ cdef class UdpServer:
         cdef int64_t now = 0
         for i in range(n):
             if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
-                # Larger than any query we accept; answering a prefix would be wrong.
+                # Longer than a slot, which is longer than any UDP payload (UDP_SLOT): not a
+                # datagram this socket can receive. Answering a prefix would be wrong.
                 ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_DROPPED] += 1
                 continue
-            inp = self.inbuf + i * UDP_BUF
+            inp = self.inbuf + <size_t>i * UDP_SLOT
             outp = self.outbuf + i * UDP_BUF
             plen = self.rmsgs[i].msg_len
+            if plen > UDP_BUF:
+                self.spilled = True
             action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
                                   self.ra)
             if action == ACTION_HANDOFF and self.ctab != NULL:
@@ -1238,7 +1288,7 @@ cdef class UdpServer:
                 self.smsgs[nsend].msg_hdr.msg_namelen = self.rmsgs[i].msg_hdr.msg_namelen
                 nsend += 1
             elif action == ACTION_HANDOFF:
-                memcpy(self.hbuf + self.nhandoff * UDP_BUF, inp, plen)
+                memcpy(self.hbuf + <size_t>self.nhandoff * UDP_SLOT, inp, plen)
                 self.hlen[self.nhandoff] = <uint16_t>plen
                 memcpy(&self.haddr[self.nhandoff], &self.addrs[i], sizeof(sockaddr_storage))
                 self.nhandoff += 1
@@ -1266,7 +1316,7 @@ cdef class UdpServer:
     def handoff_packet(self, int i):
         if not 0 <= i < self.nhandoff:
             raise IndexError(f"handoff index {i} out of range (have {self.nhandoff})")
-        return PyBytes_FromStringAndSize(<char *>self.hbuf + i * UDP_BUF, self.hlen[i])
+        return PyBytes_FromStringAndSize(<char *>self.hbuf + <size_t>i * UDP_SLOT, self.hlen[i])
 
     def handoff_addr(self, int i):
         """The client's address, socket-module style: (host, port) or

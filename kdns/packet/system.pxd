@@ -83,6 +83,20 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk, timespec *ts)
 
 
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
+    void *MAP_FAILED
+    enum:
+        PROT_READ
+        PROT_WRITE
+        MAP_PRIVATE
+        MAP_ANONYMOUS
+        MAP_NORESERVE
+        MADV_DONTNEED
+
+
 cdef extern from "<errno.h>" nogil:
     int errno
     enum:

@@ -30,6 +30,7 @@ import time
 from typing import Protocol
 
 from kdns import settings
+from kdns.forward import chaos
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.observe import logs
@@ -62,13 +63,15 @@ class Handoff(Protocol):
 
 
 class RefuseHandoff:
-    """The default hand-off: REFUSED for names outside every served zone."""
+    """The default hand-off: REFUSED for names outside every served zone; CHAOS names
+    answered as the forwarding hand-off does (kdns/forward/chaos.py)."""
 
     def __init__(self, edns_max: int = 1232):
         self.edns_max = edns_max
 
     async def resolve(self, query: bytes, proto: str) -> bytes | None:
-        return engine.refused(query, self.edns_max)
+        local = chaos.answer(query, proto, self.edns_max)
+        return local if local is not None else engine.refused(query, self.edns_max)
 
 
 class Worker:

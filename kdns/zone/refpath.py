@@ -17,9 +17,10 @@ from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, 
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
-from kdns.dns.wire import (AA, CD, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN, MAX_LABEL,  # noqa: F401
-                           MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED, SERVFAIL, T_A, T_AAAA,
-                           T_AXFR, T_IXFR, T_OPT, TC)
+from kdns.dns.wire import (AA, CD, CLASS_ANY, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN,  # noqa: F401
+                           MAX_LABEL, MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED,
+                           RFC8482_HINFO, SERVFAIL, T_A, T_AAAA, T_ANY, T_AXFR, T_HINFO, T_IXFR,
+                           T_OPT, TC)
 MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
 UDP_PLAIN = 512         # RFC 1035 §4.2.1
 TCP_MAX = 65535
@@ -267,7 +268,10 @@ def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
     else:
         limit = TCP_MAX if tcp else UDP_PLAIN
         edns = None
-    if qclass != CLASS_IN:
+    if qclass != CLASS_IN and qclass != CLASS_ANY:
+        # CHAOS, Hesiod and the rest: the worker answers or refuses them, never the image
+        # and never an upstream (dns-rules §2.5). QCLASS ANY matches IN (RFC 6895 §3.2), the
+        # only class the zone has, so it is answered like IN, its records in class IN.
         return ACTION_HANDOFF, b""
     return resolve(image, q, qend, labels, qtype, limit, edns, external_cname)
 
@@ -296,20 +300,29 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
         if rec is None:
             return ACTION_HANDOFF, b""
         _, neg_blob, _, rzone_apex_len, _ = img.zone(img.u16(rec + L.REV_ZONE))
-        blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), img.u16(rec + L.REV_NRR), qtype)
+        nrr = img.u16(rec + L.REV_NRR)
+        blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), nrr, qtype)
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        if qtype == T_ANY and nrr:
+            return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit,
+                                      synth=any_hinfo(img.zone(img.u16(rec + L.REV_ZONE))[2]))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
     if not img.flags & FLAG_SYNCED:
         return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
     if qtype in (T_AXFR, T_IXFR):
         return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)
     if i < 0:
-        blob = img.lookup_rr(img.u32(node + L.NODE_RR_OFF), img.u16(node + L.NODE_NRR), qtype)
+        nrr = img.u16(node + L.NODE_NRR)
+        blob = img.lookup_rr(img.u32(node + L.NODE_RR_OFF), nrr, qtype)
         if blob and not external_cname and img.u16(blob + L.BLOB_HDR) & HDR_HANDOFF:
             return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
         if blob:
             return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+        if qtype == T_ANY and nrr:
+            # RFC 8482 §4.2: a name with data answers ANY with one synthesised HINFO, not
+            # NODATA (which would say it has none); dns-rules §2.1.
+            return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
     nflags = img.u16(node + L.NODE_FLAGS)
     if nflags & NODE_POD_NS and i == 0:
@@ -320,8 +333,16 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
                 rdata = ip[:4] if fam == 4 else ip
                 rr = struct.pack("!HHHIH", 0xC00C, qtype, CLASS_IN, ttl, len(rdata)) + rdata
                 return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=rr)
+            if qtype == T_ANY:
+                return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
             return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
     return ACTION_SEND, reply(q, qend, neg_blob, NXDOMAIN, img, edns, limit, apex_ptr)
+
+
+def any_hinfo(ttl: int) -> bytes:
+    """The RFC 8482 §4.2 answer to QTYPE=ANY: HINFO "RFC8482" "" at the question name, with
+    the zone's TTL as every record there."""
+    return struct.pack("!HHHIH", 0xC00C, T_HINFO, CLASS_IN, ttl, len(RFC8482_HINFO)) + RFC8482_HINFO
 
 
 def pod_ip_known(img: Image, off: int, ip: bytes) -> bool:
