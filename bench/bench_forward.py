@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import load  # noqa: E402  (bench/ is not a package)
-from load import HOST, Server, free_port, log, tool  # noqa: E402
+from load import HOST, Server, free_port, log, nsd_conf, tool  # noqa: E402
 
 ZONE = "fwd.test"
 SERVER_CPU = load.SERVER_CPU
@@ -47,31 +47,7 @@ def write_zone(path: str, n: int) -> None:
 
 
 def nsd_upstream(rundir: str, port: int) -> Server:
-    conf = os.path.join(rundir, "nsd.conf")
-    with open(conf, "w") as f:
-        f.write(f"""server:
-    ip-address: {HOST}@{port}
-    port: {port}
-    do-ip6: no
-    server-count: 1
-    username: ""
-    chroot: ""
-    zonesdir: "{rundir}"
-    database: ""
-    zonelistfile: "{rundir}/zone.list"
-    xfrdfile: "{rundir}/xfrd.state"
-    xfrdir: "{rundir}"
-    pidfile: "{rundir}/nsd.pid"
-    verbosity: 0
-    minimal-responses: yes
-    rrl-ratelimit: 0
-    rrl-whitelist-ratelimit: 0
-remote-control:
-    control-enable: no
-zone:
-    name: "{ZONE}"
-    zonefile: "{ZONE}.zone"
-""")
+    conf = nsd_conf(rundir, rundir, port, [ZONE])
     return Server("nsd-upstream", [tool("nsd"), "-d", "-c", conf], port, SERVER_CPU,
                   os.path.join(rundir, "nsd.log"), ready_query=(f"ready.{ZONE}", "A"))
 

@@ -203,12 +203,19 @@ class Server:
         self.proc = None
 
 
-def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int = 1) -> Server:
+def nsd_conf(zdir: str, rundir: str, port: int, zones: list[str], servers: int = 1) -> str:
+    """Write an NSD configuration serving ``zones`` (each from ``<zone>.zone`` in ``zdir``)
+    on HOST:port, checked by nsd-checkconf; its path. Used for the server under test and
+    for bench_forward.py's upstream."""
     os.makedirs(rundir, exist_ok=True)
     conf = os.path.join(rundir, "nsd.conf")
     # Foreground (-d), no control channel, no database, no privilege drop, one server process
     # per core it may use. minimal-responses: NSD otherwise adds the apex NS RRset to every
     # positive answer, which kdns (like CoreDNS) does not do: same answers, same work.
+    zone_lines = "".join(f'''zone:
+    name: "{z}"
+    zonefile: "{z}.zone"
+''' for z in zones)
     with open(conf, "w") as f:
         f.write(f"""server:
     ip-address: {HOST}@{port}
@@ -234,14 +241,13 @@ def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int 
     rrl-whitelist-ratelimit: 0
 remote-control:
     control-enable: no
-zone:
-    name: "{gen_cluster.ZONE}"
-    zonefile: "{gen_cluster.ZONE}.zone"
-zone:
-    name: "in-addr.arpa"
-    zonefile: "in-addr.arpa.zone"
-""")
+{zone_lines}""")
     subprocess.run([tool("nsd-checkconf"), conf], check=True)
+    return conf
+
+
+def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int = 1) -> Server:
+    conf = nsd_conf(zdir, rundir, port, [gen_cluster.ZONE, "in-addr.arpa"], servers)
     return Server(f"nsd-{'cpu' + cpu if cpu else 'unpinned'}", [tool("nsd"), "-d", "-c", conf],
                   port, cpu, os.path.join(rundir, "nsd.log"))
 
