@@ -59,7 +59,7 @@ def kdns_server(rundir: str, port: int, upstream: int, image: str) -> Server:
         "serve", "--from-image", image, "--dns-bind-address", HOST, "--dns-port", str(port),
         "--workers", "1", "--healthz-port", "0", "--metrics-port", "0",
         "--resolv-conf", resolv, "--config-dir", os.path.join(rundir, "no-config"),
-        "--nameservers", f"{HOST}:{upstream}", "--log-level", "warning"]
+        "--nameservers", f"{HOST}:{upstream}", "--log-level", "info"]
     # Extra listeners some kdns versions have: off, so runs never collide on fixed ports.
     helptext = load.subprocess.run(load.kdns_cmd() + ["serve", "--help"], capture_output=True,
                                    text=True, cwd=ROOT).stdout
@@ -67,7 +67,8 @@ def kdns_server(rundir: str, port: int, upstream: int, image: str) -> Server:
              if flag in helptext for x in (flag, "0")]
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
-    return Server("kdns", argv, port, SERVER_CPU, os.path.join(rundir, "kdns.log"), env=env)
+    return Server("kdns", argv, port, SERVER_CPU, os.path.join(rundir, "kdns.log"), env=env,
+                  port_in_log=load.KDNS_PORT_IN_LOG)
 
 
 def unbound_server(rundir: str, port: int, upstream: int) -> Server:
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         nsd.start(120)
         servers.append(nsd)
         up = nsd.port
-        made = {"kdns": lambda: kdns_server(rundir, free_port(), up, image),
+        made = {"kdns": lambda: kdns_server(rundir, 0, up, image),
                 "unbound": lambda: unbound_server(rundir, free_port(), up),
                 "dnsmasq": lambda: dnsmasq_server(rundir, free_port(), up)}
         srv = {}
