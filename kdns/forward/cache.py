@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.zone.refpath import Malformed, skip_name, skip_rr
 
@@ -171,7 +172,7 @@ class Cache:
     inserts = C.Counted("cache_inserts")
     evictions = C.Counted("cache_evictions")
 
-    def __init__(self, capacity: int = 10000, *, min_ttl: int = 5, max_ttl: int = 3600,
+    def __init__(self, capacity: int = settings.CACHE_SIZE, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
                  serve_stale: bool = False, max_stale: int = 3600,
                  clock: Callable[[], float] = time.monotonic,
@@ -315,7 +316,7 @@ class CompiledCache(Cache):
     entry stored longest ago, not the one used longest ago; and an expired entry's slot is
     reused first, so under pressure serve-stale finds fewer expired entries."""
 
-    def __init__(self, fast, capacity: int = 10000, **kw):
+    def __init__(self, fast, capacity: int = settings.CACHE_SIZE, **kw):
         kw.pop("clock", None)
         super().__init__(capacity, clock=time.monotonic, **kw)
         self.fast = fast

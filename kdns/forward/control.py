@@ -40,7 +40,7 @@ class ForwardingOptions:
     resolv_conf: str = settings.RESOLV_CONF
     nameservers: tuple[Upstream, ...] = ()
     cache_size: int = settings.CACHE_SIZE
-    try_timeout: float = 2.0
+    try_timeout: float = settings.TRY_TIMEOUT
     config_map: str = ""                 # --config-map: read through the API instead
     config_map_namespace: str = "kube-system"
     kubecfg_file: str = ""

@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kdns import settings
 from kdns.zone import image as I
 from kdns.serve import publish
 from kdns.dns.names import reverse_name
@@ -69,7 +70,7 @@ class _Service:
 class IncrementalCompiler:
     """``controller.Compiler`` that re-encodes only the services a change touched."""
 
-    def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure",
+    def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
                  endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it."""

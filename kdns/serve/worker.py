@@ -452,7 +452,7 @@ def parse_args(argv):
     p.add_argument("--log-queries", action="store_true")
     # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
-    p.add_argument("--cache-size", type=int, default=10000)
+    p.add_argument("--cache-size", type=int, default=settings.CACHE_SIZE)
     return p.parse_args(argv)
 
 
