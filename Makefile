@@ -53,7 +53,8 @@ test-repeat: install system-deps
 	$(BIN)/python tests/repeat.py -n $(N) -- $(PYTEST_ARGS)
 
 # Full benchmarks: micro-benchmarks of the per-packet function and of one compile after a
-# change, the dnsperf/NSD/loadgen table, then issue 4's API scale run (bench/README.md).
+# change, the dnsperf/NSD/loadgen table, then the API scale run (10,000 services listed and
+# watched through a real kubeconfig: list/sync time, memory, programming latency; bench/README.md).
 # Quiet machine wanted: the figures are ratios measured in one run.
 bench: install system-deps
 	$(BIN)/python -m pytest bench/test_micro.py bench/test_compile.py -q --benchmark-only

@@ -168,11 +168,13 @@ def main(argv=None) -> dict:
                             "contexts": [{"name": "fake",
                                           "context": {"cluster": "fake", "user": "u"}}],
                             "users": [{"name": "u", "user": {}}]}, f)
-        port, http_port, metrics_port = free_port(), free_port(), free_port()
+        # The DNS port kdns binds itself (0) and logs; the HTTP ports must be named (0 turns
+        # a listener off), so they are drawn here.
+        http_port, metrics_port = free_port(), free_port()
         log_path = os.path.join(tmp, "kdns.log")
         log = open(log_path, "wb")
         argv = [sys.executable, "-m", "kdns", "serve", "--kubecfg-file", kubeconfig,
-                "--dns-bind-address", "127.0.0.1", "--dns-port", str(port),
+                "--dns-bind-address", "127.0.0.1", "--dns-port", "0",
                 "--healthz-port", str(http_port), "--metrics-port", str(metrics_port),
                 "--health-port", "0", "--ready-port", "0", "--sidecar-port", "0",
                 "--lameduck", "0", "--resolv-conf", os.path.join(tmp, "empty-resolv.conf"),
@@ -195,6 +197,7 @@ def main(argv=None) -> dict:
                 pass
             time.sleep(0.05)
         text = open(log_path).read()
+        port = int(re.search(r"listening on 127\.0\.0\.1 port (\d+) ", text).group(1))
         m = re.search(r"synced: every watched resource listed once \(([\d.]+)s after start\)", text)
         sync_after = float(m.group(1)) if m else None
         print(f"synced (listed) {sync_after}s after the controller started; "

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import load  # noqa: E402  (bench/ is not a package)
-from load import HOST, Server, free_port, log, tool  # noqa: E402
+from load import HOST, Server, free_port, log, nsd_conf, tool  # noqa: E402
 
 ZONE = "fwd.test"
 SERVER_CPU = load.SERVER_CPU
@@ -47,31 +47,7 @@ def write_zone(path: str, n: int) -> None:
 
 
 def nsd_upstream(rundir: str, port: int) -> Server:
-    conf = os.path.join(rundir, "nsd.conf")
-    with open(conf, "w") as f:
-        f.write(f"""server:
-    ip-address: {HOST}@{port}
-    port: {port}
-    do-ip6: no
-    server-count: 1
-    username: ""
-    chroot: ""
-    zonesdir: "{rundir}"
-    database: ""
-    zonelistfile: "{rundir}/zone.list"
-    xfrdfile: "{rundir}/xfrd.state"
-    xfrdir: "{rundir}"
-    pidfile: "{rundir}/nsd.pid"
-    verbosity: 0
-    minimal-responses: yes
-    rrl-ratelimit: 0
-    rrl-whitelist-ratelimit: 0
-remote-control:
-    control-enable: no
-zone:
-    name: "{ZONE}"
-    zonefile: "{ZONE}.zone"
-""")
+    conf = nsd_conf(rundir, rundir, port, [ZONE])
     return Server("nsd-upstream", [tool("nsd"), "-d", "-c", conf], port, SERVER_CPU,
                   os.path.join(rundir, "nsd.log"), ready_query=(f"ready.{ZONE}", "A"))
 
@@ -83,7 +59,7 @@ def kdns_server(rundir: str, port: int, upstream: int, image: str) -> Server:
         "serve", "--from-image", image, "--dns-bind-address", HOST, "--dns-port", str(port),
         "--workers", "1", "--healthz-port", "0", "--metrics-port", "0",
         "--resolv-conf", resolv, "--config-dir", os.path.join(rundir, "no-config"),
-        "--nameservers", f"{HOST}:{upstream}", "--log-level", "warning"]
+        "--nameservers", f"{HOST}:{upstream}", "--log-level", "info"]
     # Extra listeners some kdns versions have: off, so runs never collide on fixed ports.
     helptext = load.subprocess.run(load.kdns_cmd() + ["serve", "--help"], capture_output=True,
                                    text=True, cwd=ROOT).stdout
@@ -91,7 +67,8 @@ def kdns_server(rundir: str, port: int, upstream: int, image: str) -> Server:
              if flag in helptext for x in (flag, "0")]
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
-    return Server("kdns", argv, port, SERVER_CPU, os.path.join(rundir, "kdns.log"), env=env)
+    return Server("kdns", argv, port, SERVER_CPU, os.path.join(rundir, "kdns.log"), env=env,
+                  port_in_log=load.KDNS_PORT_IN_LOG)
 
 
 def unbound_server(rundir: str, port: int, upstream: int) -> Server:
@@ -204,7 +181,7 @@ def main(argv=None) -> int:
         nsd.start(120)
         servers.append(nsd)
         up = nsd.port
-        made = {"kdns": lambda: kdns_server(rundir, free_port(), up, image),
+        made = {"kdns": lambda: kdns_server(rundir, 0, up, image),
                 "unbound": lambda: unbound_server(rundir, free_port(), up),
                 "dnsmasq": lambda: dnsmasq_server(rundir, free_port(), up)}
         srv = {}

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
 
     servers = []
     try:
-        big = load.kdns_server(big_json, load.free_port(), None, a.workers, OUT)
+        big = load.kdns_server(big_json, 0, None, a.workers, OUT)
         big.name = "kdns-scale"
         big.ready_query = (gen_cluster.ZONE, "SOA")      # the generated cluster has no kubernetes svc
         # Every HTTP listener on, as in a deployed pod (its prober and threads count too),
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         if a.no_load:
             return 0
         exe = load.build_tools()["loadgen"]
-        smallsrv = load.kdns_server(small["paths"]["kdns_input"], load.free_port(), None,
+        smallsrv = load.kdns_server(small["paths"]["kdns_input"], 0, None,
                                     a.workers, OUT)
         smallsrv.name = "kdns-5k"
         smallsrv.argv += [arg for flag in HTTP_FLAGS for arg in (flag, "0")]

@@ -137,10 +137,15 @@ class Server:
     """One server under test, started by us; ``stop`` ends it and everything it forked."""
 
     def __init__(self, name: str, argv: list, port: int, cpu: str | None, logpath: str,
-                 cwd: str = ROOT, env: dict | None = None, ready_query=("cluster.local", "SOA")):
+                 cwd: str = ROOT, env: dict | None = None, ready_query=("cluster.local", "SOA"),
+                 port_in_log: str | None = None):
+        """``port`` 0 with ``port_in_log`` (a regex whose group 1 is the port): the server
+        binds a port of its own choosing and says which in its log, so no port is picked
+        here and bound there later, where another program may have taken it meanwhile."""
         self.name, self.port, self.cpu, self.logpath = name, port, cpu, logpath
         self.argv = pinned(cpu, argv)
         self.cwd, self.env, self.ready_query = cwd, env, ready_query
+        self.port_in_log = port_in_log
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -149,7 +154,23 @@ class Server:
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self.logf,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        if self.port == 0 and self.port_in_log:
+            self.port = self.wait_port(timeout)
         self.wait_ready(timeout)
+
+    def wait_port(self, timeout: float) -> int:
+        """The port the server reports in its log (``port_in_log``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(self.port_in_log, self.tail(200))
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}; "
+                                   f"see {self.logpath}:\n{self.tail()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not report its port after {timeout}s; "
+                           f"see {self.logpath}:\n{self.tail()}")
 
     def wait_ready(self, timeout: float) -> None:
         import dns.message
@@ -203,12 +224,19 @@ class Server:
         self.proc = None
 
 
-def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int = 1) -> Server:
+def nsd_conf(zdir: str, rundir: str, port: int, zones: list[str], servers: int = 1) -> str:
+    """Write an NSD configuration serving ``zones`` (each from ``<zone>.zone`` in ``zdir``)
+    on HOST:port, checked by nsd-checkconf; its path. Used for the server under test and
+    for bench_forward.py's upstream."""
     os.makedirs(rundir, exist_ok=True)
     conf = os.path.join(rundir, "nsd.conf")
     # Foreground (-d), no control channel, no database, no privilege drop, one server process
     # per core it may use. minimal-responses: NSD otherwise adds the apex NS RRset to every
     # positive answer, which kdns (like CoreDNS) does not do: same answers, same work.
+    zone_lines = "".join(f'''zone:
+    name: "{z}"
+    zonefile: "{z}.zone"
+''' for z in zones)
     with open(conf, "w") as f:
         f.write(f"""server:
     ip-address: {HOST}@{port}
@@ -234,14 +262,13 @@ def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int 
     rrl-whitelist-ratelimit: 0
 remote-control:
     control-enable: no
-zone:
-    name: "{gen_cluster.ZONE}"
-    zonefile: "{gen_cluster.ZONE}.zone"
-zone:
-    name: "in-addr.arpa"
-    zonefile: "in-addr.arpa.zone"
-""")
+{zone_lines}""")
     subprocess.run([tool("nsd-checkconf"), conf], check=True)
+    return conf
+
+
+def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int = 1) -> Server:
+    conf = nsd_conf(zdir, rundir, port, [gen_cluster.ZONE, "in-addr.arpa"], servers)
     return Server(f"nsd-{'cpu' + cpu if cpu else 'unpinned'}", [tool("nsd"), "-d", "-c", conf],
                   port, cpu, os.path.join(rundir, "nsd.log"))
 
@@ -266,8 +293,13 @@ def quiet_flags(rundir: str) -> list[str]:
             "--log-level", "info"]
 
 
+# kdns logs the port it bound (``--dns-port 0``: one the kernel picked, for UDP and TCP).
+KDNS_PORT_IN_LOG = re.escape(f"listening on {HOST} port ") + r"(\d+) "
+
+
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
                 pure: bool = False) -> Server:
+    """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start)."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
@@ -276,7 +308,8 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
                          "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
-                  ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"))
+                  ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
+                  port_in_log=KDNS_PORT_IN_LOG)
 
 
 def kdns_engine(server: Server) -> str:
@@ -691,10 +724,10 @@ def main(argv=None) -> int:
             servers["nsd"] = start(lambda p: nsd_server(zdir, os.path.join(outdir, "nsd-run"), p,
                                                         SERVER_CPU))
         if "kdns1" in a.targets:
-            servers["kdns1"] = start(lambda p: kdns_server(meta["paths"]["kdns_input"], p,
+            servers["kdns1"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
                                                            SERVER_CPU, 1, outdir, a.pure))
         if "kdns2" in a.targets:
-            servers["kdns2"] = start(lambda p: kdns_server(meta["paths"]["kdns_input"], p, None,
+            servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
         if "floor" in a.targets:
             servers["floor"] = start(lambda p: responder_server(exes["responder"], p, SERVER_CPU,

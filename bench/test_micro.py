@@ -33,6 +33,7 @@ for p in (ROOT, os.path.join(ROOT, "tests"), BENCH):
 
 import dns.message  # noqa: E402
 
+from kdns import settings  # noqa: E402
 from kdns.zone import refpath  # noqa: E402
 
 NOERROR, NXDOMAIN = 0, 3
@@ -104,7 +105,7 @@ def _setup(impl: str, image: str, case: str, images):
     else:
         mod = refpath
         img = refpath.Image(buf)
-    action, reply = mod.answer(img, query)
+    action, reply = mod.answer(img, query, edns_max=settings.EDNS_UDP_SIZE)
     # What is measured must be the answer it claims to be.
     assert action == refpath.ACTION_SEND, (impl, image, case, action)
     _, flags, _, got_an, _, got_ar = struct.unpack_from("!HHHHHH", reply, 0)
@@ -119,7 +120,7 @@ def test_answer(benchmark, impl, image, case, images):
     mod, img, query, reply = _setup(impl, image, case, images)
     benchmark.group = f"{image}-{case}"
     benchmark.extra_info.update(reply_bytes=len(reply), query_bytes=len(query))
-    result = benchmark(mod.answer, img, query)
+    result = benchmark(mod.answer, img, query, edns_max=settings.EDNS_UDP_SIZE)
     assert result[1] == reply
 
 
@@ -133,6 +134,6 @@ def test_native_loop(benchmark, image, case, images):
         pytest.fail("kdns.packet._fastpath has no bench_answer(img, query, n)")
     n = 1000
     benchmark.group = f"native-loop-x{n}"
-    ns = benchmark(mod.bench_answer, img, query, n)
+    ns = benchmark(mod.bench_answer, img, query, n, edns_max=settings.EDNS_UDP_SIZE)
     benchmark.extra_info["ns_per_answer_last_round"] = ns
     benchmark.extra_info["answers_per_round"] = n

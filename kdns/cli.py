@@ -57,17 +57,11 @@ def _positive_seconds(text: str) -> float:
 
 
 def _duration(text: str) -> float:
-    """Seconds, plain or Go-style as kube-dns/CoreDNS write them: 5s, 500ms, 1m."""
-    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
-    t = text.strip()
-    for suffix, scale in units:
-        if t.endswith(suffix) and (suffix != "s" or not t.endswith("ms")):
-            t, mult = t[:-len(suffix)], scale
-            break
-    else:
-        mult = 1.0
+    """A duration flag: seconds, plain or Go-style as kube-dns/CoreDNS write them (5s, 500ms,
+    1m30s), from 0 to 1h."""
+    from kdns.forward.kubedns_config import parse_duration
     try:
-        v = float(t) * mult
+        v = parse_duration(text, bare_seconds=True)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 5s or 500ms)") from None
     if not 0 <= v <= 3600:
@@ -298,12 +292,12 @@ def _fail(message: str) -> int:
 
 def _prometheus_env(cfg: server.ServeConfig) -> str | None:
     """kube-dns's PROMETHEUS_PORT/PROMETHEUS_PATH: skydns_* metrics when the port is set."""
-    text = os.environ.get("PROMETHEUS_PORT", "").strip()
+    text = settings.ENV.prometheus_port.strip()
     if text:
         if not text.isdigit() or not 0 < int(text) <= 65535:
             return f"PROMETHEUS_PORT={text!r} is not a port from 1 to 65535; fix or unset it."
         cfg.prometheus_port = int(text)
-    path = os.environ.get("PROMETHEUS_PATH", "").strip() or "/metrics"
+    path = settings.ENV.prometheus_path.strip() or "/metrics"
     if not path.startswith("/"):
         return f"PROMETHEUS_PATH={path!r} must start with /; fix or unset it."
     cfg.prometheus_path = path

@@ -70,7 +70,8 @@ FAILURE_TTL_MAX = 30
 
 @dataclass(frozen=True)
 class Env:
-    """The KDNS_* switches: escape hatches and references for benchmarks, all off by default."""
+    """The KDNS_* switches (escape hatches and references for benchmarks, all off by default)
+    and kube-dns's PROMETHEUS_* variables, as the environment gave them."""
     pure: bool = False             # KDNS_PURE=1: the pure-Python packet path and compiler
     pure_compile: bool = False     # KDNS_PURE_COMPILE=1: the reference compiler only
     full_compile: bool = False     # KDNS_FULL_COMPILE=1: no incremental compile after a change
@@ -78,6 +79,10 @@ class Env:
     # KDNS_WATCH_SETTINGS: the API watchers' timings as JSON (kdns.kube.api.WatchSettings),
     # so a test can shorten the backoff of a kdns it starts.
     watch_settings: str | None = None
+    # kube-dns's PROMETHEUS_PORT/PROMETHEUS_PATH, unparsed: kdns.cli checks them and says
+    # what is wrong in the operator's words.
+    prometheus_port: str = ""
+    prometheus_path: str = ""
 
 
 def from_env(environ) -> Env:
@@ -85,7 +90,9 @@ def from_env(environ) -> Env:
                pure_compile=environ.get("KDNS_PURE_COMPILE") == "1",
                full_compile=environ.get("KDNS_FULL_COMPILE") == "1",
                fwd_compiled=environ.get("KDNS_FWD_COMPILED", "1") != "0",
-               watch_settings=environ.get("KDNS_WATCH_SETTINGS") or None)
+               watch_settings=environ.get("KDNS_WATCH_SETTINGS") or None,
+               prometheus_port=environ.get("PROMETHEUS_PORT", ""),
+               prometheus_path=environ.get("PROMETHEUS_PATH", ""))
 
 
 ENV = from_env(os.environ)

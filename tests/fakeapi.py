@@ -90,6 +90,14 @@ class Gone:
 
 
 @dataclass(frozen=True)
+class ErrorEvent:
+    """Watch: send ``after_events`` events, then an ERROR event carrying ``status`` (the
+    Status object's fields: code, reason, message), then end the stream."""
+    status: dict
+    after_events: int = 0
+
+
+@dataclass(frozen=True)
 class Stall:
     """Send the response headers, then nothing for ``seconds`` (or until the server closes),
     then drop the connection: a half-dead stream."""
@@ -503,13 +511,13 @@ class _Handler(BaseHTTPRequestHandler):
         next_bookmark = time.monotonic() + api.bookmark_interval
         while True:
             for ev in pending:
-                if isinstance(fault, (Reset, Gone)) and sent >= fault.after_events:
+                if isinstance(fault, (Reset, Gone, ErrorEvent)) and sent >= fault.after_events:
                     self._fail(req, res, fault)
                 self._send_event(*ev)
                 sent += 1
             if pos is None or api._closing.is_set():
                 return self._end_chunked()
-            if isinstance(fault, (Reset, Gone)) and sent >= fault.after_events:
+            if isinstance(fault, (Reset, Gone, ErrorEvent)) and sent >= fault.after_events:
                 self._fail(req, res, fault)
             with api._cond:
                 i = bisect.bisect_right(hist.rvs, pos)
@@ -537,8 +545,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._end_chunked()
 
     def _fail(self, req, res, fault) -> None:
-        if isinstance(fault, Gone):
-            self._send_event("ERROR", _status(410, "Expired", "too old resource version"))
+        if isinstance(fault, (Gone, ErrorEvent)):
+            status = (_status(410, "Expired", "too old resource version")
+                      if isinstance(fault, Gone) else {"kind": "Status", **fault.status})
+            self._send_event("ERROR", status)
             self._end_chunked()
             raise _Aborted
         self.wfile.flush()

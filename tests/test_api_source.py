@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import json
 import os
 import pathlib
 import re
@@ -18,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from fakeapi import FakeApiServer, Gone, HttpError, Reset, Slow, Stall
+from fakeapi import ErrorEvent, FakeApiServer, Gone, HttpError, Reset, Slow, Stall
 from kdns.kube import api as source
 from kdns.kube.kubeconfig import (ConnectionConfigError, api_client_from_flags,
                                      check_master_url, expand_env)
@@ -486,13 +485,20 @@ def test_an_object_the_sink_rejects_does_not_stall_the_stream(api, client):
     ({"code": 500, "reason": "InternalError", "message": "etcd leader changed"},
      source.ApiError),
 ])
-def test_watch_error_events_that_mean_relist(status, expected):
-    w = source.ResourceWatcher(api_client=None, resource=source.SERVICES, sink=RecordingSink(),
-                               stop=threading.Event())
-    line = json.dumps({"type": "ERROR", "object": {"kind": "Status", **status}}).encode()
-    with pytest.raises(source.ApiError) as raised:
-        w._handle_event(line)
-    assert type(raised.value) is expected
+def test_watch_error_events_that_mean_relist(api, client, status, expected):
+    """An ERROR event that means "your version is gone" (410, or the 500 old API servers send
+    for a compacted etcd revision) relists before watching again; any other resumes the
+    watch from the version it had, without a list."""
+    api.create_many("services", [svc("a")])
+    api.inject("services", "watch", ErrorEvent(status))
+    sink = RecordingSink()
+    with watching(client, sink) as w:
+        sink.wait_for(lambda: w.synced)
+        # The watcher's next request after the error: a relist comes before its next watch.
+        wait_until(lambda: api.count(verb="watch", resource="services") >= 2)
+        lists = api.count(verb="list", resource="services")
+    assert lists == (2 if expected is source.Gone else 1)
+    assert sink.names("Service") == {"a"}
 
 
 # ---- errors and backoff -----------------------------------------------------------------------

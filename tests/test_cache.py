@@ -187,3 +187,30 @@ def test_extended_rcode_not_cached():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError):
         Cache(capacity=0)
+
+
+# The one name walker (kdns.dns.names.name_end) that the cache's scan, the reference path
+# and ExternalName chasing share: end offset, or -1 (RFC 1035 §4.1.4).
+HDR = bytes(12)
+
+
+@pytest.mark.parametrize("msg,off,end", [
+    (HDR + b"\x01a\x00", 12, 15),                              # plain
+    (HDR + b"\x01a\x00" + b"\x01b\xc0\x0c", 15, 19),           # label then pointer back
+    (HDR + b"\xc0\x0e\x01a\x00", 12, -1),                      # pointer forwards
+    (HDR + b"\x01a\xc0\x0c", 12, -1),                          # pointer to itself: a loop
+    (HDR + b"\xc0\x05", 12, -1),                               # pointer into the header
+    (HDR + b"\x01", 12, -1),                                   # runs off the end
+    (HDR + b"\x40" + bytes(64) + b"\x00", 12, -1),             # label over 63
+    (HDR + b"\x3f" + bytes(63) + b"\x3f" + bytes(63) + b"\x3f" + bytes(63)
+     + b"\x3f" + bytes(63) + b"\x00", 12, -1),                 # 257 bytes: over MAX_NAME
+])
+def test_name_end_contract(msg, off, end):
+    from kdns.dns.names import name_end, rr_at
+    assert name_end(msg, off) == end
+    rr = msg + b"\x00\x01\x00\x01\x00\x00\x00\x1e\x00\x04" + bytes(4)
+    if end < 0:
+        assert rr_at(rr, off) is None
+    else:                                   # every valid name above ends its message
+        assert rr_at(rr, off) == (1, 1, 30, end + 10, end + 14)   # A, IN, 30 s, RDATA, end
+        assert rr_at(rr[:-1], off) is None                        # RDATA cut short

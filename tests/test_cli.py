@@ -182,9 +182,16 @@ def test_records_bad_file_exits_2(tmp_path):
 
 
 @pytest.mark.parametrize("text,seconds", [("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("2", 2.0),
-                                          ("0", 0.0)])
+                                          ("0", 0.0), ("1m30s", 90.0), ("1.5", 1.5), ("1h", 3600.0)])
 def test_lameduck_accepts_go_durations(text, seconds):
     assert cli.build_parser().parse_args(["serve", "--lameduck", text]).lameduck == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "5x", "-1s", "-1", "1h1s", "5 s"])
+def test_a_bad_duration_flag_exits_2(capsys, text):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["serve", "--lameduck", text])
+    assert e.value.code == 2 and "--lameduck" in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(capsys):

@@ -13,6 +13,7 @@ import dns.message
 import dns.rcode
 import pytest
 
+from kdns import settings
 from kdns.packet import _fastpath as F
 from kdns.packet import counters as K
 from kdns.zone import refpath as P
@@ -52,7 +53,7 @@ def qtype_of(q: bytes):
         return None
 
 
-def expected_counts(ref, sent, proto, tcp=False, edns_max=1232):
+def expected_counts(ref, sent, proto, tcp=False, edns_max=settings.EDNS_UDP_SIZE):
     """Counter name -> value for queries ``sent`` (each delivered whole), per counters.py."""
     exp = collections.Counter()
     for q in sent:
@@ -127,7 +128,7 @@ def test_tcp_answer_counts_under_tcp():
     counters = F.Counters(page)
     sent = mixed_queries()
     for q in sent:
-        assert F.tcp_answer(img, counters, q) == P.answer(ref, q, tcp=True)
+        assert F.tcp_answer(img, counters, q, settings.EDNS_UDP_SIZE) == P.answer(ref, q, tcp=True)
     exp = expected_counts(ref, sent, "tcp", tcp=True)
     assert exp["truncated_tcp"] == 0                  # TCP carries the whole big RRset
     for name, index in K.LAYOUT.items():
@@ -155,7 +156,7 @@ def test_every_named_qtype_and_size_edge_lands_in_its_word():
     counters = F.Counters(page)
     for name, code in K.QTYPES:
         before = counters[K.LAYOUT[f"queries_tcp_{name}"]]
-        F.tcp_answer(img, counters, wire(S, code if code else 999))
+        F.tcp_answer(img, counters, wire(S, code if code else 999), settings.EDNS_UDP_SIZE)
         assert counters[K.LAYOUT[f"queries_tcp_{name}"]] == before + 1, name
     q = wire(S)
     for bound in K.SIZE_BOUNDS:
@@ -165,7 +166,7 @@ def test_every_named_qtype_and_size_edge_lands_in_its_word():
             packet = q + bytes(n - len(q)) if n >= len(q) else bytes(n)
             bucket = K.LAYOUT[f"request_size_tcp_bucket_{K.size_bucket(n)}"]
             before = counters[bucket]
-            F.tcp_answer(img, counters, packet)
+            F.tcp_answer(img, counters, packet, settings.EDNS_UDP_SIZE)
             assert counters[bucket] == before + 1, n
 
 

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kdns.settings import EDNS_UDP_SIZE
 from kdns.dns.names import reverse_name
 from kdns.packet import _fastpath as F
 from kdns.zone import refpath as P
@@ -49,7 +50,7 @@ def images(kind: str):
     return _IMAGES[kind]
 
 
-def both(kind: str, q: bytes, tcp: bool = False, edns_max: int = 1232):
+def both(kind: str, q: bytes, tcp: bool = False, edns_max: int = EDNS_UDP_SIZE):
     _, ref, fast = images(kind)
     return (P.answer(ref, q, tcp=tcp, edns_max=edns_max),
             F.answer(fast, q, tcp=tcp, edns_max=edns_max))
@@ -204,7 +205,7 @@ def test_golden(name):
     check_meaning(name, c, action, reply)
     _, ref, fast = images(c["kind"])
     assert P.answer(ref, q, tcp=c["tcp"]) == (action, reply)
-    assert F.answer(fast, q, tcp=c["tcp"]) == (action, reply)
+    assert F.answer(fast, q, tcp=c["tcp"], edns_max=EDNS_UDP_SIZE) == (action, reply)
 
 
 def test_golden_files_are_all_cases():
@@ -416,7 +417,7 @@ def test_image_properties_and_buffers():
         mm[:] = buf
         mimg = F.Image(mm)
         q = query(S)
-        assert F.answer(mimg, q) == F.answer(img, q)
+        assert F.answer(mimg, q, edns_max=EDNS_UDP_SIZE) == F.answer(img, q, edns_max=EDNS_UDP_SIZE)
         with pytest.raises(BufferError):
             mm.close()                       # the image keeps its buffer exported
         del mimg
@@ -449,16 +450,16 @@ def test_image_rejects_offsets_outside_it():
 
 def test_bench_answer_measures_the_real_path():
     _, _, fast = images("insecure")
-    ns = F.bench_answer(fast, query(S), 2000)
+    ns = F.bench_answer(fast, query(S), 2000, edns_max=EDNS_UDP_SIZE)
     assert math.isfinite(ns) and 0 < ns < 1e6
 
 
 def test_none_is_refused_at_the_boundary():
     # The C path dereferences the image: None must stop at the Python edge, not crash.
     with pytest.raises(TypeError):
-        F.answer(None, query(S))
+        F.answer(None, query(S), edns_max=EDNS_UDP_SIZE)
     with pytest.raises(TypeError):
-        F.tcp_answer(None, F.Counters(bytearray(8192)), query(S))
+        F.tcp_answer(None, F.Counters(bytearray(8192)), query(S), EDNS_UDP_SIZE)
 
 
 @pytest.mark.parametrize("owner", ["c000", "c019", "c018", "ffff", "0161c018"],
@@ -487,8 +488,8 @@ def test_ra_flag_is_the_only_difference_and_both_paths_agree(kind):
     for q in qs:
         plain = P.answer(ref, q)
         ra_p = P.answer(ref, q, ra=True)
-        assert ra_p == F.answer(fast, q, ra=True)
-        assert F.answer(fast, q) == plain
+        assert ra_p == F.answer(fast, q, edns_max=EDNS_UDP_SIZE, ra=True)
+        assert F.answer(fast, q, edns_max=EDNS_UDP_SIZE) == plain
         if plain[0] == SEND:
             assert ra_p[1][3] & 0x80 and not plain[1][3] & 0x80
             assert ra_p[1][:3] + ra_p[1][4:] == plain[1][:3] + plain[1][4:]

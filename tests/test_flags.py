@@ -7,7 +7,7 @@ import pytest
 
 from test_cli import run_main
 
-from kdns import cli
+from kdns import cli, settings
 from kdns.observe import logs
 
 
@@ -101,8 +101,7 @@ def test_version(capsys):
                                        ({"PROMETHEUS_PORT": "10055", "PROMETHEUS_PATH": "x"},
                                         "PROMETHEUS_PATH")])
 def test_bad_prometheus_env_is_one_line(capsys, monkeypatch, tmp_path, env, named):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(settings, "ENV", settings.from_env(env))
     img = tmp_path / "zone.img"
     img.write_bytes(b"")
     code, _, err = run_main(capsys, ["serve", "--from-image", str(img)])

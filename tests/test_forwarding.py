@@ -7,6 +7,7 @@ entry either side stores is the other side's hit.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import socket
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.serve import publish
@@ -45,7 +47,7 @@ def upstream_reply(name: str, n: int = 3, ttl: int = 300, rcode: int = 0) -> byt
 
 
 def fill(name: str, **kw):
-    fast = _fastpath.PacketCache(64, 1232)
+    fast = _fastpath.PacketCache(64, settings.EDNS_UDP_SIZE)
     cache = CompiledCache(fast, 100)
     q = parse_query(make_query(name))
     key = (q.name, q.qtype, q.qclass, 0, 0)
@@ -70,10 +72,12 @@ def test_compiled_hit_is_byte_identical_to_python(name, edns, do, n):
         # DO is part of the key (RFC 3225): the entry stored without DO must not answer.
         assert fast.answer(query)[0] == engine.HANDOFF
         return
+    # The Python path (a TCP client's, a retry's) reads the same entry and must render it
+    # to the same bytes: the Forwarder answers the hit itself, no upstream asked.
     fw = Forwarder(cache=cache)
     action, reply = fast.answer(query)
     assert action == engine.SEND
-    assert reply == fw._from_entry(e, q, fw._client_limit(q, "udp"), stale=False)
+    assert reply == asyncio.run(fw.resolve(query, "udp"))
     assert key.startswith(q.name)
 
 
@@ -99,7 +103,7 @@ def test_udpserver_serves_cache_hits_without_handing_off():
     cli.settimeout(2)
     page = mmap.mmap(-1, C.PAGE_BYTES)
     try:
-        us = engine.UdpServer(srv.fileno())
+        us = engine.UdpServer(srv.fileno(), settings.EDNS_UDP_SIZE)
         us.set_cache(fast)
         img, ctr = engine.Image(sample_image()), engine.Counters(page)
         for name in ("hit.example", "miss.example"):
@@ -131,7 +135,7 @@ def test_config_message_round_trip():
 def test_compiled_cache_holds_what_the_python_cache_holds():
     """The pure twin is the oracle: same rules, same stored form, read back from C."""
     plain = Cache(10)
-    compiled = CompiledCache(_fastpath.PacketCache(8, 1232), 10)
+    compiled = CompiledCache(_fastpath.PacketCache(8, settings.EDNS_UDP_SIZE), 10)
     key = (b"\x01a\x07example\x00", 1, 1, 0, 0)
     want = plain.put(key, upstream_reply("a.example"))
     compiled.put(key, upstream_reply("a.example"))
@@ -243,7 +247,7 @@ def test_forwarding_flag_errors_name_the_flag(tmp_path, capsys, args, message):
 def test_full_table_evicts_the_entry_stored_longest_ago():
     """8 slots, 8-slot probe window: every put sees the whole table."""
     fast, cache, e = fill("a.example", n=1)
-    fast = _fastpath.PacketCache(8, 1232)
+    fast = _fastpath.PacketCache(8, settings.EDNS_UDP_SIZE)
     now = time.monotonic()
     keys = [key_bytes((bytes([1, 97 + i]) + b"\x07example\x00", 1, 1, 0, 0))
             for i in range(9)]
@@ -270,7 +274,7 @@ def test_one_store_for_both_paths():
 
 
 def test_too_big_for_a_compiled_slot_is_kept_in_python_once():
-    fast = _fastpath.PacketCache(8, 1232)
+    fast = _fastpath.PacketCache(8, settings.EDNS_UDP_SIZE)
     cache = CompiledCache(fast, 10)
     q = parse_query(make_query("big.example"))
     key = (q.name, q.qtype, q.qclass, 0, 0)

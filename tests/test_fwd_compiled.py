@@ -15,6 +15,7 @@ import struct
 import pytest
 from dnslib import DNSRecord
 
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward.cache import Cache, CompiledCache, key_bytes
@@ -47,9 +48,9 @@ class Harness:
         self.img = engine.Image(sample_image())
         self.page = bytearray(C.SLOT_WORDS * 8)
         self.counters = engine.Counters(self.page)
-        self.server = engine.UdpServer(self.udp.fileno())
+        self.server = engine.UdpServer(self.udp.fileno(), settings.EDNS_UDP_SIZE)
         self.udp_server = self.server
-        self.fast = _fastpath.PacketCache(capacity=_pow2(1024))
+        self.fast = _fastpath.PacketCache(capacity=_pow2(1024), edns_size=settings.EDNS_UDP_SIZE)
         self.fwd_counters = C.ForwardCounters(self.page)     # as ForwardingHandoff does
         self.cache = CompiledCache(self.fast, 1024, serve_stale=serve_stale,
                                    counters=self.fwd_counters)

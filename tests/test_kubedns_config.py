@@ -198,6 +198,14 @@ def test_parse_duration_invalid(text):
         parse_duration(text)
 
 
+def test_bare_seconds_only_when_asked():
+    # kube-dns's own fields follow Go (a unit is required); kdns's flags also take seconds.
+    assert parse_duration("10", bare_seconds=True) == 10.0
+    assert parse_duration("2.5", bare_seconds=True) == 2.5
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration("-1", bare_seconds=True)
+
+
 # ---- resolv.conf, --nameservers, precedence --------------------------------------------------
 
 def test_parse_resolv_conf(tmp_path):

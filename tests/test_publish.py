@@ -15,6 +15,7 @@ import dns.rcode
 import pytest
 
 from conftest import unavailable
+from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.serve import publish
@@ -173,7 +174,8 @@ def test_pure_counters_match_compiled_counters():
     pure_img, fast_img = engine.PureImage(sample_image()), fp.Image(sample_image())
     pc, fc = engine.PureCounters(pure_page), fp.Counters(fast_page)
     for q in QUERIES + BROKEN:
-        assert engine.pure_tcp_answer(pure_img, pc, q) == fp.tcp_answer(fast_img, fc, q)
+        size = settings.EDNS_UDP_SIZE
+        assert engine.pure_tcp_answer(pure_img, pc, q, size) == fp.tcp_answer(fast_img, fc, q, size)
     assert without_latency(memoryview(pure_page).cast("Q")) == \
         without_latency(memoryview(fast_page).cast("Q"))
 
@@ -190,7 +192,7 @@ def test_udp_server_answers_and_hands_off(which):
         srv.setblocking(False)
         cli.bind(("127.0.0.1", 0))
         cli.settimeout(2)
-        server = UdpServer(srv.fileno())
+        server = UdpServer(srv.fileno(), settings.EDNS_UDP_SIZE)
         ref = refpath.Image(sample_image())
         for q in QUERIES:
             cli.sendto(q, srv.getsockname())

@@ -23,6 +23,7 @@ import pytest
 from conftest import unavailable
 import yaml
 
+from kdns import settings
 from kdns.dns.names import reverse_name
 from kdns.zone import image as I
 from kdns.kube import records
@@ -195,7 +196,7 @@ class Mapped(NamedTuple):
     image: object
 
     def answer(self, query: bytes, tcp: bool = False):
-        return self.impl.answer(self.image, query, tcp=tcp)
+        return self.impl.answer(self.image, query, tcp=tcp, edns_max=settings.EDNS_UDP_SIZE)
 
 
 def mapped(buf: bytes, impl: str = "refpath") -> Mapped:

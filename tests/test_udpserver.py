@@ -10,6 +10,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from kdns import settings
 from kdns.packet import _fastpath as F
 from kdns.packet import counters as K
 from kdns.zone import refpath as P
@@ -35,6 +36,7 @@ class Loopback:
         self.ref = P.Image(self.buf)
         self.page = mmap.mmap(-1, K.SLOT_WORDS * 8)     # a worker's shared counter page
         self.counters = F.Counters(self.page)
+        server_args.setdefault("edns_max", settings.EDNS_UDP_SIZE)
         self.server = F.UdpServer(self.sock.fileno(), **server_args)
         self.handoffs = []
         self.serve_calls = []
@@ -193,10 +195,10 @@ def test_datagrams_of_any_size_are_read_whole_and_edns_is_capped_at_4096():
 
 def test_server_arguments_are_checked():
     with pytest.raises(ValueError):
-        F.UdpServer(-1)
+        F.UdpServer(-1, settings.EDNS_UDP_SIZE)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         with pytest.raises(ValueError):
-            F.UdpServer(s.fileno(), batch=0)
+            F.UdpServer(s.fileno(), settings.EDNS_UDP_SIZE, batch=0)
         page = bytearray(K.SLOT_WORDS * 8)
         with pytest.raises(TypeError):                  # before the first image arrives
-            F.UdpServer(s.fileno()).serve(None, F.Counters(page))
+            F.UdpServer(s.fileno(), settings.EDNS_UDP_SIZE).serve(None, F.Counters(page))

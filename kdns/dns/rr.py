@@ -11,6 +11,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
+from kdns import settings
 from kdns.dns.wire import (CLASS_IN, MAX_LABEL, MAX_NAME, MAX_POINTER, T_A as A,  # noqa: F401
                            T_AAAA as AAAA, T_ANY as ANY, T_AXFR as AXFR, T_CNAME as CNAME,
                            T_IXFR as IXFR, T_MX as MX, T_NS as NS, T_OPT as OPT, T_PTR as PTR,
@@ -203,6 +204,6 @@ class Zone:
     """
     apex: str
     kind: int = ZONE_AUTH
-    ttl: int = 30
+    ttl: int = settings.TTL
     pods: str = "disabled"
     pod_namespaces: dict = field(default_factory=dict)

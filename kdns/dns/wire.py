@@ -32,5 +32,3 @@ MAX_NAME = 255           # RFC 1035 §2.3.4, wire length including the root byte
 MAX_POINTER = 0x3FFF     # RFC 1035 §4.1.4: 14-bit offsets
 UDP_PLAIN = 512          # RFC 1035 §4.2.1: the UDP message limit without EDNS
 TCP_MAX = 65535          # RFC 7766 §8: what a two-byte length prefix can frame
-EDNS_SIZE = 1232         # the UDP size kdns advertises: fits the IPv6 minimum MTU (RFC 8200
-                         # §5) without fragments, as the DNS flag day 2020 recommends

@@ -40,8 +40,9 @@ import time
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
+from kdns import settings
 from kdns.packet import counters as C
-from kdns.zone.refpath import Malformed, skip_name
+from kdns.zone.refpath import Malformed, skip_name, skip_rr
 
 from kdns.dns.wire import (AA, CD, NOERROR, NXDOMAIN, RD, SERVFAIL, T_CNAME, T_MX,  # noqa: F401
                            T_NS, T_OPT, T_PTR, T_SOA, T_SRV, TC)
@@ -77,18 +78,12 @@ def scan(msg: bytes) -> Scanned:
     qend, records = off, []
     for i in range(an + ns + ar):
         start = off
-        off = skip_name(msg, off)
-        if off + 10 > len(msg):
-            raise Malformed
-        rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", msg, off)
-        end = off + 10 + rdlen
-        if end > len(msg):
-            raise Malformed
+        rtype, _, ttl, rdata, end = skip_rr(msg, off)
         section = 0 if i < an else 1 if i < an + ns else 2
         if rtype == T_OPT and section != 2:
             raise Malformed      # RFC 6891 §6.1.1: OPT only in the additional section
-        check_rdata_names(msg, rtype, off + 10, end)
-        records.append(Record(start, end, rtype, off + 4, ttl, section))
+        check_rdata_names(msg, rtype, rdata, end)
+        records.append(Record(start, end, rtype, rdata - 6, ttl, section))
         off = end
     return Scanned(qend, records)
 
@@ -177,7 +172,7 @@ class Cache:
     inserts = C.Counted("cache_inserts")
     evictions = C.Counted("cache_evictions")
 
-    def __init__(self, capacity: int = 10000, *, min_ttl: int = 5, max_ttl: int = 3600,
+    def __init__(self, capacity: int = settings.CACHE_SIZE, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
                  serve_stale: bool = False, max_stale: int = 3600,
                  clock: Callable[[], float] = time.monotonic,
@@ -321,7 +316,7 @@ class CompiledCache(Cache):
     entry stored longest ago, not the one used longest ago; and an expired entry's slot is
     reused first, so under pressure serve-stale finds fewer expired entries."""
 
-    def __init__(self, fast, capacity: int = 10000, **kw):
+    def __init__(self, fast, capacity: int = settings.CACHE_SIZE, **kw):
         kw.pop("clock", None)
         super().__init__(capacity, clock=time.monotonic, **kw)
         self.fast = fast

@@ -22,10 +22,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kdns import settings
 from kdns.forward.forwarder import Forwarder, Upstream
-from kdns.forward.kubedns_config import (DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PERIOD, ConfigDirWatcher,
-                             ConfigError, KubeDNSConfig, effective_upstreams, parse_configmap,
-                             parse_resolv_conf)
+from kdns.forward.kubedns_config import (ConfigDirWatcher, ConfigError, KubeDNSConfig,
+                                         effective_upstreams, parse_configmap, parse_resolv_conf)
 
 log = logging.getLogger("kdns.forward.control")
 
@@ -35,12 +35,12 @@ MESSAGE_MAX = 1 << 20        # a config datagram (3 upstreams + stub domains) is
 @dataclass
 class ForwardingOptions:
     """The kube-dns flags that decide where outside names go (cli.py fills it)."""
-    config_dir: str | None = DEFAULT_CONFIG_DIR
-    config_period: float = DEFAULT_CONFIG_PERIOD
-    resolv_conf: str = "/etc/resolv.conf"
+    config_dir: str | None = settings.CONFIG_DIR
+    config_period: float = settings.CONFIG_PERIOD
+    resolv_conf: str = settings.RESOLV_CONF
     nameservers: tuple[Upstream, ...] = ()
-    cache_size: int = 10000
-    try_timeout: float = 2.0
+    cache_size: int = settings.CACHE_SIZE
+    try_timeout: float = settings.TRY_TIMEOUT
     config_map: str = ""                 # --config-map: read through the API instead
     config_map_namespace: str = "kube-system"
     kubecfg_file: str = ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 
+from kdns import settings
 from kdns.zone import refpath
 from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
 from kdns.zone.refpath import Malformed
@@ -81,10 +82,7 @@ def sections(msg: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     qend, out = off, []
     for i in range(an + ns + ar):
         start = off
-        off = refpath.skip_name(msg, off)
-        if off + 10 > len(msg):
-            raise Malformed
-        off += 10 + struct.unpack_from("!H", msg, off + 8)[0]
+        off = refpath.skip_rr(msg, off)[4]
         out.append((0 if i < an else 1 if i < an + ns else 2, start, off))
     return qend, out
 
@@ -92,7 +90,7 @@ def sections(msg: bytes) -> tuple[int, list[tuple[int, int, int]]]:
 class ExternalNames:
     """Completes the CNAME answers the image hands off (see the module docstring)."""
 
-    def __init__(self, forwarder: Forwarder, edns_max: int = 1232):
+    def __init__(self, forwarder: Forwarder, edns_max: int = settings.EDNS_UDP_SIZE):
         self.forwarder, self.edns_max = forwarder, edns_max
         self._img = self._ref = None
 

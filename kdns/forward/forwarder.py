@@ -33,7 +33,7 @@ from kdns.zone.refpath import Malformed, parse_edns, parse_name
 
 log = logging.getLogger(__name__)
 
-from kdns.dns.wire import (AA, CD, EDNS_SIZE, FORMERR, NOTIMP, QR, RA, REFUSED,  # noqa: F401
+from kdns.dns.wire import (AA, CD, FORMERR, NOTIMP, QR, RA, REFUSED,  # noqa: F401
                            T_A, T_AXFR, T_IXFR, T_OPT, T_TXT, TCP_MAX, UDP_PLAIN)
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
@@ -214,8 +214,8 @@ class Forwarder:
 
     def __init__(self, upstreams: Iterable[Upstream] = (),
                  stub_domains: dict[str, Iterable[Upstream]] | None = None, *,
-                 cache: Cache | None = None, try_timeout: float = 2.0, deadline: float = 4.5,
-                 max_inflight: int = 1000, edns_size: int = EDNS_SIZE,
+                 cache: Cache | None = None, try_timeout: float = settings.TRY_TIMEOUT, deadline: float = 4.5,
+                 max_inflight: int = 1000, edns_size: int = settings.EDNS_UDP_SIZE,
                  probe_token: str | None = None, random_start: bool = True,
                  stale_answer_timeout: float = 1.8,
                  host_resolver: Callable[[str], Awaitable[list[str]]] | None = None,

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 
-from kdns.dns.wire import EDNS_SIZE, SERVFAIL
+from kdns import settings
+from kdns.dns.wire import SERVFAIL
 from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward import chaos
@@ -37,15 +37,13 @@ from kdns.zone.refpath import Malformed
 
 log = logging.getLogger("kdns.forward.handoff")
 
-FAST_SLOTS = 4096            # most compiled cache slots per worker (~1.8 KB each, zeroed pages)
 FWD_SOCKETS = 64             # upstream sockets per worker for the compiled forwarder
 FWD_PUMP_BUDGET_US = 2000    # longest stay in the compiled pump before the event loop runs
 FWD_SWEEP = 0.1              # seconds between timeout sweeps (and one port rotation each)
 
 
 def compiled_forward_enabled() -> bool:
-    return (engine.IMPLEMENTATION == "compiled"
-            and os.environ.get("KDNS_FWD_COMPILED", "1") != "0")
+    return engine.IMPLEMENTATION == "compiled" and settings.ENV.fwd_compiled
 
 
 class CompiledForward:
@@ -186,8 +184,8 @@ def _is_ipv4(host: str) -> bool:
 class ForwardingHandoff:
     """A worker's hand-off: the Forwarder, configured from the supervisor's channel."""
 
-    def __init__(self, control: socket.socket, *, edns_max: int = EDNS_SIZE,
-                 cache_size: int = 10000, page=None):
+    def __init__(self, control: socket.socket, *, edns_max: int = settings.EDNS_UDP_SIZE,
+                 cache_size: int = settings.CACHE_SIZE, page=None):
         self.control = control
         self.control.setblocking(False)
         # The worker's counter page (None: a private one): the Forwarder, the cache and the
@@ -196,7 +194,7 @@ class ForwardingHandoff:
         fast = None
         if engine.IMPLEMENTATION == "compiled":
             from kdns.packet import _fastpath
-            fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), FAST_SLOTS),
+            fast = _fastpath.PacketCache(capacity=min(_pow2(cache_size), settings.FAST_CACHE_SLOTS),
                                          edns_size=edns_max)
             self.cache = CompiledCache(fast, cache_size, counters=self.counters)
         else:

@@ -31,16 +31,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kdns import settings
 from kdns.forward.forwarder import Upstream
 
 log = logging.getLogger(__name__)
 
 MAX_UPSTREAMS = 3            # kube-dns config.go: "cannot have more than three entries"
-DEFAULT_CONFIG_DIR = "/kube-dns-config"
-DEFAULT_CONFIG_PERIOD = 10.0
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN = re.compile(rf"{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*\Z")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -197,11 +197,16 @@ def read_config_dir(path: str) -> tuple[str, dict[str, str]]:
     return h.hexdigest(), data
 
 
-def parse_duration(s: str) -> float:
-    """Go time.ParseDuration subset ('10s', '1m30s', '500ms') → seconds."""
+def parse_duration(s: str, *, bare_seconds: bool = False) -> float:
+    """Go time.ParseDuration subset ('10s', '1m30s', '500ms') → seconds: kube-dns's flags
+    and ConfigMap write durations this way. ``bare_seconds``: a plain number is seconds too
+    (kdns's own flags took seconds before they took Go durations); otherwise only "0" may
+    go without a unit, as in Go."""
     text, total, pos = s.strip(), 0.0, 0
     if text == "0":
         return 0.0
+    if bare_seconds and _SECONDS.fullmatch(text):
+        return float(text)
     while pos < len(text):
         m = _DURATION.match(text, pos)
         if m is None:
@@ -218,7 +223,7 @@ class ConfigDirWatcher:
     when the content version changes and the new content is valid."""
 
     def __init__(self, path: str, on_change: Callable[[KubeDNSConfig], None], *,
-                 period: float = DEFAULT_CONFIG_PERIOD):
+                 period: float = settings.CONFIG_PERIOD):
         self.path, self.on_change, self.period = path, on_change, period
         self.version: str | None = None
         self.config = KubeDNSConfig()

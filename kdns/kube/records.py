@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from kdns import settings
 from kdns.dns import rr as R
 from kdns.dns.names import reverse_name
 from kdns.kube.model import ClusterModel, EndpointSet, Service
@@ -337,8 +338,8 @@ def _pod_namespaces(b: _Builder, model: ClusterModel, pods: str, namespaces) -> 
     return ips
 
 
-def zone_data(model: ClusterModel, *, domain: str = "cluster.local", ttl: int = 30,
-              pods: str = "insecure", endpoint_pod_names: bool = False, ns_ips=None,
+def zone_data(model: ClusterModel, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
+              pods: str = settings.PODS, endpoint_pod_names: bool = False, ns_ips=None,
               serial: int | None = None) -> ZoneData:
     """The whole cluster zone (and the reverse zones) for ``model``."""
     if pods not in PODS_MODES:
@@ -407,8 +408,8 @@ def model_from_file(path: str) -> ClusterModel:
     return model
 
 
-def master_file(path: str, *, domain: str = "cluster.local", ttl: int = 30,
-                pods: str = "insecure", endpoint_pod_names: bool = False,
+def master_file(path: str, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
+                pods: str = settings.PODS, endpoint_pod_names: bool = False,
                 serial: int | None = None) -> str:
     """The zone for ``path`` in RFC 1035 §5 master-file format, sorted, for ``kdns records``."""
     zd = zone_data(model_from_file(path), domain=domain, ttl=ttl, pods=pods,

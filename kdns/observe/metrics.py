@@ -41,15 +41,28 @@ def version() -> str:
     return kdns_version()
 
 
-def _buckets(total: list[int], prefix: str, bounds, scale: float = 1.0):
-    """Per-bucket counts (counters.py stores them non-cumulative) -> cumulative pairs."""
+def _cumulative(counts, bounds, scale: float = 1.0):
+    """Per-bucket counts (counters.py stores them non-cumulative; the last one is above
+    every bound) -> Prometheus's cumulative (le, count) pairs, and the total."""
     out, acc = [], 0
-    for i, bound in enumerate(bounds):
-        acc += total[C.LAYOUT[f"{prefix}_bucket_{i}"]]
+    for count, bound in zip(counts, bounds):
+        acc += count
         out.append((_le(bound * scale), acc))
-    acc += total[C.LAYOUT[f"{prefix}_bucket_{len(bounds)}"]]
+    acc += counts[len(bounds)]
     out.append(("+Inf", acc))
     return out, acc
+
+
+def _buckets(total: list[int], prefix: str, bounds, scale: float = 1.0):
+    """The cumulative pairs of one histogram of the summed pages."""
+    return _cumulative([total[C.LAYOUT[f"{prefix}_bucket_{i}"]] for i in range(len(bounds) + 1)],
+                       bounds, scale)
+
+
+def _over_protos(s, kind: str, bounds):
+    """The cumulative pairs of a histogram summed over UDP and TCP (``latency``, ...)."""
+    return _cumulative([sum(s[f"{kind}_{p}_bucket_{i}"] for p in C.PROTOS)
+                        for i in range(len(bounds) + 1)], bounds)[0]
 
 
 def _le(x: float) -> str:
@@ -106,14 +119,7 @@ class CoreDNSCollector:
         dur = HistogramMetricFamily("coredns_dns_request_duration_seconds",
                                     "Histogram of the time (in seconds) each request took.",
                                     labels=["server", "zone", "view"])
-        merged = [sum(s[f"latency_{p}_bucket_{i}"] for p in C.PROTOS)
-                  for i in range(len(C.LATENCY_BOUNDS) + 1)]
-        acc, pairs = 0, []
-        for i, bound in enumerate(C.LATENCY_BOUNDS):
-            acc += merged[i]
-            pairs.append((_le(bound), acc))
-        pairs.append(("+Inf", acc + merged[-1]))
-        dur.add_metric([server, zone, view], pairs,
+        dur.add_metric([server, zone, view], _over_protos(s, "latency", C.LATENCY_BOUNDS),
                        sum(s[f"latency_{p}_sum_ns"] for p in C.PROTOS) / 1e9)
         out = [req, resp, dur]
         for kind, what in (("request", "request"), ("response", "response")):
@@ -171,12 +177,8 @@ class CoreDNSCollector:
                 req.add_metric([to], up["requests"])
                 for rcode, n in up["rcodes"].items():
                     resp.add_metric([to, rcode], n)
-                pairs, acc = [], 0
-                for i, bound in enumerate(C.LATENCY_BOUNDS):
-                    acc += up["latency"][i]
-                    pairs.append((_le(bound), acc))
-                pairs.append(("+Inf", acc + up["latency"][-1]))
-                dur.add_metric([to, ""], pairs, up["latency_sum_ns"] / 1e9)
+                dur.add_metric([to, ""], _cumulative(up["latency"], C.LATENCY_BOUNDS)[0],
+                               up["latency_sum_ns"] / 1e9)
             fams += [req, resp, dur]
         hc = CounterMetricFamily("coredns_forward_healthcheck_failures", "Counter of the number "
                                  "of failed tries per upstream (timeouts and errors; kdns has "
@@ -324,26 +326,12 @@ class SkyDNSCollector:
                                   labels=["system"])
         req.add_metric(["auth"], queries - handoff)
         req.add_metric(["recursive"], handoff)
-        merged = [sum(s[f"latency_{pr}_bucket_{i}"] for pr in C.PROTOS)
-                  for i in range(len(C.LATENCY_BOUNDS) + 1)]
-        pairs, acc = [], 0
-        for i, bound in enumerate(C.LATENCY_BOUNDS):
-            acc += merged[i]
-            pairs.append((_le(bound), acc))
-        pairs.append(("+Inf", acc + merged[-1]))
         dur = HistogramMetricFamily(p + "request_duration_seconds", "Histogram of the time (in "
                                     "seconds) each request took to resolve.", labels=["system"])
-        dur.add_metric(["auth"], pairs, sum(s[f"latency_{pr}_sum_ns"] for pr in C.PROTOS) / 1e9)
+        dur.add_metric(["auth"], _over_protos(s, "latency", C.LATENCY_BOUNDS), sum(s[f"latency_{pr}_sum_ns"] for pr in C.PROTOS) / 1e9)
         size = HistogramMetricFamily(p + "response_size_bytes", "Size of the returns response "
                                      "in bytes.", labels=["system"])
-        sz = [sum(s[f"response_size_{pr}_bucket_{i}"] for pr in C.PROTOS)
-              for i in range(len(C.SIZE_BOUNDS) + 1)]
-        pairs, acc = [], 0
-        for i, bound in enumerate(C.SIZE_BOUNDS):
-            acc += sz[i]
-            pairs.append((_le(bound), acc))
-        pairs.append(("+Inf", acc + sz[-1]))
-        size.add_metric(["auth"], pairs, sum(s[f"response_size_{pr}_sum"] for pr in C.PROTOS))
+        size.add_metric(["auth"], _over_protos(s, "response_size", C.SIZE_BOUNDS), sum(s[f"response_size_{pr}_sum"] for pr in C.PROTOS))
         err = CounterMetricFamily(p + "error_count", "Counter of DNS requests resulting in an "
                                   "error.", labels=["system", "cause"])
         rc = lambda r: sum(s[f"rcode_{pr}_{r}"] for pr in C.PROTOS)   # noqa: E731

@@ -65,7 +65,7 @@ cdef enum:
     DNS_HEADER = 12                       # RFC 1035 §4.1.1
     MAX_LABEL = 63                        # RFC 1035 §2.3.4
     MAX_NAME = 255                        # RFC 1035 §2.3.4, wire length with the root byte
-    MAX_HOPS = 127                        # refpath.MAX_HOPS: one pointer per label at most
+    MAX_HOPS = 127                        # kdns.dns.names.MAX_HOPS: one pointer per label at most
 
     # The largest reply: the TCP limit, or an empty answer whose echoed question
     # (at most 12 + 255 + 4 bytes) plus OPT already passes a tiny limit.

@@ -963,7 +963,7 @@ cdef class Counters:
         self.words[i] = value
 
 
-def answer(Image img not None, bytes query not None, bint tcp=False, int edns_max=1232,
+def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns_max,
            bint ra=False):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
     as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra)."""
@@ -983,7 +983,7 @@ def answer(Image img not None, bytes query not None, bint tcp=False, int edns_ma
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max=1232, bint ra=False):
+               int edns_max, bint ra=False):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
     RFC 7766 framing stays with the caller; TCP is not the hot path."""
     cdef Outcome res
@@ -1007,8 +1007,8 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
         PyMem_Free(out)
 
 
-def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tcp=False,
-                 int edns_max=1232):
+def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tcp=False, *,
+                 int edns_max):
     """Mean nanoseconds per answer_query() over ``n`` runs, with no Python in the loop."""
     cdef Outcome res
     cdef Py_ssize_t k
@@ -1079,7 +1079,7 @@ cdef class UdpServer:
     cdef object fwd                     # FwdEngine or None; fws points into it
     cdef FwState *fws
 
-    def __cinit__(self, int fd, int edns_max=1232, int batch=64):
+    def __cinit__(self, int fd, int edns_max, int batch=64):
         if fd < 0:
             raise ValueError(f"fd must be an open socket, got {fd}")
         if not 1 <= batch <= 1024:

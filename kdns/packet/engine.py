@@ -10,13 +10,13 @@ The API (§5):
 
 - ``Image(buffer)`` checks magic and length; ``.verify()`` checks the CRC; ``.serial``,
   ``.synced``.
-- ``answer(img, query, tcp=False, edns_max=1232) -> (action, reply)``; actions ``DROP``,
+- ``answer(img, query, tcp=False, *, edns_max, ra=False) -> (action, reply)``; actions ``DROP``,
   ``SEND``, ``HANDOFF``.
 - ``Counters(buffer)`` over one worker's page (``counters.SLOT_WORDS`` uint64 words).
-- ``UdpServer(fd, edns_max=1232, batch=64)``: ``.serve(img, counters, max_batches=16)``
+- ``UdpServer(fd, edns_max, batch=64)``: ``.serve(img, counters, max_batches=16)``
   drains the non-blocking socket and returns how many packets it handed off;
   ``.handoff_packet(i)``, ``.handoff_addr(i)``.
-- ``tcp_answer(img, counters, msg, edns_max=1232, ra=False) -> (action, reply)`` (counted as
+- ``tcp_answer(img, counters, msg, edns_max, ra=False) -> (action, reply)`` (counted as
   tcp; ``ra``: set RA, the worker forwards).
 
 Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
@@ -122,12 +122,12 @@ def count_reply(page, proto: str, reply: bytes) -> None:
         _count_sent(_page_words(page), proto, reply)
 
 
-def refused(query: bytes, edns_max: int = 1232) -> bytes | None:
+def refused(query: bytes, edns_max: int = settings.EDNS_UDP_SIZE) -> bytes | None:
     """REFUSED for a query the image does not cover and nobody to forward it to."""
     return rcode_reply(query, refpath.REFUSED, edns_max)
 
 
-def rcode_reply(query: bytes, rcode: int, edns_max: int = 1232) -> bytes | None:
+def rcode_reply(query: bytes, rcode: int, edns_max: int = settings.EDNS_UDP_SIZE) -> bytes | None:
     """``rcode`` with no records (REFUSED, or SERVFAIL when the hand-off broke). Echoes the question and, when the query had one, an OPT
     (RFC 6891 §6.1.1). None when the query cannot be echoed (the engine had parsed it, so
     this only happens for a caller's mistake)."""
@@ -176,7 +176,7 @@ class PureImage:
         return bool(self.ref.flags & FLAG_SYNCED)
 
 
-def pure_answer(img: PureImage, query: bytes, tcp: bool = False, edns_max: int = 1232,
+def pure_answer(img: PureImage, query: bytes, tcp: bool = False, *, edns_max: int,
                 ra: bool = False):
     try:
         return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra)
@@ -194,7 +194,7 @@ class PureCounters:
         self.words = _page_words(buffer)
 
 
-def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int = 1232,
+def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int,
                     ra: bool = False):
     started = time.perf_counter_ns()
     action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra)
@@ -206,7 +206,7 @@ class PureUdpServer:
     """Drains a non-blocking UDP socket one ``recvfrom`` at a time (the compiled one batches
     with ``recvmmsg``/``sendmmsg``); same results, same counters."""
 
-    def __init__(self, fd: int, edns_max: int = 1232, batch: int = 64):
+    def __init__(self, fd: int, edns_max: int, batch: int = 64):
         self.sock = socket.socket(fileno=os.dup(fd))   # our own fd: the caller keeps theirs
         self.sock.setblocking(False)
         self.edns_max = edns_max

@@ -716,7 +716,7 @@ cdef int fw_drain(FwState *s, uint64_t *ctr) noexcept nogil:
 cdef class FwdEngine:
     """A worker's compiled forwarder (see the top of this file).
 
-    ``FwdEngine(client_fd, sock_fds, capacity=1000, try_timeout=2.0, edns_size=1232)``:
+    ``FwdEngine(client_fd, sock_fds, capacity, try_timeout, edns_size)``:
     ``client_fd`` is the worker's UDP socket (replies leave from it), ``sock_fds`` the
     upstream sockets (Python's; non-blocking, bound). ``set_routes(upstreams, stubs)``:
     IPv4 (host, port) pairs and stub-domain wire names that stay in Python. ``fileno()``
@@ -727,8 +727,8 @@ cdef class FwdEngine:
     cdef object cache                   # the PacketCache C stores into, or None
     cdef object counters                # the Counters whose page s.ctr points into
 
-    def __cinit__(self, int client_fd, sock_fds, int capacity=1000, double try_timeout=2.0,
-                  int edns_size=1232):
+    def __cinit__(self, int client_fd, sock_fds, int capacity, double try_timeout,
+                  int edns_size):
         cdef int i, n = len(sock_fds), tsize = 1, ksize = 1
         cdef epoll_event ev
         cdef FwState *s

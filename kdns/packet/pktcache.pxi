@@ -17,7 +17,10 @@
 cdef enum:
     PC_KEYMAX = 256 + 6          # name (<= 255) + qtype + qclass + DO + CD
     PC_MAXRR = 48
-    PC_WIREMAX = 1232            # what we advertise upstream (forward.EDNS_SIZE); bigger: Python
+    # The largest upstream reply kept: the IPv6 minimum MTU less the IPv6 and UDP headers
+    # (RFC 8200 §5), the size advertised upstream by default (settings.EDNS_UDP_SIZE).
+    # A bigger reply (an operator advertising more) is relayed but not cached.
+    PC_WIREMAX = 1280 - 40 - 8
     PC_PROBE = 8                 # linear-probe window
     PC_AA = 0x0400
 
@@ -236,7 +239,7 @@ cdef class PacketCache:
     cdef readonly int capacity
     cdef readonly int edns_size
 
-    def __cinit__(self, int capacity=4096, int edns_size=1232):
+    def __cinit__(self, int capacity, int edns_size):
         if capacity < 8 or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two >= 8, got {capacity}")
         # Zeroed pages from the kernel: a slot costs memory only once an entry lands in it.

@@ -7,6 +7,7 @@ file (``--from-file``); ``incremental`` joins them for the compile after a chang
 """
 from __future__ import annotations
 
+from kdns import settings
 from kdns.kube import records
 from kdns.kube.model import KINDS
 from kdns.zone import image as I
@@ -33,8 +34,8 @@ def compile_file(path: str, **options) -> bytes:
     return compile_file_counted(path, **options)[0]
 
 
-def compile_file_counted(path: str, *, domain: str = "cluster.local", ttl: int = 30,
-                         pods: str = "insecure", endpoint_pod_names: bool = False,
+def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
+                         pods: str = settings.PODS, endpoint_pod_names: bool = False,
                          serial: int | None = None) -> tuple[bytes, int]:
     """Image bytes for ``path`` and how many objects of the DNS kinds it held: the file
     source refuses to replace a cluster with an empty one (a truncated file, see

@@ -87,7 +87,7 @@ class FullCompiler:
     """The whole zone from the whole model on every change (the reference for
     ``IncrementalCompiler``, and what it falls back to)."""
 
-    def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure"):
+    def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL, pods: str = kdns_settings.PODS):
         self.options = {"domain": domain, "ttl": ttl, "pods": pods}
 
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
@@ -216,7 +216,7 @@ class Controller:
     push = True                     # we wake the supervisor's loop; it polls us every iteration
 
     def __init__(self, *, compiler: Compiler, needed: int, debounce: Debounce = Debounce(),
-                 initial_sync_timeout: float = 60.0, model: ClusterModel | None = None,
+                 initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT, model: ClusterModel | None = None,
                  describe_waiting: Callable[[], str] = lambda: "",
                  clock: Callable[[], float] = time.monotonic):
         self.model = model or ClusterModel()
@@ -541,8 +541,8 @@ class Controller:
 class ApiController(Controller):
     """The controller fed by the Kubernetes API (``kdns serve`` without --from-file)."""
 
-    def __init__(self, *, api_client, pods: str = "insecure", domain: str = "cluster.local",
-                 ttl: int = 30, initial_sync_timeout: float = 60.0,
+    def __init__(self, *, api_client, pods: str = kdns_settings.PODS, domain: str = kdns_settings.DOMAIN,
+                 ttl: int = kdns_settings.TTL, initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
                  debounce: Debounce = Debounce(), settings=None):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler

@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kdns import settings
 from kdns.zone import image as I
 from kdns.serve import publish
 from kdns.dns.names import reverse_name
@@ -69,7 +70,7 @@ class _Service:
 class IncrementalCompiler:
     """``controller.Compiler`` that re-encodes only the services a change touched."""
 
-    def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure",
+    def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
                  endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it."""
@@ -82,6 +83,7 @@ class IncrementalCompiler:
         self.into_memfd = into_memfd
         self._spare: publish.SpareMemfd | None = None  # the next image's memfd
         self._spare_lock = threading.Lock()
+        self._spare_ready = threading.Condition(self._spare_lock)
         self._next_spare = 0
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
                         "endpoint_pod_names": endpoint_pod_names, "ns_ips": ns_ips}
@@ -89,6 +91,7 @@ class IncrementalCompiler:
         self.full_compiles = 0       # compiles that did not use the saved records
         self.last_dirty = 0          # services re-derived by the last compile
         self.last_encoded = 0        # RRsets encoded by the last compile
+        self.core_reloads = 0        # times the core was rebuilt to shed its garbage
         self._reset()
 
     def _reset(self) -> None:
@@ -208,6 +211,7 @@ class IncrementalCompiler:
             fresh = self._new_core(core_type)
             fresh.apply((), self._core.dump())
             self._core = fresh
+            self.core_reloads += 1
 
     def _services_chunk(self, model, keys, pinned, ptr_before, core_type) -> None:
         remove, encode, groups, owners = [], [], [], []
@@ -312,8 +316,37 @@ class IncrementalCompiler:
             return
         with self._spare_lock:
             old, self._spare = self._spare, spare
+            self._spare_ready.notify_all()
         if old is not None:
             old.close()
+
+    # ------------------------------------------------------------------ observation
+    def core_stats(self) -> dict | None:
+        """The persistent core's sizes (``ZoneCore.stats``: names, encoded names, live and
+        dead bytes), or None when there is no core (none yet, or forgotten after a failure:
+        the next compile starts over)."""
+        return None if self._core is None else self._core.stats()
+
+    def service_state(self, namespace: str, name: str) -> str | None:
+        """How the last compile holds a service: "core" (its answers are a group in the
+        core), "rrsets" (kept as RRsets: a CNAME is, or points, into it), "empty" (it has
+        no answers), or None (not known)."""
+        entry = self._services.get((namespace, name))
+        if entry is None:
+            return None
+        return "rrsets" if entry.raw is not None else "core" if entry.in_core else "empty"
+
+    @property
+    def spare(self) -> publish.SpareMemfd | None:
+        """The memfd prepared for the next image (``into_memfd``), or None."""
+        return self._spare
+
+    def wait_spare(self, timeout: float) -> publish.SpareMemfd | None:
+        """The prepared memfd once the thread preparing it after a compile has, or None
+        after ``timeout`` seconds."""
+        with self._spare_ready:
+            self._spare_ready.wait_for(lambda: self._spare is not None, timeout)
+            return self._spare
 
     def idle(self) -> None:
         """The changes stopped (the controller's idle trim): give the spare memfd back."""

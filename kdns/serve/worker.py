@@ -66,7 +66,7 @@ class RefuseHandoff:
     """The default hand-off: REFUSED for names outside every served zone; CHAOS names
     answered as the forwarding hand-off does (kdns/forward/chaos.py)."""
 
-    def __init__(self, edns_max: int = 1232):
+    def __init__(self, edns_max: int = settings.EDNS_UDP_SIZE):
         self.edns_max = edns_max
 
     async def resolve(self, query: bytes, proto: str) -> bytes | None:
@@ -76,7 +76,7 @@ class RefuseHandoff:
 
 class Worker:
     def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
-                 control: socket.socket, page, edns_max: int = 1232,
+                 control: socket.socket, page, edns_max: int = settings.EDNS_UDP_SIZE,
                  tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT,
                  tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS,
                  tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE,
@@ -447,7 +447,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="kdns.serve.worker", description="kdns worker (started by kdns serve)")
     for name in ("--slot", "--udp-fd", "--tcp-fd", "--control-fd", "--counters-fd"):
         p.add_argument(name, type=int, required=True)
-    p.add_argument("--edns-udp-size", type=int, default=1232)
+    p.add_argument("--edns-udp-size", type=int, default=settings.EDNS_UDP_SIZE)
     p.add_argument("--tcp-idle-timeout", type=float, default=settings.TCP_IDLE_TIMEOUT)
     p.add_argument("--tcp-max-connections", type=int, default=settings.TCP_MAX_CONNECTIONS)
     p.add_argument("--tcp-max-per-source", type=int, default=settings.TCP_MAX_PER_SOURCE)
@@ -456,7 +456,7 @@ def parse_args(argv):
     p.add_argument("--log-queries", action="store_true")
     # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
-    p.add_argument("--cache-size", type=int, default=10000)
+    p.add_argument("--cache-size", type=int, default=settings.CACHE_SIZE)
     return p.parse_args(argv)
 
 

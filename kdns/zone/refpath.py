@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+from kdns import settings
 from kdns.zone import layout as L
 from kdns.zone.encode import ipv4_key, reverse_to_ip
 from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
@@ -20,10 +21,8 @@ ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 from kdns.dns.wire import (AA, CD, CLASS_ANY, CLASS_IN, EDNS_MIN, FORMERR, HEADER_LEN,  # noqa: F401
                            MAX_LABEL, MAX_NAME, NOTIMP, NXDOMAIN, QR, RA, RD, REFUSED,
                            RFC8482_HINFO, SERVFAIL, T_A, T_AAAA, T_ANY, T_AXFR, T_HINFO, T_IXFR,
-                           T_OPT, TC)
-MAX_HOPS = MAX_NAME // 2  # a name has at most 127 labels, so at most 127 pointers
-UDP_PLAIN = 512         # RFC 1035 §4.2.1
-TCP_MAX = 65535
+                           T_OPT, TC, TCP_MAX, UDP_PLAIN)
+from kdns.dns.names import MAX_HOPS, name_end, rr_at  # noqa: F401
 OPT_LEN = 11
 BADVERS_EXT = 1         # RFC 6891 §6.1.3: rcode 16 = extended 1, header 0
 
@@ -53,36 +52,19 @@ def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
 
 def skip_name(q: bytes, off: int) -> int:
     """Skip a possibly compressed name in the other sections; the offset just past it.
+    Malformed unless it is valid by ``kdns.dns.names.name_end``'s rules (RFC 1035 §4.1.4)."""
+    end = name_end(q, off)
+    if end < 0:
+        raise Malformed
+    return end
 
-    Malformed unless every pointer goes strictly backwards (RFC 1035 §4.1.4: to a "prior
-    occurrence") to a point past the header, and the name, its pointers followed, is at
-    most MAX_NAME bytes. Backwards-only means a chain of pointers cannot loop; the length
-    bound stops labels that run into the pointer leading back to them; the hop bound is
-    the most labels a name can have."""
-    end, total, hops = -1, 1, 0
-    while True:
-        if off >= len(q):
-            raise Malformed
-        n = q[off]
-        if n == 0:
-            return end if end >= 0 else off + 1
-        if n & 0xC0 == 0xC0:
-            if off + 2 > len(q):
-                raise Malformed
-            ptr = (n & 0x3F) << 8 | q[off + 1]
-            hops += 1
-            if ptr < HEADER_LEN or ptr >= off or hops > MAX_HOPS:
-                raise Malformed
-            if end < 0:
-                end = off + 2
-            off = ptr
-            continue
-        if n > MAX_LABEL:
-            raise Malformed         # 0x40 and 0x80 label types are not DNS names (RFC 6891 §5)
-        total += n + 1
-        if total > MAX_NAME:
-            raise Malformed
-        off += 1 + n
+
+def skip_rr(q: bytes, off: int) -> tuple[int, int, int, int, int]:
+    """The record at ``off`` as ``kdns.dns.names.rr_at`` gives it; Malformed if it is not one."""
+    rr = rr_at(q, off)
+    if rr is None:
+        raise Malformed
+    return rr
 
 
 def parse_edns(q: bytes, off: int, an: int, ns: int, ar: int) -> tuple[int, int, int] | None:
@@ -90,13 +72,7 @@ def parse_edns(q: bytes, off: int, an: int, ns: int, ar: int) -> tuple[int, int,
     opt = None
     for i in range(an + ns + ar):
         start = off
-        off = skip_name(q, off)
-        if off + 10 > len(q):
-            raise Malformed
-        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", q, off)
-        off += 10 + rdlen
-        if off > len(q):
-            raise Malformed
+        rtype, rclass, ttl, _, off = skip_rr(q, off)
         if rtype == T_OPT:
             # RFC 6891 §6.1.1: only in the additional section, owner root, at most one.
             if i < an + ns or q[start] != 0 or opt is not None:
@@ -221,7 +197,7 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
     return 6, b"".join(struct.pack("!H", v) for v in vals)
 
 
-def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = 1232,
+def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = settings.EDNS_UDP_SIZE,
            external_cname: bool = False, ra: bool = False) -> tuple[int, bytes]:
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
