@@ -70,6 +70,8 @@ class Prober:
     def __init__(self, target: tuple[str, int], name: str, *, interval: float = PROBE_INTERVAL,
                  timeout: float = PROBE_TIMEOUT, label: str = "kubedns"):
         self.target, self.name, self.label = target, name, label
+        # The names the sidecar's endpoints and metrics report this probe under.
+        self.labels = SIDECAR_PROBE_LABELS
         self.interval, self.timeout = interval, timeout
         self.last: ProbeResult | None = None
         self.answered_once = False      # readiness: the workers have answered at least once
@@ -218,7 +220,7 @@ def routes(*, prober: Prober | None, ready: Callable[[], bool],
     if prober is not None:
         # kube-dns's sidecar probed kubedns (:10053) and dnsmasq (:53) separately; in kdns
         # both are the one server on --dns-port, so one probe reports under both names.
-        for label in SIDECAR_PROBE_LABELS:
+        for label in prober.labels:
             out["sidecar"][f"/healthcheck/{label}"] = healthcheck
     return out
 

@@ -356,13 +356,12 @@ class SidecarCollector:
         out = []
         pr = self.prober
         if pr is not None:
-            from kdns.observe.health import SIDECAR_PROBE_LABELS
             pairs, acc = [], 0
             for i, bound in enumerate(LATENCY_MS_BOUNDS):
                 acc += pr.buckets[i]
                 pairs.append((_le(bound), acc))
             pairs.append(("+Inf", acc + pr.buckets[-1]))
-            for label in SIDECAR_PROBE_LABELS:
+            for label in pr.labels:
                 lat = HistogramMetricFamily(f"kubedns_probe_{label}_latency_ms",
                                             f"Latency of the DNS probe request {label}")
                 lat.add_metric([], pairs, pr.latency_ms_sum)
