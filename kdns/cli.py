@@ -179,14 +179,120 @@ def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
                         "(default /etc/resolv.conf: the node's, with dnsPolicy: Default)")
 
 
+def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
+    """The forwarder's and the cache's options (CoreDNS forward's and cache's)."""
+    s.add_argument("--forward-policy", choices=("random", "round_robin", "sequential"),
+                   default=settings.FORWARD_POLICY,
+                   help="which upstream is tried first: random, round_robin (one further per "
+                        "query) or sequential (always the first, then the next); default random")
+    s.add_argument("--forward-max-concurrent",
+                   type=_int_in(1, 1_000_000, "a query count from 1 to 1000000"),
+                   default=settings.FORWARD_MAX_CONCURRENT,
+                   help="upstream queries in flight per worker; beyond it a new one is "
+                        f"REFUSED, as CoreDNS's max_concurrent (default "
+                        f"{settings.FORWARD_MAX_CONCURRENT})")
+    s.add_argument("--forward-force-tcp", action="store_true",
+                   help="ask upstreams over TCP only (default: UDP, TCP after a truncated reply)")
+    s.add_argument("--cache-size", type=_int_in(1, 10_000_000, "an entry count from 1 to 10000000"),
+                   default=settings.CACHE_SIZE,
+                   help=f"forwarded answers cached per worker (default {settings.CACHE_SIZE})")
+    ttl = _int_in(0, 2**31 - 1, "a TTL in seconds")
+    s.add_argument("--cache-success-ttl", type=ttl, default=settings.CACHE_SUCCESS_TTL,
+                   help="longest a positive forwarded answer is cached, in seconds "
+                        f"(default {settings.CACHE_SUCCESS_TTL})")
+    s.add_argument("--cache-denial-ttl", type=ttl, default=settings.CACHE_DENIAL_TTL,
+                   help="longest an NXDOMAIN or NODATA is cached, in seconds (RFC 2308; "
+                        f"default {settings.CACHE_DENIAL_TTL})")
+    s.add_argument("--serve-stale", nargs="?", type=_duration, default=settings.SERVE_STALE,
+                   const=settings.SERVE_STALE_DURATION, metavar="DURATION",
+                   help="answer from expired cache entries up to DURATION past expiry when the "
+                        "upstreams fail or are slow (RFC 8767; without DURATION 1h; default off)")
+    s.add_argument("--corefile", default="", metavar="PATH",
+                   help="a CoreDNS Corefile (the coredns ConfigMap mounted): its kubernetes, "
+                        "forward, cache, health, ready, prometheus... settings; re-read every "
+                        "--config-period (not with --config-dir or --config-map)")
+    s.add_argument("--corefile-unsupported", choices=("refuse", "warn"), default="refuse",
+                   help="a Corefile plugin or option kdns does not implement: refuse to start "
+                        "(default), or warn: log each one and start without it")
+
+
+# The settings a Corefile decides, by their flag (argparse) names; a flag left at its
+# default gives way to the Corefile, a flag given another value wins (and is logged).
+COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "health_port",
+                  "ready_port", "metrics_port", "lameduck", "log_queries", "forward_policy",
+                  "forward_max_concurrent", "forward_force_tcp", "cache_size",
+                  "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf")
+
+
+def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Read --corefile into ``a``; the problem as one sentence, or None."""
+    from kdns.forward import corefile
+    if a.config_map or a.config_dir:
+        flag = "--config-map" if a.config_map else "--config-dir"
+        return (f"--corefile and {flag} cannot be used together: the Corefile's forward "
+                f"blocks replace the kube-dns ConfigMap; choose one.")
+    try:
+        cf = corefile.parse(a.corefile)
+    except corefile.CorefileError as e:
+        return f"--corefile: {e}"
+    if cf.unsupported:
+        if a.corefile_unsupported == "refuse":
+            more = len(cf.unsupported) - 1
+            return (f"--corefile: {cf.unsupported[0]}"
+                    + (f" ({more} more; --corefile-unsupported=warn lists them)" if more else "")
+                    + " Remove it, or pass --corefile-unsupported=warn to start without it.")
+        a.corefile_warnings = [f"{w} Ignored (--corefile-unsupported=warn)."
+                               for w in cf.unsupported]
+    values = dict(cf.flags)
+    if cf.resolv_conf is not None:
+        values["resolv_conf"] = cf.resolv_conf
+    pinned, notes = set(), []
+    for key in COREFILE_FLAGS:
+        default = parser.get_default(key)
+        if getattr(a, key) != default:
+            pinned.add(key)
+            if key in values and values[key] != getattr(a, key):
+                notes.append(f"--{key.replace('_', '-')} {getattr(a, key)} overrides the "
+                             f"Corefile's {values[key]!r}")
+        elif key in values:
+            setattr(a, key, values[key])
+    a.corefile_notes = notes
+    a.corefile_settings = cf
+    a.corefile_pinned = frozenset(pinned)
+    a.endpoint_pod_names = cf.flags.get("endpoint_pod_names", False)
+    a.serve_stale_refresh = cf.flags.get("serve_stale_refresh") if "serve_stale" not in pinned \
+        else None
+    a.cache_min_ttl = cf.flags.get("cache_min_ttl", settings.CACHE_MIN_TTL)
+    return None
+
+
 def _forwarding(a: argparse.Namespace):
     from kdns.forward.control import ForwardingOptions
+    if getattr(a, "corefile", ""):
+        return ForwardingOptions(
+            config_dir="", config_period=a.config_period, resolv_conf=a.resolv_conf,
+            nameservers=a.nameservers, cache_size=a.cache_size,
+            kubecfg_file=getattr(a, "kubecfg_file", ""),
+            kube_master_url=getattr(a, "kube_master_url", ""),
+            **_tuning(a), corefile=a.corefile,
+            corefile_strict=a.corefile_unsupported == "refuse",
+            corefile_first=a.corefile_settings, pinned=a.corefile_pinned)
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
                              nameservers=a.nameservers, config_map=a.config_map,
                              config_map_namespace=a.config_map_namespace,
                              kubecfg_file=getattr(a, "kubecfg_file", ""),
-                             kube_master_url=getattr(a, "kube_master_url", ""))
+                             kube_master_url=getattr(a, "kube_master_url", ""),
+                             cache_size=a.cache_size, **_tuning(a))
+
+
+def _tuning(a: argparse.Namespace) -> dict:
+    return dict(forward_policy=a.forward_policy, forward_max_concurrent=a.forward_max_concurrent,
+                forward_force_tcp=a.forward_force_tcp, cache_success_ttl=a.cache_success_ttl,
+                cache_denial_ttl=a.cache_denial_ttl,
+                cache_min_ttl=getattr(a, "cache_min_ttl", settings.CACHE_MIN_TTL),
+                serve_stale=a.serve_stale,
+                serve_stale_refresh=getattr(a, "serve_stale_refresh", None))
 
 
 def _forwarding_problem(a: argparse.Namespace) -> str | None:
@@ -263,6 +369,7 @@ def build_parser() -> Parser:
                         "exiting 0, e.g. 5s (default 5s, as CoreDNS's kubeadm Corefile; "
                         "0 stops at once)")
     _add_forwarding_flags(s)
+    _add_tuning_flags(s)
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
                    metavar="N", help="kube-dns (glog) verbosity; 3 or more means --log-level debug")
@@ -280,6 +387,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         initial_sync_timeout=a.initial_sync_timeout,
         dns_bind_address=a.dns_bind_address, dns_port=a.dns_port, ttl=a.ttl, workers=a.workers,
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
+        endpoint_pod_names=getattr(a, "endpoint_pod_names", False),
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
         tcp_max_per_source=a.tcp_max_per_source,
@@ -309,7 +417,11 @@ def _prometheus_env(cfg: server.ServeConfig) -> str | None:
     return None
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
+def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    if a.corefile:
+        problem = _apply_corefile(a, parser or _serve_parser())
+        if problem:
+            return _fail(problem)
     http_ports = ("--healthz-port", "--metrics-port", "--health-port", "--ready-port",
                   "--sidecar-port")
     for flag in http_ports:
@@ -327,6 +439,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         logs.setup(cfg.log_level, a)
     except OSError as e:
         return _fail(f"cannot open the log file ({e.strerror or e}); fix --log-file/--log-dir.")
+    for line in getattr(a, "corefile_warnings", ()):
+        logging.getLogger("kdns").warning("%s", line)
+    for line in getattr(a, "corefile_notes", ()):
+        logging.getLogger("kdns").info("%s", line)
     if a.profiling:
         logging.getLogger("kdns").info("--profiling: kdns has no pprof endpoint; ignored")
     if a.federations:
@@ -354,10 +470,19 @@ def cmd_records(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser() -> argparse.ArgumentParser:
+    """The ``serve`` subparser (its defaults tell a flag given from one left alone)."""
+    p = build_parser()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser().parse_args(logs.normalise_flag_names(argv))
-    return {"serve": cmd_serve, "records": cmd_records}[a.command](a)
+    if a.command == "serve":
+        return cmd_serve(a, _serve_parser())
+    return cmd_records(a)
 
 
 if __name__ == "__main__":

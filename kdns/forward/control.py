@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kdns import settings
 from kdns.forward.forwarder import Forwarder, Upstream
 from kdns.forward.kubedns_config import (DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_PERIOD, ConfigDirWatcher,
                              ConfigError, KubeDNSConfig, effective_upstreams, parse_configmap,
@@ -45,14 +46,43 @@ class ForwardingOptions:
     config_map_namespace: str = "kube-system"
     kubecfg_file: str = ""
     kube_master_url: str = ""
+    # The forwarder's and the cache's choices (--forward-*, --cache-*, --serve-stale, or
+    # the Corefile's forward and cache options).
+    forward_policy: str = settings.FORWARD_POLICY
+    forward_max_concurrent: int = settings.FORWARD_MAX_CONCURRENT
+    forward_force_tcp: bool = settings.FORWARD_FORCE_TCP
+    cache_success_ttl: int = settings.CACHE_SUCCESS_TTL
+    cache_denial_ttl: int = settings.CACHE_DENIAL_TTL
+    cache_min_ttl: int = settings.CACHE_MIN_TTL
+    serve_stale: float = settings.SERVE_STALE
+    # None: RFC 8767's 1.8 s client timer; "immediate": a stale answer at once while the
+    # refresh runs; "verify": only when the refresh fails (CoreDNS serve_stale's modes).
+    serve_stale_refresh: str | None = None
+    # --corefile: re-read every config_period (CorefileWatcher); ``corefile_first`` is the
+    # version the command line was built from, ``pinned`` the settings the command line
+    # gave itself (the Corefile does not override them on a reload either).
+    corefile: str = ""
+    corefile_strict: bool = True
+    corefile_first: object = None
+    pinned: frozenset = frozenset()
+
+    def tuning(self) -> dict:
+        """What each worker applies to its Forwarder and cache."""
+        stale_timeout = {None: settings.STALE_ANSWER_TIMEOUT, "immediate": 0.0,
+                         "verify": None}[self.serve_stale_refresh]
+        return {"policy": self.forward_policy, "max_concurrent": self.forward_max_concurrent,
+                "force_tcp": self.forward_force_tcp, "success_ttl": self.cache_success_ttl,
+                "denial_ttl": self.cache_denial_ttl, "min_ttl": self.cache_min_ttl,
+                "serve_stale": self.serve_stale, "stale_timeout": stale_timeout}
 
 
 # --------------------------------------------------------------------------- the message
 
 
-def encode_config(token: str, upstreams, stubs: dict, looping=()) -> bytes:
+def encode_config(token: str, upstreams, stubs: dict, looping=(), tuning=None) -> bytes:
     return json.dumps({
         "token": token,
+        "tuning": tuning or {},
         "upstreams": [list(u) for u in upstreams],
         "stubs": {d: [list(u) for u in s] for d, s in sorted(stubs.items())},
         "looping": [list(u) for u in looping],
@@ -64,6 +94,11 @@ def decode_config(data: bytes) -> tuple[str, tuple, dict, set]:
     ups = tuple(Upstream(h, p) for h, p in m["upstreams"])
     stubs = {d: tuple(Upstream(h, p) for h, p in s) for d, s in m["stubs"].items()}
     return m["token"], ups, stubs, {Upstream(h, p) for h, p in m["looping"]}
+
+
+def decode_tuning(data: bytes) -> dict:
+    """The forwarder and cache settings of a config message ({}: keep the defaults)."""
+    return json.loads(data).get("tuning") or {}
 
 
 # --------------------------------------------------------------------------- supervisor side
@@ -83,6 +118,14 @@ class ForwardingControl:
         self.watcher = (ConfigDirWatcher(opts.config_dir, self._on_change,
                                          period=opts.config_period)
                         if opts.config_dir else None)
+        if opts.corefile:
+            from kdns.forward.corefile import CorefileWatcher
+            first = opts.corefile_first
+            self.watcher = CorefileWatcher(opts.corefile, self._on_corefile,
+                                           strict=opts.corefile_strict, first=first)
+            if first is not None:
+                self.config = first.forwarding
+                self._corefile_resolv(first)
         # --config-map: a poller with fetch(), take() -> (version, data) | None, start() and a
         # stop event (kdns.kube.configmap.ConfigMapPoller), given by the supervisor.
         self.configmap = configmap
@@ -160,6 +203,29 @@ class ForwardingControl:
             if config != old:
                 self._start_loop_check()
 
+    def _corefile_resolv(self, cf) -> None:
+        # ``forward . FILE``: that file's nameservers (unless --resolv-conf named another);
+        # no ``forward .`` at all: nothing to forward to, as CoreDNS.
+        if cf.resolv_conf is None:
+            self.resolv = ()
+        else:
+            path = self.opts.resolv_conf if "resolv_conf" in self.opts.pinned else cf.resolv_conf
+            self.resolv = parse_resolv_conf(path)
+
+    def _on_corefile(self, cf) -> None:
+        """A new valid Corefile version: its routes and its forward and cache options now
+        (the settings the command line pinned stay as given)."""
+        from dataclasses import replace
+        from kdns.forward.corefile import FORWARD_KEYS
+        defaults = ForwardingOptions()
+        changes = {k: cf.flags.get(k, getattr(defaults, k)) for k in FORWARD_KEYS
+                   if k != "cache_size" and k not in self.opts.pinned}
+        if "serve_stale" not in cf.flags and "serve_stale" not in self.opts.pinned:
+            changes["serve_stale_refresh"] = None
+        self.opts = replace(self.opts, **changes)
+        self._corefile_resolv(cf)
+        self._on_change(cf.forwarding)      # publishes the new tuning too
+
     def _apply_check(self, looping: tuple, errors: list[str]) -> None:
         if errors != self.loop_errors:
             if errors:
@@ -190,7 +256,7 @@ class ForwardingControl:
 
     def _publish(self) -> None:
         self.message = encode_config(self.token, self.upstreams(), self.config.stub_domains,
-                                     self.looping)
+                                     self.looping, self.opts.tuning())
         for slot in list(self._channels):
             self._send(slot)
 

@@ -87,8 +87,10 @@ class FullCompiler:
     """The whole zone from the whole model on every change (the reference for
     ``IncrementalCompiler``, and what it falls back to)."""
 
-    def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure"):
-        self.options = {"domain": domain, "ttl": ttl, "pods": pods}
+    def __init__(self, *, domain: str = "cluster.local", ttl: int = 30, pods: str = "insecure",
+                 endpoint_pod_names: bool = False):
+        self.options = {"domain": domain, "ttl": ttl, "pods": pods,
+                        "endpoint_pod_names": endpoint_pod_names}
 
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
         return build.compile_model(model, synced=synced, **self.options)
@@ -543,15 +545,18 @@ class ApiController(Controller):
 
     def __init__(self, *, api_client, pods: str = "insecure", domain: str = "cluster.local",
                  ttl: int = 30, initial_sync_timeout: float = 60.0,
-                 debounce: Debounce = Debounce(), settings=None):
+                 debounce: Debounce = Debounce(), settings=None,
+                 endpoint_pod_names: bool = False):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
         if kdns_settings.ENV.full_compile:
             # The reference compile on every change: an escape hatch, and the "before" of
             # bench/bench_api_scale.py --full-compile.
-            compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods)
+            compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods,
+                                    endpoint_pod_names=endpoint_pod_names)
         else:
-            compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True)
+            compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True,
+                                           endpoint_pod_names=endpoint_pod_names)
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
@@ -575,7 +580,8 @@ class ApiController(Controller):
         except ValueError as e:
             raise ConnectionConfigError(str(e)) from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
-                   initial_sync_timeout=cfg.initial_sync_timeout, settings=watch)
+                   initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
+                   endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False))
 
     def start(self) -> None:
         super().start()
