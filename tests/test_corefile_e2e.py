@@ -1,0 +1,129 @@
+"""``kdns serve --corefile`` on examples/cluster.yaml answers as the same kdns configured the
+kube-dns way (a ConfigMap directory with the equivalent stubDomains/upstreamNameservers), over
+real sockets with dnspython; a bad Corefile edit keeps the last good one.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from serverutil import ROOT, Kdns
+from upstream import TestDNSServer
+
+pytestmark = pytest.mark.timeout(90)
+CLUSTER = os.path.join(ROOT, "examples", "cluster.yaml")
+
+QUESTIONS = [("kubernetes.default.svc.cluster.local", "A"),
+             ("kubernetes.default.svc.cluster.local", "SRV"),
+             ("_https._tcp.kubernetes.default.svc.cluster.local", "SRV"),
+             ("nothere.default.svc.cluster.local", "A"),
+             ("10-244-1-5.default.pod.cluster.local", "A"),
+             ("1.0.96.10.in-addr.arpa", "PTR"),
+             ("www.outside.example", "A"),
+             ("host.corp.example", "A"),
+             ("missing.outside.example", "A")]
+
+COREFILE = """# kubeadm's, with the forward pointed at the test's upstream and a stub domain
+.:53 {
+    errors
+    health {
+       lameduck 5s
+    }
+    ready
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+       pods insecure
+       fallthrough in-addr.arpa ip6.arpa
+       ttl 30
+    }
+    prometheus :9153
+    forward . {$UPSTREAM} {
+       max_concurrent 1000
+    }
+    cache 30
+    loop
+    reload
+}
+corp.example:53 {
+    errors
+    cache 30
+    forward . {$CORP}
+}
+"""
+
+
+def answer(k: Kdns, name: str, qtype: str):
+    r = dns.query.udp(dns.message.make_query(name, qtype), k.host, port=k.port, timeout=3)
+    # TTLs of forwarded answers count down in the cache: compare the records, not the time.
+    sections = [sorted(rr.to_text().split("\n")) for rr in r.answer + r.authority]
+    strip = [[" ".join(w for i, w in enumerate(line.split()) if i != 1) for line in sec]
+             for sec in sections]
+    return dns.rcode.to_text(r.rcode()), r.flags & 0x0580, strip
+
+
+def wait_log(k: Kdns, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in k.logs():
+        assert time.monotonic() < deadline, f"no {text!r} in: {k.logs()}"
+        time.sleep(0.05)
+
+
+def test_corefile_answers_as_the_equivalent_kube_dns_configmap(tmp_path):
+    up = TestDNSServer({"www.outside.example.": ["A 198.51.100.1"]}, host="127.0.0.31")
+    corp = TestDNSServer({"host.corp.example.": ["A 198.51.100.2"]}, host="127.0.0.32")
+    with up, corp:
+        (tmp_path / "cm").mkdir()
+        (tmp_path / "cm" / "upstreamNameservers").write_text(f'["{up.host}:{up.port}"]')
+        (tmp_path / "cm" / "stubDomains").write_text(
+            f'{{"corp.example": ["{corp.host}:{corp.port}"]}}')
+        (tmp_path / "Corefile").write_text(COREFILE)
+        env = {"UPSTREAM": f"{up.host}:{up.port}", "CORP": f"{corp.host}:{corp.port}"}
+        results = []
+        for args in (("--config-dir", str(tmp_path / "cm"), "--ttl", "30"),
+                     ("--corefile", str(tmp_path / "Corefile"))):
+            k = Kdns(tmp_path, zone_file=CLUSTER, workers=1, args=args, env=env).start()
+            try:
+                results.append([answer(k, n, t) for n, t in QUESTIONS])
+            finally:
+                k.stop()
+        assert results[0] == results[1]
+        by_name = dict(zip(QUESTIONS, results[1]))
+        assert by_name[("www.outside.example", "A")][2] == [["www.outside.example. IN A 198.51.100.1"]]
+        assert by_name[("host.corp.example", "A")][2] == [["host.corp.example. IN A 198.51.100.2"]]
+        assert by_name[("nothere.default.svc.cluster.local", "A")][0] == "NXDOMAIN"
+
+
+def test_a_bad_corefile_edit_keeps_the_last_good_one(tmp_path):
+    a = TestDNSServer({"x.corp.example.": ["A 198.51.100.10"]}, host="127.0.0.33")
+    b = TestDNSServer({"x.corp.example.": ["A 198.51.100.20"]}, host="127.0.0.34")
+    with a, b:
+        path = tmp_path / "Corefile"
+        text = COREFILE.replace("{$UPSTREAM}", "127.0.0.35:53")
+        path.write_text(text.replace("{$CORP}", f"{a.host}:{a.port}"))
+        k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
+                 args=("--corefile", str(path), "--config-period", "0.1s")).start()
+        try:
+            def x():
+                r = dns.query.udp(dns.message.make_query("x.corp.example", "A"), k.host,
+                                  port=k.port, timeout=3)
+                return [rr.to_text().split()[-1] for rr in r.answer]
+            assert x() == ["198.51.100.10"]
+            # A typo: an unknown forward option. Rejected with its line; a's route stays.
+            bad = text.replace("{$CORP}", f"{b.host}:{b.port} {{\n        polcy random\n    }}")
+            path.write_text(bad)
+            wait_log(k, f"{path}:25: the forward option 'polcy random' is not supported")
+            assert "Keeping the last good Corefile" in k.logs()
+            assert x() == ["198.51.100.10"] and b.udp_queries == 0
+            # Fixed: applied without a restart (the cache is cleared with the routes).
+            path.write_text(text.replace("{$CORP}", f"{b.host}:{b.port}"))
+            wait_log(k, "kube-dns config changed")
+            deadline = time.monotonic() + 5
+            while x() != ["198.51.100.20"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            k.stop()
