@@ -211,6 +211,11 @@ def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
                    help="a CoreDNS Corefile (the coredns ConfigMap mounted): its kubernetes, "
                         "forward, cache, health, ready, prometheus... settings; re-read every "
                         "--config-period (not with --config-dir or --config-map)")
+    s.add_argument("--corefile-configmap", nargs="?", const=settings.COREFILE_CONFIGMAP,
+                   default="", metavar="NAME",
+                   help="read the Corefile from this ConfigMap's Corefile key through the "
+                        "Kubernetes API (default name coredns, in --config-map-namespace), "
+                        "polled every --config-period; imports are read from /etc/coredns")
     s.add_argument("--corefile-unsupported", choices=("refuse", "warn"), default="refuse",
                    help="a Corefile plugin or option kdns does not implement: refuse to start "
                         "(default), or warn: log each one and start without it")
@@ -224,21 +229,53 @@ COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "heal
                   "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf")
 
 
-def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
-    """Read --corefile into ``a``; the problem as one sentence, or None."""
+def _read_corefile_configmap(a: argparse.Namespace):
+    """The coredns ConfigMap's Corefile, read once through the API (before anything starts:
+    the cluster domain and the ports come from it). (settings, None) or (None, problem)."""
     from kdns.forward import corefile
+    from kdns.kube.configmap import ConfigMapPoller, api_client_for
+    name, ns = a.corefile_configmap, a.config_map_namespace
+    try:
+        client = api_client_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
+    except ValueError as e:
+        return None, f"--corefile-configmap needs the Kubernetes API: {e}"
+    poller = ConfigMapPoller(name, ns, a.config_period, client)
+    poller.fetch()
+    got = poller.take()
+    if got is None:
+        return None, (f"--corefile-configmap: cannot read ConfigMap {ns}/{name} through the "
+                      f"API (the log line above says why); check --kube-master-url and RBAC.")
+    if got[0] == "absent":
+        return None, f"--corefile-configmap: ConfigMap {ns}/{name} does not exist."
+    label = f"configmap/{ns}/{name}:Corefile"
+    text = corefile.configmap_text(got[1], label)
+    return corefile.parse(label, text=text), None
+
+
+def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Read --corefile (or --corefile-configmap) into ``a``; the problem as one sentence,
+    or None."""
+    from kdns.forward import corefile
+    flag = "--corefile" if a.corefile else "--corefile-configmap"
+    if a.corefile and a.corefile_configmap:
+        return "--corefile and --corefile-configmap cannot be used together; choose one."
     if a.config_map or a.config_dir:
-        flag = "--config-map" if a.config_map else "--config-dir"
-        return (f"--corefile and {flag} cannot be used together: the Corefile's forward "
+        other = "--config-map" if a.config_map else "--config-dir"
+        return (f"{flag} and {other} cannot be used together: the Corefile's forward "
                 f"blocks replace the kube-dns ConfigMap; choose one.")
     try:
-        cf = corefile.parse(a.corefile)
+        if a.corefile:
+            cf = corefile.parse(a.corefile)
+        else:
+            cf, problem = _read_corefile_configmap(a)
+            if problem:
+                return problem
     except corefile.CorefileError as e:
-        return f"--corefile: {e}"
+        return f"{flag}: {e}"
     if cf.unsupported:
         if a.corefile_unsupported == "refuse":
             more = len(cf.unsupported) - 1
-            return (f"--corefile: {cf.unsupported[0]}"
+            return (f"{flag}: {cf.unsupported[0]}"
                     + (f" ({more} more; --corefile-unsupported=warn lists them)" if more else "")
                     + " Remove it, or pass --corefile-unsupported=warn to start without it.")
         a.corefile_warnings = [f"{w} Ignored (--corefile-unsupported=warn)."
@@ -268,9 +305,11 @@ def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> s
 
 def _forwarding(a: argparse.Namespace):
     from kdns.forward.control import ForwardingOptions
-    if getattr(a, "corefile", ""):
+    if getattr(a, "corefile", "") or getattr(a, "corefile_configmap", ""):
         return ForwardingOptions(
             config_dir="", config_period=a.config_period, resolv_conf=a.resolv_conf,
+            config_map=a.corefile_configmap, config_map_namespace=a.config_map_namespace,
+            corefile_configmap=bool(a.corefile_configmap),
             nameservers=a.nameservers, cache_size=a.cache_size,
             kubecfg_file=getattr(a, "kubecfg_file", ""),
             kube_master_url=getattr(a, "kube_master_url", ""),
@@ -418,7 +457,7 @@ def _prometheus_env(cfg: server.ServeConfig) -> str | None:
 
 
 def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    if a.corefile:
+    if a.corefile or a.corefile_configmap:
         problem = _apply_corefile(a, parser or _serve_parser())
         if problem:
             return _fail(problem)

@@ -57,6 +57,10 @@ CONFIG_DIR = "/kube-dns-config"    # where kube-dns's manifest mounts its Config
 CONFIG_PERIOD = 10.0               # kube-dns's --config-period
 CONFIG_MAP_NAMESPACE = "kube-system"
 RESOLV_CONF = "/etc/resolv.conf"
+# Where CoreDNS's manifests mount the coredns ConfigMap: a Corefile read through the API
+# resolves its imports (k3s's and AKS's custom/*.server) against this directory.
+COREFILE_DIR = "/etc/coredns"
+COREFILE_CONFIGMAP = "coredns"
 CACHE_SIZE = 10000             # forwarded answers kept per worker (CoreDNS: 9984 per class)
 FAST_CACHE_SLOTS = 4096        # slots of the compiled packet cache per worker
 # The forwarder's choices (--forward-*, the Corefile's forward options): CoreDNS's defaults.

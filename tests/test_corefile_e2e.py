@@ -127,3 +127,90 @@ def test_a_bad_corefile_edit_keeps_the_last_good_one(tmp_path):
                 time.sleep(0.05)
         finally:
             k.stop()
+
+
+class ConfigMapApi:
+    """A loopback HTTP server answering GET of kube-system/coredns (what kdns polls)."""
+
+    def __init__(self, data: dict):
+        import http.server
+        import json
+        import threading
+        outer = self
+        self.data, self.rv = data, 1
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] != "/api/v1/namespaces/kube-system/configmaps/coredns":
+                    body, code = b'{"kind":"Status","code":404,"reason":"NotFound"}', 404
+                else:
+                    body, code = json.dumps({"kind": "ConfigMap", "apiVersion": "v1",
+                                             "metadata": {"name": "coredns",
+                                                          "resourceVersion": str(outer.rv)},
+                                             "data": outer.data}).encode(), 200
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def set(self, data: dict) -> None:
+        self.data, self.rv = data, self.rv + 1
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_corefile_read_through_the_api_and_reloaded(tmp_path):
+    a = TestDNSServer({"x.corp.example.": ["A 198.51.100.10"]}, host="127.0.0.36")
+    b = TestDNSServer({"x.corp.example.": ["A 198.51.100.20"]}, host="127.0.0.37")
+    text = COREFILE.replace("{$UPSTREAM}", "127.0.0.35:53")
+    api = ConfigMapApi({"Corefile": text.replace("{$CORP}", f"{a.host}:{a.port}")})
+    with a, b:
+        k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
+                 args=("--corefile-configmap", "--kube-master-url", api.url,
+                       "--config-period", "0.1s"))
+        try:
+            k.start()
+
+            def x():
+                r = dns.query.udp(dns.message.make_query("x.corp.example", "A"), k.host,
+                                  port=k.port, timeout=3)
+                return [rr.to_text().split()[-1] for rr in r.answer]
+            assert x() == ["198.51.100.10"]
+            api.set({"Corefile": text.replace("{$CORP}",
+                                              f"{b.host}:{b.port} {{\n        polcy random\n    }}")})
+            wait_log(k, "configmap/kube-system/coredns:Corefile:25: the forward option "
+                        "'polcy random' is not supported")
+            assert x() == ["198.51.100.10"] and b.udp_queries == 0
+            api.set({"Corefile": text.replace("{$CORP}", f"{b.host}:{b.port}")})
+            deadline = time.monotonic() + 5
+            while x() != ["198.51.100.20"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            k.stop()
+            api.close()
+
+
+def test_corefile_configmap_missing_is_one_sentence(tmp_path):
+    import subprocess
+    import sys
+    api = ConfigMapApi({"Corefile": COREFILE})
+    try:
+        r = subprocess.run([sys.executable, "-m", "kdns", "serve", "--from-file", CLUSTER,
+                            "--corefile-configmap", "other", "--kube-master-url", api.url],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        assert r.stderr.strip().endswith(
+            "kdns: --corefile-configmap: ConfigMap kube-system/other does not exist.")
+    finally:
+        api.close()

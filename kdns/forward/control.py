@@ -62,6 +62,9 @@ class ForwardingOptions:
     # version the command line was built from, ``pinned`` the settings the command line
     # gave itself (the Corefile does not override them on a reload either).
     corefile: str = ""
+    # --corefile-configmap: ``config_map`` names the coredns ConfigMap, whose Corefile key
+    # is the Corefile (polled through the API like the kube-dns one).
+    corefile_configmap: bool = False
     corefile_strict: bool = True
     corefile_first: object = None
     pinned: frozenset = frozenset()
@@ -118,11 +121,14 @@ class ForwardingControl:
         self.watcher = (ConfigDirWatcher(opts.config_dir, self._on_change,
                                          period=opts.config_period)
                         if opts.config_dir else None)
-        if opts.corefile:
+        self.corefile = None
+        if opts.corefile or opts.corefile_configmap:
             from kdns.forward.corefile import CorefileWatcher
             first = opts.corefile_first
-            self.watcher = CorefileWatcher(opts.corefile, self._on_corefile,
-                                           strict=opts.corefile_strict, first=first)
+            self.corefile = CorefileWatcher(opts.corefile, self._on_corefile,
+                                            strict=opts.corefile_strict, first=first)
+            # A file is polled like the config dir; a ConfigMap arrives through the poller.
+            self.watcher = self.corefile if opts.corefile else None
             if first is not None:
                 self.config = first.forwarding
                 self._corefile_resolv(first)
@@ -182,6 +188,11 @@ class ForwardingControl:
         if got is None or got[0] == self._cm_version:
             return
         self._cm_version = got[0]
+        if self.opts.corefile_configmap:
+            before = self.corefile.rejected
+            self.corefile.offer_configmap(got[1], self.configmap_label())
+            self.rejected += self.corefile.rejected - before
+            return
         try:
             config = parse_configmap(got[1])
         except ConfigError as exc:
@@ -202,6 +213,10 @@ class ForwardingControl:
             self._publish()
             if config != old:
                 self._start_loop_check()
+
+    def configmap_label(self) -> str:
+        """How a Corefile read through the API is named in messages (file:line)."""
+        return f"configmap/{self.opts.config_map_namespace}/{self.opts.config_map}:Corefile"
 
     def _corefile_resolv(self, cf) -> None:
         # ``forward . FILE``: that file's nameservers (unless --resolv-conf named another);

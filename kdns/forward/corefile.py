@@ -169,9 +169,13 @@ class _Reader:
         except OSError as e:
             where = f"{at.where}: import {at.text}" if at is not None else "--corefile"
             raise CorefileError(f"{where}: cannot read {path} ({e.strerror or e}).") from None
-        self.files.append(path)
-        self.digest.update(path.encode() + b"\0" + text.encode() + b"\0")
-        return self.expand(tokenize(text, path, self.env), os.path.dirname(path), depth)
+        return self.read_text(text, path, os.path.dirname(path), depth)
+
+    def read_text(self, text: str, label: str, base: str, depth: int = 0) -> list[Token]:
+        """``text`` named ``label`` in messages, its imports relative to ``base``."""
+        self.files.append(label)
+        self.digest.update(label.encode() + b"\0" + text.encode() + b"\0")
+        return self.expand(tokenize(text, label, self.env), base, depth)
 
     def expand(self, toks: list[Token], base: str, depth: int) -> list[Token]:
         out, i = [], 0
@@ -613,13 +617,16 @@ class _Mapper:
         self.set("cache_min_ttl", COREDNS_MIN_TTL if min_ttl is None else min_ttl, d.name)
 
 
-def parse(path: str, *, env=None) -> CorefileSettings:
+def parse(path: str, *, env=None, text: str | None = None,
+          base: str = settings.COREFILE_DIR) -> CorefileSettings:
     """Read the Corefile at ``path`` (imports included); CorefileError when it is malformed
     or contradicts itself. Unsupported plugins and options are listed, not raised: the
-    caller refuses or warns (--corefile-unsupported)."""
+    caller refuses or warns (--corefile-unsupported). With ``text`` (the ConfigMap's
+    ``Corefile`` key read through the API) ``path`` only names it in messages, and imports
+    are relative to ``base`` (where CoreDNS's manifests mount the Corefile)."""
     env = os.environ if env is None else env
     reader = _Reader(env)
-    toks = reader.read(path)
+    toks = reader.read(path) if text is None else reader.read_text(text, path, base)
     if not toks:
         raise CorefileError(f"{path}: the Corefile is empty; give at least one server block, "
                             f"e.g. .:53 {{ kubernetes cluster.local }}.")
@@ -654,11 +661,20 @@ def parse(path: str, *, env=None) -> CorefileSettings:
                             version=reader.digest.hexdigest())
 
 
-def version_of(path: str, env=None) -> str:
+def version_of(path: str, env=None, text: str | None = None,
+               base: str = settings.COREFILE_DIR) -> str:
     """The digest ``parse`` would give, without mapping (a cheap change check)."""
     reader = _Reader(os.environ if env is None else env)
-    reader.read(path)
+    reader.read(path) if text is None else reader.read_text(text, path, base)
     return reader.digest.hexdigest()
+
+
+def configmap_text(data: dict, label: str) -> str:
+    """The ``Corefile`` key of a ConfigMap's data, as CoreDNS's manifests mount it."""
+    if data.get("Corefile") is None:
+        raise CorefileError(f"{label}: the ConfigMap has no Corefile key (it is absent or "
+                            f"holds only {', '.join(sorted(data)) or 'nothing'}).")
+    return data["Corefile"]
 
 
 class CorefileWatcher:
@@ -675,8 +691,20 @@ class CorefileWatcher:
         self.rejected = 0
 
     def poll_once(self) -> bool:
+        """The file: re-read it (and its imports)."""
+        return self.offer(lambda: version_of(self.path, self.env),
+                          lambda: parse(self.path, env=self.env))
+
+    def offer_configmap(self, data: dict, label: str) -> bool:
+        """A ConfigMap version read through the API: its ``Corefile`` key."""
+        def text():
+            return configmap_text(data, label)
+        return self.offer(lambda: version_of(label, self.env, text()),
+                          lambda: parse(label, env=self.env, text=text()))
+
+    def offer(self, version_of_new, load) -> bool:
         try:
-            version = version_of(self.path, self.env)
+            version = version_of_new()
         except CorefileError as e:
             if self.version != "unreadable":
                 log.error("%s Keeping the last good Corefile.", e)
@@ -687,7 +715,7 @@ class CorefileWatcher:
             return False
         self.version = version
         try:
-            new = parse(self.path, env=self.env)
+            new = load()
             if new.unsupported and self.strict:
                 raise CorefileError(new.unsupported[0])
         except CorefileError as e:
