@@ -214,3 +214,46 @@ def test_corefile_configmap_missing_is_one_sentence(tmp_path):
             "kdns: --corefile-configmap: ConfigMap kube-system/other does not exist.")
     finally:
         api.close()
+
+
+def test_endpoint_pod_names_from_the_corefile(tmp_path):
+    """``endpoint_pod_names`` names an endpoint without a hostname after its pod."""
+    base = ".:53 {\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n" \
+           "        fallthrough in-addr.arpa ip6.arpa\n        ttl 30\n%s    }\n    cache 30\n}\n"
+    got = {}
+    for opt in ("", "        endpoint_pod_names\n"):
+        path = tmp_path / "Corefile"
+        path.write_text(base % opt)
+        k = Kdns(tmp_path, zone_file=CLUSTER, workers=1, args=("--corefile", str(path))).start()
+        try:
+            r = dns.query.udp(dns.message.make_query("10.1.244.10.in-addr.arpa", "PTR"),
+                              k.host, port=k.port, timeout=3)
+            got[bool(opt)] = [rr.to_text().split()[-1] for rr in r.answer]
+        finally:
+            k.stop()
+    assert got == {False: ["10-244-1-10.api.development.svc.cluster.local."],
+                   True: ["api-7f9c-aaaaa.api.development.svc.cluster.local."]}
+
+
+def test_forward_flags_reach_the_workers(tmp_path):
+    """--forward-force-tcp and --forward-policy sequential, through a running kdns (its
+    compiled forwarder leaves these to Python, which honours them)."""
+    names = {f"n{i}.outside.example.": ["A 198.51.100.9"] for i in range(6)}
+    first, second = TestDNSServer(names, host="127.0.0.38"), TestDNSServer(names, host="127.0.0.39")
+    with first, second:
+        ups = f"{first.host}:{first.port},{second.host}:{second.port}"
+        k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
+                 args=("--nameservers", ups, "--forward-force-tcp",
+                       "--forward-policy", "sequential")).start()
+        try:
+            for i in range(6):
+                r = dns.query.udp(dns.message.make_query(f"n{i}.outside.example", "A"),
+                                  k.host, port=k.port, timeout=3)
+                assert [rr.to_text().split()[-1] for rr in r.answer] == ["198.51.100.9"]
+        finally:
+            k.stop()
+        # The loop check's probes go over TCP too; the six names all went to the first.
+        asked = [q for q in first.queries if q[0].startswith("n")]
+        assert len(asked) == 6 and all(proto == "tcp" for _, _, proto in asked)
+        assert [q for q in second.queries if q[0].startswith("n")] == []
+        assert first.udp_queries == 0 and second.udp_queries == 0

@@ -259,6 +259,9 @@ class ForwardingControl:
 
         def run():
             fw = Forwarder(ups, stubs, probe_token=self.token, try_timeout=self.opts.try_timeout)
+            # The probe travels as the workers' queries do (CoreDNS's loop query goes
+            # through forward): an upstream reached only over TCP is probed over TCP.
+            fw.force_tcp = self.opts.forward_force_tcp
             try:
                 errors = asyncio.run(fw.check_loop(self.own))
             except Exception as e:          # a probe bug must not take the supervisor down
