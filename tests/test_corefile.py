@@ -260,3 +260,16 @@ def test_cli_refuses_corefile_with_the_kube_dns_configmap(tmp_path):
                    fixture("eks.Corefile"), "--config-dir", str(tmp_path))
     assert r.returncode == 2
     assert "--corefile and --config-dir cannot be used together" in r.stderr
+
+
+def test_watcher_says_which_changes_wait_for_a_restart(tmp_path, caplog):
+    text = ".:53 {\n kubernetes cluster.local\n cache 30\n forward . 10.0.0.1\n}\n"
+    path = write(tmp_path, text)
+    w = cf.CorefileWatcher(path, lambda new: None, env={})
+    w.poll_once()
+    write(tmp_path, text.replace("cache 30", "cache 60 {\n  success 100\n }")
+          .replace("cluster.local", "corp.local"))
+    with caplog.at_level(logging.WARNING, "kdns.forward.corefile"):
+        assert w.poll_once()
+    assert "Corefile changed cache_size, domain; kdns applies them at its next start" \
+        in caplog.text

@@ -726,8 +726,10 @@ class CorefileWatcher:
             log.warning("%s Ignored (--corefile-unsupported=warn).", why)
         old, self.current = self.current, new
         if old is not None:
+            # The cache's size is fixed when a worker starts (its compiled table).
             later = sorted(k for k in set(old.flags) | set(new.flags)
-                           if k not in FORWARD_KEYS and old.flags.get(k) != new.flags.get(k))
+                           if (k not in FORWARD_KEYS or k == "cache_size")
+                           and old.flags.get(k) != new.flags.get(k))
             if later:
                 log.warning("Corefile changed %s; kdns applies %s at its next start "
                             "(forwarding and cache changes apply now).",
