@@ -257,3 +257,20 @@ def test_forward_flags_reach_the_workers(tmp_path):
         assert len(asked) == 6 and all(proto == "tcp" for _, _, proto in asked)
         assert [q for q in second.queries if q[0].startswith("n")] == []
         assert first.udp_queries == 0 and second.udp_queries == 0
+
+
+def test_kubeadm_default_starts_with_unsupported_warn(tmp_path):
+    """kubeadm's own Corefile (with loadbalance) serves with --corefile-unsupported=warn, and
+    the log names what was left out."""
+    path = os.path.join(ROOT, "tests", "corefiles", "kubeadm.Corefile")
+    k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
+             args=("--corefile", path, "--corefile-unsupported", "warn")).start()
+    try:
+        r = dns.query.udp(dns.message.make_query("kubernetes.default.svc.cluster.local", "A"),
+                          k.host, port=k.port, timeout=3)
+        assert [rr.to_text() for rr in r.answer] == \
+            ["kubernetes.default.svc.cluster.local. 30 IN A 10.96.0.1"]
+        assert (f"{path}:25: the plugin loadbalance is not supported by kdns. Ignored "
+                "(--corefile-unsupported=warn).") in k.logs()
+    finally:
+        k.stop()
