@@ -274,3 +274,38 @@ def test_kubeadm_default_starts_with_unsupported_warn(tmp_path):
                 "(--corefile-unsupported=warn).") in k.logs()
     finally:
         k.stop()
+
+
+def test_cache_ttl_cap_and_max_concurrent_in_the_compiled_path(tmp_path):
+    """--cache-success-ttl caps what the compiled cache serves; --forward-max-concurrent
+    bounds the compiled forwarder's queries in flight: the one over it is REFUSED."""
+    import socket
+    up = TestDNSServer({"long.outside.example.": ["600 A 198.51.100.3"],
+                        "slow1.outside.example.": ["A 198.51.100.4"],
+                        "slow2.outside.example.": ["A 198.51.100.5"]}, host="127.0.0.40")
+    with up:
+        k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
+                 args=("--nameservers", f"{up.host}:{up.port}", "--cache-success-ttl", "7",
+                       "--forward-max-concurrent", "1")).start()
+        try:
+            def ask(name):
+                return dns.query.udp(dns.message.make_query(name, "A"), k.host, port=k.port,
+                                     timeout=3)
+            assert ask("long.outside.example").answer[0].ttl == 600   # relayed as sent
+            n = up.udp_queries
+            cached = ask("long.outside.example")
+            assert up.udp_queries == n and cached.answer[0].ttl <= 7  # the cap, from cache
+            up.delay = 0.5
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+            try:
+                for s, name in zip(socks, ("slow1.outside.example", "slow2.outside.example")):
+                    s.settimeout(3)
+                    s.sendto(dns.message.make_query(name, "A").to_wire(), (k.host, k.port))
+                rcodes = sorted(dns.rcode.to_text(dns.message.from_wire(s.recv(4096)).rcode())
+                                for s in socks)
+            finally:
+                for s in socks:
+                    s.close()
+            assert rcodes == ["NOERROR", "REFUSED"]
+        finally:
+            k.stop()
