@@ -51,7 +51,7 @@ def k3s_copy(tmp_path) -> str:
      ["kind.Corefile:21: the plugin loadbalance"]),
     # EKS gives no ttl: the kubernetes plugin's own default, 5 s, as CoreDNS serves it.
     ("eks.Corefile", {**COMMON, "ttl": 5, "lameduck": 5.0},
-     ["eks.Corefile:17: the plugin loadbalance"]),
+     ["eks.Corefile:19: the plugin loadbalance"]),
     ("aks.Corefile", {**COMMON, "ttl": 30, "lameduck": 5.0},
      ["aks.Corefile:21: the plugin loadbalance"]),
     # k3s's health has no lameduck block: 0, as CoreDNS.
@@ -273,3 +273,33 @@ def test_watcher_says_which_changes_wait_for_a_restart(tmp_path, caplog):
         assert w.poll_once()
     assert "Corefile changed cache_size, domain; kdns applies them at its next start" \
         in caplog.text
+
+
+def test_eks_conditional_forwarder_edit(tmp_path):
+    """The edit AWS documents for a conditional forwarder: a server block of its own
+    (older EKS Corefile: bare health, no ready)."""
+    text = """.:53 {
+    errors
+    health
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+      pods insecure
+      fallthrough in-addr.arpa ip6.arpa
+    }
+    prometheus :9153
+    forward . /etc/resolv.conf
+    cache 30
+    loop
+    reload
+}
+corp.example:53 {
+    errors
+    cache 30
+    forward . 10.20.0.2
+    reload
+}
+"""
+    got = cf.parse(write(tmp_path, text), env={})
+    assert got.unsupported == []
+    assert got.forwarding.stub_domains == {"corp.example": (Upstream("10.20.0.2", 53),)}
+    assert (got.flags["ready_port"], got.flags["health_port"], got.flags["lameduck"]) == \
+        (0, 8080, 0.0)
