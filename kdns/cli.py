@@ -187,20 +187,22 @@ def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
                         "query) or sequential (always the first, then the next); default random")
     s.add_argument("--forward-max-concurrent",
                    type=_int_in(1, 1_000_000, "a query count from 1 to 1000000"),
-                   default=settings.FORWARD_MAX_CONCURRENT,
+                   default=settings.FORWARD_MAX_CONCURRENT, metavar="N",
                    help="upstream queries in flight per worker; beyond it a new one is "
                         f"REFUSED, as CoreDNS's max_concurrent (default "
                         f"{settings.FORWARD_MAX_CONCURRENT})")
     s.add_argument("--forward-force-tcp", action="store_true",
                    help="ask upstreams over TCP only (default: UDP, TCP after a truncated reply)")
     s.add_argument("--cache-size", type=_int_in(1, 10_000_000, "an entry count from 1 to 10000000"),
-                   default=settings.CACHE_SIZE,
+                   default=settings.CACHE_SIZE, metavar="N",
                    help=f"forwarded answers cached per worker (default {settings.CACHE_SIZE})")
     ttl = _int_in(0, 2**31 - 1, "a TTL in seconds")
     s.add_argument("--cache-success-ttl", type=ttl, default=settings.CACHE_SUCCESS_TTL,
+                   metavar="SECONDS",
                    help="longest a positive forwarded answer is cached, in seconds "
                         f"(default {settings.CACHE_SUCCESS_TTL})")
     s.add_argument("--cache-denial-ttl", type=ttl, default=settings.CACHE_DENIAL_TTL,
+                   metavar="SECONDS",
                    help="longest an NXDOMAIN or NODATA is cached, in seconds (RFC 2308; "
                         f"default {settings.CACHE_DENIAL_TTL})")
     s.add_argument("--serve-stale", nargs="?", type=_duration, default=settings.SERVE_STALE,
