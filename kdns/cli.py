@@ -173,14 +173,161 @@ def _add_forwarding_flags(s: argparse.ArgumentParser) -> None:
                         "(default /etc/resolv.conf: the node's, with dnsPolicy: Default)")
 
 
+def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
+    """The forwarder's and the cache's options (CoreDNS forward's and cache's)."""
+    s.add_argument("--forward-policy", choices=("random", "round_robin", "sequential"),
+                   default=settings.FORWARD_POLICY,
+                   help="which upstream is tried first: random, round_robin (one further per "
+                        "query) or sequential (always the first, then the next); default random")
+    s.add_argument("--forward-max-concurrent",
+                   type=_int_in(1, 1_000_000, "a query count from 1 to 1000000"),
+                   default=settings.FORWARD_MAX_CONCURRENT, metavar="N",
+                   help="upstream queries in flight per worker; beyond it a new one is "
+                        f"REFUSED, as CoreDNS's max_concurrent (default "
+                        f"{settings.FORWARD_MAX_CONCURRENT})")
+    s.add_argument("--forward-force-tcp", action="store_true",
+                   help="ask upstreams over TCP only (default: UDP, TCP after a truncated reply)")
+    s.add_argument("--cache-size", type=_int_in(1, 10_000_000, "an entry count from 1 to 10000000"),
+                   default=settings.CACHE_SIZE, metavar="N",
+                   help=f"forwarded answers cached per worker (default {settings.CACHE_SIZE})")
+    ttl = _int_in(0, 2**31 - 1, "a TTL in seconds")
+    s.add_argument("--cache-success-ttl", type=ttl, default=settings.CACHE_SUCCESS_TTL,
+                   metavar="SECONDS",
+                   help="longest a positive forwarded answer is cached, in seconds "
+                        f"(default {settings.CACHE_SUCCESS_TTL})")
+    s.add_argument("--cache-denial-ttl", type=ttl, default=settings.CACHE_DENIAL_TTL,
+                   metavar="SECONDS",
+                   help="longest an NXDOMAIN or NODATA is cached, in seconds (RFC 2308; "
+                        f"default {settings.CACHE_DENIAL_TTL})")
+    s.add_argument("--serve-stale", nargs="?", type=_duration, default=settings.SERVE_STALE,
+                   const=settings.SERVE_STALE_DURATION, metavar="DURATION",
+                   help="answer from expired cache entries up to DURATION past expiry when the "
+                        "upstreams fail or are slow (RFC 8767; without DURATION 1h; default off)")
+    s.add_argument("--corefile", default="", metavar="PATH",
+                   help="a CoreDNS Corefile (the coredns ConfigMap mounted): its kubernetes, "
+                        "forward, cache, health, ready, prometheus... settings; re-read every "
+                        "--config-period (not with --config-dir or --config-map)")
+    s.add_argument("--corefile-configmap", nargs="?", const=settings.COREFILE_CONFIGMAP,
+                   default="", metavar="NAME",
+                   help="read the Corefile from this ConfigMap's Corefile key through the "
+                        "Kubernetes API (default name coredns, in --config-map-namespace), "
+                        "polled every --config-period; imports are read from /etc/coredns")
+    s.add_argument("--corefile-unsupported", choices=("refuse", "warn"), default="refuse",
+                   help="a Corefile plugin or option kdns does not implement: refuse to start "
+                        "(default), or warn: log each one and start without it")
+
+
+# The settings a Corefile decides, by their flag (argparse) names; a flag left at its
+# default gives way to the Corefile, a flag given another value wins (and is logged).
+COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "health_port",
+                  "ready_port", "metrics_port", "lameduck", "log_queries", "forward_policy",
+                  "forward_max_concurrent", "forward_force_tcp", "cache_size",
+                  "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf")
+
+
+def _read_corefile_configmap(a: argparse.Namespace):
+    """The coredns ConfigMap's Corefile, read once through the API (before anything starts:
+    the cluster domain and the ports come from it). (settings, None) or (None, problem)."""
+    from kdns.forward import corefile
+    from kdns.kube.configmap import ConfigMapPoller, api_client_for
+    name, ns = a.corefile_configmap, a.config_map_namespace
+    try:
+        client = api_client_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
+    except ValueError as e:
+        return None, f"--corefile-configmap needs the Kubernetes API: {e}"
+    poller = ConfigMapPoller(name, ns, a.config_period, client)
+    poller.fetch()
+    got = poller.take()
+    if got is None:
+        return None, (f"--corefile-configmap: cannot read ConfigMap {ns}/{name} through the "
+                      f"API (the log line above says why); check --kube-master-url and RBAC.")
+    if got[0] == "absent":
+        return None, f"--corefile-configmap: ConfigMap {ns}/{name} does not exist."
+    label = f"configmap/{ns}/{name}:Corefile"
+    text = corefile.configmap_text(got[1], label)
+    return corefile.parse(label, text=text), None
+
+
+def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Read --corefile (or --corefile-configmap) into ``a``; the problem as one sentence,
+    or None."""
+    from kdns.forward import corefile
+    flag = "--corefile" if a.corefile else "--corefile-configmap"
+    if a.corefile and a.corefile_configmap:
+        return "--corefile and --corefile-configmap cannot be used together; choose one."
+    if a.config_map or a.config_dir:
+        other = "--config-map" if a.config_map else "--config-dir"
+        return (f"{flag} and {other} cannot be used together: the Corefile's forward "
+                f"blocks replace the kube-dns ConfigMap; choose one.")
+    try:
+        if a.corefile:
+            cf = corefile.parse(a.corefile)
+        else:
+            cf, problem = _read_corefile_configmap(a)
+            if problem:
+                return problem
+    except corefile.CorefileError as e:
+        return f"{flag}: {e}"
+    if cf.unsupported:
+        if a.corefile_unsupported == "refuse":
+            more = len(cf.unsupported) - 1
+            return (f"{flag}: {cf.unsupported[0]}"
+                    + (f" ({more} more; --corefile-unsupported=warn lists them)" if more else "")
+                    + " Remove it, or pass --corefile-unsupported=warn to start without it.")
+        a.corefile_warnings = [f"{w} Ignored (--corefile-unsupported=warn)."
+                               for w in cf.unsupported]
+    values = dict(cf.flags)
+    if cf.resolv_conf is not None:
+        values["resolv_conf"] = cf.resolv_conf
+    pinned, notes = set(), []
+    for key in COREFILE_FLAGS:
+        default = parser.get_default(key)
+        if getattr(a, key) != default:
+            pinned.add(key)
+            if key in values and values[key] != getattr(a, key):
+                notes.append(f"--{key.replace('_', '-')} {getattr(a, key)} overrides the "
+                             f"Corefile's {values[key]!r}")
+        elif key in values:
+            setattr(a, key, values[key])
+    a.corefile_notes = notes
+    a.corefile_settings = cf
+    a.corefile_pinned = frozenset(pinned)
+    a.endpoint_pod_names = cf.flags.get("endpoint_pod_names", False)
+    a.serve_stale_refresh = cf.flags.get("serve_stale_refresh") if "serve_stale" not in pinned \
+        else None
+    a.cache_min_ttl = cf.flags.get("cache_min_ttl", settings.CACHE_MIN_TTL)
+    return None
+
+
 def _forwarding(a: argparse.Namespace):
     from kdns.forward.control import ForwardingOptions
+    if getattr(a, "corefile", "") or getattr(a, "corefile_configmap", ""):
+        return ForwardingOptions(
+            config_dir="", config_period=a.config_period, resolv_conf=a.resolv_conf,
+            config_map=a.corefile_configmap, config_map_namespace=a.config_map_namespace,
+            corefile_configmap=bool(a.corefile_configmap),
+            nameservers=a.nameservers, cache_size=a.cache_size,
+            kubecfg_file=getattr(a, "kubecfg_file", ""),
+            kube_master_url=getattr(a, "kube_master_url", ""),
+            **_tuning(a), corefile=a.corefile,
+            corefile_strict=a.corefile_unsupported == "refuse",
+            corefile_first=a.corefile_settings, pinned=a.corefile_pinned)
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
                              nameservers=a.nameservers, config_map=a.config_map,
                              config_map_namespace=a.config_map_namespace,
                              kubecfg_file=getattr(a, "kubecfg_file", ""),
-                             kube_master_url=getattr(a, "kube_master_url", ""))
+                             kube_master_url=getattr(a, "kube_master_url", ""),
+                             cache_size=a.cache_size, **_tuning(a))
+
+
+def _tuning(a: argparse.Namespace) -> dict:
+    return dict(forward_policy=a.forward_policy, forward_max_concurrent=a.forward_max_concurrent,
+                forward_force_tcp=a.forward_force_tcp, cache_success_ttl=a.cache_success_ttl,
+                cache_denial_ttl=a.cache_denial_ttl,
+                cache_min_ttl=getattr(a, "cache_min_ttl", settings.CACHE_MIN_TTL),
+                serve_stale=a.serve_stale,
+                serve_stale_refresh=getattr(a, "serve_stale_refresh", None))
 
 
 def _forwarding_problem(a: argparse.Namespace) -> str | None:
@@ -258,6 +405,7 @@ def build_parser() -> Parser:
                         "exiting 0, e.g. 5s (default 5s, as CoreDNS's kubeadm Corefile; "
                         "0 stops at once)")
     _add_forwarding_flags(s)
+    _add_tuning_flags(s)
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
                    metavar="N", help="kube-dns (glog) verbosity; 3 or more means --log-level debug")
@@ -275,6 +423,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         initial_sync_timeout=a.initial_sync_timeout,
         dns_bind_address=a.dns_bind_address, dns_port=a.dns_port, ttl=a.ttl, workers=a.workers,
         healthz_port=a.healthz_port, metrics_port=a.metrics_port, pods=a.pods,
+        endpoint_pod_names=getattr(a, "endpoint_pod_names", False),
         edns_udp_size=a.edns_udp_size, tcp_idle_timeout=a.tcp_idle_timeout,
         tcp_max_connections=a.tcp_max_connections, lameduck=a.lameduck,
         tcp_max_per_source=a.tcp_max_per_source,
@@ -304,7 +453,11 @@ def _prometheus_env(cfg: server.ServeConfig) -> str | None:
     return None
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
+def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    if a.corefile or a.corefile_configmap:
+        problem = _apply_corefile(a, parser or _serve_parser())
+        if problem:
+            return _fail(problem)
     http_ports = ("--healthz-port", "--metrics-port", "--health-port", "--ready-port",
                   "--sidecar-port")
     for flag in http_ports:
@@ -322,6 +475,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         logs.setup(cfg.log_level, a)
     except OSError as e:
         return _fail(f"cannot open the log file ({e.strerror or e}); fix --log-file/--log-dir.")
+    for line in getattr(a, "corefile_warnings", ()):
+        logging.getLogger("kdns").warning("%s", line)
+    for line in getattr(a, "corefile_notes", ()):
+        logging.getLogger("kdns").info("%s", line)
     if a.profiling:
         logging.getLogger("kdns").info("--profiling: kdns has no pprof endpoint; ignored")
     if a.federations:
@@ -349,10 +506,19 @@ def cmd_records(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser() -> argparse.ArgumentParser:
+    """The ``serve`` subparser (its defaults tell a flag given from one left alone)."""
+    p = build_parser()
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser().parse_args(logs.normalise_flag_names(argv))
-    return {"serve": cmd_serve, "records": cmd_records}[a.command](a)
+    if a.command == "serve":
+        return cmd_serve(a, _serve_parser())
+    return cmd_records(a)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,25 @@ CONFIG_DIR = "/kube-dns-config"    # where kube-dns's manifest mounts its Config
 CONFIG_PERIOD = 10.0               # kube-dns's --config-period
 CONFIG_MAP_NAMESPACE = "kube-system"
 RESOLV_CONF = "/etc/resolv.conf"
+# Where CoreDNS's manifests mount the coredns ConfigMap: a Corefile read through the API
+# resolves its imports (k3s's and AKS's custom/*.server) against this directory.
+COREFILE_DIR = "/etc/coredns"
+COREFILE_CONFIGMAP = "coredns"
 CACHE_SIZE = 10000             # forwarded answers kept per worker (CoreDNS: 9984 per class)
 FAST_CACHE_SLOTS = 4096        # slots of the compiled packet cache per worker
+# The forwarder's choices (--forward-*, the Corefile's forward options): CoreDNS's defaults.
+FORWARD_POLICY = "random"      # which upstream first: random, round_robin or sequential
+FORWARD_MAX_CONCURRENT = 1000  # queries in flight per worker; beyond it REFUSED (CoreDNS)
+FORWARD_FORCE_TCP = False
+# The cache's TTL caps and floor (CoreDNS cache: 3600 s success, 1800 s denial, 5 s floor).
+CACHE_SUCCESS_TTL = 3600
+CACHE_DENIAL_TTL = 1800
+CACHE_MIN_TTL = 5
+SERVE_STALE = 0.0              # seconds past expiry an answer may be served stale; 0: never
+SERVE_STALE_DURATION = 3600.0  # --serve-stale without a value, and CoreDNS's serve_stale
+# RFC 8767 §5 client response timer: with a stale answer at hand, a refresh that has not
+# answered in this long is answered stale.
+STALE_ANSWER_TIMEOUT = 1.8
 TRY_TIMEOUT = 2.0              # seconds per upstream try (kube-dns and CoreDNS: 2 s)
 # RFC 9520 §3.2: a resolution failure is cached at least 1 s, backing off on repeats up
 # to at most 5 minutes; kdns doubles from 1 s and stops at 30 s.

@@ -76,7 +76,7 @@ def own_resolvers(tmp_path, args) -> list[str]:
         path = tmp_path / "empty-resolv.conf"
         path.write_text("")
         extra += ["--resolv-conf", str(path)]
-    if "--config-dir" not in args:
+    if "--config-dir" not in args and not {"--corefile", "--corefile-configmap"} & set(args):
         extra += ["--config-dir", str(tmp_path / "no-kube-dns-config")]
     return extra
 

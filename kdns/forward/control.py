@@ -45,14 +45,46 @@ class ForwardingOptions:
     config_map_namespace: str = "kube-system"
     kubecfg_file: str = ""
     kube_master_url: str = ""
+    # The forwarder's and the cache's choices (--forward-*, --cache-*, --serve-stale, or
+    # the Corefile's forward and cache options).
+    forward_policy: str = settings.FORWARD_POLICY
+    forward_max_concurrent: int = settings.FORWARD_MAX_CONCURRENT
+    forward_force_tcp: bool = settings.FORWARD_FORCE_TCP
+    cache_success_ttl: int = settings.CACHE_SUCCESS_TTL
+    cache_denial_ttl: int = settings.CACHE_DENIAL_TTL
+    cache_min_ttl: int = settings.CACHE_MIN_TTL
+    serve_stale: float = settings.SERVE_STALE
+    # None: RFC 8767's 1.8 s client timer; "immediate": a stale answer at once while the
+    # refresh runs; "verify": only when the refresh fails (CoreDNS serve_stale's modes).
+    serve_stale_refresh: str | None = None
+    # --corefile: re-read every config_period (CorefileWatcher); ``corefile_first`` is the
+    # version the command line was built from, ``pinned`` the settings the command line
+    # gave itself (the Corefile does not override them on a reload either).
+    corefile: str = ""
+    # --corefile-configmap: ``config_map`` names the coredns ConfigMap, whose Corefile key
+    # is the Corefile (polled through the API like the kube-dns one).
+    corefile_configmap: bool = False
+    corefile_strict: bool = True
+    corefile_first: object = None
+    pinned: frozenset = frozenset()
+
+    def tuning(self) -> dict:
+        """What each worker applies to its Forwarder and cache."""
+        stale_timeout = {None: settings.STALE_ANSWER_TIMEOUT, "immediate": 0.0,
+                         "verify": None}[self.serve_stale_refresh]
+        return {"policy": self.forward_policy, "max_concurrent": self.forward_max_concurrent,
+                "force_tcp": self.forward_force_tcp, "success_ttl": self.cache_success_ttl,
+                "denial_ttl": self.cache_denial_ttl, "min_ttl": self.cache_min_ttl,
+                "serve_stale": self.serve_stale, "stale_timeout": stale_timeout}
 
 
 # --------------------------------------------------------------------------- the message
 
 
-def encode_config(token: str, upstreams, stubs: dict, looping=()) -> bytes:
+def encode_config(token: str, upstreams, stubs: dict, looping=(), tuning=None) -> bytes:
     return json.dumps({
         "token": token,
+        "tuning": tuning or {},
         "upstreams": [list(u) for u in upstreams],
         "stubs": {d: [list(u) for u in s] for d, s in sorted(stubs.items())},
         "looping": [list(u) for u in looping],
@@ -64,6 +96,11 @@ def decode_config(data: bytes) -> tuple[str, tuple, dict, set]:
     ups = tuple(Upstream(h, p) for h, p in m["upstreams"])
     stubs = {d: tuple(Upstream(h, p) for h, p in s) for d, s in m["stubs"].items()}
     return m["token"], ups, stubs, {Upstream(h, p) for h, p in m["looping"]}
+
+
+def decode_tuning(data: bytes) -> dict:
+    """The forwarder and cache settings of a config message ({}: keep the defaults)."""
+    return json.loads(data).get("tuning") or {}
 
 
 # --------------------------------------------------------------------------- supervisor side
@@ -83,6 +120,17 @@ class ForwardingControl:
         self.watcher = (ConfigDirWatcher(opts.config_dir, self._on_change,
                                          period=opts.config_period)
                         if opts.config_dir else None)
+        self.corefile = None
+        if opts.corefile or opts.corefile_configmap:
+            from kdns.forward.corefile import CorefileWatcher
+            first = opts.corefile_first
+            self.corefile = CorefileWatcher(opts.corefile, self._on_corefile,
+                                            strict=opts.corefile_strict, first=first)
+            # A file is polled like the config dir; a ConfigMap arrives through the poller.
+            self.watcher = self.corefile if opts.corefile else None
+            if first is not None:
+                self.config = first.forwarding
+                self._corefile_resolv(first)
         # --config-map: a poller with fetch(), take() -> (version, data) | None, start() and a
         # stop event (kdns.kube.configmap.ConfigMapPoller), given by the supervisor.
         self.configmap = configmap
@@ -140,6 +188,11 @@ class ForwardingControl:
         if got is None or got[0] == self._cm_version:
             return
         self._cm_version = got[0]
+        if self.opts.corefile_configmap:
+            before = self.corefile.rejected
+            self.corefile.offer_configmap(got[1], self.configmap_label())
+            self.rejected += self.corefile.rejected - before
+            return
         try:
             config = parse_configmap(got[1])
         except ConfigError as exc:
@@ -161,6 +214,33 @@ class ForwardingControl:
             if config != old:
                 self._start_loop_check()
 
+    def configmap_label(self) -> str:
+        """How a Corefile read through the API is named in messages (file:line)."""
+        return f"configmap/{self.opts.config_map_namespace}/{self.opts.config_map}:Corefile"
+
+    def _corefile_resolv(self, cf) -> None:
+        # ``forward . FILE``: that file's nameservers (unless --resolv-conf named another);
+        # no ``forward .`` at all: nothing to forward to, as CoreDNS.
+        if cf.resolv_conf is None:
+            self.resolv = ()
+        else:
+            path = self.opts.resolv_conf if "resolv_conf" in self.opts.pinned else cf.resolv_conf
+            self.resolv = parse_resolv_conf(path)
+
+    def _on_corefile(self, cf) -> None:
+        """A new valid Corefile version: its routes and its forward and cache options now
+        (the settings the command line pinned stay as given)."""
+        from dataclasses import replace
+        from kdns.forward.corefile import FORWARD_KEYS
+        defaults = ForwardingOptions()
+        changes = {k: cf.flags.get(k, getattr(defaults, k)) for k in FORWARD_KEYS
+                   if k != "cache_size" and k not in self.opts.pinned}
+        if "serve_stale" not in cf.flags and "serve_stale" not in self.opts.pinned:
+            changes["serve_stale_refresh"] = None
+        self.opts = replace(self.opts, **changes)
+        self._corefile_resolv(cf)
+        self._on_change(cf.forwarding)      # publishes the new tuning too
+
     def _apply_check(self, looping: tuple, errors: list[str]) -> None:
         if errors != self.loop_errors:
             if errors:
@@ -180,6 +260,9 @@ class ForwardingControl:
 
         def run():
             fw = Forwarder(ups, stubs, probe_token=self.token, try_timeout=self.opts.try_timeout)
+            # The probe travels as the workers' queries do (CoreDNS's loop query goes
+            # through forward): an upstream reached only over TCP is probed over TCP.
+            fw.force_tcp = self.opts.forward_force_tcp
             try:
                 errors = asyncio.run(fw.check_loop(self.own))
             except Exception as e:          # a probe bug must not take the supervisor down
@@ -192,7 +275,7 @@ class ForwardingControl:
 
     def _publish(self) -> None:
         self.message = encode_config(self.token, self.upstreams(), self.config.stub_domains,
-                                     self.looping)
+                                     self.looping, self.opts.tuning())
         for slot in list(self._channels):
             self._send(slot)
 

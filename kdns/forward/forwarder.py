@@ -193,8 +193,11 @@ def fit(buf: bytearray, qend: int, ttl_offs: Iterable[int], limit: int, opt: byt
 class Forwarder:
     """Routes handed-off queries to stub-domain servers or upstreams, through the cache.
 
-    Timing parameters are in seconds; tests pass small ones. ``random_start=False`` always
-    tries the servers in the order given (a primary and its backups). ``host_resolver`` (optional,
+    Timing parameters are in seconds; tests pass small ones. ``policy`` orders the tries as
+    CoreDNS forward's: ``random`` (a random first server, the rest in turn: kube-dns),
+    ``round_robin`` (each query starts one server further), ``sequential`` (always in the
+    order given: a primary and its backups; also ``random_start=False``). ``force_tcp``
+    asks every upstream over TCP only. ``host_resolver`` (optional,
     async name → list of IPs) resolves stub servers given as names; without it they are
     resolved once per configuration through the default upstreams.
 
@@ -223,7 +226,10 @@ class Forwarder:
         self.counters = counters if counters is not None else C.ForwardCounters()
         self.cache, self.try_timeout, self.deadline = cache, try_timeout, deadline
         self.max_inflight, self.edns_size = max_inflight, edns_size
-        self.host_resolver, self.random_start = host_resolver, random_start
+        self.host_resolver = host_resolver
+        self.policy = settings.FORWARD_POLICY if random_start else "sequential"
+        self.force_tcp = settings.FORWARD_FORCE_TCP
+        self._next_start = 0              # round_robin: where the next query starts
         self.stale_answer_timeout = stale_answer_timeout
         # One token per kdns instance: the lead creates it before forking so every worker
         # recognises the instance's own probes (a probe may come back to another worker).
@@ -246,6 +252,14 @@ class Forwarder:
         self.responses: dict[int, int] = {}
         self.per_upstream: dict[str, UpstreamStats] = {}
         self.configure(upstreams, stub_domains or {})
+
+    @property
+    def random_start(self) -> bool:
+        return self.policy == "random"
+
+    @random_start.setter
+    def random_start(self, on: bool) -> None:
+        self.policy = "random" if on else "sequential"
 
     @property
     def inflight(self) -> int:
@@ -471,7 +485,7 @@ class Forwarder:
         failed goes last."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline
-        start = secrets.randbelow(len(servers)) if self.random_start else 0
+        start = self._start(len(servers))
         pending = list(servers[start:] + servers[:start])
         # Upstreams marked down (their last try failed) go last: the others first, and a
         # down one is still asked when nobody else answers (it may be back).
@@ -499,6 +513,15 @@ class Forwarder:
                 last_bad = raw
             pending = retry
         return last_bad
+
+    def _start(self, n: int) -> int:
+        """The index of the first server to try, by ``policy``."""
+        if n <= 1 or self.policy == "sequential":
+            return 0
+        if self.policy == "round_robin":
+            self._next_start = (self._next_start + 1) % n
+            return self._next_start
+        return secrets.randbelow(n)
 
     async def _after_compiled(self, q: Question, retry: Retry, deadline: float,
                               pending: list[Upstream]) -> bytes | None:
@@ -534,15 +557,16 @@ class Forwarder:
         qid = secrets.randbits(16)            # RFC 5452 §4.3: unpredictable ID per query
         try:
             timeout = min(self.try_timeout, deadline - loop.time())
-            truncated = tcp_only
-            if not tcp_only:
+            truncated = tcp_only or self.force_tcp
+            if not truncated:
                 raw = await self._udp(host, up.port, self._query(q, qid), qid, q, st, timeout)
                 truncated = bool(struct.unpack_from("!H", raw, 2)[0] & TC)
             if truncated:
                 # RFC 7766 §5 / RFC 1035 §4.2.1: truncated over UDP → ask again over TCP.
-                self.tcp_retries += 1
-                st.tcp_retries += 1
-                qid = secrets.randbits(16)
+                if not self.force_tcp:
+                    self.tcp_retries += 1
+                    st.tcp_retries += 1
+                    qid = secrets.randbits(16)
                 timeout = min(self.try_timeout, deadline - loop.time())
                 raw = await asyncio.wait_for(
                     self._tcp(host, up.port, self._query(q, qid, tcp=True), qid, q, st), timeout)

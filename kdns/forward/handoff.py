@@ -29,7 +29,7 @@ from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.forward import chaos
 from kdns.forward.cache import Cache, CompiledCache
-from kdns.forward.control import MESSAGE_MAX, decode_config
+from kdns.forward.control import MESSAGE_MAX, decode_config, decode_tuning
 from kdns.forward.external import ExternalNames
 from kdns.forward.forwarder import (IP_RECVERR, Forwarder, Retry, Upstream, encode_name,
                                     parse_query)
@@ -111,6 +111,12 @@ class CompiledForward:
         ups = [u for u in fw.upstreams if u not in fw.looping]
         if not all(_is_ipv4(u.host) for u in ups):
             ups = []                  # names or IPv6: the Forwarder handles everything
+        if fw.force_tcp or fw.policy == "round_robin":
+            ups = []                  # C picks a random upstream over UDP: Python does these
+        elif fw.policy == "sequential":
+            # C tries the first; a timeout hands the query back and the Forwarder goes on
+            # with the next ones in order (the failed one last).
+            ups = ups[:1]
         self.routes = ups
         self.replies_seen = [0] * len(ups)
         self.engine.set_routes([(u.host, u.port) for u in ups],
@@ -242,12 +248,15 @@ class ForwardingHandoff:
             latest = data
         if latest is not None:
             try:
-                self.apply(*decode_config(latest))
+                self.apply(*decode_config(latest), tuning=decode_tuning(latest))
             except (ValueError, KeyError, TypeError) as e:
                 log.error("malformed forwarding config from the supervisor (%s); ignored", e)
 
-    def apply(self, token: str, ups: tuple, stubs: dict, looping: set) -> None:
+    def apply(self, token: str, ups: tuple, stubs: dict, looping: set,
+              tuning: dict | None = None) -> None:
         fw = self.forwarder
+        if tuning:
+            self.tune(tuning)
         if self.configured and (ups, stubs) != (fw.upstreams, fw.stubs):
             self.cache.clear()          # new routes: answers from the old ones may not hold
         fw.probe_token = token
@@ -257,6 +266,21 @@ class ForwardingHandoff:
         self._set_recursion()
         if self.compiled is not None:
             self.compiled.apply_routes()
+
+    def tune(self, t: dict) -> None:
+        """The forward and cache options (ForwardingOptions.tuning) on this worker's
+        Forwarder and cache, and on the compiled forwarder's copy of the cache rules."""
+        fw, c = self.forwarder, self.cache
+        fw.policy, fw.force_tcp = t["policy"], t["force_tcp"]
+        # The compiled forwarder's table is sized once, from the first configuration (it
+        # is built after it); the Python bound counts the compiled queries in flight too.
+        fw.max_inflight = t["max_concurrent"]
+        fw.stale_answer_timeout = (fw.deadline if t["stale_timeout"] is None
+                                   else t["stale_timeout"])
+        c.max_ttl, c.max_neg_ttl, c.min_ttl = t["success_ttl"], t["denial_ttl"], t["min_ttl"]
+        c.serve_stale, c.max_stale = t["serve_stale"] > 0, t["serve_stale"]
+        if self.compiled is not None and isinstance(c, CompiledCache):
+            self.compiled.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
 
     def _set_recursion(self) -> None:
         """RA on the image's own replies exactly when this worker forwards: with upstreams

@@ -87,8 +87,10 @@ class FullCompiler:
     """The whole zone from the whole model on every change (the reference for
     ``IncrementalCompiler``, and what it falls back to)."""
 
-    def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL, pods: str = kdns_settings.PODS):
-        self.options = {"domain": domain, "ttl": ttl, "pods": pods}
+    def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
+                 pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False):
+        self.options = {"domain": domain, "ttl": ttl, "pods": pods,
+                        "endpoint_pod_names": endpoint_pod_names}
 
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
         return build.compile_model(model, synced=synced, **self.options)
@@ -541,17 +543,21 @@ class Controller:
 class ApiController(Controller):
     """The controller fed by the Kubernetes API (``kdns serve`` without --from-file)."""
 
-    def __init__(self, *, api_client, pods: str = kdns_settings.PODS, domain: str = kdns_settings.DOMAIN,
-                 ttl: int = kdns_settings.TTL, initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
-                 debounce: Debounce = Debounce(), settings=None):
+    def __init__(self, *, api_client, pods: str = kdns_settings.PODS,
+                 domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
+                 initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
+                 debounce: Debounce = Debounce(), settings=None,
+                 endpoint_pod_names: bool = False):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
         if kdns_settings.ENV.full_compile:
             # The reference compile on every change: an escape hatch, and the "before" of
             # bench/bench_api_scale.py --full-compile.
-            compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods)
+            compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods,
+                                    endpoint_pod_names=endpoint_pod_names)
         else:
-            compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True)
+            compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True,
+                                           endpoint_pod_names=endpoint_pod_names)
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
@@ -575,7 +581,8 @@ class ApiController(Controller):
         except ValueError as e:
             raise ConnectionConfigError(str(e)) from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
-                   initial_sync_timeout=cfg.initial_sync_timeout, settings=watch)
+                   initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
+                   endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False))
 
     def start(self) -> None:
         super().start()

@@ -95,6 +95,9 @@ class ServeConfig:
     healthz_port: int = settings.HEALTHZ_PORT
     metrics_port: int = settings.METRICS_PORT
     pods: str = settings.PODS
+    # CoreDNS kubernetes ``endpoint_pod_names``: a headless endpoint without a hostname is
+    # named after its pod (dns-rules §1.4).
+    endpoint_pod_names: bool = False
     edns_udp_size: int = settings.EDNS_UDP_SIZE
     tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT
     tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS
@@ -144,7 +147,8 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
             raise LoadError(f"--from-file needs kdns.kube.records, which failed to import ({e}).") from None
         try:
             data, objects = build.compile_file_counted(path, domain=cfg.domain, ttl=cfg.ttl,
-                                                       pods=cfg.pods)
+                                                       pods=cfg.pods,
+                                                       endpoint_pod_names=cfg.endpoint_pod_names)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:
