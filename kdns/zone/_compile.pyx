@@ -14,9 +14,10 @@ buffer and de-duplicated by a C hash; the image is assembled into one bytes obje
 What it must not decide: the image format and the DNS rules of the rare cases. The format
 is kdns/zone/layout.py (the offsets written below are its names; the tests compare images
 byte for byte with the reference compiler). The core encodes every RRset of rr.py's rdata
-classes itself, name compression included (``plain_blob``, the generic encoder's rules);
-names with a CNAME, and rdata of other classes, are handed to the shared Python encoder
-(kdns/zone/encode.py) through callbacks, which see the core's names through lookup methods.
+classes itself, name compression and CNAME chains included (``plain_blob``,
+``chain_entries``: the generic encoder's rules); only rdata of other classes is handed to
+the shared Python encoder (kdns/zone/encode.py) through callbacks, which see the core's
+names through lookup methods.
 Input the core does not model exactly (out-of-range numbers, addresses of the wrong
 family) raises the caller's ``unsupported`` exception, and the caller recompiles with
 the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
@@ -28,7 +29,7 @@ from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
 from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
-                               BLOB_NSEG, BLOBHDR_SIZE, HDR_AA, HEADER_SIZE, NODE_EXISTS,
+                               BLOB_NSEG, BLOBHDR_SIZE, DEFAULT_QTYPE, HDR_AA, HDR_HANDOFF, HEADER_SIZE, NODE_EXISTS,
                                NODE_EXTRA, NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF,
                                NODE_NCHILD, NODE_NRR, NODE_RR_OFF, NODE_SIZE, REV_FAMILY, REV_IP,
                                REV_NRR, REV_RR_OFF, REV_SIZE, REV_ZONE, RRENT_BLOB, RRENT_QTYPE,
@@ -178,6 +179,7 @@ cdef class ZoneCore:
     cdef uint8_t *enc_n              # ... and how many (0: none; persistent, see ``apply``)
     cdef int32_t *ghead              # a group's first member (``apply``), -1: not a group
     cdef int32_t *gnext              # the next member of the name's group, -1: last
+    cdef int32_t rr_owner[11]        # ``chase``: the owner of each answer RRset
     cdef int32_t n
     cdef size_t cap
     cdef int32_t *ht
@@ -1032,13 +1034,14 @@ cdef class ZoneCore:
         memcpy(self.scr, <const char *>blob, n)
         return self.intern_scr(n)
 
-    cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen) except? 0xFFFFFFFF:
+    cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen,
+                              uint32_t hdr=HDR_AA, uint32_t ns=0) except? 0xFFFFFFFF:
         """BLOBHDR + the segments in ``segs`` + the data in ``dat`` -> interned offset."""
         cdef size_t n = BLOBHDR_SIZE + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
-        put16le(self.scr + BLOB_HDR, HDR_AA)
+        put16le(self.scr + BLOB_HDR, hdr)
         put16le(self.scr + BLOB_AN, an)
-        put16le(self.scr + BLOB_NS, 0)
+        put16le(self.scr + BLOB_NS, ns)
         put16le(self.scr + BLOB_AR, ar)
         put16le(self.scr + BLOB_NFIX, 0)
         put16le(self.scr + BLOB_NSEG, nseg)
@@ -1047,13 +1050,14 @@ cdef class ZoneCore:
         memcpy(self.scr + BLOBHDR_SIZE + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
-    cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc) except -1:
+    cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc,
+                 uint32_t ns=0) except -1:
         cdef uint8_t *s
         _grow(<void **>&self.segs, &self.segs_cap, SEG_SIZE * (k + 1), 1)
         s = self.segs + SEG_SIZE * k
         put32le(s + SEG_END, end)
         put16le(s + SEG_AN, an)
-        put16le(s + SEG_NS, 0)
+        put16le(s + SEG_NS, ns)
         put16le(s + SEG_AR, ar)
         put16le(s + SEG_TC, tc)
         return 0
@@ -1350,30 +1354,180 @@ cdef class ZoneCore:
         self.seg(0, 0, 0, 0, 1)
         self.seg(1, size, n_an, 0, 0)
         if rtype == T_SRV or rtype == T_NS:
-            targets = [self.intern_name(rd.target) for rd in rdatas]
-            for t in targets:
-                if self.seen[t] == self.epoch:
-                    continue
-                self.seen[t] = self.epoch
-                if not self.nflags[t] & NF_DATA:
-                    continue
-                if self.nflags[t] & NF_ENC:
-                    raise self.unsupported(f"{self.text_of(t)} is encoded; its RRsets are needed")
-                for gtype in (T_A, T_AAAA):
-                    g = self.first_rr[t]
-                    while g >= 0 and self.rr_type[g] != gtype:
-                        g = self.rr_next[g]
-                    if g < 0:
-                        continue
-                    gs = self.rrsets[g]
-                    for rd in gs.rdatas:
-                        self.put_rr(t, gtype, gs.ttl, rd, base, &size)
-                        n_ar += 1
-                    if n_ar > 0xFFFF:
-                        raise self.unsupported("too much glue")
-                    self.seg(nseg, size, n_an, n_ar, 0)
-                    nseg += 1
+            if not self.put_glue(rdatas, base, &size, n_an, &n_ar, &nseg):
+                return -1
         return self.finish_blob(n_an, n_ar, nseg, size)
+
+    cdef int put_glue(self, rdatas, uint32_t base, size_t *size, uint32_t n_an,
+                      uint32_t *n_ar, Py_ssize_t *nseg) except -1:
+        """encode.py ``glue``: the in-image A/AAAA of the targets, one segment per RRset
+        (RFC 2782, RFC 1035 §3.3.11), a target shared by several records once (RFC 2181
+        §5); 0 for rdata ``put_rdata`` does not know."""
+        cdef int32_t t, g
+        cdef int gtype
+        targets = [self.intern_name(rd.target) for rd in rdatas]
+        for t in targets:
+            if self.seen[t] == self.epoch:
+                continue
+            self.seen[t] = self.epoch
+            if self.rrs_of(t) < 0:
+                continue
+            for gtype in (T_A, T_AAAA):
+                g = self.first_rr[t]
+                while g >= 0 and self.rr_type[g] != gtype:
+                    g = self.rr_next[g]
+                if g < 0:
+                    continue
+                gs = self.rrsets[g]
+                for rd in gs.rdatas:
+                    if not self.put_rr(t, gtype, gs.ttl, rd, base, size):
+                        return 0
+                    n_ar[0] += 1
+                if n_ar[0] > 0xFFFF:
+                    raise self.unsupported("too much glue")
+                self.seg(nseg[0], size[0], n_an, n_ar[0], 0)
+                nseg[0] += 1
+        return 1
+
+    cdef int32_t rrs_of(self, int32_t i) except -2:
+        """``rrsets_of`` in C: the name's first RRset, -1 when it has none."""
+        if not self.nflags[i] & NF_DATA:
+            return -1
+        if self.nflags[i] & NF_ENC:
+            raise self.unsupported(f"{self.text_of(i)} is encoded; its RRsets are needed")
+        return self.first_rr[i]
+
+    cdef int32_t of_type(self, int32_t r, int rtype) noexcept:
+        while r >= 0 and self.rr_type[r] != rtype:
+            r = self.rr_next[r]
+        return r
+
+    cdef int chase(self, int32_t q, int qtype, int32_t *an, int *nan, int *zi,
+                   int32_t *glue) except -1:
+        """encode.py ``chase``: the answer's RRsets (``an[:nan]``, at most 11), following
+        in-image CNAMEs; the zone whose SOA goes in the authority section (-1: none), the
+        RRset whose targets get glue (-1: none); returns the rcode."""
+        cdef int32_t cur = q, r, c, k
+        cdef int step, z
+        nan[0] = 0
+        zi[0] = -1
+        glue[0] = -1
+        for step in range(11):
+            r = self.rrs_of(cur)
+            if r < 0:
+                z = self.zone_of(cur)
+                if z < 0 or self.zone_rev[z]:
+                    return 0                      # outside: the CNAME alone
+                zi[0] = z
+                return 0 if self.nflags[cur] & (NF_EXPLICIT | NF_TREE) else 3
+            c = self.of_type(r, T_CNAME)
+            if c >= 0 and qtype != T_CNAME:
+                for k in range(nan[0]):
+                    if self.rr_owner[k] == cur:
+                        return 2                  # a CNAME loop: SERVFAIL
+                self.rr_owner[nan[0]] = cur
+                an[nan[0]] = c
+                nan[0] += 1
+                cur = self.intern_name(self.rrsets[c].rdatas[0].target)
+                continue
+            r = self.of_type(r, qtype)
+            if r < 0:
+                zi[0] = self.zone_of(cur)
+                return 0
+            self.rr_owner[nan[0]] = cur
+            an[nan[0]] = r
+            nan[0] += 1
+            if qtype == T_SRV or qtype == T_NS:
+                glue[0] = r
+            return 0
+        return 2                                  # a chain too long: SERVFAIL
+
+    cdef int64_t chain_blob(self, int32_t q, int qtype, uint32_t hdr) except -2:
+        """encode.py ``blob`` of ``chase(q, qtype)``; -1 for rdata ``put_rdata`` does not
+        know, -3 for a plain NODATA (the zone blob answers it)."""
+        cdef int32_t an[11]
+        cdef int nan, zi, rcode, k
+        cdef int32_t glue, soa
+        cdef uint32_t base = 12 + self.nlen[q] + 4, n_an = 0, n_ns = 0, n_ar = 0
+        cdef size_t size = 0
+        cdef Py_ssize_t nseg = 1
+        rcode = self.chase(q, qtype, an, &nan, &zi, &glue)
+        if nan == 0 and rcode == 0:
+            return -3
+        self.epoch += 1
+        self.remember(q, 12)
+        self.seg(0, 0, 0, 0, 0)
+        for k in range(nan):
+            s = self.rrsets[an[k]]
+            for rd in s.rdatas:
+                if not self.put_rr(-1 if k == 0 else self.rr_owner[k], s.rtype, s.ttl, rd,
+                                   base, &size):
+                    return -1
+            n_an += len(s.rdatas)
+            self.seg(nseg, size, n_an, 0, 0)
+            nseg += 1
+        if zi >= 0:
+            soa = self.of_type(self.rrs_of(self.apex_id[zi]), T_SOA)
+            if soa < 0:
+                raise self.error(f"zone {self.text_of(self.apex_id[zi])} has no SOA RRset")
+            s = self.rrsets[soa]
+            for rd in s.rdatas:
+                if not self.put_rr(self.apex_id[zi], T_SOA, s.ttl, rd, base, &size):
+                    return -1
+            n_ns += len(s.rdatas)
+            self.seg(nseg, size, n_an, 0, 0, n_ns)
+            nseg += 1
+        if glue >= 0 and not self.put_glue(self.rrsets[glue].rdatas, base, &size, n_an,
+                                           &n_ar, &nseg):
+            return -1
+        if n_an > 0xFFFF or n_ns > 0xFFFF:
+            raise self.unsupported("RRset too large")
+        # A cut that drops answer or authority records leaves the reply truncated (TC).
+        for k in range(nseg):
+            put16le(self.segs + SEG_SIZE * k + SEG_TC,
+                    1 if le16(self.segs + SEG_SIZE * k + SEG_AN)
+                    + le16(self.segs + SEG_SIZE * k + SEG_NS) < n_an + n_ns else 0)
+        return self.finish_blob(n_an, n_ar, nseg, size, hdr | rcode, n_ns)
+
+    cdef int chain_entries(self, int32_t i) except -1:
+        """encode.py ``chain_entries``: a blob for every type the chain from ``i`` can
+        answer, and for CNAME and DEFAULT_QTYPE (every other type); 0 (nothing pushed)
+        for rdata ``put_rdata`` does not know."""
+        cdef int32_t cur = i, r, c
+        cdef int step, outside, qtype
+        cdef size_t start = self.rrf_len
+        cdef int64_t off
+        cdef uint32_t hdr
+        qtypes = {T_CNAME, DEFAULT_QTYPE}
+        cur = self.intern_name(self.rrsets[self.first_rr[i]].rdatas[0].target)
+        for step in range(10):
+            r = self.rrs_of(cur)
+            c = -1
+            while r >= 0:
+                qtypes.add(self.rr_type[r])
+                if self.rr_type[r] == T_CNAME:
+                    c = r
+                r = self.rr_next[r]
+            if c < 0:
+                break
+            cur = self.intern_name(self.rrsets[c].rdatas[0].target)
+        # SOA and NS answer at the apex, never through a chain into it.
+        qtypes.discard(T_SOA)
+        qtypes.discard(T_NS)
+        outside = self.rrs_of(cur) < 0 and (self.zone_of(cur) < 0
+                                            or self.zone_rev[self.zone_of(cur)])
+        for qtype in sorted(qtypes):
+            # A CNAME query is answered by the CNAME alone (RFC 1034 §3.6.2); any other
+            # type of a chain ending outside needs the target's records: hand off.
+            hdr = HDR_AA | (HDR_HANDOFF if outside and qtype != T_CNAME else 0)
+            off = self.chain_blob(i, qtype if qtype else 0xFFFF - 1, hdr)
+            if off == -3:
+                continue
+            if off < 0:
+                self.rrf_len = start
+                return 0
+            self.push_rr(qtype, off)
+        return 1
 
     cdef int64_t answer_only(self, int32_t q, int32_t r) except -2:
         cdef int rtype = self.rr_type[r]
@@ -1410,8 +1564,9 @@ cdef class ZoneCore:
             self.rr_n[i] = self.enc_n[i]
             return 0
         if self.nflags[i] & NF_CNAME:
-            for qtype, boff in chain(self.labels_of(i)):
-                self.push_rr(qtype, boff)
+            if not self.chain_entries(i):
+                for qtype, boff in chain(self.labels_of(i)):
+                    self.push_rr(qtype, boff)
             self.rr_n[i] = self.rrf_len // 2 - self.rr_at[i]
             return 0
         r = self.first_rr[i]

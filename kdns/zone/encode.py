@@ -2,8 +2,8 @@
 compression, CNAME chains, the zones' negative answers and the special nodes' flags.
 
 Why one class for both: the compiled core (``image.CoreCompiler``) encodes the answers of
-names without a CNAME itself and hands the rest (names with a CNAME, rdata of classes rr.py
-does not define) to these methods, and the reference compiler (``oracle.py``) uses them for
+rr.py's rdata classes itself, CNAME chains included, and hands the rest (rdata of classes
+rr.py does not define) to these methods, and the reference compiler (``oracle.py``) uses them for
 the same cases, so the two cannot differ there. The names are the subclass's: it answers
 ``rrsets_of`` and ``name_exists`` from its own name table.
 """

@@ -76,9 +76,9 @@ class CoreUnsupported(Exception):
 
 class CoreCompiler(Encoder):
     """The compile, its hot phases in ``ZoneCore`` (kdns/zone/_compile.pyx): names, trie,
-    the answers of names without a CNAME (rr.py's rdata classes), reverse table and
-    assembly. This class keeps the rest: the zone table, negative and SERVFAIL blobs, CNAME
-    chains and rdata of other classes, through ``Encoder``'s methods, which see the core's names through
+    every answer of rr.py's rdata classes (CNAME chains too), reverse table and assembly.
+    This class keeps the rest: the zone table, negative and SERVFAIL blobs, and rdata of
+    other classes, through ``Encoder``'s methods, which see the core's names through
     ``rrsets_of`` and ``name_exists``. Same bytes as ``ReferenceCompiler`` (tests hold it)."""
 
     def __init__(self, zones, synced, serial, core_type, consume: bool = False, core=None):
