@@ -29,11 +29,7 @@ from kdns.packet.system cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EP
 
 import zlib
 
-# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
-cdef uint8_t LOWER[256]
 cdef int _i
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
 
 # counters.QTYPES as a lookup: qtype -> index, everything else "other".
 cdef uint8_t QTYPE_INDEX[256]
@@ -83,7 +79,7 @@ cdef int parse_question(Ask *a) noexcept nogil:
         a.nlabels += 1
         a.name[pos] = n
         for k in range(<int>n):
-            a.name[pos + 1 + k] = LOWER[c.ptr[k]]
+            a.name[pos + 1 + k] = ascii_lower(c.ptr[k])
         pos += n + 1
         c.ptr += n
     a.name[pos] = 0
@@ -333,14 +329,6 @@ cdef int decimal_octet(const uint8_t *s, unsigned int n) noexcept nogil:
             return -1
         v = v * 10 + s[k] - 48
     return v if v <= 255 else -1
-
-
-cdef inline int hex_nibble(uint8_t c) noexcept nogil:
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    return -1
 
 
 cdef int reverse_key(const Ask *a, uint8_t *key) noexcept nogil:

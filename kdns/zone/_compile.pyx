@@ -28,6 +28,8 @@ from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t,
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
+from kdns.dns.wire cimport (CLASS_IN, MAX_POINTER, T_A, T_AAAA, T_CNAME, T_NS, T_PTR, T_SOA,
+                            T_SRV, T_TXT, ascii_lower, hex_nibble)
 from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
                                BLOB_NSEG, BLOBHDR_SIZE, DEFAULT_QTYPE, HDR_AA, HDR_HANDOFF, HEADER_SIZE, NODE_EXISTS,
                                NODE_EXTRA, NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF,
@@ -49,12 +51,6 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
 
-# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
-cdef uint8_t LOWER[256]
-cdef int _i
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
-
 cdef enum:
     # Per-name flags.
     NF_DATA = 1          # owns RRsets
@@ -65,17 +61,6 @@ cdef enum:
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
     NF_ENC = 128         # answers given already encoded (``apply``)
-
-    T_A = 1              # RFC 1035 §3.2.2, RFC 3596, RFC 2782
-    T_AAAA = 28
-    T_SRV = 33
-    T_PTR = 12
-    T_CNAME = 5
-    T_NS = 2
-    T_SOA = 6
-    T_TXT = 16
-    CLASS_IN = 1
-    MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
 
 cdef inline void put16be(uint8_t *p, uint32_t v) noexcept nogil:
@@ -88,14 +73,6 @@ cdef inline void put32be(uint8_t *p, uint32_t v) noexcept nogil:
     p[1] = (v >> 16) & 0xFF
     p[2] = (v >> 8) & 0xFF
     p[3] = v & 0xFF
-
-
-cdef inline int hex_nibble(uint8_t c) noexcept nogil:
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    return -1
 
 
 cdef inline uint64_t fnv1a(const uint8_t *p, Py_ssize_t n) noexcept nogil:
@@ -512,7 +489,7 @@ cdef class ZoneCore:
                 c = <uint8_t>s[i]
                 if c >= 0x80 or c == 0:
                     return self.intern_labels(self.name_labels(name))
-                w[pos + 1 + i - start] = LOWER[c]
+                w[pos + 1 + i - start] = ascii_lower(c)
         w[pos] = 0
         return self.intern_wire(w, pos + 1)
 
@@ -1180,7 +1157,7 @@ cdef class ZoneCore:
             put16be(p + 16, port)
             memcpy(p + 18, self.nbuf + self.noff[t], tl)
             size += 18 + tl
-            if base + size > MAX_PTR:
+            if base + size > MAX_POINTER:
                 return -1               # positions past 0x3FFF are not remembered
         self.seg(0, 0, 0, 0, 1)
         self.seg(1, size, nrd, 0, 0)
@@ -1218,7 +1195,7 @@ cdef class ZoneCore:
                     raise self.unsupported("too much glue")
                 self.seg(nseg, size, nrd, n_ar, 0)
                 nseg += 1
-        if base + size > MAX_PTR:
+        if base + size > MAX_POINTER:
             return -1
         return self.finish_blob(nrd, n_ar, nseg, size)
 
@@ -1235,7 +1212,7 @@ cdef class ZoneCore:
                 size[0] += 2
                 return 0
             pos = base + size[0]
-            if pos <= MAX_PTR and self.stamp[i] != self.epoch:
+            if pos <= MAX_POINTER and self.stamp[i] != self.epoch:
                 self.stamp[i] = self.epoch
                 self.where[i] = pos
             ln = self.nbuf[self.noff[i]]
