@@ -21,6 +21,7 @@ cdef enum:
     T_AXFR = 252
     CLASS_IN = 1
     MAX_POINTER = 0x3FFF                  # RFC 1035 §4.1.4: 14-bit offsets
+    SERVFAIL = 2                          # RFC 1035 §4.1.1 RCODE
 
 
 # ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.

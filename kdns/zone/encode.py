@@ -1,11 +1,11 @@
-"""The answer encoder both compilers share: RRsets to answer blobs with RFC 1035 name
+"""The reference compiler's answer encoder: RRsets to answer blobs with RFC 1035 name
 compression, CNAME chains, the zones' negative answers and the special nodes' flags.
 
-Why one class for both: the compiled core (``image.CoreCompiler``) encodes the answers of
-rr.py's rdata classes itself, CNAME chains included, and hands the rest (rdata of classes
-rr.py does not define) to these methods, and the reference compiler (``oracle.py``) uses them for
-the same cases, so the two cannot differ there. The names are the subclass's: it answers
-``rrsets_of`` and ``name_exists`` from its own name table.
+This is the definition of the answers' bytes in plain Python. The compiled core
+(kdns/zone/_compile.pyx) encodes the same answers in C, each of its encoders naming the
+method here it restates, and tests/test_compile_compiled.py holds the two byte for byte.
+The names are the subclass's (oracle.py): it answers ``rrsets_of`` and ``name_exists`` from
+its own name table.
 """
 from __future__ import annotations
 

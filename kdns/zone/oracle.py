@@ -1,6 +1,6 @@
 """The reference compiler: the whole compile in plain Python, the oracle the compiled core is
-held to byte for byte (tests/test_compile_compiled.py), and the compiler where the core is
-not (``KDNS_PURE=1``, the extension not built, input the core does not model exactly).
+held to byte for byte (tests/test_compile_compiled.py), and the compiler only where the core
+is not: the pure mode (``KDNS_PURE=1``, ``KDNS_PURE_COMPILE=1``) or the extension not built.
 
 Speed still matters here (a cluster of 10,000 services and 100,000 endpoints is ~250,000
 names): every name is parsed once and its labels, zone, wire form and packed addresses are
