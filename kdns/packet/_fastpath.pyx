@@ -180,21 +180,27 @@ cdef int header_only(const uint8_t *q, int rcode, uint8_t *out, Outcome *res) no
 cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, uint8_t *p,
                    int cap, unsigned int *hflags, unsigned int *counts) noexcept nogil:
     """Copy the longest segment of ``blob`` that fits in ``room`` and apply its fixups.
+    The segments are the compiler's cut points, their ends ascending: a binary search.
 
     Returns the bytes written, or -1 if they would pass ``cap`` (never for a valid image).
     """
     cdef const uint8_t *b = img.base + blob
-    cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f
+    cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f, lo, hi
     cdef const uint8_t *seg = b + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
     cdef const uint8_t *data = seg + nseg * SEG_SIZE
     cdef const uint8_t *best = seg
     cdef uint32_t end
     KDNS_CHECK(blob >= HEADER_SIZE and blob + BLOBHDR_SIZE <= <uint64_t>img.length)
     hflags[0] |= le16(b + BLOB_HDR)
-    for k in range(1, nseg):
+    lo = 1                              # the first segment past ``room`` (seg 0 always fits)
+    hi = nseg if nseg else 1
+    while lo < hi:
+        k = (lo + hi) // 2
         if <int64_t>le32(seg + k * SEG_SIZE + SEG_END) > room:
-            break
-        best = seg + k * SEG_SIZE
+            hi = k
+        else:
+            lo = k + 1
+    best = seg + (lo - 1) * SEG_SIZE
     end = le32(best + SEG_END)
     KDNS_CHECK(data + end <= img.base + img.length)
     if end > <uint32_t>cap:
@@ -814,6 +820,10 @@ cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
         return False
     for k in range(nseg):
         if le32(v.base + seg + k * SEG_SIZE + SEG_END) > dlen:
+            return False
+        # Ends ascending: blob_body's binary search relies on it.
+        if k and le32(v.base + seg + k * SEG_SIZE + SEG_END) < le32(
+                v.base + seg + (k - 1) * SEG_SIZE + SEG_END):
             return False
     return True
 

@@ -30,7 +30,8 @@ from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from kdns.dns.wire cimport (CLASS_IN, MAX_POINTER, SERVFAIL as RCODE_SERVFAIL, T_A, T_AAAA,
                             T_CNAME, T_NS, T_PTR, T_SOA, T_SRV, T_TXT, ascii_lower, hex_nibble)
 from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
-                               BLOB_NSEG, BLOBHDR_SIZE, DEFAULT_QTYPE, FLAG_SYNCED, HDR_AA,
+                               BLOB_NSEG, BLOBHDR_SIZE, CUT_EVERY_RR_OVER, DEFAULT_QTYPE,
+                               FLAG_SYNCED, HDR_AA,
                                HDR_HANDOFF, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
                                HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
                                HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
@@ -1028,8 +1029,10 @@ cdef class ZoneCore:
                               const uint16_t *fix=NULL) except? 0xFFFFFFFF:
         """BLOBHDR + the fixups + the segments in ``segs`` + the data in ``dat`` ->
         interned offset."""
-        cdef size_t fixb = (2 * nfix + 3) // 4 * 4, k
-        cdef size_t n = BLOBHDR_SIZE + fixb + SEG_SIZE * nseg + dlen
+        cdef size_t fixb = (2 * nfix + 3) // 4 * 4, k, n
+        if dlen > CUT_EVERY_RR_OVER:
+            nseg = self.cut_every_rr(dlen, an, ns, ar)
+        n = BLOBHDR_SIZE + fixb + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
         put16le(self.scr + BLOB_HDR, hdr)
         put16le(self.scr + BLOB_AN, an)
@@ -1044,6 +1047,39 @@ cdef class ZoneCore:
         memcpy(self.scr + BLOBHDR_SIZE + fixb, self.segs, SEG_SIZE * nseg)
         memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
+
+    cdef size_t cut_every_rr(self, size_t dlen, uint32_t an, uint32_t ns,
+                             uint32_t ar) except? 0:
+        """encode.py ``cut_at_every_rr``: ``segs`` anew, a segment after every record of
+        ``dat`` (owner labels ending in the root or a pointer, RFC 1035 §4.1.4, then type,
+        class, TTL, rdlength and rdata, §4.1.3); their number."""
+        cdef size_t total = an + ns + ar, essential = an + ns, k, pos = 0
+        cdef uint32_t n_an, n_ns, n_ar
+        cdef uint8_t c
+        if total + 1 > 0xFFFF:
+            raise self.error(f"{total} records in one answer: at most 65534")
+        self.seg(0, 0, 0, 0, 1 if essential else 0)
+        for k in range(1, total + 1):
+            while True:
+                if pos >= dlen:
+                    raise AssertionError("blob data ends inside a record")
+                c = self.dat[pos]
+                if c >= 0xC0:
+                    pos += 2
+                    break
+                pos += 1 + c
+                if c == 0:
+                    break
+            if pos + 10 > dlen:
+                raise AssertionError("blob data ends inside a record")
+            pos += 10 + ((<size_t>self.dat[pos + 8] << 8) | self.dat[pos + 9])
+            n_an = k if k < an else an
+            n_ns = 0 if k < an else (k - an if k - an < ns else ns)
+            n_ar = 0 if k < essential else k - essential
+            self.seg(k, pos, n_an, n_ar, 1 if n_an + n_ns < essential else 0, n_ns)
+        if pos != dlen:
+            raise AssertionError("blob data does not end at its last record")
+        return total + 1
 
     cdef int put_under_apex(self, int32_t m, int32_t apex, uint16_t *fix, size_t *nfix,
                             size_t *size) except -1:
