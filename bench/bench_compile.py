@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import os
 import pstats
@@ -19,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdns import settings  # noqa: E402
 from kdns.zone import image as I  # noqa: E402
 from kdns.kube import records  # noqa: E402
 from kdns.serve import build
@@ -125,7 +127,7 @@ def main(argv=None) -> None:
                     help="the reference compiler (oracle.ReferenceCompiler), not the compiled core")
     args = ap.parse_args(argv)
     if args.pure:
-        os.environ["KDNS_PURE_COMPILE"] = "1"
+        settings.ENV = dataclasses.replace(settings.ENV, pure_compile=True)
     objs = generate(args.services, args.endpoints)
     model, mw, mc = best_of(1, build_model, objs)
     del objs

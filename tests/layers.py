@@ -30,10 +30,12 @@ ALLOWED = {
 # What each package's extension sources (.pyx/.pxi/.pxd) may cimport or import. The packet
 # path is compiled into the worker, so nothing of the control plane: its own declarations
 # and the image layout's (kdns/zone/layout.pxd: constants and inline functions, no module
-# at run time). The compiler core shares that layout and nothing else.
+# at run time). The compiler core shares that layout and nothing else. Both may cimport the
+# DNS wire facts' declarations (kdns/dns/wire.pxd: constants and inline functions, likewise).
 EXTENSION_ALLOWED = {
-    "kdns.packet": {"kdns.packet.system", "kdns.packet._fastpath", "kdns.zone.layout"},
-    "kdns.zone": {"kdns.zone.layout"},
+    "kdns.packet": {"kdns.packet.system", "kdns.packet._fastpath", "kdns.zone.layout",
+                    "kdns.dns.wire"},
+    "kdns.zone": {"kdns.zone.layout", "kdns.dns.wire"},
 }
 EXTENSION_NAMES = {"kdns.packet": "the packet-path extension", "kdns.zone": "the zone extension"}
 TOP_MODULES_MAX = 6

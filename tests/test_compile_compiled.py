@@ -2,7 +2,7 @@
 (kdns/zone/oracle.py): the one suite that holds the two byte-identical.
 
 The core must give byte-identical images for any input, raise the same CompileError for bad
-input, hand input it does not model back to the reference, and never crash when misused.
+input (and a CompileError for input it cannot encode), and never crash when misused.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kdns import settings as kdns_settings
 from kdns.dns.names import reverse_name
 from kdns.zone import image as I
 from kdns.kube import records
@@ -99,7 +100,7 @@ def test_compile_image_uses_the_core_unless_pure(monkeypatch):
     assert calls == [1]
     for var in ("KDNS_PURE", "KDNS_PURE_COMPILE"):
         with monkeypatch.context() as m:
-            m.setenv(var, "1")
+            m.setattr(kdns_settings, "ENV", kdns_settings.from_env({var: "1"}))
             assert Z.sample_image() == img and calls == [1]
 
 
@@ -112,14 +113,12 @@ def test_consume_empties_the_list_after_encoding():
     assert kept == Z.sample_rrsets()                     # only when asked
 
 
-def test_unsupported_input_falls_back_to_the_reference():
-    # An A RRset holding an IPv6 address: the core does not model the reference's bytes
-    # for it, so compile_image must give exactly the reference's image.
+def test_input_the_core_cannot_encode_is_a_compile_error():
+    # An A RRset holding an IPv6 address has no right encoding: the compile says so, naming
+    # it, instead of handing the input to a second encoder.
     rrsets = Z.sample_rrsets() + [R.RRset("odd.default.svc." + Z.Z, R.A, 30, (R.Address("fd00::1"),))]
-    with pytest.raises(I.CoreUnsupported):
-        core(rrsets, Z.sample_zones(), SAMPLE_EXISTS)
-    assert I.compile_image(rrsets, Z.sample_zones(), exists=SAMPLE_EXISTS) == \
-        pure(rrsets, Z.sample_zones(), SAMPLE_EXISTS)
+    with pytest.raises(I.CompileError, match="other family"):
+        I.compile_image(rrsets, Z.sample_zones(), exists=SAMPLE_EXISTS)
 
 
 BAD = {
@@ -149,38 +148,24 @@ def test_no_soa_same_error():
 
 
 def test_misuse_raises_instead_of_crashing():
-    c = CORE([(b"cluster", b"local")], [False], error=I.CompileError,
-             unsupported=I.CoreUnsupported, name_labels=R.name_labels,
-             packed_fallback=I.Encoder.packed, type_names=R.TYPE_NAMES,
-             rdata_classes=(R.Srv, R.Target, R.Txt, R.Soa))
+    zones = [I.Zone("cluster.local.")]
+    c = I.CoreCompiler.new_core(CORE, zones)
+    soa = R.RRset("cluster.local.", R.SOA, 30, (R.Soa("ns.dns.cluster.local.",
+                                                      "hostmaster.cluster.local.", 1, 2, 3, 4, 5),))
     with pytest.raises(ValueError):
-        c.encode_nodes(None, None, None)                      # before grow()
-    with pytest.raises(ValueError):
-        c.encode_reverse(None, None)
-    c.add([], [])
-    with pytest.raises(ValueError):
-        c.add([], [])                                         # twice
-    c.grow()
-    c.encode_nodes(None, None, lambda labels, flags, idx: (flags, 0))
-    c.encode_reverse(None, None)
-    c.drop_rrsets()
-    with pytest.raises(ValueError):
-        c.rrsets_of(())                                       # the RRsets are gone
-    with pytest.raises(ValueError):
-        c.assemble(b"", b"", [], 0, 0, 0, 0, 0, None)          # layout that does not add up
-    nnodes, nrev, rr_bytes, labels_len, pool_len = c.sizes()
-    labels_off = 64 + 24 * nnodes + 16 + 28 * nrev + rr_bytes
-    pods_off = labels_off + labels_len + (-(labels_off + labels_len) % 4)
-    with pytest.raises(ValueError):
-        c.assemble(b"\0" * 16, b"", [nnodes], labels_off, labels_off - rr_bytes, pods_off,
-                   pods_off, pods_off + pool_len, lambda crc: bytes(64))
-    img = c.assemble(b"\0" * 16, b"", [], labels_off, labels_off - rr_bytes, pods_off,
-                     pods_off, pods_off + pool_len, lambda crc: bytes(64))
-    assert len(img) == pods_off + pool_len
-    for call in (lambda: c.intern(b"x"), lambda: c.rrsets_of(()), lambda: c.grow(),
-                 lambda: c.name_exists(()), lambda: c.mark((), True, True)):
+        c.compile([soa], [], [], [], True, 0)                  # no TTL for the zone
+    ttls = [zones[0].ttl]
+    img = c.compile([soa], [], ttls, [], True, 0)
+    assert img == I.ReferenceCompiler(zones, True, 0).build([soa], [])
+    for call in (lambda: c.compile([soa], [], ttls, [], True, 0), lambda: c.export([], []),
+                 lambda: c.apply((), ()), lambda: c.dump()):
         with pytest.raises(ValueError):
-            call()                                            # after assemble freed the tables
+            call()                                            # the compile freed the tables
+    p = I.CoreCompiler.new_core(CORE, zones, persistent=True)
+    with pytest.raises(I.CompileError, match="no SOA"):
+        p.compile([], [], ttls, [], True, 0)
+    assert p.compile([soa], [], ttls, [], True, 0) == img      # a failed compile leaves no trace
+    assert p.compile([soa], [], ttls, [], True, 0) == img
 
 
 # --------------------------------------------------------------------------- random zones

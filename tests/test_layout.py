@@ -72,3 +72,13 @@ def test_a_header_read_by_name_in_both_packet_paths():
     assert (ref.nodes_off, ref.nnodes, ref.serial) == (
         L.HEADER_SIZE, struct.unpack_from("<I", buf, L.HEADER_NNODES)[0], serial)
     assert fastpath.Image(buf).serial == serial
+
+
+def test_the_wire_pxd_restates_wire_py():
+    # The extensions' type codes come from kdns/dns/wire.pxd; each must be wire.py's number.
+    from kdns.dns import wire
+    consts = pxd_constants(KDNS / "dns" / "wire.pxd")
+    assert consts and consts == {k: getattr(wire, k) for k in consts}
+    for path in [KDNS / "packet" / "_fastpath.pxd", KDNS / "zone" / "_compile.pyx",
+                 *(KDNS / "packet").glob("*.pyx"), *(KDNS / "packet").glob("*.pxi")]:
+        assert not set(consts) & set(pxd_constants(path)), path

@@ -21,6 +21,11 @@ from kdns.zone.layout cimport (BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOBHDR
                                ZONE_SIZE, ZONE_TTL, le16, le32)
 
 
+# Type codes, case folding and hex digits: kdns/dns/wire.pxd, shared with the compiler core.
+from kdns.dns.wire cimport (CLASS_IN, T_A, T_AAAA, T_AXFR, T_CNAME, T_IXFR, T_MX, T_NS, T_OPT,
+                            T_PTR, T_SOA, T_SRV, ascii_lower, hex_nibble)
+
+
 # ---------------------------------------------------------------- DNS constants (RFC 1035)
 cdef enum:
     ACTION_DROP = 0
@@ -41,21 +46,6 @@ cdef enum:
     RC_REFUSED = 5
     RC_BADVERS = 16                       # RFC 6891 §6.1.3, counted as 16
 
-    T_A = 1
-    T_NS = 2
-    T_CNAME = 5
-    T_SOA = 6
-    T_PTR = 12
-    T_HINFO = 13
-    T_MX = 15
-    T_AAAA = 28
-    T_SRV = 33
-    T_OPT = 41
-    T_IXFR = 251
-    T_AXFR = 252
-    T_ANY = 255
-    CLASS_IN = 1
-    CLASS_ANY = 255                       # QCLASS "*" (RFC 6895 §3.2)
 
     EDNS_MIN = 512                        # RFC 6891 §6.2.5
     UDP_PLAIN = 512                       # RFC 1035 §4.2.1

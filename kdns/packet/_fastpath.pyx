@@ -31,11 +31,7 @@ from kdns.packet.system cimport (MADV_DONTNEED, MAP_ANONYMOUS, MAP_FAILED, MAP_N
 
 import zlib
 
-# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
-cdef uint8_t LOWER[256]
 cdef int _i
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
 
 # counters.QTYPES as a lookup: qtype -> index, everything else "other".
 cdef uint8_t QTYPE_INDEX[256]
@@ -85,7 +81,7 @@ cdef int parse_question(Ask *a) noexcept nogil:
         a.nlabels += 1
         a.name[pos] = n
         for k in range(<int>n):
-            a.name[pos + 1 + k] = LOWER[c.ptr[k]]
+            a.name[pos + 1 + k] = ascii_lower(c.ptr[k])
         pos += n + 1
         c.ptr += n
     a.name[pos] = 0
@@ -186,21 +182,27 @@ cdef int header_only(const uint8_t *q, int rcode, uint8_t *out, Outcome *res) no
 cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, uint8_t *p,
                    int cap, unsigned int *hflags, unsigned int *counts) noexcept nogil:
     """Copy the longest segment of ``blob`` that fits in ``room`` and apply its fixups.
+    The segments are the compiler's cut points, their ends ascending: a binary search.
 
     Returns the bytes written, or -1 if they would pass ``cap`` (never for a valid image).
     """
     cdef const uint8_t *b = img.base + blob
-    cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f
+    cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f, lo, hi
     cdef const uint8_t *seg = b + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
     cdef const uint8_t *data = seg + nseg * SEG_SIZE
     cdef const uint8_t *best = seg
     cdef uint32_t end
     KDNS_CHECK(blob >= HEADER_SIZE and blob + BLOBHDR_SIZE <= <uint64_t>img.length)
     hflags[0] |= le16(b + BLOB_HDR)
-    for k in range(1, nseg):
+    lo = 1                              # the first segment past ``room`` (seg 0 always fits)
+    hi = nseg if nseg else 1
+    while lo < hi:
+        k = (lo + hi) // 2
         if <int64_t>le32(seg + k * SEG_SIZE + SEG_END) > room:
-            break
-        best = seg + k * SEG_SIZE
+            hi = k
+        else:
+            lo = k + 1
+    best = seg + (lo - 1) * SEG_SIZE
     end = le32(best + SEG_END)
     KDNS_CHECK(data + end <= img.base + img.length)
     if end > <uint32_t>cap:
@@ -335,14 +337,6 @@ cdef int decimal_octet(const uint8_t *s, unsigned int n) noexcept nogil:
             return -1
         v = v * 10 + s[k] - 48
     return v if v <= 255 else -1
-
-
-cdef inline int hex_nibble(uint8_t c) noexcept nogil:
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    return -1
 
 
 cdef int reverse_key(const Ask *a, uint8_t *key) noexcept nogil:
@@ -850,6 +844,10 @@ cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
         return False
     for k in range(nseg):
         if le32(v.base + seg + k * SEG_SIZE + SEG_END) > dlen:
+            return False
+        # Ends ascending: blob_body's binary search relies on it.
+        if k and le32(v.base + seg + k * SEG_SIZE + SEG_END) < le32(
+                v.base + seg + (k - 1) * SEG_SIZE + SEG_END):
             return False
     return True
 

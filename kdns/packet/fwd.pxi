@@ -544,7 +544,7 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
         u.forged += 1
         return
     for i in range(nl):
-        if LOWER[m[12 + i]] != p.key[i]:
+        if ascii_lower(m[12 + i]) != p.key[i]:
             u.forged += 1
             return
     if memcmp(m + qend - 4, p.key + nl, 4) != 0:
@@ -631,7 +631,7 @@ cdef void fw_cache_store(FwState *s, const uint8_t *m, int n, int qend, int nrec
     put16(buf + 8, kns)
     put16(buf + 10, kept - kan - kns)
     for i in range(12, qend - 4):
-        buf[i] = LOWER[buf[i]]
+        buf[i] = ascii_lower(buf[i])
     for i in range(kept):
         offs[i] = ttloff[i]
         ttls[i] = be32(m + ttloff[i])

@@ -23,7 +23,7 @@ What stays outside the records, recomputed every time (all small): the zone fram
 the model's serial, NS and its address, dns-version, namespaces, pod namespaces), and the
 services whose answers follow a CNAME (ExternalName) together with the services such a CNAME
 points into, compiled from their RRsets. Anything the records cannot express (a CNAME into
-a reverse zone, input the compiled core does not model) makes this one compile a full one;
+a reverse zone) or bad input makes this one compile a full one;
 an unexpected error also drops the saved state, so the next compile starts over from the
 model. Correctness never depends on the incremental path: it only saves work.
 
@@ -124,11 +124,11 @@ class IncrementalCompiler:
                 return self._full(model, synced, reset=True)
             try:
                 return self._assemble(model, synced, core, changed)
-            except (I.CoreUnsupported, I.CompileError) as e:
-                # Input the saved answers cannot express (a CNAME into a reverse name) or
-                # that the core leaves to the reference compiler: the full path decides,
-                # with the same rules. The saved state is whole (the next ``begin``
-                # forgets this compile's half-done tables).
+            except I.CompileError as e:
+                # Input the saved answers cannot express (a CNAME into a reverse name, whose
+                # RRsets the core no longer holds) or bad input: the full path decides, with
+                # the same rules. The saved state is whole (the core's next compile forgets
+                # this one's half-done tables).
                 log.debug("compiling in full: %s", e)
                 return self._full(model, synced)
             except Exception:
@@ -262,8 +262,8 @@ class IncrementalCompiler:
         self.last_encoded += len(encode)
         if not encode:
             return [b""] * len(groups)
-        # Input the core leaves to the reference compiler raises here; the caller forgets
-        # everything and compiles in full (every compile, until that input changes).
+        # Bad input raises here; the caller forgets everything and compiles in full (every
+        # compile, until that input changes), which reports it.
         return I.CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
 
     def _drop_ptrs(self, flat: tuple, ptr_before: dict) -> None:

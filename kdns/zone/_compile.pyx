@@ -11,24 +11,34 @@ interned in one open-addressing table of lower-cased wire forms, so its parent, 
 children and RRsets are arrays indexed by id; answer blobs are written into one growing
 buffer and de-duplicated by a C hash; the image is assembled into one bytes object.
 
-What it must not decide: the image format and the DNS rules of the rare cases. The format
-is kdns/zone/layout.py (the offsets written below are its names; the tests compare images
-byte for byte with the reference compiler). The core encodes every RRset of rr.py's rdata
-classes itself, name compression included (``plain_blob``, the generic encoder's rules);
-names with a CNAME, and rdata of other classes, are handed to the shared Python encoder
-(kdns/zone/encode.py) through callbacks, which see the core's names through lookup methods.
-Input the core does not model exactly (out-of-range numbers, addresses of the wrong
-family) raises the caller's ``unsupported`` exception, and the caller recompiles with
-the reference compiler. Every write is bounds-checked by ``_grow``; nothing here trusts
-its input.
+What it must not decide: the image format and the DNS rules. The format is
+kdns/zone/layout.py (the offsets written below are its names); the rules are the reference
+compiler's (kdns/zone/oracle.py with kdns/zone/encode.py), which the tests hold this to byte
+for byte. The core encodes every answer itself, name compression, CNAME chains, the zones'
+negative answers and the special nodes included; the caller hands it plain data (RRsets,
+names, per-zone TTLs, pod namespaces) and gets an image back (``compile``), or a service's
+answers as records (``export``, for the incremental compiler's ``apply``). Input it cannot
+encode (a number out of its field's range, an address of the wrong family, a blob over
+4 GiB) raises the caller's ``error`` with a message; there is no second encoder behind it.
+Every write is bounds-checked by ``_grow``; nothing here trusts its input.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 
+from kdns.dns.wire cimport (CLASS_IN, MAX_POINTER, SERVFAIL as RCODE_SERVFAIL, T_A, T_AAAA,
+                            T_CNAME, T_NS, T_PTR, T_SOA, T_SRV, T_TXT, ascii_lower, hex_nibble)
 from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
-                               BLOB_NSEG, BLOBHDR_SIZE, HDR_AA, HEADER_SIZE, NODE_EXISTS,
+                               BLOB_NSEG, BLOBHDR_SIZE, CUT_EVERY_RR_OVER, DEFAULT_QTYPE,
+                               FLAG_SYNCED, HDR_AA,
+                               HDR_HANDOFF, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
+                               HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
+                               HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
+                               HEADER_SIZE, HEADER_ZONES_OFF, NODE_POD_NS, NODE_POD_VERIFIED,
+                               NODE_ZONE_APEX, ZONE_APEX_NODE, ZONE_APEX_WIRE_LEN, ZONE_AUTH,
+                               ZONE_KIND, ZONE_NEG_BLOB, ZONE_REVERSE, ZONE_SIZE, ZONE_TTL,
+                               NODE_EXISTS,
                                NODE_EXTRA, NODE_FIRST_CHILD, NODE_FLAGS, NODE_LABEL_OFF,
                                NODE_NCHILD, NODE_NRR, NODE_RR_OFF, NODE_SIZE, REV_FAMILY, REV_IP,
                                REV_NRR, REV_RR_OFF, REV_SIZE, REV_ZONE, RRENT_BLOB, RRENT_QTYPE,
@@ -48,12 +58,6 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
 
-# ASCII-only case folding (RFC 4343 §3): bytes 0x41-0x5A and nothing else.
-cdef uint8_t LOWER[256]
-cdef int _i
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
-
 cdef enum:
     # Per-name flags.
     NF_DATA = 1          # owns RRsets
@@ -64,17 +68,6 @@ cdef enum:
     NF_SPECIAL = 32      # zone apex or pod namespace: image.py decides flags and extra
     NF_CNAME = 64        # owns a CNAME RRset
     NF_ENC = 128         # answers given already encoded (``apply``)
-
-    T_A = 1              # RFC 1035 §3.2.2, RFC 3596, RFC 2782
-    T_AAAA = 28
-    T_SRV = 33
-    T_PTR = 12
-    T_CNAME = 5
-    T_NS = 2
-    T_SOA = 6
-    T_TXT = 16
-    CLASS_IN = 1
-    MAX_PTR = 0x3FFF     # RFC 1035 §4.1.4: 14-bit pointer offsets
 
 
 cdef inline void put16be(uint8_t *p, uint32_t v) noexcept nogil:
@@ -87,14 +80,6 @@ cdef inline void put32be(uint8_t *p, uint32_t v) noexcept nogil:
     p[1] = (v >> 16) & 0xFF
     p[2] = (v >> 8) & 0xFF
     p[3] = v & 0xFF
-
-
-cdef inline int hex_nibble(uint8_t c) noexcept nogil:
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    return -1
 
 
 cdef inline uint64_t fnv1a(const uint8_t *p, Py_ssize_t n) noexcept nogil:
@@ -178,6 +163,7 @@ cdef class ZoneCore:
     cdef uint8_t *enc_n              # ... and how many (0: none; persistent, see ``apply``)
     cdef int32_t *ghead              # a group's first member (``apply``), -1: not a group
     cdef int32_t *gnext              # the next member of the name's group, -1: last
+    cdef int32_t rr_owner[11]        # ``chase``: the owner of each answer RRset
     cdef int32_t n
     cdef size_t cap
     cdef int32_t *ht
@@ -236,10 +222,21 @@ cdef class ZoneCore:
     cdef uint8_t *rev
     cdef int32_t nrev
     # Python side
-    cdef object error, unsupported, name_labels, packed_fallback, type_names
-    cdef object Srv, Target, Txt, Soa   # rr.py's rdata classes (the layer rules keep rr out)
-    cdef int stage          # 0 begun, 1 RRsets added, 2 tables encoded, 3 assembled/applied
-    cdef bint dropped       # the RRsets were let go (``drop_rrsets``)
+    cdef object error, name_labels, packed_fallback, type_names, magic
+    cdef object Srv, Target, Txt, Soa, Address  # rr.py's rdata classes (the layers keep rr out)
+    cdef list apex_text                 # each zone's apex as given (for messages)
+    cdef uint16_t *zone_kind
+    cdef uint16_t *apex_wlen            # per zone: its apex's wire length
+    # this compile's pod namespaces and zone apexes: trie nodes whose flags and ``extra``
+    # are not the data's (the layout's POD_NS, POD_VERIFIED, ZONE_APEX)
+    cdef dict pods                      # name id -> packed pod IPs (verified) or None
+    cdef uint8_t *podl                  # the image's pod lists, in node order
+    cdef size_t podl_len, podl_cap
+    cdef int32_t *verified              # node indexes whose ``extra`` is podl-relative
+    cdef size_t nverified, verified_cap
+    cdef uint32_t *apex_node            # per zone: its apex's node index
+    cdef uint32_t *neg_blob             # per zone: its negative answer's pool offset
+    cdef uint32_t servfail_blob
 
     def __cinit__(self):
         self.ht_cap = 1 << 16
@@ -255,33 +252,48 @@ cdef class ZoneCore:
         memset(self.lht, 0xFF, self.lht_cap * sizeof(int32_t))
         self.epoch = 0
 
-    def __init__(self, apexes, zone_reverse, *, error, unsupported, name_labels,
-                 packed_fallback, type_names, rdata_classes, persistent=False):
-        """``apexes``: each zone's labels (tuples of lower-case bytes), in zone order.
-        ``rdata_classes``: rr.py's (Srv, Target, Txt, Soa), whose rdata the core encodes.
+    def __init__(self, zones, *, error, name_labels, packed_fallback, type_names,
+                 rdata_classes, magic, persistent=False):
+        """``zones``: (apex text, apex labels as lower-case bytes, kind) per zone, in image
+        order. ``rdata_classes``: rr.py's (Srv, Target, Txt, Soa, Address), whose ``write``
+        the core does in C. ``magic``: the image header's (layout.py). ``error``: the
+        exception bad input raises, with a message naming the offending name.
         ``persistent``: the core outlives one compile (the incremental compiler): names,
-        encoded answers and the blob store are kept, each compile starting with ``begin``;
-        otherwise ``assemble`` frees everything."""
+        encoded answers (``apply``) and the blob store are kept from one ``compile`` to the
+        next; otherwise ``compile`` (or ``export``) frees everything and the core is spent."""
         cdef int zi
         self.persistent = bool(persistent)
-        self.error, self.unsupported = error, unsupported
+        self.error = error
         self.name_labels, self.packed_fallback = name_labels, packed_fallback
         self.type_names = type_names
-        self.Srv, self.Target, self.Txt, self.Soa = rdata_classes
+        self.magic = bytes(magic)
+        if len(self.magic) != 8:
+            raise ValueError("the image magic is 8 bytes")
+        self.Srv, self.Target, self.Txt, self.Soa, self.Address = rdata_classes
         self.rrsets = []
-        self.nzones = len(apexes)
+        self.pods = {}
+        zones = list(zones)
+        self.nzones = len(zones)
+        self.apex_text = [z[0] for z in zones]
         self.apex_id = <int32_t *>malloc((self.nzones + 1) * sizeof(int32_t))
         self.zone_rev = <bint *>malloc((self.nzones + 1) * sizeof(bint))
-        if self.apex_id == NULL or self.zone_rev == NULL:
+        self.zone_kind = <uint16_t *>malloc((self.nzones + 1) * sizeof(uint16_t))
+        self.apex_node = <uint32_t *>malloc((self.nzones + 1) * sizeof(uint32_t))
+        self.neg_blob = <uint32_t *>malloc((self.nzones + 1) * sizeof(uint32_t))
+        self.apex_wlen = <uint16_t *>malloc((self.nzones + 1) * sizeof(uint16_t))
+        if (self.apex_wlen == NULL or self.apex_id == NULL or self.zone_rev == NULL or self.zone_kind == NULL
+                or self.apex_node == NULL or self.neg_blob == NULL):
             raise MemoryError()
         self.intern_labels(())            # the root is id 0
         for zi in range(self.nzones):
-            self.apex_id[zi] = self.intern_labels(apexes[zi])
-            self.zone_rev[zi] = bool(zone_reverse[zi])
+            self.apex_id[zi] = self.intern_labels(zones[zi][1])
+            self.zone_kind[zi] = zones[zi][2]
+            self.apex_wlen[zi] = self.nlen[self.apex_id[zi]]
+            self.zone_rev[zi] = zones[zi][2] == ZONE_REVERSE
         for zi in range(self.nzones):
             # zone[] is filled lazily by zone_of; apexes mark themselves here.
             self.zone[self.apex_id[zi]] = zi
-        self.begin()
+        self._begin()
 
     def __dealloc__(self):
         self.release()
@@ -297,6 +309,11 @@ cdef class ZoneCore:
         free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
         free(self.ents); free(self.ghead); free(self.gnext)
+        free(self.zone_kind); free(self.apex_node); free(self.neg_blob); free(self.podl)
+        free(self.verified); free(self.apex_wlen)
+        self.apex_wlen = NULL
+        self.zone_kind = NULL; self.apex_node = NULL; self.neg_blob = NULL; self.podl = NULL
+        self.verified = NULL
         self.ghead = NULL; self.gnext = NULL
         self.rr_at = NULL; self.rr_n = NULL; self.enc_at = NULL; self.enc_n = NULL
         self.bcnt = NULL; self.bplace = NULL; self.bepoch = NULL; self.placed = NULL
@@ -337,7 +354,6 @@ cdef class ZoneCore:
         self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
         self.lht_cap = 0
         self.rrsets = []
-        self.stage = 3
 
     cdef void release_compile(self) noexcept:
         """A persistent core between compiles: free the big per-compile tables (the trie,
@@ -347,15 +363,19 @@ cdef class ZoneCore:
         self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.nodes = NULL
         self.rrf = NULL; self.rev = NULL; self.lpool = NULL; self.rr_next = NULL
         self.rr_type = NULL
-        self.rrf_cap = self.lpool_cap = 0
-        self.rrf_len = self.lpool_len = 0
+        free(self.podl); free(self.verified)
+        self.podl = NULL; self.verified = NULL
+        self.rrf_cap = self.lpool_cap = self.podl_cap = self.verified_cap = 0
+        self.rrf_len = self.lpool_len = self.podl_len = self.nverified = 0
         self.rrsets = []
+        self.pods = {}
 
-    cdef int check(self, int at_most) except -1:
-        # Methods called out of order (or after assemble freed the tables) must raise,
-        # never touch freed memory.
-        if self.stage > at_most or self.ht == NULL:
-            raise ValueError("ZoneCore used out of order or after assemble()")
+    cdef int check(self) except -1:
+        # A core that is spent (a compile freed its tables) must raise, never touch freed
+        # memory.
+        if self.ht == NULL:
+            raise ValueError("ZoneCore used after its compile (only a persistent core is "
+                             "used again)")
         return 0
 
     # ------------------------------------------------------------------ names
@@ -482,7 +502,7 @@ cdef class ZoneCore:
         cdef uint8_t w[256]
         cdef Py_ssize_t wl = self.labels_wire(labels, w)
         if wl < 0:
-            raise self.unsupported(f"not a name: {labels!r}")
+            raise self.error(f"not a name: {labels!r}")
         return self.intern_wire(w, wl)
 
     cdef int32_t intern_name(self, name) except -2:
@@ -510,7 +530,7 @@ cdef class ZoneCore:
                 c = <uint8_t>s[i]
                 if c >= 0x80 or c == 0:
                     return self.intern_labels(self.name_labels(name))
-                w[pos + 1 + i - start] = LOWER[c]
+                w[pos + 1 + i - start] = ascii_lower(c)
         w[pos] = 0
         return self.intern_wire(w, pos + 1)
 
@@ -555,14 +575,12 @@ cdef class ZoneCore:
 
     # ------------------------------------------------------------------ input
 
-    def add(self, rrsets, exists):
+    cdef int _add(self, rrsets, exists) except -1:
         """oracle.py ``ReferenceCompiler.add``: file every RRset under its name, in input order."""
         cdef Py_ssize_t k, nr
         cdef int32_t i, r
         cdef int rtype
         cdef list cnames = []
-        self.check(0)
-        self.stage = 1
         self.rrsets = list(rrsets)
         nr = len(self.rrsets)
         self.rr_next = <int32_t *>self._re(self.rr_next, (nr + 1) * 4)
@@ -572,7 +590,7 @@ cdef class ZoneCore:
             name = s.name
             rtype = s.rtype
             if not 0 <= rtype <= 0xFFFF:
-                raise self.unsupported(f"type {rtype}")
+                raise self.error(f"type {rtype}")
             i = self.intern_name(name)
             self.rr_next[k] = -1
             self.rr_type[k] = rtype
@@ -603,15 +621,15 @@ cdef class ZoneCore:
             if self.first_rr[i] != self.last_rr[i]:
                 # RFC 2181 §10.1: a CNAME owner has no other data.
                 raise self.error(f"{self.text_of(i)} has a CNAME and other data")
+        return 0
 
-    def begin(self):
+    cdef int _begin(self) except -1:
         """Start a compile: forget the last one's RRsets, trie, tables and pool layout, and
         release the blobs only it used; keep the names, the encoded answers (``apply``) and
         the blob store."""
         cdef size_t k, nn
         cdef int32_t i
-        if self.ht == NULL:
-            raise ValueError("ZoneCore used after assemble()")
+        self.check()
         for k in range(self.ntmp):
             self.decref(self.tmp[k])
         self.ntmp = 0
@@ -619,7 +637,9 @@ cdef class ZoneCore:
         self.nplaced = 0
         self.placed_len = 0
         self.rrsets = []
-        self.dropped = False
+        self.pods = {}
+        self.podl_len = 0
+        self.nverified = 0
         self.rrf_len = 0
         self.nrev = 0
         self.nnodes = 0
@@ -637,7 +657,7 @@ cdef class ZoneCore:
             if self.enc_n[i]:
                 self.nflags[i] = NF_DATA | NF_ENC
                 self.place(i, None)
-        self.stage = 0
+        return 0
 
     cdef Py_ssize_t record(self, const uint8_t *b, Py_ssize_t total, Py_ssize_t p) except -1:
         """Check the ``export`` record at ``p``: [u8 wire length][wire name][u8 n]
@@ -678,9 +698,7 @@ cdef class ZoneCore:
         cdef int32_t i, g, j, nxt
         cdef uint32_t blen, bid, e
         cdef bytes recs
-        self.stage = 3                  # ``begin`` before the next compile
-        if self.ht == NULL:
-            raise ValueError("ZoneCore used after assemble()")
+        self.check()
         for name in remove:
             g = self.intern_name(name)
             if self.ghead[g] < 0:
@@ -748,8 +766,7 @@ cdef class ZoneCore:
         cdef uint32_t e, bid
         cdef const uint32_t *en
         out = []
-        if self.ht == NULL:
-            raise ValueError("ZoneCore used after assemble()")
+        self.check()
         for g in range(self.n):
             if self.ghead[g] < 0:
                 continue
@@ -805,11 +822,26 @@ cdef class ZoneCore:
                 "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
                 "entries": self.ents_len, "dead_entries": self.ents_dead}
 
-    def export(self, groups):
-        """After ``encode_reverse``: every name's answers as ``apply`` records, one
-        bytes per group, each name going to the group of its nearest ancestor-or-self among
-        ``groups`` (text names; a service's name, a reverse name). A name in no group, or
-        one whose answers follow a CNAME (they depend on other names), raises."""
+    def export(self, rrsets, groups):
+        """Encode ``rrsets`` (no zone apex data) and return their answers as ``apply``
+        records, one bytes per group: each name with data goes to the group of its nearest
+        ancestor-or-self among ``groups`` (text names; a service's name, a reverse name).
+        The blobs are the ones a full compile makes for the same names. A name in no group,
+        or one whose answers follow a CNAME (they depend on other names), raises. A core
+        that is not persistent is spent afterwards."""
+        self.check()
+        self._begin()
+        self._add(rrsets, ())
+        self._grow_trie()
+        self._encode_nodes()
+        self._encode_reverse()
+        try:
+            return self._export(groups)
+        finally:
+            if not self.persistent:
+                self.release()
+
+    cdef object _export(self, groups):
         cdef Py_ssize_t ng = len(groups), g, k, sz
         cdef int32_t i, j, e
         cdef int32_t *gof
@@ -818,9 +850,6 @@ cdef class ZoneCore:
         cdef uint8_t *o
         cdef const uint8_t *blob
         cdef uint32_t bid, blen
-        self.check(2)
-        if self.stage != 2:
-            raise ValueError("export() before the tables were encoded")
         ids = [self.intern_name(name) for name in groups]
         gof = <int32_t *>malloc((self.n + 1) * sizeof(int32_t))
         size = <size_t *>calloc(ng + 1, sizeof(size_t))
@@ -887,47 +916,18 @@ cdef class ZoneCore:
             raise ValueError("no blob at that pool offset")
         return self.placed[lo]
 
-    def mark(self, labels, bint fwd, bint special):
-        """A name image.py adds to the trie (apexes, pod namespaces) or decides itself."""
-        self.check(1)
+    cdef int32_t mark(self, labels) except -2:
+        """A zone apex or pod namespace: a node of the trie whose flags the core decides."""
         cdef int32_t i = self.intern_labels(labels)
-        if fwd:
-            self.nflags[i] |= NF_FWD
-        if special:
-            self.nflags[i] |= NF_SPECIAL
+        self.nflags[i] |= NF_FWD | NF_SPECIAL
+        return i
 
-    # ------------------------------------------------------------------ lookups (callbacks)
+    # ------------------------------------------------------------------ lookups
 
     cdef int32_t lookup(self, labels) except -2:
         cdef uint8_t w[256]
         cdef Py_ssize_t wl = self.labels_wire(labels, w)
         return -1 if wl < 0 else self.find(w, wl)
-
-    def rrsets_of(self, labels):
-        """The name's RRsets in input order, or None (image.py's ``data.get``)."""
-        self.check(2)
-        cdef int32_t i = self.lookup(labels), r
-        if self.dropped:
-            raise ValueError("rrsets_of() after drop_rrsets()")
-        if i < 0 or not self.nflags[i] & NF_DATA:
-            return None
-        if self.nflags[i] & NF_ENC:
-            # Its RRsets are not here (only its answers): a CNAME chain or glue that needs
-            # them cannot be compiled from encoded input; the caller compiles it all anew.
-            raise self.unsupported(f"{self.text_of(i)} is encoded; its RRsets are needed")
-        out = []
-        r = self.first_rr[i]
-        while r >= 0:
-            out.append(self.rrsets[r])
-            r = self.rr_next[r]
-        return tuple(out)
-
-    def name_exists(self, labels):
-        """encode.py ``Encoder.name_exists``: declared to exist, or a node of the forward
-        trie (an ancestor of a name with data: an empty non-terminal, RFC 8020)."""
-        self.check(2)
-        cdef int32_t i = self.lookup(labels)
-        return i >= 0 and bool(self.nflags[i] & (NF_EXPLICIT | NF_TREE))
 
     # ------------------------------------------------------------------ blobs
 
@@ -952,7 +952,7 @@ cdef class ZoneCore:
                 return b
             j = (j + 1) & mask
         if self.pool_len + n > 0xFFFFFFFF:
-            raise self.unsupported("blob store over 4 GiB")
+            raise self.error("blob store over 4 GiB")
         _grow(<void **>&self.pool, &self.pool_cap, self.pool_len + n, 1)
         if self.nblobs + 1 > self.blobs_cap:
             _grow(<void **>&self.bref, &self.blobs_cap, self.nblobs + 1, 8)
@@ -990,7 +990,7 @@ cdef class ZoneCore:
             return self.bplace[bid]
         n = self.bref[2 * bid + 1]
         if self.placed_len + n > 0xFFFFFFFF:
-            raise self.unsupported("blob pool over 4 GiB")
+            raise self.error("blob pool over 4 GiB")
         _grow(<void **>&self.placed, &self.placed_cap, self.nplaced + 1, 4)
         self.placed[self.nplaced] = bid
         self.nplaced += 1
@@ -1024,36 +1024,122 @@ cdef class ZoneCore:
         self.bht_cap = ncap
         return 0
 
-    def intern(self, bytes blob not None):
-        """oracle.py ``ReferenceCompiler.intern``: the blob's offset in the pool."""
-        cdef size_t n = len(blob)
-        self.check(2)
+    cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen,
+                              uint32_t hdr=HDR_AA, uint32_t ns=0, size_t nfix=0,
+                              const uint16_t *fix=NULL) except? 0xFFFFFFFF:
+        """BLOBHDR + the fixups + the segments in ``segs`` + the data in ``dat`` ->
+        interned offset."""
+        cdef size_t fixb = (2 * nfix + 3) // 4 * 4, k, n
+        if dlen > CUT_EVERY_RR_OVER:
+            nseg = self.cut_every_rr(dlen, an, ns, ar)
+        n = BLOBHDR_SIZE + fixb + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
-        memcpy(self.scr, <const char *>blob, n)
-        return self.intern_scr(n)
-
-    cdef uint32_t finish_blob(self, uint32_t an, uint32_t ar, size_t nseg, size_t dlen) except? 0xFFFFFFFF:
-        """BLOBHDR + the segments in ``segs`` + the data in ``dat`` -> interned offset."""
-        cdef size_t n = BLOBHDR_SIZE + SEG_SIZE * nseg + dlen
-        _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
-        put16le(self.scr + BLOB_HDR, HDR_AA)
+        put16le(self.scr + BLOB_HDR, hdr)
         put16le(self.scr + BLOB_AN, an)
-        put16le(self.scr + BLOB_NS, 0)
+        put16le(self.scr + BLOB_NS, ns)
         put16le(self.scr + BLOB_AR, ar)
-        put16le(self.scr + BLOB_NFIX, 0)
+        put16le(self.scr + BLOB_NFIX, nfix)
         put16le(self.scr + BLOB_NSEG, nseg)
         put32le(self.scr + BLOB_LEN, dlen)
-        memcpy(self.scr + BLOBHDR_SIZE, self.segs, SEG_SIZE * nseg)
-        memcpy(self.scr + BLOBHDR_SIZE + SEG_SIZE * nseg, self.dat, dlen)
+        memset(self.scr + BLOBHDR_SIZE, 0, fixb)
+        for k in range(nfix):
+            put16le(self.scr + BLOBHDR_SIZE + 2 * k, fix[k])
+        memcpy(self.scr + BLOBHDR_SIZE + fixb, self.segs, SEG_SIZE * nseg)
+        memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
-    cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc) except -1:
+    cdef size_t cut_every_rr(self, size_t dlen, uint32_t an, uint32_t ns,
+                             uint32_t ar) except? 0:
+        """encode.py ``cut_at_every_rr``: ``segs`` anew, a segment after every record of
+        ``dat`` (owner labels ending in the root or a pointer, RFC 1035 §4.1.4, then type,
+        class, TTL, rdlength and rdata, §4.1.3); their number."""
+        cdef size_t total = an + ns + ar, essential = an + ns, k, pos = 0
+        cdef uint32_t n_an, n_ns, n_ar
+        cdef uint8_t c
+        if total + 1 > 0xFFFF:
+            raise self.error(f"{total} records in one answer: at most 65534")
+        self.seg(0, 0, 0, 0, 1 if essential else 0)
+        for k in range(1, total + 1):
+            while True:
+                if pos >= dlen:
+                    raise AssertionError("blob data ends inside a record")
+                c = self.dat[pos]
+                if c >= 0xC0:
+                    pos += 2
+                    break
+                pos += 1 + c
+                if c == 0:
+                    break
+            if pos + 10 > dlen:
+                raise AssertionError("blob data ends inside a record")
+            pos += 10 + ((<size_t>self.dat[pos + 8] << 8) | self.dat[pos + 9])
+            n_an = k if k < an else an
+            n_ns = 0 if k < an else (k - an if k - an < ns else ns)
+            n_ar = 0 if k < essential else k - essential
+            self.seg(k, pos, n_an, n_ar, 1 if n_an + n_ns < essential else 0, n_ns)
+        if pos != dlen:
+            raise AssertionError("blob data does not end at its last record")
+        return total + 1
+
+    cdef int put_under_apex(self, int32_t m, int32_t apex, uint16_t *fix, size_t *nfix,
+                            size_t *size) except -1:
+        """encode.py ``negative_blob``'s names: the labels above the apex, then a fixup
+        for the pointer to the apex inside the question; a name outside it whole."""
+        cdef int32_t j = m
+        cdef uint8_t ln
+        while j >= 0 and j != apex:
+            j = self.parent[j]
+        _grow(<void **>&self.dat, &self.dat_cap, size[0] + self.nlen[m] + 2, 1)
+        if j < 0:
+            memcpy(self.dat + size[0], self.nbuf + self.noff[m], self.nlen[m])
+            size[0] += self.nlen[m]
+            return 0
+        j = m
+        while j != apex:
+            ln = self.nbuf[self.noff[j]]
+            memcpy(self.dat + size[0], self.nbuf + self.noff[j], ln + 1)
+            size[0] += ln + 1
+            j = self.parent[j]
+        fix[nfix[0]] = size[0]
+        nfix[0] += 1
+        put16be(self.dat + size[0], 0xC000)
+        size[0] += 2
+        return 0
+
+    cdef uint32_t negative_blob(self, int zi) except? 0xFFFFFFFF:
+        """encode.py ``negative_blob``: the zone's SOA for the authority section, shared by
+        every name of the zone, its owner and the apex in its names written as fixups."""
+        cdef int32_t apex = self.apex_id[zi], soa
+        cdef uint16_t fix[3]
+        cdef size_t nfix = 1, size = 0
+        soa = self.of_type(self.rrs_of(apex), T_SOA)
+        if soa < 0:
+            raise self.error(f"zone {self.apex_text[zi]} has no SOA RRset")
+        s = self.rrsets[soa]
+        rd = s.rdatas[0]
+        _grow(<void **>&self.dat, &self.dat_cap, 12, 1)
+        fix[0] = 0
+        put16be(self.dat, 0xC000)
+        put16be(self.dat + 2, T_SOA)
+        put16be(self.dat + 4, CLASS_IN)
+        put32be(self.dat + 6, s.ttl)
+        size = 12
+        self.put_under_apex(self.intern_name(rd.mname), apex, fix, &nfix, &size)
+        self.put_under_apex(self.intern_name(rd.rname), apex, fix, &nfix, &size)
+        self.put_soa_numbers(rd, &size)
+        put16be(self.dat + 10, size - 12)
+        self.seg(0, 0, 0, 0, 1)
+        self.seg(1, size, 0, 0, 0, 1)
+        return self.finish_blob(0, 0, 2, size, HDR_AA, 1, nfix, fix)
+
+    cdef int seg(self, size_t k, uint32_t end, uint32_t an, uint32_t ar, uint32_t tc,
+                 uint32_t ns=0) except -1:
         cdef uint8_t *s
         _grow(<void **>&self.segs, &self.segs_cap, SEG_SIZE * (k + 1), 1)
         s = self.segs + SEG_SIZE * k
         put32le(s + SEG_END, end)
         put16le(s + SEG_AN, an)
-        put16le(s + SEG_NS, 0)
+        put16le(s + SEG_NS, ns)
         put16le(s + SEG_AR, ar)
         put16le(s + SEG_TC, tc)
         return 0
@@ -1073,7 +1159,7 @@ cdef class ZoneCore:
         packed = self.packed_fallback(text)       # forms inet_pton refuses (it raises)
         n = len(packed)
         if n != 4 and n != 16:
-            raise self.unsupported("address length")
+            raise self.error("address length")
         memcpy(out, <const char *>(<bytes>packed), n)
         return n
 
@@ -1086,12 +1172,12 @@ cdef class ZoneCore:
         rdatas = s.rdatas
         nrd = len(rdatas)
         if nrd > 0xFFFF:
-            raise self.unsupported("RRset too large")
+            raise self.error("RRset too large")
         _grow(<void **>&self.dat, &self.dat_cap, nrd * (12 + 16), 1)
         for k in range(nrd):
             ln = self.addr(rdatas[k], ip)
             if ln != size:
-                raise self.unsupported("address of the other family")
+                raise self.error("address of the other family")
             p = self.dat + k * (12 + size)
             put16be(p, 0xC00C)
             put16be(p + 2, rtype)
@@ -1149,7 +1235,7 @@ cdef class ZoneCore:
         rdatas = s.rdatas
         nrd = len(rdatas)
         if nrd > 0xFFFF:
-            raise self.unsupported("RRset too large")
+            raise self.error("RRset too large")
         self.epoch += 1
         base = 12 + self.nlen[q] + 4
         self.remember(q, 12)
@@ -1158,7 +1244,7 @@ cdef class ZoneCore:
             rd = rdatas[k]
             prio, weight, port = rd.priority, rd.weight, rd.port
             if not (0 <= prio <= 0xFFFF and 0 <= weight <= 0xFFFF and 0 <= port <= 0xFFFF):
-                raise self.unsupported("SRV field out of range")
+                raise self.error("SRV field out of range")
             t = self.intern_name(rd.target)
             targets.append(t)
             tl = self.nlen[t]
@@ -1176,7 +1262,7 @@ cdef class ZoneCore:
             put16be(p + 16, port)
             memcpy(p + 18, self.nbuf + self.noff[t], tl)
             size += 18 + tl
-            if base + size > MAX_PTR:
+            if base + size > MAX_POINTER:
                 return -1               # positions past 0x3FFF are not remembered
         self.seg(0, 0, 0, 0, 1)
         self.seg(1, size, nrd, 0, 0)
@@ -1194,7 +1280,7 @@ cdef class ZoneCore:
                 if r < 0:
                     continue
                 if self.stamp[t] != self.epoch:
-                    raise self.unsupported("glue owner without a position")
+                    raise self.error("glue owner without a position")
                 ptr = self.where[t]
                 g = self.rrsets[r]
                 gttl = g.ttl
@@ -1211,10 +1297,10 @@ cdef class ZoneCore:
                     size += 12 + ln
                     n_ar += 1
                 if n_ar > 0xFFFF:
-                    raise self.unsupported("too much glue")
+                    raise self.error("too much glue")
                 self.seg(nseg, size, nrd, n_ar, 0)
                 nseg += 1
-        if base + size > MAX_PTR:
+        if base + size > MAX_POINTER:
             return -1
         return self.finish_blob(nrd, n_ar, nseg, size)
 
@@ -1231,7 +1317,7 @@ cdef class ZoneCore:
                 size[0] += 2
                 return 0
             pos = base + size[0]
-            if pos <= MAX_PTR and self.stamp[i] != self.epoch:
+            if pos <= MAX_POINTER and self.stamp[i] != self.epoch:
                 self.stamp[i] = self.epoch
                 self.where[i] = pos
             ln = self.nbuf[self.noff[i]]
@@ -1243,9 +1329,9 @@ cdef class ZoneCore:
         return 0
 
     cdef int put_rdata(self, int rtype, rd, uint32_t base, size_t *size) except -1:
-        """encode.py ``put_rr``'s rdata for the types the core knows (RFC 1035 §3.3,
-        RFC 2782); 0 (nothing written) for rdata it does not, which ``plain_blob`` then
-        leaves to the generic encoder."""
+        """encode.py ``put_rr``'s rdata (RFC 1035 §3.3, RFC 2782): by the RRset's type for
+        the types whose rdata has one form (A/AAAA, SRV, the one-name types), by the rdata's
+        rr.py class (its ``write``) for every other type."""
         cdef uint8_t ip[16]
         cdef Py_ssize_t ln
         cdef bytes b
@@ -1257,56 +1343,69 @@ cdef class ZoneCore:
             memcpy(self.dat + size[0], ip, ln)
             size[0] += ln
             return 1
-        if rtype == T_SRV:
-            if type(rd) is not self.Srv:
-                return 0
-            if not (0 <= rd.priority <= 0xFFFF and 0 <= rd.weight <= 0xFFFF
-                    and 0 <= rd.port <= 0xFFFF):
-                raise self.unsupported("SRV field out of range")
-            _grow(<void **>&self.dat, &self.dat_cap, size[0] + 6, 1)
-            p = self.dat + size[0]
-            put16be(p, rd.priority)
-            put16be(p + 2, rd.weight)
-            put16be(p + 4, rd.port)
-            size[0] += 6
+        if rtype == T_SRV or type(rd) is self.Srv:
+            self.put_srv(rd.priority, rd.weight, rd.port, size)
             # RFC 2782: "name compression is not to be used for this field".
             self.put_name(self.intern_name(rd.target), False, base, size)
             return 1
-        if rtype == T_PTR or rtype == T_NS or rtype == T_CNAME:
-            if type(rd) is not self.Target:
-                return 0
+        if rtype == T_PTR or rtype == T_NS or rtype == T_CNAME or type(rd) is self.Target:
             self.put_name(self.intern_name(rd.target), True, base, size)
             return 1
-        if rtype == T_TXT and type(rd) is self.Txt:
+        if type(rd) is self.Txt:
             for text in rd.strings:
                 b = text.encode()
                 ln = len(b)
                 if ln > 255:
-                    raise self.unsupported("TXT character-string longer than 255 bytes")
+                    raise self.error("TXT character-string longer than 255 bytes")
                 _grow(<void **>&self.dat, &self.dat_cap, size[0] + 1 + ln, 1)
                 self.dat[size[0]] = ln
                 memcpy(self.dat + size[0] + 1, <const char *>b, ln)
                 size[0] += 1 + ln
             return 1
-        if rtype == T_SOA and type(rd) is self.Soa:
+        if type(rd) is self.Soa:
             self.put_name(self.intern_name(rd.mname), True, base, size)
             self.put_name(self.intern_name(rd.rname), True, base, size)
-            _grow(<void **>&self.dat, &self.dat_cap, size[0] + 20, 1)
-            p = self.dat + size[0]
-            put32be(p, rd.serial & 0xFFFFFFFF)
-            for ln, v in enumerate((rd.refresh, rd.retry, rd.expire, rd.minimum)):
-                if not 0 <= v <= 0xFFFFFFFF:
-                    raise self.unsupported("SOA field out of range")
-                put32be(p + 4 + 4 * ln, v)
-            size[0] += 20
+            self.put_soa_numbers(rd, size)
             return 1
+        if type(rd) is self.Address:
+            ln = self.addr(rd, ip)
+            _grow(<void **>&self.dat, &self.dat_cap, size[0] + ln, 1)
+            memcpy(self.dat + size[0], ip, ln)
+            size[0] += ln
+            return 1
+        raise self.error(f"rdata {type(rd).__name__} of type {rtype} is not one kdns encodes")
+
+    cdef int put_srv(self, prio, weight, port, size_t *size) except -1:
+        cdef uint8_t *p
+        if not (0 <= prio <= 0xFFFF and 0 <= weight <= 0xFFFF and 0 <= port <= 0xFFFF):
+            raise self.error("SRV priority, weight or port out of range")
+        _grow(<void **>&self.dat, &self.dat_cap, size[0] + 6, 1)
+        p = self.dat + size[0]
+        put16be(p, prio)
+        put16be(p + 2, weight)
+        put16be(p + 4, port)
+        size[0] += 6
+        return 0
+
+    cdef int put_soa_numbers(self, rd, size_t *size) except -1:
+        """SOA serial, refresh, retry, expire, minimum (RFC 1035 §3.3.13)."""
+        cdef uint8_t *p
+        cdef int k
+        _grow(<void **>&self.dat, &self.dat_cap, size[0] + 20, 1)
+        p = self.dat + size[0]
+        put32be(p, rd.serial & 0xFFFFFFFF)
+        for k, v in enumerate((rd.refresh, rd.retry, rd.expire, rd.minimum)):
+            if not 0 <= v <= 0xFFFFFFFF:
+                raise self.error("SOA field out of range")
+            put32be(p + 4 + 4 * k, v)
+        size[0] += 20
         return 0
 
     cdef int put_rr(self, int32_t owner, int rtype, uint32_t ttl, rd, uint32_t base,
                     size_t *size) except -1:
         """encode.py ``put_rr``: owner (a pointer to the question when ``owner`` < 0),
-        fixed part, rdata; 0 (``*size`` unchanged) when ``put_rdata`` does not know it."""
-        cdef size_t start = size[0], len_at
+        fixed part, rdata."""
+        cdef size_t len_at
         if owner < 0:
             _grow(<void **>&self.dat, &self.dat_cap, size[0] + 2, 1)
             put16be(self.dat + size[0], 0xC00C)
@@ -1319,19 +1418,16 @@ cdef class ZoneCore:
         put32be(self.dat + size[0] + 4, ttl)
         len_at = size[0] + 8
         size[0] += 10
-        if not self.put_rdata(rtype, rd, base, size):
-            size[0] = start
-            return 0
+        self.put_rdata(rtype, rd, base, size)
         if size[0] - len_at - 2 > 0xFFFF:
-            raise self.unsupported("rdata over 64 KiB")
+            raise self.error("rdata over 64 KiB")
         put16be(self.dat + len_at, size[0] - len_at - 2)
         return 1
 
     cdef int64_t plain_blob(self, int32_t q, int32_t r) except -2:
         """encode.py ``generic_blob`` for a name without a CNAME: its RRset of this type
         owned by the question, and for SRV and NS the targets' A/AAAA in the additional
-        section (RFC 2782, RFC 1035 §3.3.11), each target's once (RFC 2181 §5); -1 for
-        rdata ``put_rdata`` does not know."""
+        section (RFC 2782, RFC 1035 §3.3.11), each target's once (RFC 2181 §5)."""
         cdef int rtype = self.rr_type[r], gtype
         cdef uint32_t base = 12 + self.nlen[q] + 4, n_an, n_ar = 0
         cdef size_t size = 0
@@ -1341,39 +1437,176 @@ cdef class ZoneCore:
         rdatas = s.rdatas
         n_an = len(rdatas)
         if n_an > 0xFFFF:
-            raise self.unsupported("RRset too large")
+            raise self.error("RRset too large")
         self.epoch += 1
         self.remember(q, 12)            # ``Wire.seed``: the question at offset 12
         for rd in rdatas:
-            if not self.put_rr(-1, rtype, s.ttl, rd, base, &size):
-                return -1
+            self.put_rr(-1, rtype, s.ttl, rd, base, &size)
         self.seg(0, 0, 0, 0, 1)
         self.seg(1, size, n_an, 0, 0)
         if rtype == T_SRV or rtype == T_NS:
-            targets = [self.intern_name(rd.target) for rd in rdatas]
-            for t in targets:
-                if self.seen[t] == self.epoch:
-                    continue
-                self.seen[t] = self.epoch
-                if not self.nflags[t] & NF_DATA:
-                    continue
-                if self.nflags[t] & NF_ENC:
-                    raise self.unsupported(f"{self.text_of(t)} is encoded; its RRsets are needed")
-                for gtype in (T_A, T_AAAA):
-                    g = self.first_rr[t]
-                    while g >= 0 and self.rr_type[g] != gtype:
-                        g = self.rr_next[g]
-                    if g < 0:
-                        continue
-                    gs = self.rrsets[g]
-                    for rd in gs.rdatas:
-                        self.put_rr(t, gtype, gs.ttl, rd, base, &size)
-                        n_ar += 1
-                    if n_ar > 0xFFFF:
-                        raise self.unsupported("too much glue")
-                    self.seg(nseg, size, n_an, n_ar, 0)
-                    nseg += 1
+            self.put_glue(rdatas, base, &size, n_an, &n_ar, &nseg)
         return self.finish_blob(n_an, n_ar, nseg, size)
+
+    cdef int put_glue(self, rdatas, uint32_t base, size_t *size, uint32_t n_an,
+                      uint32_t *n_ar, Py_ssize_t *nseg) except -1:
+        """encode.py ``glue``: the in-image A/AAAA of the targets, one segment per RRset
+        (RFC 2782, RFC 1035 §3.3.11), a target shared by several records once (RFC 2181
+        §5)."""
+        cdef int32_t t, g
+        cdef int gtype
+        targets = [self.intern_name(rd.target) for rd in rdatas]
+        for t in targets:
+            if self.seen[t] == self.epoch:
+                continue
+            self.seen[t] = self.epoch
+            if self.rrs_of(t) < 0:
+                continue
+            for gtype in (T_A, T_AAAA):
+                g = self.first_rr[t]
+                while g >= 0 and self.rr_type[g] != gtype:
+                    g = self.rr_next[g]
+                if g < 0:
+                    continue
+                gs = self.rrsets[g]
+                for rd in gs.rdatas:
+                    self.put_rr(t, gtype, gs.ttl, rd, base, size)
+                    n_ar[0] += 1
+                if n_ar[0] > 0xFFFF:
+                    raise self.error("too much glue")
+                self.seg(nseg[0], size[0], n_an, n_ar[0], 0)
+                nseg[0] += 1
+        return 1
+
+    cdef int32_t rrs_of(self, int32_t i) except -2:
+        """``rrsets_of`` in C: the name's first RRset, -1 when it has none."""
+        if not self.nflags[i] & NF_DATA:
+            return -1
+        if self.nflags[i] & NF_ENC:
+            raise self.error(f"{self.text_of(i)} is encoded; its RRsets are needed")
+        return self.first_rr[i]
+
+    cdef int32_t of_type(self, int32_t r, int rtype) noexcept:
+        while r >= 0 and self.rr_type[r] != rtype:
+            r = self.rr_next[r]
+        return r
+
+    cdef int chase(self, int32_t q, int qtype, int32_t *an, int *nan, int *zi,
+                   int32_t *glue) except -1:
+        """encode.py ``chase``: the answer's RRsets (``an[:nan]``, at most 11), following
+        in-image CNAMEs; the zone whose SOA goes in the authority section (-1: none), the
+        RRset whose targets get glue (-1: none); returns the rcode."""
+        cdef int32_t cur = q, r, c, k
+        cdef int step, z
+        nan[0] = 0
+        zi[0] = -1
+        glue[0] = -1
+        for step in range(11):
+            r = self.rrs_of(cur)
+            if r < 0:
+                z = self.zone_of(cur)
+                if z < 0 or self.zone_rev[z]:
+                    return 0                      # outside: the CNAME alone
+                zi[0] = z
+                return 0 if self.nflags[cur] & (NF_EXPLICIT | NF_TREE) else 3
+            c = self.of_type(r, T_CNAME)
+            if c >= 0 and qtype != T_CNAME:
+                for k in range(nan[0]):
+                    if self.rr_owner[k] == cur:
+                        return 2                  # a CNAME loop: SERVFAIL
+                self.rr_owner[nan[0]] = cur
+                an[nan[0]] = c
+                nan[0] += 1
+                cur = self.intern_name(self.rrsets[c].rdatas[0].target)
+                continue
+            r = self.of_type(r, qtype)
+            if r < 0:
+                zi[0] = self.zone_of(cur)
+                return 0
+            self.rr_owner[nan[0]] = cur
+            an[nan[0]] = r
+            nan[0] += 1
+            if qtype == T_SRV or qtype == T_NS:
+                glue[0] = r
+            return 0
+        return 2                                  # a chain too long: SERVFAIL
+
+    cdef int64_t chain_blob(self, int32_t q, int qtype, uint32_t hdr) except -2:
+        """encode.py ``blob`` of ``chase(q, qtype)``; -3 for a plain NODATA (the zone blob
+        answers it)."""
+        cdef int32_t an[11]
+        cdef int nan, zi, rcode, k
+        cdef int32_t glue, soa
+        cdef uint32_t base = 12 + self.nlen[q] + 4, n_an = 0, n_ns = 0, n_ar = 0
+        cdef size_t size = 0
+        cdef Py_ssize_t nseg = 1
+        rcode = self.chase(q, qtype, an, &nan, &zi, &glue)
+        if nan == 0 and rcode == 0:
+            return -3
+        self.epoch += 1
+        self.remember(q, 12)
+        self.seg(0, 0, 0, 0, 0)
+        for k in range(nan):
+            s = self.rrsets[an[k]]
+            for rd in s.rdatas:
+                self.put_rr(-1 if k == 0 else self.rr_owner[k], s.rtype, s.ttl, rd, base, &size)
+            n_an += len(s.rdatas)
+            self.seg(nseg, size, n_an, 0, 0)
+            nseg += 1
+        if zi >= 0:
+            soa = self.of_type(self.rrs_of(self.apex_id[zi]), T_SOA)
+            if soa < 0:
+                raise self.error(f"zone {self.text_of(self.apex_id[zi])} has no SOA RRset")
+            s = self.rrsets[soa]
+            for rd in s.rdatas:
+                self.put_rr(self.apex_id[zi], T_SOA, s.ttl, rd, base, &size)
+            n_ns += len(s.rdatas)
+            self.seg(nseg, size, n_an, 0, 0, n_ns)
+            nseg += 1
+        if glue >= 0:
+            self.put_glue(self.rrsets[glue].rdatas, base, &size, n_an, &n_ar, &nseg)
+        if n_an > 0xFFFF or n_ns > 0xFFFF:
+            raise self.error("RRset too large")
+        # A cut that drops answer or authority records leaves the reply truncated (TC).
+        for k in range(nseg):
+            put16le(self.segs + SEG_SIZE * k + SEG_TC,
+                    1 if le16(self.segs + SEG_SIZE * k + SEG_AN)
+                    + le16(self.segs + SEG_SIZE * k + SEG_NS) < n_an + n_ns else 0)
+        return self.finish_blob(n_an, n_ar, nseg, size, hdr | rcode, n_ns)
+
+    cdef int chain_entries(self, int32_t i) except -1:
+        """encode.py ``chain_entries``: a blob for every type the chain from ``i`` can
+        answer, and for CNAME and DEFAULT_QTYPE (every other type)."""
+        cdef int32_t cur = i, r, c
+        cdef int step, outside, qtype
+        cdef int64_t off
+        cdef uint32_t hdr
+        qtypes = {T_CNAME, DEFAULT_QTYPE}
+        cur = self.intern_name(self.rrsets[self.first_rr[i]].rdatas[0].target)
+        for step in range(10):
+            r = self.rrs_of(cur)
+            c = -1
+            while r >= 0:
+                qtypes.add(self.rr_type[r])
+                if self.rr_type[r] == T_CNAME:
+                    c = r
+                r = self.rr_next[r]
+            if c < 0:
+                break
+            cur = self.intern_name(self.rrsets[c].rdatas[0].target)
+        # SOA and NS answer at the apex, never through a chain into it.
+        qtypes.discard(T_SOA)
+        qtypes.discard(T_NS)
+        outside = self.rrs_of(cur) < 0 and (self.zone_of(cur) < 0
+                                            or self.zone_rev[self.zone_of(cur)])
+        for qtype in sorted(qtypes):
+            # A CNAME query is answered by the CNAME alone (RFC 1034 §3.6.2); any other
+            # type of a chain ending outside needs the target's records: hand off.
+            hdr = HDR_AA | (HDR_HANDOFF if outside and qtype != T_CNAME else 0)
+            off = self.chain_blob(i, qtype if qtype else 0xFFFF - 1, hdr)
+            if off != -3:
+                self.push_rr(qtype, off)
+        return 0
 
     cdef int64_t answer_only(self, int32_t q, int32_t r) except -2:
         cdef int rtype = self.rr_type[r]
@@ -1395,7 +1628,7 @@ cdef class ZoneCore:
         self.rrf_len += 2
         return 0
 
-    cdef int entries(self, int32_t i, chain, generic) except -1:
+    cdef int entries(self, int32_t i) except -1:
         """oracle.py ``rr_entries`` for name ``i``: (qtype, blob) pairs sorted by type."""
         cdef int32_t rs[64]
         cdef int nr = 0, a, b
@@ -1410,14 +1643,13 @@ cdef class ZoneCore:
             self.rr_n[i] = self.enc_n[i]
             return 0
         if self.nflags[i] & NF_CNAME:
-            for qtype, boff in chain(self.labels_of(i)):
-                self.push_rr(qtype, boff)
+            self.chain_entries(i)
             self.rr_n[i] = self.rrf_len // 2 - self.rr_at[i]
             return 0
         r = self.first_rr[i]
         while r >= 0:
             if nr == 64:
-                raise self.unsupported("more than 64 RRsets at one name")
+                raise self.error("more than 64 RRsets at one name")
             rs[nr] = r
             nr += 1
             r = self.rr_next[r]
@@ -1432,19 +1664,16 @@ cdef class ZoneCore:
             off = self.answer_only(i, rs[a])
             if off < 0:
                 off = self.plain_blob(i, rs[a])
-            if off < 0:
-                off = generic(self.labels_of(i), self.rr_type[rs[a]])
             self.push_rr(self.rr_type[rs[a]], off)
         self.rr_n[i] = nr
         return 0
 
-    def grow(self):
+    cdef int _grow_trie(self) except -1:
         """oracle.py ``grow_tree`` + ``number_nodes``: the forward trie, breadth first, each
         node's children contiguous and sorted by (length, bytes)."""
         global _sort_nbuf, _sort_noff
         cdef int32_t i, j, c, head, tail, nk
         cdef int32_t *fill
-        self.check(1)
         for i in range(self.n):
             if self.nflags[i] & NF_FWD:
                 j = i
@@ -1489,7 +1718,7 @@ cdef class ZoneCore:
                 memcpy(self.order + tail, self.kids + self.kid_start[i], c * 4)
                 tail += c
         self.nnodes = nk + 1
-        return self.nnodes
+        return 0
 
     cdef uint32_t label_off(self, int32_t i) except? 0xFFFFFFFF:
         """Offset of the name's first label in the labels pool ([u8 len][bytes], each label
@@ -1532,18 +1761,15 @@ cdef class ZoneCore:
         self.nlabels += 1
         return o
 
-    def encode_nodes(self, chain, generic, special):
+    cdef int _encode_nodes(self) except -1:
         """The node table in trie order, encoding each node's blobs (oracle.py ``build``'s
-        node loop); ``special(labels, flags, idx)`` -> (flags, extra) for apexes and pod
-        namespaces."""
+        node loop), the zone apexes' and pod namespaces' flags and ``extra`` as encode.py
+        ``special_node`` decides them."""
         cdef int32_t idx, i, c
         cdef uint32_t flags, extra, loff
         cdef size_t rr_start
         cdef uint8_t *nd
         cdef int32_t nxt = 1
-        self.check(1)
-        if self.order == NULL:
-            raise ValueError("encode_nodes() before grow()")
         self.nodes = <uint8_t *>self._re(self.nodes, (self.nnodes + 1) * NODE_SIZE)
         for idx in range(self.nnodes):
             i = self.order[idx]
@@ -1553,10 +1779,10 @@ cdef class ZoneCore:
                 flags = NODE_EXISTS if self.nflags[i] & NF_EXPLICIT else 0
             else:
                 flags = NODE_EXISTS
-                self.entries(i, chain, generic)
+                self.entries(i)
             extra = 0
             if self.nflags[i] & NF_SPECIAL:
-                flags, extra = special(self.labels_of(i), flags, idx)
+                flags = self.special_node(i, idx, flags, &extra)
             c = self.kid_start[i + 1] - self.kid_start[i]
             # Offsets relative to the labels pool, the rr table and the pod lists (for a
             # verified pod namespace's ``extra``) until ``assemble``; ``rrf`` holds two words
@@ -1577,6 +1803,33 @@ cdef class ZoneCore:
             if c:
                 put32le(self.nodes + NODE_SIZE * idx + NODE_FIRST_CHILD, nxt)
                 nxt += c
+        return 0
+
+    cdef uint32_t special_node(self, int32_t i, int32_t idx, uint32_t flags,
+                               uint32_t *extra) except? 0xFFFFFFFF:
+        """encode.py ``special_node``: a zone apex carries its zone's index, a verified pod
+        namespace the offset of its pod list (relative to the pod lists until assembly)."""
+        cdef int zi
+        cdef bytes packed
+        for zi in range(self.nzones):
+            if self.apex_id[zi] == i:
+                flags |= NODE_ZONE_APEX | NODE_EXISTS
+                extra[0] = self.zone[i]          # the last zone of that apex, as a dict's
+                self.apex_node[zi] = idx
+        if i in self.pods:
+            flags |= NODE_POD_NS | NODE_EXISTS
+            packed = self.pods[i]
+            if packed is not None:
+                flags |= NODE_POD_VERIFIED
+                extra[0] = self.podl_len
+                _grow(<void **>&self.podl, &self.podl_cap, self.podl_len + 4 + len(packed), 1)
+                put32le(self.podl + self.podl_len, len(packed) // 16)
+                memcpy(self.podl + self.podl_len + 4, <const char *>packed, len(packed))
+                self.podl_len += 4 + len(packed)
+                _grow(<void **>&self.verified, &self.verified_cap, self.nverified + 1, 4)
+                self.verified[self.nverified] = idx
+                self.nverified += 1
+        return flags
 
     cdef int rev_key(self, int32_t i, uint8_t *key) noexcept:
         """encode.py ``reverse_to_ip`` on name ``i``: 1 and key[17] = family, address; 0 if
@@ -1619,17 +1872,13 @@ cdef class ZoneCore:
             return 1
         return 0
 
-    def encode_reverse(self, chain, generic):
+    cdef int _encode_reverse(self) except -1:
         """The reverse table, sorted by (family, address), encoding each name's blobs;
         entries hold rr offsets relative to the rr table until ``assemble``."""
         cdef int32_t i, k, m = 0
         cdef RevKey *keys
         cdef uint8_t *e
         cdef size_t rr_start
-        self.check(1)
-        if self.nodes == NULL:
-            raise ValueError("encode_reverse() before encode_nodes()")
-        self.stage = 2
         for i in range(self.n):
             if self.nflags[i] & NF_REV:
                 m += 1
@@ -1652,7 +1901,7 @@ cdef class ZoneCore:
                 i = keys[k].id
                 rr_start = self.rrf_len
                 if self.nflags[i] & NF_DATA:
-                    self.entries(i, chain, generic)
+                    self.entries(i)
                 e = self.rev + REV_SIZE * k
                 e[REV_FAMILY] = keys[k].key[0]
                 memcpy(e + REV_IP, keys[k].key + 1, 16)
@@ -1661,52 +1910,86 @@ cdef class ZoneCore:
                 put16le(e + REV_ZONE, self.zone_of(i))
         finally:
             free(keys)
-        return m
+        return 0
 
-    def drop_rrsets(self):
-        """Let the RRsets go once every blob is encoded: with the caller's references gone
-        too, their memory is free again before the image is assembled (the compile's peak)."""
-        if self.stage != 2:
-            raise ValueError("drop_rrsets() before the tables were encoded")
-        self.dropped = True
+    def compile(self, rrsets, exists, ttls, pods, bint synced, uint64_t serial, alloc=None,
+                bint consume=False):
+        """The image of ``rrsets`` (rr.RRset) and ``exists`` (names declared to exist):
+        every name filed, the trie grown, every answer encoded (the zones' negative answers
+        first, then the nodes' in trie order, then the reverse names' in address order:
+        the blob pool's order), and the sections assembled behind the header.
+
+        ``ttls``: each zone's negative-answer TTL, in zone order. ``pods``: (namespace
+        labels, packed pod IPs or None) for each pod namespace node (``pod.<zone>``'s
+        children): with IPs it is verified (layout.py). ``alloc(size)``: a writable buffer
+        of the image's size to write it into (a memfd's mapping), or None for a new bytes
+        object. ``consume``: the RRsets list is emptied once every answer is encoded, so
+        that its memory is free before the image is assembled (the compile's peak)."""
+        cdef int zi
+        cdef int32_t i
+        cdef uint32_t nodes_off, zones_off, rev_off, rrtab_off, labels_off, pods_off
+        cdef uint32_t blobs_off
+        cdef size_t total
+        self.check()
+        ttls = list(ttls)
+        if len(ttls) != self.nzones:
+            raise ValueError("one TTL per zone")
+        self._begin()
+        self._add(rrsets, exists)
+        for zi in range(self.nzones):
+            self.mark(self.labels_of(self.apex_id[zi]))
+            self.apex_node[zi] = 0
+        for labels, packed in pods:
+            i = self.mark(labels)
+            self.pods[i] = None if packed is None else bytes(packed)
+        self._grow_trie()
+        for zi in range(self.nzones):
+            self.neg_blob[zi] = self.negative_blob(zi)
+        self.seg(0, 0, 0, 0, 0)
+        self.servfail_blob = self.finish_blob(0, 0, 1, 0, RCODE_SERVFAIL)
+        self._encode_nodes()
+        self._encode_reverse()
+        # Every answer is encoded: the RRsets may go before the image is assembled.
         self.rrsets = []
+        if consume and type(rrsets) is list:
+            rrsets.clear()
+        nodes_off = HEADER_SIZE
+        zones_off = nodes_off + NODE_SIZE * self.nnodes
+        rev_off = zones_off + ZONE_SIZE * self.nzones
+        rrtab_off = rev_off + REV_SIZE * self.nrev
+        labels_off = rrtab_off + RRENT_SIZE * (self.rrf_len // 2)
+        pods_off = labels_off + self.lpool_len
+        pods_off += -pods_off % 4
+        blobs_off = pods_off + self.podl_len
+        total = blobs_off + self.placed_len
+        if total > 0xFFFFFFFF:
+            raise self.error("the image would be over 4 GiB")
+        out = None if alloc is None else alloc(total)
+        return self._assemble(out, ttls, synced, serial, nodes_off, zones_off, rev_off,
+                              rrtab_off, labels_off, pods_off, blobs_off, total)
 
-    def sizes(self):
-        """(nodes, reverse entries, rr table bytes, labels pool bytes, blob pool bytes)."""
-        return self.nnodes, self.nrev, self.rrf_len * 4, self.lpool_len, self.placed_len
-
-    def assemble(self, bytes zone_table not None, bytes pod_lists not None, verified,
-                 uint32_t labels_off, uint32_t rrtab_off, uint32_t pods_off,
-                 uint32_t blobs_off, uint32_t total, make_header, out=None):
-        """The image: header from ``make_header(crc)``, then the sections in layout order
-        with every section-relative offset rebased. Written into ``out`` when given (a
-        writable buffer of ``total`` bytes: a memfd's mapping, publish.ImageMemfd), which
-        is returned; otherwise into a new bytes object."""
+    cdef object _assemble(self, out, list ttls, bint synced, uint64_t serial,
+                          uint32_t nodes_off, uint32_t zones_off, uint32_t rev_off,
+                          uint32_t rrtab_off, uint32_t labels_off, uint32_t pods_off,
+                          uint32_t blobs_off, size_t total):
+        """The image: the header, then the sections in layout order with every
+        section-relative offset rebased. Written into ``out`` when given (a writable buffer
+        of ``total`` bytes), which is returned; otherwise into a new bytes object."""
         cdef uint8_t[::1] into
         cdef int32_t idx, k
+        cdef int zi
         cdef uint8_t *nd
         cdef uint8_t *o
         cdef uint8_t *e
-        cdef size_t pos, nz = len(zone_table), npl = len(pod_lists), rrtab
-        self.check(2)
-        if self.stage != 2 or self.nodes == NULL:
-            raise ValueError("assemble() before the tables were encoded")
-        # Every write below is inside [0, total) exactly when these hold.
-        rrtab = HEADER_SIZE + NODE_SIZE * <size_t>self.nnodes + nz + REV_SIZE * <size_t>self.nrev
-        if rrtab != rrtab_off or <size_t>labels_off != rrtab + RRENT_SIZE * (self.rrf_len // 2) \
-                or pods_off < labels_off + self.lpool_len \
-                or pods_off > labels_off + self.lpool_len + 3 \
-                or <size_t>blobs_off != pods_off + npl or <size_t>total != blobs_off + self.placed_len:
-            raise ValueError("inconsistent image layout")
-        verified = list(verified)
-        for idx in verified:
-            if not 0 <= idx < self.nnodes:
-                raise ValueError("verified node index out of range")
+        cdef size_t pos
+        cdef const uint8_t *magic = self.magic
+        if <size_t>blobs_off != pods_off + self.podl_len or total != blobs_off + self.placed_len:
+            raise AssertionError("inconsistent image layout")
+        for k in range(<int32_t>self.nverified):
+            nd = self.nodes + NODE_SIZE * self.verified[k] + NODE_EXTRA
+            put32le(nd, le32(nd) + pods_off)
         if not self.persistent:
             self.release_names()
-        for idx in verified:
-            nd = self.nodes + NODE_SIZE * idx + NODE_EXTRA
-            put32le(nd, le32(nd) + pods_off)
         if out is None:
             out = PyBytes_FromStringAndSize(NULL, total)
             o = <uint8_t *>PyBytes_AS_STRING(out)
@@ -1723,8 +2006,14 @@ cdef class ZoneCore:
             put32le(o + pos + NODE_LABEL_OFF, le32(nd + NODE_LABEL_OFF) + labels_off)
             put32le(o + pos + NODE_RR_OFF, le32(nd + NODE_RR_OFF) + rrtab_off)
             pos += NODE_SIZE
-        memcpy(o + pos, <const char *>zone_table, nz)
-        pos += nz
+        for zi in range(self.nzones):
+            e = o + pos + ZONE_SIZE * zi
+            put32le(e + ZONE_APEX_NODE, self.apex_node[zi] if self.zone_kind[zi] == ZONE_AUTH else 0)
+            put32le(e + ZONE_NEG_BLOB, self.neg_blob[zi] + blobs_off)
+            put32le(e + ZONE_TTL, ttls[zi])
+            put16le(e + ZONE_APEX_WIRE_LEN, self.apex_wlen[zi])
+            put16le(e + ZONE_KIND, self.zone_kind[zi])
+        pos += ZONE_SIZE * self.nzones
         for k in range(self.nrev):
             e = self.rev + REV_SIZE * k
             memcpy(o + pos, e, REV_SIZE)
@@ -1739,22 +2028,30 @@ cdef class ZoneCore:
         while pos < pods_off:
             o[pos] = 0
             pos += 1
-        memcpy(o + pos, <const char *>pod_lists, npl)
-        pos += npl
+        memcpy(o + pos, self.podl, self.podl_len)
+        pos += self.podl_len
         # The names and tables are no longer needed: give them back before the pool copy's
         # peak is reached by the caller.
         # The blobs, in the order first used; without the GIL (the API watchers and the
         # supervisor's loop run meanwhile).
         with nogil:
             copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
+        crc = zlib.crc32(memoryview(out)[HEADER_SIZE:])
+        memcpy(o + HEADER_MAGIC, magic, 8)
+        put32le(o + HEADER_LENGTH, total)
+        put32le(o + HEADER_FLAGS, FLAG_SYNCED if synced else 0)
+        put32le(o + HEADER_NODES_OFF, nodes_off)
+        put32le(o + HEADER_NNODES, self.nnodes)
+        put32le(o + HEADER_ZONES_OFF, zones_off)
+        put32le(o + HEADER_NZONES, self.nzones)
+        put32le(o + HEADER_REV_OFF, rev_off)
+        put32le(o + HEADER_NREV, self.nrev)
+        put32le(o + HEADER_SERVFAIL, self.servfail_blob + blobs_off)
+        put32le(o + HEADER_SERIAL, serial & 0xFFFFFFFF)
+        put32le(o + HEADER_SERIAL + 4, serial >> 32)
+        put32le(o + HEADER_CRC, crc)
         if self.persistent:
             self.release_compile()
-            self.stage = 3
         else:
             self.release()
-        crc = zlib.crc32(memoryview(out)[HEADER_SIZE:])
-        header = make_header(crc)
-        if len(header) != HEADER_SIZE:
-            raise ValueError(f"header must be {HEADER_SIZE} bytes")
-        memcpy(o, <const char *>(<bytes>header), HEADER_SIZE)
         return out

@@ -1,11 +1,11 @@
-"""The answer encoder both compilers share: RRsets to answer blobs with RFC 1035 name
+"""The reference compiler's answer encoder: RRsets to answer blobs with RFC 1035 name
 compression, CNAME chains, the zones' negative answers and the special nodes' flags.
 
-Why one class for both: the compiled core (``image.CoreCompiler``) encodes the answers of
-names without a CNAME itself and hands the rest (names with a CNAME, rdata of classes rr.py
-does not define) to these methods, and the reference compiler (``oracle.py``) uses them for
-the same cases, so the two cannot differ there. The names are the subclass's: it answers
-``rrsets_of`` and ``name_exists`` from its own name table.
+This is the definition of the answers' bytes in plain Python. The compiled core
+(kdns/zone/_compile.pyx) encodes the same answers in C, each of its encoders naming the
+method here it restates, and tests/test_compile_compiled.py holds the two byte for byte.
+The names are the subclass's (oracle.py): it answers ``rrsets_of`` and ``name_exists`` from
+its own name table.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from kdns.dns import rr as R
 from kdns.dns.rr import ZONE_REVERSE, Zone
 from kdns.dns.wire import (NOERROR as RCODE_NOERROR, NXDOMAIN as RCODE_NXDOMAIN,
                            SERVFAIL as RCODE_SERVFAIL)
-from kdns.zone.layout import (BLOBHDR, DEFAULT_QTYPE, HDR_AA, HDR_HANDOFF, NODE_EXISTS,
+from kdns.zone.layout import (BLOBHDR, CUT_EVERY_RR_OVER, DEFAULT_QTYPE, HDR_AA,
+                              HDR_HANDOFF, NODE_EXISTS,
                               NODE_POD_NS, NODE_POD_VERIFIED, NODE_ZONE_APEX, QUESTION_OFFSET,
                               SEG)
 
@@ -320,6 +321,39 @@ class Encoder:
                 extra = len(pod_lists)       # relative to the pod lists; rebased later
                 pod_lists += struct.pack("<I", len(packed) // 16) + packed
         return flags, extra
+
+
+def cut_at_every_rr(blob: bytes) -> bytes:
+    """The blob with a segment after every record when its data may not fit a 512-byte
+    reply (layout.py: CUT_EVERY_RR_OVER); as it is otherwise. The data is the compiler's
+    own, so it is walked, not checked: owner (labels ending in the root or a pointer, RFC
+    1035 §4.1.4), type, class, TTL, rdlength, rdata (§4.1.3)."""
+    hdr, an, ns, ar, nfix, nseg, dlen = BLOBHDR.unpack_from(blob, 0)
+    if dlen <= CUT_EVERY_RR_OVER:
+        return blob
+    total, essential = an + ns + ar, an + ns
+    if total + 1 > 0xFFFF:
+        raise CompileError(f"{total} records in one answer: at most 65534")
+    seg_off = BLOBHDR.size + ((2 * nfix + 3) & ~3)
+    data = blob[seg_off + nseg * SEG.size:]
+    segs = [SEG.pack(0, 0, 0, 0, 1 if essential else 0)]
+    pos = 0
+    for k in range(1, total + 1):
+        while True:
+            c = data[pos]
+            if c >= 0xC0:
+                pos += 2
+                break
+            pos += 1 + c
+            if c == 0:
+                break
+        pos += 10 + int.from_bytes(data[pos + 8:pos + 10], "big")
+        n_an, n_ns, n_ar = min(k, an), min(max(k - an, 0), ns), max(k - essential, 0)
+        segs.append(SEG.pack(pos, n_an, n_ns, n_ar, 1 if n_an + n_ns < essential else 0))
+    if pos != dlen:
+        raise AssertionError("blob data does not end at its last record")
+    return (BLOBHDR.pack(hdr, an, ns, ar, nfix, total + 1, dlen) + blob[BLOBHDR.size:seg_off]
+            + b"".join(segs) + data)
 
 
 def pod_list(ips) -> bytes:

@@ -75,6 +75,7 @@ cdef enum:
     HDR_AA = 0x0400
     HDR_HANDOFF = 0x8000
     DEFAULT_QTYPE = 0
+    CUT_EVERY_RR_OVER = 484
     QUESTION_OFFSET = 12
 
 

@@ -36,9 +36,14 @@ Layout (all integers little-endian; every offset is from the start of the image)
     so the owner is always pointer 0xC00C and every other pointer is baked in. The zone's
     negative (SOA) blob is shared by every name in the zone: each ``fix`` position receives
     the pointer 0xC000 | (12 + qname_len - apex_wire_len), i.e. the apex inside the
-    question, echoing its case. Segments are RRset boundaries, cumulative; the reply uses
-    the longest that fits and sets TC when ``tc`` says answer or authority data was cut
-    (RFC 2181 §9: dropping additional data alone does not set TC).
+    question, echoing its case. Segments are cut points, cumulative (``end`` bytes of data
+    hold that many records of each section); the reply uses the longest that fits and sets
+    TC when ``tc`` says answer or authority data was cut (RFC 2181 §9: dropping additional
+    data alone does not set TC). A blob whose data is longer than CUT_EVERY_RR_OVER may not
+    fit a 512-byte reply, so it can be cut after every record: a truncated reply carries every
+    whole record that fits, answer first, then authority, then additional (as CoreDNS's
+    Truncate; resolvers without TCP fallback, musl before 1.2.4, use them). Shorter blobs
+    always fit whole and are cut at RRset boundaries only.
 """
 from __future__ import annotations
 
@@ -160,4 +165,7 @@ HDR_AA = 0x0400                # blob hdr: the AA bit (RFC 1035 §4.1.1), ORed i
 HDR_HANDOFF = 0x8000
 
 DEFAULT_QTYPE = 0              # rr entry qtype: answers every type without its own entry
+# 512 (RFC 1035 §4.2.1) - the header (12) - the shortest question (5: the root, type, class)
+# - OPT (11): a blob with more data than this may not fit a UDP reply whole.
+CUT_EVERY_RR_OVER = 484
 QUESTION_OFFSET = 12           # where the question name stands in every reply (RFC 1035 §4.1.1)

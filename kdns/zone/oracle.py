@@ -1,6 +1,6 @@
 """The reference compiler: the whole compile in plain Python, the oracle the compiled core is
-held to byte for byte (tests/test_compile_compiled.py), and the compiler where the core is
-not (``KDNS_PURE=1``, the extension not built, input the core does not model exactly).
+held to byte for byte (tests/test_compile_compiled.py), and the compiler only where the core
+is not: the pure mode (``KDNS_PURE=1``, ``KDNS_PURE_COMPILE=1``) or the extension not built.
 
 Speed still matters here (a cluster of 10,000 services and 100,000 endpoints is ~250,000
 names): every name is parsed once and its labels, zone, wire form and packed addresses are
@@ -21,8 +21,8 @@ from typing import Iterable
 from kdns.dns import rr as R
 from kdns.dns.rr import ZONE_AUTH, Zone
 from kdns.dns.wire import SERVFAIL as RCODE_SERVFAIL
-from kdns.zone.encode import CompileError, Encoder, of_type, reverse_to_ip
-from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_AA, HEADER, MAGIC, NODE, NODE_EXISTS,
+from kdns.zone.encode import CompileError, Encoder, cut_at_every_rr, of_type, reverse_to_ip
+from kdns.zone.layout import (BLOBHDR, CUT_EVERY_RR_OVER, FLAG_SYNCED, HDR_AA, HEADER, MAGIC, NODE, NODE_EXISTS,
                               NODE_EXTRA, NODE_LABEL_OFF, NODE_POD_VERIFIED, NODE_RR_OFF,
                               NODE_SIZE, NODE_ZONE_APEX, QUESTION_OFFSET, REV, RRENT, SEG,
                               ZONE)
@@ -124,6 +124,8 @@ class ReferenceCompiler(Encoder):
 
     # ---- blobs
     def intern(self, blob: bytes) -> int:
+        if len(blob) > BLOBHDR.size + CUT_EVERY_RR_OVER:
+            blob = cut_at_every_rr(blob)
         blob += b"\0" * (-len(blob) % 4)
         off = self.blob_cache.setdefault(blob, self.blobs_len)
         if off == self.blobs_len:               # new: it goes at the end of the pool

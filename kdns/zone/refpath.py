@@ -355,13 +355,16 @@ def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"
         fixes = struct.unpack_from(f"<{nfix}H", img.buf, blob + BLOBHDR.size)
         seg_off = blob + BLOBHDR.size + ((2 * nfix + 3) & ~3)
         data_off = seg_off + nseg * SEG.size
-        best = SEG.unpack_from(img.buf, seg_off)
-        for k in range(1, nseg):
-            seg = SEG.unpack_from(img.buf, seg_off + k * SEG.size)
-            if seg[0] > room:
-                break
-            best = seg
-        end, counts[0], counts[1], counts[2], tc = best
+        # The compiler's cut points, ends ascending: the last that fits (segment 0 always
+        # does), by binary search as the compiled path does it.
+        lo, hi = 1, max(nseg, 1)
+        while lo < hi:
+            k = (lo + hi) // 2
+            if SEG.unpack_from(img.buf, seg_off + k * SEG.size)[0] > room:
+                hi = k
+            else:
+                lo = k + 1
+        end, counts[0], counts[1], counts[2], tc = SEG.unpack_from(img.buf, seg_off + (lo - 1) * SEG.size)
         if tc:
             hflags |= TC
         data = bytearray(img.buf[data_off:data_off + end])
