@@ -22,8 +22,9 @@ from kdns.zone.layout cimport (BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOBHDR
 
 
 # Type codes, case folding and hex digits: kdns/dns/wire.pxd, shared with the compiler core.
-from kdns.dns.wire cimport (CLASS_IN, T_A, T_AAAA, T_AXFR, T_CNAME, T_IXFR, T_MX, T_NS, T_OPT,
-                            T_PTR, T_SOA, T_SRV, ascii_lower, hex_nibble)
+from kdns.dns.wire cimport (CLASS_ANY, CLASS_IN, T_A, T_AAAA, T_ANY, T_AXFR, T_CNAME, T_HINFO,
+                            T_IXFR, T_MX, T_NS, T_OPT, T_PTR, T_SOA, T_SRV, ascii_lower,
+                            hex_nibble)
 
 
 # ---------------------------------------------------------------- DNS constants (RFC 1035)
