@@ -89,5 +89,10 @@ fuzz-smoke: fuzz-install
 	$(BIN)/python tests/fuzz/run.py fuzz --seconds 12
 	$(BIN)/python tests/fuzz/run.py replay --mutations 20
 
+# The extensions built with AddressSanitizer/UBSan in build/asan/, then the fuzz seeds,
+# findings and mutations and the packet-path tests against that build; fails on any report.
+sanitize: install
+	tests/fuzz/sanitize.sh
+
 clean:
 	rm -rf $(VENV) build kdns/*/*.c kdns/*/*.so *.egg-info

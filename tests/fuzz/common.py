@@ -17,9 +17,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-for p in (str(ROOT), str(ROOT / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# tests/ for zonefixtures; kdns itself comes from the installed (editable) package, or from
+# PYTHONPATH when the sanitizer build puts its own copy first (tests/fuzz/sanitize.sh).
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
 
 FINDINGS = Path(os.environ.get("KDNS_FUZZ_FINDINGS", HERE / "findings"))
 STATS = os.environ.get("KDNS_FUZZ_STATS")          # JSON file the runner reads back

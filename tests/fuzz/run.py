@@ -161,6 +161,9 @@ def main() -> int:
     if bad:
         ap.error(f"unknown targets {bad}; they are {', '.join(TARGETS)}")
     rows = []
+    if a.mode == "replay":
+        from kdns.packet import _fastpath
+        print(f"engine: {_fastpath.__file__}", file=sys.stderr)
     for t in a.targets:
         if a.mode == "fuzz":
             rows.append(fuzz_one(t, a.seconds, a.max_len))
