@@ -77,8 +77,11 @@ FUZZ_STAMP := $(VENV)/.kdns-fuzz-installed
 
 fuzz-install: $(FUZZ_STAMP)
 
+# The 'fuzz' extra's packages only: `pip install -e '.[fuzz]'` would rebuild the extensions.
 $(FUZZ_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,fuzz]'
+	$(BIN)/python -c 'import subprocess, sys, tomllib; subprocess.check_call([sys.executable, \
+		"-m", "pip", "install", "-q", *tomllib.load(open("pyproject.toml", "rb"))["project"] \
+		["optional-dependencies"]["fuzz"]])'
 	touch $(FUZZ_STAMP)
 
 fuzz: fuzz-install
