@@ -88,6 +88,16 @@ def raised_in(exc: BaseException, path: str) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.endswith(path)
 
 
+def passed_through(exc: BaseException, path: str) -> bool:
+    """Whether any frame of ``exc``'s traceback is in ``path``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(path):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(module) -> None:
     """``python fuzz_x.py [libFuzzer flags] [corpus dirs]``: fuzz with atheris."""
     import atheris
