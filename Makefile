@@ -9,7 +9,8 @@ SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool
 # runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin).
 SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus
 
-.PHONY: install run test test-repeat bench bench-short system-deps clean
+.PHONY: install run test test-repeat bench bench-short system-deps clean fuzz fuzz-smoke \
+	fuzz-install sanitize
 
 install: $(STAMP)
 
@@ -68,6 +69,34 @@ bench-short: install system-deps
 	$(BIN)/python bench/load.py --short
 	$(BIN)/python bench/bench_api_scale.py --services 1000 --seconds 5 \
 		--out bench/out/api_scale_short.json
+
+# Coverage-guided fuzzing (tests/fuzz/run.py): the compiled answer function against the
+# reference path, TCP framing, both upstream-reply scanners, the zone-file loader. Prints
+# target, executions, crashes, mismatches; findings land in tests/fuzz/findings/.
+FUZZ_SECONDS ?= 60
+FUZZ_STAMP := $(VENV)/.kdns-fuzz-installed
+
+fuzz-install: $(FUZZ_STAMP)
+
+# The 'fuzz' extra's packages only: `pip install -e '.[fuzz]'` would rebuild the extensions.
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -c 'import subprocess, sys, tomllib; subprocess.check_call([sys.executable, \
+		"-m", "pip", "install", "-q", *tomllib.load(open("pyproject.toml", "rb"))["project"] \
+		["optional-dependencies"]["fuzz"]])'
+	touch $(FUZZ_STAMP)
+
+fuzz: fuzz-install
+	nice $(BIN)/python tests/fuzz/run.py fuzz --seconds $(FUZZ_SECONDS)
+
+# CI's bounded run: about a minute over all four targets, then the seeds replayed.
+fuzz-smoke: fuzz-install
+	$(BIN)/python tests/fuzz/run.py fuzz --seconds 12
+	$(BIN)/python tests/fuzz/run.py replay --mutations 20
+
+# The extensions built with AddressSanitizer/UBSan in build/asan/, then the fuzz seeds,
+# findings and mutations and the packet-path tests against that build; fails on any report.
+sanitize: install
+	tests/fuzz/sanitize.sh
 
 clean:
 	rm -rf $(VENV) build kdns/*/*.c kdns/*/*.so *.egg-info

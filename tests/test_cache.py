@@ -178,6 +178,15 @@ def test_records_after_opt_are_dropped_not_moved():
     assert len(parsed.rr) == 1 and parsed.ar == []
 
 
+def test_bytes_after_the_last_record_are_not_stored():
+    """Bytes after the last RR belong to no record: the stored form ends with the last one,
+    as the compiled forwarder stores it (fwd.pxi fw_cache_store), so a hit from either
+    cache serves the same bytes (found by tests/fuzz/fuzz_scan.py)."""
+    raw = reply(answer=["a.test. 30 IN A 1.2.3.4"])
+    e = Cache(clock=Clock()).put(KEY, raw + b"\xff" * 7)
+    assert e.wire == b"\0\0" + raw[2:]
+
+
 def test_extended_rcode_not_cached():
     rec = DNSRecord.question("a.test", "A").reply()
     rec.add_ar(EDNS0(udp_len=1232, ext_rcode=1))

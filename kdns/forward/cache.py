@@ -242,7 +242,9 @@ class Cache:
         if ttl is None:
             return None
         wire, sc = strip_opt(reply, sc)
-        wire = bytearray(wire)
+        # Bytes after the last RR belong to no record (RFC 1035 §4.1): not kept, so both
+        # caches serve the same bytes (the compiled one stores up to the last RR's end).
+        wire = bytearray(wire[:sc.records[-1].end if sc.records else sc.qend])
         struct.pack_into("!H", wire, 0, 0)
         wire[12:sc.qend - 4] = bytes(wire[12:sc.qend - 4]).lower()
         return Entry(bytes(wire), sc.qend, tuple(r.ttl_off for r in sc.records),

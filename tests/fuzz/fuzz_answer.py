@@ -1,0 +1,50 @@
+"""Fuzz target: the compiled answer function against the reference path, byte for byte.
+
+Input: one byte of options (image kind, TCP, the server's EDNS size), then the query.
+``_fastpath.answer`` and ``refpath.answer`` must return the same action and the same bytes
+(what tests/test_fastpath.py holds over Hypothesis' queries, here coverage-guided).
+"""
+from __future__ import annotations
+
+import sys
+
+import common
+
+with common.instrumented():
+    from kdns.packet import _fastpath as F
+    from kdns.zone import refpath as P
+    import zonefixtures as Z
+
+KINDS = ({"pods": "insecure"}, {"pods": "verified"}, {"pods": "disabled"},
+         {"pods": "insecure", "synced": False})
+EDNS_MAX = (1232, 512, 4096, 65535)
+IMAGES: list = []
+
+
+def setup() -> None:
+    for kw in KINDS:
+        buf = Z.sample_image(**kw)
+        IMAGES.append((P.Image(buf), F.Image(buf)))
+
+
+def TestOneInput(data: bytes) -> None:
+    if not IMAGES:
+        setup()
+    common.executed()
+    if not data:
+        return
+    opts, q = data[0], bytes(data[1:])
+    ref, fast = IMAGES[opts & 3]
+    tcp = bool(opts & 4)
+    edns_max = EDNS_MAX[(opts >> 3) & 3]
+    ra = bool(opts & 0x20)
+    want = P.answer(ref, q, tcp=tcp, edns_max=edns_max, ra=ra)
+    got = F.answer(fast, q, tcp=tcp, edns_max=edns_max, ra=ra)
+    if (got[0], bytes(got[1])) != (want[0], bytes(want[1])):
+        common.mismatch("answer", data, f"tcp={tcp} edns_max={edns_max} ra={ra} query="
+                        f"{q.hex()} refpath={want[0]}:{bytes(want[1]).hex()} "
+                        f"fastpath={got[0]}:{bytes(got[1]).hex()}")
+
+
+if __name__ == "__main__":
+    common.main(sys.modules[__name__])
