@@ -92,6 +92,8 @@ class ServeConfig:
     dns_port: int = settings.DNS_PORT
     ttl: int = settings.TTL
     workers: int = 1
+    workers_why: str = "--workers"          # what decided the count (logged at start)
+    workers_warning: str | None = None      # e.g. a cgroup quota file that made no sense
     healthz_port: int = settings.HEALTHZ_PORT
     metrics_port: int = settings.METRICS_PORT
     pods: str = settings.PODS
@@ -393,9 +395,11 @@ class Supervisor:
         self.source.published(self.publisher.publish(first_image))
         if self.forwarding is not None:
             self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
-        log.info("listening on %s port %d (udp+tcp) with %d workers, %s engine",
+        if cfg.workers_warning:
+            log.warning("%s", cfg.workers_warning)
+        log.info("listening on %s port %d (udp+tcp) with %d workers (%s), %s engine",
                  cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
-                 engine.IMPLEMENTATION)
+                 cfg.workers_why, engine.IMPLEMENTATION)
         for slot in self.slots:
             self.spawn(slot)
         for listener in self.http:
