@@ -85,3 +85,16 @@ def test_an_added_worker_costs_far_less_than_an_interpreter(tmp_path):
             sums[n] = sum(pss_kib(p) for p in pids)
     per_worker_mib = (sums[4] - sums[1]) / 3 / 1024
     assert per_worker_mib < 10, sums
+
+
+def test_forked_workers_log_at_the_level_given(tmp_path):
+    # Logging is set up in the zygote from --log-level: a forked worker's debug line shows
+    # with debug and its own pid, and not at the default level.
+    with running(tmp_path, image=sample_image(), workers=1, args=("--log-level", "debug")) as server:
+        (pid,) = server.worker_pids()
+        assert wait_for(lambda: f"kdns[{pid}] DEBUG kdns.serve.worker: worker 0 serving"
+                        in server.logs(), 5), server.logs()
+    (tmp_path / "quiet").mkdir()
+    with running(tmp_path / "quiet", image=sample_image(), workers=1) as server:
+        assert a_records(server.udp(K)) == ["10.96.0.1"]
+        assert "worker 0 serving" not in server.logs()

@@ -417,8 +417,9 @@ class ForkedWorker:
 class Zygote:
     """The process workers are forked from (kdns/serve/zygote.py)."""
 
-    def __init__(self, env: dict):
+    def __init__(self, env: dict, log_level: str):
         self.env = env
+        self.log_level = log_level
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
 
@@ -426,7 +427,8 @@ class Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kdns.serve.zygote", "--control-fd", str(theirs.fileno())],
+                [sys.executable, "-m", "kdns.serve.zygote", "--control-fd", str(theirs.fileno()),
+                 "--log-level", self.log_level],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=self.env)
         except OSError:
             mine.close()
@@ -539,7 +541,7 @@ class Supervisor:
                  cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
                  cfg.workers_why, engine.IMPLEMENTATION)
         if settings.ENV.fork_workers and become_subreaper():
-            self.zygote = Zygote(self.worker_env())
+            self.zygote = Zygote(self.worker_env(), cfg.log_level)
         for slot in self.slots:
             self.spawn(slot)
         for listener in self.http:

@@ -456,10 +456,20 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+    setup_logging(a.log_level)
+    return serve(a)
+
+
+def serve(a: argparse.Namespace) -> int:
+    """Serve with parsed arguments (the zygote parses them before it forks: whatever a
+    worker runs first after the fork dirties pages that were shared)."""
     page = publish.map_page(a.counters_fd, a.slot)
     worker = Worker(
         slot=a.slot,

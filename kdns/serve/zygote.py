@@ -47,14 +47,15 @@ def set_name(name: bytes) -> None:
 MAX_FDS = 16
 
 
-def run_worker(args: list[str], fds: list[int]) -> int:
-    """In the forked worker: serve with the given fds; never returns to the zygote's loop."""
+def run_worker(a) -> int:
+    """In the forked worker: serve with the parsed arguments ``a``; never returns to the
+    zygote's loop."""
     from kdns.serve import worker
     set_name(WORKER_NAME)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        return worker.main([a.format(*fds) for a in args]) or 0
+        return worker.serve(a) or 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -64,6 +65,8 @@ def run_worker(args: list[str], fds: list[int]) -> int:
 
 def fork_worker(sock: socket.socket, args: list[str], fds: list[int]) -> int:
     """Fork a worker twice removed (so it is reparented to the supervisor); its pid."""
+    from kdns.serve import worker
+    a = worker.parse_args([arg.format(*fds) for arg in args])
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:                       # the middle process: fork the worker, then go
@@ -74,7 +77,7 @@ def fork_worker(sock: socket.socket, args: list[str], fds: list[int]) -> int:
             if pid == 0:
                 os.close(w)
                 sock.close()              # the supervisor must see EOF when the zygote dies
-                code = run_worker(args, fds)
+                code = run_worker(a)
                 sys.stdout.flush()
                 sys.stderr.flush()
             else:
@@ -102,13 +105,24 @@ def warm_up(worker) -> None:
     and no socket: this process must stay safe to fork."""
     import asyncio
     import concurrent.futures.thread  # noqa: F401  (ThreadPoolExecutor imports it lazily)
-    import logging
     import shutil  # noqa: F401
+
+    async def spin():
+        loop = asyncio.get_running_loop()
+        r, w = os.pipe()
+        try:
+            got = loop.create_future()
+            loop.add_reader(r, lambda: got.done() or got.set_result(os.read(r, 1)))
+            loop.call_later(0, os.write, w, b"x")
+            await got
+            loop.remove_reader(r)
+            await asyncio.wait([asyncio.ensure_future(asyncio.sleep(0))], timeout=1)
+        finally:
+            os.close(r)
+            os.close(w)
+
     for _ in range(8):
-        worker.parse_args(["--slot", "0", "--udp-fd", "0", "--tcp-fd", "0",
-                           "--control-fd", "0", "--counters-fd", "0"])
-    asyncio.new_event_loop().close()
-    logging.Formatter("kdns[%(process)d] %(levelname)s %(name)s: %(message)s")
+        asyncio.run(spin())
 
 
 def main(argv=None) -> int:
@@ -121,6 +135,10 @@ def main(argv=None) -> int:
     # worker forked from this process.
     from kdns.serve import worker
     from kdns.forward import handoff  # noqa: F401
+    # Logging is set up once here: a worker forked afterwards has it (the pid in each line
+    # is read when the line is written).
+    worker.setup_logging(argv[argv.index("--log-level") + 1] if "--log-level" in argv
+                         else "info")
     warm_up(worker)
     gc.collect()
     gc.freeze()
