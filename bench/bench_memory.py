@@ -233,13 +233,15 @@ def main(argv=None) -> list[dict]:
             r = run_one(a, n, tmp)
             results.append(r)
             b = r["idle_breakdown_mib"]
-            extra = (r["idle_mib"] - results[0]["idle_mib"]) / (n - results[0]["workers"]) \
-                if n != results[0]["workers"] else None
+            prev = results[-2] if len(results) > 1 else None     # the marginal cost
+            extra = (r["idle_mib"] - prev["idle_mib"]) / (n - prev["workers"]) \
+                if prev is not None and n != prev["workers"] else None
             print(f"{n} workers: ready {r['ready_s']:.2f}s, peak {r['peak_mib']:.1f} MiB, "
                   f"idle {r['idle_mib']:.1f} MiB = supervisor {b['supervisor']:.1f} + zygote "
                   f"{b['zygote']:.1f} + workers "
                   f"{' '.join(f'{w:.1f}' for w in b['workers'])}"
-                  + (f"; {extra:.1f} MiB per added worker" if extra is not None else ""),
+                  + (f"; {extra:.1f} MiB per worker added since {prev['workers']}"
+                     if extra is not None else ""),
                   flush=True)
     stem = os.path.join(a.out, f"memory-{a.source}")
     with open(stem + ".json", "w") as f:

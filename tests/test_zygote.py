@@ -64,6 +64,13 @@ def test_a_dead_zygote_is_replaced_and_workers_still_are(tmp_path):
         assert "Traceback" not in server.logs()
 
 
+def test_one_worker_needs_no_zygote(tmp_path):
+    with running(tmp_path, image=sample_image(), workers=1) as server:
+        assert not zygotes(server)
+        assert len(server.worker_pids()) == 1
+        assert a_records(server.udp(K)) == ["10.96.0.1"]
+
+
 def test_fresh_interpreters_when_forking_is_off(tmp_path):
     env = {**os.environ, "KDNS_FORK_WORKERS": "0"}
     with running(tmp_path, image=sample_image(), workers=2, env=env) as server:
@@ -73,28 +80,29 @@ def test_fresh_interpreters_when_forking_is_off(tmp_path):
 
 
 def test_an_added_worker_costs_far_less_than_an_interpreter(tmp_path):
-    # Summed PSS of every kdns process at 1 and at 4 workers: a fresh interpreter per
+    # Summed PSS of every kdns process at 2 and at 5 workers: a fresh interpreter per
     # worker cost ~16 MiB each on this machine, a forked one ~6.
     sums = {}
-    for n in (1, 4):
+    for n in (2, 5):
         (tmp_path / str(n)).mkdir()
         with running(tmp_path / str(n), image=sample_image(), workers=n) as server:
             server.wait_generation(1, timeout=10)
             assert a_records(server.udp(K)) == ["10.96.0.1"]
             pids = [server.proc.pid, *children(server.proc.pid)]
             sums[n] = sum(pss_kib(p) for p in pids)
-    per_worker_mib = (sums[4] - sums[1]) / 3 / 1024
+    per_worker_mib = (sums[5] - sums[2]) / 3 / 1024
     assert per_worker_mib < 10, sums
 
 
 def test_forked_workers_log_at_the_level_given(tmp_path):
     # Logging is set up in the zygote from --log-level: a forked worker's debug line shows
     # with debug and its own pid, and not at the default level.
-    with running(tmp_path, image=sample_image(), workers=1, args=("--log-level", "debug")) as server:
-        (pid,) = server.worker_pids()
-        assert wait_for(lambda: f"kdns[{pid}] DEBUG kdns.serve.worker: worker 0 serving"
-                        in server.logs(), 5), server.logs()
+    with running(tmp_path, image=sample_image(), workers=2, args=("--log-level", "debug")) as server:
+        pid = min(server.worker_pids())
+        assert comm(pid) == "kdns-worker"
+        assert wait_for(lambda: f"kdns[{pid}] DEBUG kdns.serve.worker: worker " in server.logs()
+                        and "serving" in server.logs(), 5), server.logs()
     (tmp_path / "quiet").mkdir()
-    with running(tmp_path / "quiet", image=sample_image(), workers=1) as server:
+    with running(tmp_path / "quiet", image=sample_image(), workers=2) as server:
         assert a_records(server.udp(K)) == ["10.96.0.1"]
         assert "worker 0 serving" not in server.logs()

@@ -7,7 +7,8 @@ sockets. Workers are forked with the fds passed from the zygote (kdns/serve/zygo
 single-threaded pre-imported process started by fork+exec: the supervisor has HTTP threads,
 and forking a threaded process is unsafe), and reparented to the supervisor, a child
 subreaper, which waits for them as for its own children. Should the zygote fail twice in a
-row, or with KDNS_FORK_WORKERS=0, a worker is a fresh ``python -m kdns.serve.worker``. Zone images go to workers through ``publish`` (sealed memfds, no file system).
+row, with one worker (nothing to share), or with KDNS_FORK_WORKERS=0, a worker is a fresh
+``python -m kdns.serve.worker``. Zone images go to workers through ``publish`` (sealed memfds, no file system).
 
 Signals: SIGTERM stops (after ``--lameduck``, not ready meanwhile), SIGINT stops at once,
 SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker is
@@ -540,7 +541,9 @@ class Supervisor:
         log.info("listening on %s port %d (udp+tcp) with %d workers (%s), %s engine",
                  cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
                  cfg.workers_why, engine.IMPLEMENTATION)
-        if settings.ENV.fork_workers and become_subreaper():
+        # One worker shares its imports with nobody: the zygote would only add its own
+        # pages (measured +4.5 MiB summed PSS at 1 worker, -9 at 2, -73 at 8).
+        if settings.ENV.fork_workers and cfg.workers > 1 and become_subreaper():
             self.zygote = Zygote(self.worker_env(), cfg.log_level)
         for slot in self.slots:
             self.spawn(slot)
