@@ -196,15 +196,23 @@ def plot(results: list[dict], a, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in results:
-        ax.plot([s["t"] for s in r["samples"]], [s["sum_kib"] / 1024 for s in r["samples"]],
-                label=f"{r['workers']} workers (idle {r['idle_mib']:.0f} MiB)")
+        line, = ax.plot([s["t"] for s in r["samples"]],
+                        [s["sum_kib"] / 1024 for s in r["samples"]],
+                        label=f"{r['workers']} workers (ready {r['ready_s']:.1f}s, idle "
+                              f"{r['idle_mib']:.0f}, peak {r['peak_mib']:.0f} MiB)")
+        # Where start ends (ready) and churn begins, in the run's colour.
+        for phase in ("idle", "churn"):
+            t = next((s["t"] for s in r["samples"] if s["phase"] == phase), None)
+            if t is not None:
+                ax.axvline(t, color=line.get_color(), linestyle=":" if phase == "idle" else "-.",
+                           linewidth=0.8)
     services = results[0]["services"]
     coredns = services / 1000 + 54          # pods are not counted: --pods insecure
     ax.axhline(KUBE_DNS_LIMIT_MIB, color="red", linestyle="--",
                label=f"kube-dns memory limit {KUBE_DNS_LIMIT_MIB}Mi")
     ax.axhline(coredns, color="grey", linestyle=":",
                label=f"CoreDNS formula (pods+services)/1000+54 = {coredns:.0f} MiB")
-    ax.set_xlabel("seconds since exec")
+    ax.set_xlabel("seconds since exec (dotted: ready, dash-dot: churn starts)")
     ax.set_ylabel("summed PSS of every kdns process (MiB)")
     ax.set_title(f"kdns memory, {a.source} source, {services} services")
     ax.set_ylim(bottom=0)
