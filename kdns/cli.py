@@ -16,6 +16,7 @@ import sys
 
 from kdns import settings
 from kdns.observe import logs
+from kdns.serve import cpus
 from kdns.serve import supervisor as server
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -374,8 +375,9 @@ def build_parser() -> Parser:
     s.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
                    help=f"DNS port (default {settings.DNS_PORT})")
     s.add_argument("--workers", type=_int_in(1, 1024, "a number of workers from 1 to 1024"),
-                   default=len(os.sched_getaffinity(0)),
-                   help="worker processes (default: the CPUs this process may use)")
+                   default=None,
+                   help="worker processes (default: the cgroup CPU quota rounded up, at most "
+                        "the CPUs this process may use; without a quota, those CPUs)")
     s.add_argument("--healthz-port", type=port, default=settings.HEALTHZ_PORT,
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
@@ -479,6 +481,7 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = No
         logging.getLogger("kdns").warning("%s", line)
     for line in getattr(a, "corefile_notes", ()):
         logging.getLogger("kdns").info("%s", line)
+    cfg.workers, cfg.workers_why, cfg.workers_warning = _workers(a.workers)
     if a.profiling:
         logging.getLogger("kdns").info("--profiling: kdns has no pprof endpoint; ignored")
     if a.federations:
@@ -489,6 +492,21 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = No
         return server.serve(cfg)
     except (server.StartError, server.LoadError) as e:
         return _fail(str(e))
+
+
+def _workers(flag: int | None, root: str = "/") -> tuple[int, str, str | None]:
+    """(workers, what decided it, a warning or None): --workers when given, else the count
+    the cgroup CPU quota allows. The supervisor logs both once it starts, so an operator
+    sees why a pod runs the workers it runs (and a failed start says only what failed)."""
+    if flag is not None:
+        return flag, "--workers", None
+    usable = len(os.sched_getaffinity(0))
+    n, quota = cpus.decide_workers(root, usable)
+    if quota.cpus is not None:
+        why = f"CPU quota {quota.cpus:g} from {quota.source}, {usable} CPUs usable"
+    else:
+        why = f"{quota.source}: the {usable} CPUs usable"
+    return n, why, quota.warning
 
 
 def cmd_records(a: argparse.Namespace) -> int:

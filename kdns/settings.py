@@ -93,6 +93,9 @@ class Env:
     pure_compile: bool = False     # KDNS_PURE_COMPILE=1: the reference compiler only
     full_compile: bool = False     # KDNS_FULL_COMPILE=1: no incremental compile after a change
     fwd_compiled: bool = True      # KDNS_FWD_COMPILED=0: cache misses forwarded from Python
+    # KDNS_FORK_WORKERS=0: each worker a fresh interpreter instead of a fork of the zygote
+    # (kdns/serve/zygote.py); the reference for what the zygote saves.
+    fork_workers: bool = True
     # KDNS_WATCH_SETTINGS: the API watchers' timings as JSON (kdns.kube.api.WatchSettings),
     # so a test can shorten the backoff of a kdns it starts.
     watch_settings: str | None = None
@@ -107,6 +110,7 @@ def from_env(environ) -> Env:
                pure_compile=environ.get("KDNS_PURE_COMPILE") == "1",
                full_compile=environ.get("KDNS_FULL_COMPILE") == "1",
                fwd_compiled=environ.get("KDNS_FWD_COMPILED", "1") != "0",
+               fork_workers=environ.get("KDNS_FORK_WORKERS", "1") != "0",
                watch_settings=environ.get("KDNS_WATCH_SETTINGS") or None,
                prometheus_port=environ.get("PROMETHEUS_PORT", ""),
                prometheus_path=environ.get("PROMETHEUS_PATH", ""))

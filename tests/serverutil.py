@@ -41,6 +41,30 @@ def free_port(host: str = HOST) -> int:
     raise RuntimeError("no free loopback port")
 
 
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def workers_of(pid: int) -> set[int]:
+    """The supervisor's worker processes: its children but the zygote they are forked from.
+    A forked worker has the zygote's command line and names itself kdns-worker
+    (kdns/serve/zygote.py) before it serves."""
+    return {p for p in children(pid)
+            if "kdns.serve.zygote" not in cmdline(p) or comm(p) == "kdns-worker"}
+
+
 def children(pid: int) -> set[int]:
     """Pids whose parent is ``pid`` (read from /proc, no tools needed)."""
     out = set()
@@ -188,7 +212,7 @@ class Kdns:
         """SIGTERM, then SIGKILL if it does not exit; only this pid (its workers follow)."""
         if self.proc is None:
             return None
-        workers = children(self.proc.pid)
+        workers = children(self.proc.pid)      # the zygote too: it must exit as well
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -265,7 +289,7 @@ class Kdns:
         raise AssertionError(f"workers serve {self.served_generations()}, not {generation}")
 
     def worker_pids(self) -> set[int]:
-        return children(self.proc.pid)
+        return workers_of(self.proc.pid)
 
     # ---- DNS
     def udp(self, name: str, rdtype: str = "A", **kw) -> dns.message.Message:

@@ -265,7 +265,13 @@ def test_security_context(drop_in, kdns_container):
 def test_resources(kdns_container):
     res = kdns_container["resources"]
     assert res["requests"] == {"cpu": "100m", "memory": "70Mi"}
-    assert res["limits"] == {"memory": "170Mi"}, "no CPU limit: throttling a DNS server adds latency"
+    # The CPU limit is the worker count kdns derives from its cgroup quota (kdns/serve/cpus.py):
+    # without one, a pod on a 64-CPU node would start 64 workers the memory limit must hold.
+    assert res["limits"] == {"cpu": "2", "memory": "170Mi"}
+    assert "--workers" not in kdns_container["args"]
+    from kdns.serve import cpus
+    quota = cpus.Quota(float(res["limits"]["cpu"]), "limits.cpu")
+    assert cpus.default_workers(quota, 64) == 2      # on a big node: 2 workers, not 64
 
 
 def test_termination_grace_outlasts_lameduck(drop_in, kdns_container):
@@ -384,6 +390,7 @@ def test_variant_no_port_clash_in_the_pod(stock_pod):
 
 def test_variant_metrics_and_security(stock_pod):
     kd = containers_by_name(stock_pod)["kubedns"]
+    assert kd["resources"]["limits"] == {"cpu": "2", "memory": "170Mi"}    # 2 workers
     env = {e["name"]: e["value"] for e in kd["env"]}
     assert env["PROMETHEUS_PORT"] == "10055"
     assert {"name": "metrics", "containerPort": 10055, "protocol": "TCP"} in kd["ports"]

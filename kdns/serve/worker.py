@@ -460,9 +460,20 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def setup_logging(level: str, fmt: str = "klog") -> None:
+    """The supervisor's line format on stderr (kdns/observe/logs.py)."""
+    logs.setup_worker(level, fmt)
+
+
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    logs.setup_worker(a.log_level, a.log_format)
+    setup_logging(a.log_level, a.log_format)
+    return serve(a)
+
+
+def serve(a: argparse.Namespace) -> int:
+    """Serve with parsed arguments (the zygote parses them before it forks: whatever a
+    worker runs first after the fork dirties pages that were shared)."""
     page = publish.map_page(a.counters_fd, a.slot)
     worker = Worker(
         slot=a.slot,
