@@ -3,6 +3,7 @@ far cheaper in memory than a fresh interpreter each."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 from serverutil import a_records, alive, children, cmdline, comm, running
@@ -100,8 +101,9 @@ def test_forked_workers_log_at_the_level_given(tmp_path):
     with running(tmp_path, image=sample_image(), workers=2, args=("--log-level", "debug")) as server:
         pid = min(server.worker_pids())
         assert comm(pid) == "kdns-worker"
-        assert wait_for(lambda: f"kdns[{pid}] DEBUG kdns.serve.worker: worker " in server.logs()
-                        and "serving" in server.logs(), 5), server.logs()
+        # klog's header: severity letter (debug is I), date, time, pid, file:line].
+        line = re.compile(rf"^I\d{{4}} [\d:.]+ +{pid} worker\.py:\d+\] worker \d serving", re.M)
+        assert wait_for(lambda: line.search(server.logs()), 5), server.logs()
     (tmp_path / "quiet").mkdir()
     with running(tmp_path / "quiet", image=sample_image(), workers=2) as server:
         assert a_records(server.udp(K)) == ["10.96.0.1"]
