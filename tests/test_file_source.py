@@ -53,6 +53,20 @@ def test_unknown_and_missing_kinds_are_counted(tmp_path):
     assert objs == [] and ignored == {"ConfigMap": 1, "None": 1}
 
 
+def test_a_kind_that_is_not_a_string_is_ignored_like_any_unknown_kind(tmp_path):
+    # Found by the zone-file fuzz target: `kind in KINDS` hashed the mapping and raised.
+    text = "kind:  {name: a}\nspec: {clusterIP: 10.96.0.9}\n---\n" + json.dumps(SVC) + "\n"
+    objs, ignored = read_objects(write(tmp_path, "k.yaml", text))
+    assert objs == [SVC] and ignored == {"(a dict)": 1}
+
+
+@pytest.mark.parametrize("text", ["[" * 1100, "[" * 1100 + "]" * 1100, "- " * 2000 + "x\n"])
+def test_nesting_deeper_than_the_parser_recurses_is_a_clear_error(tmp_path, text):
+    # Found by the zone-file fuzz target: RecursionError escaped instead of InputError.
+    with pytest.raises(InputError, match="nested too deeply|exceeded maximum nesting depth"):
+        read_objects(write(tmp_path, "deep.json", text))
+
+
 @pytest.mark.parametrize("text,needle", [
     ("kind: List\nitems: [\n", "invalid YAML at line"),
     ('{"kind": "List", "items": [}', "invalid JSON at line 1"),

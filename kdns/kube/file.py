@@ -61,8 +61,12 @@ def _parse(path: str, text: str) -> list:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
                              f"{e.msg}.") from None
+        except RecursionError:          # both parsers recurse once per nesting level
+            raise InputError(f"{path}: JSON nested too deeply to be Kubernetes objects.") from None
     try:
         return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    except RecursionError:
+        raise InputError(f"{path}: YAML nested too deeply to be Kubernetes objects.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -87,7 +91,11 @@ def _flatten(path: str, doc, out: list, ignored: Counter, depth: int,
         inner = kind[:-4] or None
         for item in doc["items"]:
             _flatten(path, item, out, ignored, depth + 1, inner)
-    elif kind in KINDS:
+    elif isinstance(kind, str) and kind in KINDS:
         out.append(doc if doc.get("kind") else {**doc, "kind": kind})
     else:
-        ignored[str(kind)] += 1
+        # Not a kind DNS uses; a kind that is no string at all is no kind of object.
+        if isinstance(kind, str) or kind is None:
+            ignored[str(kind)] += 1
+        else:
+            ignored[f"(a {type(kind).__name__})"] += 1
