@@ -25,6 +25,7 @@ import common
 with common.instrumented():
     from kdns.forward import cache as K
     from kdns.forward.forwarder import Forwarder, parse_query
+    from kdns import settings
     from kdns.packet import _fastpath as F
     from kdns.packet import counters as C
     from kdns.packet import engine
@@ -55,10 +56,11 @@ def setup() -> None:
     S["upstream"] = up = udp()            # plays the upstream resolver
     S["fwd_sock"] = fs = udp()            # the engine's upstream-side socket
     fs.setblocking(False)
-    S["server"] = server = F.UdpServer(srv.fileno())
-    S["cache"] = pc = F.PacketCache(capacity=1024)
+    S["server"] = server = F.UdpServer(srv.fileno(), settings.EDNS_UDP_SIZE)
+    S["cache"] = pc = F.PacketCache(1024, settings.EDNS_UDP_SIZE)
     server.set_cache(pc)
-    S["engine"] = eng = F.FwdEngine(srv.fileno(), [fs.fileno()], capacity=64)
+    S["engine"] = eng = F.FwdEngine(srv.fileno(), [fs.fileno()], 64, settings.TRY_TIMEOUT,
+                                    settings.EDNS_UDP_SIZE)
     eng.set_cache(pc)
     eng.set_routes([up.getsockname()])
     server.set_forwarder(eng)
