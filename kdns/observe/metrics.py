@@ -413,8 +413,12 @@ class PodProcessCollector:
 
     def pids(self) -> list[int]:
         # returncode, not poll(): reaping is the supervisor loop's, not this HTTP thread's.
-        return [os.getpid()] + [s.proc.pid for s in getattr(self.sup, "slots", ())
+        pids = [os.getpid()] + [s.proc.pid for s in getattr(self.sup, "slots", ())
                                 if s.proc is not None and s.proc.returncode is None]
+        zygote = getattr(getattr(self.sup, "zygote", None), "proc", None)
+        if zygote is not None and zygote.returncode is None:
+            pids.append(zygote.pid)      # the workers' shared pages are charged to it
+        return pids
 
     def collect(self):
         import resource
