@@ -2023,12 +2023,14 @@ cdef class ZoneCore:
             put32le(o + pos + RRENT_QTYPE, self.rrf[k])      # with its zero pad: 32 bits
             put32le(o + pos + RRENT_BLOB, self.rrf[k + 1] + blobs_off)
             pos += RRENT_SIZE
-        memcpy(o + pos, self.lpool, self.lpool_len)
+        if self.lpool_len:
+            memcpy(o + pos, self.lpool, self.lpool_len)
         pos += self.lpool_len
         while pos < pods_off:
             o[pos] = 0
             pos += 1
-        memcpy(o + pos, self.podl, self.podl_len)
+        if self.podl_len:               # no pod lists: podl may be NULL (memcpy's UB)
+            memcpy(o + pos, self.podl, self.podl_len)
         pos += self.podl_len
         # The names and tables are no longer needed: give them back before the pool copy's
         # peak is reached by the caller.
