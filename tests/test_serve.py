@@ -2,9 +2,11 @@
 TCP (§6), zone updates while queries flow, and the HTTP endpoints."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ import pytest
 
 from conftest import require_tool, unavailable
 from kdns.zone import refpath
-from serverutil import HOST, a_records, rcode_text, running
+from serverutil import HOST, Kdns, a_records, rcode_text, running
 from zonefixtures import SAMPLE_NAMES, sample_image
 
 K = "kubernetes.default.svc.cluster.local"
@@ -104,6 +106,52 @@ def test_default_bind_serves_both_families_on_one_socket(tmp_path):
             # The hand-off path replies to the client's address in its own family.
             q = dns.message.make_query("google.com", "A")
             assert rcode_text(dns.query.udp(q, client, port=server.port, timeout=3)) == "REFUSED"
+
+
+# socket() for AF_INET6 fails as on a kernel booted with ipv6.disable=1 (no IPv6 module):
+# the way a node without IPv6 looks to kdns, made for kdns's process alone.
+NO_IPV6_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <sys/socket.h>
+int socket(int domain, int type, int protocol) {
+    static int (*real)(int, int, int);
+    if (!real)
+        real = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
+    if (domain == AF_INET6) {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    return real(domain, type, protocol);
+}
+"""
+
+
+def test_default_bind_falls_back_to_ipv4_without_kernel_ipv6(tmp_path):
+    """On a node without IPv6 the default bind address :: cannot work: kdns says so once
+    and serves IPv4 on 0.0.0.0 (DNS over UDP and TCP, and the HTTP endpoints), instead of
+    failing to start."""
+    gcc = require_tool("gcc")
+    src, shim = tmp_path / "noipv6.c", tmp_path / "noipv6.so"
+    src.write_text(NO_IPV6_SHIM)
+    subprocess.run([gcc, "-shared", "-fPIC", "-o", str(shim), str(src), "-ldl"], check=True)
+    server = Kdns(tmp_path, image=sample_image(), workers=2, host="::",
+                  env={"LD_PRELOAD": str(shim)})
+    server.host = HOST                  # kdns binds ::, so clients must come over IPv4
+    try:
+        server.start()
+        assert "IPv6 is not available on this node; listening on 0.0.0.0" in server.logs()
+        assert a_records(server.udp(K)) == [OLD]
+        assert a_records(server.tcp(K)) == [OLD]
+        assert server.http_get("/readiness") == (200, "ok")
+    finally:
+        server.stop()
+    # The shim did what it claims: a process under it cannot open an IPv6 socket at all.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.socket(socket.AF_INET6)"],
+        env={**os.environ, "LD_PRELOAD": str(shim)}, capture_output=True, text=True)
+    assert probe.returncode != 0 and "Address family not supported" in probe.stderr
 
 
 def test_replies_are_byte_identical_to_the_reference_path(server):
