@@ -9,6 +9,7 @@ import mmap
 import socket
 import struct
 
+import dns.flags
 import dns.message
 import dns.rcode
 import pytest
@@ -53,6 +54,16 @@ def qtype_of(q: bytes):
         return None
 
 
+def do_bit(q: bytes) -> bool:
+    """The DO bit of a standard query with one question that dnspython reads (RFC 3225)."""
+    if len(q) < 12 or q[2] & 0x78 or struct.unpack_from("!H", q, 4)[0] != 1:
+        return False
+    try:
+        return bool(dns.message.from_wire(q).ednsflags & dns.flags.DO)
+    except Exception:   # noqa: BLE001 -- whatever dnspython refuses, the engines skip too
+        return False
+
+
 def expected_counts(ref, sent, proto, tcp=False, edns_max=settings.EDNS_UDP_SIZE):
     """Counter name -> value for queries ``sent`` (each delivered whole), per counters.py."""
     exp = collections.Counter()
@@ -61,6 +72,7 @@ def expected_counts(ref, sent, proto, tcp=False, edns_max=settings.EDNS_UDP_SIZE
         exp[f"queries_{proto}_{K.QTYPES[K.qtype_index(qt)][0] if qt is not None else 'other'}"] += 1
         exp[f"request_size_{proto}_bucket_{K.size_bucket(len(q))}"] += 1
         exp[f"request_size_{proto}_sum"] += len(q)
+        exp[f"do_{proto}"] += do_bit(q)
         action, reply = P.answer(ref, q, tcp=tcp, edns_max=edns_max)
         if action == P.ACTION_SEND:
             m = dns.message.from_wire(reply) if len(reply) > 12 else None
@@ -70,6 +82,9 @@ def expected_counts(ref, sent, proto, tcp=False, edns_max=settings.EDNS_UDP_SIZE
             exp[f"response_size_{proto}_sum"] += len(reply)
             exp[f"truncated_{proto}"] += bool(reply[2] & 0x02)
             exp[f"formerr_{proto}"] += rcode == 1
+            # NODATA (RFC 2308 §2.2): NOERROR, no answer, not truncated.
+            exp[f"nodata_{proto}"] += (rcode == 0 and not reply[2] & 0x02
+                                       and reply[6:8] == b"\0\0")
         else:
             exp[f"{'handoff' if action == P.ACTION_HANDOFF else 'dropped'}_{proto}"] += 1
     return exp
@@ -88,7 +103,14 @@ def mixed_queries():
             wire("big.default.svc.cluster.local.", qid=9),                     # TC at 512
             wire("big.default.svc.cluster.local.", qid=10, edns=0, payload=4096),
             wire("google.com.", qid=11), wire("2.0.96.10.in-addr.arpa.", "PTR", qid=12),
-            bytes(formerr), badvers, bytes(notimp), b"\x00\x01\x02"]             # short: drop
+            bytes(formerr), badvers, bytes(notimp), b"\x00\x01\x02",             # short: drop
+            dnssec_ok(S, qid=23), dnssec_ok("dual.default.svc.cluster.local.", "CAA", qid=24)]
+
+
+def dnssec_ok(name, rdtype="A", qid=7):
+    m = dns.message.make_query(name, rdtype, want_dnssec=True)
+    m.id = qid
+    return m.to_wire()
 
 
 def test_udp_counts_after_real_queries():
@@ -105,14 +127,16 @@ def test_udp_counts_after_real_queries():
     # The mix covers every kind of event once at least (the big RRset over plain UDP is the
     # one truncation; at 4096 it fits).
     assert (exp["rcode_udp_16"], exp["formerr_udp"], exp["handoff_udp"], exp["truncated_udp"],
-            exp["rcode_udp_4"], exp["rcode_udp_5"], exp["rcode_udp_3"]) == (1, 2, 2, 1, 1, 1, 1)
+            exp["rcode_udp_4"], exp["rcode_udp_5"], exp["rcode_udp_3"], exp["do_udp"],
+            exp["nodata_udp"]) == (1, 2, 2, 1, 1, 1, 1, 2, 4)
     for name in K.LAYOUT:
         if name.startswith("latency_"):
             continue
         assert lo.counter(name) == exp.get(name, 0), name
-    # Every datagram of a batch gets that batch's recvmmsg -> sendmmsg time.
+    # Every reply of a batch gets that batch's recvmmsg -> sendmmsg time; hand-offs are
+    # timed when their reply is sent (engine.count_reply), drops never.
     buckets = sum(lo.counter(f"latency_udp_bucket_{i}") for i in range(len(K.LATENCY_BOUNDS) + 1))
-    assert buckets == len(sent)
+    assert buckets == answered
     assert lo.counter("latency_udp_sum_ns") > 0
     assert sum(lo.counter(f"latency_tcp_bucket_{i}") for i in range(17)) == 0
     total = K.sum_slots(lo.page, 1)                   # the supervisor's view of the page
@@ -135,7 +159,10 @@ def test_tcp_answer_counts_under_tcp():
         if name.startswith("latency_"):
             continue
         assert counters[index] == exp.get(name, 0), name
-    assert sum(counters[K.LAYOUT[f"latency_tcp_bucket_{i}"]] for i in range(17)) == len(sent)
+    handed_off = sum(P.answer(ref, q, tcp=True)[0] == P.ACTION_HANDOFF for q in sent)
+    assert handed_off == 2
+    assert sum(counters[K.LAYOUT[f"latency_tcp_bucket_{i}"]] for i in range(17)) == \
+        len(sent) - handed_off
 
 
 @pytest.mark.parametrize("ns", [0, 250_000, 250_001, 500_000, 8_192_000_000, 8_192_000_001])

@@ -276,3 +276,48 @@ def test_tcp_after_udp_is_answered_from_the_cache(tmp_path):
             assert asked("back.example.") == 1
         finally:
             k.stop()
+
+
+def bucket_counts(k: Kdns, name: str) -> tuple[float, dict[float, float]]:
+    """(count, {le: cumulative count}) of histogram ``name`` in one scrape."""
+    m = k.metrics()
+    count = sum(v for (n, _), v in m.items() if n == name + "_count")
+    buckets: dict[float, float] = {}
+    for (n, labels), v in m.items():
+        if n == name + "_bucket":
+            le = float(dict(labels)["le"])
+            buckets[le] = buckets.get(le, 0) + v
+    return count, buckets
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-forward", "python-forward"])
+def test_request_duration_runs_to_the_final_reply(tmp_path, compiled):
+    """A slow upstream shows in coredns_dns_request_duration_seconds (what CoreDNSLatencyHigh
+    watches): a forwarded query is timed from its arrival to its reply, over UDP (relayed by
+    the compiled forwarder, or sent by Python) and over TCP, not to the hand-off."""
+    delay = 0.3
+    with TestDNSServer({f"slow{i}.example.": ["300 A 192.0.2.9"] for i in range(3)}) as up:
+        up.delay = delay
+        k = Kdns(tmp_path, image=sample_image(), workers=1,
+                 args=("--nameservers", addr(up)),
+                 env={"KDNS_FWD_COMPILED": "1" if compiled else "0"})
+        k.start()
+        try:
+            name = "coredns_dns_request_duration_seconds"
+            before, below = bucket_counts(k, name)
+            assert addresses(ask(k, "slow0.example")) == ["192.0.2.9"]
+            assert addresses(ask(k, "slow1.example", tcp=True)) == ["192.0.2.9"]
+            assert addresses(ask(k, "slow2.example")) == ["192.0.2.9"]
+            after, buckets = bucket_counts(k, name)
+            # The upstream held each of the three for `delay`: three new samples lie above
+            # the largest bucket bound below it (0.256 s). (The health probe's own queries,
+            # every few seconds, are answered from the image: below it.)
+            bound = max(b for b in buckets if b < delay)
+            slow = lambda count, b: count - b.get(bound, 0)   # noqa: E731
+            assert slow(after, buckets) - slow(before, below) == 3
+            # A cluster name is still answered at once from the image.
+            assert ask(k, "kubernetes.default.svc.cluster.local").answer
+            _, end = bucket_counts(k, name)
+            assert end[bound] - buckets[bound] >= 1
+        finally:
+            k.stop()

@@ -72,7 +72,7 @@ class Harness:
         for i in range(n):
             self.spawn(self.server.handoff_packet(i), self.server.handoff_addr(i), None)
 
-    def udp_retry(self, packet, addr, retry):
+    def udp_retry(self, packet, addr, retry, received_ns=None):
         self.spawn(packet, addr, retry)
 
     def spawn(self, packet, addr, retry):

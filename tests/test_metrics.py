@@ -58,6 +58,9 @@ def served(tmp_path_factory):
                 k.udp("www.example.", "A")          # forwarded, then from the cache
             k.tcp(K, "A")
             k.udp("nope.default.svc.cluster.local", "A")
+            k.udp(K, "TXT")                          # NODATA: the name has no TXT
+            k.udp(K, "A", want_dnssec=True)          # DO set (RFC 3225)
+            k.tcp(K, "A", want_dnssec=True)
             # No wait: the workers count forwarder numbers into their pages before replying.
             yield k, ports, up
         finally:
@@ -104,6 +107,8 @@ def test_coredns_names_and_labels(served):
     assert find(m, "coredns_dns_requests_total", **base, proto="tcp", family="1", type="A")[0] >= 1
     assert find(m, "coredns_dns_responses_total", **base, rcode="NXDOMAIN", plugin="")[0] >= 1
     assert find(m, "coredns_dns_request_duration_seconds_count", **base)[0] >= 12
+    # The two queries the fixture sent with DO (RFC 3225); nothing else sets it.
+    assert find(m, "coredns_dns_do_requests_total", **base) == [2.0]
     for kind in ("request", "response"):
         for proto in ("udp", "tcp"):
             assert find(m, f"coredns_dns_{kind}_size_bytes_count", **base, proto=proto)[0] >= 1
@@ -124,7 +129,10 @@ def test_forward_and_cache_metrics_from_the_workers(served):
     assert find(m, "coredns_forward_requests_total", to=to)[0] == sent
     assert find(m, "coredns_forward_responses_total", to=to, rcode="NOERROR")[0] == sent
     assert find(m, "coredns_forward_request_duration_seconds_count", to=to)[0] == sent
-    assert find(m, "coredns_proxy_requests_total", to=to)[0] == sent
+    # CoreDNS 1.11's names for the same numbers, with the forwarding plugin's name.
+    assert find(m, "coredns_proxy_requests_total", to=to, proxy_name="forward")[0] == sent
+    assert find(m, "coredns_proxy_request_duration_seconds_count", to=to,
+                proxy_name="forward")[0] == sent
     # Five asks, one upstream query per worker at most: the rest are cache hits.
     assert find(m, "coredns_cache_hits_total")[0] >= 5 - sent
     assert find(m, "coredns_cache_misses_total")[0] >= 1
@@ -177,6 +185,7 @@ def test_skydns_names(served):
     # kube-dns's cause values (skydns metrics): "servfail", not "fail".
     assert find(m, p + "error_count_total", system="auth", cause="servfail")
     assert not find(m, p + "error_count_total", cause="fail")
+    assert find(m, p + "error_count_total", system="auth", cause="nodata")[0] >= 1
     assert find(m, p + "cachemiss_count_total", cache="response")
 
 

@@ -168,7 +168,7 @@ class CompiledForward:
         for query, addr, reason, up, started in self.engine.handbacks():
             upstream = self.routes[up] if up < len(self.routes) else None
             retry = Retry(reason, upstream, started) if upstream is not None else None
-            self.worker.udp_retry(query, addr, retry)
+            self.worker.udp_retry(query, addr, retry, received_ns=int(started * 1e9))
 
     def close(self) -> None:
         self.timer.cancel()

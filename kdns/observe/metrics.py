@@ -7,6 +7,9 @@ counter pages are summed then (docs/architecture.md, "What makes it fast"); prom
 called per query. Label sets are bounded: qtypes are the fixed list in ``counters.QTYPES``,
 rcodes 17 names, protocols 2, upstreams at most ``counters.FWD_UPSTREAMS``.
 
+Request durations run from a query's arrival to its final reply: the batch's time for what
+the image or the cache answered, the relay for what the compiled forwarder sent on, the
+reply's send for what Python forwarded (CoreDNS times a request to its final reply too).
 What is not measured, and therefore not invented: latency is sampled per protocol (one
 sample per packet of a batch), not per qtype, so ``coredns_dns_request_duration_seconds``
 has no ``type`` label; the cache counters do not tell success from denial, so
@@ -121,7 +124,10 @@ class CoreDNSCollector:
                                     labels=["server", "zone", "view"])
         dur.add_metric([server, zone, view], _over_protos(s, "latency", C.LATENCY_BOUNDS),
                        sum(s[f"latency_{p}_sum_ns"] for p in C.PROTOS) / 1e9)
-        out = [req, resp, dur]
+        do = CounterMetricFamily("coredns_dns_do_requests", "Counter of DNS requests with DO "
+                                 "bit set per zone.", labels=["server", "zone", "view"])
+        do.add_metric([server, zone, view], sum(s[f"do_{p}"] for p in C.PROTOS))
+        out = [req, resp, dur, do]
         for kind, what in (("request", "request"), ("response", "response")):
             h = HistogramMetricFamily(f"coredns_dns_{kind}_size_bytes",
                                       f"Size of the {what} in bytes.",
@@ -164,20 +170,24 @@ class CoreDNSCollector:
 
     def forward(self, s: Snapshot):
         fams = []
-        for prefix in ("coredns_forward", "coredns_proxy"):
-            # coredns_proxy_* is the pre-1.7 name of the same numbers (old dashboards).
+        for prefix, extra in (("coredns_forward", []), ("coredns_proxy", ["forward"])):
+            # coredns_forward_* is what CoreDNS before 1.11 and again from 1.12 writes;
+            # CoreDNS 1.11 writes the same numbers as coredns_proxy_* with the name of the
+            # plugin that forwarded in proxy_name, which its dashboards select on.
+            names = ["proxy_name"] if extra else []
             req = CounterMetricFamily(f"{prefix}_requests", "Counter of requests made per "
-                                      "upstream.", labels=["to"])
+                                      "upstream.", labels=names + ["to"])
             resp = CounterMetricFamily(f"{prefix}_responses", "Counter of responses received "
-                                       "per upstream.", labels=["to", "rcode"])
+                                       "per upstream.", labels=names + ["to", "rcode"])
             dur = HistogramMetricFamily(f"{prefix}_request_duration_seconds", "Histogram of the "
-                                        "time each request took.", labels=["to", "rcode"])
+                                        "time each request took.",
+                                        labels=names + ["to", "rcode"])
             for u, up in enumerate(s.fwd["upstreams"]):
                 to = up["to"] or f"upstream-{u}"
-                req.add_metric([to], up["requests"])
+                req.add_metric(extra + [to], up["requests"])
                 for rcode, n in up["rcodes"].items():
-                    resp.add_metric([to, rcode], n)
-                dur.add_metric([to, ""], _cumulative(up["latency"], C.LATENCY_BOUNDS)[0],
+                    resp.add_metric(extra + [to, rcode], n)
+                dur.add_metric(extra + [to, ""], _cumulative(up["latency"], C.LATENCY_BOUNDS)[0],
                                up["latency_sum_ns"] / 1e9)
             fams += [req, resp, dur]
         hc = CounterMetricFamily("coredns_forward_healthcheck_failures", "Counter of the number "
@@ -339,6 +349,7 @@ class SkyDNSCollector:
         err.add_metric(["auth", "refused"], rc(5))
         err.add_metric(["auth", "servfail"], rc(2))      # kube-dns's skydns spells it so
         err.add_metric(["auth", "truncated"], sum(s[f"truncated_{pr}"] for pr in C.PROTOS))
+        err.add_metric(["auth", "nodata"], sum(s[f"nodata_{pr}"] for pr in C.PROTOS))
         miss = CounterMetricFamily(p + "cachemiss_count", "Counter of DNS requests that "
                                    "result in a cache miss.", labels=["cache"])
         miss.add_metric(["response"], s.fwd["cache_misses"])

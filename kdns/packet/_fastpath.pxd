@@ -76,7 +76,7 @@ cdef enum:
     NRCODES = 17
     NSIZE = 15                            # len(SIZE_BOUNDS) + the +Inf bucket
     NLAT = 17                             # len(LATENCY_BOUNDS) + the +Inf bucket
-    NEVENTS = 7
+    NEVENTS = 9
     PROTO_UDP = 0
     PROTO_TCP = 1
 
@@ -95,6 +95,8 @@ cdef enum:
     EV_SEND_FAILED = 4
     EV_CACHE_HIT = 5
     EV_CACHE_MISS = 6
+    EV_NODATA = 7
+    EV_DO = 8
 
 
 # ---------------------------------------------------------------- shared structs
@@ -119,6 +121,7 @@ cdef struct Outcome:
     int rcode           # 0..15 from the header, RC_BADVERS for BADVERS
     int tc
     int outside         # HANDOFF because the name is outside every zone
+    int do_bit          # the query's EDNS DO bit (RFC 3225)
 
 
 cdef struct Ask:
@@ -206,7 +209,7 @@ cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, b
                       int edns_max, uint8_t *out, int cap, Outcome *res,
                       bint ra=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
-                       const Outcome *res) noexcept nogil
+                       const Outcome *res, const uint8_t *reply) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil
 
 

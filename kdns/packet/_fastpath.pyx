@@ -39,7 +39,8 @@ _QTYPE_CODES = (1, 28, 33, 12, 16, 6, 2, 5, 15, 255, 252, 251, 65, 64)
 _QTYPE_NAMES = ("A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY", "AXFR",
                 "IXFR", "HTTPS", "SVCB", "other")
 _EVENT_NAMES = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit",
-                "cache_miss")
+                "cache_miss", "nodata", "do")
+assert len(_EVENT_NAMES) == NEVENTS
 for _i in range(256):
     QTYPE_INDEX[_i] = NQTYPES - 1
 for _i, _code in enumerate(_QTYPE_CODES):
@@ -640,6 +641,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     res.rcode = 0
     res.tc = 0
     res.outside = 0
+    res.do_bit = 0
     if qlen < 12:
         return ACTION_DROP
     a.q = q
@@ -665,6 +667,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     if found:
         a.edns = 1
         a.edns_do = do_bit
+        res.do_bit = do_bit
         a.edns_size = <int>opt_size if <int>opt_size < edns_max else edns_max
         if a.edns_size < EDNS_MIN:
             a.edns_size = EDNS_MIN
@@ -700,8 +703,9 @@ cdef inline int latency_bucket(int64_t ns) noexcept nogil:
 
 
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
-                       const Outcome *res) noexcept nogil:
-    """One received query: its type, request size and what became of it."""
+                       const Outcome *res, const uint8_t *reply) noexcept nogil:
+    """One received query: its type, request size, its DO bit and what became of it
+    (``reply``: the reply's bytes when ``action`` is ACTION_SEND)."""
     cdef int qi = QTYPE_INDEX[res.qtype] if 0 <= res.qtype < 256 else NQTYPES - 1
     cdef int ev = C_EVENTS + proto * NEVENTS
     cdef int rq = C_REQ_SIZE + proto * (NSIZE + 1)
@@ -709,8 +713,14 @@ cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
     ctr[C_QUERIES + proto * NQTYPES + qi] += 1
     ctr[rq + size_bucket(reqlen)] += 1
     ctr[rq + NSIZE] += <uint64_t>reqlen
+    if res.do_bit:
+        ctr[ev + EV_DO] += 1
     if action == ACTION_SEND:
         ctr[C_RCODE + proto * NRCODES + res.rcode] += 1
+        # NODATA (RFC 2308 §2.2): NOERROR and no answer. A truncated reply with no whole
+        # record that fit is not one (its client asks again over TCP).
+        if res.rcode == 0 and not res.tc and be16(reply + 6) == 0:
+            ctr[ev + EV_NODATA] += 1
         ctr[rs + size_bucket(res.length)] += 1
         ctr[rs + NSIZE] += <uint64_t>res.length
         if res.tc:
@@ -996,8 +1006,10 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
         with nogil:
             t0 = now_ns()
             action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
-            count_packet(c.words, PROTO_TCP, n, action, &res)
-            count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
+            count_packet(c.words, PROTO_TCP, n, action, &res, out)
+            # A hand-off's time is counted when its reply is sent (engine.count_reply).
+            if action != ACTION_HANDOFF:
+                count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -1069,6 +1081,7 @@ cdef class UdpServer:
     cdef uint8_t *outbuf
     cdef uint8_t *hbuf
     cdef uint16_t *hlen
+    cdef int64_t *hts                   # when each hand-off was received (CLOCK_MONOTONIC)
     cdef sockaddr_storage *haddr
     cdef object cache                   # PacketCache or None; ctab/cmask point into it
     cdef PCEntry *ctab
@@ -1094,9 +1107,11 @@ cdef class UdpServer:
         self.outbuf = <uint8_t *>PyMem_Malloc(batch * UDP_BUF)
         self.hbuf = slot_area(HANDOFF_CAP)
         self.hlen = <uint16_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(uint16_t))
+        self.hts = <int64_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(int64_t))
         self.haddr = <sockaddr_storage *>PyMem_Malloc(HANDOFF_CAP * sizeof(sockaddr_storage))
         if not (self.rmsgs and self.smsgs and self.riov and self.siov and self.addrs and
-                self.inbuf and self.outbuf and self.hbuf and self.hlen and self.haddr):
+                self.inbuf and self.outbuf and self.hbuf and self.hlen and self.hts and
+                self.haddr):
             raise MemoryError()
         memset(self.rmsgs, 0, batch * sizeof(mmsghdr))
         memset(self.smsgs, 0, batch * sizeof(mmsghdr))
@@ -1123,6 +1138,7 @@ cdef class UdpServer:
         if self.hbuf != NULL:
             munmap(self.hbuf, <size_t>HANDOFF_CAP * UDP_SLOT)
         PyMem_Free(self.hlen)
+        PyMem_Free(self.hts)
         PyMem_Free(self.haddr)
 
     def set_cache(self, PacketCache cache):
@@ -1219,7 +1235,7 @@ cdef class UdpServer:
             wait = 1
 
     cdef int drain(self, const ImageView *img, uint64_t *ctr, int max_batches) noexcept nogil:
-        cdef int b, n, want, e
+        cdef int b, n, want, e, nsend
         cdef int64_t t0
         for b in range(max_batches):
             want = min(self.batch, HANDOFF_CAP - self.nhandoff)
@@ -1235,16 +1251,22 @@ cdef class UdpServer:
                     continue
                 return 0 if KDNS_WOULD_BLOCK(e) else e
             t0 = now_ns()
-            self.send_all(ctr, self.answer_batch(img, ctr, n))
+            nsend = self.answer_batch(img, ctr, n, t0)
+            self.send_all(ctr, nsend)
             if self.fws != NULL and self.fws.nq:
                 fw_flush(self.fws)
-            count_latency(ctr, PROTO_UDP, n, now_ns() - t0)
+            # The replies sent now. A forwarded query's time runs until its reply is
+            # relayed (fw_drain_sock) or sent by Python (engine.count_reply), so a slow
+            # upstream shows in the request duration, as in CoreDNS's.
+            count_latency(ctr, PROTO_UDP, nsend, now_ns() - t0)
             if n < want:
                 return 0                # drained: a further recvmmsg would say EAGAIN
         return 0
 
-    cdef int answer_batch(self, const ImageView *img, uint64_t *ctr, int n) noexcept nogil:
-        """Answer packets [0, n) into their out slots; queue replies, keep handoffs."""
+    cdef int answer_batch(self, const ImageView *img, uint64_t *ctr, int n,
+                          int64_t received) noexcept nogil:
+        """Answer packets [0, n) (``received`` then) into their out slots; queue replies,
+        keep handoffs."""
         cdef int i, action, nsend = 0
         cdef Outcome res
         cdef uint8_t *inp
@@ -1272,7 +1294,7 @@ cdef class UdpServer:
                                       outp, &res)
                 ctr[C_EVENTS + PROTO_UDP * NEVENTS +
                     (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
-            count_packet(ctr, PROTO_UDP, plen, action, &res)
+            count_packet(ctr, PROTO_UDP, plen, action, &res, outp)
             if action == ACTION_HANDOFF and res.outside and self.fws != NULL:
                 if now == 0:
                     now = now_ns()
@@ -1288,6 +1310,7 @@ cdef class UdpServer:
             elif action == ACTION_HANDOFF:
                 memcpy(self.hbuf + <size_t>self.nhandoff * UDP_SLOT, inp, plen)
                 self.hlen[self.nhandoff] = <uint16_t>plen
+                self.hts[self.nhandoff] = received
                 memcpy(&self.haddr[self.nhandoff], &self.addrs[i], sizeof(sockaddr_storage))
                 self.nhandoff += 1
         return nsend
@@ -1315,6 +1338,13 @@ cdef class UdpServer:
         if not 0 <= i < self.nhandoff:
             raise IndexError(f"handoff index {i} out of range (have {self.nhandoff})")
         return PyBytes_FromStringAndSize(<char *>self.hbuf + <size_t>i * UDP_SLOT, self.hlen[i])
+
+    def handoff_received_ns(self, int i):
+        """When hand-off ``i`` was received (CLOCK_MONOTONIC ns, as time.monotonic_ns()):
+        its request duration ends when Python sends the reply."""
+        if not 0 <= i < self.nhandoff:
+            raise IndexError(f"handoff index {i} out of range (have {self.nhandoff})")
+        return self.hts[i]
 
     def handoff_addr(self, int i):
         """The client's address, socket-module style: (host, port) or

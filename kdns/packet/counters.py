@@ -25,7 +25,10 @@ LATENCY_BOUNDS = tuple(0.00025 * 2 ** k for k in range(16))
 SLOT_WORDS = 1024     # uint64 words per worker page (room to grow without a format change)
 
 GAUGES = ("image_generation",)
-EVENTS = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit", "cache_miss")
+# nodata: NOERROR replies with no answer (kube-dns's skydns error cause "nodata"); do:
+# queries with the EDNS DO bit (RFC 3225), CoreDNS's coredns_dns_do_requests_total.
+EVENTS = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit", "cache_miss",
+          "nodata", "do")
 
 
 def _layout() -> dict[str, int]:

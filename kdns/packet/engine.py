@@ -80,11 +80,27 @@ def _rcode(reply: bytes) -> int:
     return rcode
 
 
+def _do_bit(query: bytes) -> int:
+    """The EDNS DO bit (RFC 3225) of a standard query with one question that parses, else 0
+    (as _fastpath.answer_query, which reads the OPT only of those)."""
+    if len(query) < 12 or query[2] & 0x78 or query[4:6] != b"\0\1":
+        return 0
+    try:
+        _, qend = refpath.parse_name(query, 12)
+        an, ns, ar = struct.unpack_from("!HHH", query, 6)
+        opt = refpath.parse_edns(query, qend + 4, an, ns, ar)
+    except (refpath.Malformed, struct.error, IndexError):
+        return 0
+    return opt[2] if opt is not None else 0
+
+
 def _count_query(words, proto: str, query: bytes) -> None:
     L = C.LAYOUT
     words[L[f"queries_{proto}_{C.QTYPES[C.qtype_index(_qtype(query))][0]}"]] += 1
     words[L[f"request_size_{proto}_bucket_{C.size_bucket(len(query))}"]] += 1
     words[L[f"request_size_{proto}_sum"]] += len(query)
+    if _do_bit(query):
+        words[L[f"do_{proto}"]] += 1
 
 
 def _count_sent(words, proto: str, reply: bytes) -> None:
@@ -95,31 +111,43 @@ def _count_sent(words, proto: str, reply: bytes) -> None:
         words[L[f"formerr_{proto}"]] += 1
     if reply[2] & 0x02:                          # TC
         words[L[f"truncated_{proto}"]] += 1
+    elif rcode == 0 and reply[6:8] == b"\0\0":    # NODATA (RFC 2308 §2.2)
+        words[L[f"nodata_{proto}"]] += 1
     words[L[f"response_size_{proto}_bucket_{C.size_bucket(len(reply))}"]] += 1
     words[L[f"response_size_{proto}_sum"]] += len(reply)
 
 
-def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int) -> None:
-    """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
-    request (type, size) and a latency sample; then what became of it."""
-    _count_query(words, proto, query)
-    if action == SEND:
-        _count_sent(words, proto, reply)
-    elif action == HANDOFF:
-        # The reply's rcode is counted when the worker sends it (count_reply).
-        words[C.LAYOUT[f"handoff_{proto}"]] += 1
-    else:
-        words[C.LAYOUT[f"dropped_{proto}"]] += 1
-    elapsed = max(0, time.perf_counter_ns() - started_ns)
+def _count_latency(words, proto: str, started_ns: int) -> None:
+    elapsed = max(0, time.monotonic_ns() - started_ns)
     words[C.LAYOUT[f"latency_{proto}_bucket_{C.latency_bucket(elapsed)}"]] += 1
     words[C.LAYOUT[f"latency_{proto}_sum_ns"]] += elapsed
 
 
-def count_reply(page, proto: str, reply: bytes) -> None:
-    """Count a reply the worker sent for a handed-off query (either engine). The query itself
-    and its latency sample were counted by the engine when it handed the packet off."""
+def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int) -> None:
+    """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
+    request (type, size, DO); then what became of it. A reply sent now is a latency sample;
+    a hand-off's sample is taken when its reply is sent (count_reply)."""
+    _count_query(words, proto, query)
+    if action == SEND:
+        _count_sent(words, proto, reply)
+        _count_latency(words, proto, started_ns)
+    elif action == HANDOFF:
+        # The reply's rcode and time are counted when the worker sends it (count_reply).
+        words[C.LAYOUT[f"handoff_{proto}"]] += 1
+    else:
+        words[C.LAYOUT[f"dropped_{proto}"]] += 1
+
+
+def count_reply(page, proto: str, reply: bytes, received_ns: int | None = None) -> None:
+    """Count a reply the worker sent for a handed-off query (either engine): its rcode and
+    size, and its request duration since ``received_ns`` (time.monotonic_ns() when the query
+    arrived), so that forwarded queries are timed to their final reply as CoreDNS times
+    them. The query itself was counted by the engine when it handed the packet off."""
     if len(reply) >= 12:
-        _count_sent(_page_words(page), proto, reply)
+        words = _page_words(page)
+        _count_sent(words, proto, reply)
+        if received_ns is not None:
+            _count_latency(words, proto, received_ns)
 
 
 def refused(query: bytes, edns_max: int = settings.EDNS_UDP_SIZE) -> bytes | None:
@@ -196,7 +224,7 @@ class PureCounters:
 
 def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int,
                     ra: bool = False):
-    started = time.perf_counter_ns()
+    started = time.monotonic_ns()
     action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra)
     _count(counters.words, "tcp", msg, action, reply, started)
     return action, reply
@@ -212,7 +240,7 @@ class PureUdpServer:
         self.edns_max = edns_max
         self.batch = batch
         self.ra = False           # set RA on the image's replies: this worker forwards
-        self._handoffs: list[tuple[bytes, tuple]] = []
+        self._handoffs: list[tuple[bytes, tuple, int]] = []
 
     def serve(self, img: PureImage, counters: PureCounters, max_batches: int = 16) -> int:
         self._handoffs.clear()
@@ -224,7 +252,7 @@ class PureUdpServer:
                 break
             except OSError:
                 continue          # e.g. an ICMP error queued on the socket; keep draining
-            started = time.perf_counter_ns()
+            started = time.monotonic_ns()
             action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max,
                                         ra=self.ra)
             if action == SEND:
@@ -233,7 +261,7 @@ class PureUdpServer:
                 except OSError:
                     words[C.LAYOUT["send_failed_udp"]] += 1
             elif action == HANDOFF:
-                self._handoffs.append((query, addr))
+                self._handoffs.append((query, addr, started))
             _count(words, "udp", query, action, reply, started)
         return len(self._handoffs)
 
@@ -242,6 +270,9 @@ class PureUdpServer:
 
     def handoff_addr(self, i: int) -> tuple:
         return self._handoffs[i][1]
+
+    def handoff_received_ns(self, i: int) -> int:
+        return self._handoffs[i][2]
 
     def close(self) -> None:
         self.sock.close()

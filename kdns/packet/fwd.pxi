@@ -478,6 +478,8 @@ cdef void fw_count_sent(uint64_t *ctr, const uint8_t *r, int n) noexcept nogil:
         ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_FORMERR] += 1
     if r[2] & 0x02:
         ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_TRUNCATED] += 1
+    elif rcode == 0 and be16(r + 6) == 0:
+        ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_NODATA] += 1     # RFC 2308 §2.2
     ctr[rs + size_bucket(n)] += 1
     ctr[rs + NSIZE] += <uint64_t>n
 
@@ -579,6 +581,8 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
         memcpy(s.tmsg[s.ntx].msg_hdr.msg_name, &s.pool[c].addr, s.pool[c].alen)
         s.tmsg[s.ntx].msg_hdr.msg_namelen = s.pool[c].alen
         fw_count_sent(ctr, s.tbuf + s.ntx * UDP_BUF, len_out)
+        # The client's request duration: from when its query arrived to this relay.
+        count_latency(ctr, PROTO_UDP, 1, now - s.pool[c].sent_ns)
         s.ntx += 1
         s.relayed += 1
         fw_free(s, c)

@@ -221,23 +221,26 @@ class Worker:
         if not n:
             return
         # Copy out before the next serve() reuses the engine's hand-off slots.
-        items = [(self.udp_server.handoff_packet(i), self.udp_server.handoff_addr(i))
+        srv = self.udp_server
+        items = [(srv.handoff_packet(i), srv.handoff_addr(i), srv.handoff_received_ns(i))
                  for i in range(n)]
-        for packet, addr in items:
+        for packet, addr, received_ns in items:
             if len(self.tasks) >= UDP_MAX_PENDING:
                 self.count("dropped_udp")
                 continue
-            self.spawn(self.udp_handoff(packet, addr))
+            self.spawn(self.udp_handoff(packet, addr, received_ns=received_ns))
 
-    def udp_retry(self, packet: bytes, addr, retry) -> None:
+    def udp_retry(self, packet: bytes, addr, retry, received_ns: int | None = None) -> None:
         """A query the hand-off's pump gave back (the compiled forwarder's timeout, TC...):
-        the hand-off's ``resolve`` finishes it with ``retry``."""
+        the hand-off's ``resolve`` finishes it with ``retry``. ``received_ns``: when the
+        query arrived (time.monotonic_ns())."""
         if len(self.tasks) >= UDP_MAX_PENDING:
             self.count("dropped_udp")
             return
-        self.spawn(self.udp_handoff(packet, addr, retry))
+        self.spawn(self.udp_handoff(packet, addr, retry, received_ns=received_ns))
 
-    async def udp_handoff(self, packet: bytes, addr, retry=None) -> None:
+    async def udp_handoff(self, packet: bytes, addr, retry=None, *,
+                          received_ns: int | None = None) -> None:
         if retry is None:
             reply = await self.handoff.resolve(packet, "udp")
         else:
@@ -251,7 +254,7 @@ class Worker:
         except OSError:
             self.count("send_failed_udp")
             return
-        engine.count_reply(self.page, "udp", reply)
+        engine.count_reply(self.page, "udp", reply, received_ns)
 
     # ---- helpers
     def spawn(self, coro) -> asyncio.Task:
@@ -380,6 +383,7 @@ class TcpConnection(asyncio.Protocol):
 
     def query(self, msg: bytes) -> None:
         w = self.worker
+        received_ns = time.monotonic_ns()
         action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra)
         if w.log_queries and action != engine.HANDOFF:
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
@@ -388,9 +392,9 @@ class TcpConnection(asyncio.Protocol):
             self.write(reply)
         elif action == engine.HANDOFF:
             self.pending += 1
-            w.spawn(self.handoff(msg))
+            w.spawn(self.handoff(msg, received_ns))
 
-    async def handoff(self, msg: bytes) -> None:
+    async def handoff(self, msg: bytes, received_ns: int | None = None) -> None:
         try:
             reply = await self.worker.handoff.resolve(msg, "tcp")
         finally:
@@ -399,7 +403,7 @@ class TcpConnection(asyncio.Protocol):
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg, reply)
         if reply is not None and not self.transport.is_closing():
             self.write(reply)
-            engine.count_reply(self.worker.page, "tcp", reply)
+            engine.count_reply(self.worker.page, "tcp", reply, received_ns)
         self.update_reading()
         self.process()
 
