@@ -223,3 +223,52 @@ def test_name_end_contract(msg, off, end):
     else:                                   # every valid name above ends its message
         assert rr_at(rr, off) == (1, 1, 30, end + 10, end + 14)   # A, IN, 30 s, RDATA, end
         assert rr_at(rr[:-1], off) is None                        # RDATA cut short
+
+
+def cache_kinds():
+    """Both stores, the Python LRU and the worker's compiled table behind CompiledCache."""
+    from kdns.forward.cache import CompiledCache
+    from kdns.packet import _fastpath
+    yield "python", lambda capacity: Cache(capacity)
+    yield "compiled", lambda capacity: CompiledCache(_fastpath.PacketCache(8, 1232), capacity)
+
+
+def key(name: str, qtype: int = 1) -> tuple:
+    wire = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return (wire, qtype, 1, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["python", "compiled"])
+def test_hits_entries_and_evictions_are_split_success_and_denial(kind):
+    """CoreDNS's coredns_cache_* type label: NXDOMAIN and NODATA (RFC 2308) and SERVFAIL
+    (RFC 9520) entries are "denial", NOERROR with an answer "success"; the counters keep
+    the total and its denial share, whichever store holds the entry."""
+    make = dict(cache_kinds())[kind]
+    c = make(2)
+    soa = [SOA.format(ttl=300, minimum=60)]
+    c.put(key("a.test"), reply(answer=["a.test. 30 IN A 1.2.3.4"]))
+    c.put(key("n.test"), reply("n.test", rcode=RCODE.NXDOMAIN, auth=soa))
+    words = c.counters
+    assert (words["cache_entries"], words["cache_entries_denial"]) == (2, 1)
+    assert c.get(key("a.test")) is not None and c.get(key("n.test")) is not None
+    assert c.get(key("n.test")) is not None
+    assert (c.hits, c.hits_denial) == (3, 2)
+    # Replacing an entry moves it between the shares; nothing is counted twice.
+    c.put(key("a.test"), reply(answer=[], auth=soa))                      # now NODATA
+    assert (words["cache_entries"], words["cache_entries_denial"]) == (2, 2)
+    c.put_failure(key("s.test"), reply("s.test", rcode=RCODE.SERVFAIL), 5)
+    c.put(key("b.test"), reply("b.test", answer=["b.test. 30 IN A 1.2.3.5"]))
+    if kind == "python":
+        # An LRU of two: the two denials stored first were evicted for s.test and b.test.
+        assert (c.evictions, c.evictions_denial) == (2, 2)
+        assert (words["cache_entries"], words["cache_entries_denial"]) == (2, 1)
+    else:
+        # The compiled table (8 slots) holds all four; its evictions are the table's own.
+        assert (words["cache_entries"], words["cache_entries_denial"]) == (4, 3)
+        # Five more fill it and evict the entry stored longest ago: n.test, a denial.
+        for i in range(5):
+            c.put(key(f"x{i}.test"), reply(f"x{i}.test", answer=[f"x{i}.test. 30 IN A 1.2.3.9"]))
+        assert (c.evictions, c.evictions_denial) == (1, 1)
+        assert (words["cache_entries"], words["cache_entries_denial"]) == (8, 2)
+    c.clear()
+    assert (words["cache_entries"], words["cache_entries_denial"]) == (0, 0)

@@ -56,6 +56,7 @@ def served(tmp_path_factory):
             for _ in range(5):
                 k.udp(K, "SRV")
                 k.udp("www.example.", "A")          # forwarded, then from the cache
+                k.udp("gone.example.", "A")         # NXDOMAIN with its SOA: cached too
             k.tcp(K, "A")
             k.udp("nope.default.svc.cluster.local", "A")
             k.udp(K, "TXT")                          # NODATA: the name has no TXT
@@ -124,18 +125,29 @@ def test_forward_and_cache_metrics_from_the_workers(served):
     m = samples(scrape(k.http_port))
     to = f"{HOST}:{up.port}"
     # The workers' queries (the supervisor's loop probe at start is not a forwarded query).
-    sent = sum(1 for name, _, _ in up.queries if name.rstrip(".") == "www.example")
-    assert sent >= 1
+    sent = sum(1 for name, _, _ in up.queries
+               if name.rstrip(".") in ("www.example", "gone.example"))
+    assert sent >= 2
     assert find(m, "coredns_forward_requests_total", to=to)[0] == sent
-    assert find(m, "coredns_forward_responses_total", to=to, rcode="NOERROR")[0] == sent
+    assert sum(find(m, "coredns_forward_responses_total", to=to)) == sent
     assert find(m, "coredns_forward_request_duration_seconds_count", to=to)[0] == sent
     # CoreDNS 1.11's names for the same numbers, with the forwarding plugin's name.
     assert find(m, "coredns_proxy_requests_total", to=to, proxy_name="forward")[0] == sent
     assert find(m, "coredns_proxy_request_duration_seconds_count", to=to,
                 proxy_name="forward")[0] == sent
-    # Five asks, one upstream query per worker at most: the rest are cache hits.
-    assert find(m, "coredns_cache_hits_total")[0] >= 5 - sent
+    # Five asks, one upstream query per worker at most: the rest are cache hits, of the
+    # answer ("success") and of the NXDOMAIN ("denial": CoreDNS's cache type label).
+    gone = sum(1 for name, _, _ in up.queries if name.rstrip(".") == "gone.example")
+    assert 1 <= gone <= 2
+    www = sent - gone
+    assert find(m, "coredns_cache_hits_total", type="success")[0] >= 5 - www
+    assert find(m, "coredns_cache_hits_total", type="denial")[0] >= 5 - gone
+    assert find(m, "coredns_cache_entries", type="success")[0] >= 1
+    assert find(m, "coredns_cache_entries", type="denial")[0] >= 1
+    assert find(m, "coredns_cache_evictions_total", type="denial") == [0.0]
     assert find(m, "coredns_cache_misses_total")[0] >= 1
+    hits = sum(find(m, "coredns_cache_hits_total"))
+    assert find(m, "coredns_cache_requests_total")[0] == hits + find(m, "coredns_cache_misses_total")[0]
 
 
 ALERT_SERIES = [

@@ -171,6 +171,9 @@ class Cache:
     misses = C.Counted("cache_misses")
     inserts = C.Counted("cache_inserts")
     evictions = C.Counted("cache_evictions")
+    # The denial share of hits, entries and evictions (CoreDNS's cache type "denial").
+    hits_denial = C.Counted("cache_hits_denial")
+    evictions_denial = C.Counted("cache_evictions_denial")
 
     def __init__(self, capacity: int = settings.CACHE_SIZE, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
@@ -186,6 +189,7 @@ class Cache:
         self.counters = counters if counters is not None else C.ForwardCounters()
         self.counters["cache_capacity"] = capacity
         self.counters["cache_entries"] = 0        # a new worker's cache starts empty
+        self.counters["cache_entries_denial"] = 0
         self.stale_hits = 0
 
     def __len__(self) -> int:
@@ -201,6 +205,7 @@ class Cache:
             return None
         self._touch(key)
         self.hits += 1
+        self.hits_denial += denial(e)
         return e
 
     def get_stale(self, key: tuple, count: bool = True) -> Entry | None:
@@ -252,6 +257,7 @@ class Cache:
 
     def clear(self) -> None:
         self.counters["cache_entries"] -= len(self.entries)
+        self.counters["cache_entries_denial"] -= sum(map(denial, self.entries.values()))
         self.entries.clear()
 
     # The store itself; CompiledCache keeps entries elsewhere.
@@ -262,19 +268,27 @@ class Cache:
         self.entries.move_to_end(key)
 
     def _forget(self, key: tuple) -> None:
-        if self.entries.pop(key, None) is not None:
+        old = self.entries.pop(key, None)
+        if old is not None:
             self.counters["cache_entries"] -= 1
+            self.counters["cache_entries_denial"] -= denial(old)
 
     def _store(self, key: tuple, e: Entry) -> None:
-        if key not in self.entries:
+        old = self.entries.get(key)
+        if old is None:
             self.counters["cache_entries"] += 1
+        else:
+            self.counters["cache_entries_denial"] -= denial(old)
+        self.counters["cache_entries_denial"] += denial(e)
         self.entries[key] = e
         self.entries.move_to_end(key)
         self.inserts += 1
         while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+            _, gone = self.entries.popitem(last=False)
             self.evictions += 1
+            self.evictions_denial += denial(gone)
             self.counters["cache_entries"] -= 1
+            self.counters["cache_entries_denial"] -= denial(gone)
 
     def _lifetime(self, reply: bytes, sc: Scanned, flags: int) -> int | None:
         rcode = flags & 0xF
@@ -296,6 +310,12 @@ class Cache:
                 return None
             return max(self.min_ttl, min(neg, self.max_neg_ttl))
         return None
+
+
+def denial(e: Entry) -> bool:
+    """CoreDNS's cache type of an entry: "denial" for NXDOMAIN and NODATA (RFC 2308) and a
+    cached SERVFAIL (RFC 9520), "success" for NOERROR with an answer (False)."""
+    return not (e.rcode == NOERROR and e.wire[6:8] != b"\0\0")
 
 
 def key_bytes(key: tuple) -> bytes:
@@ -325,7 +345,8 @@ class CompiledCache(Cache):
         # The compiled table counts its inserts, evictions and entries into the same words.
         w = C.FWD_WORD
         fast.count_into(self.counters.page, w["cache_inserts"], w["cache_evictions"],
-                        w["cache_entries"])
+                        w["cache_entries"], w["cache_entries_denial"],
+                        w["cache_evictions_denial"])
         self.counters["cache_entries"] = len(fast)
 
     def __len__(self) -> int:
@@ -352,3 +373,4 @@ class CompiledCache(Cache):
         self.fast.clear()             # its share of the entry count goes to 0
         self.entries.clear()
         self.counters["cache_entries"] = 0
+        self.counters["cache_entries_denial"] = 0

@@ -12,8 +12,7 @@ the image or the cache answered, the relay for what the compiled forwarder sent 
 reply's send for what Python forwarded (CoreDNS times a request to its final reply too).
 What is not measured, and therefore not invented: latency is sampled per protocol (one
 sample per packet of a batch), not per qtype, so ``coredns_dns_request_duration_seconds``
-has no ``type`` label; the cache counters do not tell success from denial, so
-``coredns_cache_*`` have no ``type`` label; responses are not attributed to a plugin, so
+has no ``type`` label; responses are not attributed to a plugin, so
 ``plugin`` is empty, as CoreDNS writes it for responses no plugin claimed.
 
 What it must not do: sit on the packet path, or touch DNS sockets.
@@ -145,28 +144,38 @@ class CoreDNSCollector:
     def cache(self, s: Snapshot):
         server, zone, view = self.labels()
         f = s.fwd
+        # CoreDNS's type label: "denial" for NXDOMAIN, NODATA and SERVFAIL entries, "success"
+        # for the rest; the pages count the total and its denial share.
+        hits_all = sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"]
+        hits_denial = sum(s[f"cache_hit_denial_{p}"] for p in C.PROTOS) + f["cache_hits_denial"]
+        by_type = {"hits": (hits_all, hits_denial),
+                   "entries": (f["cache_entries"], f["cache_entries_denial"]),
+                   "evictions": (f["cache_evictions"], f["cache_evictions_denial"])}
+        typed = ["server", "type", "view", "zones"]
         hits = CounterMetricFamily("coredns_cache_hits", "The count of cache hits (forwarded "
-                                   "answers served from kdns's cache).",
-                                   labels=["server", "view", "zones"])
-        hits.add_metric([server, view, zone],
-                        sum(s[f"cache_hit_{p}"] for p in C.PROTOS) + f["cache_hits"])
+                                   "answers served from kdns's cache).", labels=typed)
+        size = GaugeMetricFamily("coredns_cache_entries", "The number of elements in the "
+                                 "cache (summed over workers).", labels=typed)
+        ev = CounterMetricFamily("coredns_cache_evictions", "The count of cache evictions.",
+                                 labels=typed)
+        for fam, key in ((hits, "hits"), (size, "entries"), (ev, "evictions")):
+            total, denial = by_type[key]
+            fam.add_metric([server, "success", view, zone], max(0, total - denial))
+            fam.add_metric([server, "denial", view, zone], denial)
         # A miss in the UDP packet path is counted once, by whoever forwards it next (the
         # compiled forwarder or the Python Forwarder's cache lookup), in cache_misses.
         miss = CounterMetricFamily("coredns_cache_misses", "The count of cache misses.",
                                    labels=["server", "view", "zones"])
         miss.add_metric([server, view, zone],
                         f["cache_misses"])
-        size = GaugeMetricFamily("coredns_cache_entries", "The number of elements in the "
-                                 "cache (summed over workers).", labels=["server", "view", "zones"])
-        size.add_metric([server, view, zone], f["cache_entries"])
-        ev = CounterMetricFamily("coredns_cache_evictions", "The count of cache evictions.",
-                                 labels=["server", "view", "zones"])
-        ev.add_metric([server, view, zone], f["cache_evictions"])
+        req = CounterMetricFamily("coredns_cache_requests", "The count of cache requests.",
+                                  labels=["server", "view", "zones"])
+        req.add_metric([server, view, zone], hits_all + f["cache_misses"])
         stale = CounterMetricFamily("coredns_cache_served_stale", "The number of requests "
                                     "served from stale cache entries.",
                                     labels=["server", "view", "zones"])
         stale.add_metric([server, view, zone], f["stale_served"])
-        return [hits, miss, size, ev, stale]
+        return [hits, miss, req, size, ev, stale]
 
     def forward(self, s: Snapshot):
         fams = []

@@ -76,7 +76,7 @@ cdef enum:
     NRCODES = 17
     NSIZE = 15                            # len(SIZE_BOUNDS) + the +Inf bucket
     NLAT = 17                             # len(LATENCY_BOUNDS) + the +Inf bucket
-    NEVENTS = 9
+    NEVENTS = 10
     PROTO_UDP = 0
     PROTO_TCP = 1
 
@@ -97,6 +97,7 @@ cdef enum:
     EV_CACHE_MISS = 6
     EV_NODATA = 7
     EV_DO = 8
+    EV_CACHE_HIT_DENIAL = 9
 
 
 # ---------------------------------------------------------------- shared structs
@@ -122,6 +123,7 @@ cdef struct Outcome:
     int tc
     int outside         # HANDOFF because the name is outside every zone
     int do_bit          # the query's EDNS DO bit (RFC 3225)
+    int cache_denial    # a cache hit's entry is NXDOMAIN, NODATA or SERVFAIL
 
 
 cdef struct Ask:

@@ -39,7 +39,7 @@ _QTYPE_CODES = (1, 28, 33, 12, 16, 6, 2, 5, 15, 255, 252, 251, 65, 64)
 _QTYPE_NAMES = ("A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY", "AXFR",
                 "IXFR", "HTTPS", "SVCB", "other")
 _EVENT_NAMES = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit",
-                "cache_miss", "nodata", "do")
+                "cache_miss", "nodata", "do", "cache_hit_denial")
 assert len(_EVENT_NAMES) == NEVENTS
 for _i in range(256):
     QTYPE_INDEX[_i] = NQTYPES - 1
@@ -642,6 +642,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     res.tc = 0
     res.outside = 0
     res.do_bit = 0
+    res.cache_denial = 0
     if qlen < 12:
         return ACTION_DROP
     a.q = q
@@ -1294,6 +1295,8 @@ cdef class UdpServer:
                                       outp, &res)
                 ctr[C_EVENTS + PROTO_UDP * NEVENTS +
                     (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
+                if action == ACTION_SEND and res.cache_denial:
+                    ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_CACHE_HIT_DENIAL] += 1
             count_packet(ctr, PROTO_UDP, plen, action, &res, outp)
             if action == ACTION_HANDOFF and res.outside and self.fws != NULL:
                 if now == 0:

@@ -26,9 +26,10 @@ SLOT_WORDS = 1024     # uint64 words per worker page (room to grow without a for
 
 GAUGES = ("image_generation",)
 # nodata: NOERROR replies with no answer (kube-dns's skydns error cause "nodata"); do:
-# queries with the EDNS DO bit (RFC 3225), CoreDNS's coredns_dns_do_requests_total.
+# queries with the EDNS DO bit (RFC 3225), CoreDNS's coredns_dns_do_requests_total;
+# cache_hit_denial: the cache hits that were NXDOMAIN, NODATA or SERVFAIL.
 EVENTS = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit", "cache_miss",
-          "nodata", "do")
+          "nodata", "do", "cache_hit_denial")
 
 
 def _layout() -> dict[str, int]:
@@ -94,9 +95,12 @@ def sum_slots(buf, nslots: int) -> list[int]:
 # _fastpath.pxd does not mirror it: C gets its indices at run time.
 FWD_UPSTREAMS = 8         # per-worker upstream rows; further upstreams share the last row
 FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other")
+# *_denial: the share of the count before it that is NXDOMAIN, NODATA or SERVFAIL (CoreDNS's
+# cache type "denial"; the rest is "success").
 FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
-               "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight")
-FWD_GAUGES = ("cache_entries", "cache_capacity")
+               "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight",
+               "cache_hits_denial", "cache_entries_denial", "cache_evictions_denial")
+FWD_GAUGES = ("cache_entries", "cache_capacity", "cache_entries_denial")
 # Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures,
 # rcodes, latency buckets (LATENCY_BOUNDS + Inf), latency sum in ns.
 FWD_ROW = 2 + 1 + 1 + 1 + len(FWD_RCODES) + len(LATENCY_BOUNDS) + 1 + 1

@@ -34,6 +34,7 @@ cdef struct PCEntry:
     uint16_t wirelen
     uint16_t qend
     uint16_t nrr
+    uint8_t denial               # NXDOMAIN, NODATA or SERVFAIL: CoreDNS's "denial" cache
     uint16_t ttl_off[PC_MAXRR]
     uint32_t ttls[PC_MAXRR]
     uint8_t key[PC_KEYMAX]
@@ -58,8 +59,11 @@ cdef struct PCTable:
     int w_inserts
     int w_evictions
     int w_entries
-    uint64_t own[3]
+    int w_entries_denial         # the share of w_entries (and of w_evictions) that is denial
+    int w_evictions_denial
+    uint64_t own[5]
     uint64_t used                # slots holding an entry (fresh or expired)
+    uint64_t used_denial
 
 
 cdef PCEntry *pc_find(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
@@ -177,6 +181,7 @@ cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t 
     if e == NULL or now >= e.expires_ns or e.qend != a.qend:
         return ACTION_HANDOFF
     res.qtype = a.qtype
+    res.cache_denial = e.denial
     return pc_render(e, &a, now, edns_size, out, res)
 
 
@@ -206,10 +211,20 @@ cdef void pc_store(PCTable *t, const uint8_t *key, int klen,
         # window: a hit does not move an entry, so the packet path writes nothing on a hit).
         victim = oldest
         t.ctr[t.w_evictions] += 1
+        t.ctr[t.w_evictions_denial] += victim.denial
     e = victim
     if e.hash == 0:
         t.used += 1
         t.ctr[t.w_entries] += 1
+    elif e.denial:
+        t.used_denial -= 1              # the slot's old entry leaves the denial share
+        t.ctr[t.w_entries_denial] -= 1
+    # CoreDNS's cache types: "success" for NOERROR with an answer, "denial" for the rest
+    # (NXDOMAIN and NODATA per RFC 2308, and cached SERVFAIL per RFC 9520).
+    e.denial = not ((wire[3] & 0xF) == 0 and be16(wire + 6) > 0)
+    if e.denial:
+        t.used_denial += 1
+        t.ctr[t.w_entries_denial] += 1
     t.ctr[t.w_inserts] += 1
     e.hash = h
     e.keylen = klen
@@ -249,24 +264,30 @@ cdef class PacketCache:
         self.t.mask = capacity - 1
         self.t.ctr = self.t.own
         self.t.w_inserts, self.t.w_evictions, self.t.w_entries = 0, 1, 2
+        self.t.w_entries_denial, self.t.w_evictions_denial = 3, 4
         self.capacity = capacity
         self.edns_size = edns_size
 
     def __dealloc__(self):
         PyMem_Free(self.t.tab)
 
-    def count_into(self, page, int inserts, int evictions, int entries):
+    def count_into(self, page, int inserts, int evictions, int entries,
+                   int entries_denial, int evictions_denial):
         """Count inserts and evictions into words ``inserts``/``evictions`` of the counter
         ``page`` (adding to what is there: a replacement worker continues its predecessor's
-        totals) and keep word ``entries`` equal to the entries held."""
+        totals) and keep word ``entries`` equal to the entries held; the denial entries'
+        shares of both go to ``entries_denial``/``evictions_denial``."""
         cdef Counters c = Counters(page)
-        if not (0 <= inserts < SLOT_WORDS and 0 <= evictions < SLOT_WORDS
-                and 0 <= entries < SLOT_WORDS):
-            raise IndexError("counter word outside the page")
+        cdef int w
+        for w in (inserts, evictions, entries, entries_denial, evictions_denial):
+            if not 0 <= w < SLOT_WORDS:
+                raise IndexError("counter word outside the page")
         self.counters = c
         self.t.ctr = c.words
         self.t.w_inserts, self.t.w_evictions, self.t.w_entries = inserts, evictions, entries
+        self.t.w_entries_denial, self.t.w_evictions_denial = entries_denial, evictions_denial
         self.t.ctr[entries] = self.t.used
+        self.t.ctr[entries_denial] = self.t.used_denial
 
     @property
     def inserts(self):
@@ -287,7 +308,9 @@ cdef class PacketCache:
             if self.t.tab[i].hash:
                 self.t.tab[i].hash = 0
         self.t.used = 0
+        self.t.used_denial = 0
         self.t.ctr[self.t.w_entries] = 0
+        self.t.ctr[self.t.w_entries_denial] = 0
 
     def put(self, bytes key not None, bytes wire not None, int qend, ttl_offs, ttls,
             uint32_t ttl, double stored):
