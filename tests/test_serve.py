@@ -106,6 +106,13 @@ def test_default_bind_serves_both_families_on_one_socket(tmp_path):
             # The hand-off path replies to the client's address in its own family.
             q = dns.message.make_query("google.com", "A")
             assert rcode_text(dns.query.udp(q, client, port=server.port, timeout=3)) == "REFUSED"
+        # coredns_dns_requests_total's family is the client's, per query: the IPv4 client
+        # arrived IPv4-mapped on the one socket and counts as 1, the IPv6 one as 2.
+        m = server.metrics()
+        def a_queries(proto, family):
+            return sum(v for (n, ls), v in m.items() if n == "coredns_dns_requests_total"
+                       and {("proto", proto), ("family", family), ("type", "A")} <= ls)
+        assert [a_queries(p, f) for p in ("udp", "tcp") for f in ("1", "2")] == [2, 2, 1, 1]
 
 
 # socket() for AF_INET6 fails as on a kernel booted with ipv6.disable=1 (no IPv6 module):

@@ -313,7 +313,8 @@ def summarise(before: list[int], after: list[int]) -> str:
     L = C.LAYOUT
     parts = []
     for p in C.PROTOS:
-        n = sum(after[L[f"queries_{p}_{t}"]] - before[L[f"queries_{p}_{t}"]] for t, _ in C.QTYPES)
+        n = sum(after[L[f"{v}queries_{p}_{t}"]] - before[L[f"{v}queries_{p}_{t}"]]
+                for v in ("", "v6") for t, _ in C.QTYPES)
         rc = {}
         for r in range(C.NRCODES):
             d = after[L[f"rcode_{p}_{r}"]] - before[L[f"rcode_{p}_{r}"]]

@@ -105,14 +105,17 @@ class CoreDNSCollector:
 
     def dns(self, s: Snapshot):
         server, zone, view = self.labels()
-        family = "2" if ":" in self.sup.cfg.dns_bind_address else "1"
         req = CounterMetricFamily("coredns_dns_requests", "Counter of DNS requests made per "
                                   "zone, protocol and family.",
                                   labels=["server", "zone", "view", "proto", "family", "type"])
+        # family: the client's, per packet (1 IPv4, including IPv4-mapped clients of the
+        # dual-stack socket, 2 IPv6), as CoreDNS labels it.
         for proto in C.PROTOS:
             for qtype, _ in C.QTYPES:
-                req.add_metric([server, zone, view, proto, family, qtype],
+                req.add_metric([server, zone, view, proto, "1", qtype],
                                s[f"queries_{proto}_{qtype}"])
+                req.add_metric([server, zone, view, proto, "2", qtype],
+                               s[f"v6queries_{proto}_{qtype}"])
         resp = CounterMetricFamily("coredns_dns_responses", "Counter of response status codes.",
                                    labels=["server", "zone", "view", "rcode", "plugin"])
         for rcode, name in enumerate(RCODE_NAMES):
@@ -339,7 +342,8 @@ class SkyDNSCollector:
     def collect(self):
         s = Snapshot(self.sup)
         p = "skydns_skydns_dns_"
-        queries = sum(s[f"queries_{pr}_{t}"] for pr in C.PROTOS for t, _ in C.QTYPES)
+        queries = sum(s[f"{v}queries_{pr}_{t}"] for v in ("", "v6") for pr in C.PROTOS
+                      for t, _ in C.QTYPES)
         handoff = sum(s[f"handoff_{pr}"] for pr in C.PROTOS)
         req = CounterMetricFamily(p + "request_count", "Counter of DNS requests made.",
                                   labels=["system"])

@@ -87,6 +87,7 @@ cdef enum:
     C_RESP_SIZE = C_REQ_SIZE + 2 * (NSIZE + 1)
     C_LATENCY = C_RESP_SIZE + 2 * (NSIZE + 1)   # + proto * (NLAT + 1) + bucket; sum_ns at + NLAT
     C_EVENTS = C_LATENCY + 2 * (NLAT + 1)       # + proto * NEVENTS + event
+    C_V6QUERIES = C_EVENTS + 2 * NEVENTS        # + proto * NQTYPES + qtype index
 
     EV_TRUNCATED = 0
     EV_HANDOFF = 1
@@ -211,7 +212,7 @@ cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, b
                       int edns_max, uint8_t *out, int cap, Outcome *res,
                       bint ra=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
-                       const Outcome *res, const uint8_t *reply) noexcept nogil
+                       const Outcome *res, const uint8_t *reply, bint v6) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil
 
 

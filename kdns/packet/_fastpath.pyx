@@ -704,14 +704,15 @@ cdef inline int latency_bucket(int64_t ns) noexcept nogil:
 
 
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
-                       const Outcome *res, const uint8_t *reply) noexcept nogil:
-    """One received query: its type, request size, its DO bit and what became of it
-    (``reply``: the reply's bytes when ``action`` is ACTION_SEND)."""
+                       const Outcome *res, const uint8_t *reply, bint v6) noexcept nogil:
+    """One received query: its type, its client's family (``v6``), request size, its DO
+    bit and what became of it (``reply``: the reply's bytes when ``action`` is
+    ACTION_SEND)."""
     cdef int qi = QTYPE_INDEX[res.qtype] if 0 <= res.qtype < 256 else NQTYPES - 1
     cdef int ev = C_EVENTS + proto * NEVENTS
     cdef int rq = C_REQ_SIZE + proto * (NSIZE + 1)
     cdef int rs = C_RESP_SIZE + proto * (NSIZE + 1)
-    ctr[C_QUERIES + proto * NQTYPES + qi] += 1
+    ctr[(C_V6QUERIES if v6 else C_QUERIES) + proto * NQTYPES + qi] += 1
     ctr[rq + size_bucket(reqlen)] += 1
     ctr[rq + NSIZE] += <uint64_t>reqlen
     if res.do_bit:
@@ -740,6 +741,20 @@ cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns)
         ns = 0
     ctr[base + latency_bucket(ns)] += npackets
     ctr[base + NLAT] += npackets * <uint64_t>ns
+
+
+cdef inline bint client_is_ipv6(const sockaddr_storage *a) noexcept nogil:
+    """An IPv6 client, not an IPv4 one reaching a dual-stack socket IPv4-mapped
+    (::ffff:a.b.c.d, RFC 4291 §2.5.5.2)."""
+    cdef const uint8_t *b
+    cdef int i
+    if a.ss_family != AF_INET6:
+        return False
+    b = <const uint8_t *>&(<const sockaddr_in6 *>a).sin6_addr
+    for i in range(10):
+        if b[i]:
+            return True
+    return b[10] != 0xff or b[11] != 0xff
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -772,6 +787,9 @@ def counter_layout():
     for p in range(2):
         for k in range(NEVENTS):
             out[f"{_EVENT_NAMES[k]}_{protos[p]}"] = C_EVENTS + p * NEVENTS + k
+    for p in range(2):
+        for k in range(NQTYPES):
+            out[f"v6queries_{protos[p]}_{_QTYPE_NAMES[k]}"] = C_V6QUERIES + p * NQTYPES + k
     return out
 
 
@@ -992,9 +1010,10 @@ def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max, bint ra=False):
-    """One TCP message (without its length prefix) -> (action, reply), counted under tcp.
-    RFC 7766 framing stays with the caller; TCP is not the hot path."""
+               int edns_max, bint ra=False, bint v6=False):
+    """One TCP message (without its length prefix) -> (action, reply), counted under tcp
+    (``v6``: the client is IPv6). RFC 7766 framing stays with the caller; TCP is not the
+    hot path."""
     cdef Outcome res
     cdef int action
     cdef int64_t t0
@@ -1007,7 +1026,7 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
         with nogil:
             t0 = now_ns()
             action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
-            count_packet(c.words, PROTO_TCP, n, action, &res, out)
+            count_packet(c.words, PROTO_TCP, n, action, &res, out, v6)
             # A hand-off's time is counted when its reply is sent (engine.count_reply).
             if action != ACTION_HANDOFF:
                 count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
@@ -1297,7 +1316,8 @@ cdef class UdpServer:
                     (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1
                 if action == ACTION_SEND and res.cache_denial:
                     ctr[C_EVENTS + PROTO_UDP * NEVENTS + EV_CACHE_HIT_DENIAL] += 1
-            count_packet(ctr, PROTO_UDP, plen, action, &res, outp)
+            count_packet(ctr, PROTO_UDP, plen, action, &res, outp,
+                         client_is_ipv6(&self.addrs[i]))
             if action == ACTION_HANDOFF and res.outside and self.fws != NULL:
                 if now == 0:
                     now = now_ns()

@@ -47,6 +47,12 @@ def _layout() -> dict[str, int]:
         names.append(f"latency_{p}_sum_ns")
     for p in PROTOS:
         names += [f"{e}_{p}" for e in EVENTS]
+    # Queries by the client's family (coredns_dns_requests_total's family label): queries_*
+    # count IPv4 clients, v6queries_* IPv6 ones, each query in one of the two, so both stay
+    # monotonic when a scrape reads them apart. An IPv4 client of a dual-stack socket
+    # arrives IPv4-mapped (RFC 4291 §2.5.5.2) and counts as IPv4.
+    for p in PROTOS:
+        names += [f"v6queries_{p}_{t}" for t, _ in QTYPES]
     assert len(names) <= SLOT_WORDS
     return {n: i for i, n in enumerate(names)}
 

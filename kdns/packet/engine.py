@@ -16,7 +16,7 @@ The API (§5):
 - ``UdpServer(fd, edns_max, batch=64)``: ``.serve(img, counters, max_batches=16)``
   drains the non-blocking socket and returns how many packets it handed off;
   ``.handoff_packet(i)``, ``.handoff_addr(i)``.
-- ``tcp_answer(img, counters, msg, edns_max, ra=False) -> (action, reply)`` (counted as
+- ``tcp_answer(img, counters, msg, edns_max, ra=False, v6=False) -> (action, reply)`` (counted as
   tcp; ``ra``: set RA, the worker forwards).
 
 Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
@@ -94,9 +94,16 @@ def _do_bit(query: bytes) -> int:
     return opt[2] if opt is not None else 0
 
 
-def _count_query(words, proto: str, query: bytes) -> None:
+def client_is_ipv6(addr) -> bool:
+    """A socket-module address of an IPv6 client; an IPv4 client of a dual-stack socket
+    arrives IPv4-mapped (RFC 4291 §2.5.5.2) and is IPv4."""
+    return len(addr) == 4 and not addr[0].lower().startswith("::ffff:")
+
+
+def _count_query(words, proto: str, query: bytes, v6: bool = False) -> None:
     L = C.LAYOUT
-    words[L[f"queries_{proto}_{C.QTYPES[C.qtype_index(_qtype(query))][0]}"]] += 1
+    qtype = C.QTYPES[C.qtype_index(_qtype(query))][0]
+    words[L[f"{'v6queries' if v6 else 'queries'}_{proto}_{qtype}"]] += 1
     words[L[f"request_size_{proto}_bucket_{C.size_bucket(len(query))}"]] += 1
     words[L[f"request_size_{proto}_sum"]] += len(query)
     if _do_bit(query):
@@ -123,11 +130,12 @@ def _count_latency(words, proto: str, started_ns: int) -> None:
     words[C.LAYOUT[f"latency_{proto}_sum_ns"]] += elapsed
 
 
-def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int) -> None:
+def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int,
+           v6: bool = False) -> None:
     """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
     request (type, size, DO); then what became of it. A reply sent now is a latency sample;
     a hand-off's sample is taken when its reply is sent (count_reply)."""
-    _count_query(words, proto, query)
+    _count_query(words, proto, query, v6)
     if action == SEND:
         _count_sent(words, proto, reply)
         _count_latency(words, proto, started_ns)
@@ -223,10 +231,10 @@ class PureCounters:
 
 
 def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int,
-                    ra: bool = False):
+                    ra: bool = False, v6: bool = False):
     started = time.monotonic_ns()
     action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra)
-    _count(counters.words, "tcp", msg, action, reply, started)
+    _count(counters.words, "tcp", msg, action, reply, started, v6)
     return action, reply
 
 
@@ -262,7 +270,7 @@ class PureUdpServer:
                     words[C.LAYOUT["send_failed_udp"]] += 1
             elif action == HANDOFF:
                 self._handoffs.append((query, addr, started))
-            _count(words, "udp", query, action, reply, started)
+            _count(words, "udp", query, action, reply, started, client_is_ipv6(addr))
         return len(self._handoffs)
 
     def handoff_packet(self, i: int) -> bytes:

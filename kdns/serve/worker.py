@@ -313,12 +313,14 @@ class TcpConnection(asyncio.Protocol):
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.source = ""
+        self.v6 = False                 # an IPv6 client (the family label of its queries)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         w = self.worker
         peer = transport.get_extra_info("peername")
         self.source = peer[0] if peer else ""
+        self.v6 = bool(peer) and engine.client_is_ipv6(peer)
         mine = w.by_source.get(self.source)
         # RFC 7766 §10: a per-source limit, so one client cannot hold every connection, and
         # at a limit the oldest idle connection makes room (its client can reconnect; the
@@ -384,7 +386,8 @@ class TcpConnection(asyncio.Protocol):
     def query(self, msg: bytes) -> None:
         w = self.worker
         received_ns = time.monotonic_ns()
-        action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra)
+        action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra,
+                                          self.v6)
         if w.log_queries and action != engine.HANDOFF:
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
                            reply if action == engine.SEND else None)
