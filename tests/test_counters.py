@@ -90,6 +90,26 @@ def expected_counts(ref, sent, proto, tcp=False, edns_max=settings.EDNS_UDP_SIZE
     return exp
 
 
+def typed_latency(counter) -> dict:
+    """{qtype name: samples} of the request duration by type (both protocols)."""
+    out = {}
+    for t, _ in K.QTYPES:
+        n = sum(counter(f"tlatency_{t}_bucket_{i}") for i in range(len(K.LATENCY_BOUNDS) + 1))
+        if n:
+            out[t] = n
+    return out
+
+
+def replied_types(ref, sent, tcp=False) -> dict:
+    """{qtype name: replies} the engine sent at once (not handed off, not dropped)."""
+    out = collections.Counter()
+    for q in sent:
+        if P.answer(ref, q, tcp=tcp)[0] == P.ACTION_SEND:
+            qt = qtype_of(q)
+            out[K.QTYPES[K.qtype_index(qt)][0] if qt is not None else "other"] += 1
+    return dict(out)
+
+
 def mixed_queries():
     formerr = bytearray(wire(S, qid=20))
     formerr[5] = 2                                               # two questions
@@ -130,13 +150,14 @@ def test_udp_counts_after_real_queries():
             exp["rcode_udp_4"], exp["rcode_udp_5"], exp["rcode_udp_3"], exp["do_udp"],
             exp["nodata_udp"]) == (1, 2, 2, 1, 1, 1, 1, 2, 4)
     for name in K.LAYOUT:
-        if name.startswith("latency_"):
+        if name.startswith(("latency_", "tlatency_")):
             continue
         assert lo.counter(name) == exp.get(name, 0), name
     # Every reply of a batch gets that batch's recvmmsg -> sendmmsg time; hand-offs are
     # timed when their reply is sent (engine.count_reply), drops never.
     buckets = sum(lo.counter(f"latency_udp_bucket_{i}") for i in range(len(K.LATENCY_BOUNDS) + 1))
     assert buckets == answered
+    assert typed_latency(lo.counter) == replied_types(lo.ref, sent)
     assert lo.counter("latency_udp_sum_ns") > 0
     assert sum(lo.counter(f"latency_tcp_bucket_{i}") for i in range(17)) == 0
     total = K.sum_slots(lo.page, 1)                   # the supervisor's view of the page
@@ -156,13 +177,16 @@ def test_tcp_answer_counts_under_tcp():
     exp = expected_counts(ref, sent, "tcp", tcp=True)
     assert exp["truncated_tcp"] == 0                  # TCP carries the whole big RRset
     for name, index in K.LAYOUT.items():
-        if name.startswith("latency_"):
+        if name.startswith(("latency_", "tlatency_")):
             continue
         assert counters[index] == exp.get(name, 0), name
-    handed_off = sum(P.answer(ref, q, tcp=True)[0] == P.ACTION_HANDOFF for q in sent)
-    assert handed_off == 2
+    actions = [P.answer(ref, q, tcp=True)[0] for q in sent]
+    assert (actions.count(P.ACTION_HANDOFF), actions.count(P.ACTION_DROP)) == (2, 1)
+    # Timed: what was answered at once (hand-offs are timed at their reply, drops never).
     assert sum(counters[K.LAYOUT[f"latency_tcp_bucket_{i}"]] for i in range(17)) == \
-        len(sent) - handed_off
+        actions.count(P.ACTION_SEND)
+    assert typed_latency(lambda name: counters[K.LAYOUT[name]]) == \
+        replied_types(ref, sent, tcp=True)
 
 
 @pytest.mark.parametrize("ns", [0, 250_000, 250_001, 500_000, 8_192_000_000, 8_192_000_001])

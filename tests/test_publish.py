@@ -163,8 +163,18 @@ BROKEN = [b"", b"\x00" * 5, QUERIES[0][:20], b"\x12\x34\x80" + QUERIES[0][3:],
 
 
 def without_latency(words) -> list[int]:
-    skip = {i for name, i in C.LAYOUT.items() if name.startswith("latency_")}
+    skip = {i for name, i in C.LAYOUT.items() if name.startswith(("latency_", "tlatency_"))}
     return [w for i, w in enumerate(words[:len(C.LAYOUT)]) if i not in skip]
+
+
+def latency_samples(words) -> dict[str, int]:
+    """Samples per protocol and per query type: equal in both engines, whatever they took."""
+    out = {}
+    for name, i in C.LAYOUT.items():
+        if "latency_" in name and "_bucket_" in name:
+            key = name.split("_bucket_")[0]
+            out[key] = out.get(key, 0) + words[i]
+    return out
 
 
 def test_pure_counters_match_compiled_counters():
@@ -178,6 +188,8 @@ def test_pure_counters_match_compiled_counters():
         assert engine.pure_tcp_answer(pure_img, pc, q, size) == fp.tcp_answer(fast_img, fc, q, size)
     assert without_latency(memoryview(pure_page).cast("Q")) == \
         without_latency(memoryview(fast_page).cast("Q"))
+    assert latency_samples(memoryview(pure_page).cast("Q")) == \
+        latency_samples(memoryview(fast_page).cast("Q"))
 
 
 @pytest.mark.parametrize("which", ENGINES)

@@ -10,9 +10,8 @@ rcodes 17 names, protocols 2, upstreams at most ``counters.FWD_UPSTREAMS``.
 Request durations run from a query's arrival to its final reply: the batch's time for what
 the image or the cache answered, the relay for what the compiled forwarder sent on, the
 reply's send for what Python forwarded (CoreDNS times a request to its final reply too).
-What is not measured, and therefore not invented: latency is sampled per protocol (one
-sample per packet of a batch), not per qtype, so ``coredns_dns_request_duration_seconds``
-has no ``type`` label; responses are not attributed to a plugin, so
+The replies of one batch share its time, each under its query type (the ``type`` label).
+What is not measured, and therefore not invented: responses are not attributed to a plugin, so
 ``plugin`` is empty, as CoreDNS writes it for responses no plugin claimed.
 
 What it must not do: sit on the packet path, or touch DNS sockets.
@@ -123,9 +122,11 @@ class CoreDNSCollector:
                             sum(s[f"rcode_{p}_{rcode}"] for p in C.PROTOS))
         dur = HistogramMetricFamily("coredns_dns_request_duration_seconds",
                                     "Histogram of the time (in seconds) each request took.",
-                                    labels=["server", "zone", "view"])
-        dur.add_metric([server, zone, view], _over_protos(s, "latency", C.LATENCY_BOUNDS),
-                       sum(s[f"latency_{p}_sum_ns"] for p in C.PROTOS) / 1e9)
+                                    labels=["server", "zone", "view", "type"])
+        for qtype, _ in C.QTYPES:
+            dur.add_metric([server, zone, view, qtype],
+                           _buckets(s.total, f"tlatency_{qtype}", C.LATENCY_BOUNDS)[0],
+                           s[f"tlatency_{qtype}_sum_ns"] / 1e9)
         do = CounterMetricFamily("coredns_dns_do_requests", "Counter of DNS requests with DO "
                                  "bit set per zone.", labels=["server", "zone", "view"])
         do.add_metric([server, zone, view], sum(s[f"do_{p}"] for p in C.PROTOS))

@@ -88,6 +88,7 @@ cdef enum:
     C_LATENCY = C_RESP_SIZE + 2 * (NSIZE + 1)   # + proto * (NLAT + 1) + bucket; sum_ns at + NLAT
     C_EVENTS = C_LATENCY + 2 * (NLAT + 1)       # + proto * NEVENTS + event
     C_V6QUERIES = C_EVENTS + 2 * NEVENTS        # + proto * NQTYPES + qtype index
+    C_TLATENCY = C_V6QUERIES + 2 * NQTYPES      # + qtype index * (NLAT + 1) + bucket; sum_ns at + NLAT
 
     EV_TRUNCATED = 0
     EV_HANDOFF = 1
@@ -214,6 +215,7 @@ cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, b
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
                        const Outcome *res, const uint8_t *reply, bint v6) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil
+cdef void count_type_latency(uint64_t *ctr, int qtype, int64_t ns) noexcept nogil
 
 
 cdef class Image:

@@ -743,6 +743,20 @@ cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns)
     ctr[base + NLAT] += npackets * <uint64_t>ns
 
 
+cdef inline int qtype_slot(int qtype) noexcept nogil:
+    return QTYPE_INDEX[qtype] if 0 <= qtype < 256 else NQTYPES - 1
+
+
+cdef void count_type_latency(uint64_t *ctr, int qtype, int64_t ns) noexcept nogil:
+    """One reply's request duration under its query type (the type label of CoreDNS's
+    coredns_dns_request_duration_seconds); count_latency has it by protocol."""
+    cdef int base = C_TLATENCY + qtype_slot(qtype) * (NLAT + 1)
+    if ns < 0:
+        ns = 0
+    ctr[base + latency_bucket(ns)] += 1
+    ctr[base + NLAT] += <uint64_t>ns
+
+
 cdef inline bint client_is_ipv6(const sockaddr_storage *a) noexcept nogil:
     """An IPv6 client, not an IPv4 one reaching a dual-stack socket IPv4-mapped
     (::ffff:a.b.c.d, RFC 4291 §2.5.5.2)."""
@@ -790,6 +804,10 @@ def counter_layout():
     for p in range(2):
         for k in range(NQTYPES):
             out[f"v6queries_{protos[p]}_{_QTYPE_NAMES[k]}"] = C_V6QUERIES + p * NQTYPES + k
+    for k in range(NQTYPES):
+        for p in range(NLAT):
+            out[f"tlatency_{_QTYPE_NAMES[k]}_bucket_{p}"] = C_TLATENCY + k * (NLAT + 1) + p
+        out[f"tlatency_{_QTYPE_NAMES[k]}_sum_ns"] = C_TLATENCY + k * (NLAT + 1) + NLAT
     return out
 
 
@@ -1027,9 +1045,12 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
             t0 = now_ns()
             action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
             count_packet(c.words, PROTO_TCP, n, action, &res, out, v6)
-            # A hand-off's time is counted when its reply is sent (engine.count_reply).
-            if action != ACTION_HANDOFF:
-                count_latency(c.words, PROTO_TCP, 1, now_ns() - t0)
+            # A hand-off's time is counted when its reply is sent (engine.count_reply); a
+            # dropped message has none.
+            if action == ACTION_SEND:
+                t0 = now_ns() - t0
+                count_latency(c.words, PROTO_TCP, 1, t0)
+                count_type_latency(c.words, res.qtype, t0)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -1102,6 +1123,7 @@ cdef class UdpServer:
     cdef uint8_t *hbuf
     cdef uint16_t *hlen
     cdef int64_t *hts                   # when each hand-off was received (CLOCK_MONOTONIC)
+    cdef int *sqtype                    # each queued reply's query type (its latency label)
     cdef sockaddr_storage *haddr
     cdef object cache                   # PacketCache or None; ctab/cmask point into it
     cdef PCEntry *ctab
@@ -1128,10 +1150,11 @@ cdef class UdpServer:
         self.hbuf = slot_area(HANDOFF_CAP)
         self.hlen = <uint16_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(uint16_t))
         self.hts = <int64_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(int64_t))
+        self.sqtype = <int *>PyMem_Malloc(batch * sizeof(int))
         self.haddr = <sockaddr_storage *>PyMem_Malloc(HANDOFF_CAP * sizeof(sockaddr_storage))
         if not (self.rmsgs and self.smsgs and self.riov and self.siov and self.addrs and
                 self.inbuf and self.outbuf and self.hbuf and self.hlen and self.hts and
-                self.haddr):
+                self.sqtype and self.haddr):
             raise MemoryError()
         memset(self.rmsgs, 0, batch * sizeof(mmsghdr))
         memset(self.smsgs, 0, batch * sizeof(mmsghdr))
@@ -1159,6 +1182,7 @@ cdef class UdpServer:
             munmap(self.hbuf, <size_t>HANDOFF_CAP * UDP_SLOT)
         PyMem_Free(self.hlen)
         PyMem_Free(self.hts)
+        PyMem_Free(self.sqtype)
         PyMem_Free(self.haddr)
 
     def set_cache(self, PacketCache cache):
@@ -1255,7 +1279,7 @@ cdef class UdpServer:
             wait = 1
 
     cdef int drain(self, const ImageView *img, uint64_t *ctr, int max_batches) noexcept nogil:
-        cdef int b, n, want, e, nsend
+        cdef int b, n, want, e, nsend, j
         cdef int64_t t0
         for b in range(max_batches):
             want = min(self.batch, HANDOFF_CAP - self.nhandoff)
@@ -1278,7 +1302,10 @@ cdef class UdpServer:
             # The replies sent now. A forwarded query's time runs until its reply is
             # relayed (fw_drain_sock) or sent by Python (engine.count_reply), so a slow
             # upstream shows in the request duration, as in CoreDNS's.
-            count_latency(ctr, PROTO_UDP, nsend, now_ns() - t0)
+            t0 = now_ns() - t0
+            count_latency(ctr, PROTO_UDP, nsend, t0)
+            for j in range(nsend):
+                count_type_latency(ctr, self.sqtype[j], t0)
             if n < want:
                 return 0                # drained: a further recvmmsg would say EAGAIN
         return 0
@@ -1325,6 +1352,7 @@ cdef class UdpServer:
                              self.rmsgs[i].msg_hdr.msg_namelen, now):
                     continue                # forwarded from C: its reply comes via drain
             if action == ACTION_SEND:
+                self.sqtype[nsend] = res.qtype
                 self.siov[nsend].iov_base = outp
                 self.siov[nsend].iov_len = res.length
                 self.smsgs[nsend].msg_hdr.msg_name = &self.addrs[i]
@@ -1392,3 +1420,4 @@ cdef class UdpServer:
 def _count_latency_for_test(Counters c not None, int64_t ns):
     """Count one UDP packet that took ``ns``: lets tests pin the bucket edges."""
     count_latency(c.words, PROTO_UDP, 1, ns)
+    count_type_latency(c.words, 1, ns)

@@ -53,6 +53,11 @@ def _layout() -> dict[str, int]:
     # arrives IPv4-mapped (RFC 4291 §2.5.5.2) and counts as IPv4.
     for p in PROTOS:
         names += [f"v6queries_{p}_{t}" for t, _ in QTYPES]
+    # The request duration by query type (coredns_dns_request_duration_seconds's type
+    # label), both protocols together: the same samples as latency_*.
+    for t, _ in QTYPES:
+        names += [f"tlatency_{t}_bucket_{i}" for i in range(len(LATENCY_BOUNDS) + 1)]
+        names.append(f"tlatency_{t}_sum_ns")
     assert len(names) <= SLOT_WORDS
     return {n: i for i, n in enumerate(names)}
 

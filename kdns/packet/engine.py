@@ -68,6 +68,17 @@ def _qtype(query: bytes) -> int:
     return struct.unpack_from("!H", query, end)[0]
 
 
+def _question_type(reply: bytes) -> int:
+    """QTYPE of a reply's question (0 when it has none that parses)."""
+    if len(reply) < 12 or reply[4:6] != b"\0\1":
+        return 0
+    try:
+        _, end = refpath.parse_name(reply, 12)
+    except refpath.Malformed:
+        return 0
+    return struct.unpack_from("!H", reply, end)[0] if end + 4 <= len(reply) else 0
+
+
 def _rcode(reply: bytes) -> int:
     rcode = reply[3] & 0x0F
     # RFC 6891 §6.1.3: BADVERS is extended rcode 1 with header rcode 0; our replies put a
@@ -124,10 +135,15 @@ def _count_sent(words, proto: str, reply: bytes) -> None:
     words[L[f"response_size_{proto}_sum"]] += len(reply)
 
 
-def _count_latency(words, proto: str, started_ns: int) -> None:
+def _count_latency(words, proto: str, qtype: int, started_ns: int) -> None:
+    """A reply's request duration, by protocol and by query type."""
     elapsed = max(0, time.monotonic_ns() - started_ns)
-    words[C.LAYOUT[f"latency_{proto}_bucket_{C.latency_bucket(elapsed)}"]] += 1
+    bucket = C.latency_bucket(elapsed)
+    words[C.LAYOUT[f"latency_{proto}_bucket_{bucket}"]] += 1
     words[C.LAYOUT[f"latency_{proto}_sum_ns"]] += elapsed
+    t = C.QTYPES[C.qtype_index(qtype)][0]
+    words[C.LAYOUT[f"tlatency_{t}_bucket_{bucket}"]] += 1
+    words[C.LAYOUT[f"tlatency_{t}_sum_ns"]] += elapsed
 
 
 def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int,
@@ -138,7 +154,7 @@ def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_n
     _count_query(words, proto, query, v6)
     if action == SEND:
         _count_sent(words, proto, reply)
-        _count_latency(words, proto, started_ns)
+        _count_latency(words, proto, _qtype(query), started_ns)
     elif action == HANDOFF:
         # The reply's rcode and time are counted when the worker sends it (count_reply).
         words[C.LAYOUT[f"handoff_{proto}"]] += 1
@@ -155,7 +171,7 @@ def count_reply(page, proto: str, reply: bytes, received_ns: int | None = None) 
         words = _page_words(page)
         _count_sent(words, proto, reply)
         if received_ns is not None:
-            _count_latency(words, proto, received_ns)
+            _count_latency(words, proto, _question_type(reply), received_ns)
 
 
 def refused(query: bytes, edns_max: int = settings.EDNS_UDP_SIZE) -> bytes | None:

@@ -581,8 +581,11 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
         memcpy(s.tmsg[s.ntx].msg_hdr.msg_name, &s.pool[c].addr, s.pool[c].alen)
         s.tmsg[s.ntx].msg_hdr.msg_namelen = s.pool[c].alen
         fw_count_sent(ctr, s.tbuf + s.ntx * UDP_BUF, len_out)
-        # The client's request duration: from when its query arrived to this relay.
+        # The client's request duration: from when its query arrived to this relay. The
+        # key ends in qtype, qclass, DO and CD (pc_prepare).
         count_latency(ctr, PROTO_UDP, 1, now - s.pool[c].sent_ns)
+        count_type_latency(ctr, be16(s.pool[c].key + s.pool[c].klen - 6),
+                           now - s.pool[c].sent_ns)
         s.ntx += 1
         s.relayed += 1
         fw_free(s, c)
