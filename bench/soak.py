@@ -13,11 +13,15 @@ The run, all on 127.0.0.1:
      the forward cache holds, so the cache fills, evicts and must level off at its bound;
   4. meanwhile sends malformed packets over UDP (random bytes, cut queries, pointers out of
      the message or into loops, responses, huge EDNS options) and over TCP (bad framing);
-  5. samples RSS and PSS (/proc/<pid>/smaps_rollup) of the supervisor and each worker and
-     the forward cache's entries (coredns_cache_entries) every --interval seconds;
+  5. samples RSS and PSS (/proc/<pid>/smaps_rollup) of the supervisor, the worker zygote
+     (the supervisor's child that names itself kdns-zygote; workers are forked from it and
+     reparented to the supervisor, so both are its children) and each worker, and the
+     forward cache's entries (coredns_cache_entries) every --interval seconds;
   6. prints the table, checks that the cache levelled off (its last third grew by at most
-     2% and it never passed its bound) and that kdns is still answering, and writes
-     bench/out/soak-latest.json. Exit 1 when a check fails.
+     2% and it never passed its bound), that each process's RSS levelled off (its last
+     third grew by at most RSS_GROWTH_MAX of it, or RSS_GROWTH_FLOOR_MIB for a small one)
+     and that kdns is still answering, and writes bench/out/soak-latest.json. Exit 1 when
+     a check fails.
 
 Everything it starts it stops by pid; dnsperf and kdns die with it (PR_SET_PDEATHSIG).
 """
@@ -45,10 +49,15 @@ sys.path.insert(0, ROOT)
 
 from kdns import settings  # noqa: E402
 from kdns.forward import handoff  # noqa: E402
+from kdns.serve.zygote import ZYGOTE_NAME  # noqa: E402
 
 HOST = "127.0.0.1"
 FWD_ZONE = "soak.example"
 WORKERS = 2
+# RSS that still grows in the last third of the run is a leak, not warm-up: at most this
+# share of it, and never less than the floor (a few pages of a small process are noise).
+RSS_GROWTH_MAX = 0.02
+RSS_GROWTH_FLOOR_MIB = 1.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -246,6 +255,36 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def started(pid: int) -> int:
+    """Start time in clock ticks since boot (proc(5) stat field 22); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return 0
+    return int(st[st.rindex(")") + 2:].split()[19])
+
+
+def processes(sup: int) -> list[tuple[str, int]]:
+    """(label, pid) of the supervisor, the zygote and each worker. A worker just forked
+    carries the zygote's name until it renames itself: of several kdns-zygote children the
+    oldest is the zygote."""
+    kids = children(sup)
+    named = sorted((p for p in kids if comm(p) == ZYGOTE_NAME.decode()), key=started)
+    zygote = named[:1]
+    workers = [p for p in kids if p not in zygote]
+    return ([("supervisor", sup)] + [("zygote", p) for p in zygote] +
+            [(f"worker{i}", p) for i, p in enumerate(workers)])
+
+
 def mem(pid: int) -> tuple[int, int] | None:
     """(RSS, PSS) in KiB, or None if the process is gone."""
     try:
@@ -335,8 +374,7 @@ def main() -> int:
         start = time.monotonic()
         while True:
             t = time.monotonic() - start
-            procs = [("supervisor", kdns.pid)] + [(f"worker{i}", p) for i, p in
-                                                  enumerate(children(kdns.pid))]
+            procs = processes(kdns.pid)
             row = {"t": round(t), "cache": metric(http, "coredns_cache_entries"),
                    "procs": {name: mem(pid) for name, pid in procs}}
             samples.append(row)
@@ -369,7 +407,8 @@ def main() -> int:
     text = open(perf_out.name).read()
     num = lambda label: float(re.search(label + r"\s*:?\s*([\d.]+)", text).group(1))
     sent, completed, lost = num("Queries sent"), num("Queries completed"), num("Queries lost")
-    per_worker = min(handoff._pow2(settings.CACHE_SIZE), handoff.FAST_SLOTS) + settings.CACHE_SIZE
+    fast_slots = min(handoff._pow2(settings.CACHE_SIZE), settings.FAST_CACHE_SLOTS)
+    per_worker = fast_slots + settings.CACHE_SIZE
     bound = WORKERS * per_worker
     caches = [s["cache"] for s in samples if s["cache"] is not None]
     third = caches[len(caches) * 2 // 3:] or caches
@@ -377,12 +416,23 @@ def main() -> int:
     checks = {
         "cache never above its bound": max(caches) <= bound,
         "cache levelled off (last third grew <= 2%)": growth <= 0.02,
-        "cache filled (at least half the compiled slots)": third[-1] >= WORKERS * min(
-            handoff._pow2(settings.CACHE_SIZE), handoff.FAST_SLOTS) / 2,
+        "cache filled (at least half the compiled slots)": third[-1] >= WORKERS * fast_slots / 2,
         "kdns answers cluster names at the end": alive,
         "kdns answers forwarded names at the end": fwd_ok,
     }
-    names = list(samples[0]["procs"])
+    names = list(dict.fromkeys(n for s in samples for n in s["procs"]))
+    rss_growth = {}
+    for n in names:
+        tail = [s["procs"][n][0] / 1024 for s in samples[len(samples) * 2 // 3:]
+                if s["procs"].get(n)]
+        if len(tail) >= 2:
+            rss_growth[n] = (tail[-1] - tail[0], max(RSS_GROWTH_MAX * tail[0],
+                                                     RSS_GROWTH_FLOOR_MIB))
+    checks["zygote sampled apart from the workers"] = "zygote" in names and sum(
+        n.startswith("worker") for n in names) == WORKERS
+    checks[f"RSS levelled off (last third grew <= {RSS_GROWTH_MAX:.0%}, at least "
+           f"{RSS_GROWTH_FLOOR_MIB:g} MiB, per process)"] = bool(rss_growth) and all(
+        grew <= limit for grew, limit in rss_growth.values())
     print(f"\nsoak {a.seconds} s: dnsperf sent {sent:.0f}, completed {completed:.0f}, lost "
           f"{lost:.0f}; upstream answered {up.answered}; malformed UDP {bad.sent}, bad TCP "
           f"streams {bad.tcp}")
@@ -395,11 +445,14 @@ def main() -> int:
         print(f"{s['t']:>6} {s['cache'] if s['cache'] is not None else '-':>7} " + " ".join(cells))
     print(f"cache bound {bound} ({WORKERS} workers x {per_worker}); last third grew "
           f"{growth * 100:.2f}%")
+    print("RSS growth in the last third (MiB): " + ", ".join(
+        f"{n} {grew:+.1f} (limit {limit:.1f})" for n, (grew, limit) in rss_growth.items()))
     for k, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {k}")
     result = dict(seconds=a.seconds, qps=a.qps, sent=sent, completed=completed, lost=lost,
                   upstream_answered=up.answered, malformed_udp=bad.sent, bad_tcp=bad.tcp,
-                  cache_bound=bound, samples=samples, checks=checks)
+                  cache_bound=bound, samples=samples, checks=checks,
+                  rss_growth_mib={n: g for n, (g, _) in rss_growth.items()})
     for path in (os.path.join(rundir, "results.json"), os.path.join(OUT, "soak-latest.json")):
         with open(path, "w") as f:
             json.dump(result, f, indent=1)

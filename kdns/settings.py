@@ -83,6 +83,11 @@ TRY_TIMEOUT = 2.0              # seconds per upstream try (kube-dns and CoreDNS:
 # to at most 5 minutes; kdns doubles from 1 s and stops at 30 s.
 FAILURE_TTL_MIN = 1
 FAILURE_TTL_MAX = 30
+# An upstream marked down (its last try failed) gets a health check (`. IN NS`, CoreDNS
+# forward's) this long after, doubling while it stays silent, so one that is back is used
+# again even while the others answer; CoreDNS checks every 0.5 s.
+HEALTH_CHECK_MIN = 0.5
+HEALTH_CHECK_MAX = 8.0
 
 
 @dataclass(frozen=True)

@@ -29,3 +29,20 @@ def require_tool(name: str) -> str:
     if IN_CI:
         pytest.fail(f"{name} is not installed; `make test` should have installed it")
     pytest.skip(f"{name} is not installed (run `make test`, which installs it)")
+
+
+# Figures a passing test must show in the CI log: pytest -q captures a passing test's
+# output, so they are recorded here and printed in the terminal summary, after the run.
+FIGURES: list[tuple[str, str]] = []
+
+
+def report(title: str, text: str) -> None:
+    """Print ``text`` under ``title`` at the end of the run, whatever the test's outcome
+    (a failing test's own output shows it once more)."""
+    FIGURES.append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, text in FIGURES:
+        terminalreporter.write_sep("-", title)
+        terminalreporter.write_line(text)

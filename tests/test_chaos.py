@@ -11,6 +11,8 @@ images are swapped all along.
 What must hold (docs/architecture.md, "Failure behaviour"):
 - no wrong answer, ever: a stable name gets exactly its address, a churned name one of
   the endpoint sets the API has published, a missing name NXDOMAIN;
+- every dnsperf reply has the rcode its name must get (dnsperf -v prints one line per
+  reply; it does not read the records, the verifiers do);
 - a lost query only where a worker died with it: a verifying client (one query in flight)
   loses at most one per kill or stop that the supervisor answers by a replacement, and
   dnsperf at most its outstanding limit per such event (queries queued on the socket are
@@ -30,7 +32,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from conftest import require_tool
+from conftest import report, require_tool
 from fakeapi import FakeApiServer, Gone, HttpError, Reset
 from kdns import settings
 from serverutil import HOST, a_records, alive
@@ -114,6 +116,19 @@ def dnsperf_numbers(text: str) -> tuple[int, int]:
     return num("Queries sent"), num("Queries lost")
 
 
+def dnsperf_rcodes(text: str) -> tuple[dict[str, int], list[str]]:
+    """dnsperf -v's reply lines (``> RCODE name type latency``): the count per rcode, and
+    the replies whose rcode is not the one their name must get."""
+    counts: dict[str, int] = {}
+    wrong = []
+    for m in re.finditer(r"^> (\S+) (\S+) (\S+) ", text, re.M):
+        rcode, name = m.group(1), m.group(2).rstrip(".")
+        counts[rcode] = counts.get(rcode, 0) + 1
+        if rcode != ("NXDOMAIN" if name == MISSING else "NOERROR"):
+            wrong.append(f"{name}: {rcode}")
+    return counts, wrong
+
+
 def test_chaos_under_dnsperf_load(tmp_path):
     dnsperf = require_tool("dnsperf")
     api = FakeApiServer(token="secret", bookmark_interval=1.0).start()
@@ -145,7 +160,8 @@ def test_chaos_under_dnsperf_load(tmp_path):
         perf_log = open(tmp_path / "dnsperf.txt", "w")
         perf = subprocess.Popen([dnsperf, "-s", HOST, "-p", str(k.port), "-d", str(qfile),
                                  "-l", str(RUN_SECONDS), "-Q", str(DNSPERF_QPS),
-                                 "-q", str(DNSPERF_OUTSTANDING), "-t", str(int(CLIENT_TIMEOUT))],
+                                 "-q", str(DNSPERF_OUTSTANDING), "-t", str(int(CLIENT_TIMEOUT)),
+                                 "-v"],
                                 stdout=perf_log, stderr=subprocess.STDOUT)
 
         def churn():
@@ -224,15 +240,23 @@ def test_chaos_under_dnsperf_load(tmp_path):
         logs = k.logs()
         k.stop()
         api.close()
-    sent, lost = dnsperf_numbers((tmp_path / "dnsperf.txt").read_text())
+    perf_text = (tmp_path / "dnsperf.txt").read_text()
+    sent, lost = dnsperf_numbers(perf_text)
+    rcodes, perf_wrong = dnsperf_rcodes(perf_text)
     vsent = sum(v.sent for v in verifiers)
     vlost = sum(len(v.lost) for v in verifiers)
     wrong = [w for v in verifiers for w in v.wrong]
-    print(f"\nchaos: dnsperf sent {sent} lost {lost}; verifiers sent {vsent} lost {vlost} "
-          f"wrong {len(wrong)}; {replaced_events} workers replaced; "
-          f"{len(published.sets)} endpoint sets published\n  " +
-          "\n  ".join(f"{t:>5} s {w}" for t, w in timeline))
+    figures = (f"dnsperf sent {sent} lost {lost} wrong rcode {len(perf_wrong)} ("
+               + ", ".join(f"{r} {n}" for r, n in sorted(rcodes.items())) + "); "
+               f"verifiers sent {vsent} lost {vlost} wrong {len(wrong)}; "
+               f"{replaced_events} workers replaced; {len(published.sets)} endpoint sets "
+               "published\n  " + "\n  ".join(f"{t:>5} s {w}" for t, w in timeline))
+    print(f"\nchaos: {figures}")
+    report("chaos under dnsperf load", figures)
     assert not wrong, wrong[:10]
+    assert not perf_wrong, perf_wrong[:10]
+    completed = int(re.search(r"Queries completed:\s+(\d+)", perf_text).group(1))
+    assert sum(rcodes.values()) == completed, (rcodes, completed)    # every reply was read
     assert vlost <= CLIENTS * replaced_events, (vlost, timeline)
     assert lost <= DNSPERF_OUTSTANDING * replaced_events, (lost, timeline)
     assert sent > DNSPERF_QPS * RUN_SECONDS / 2, f"dnsperf sent only {sent}"

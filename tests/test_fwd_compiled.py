@@ -104,6 +104,12 @@ def up(s: TestDNSServer) -> Upstream:
     return Upstream(s.host, s.port)
 
 
+def client_queries(s: TestDNSServer) -> int:
+    """What the server was asked over UDP but health checks (`. NS`, Forwarder.health_check)."""
+    return sum(1 for name, qtype, proto in list(s.queries)
+               if proto == "udp" and (name, qtype) != (".", "NS"))
+
+
 def run_with(upstreams, body, limit=15.0, **kw):
     async def main():
         h = Harness(asyncio.get_running_loop(), upstreams, **kw)
@@ -223,7 +229,8 @@ def test_timeout_on_first_upstream_fails_over():
             assert [answers(r) for r in replies] == [[f"10.1.0.{i}"] for i in range(12)]
             st = h.stats()
             assert st["upstreams"][0]["timeouts"] >= 1          # C sent some to the dead one
-            assert dead.udp_queries == st["upstreams"][0]["queries"]  # Python did not re-ask it
+            # Python did not re-ask it (a health check, `. NS`, is no client query).
+            assert client_queries(dead) == st["upstreams"][0]["queries"]
         run_with([dead, good], body, try_timeout=0.3)
 
 
@@ -408,8 +415,12 @@ def test_compiled_timeouts_are_failures_on_the_page():
             await asyncio.gather(*(h.ask(make_query(f"n{i}.local", qid=i)) for i in range(8)))
             rows = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}
             failed = rows[f"{dead.host}:{dead.port}"]
-            assert failed["requests"] == dead.udp_queries >= 1
-            assert failed["failures"] == h.stats()["upstreams"][0]["timeouts"] >= 1
+            assert failed["requests"] == client_queries(dead) >= 1
+            # Each C timeout is a failure, and so is each health check of the dead one
+            # that has timed out (one may still be waiting).
+            timeouts = h.stats()["upstreams"][0]["timeouts"]
+            checks = dead.udp_queries - client_queries(dead)
+            assert timeouts >= 1 and timeouts <= failed["failures"] <= timeouts + checks
             assert rows[f"{good.host}:{good.port}"]["requests"] == good.udp_queries
         run_with([dead, good], body, try_timeout=0.3)
 
@@ -463,3 +474,132 @@ def test_closed_port_is_handed_back_on_the_icmp_error_not_the_timeout():
         st = h.forwarder.stats_for(dead)
         assert st.unreachable >= 1 and st.timeouts == 0 and h.forwarder.timeouts == 0
     run_with([Dead], body, try_timeout=60)
+
+
+
+def test_python_verdicts_reach_the_compiled_pick():
+    """A try the Forwarder saw fail marks the upstream down in C too: new queries go to
+    the other; its answer marks it live again."""
+    with TestDNSServer(ZONE) as a, TestDNSServer(ZONE) as b:
+        async def body(h):
+            st = h.forwarder.stats_for(up(a))
+            st.failed(up(a), "timeout")
+            assert h.compiled.engine.down() == [True, False]
+            for i in range(32):
+                assert answers(await h.ask(make_query(f"n{i}.local", qid=i))) == [f"10.1.0.{i}"]
+            assert a.udp_queries == 0 and b.udp_queries == 32
+            st.answered(up(a))
+            assert h.compiled.engine.down() == [False, False]
+        run_with([a, b], body)
+
+
+def test_every_upstream_down_still_tries_them_sequential_the_first():
+    with TestDNSServer(ZONE) as a, TestDNSServer(ZONE) as b:
+        async def body(h):
+            h.forwarder.policy = "sequential"
+            h.compiled.apply_routes()
+            for u in (a, b):
+                h.forwarder.stats_for(up(u)).failed(up(u), "timeout")
+            assert h.compiled.engine.down() == [True, True]
+            for i in range(8):
+                assert answers(await h.ask(make_query(f"n{i}.local", qid=i))) == [f"10.1.0.{i}"]
+            assert (a.udp_queries, b.udp_queries) == (8, 0)
+            assert h.compiled.engine.down() == [False, True]      # a's replies: live again
+            h.forwarder.stats_for(up(a)).failed(up(a), "timeout")
+            h.forwarder.stats_for(up(b)).answered(up(b))
+            await h.ask(make_query("n9.local", qid=9))
+            assert (a.udp_queries, b.udp_queries) == (8, 1)       # the first live one
+        run_with([a, b], body)
+
+
+def test_a_down_upstream_gets_health_checks_and_comes_back(monkeypatch):
+    """Down, it gets no client query but `. NS` health checks, which are no requests on
+    its row but failures while it is silent; once it answers one it is used again."""
+    monkeypatch.setattr(settings, "HEALTH_CHECK_MIN", 0.05)
+    with TestDNSServer(ZONE) as a, TestDNSServer(ZONE) as b:
+        a.silent = True
+        async def body(h):
+            h.forwarder.policy = "sequential"
+            h.compiled.apply_routes()
+            assert answers(await h.ask(make_query("n1.local", qid=1))) == ["10.1.0.1"]
+            assert h.compiled.engine.down() == [True, False]      # C's own timeout
+            await until(lambda: sum(q[:2] == (".", "NS") for q in a.queries) >= 2)
+            row = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}[
+                f"{a.host}:{a.port}"]
+            assert row["requests"] == 1 and row["failures"] >= 2
+            assert [q[0] for q in a.queries if q[1] != "NS"] == ["n1.local."]
+            a.silent = False
+            await until(lambda: h.compiled.engine.down() == [False, False])
+            assert not h.forwarder.stats_for(up(a)).failing
+            assert answers(await h.ask(make_query("n2.local", qid=2))) == ["10.1.0.2"]
+            assert [q[0] for q in a.queries if q[1] != "NS"] == ["n1.local.", "n2.local."]
+        run_with([a, b], body, try_timeout=0.2)
+
+
+# ---- a real kdns: the compiled path learns a blackholed upstream ----------------------------
+
+from serverutil import Kdns  # noqa: E402
+
+
+def _names(server: TestDNSServer, prefix: str) -> list[str]:
+    """The test's own names this upstream was asked (health checks have other names)."""
+    return [q[0] for q in list(server.queries) if q[0].startswith(prefix)]
+
+
+def _ask_all(k: Kdns, names: list[str], timeout: float = 15.0) -> dict[str, list[str]]:
+    """Every name asked at once from one socket (so one worker: SO_REUSEPORT hashes the
+    4-tuple); the addresses of each reply, by name."""
+    import dns.message
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(timeout)
+        c.connect((k.host, k.port))
+        for i, n in enumerate(names):
+            q = dns.message.make_query(n, "A", id=i)
+            c.send(q.to_wire())
+        got: dict[str, list[str]] = {}
+        while len(got) < len(names):
+            m = dns.message.from_wire(c.recv(65535))
+            got[names[m.id]] = sorted(r.to_text() for rr in m.answer for r in rr)
+        return got
+
+
+def _learn(k: Kdns, dead: TestDNSServer, prefix: str) -> None:
+    """Ask distinct names one at a time until a try at the dead upstream has failed (its
+    failure counter, which the worker counts as it marks it down; a query only handed back
+    by a reconfiguration is no failure) and the query was answered after the failover."""
+    key = ("coredns_forward_healthcheck_failures_total",
+           frozenset({("to", f"{dead.host}:{dead.port}")}))
+    for i in range(64):
+        name = f"{prefix}{i}.fwd.example."
+        assert _ask_all(k, [name]) == {name: [f"192.0.2.{i}"]}
+        if k.metrics().get(key, 0) >= 1:
+            return
+    raise AssertionError("no try at the dead upstream failed")
+
+
+FWD_ZONE = {**{f"learn{i}.fwd.example.": [f"A 192.0.2.{i}"] for i in range(64)},
+            **{f"after{i}.fwd.example.": [f"A 198.51.100.{i}"] for i in range(64)},
+            **{f"back{i}.fwd.example.": [f"A 203.0.113.{i}"] for i in range(200)}}
+
+
+@pytest.mark.parametrize("policy", ["random", "sequential"])
+def test_a_blackholed_upstream_is_skipped_by_the_compiled_path(tmp_path, policy):
+    """A dead upstream that drops packets (no ICMP: only the try timeout tells) is marked
+    down after its first failed try, and the compiled path sends it nothing more while the
+    other answers: no query pays a try timeout again. ``sequential`` with the dead one
+    first goes to the second."""
+    with TestDNSServer() as dead, TestDNSServer(FWD_ZONE) as good:
+        dead.silent = True
+        ups = f"{dead.host}:{dead.port},{good.host}:{good.port}"     # the dead one first
+        k = Kdns(tmp_path, image=sample_image(), workers=1,
+                 args=("--nameservers", ups, "--forward-policy", policy))
+        k.start()
+        try:
+            _learn(k, dead, "learn")
+            names = [f"after{i}.fwd.example." for i in range(48)]
+            got = _ask_all(k, names)
+            assert got == {n: [f"198.51.100.{i}"] for i, n in enumerate(names)}
+            assert _names(dead, "after") == []                    # nothing more to the dead one
+            assert sorted(_names(good, "after")) == sorted(names)  # each asked once, by C
+        finally:
+            k.stop()

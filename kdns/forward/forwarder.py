@@ -34,7 +34,7 @@ from kdns.zone.refpath import Malformed, parse_edns, parse_name
 log = logging.getLogger(__name__)
 
 from kdns.dns.wire import (AA, CD, FORMERR, NOTIMP, QR, RA, REFUSED,  # noqa: F401
-                           T_A, T_AXFR, T_IXFR, T_OPT, T_TXT, TCP_MAX, UDP_PLAIN)
+                           T_A, T_AXFR, T_IXFR, T_NS, T_OPT, T_TXT, TCP_MAX, UDP_PLAIN)
 PROBE_ZONE = "kdns-loop-probe"       # a TLD nobody serves: only a kdns ever answers under it
 PROBE_MARKER = b"kdns-loop-probe "
 
@@ -83,14 +83,18 @@ class UpstreamStats:
     straight into this upstream's row of the worker's page (``counters``), the row the
     compiled forwarder counts its tries into as well; the rest are plain ints."""
     __slots__ = ("replies", "timeouts", "errors", "unreachable", "forged", "tcp_retries",
-                 "failing", "words", "row")
+                 "failing", "words", "row", "notify")
 
-    def __init__(self, counters: "C.ForwardCounters | None" = None, to: str = ""):
+    def __init__(self, counters: "C.ForwardCounters | None" = None, to: str = "",
+                 notify: "Callable[[Upstream, bool], None] | None" = None):
         counters = counters if counters is not None else C.ForwardCounters()
         self.words, self.row = counters.words, counters.row(to)
         self.replies = self.timeouts = self.errors = self.unreachable = 0
         self.forged = self.tcp_retries = 0
         self.failing = False            # logs once per change, not once per failed try
+        # Told every verdict (up, down): the compiled forwarder keeps its own mark per
+        # upstream and must skip what Python saw fail (Forwarder.on_mark).
+        self.notify = notify
 
     @property
     def queries(self) -> int:
@@ -111,11 +115,15 @@ class UpstreamStats:
             self.failing = True
             log.warning("upstream %s failed (%s)%s", up, why,
                         "; trying others" if others else "; no other upstream")
+        if self.notify is not None:
+            self.notify(up, True)
 
     def answered(self, up) -> None:
         if self.failing:
             self.failing = False
             log.info("upstream %s answers again", up)
+        if self.notify is not None:
+            self.notify(up, False)
 
     def observe(self, rcode: int, seconds: float) -> None:
         """One reply: its rcode, and its latency in counters.LATENCY_BOUNDS buckets."""
@@ -251,6 +259,8 @@ class Forwarder:
         self.extra_inflight: Callable[[], int] = lambda: 0
         self.responses: dict[int, int] = {}
         self.per_upstream: dict[str, UpstreamStats] = {}
+        # (upstream, down) on every verdict on a try: the compiled forwarder's marks follow.
+        self.on_mark: Callable[[Upstream, bool], None] | None = None
         self.configure(upstreams, stub_domains or {})
 
     @property
@@ -292,8 +302,33 @@ class Forwarder:
     def stats_for(self, up: Upstream) -> UpstreamStats:
         st = self.per_upstream.get(str(up))
         if st is None:
-            st = self.per_upstream[str(up)] = UpstreamStats(self.counters, str(up))
+            st = self.per_upstream[str(up)] = UpstreamStats(self.counters, str(up),
+                                                            self._mark)
         return st
+
+    def _mark(self, up: Upstream, down: bool) -> None:
+        if self.on_mark is not None:
+            self.on_mark(up, down)
+
+    async def health_check(self, up: Upstream) -> bool:
+        """Does ``up`` answer? ``. IN NS`` over UDP, one try (CoreDNS forward's health
+        check): any reply that matches counts, whatever its rcode, and marks it live again
+        (``answered``); no reply is a healthcheck failure on its row. Not a client query:
+        not in the request counters."""
+        st = self.stats_for(up)
+        qbytes = b"\0" + struct.pack("!HH", T_NS, 1)
+        q = Question(0, RD, qbytes, b"\0", (), T_NS, 1, None)
+        qid = secrets.randbits(16)
+        try:
+            host = await self._address(up)
+            await self._udp(host, up.port, self._query(q, qid), qid, q, st, self.try_timeout)
+        except (TryFailed, TimeoutError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            log.debug("health check of %s: %s", up, exc or type(exc).__name__)
+            st.try_failed()
+            st.failed(up, "health check", len(self.upstreams) > 1)
+            return False
+        st.answered(up)
+        return True
 
     # ---- the seam ------------------------------------------------------------------------
 

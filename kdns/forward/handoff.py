@@ -55,7 +55,13 @@ class CompiledForward:
     engine's epoll fd, sweeps timeouts every ``FWD_SWEEP`` seconds, hands queries the engine
     gives back to the Forwarder (with a ``Retry``). The engine stores relayed replies in the
     worker's one cache and counts into the rows of the worker's page the Forwarder counts
-    into, itself."""
+    into, itself.
+
+    Down marks: the engine marks an upstream down on its own failed tries and live on a
+    reply; the Forwarder's verdicts on its tries are passed on (``mark``). New queries skip
+    a down upstream while another is live, so nothing but a health check reaches it:
+    the sweep sends one ``settings.HEALTH_CHECK_MIN`` after it went down, backing off to
+    ``HEALTH_CHECK_MAX`` while it stays silent, and an answer puts it back in use."""
 
     def __init__(self, handoff: "ForwardingHandoff", loop, worker, *,
                  nsockets: int = FWD_SOCKETS, sweep: float = FWD_SWEEP):
@@ -70,7 +76,10 @@ class CompiledForward:
                                           capacity=fw.max_inflight, try_timeout=fw.try_timeout,
                                           edns_size=fw.edns_size)
         self.routes: list[Upstream] = []
+        self.route_index: dict[Upstream, list[int]] = {}
         self.replies_seen: list[int] = []     # per route: the engine's replies at the last sweep
+        self.health: list[_Health] = []       # per route: its next health check
+        fw.on_mark = self.mark
         self.rotate_next = 0
         w = C.FWD_WORD
         self.engine.set_counters(fw.counters.page, w["cache_misses"], C.ROW_REQUESTS,
@@ -112,17 +121,30 @@ class CompiledForward:
         if not all(_is_ipv4(u.host) for u in ups):
             ups = []                  # names or IPv6: the Forwarder handles everything
         if fw.force_tcp or fw.policy == "round_robin":
-            ups = []                  # C picks a random upstream over UDP: Python does these
-        elif fw.policy == "sequential":
-            # C tries the first; a timeout hands the query back and the Forwarder goes on
-            # with the next ones in order (the failed one last).
-            ups = ups[:1]
+            ups = []                  # C picks a random or the first live one, over UDP
+        # sequential: C tries the first live one; a timeout hands the query back and the
+        # Forwarder goes on with the next ones in order (the failed one last).
+        if not self.engine.set_routes([(u.host, u.port) for u in ups],
+                                      [encode_name(d) for d in fw.stubs],
+                                      [fw.stats_for(u).row for u in ups],
+                                      sequential=fw.policy == "sequential"):
+            ups = []                  # more than C holds: the Forwarder handles everything
         self.routes = ups
+        self.route_index = {}
+        for i, u in enumerate(ups):
+            self.route_index.setdefault(u, []).append(i)
         self.replies_seen = [0] * len(ups)
-        self.engine.set_routes([(u.host, u.port) for u in ups],
-                               [encode_name(d) for d in fw.stubs],
-                               [fw.stats_for(u).row for u in ups])
+        self.health = [_Health() for _ in ups]
+        for i, u in enumerate(ups):
+            if fw.stats_for(u).failing:
+                self.engine.set_down(i, True)     # what the Forwarder knows survives a reload
         self.take()
+
+    def mark(self, up: Upstream, down: bool) -> None:
+        """The Forwarder's verdict on a try to ``up`` (Forwarder.on_mark)."""
+        for i in self.route_index.get(up, ()):
+            if i < len(self.routes) and self.routes[i] == up:
+                self.engine.set_down(i, down)
 
     def on_readable(self) -> None:
         if self.pumping and self.worker.img is not None:
@@ -136,6 +158,7 @@ class CompiledForward:
             self.engine.sweep()
             self.take()
             self.note_answers()
+            self.check_health()
             self.rotate()
         except Exception:   # noqa: BLE001 -- the sweep must keep running
             log.exception("compiled forwarder sweep failed")
@@ -149,7 +172,36 @@ class CompiledForward:
             up = self.routes[i]
             if st["replies"] > self.replies_seen[i]:
                 self.replies_seen[i] = st["replies"]
-                fw.stats_for(up).answered(up)
+                if not st["down"]:        # down again since: that try's handback says so
+                    fw.stats_for(up).answered(up)
+
+    def check_health(self) -> None:
+        """Health-check the upstreams marked down whose turn has come (one check at a time
+        each); the check's verdict reaches the engine through ``mark``."""
+        now = self.loop.time()
+        for i, down in enumerate(self.engine.down()[:len(self.routes)]):
+            h = self.health[i]
+            if not down:
+                h.wait, h.at = settings.HEALTH_CHECK_MIN, None
+            elif h.task is None:
+                if h.at is None:
+                    h.at = now + h.wait
+                elif now >= h.at:
+                    h.task = self.loop.create_task(self._health_check(self.routes[i], h))
+
+    async def _health_check(self, up: Upstream, h: "_Health") -> None:
+        try:
+            ok = await self.forwarder.health_check(up)
+        except Exception:   # noqa: BLE001 -- a broken check must not stop the next ones
+            log.exception("health check of %s failed", up)
+            ok = False
+        finally:
+            h.task = None
+        if ok:
+            h.wait, h.at = settings.HEALTH_CHECK_MIN, None
+        else:
+            h.wait = min(h.wait * 2, settings.HEALTH_CHECK_MAX)
+            h.at = self.loop.time() + h.wait
 
     def rotate(self) -> None:
         i = self.rotate_next
@@ -172,12 +224,27 @@ class CompiledForward:
 
     def close(self) -> None:
         self.timer.cancel()
+        self.forwarder.on_mark = None
+        for h in self.health:
+            if h.task is not None:
+                h.task.cancel()
         self.udp_server.set_forwarder(None)
         self.loop.remove_reader(self.engine.fileno())
         self.engine.reset()
         self.take()
         for s in self.socks:
             s.close()
+
+
+class _Health:
+    """One route's health checks: the next one's time (None: not yet due), the wait
+    before the one after a failure, the check running."""
+    __slots__ = ("at", "wait", "task")
+
+    def __init__(self):
+        self.at: float | None = None
+        self.wait = settings.HEALTH_CHECK_MIN
+        self.task: asyncio.Task | None = None
 
 
 def _is_ipv4(host: str) -> bool:

@@ -204,8 +204,9 @@ class CoreDNSCollector:
                                up["latency_sum_ns"] / 1e9)
             fams += [req, resp, dur]
         hc = CounterMetricFamily("coredns_forward_healthcheck_failures", "Counter of the number "
-                                 "of failed tries per upstream (timeouts and errors; kdns has "
-                                 "no separate health check query).", labels=["to"])
+                                 "of failed tries per upstream (timeouts and errors), the "
+                                 "health checks of an upstream marked down included.",
+                                 labels=["to"])
         for u, up in enumerate(s.fwd["upstreams"]):
             hc.add_metric([up["to"] or f"upstream-{u}"],
                           up["failures"])

@@ -28,6 +28,14 @@
 # periodic sweep), TC (Python retries over TCP), SERVFAIL/REFUSED or a malformed reply
 # (Python fails over, serves stale, relays). Python keeps the overall deadline from the
 # moment C sent the first try. All memory is allocated once, in __cinit__.
+#
+# Dead upstreams: an upstream whose try timed out (the sweep) or drew an ICMP unreachable
+# is marked down, and a well-formed reply from it marks it live again; the Forwarder's
+# verdicts on its own tries arrive through set_down. A new query goes to a live upstream
+# (random, or the first in order for ``sequential``) while there is one, so a blackholed
+# upstream costs one try timeout per worker, not one in every n queries; with every
+# upstream down the pick is as if none were (one may be back). Each worker's engine learns
+# on its own; Python's health checks (handoff.CompiledForward) bring a down one back.
 
 cdef enum:
     FW_QMAX = 512                # client queries longer than this stay in Python
@@ -55,6 +63,9 @@ cdef enum:
 
     F_RCODE_SERVFAIL = 2
 
+    FW_RANDOM = 0                # pick policies (set_routes): a random live upstream
+    FW_SEQUENTIAL = 1            # the first live upstream in the order given
+
 
 cdef struct FwEntry:
     int64_t sent_ns
@@ -80,6 +91,10 @@ cdef struct FwUp:
     uint64_t replies
     uint64_t forged
     uint64_t timeouts
+    # Marked down: its last try failed (a timeout or an ICMP unreachable) and it has not
+    # answered since. The pick skips it while any upstream is live (the Forwarder's rule:
+    # the others first); set by C on its own tries and by Python (set_down) on Python's.
+    int down
     # This upstream's row of the worker's counter page (the metrics' numbers, counted where
     # they happen; the Python Forwarder counts its tries into the same row): words of
     # FwState.ctr, placed by set_counters/set_routes.
@@ -97,6 +112,8 @@ cdef struct FwState:
     int epfd
     int nsock
     int nup
+    int nlive                    # upstreams not marked down, in live[] in route order
+    int policy                   # FW_RANDOM or FW_SEQUENTIAL
     int nstub
     int edns_size
     int cap                      # pool entries (the in-flight bound's share of C)
@@ -133,6 +150,7 @@ cdef struct FwState:
     int socks[FW_MAXSOCK]
     int sockpend[FW_MAXSOCK]
     FwUp ups[FW_MAXUP]
+    int live[FW_MAXUP]
     uint8_t stublen[FW_MAXSTUB]
     uint8_t stubs[FW_MAXSTUB][256]
     uint8_t rnd[FW_RAND]
@@ -174,6 +192,32 @@ cdef inline uint32_t fw_rand16(FwState *s) noexcept nogil:
         s.rpos = 0
     s.rpos += 2
     return be16(s.rnd + s.rpos - 2)
+
+
+cdef void fw_mark(FwState *s, int up, int down) noexcept nogil:
+    """Mark upstream ``up`` down (1) or live (0); live[] follows (at most FW_MAXUP, and
+    only when the mark changes, so never per packet in the steady state)."""
+    cdef int i
+    if up < 0 or up >= s.nup or s.ups[up].down == down:
+        return
+    s.ups[up].down = down
+    s.nlive = 0
+    for i in range(s.nup):
+        if not s.ups[i].down:
+            s.live[s.nlive] = i
+            s.nlive += 1
+
+
+cdef inline uint16_t fw_pick(FwState *s) noexcept nogil:
+    """The upstream a new query goes to: by the policy, among the live ones; when every
+    one is marked down, among all of them (one may be back, and Python fails over)."""
+    if s.nlive > 0:
+        if s.policy == FW_SEQUENTIAL:
+            return <uint16_t>s.live[0]
+        return <uint16_t>s.live[fw_rand16(s) % <uint32_t>s.nlive]
+    if s.policy == FW_SEQUENTIAL:
+        return 0
+    return <uint16_t>(fw_rand16(s) % <uint32_t>s.nup)
 
 
 cdef inline uint32_t fw_slot(FwState *s, unsigned int sock, unsigned int qid) noexcept nogil:
@@ -283,7 +327,7 @@ cdef int fw_take(FwState *s, const uint8_t *q, Py_ssize_t qlen, const sockaddr_s
     p.state = FE_LEADER
     p.id = qid
     p.sock = sock
-    p.up = fw_rand16(s) % <uint32_t>s.nup
+    p.up = fw_pick(s)
     s.idtab[slot] = e
     s.ktab[h & s.kmask] = e
     s.leaders += 1
@@ -560,6 +604,9 @@ cdef void fw_reply(FwState *s, int sock, const uint8_t *m, int n, const sockaddr
     rcode = flags & 0xF
     u.rcodes[rcode if rcode < s.nrcodes - 1 else s.nrcodes - 1] += 1
     nrec = fw_scan(m, n, qend, ends, types, ttloff, &opt)
+    if nrec >= 0:
+        # It answers (any rcode, as the Forwarder's UpstreamStats.answered): live again.
+        fw_mark(s, p.up, 0)
     if nrec < 0 or rcode == F_RCODE_SERVFAIL or rcode == RC_REFUSED:
         fw_handback(s, e, HB_BAD)
         return
@@ -701,6 +748,7 @@ cdef void fw_unreachable(FwState *s, int sock) noexcept nogil:
                 u = &s.ups[s.pool[i].up]
                 if fw_source_ok(u, &dest):
                     u.failures[0] += 1
+                    fw_mark(s, s.pool[i].up, 1)
                     fw_unlink(s, i)
                     fw_handback(s, i, HB_UNREACHABLE)
 
@@ -862,11 +910,13 @@ cdef class FwdEngine:
         for i in range(FW_MAXUP):
             fw_place_row(self.s, i, self.s.ups[i].row)
 
-    def set_routes(self, upstreams, stubs=(), rows=None):
+    def set_routes(self, upstreams, stubs=(), rows=None, bint sequential=False):
         """IPv4 (host, port) upstreams C may use (empty: everything goes to Python), the
         stub domains' wire names (lowercase) whose names stay in Python, and the first word
-        of each upstream's counter row (None: uncounted). Queries in flight are handed back
-        (Python finishes them on the new routes)."""
+        of each upstream's counter row (None: uncounted). ``sequential``: a query goes to
+        the first live upstream in this order, else to a random live one. Every upstream
+        starts live (set_down marks them). Queries in flight are handed back (Python
+        finishes them on the new routes)."""
         cdef int i, row
         cdef sockaddr_in *a
         import socket as _socket
@@ -894,7 +944,23 @@ cdef class FwdEngine:
             memcpy(self.s.stubs[i], <const char *>wire, len(wire))
         self.s.nstub = len(stubs)
         self.s.nup = len(upstreams)
+        self.s.nlive = len(upstreams)
+        for i in range(self.s.nup):
+            self.s.live[i] = i
+        self.s.policy = FW_SEQUENTIAL if sequential else FW_RANDOM
         return True
+
+    def set_down(self, int i, bint down):
+        """Mark upstream ``i`` down (the Forwarder saw its try fail) or live (it answered):
+        new queries skip a down upstream while another is live. C marks its own tries'
+        outcomes itself (a timeout, an ICMP unreachable, a reply)."""
+        if not 0 <= i < self.s.nup:
+            raise IndexError(i)
+        fw_mark(self.s, i, 1 if down else 0)
+
+    def down(self):
+        """Which upstreams are marked down, in route order."""
+        return [bool(self.s.ups[i].down) for i in range(self.s.nup)]
 
     def reset(self, int reason=HB_RECONFIG):
         """Hand every query in flight back to Python."""
@@ -920,6 +986,7 @@ cdef class FwdEngine:
             if self.s.pool[i].state == FE_LEADER and t - self.s.pool[i].sent_ns >= self.s.try_ns:
                 self.s.ups[self.s.pool[i].up].timeouts += 1
                 self.s.ups[self.s.pool[i].up].failures[0] += 1
+                fw_mark(self.s, self.s.pool[i].up, 1)
                 fw_unlink(self.s, i)
                 fw_handback(self.s, i, HB_TIMEOUT)
         return self.s.nhb - before
@@ -967,7 +1034,7 @@ cdef class FwdEngine:
         for i in range(self.s.nup):
             u = &self.s.ups[i]
             ups.append(dict(queries=u.queries, replies=u.replies, forged=u.forged,
-                            timeouts=u.timeouts))
+                            timeouts=u.timeouts, down=bool(u.down)))
         return dict(forged=self.s.forged, send_failed=self.s.sent_fail,
                     coalesced=self.s.coalesced, relayed=self.s.relayed, taken=self.s.taken,
                     cached=self.s.cached,
