@@ -505,11 +505,35 @@ def test_every_upstream_down_still_tries_them_sequential_the_first():
                 assert answers(await h.ask(make_query(f"n{i}.local", qid=i))) == [f"10.1.0.{i}"]
             assert (a.udp_queries, b.udp_queries) == (8, 0)
             assert h.compiled.engine.down() == [False, True]      # a's replies: live again
+            # The first query found both down (CoreDNS's healthcheck_broken); a's reply
+            # brought it back before the second.
+            assert C.forward_totals(h.page, 1)["all_down"] == 1
             h.forwarder.stats_for(up(a)).failed(up(a), "timeout")
             h.forwarder.stats_for(up(b)).answered(up(b))
             await h.ask(make_query("n9.local", qid=9))
             assert (a.udp_queries, b.udp_queries) == (8, 1)       # the first live one
         run_with([a, b], body)
+
+
+def test_a_sporadic_loss_is_no_health_check_failure(monkeypatch):
+    """CoreDNS's meaning of coredns_forward_healthcheck_failures_total: one lost query
+    marks the upstream down, its health check answers, and nothing is counted as a failed
+    health check (the failed try is, on its own word); the alert on that series does not
+    fire on ordinary timeouts."""
+    monkeypatch.setattr(settings, "HEALTH_CHECK_MIN", 0.05)
+    with TestDNSServer(ZONE) as a, TestDNSServer(ZONE) as b:
+        a.drop_next = 1
+        async def body(h):
+            h.forwarder.policy = "sequential"
+            h.compiled.apply_routes()
+            assert answers(await h.ask(make_query("n1.local", qid=1))) == ["10.1.0.1"]
+            assert h.compiled.engine.down() == [True, False]
+            await until(lambda: h.compiled.engine.down() == [False, False])
+            row = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}[
+                f"{a.host}:{a.port}"]
+            assert (row["failures"], row["health_check_failures"]) == (1, 0)
+            assert C.forward_totals(h.page, 1)["all_down"] == 0
+        run_with([a, b], body, try_timeout=0.2)
 
 
 def test_a_down_upstream_gets_health_checks_and_comes_back(monkeypatch):
@@ -526,7 +550,10 @@ def test_a_down_upstream_gets_health_checks_and_comes_back(monkeypatch):
             await until(lambda: sum(q[:2] == (".", "NS") for q in a.queries) >= 2)
             row = {r["to"]: r for r in C.forward_totals(h.page, 1)["upstreams"]}[
                 f"{a.host}:{a.port}"]
-            assert row["requests"] == 1 and row["failures"] >= 2
+            # The client query's try failed once; the silent checks are health-check
+            # failures (coredns_forward_healthcheck_failures_total), not tries or requests.
+            assert row["requests"] == 1 and row["failures"] == 1
+            assert row["health_check_failures"] >= 1
             assert [q[0] for q in a.queries if q[1] != "NS"] == ["n1.local."]
             a.silent = False
             await until(lambda: h.compiled.engine.down() == [False, False])
@@ -565,9 +592,9 @@ def _ask_all(k: Kdns, names: list[str], timeout: float = 15.0) -> dict[str, list
 
 def _learn(k: Kdns, dead: TestDNSServer, prefix: str) -> None:
     """Ask distinct names one at a time until a try at the dead upstream has failed (its
-    failure counter, which the worker counts as it marks it down; a query only handed back
-    by a reconfiguration is no failure) and the query was answered after the failover."""
-    key = ("coredns_forward_healthcheck_failures_total",
+    failed-tries counter, which the worker counts as it marks it down; a query only handed
+    back by a reconfiguration is no failure) and the query was answered after the failover."""
+    key = ("kdns_forward_failed_tries_total",
            frozenset({("to", f"{dead.host}:{dead.port}")}))
     for i in range(64):
         name = f"{prefix}{i}.fwd.example."

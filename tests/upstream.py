@@ -8,7 +8,8 @@ exit.
 Zone: ``{"name.": ["A 1.1.1.1", "60 TXT hello"]}`` (TTL optional, default 30). Names not in
 the zone get NXDOMAIN with the SOA of ``soa``; known names without that type get NODATA.
 
-Switches (attributes, changeable while running): ``silent`` (drop everything), ``delay``
+Switches (attributes, changeable while running): ``silent`` (drop everything), ``drop_next``
+(drop that many UDP queries, then answer again: a sporadic loss), ``delay
 (seconds before answering), ``truncate`` (UDP replies are empty with TC=1; also done when a
 reply exceeds the client's UDP size), ``forge``
 (a set of 'id', 'question', 'port': before the real reply send a forged one of each kind),
@@ -44,6 +45,7 @@ class TestDNSServer:
                 self.records += RR.fromZone(f"{name} {ttl} IN {rest}")
         self.silent = self.truncate = self.forge_only = False
         self.delay = 0.0
+        self.drop_next = 0
         self.forge: set[str] = set()
         self.rcode: int | None = None
         self.forward_to: tuple[str, int] | None = None
@@ -177,6 +179,9 @@ class TestDNSServer:
                 continue
             self._record(data, "udp", addr)
             if self.silent:
+                continue
+            if self.drop_next > 0:
+                self.drop_next -= 1
                 continue
             if self.delay or self.forward_to:
                 threading.Thread(target=self._udp_reply, args=(data, addr), daemon=True).start()

@@ -105,8 +105,14 @@ class UpstreamStats:
         self.words[self.row + C.ROW_REQUESTS] += 1
 
     def try_failed(self) -> None:
-        """A timeout or network error: a healthcheck failure in CoreDNS's terms."""
+        """A client query's try that timed out or met a network error."""
         self.words[self.row + C.ROW_FAILURES] += 1
+
+    def health_check_failed(self) -> None:
+        """A health check of an upstream marked down got no answer: what CoreDNS counts in
+        coredns_forward_healthcheck_failures_total (a sporadic timeout whose check then
+        answers counts none)."""
+        self.words[self.row + C.ROW_HEALTH_CHECK_FAILURES] += 1
 
     def failed(self, up, why: str, others: bool = True) -> None:
         # One log line when an upstream starts failing, one when it answers again. A
@@ -220,6 +226,7 @@ class Forwarder:
     counters live on the Cache."""
 
     failures = C.Counted("failures")
+    all_down = C.Counted("all_down")
     refused_inflight = C.Counted("refused_inflight")
     stale_served = C.Counted("stale_served")
 
@@ -324,7 +331,7 @@ class Forwarder:
             await self._udp(host, up.port, self._query(q, qid), qid, q, st, self.try_timeout)
         except (TryFailed, TimeoutError, asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("health check of %s: %s", up, exc or type(exc).__name__)
-            st.try_failed()
+            st.health_check_failed()
             st.failed(up, "health check", len(self.upstreams) > 1)
             return False
         st.answered(up)
@@ -525,6 +532,11 @@ class Forwarder:
         # Upstreams marked down (their last try failed) go last: the others first, and a
         # down one is still asked when nobody else answers (it may be back).
         pending.sort(key=lambda s: self.stats_for(s).failing)
+        if retry is None and pending and self.stats_for(pending[0]).failing:
+            # Every upstream of the route is marked down: CoreDNS forward's "healthcheck
+            # broken" (it then tries them anyway, as here). A query the compiled path gave
+            # back was counted there, when it picked.
+            self.all_down += 1
         self._others = len(pending) > 1
         last_bad = None
         if retry is not None and retry.reason != RETRY_RECONFIG:

@@ -82,7 +82,8 @@ class CompiledForward:
         fw.on_mark = self.mark
         self.rotate_next = 0
         w = C.FWD_WORD
-        self.engine.set_counters(fw.counters.page, w["cache_misses"], C.ROW_REQUESTS,
+        self.engine.set_counters(fw.counters.page, w["cache_misses"], w["all_down"],
+                                 C.ROW_REQUESTS,
                                  C.ROW_FAILURES, C.ROW_RCODES, len(C.FWD_RCODES),
                                  C.ROW_LATENCY, C.ROW_LATENCY_SUM)
         fw.extra_inflight = lambda: self.engine.inflight

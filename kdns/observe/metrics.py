@@ -203,21 +203,32 @@ class CoreDNSCollector:
                 dur.add_metric(extra + [to, ""], _cumulative(up["latency"], C.LATENCY_BOUNDS)[0],
                                up["latency_sum_ns"] / 1e9)
             fams += [req, resp, dur]
+        # CoreDNS's meanings: a failed health check (an upstream marked down is checked with
+        # ". IN NS" until it answers), and a query that found every upstream down. Failed
+        # client tries and SERVFAILs given up on are kdns_forward_* below.
         hc = CounterMetricFamily("coredns_forward_healthcheck_failures", "Counter of the number "
-                                 "of failed tries per upstream (timeouts and errors), the "
-                                 "health checks of an upstream marked down included.",
-                                 labels=["to"])
+                                 "of failed healthchecks.", labels=["to"])
+        phc = CounterMetricFamily("coredns_proxy_healthcheck_failures", "Counter of the "
+                                  "number of failed healthchecks.", labels=["proxy_name", "to"])
+        tries = CounterMetricFamily("kdns_forward_failed_tries", "Tries of client queries "
+                                    "that timed out or met a network error, per upstream.",
+                                    labels=["to"])
         for u, up in enumerate(s.fwd["upstreams"]):
-            hc.add_metric([up["to"] or f"upstream-{u}"],
-                          up["failures"])
+            to = up["to"] or f"upstream-{u}"
+            hc.add_metric([to], up["health_check_failures"])
+            phc.add_metric(["forward", to], up["health_check_failures"])
+            tries.add_metric([to], up["failures"])
         broken = CounterMetricFamily("coredns_forward_healthcheck_broken", "Counter of the "
-                                     "number of complete failures of the upstreams (replies "
-                                     "given up on: SERVFAIL to the client).")
-        broken.add_metric([], s.fwd["failures"])
+                                     "number of complete failures of the healthchecks (queries "
+                                     "that found every upstream marked down).")
+        broken.add_metric([], s.fwd["all_down"])
+        gave_up = CounterMetricFamily("kdns_forward_servfail", "Forwarded queries given up "
+                                      "on: every upstream failed, the client got SERVFAIL.")
+        gave_up.add_metric([], s.fwd["failures"])
         rej = CounterMetricFamily("coredns_forward_max_concurrent_rejects", "Counter of "
                                   "queries rejected because the concurrent limit was reached.")
         rej.add_metric([], s.fwd["refused_inflight"])
-        return fams + [hc, broken, rej]
+        return fams + [hc, phc, broken, rej, tries, gave_up]
 
     def plugin_info(self, s: Snapshot):
         info = GaugeMetricFamily("coredns_build_info", "A metric with a constant '1' value "

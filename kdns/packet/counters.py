@@ -108,13 +108,17 @@ FWD_UPSTREAMS = 8         # per-worker upstream rows; further upstreams share th
 FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other")
 # *_denial: the share of the count before it that is NXDOMAIN, NODATA or SERVFAIL (CoreDNS's
 # cache type "denial"; the rest is "success").
+# all_down: queries that found every upstream of their route marked down (CoreDNS's
+# coredns_forward_healthcheck_broken_total); failures: queries given up on (SERVFAIL).
 FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
                "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight",
-               "cache_hits_denial", "cache_entries_denial", "cache_evictions_denial")
+               "cache_hits_denial", "cache_entries_denial", "cache_evictions_denial",
+               "all_down")
 FWD_GAUGES = ("cache_entries", "cache_capacity", "cache_entries_denial")
-# Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures,
-# rcodes, latency buckets (LATENCY_BOUNDS + Inf), latency sum in ns.
-FWD_ROW = 2 + 1 + 1 + 1 + len(FWD_RCODES) + len(LATENCY_BOUNDS) + 1 + 1
+# Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures
+# (failed tries: timeouts, network errors), rcodes, latency buckets (LATENCY_BOUNDS + Inf),
+# latency sum in ns, failed health checks (coredns_forward_healthcheck_failures_total).
+FWD_ROW = 2 + 1 + 1 + 1 + len(FWD_RCODES) + len(LATENCY_BOUNDS) + 1 + 1 + 1
 FWD_WORDS = len(FWD_GLOBALS) + FWD_UPSTREAMS * FWD_ROW
 FWD_BASE = SLOT_WORDS - FWD_WORDS
 assert len(LAYOUT) <= FWD_BASE
@@ -160,7 +164,8 @@ def forward_totals(buf, nslots: int) -> dict:
             to = "other" if port == OTHER_PORT else f"{host}:{port}"
             up = ups.setdefault(to, {"to": to, "requests": 0, "failures": 0,
                                      "rcodes": dict.fromkeys(FWD_RCODES, 0),
-                                     "latency": [0] * nlat, "latency_sum_ns": 0})
+                                     "latency": [0] * nlat, "latency_sum_ns": 0,
+                                     "health_check_failures": 0})
             up["requests"] += words[r + 3]
             up["failures"] += words[r + 4]
             for k, rc in enumerate(FWD_RCODES):
@@ -169,6 +174,7 @@ def forward_totals(buf, nslots: int) -> dict:
             for k in range(nlat):
                 up["latency"][k] += words[lat + k]
             up["latency_sum_ns"] += words[lat + nlat]
+            up["health_check_failures"] += words[lat + nlat + 1]
     out["upstreams"] = sorted(ups.values(), key=lambda u: u["to"])
     return out
 
@@ -178,6 +184,8 @@ FWD_WORD = {name: FWD_BASE + i for i, name in enumerate(FWD_GLOBALS)}
 ROW_PORT, ROW_REQUESTS, ROW_FAILURES, ROW_RCODES = 2, 3, 4, 5
 ROW_LATENCY = ROW_RCODES + len(FWD_RCODES)
 ROW_LATENCY_SUM = ROW_LATENCY + len(LATENCY_BOUNDS) + 1
+ROW_HEALTH_CHECK_FAILURES = ROW_LATENCY_SUM + 1
+assert ROW_HEALTH_CHECK_FAILURES == FWD_ROW - 1
 OTHER_PORT = 0xFFFF_FFFF        # the last row's port when it stands for "other"
 
 

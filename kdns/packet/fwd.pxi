@@ -134,6 +134,7 @@ cdef struct FwState:
     uint64_t taken               # queries C took (each a miss of the worker's cache)
     uint64_t *ctr                # the worker's counter page (set_counters), else scratch
     int w_misses                 # its cache-miss word
+    int w_all_down               # queries that found every upstream marked down
     int r_requests               # offsets inside an upstream row (counters.ROW_*)
     int r_failures
     int r_rcodes
@@ -215,6 +216,7 @@ cdef inline uint16_t fw_pick(FwState *s) noexcept nogil:
         if s.policy == FW_SEQUENTIAL:
             return <uint16_t>s.live[0]
         return <uint16_t>s.live[fw_rand16(s) % <uint32_t>s.nlive]
+    s.ctr[s.w_all_down] += 1            # CoreDNS forward's "healthcheck broken"
     if s.policy == FW_SEQUENTIAL:
         return 0
     return <uint16_t>(fw_rand16(s) % <uint32_t>s.nup)
@@ -890,21 +892,23 @@ cdef class FwdEngine:
         self.s.ct = &cache.t if cache is not None else NULL
         self.s.min_ttl, self.s.max_ttl, self.s.max_neg_ttl = min_ttl, max_ttl, max_neg_ttl
 
-    def set_counters(self, page, int misses, int requests, int failures, int rcodes,
-                     int nrcodes, int latency, int latency_sum):
+    def set_counters(self, page, int misses, int all_down, int requests, int failures,
+                     int rcodes, int nrcodes, int latency, int latency_sum):
         """Count into the worker's counter ``page``: cache misses (the queries C takes) at
-        word ``misses``, and per upstream, at these offsets from its row (set_routes):
+        word ``misses``, queries that found every upstream down at word ``all_down``, and
+        per upstream, at these offsets from its row (set_routes):
         requests, failures (timeouts), ``nrcodes`` rcode words (the last for every other
         rcode), NLAT latency buckets and their sum in ns."""
         cdef Counters c = Counters(page)
         cdef int i, end = max(requests, failures, rcodes + nrcodes, latency + NLAT,
                               latency_sum + 1)
-        if not (0 <= misses < SLOT_WORDS and 1 <= nrcodes <= 16 and
+        if not (0 <= misses < SLOT_WORDS and 0 <= all_down < SLOT_WORDS and 1 <= nrcodes <= 16 and
                 min(requests, failures, rcodes, latency, latency_sum) >= 0 and end <= 64):
             raise ValueError("counter words outside the page")
         self.counters = c
         self.s.ctr = c.words
         self.s.w_misses = misses
+        self.s.w_all_down = all_down
         self.s.r_requests, self.s.r_failures, self.s.r_rcodes = requests, failures, rcodes
         self.s.nrcodes, self.s.r_latency, self.s.r_latency_sum = nrcodes, latency, latency_sum
         for i in range(FW_MAXUP):
