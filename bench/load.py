@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -427,29 +428,87 @@ def run_measured(server: Server, argv: list, timeout: float) -> tuple[str, dict]
         "client_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 
 
+class DnsperfFormatError(RuntimeError):
+    """dnsperf printed something parse_dnsperf does not recognise: a new dnsperf version
+    must fail the run loudly, not report zeros."""
+
+
+# With -v, dnsperf 2.x prints one line per query (src/dnsperf.c): "> RCODE <name> <type>
+# 0.000123" for an answer with its latency in seconds (microsecond resolution), "> T <name>
+# <type>" for a query that got no answer within -t (counted as lost), "> I <name> <type>" for
+# one still outstanding when dnsperf was interrupted.
+_DNSPERF_ANSWER = re.compile(r"> ([A-Za-z][A-Za-z0-9]*) (.+) (\d+\.\d{6})")
+_DNSPERF_UNANSWERED = re.compile(r"> ([TI]) (.+)")
+
+
+def parse_dnsperf(out: str, verbose: bool = False) -> dict:
+    """dnsperf's statistics block; with ``verbose`` (its -v) also every answered query's
+    latency (``latencies_us``, in output order) and the timed-out and interrupted counts,
+    checked against the statistics so that a change of format raises instead of skewing."""
+    def num(label: str, required: bool = True) -> float | None:
+        m = re.search(rf"^\s*{re.escape(label)}:\s+([\d.]+)", out, re.M)
+        if not m:
+            if required:
+                raise DnsperfFormatError(f"dnsperf output lacks '{label}':\n{out[-2000:]}")
+            return None
+        return float(m.group(1))
+
+    r = {"sent": int(num("Queries sent")), "completed": int(num("Queries completed")),
+         "lost": int(num("Queries lost")), "interrupted": int(num("Queries interrupted", False) or 0),
+         "qps": num("Queries per second"), "run_s": num("Run time (s)")}
+    m = re.search(r"^\s*Response codes:(.*)$", out, re.M)
+    r["rcodes"] = {k: int(v) for k, v in re.findall(r"([A-Za-z][A-Za-z0-9]*) (\d+) \(", m.group(1))} if m else {}
+    lat = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
+    sd = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", out)
+    r["avg_latency_us"] = float(lat.group(1)) * 1e6 if lat else None
+    r["min_latency_us"] = float(lat.group(2)) * 1e6 if lat else None
+    r["max_latency_us"] = float(lat.group(3)) * 1e6 if lat else None
+    r["stddev_latency_us"] = float(sd.group(1)) * 1e6 if sd else None
+    if r["completed"] and sum(r["rcodes"].values()) != r["completed"]:
+        raise DnsperfFormatError(f"dnsperf response codes {r['rcodes']} do not add up to "
+                                 f"{r['completed']} completed queries")
+    if not verbose:
+        return r
+    lats, unanswered = [], {"T": 0, "I": 0}
+    for line in out.splitlines():
+        if not line.startswith("> "):
+            continue
+        m = _DNSPERF_ANSWER.fullmatch(line)
+        if m:
+            lats.append(float(m.group(3)) * 1e6)
+            continue
+        m = _DNSPERF_UNANSWERED.fullmatch(line)
+        if not m:
+            raise DnsperfFormatError(f"unrecognised dnsperf -v line: {line!r}")
+        unanswered[m.group(1)] += 1
+    if (len(lats), unanswered["T"], unanswered["I"]) != (r["completed"], r["lost"], r["interrupted"]):
+        raise DnsperfFormatError(
+            f"dnsperf -v lines ({len(lats)} answered, {unanswered['T']} timed out, "
+            f"{unanswered['I']} interrupted) disagree with its statistics ({r['completed']} "
+            f"completed, {r['lost']} lost, {r['interrupted']} interrupted)")
+    r["latencies_us"] = lats
+    return r
+
+
+def percentile(sorted_vals: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1) of an ascending list: a value that occurred."""
+    if not sorted_vals:
+        return None
+    return sorted_vals[min(len(sorted_vals) - 1, max(0, math.ceil(q * len(sorted_vals)) - 1))]
+
+
 def dnsperf_cell(server: Server, qfile: str, seconds: float, a) -> dict:
     argv = pinned(CLIENT_CPU, [tool("dnsperf"), "-s", HOST, "-p", str(server.port), "-d", qfile,
                                "-l", str(seconds), "-T", "1", "-c", str(a.dnsperf_clients),
                                "-q", str(a.dnsperf_outstanding), "-t", "2"])
     out, m = run_measured(server, argv, seconds + 30)
-
-    def num(label: str) -> float:
-        mm = re.search(rf"{label}:\s+([\d.]+)", out)
-        if not mm:
-            raise RuntimeError(f"dnsperf output lacks '{label}':\n{out}")
-        return float(mm.group(1))
-
-    rc = dict((k, int(v)) for k, v in re.findall(r"([A-Z]+) (\d+) \(", out.split("Response codes:")[1]
-                                                  .splitlines()[0])) if "Response codes:" in out else {}
-    lat = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
-    sd = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", out)
-    completed = int(num("Queries completed"))
-    return {**m, "tool": "dnsperf", "sent": int(num("Queries sent")), "completed": completed,
-            "lost": int(num("Queries lost")), "qps": num("Queries per second"),
-            "avg_latency_us": float(lat.group(1)) * 1e6 if lat else None,
-            "max_latency_us": float(lat.group(3)) * 1e6 if lat else None,
-            "stddev_latency_us": float(sd.group(1)) * 1e6 if sd else None,
-            "rcodes": rc, "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
+    r = parse_dnsperf(out)
+    completed = r["completed"]
+    return {**m, "tool": "dnsperf", "sent": r["sent"], "completed": completed,
+            "lost": r["lost"], "qps": r["qps"], "avg_latency_us": r["avg_latency_us"],
+            "max_latency_us": r["max_latency_us"], "stddev_latency_us": r["stddev_latency_us"],
+            "rcodes": r["rcodes"],
+            "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
 
 
 def loadgen_cell(server: Server, exe: str, qfile: str, seconds: float, a) -> dict:
