@@ -362,7 +362,8 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
 
 
 def kdns_engine(server: Server) -> str:
-    m = re.search(r"workers, (\S+) engine", server.tail(200))
+    # "listening on ... with N workers (why), compiled engine"
+    m = re.search(r"listening on .* (\S+) engine", server.tail(200))
     return m.group(1) if m else "unknown"
 
 
