@@ -10,8 +10,12 @@ One run:
   5. drives each target with dnsperf and with loadgen (both pinned to CPU 0) on the hit mix
      and the search-path mix, in interleaved rounds;
   6. records QPS, latency, lost queries and the server's CPU time per query (utime+stime of
-     every process of the server, from /proc, before/after each cell), prints a table and the
-     ratios kdns/NSD and kdns/floor, and writes everything to
+     every process of the server, from /proc, before/after each cell);
+  7. then offers each target fixed rates (dnsperf -Q, --fixed-rates, default 20,000 and
+     100,000 q/s) with every server on CPU 1 (the two-worker kdns pinned there for this
+     part): CPU per answered query at everyday load, p50/p99 from dnsperf -v's per-query
+     latencies, lost queries;
+  8. prints the tables and the ratios kdns/NSD and kdns/floor, and writes everything to
      bench/out/load-<time>/results.json (and bench/out/load-latest.json).
 
     .venv/bin/python bench/load.py --short      # CI: 1,000 services, 2 s per cell, 1 round
