@@ -726,7 +726,10 @@ def fixed_table(cells: list[dict]) -> str:
 
 def fixed_goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
     """Everyday load, against this run's numbers (informational): at each offered rate,
-    kdns on one core spends <= 0.8 x NSD's CPU per query, with p99 no worse and nothing lost."""
+    kdns on one core spends <= 0.8 x NSD's CPU per query, with p99 no worse and nothing lost.
+    A cell whose dnsperf sent under 95% of the offered rate was not at that rate, and CPU per
+    query falls as the rate rises (wake-ups are shared by more queries): then the checks
+    read n/a, with the figures as run."""
     idx = {(c["rate"], c["target"], c["mix"]): c for c in cells}
     out = []
     for rate, mix in sorted({(c["rate"], c["mix"]) for c in cells}):
@@ -734,21 +737,22 @@ def fixed_goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
         if not (k and n):
             continue
         at = f"fixed {rate:,} q/s {mix}"
+        short = [c for c in (n, k) if c["sent_qps"] is None or c["sent_qps"] < 0.95 * rate]
+
+        def tag(ok: bool) -> str:
+            return "n/a" if short else "met" if ok else "NOT met"
+
         if k["cpu_us_per_query"] and n["cpu_us_per_query"]:
             ratio = k["cpu_us_per_query"] / n["cpu_us_per_query"]
-            out.append(f"[{'met' if ratio <= 0.8 else 'NOT met'}] {at}: kdns CPU/query "
-                       f"{k['cpu_us_per_query']:.2f} us <= 0.8 x NSD {n['cpu_us_per_query']:.2f} us "
-                       f"(ratio {ratio:.2f})")
+            out.append(f"[{tag(ratio <= 0.8)}] {at}: kdns CPU/query {k['cpu_us_per_query']:.2f} us "
+                       f"<= 0.8 x NSD {n['cpu_us_per_query']:.2f} us (ratio {ratio:.2f})")
         if k["p99_us"] is not None and n["p99_us"] is not None:
-            out.append(f"[{'met' if k['p99_us'] <= n['p99_us'] else 'NOT met'}] {at}: kdns p99 "
-                       f"{k['p99_us']:.0f} us <= NSD {n['p99_us']:.0f} us")
-        out.append(f"[{'met' if k['lost'] == 0 else 'NOT met'}] {at}: kdns lost {k['lost']} "
-                   f"(NSD {n['lost']})")
-        for c in (n, k):
-            if c["sent_qps"] is not None and c["sent_qps"] < 0.95 * rate:
-                out.append(f"[caveat] {at}: dnsperf sent only {c['sent_qps']:,.0f} q/s to "
-                           f"{c['target']} (client-bound or the machine is busy): that cell "
-                           f"measured a lower load than offered")
+            out.append(f"[{tag(k['p99_us'] <= n['p99_us'])}] {at}: kdns p99 {k['p99_us']:.0f} us "
+                       f"<= NSD {n['p99_us']:.0f} us")
+        out.append(f"[{tag(k['lost'] == 0)}] {at}: kdns lost {k['lost']} (NSD {n['lost']})")
+        for c in short:
+            out.append(f"        dnsperf sent only {fmt(c['sent_qps'], ',.0f')} q/s to {c['target']} "
+                       f"(client-bound or the machine is busy): not the offered {rate:,}")
     return out
 
 
