@@ -1033,12 +1033,10 @@ def main(argv=None) -> int:
         # pod whose CPU limit is below its worker count).
         if a.fixed_rates and "kdns2" in servers:
             pin_tree(servers["kdns2"].proc.pid, SERVER_CPU)
-        for key, s in servers.items():
-            if a.fixed_rates:
-                report["fixed_rate"]["cpus"][flabels[key]] = cpus_allowed(s.proc.pid)
-                if report["fixed_rate"]["cpus"][flabels[key]] != SERVER_CPU:
-                    log(f"WARNING: {flabels[key]} may run on CPUs "
-                        f"{report['fixed_rate']['cpus'][flabels[key]]}, not only {SERVER_CPU}")
+        for key, s in servers.items() if a.fixed_rates else ():
+            cpus = report["fixed_rate"]["cpus"][flabels[key]] = cpus_allowed(s.proc.pid)
+            if cpus != SERVER_CPU:
+                log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
             keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
