@@ -10,8 +10,12 @@ One run:
   5. drives each target with dnsperf and with loadgen (both pinned to CPU 0) on the hit mix
      and the search-path mix, in interleaved rounds;
   6. records QPS, latency, lost queries and the server's CPU time per query (utime+stime of
-     every process of the server, from /proc, before/after each cell), prints a table and the
-     ratios kdns/NSD and kdns/floor, and writes everything to
+     every process of the server, from /proc, before/after each cell);
+  7. then offers each target fixed rates (dnsperf -Q, --fixed-rates, default 20,000 and
+     100,000 q/s) with every server on CPU 1 (the two-worker kdns pinned there for this
+     part): CPU per answered query at everyday load, p50/p99 from dnsperf -v's per-query
+     latencies, lost queries;
+  8. prints the tables and the ratios kdns/NSD and kdns/floor, and writes everything to
      bench/out/load-<time>/results.json (and bench/out/load-latest.json).
 
     .venv/bin/python bench/load.py --short      # CI: 1,000 services, 2 s per cell, 1 round
@@ -28,6 +32,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -105,9 +110,8 @@ def pinned(cpu: str | None, argv: list) -> list:
     return ([tool("taskset"), "-c", cpu] if cpu is not None else []) + argv
 
 
-def proc_tree_ticks(root: int) -> tuple[int, int]:
-    """(utime+stime+cutime+cstime in clock ticks, number of processes) over ``root`` and all
-    its descendants: a server's CPU is its workers' as much as its own."""
+def proc_tree(root: int) -> dict[int, int]:
+    """{pid: utime+stime+cutime+cstime in clock ticks} of ``root`` and all its descendants."""
     stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -127,7 +131,56 @@ def proc_tree_ticks(root: int) -> tuple[int, int]:
         if pid in stats and pid not in tree:
             tree.add(pid)
             frontier += [p for p, (pp, _) in stats.items() if pp == pid]
-    return sum(stats[p][1] for p in tree), len(tree)
+    return {p: stats[p][1] for p in tree}
+
+
+def proc_tree_ticks(root: int) -> tuple[int, int]:
+    """(CPU ticks, number of processes) over ``root`` and all its descendants: a server's CPU
+    is its workers' as much as its own."""
+    tree = proc_tree(root)
+    return sum(tree.values()), len(tree)
+
+
+def cpus_allowed(root: int) -> str:
+    """The CPUs the processes of ``root``'s tree may run on (their Cpus_allowed_list,
+    distinct values joined by '/'): how the fixed-rate table shows that a server is pinned."""
+    seen = []
+    for pid in proc_tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                m = re.search(r"^Cpus_allowed_list:\s*(\S+)", f.read(), re.M)
+        except OSError:
+            continue
+        if m and m.group(1) not in seen:
+            seen.append(m.group(1))
+    return "/".join(seen) or "?"
+
+
+def pin_tree(root: int, cpu: str) -> None:
+    """Pin every thread of every process of ``root``'s tree to ``cpu`` (taskset -a -p); what
+    they fork later inherits it. A process that exits meanwhile is skipped."""
+    for pid in proc_tree(root):
+        subprocess.run([tool("taskset"), "-a", "-p", "-c", cpu, str(pid)], capture_output=True)
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped at the UDP sockets bound to ``port`` because their receive
+    buffer was full (/proc/net/udp's last column, summed over SO_REUSEPORT sockets)."""
+    total = 0
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                total += int(fields[-1])
+    return total
+
+
+def udp_rcvbuf_errors() -> int:
+    """The machine's count of UDP datagrams dropped at a full receive buffer, any socket."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
 # --------------------------------------------------------------------------- servers
@@ -313,7 +366,8 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
 
 
 def kdns_engine(server: Server) -> str:
-    m = re.search(r"workers, (\S+) engine", server.tail(200))
+    # "listening on ... with N workers (why), compiled engine"
+    m = re.search(r"listening on .* (\S+) engine", server.tail(200))
     return m.group(1) if m else "unknown"
 
 
@@ -410,21 +464,103 @@ def static_diff(cluster_json: str, zone_dir: str) -> list[str]:
 # --------------------------------------------------------------------------- load tools
 
 
-def run_measured(server: Server, argv: list, timeout: float) -> tuple[str, dict]:
-    """Run one bounded load tool; server CPU and client CPU around it."""
-    t0, n0 = server.ticks()
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    w0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                       preexec_fn=_die_with_parent)
-    wall = time.monotonic() - w0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t1, n1 = server.ticks()
+def run_measured(server: Server, argv: list, timeout: float,
+                 stdout_path: str | None = None) -> tuple[str, dict]:
+    """Run one bounded load tool; server CPU and client CPU around it. ``stdout_path``: the
+    tool writes its output to that file (read back and removed afterwards) instead of a pipe,
+    so that no reader in this unpinned process competes with the server while it runs."""
+    out_f = open(stdout_path, "w") if stdout_path else None
+    try:
+        t0, n0 = server.ticks()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        w0 = time.monotonic()
+        p = subprocess.run(argv, stdout=out_f or subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout, preexec_fn=_die_with_parent)
+        wall = time.monotonic() - w0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t1, n1 = server.ticks()
+    finally:
+        if out_f:
+            out_f.close()
+    out = p.stdout
+    if stdout_path:
+        with open(stdout_path) as f:
+            out = f.read()
+        os.remove(stdout_path)
     if p.returncode:
         raise RuntimeError(f"{argv[0]} failed ({p.returncode}): {p.stderr.strip()[-500:]}")
-    return p.stdout, {
+    return out, {
         "server_cpu_s": (t1 - t0) / CLK_TCK, "server_procs": max(n0, n1), "wall_s": wall,
         "client_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
+
+
+class DnsperfFormatError(RuntimeError):
+    """dnsperf printed something parse_dnsperf does not recognise: a new dnsperf version
+    must fail the run loudly, not report zeros."""
+
+
+# With -v, dnsperf 2.x prints one line per query (src/dnsperf.c): "> RCODE <name> <type>
+# 0.000123" for an answer with its latency in seconds (microsecond resolution), "> T <name>
+# <type>" for a query that got no answer within -t (counted as lost), "> I <name> <type>" for
+# one still outstanding when dnsperf was interrupted.
+_DNSPERF_ANSWER = re.compile(r"> ([A-Za-z][A-Za-z0-9]*) (.+) (\d+\.\d{6})")
+_DNSPERF_UNANSWERED = re.compile(r"> ([TI]) (.+)")
+
+
+def parse_dnsperf(out: str, verbose: bool = False) -> dict:
+    """dnsperf's statistics block; with ``verbose`` (its -v) also every answered query's
+    latency (``latencies_us``, in output order) and the timed-out and interrupted counts,
+    checked against the statistics so that a change of format raises instead of skewing."""
+    def num(label: str, required: bool = True) -> float | None:
+        m = re.search(rf"^\s*{re.escape(label)}:\s+([\d.]+)", out, re.M)
+        if not m:
+            if required:
+                raise DnsperfFormatError(f"dnsperf output lacks '{label}':\n{out[-2000:]}")
+            return None
+        return float(m.group(1))
+
+    r = {"sent": int(num("Queries sent")), "completed": int(num("Queries completed")),
+         "lost": int(num("Queries lost")), "interrupted": int(num("Queries interrupted", False) or 0),
+         "qps": num("Queries per second"), "run_s": num("Run time (s)")}
+    m = re.search(r"^\s*Response codes:(.*)$", out, re.M)
+    r["rcodes"] = {k: int(v) for k, v in re.findall(r"([A-Za-z][A-Za-z0-9]*) (\d+) \(", m.group(1))} if m else {}
+    lat = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
+    sd = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", out)
+    r["avg_latency_us"] = float(lat.group(1)) * 1e6 if lat else None
+    r["min_latency_us"] = float(lat.group(2)) * 1e6 if lat else None
+    r["max_latency_us"] = float(lat.group(3)) * 1e6 if lat else None
+    r["stddev_latency_us"] = float(sd.group(1)) * 1e6 if sd else None
+    if r["completed"] and sum(r["rcodes"].values()) != r["completed"]:
+        raise DnsperfFormatError(f"dnsperf response codes {r['rcodes']} do not add up to "
+                                 f"{r['completed']} completed queries")
+    if not verbose:
+        return r
+    lats, unanswered = [], {"T": 0, "I": 0}
+    for line in out.splitlines():
+        if not line.startswith("> "):
+            continue
+        m = _DNSPERF_ANSWER.fullmatch(line)
+        if m:
+            lats.append(float(m.group(3)) * 1e6)
+            continue
+        m = _DNSPERF_UNANSWERED.fullmatch(line)
+        if not m:
+            raise DnsperfFormatError(f"unrecognised dnsperf -v line: {line!r}")
+        unanswered[m.group(1)] += 1
+    if (len(lats), unanswered["T"], unanswered["I"]) != (r["completed"], r["lost"], r["interrupted"]):
+        raise DnsperfFormatError(
+            f"dnsperf -v lines ({len(lats)} answered, {unanswered['T']} timed out, "
+            f"{unanswered['I']} interrupted) disagree with its statistics ({r['completed']} "
+            f"completed, {r['lost']} lost, {r['interrupted']} interrupted)")
+    r["latencies_us"] = lats
+    return r
+
+
+def percentile(sorted_vals: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1) of an ascending list: a value that occurred."""
+    if not sorted_vals:
+        return None
+    return sorted_vals[min(len(sorted_vals) - 1, max(0, math.ceil(q * len(sorted_vals)) - 1))]
 
 
 def dnsperf_cell(server: Server, qfile: str, seconds: float, a) -> dict:
@@ -432,24 +568,41 @@ def dnsperf_cell(server: Server, qfile: str, seconds: float, a) -> dict:
                                "-l", str(seconds), "-T", "1", "-c", str(a.dnsperf_clients),
                                "-q", str(a.dnsperf_outstanding), "-t", "2"])
     out, m = run_measured(server, argv, seconds + 30)
+    r = parse_dnsperf(out)
+    completed = r["completed"]
+    return {**m, "tool": "dnsperf", "sent": r["sent"], "completed": completed,
+            "lost": r["lost"], "qps": r["qps"], "avg_latency_us": r["avg_latency_us"],
+            "max_latency_us": r["max_latency_us"], "stddev_latency_us": r["stddev_latency_us"],
+            "rcodes": r["rcodes"],
+            "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
 
-    def num(label: str) -> float:
-        mm = re.search(rf"{label}:\s+([\d.]+)", out)
-        if not mm:
-            raise RuntimeError(f"dnsperf output lacks '{label}':\n{out}")
-        return float(mm.group(1))
 
-    rc = dict((k, int(v)) for k, v in re.findall(r"([A-Z]+) (\d+) \(", out.split("Response codes:")[1]
-                                                  .splitlines()[0])) if "Response codes:" in out else {}
-    lat = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", out)
-    sd = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", out)
-    completed = int(num("Queries completed"))
-    return {**m, "tool": "dnsperf", "sent": int(num("Queries sent")), "completed": completed,
-            "lost": int(num("Queries lost")), "qps": num("Queries per second"),
-            "avg_latency_us": float(lat.group(1)) * 1e6 if lat else None,
-            "max_latency_us": float(lat.group(3)) * 1e6 if lat else None,
-            "stddev_latency_us": float(sd.group(1)) * 1e6 if sd else None,
-            "rcodes": rc, "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
+def fixed_rate_cell(server: Server, qfile: str, rate: int, seconds: float, a,
+                    scratch: str) -> dict:
+    """dnsperf at a fixed offered rate (-Q): the server's CPU per answered query at that
+    load, not at saturation, and the latency percentiles from -v's per-query lines. -b 4096:
+    dnsperf's own sockets get 4 MiB buffers, so that a client that falls behind for a moment
+    does not drop replies, which dnsperf would count as the server's lost queries; the drops
+    at the server's own sockets are counted apart (``server_drops``). -q is high enough that
+    the outstanding limit does not throttle the offered rate when the server stalls."""
+    argv = pinned(CLIENT_CPU, [tool("dnsperf"), "-s", HOST, "-p", str(server.port), "-d", qfile,
+                               "-l", str(seconds), "-T", "1", "-c", str(a.dnsperf_clients),
+                               "-q", str(a.fixed_outstanding), "-t", "2", "-Q", str(rate),
+                               "-b", "4096", "-v"])
+    d0, e0 = udp_drops(server.port), udp_rcvbuf_errors()
+    out, m = run_measured(server, argv, seconds + 30, stdout_path=scratch)
+    d1, e1 = udp_drops(server.port), udp_rcvbuf_errors()
+    r = parse_dnsperf(out, verbose=True)
+    lats = sorted(r.pop("latencies_us"))
+    completed = r["completed"]
+    return {**m, "tool": "dnsperf-Q", "rate": rate, "sent": r["sent"], "completed": completed,
+            "lost": r["lost"], "qps": r["qps"],
+            "sent_qps": r["sent"] / r["run_s"] if r["run_s"] else None, "run_s": r["run_s"],
+            "avg_latency_us": r["avg_latency_us"], "p50_us": percentile(lats, 0.5),
+            "p90_us": percentile(lats, 0.9), "p99_us": percentile(lats, 0.99),
+            "p999_us": percentile(lats, 0.999), "max_latency_us": r["max_latency_us"],
+            "rcodes": r["rcodes"], "server_drops": d1 - d0, "udp_rcvbuf_errors": e1 - e0,
+            "cpu_us_per_query": m["server_cpu_s"] / completed * 1e6 if completed else None}
 
 
 def loadgen_cell(server: Server, exe: str, qfile: str, seconds: float, a) -> dict:
@@ -488,20 +641,20 @@ def table(cells: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def median(vals):
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    m = len(vals) // 2
+    return vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2
+
+
 def aggregate(samples: list[dict]) -> list[dict]:
     """One cell per (target, mix, tool) over the rounds: medians of the rates, sums of the
     counts (lost is every query lost in any round)."""
     groups: dict[tuple, list] = {}
     for c in samples:
         groups.setdefault((c["target"], c["mix"], c["tool"]), []).append(c)
-
-    def median(vals):
-        vals = sorted(v for v in vals if v is not None)
-        if not vals:
-            return None
-        m = len(vals) // 2
-        return vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2
-
     out = []
     for (target, mix, tool_), cs in groups.items():
         c = {"target": target, "mix": mix, "tool": tool_, "rounds": len(cs)}
@@ -517,6 +670,89 @@ def aggregate(samples: list[dict]) -> list[dict]:
         c["rcodes"] = rc
         c["qps_rounds"] = [x["qps"] for x in cs]
         out.append(c)
+    return out
+
+
+def fixed_aggregate(samples: list[dict]) -> list[dict]:
+    """One fixed-rate cell per (rate, target, mix) over the rounds: medians of the rates,
+    CPU per query and percentiles, sums of the counts, the worst max."""
+    groups: dict[tuple, list] = {}
+    for c in samples:
+        groups.setdefault((c["rate"], c["target"], c["mix"]), []).append(c)
+    out = []
+    for (rate, target, mix), cs in groups.items():
+        c = {"rate": rate, "target": target, "mix": mix, "tool": "dnsperf-Q", "rounds": len(cs)}
+        for k in ("qps", "sent_qps", "avg_latency_us", "p50_us", "p90_us", "p99_us", "p999_us",
+                  "cpu_us_per_query"):
+            c[k] = median(x.get(k) for x in cs)
+        for k in ("sent", "completed", "lost", "server_drops", "udp_rcvbuf_errors",
+                  "server_cpu_s", "client_cpu_s", "wall_s"):
+            c[k] = sum(x[k] for x in cs)
+        c["max_latency_us"] = max((x["max_latency_us"] for x in cs
+                                   if x["max_latency_us"] is not None), default=None)
+        rc: dict = {}
+        for x in cs:
+            for name, n in x["rcodes"].items():
+                rc[name] = rc.get(name, 0) + n
+        c["rcodes"] = rc
+        out.append(c)
+    return out
+
+
+def fixed_nsd_ratio(cells: list[dict], nsd: str) -> None:
+    """Each fixed-rate cell's CPU per query and p99 over NSD's at the same rate and mix."""
+    ref = {(c["rate"], c["mix"]): c for c in cells if c["target"] == nsd}
+    for c in cells:
+        n = ref.get((c["rate"], c["mix"]))
+        for k, out in (("cpu_us_per_query", "cpu_over_nsd"), ("p99_us", "p99_over_nsd")):
+            c[out] = c[k] / n[k] if n and c[k] is not None and n[k] else None
+
+
+def fixed_table(cells: list[dict]) -> str:
+    head = (f"{'offered':>8} {'mix':<7} {'target':<17} {'sent q/s':>9} {'answered':>9} "
+            f"{'srv CPU %':>9} {'CPU us/q':>8} {'x NSD':>6} {'p50 us':>7} {'p99 us':>7} "
+            f"{'p99.9 us':>8} {'lost':>5} {'srv drops':>9} {'cli CPU %':>9}")
+    rows = [head, "-" * len(head)]
+    for c in sorted(cells, key=lambda c: (c["rate"], c["mix"])):
+        rows.append(f"{c['rate']:>8,} {c['mix']:<7} {c['target']:<17} "
+                    f"{fmt(c['sent_qps'], ',.0f'):>9} {fmt(c['qps'], ',.0f'):>9} "
+                    f"{100 * c['server_cpu_s'] / c['wall_s']:>8.0f}% "
+                    f"{fmt(c['cpu_us_per_query'], '.2f'):>8} {fmt(c.get('cpu_over_nsd'), '.2f'):>6} "
+                    f"{fmt(c['p50_us'], '.0f'):>7} {fmt(c['p99_us'], '.0f'):>7} "
+                    f"{fmt(c['p999_us'], '.0f'):>8} {c['lost']:>5} {c['server_drops']:>9} "
+                    f"{100 * c['client_cpu_s'] / c['wall_s']:>8.0f}%")
+    return "\n".join(rows)
+
+
+def fixed_goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
+    """Everyday load, against this run's numbers (informational): at each offered rate,
+    kdns on one core spends <= 0.8 x NSD's CPU per query, with p99 no worse and nothing lost.
+    A cell whose dnsperf sent under 95% of the offered rate was not at that rate, and CPU per
+    query falls as the rate rises (wake-ups are shared by more queries): then the checks
+    read n/a, with the figures as run."""
+    idx = {(c["rate"], c["target"], c["mix"]): c for c in cells}
+    out = []
+    for rate, mix in sorted({(c["rate"], c["mix"]) for c in cells}):
+        k, n = idx.get((rate, kdns1, mix)), idx.get((rate, nsd, mix))
+        if not (k and n):
+            continue
+        at = f"fixed {rate:,} q/s {mix}"
+        short = [c for c in (n, k) if c["sent_qps"] is None or c["sent_qps"] < 0.95 * rate]
+
+        def tag(ok: bool) -> str:
+            return "n/a" if short else "met" if ok else "NOT met"
+
+        if k["cpu_us_per_query"] and n["cpu_us_per_query"]:
+            ratio = k["cpu_us_per_query"] / n["cpu_us_per_query"]
+            out.append(f"[{tag(ratio <= 0.8)}] {at}: kdns CPU/query {k['cpu_us_per_query']:.2f} us "
+                       f"<= 0.8 x NSD {n['cpu_us_per_query']:.2f} us (ratio {ratio:.2f})")
+        if k["p99_us"] is not None and n["p99_us"] is not None:
+            out.append(f"[{tag(k['p99_us'] <= n['p99_us'])}] {at}: kdns p99 {k['p99_us']:.0f} us "
+                       f"<= NSD {n['p99_us']:.0f} us")
+        out.append(f"[{tag(k['lost'] == 0)}] {at}: kdns lost {k['lost']} (NSD {n['lost']})")
+        for c in short:
+            out.append(f"        dnsperf sent only {fmt(c['sent_qps'], ',.0f')} q/s to {c['target']} "
+                       f"(client-bound or the machine is busy): not the offered {rate:,}")
     return out
 
 
@@ -629,6 +865,16 @@ def parse_args(argv=None):
                     help="how long to measure the servers' idle CPU before loading them")
     ap.add_argument("--no-verify", action="store_true",
                     help="measure even if kdns and NSD disagree (the report says so)")
+    ap.add_argument("--fixed-rates", default="20000,100000",
+                    help="offered rates (queries/s, dnsperf -Q) of the fixed-rate cells, every "
+                         "server on one core: CPU per query, p50/p99, lost (default 20000,100000)")
+    ap.add_argument("--no-fixed-rate", action="store_true", help="skip the fixed-rate cells")
+    ap.add_argument("--fixed-mixes", default="hits", help="query mixes of the fixed-rate cells")
+    ap.add_argument("--fixed-seconds", type=float,
+                    help="per fixed-rate cell and round (default: --seconds)")
+    ap.add_argument("--fixed-outstanding", type=int, default=1000,
+                    help="dnsperf -q in the fixed-rate cells: high, so that a stalled server "
+                         "does not lower the offered rate")
     a = ap.parse_args(argv)
     small = a.short
     a.seconds = a.seconds or (2.0 if small else 5.0)
@@ -640,6 +886,9 @@ def parse_args(argv=None):
     a.targets = [t for t in a.targets.split(",") if t]
     a.tools = [t for t in a.tools.split(",") if t]
     a.mixes = [m for m in a.mixes.split(",") if m]
+    a.fixed_rates = [] if a.no_fixed_rate else [int(r) for r in a.fixed_rates.split(",") if r]
+    a.fixed_mixes = [m for m in a.fixed_mixes.split(",") if m]
+    a.fixed_seconds = a.fixed_seconds or a.seconds
     return a
 
 
@@ -660,7 +909,8 @@ def main(argv=None) -> int:
         checks = [tuple(line.split()) for line in f if line.strip()]
     zdir = os.path.join(cdir, "nsd")
     # Server lifetime bound for the responder (it stops itself); a generous upper bound.
-    bound = 120 + 4 * a.rounds * len(a.tools) * len(a.mixes) * (a.seconds + 10)
+    bound = (120 + 4 * a.rounds * len(a.tools) * len(a.mixes) * (a.seconds + 10)
+             + 4 * a.rounds * len(a.fixed_rates) * len(a.fixed_mixes) * (a.fixed_seconds + 10))
 
     git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                          capture_output=True, text=True).stdout.strip()
@@ -670,7 +920,8 @@ def main(argv=None) -> int:
         "dnsperf": next((ln.strip() for ln in subprocess.run([tool("dnsperf"), "-h"], capture_output=True,
                                                                text=True).stderr.splitlines()
                          if ln.startswith("Version")), "?")},
-        "verify": {}, "samples": [], "cells": []}
+        "verify": {}, "samples": [], "cells": [],
+        "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns2": "kdns-unpinned-2w",
               "floor": "responder-cpu1"}
     running: list[Server] = []
@@ -699,6 +950,17 @@ def main(argv=None) -> int:
         c.update(target=labels[key], mix=mix, round=rnd)
         log(f"r{rnd} {labels[key]:<18} {mix:<6} {tl:<7} {c['qps']:>10,.0f} q/s  "
             f"avg {fmt(c['avg_latency_us'], '.0f')} us  lost {c['lost']}  "
+            f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
+        return c
+
+    flabels = dict(labels, kdns2="kdns-cpu1-2w")    # pinned for the fixed-rate cells
+
+    def fixed(key: str, s: Server, rate: int, mix: str, rnd: int) -> dict:
+        c = fixed_rate_cell(s, qfiles[mix], rate, a.fixed_seconds, a,
+                            os.path.join(outdir, "dnsperf-v.out"))
+        c.update(target=flabels[key], mix=mix, round=rnd)
+        log(f"r{rnd} {flabels[key]:<18} {mix:<6} fixed {rate:>7,}: {c['qps']:>9,.0f} q/s  "
+            f"p50 {fmt(c['p50_us'], '.0f')} p99 {fmt(c['p99_us'], '.0f')} us  lost {c['lost']}  "
             f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
         return c
 
@@ -766,6 +1028,22 @@ def main(argv=None) -> int:
                 for mix in a.mixes:
                     for tl in a.tools:
                         report["samples"].append(cell(key, servers[key], mix, tl, rnd))
+        # Fixed offered rates, every server on one core: the two-worker kdns is pinned to
+        # the servers' CPU for this part (its two workers share the core, as they would in a
+        # pod whose CPU limit is below its worker count).
+        if a.fixed_rates and "kdns2" in servers:
+            pin_tree(servers["kdns2"].proc.pid, SERVER_CPU)
+        for key, s in servers.items() if a.fixed_rates else ():
+            cpus = report["fixed_rate"]["cpus"][flabels[key]] = cpus_allowed(s.proc.pid)
+            if cpus != SERVER_CPU:
+                log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
+        for rnd in range(a.rounds if a.fixed_rates else 0):
+            keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
+            keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+            for rate in a.fixed_rates:
+                for key in keys:
+                    for mix in a.fixed_mixes:
+                        report["fixed_rate"]["samples"].append(fixed(key, servers[key], rate, mix, rnd))
     finally:
         for s in list(running):
             try:
@@ -780,6 +1058,10 @@ def main(argv=None) -> int:
                                      labels["floor"])
     report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
     report["verify"]["rcode_drift"] = rcode_drift(cells, labels["nsd"], labels["floor"])
+    fr = report["fixed_rate"]
+    fr["cells"] = fixed_aggregate(fr["samples"])
+    fixed_nsd_ratio(fr["cells"], labels["nsd"])
+    fr["goals"] = fixed_goals(fr["cells"], labels["kdns1"], labels["nsd"])
     path = os.path.join(outdir, "results.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
@@ -787,14 +1069,23 @@ def main(argv=None) -> int:
     print(f"\nkdns {report['kdns_commit']}, engine: {report.get('kdns_engine', '-')}   cluster: {a.services} services, "
           f"{a.seconds:g} s per cell x {a.rounds} round(s) (median shown), server CPU {SERVER_CPU}, "
           f"client CPU {CLIENT_CPU}")
-    print(text_table)
+    if cells:
+        print(text_table)
     if report.get("idle_cpu_pct"):
         print("idle CPU (before load): " + ", ".join(
             f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
-    print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
-    print(rtext)
+    if rtext:
+        print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
+        print(rtext)
+    if fr["cells"]:
+        print(f"\nfixed offered rate (dnsperf -Q, -T 1 -c {a.dnsperf_clients}, latencies from -v), "
+              f"{a.fixed_seconds:g} s per cell x {a.rounds} round(s) (median shown), every server "
+              f"on CPU {SERVER_CPU} ({', '.join(f'{k} {v}' for k, v in fr['cpus'].items())}); "
+              f"x NSD = CPU per query over NSD's; lost = no answer within 2 s; srv drops = "
+              f"datagrams dropped at the server's full socket buffer:")
+        print(fixed_table(fr["cells"]))
     print("\ngoal, this run:")
-    print("\n".join(report["goals"]) or "(needs the nsd and kdns1 targets)")
+    print("\n".join(report["goals"] + fr["goals"]) or "(needs the nsd and kdns1 targets)")
     for line in report["verify"]["rcode_drift"]:
         print(f"RCODE DRIFT: {line}")
     print(f"\nresults: {path}")
