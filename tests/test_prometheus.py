@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -63,6 +64,21 @@ def scraped(tmp_path_factory):
                 up.rcode = dns.rcode.SERVFAIL      # and a failure, for the error ratios
                 ask(k, "broken.example")
                 sent["servfail"] = 1
+                # A slow upstream: one answer 0.3 s late, which the latency alerts must see.
+                up.rcode, up.delay = None, 0.3
+                assert ask(k, "slow.example").rcode() == dns.rcode.NXDOMAIN
+                sent["slow"] = 1
+                # A killed upstream: its port closed, so every try fails on the ICMP error.
+                # From one socket (one worker): the first query marks it down there, the
+                # second finds every upstream down (CoreDNS's healthcheck broken).
+                up.__exit__(None, None, None)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((k.host, 0))
+                    for i in range(2):
+                        q = dns.message.make_query(f"dead{i}.example", "A")
+                        got = dns.query.udp(q, k.host, port=k.port, timeout=5, sock=s)
+                        assert got.rcode() == dns.rcode.SERVFAIL
+                sent["dead"] = 2
                 prom.wait_scrapes(3)
                 yield prom, sent, up
         finally:
@@ -93,11 +109,32 @@ def test_requests_by_type_and_rcode_are_what_was_sent(scraped):
     # A queries are exactly ours.
     assert prom.value(f'sum(coredns_dns_requests_total{{{sel},type="SRV"}})') >= sent["SRV"]
     assert prom.value(f'sum(coredns_dns_requests_total{{{sel},type="A"}})') == \
-        sent["A"] + sent["nx"] + sent["fwd"] + sent["servfail"]
+        sent["A"] + sent["nx"] + sent["fwd"] + sent["servfail"] + sent["slow"] + sent["dead"]
     assert prom.value(f'sum(coredns_dns_responses_total{{{sel},rcode="NXDOMAIN"}})') == \
-        sent["nx"]
+        sent["nx"] + sent["slow"]
     assert prom.value(f'sum(coredns_dns_responses_total{{{sel},rcode="SERVFAIL"}})') == \
-        sent["servfail"]
+        sent["servfail"] + sent["dead"]
+
+
+def test_a_slow_upstream_shows_in_the_latency_the_alerts_watch(scraped):
+    """CoreDNSLatencyHigh and CoreDNSForwardLatencyHigh read these histograms: the one
+    answer the upstream held for 0.3 s lies above the 0.256 s bucket in both."""
+    prom, sent, _ = scraped
+    sel = mixin.SEL
+    for name in ("coredns_dns_request_duration_seconds", "coredns_forward_request_duration_seconds"):
+        slow = prom.value(f"sum({name}_count{{{sel}}}) - "
+                          f'sum({name}_bucket{{{sel},le="0.256"}})')
+        assert slow == sent["slow"], name
+
+
+def test_a_killed_upstream_shows_in_the_broken_counter(scraped):
+    """CoreDNSForwardHealthcheckBrokenCount fires on this counter: the second query to the
+    worker that had seen the upstream fail found every upstream down."""
+    prom, _, _ = scraped
+    sel = mixin.SEL
+    assert prom.value(f"sum(coredns_forward_healthcheck_broken_total{{{sel}}})") >= 1
+    expr = mixin.ALERTS["CoreDNSForwardHealthcheckBrokenCount"]
+    assert prom.query(expr), expr
 
 
 # --------------------------------------------------------------------------- kdns's own
