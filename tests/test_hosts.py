@@ -295,3 +295,28 @@ def test_incremental_with_changing_hosts_gives_the_full_compile_bytes(seed):
         want = build.compile_model(model, synced=True, domain=ZONE, pods="insecure",
                                    hosts=box.records)
         assert got == want, f"seed {seed} step {n}"
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_both_packet_paths_agree_over_the_hosts_sample(synced):
+    """Every sample name and custom name, every type, both paths, UDP and TCP, with and
+    without EDNS (tests/zonefixtures.py's hosts image, which the fuzz target uses too)."""
+    from zonefixtures import HOSTS_NAMES, SAMPLE_NAMES, hosts_image
+    buf = hosts_image(synced=synced)
+    ref, fast = P.Image(buf), F.Image(buf)
+    for name in SAMPLE_NAMES + HOSTS_NAMES:
+        for qtype in ("A", "AAAA", "PTR", "MX", "ANY", "CNAME", "SRV", "AXFR"):
+            for edns in (-1, 0):
+                q = dns.message.make_query(name, qtype, use_edns=edns).to_wire()
+                for tcp in (False, True):
+                    assert P.answer(ref, q, tcp=tcp, edns_max=1232) == \
+                        F.answer(fast, q, tcp=tcp, edns_max=1232), (name, qtype, edns, tcp)
+    # Custom records answer before the sync; a final zone's miss is SERVFAIL either way.
+    assert texts(answers(buf, "node.final.example", "A")[1]) == \
+        ["node.final.example. 60 IN A 192.0.2.9", "node.final.example. 60 IN A 192.0.2.10"]
+    assert answers(buf, "miss.final.example", "A")[1].rcode() == dns.rcode.SERVFAIL
+    if synced:
+        # A chain into a hosts name is answered whole; into a hosts zone's miss, handed off.
+        act, r = answers(buf, "tohost.default.svc.cluster.local", "A")
+        assert act == P.ACTION_SEND and texts(r)[-1] == "k3s-server. 60 IN A 10.0.0.9"
+        assert answers(buf, "tomiss.default.svc.cluster.local", "A")[0] == P.ACTION_HANDOFF
