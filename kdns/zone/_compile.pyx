@@ -1045,7 +1045,10 @@ cdef class ZoneCore:
         for k in range(nfix):
             put16le(self.scr + BLOBHDR_SIZE + 2 * k, fix[k])
         memcpy(self.scr + BLOBHDR_SIZE + fixb, self.segs, SEG_SIZE * nseg)
-        memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
+        if dlen:
+            # A blob without data (a hosts zone's NODATA, the first blob of a compile) may
+            # meet ``dat`` not allocated yet: memcpy's source must not be NULL even for 0.
+            memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
     cdef size_t cut_every_rr(self, size_t dlen, uint32_t an, uint32_t ns,
