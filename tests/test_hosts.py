@@ -320,3 +320,50 @@ def test_both_packet_paths_agree_over_the_hosts_sample(synced):
         act, r = answers(buf, "tohost.default.svc.cluster.local", "A")
         assert act == P.ACTION_SEND and texts(r)[-1] == "k3s-server. 60 IN A 10.0.0.9"
         assert answers(buf, "tomiss.default.svc.cluster.local", "A")[0] == P.ACTION_HANDOFF
+
+
+# --------------------------------------------------------------------------- the source
+
+
+def test_the_file_is_re_read_each_reload_period_and_a_bad_version_keeps_the_last(tmp_path,
+                                                                                 caplog):
+    path = tmp_path / "NodeHosts"
+    path.write_text("10.0.0.1 a\n")
+    src = H.HostsSource(H.HostsSpec(where="Corefile:3", path=str(path), reload=15.0,
+                                    fallthrough=()), "cluster.local")
+    assert src.load_first().v4 == {"a": ("10.0.0.1",)}
+    path.write_text("10.0.0.2 a\n")
+    assert src.poll(0.0).v4 == {"a": ("10.0.0.2",)}
+    path.write_text("10.0.0.3 a\n")
+    assert src.poll(14.0) is None                  # not yet: every 15 s
+    assert src.poll(15.0).v4 == {"a": ("10.0.0.3",)}
+    path.write_text("10.0.0.4 a\nbad line\n")
+    with caplog.at_level("ERROR"):
+        assert src.poll(30.0) is None and src.poll(45.0) is None
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == \
+        [f"{path}:2: 'bad' is not an IP address; a hosts line is an address and its names, "
+         f"e.g. 10.0.0.1 node1. Keeping the last good hosts records."]      # once
+    assert src.current.v4 == {"a": ("10.0.0.3",)} and src.rejected == 1
+    path.unlink()                                  # gone: CoreDNS keeps what it has too
+    assert src.poll(60.0) is None and src.current.v4 == {"a": ("10.0.0.3",)}
+    path.write_text("10.0.0.3 a\n# the same records\n")
+    assert src.poll(75.0) is None                  # a new file, the same records
+    assert H.HostsSource(H.HostsSpec(where="x", path=str(path), reload=0.0), "").poll(1e9) \
+        is None                                    # reload 0: never re-read
+
+
+def test_a_missing_file_serves_the_inline_lines_and_the_configmap_key(tmp_path, caplog):
+    spec = H.HostsSpec(where="Corefile:3", path=str(tmp_path / "nothere"), fallthrough=(),
+                       inline=(("Corefile:4", "10.9.0.1 inline"),))
+    with caplog.at_level("WARNING"):
+        assert H.HostsSource(spec, "cluster.local").load_first().v4 == {"inline": ("10.9.0.1",)}
+    assert "does not exist (Corefile:3)" in caplog.text
+    src = H.HostsSource(spec, "cluster.local", configmap_key="configmap/kube-system/coredns:NodeHosts")
+    assert src.load_first("10.0.0.1 k3s-server\n").v4 == {"k3s-server": ("10.0.0.1",),
+                                                          "inline": ("10.9.0.1",)}
+    assert src.offer_key({"NodeHosts": "10.0.0.1 k3s-server\n"}) is None    # unchanged
+    assert src.offer_key({"NodeHosts": "10.0.0.2 k3s-server\n"}).v4["k3s-server"] == ("10.0.0.2",)
+    assert src.offer_key({"NodeHosts": "10.0.0.2\n"}) is None
+    assert "configmap/kube-system/coredns:NodeHosts:1: the address 10.0.0.2 has no names" \
+        in caplog.text
+    assert src.offer_key({}).v4 == {"inline": ("10.9.0.1",)}                # key removed

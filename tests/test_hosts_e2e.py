@@ -268,3 +268,19 @@ def test_from_the_api_hosts_answer_before_the_sync_and_an_edit_is_compiled_in(tm
             k.stop()
     finally:
         api.close()
+
+
+def test_a_bad_hosts_file_at_start_is_one_sentence_naming_file_and_line(tmp_path, upstream):
+    import sys
+    path = tmp_path / "NodeHosts"
+    path.write_text("10.0.0.1 k3s-server\n10.0.0.1\n")
+    corefile = tmp_path / "Corefile"
+    corefile.write_text(COREFILE % {"hosts": path, "fall": "fallthrough",
+                                    "up": f"{upstream.host}:{upstream.port}"})
+    r = subprocess.run([sys.executable, "-m", "kdns", "serve", "--from-file", CLUSTER,
+                        "--corefile", str(corefile), "--dns-port", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"kdns: --corefile: {path}:2: the address 10.0.0.1 has no names; give at least one "
+        f"after it, e.g. 10.0.0.1 node1.")

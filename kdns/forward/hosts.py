@@ -216,22 +216,26 @@ class HostsSource:
         self.failed = None
         self.rejected = 0
         self.next_check = 0.0
-        self.current = records(spec, None, spec.path, domain)
+        self.current = HostsRecords(spec)        # none until ``load_first``
 
     def load_first(self, text: str | None = None) -> HostsRecords:
         """The first version (start-up): HostsError when it is bad, so kdns does not start
         on records it cannot serve. ``text``: the ConfigMap key's, when read through it."""
         if self.configmap_key is not None:
-            self.current = records(self.spec, text, self.label(), self.domain)
-            self.stamp = ("key", text)
-            return self.current
-        stamp, text = self._read()
-        if stamp is None:
-            log.warning("hosts file %s does not exist (%s); serving the inline records only",
-                        self.spec.path, self.spec.where)
-        self.current = records(self.spec, text, self.spec.path, self.domain)
+            stamp = ("key", text)
+        else:
+            stamp, text = self._read()
+            if stamp is None:
+                log.warning("hosts file %s does not exist (%s); serving the inline records "
+                            "only", self.spec.path, self.spec.where)
+        self.current = records(self.spec, text, self.label(), self.domain)
         self.stamp = stamp
+        self._logged(self.current)
         return self.current
+
+    def _logged(self, new: HostsRecords) -> None:
+        log.info("hosts records from %s: %d names, %d addresses with PTRs", self.label(),
+                 len(set(new.v4) | set(new.v6)), len(new.ptr))
 
     def label(self) -> str:
         return self.spec.path if self.configmap_key is None else self.configmap_key
@@ -284,8 +288,7 @@ class HostsSource:
         if (new.v4, new.v6, new.ptr) == (self.current.v4, self.current.v6, self.current.ptr):
             return None
         self.current = new
-        log.info("hosts records from %s: %d names, %d addresses with PTRs", label,
-                 len(set(new.v4) | set(new.v6)), len(new.ptr))
+        self._logged(new)
         return new
 
     def _reject(self, stamp, e: HostsError) -> None:
