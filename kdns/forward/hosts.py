@@ -31,6 +31,7 @@ know Kubernetes or the image layout (it hands RRsets and zones to the compiler).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -90,15 +91,28 @@ class HostsRecords:
     v6: dict = field(default_factory=dict)
     ptr: dict = field(default_factory=dict)
 
-    def names(self) -> set:
+    # Made once per version (every compile uses them; a blocklist-sized file is big).
+    def names(self) -> frozenset:
         """The names with records, absolute (trailing dot)."""
-        return {n + "." for n in (*self.v4, *self.v6)}
+        return self._names
 
-    def reverse_names(self) -> set:
-        return {reverse_name(ip) for ip in self.ptr}
+    @functools.cached_property
+    def _names(self) -> frozenset:
+        return frozenset(n + "." for n in (*self.v4, *self.v6))
 
-    def rrsets(self) -> list[R.RRset]:
+    def reverse_names(self) -> frozenset:
+        return self._reverse_names
+
+    @functools.cached_property
+    def _reverse_names(self) -> frozenset:
+        return frozenset(reverse_name(ip) for ip in self.ptr)
+
+    def rrsets(self) -> tuple:
         """A, AAAA and PTR RRsets at the plugin's TTL, the addresses in file order."""
+        return self._rrsets
+
+    @functools.cached_property
+    def _rrsets(self) -> tuple:
         ttl, out = self.spec.ttl, []
         for table, rtype in ((self.v4, R.A), (self.v6, R.AAAA)):
             for name, ips in table.items():
@@ -106,7 +120,7 @@ class HostsRecords:
         for ip, names in self.ptr.items():
             out.append(R.RRset(reverse_name(ip), R.PTR, ttl,
                                tuple(R.Target(n + ".") for n in names)))
-        return out
+        return tuple(out)
 
     def zones(self, domain: str) -> list[R.Zone]:
         """The image zones of the plugin's names: each of ZONES (but the cluster domain's and
