@@ -486,14 +486,14 @@ class _Mapper:
         names and that does not fall through for them answers every cluster name it does
         not list SERVFAIL. kdns answers cluster names from the cluster, so it refuses that
         Corefile instead of answering differently."""
-        from kdns.forward.hosts import _under
+        from kdns.forward.hosts import within
         spec, domain = self.hosts, self.flags.get("domain")
         if spec is None or domain is None:
             return
         for z in spec.zones:
-            if _under(domain, z):
+            if within(domain, z):
                 point = domain              # the zone takes in the whole cluster domain
-            elif _under(z, domain):
+            elif within(z, domain):
                 point = z                   # the zone lies inside the cluster domain
             else:
                 continue

@@ -53,7 +53,7 @@ class HostsError(ValueError):
     """A hosts line kdns cannot use; ``str()`` is one sentence naming file:line."""
 
 
-def _under(name: str, zone: str) -> bool:
+def within(name: str, zone: str) -> bool:
     """Is ``name`` (no trailing dot, lower case; "" is the root) ``zone`` or below it?"""
     return zone in ("", ".") or name == zone or name.endswith("." + zone)
 
@@ -76,10 +76,10 @@ class HostsSpec:
         """CoreDNS ``fall.F.Through``: does a miss at ``name`` go to the next plugin?"""
         if self.fallthrough is None:
             return False
-        return not self.fallthrough or any(_under(name, z) for z in self.fallthrough)
+        return not self.fallthrough or any(within(name, z) for z in self.fallthrough)
 
     def in_zones(self, name: str) -> bool:
-        return any(_under(name, z) for z in self.zones)
+        return any(within(name, z) for z in self.zones)
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,13 @@ class HostsRecords:
         ZONE_HOSTS of its own (the deepest zone decides, as ``fall.F.Through`` matches)."""
         spec, out = self.spec, {}
         for z in spec.zones:
-            if _under(z, domain) or any(_under(z, r) for r in REVERSE):
+            if within(z, domain) or any(within(z, r) for r in REVERSE):
                 continue
             out[z] = R.ZONE_HOSTS if spec.falls_through(z) else R.ZONE_HOSTS_FINAL
             if out[z] == R.ZONE_HOSTS_FINAL:
                 for f in spec.fallthrough or ():
-                    if f != z and _under(f, z) and not _under(f, domain) \
-                            and not any(_under(f, r) for r in REVERSE):
+                    if f != z and within(f, z) and not within(f, domain) \
+                            and not any(within(f, r) for r in REVERSE):
                         out[f] = R.ZONE_HOSTS
         return [R.Zone("." if z == "." else z + ".", kind=kind, ttl=spec.ttl)
                 for z, kind in sorted(out.items())]
@@ -177,7 +177,7 @@ def parse_lines(lines, spec: HostsSpec, domain: str = "") -> tuple[dict, dict, d
                 raise HostsError(f"{where}: {word!r} is not a domain name ({e}).") from None
             if not spec.in_zones(name):
                 continue                     # CoreDNS: "name is not in Origins"
-            if any(_under(name, r) for r in REVERSE):
+            if any(within(name, r) for r in REVERSE):
                 raise HostsError(f"{where}: {word!r} lies under a reverse zone; kdns makes "
                                  f"the PTRs of hosts from their addresses.")
             if domain and name == domain:
