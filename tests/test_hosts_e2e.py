@@ -113,6 +113,14 @@ def test_hosts_records_answer_with_their_ptrs_and_fall_through(tmp_path, upstrea
         # TCP answers the same.
         assert ask(k, "inline.example.org", "A", tcp=True).answer == \
             ask(k, "inline.example.org", "A").answer
+        # CoreDNS's hosts gauges: 6 addresses of names and 6 names of addresses.
+        m = k.metrics()
+        path = str(tmp_path / "NodeHosts")
+        assert m[("coredns_hosts_entries", frozenset({("hostsfile", path)}))] == 12
+        assert m[("coredns_hosts_reload_timestamp_seconds", frozenset())] == \
+            pytest.approx(os.stat(path).st_mtime)
+        assert any(name == "coredns_plugin_enabled" and ("name", "hosts") in labels
+                   for name, labels in m)
     finally:
         k.stop()
 

@@ -35,6 +35,7 @@ import functools
 import ipaddress
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from kdns.dns import rr as R
@@ -92,6 +93,11 @@ class HostsRecords:
     ptr: dict = field(default_factory=dict)
 
     # Made once per version (every compile uses them; a blocklist-sized file is big).
+    def entries(self) -> int:
+        """CoreDNS's ``coredns_hosts_entries``: addresses per name plus names per address."""
+        return sum(map(len, self.v4.values())) + sum(map(len, self.v6.values())) + \
+            sum(map(len, self.ptr.values()))
+
     def names(self) -> frozenset:
         """The names with records, absolute (trailing dot)."""
         return self._names
@@ -231,6 +237,9 @@ class HostsSource:
         self.rejected = 0
         self.next_check = 0.0
         self.current = HostsRecords(spec)        # none until ``load_first``
+        # CoreDNS's coredns_hosts_reload_timestamp_seconds: the mtime of the file version
+        # in use (a ConfigMap key: when its version was taken); 0 before any.
+        self.reloaded = 0.0
 
     def load_first(self, text: str | None = None) -> HostsRecords:
         """The first version (start-up): HostsError when it is bad, so kdns does not start
@@ -244,8 +253,14 @@ class HostsSource:
                             "only", self.spec.path, self.spec.where)
         self.current = records(self.spec, text, self.label(), self.domain)
         self.stamp = stamp
+        self._stamped(stamp)
         self._logged(self.current)
         return self.current
+
+    def _stamped(self, stamp) -> None:
+        if stamp is None:
+            return
+        self.reloaded = time.time() if stamp[0] == "key" else stamp[2] / 1e9
 
     def _logged(self, new: HostsRecords) -> None:
         log.info("hosts records from %s: %d names, %d addresses with PTRs", self.label(),
@@ -299,6 +314,7 @@ class HostsSource:
         except HostsError as e:
             return self._reject(stamp, e)
         self.stamp, self.failed = stamp, None
+        self._stamped(stamp)
         if (new.v4, new.v6, new.ptr) == (self.current.v4, self.current.v6, self.current.ptr):
             return None
         self.current = new
