@@ -246,6 +246,7 @@ def _read_corefile_configmap(a: argparse.Namespace):
         return None, f"--corefile-configmap: ConfigMap {ns}/{name} does not exist."
     label = f"configmap/{ns}/{name}:Corefile"
     text = corefile.configmap_text(got[1], label)
+    a.corefile_configmap_data = got[1]
     return corefile.parse(label, text=text), None
 
 
@@ -293,10 +294,39 @@ def _apply_corefile(a: argparse.Namespace, parser: argparse.ArgumentParser) -> s
     a.corefile_notes = notes
     a.corefile_settings = cf
     a.corefile_pinned = frozenset(pinned)
+    problem = _hosts_source(a, cf)
+    if problem:
+        return f"{flag}: {problem}"
     a.endpoint_pod_names = cf.flags.get("endpoint_pod_names", False)
     a.serve_stale_refresh = cf.flags.get("serve_stale_refresh") if "serve_stale" not in pinned \
         else None
     a.cache_min_ttl = cf.flags.get("cache_min_ttl", settings.CACHE_MIN_TTL)
+    return None
+
+
+def _hosts_source(a: argparse.Namespace, cf) -> str | None:
+    """The Corefile's hosts plugin: its records read once now (a bad line stops the start,
+    naming file:line), its source kept for re-reading. Through the API, a hosts file in the
+    directory the ConfigMap is mounted at (/etc/coredns) that names one of its keys is that
+    key (k3s mounts its ``NodeHosts`` key there); another path is read from disk, as imports
+    are."""
+    from kdns.forward import hosts as H
+    a.hosts_box = a.hosts_source = None
+    if cf.hosts is None:
+        return None
+    key, text = None, None
+    data = getattr(a, "corefile_configmap_data", None)
+    if data is not None and os.path.dirname(cf.hosts.path) == settings.COREFILE_DIR \
+            and os.path.basename(cf.hosts.path) in data:
+        base = os.path.basename(cf.hosts.path)
+        key = f"configmap/{a.config_map_namespace}/{a.corefile_configmap}:{base}"
+        text = data[base]
+    src = H.HostsSource(cf.hosts, a.domain.rstrip(".").lower(), configmap_key=key)
+    try:
+        records = src.load_first(text)
+    except H.HostsError as e:
+        return str(e)
+    a.hosts_box, a.hosts_source = H.HostsBox(records), src
     return None
 
 
@@ -312,7 +342,8 @@ def _forwarding(a: argparse.Namespace):
             kube_master_url=getattr(a, "kube_master_url", ""),
             **_tuning(a), corefile=a.corefile,
             corefile_strict=a.corefile_unsupported == "refuse",
-            corefile_first=a.corefile_settings, pinned=a.corefile_pinned)
+            corefile_first=a.corefile_settings, pinned=a.corefile_pinned,
+            hosts_source=getattr(a, "hosts_source", None))
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
                              nameservers=a.nameservers, config_map=a.config_map,
@@ -433,7 +464,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         forwarding=_forwarding(a),
         log_level=logs.level_for(a.log_level, a.v), log_format=logs.format_of(a),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
-        log_queries=a.log_queries)
+        log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None))
 
 
 def _fail(message: str) -> int:

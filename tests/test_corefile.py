@@ -56,7 +56,7 @@ def k3s_copy(tmp_path) -> str:
      ["aks.Corefile:21: the plugin loadbalance"]),
     # k3s's health has no lameduck block: 0, as CoreDNS.
     ("k3s", {**COMMON, "ttl": 5, "lameduck": 0.0, "log_queries": True},
-     ["k3s.Corefile:12: the plugin hosts", "k3s.Corefile:22: the plugin loadbalance"]),
+     ["k3s.Corefile:22: the plugin loadbalance"]),
 ])
 def test_default_corefiles_parse_to_their_settings(tmp_path, name, expect, refused):
     path = k3s_copy(tmp_path) if name == "k3s" else fixture(name)
@@ -180,7 +180,8 @@ dns://c.example.:{$DNS_PORT} {
 
 @pytest.mark.parametrize("snippet, line, message", [
     ("rewrite name foo.example bar.example", 6, "the plugin rewrite is not supported by kdns."),
-    ("hosts {\n 10.0.0.1 a.example\n}", 6, "the plugin hosts is not supported by kdns."),
+    ("hosts {\n 10.0.0.1 a.example\n}", 6,
+     "hosts for . without fallthrough for cluster.local is not supported by kdns"),
     ("autopath @kubernetes", 6, "the plugin autopath is not supported by kdns."),
     ("forward . tls://1.1.1.1", 6, "forwarding over tls:// is not supported by kdns"),
     ("forward . 1.1.1.1 {\n tls_servername x\n}", 7,

@@ -48,6 +48,31 @@ def sample_image(tag: str = "10.96.0.1", pods: str = "insecure", synced: bool = 
                            synced=synced)
 
 
+def hosts_image(synced: bool = True) -> bytes:
+    """The sample with custom records (the Corefile's hosts): the root as a hosts zone with
+    fallthrough, final.example. without it, a PTR of theirs, and CNAMEs from the cluster to
+    a host name and to a name of a hosts zone without records."""
+    s = "kubernetes.default.svc." + Z
+    extra = [
+        R.RRset("k3s-server.", R.A, 60, (R.Address("10.0.0.9"),)),
+        R.RRset("k3s-server.", R.AAAA, 60, (R.Address("fd00::9"),)),
+        R.RRset("node.final.example.", R.A, 60, (R.Address("192.0.2.9"), R.Address("192.0.2.10"))),
+        R.RRset("9.0.0.10.in-addr.arpa.", R.PTR, 60, (R.Target("k3s-server."),)),
+        R.RRset("tohost.default.svc." + Z, R.CNAME, 30, (R.Target("k3s-server."),)),
+        R.RRset("tomiss.default.svc." + Z, R.CNAME, 30, (R.Target("miss.final.example."),)),
+    ]
+    zones = sample_zones() + [I.Zone(".", kind=I.ZONE_HOSTS, ttl=60),
+                              I.Zone("final.example.", kind=I.ZONE_HOSTS_FINAL, ttl=60)]
+    return I.compile_image(sample_rrsets() + extra, zones,
+                           exists=["default.svc." + Z, "kube-system.svc." + Z, "svc." + Z, "pod." + Z],
+                           synced=synced)
+
+
+HOSTS_NAMES = ["k3s-server", "K3S-SERVER", "x.k3s-server", "node.final.example", "final.example",
+               "miss.final.example", "example", "9.0.0.10.in-addr.arpa",
+               "tohost.default.svc.cluster.local", "tomiss.default.svc.cluster.local", "."]
+
+
 # Names worth asking about: hits, ENTs, misses, synthesis, reverse, outside.
 SAMPLE_NAMES = [
     "kubernetes.default.svc.cluster.local", "_https._tcp.kubernetes.default.svc.cluster.local",

@@ -192,6 +192,12 @@ class RRset:
 # A zone kdns answers for: what the record rules hand the zone compiler with the RRsets.
 ZONE_AUTH = 0
 ZONE_REVERSE = 1
+# Zones of custom records (CoreDNS ``hosts``): only the names that have addresses are
+# answered; every other name of the zone is passed on (ZONE_HOSTS: ``fallthrough``, to the
+# forwarder) or answered SERVFAIL (ZONE_HOSTS_FINAL: CoreDNS's answer, having no SOA to
+# deny a name with). A name with addresses answers any other type NOERROR without records.
+ZONE_HOSTS = 2
+ZONE_HOSTS_FINAL = 3
 
 
 @dataclass(frozen=True)

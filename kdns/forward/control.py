@@ -67,6 +67,9 @@ class ForwardingOptions:
     corefile_strict: bool = True
     corefile_first: object = None
     pinned: frozenset = frozenset()
+    # The Corefile's hosts plugin: its source (forward.hosts.HostsSource), already read
+    # once; re-read as its ``reload`` says, or with each ConfigMap version.
+    hosts_source: object = None
 
     def tuning(self) -> dict:
         """What each worker applies to its Forwarder and cache."""
@@ -135,6 +138,8 @@ class ForwardingControl:
         # stop event (kdns.kube.configmap.ConfigMapPoller), given by the supervisor.
         self.configmap = configmap
         self._cm_version: str | None = None
+        self.hosts = opts.hosts_source
+        self.on_hosts = None            # called with new HostsRecords (the supervisor's)
         self.rejected = 0
         self.own: list[tuple[str, int]] = []
         self.looping: tuple[Upstream, ...] = ()
@@ -180,6 +185,12 @@ class ForwardingControl:
             self.watcher.poll_once()
         if self.configmap is not None:
             self._take_configmap()
+        if self.hosts is not None:
+            self._hosts_offer(self.hosts.poll(now))
+
+    def _hosts_offer(self, new) -> None:
+        if new is not None and self.on_hosts is not None:
+            self.on_hosts(new)
 
     def _take_configmap(self) -> None:
         """Apply the ConfigMap the poller fetched last, as ConfigDirWatcher does a directory:
@@ -192,6 +203,8 @@ class ForwardingControl:
             before = self.corefile.rejected
             self.corefile.offer_configmap(got[1], self.configmap_label())
             self.rejected += self.corefile.rejected - before
+            if self.hosts is not None and self.hosts.configmap_key is not None:
+                self._hosts_offer(self.hosts.offer_key(got[1]))
             return
         try:
             config = parse_configmap(got[1])
@@ -240,6 +253,31 @@ class ForwardingControl:
         self.opts = replace(self.opts, **changes)
         self._corefile_resolv(cf)
         self._on_change(cf.forwarding)      # publishes the new tuning too
+        if self.hosts is not None and cf.hosts != self.hosts.spec:
+            self._hosts_respec(cf.hosts)
+        elif self.hosts is None and cf.hosts is not None:
+            log.warning("the Corefile has hosts now (%s); kdns serves them from its next "
+                        "start", cf.hosts.where)
+
+    def _hosts_respec(self, spec) -> None:
+        """The Corefile's hosts directive changed (inline lines, ttl, zones...): its records
+        from the new directive now, as CoreDNS's reload would; a bad version keeps the last
+        good records. Adding or removing the plugin waits for the next start."""
+        from kdns.forward.hosts import HostsError, HostsSource
+        if spec is None:
+            log.warning("the Corefile no longer has hosts; kdns drops them at its next start")
+            return
+        old = self.hosts
+        src = HostsSource(spec, old.domain, configmap_key=old.configmap_key)
+        try:
+            new = src.load_first(old.stamp[1] if old.configmap_key is not None else None)
+        except HostsError as e:
+            log.error("%s Keeping the last good hosts records.", e)
+            return
+        self.hosts = src
+        log.info("hosts (%s) changed in the Corefile; its records apply now", spec.where)
+        if self.on_hosts is not None:
+            self.on_hosts(new)
 
     def _apply_check(self, looping: tuple, errors: list[str]) -> None:
         if errors != self.loop_errors:

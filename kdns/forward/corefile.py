@@ -90,6 +90,8 @@ class CorefileSettings:
     unsupported: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     version: str = ""
+    # The ``hosts`` plugin (kdns.forward.hosts.HostsSpec), or None.
+    hosts: object = None
 
     def forward_options(self) -> dict:
         """The forward and cache settings a worker applies (``ForwardingOptions.policy``...)."""
@@ -285,6 +287,8 @@ class _Mapper:
         self.resolv_conf: str | None = None
         self.have_root_forward = False
         self.seen: dict[str, Token] = {}         # setting -> where it was set
+        self.hosts = None                        # hosts.HostsSpec
+        self.hosts_at: Token | None = None
 
     # ---- helpers
     def refuse(self, tok: Token, what: str, why: str = "") -> None:
@@ -424,6 +428,81 @@ class _Mapper:
         self.no_block(d)
         self.set("metrics_port", self.port_of(d.args[0], d.args[0].text) if d.args else 9153,
                  d.name)
+
+    # ---- hosts (kdns/forward/hosts.py states CoreDNS's rules)
+    def p_hosts(self, d, zones):
+        from kdns.forward import hosts as H
+        if self.hosts is not None:
+            self.refuse(d.name, "a second hosts plugin",
+                        f"kdns serves one set of custom records, {self.hosts.where}'s")
+            return
+        path = H.DEFAULT_FILE
+        if d.args:
+            path = d.args[0].text
+            if not os.path.isabs(path):
+                # CoreDNS joins a relative path to the ``root`` plugin's directory; kdns,
+                # which has no root, to the Corefile's (as imports).
+                path = os.path.join(os.path.dirname(d.args[0].file), path)
+        origins = [_zone(a.text) or "." for a in d.args[1:]] or list(zones)
+        ttl, reverse, reload, fall, inline = H.DEFAULT_TTL, True, H.DEFAULT_RELOAD, None, []
+        for opt in d.block or ():
+            o, args = opt[0], opt[1:]
+            name = o.text
+            if name == "fallthrough":
+                fall = tuple(_zone(a.text) or "." for a in args)
+            elif name == "ttl":
+                if len(args) != 1:
+                    raise CorefileError(f"{o.where}: hosts ttl takes one number of seconds.")
+                ttl = self.number(args[0], 1, H.MAX_TTL, "a TTL")
+            elif name == "no_reverse" and not args:
+                reverse = False
+            elif name == "reload":
+                if len(args) != 1:
+                    raise CorefileError(f"{o.where}: hosts reload takes one duration (0 "
+                                        f"disables it).")
+                reload = self.duration(args[0])
+            elif name == "fallthrough_unsupported":
+                self.refuse(o, "the hosts option fallthrough_unsupported",
+                            "a name of the hosts answers every type but A and AAAA with "
+                            "no records")
+            elif fall is None:
+                # CoreDNS: every other line before fallthrough is a hosts line.
+                inline.append((o.where, " ".join(t.text for t in opt)))
+            else:
+                raise CorefileError(f"{o.where}: {name!r} after fallthrough is no hosts "
+                                    f"option (inline hosts lines come before fallthrough).")
+        self.hosts = H.HostsSpec(where=d.name.where, path=path, zones=tuple(origins),
+                                 inline=tuple(inline), ttl=ttl, reverse=reverse,
+                                 reload=reload, fallthrough=fall)
+        self.hosts_at = d.name
+        try:
+            # The inline lines are the Corefile's: a bad one is the Corefile's error.
+            H.parse_lines(inline, self.hosts)
+        except H.HostsError as e:
+            raise CorefileError(str(e)) from None
+
+    def check_hosts(self) -> None:
+        """CoreDNS runs hosts before kubernetes: a hosts plugin whose zones take in cluster
+        names and that does not fall through for them answers every cluster name it does
+        not list SERVFAIL. kdns answers cluster names from the cluster, so it refuses that
+        Corefile instead of answering differently."""
+        from kdns.forward.hosts import within
+        spec, domain = self.hosts, self.flags.get("domain")
+        if spec is None or domain is None:
+            return
+        for z in spec.zones:
+            if within(domain, z):
+                point = domain              # the zone takes in the whole cluster domain
+            elif within(z, domain):
+                point = z                   # the zone lies inside the cluster domain
+            else:
+                continue
+            if not spec.falls_through(point):
+                self.refuse(self.hosts_at, f"hosts for {z} without fallthrough for {point}",
+                            "CoreDNS would answer SERVFAIL for every cluster name the hosts "
+                            "do not list; add fallthrough")
+                self.hosts = None           # refused: kdns starts without it (warn)
+                return
 
     # ---- kubernetes
     def p_kubernetes(self, d, zones):
@@ -640,12 +719,18 @@ def parse(path: str, *, env=None, text: str | None = None,
         zones = {_zone(k.text.partition("://")[2] or k.text).partition(":")[0] or "."
                  for k in b.keys}
         kinds = {d.name.text for d in b.directives}
-        if "kubernetes" not in kinds and "forward" not in kinds and zones - {"."}:
+        if "hosts" in kinds and not kinds & {"kubernetes", "forward"}:
+            # Nothing after hosts in this block: CoreDNS answers what falls through
+            # SERVFAIL (no next plugin), which a stub domain without servers answers too.
+            for z in sorted(zones - {"."}):
+                m.stub(z, (), b.keys[0])
+        if not kinds & {"kubernetes", "forward", "hosts"} and zones - {"."}:
             m.refuse(b.keys[0], f"the server block {b.keys[0].text} without forward or "
                      f"kubernetes", "kdns would have nothing to answer its names with")
     if "domain" not in m.flags:
         raise CorefileError(f"{path}: no kubernetes plugin; kdns serves a cluster domain, so "
                             f"the Corefile must have one.")
+    m.check_hosts()
     if "cache_success_ttl" not in m.flags:
         m.unsupported.append(f"{path}: a Corefile without cache is not supported by kdns "
                              f"(kdns always caches forwarded answers); add cache 30.")
@@ -658,7 +743,7 @@ def parse(path: str, *, env=None, text: str | None = None,
     cfg = KubeDNSConfig(dict(sorted(m.stubs.items())), m.upstreams)
     return CorefileSettings(flags=flags, forwarding=cfg, resolv_conf=m.resolv_conf,
                             unsupported=m.unsupported, files=reader.files,
-                            version=reader.digest.hexdigest())
+                            version=reader.digest.hexdigest(), hosts=m.hosts)
 
 
 def version_of(path: str, env=None, text: str | None = None,

@@ -242,7 +242,22 @@ class CoreDNSCollector:
                                      "dns instance.", labels=["service_kind"])
         for kind, (pairs, total) in self.sup.programming_histograms().items():
             prog.add_metric([kind], pairs, total)
-        return [info, prog, self.plugins()]
+        return [info, prog, self.plugins(), *self.hosts()]
+
+    def hosts(self):
+        """CoreDNS hosts' gauges, when the Corefile has hosts (its records and when their
+        file was last read)."""
+        fwd = self.sup.forwarding
+        src = getattr(fwd, "hosts", None) if fwd is not None else None
+        if src is None:
+            return []
+        entries = GaugeMetricFamily("coredns_hosts_entries", "The combined number of entries "
+                                    "in hosts and Corefile.", labels=["hostsfile"])
+        entries.add_metric([src.label()], src.current.entries())
+        when = GaugeMetricFamily("coredns_hosts_reload_timestamp_seconds", "The timestamp of "
+                                 "the last reload of hosts file.")
+        when.add_metric([], src.reloaded)
+        return [entries, when]
 
     def plugins(self):
         """coredns_plugin_enabled for each CoreDNS plugin whose job kdns is doing in this
@@ -257,6 +272,8 @@ class CoreDNSCollector:
             names.append("ready")
         if cfg.log_queries:
             names.append("log")
+        if getattr(cfg, "hosts", None) is not None:
+            names.append("hosts")
         server, zone, _ = self.labels()
         fam = GaugeMetricFamily("coredns_plugin_enabled", "A metric that indicates whether a "
                                 "plugin is enabled on per server and zone basis.",

@@ -569,7 +569,7 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     cdef const uint8_t *lab
     cdef int64_t zi = -1, c
     cdef int i = a.nlabels - 1, apex_ptr, act
-    cdef unsigned int nflags
+    cdef unsigned int nflags, kind
     cdef uint32_t blob
     while True:
         nflags = le16(node + NODE_FLAGS)
@@ -589,9 +589,18 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     zone = zone_at(img, <uint32_t>zi)
     # The apex inside the echoed question: 12 + qname length - apex length.
     apex_ptr = a.qend - 4 - le16(zone + ZONE_APEX_WIRE_LEN)
-    if le16(zone + ZONE_KIND) == ZONE_REVERSE and i >= 0:
+    kind = le16(zone + ZONE_KIND)
+    if kind == ZONE_REVERSE and i >= 0:
         return answer_reverse(a, img, out, cap, res)
-    if not img.flags & FLAG_SYNCED:
+    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL:
+        # Custom records: a name without any is the forwarder's (fallthrough) or SERVFAIL;
+        # they do not wait for the cluster's first sync (refpath.resolve).
+        if i >= 0 or le16(node + NODE_NRR) == 0:
+            if kind == ZONE_HOSTS:
+                res.outside = 1
+                return ACTION_HANDOFF
+            return build_reply(a, img, img.servfail, 0, 0, NULL, 0, out, cap, res)
+    elif not img.flags & FLAG_SYNCED:
         # Not synced yet: SERVFAIL, never a false NXDOMAIN.
         return build_reply(a, img, img.servfail, 0, 0, NULL, 0, out, cap, res)
     if a.qtype == T_AXFR or a.qtype == T_IXFR:

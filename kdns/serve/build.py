@@ -8,16 +8,32 @@ file (``--from-file``); ``incremental`` joins them for the compile after a chang
 from __future__ import annotations
 
 from kdns import settings
+from kdns.dns import rr as R
 from kdns.kube import records
 from kdns.kube.model import KINDS
 from kdns.zone import image as I
 
 
-def compile_model(model, *, synced: bool = True, **options) -> bytes:
+def compile_model(model, *, synced: bool = True, hosts=None, **options) -> bytes:
     """Image bytes for ``model`` (what the controller publishes after a change); ``options``
     are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
-    answer SERVFAIL, never a false NXDOMAIN (docs/architecture.md, "Failure behaviour")."""
-    return _compile(records.zone_data(model, **options), synced)
+    answer SERVFAIL, never a false NXDOMAIN (docs/architecture.md, "Failure behaviour").
+    ``hosts``: the Corefile's custom records (``forward.hosts.HostsRecords``) or None."""
+    domain = options.get("domain", settings.DOMAIN)
+    return _compile(with_hosts(records.zone_data(model, **options), hosts, domain), synced)
+
+
+def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:
+    """``zd`` with the custom records of ``hosts`` (None: as it is). CoreDNS asks hosts
+    before kubernetes, so a name of the hosts keeps only their records (its A and AAAA; any
+    other type NODATA) and an address of the hosts only their PTR: the cluster's records at
+    the same name or address are left out."""
+    if hosts is None:
+        return zd
+    names, rev = hosts.names(), hosts.reverse_names()
+    kept = tuple(s for s in zd.rrsets if s.name not in names and s.name not in rev)
+    return records.ZoneData(kept + tuple(hosts.rrsets()), zd.zones + tuple(hosts.zones(
+        R.canonical(domain).rstrip("."))), zd.exists, zd.serial, zd.warnings)
 
 
 def _compile(zd: records.ZoneData, synced: bool) -> bytes:
@@ -36,7 +52,7 @@ def compile_file(path: str, **options) -> bytes:
 
 def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
                          pods: str = settings.PODS, endpoint_pod_names: bool = False,
-                         serial: int | None = None) -> tuple[bytes, int]:
+                         serial: int | None = None, hosts=None) -> tuple[bytes, int]:
     """Image bytes for ``path`` and how many objects of the DNS kinds it held: the file
     source refuses to replace a cluster with an empty one (a truncated file, see
     ``supervisor.WatchedFile``), which only the object count tells apart."""
@@ -47,5 +63,6 @@ def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int =
     zd = records.zone_data(model, domain=domain, ttl=ttl, pods=pods,
                            endpoint_pod_names=endpoint_pod_names,
                            serial=records.file_serial(path) if serial is None else serial)
+    zd = with_hosts(zd, hosts, domain)
     del model
     return _compile(zd, True), objects

@@ -88,12 +88,14 @@ class FullCompiler:
     ``IncrementalCompiler``, and what it falls back to)."""
 
     def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
-                 pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False):
+                 pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False, hosts=None):
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
                         "endpoint_pod_names": endpoint_pod_names}
+        self.hosts = hosts              # forward.hosts.HostsBox or None
 
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
-        return build.compile_model(model, synced=synced, **self.options)
+        return build.compile_model(model, synced=synced, hosts=self.hosts and self.hosts.records,
+                                   **self.options)
 
 
 # --------------------------------------------------------------------------- latency histogram
@@ -330,6 +332,11 @@ class Controller:
         """A compiled image waits for the supervisor's ``poll`` (read-only; tests)."""
         return self._outbox is not None
 
+    def hosts_changed(self) -> None:
+        """The custom records (the compiler's HostsBox) changed: compile them in, after the
+        debounce as any change (the supervisor's thread calls it; it never blocks long)."""
+        self.inbox.put(("hosts", None, None, self.clock()))
+
     def stop(self, timeout: float = 1.0) -> None:
         # A compile in progress cannot be interrupted; the thread is a daemon, so shutdown
         # (and the end of a lameduck) waits at most ``timeout`` for it.
@@ -422,6 +429,8 @@ class Controller:
                          model.count("EndpointSlice"), model.count("Namespace"),
                          model.count("Pod"))
                 self._mark_dirty(seen_at)     # the first synced image, even for an empty cluster
+        elif op == "hosts":
+            self._mark_dirty(seen_at)         # the custom records changed: compile them in
 
     def _changed_if(self, changed: bool, kind: str, key, seen_at: float) -> None:
         if not changed:
@@ -547,17 +556,17 @@ class ApiController(Controller):
                  domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
                  initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
                  debounce: Debounce = Debounce(), settings=None,
-                 endpoint_pod_names: bool = False):
+                 endpoint_pod_names: bool = False, hosts=None):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
         if kdns_settings.ENV.full_compile:
             # The reference compile on every change: an escape hatch, and the "before" of
             # bench/bench_api_scale.py --full-compile.
             compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods,
-                                    endpoint_pod_names=endpoint_pod_names)
+                                    endpoint_pod_names=endpoint_pod_names, hosts=hosts)
         else:
             compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True,
-                                           endpoint_pod_names=endpoint_pod_names)
+                                           endpoint_pod_names=endpoint_pod_names, hosts=hosts)
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
@@ -582,7 +591,8 @@ class ApiController(Controller):
             raise ConnectionConfigError(str(e)) from None
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
                    initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
-                   endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False))
+                   endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False),
+                   hosts=getattr(cfg, "hosts", None))
 
     def start(self) -> None:
         super().start()

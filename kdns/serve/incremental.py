@@ -71,7 +71,8 @@ class IncrementalCompiler:
     """``controller.Compiler`` that re-encodes only the services a change touched."""
 
     def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
-                 endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False):
+                 endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False,
+                 hosts=None):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it."""
         if pods not in records.PODS_MODES:
@@ -87,6 +88,11 @@ class IncrementalCompiler:
         self._next_spare = 0
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
                         "endpoint_pod_names": endpoint_pod_names, "ns_ips": ns_ips}
+        # The Corefile's custom records (forward.hosts.HostsBox), read at every compile.
+        # Their A/AAAA and PTR RRsets are compiled from RRsets each time (a few names); an
+        # address of theirs keeps no cluster PTR group in the core (hosts answer first).
+        self.hosts = hosts
+        self._hosts_zones: tuple = ()
         # Statistics, for logs, metrics and tests.
         self.full_compiles = 0       # compiles that did not use the saved records
         self.last_dirty = 0          # services re-derived by the last compile
@@ -105,44 +111,62 @@ class IncrementalCompiler:
         self._primed = False
         self._core = None                      # the persistent ZoneCore
         self._zones = (I.Zone(self.zone), *(I.Zone(rz, kind=I.ZONE_REVERSE)
-                                            for rz in records.REVERSE_ZONES))
+                                            for rz in records.REVERSE_ZONES),
+                       *self._hosts_zones)
+        self._hosts_ips: frozenset = frozenset()   # addresses whose PTR is the hosts' 
 
     # ------------------------------------------------------------------ entry point
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
         core = I._compiled_core()
+        hosts = self.hosts.records if self.hosts is not None else None
         if core is None:                       # KDNS_PURE: the reference compiler only
-            return self._full(model, synced)
+            return self._full(model, synced, hosts=hosts)
+        if hosts is not None:
+            zones = tuple(hosts.zones(self.zone.rstrip(".")))
+            if zones != self._hosts_zones:
+                self._hosts_zones = zones
+                self._reset()                  # the core's zones are fixed when it is made
+            if any(n.endswith("." + self.zone) or n == self.zone for n in hosts.names()):
+                # A custom name inside the cluster domain replaces a cluster name's answers,
+                # which the saved service answers cannot express: the full compile decides,
+                # and the saved state, which this change does not reach, starts over after.
+                return self._full(model, synced, reset=True, hosts=hosts)
+        elif self._hosts_zones:
+            self._hosts_zones = ()
+            self._reset()
         paused = gc.isenabled()
         gc.disable()       # as compile_image: many new objects, no garbage cycles among them
         try:
             try:
-                self._update(model, changed, core)
+                self._update(model, changed, core,
+                             frozenset(hosts.ptr) if hosts is not None else frozenset())
             except Exception:
                 # A bug here must not cost a wrong answer: forget everything saved (the next
                 # compile derives it again from the model) and compile this one in full.
                 log.exception("incremental compile failed; compiling in full")
-                return self._full(model, synced, reset=True)
+                return self._full(model, synced, reset=True, hosts=hosts)
             try:
-                return self._assemble(model, synced, core, changed)
+                return self._assemble(model, synced, core, changed, hosts)
             except I.CompileError as e:
                 # Input the saved answers cannot express (a CNAME into a reverse name, whose
                 # RRsets the core no longer holds) or bad input: the full path decides, with
                 # the same rules. The saved state is whole (the core's next compile forgets
                 # this one's half-done tables).
                 log.debug("compiling in full: %s", e)
-                return self._full(model, synced)
+                return self._full(model, synced, hosts=hosts)
             except Exception:
                 log.exception("incremental compile failed; compiling in full")
-                return self._full(model, synced, reset=True)
+                return self._full(model, synced, reset=True, hosts=hosts)
         finally:
             if paused:
                 gc.enable()
 
-    def _full(self, model: ClusterModel, synced: bool, reset: bool = False) -> bytes:
+    def _full(self, model: ClusterModel, synced: bool, reset: bool = False,
+              hosts=None) -> bytes:
         if reset:
             self._reset()
         self.full_compiles += 1
-        return build.compile_model(model, synced=synced, **self.options)
+        return build.compile_model(model, synced=synced, hosts=hosts, **self.options)
 
     # ------------------------------------------------------------------ the saved state
     def _dirty(self, model: ClusterModel, changed: set) -> set:
@@ -185,7 +209,8 @@ class IncrementalCompiler:
                         pinned.add((parts[-1], parts[-2]))
         return pinned
 
-    def _update(self, model: ClusterModel, changed: set, core_type) -> None:
+    def _update(self, model: ClusterModel, changed: set, core_type,
+                hosts_ips: frozenset = frozenset()) -> None:
         dirty = self._dirty(model, changed)
         pinned = self._pins(model)
         dirty |= pinned ^ self._pinned
@@ -199,6 +224,16 @@ class IncrementalCompiler:
         for at in range(0, len(keys), CHUNK_SERVICES):
             self._services_chunk(model, keys[at:at + CHUNK_SERVICES], pinned, ptr_before,
                                  core_type)
+        old_hosts = self._hosts_ips
+        if hosts_ips != old_hosts:
+            # An address that became, or stopped being, the hosts' gets its cluster PTR group
+            # dropped or back (what _ptrs_chunk does for a dirty address).
+            for ip in old_hosts ^ hosts_ips:
+                ptr_before.setdefault(ip, ip in self._ptr)
+        for ip in old_hosts:
+            if ip in ptr_before:
+                ptr_before[ip] = False          # it had no group: the hosts answered it
+        self._hosts_ips = hosts_ips
         ips = sorted(ptr_before)
         for at in range(0, len(ips), CHUNK_PTRS):
             self._ptrs_chunk(ips[at:at + CHUNK_PTRS], ptr_before, core_type)
@@ -251,7 +286,7 @@ class IncrementalCompiler:
             if ptr_before[ip]:
                 remove.append(reverse_name(ip))
             targets = self._ptr.get(ip)
-            if targets is not None:
+            if targets is not None and ip not in self._hosts_ips:
                 s = records.ptr_rrset(ip, targets, self.ttl)
                 encode.append(s)
                 groups.append(s.name)
@@ -380,7 +415,8 @@ class IncrementalCompiler:
         self._pod_lists = lists
         return lists
 
-    def _assemble(self, model: ClusterModel, synced: bool, core_type, changed: set) -> bytes:
+    def _assemble(self, model: ClusterModel, synced: bool, core_type, changed: set,
+                  hosts=None) -> bytes:
         started = time.perf_counter()
         serial = model.serial
         frame, zones, exists = records.zone_frame(model, zone=self.zone, ttl=self.ttl,
@@ -391,6 +427,9 @@ class IncrementalCompiler:
         for entry in self._services.values():
             if entry.raw is not None:
                 raw += entry.raw
+        if hosts is not None:
+            raw += hosts.rrsets()
+            zones = (*zones, *self._hosts_zones)
         image = I.CoreCompiler(list(zones), synced, serial, core_type,
                                core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):

@@ -128,6 +128,8 @@ class ServeConfig:
     kubecfg_file: str = ""
     kube_master_url: str = ""
     initial_sync_timeout: float = settings.INITIAL_SYNC_TIMEOUT
+    # The Corefile's custom records (forward.hosts.HostsBox), compiled into every image.
+    hosts: object = None
 
 
 # --------------------------------------------------------------------------- image sources
@@ -152,9 +154,10 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
         except ImportError as e:
             raise LoadError(f"--from-file needs kdns.kube.records, which failed to import ({e}).") from None
         try:
-            data, objects = build.compile_file_counted(path, domain=cfg.domain, ttl=cfg.ttl,
-                                                       pods=cfg.pods,
-                                                       endpoint_pod_names=cfg.endpoint_pod_names)
+            data, objects = build.compile_file_counted(
+                path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods,
+                endpoint_pod_names=cfg.endpoint_pod_names,
+                hosts=cfg.hosts.records if cfg.hosts is not None else None)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:
@@ -546,6 +549,18 @@ class Supervisor:
         self.zygote: Zygote | None = None
         if cfg.forwarding is not None:
             self.forwarding = forwarding_control(cfg.forwarding)
+            self.forwarding.on_hosts = self.hosts_changed
+
+    def hosts_changed(self, records) -> None:
+        """New custom records (a hosts file or ConfigMap key changed): the next image has
+        them, compiled and published as any change is."""
+        if self.cfg.hosts is None:
+            return
+        self.cfg.hosts.records = records
+        if self.source.push:
+            self.source.hosts_changed()      # the API controller compiles on its thread
+        else:
+            self.reload_requested = True     # the file source: compile again now
 
     # ---- start
     def start(self, first_image: bytes) -> None:

@@ -1045,7 +1045,10 @@ cdef class ZoneCore:
         for k in range(nfix):
             put16le(self.scr + BLOBHDR_SIZE + 2 * k, fix[k])
         memcpy(self.scr + BLOBHDR_SIZE + fixb, self.segs, SEG_SIZE * nseg)
-        memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
+        if dlen:
+            # A blob without data (a hosts zone's NODATA, the first blob of a compile) may
+            # meet ``dat`` not allocated yet: memcpy's source must not be NULL even for 0.
+            memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
 
     cdef size_t cut_every_rr(self, size_t dlen, uint32_t an, uint32_t ns,
@@ -1112,6 +1115,10 @@ cdef class ZoneCore:
         cdef int32_t apex = self.apex_id[zi], soa
         cdef uint16_t fix[3]
         cdef size_t nfix = 1, size = 0
+        if self.zone_kind[zi] != ZONE_AUTH and self.zone_kind[zi] != ZONE_REVERSE:
+            # A hosts zone has no SOA: its NODATA carries no records (encode.py).
+            self.seg(0, 0, 0, 0, 0)
+            return self.finish_blob(0, 0, 1, 0, HDR_AA)
         soa = self.of_type(self.rrs_of(apex), T_SOA)
         if soa < 0:
             raise self.error(f"zone {self.apex_text[zi]} has no SOA RRset")
@@ -1505,8 +1512,8 @@ cdef class ZoneCore:
             r = self.rrs_of(cur)
             if r < 0:
                 z = self.zone_of(cur)
-                if z < 0 or self.zone_rev[z]:
-                    return 0                      # outside: the CNAME alone
+                if z < 0 or self.zone_kind[z] != ZONE_AUTH:
+                    return 0                      # outside (or reverse, hosts): the CNAME alone
                 zi[0] = z
                 return 0 if self.nflags[cur] & (NF_EXPLICIT | NF_TREE) else 3
             c = self.of_type(r, T_CNAME)
@@ -1521,7 +1528,10 @@ cdef class ZoneCore:
                 continue
             r = self.of_type(r, qtype)
             if r < 0:
-                zi[0] = self.zone_of(cur)
+                z = self.zone_of(cur)
+                # A hosts zone's NODATA has no SOA (encode.py ``soa_authority``).
+                zi[0] = z if z < 0 or self.zone_kind[z] == ZONE_AUTH \
+                    or self.zone_kind[z] == ZONE_REVERSE else -1
                 return 0
             self.rr_owner[nan[0]] = cur
             an[nan[0]] = r
@@ -1598,7 +1608,7 @@ cdef class ZoneCore:
         qtypes.discard(T_SOA)
         qtypes.discard(T_NS)
         outside = self.rrs_of(cur) < 0 and (self.zone_of(cur) < 0
-                                            or self.zone_rev[self.zone_of(cur)])
+                                            or self.zone_kind[self.zone_of(cur)] != ZONE_AUTH)
         for qtype in sorted(qtypes):
             # A CNAME query is answered by the CNAME alone (RFC 1034 §3.6.2); any other
             # type of a chain ending outside needs the target's records: hand off.

@@ -14,7 +14,7 @@ import socket
 import struct
 
 from kdns.dns import rr as R
-from kdns.dns.rr import ZONE_REVERSE, Zone
+from kdns.dns.rr import ZONE_AUTH, ZONE_REVERSE, Zone
 from kdns.dns.wire import (NOERROR as RCODE_NOERROR, NXDOMAIN as RCODE_NXDOMAIN,
                            SERVFAIL as RCODE_SERVFAIL)
 from kdns.zone.layout import (BLOBHDR, CUT_EVERY_RR_OVER, DEFAULT_QTYPE, HDR_AA,
@@ -184,7 +184,10 @@ class Encoder:
         return self.intern(head + fixb + seg_bytes + data)
 
     def negative_blob(self, zi: int) -> int:
-        """The zone's SOA for the authority section, with its apex written as fixups."""
+        """The zone's SOA for the authority section, with its apex written as fixups. A
+        hosts zone has no SOA: its NODATA carries no records (as CoreDNS's hosts answers)."""
+        if self.zones[zi].kind not in (ZONE_AUTH, ZONE_REVERSE):
+            return self.blob(HDR_AA, [], prebuilt=(b"", [0, 0, 0], [(0, 0, 0, 0)], []))
         apex = self.zone_labels[zi]
         soa = of_type(self.rrsets_of(apex) or (), R.SOA)
         if soa is None:
@@ -234,6 +237,8 @@ class Encoder:
         return out
 
     def soa_authority(self, zi: int) -> list[tuple]:
+        if self.zones[zi].kind not in (ZONE_AUTH, ZONE_REVERSE):
+            return []                  # a hosts zone has no SOA (``negative_blob``)
         apex = self.zone_labels[zi]
         return [(apex, None, of_type(self.rrsets_of(apex), R.SOA))]
 
@@ -245,8 +250,10 @@ class Encoder:
             byname = self.rrsets_of(cur)
             if byname is None:
                 zi = self.zone_of(cur)
-                if zi < 0 or self.zones[zi].kind == ZONE_REVERSE:
-                    return answer, [], [], RCODE_NOERROR     # outside: CNAME alone
+                if zi < 0 or self.zones[zi].kind != ZONE_AUTH:
+                    # Outside, or a reverse or hosts name without records (the forwarder's):
+                    # the CNAME alone.
+                    return answer, [], [], RCODE_NOERROR
                 rcode = RCODE_NOERROR if self.name_exists(cur) else RCODE_NXDOMAIN
                 return answer, self.soa_authority(zi), [], rcode
             cname = of_type(byname, R.CNAME)
@@ -299,11 +306,11 @@ class Encoder:
 
     def chain_leaves_cluster(self, last: tuple) -> bool:
         """Does the chain's last target lie outside every served zone (or in a reverse
-        zone without data: the forwarder's too)?"""
+        or hosts zone without data: the forwarder's too)?"""
         if self.rrsets_of(last) is not None:
             return False
         zi = self.zone_of(last)
-        return zi < 0 or self.zones[zi].kind == ZONE_REVERSE
+        return zi < 0 or self.zones[zi].kind != ZONE_AUTH
 
     def special_node(self, labels: tuple, flags: int, pod_info: dict,
                      pod_lists: bytearray) -> tuple[int, int]:

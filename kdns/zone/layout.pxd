@@ -72,6 +72,8 @@ cdef enum:
     NODE_POD_VERIFIED = 8
     ZONE_AUTH = 0
     ZONE_REVERSE = 1
+    ZONE_HOSTS = 2
+    ZONE_HOSTS_FINAL = 3
     HDR_AA = 0x0400
     HDR_HANDOFF = 0x8000
     DEFAULT_QTYPE = 0

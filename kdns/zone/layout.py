@@ -24,8 +24,12 @@ Layout (all integers little-endian; every offset is from the start of the image)
     POD_VERIFIED, ``extra`` points at [u32 count][count x 16-byte IPs, sorted].
   rr entry (8 bytes): qtype H, pad H, blob I. qtype 0 is the default for any other type
     (a CNAME owner answers every type with its chain).
-  zone (16 bytes): apex_node I, neg_blob I, ttl I, apex_wire_len H, kind H (ZONE_AUTH or
-    ZONE_REVERSE: reverse-zone misses are handed to the forwarder, not denied).
+  zone (16 bytes): apex_node I, neg_blob I, ttl I, apex_wire_len H, kind H (ZONE_AUTH;
+    ZONE_REVERSE: reverse-zone misses are handed to the forwarder, not denied; ZONE_HOSTS:
+    a custom-records zone, where only names with records are answered and every other name
+    is handed to the forwarder; ZONE_HOSTS_FINAL: the same, other names answered with the
+    SERVFAIL blob). A hosts zone's neg_blob holds no records: NOERROR, AA, empty (the
+    NODATA of a name that has only other types).
   reverse entry (28 bytes): family B, pad 3x, ip 16s (IPv4 in the first 4 bytes), rr_off I,
     nrr H, zone H. Sorted by (family, ip).
   blob: hdr H (AA bit and rcode to OR into the reply; HDR_HANDOFF 0x8000 = chain leaves
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import struct
 
-from kdns.dns.rr import ZONE_AUTH, ZONE_REVERSE  # noqa: F401  (the zone entry's kinds)
+from kdns.dns.rr import ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE  # noqa: F401  (the zone entry's kinds)
 
 MAGIC = b"KDNSIMG1"
 

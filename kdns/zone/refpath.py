@@ -14,7 +14,8 @@ from kdns import settings
 from kdns.zone import layout as L
 from kdns.zone.encode import ipv4_key, reverse_to_ip
 from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
-                              NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_REVERSE)
+                              NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_HOSTS,
+                              ZONE_HOSTS_FINAL, ZONE_REVERSE)
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
 
@@ -284,7 +285,16 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
             return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit,
                                       synth=any_hinfo(img.zone(img.u16(rec + L.REV_ZONE))[2]))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
-    if not img.flags & FLAG_SYNCED:
+    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL:
+        # Custom records (CoreDNS hosts): a name without records is not this zone's to
+        # deny. With fallthrough the next plugin (the forwarder) answers it; without,
+        # CoreDNS answers SERVFAIL, having no SOA to deny it with. The records do not
+        # wait for the cluster's first sync.
+        if i >= 0 or not img.u16(node + L.NODE_NRR):
+            if kind == ZONE_HOSTS:
+                return ACTION_HANDOFF, b""
+            return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
+    elif not img.flags & FLAG_SYNCED:
         return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
     if qtype in (T_AXFR, T_IXFR):
         return ACTION_SEND, reply(q, qend, 0, REFUSED, None, edns, limit)

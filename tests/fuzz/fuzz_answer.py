@@ -1,6 +1,7 @@
 """Fuzz target: the compiled answer function against the reference path, byte for byte.
 
-Input: one byte of options (image kind, TCP, the server's EDNS size), then the query.
+Input: one byte of options (image kind, TCP, the server's EDNS size, RA, the image with
+custom records), then the query.
 ``_fastpath.answer`` and ``refpath.answer`` must return the same action and the same bytes
 (what tests/test_fastpath.py holds over Hypothesis' queries, here coverage-guided).
 """
@@ -25,6 +26,9 @@ def setup() -> None:
     for kw in KINDS:
         buf = Z.sample_image(**kw)
         IMAGES.append((P.Image(buf), F.Image(buf)))
+    for synced in (True, False):
+        buf = Z.hosts_image(synced=synced)
+        IMAGES.append((P.Image(buf), F.Image(buf)))
 
 
 def TestOneInput(data: bytes) -> None:
@@ -34,7 +38,8 @@ def TestOneInput(data: bytes) -> None:
     if not data:
         return
     opts, q = data[0], bytes(data[1:])
-    ref, fast = IMAGES[opts & 3]
+    # Bit 6: the image with hosts zones (bit 0 then says synced or not).
+    ref, fast = IMAGES[4 + (opts & 1)] if opts & 0x40 else IMAGES[opts & 3]
     tcp = bool(opts & 4)
     edns_max = EDNS_MAX[(opts >> 3) & 3]
     ra = bool(opts & 0x20)

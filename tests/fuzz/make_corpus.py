@@ -156,7 +156,10 @@ def write(target: str, seeds: list[bytes]) -> None:
 def main() -> None:
     qs = queries()
     opts = (0, 4, 8, 1, 2, 3, 0x20, 0x1C)
-    write("answer", [bytes([opts[i % len(opts)]]) + q for i, q in enumerate(qs)])
+    # The image with custom records (option bit 6; bit 0: synced or not).
+    hosts = [bytes([0x40 | (i & 1)]) + query(n, QTYPES[i % len(QTYPES)])
+             for i, n in enumerate(Z.HOSTS_NAMES)]
+    write("answer", [bytes([opts[i % len(opts)]]) + q for i, q in enumerate(qs)] + hosts)
     write("tcp", streams(qs))
     write("scan", replies())
     write("zonefile", zonefiles())
