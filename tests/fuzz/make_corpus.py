@@ -156,7 +156,10 @@ def write(target: str, seeds: list[bytes]) -> None:
 def main() -> None:
     qs = queries()
     opts = (0, 4, 8, 1, 2, 3, 0x20, 0x1C)
-    write("answer", [bytes([opts[i % len(opts)]]) + q for i, q in enumerate(qs)])
+    # The rotating answers under each rotation state (bits 6-7), plain and EDNS, UDP.
+    rotating = [bytes([rot << 6 | (8 if edns == 0 else 0)]) + query(name, t, edns=edns)
+                for name, t in Z.ROTATING_NAMES for rot in range(4) for edns in (-1, 0)]
+    write("answer", [bytes([opts[i % len(opts)]]) + q for i, q in enumerate(qs)] + rotating)
     write("tcp", streams(qs))
     write("scan", replies())
     write("zonefile", zonefiles())
