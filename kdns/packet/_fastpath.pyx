@@ -272,9 +272,13 @@ cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, 
         # One load, add and store per rotating answer; the image's checks (blob_ok) hold
         # the run inside the segments and the blob without fixups.
         if rot.slots != NULL:
+            # The slot holds the next turn, kept below rot_n so that no answer divides; a
+            # larger value is another name's (two blobs that hash alike), rare.
             slot = rot.slots + rot_slot(blob)
-            turn = slot[0] % rot_n
-            slot[0] += 1
+            turn = slot[0]
+            if turn >= rot_n:
+                turn %= rot_n
+            slot[0] = turn + 1 if turn + 1 < rot_n else 0
         else:
             turn = rot.fixed % rot_n
         if turn:

@@ -34,17 +34,22 @@ class Malformed(Exception):
 class Rotation:
     """A worker's rotation state (layout.py, Rotation): one counter per slot, advanced each
     time an answer that rotates is sent from a blob of that slot. The packet paths take
-    this, or a plain int: the counter every rotating answer then uses (0: the order the
-    compiler laid out)."""
+    this, or a plain int: the counter every rotating answer then uses, modulo the run's
+    length (0: the order the compiler laid out)."""
 
     def __init__(self):
         self.slots = [0] * L.ROT_SLOTS
 
-    def take(self, blob: int) -> int:
+    def take(self, blob: int, n: int) -> int:
+        """The turn for the ``n`` records of the run in ``blob``. The slot holds the next
+        turn, kept below ``n`` so that the compiled path never divides; a larger value is
+        another name's (two blobs that hash alike), taken modulo ``n``."""
         i = L.rot_slot(blob)
-        c = self.slots[i]
-        self.slots[i] = (c + 1) & 0xFFFFFFFF
-        return c
+        turn = self.slots[i]
+        if turn >= n:
+            turn %= n
+        self.slots[i] = turn + 1 if turn + 1 < n else 0
+        return turn
 
 
 def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
@@ -385,9 +390,9 @@ def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"
         end, counts[0], counts[1], counts[2], tc = SEG.unpack_from(img.buf, seg_off + (lo - 1) * SEG.size)
         data = bytearray(img.buf[data_off:data_off + end])
         if rot_n >= 2:
-            c = rotation if isinstance(rotation, int) else rotation.take(blob)
-            if c % rot_n:
-                data, end, tc = rotate(img, seg_off, data_off, rot_at, rot_n, c % rot_n, room,
+            turn = rotation % rot_n if isinstance(rotation, int) else rotation.take(blob, rot_n)
+            if turn:
+                data, end, tc = rotate(img, seg_off, data_off, rot_at, rot_n, turn, room,
                                        data, end, tc, counts)
         if tc:
             hflags |= TC
