@@ -351,8 +351,9 @@ KDNS_PORT_IN_LOG = re.escape(f"listening on {HOST} port ") + r"(\d+) "
 
 
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
-                pure: bool = False) -> Server:
-    """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start)."""
+                pure: bool = False, loadbalance: bool = True) -> Server:
+    """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
+    ``loadbalance`` False: answers in the compiled order (--no-loadbalance)."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
@@ -360,6 +361,9 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
                          "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
+    if not loadbalance:
+        argv.append("--no-loadbalance")
+        name += "-nolb"
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
                   port_in_log=KDNS_PORT_IN_LOG)
@@ -779,7 +783,8 @@ def rcode_drift(cells: list[dict], ref: str, floor: str) -> list[str]:
     return out
 
 
-def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> tuple[str, dict]:
+def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str,
+           kdns1off: str = "") -> tuple[str, dict]:
     idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
     lines, out = [], {}
     for tool_ in ("loadgen", "dnsperf"):
@@ -793,6 +798,12 @@ def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str) -> t
                     r["kdns1_over_nsd_cpu_per_query"] = k1["cpu_us_per_query"] / n["cpu_us_per_query"]
                 if k1["avg_latency_us"] and n["avg_latency_us"]:
                     r["kdns1_over_nsd_avg_latency"] = k1["avg_latency_us"] / n["avg_latency_us"]
+            k1off = idx.get((kdns1off, mix, tool_))
+            if k1off and n:
+                r["kdns1nolb_over_nsd_qps"] = k1off["qps"] / n["qps"] if n["qps"] else None
+                if k1off["cpu_us_per_query"] and n["cpu_us_per_query"]:
+                    r["kdns1nolb_over_nsd_cpu_per_query"] = (k1off["cpu_us_per_query"]
+                                                             / n["cpu_us_per_query"])
             if k2 and n:
                 r["kdns2w_over_nsd_qps"] = k2["qps"] / n["qps"] if n["qps"] else None
             if k1 and f:
@@ -851,7 +862,8 @@ def parse_args(argv=None):
     ap.add_argument("--queries", type=int, help="lines per query file")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--targets", default="nsd,kdns1,kdns2,floor",
-                    help="comma list of nsd, kdns1 (1 worker, pinned), kdns2 (2 workers, "
+                    help="comma list of nsd, kdns1 (1 worker, pinned), kdns1off (the same with "
+                         "--no-loadbalance), kdns2 (2 workers, "
                          "unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
@@ -922,8 +934,8 @@ def main(argv=None) -> int:
                          if ln.startswith("Version")), "?")},
         "verify": {}, "samples": [], "cells": [],
         "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
-    labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns2": "kdns-unpinned-2w",
-              "floor": "responder-cpu1"}
+    labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
+              "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
     def start(make, timeout=120.0) -> Server:
@@ -988,6 +1000,10 @@ def main(argv=None) -> int:
         if "kdns1" in a.targets:
             servers["kdns1"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
                                                            SERVER_CPU, 1, outdir, a.pure))
+        if "kdns1off" in a.targets:
+            servers["kdns1off"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
+                                                              SERVER_CPU, 1, outdir, a.pure,
+                                                              loadbalance=False))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1004,7 +1020,7 @@ def main(argv=None) -> int:
         # Equivalence first: never compare a fast wrong answer with a slow right one.
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
-            for key in ("kdns1", "kdns2"):
+            for key in ("kdns1", "kdns1off", "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1022,7 +1038,7 @@ def main(argv=None) -> int:
                                   for k, s in servers.items()}
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
-            keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns2", "floor") if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
                 for mix in a.mixes:
@@ -1055,7 +1071,7 @@ def main(argv=None) -> int:
     cells = report["cells"]
     text_table = table(cells)
     rtext, report["ratios"] = ratios(cells, labels["kdns1"], labels["kdns2"], labels["nsd"],
-                                     labels["floor"])
+                                     labels["floor"], labels["kdns1off"])
     report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
     report["verify"]["rcode_drift"] = rcode_drift(cells, labels["nsd"], labels["floor"])
     fr = report["fixed_rate"]
@@ -1075,7 +1091,8 @@ def main(argv=None) -> int:
         print("idle CPU (before load): " + ", ".join(
             f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
     if rtext:
-        print("\nratios (kdns1 = kdns 1 worker pinned, kdns2w = 2 workers unpinned, floor = C responder):")
+        print("\nratios (kdns1 = kdns 1 worker pinned, kdns1nolb = the same with --no-loadbalance, "
+              "kdns2w = 2 workers unpinned, floor = C responder):")
         print(rtext)
     if fr["cells"]:
         print(f"\nfixed offered rate (dnsperf -Q, -T 1 -c {a.dnsperf_clients}, latencies from -v), "

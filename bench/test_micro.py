@@ -137,3 +137,34 @@ def test_native_loop(benchmark, image, case, images):
     ns = benchmark(mod.bench_answer, img, query, n, edns_max=settings.EDNS_UDP_SIZE)
     benchmark.extra_info["ns_per_answer_last_round"] = ns
     benchmark.extra_info["answers_per_round"] = n
+
+
+ROTATING = {
+    "headless_A": ("hl.default.svc.cluster.local", "A", 6, 0),
+    "headless_SRV": ("_http._tcp.hl.default.svc.cluster.local", "SRV", 6, 6),
+}
+
+
+@pytest.mark.parametrize("rotation", ["off", "on"])
+@pytest.mark.parametrize("case", list(ROTATING))
+def test_native_loop_rotation(benchmark, case, rotation):
+    """A headless service's 6 A records, and its 6 SRV records with their glue, answered in
+    the compiled order (off) and rotated by a worker's counters (on, CoreDNS loadbalance):
+    what rotation costs per answer."""
+    import zonefixtures
+    mod = _fastpath()
+    img = mod.Image(zonefixtures.sample_image(rotating=True))
+    name, qtype, an, ar = ROTATING[case]
+    q = dns.message.make_query(name, qtype, use_edns=0, payload=1232)   # room for the glue
+    q.id = 0x1234
+    query = q.to_wire()
+    rot = mod.Rotation() if rotation == "on" else None
+    first = mod.answer(img, query, edns_max=settings.EDNS_UDP_SIZE, rotation=rot or 0)[1]
+    second = mod.answer(img, query, edns_max=settings.EDNS_UDP_SIZE, rotation=rot or 0)[1]
+    assert struct.unpack_from("!HHH", first, 6) == (an, 0, ar + 1)     # + OPT
+    assert (first != second) == (rotation == "on")
+    n = 1000
+    benchmark.group = f"native-loop-rotation-x{n}"
+    ns = benchmark(mod.bench_answer, img, query, n, edns_max=settings.EDNS_UDP_SIZE,
+                   rotation=rot)
+    benchmark.extra_info["ns_per_answer_last_round"] = ns

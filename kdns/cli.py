@@ -223,7 +223,8 @@ def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
 COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "health_port",
                   "ready_port", "metrics_port", "lameduck", "log_queries", "forward_policy",
                   "forward_max_concurrent", "forward_force_tcp", "cache_size",
-                  "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf")
+                  "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf",
+                  "loadbalance")
 
 
 def _read_corefile_configmap(a: argparse.Namespace):
@@ -413,6 +414,14 @@ def build_parser() -> Parser:
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
                    help="CoreDNS-style Prometheus /metrics port (default 9153; 0 disables)")
+    s.add_argument("--loadbalance", nargs="?", const=True, type=logs.go_bool,
+                   default=settings.LOADBALANCE, metavar="BOOL",
+                   help="rotate the order of A, AAAA and SRV answers with several records, so "
+                        "clients that use the first address spread over the endpoints "
+                        "(CoreDNS loadbalance; default true; --loadbalance=false or "
+                        "--no-loadbalance keeps the compiled order)")
+    s.add_argument("--no-loadbalance", dest="loadbalance", action="store_false",
+                   help=argparse.SUPPRESS)
     s.add_argument("--share-dns-port", action="store_true",
                    help="serve the DNS port together with another kdns already on it "
                         "(SO_REUSEPORT; a rolling hand-over in one network namespace); "
@@ -464,7 +473,8 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         forwarding=_forwarding(a),
         log_level=logs.level_for(a.log_level, a.v), log_format=logs.format_of(a),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
-        log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None))
+        log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None),
+        loadbalance=a.loadbalance)
 
 
 def _fail(message: str) -> int:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 DOMAIN = "cluster.local"
 TTL = 30                       # kube-dns's record TTL, and kubeadm's Corefile `ttl 30`
 PODS = "insecure"              # kubeadm's Corefile `pods insecure`
+# Rotate A, AAAA and SRV answers (kubeadm's Corefile `loadbalance`; kube-dns's SkyDNS
+# rotated too): clients that use the first address (glibc) spread over the endpoints.
+LOADBALANCE = True
 
 # --------------------------------------------------------------------------- listening
 # Both families on one socket per worker (IPV6_V6ONLY off), so dual-stack clusters work

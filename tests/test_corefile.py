@@ -44,19 +44,21 @@ def k3s_copy(tmp_path) -> str:
     return write(tmp_path, text, "k3s.Corefile")
 
 
+# Every default has loadbalance: its answers rotate (--loadbalance), nothing is refused but
+# k3s's hosts.
+LB = {"loadbalance": True}
+
+
 @pytest.mark.parametrize("name, expect, refused", [
-    ("kubeadm.Corefile", {**COMMON, "ttl": 30, "lameduck": 5.0, "forward_max_concurrent": 1000},
-     ["kubeadm.Corefile:25: the plugin loadbalance"]),
-    ("kind.Corefile", {**COMMON, "ttl": 30, "lameduck": 5.0, "forward_max_concurrent": 1000},
-     ["kind.Corefile:21: the plugin loadbalance"]),
+    ("kubeadm.Corefile", {**COMMON, **LB, "ttl": 30, "lameduck": 5.0,
+                          "forward_max_concurrent": 1000}, []),
+    ("kind.Corefile", {**COMMON, **LB, "ttl": 30, "lameduck": 5.0,
+                       "forward_max_concurrent": 1000}, []),
     # EKS gives no ttl: the kubernetes plugin's own default, 5 s, as CoreDNS serves it.
-    ("eks.Corefile", {**COMMON, "ttl": 5, "lameduck": 5.0},
-     ["eks.Corefile:19: the plugin loadbalance"]),
-    ("aks.Corefile", {**COMMON, "ttl": 30, "lameduck": 5.0},
-     ["aks.Corefile:21: the plugin loadbalance"]),
+    ("eks.Corefile", {**COMMON, **LB, "ttl": 5, "lameduck": 5.0}, []),
+    ("aks.Corefile", {**COMMON, **LB, "ttl": 30, "lameduck": 5.0}, []),
     # k3s's health has no lameduck block: 0, as CoreDNS.
-    ("k3s", {**COMMON, "ttl": 5, "lameduck": 0.0, "log_queries": True},
-     ["k3s.Corefile:22: the plugin loadbalance"]),
+    ("k3s", {**COMMON, **LB, "ttl": 5, "lameduck": 0.0, "log_queries": True}, []),
 ])
 def test_default_corefiles_parse_to_their_settings(tmp_path, name, expect, refused):
     path = k3s_copy(tmp_path) if name == "k3s" else fixture(name)
@@ -106,7 +108,9 @@ BASE = """.:53 {
     ("prometheus 0.0.0.0:9253", {"metrics_port": 9253}),
     ("bind 127.0.0.1", {"dns_bind_address": "127.0.0.1"}),
     ("log", {"log_queries": True}),
-    ("errors\nloop\nreload 10s", {}),
+    ("errors\nloop\nreload 10s", {"loadbalance": False}),   # no loadbalance: no rotation
+    ("loadbalance", {"loadbalance": True}),
+    ("loadbalance round_robin", {"loadbalance": True}),
 ])
 def test_snippets_map_to_settings(tmp_path, snippet, expect):
     got = cf.parse(write(tmp_path, BASE % snippet), env={})
@@ -187,6 +191,11 @@ dns://c.example.:{$DNS_PORT} {
     ("forward . 1.1.1.1 {\n tls_servername x\n}", 7,
      "the forward option 'tls_servername x' is not supported by kdns."),
     ("cache 30 {\n prefetch 10\n}", 6, "the cache option 'prefetch 10' is not supported"),
+    ("loadbalance weighted /etc/coredns/weights", 6,
+     "the loadbalance policy 'weighted' is not supported by kdns (kdns rotates round_robin "
+     "only)."),
+    ("loadbalance round_robin {\n prefer 10.0.0.0/8\n}", 7,
+     "the option 'prefer' of loadbalance is not supported by kdns."),
 ])
 def test_unsupported_plugins_are_named_with_file_and_line(tmp_path, snippet, line, message):
     # A snippet with its own cache takes the place of the base's (line 5 then).
@@ -248,12 +257,16 @@ def kdns_serve(*args, timeout=20):
 
 
 def test_cli_refuses_an_unsupported_plugin_in_one_sentence(tmp_path):
-    r = kdns_serve("--from-file", "examples/cluster.yaml", "--corefile",
-                   fixture("kubeadm.Corefile"), "--dns-port", "0")
+    text = open(fixture("kubeadm.Corefile")).read().replace(
+        "    loadbalance\n", "    loadbalance weighted /etc/coredns/weights\n")
+    path = write(tmp_path, text)
+    r = kdns_serve("--from-file", "examples/cluster.yaml", "--corefile", path,
+                   "--dns-port", "0")
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"kdns: --corefile: {fixture('kubeadm.Corefile')}:25: the plugin loadbalance is not "
-        "supported by kdns. Remove it, or pass --corefile-unsupported=warn to start without it.")
+        f"kdns: --corefile: {path}:25: the loadbalance policy 'weighted' is not supported by "
+        "kdns (kdns rotates round_robin only). Remove it, or pass --corefile-unsupported=warn "
+        "to start without it.")
 
 
 def test_cli_refuses_corefile_with_the_kube_dns_configmap(tmp_path):

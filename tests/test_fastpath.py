@@ -497,3 +497,156 @@ def test_ra_flag_is_the_only_difference_and_both_paths_agree(kind):
             assert ra_p[1][:3] + ra_p[1][4:] == plain[1][:3] + plain[1][4:]
         else:
             assert ra_p == plain
+
+
+# ------------------------------------------------------------------------ rotation
+# A, AAAA and SRV answers rotate (CoreDNS loadbalance; kdns/zone/layout.py, Rotation). The
+# two paths must give the same bytes for the same rotation state, and every rotated reply
+# must mean what the compiled order means, records moved cyclically.
+
+_ROT = {}
+
+
+def rotating_images():
+    if not _ROT:
+        buf = Z.sample_image(rotating=True)
+        _ROT["img"] = (buf, P.Image(buf), F.Image(buf))
+    return _ROT["img"]
+
+
+def records_of(reply: bytes):
+    m = dns.message.from_wire(reply)          # every record whole, or this raises
+    return m, [rd.to_text() for rrset in m.answer for rd in rrset]
+
+
+ROT_CASES = Z.ROTATING_NAMES + [("big.default.svc.cluster.local", "A")]
+
+
+@pytest.mark.parametrize("name, rdtype", ROT_CASES)
+def test_rotated_replies_are_the_same_bytes_in_both_paths_at_every_size(name, rdtype):
+    _, ref, fast = rotating_images()
+    for tcp in (False, True):
+        for size in ((512,) if tcp else range(512, 1300, 13)):
+            q = query(name, rdtype, edns=0, payload=size)
+            base = None
+            for r in range(0, 13):
+                want = P.answer(ref, q, tcp=tcp, edns_max=4096, rotation=r)
+                assert F.answer(fast, q, tcp=tcp, edns_max=4096, rotation=r) == want, (size, r)
+                assert len(want[1]) <= (65535 if tcp else size)
+                m, recs = records_of(want[1])
+                if base is None:
+                    base = m
+                assert m.flags & dns.flags.TC or sum(len(s) for s in m.answer) == sum(
+                    len(s) for s in base.answer) or tcp
+
+
+@pytest.mark.parametrize("name, rdtype", ROT_CASES)
+def test_a_rotated_reply_is_the_compiled_order_turned(name, rdtype):
+    """Over TCP (whole): the last answer RRset's records turned by the counter, everything
+    before it (a CNAME) in place; SRV glue still names the SRV targets with their
+    addresses, so its compression pointers stay valid."""
+    _, ref, fast = rotating_images()
+    q = query(name, rdtype)
+    m0 = dns.message.from_wire(P.answer(ref, q, tcp=True, edns_max=1232)[1])
+    run = [rd.to_text() for rd in m0.answer[-1]]
+    assert len(run) >= 2
+    glue0 = sorted(rr.to_text() for rr in m0.additional)
+    for r in range(2 * len(run) + 1):
+        reply = F.answer(fast, q, tcp=True, edns_max=1232, rotation=r)[1]
+        assert reply == P.answer(ref, q, tcp=True, edns_max=1232, rotation=r)[1]
+        m = dns.message.from_wire(reply)
+        k = r % len(run)
+        assert [rd.to_text() for rd in m.answer[-1]] == run[k:] + run[:k]
+        assert [s.to_text() for s in m.answer[:-1]] == [s.to_text() for s in m0.answer[:-1]]
+        assert sorted(rr.to_text() for rr in m.additional) == glue0
+        if rdtype == "SRV":
+            targets = {rd.target for rd in m.answer[-1]}
+            assert {rrset.name for rrset in m.additional} == targets
+
+
+@pytest.mark.parametrize("name, rdtype", [("_http._tcp.hl.default.svc.cluster.local", "SRV"),
+                                          ("big.default.svc.cluster.local", "A")])
+def test_a_truncated_rotated_reply_keeps_the_most_whole_records_that_fit(name, rdtype):
+    """SRV targets differ in length, so each rotation cuts elsewhere: the reply holds the
+    longest run of whole rotated records within the size, with TC (RFC 2181 §9)."""
+    _, ref, fast = rotating_images()
+    whole = dns.message.from_wire(P.answer(ref, query(name, rdtype), tcp=True,
+                                           edns_max=1232)[1])
+    run = list(whole.answer[-1])
+    sizes = [len(rd.to_wire()) + 12 for rd in run]      # owner pointer, fixed part, rdata
+    for r in range(len(run)):
+        order = list(range(r, len(run))) + list(range(r))
+        for size in range(512, 700, 5):
+            q = query(name, rdtype, edns=0, payload=size)
+            reply = F.answer(fast, q, edns_max=4096, rotation=r)[1]
+            assert reply == P.answer(ref, q, edns_max=4096, rotation=r)[1]
+            m = dns.message.from_wire(reply)
+            got = list(m.answer[-1]) if m.answer else []
+            fit, room = 0, size - len(q)              # the echoed question and OPT (11 bytes)
+            while fit < len(run) and sum(sizes[i] for i in order[:fit + 1]) <= room:
+                fit += 1
+            assert [rd.to_text() for rd in got] == [run[i].to_text() for i in order[:fit]]
+            if fit < len(run):
+                assert m.flags & dns.flags.TC and not m.additional
+
+
+def test_rotation_state_advances_per_answer_and_matches_the_reference():
+    """A Rotation's counters: one per hashed blob, advanced by each answer that rotates and
+    by nothing else; the compiled and reference paths keep the same counters."""
+    _, ref, fast = rotating_images()
+    rf, rp = F.Rotation(), P.Rotation()
+    asks = [query(n, t) for n, t in ROT_CASES] + [query(S), query("nope.default.svc.cluster.local")]
+    for i in range(60):
+        q = asks[i * 7 % len(asks)]
+        tcp = bool(i % 5 == 0)
+        assert F.answer(fast, q, tcp=tcp, edns_max=1232, rotation=rf) == \
+            P.answer(ref, q, tcp=tcp, edns_max=1232, rotation=rp)
+    assert rf.slots == rp.slots and any(rp.slots)
+    # Answers that do not rotate leave the counters alone.
+    rf, rp = F.Rotation(), P.Rotation()
+    for q in asks[len(ROT_CASES):]:
+        assert F.answer(fast, q, edns_max=1232, rotation=rf) == \
+            P.answer(ref, q, edns_max=1232, rotation=rp)
+    assert not any(rf.slots) and not any(rp.slots)
+    # Each name rotates on its own: its answers step through every order in turn.
+    rf = F.Rotation()
+    q = query("hl.default.svc.cluster.local")
+    firsts = [records_of(F.answer(fast, q, edns_max=1232, rotation=rf)[1])[1][0]
+              for _ in range(12)]
+    for _ in range(3):
+        F.answer(fast, query("_http._tcp.hl.default.svc.cluster.local", "SRV"), edns_max=1232,
+                 rotation=rf)
+    assert firsts[:6] == firsts[6:] and len(set(firsts)) == 6
+    assert records_of(F.answer(fast, q, edns_max=1232, rotation=rf)[1])[1][0] == firsts[0]
+
+
+def test_without_rotation_state_the_compiled_order():
+    _, ref, fast = rotating_images()
+    for name, rdtype in ROT_CASES:
+        q = query(name, rdtype)
+        assert F.answer(fast, q, edns_max=1232) == F.answer(fast, q, edns_max=1232, rotation=0)
+        assert P.answer(ref, q, edns_max=1232) == P.answer(ref, q, edns_max=1232, rotation=0)
+        n = len(records_of(P.answer(ref, q, tcp=True, edns_max=1232)[1])[0].answer[-1])
+        assert F.answer(fast, q, edns_max=1232, rotation=n) == F.answer(fast, q, edns_max=1232)
+
+
+def blob_of(img: P.Image, name: str, qtype: int) -> int:
+    from kdns.zone import layout as L
+    node = 0
+    for label in reversed(name.split(".")):
+        node = img.child(img.node(node), label.encode())
+        assert node >= 0
+    n = img.node(node)
+    return img.lookup_rr(img.u32(n + L.NODE_RR_OFF), img.u16(n + L.NODE_NRR), qtype)
+
+
+@pytest.mark.parametrize("rot_at, rot_n", [(0, 1), (0, 7), (5, 2), (3, 0), (0, 65535)])
+def test_image_check_refuses_a_rotation_outside_the_segments(rot_at, rot_n):
+    from kdns.zone import layout as L
+    buf, ref, _ = rotating_images()
+    blob = blob_of(ref, "hl.default.svc.cluster.local", dns.rdatatype.A)
+    assert struct.unpack_from("<HH", buf, blob + L.BLOB_ROT_AT) == (0, 6)
+    bad = bytearray(buf)
+    struct.pack_into("<HH", bad, blob + L.BLOB_ROT_AT, rot_at, rot_n)
+    with pytest.raises(ValueError):
+        F.Image(bytes(bad))

@@ -204,19 +204,20 @@ def k3s_corefile(tmp_path, upstream, hosts_dir: str) -> str:
 
 
 def test_k3s_default_corefile_serves_its_node_hosts(tmp_path, upstream):
-    """k3s's own Corefile: hosts is served; only loadbalance is still left out (warn)."""
+    """k3s's own Corefile serves as it is, hosts and loadbalance included: no plugin is
+    left out, so no --corefile-unsupported is needed and none is warned about."""
     (tmp_path / "NodeHosts").write_text(NODE_HOSTS)
     path = tmp_path / "Corefile"
     path.write_text(k3s_corefile(tmp_path, upstream, str(tmp_path)))
     k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
-             args=("--corefile", str(path), "--corefile-unsupported", "warn")).start()
+             args=("--corefile", str(path))).start()
     try:
         assert dig(k, "k3s-server", "A") == ["10.0.0.1"]
         assert dig(k, "-x", "192.168.1.20") == ["node-b.", "node-b.lan."]
         assert dig(k, "www.outside.example", "A") == ["198.51.100.8"]
         assert dig(k, "kubernetes.default.svc.cluster.local", "A") == ["10.96.0.1"]
-        warned = [line for line in k.logs().splitlines() if "--corefile-unsupported=warn" in line]
-        assert len(warned) == 1 and "the plugin loadbalance" in warned[0], warned
+        warned = [line for line in k.logs().splitlines() if "--corefile-unsupported" in line]
+        assert warned == []
     finally:
         k.stop()
 
@@ -228,7 +229,7 @@ def test_k3s_node_hosts_from_the_configmap_key(tmp_path, upstream):
     api = ConfigMapApi({"Corefile": text, "NodeHosts": NODE_HOSTS})
     k = Kdns(tmp_path, zone_file=CLUSTER, workers=1,
              args=("--corefile-configmap", "--kube-master-url", api.url,
-                   "--config-period", "0.1s", "--corefile-unsupported", "warn"))
+                   "--config-period", "0.1s"))
     try:
         k.start()
         assert dig(k, "k3s-server", "A") == ["10.0.0.1"]

@@ -394,7 +394,8 @@ def test_one_source_cannot_take_every_connection(tmp_path):
 
 
 def test_publish_100_alternating_images_while_queries_flow(tmp_path):
-    """Zero errors, and every reply is byte-for-byte the old or the new image's."""
+    """Zero errors, and every reply is byte-for-byte the old or the new image's (big's 120
+    A records in any of their rotations: answers rotate, --loadbalance)."""
     images = {OLD: sample_image(tag=OLD), NEW: sample_image(tag=NEW)}
     names = [K, "big.default.svc.cluster.local", "dual.default.svc.cluster.local",
              "nope.default.svc.cluster.local", "1-2-3-4.default.pod.cluster.local"]
@@ -403,8 +404,8 @@ def test_publish_100_alternating_images_while_queries_flow(tmp_path):
         for proto in ("udp", "tcp"):
             wire = dns.message.make_query(name, "A", id=7).to_wire()
             expected[(name, proto)] = {refpath.answer(refpath.Image(img), wire,
-                                                      tcp=proto == "tcp")[1]
-                                       for img in images.values()}
+                                                      tcp=proto == "tcp", rotation=r)[1]
+                                       for img in images.values() for r in range(120)}
     assert len(expected[(K, "udp")]) == 2          # the two images do differ visibly
     stop = threading.Event()
     errors, counts = [], {"udp": 0, "tcp": 0}

@@ -34,6 +34,28 @@ def sample_rrsets(tag: str = "10.96.0.1") -> list:
     ]
 
 
+def rotating_rrsets() -> list:
+    """What rotates (kdns/zone/layout.py, Rotation): a headless service's A records and its
+    SRV records with their glue, targets of different lengths so each rotation moves the cut
+    points, and a CNAME to it (the rotating run then follows the chain)."""
+    hl = "hl.default.svc." + Z
+    hosts = [("h" * (1 + 5 * i % 11)) + str(i) for i in range(6)]
+    out = [R.RRset(hl, R.A, 30, tuple(R.Address(f"10.2.0.{i + 1}") for i in range(6))),
+           R.RRset(hl, R.AAAA, 30, (R.Address("fd00::2:1"), R.Address("fd00::2:2"))),
+           R.RRset("_http._tcp." + hl, R.SRV, 30,
+                   tuple(R.Srv(0, 100, 80 + i, f"{h}.{hl}") for i, h in enumerate(hosts))),
+           R.RRset("hlalias.default.svc." + Z, R.CNAME, 30, (R.Target(hl),))]
+    out += [R.RRset(f"{h}.{hl}", R.A, 30, (R.Address(f"10.2.0.{i + 1}"),))
+            for i, h in enumerate(hosts)]
+    return out
+
+
+ROTATING_NAMES = [("hl.default.svc.cluster.local", "A"), ("hl.default.svc.cluster.local", "AAAA"),
+                  ("_http._tcp.hl.default.svc.cluster.local", "SRV"),
+                  ("hlalias.default.svc.cluster.local", "A"),
+                  ("hlalias.default.svc.cluster.local", "AAAA")]
+
+
 def sample_zones(pods: str = "insecure"):
     ns = {"default": None, "kube-system": None}
     if pods == "verified":
@@ -42,8 +64,11 @@ def sample_zones(pods: str = "insecure"):
             I.Zone("ip6.arpa.", kind=I.ZONE_REVERSE)]
 
 
-def sample_image(tag: str = "10.96.0.1", pods: str = "insecure", synced: bool = True) -> bytes:
-    return I.compile_image(sample_rrsets(tag), sample_zones(pods),
+def sample_image(tag: str = "10.96.0.1", pods: str = "insecure", synced: bool = True,
+                 rotating: bool = False) -> bytes:
+    """``rotating``: with ``rotating_rrsets`` too."""
+    return I.compile_image(sample_rrsets(tag) + (rotating_rrsets() if rotating else []),
+                           sample_zones(pods),
                            exists=["default.svc." + Z, "kube-system.svc." + Z, "svc." + Z, "pod." + Z],
                            synced=synced)
 

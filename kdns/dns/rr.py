@@ -82,14 +82,17 @@ class Wire:
                 self.names.setdefault(labels[i:], offset)
             offset += len(labels[i]) + 1
 
-    def name(self, labels: tuple[bytes, ...], compress: bool = True) -> None:
+    def name(self, labels: tuple[bytes, ...], compress: bool = True,
+             remember: bool = True) -> None:
+        """``remember=False``: no later name points into this one (an SRV target, whose
+        record may move when answers rotate)."""
         for i in range(len(labels)):
             suffix = labels[i:]
             if compress and suffix in self.names:
                 self.buf += struct.pack("!H", 0xC000 | self.names[suffix])
                 return
             pos = self.base + len(self.buf)
-            if pos <= MAX_POINTER:
+            if remember and pos <= MAX_POINTER:
                 self.names.setdefault(suffix, pos)
             self.buf.append(len(labels[i]))
             self.buf += labels[i]
@@ -140,8 +143,10 @@ class Srv:
 
     def write(self, w: Wire) -> None:
         w.buf += struct.pack("!HHH", self.priority, self.weight, self.port)
-        # RFC 2782: "name compression is not to be used for this field".
-        w.name(name_labels(self.target), compress=False)
+        # RFC 2782: "name compression is not to be used for this field". Nor is it a
+        # pointer's target: SRV records rotate (layout.py), and a pointer into one would
+        # then point at another record's bytes.
+        w.name(name_labels(self.target), compress=False, remember=False)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -504,6 +504,19 @@ class _Mapper:
                 self.hosts = None           # refused: kdns starts without it (warn)
                 return
 
+    def p_loadbalance(self, d, zones):
+        # Answers rotate (--loadbalance); kdns rotates A, AAAA and SRV by a per-worker
+        # counter where CoreDNS shuffles A, AAAA and MX at random: either way clients that
+        # use the first address spread over the endpoints. ``round_robin`` is the only
+        # policy kdns has (CoreDNS's default); ``weighted`` needs a weights file.
+        self.no_block(d)
+        if d.args and d.args[0].text != "round_robin":
+            self.refuse(d.args[0], f"the loadbalance policy {d.args[0].text!r}",
+                        "kdns rotates round_robin only")
+            return
+        self.no_args(d, 1)
+        self.set("loadbalance", True, d.name)
+
     # ---- kubernetes
     def p_kubernetes(self, d, zones):
         kzones = [_zone(a.text) for a in d.args] or [z for z in zones if z != "."]
@@ -736,9 +749,9 @@ def parse(path: str, *, env=None, text: str | None = None,
                              f"(kdns always caches forwarded answers); add cache 30.")
     flags = dict(m.flags)
     # A plugin the Corefile leaves out is off, as in CoreDNS: no /health, /ready or
-    # /metrics listener, no lameduck, no query log.
+    # /metrics listener, no lameduck, no query log, no answer rotation.
     for key, off in (("health_port", 0), ("ready_port", 0), ("metrics_port", 0),
-                     ("lameduck", 0.0), ("log_queries", False)):
+                     ("lameduck", 0.0), ("log_queries", False), ("loadbalance", False)):
         flags.setdefault(key, off)
     cfg = KubeDNSConfig(dict(sorted(m.stubs.items())), m.upstreams)
     return CorefileSettings(flags=flags, forwarding=cfg, resolv_conf=m.resolv_conf,

@@ -7,7 +7,8 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 # The image layout (kdns/zone/layout.py's names and numbers) and its little-endian readers,
 # shared with the compiler core.
-from kdns.zone.layout cimport (BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOBHDR_SIZE,
+from kdns.zone.layout cimport (BLOB_AN, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOB_ROT_AT,
+                               BLOB_ROT_N, BLOBHDR_SIZE, ROT_SLOTS, rot_slot,
                                FLAG_SYNCED, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
                                HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
                                HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
@@ -129,8 +130,17 @@ cdef struct Outcome:
     int cache_denial    # a cache hit's entry is NXDOMAIN, NODATA or SERVFAIL
 
 
+cdef struct Rotor:
+    # Where a rotating answer takes its order from (layout.py, Rotation): ``slots`` (a
+    # worker's ROT_SLOTS counters, one per hashed blob, each advanced as its answer is
+    # sent), or with ``slots`` NULL the one counter ``fixed`` (0: the compiled order).
+    uint32_t *slots
+    uint32_t fixed
+
+
 cdef struct Ask:
     # One query being answered: its question, lower-cased once, and the reply's EDNS terms.
+    Rotor *rot
     const uint8_t *q
     Py_ssize_t qlen
     int flags
@@ -212,7 +222,7 @@ cdef inline bint cur_skip(Cursor *c, Py_ssize_t n) noexcept nogil:
 # ---------------------------------------------------------------- packet path
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
                       int edns_max, uint8_t *out, int cap, Outcome *res,
-                      bint ra=*) noexcept nogil
+                      bint ra=*, Rotor *rot=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
                        const Outcome *res, const uint8_t *reply, bint v6) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil

@@ -180,19 +180,77 @@ cdef int header_only(const uint8_t *q, int rcode, uint8_t *out, Outcome *res) no
     return ACTION_SEND
 
 
+cdef inline uint32_t seg_end(const uint8_t *seg, unsigned int i) noexcept nogil:
+    return le32(seg + i * SEG_SIZE + SEG_END)
+
+
+cdef int rotated_body(const uint8_t *seg, const uint8_t *data, unsigned int rot_at,
+                      unsigned int rot_n, unsigned int k, int room, uint32_t end, uint8_t *p,
+                      unsigned int *counts) noexcept nogil:
+    """refpath.rotate: ``data`` up to the cut ``end`` into ``p`` with the rotating run's
+    records from its ``k``-th on, cyclically (layout.py, Rotation); the segments hold every
+    record's end, so no record is parsed. A cut past the run keeps it whole, rotated; a cut
+    inside it keeps the most rotated records that fit (TC, RFC 2181 §9). Returns the bytes
+    written, or -1 - the bytes written when the cut fell inside the run (``counts`` then
+    hold the records kept)."""
+    cdef uint32_t s0 = seg_end(seg, rot_at), sk = seg_end(seg, rot_at + k)
+    cdef uint32_t sn = seg_end(seg, rot_at + rot_n), r
+    cdef unsigned int lo, hi, mid, m
+    if end >= sn:
+        memcpy(p, data, s0)
+        memcpy(p + s0, data + sk, sn - sk)
+        memcpy(p + s0 + (sn - sk), data + s0, sk - s0)
+        memcpy(p + sn, data + sn, end - sn)
+        return <int>end
+    if end < s0:
+        memcpy(p, data, end)            # the run's start does not fit
+        return <int>end
+    lo = 0                              # the most rotated records that fit; all rot_n do not
+    hi = rot_n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if k + mid <= rot_n:
+            r = seg_end(seg, rot_at + k + mid) - sk
+        else:
+            r = sn - sk + seg_end(seg, rot_at + k + mid - rot_n) - s0
+        if <int64_t>s0 + r <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    m = lo
+    memcpy(p, data, s0)
+    if k + m <= rot_n:
+        r = seg_end(seg, rot_at + k + m) - sk
+        memcpy(p + s0, data + sk, r)
+    else:
+        memcpy(p + s0, data + sk, sn - sk)
+        r = seg_end(seg, rot_at + k + m - rot_n) - s0
+        memcpy(p + s0 + (sn - sk), data + s0, r)
+        r += sn - sk
+    counts[0] = rot_at + m
+    counts[1] = 0
+    counts[2] = 0
+    return -1 - <int>(s0 + r)
+
+
 cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, uint8_t *p,
-                   int cap, unsigned int *hflags, unsigned int *counts) noexcept nogil:
+                   int cap, unsigned int *hflags, unsigned int *counts,
+                   Rotor *rot) noexcept nogil:
     """Copy the longest segment of ``blob`` that fits in ``room`` and apply its fixups.
     The segments are the compiler's cut points, their ends ascending: a binary search.
+    A blob that rotates (layout.py, Rotation) takes its order from ``rot``.
 
     Returns the bytes written, or -1 if they would pass ``cap`` (never for a valid image).
     """
     cdef const uint8_t *b = img.base + blob
     cdef unsigned int nfix = le16(b + BLOB_NFIX), nseg = le16(b + BLOB_NSEG), k, f, lo, hi
+    cdef unsigned int rot_n = le16(b + BLOB_ROT_N), turn
     cdef const uint8_t *seg = b + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
     cdef const uint8_t *data = seg + nseg * SEG_SIZE
     cdef const uint8_t *best = seg
     cdef uint32_t end
+    cdef uint32_t *slot
+    cdef int n
     KDNS_CHECK(blob >= HEADER_SIZE and blob + BLOBHDR_SIZE <= <uint64_t>img.length)
     hflags[0] |= le16(b + BLOB_HDR)
     lo = 1                              # the first segment past ``room`` (seg 0 always fits)
@@ -211,6 +269,28 @@ cdef int blob_body(const ImageView *img, uint32_t blob, int room, int apex_ptr, 
     counts[0] = le16(best + SEG_AN)
     counts[1] = le16(best + SEG_NS)
     counts[2] = le16(best + SEG_AR)
+    if rot_n >= 2 and rot != NULL:
+        # One load, add and store per rotating answer; the image's checks (blob_ok) hold
+        # the run inside the segments and the blob without fixups.
+        if rot.slots != NULL:
+            # The slot holds the next turn, kept below rot_n so that no answer divides; a
+            # larger value is another name's (two blobs that hash alike), rare.
+            slot = rot.slots + rot_slot(blob)
+            turn = slot[0]
+            if turn >= rot_n:
+                turn %= rot_n
+            slot[0] = turn + 1 if turn + 1 < rot_n else 0
+        else:
+            turn = rot.fixed % rot_n
+        if turn:
+            n = rotated_body(seg, data, le16(b + BLOB_ROT_AT), rot_n, turn, room, end, p,
+                             counts)
+            if n < 0:
+                hflags[0] |= F_TC       # the cut fell inside the run: answer records left out
+                return -1 - n
+            if le16(best + SEG_TC):
+                hflags[0] |= F_TC
+            return n
     if le16(best + SEG_TC):
         hflags[0] |= F_TC               # RFC 2181 §9: answer or authority data was cut
     memcpy(p, data, end)
@@ -244,7 +324,8 @@ cdef int build_reply(const Ask *a, const ImageView *img, uint32_t blob, int rcod
         else:
             hflags |= F_TC
     elif blob:
-        body = blob_body(img, blob, room, apex_ptr, p, cap - a.qend - opt, &hflags, counts)
+        body = blob_body(img, blob, room, apex_ptr, p, cap - a.qend - opt, &hflags, counts,
+                         a.rot)
         if body < 0:
             return ACTION_DROP
     memcpy(out, a.q, 2)
@@ -624,19 +705,21 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
 
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
                       int edns_max, uint8_t *out, int cap, Outcome *res,
-                      bint ra=False) noexcept nogil:
+                      bint ra=False, Rotor *rot=NULL) noexcept nogil:
     """One query -> action, with the reply in ``out`` (``res.length`` bytes) when SEND.
 
     ``ra``: this worker forwards (it has upstreams), so every reply says recursion is
-    available (RFC 1035 §4.1.1), as kube-dns's did; one OR per reply (refpath.answer)."""
-    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res)
+    available (RFC 1035 §4.1.1), as kube-dns's did; one OR per reply (refpath.answer).
+    ``rot``: the rotation state (NULL: the compiled order)."""
+    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res, rot)
     if ra and action == ACTION_SEND:
         out[3] |= F_RA
     return action
 
 
 cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
-                     int edns_max, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+                     int edns_max, uint8_t *out, int cap, Outcome *res,
+                     Rotor *rot) noexcept nogil:
     """answer_query without RA.
 
     ``cap`` must be at least max(reply limit, 12 + 255 + 4 + OPT_LEN). Mirrors
@@ -654,6 +737,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     res.cache_denial = 0
     if qlen < 12:
         return ACTION_DROP
+    a.rot = rot
     a.q = q
     a.qlen = qlen
     a.flags = be16(q + 2)
@@ -886,7 +970,7 @@ cdef bint span_ok(const ImageView *v, uint64_t off, uint64_t n) noexcept nogil:
 
 cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
     cdef const uint8_t *b
-    cdef uint64_t nfix, nseg, dlen, seg, data
+    cdef uint64_t nfix, nseg, dlen, seg, data, rot_at, rot_n
     cdef unsigned int k
     if off < HEADER_SIZE or not span_ok(v, off, BLOBHDR_SIZE):
         return False
@@ -894,9 +978,18 @@ cdef bint blob_ok(const ImageView *v, uint32_t off) noexcept nogil:
     nfix = le16(b + BLOB_NFIX)
     nseg = le16(b + BLOB_NSEG)
     dlen = le32(b + BLOB_LEN)
+    rot_at = le16(b + BLOB_ROT_AT)
+    rot_n = le16(b + BLOB_ROT_N)
     seg = off + BLOBHDR_SIZE + ((2 * nfix + 3) & ~3u)
     data = seg + nseg * SEG_SIZE
     if nseg == 0 or not span_ok(v, data, dlen):
+        return False
+    # A rotating run (layout.py, Rotation): two or more records whose every end is a
+    # segment, in a blob without fixups (its records move, fixup positions would not).
+    if rot_n and (rot_n < 2 or nfix or rot_at + rot_n >= nseg
+                  or rot_at + rot_n > le16(b + BLOB_AN)):
+        return False
+    if rot_at and not rot_n:
         return False
     for k in range(nseg):
         if le32(v.base + seg + k * SEG_SIZE + SEG_END) > dlen:
@@ -1017,18 +1110,50 @@ cdef class Counters:
         self.words[i] = value
 
 
+cdef class Rotation:
+    """refpath.Rotation: a worker's rotation counters (ROT_SLOTS of them, one per hashed
+    answer blob), allocated once; the packet path advances them without the GIL."""
+    cdef Rotor r
+
+    def __cinit__(self):
+        self.r.slots = <uint32_t *>PyMem_Calloc(ROT_SLOTS, sizeof(uint32_t))
+        self.r.fixed = 0
+        if self.r.slots == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.r.slots)
+
+    @property
+    def slots(self):
+        """The counters as a list (tests compare them with refpath.Rotation's)."""
+        return [self.r.slots[i] for i in range(ROT_SLOTS)]
+
+
+cdef Rotor *rotor_of(object rotation, Rotor *fixed) except? NULL:
+    """The Rotor for ``answer``'s ``rotation``: a Rotation's counters, or a fixed counter."""
+    if isinstance(rotation, Rotation):
+        return &(<Rotation>rotation).r
+    fixed.slots = NULL
+    fixed.fixed = <uint32_t>(int(rotation) & 0xFFFFFFFF)
+    return fixed
+
+
 def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns_max,
-           bint ra=False):
+           bint ra=False, rotation=0):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
-    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra)."""
+    as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra,
+    rotation=...) for the same rotation state (a Rotation, or a fixed counter)."""
     cdef Outcome res
     cdef int action
+    cdef Rotor fixed
+    cdef Rotor *rot = rotor_of(rotation, &fixed)
     cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
     if out == NULL:
         raise MemoryError()
     try:
         action = answer_query(&img.view, <const uint8_t *><const char *>query, len(query), tcp,
-                              edns_max, out, OUT_MAX, &res, ra)
+                              edns_max, out, OUT_MAX, &res, ra, rot)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -1037,12 +1162,13 @@ def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max, bint ra=False, bint v6=False):
+               int edns_max, bint ra=False, bint v6=False, Rotation rotation=None):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp
     (``v6``: the client is IPv6). RFC 7766 framing stays with the caller; TCP is not the
-    hot path."""
+    hot path. ``rotation``: the worker's (None: the compiled order)."""
     cdef Outcome res
     cdef int action
+    cdef Rotor *rot = &rotation.r if rotation is not None else NULL
     cdef int64_t t0
     cdef Py_ssize_t n = msg.shape[0]
     cdef const uint8_t *q = &msg[0] if n else NULL
@@ -1052,7 +1178,7 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
     try:
         with nogil:
             t0 = now_ns()
-            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra)
+            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra, rot)
             count_packet(c.words, PROTO_TCP, n, action, &res, out, v6)
             # A hand-off's time is counted when its reply is sent (engine.count_reply); a
             # dropped message has none.
@@ -1068,9 +1194,11 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
 
 
 def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tcp=False, *,
-                 int edns_max):
-    """Mean nanoseconds per answer_query() over ``n`` runs, with no Python in the loop."""
+                 int edns_max, Rotation rotation=None):
+    """Mean nanoseconds per answer_query() over ``n`` runs, with no Python in the loop;
+    with ``rotation``, as a worker that rotates answers."""
     cdef Outcome res
+    cdef Rotor *rot = &rotation.r if rotation is not None else NULL
     cdef Py_ssize_t k
     cdef int64_t t0, t1
     cdef uint64_t sink = 0
@@ -1083,7 +1211,8 @@ def bench_answer(Image img not None, bytes query not None, Py_ssize_t n, bint tc
         with nogil:
             t0 = now_ns()
             for k in range(n):
-                sink += answer_query(&img.view, q, qlen, tcp, edns_max, out, OUT_MAX, &res)
+                sink += answer_query(&img.view, q, qlen, tcp, edns_max, out, OUT_MAX, &res,
+                                     False, rot)
                 sink += res.length
             t1 = now_ns()
         if sink == 0 and n > 0:
@@ -1140,6 +1269,8 @@ cdef class UdpServer:
     cdef int cedns
     cdef object fwd                     # FwdEngine or None; fws points into it
     cdef FwState *fws
+    cdef object rotation                # Rotation or None; rot points into it
+    cdef Rotor *rot
 
     def __cinit__(self, int fd, int edns_max, int batch=64):
         if fd < 0:
@@ -1200,6 +1331,12 @@ cdef class UdpServer:
         self.ctab = cache.t.tab if cache is not None else NULL
         self.cmask = cache.t.mask if cache is not None else 0
         self.cedns = cache.edns_size if cache is not None else 0
+
+    def set_rotation(self, Rotation rotation):
+        """Rotate A, AAAA and SRV answers by ``rotation``'s counters (CoreDNS loadbalance);
+        None: the compiled order."""
+        self.rotation = rotation
+        self.rot = &rotation.r if rotation is not None else NULL
 
     def set_forwarder(self, FwdEngine fwd):
         """Forward plain cache misses from C (fwd.pxi); None: Python does."""
@@ -1341,7 +1478,7 @@ cdef class UdpServer:
             if plen > UDP_BUF:
                 self.spilled = True
             action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
-                                  self.ra)
+                                  self.ra, self.rot)
             if action == ACTION_HANDOFF and self.ctab != NULL:
                 # Outside the image: the forwarder's cache may hold it.
                 if now == 0:

@@ -10,14 +10,16 @@ The API (§5):
 
 - ``Image(buffer)`` checks magic and length; ``.verify()`` checks the CRC; ``.serial``,
   ``.synced``.
-- ``answer(img, query, tcp=False, *, edns_max, ra=False) -> (action, reply)``; actions ``DROP``,
-  ``SEND``, ``HANDOFF``.
+- ``answer(img, query, tcp=False, *, edns_max, ra=False, rotation=0) -> (action, reply)``;
+  actions ``DROP``, ``SEND``, ``HANDOFF``; ``rotation`` a ``Rotation`` or a fixed counter.
+- ``Rotation()``: one worker's answer-rotation counters (kdns/zone/layout.py, Rotation).
 - ``Counters(buffer)`` over one worker's page (``counters.SLOT_WORDS`` uint64 words).
 - ``UdpServer(fd, edns_max, batch=64)``: ``.serve(img, counters, max_batches=16)``
   drains the non-blocking socket and returns how many packets it handed off;
-  ``.handoff_packet(i)``, ``.handoff_addr(i)``.
-- ``tcp_answer(img, counters, msg, edns_max, ra=False, v6=False) -> (action, reply)`` (counted as
-  tcp; ``ra``: set RA, the worker forwards).
+  ``.handoff_packet(i)``, ``.handoff_addr(i)``, ``.handoff_received_ns(i)``;
+  ``.set_rotation(rotation)`` (None: the compiled order).
+- ``tcp_answer(img, counters, msg, edns_max, ra=False, v6=False, rotation=None) -> (action,
+  reply)`` (counted as tcp; ``ra``: set RA, the worker forwards; ``v6``: an IPv6 client).
 
 Plus two helpers the worker uses for hand-offs in either mode: ``refused(query, edns_max)``
 and ``count_reply(page, proto, reply)``.
@@ -229,9 +231,10 @@ class PureImage:
 
 
 def pure_answer(img: PureImage, query: bytes, tcp: bool = False, *, edns_max: int,
-                ra: bool = False):
+                ra: bool = False, rotation=0):
     try:
-        return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra)
+        return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra,
+                              rotation=0 if rotation is None else rotation)
     except Exception:   # noqa: BLE001 -- bad input never crashes a worker (docs/architecture.md)
         log.debug("pure path raised on a %d-byte query; dropped", len(query), exc_info=True)
         return DROP, b""
@@ -247,9 +250,10 @@ class PureCounters:
 
 
 def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int,
-                    ra: bool = False, v6: bool = False):
+                    ra: bool = False, v6: bool = False, rotation=None):
     started = time.monotonic_ns()
-    action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra)
+    action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra,
+                                rotation=rotation)
     _count(counters.words, "tcp", msg, action, reply, started, v6)
     return action, reply
 
@@ -264,7 +268,11 @@ class PureUdpServer:
         self.edns_max = edns_max
         self.batch = batch
         self.ra = False           # set RA on the image's replies: this worker forwards
+        self.rotation = None
         self._handoffs: list[tuple[bytes, tuple, int]] = []
+
+    def set_rotation(self, rotation) -> None:
+        self.rotation = rotation
 
     def serve(self, img: PureImage, counters: PureCounters, max_batches: int = 16) -> int:
         self._handoffs.clear()
@@ -278,7 +286,7 @@ class PureUdpServer:
                 continue          # e.g. an ICMP error queued on the socket; keep draining
             started = time.monotonic_ns()
             action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max,
-                                        ra=self.ra)
+                                        ra=self.ra, rotation=self.rotation)
             if action == SEND:
                 try:
                     self.sock.sendto(reply, addr)
@@ -308,7 +316,7 @@ def _select():
     try:
         from kdns.packet import _fastpath
         return (_fastpath.Image, _fastpath.answer, _fastpath.Counters, _fastpath.UdpServer,
-                _fastpath.tcp_answer)
+                _fastpath.tcp_answer, _fastpath.Rotation)
     except (ImportError, AttributeError) as e:
         log.info("compiled packet path unavailable (%s); using the pure-Python one", e)
         return None
@@ -317,8 +325,8 @@ def _select():
 _fast = _select()
 PURE = _fast is None
 if PURE:
-    Image, answer, Counters, UdpServer, tcp_answer = (PureImage, pure_answer, PureCounters,
-                                                      PureUdpServer, pure_tcp_answer)
+    Image, answer, Counters, UdpServer, tcp_answer, Rotation = (
+        PureImage, pure_answer, PureCounters, PureUdpServer, pure_tcp_answer, refpath.Rotation)
 else:
-    Image, answer, Counters, UdpServer, tcp_answer = _fast
+    Image, answer, Counters, UdpServer, tcp_answer, Rotation = _fast
 IMPLEMENTATION = "pure" if PURE else "compiled"

@@ -120,6 +120,8 @@ class ServeConfig:
     prometheus_port: int = 0
     prometheus_path: str = "/metrics"
     log_queries: bool = False
+    # CoreDNS loadbalance: A, AAAA and SRV answers rotate (kdns/zone/layout.py, Rotation).
+    loadbalance: bool = settings.LOADBALANCE
     log_level: str = "info"
     log_format: str = "klog"        # kdns/observe/logs.py LOG_FORMATS
     # Where outside names go (control.ForwardingOptions); None = REFUSED.
@@ -380,7 +382,8 @@ def worker_args(cfg: ServeConfig, index: int, fds) -> list[str]:
             "--tcp-max-connections", str(cfg.tcp_max_connections),
             "--tcp-max-per-source", str(cfg.tcp_max_per_source),
             "--log-level", cfg.log_level, "--log-format", cfg.log_format] + (
-                ["--log-queries"] if cfg.log_queries else [])
+                ["--log-queries"] if cfg.log_queries else []) + (
+                [] if cfg.loadbalance else ["--no-loadbalance"])
     if len(fds) > 4:
         args += ["--forward-fd", str(fds[4]), "--cache-size", str(cfg.forwarding.cache_size)]
     return args

@@ -80,7 +80,8 @@ class Worker:
                  tcp_idle_timeout: float = settings.TCP_IDLE_TIMEOUT,
                  tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS,
                  tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE,
-                 handoff: Handoff | None = None, log_queries: bool = False):
+                 handoff: Handoff | None = None, log_queries: bool = False,
+                 loadbalance: bool = settings.LOADBALANCE):
         self.slot = slot
         self.udp = udp
         self.tcp = tcp
@@ -102,6 +103,10 @@ class Worker:
         self.by_source: dict[str, dict[TcpConnection, None]] = {}
         self.tasks: set[asyncio.Task] = set()
         self.udp_server = engine.UdpServer(udp.fileno(), edns_max=edns_max)
+        # CoreDNS loadbalance: one set of counters for UDP and TCP, made once (the packet
+        # path only advances them); None keeps the order the compiler laid out.
+        self.rotation = engine.Rotation() if loadbalance else None
+        self.udp_server.set_rotation(self.rotation)
         self.stopping: asyncio.Event | None = None
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -387,7 +392,7 @@ class TcpConnection(asyncio.Protocol):
         w = self.worker
         received_ns = time.monotonic_ns()
         action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra,
-                                          self.v6)
+                                          self.v6, w.rotation)
         if w.log_queries and action != engine.HANDOFF:
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
                            reply if action == engine.SEND else None)
@@ -461,6 +466,7 @@ def parse_args(argv):
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", default="klog", choices=logs.LOG_FORMATS)
     p.add_argument("--log-queries", action="store_true")
+    p.add_argument("--no-loadbalance", dest="loadbalance", action="store_false")
     # The supervisor's forwarding-config channel; without it outside names are REFUSED.
     p.add_argument("--forward-fd", type=int, default=-1)
     p.add_argument("--cache-size", type=int, default=settings.CACHE_SIZE)
@@ -493,6 +499,7 @@ def serve(a: argparse.Namespace) -> int:
         tcp_max_connections=a.tcp_max_connections,
         tcp_max_per_source=a.tcp_max_per_source,
         log_queries=a.log_queries,
+        loadbalance=a.loadbalance,
         handoff=forwarding_handoff(a, page),
     )
     os.close(a.counters_fd)

@@ -30,7 +30,7 @@ from libc.string cimport memchr, memcmp, memcpy, memset, strlen
 from kdns.dns.wire cimport (CLASS_IN, MAX_POINTER, SERVFAIL as RCODE_SERVFAIL, T_A, T_AAAA,
                             T_CNAME, T_NS, T_PTR, T_SOA, T_SRV, T_TXT, ascii_lower, hex_nibble)
 from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NS,
-                               BLOB_NSEG, BLOBHDR_SIZE, CUT_EVERY_RR_OVER, DEFAULT_QTYPE,
+                               BLOB_NSEG, BLOB_ROT_AT, BLOB_ROT_N, BLOBHDR_SIZE, CUT_EVERY_RR_OVER, DEFAULT_QTYPE,
                                FLAG_SYNCED, HDR_AA,
                                HDR_HANDOFF, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
                                HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
@@ -1030,7 +1030,10 @@ cdef class ZoneCore:
         """BLOBHDR + the fixups + the segments in ``segs`` + the data in ``dat`` ->
         interned offset."""
         cdef size_t fixb = (2 * nfix + 3) // 4 * 4, k, n
-        if dlen > CUT_EVERY_RR_OVER:
+        cdef uint32_t rot_at = 0, rot_n = 0
+        if nfix == 0 and an >= 2:
+            self.rotation_of(dlen, an, &rot_at, &rot_n)
+        if dlen > CUT_EVERY_RR_OVER or rot_n:
             nseg = self.cut_every_rr(dlen, an, ns, ar)
         n = BLOBHDR_SIZE + fixb + SEG_SIZE * nseg + dlen
         _grow(<void **>&self.scr, &self.scr_cap, n + 4, 1)
@@ -1041,6 +1044,8 @@ cdef class ZoneCore:
         put16le(self.scr + BLOB_NFIX, nfix)
         put16le(self.scr + BLOB_NSEG, nseg)
         put32le(self.scr + BLOB_LEN, dlen)
+        put16le(self.scr + BLOB_ROT_AT, rot_at)
+        put16le(self.scr + BLOB_ROT_N, rot_n)
         memset(self.scr + BLOBHDR_SIZE, 0, fixb)
         for k in range(nfix):
             put16le(self.scr + BLOBHDR_SIZE + 2 * k, fix[k])
@@ -1050,6 +1055,45 @@ cdef class ZoneCore:
             # meet ``dat`` not allocated yet: memcpy's source must not be NULL even for 0.
             memcpy(self.scr + BLOBHDR_SIZE + fixb + SEG_SIZE * nseg, self.dat, dlen)
         return self.intern_scr(n)
+
+    cdef size_t skip_owner(self, size_t pos, size_t dlen) except? 0:
+        """encode.py ``_skip_owner``: the end of the name at ``pos`` in ``dat``."""
+        cdef uint8_t c
+        while True:
+            if pos >= dlen:
+                raise AssertionError("blob data ends inside a record")
+            c = self.dat[pos]
+            if c >= 0xC0:
+                return pos + 2
+            pos += 1 + c
+            if c == 0:
+                return pos
+
+    cdef int rotation_of(self, size_t dlen, uint32_t an, uint32_t *rot_at,
+                         uint32_t *rot_n) except -1:
+        """encode.py ``rotation_of`` over ``dat``: the run of answer records closing the
+        answer section, of one rotating type (A, AAAA, SRV) with the same owner bytes, when
+        it holds two or more (layout.py, Rotation)."""
+        cdef size_t pos = 0, start, oend, last_start = 0, last_len = 0, run_start = 0
+        cdef uint32_t k, run = 0, rtype = 0, last_type = 0
+        for k in range(an):
+            start = pos
+            oend = self.skip_owner(pos, dlen)
+            if oend + 10 > dlen:
+                raise AssertionError("blob data ends inside a record")
+            rtype = (<uint32_t>self.dat[oend] << 8) | self.dat[oend + 1]
+            if (run and rtype == last_type and oend - start == last_len
+                    and memcmp(self.dat + start, self.dat + last_start, last_len) == 0):
+                run += 1
+            else:
+                run = 1
+                run_start = k
+            last_start, last_len, last_type = start, oend - start, rtype
+            pos = oend + 10 + ((<size_t>self.dat[oend + 8] << 8) | self.dat[oend + 9])
+        if run >= 2 and (rtype == T_A or rtype == T_AAAA or rtype == T_SRV):
+            rot_at[0] = <uint32_t>run_start
+            rot_n[0] = run
+        return 0
 
     cdef size_t cut_every_rr(self, size_t dlen, uint32_t an, uint32_t ns,
                              uint32_t ar) except? 0:
@@ -1233,7 +1277,8 @@ cdef class ZoneCore:
 
     cdef int64_t srv_blob(self, int32_t q, s) except -2:
         """oracle.py ``srv_blob``: SRV answer plus A/AAAA glue; -1 past the pointer range."""
-        cdef uint32_t ttl = s.ttl, gttl, base, size = 0, n_ar = 0, ptr
+        cdef uint32_t ttl = s.ttl, gttl, base, size = 0, n_ar = 0
+        cdef size_t grown
         cdef Py_ssize_t k, nrd, tl, m, nseg = 2, ln
         cdef int32_t t, r
         cdef int prio, weight, port, gtype
@@ -1255,8 +1300,7 @@ cdef class ZoneCore:
             t = self.intern_name(rd.target)
             targets.append(t)
             tl = self.nlen[t]
-            self.remember(t, base + size + 18)
-            # RFC 2782: the target is never compressed.
+            # RFC 2782: the target is never compressed, and never pointed at (it rotates).
             _grow(<void **>&self.dat, &self.dat_cap, size + 18 + tl, 1)
             p = self.dat + size
             put16be(p, 0xC00C)
@@ -1286,22 +1330,22 @@ cdef class ZoneCore:
                     r = self.rr_next[r]
                 if r < 0:
                     continue
-                if self.stamp[t] != self.epoch:
-                    raise self.error("glue owner without a position")
-                ptr = self.where[t]
                 g = self.rrsets[r]
                 gttl = g.ttl
                 for rd in g.rdatas:
                     ln = self.addr(rd, ip)
-                    _grow(<void **>&self.dat, &self.dat_cap, size + 12 + ln, 1)
+                    # The owner against the question and the glue before it (``Wire.name``).
+                    grown = size
+                    self.put_name(t, True, base, &grown)
+                    size = <uint32_t>grown
+                    _grow(<void **>&self.dat, &self.dat_cap, size + 10 + ln, 1)
                     p = self.dat + size
-                    put16be(p, 0xC000 | ptr)
-                    put16be(p + 2, gtype)
-                    put16be(p + 4, CLASS_IN)
-                    put32be(p + 6, gttl)
-                    put16be(p + 10, ln)
-                    memcpy(p + 12, ip, ln)
-                    size += 12 + ln
+                    put16be(p, gtype)
+                    put16be(p + 2, CLASS_IN)
+                    put32be(p + 4, gttl)
+                    put16be(p + 8, ln)
+                    memcpy(p + 10, ip, ln)
+                    size += 10 + ln
                     n_ar += 1
                 if n_ar > 0xFFFF:
                     raise self.error("too much glue")
@@ -1311,10 +1355,12 @@ cdef class ZoneCore:
             return -1
         return self.finish_blob(nrd, n_ar, nseg, size)
 
-    cdef int put_name(self, int32_t i, bint compress, uint32_t base, size_t *size) except -1:
+    cdef int put_name(self, int32_t i, bint compress, uint32_t base, size_t *size,
+                      bint remember=True) except -1:
         """rr.py ``Wire.name`` into ``dat`` at ``*size`` (message offset ``base + *size``):
         a pointer to the longest suffix already written (RFC 1035 §4.1.4) when
-        ``compress``; every suffix written here is remembered if a pointer can reach it."""
+        ``compress``; every suffix written here is remembered if a pointer can reach it,
+        unless not ``remember`` (an SRV target: it rotates)."""
         cdef uint32_t pos
         cdef uint8_t ln
         _grow(<void **>&self.dat, &self.dat_cap, size[0] + self.nlen[i] + 2, 1)
@@ -1324,7 +1370,7 @@ cdef class ZoneCore:
                 size[0] += 2
                 return 0
             pos = base + size[0]
-            if pos <= MAX_POINTER and self.stamp[i] != self.epoch:
+            if remember and pos <= MAX_POINTER and self.stamp[i] != self.epoch:
                 self.stamp[i] = self.epoch
                 self.where[i] = pos
             ln = self.nbuf[self.noff[i]]
@@ -1352,8 +1398,9 @@ cdef class ZoneCore:
             return 1
         if rtype == T_SRV or type(rd) is self.Srv:
             self.put_srv(rd.priority, rd.weight, rd.port, size)
-            # RFC 2782: "name compression is not to be used for this field".
-            self.put_name(self.intern_name(rd.target), False, base, size)
+            # RFC 2782: "name compression is not to be used for this field"; nor is it
+            # pointed at, as SRV records rotate (rr.py ``Srv.write``).
+            self.put_name(self.intern_name(rd.target), False, base, size, False)
             return 1
         if rtype == T_PTR or rtype == T_NS or rtype == T_CNAME or type(rd) is self.Target:
             self.put_name(self.intern_name(rd.target), True, base, size)

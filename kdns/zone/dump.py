@@ -62,7 +62,7 @@ def _collect(buf, labels: tuple, rr_off: int, nrr: int, out: set) -> None:
     qname = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
     for j in range(nrr):
         qtype, _, blob = L.RRENT.unpack_from(buf, rr_off + j * L.RRENT_SIZE)
-        hdr, an, _, _, nfix, nseg, length = L.BLOBHDR.unpack_from(buf, blob)
+        hdr, an, _, _, nfix, nseg, length, _, _ = L.BLOBHDR.unpack_from(buf, blob)
         if not an:
             continue
         data_off = blob + L.BLOBHDR_SIZE + 2 * nfix

@@ -20,7 +20,7 @@ from kdns.dns.wire import (NOERROR as RCODE_NOERROR, NXDOMAIN as RCODE_NXDOMAIN,
 from kdns.zone.layout import (BLOBHDR, CUT_EVERY_RR_OVER, DEFAULT_QTYPE, HDR_AA,
                               HDR_HANDOFF, NODE_EXISTS,
                               NODE_POD_NS, NODE_POD_VERIFIED, NODE_ZONE_APEX, QUESTION_OFFSET,
-                              SEG)
+                              ROTATE_TYPES, SEG)
 
 
 class CompileError(ValueError):
@@ -146,8 +146,9 @@ class Encoder:
             buf += self.packed(rd.address)
         elif rtype == R.SRV:
             buf += struct.pack("!HHH", rd.priority, rd.weight, rd.port)
-            # RFC 2782: "name compression is not to be used for this field".
-            w.name(self.labels(rd.target), compress=False)
+            # RFC 2782: "name compression is not to be used for this field"; and no later
+            # name points into it, as SRV records rotate (layout.py: rot_n).
+            w.name(self.labels(rd.target), compress=False, remember=False)
         elif rtype in (R.CNAME, R.PTR, R.NS):
             w.name(self.labels(rd.target))
         else:
@@ -178,7 +179,8 @@ class Encoder:
         essential = counts[0] + counts[1]
         seg_bytes = b"".join(SEG.pack(end, an, ns, ar, 1 if an + ns < essential else 0)
                              for end, an, ns, ar in segs)
-        head = BLOBHDR.pack(hdr, counts[0], counts[1], counts[2], len(fix), len(segs), len(data))
+        head = BLOBHDR.pack(hdr, counts[0], counts[1], counts[2], len(fix), len(segs), len(data),
+                            0, 0)
         fixb = b"".join(struct.pack("<H", f) for f in fix)
         fixb += b"\0" * (-len(fixb) % 4)
         return self.intern(head + fixb + seg_bytes + data)
@@ -330,37 +332,66 @@ class Encoder:
         return flags, extra
 
 
+def _skip_owner(data: bytes, pos: int) -> int:
+    """The end of the name at ``pos``: labels ending in the root or a pointer (RFC 1035
+    §4.1.4)."""
+    while True:
+        c = data[pos]
+        if c >= 0xC0:
+            return pos + 2
+        pos += 1 + c
+        if c == 0:
+            return pos
+
+
+def rotation_of(data: bytes, an: int, nfix: int) -> tuple[int, int]:
+    """(rot_at, rot_n) of a blob's data (layout.py, Rotation): the run of answer records that
+    closes the answer section, of one rotating type with the same owner bytes, when it holds
+    two or more; (0, 0) otherwise, and always for a blob with fixups. The data is the
+    compiler's own, so it is walked, not checked (RFC 1035 §4.1.3)."""
+    if an < 2 or nfix:
+        return 0, 0
+    keys, pos = [], 0
+    for _ in range(an):
+        start = pos
+        pos = _skip_owner(data, pos)
+        keys.append((data[start:pos], data[pos:pos + 2]))
+        pos += 10 + int.from_bytes(data[pos + 8:pos + 10], "big")
+    last = keys[-1]
+    if int.from_bytes(last[1], "big") not in ROTATE_TYPES:
+        return 0, 0
+    j = an - 1
+    while j > 0 and keys[j - 1] == last:
+        j -= 1
+    return (j, an - j) if an - j >= 2 else (0, 0)
+
+
 def cut_at_every_rr(blob: bytes) -> bytes:
-    """The blob with a segment after every record when its data may not fit a 512-byte
-    reply (layout.py: CUT_EVERY_RR_OVER); as it is otherwise. The data is the compiler's
-    own, so it is walked, not checked: owner (labels ending in the root or a pointer, RFC
-    1035 §4.1.4), type, class, TTL, rdlength, rdata (§4.1.3)."""
-    hdr, an, ns, ar, nfix, nseg, dlen = BLOBHDR.unpack_from(blob, 0)
-    if dlen <= CUT_EVERY_RR_OVER:
+    """The blob with its rotation (``rotation_of``) and a segment after every record when it
+    rotates or its data may not fit a 512-byte reply (layout.py: CUT_EVERY_RR_OVER); as it
+    is otherwise. The data is the compiler's own, so it is walked, not checked: owner
+    (labels ending in the root or a pointer, RFC 1035 §4.1.4), type, class, TTL, rdlength,
+    rdata (§4.1.3)."""
+    hdr, an, ns, ar, nfix, nseg, dlen, _, _ = BLOBHDR.unpack_from(blob, 0)
+    seg_off = BLOBHDR.size + ((2 * nfix + 3) & ~3)
+    data = blob[seg_off + nseg * SEG.size:]
+    rot_at, rot_n = rotation_of(data, an, nfix)
+    if dlen <= CUT_EVERY_RR_OVER and not rot_n:
         return blob
     total, essential = an + ns + ar, an + ns
     if total + 1 > 0xFFFF:
         raise CompileError(f"{total} records in one answer: at most 65534")
-    seg_off = BLOBHDR.size + ((2 * nfix + 3) & ~3)
-    data = blob[seg_off + nseg * SEG.size:]
     segs = [SEG.pack(0, 0, 0, 0, 1 if essential else 0)]
     pos = 0
     for k in range(1, total + 1):
-        while True:
-            c = data[pos]
-            if c >= 0xC0:
-                pos += 2
-                break
-            pos += 1 + c
-            if c == 0:
-                break
+        pos = _skip_owner(data, pos)
         pos += 10 + int.from_bytes(data[pos + 8:pos + 10], "big")
         n_an, n_ns, n_ar = min(k, an), min(max(k - an, 0), ns), max(k - essential, 0)
         segs.append(SEG.pack(pos, n_an, n_ns, n_ar, 1 if n_an + n_ns < essential else 0))
     if pos != dlen:
         raise AssertionError("blob data does not end at its last record")
-    return (BLOBHDR.pack(hdr, an, ns, ar, nfix, total + 1, dlen) + blob[BLOBHDR.size:seg_off]
-            + b"".join(segs) + data)
+    return (BLOBHDR.pack(hdr, an, ns, ar, nfix, total + 1, dlen, rot_at, rot_n)
+            + blob[BLOBHDR.size:seg_off] + b"".join(segs) + data)
 
 
 def pod_list(ips) -> bytes:

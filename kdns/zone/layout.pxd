@@ -56,7 +56,9 @@ cdef enum:
     BLOB_NFIX = 8
     BLOB_NSEG = 10
     BLOB_LEN = 12
-    BLOBHDR_SIZE = 16
+    BLOB_ROT_AT = 16
+    BLOB_ROT_N = 18
+    BLOBHDR_SIZE = 20
 
     SEG_END = 0
     SEG_AN = 4
@@ -78,6 +80,9 @@ cdef enum:
     HDR_HANDOFF = 0x8000
     DEFAULT_QTYPE = 0
     CUT_EVERY_RR_OVER = 484
+    ROT_BITS = 12
+    ROT_SLOTS = 4096
+    ROT_HASH = 0x045D9F3B
     QUESTION_OFFSET = 12
 
 
@@ -102,3 +107,8 @@ cdef inline void put32le(uint8_t *p, uint32_t v) noexcept nogil:
     p[1] = (v >> 8) & 0xFF
     p[2] = (v >> 16) & 0xFF
     p[3] = (v >> 24) & 0xFF
+
+
+cdef inline uint32_t rot_slot(uint32_t blob) noexcept nogil:
+    # layout.py ``rot_slot``: unsigned arithmetic wraps mod 2**32.
+    return (blob * <uint32_t>ROT_HASH) >> (32 - ROT_BITS)

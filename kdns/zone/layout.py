@@ -34,7 +34,8 @@ Layout (all integers little-endian; every offset is from the start of the image)
     nrr H, zone H. Sorted by (family, ip).
   blob: hdr H (AA bit and rcode to OR into the reply; HDR_HANDOFF 0x8000 = chain leaves
     the cluster: hand off), an H, ns H, ar H, nfix H, nseg H,
-    len I, fix H*nfix, pad to 4, seg (end I, an H, ns H, ar H, tc H) * nseg, data[len].
+    len I, rot_at H, rot_n H, fix H*nfix, pad to 4, seg (end I, an H, ns H, ar H, tc H) * nseg,
+    data[len].
     ``data`` is the answer, authority and additional sections as they follow the question.
     Positive blobs are encoded for the exact owner name, whose question sits at offset 12,
     so the owner is always pointer 0xC00C and every other pointer is baked in. The zone's
@@ -47,7 +48,18 @@ Layout (all integers little-endian; every offset is from the start of the image)
     fit a 512-byte reply, so it can be cut after every record: a truncated reply carries every
     whole record that fits, answer first, then authority, then additional (as CoreDNS's
     Truncate; resolvers without TCP fallback, musl before 1.2.4, use them). Shorter blobs
-    always fit whole and are cut at RRset boundaries only.
+    always fit whole and are cut at RRset boundaries only, unless they rotate.
+
+    Rotation (CoreDNS ``loadbalance``; clients such as glibc use the first address, so the
+    order spreads them over the endpoints): ``rot_n`` >= 2 says the answer records
+    [rot_at, rot_at + rot_n) are one A, AAAA or SRV RRset whose records the packet paths may
+    send in any cyclic order. The compiler sets it only where that keeps every byte valid:
+    the run closes the answer section, its records start with the same owner bytes (a
+    pointer to a name before the run), nothing in the blob points into it (SRV targets are
+    written whole and never pointed at, RFC 2782) and the blob has no fixups. Such a blob is
+    cut after every record, so the segments hold every record's end: the paths find a
+    rotated reply's cut points from them, never by parsing, and a truncated rotated reply
+    still keeps every whole record that fits.
 """
 from __future__ import annotations
 
@@ -116,8 +128,10 @@ BLOB_AR = 6
 BLOB_NFIX = 8
 BLOB_NSEG = 10
 BLOB_LEN = 12
-BLOBHDR_SIZE = 16
-BLOBHDR = struct.Struct("<HHHHHHI")
+BLOB_ROT_AT = 16
+BLOB_ROT_N = 18
+BLOBHDR_SIZE = 20
+BLOBHDR = struct.Struct("<HHHHHHIHH")
 
 # segment
 SEG_END = 0
@@ -148,7 +162,7 @@ FIELDS = {
         (REV_ZONE, "H"))),
     "BLOBHDR": (BLOBHDR, BLOBHDR_SIZE, (
         (BLOB_HDR, "H"), (BLOB_AN, "H"), (BLOB_NS, "H"), (BLOB_AR, "H"), (BLOB_NFIX, "H"),
-        (BLOB_NSEG, "H"), (BLOB_LEN, "I"))),
+        (BLOB_NSEG, "H"), (BLOB_LEN, "I"), (BLOB_ROT_AT, "H"), (BLOB_ROT_N, "H"))),
     "SEG": (SEG, SEG_SIZE, (
         (SEG_END, "I"), (SEG_AN, "H"), (SEG_NS, "H"), (SEG_AR, "H"), (SEG_TC, "H"))),
 }
@@ -172,4 +186,18 @@ DEFAULT_QTYPE = 0              # rr entry qtype: answers every type without its 
 # 512 (RFC 1035 §4.2.1) - the header (12) - the shortest question (5: the root, type, class)
 # - OPT (11): a blob with more data than this may not fit a UDP reply whole.
 CUT_EVERY_RR_OVER = 484
+# The record types whose order rotates (A, AAAA, SRV; RFC 1035 §3.2.2, RFC 2782) and the
+# per-worker counter table the packet paths rotate by: one counter per hashed answer blob,
+# so names asked in lockstep (a client's A and AAAA) each see every rotation.
+ROTATE_TYPES = (1, 28, 33)
+ROT_BITS = 12
+ROT_SLOTS = 1 << ROT_BITS
+# A counter's slot: the top ROT_BITS of (blob offset * ROT_HASH) mod 2**32, multiplicative
+# hashing (Knuth 6.4) by an odd constant that fits a C int.
+ROT_HASH = 0x045D9F3B
+
+
+def rot_slot(blob: int) -> int:
+    """The counter slot of the answer blob at ``blob``."""
+    return ((blob * ROT_HASH) & 0xFFFFFFFF) >> (32 - ROT_BITS)
 QUESTION_OFFSET = 12           # where the question name stands in every reply (RFC 1035 §4.1.1)

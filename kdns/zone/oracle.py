@@ -22,7 +22,7 @@ from kdns.dns import rr as R
 from kdns.dns.rr import ZONE_AUTH, Zone
 from kdns.dns.wire import SERVFAIL as RCODE_SERVFAIL
 from kdns.zone.encode import CompileError, Encoder, cut_at_every_rr, of_type, reverse_to_ip
-from kdns.zone.layout import (BLOBHDR, CUT_EVERY_RR_OVER, FLAG_SYNCED, HDR_AA, HEADER, MAGIC, NODE, NODE_EXISTS,
+from kdns.zone.layout import (BLOB_AN, BLOBHDR, CUT_EVERY_RR_OVER, FLAG_SYNCED, HDR_AA, HEADER, MAGIC, NODE, NODE_EXISTS,
                               NODE_EXTRA, NODE_LABEL_OFF, NODE_POD_VERIFIED, NODE_RR_OFF,
                               NODE_SIZE, NODE_ZONE_APEX, QUESTION_OFFSET, REV, RRENT, SEG,
                               ZONE)
@@ -124,7 +124,9 @@ class ReferenceCompiler(Encoder):
 
     # ---- blobs
     def intern(self, blob: bytes) -> int:
-        if len(blob) > BLOBHDR.size + CUT_EVERY_RR_OVER:
+        # Long blobs are cut after every record; so are those that may rotate (two or more
+        # answer records; cut_at_every_rr decides).
+        if len(blob) > BLOBHDR.size + CUT_EVERY_RR_OVER or (blob[BLOB_AN] | blob[BLOB_AN + 1] << 8) >= 2:
             blob = cut_at_every_rr(blob)
         blob += b"\0" * (-len(blob) % 4)
         off = self.blob_cache.setdefault(blob, self.blobs_len)
@@ -146,7 +148,7 @@ class ReferenceCompiler(Encoder):
                 size = 4 if rtype == R.A else 16
                 dlen = n * (12 + size)
                 pre = self.prefix_cache[key] = (
-                    BLOBHDR.pack(HDR_AA, n, 0, 0, 0, 2, dlen) + _SEG0 + SEG.pack(dlen, n, 0, 0, 0),
+                    BLOBHDR.pack(HDR_AA, n, 0, 0, 0, 2, dlen, 0, 0) + _SEG0 + SEG.pack(dlen, n, 0, 0, 0),
                     _OWNER_Q + _RR_FIXED.pack(rtype, R.CLASS_IN, s.ttl, size))
             head, rr = pre
             packed = self.packed
@@ -161,7 +163,7 @@ class ReferenceCompiler(Encoder):
                 return -1
             rd = self.wire(target)
             data = _OWNER_Q + _RR_FIXED.pack(rtype, R.CLASS_IN, s.ttl, len(rd)) + rd
-            return self.intern(BLOBHDR.pack(HDR_AA, 1, 0, 0, 0, 2, len(data)) + _SEG0
+            return self.intern(BLOBHDR.pack(HDR_AA, 1, 0, 0, 0, 2, len(data), 0, 0) + _SEG0
                                + SEG.pack(len(data), 1, 0, 0, 0) + data)
         return -1
 
@@ -169,9 +171,10 @@ class ReferenceCompiler(Encoder):
         """SRV answer plus A/AAAA glue, encoded directly; same bytes as ``blob`` (the
         generic encoder) for this shape, or -1 when pointers would not reach (>16 KiB).
 
-        As in ``Wire``: SRV targets are written whole (RFC 2782) but every suffix of each is
-        remembered at its first position, as are the question's suffixes from offset 12; a
-        glue owner is then a pointer to where its name first stands."""
+        As in ``Wire``: the question's suffixes are remembered from offset 12; SRV targets
+        are written whole (RFC 2782) and never pointed at (they rotate, layout.py); a glue
+        owner compresses against the question and the glue owners before it, and its own
+        suffixes are remembered where it writes them."""
         base = QUESTION_OFFSET + len(self.wire(qname)) + 4
         where: dict[tuple, int] = {}
         off = QUESTION_OFFSET
@@ -185,10 +188,6 @@ class ReferenceCompiler(Encoder):
             target = labels_of(rd.target)
             targets.append(target)
             tw = self.wire(target)
-            pos = base + size + 18          # after owner, fixed part, rdlength, prio/weight/port
-            for i, label in enumerate(target):
-                where.setdefault(target[i:], pos)
-                pos += len(label) + 1
             rr = rr_head + struct.pack("!HHHH", 6 + len(tw), rd.priority, rd.weight, rd.port) + tw
             parts.append(rr)
             size += len(rr)
@@ -199,19 +198,32 @@ class ReferenceCompiler(Encoder):
         n_an, segs = len(parts), [SEG.pack(0, 0, 0, 0, 1), SEG.pack(size, len(parts), 0, 0, 0)]
         n_ar = 0
         for owner, _, glue in self.glue(targets):
-            ptr = where[owner]
-            head = struct.pack("!H", 0xC000 | ptr) + struct.pack("!HHI", glue.rtype, R.CLASS_IN, glue.ttl)
+            name = bytearray()
+            for i, label in enumerate(owner):       # ``Wire.name``
+                ptr = where.get(owner[i:])
+                if ptr is not None:
+                    name += struct.pack("!H", 0xC000 | ptr)
+                    break
+                where.setdefault(owner[i:], base + size + len(name))
+                name.append(len(label))
+                name += label
+            else:
+                name.append(0)
+            fixed = struct.pack("!HHI", glue.rtype, R.CLASS_IN, glue.ttl)
+            head = bytes(name) + fixed
             for rd in glue.rdatas:
                 ip = self.packed(rd.address)
                 rr = head + struct.pack("!H", len(ip)) + ip
                 parts.append(rr)
                 size += len(rr)
+                # The owner's next records point at the whole name just written.
+                head = struct.pack("!H", 0xC000 | where[owner]) + fixed
             n_ar += len(glue.rdatas)
             segs.append(SEG.pack(size, n_an, 0, n_ar, 0))
         if base + size > R.MAX_POINTER:
             return -1                       # positions past 0x3FFF are not remembered
         data = b"".join(parts)
-        return self.intern(BLOBHDR.pack(HDR_AA, n_an, 0, n_ar, 0, len(segs), size)
+        return self.intern(BLOBHDR.pack(HDR_AA, n_an, 0, n_ar, 0, len(segs), size, 0, 0)
                            + b"".join(segs) + data)
 
     def rr_entries(self, labels: tuple) -> list[tuple[int, int]]:

@@ -32,6 +32,27 @@ class Malformed(Exception):
     pass
 
 
+class Rotation:
+    """A worker's rotation state (layout.py, Rotation): one counter per slot, advanced each
+    time an answer that rotates is sent from a blob of that slot. The packet paths take
+    this, or a plain int: the counter every rotating answer then uses, modulo the run's
+    length (0: the order the compiler laid out)."""
+
+    def __init__(self):
+        self.slots = [0] * L.ROT_SLOTS
+
+    def take(self, blob: int, n: int) -> int:
+        """The turn for the ``n`` records of the run in ``blob``. The slot holds the next
+        turn, kept below ``n`` so that the compiled path never divides; a larger value is
+        another name's (two blobs that hash alike), taken modulo ``n``."""
+        i = L.rot_slot(blob)
+        turn = self.slots[i]
+        if turn >= n:
+            turn %= n
+        self.slots[i] = turn + 1 if turn + 1 < n else 0
+        return turn
+
+
 def parse_name(q: bytes, off: int) -> tuple[list[bytes], int]:
     """Question name -> (labels as sent, end offset). No compression (RFC 1035 §4.1.4 allows
     it, but a one-question query has nothing earlier to point at, so a pointer is malformed)."""
@@ -199,21 +220,23 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
 
 
 def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = settings.EDNS_UDP_SIZE,
-           external_cname: bool = False, ra: bool = False) -> tuple[int, bytes]:
+           external_cname: bool = False, ra: bool = False,
+           rotation: Rotation | int = 0) -> tuple[int, bytes]:
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
     of handing it off (the forwarder's first half of such an answer). ``ra``: the worker
     forwards (it has upstreams), so every reply says recursion is available (RFC 1035
-    §4.1.1), as kube-dns's did."""
-    action, out = _answer(image, q, tcp, edns_max, external_cname)
+    §4.1.1), as kube-dns's did. ``rotation``: the state rotating answers take their order
+    from (``Rotation``, or a fixed counter)."""
+    action, out = _answer(image, q, tcp, edns_max, external_cname, rotation)
     if ra and action == ACTION_SEND:
         out = out[:3] + bytes([out[3] | RA]) + out[4:]
     return action, out
 
 
 def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
-            external_cname: bool) -> tuple[int, bytes]:
+            external_cname: bool, rotation=0) -> tuple[int, bytes]:
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
@@ -250,10 +273,10 @@ def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
         # and never an upstream (dns-rules §2.5). QCLASS ANY matches IN (RFC 6895 §3.2), the
         # only class the zone has, so it is answered like IN, its records in class IN.
         return ACTION_HANDOFF, b""
-    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname)
+    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname, rotation)
 
 
-def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False):
+def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False, rotation=0):
     low = [label.lower() for label in labels]
     ni, zone, i = 0, -1, len(low) - 1
     node = img.node(0)
@@ -280,7 +303,7 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
         nrr = img.u16(rec + L.REV_NRR)
         blob = img.lookup_rr(img.u32(rec + L.REV_RR_OFF), nrr, qtype)
         if blob:
-            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit, rotation=rotation)
         if qtype == T_ANY and nrr:
             return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit,
                                       synth=any_hinfo(img.zone(img.u16(rec + L.REV_ZONE))[2]))
@@ -304,7 +327,7 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
         if blob and not external_cname and img.u16(blob + L.BLOB_HDR) & HDR_HANDOFF:
             return ACTION_HANDOFF, b""          # CNAME to outside: the forwarder completes it
         if blob:
-            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit)
+            return ACTION_SEND, reply(q, qend, blob, 0, img, edns, limit, rotation=rotation)
         if qtype == T_ANY and nrr:
             # RFC 8482 §4.2: a name with data answers ANY with one synthesised HINFO, not
             # NODATA (which would say it has none); dns-rules §2.1.
@@ -346,7 +369,7 @@ def pod_ip_known(img: Image, off: int, ip: bytes) -> bool:
     return False
 
 
-def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b""):
+def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"", rotation=0):
     """Header + echoed question + (blob or synthesised RR) + OPT, cut to ``limit``."""
     qid, flags = struct.unpack_from("!HH", q, 0)
     hflags = QR | (flags & (0x7800 | RD | CD)) | rcode
@@ -360,7 +383,7 @@ def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"
         else:
             hflags |= TC
     elif blob:
-        hdr, an, ns, ar, nfix, nseg, dlen = BLOBHDR.unpack_from(img.buf, blob)
+        hdr, an, ns, ar, nfix, nseg, dlen, rot_at, rot_n = BLOBHDR.unpack_from(img.buf, blob)
         hflags |= hdr
         fixes = struct.unpack_from(f"<{nfix}H", img.buf, blob + BLOBHDR.size)
         seg_off = blob + BLOBHDR.size + ((2 * nfix + 3) & ~3)
@@ -375,9 +398,14 @@ def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"
             else:
                 lo = k + 1
         end, counts[0], counts[1], counts[2], tc = SEG.unpack_from(img.buf, seg_off + (lo - 1) * SEG.size)
+        data = bytearray(img.buf[data_off:data_off + end])
+        if rot_n >= 2:
+            turn = rotation % rot_n if isinstance(rotation, int) else rotation.take(blob, rot_n)
+            if turn:
+                data, end, tc = rotate(img, seg_off, data_off, rot_at, rot_n, turn, room,
+                                       data, end, tc, counts)
         if tc:
             hflags |= TC
-        data = bytearray(img.buf[data_off:data_off + end])
         for f in fixes:
             if f + 2 <= end:
                 struct.pack_into("!H", data, f, 0xC000 | apex_ptr)
@@ -388,3 +416,41 @@ def reply(q, qend, blob, rcode, img, edns, limit=UDP_PLAIN, apex_ptr=0, synth=b"
         size, do, ext = edns
         out += b"\0" + struct.pack("!HHBBHH", T_OPT, size, ext, 0, do << 15, 0)
     return out
+
+
+def rotate(img, seg_off, data_off, rot_at, rot_n, k, room, data, end, tc, counts):
+    """The reply data with the rotating run's records sent from its ``k``-th on, cyclically
+    (layout.py, Rotation). The segments hold every record's end. A cut after the run keeps
+    it whole, rotated; a cut inside it keeps the most rotated records that fit, with TC, as
+    an unrotated cut keeps the most records that fit (RFC 2181 §9). -> (data, end, tc)."""
+    def at(i):
+        return SEG.unpack_from(img.buf, seg_off + i * SEG.size)[0]
+
+    s0, sk, sn = at(rot_at), at(rot_at + k), at(rot_at + rot_n)
+    buf = img.buf
+    if end >= sn:
+        return (data[:s0] + buf[data_off + sk:data_off + sn] + buf[data_off + s0:data_off + sk]
+                + data[sn:end]), end, tc
+    if end < s0:
+        return data, end, tc                          # the run's start does not fit
+
+    def rlen(m):                                      # bytes of the first m rotated records
+        if k + m <= rot_n:
+            return at(rot_at + k + m) - sk
+        return sn - sk + at(rot_at + k + m - rot_n) - s0
+
+    lo, hi = 0, rot_n - 1                             # all rot_n do not fit: end < sn
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if s0 + rlen(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    m = lo
+    if k + m <= rot_n:
+        run = buf[data_off + sk:data_off + sk + rlen(m)]
+    else:
+        run = bytes(buf[data_off + sk:data_off + sn]) + bytes(
+            buf[data_off + s0:data_off + at(rot_at + k + m - rot_n)])
+    counts[0], counts[1], counts[2] = rot_at + m, 0, 0
+    return data[:s0] + run, s0 + rlen(m), 1

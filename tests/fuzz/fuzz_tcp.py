@@ -82,6 +82,7 @@ class Worker:
         self.log_queries = False
         self.handoff = W.RefuseHandoff(1232)
         self.udp_server = type("U", (), {"ra": ra})()
+        self.rotation = None            # the compiled order, as ``expected`` answers
         self.connections: dict = {}
         self.by_source: dict = {}
         self.max_connections = 1000

@@ -156,10 +156,15 @@ def write(target: str, seeds: list[bytes]) -> None:
 def main() -> None:
     qs = queries()
     opts = (0, 4, 8, 1, 2, 3, 0x20, 0x1C)
-    # The image with custom records (option bit 6; bit 0: synced or not).
-    hosts = [bytes([0x40 | (i & 1)]) + query(n, QTYPES[i % len(QTYPES)])
+    # Two option bytes: the first as the target reads it (bit 6: the image with custom
+    # records, bit 0 then synced or not), the second the rotation state.
+    hosts = [bytes([0x40 | (i & 1), 0]) + query(n, QTYPES[i % len(QTYPES)])
              for i, n in enumerate(Z.HOSTS_NAMES)]
-    write("answer", [bytes([opts[i % len(opts)]]) + q for i, q in enumerate(qs)] + hosts)
+    # The rotating answers under each rotation state, plain and EDNS, UDP.
+    rotating = [bytes([8 if edns == 0 else 0, rot]) + query(name, t, edns=edns)
+                for name, t in Z.ROTATING_NAMES for rot in range(4) for edns in (-1, 0)]
+    write("answer", [bytes([opts[i % len(opts)], i % 4]) + q for i, q in enumerate(qs)]
+          + hosts + rotating)
     write("tcp", streams(qs))
     write("scan", replies())
     write("zonefile", zonefiles())
