@@ -43,6 +43,13 @@ system-deps:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS)) >/dev/null \
 			|| { echo "could not install $(SYSTEM_PKGS): run as root or install them"; exit 1; }; \
 	fi
+	@# kubectl applies deploy/'s patches offline in the manifest tests. Debian's
+	@# kubernetes-client, only when no kubectl is installed, because another package
+	@# (a cloud SDK's, say) may already own /usr/bin/kubectl.
+	@command -v kubectl >/dev/null || { echo "installing kubernetes-client with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends kubernetes-client) >/dev/null \
+		|| { echo "could not install kubernetes-client (kubectl): install kubectl"; exit 1; }; }
 
 test: install system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
