@@ -51,6 +51,9 @@ from kdns import settings  # noqa: E402
 from kdns.forward import handoff  # noqa: E402
 from kdns.serve.zygote import ZYGOTE_NAME  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from serverutil import comm  # noqa: E402
+
 HOST = "127.0.0.1"
 FWD_ZONE = "soak.example"
 WORKERS = 2
@@ -253,14 +256,6 @@ def children(pid: int) -> list[int]:
             if int(st[st.rindex(")") + 2:].split()[1]) == pid:
                 out.append(int(e))
     return sorted(out)
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def started(pid: int) -> int:
