@@ -344,7 +344,8 @@ def _forwarding(a: argparse.Namespace):
             **_tuning(a), corefile=a.corefile,
             corefile_strict=a.corefile_unsupported == "refuse",
             corefile_first=a.corefile_settings, pinned=a.corefile_pinned,
-            hosts_source=getattr(a, "hosts_source", None))
+            hosts_source=getattr(a, "hosts_source", None),
+            rewrites=a.corefile_settings.rewrites)
     return ForwardingOptions(config_dir="" if a.config_map else (a.config_dir or "/kube-dns-config"),
                              config_period=a.config_period, resolv_conf=a.resolv_conf,
                              nameservers=a.nameservers, config_map=a.config_map,
@@ -474,6 +475,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         log_level=logs.level_for(a.log_level, a.v), log_format=logs.format_of(a),
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
         log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None),
+        rewrites=getattr(getattr(a, "corefile_settings", None), "rewrites", ()),
         loadbalance=a.loadbalance)
 
 

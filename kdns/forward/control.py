@@ -70,6 +70,9 @@ class ForwardingOptions:
     # The Corefile's hosts plugin: its source (forward.hosts.HostsSource), already read
     # once; re-read as its ``reload`` says, or with each ConfigMap version.
     hosts_source: object = None
+    # Its ``rewrite name`` rules (forward.rewrite.NameRule), which the workers apply to the
+    # queries the image leaves to them; fixed at start, as the image's aliases are.
+    rewrites: tuple = ()
 
     def tuning(self) -> dict:
         """What each worker applies to its Forwarder and cache."""
@@ -78,7 +81,8 @@ class ForwardingOptions:
         return {"policy": self.forward_policy, "max_concurrent": self.forward_max_concurrent,
                 "force_tcp": self.forward_force_tcp, "success_ttl": self.cache_success_ttl,
                 "denial_ttl": self.cache_denial_ttl, "min_ttl": self.cache_min_ttl,
-                "serve_stale": self.serve_stale, "stale_timeout": stale_timeout}
+                "serve_stale": self.serve_stale, "stale_timeout": stale_timeout,
+                "rewrite": [r.as_list() for r in self.rewrites]}
 
 
 # --------------------------------------------------------------------------- the message

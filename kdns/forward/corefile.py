@@ -92,6 +92,8 @@ class CorefileSettings:
     version: str = ""
     # The ``hosts`` plugin (kdns.forward.hosts.HostsSpec), or None.
     hosts: object = None
+    # The ``rewrite name`` rules in order (kdns.forward.rewrite.NameRule).
+    rewrites: tuple = ()
 
     def forward_options(self) -> dict:
         """The forward and cache settings a worker applies (``ForwardingOptions.policy``...)."""
@@ -289,6 +291,7 @@ class _Mapper:
         self.seen: dict[str, Token] = {}         # setting -> where it was set
         self.hosts = None                        # hosts.HostsSpec
         self.hosts_at: Token | None = None
+        self.rewrites: list = []                 # (NameRule, Token, the block's zones)
 
     # ---- helpers
     def refuse(self, tok: Token, what: str, why: str = "") -> None:
@@ -363,7 +366,7 @@ class _Mapper:
         self.set("dns_port", 53 if port is None else port, b.keys[0])
         names = [d.name.text for d in b.directives]
         for d in b.directives:
-            if names.count(d.name.text) > 1 and d.name.text not in ("forward",):
+            if names.count(d.name.text) > 1 and d.name.text not in ("forward", "rewrite"):
                 raise CorefileError(f"{d.name.where}: {d.name.text} appears twice in one server "
                                     f"block; CoreDNS allows it once.")
             handler = getattr(self, "p_" + d.name.text, None)
@@ -503,6 +506,69 @@ class _Mapper:
                             "do not list; add fallthrough")
                 self.hosts = None           # refused: kdns starts without it (warn)
                 return
+
+    # ---- rewrite (kdns/forward/rewrite.py states CoreDNS's rules)
+    def p_rewrite(self, d, zones):
+        from kdns.forward import rewrite as RW
+        args = [t.text for t in d.args]
+        if len(args) < 2 and d.block:
+            # CoreDNS: a rule's tokens continue in the block (``rewrite stop { name ...
+            # answer ... }``), one rule per directive.
+            for line in d.block:
+                args += [t.text for t in line]
+        elif d.block:
+            raise CorefileError(f"{d.block[0][0].where}: a rewrite with its rule on its line "
+                                f"takes no block.")
+        try:
+            rule = RW.parse_rule(args, d.name.where)
+        except RW.RewriteError as e:
+            if "is not supported" in str(e):
+                self.unsupported.append(str(e))
+                return
+            raise CorefileError(str(e)) from None
+        self.rewrites.append((rule, d.name, tuple(zones)))
+
+    def check_rewrite(self, kube_zones: set) -> tuple:
+        """The rules kdns can apply as CoreDNS does; each other one is refused naming its
+        line. kdns answers names of its zones (the cluster domain, the reverse zones, the
+        hosts' zones) from the image: a rule there must be an exact one whose answer the
+        image holds (a name of the cluster or the hosts), and a suffix rule may not reach
+        into them; prefix, substring and regex rules apply to the names kdns forwards."""
+        from kdns.forward.hosts import within
+        domain = self.flags.get("domain")
+        image_zones = [domain, *REVERSE]
+        hosts_zones = [z for z in (self.hosts.zones if self.hosts is not None else ())
+                       if domain is None or not within(z, domain)]
+        ours = image_zones + hosts_zones
+        kept = []
+        for rule, tok, zones in self.rewrites:
+            if not set(zones) & kube_zones:
+                self.refuse(tok, "rewrite outside the server block of kubernetes",
+                            "kdns applies rewrite rules to the names of its main block")
+                continue
+            frm, to = rule.frm.rstrip("."), rule.to.rstrip(".")
+            if rule.kind == "exact":
+                if any(within(frm, z) for z in ours) and not (
+                        (domain and within(to, domain) and not within(to, f"pod.{domain}"))
+                        or (self.hosts is not None and self.hosts.in_zones(to)
+                            and not within(to, domain or ""))):
+                    self.refuse(tok, f"rewrite of {frm}, a name kdns answers from its image, "
+                                f"to {to}", "the alias of a name of the cluster or the hosts "
+                                "must name a service, endpoint or hosts name")
+                    continue
+            elif rule.kind == "suffix":
+                z = frm.lstrip(".") if rule.frm.startswith(".") else frm.partition(".")[2]
+                if any(within(z, o) or within(o, z) for o in ours if o):
+                    self.refuse(tok, f"rewrite name suffix {rule.frm} over names kdns answers "
+                                f"from its image", "kdns applies suffix rules to names it "
+                                "forwards; use exact rules for cluster names")
+                    continue
+            else:
+                log.warning("%s: rewrite name %s applies to the names kdns forwards (and to "
+                            "none of the cluster's, the reverse zones' or the hosts', which "
+                            "kdns answers from its image).", tok.where, rule.kind)
+            kept.append(rule)
+        return tuple(kept)
 
     def p_loadbalance(self, d, zones):
         # Answers rotate (--loadbalance); kdns rotates A, AAAA and SRV by a per-worker
@@ -744,6 +810,14 @@ def parse(path: str, *, env=None, text: str | None = None,
         raise CorefileError(f"{path}: no kubernetes plugin; kdns serves a cluster domain, so "
                             f"the Corefile must have one.")
     m.check_hosts()
+    kube_zones = {z for b in blocks if any(d.name.text == "kubernetes" for d in b.directives)
+                  for z in ({_zone(k.text.partition("://")[2] or k.text).partition(":")[0] or "."
+                             for k in b.keys})}
+    rewrites = m.check_rewrite(kube_zones)
+    if rewrites:
+        # Compiled into the image and given to the workers at start (a change of them
+        # applies at the next start, as the watcher logs).
+        m.flags["rewrite"] = rewrites
     if "cache_success_ttl" not in m.flags:
         m.unsupported.append(f"{path}: a Corefile without cache is not supported by kdns "
                              f"(kdns always caches forwarded answers); add cache 30.")
@@ -756,7 +830,8 @@ def parse(path: str, *, env=None, text: str | None = None,
     cfg = KubeDNSConfig(dict(sorted(m.stubs.items())), m.upstreams)
     return CorefileSettings(flags=flags, forwarding=cfg, resolv_conf=m.resolv_conf,
                             unsupported=m.unsupported, files=reader.files,
-                            version=reader.digest.hexdigest(), hosts=m.hosts)
+                            version=reader.digest.hexdigest(), hosts=m.hosts,
+                            rewrites=rewrites)
 
 
 def version_of(path: str, env=None, text: str | None = None,

@@ -22,6 +22,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import struct
 
 from kdns import settings
 from kdns.dns.wire import SERVFAIL
@@ -33,6 +34,8 @@ from kdns.forward.control import MESSAGE_MAX, decode_config, decode_tuning
 from kdns.forward.external import ExternalNames
 from kdns.forward.forwarder import (IP_RECVERR, Forwarder, Retry, Upstream, encode_name,
                                     parse_query)
+from kdns.forward.rewrite import (NameRule, Rewriter, revert_reply, rewrite as rewrite_name,
+                                  rewrite_query)
 from kdns.zone.refpath import Malformed
 
 log = logging.getLogger("kdns.forward.handoff")
@@ -119,14 +122,24 @@ class CompiledForward:
         """The Forwarder's current routes, as far as C can take them (else: all Python)."""
         fw = self.forwarder
         ups = [u for u in fw.upstreams if u not in fw.looping]
+        stubs = [encode_name(d) for d in fw.stubs]
+        rewriter = self.handoff.rewriter
+        if rewriter:
+            # Names a rewrite rule may match are the Python side's (forward.rewrite): an
+            # exact or suffix rule's zone like a stub domain's; a rule that may match any
+            # name leaves every forward to Python.
+            zones = rewriter.python_zones()
+            if zones is None:
+                ups = []
+            else:
+                stubs += [encode_name(z) for z in zones]
         if not all(_is_ipv4(u.host) for u in ups):
             ups = []                  # names or IPv6: the Forwarder handles everything
         if fw.force_tcp or fw.policy == "round_robin":
             ups = []                  # C picks a random or the first live one, over UDP
         # sequential: C tries the first live one; a timeout hands the query back and the
         # Forwarder goes on with the next ones in order (the failed one last).
-        if not self.engine.set_routes([(u.host, u.port) for u in ups],
-                                      [encode_name(d) for d in fw.stubs],
+        if not self.engine.set_routes([(u.host, u.port) for u in ups], stubs,
                                       [fw.stats_for(u).row for u in ups],
                                       sequential=fw.policy == "sequential"):
             ups = []                  # more than C holds: the Forwarder handles everything
@@ -280,6 +293,7 @@ class ForwardingHandoff:
         self.worker = None
         self.external = ExternalNames(self.forwarder, edns_max)
         self.compiled: CompiledForward | None = None
+        self.rewriter = Rewriter(())
 
     def attach(self, loop: asyncio.AbstractEventLoop, worker=None):
         """The worker's ``Handoff.attach``: apply the queued config now (it was sent before
@@ -349,6 +363,11 @@ class ForwardingHandoff:
         c.serve_stale, c.max_stale = t["serve_stale"] > 0, t["serve_stale"]
         if self.compiled is not None and isinstance(c, CompiledCache):
             self.compiled.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
+        rules = tuple(NameRule.from_list(r) for r in t.get("rewrite") or ())
+        if rules != self.rewriter.rules:
+            self.rewriter = Rewriter(rules)
+            if self.compiled is not None:
+                self.compiled.apply_routes()
 
     def _set_recursion(self) -> None:
         """RA on the image's own replies exactly when this worker forwards: with upstreams
@@ -377,6 +396,57 @@ class ForwardingHandoff:
         fw = self.forwarder
         if retry is not None:
             return await fw.resolve(query, proto, retry)
+        if self.rewriter:
+            rewritten = await self._rewritten(query, proto)
+            if rewritten is not None:
+                return rewritten[0]
+        return await self._unrewritten(query, proto)
+
+    async def _rewritten(self, query: bytes, proto: str):
+        """CoreDNS ``rewrite name``: (the reply,) when a rule matches the query's name, else
+        None. The rewritten question is answered as any query (the image, the hand-off's
+        ExternalNames or the forwarder), then its reply is rewritten back: the client's
+        question, the records' names reverted as the rules say (forward.rewrite)."""
+        try:
+            q = parse_query(query)
+        except Malformed:
+            return None
+        if q is None or q.qtype in (251, 252):
+            return None
+        name = ".".join(q.labels) + "."
+        res = rewrite_name(self.rewriter.rules, name)
+        if res is None:
+            return None
+        asked, back = res
+        if not asked:
+            # CoreDNS: "invalid name after rewrite" answers SERVFAIL.
+            return (engine.rcode_reply(query, SERVFAIL, self.edns_max),)
+        qend = 12 + len(q.name)
+        new = rewrite_query(query, qend, asked)
+        img = self.worker.img if self.worker is not None else None
+        reply = None
+        if img is not None:
+            udp = getattr(self.worker, "udp_server", None)
+            action, out = engine.answer(img, new, proto == "tcp", edns_max=self.edns_max,
+                                        ra=bool(getattr(udp, "ra", False)))
+            if action == engine.SEND:
+                reply = out
+            elif action == engine.DROP:
+                return (None,)
+        if reply is None:
+            reply = await self._unrewritten(new, proto)
+        if reply is None:
+            return (None,)
+        limit = 65535 if proto == "tcp" else max(512, min(q.edns[0], self.edns_max)) \
+            if q.edns else 512
+        try:
+            return (revert_reply(reply, q.qbytes, back, limit),)
+        except (ValueError, struct.error):
+            log.debug("a rewritten reply for %s did not parse; SERVFAIL", name)
+            return (engine.rcode_reply(query, SERVFAIL, self.edns_max),)
+
+    async def _unrewritten(self, query: bytes, proto: str) -> bytes | None:
+        fw = self.forwarder
         if not fw.upstreams and not fw.stubs:
             # Nobody to ask (no ConfigMap upstreams, resolv.conf or --nameservers): refuse,
             # as before forwarding existed, rather than SERVFAIL after a timeout.

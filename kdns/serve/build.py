@@ -14,13 +14,53 @@ from kdns.kube.model import KINDS
 from kdns.zone import image as I
 
 
-def compile_model(model, *, synced: bool = True, hosts=None, **options) -> bytes:
+def compile_model(model, *, synced: bool = True, hosts=None, rewrites=(), **options) -> bytes:
     """Image bytes for ``model`` (what the controller publishes after a change); ``options``
     are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
     answer SERVFAIL, never a false NXDOMAIN (docs/architecture.md, "Failure behaviour").
-    ``hosts``: the Corefile's custom records (``forward.hosts.HostsRecords``) or None."""
+    ``hosts``: the Corefile's custom records (``forward.hosts.HostsRecords``) or None;
+    ``rewrites``: its ``rewrite name`` rules (``forward.rewrite.NameRule``)."""
     domain = options.get("domain", settings.DOMAIN)
-    return _compile(with_hosts(records.zone_data(model, **options), hosts, domain), synced)
+    zd = with_hosts(records.zone_data(model, **options), hosts, domain)
+    return _compile(with_rewrites(zd, rewrites), synced)
+
+
+def with_rewrites(zd: records.ZoneData, rules) -> records.ZoneData:
+    """``zd`` with an image entry for every exact ``rewrite name`` rule whose target has
+    records: the alias owns the target's RRsets, their target names reverted as CoreDNS
+    reverts the answer, so the packet paths answer it like any name (the client's name is
+    the owner, pointer 0xC00C). CoreDNS rewrites before hosts and kubernetes, so the alias's
+    own records, if it had any, are left out. An alias outside every zone gets a custom-
+    records zone of its own: its other names are handed to the forwarder, as before. Rules
+    the image cannot decide (a target without records, the other rule types) are the
+    worker's (``forward.rewrite``)."""
+    if not rules:
+        return zd
+    from kdns.forward import rewrite as RW
+    aliases = RW.compiled_aliases(rules)
+    if not aliases:
+        return zd
+    targets = {t for t, _ in aliases.values()}
+    found: dict[str, list] = {}
+    for s in zd.rrsets:
+        if s.name in targets:
+            found.setdefault(s.name, []).append(s)
+    added, zones = [], list(zd.zones)
+    apexes = [R.name_labels(z.apex) for z in zones]
+    for alias, (target, back) in sorted(aliases.items()):
+        sets = found.get(target)
+        if not sets:
+            continue
+        added += RW.alias_rrsets(alias, back, sets)
+        labels = R.name_labels(alias)
+        if not any(R.is_subdomain(labels, a) for a in apexes):
+            zones.append(R.Zone(alias, kind=R.ZONE_HOSTS, ttl=min(s.ttl for s in sets)))
+    if not added:
+        return zd
+    drop = {s.name for s in added}
+    kept = tuple(s for s in zd.rrsets if s.name not in drop)
+    return records.ZoneData(kept + tuple(added), tuple(zones), zd.exists, zd.serial,
+                            zd.warnings)
 
 
 def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:
@@ -52,7 +92,8 @@ def compile_file(path: str, **options) -> bytes:
 
 def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
                          pods: str = settings.PODS, endpoint_pod_names: bool = False,
-                         serial: int | None = None, hosts=None) -> tuple[bytes, int]:
+                         serial: int | None = None, hosts=None,
+                         rewrites=()) -> tuple[bytes, int]:
     """Image bytes for ``path`` and how many objects of the DNS kinds it held: the file
     source refuses to replace a cluster with an empty one (a truncated file, see
     ``supervisor.WatchedFile``), which only the object count tells apart."""
@@ -63,6 +104,6 @@ def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int =
     zd = records.zone_data(model, domain=domain, ttl=ttl, pods=pods,
                            endpoint_pod_names=endpoint_pod_names,
                            serial=records.file_serial(path) if serial is None else serial)
-    zd = with_hosts(zd, hosts, domain)
+    zd = with_rewrites(with_hosts(zd, hosts, domain), rewrites)
     del model
     return _compile(zd, True), objects

@@ -72,7 +72,7 @@ class IncrementalCompiler:
 
     def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
                  endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False,
-                 hosts=None):
+                 hosts=None, rewrites=()):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it."""
         if pods not in records.PODS_MODES:
@@ -93,6 +93,12 @@ class IncrementalCompiler:
         # address of theirs keeps no cluster PTR group in the core (hosts answer first).
         self.hosts = hosts
         self._hosts_zones: tuple = ()
+        # The Corefile's ``rewrite name`` rules: an exact rule's alias owns its target's
+        # RRsets (build.with_rewrites), so a target service is compiled from RRsets (pinned)
+        # and the aliases are added to every assembly.
+        from kdns.forward.rewrite import compiled_aliases
+        self.rewrites = tuple(rewrites)
+        self._aliases = compiled_aliases(self.rewrites)
         # Statistics, for logs, metrics and tests.
         self.full_compiles = 0       # compiles that did not use the saved records
         self.last_dirty = 0          # services re-derived by the last compile
@@ -134,6 +140,11 @@ class IncrementalCompiler:
         elif self._hosts_zones:
             self._hosts_zones = ()
             self._reset()
+        if any(self._inside(a) or any(self._inside(t, rz) for rz in records.REVERSE_ZONES)
+               for a, (t, _) in self._aliases.items()):
+            # An alias of a cluster name replaces that name's saved answers, and a reverse
+            # target's RRsets are not kept: the full compile decides those.
+            return self._full(model, synced, reset=True, hosts=hosts)
         paused = gc.isenabled()
         gc.disable()       # as compile_image: many new objects, no garbage cycles among them
         try:
@@ -161,12 +172,17 @@ class IncrementalCompiler:
             if paused:
                 gc.enable()
 
+    def _inside(self, name: str, zone: str | None = None) -> bool:
+        zone = self.zone if zone is None else R.canonical(zone)
+        return name == zone or name.endswith("." + zone)
+
     def _full(self, model: ClusterModel, synced: bool, reset: bool = False,
               hosts=None) -> bytes:
         if reset:
             self._reset()
         self.full_compiles += 1
-        return build.compile_model(model, synced=synced, hosts=hosts, **self.options)
+        return build.compile_model(model, synced=synced, hosts=hosts, rewrites=self.rewrites,
+                                   **self.options)
 
     # ------------------------------------------------------------------ the saved state
     def _dirty(self, model: ClusterModel, changed: set) -> set:
@@ -200,6 +216,11 @@ class IncrementalCompiler:
         through their RRsets, so they are compiled from RRsets, not from saved answers. A
         superset is harmless (it only costs their rules each compile)."""
         pinned = set()
+        for target, _ in self._aliases.values():
+            if target.endswith(self.svc_suffix):
+                parts = target[:-len(self.svc_suffix)].split(".")
+                if len(parts) >= 2:
+                    pinned.add((parts[-1], parts[-2]))
         for svc in model.services():
             if svc.type == "ExternalName":
                 target = svc.external_name.rstrip(".").lower() + "."
@@ -430,6 +451,10 @@ class IncrementalCompiler:
         if hosts is not None:
             raw += hosts.rrsets()
             zones = (*zones, *self._hosts_zones)
+        if self._aliases:
+            zd = build.with_rewrites(records.ZoneData(tuple(raw), tuple(zones), exists, serial,
+                                                      ()), self.rewrites)
+            raw, zones = list(zd.rrsets), zd.zones
         image = I.CoreCompiler(list(zones), synced, serial, core_type,
                                core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):
