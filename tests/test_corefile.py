@@ -183,7 +183,12 @@ dns://c.example.:{$DNS_PORT} {
 
 
 @pytest.mark.parametrize("snippet, line, message", [
-    ("rewrite name foo.example bar.example", 6, "the plugin rewrite is not supported by kdns."),
+    ("rewrite type ANY HINFO", 6, "rewrite type is not supported by kdns"),
+    ("rewrite name suffix .local. .cluster.local.", 6,
+     "rewrite name suffix .local. over names kdns answers from its image is not supported"),
+    ("rewrite name exact db.cluster.local www.example.org", 6,
+     "rewrite of db.cluster.local, a name kdns answers from its image, to www.example.org is "
+     "not supported by kdns"),
     ("hosts {\n 10.0.0.1 a.example\n}", 6,
      "hosts for . without fallthrough for cluster.local is not supported by kdns"),
     ("autopath @kubernetes", 6, "the plugin autopath is not supported by kdns."),
