@@ -45,22 +45,28 @@ def with_rewrites(zd: records.ZoneData, rules) -> records.ZoneData:
     for s in zd.rrsets:
         if s.name in targets:
             found.setdefault(s.name, []).append(s)
-    added, zones = [], list(zd.zones)
-    apexes = [R.name_labels(z.apex) for z in zones]
+    added = []
     for alias, (target, back) in sorted(aliases.items()):
-        sets = found.get(target)
-        if not sets:
-            continue
-        added += RW.alias_rrsets(alias, back, sets)
+        added += RW.alias_rrsets(alias, back, found.get(target, ()))
+    drop = {s.name for s in added}
+    kept = tuple(s for s in zd.rrsets if s.name not in drop) if drop else zd.rrsets
+    return records.ZoneData(kept + tuple(added), tuple(zd.zones) + alias_zones(rules, zd.zones),
+                            zd.exists, zd.serial, zd.warnings)
+
+
+def alias_zones(rules, zones) -> tuple:
+    """A custom-records zone for each exact alias outside ``zones``, whether its target has
+    records or not (the zones are fixed for a compile core's life): its other names, and
+    the alias while its target has none, are handed to the forwarder, where the worker's
+    rules take them."""
+    from kdns.forward import rewrite as RW
+    apexes = [R.name_labels(z.apex) for z in zones]
+    out = []
+    for alias in sorted(RW.compiled_aliases(rules)):
         labels = R.name_labels(alias)
         if not any(R.is_subdomain(labels, a) for a in apexes):
-            zones.append(R.Zone(alias, kind=R.ZONE_HOSTS, ttl=min(s.ttl for s in sets)))
-    if not added:
-        return zd
-    drop = {s.name for s in added}
-    kept = tuple(s for s in zd.rrsets if s.name not in drop)
-    return records.ZoneData(kept + tuple(added), tuple(zones), zd.exists, zd.serial,
-                            zd.warnings)
+            out.append(R.Zone(alias, kind=R.ZONE_HOSTS))
+    return tuple(out)
 
 
 def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:

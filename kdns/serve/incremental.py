@@ -119,6 +119,7 @@ class IncrementalCompiler:
         self._zones = (I.Zone(self.zone), *(I.Zone(rz, kind=I.ZONE_REVERSE)
                                             for rz in records.REVERSE_ZONES),
                        *self._hosts_zones)
+        self._zones += build.alias_zones(self.rewrites, self._zones)
         self._hosts_ips: frozenset = frozenset()   # addresses whose PTR is the hosts' 
 
     # ------------------------------------------------------------------ entry point
@@ -454,7 +455,7 @@ class IncrementalCompiler:
         if self._aliases:
             zd = build.with_rewrites(records.ZoneData(tuple(raw), tuple(zones), exists, serial,
                                                       ()), self.rewrites)
-            raw, zones = list(zd.rrsets), zd.zones
+            raw, zones = list(zd.rrsets), zd.zones     # the zones: self._zones's
         image = I.CoreCompiler(list(zones), synced, serial, core_type,
                                core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):
