@@ -123,7 +123,7 @@ class CompiledForward:
         fw = self.forwarder
         ups = [u for u in fw.upstreams if u not in fw.looping]
         stubs = [encode_name(d) for d in fw.stubs]
-        rewriter = self.handoff.rewriter
+        rewriter = getattr(self.handoff, "rewriter", None)
         if rewriter:
             # Names a rewrite rule may match are the Python side's (forward.rewrite): an
             # exact or suffix rule's zone like a stub domain's; a rule that may match any
