@@ -364,7 +364,8 @@ class ForwardingHandoff:
         if self.compiled is not None and isinstance(c, CompiledCache):
             self.compiled.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
         rules = tuple(NameRule.from_list(r) for r in t.get("rewrite") or ())
-        if rules != self.rewriter.rules:
+        old = getattr(self, "rewriter", None)
+        if old is None or rules != old.rules:
             self.rewriter = Rewriter(rules)
             if self.compiled is not None:
                 self.compiled.apply_routes()
