@@ -57,6 +57,22 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
+def _prefetch(text: str) -> tuple:
+    """--cache-prefetch AMOUNT[,DURATION[,PERCENT]] (CoreDNS ``prefetch``'s arguments)."""
+    parts = text.split(",")
+    if not 1 <= len(parts) <= 3 or not parts[0].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not AMOUNT[,DURATION[,PERCENT]], "
+                                         f"e.g. 10,1m,10")
+    amount = int(parts[0])
+    dur = _duration(parts[1]) if len(parts) > 1 else settings.PREFETCH_DURATION
+    pct = parts[2].rstrip("%") if len(parts) > 2 else str(settings.PREFETCH_PERCENT)
+    if not pct.isdigit() or not 10 <= int(pct) <= 90:
+        raise argparse.ArgumentTypeError(f"the prefetch percentage {parts[2]!r} is not 10 to 90")
+    if dur <= 0:
+        raise argparse.ArgumentTypeError("the prefetch duration must be above 0")
+    return (amount, dur, int(pct))
+
+
 def _duration(text: str) -> float:
     """A duration flag: seconds, plain or Go-style as kube-dns/CoreDNS write them (5s, 500ms,
     1m30s), from 0 to 1h."""
@@ -204,6 +220,12 @@ def _add_tuning_flags(s: argparse.ArgumentParser) -> None:
                    const=settings.SERVE_STALE_DURATION, metavar="DURATION",
                    help="answer from expired cache entries up to DURATION past expiry when the "
                         "upstreams fail or are slow (RFC 8767; without DURATION 1h; default off)")
+    s.add_argument("--cache-prefetch", type=_prefetch, default=settings.CACHE_PREFETCH,
+                   metavar="AMOUNT[,DURATION[,PERCENT]]",
+                   help="refresh a cached forwarded answer upstream before it expires once "
+                        "it was asked AMOUNT times with no gap of DURATION (default 1m) and "
+                        "its remaining TTL is at most PERCENT (10 to 90, default 10) of its "
+                        "lifetime (CoreDNS cache prefetch; default off)")
     s.add_argument("--corefile", default="", metavar="PATH",
                    help="a CoreDNS Corefile (the coredns ConfigMap mounted): its kubernetes, "
                         "forward, cache, health, ready, prometheus... settings; re-read every "
@@ -224,7 +246,7 @@ COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "heal
                   "ready_port", "metrics_port", "lameduck", "log_queries", "forward_policy",
                   "forward_max_concurrent", "forward_force_tcp", "cache_size",
                   "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf",
-                  "loadbalance")
+                  "loadbalance", "cache_prefetch")
 
 
 def _read_corefile_configmap(a: argparse.Namespace):
@@ -361,7 +383,8 @@ def _tuning(a: argparse.Namespace) -> dict:
                 cache_denial_ttl=a.cache_denial_ttl,
                 cache_min_ttl=getattr(a, "cache_min_ttl", settings.CACHE_MIN_TTL),
                 serve_stale=a.serve_stale,
-                serve_stale_refresh=getattr(a, "serve_stale_refresh", None))
+                serve_stale_refresh=getattr(a, "serve_stale_refresh", None),
+                cache_prefetch=tuple(a.cache_prefetch))
 
 
 def _forwarding_problem(a: argparse.Namespace) -> str | None:

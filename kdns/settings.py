@@ -78,6 +78,11 @@ CACHE_DENIAL_TTL = 1800
 CACHE_MIN_TTL = 5
 SERVE_STALE = 0.0              # seconds past expiry an answer may be served stale; 0: never
 SERVE_STALE_DURATION = 3600.0  # --serve-stale without a value, and CoreDNS's serve_stale
+# CoreDNS cache ``prefetch AMOUNT [DURATION] [PERCENTAGE%]``: (AMOUNT, DURATION s, PERCENT);
+# AMOUNT 0 is off (the default). DURATION and PERCENT default as CoreDNS's: 1m and 10%.
+CACHE_PREFETCH = (0, 60.0, 10)
+PREFETCH_DURATION = 60.0
+PREFETCH_PERCENT = 10
 # RFC 8767 §5 client response timer: with a stale answer at hand, a refresh that has not
 # answered in this long is answered stale.
 STALE_ANSWER_TIMEOUT = 1.8

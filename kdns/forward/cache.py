@@ -133,11 +133,14 @@ def soa_negative_ttl(msg: bytes, sc: Scanned) -> int | None:
 
 class Entry:
     """A stored reply in the canonical wire form described in the module docstring."""
-    __slots__ = ("wire", "qend", "ttl_offs", "ttls", "ttl", "stored", "rcode")
+    __slots__ = ("wire", "qend", "ttl_offs", "ttls", "ttl", "stored", "rcode", "hits",
+                 "last_hit", "refreshing")
 
     def __init__(self, wire, qend, ttl_offs, ttls, ttl, stored, rcode):
         self.wire, self.qend, self.ttl_offs, self.ttls = wire, qend, ttl_offs, ttls
         self.ttl, self.stored, self.rcode = ttl, stored, rcode
+        # CoreDNS cache prefetch's popularity (freq) and whether a refresh is queued.
+        self.hits, self.last_hit, self.refreshing = 0, 0.0, False
 
     def expires(self) -> float:
         return self.stored + self.ttl
@@ -191,9 +194,53 @@ class Cache:
         self.counters["cache_entries"] = 0        # a new worker's cache starts empty
         self.counters["cache_entries_denial"] = 0
         self.stale_hits = 0
+        # CoreDNS ``prefetch AMOUNT DURATION PERCENTAGE%`` (amount 0: off); ``due`` holds the
+        # keys whose refresh is queued, for the forwarder to take (``take_due``).
+        self.prefetch_amount, self.prefetch_duration, self.prefetch_percent = \
+            settings.CACHE_PREFETCH
+        self.due: list = []
+        self.prefetches = 0
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def set_prefetch(self, amount: int, duration: float, percent: int) -> None:
+        self.prefetch_amount, self.prefetch_duration = amount, duration
+        self.prefetch_percent = percent
+
+    def hit(self, key: tuple, e: Entry) -> bool:
+        """Count a hit of the fresh entry ``e`` (CoreDNS freq.Update: a hit after a gap of
+        DURATION or more starts the count again at 1) and queue its refresh when it is
+        popular and close to expiry (CoreDNS shouldPrefetch: hits >= AMOUNT and the whole
+        seconds left <= ceil(PERCENTAGE% of its lifetime)); True when it was queued. The
+        compiled table counts its own hits the same way (pktcache.pxi pc_hit)."""
+        if not self.prefetch_amount:
+            return False
+        now = self.clock()
+        if e.hits == 0 or e.last_hit < now - self.prefetch_duration:
+            e.hits = 1
+        else:
+            e.hits += 1
+        e.last_hit = now
+        if e.refreshing or e.hits < self.prefetch_amount:
+            return False
+        left = int(e.ttl - (now - e.stored))
+        if left > -(-self.prefetch_percent * e.ttl // 100):
+            return False
+        e.refreshing = True
+        self.due.append(key)
+        return True
+
+    def take_due(self) -> list:
+        """The keys whose refresh is due (each once)."""
+        due, self.due = self.due, []
+        return due
+
+    def unmark(self, key: tuple) -> None:
+        """A refresh that could not be made: the entry may be queued again."""
+        e = self.entries.get(key)
+        if e is not None:
+            e.refreshing = False
 
     def get(self, key: tuple) -> Entry | None:
         """A fresh entry, or None (expired entries stay for serve-stale until evicted)."""
@@ -279,6 +326,8 @@ class Cache:
             self.counters["cache_entries"] += 1
         else:
             self.counters["cache_entries_denial"] -= denial(old)
+            # A refreshed entry keeps its popularity (CoreDNS resets the freq with its hits).
+            e.hits, e.last_hit = old.hits, old.last_hit
         self.counters["cache_entries_denial"] += denial(e)
         self.entries[key] = e
         self.entries.move_to_end(key)
@@ -325,6 +374,15 @@ def key_bytes(key: tuple) -> bytes:
     return bytes(name) + struct.pack("!HHBB", qtype, qclass, do, cd)
 
 
+def key_tuple(raw: bytes) -> tuple:
+    """``key_bytes``'s inverse: the flat key back as (name, qtype, qclass, DO, CD)."""
+    off = 0
+    while raw[off]:
+        off += raw[off] + 1
+    qtype, qclass, do, cd = struct.unpack_from("!HHBB", raw, off + 1)
+    return (raw[:off + 1], qtype, qclass, do, cd)
+
+
 class CompiledCache(Cache):
     """The Cache whose entries live in the worker's compiled PacketCache (``fast``).
 
@@ -362,6 +420,26 @@ class CompiledCache(Cache):
     def _touch(self, key: tuple) -> None:
         if key in self.entries:
             self.entries.move_to_end(key)
+
+    def set_prefetch(self, amount: int, duration: float, percent: int) -> None:
+        super().set_prefetch(amount, duration, percent)
+        self.fast.set_prefetch(amount, duration, percent)
+
+    def hit(self, key: tuple, e: Entry) -> bool:
+        if key in self.entries:
+            return super().hit(key, e)
+        # The compiled table's entry: counted where the packet path counts its hits.
+        return bool(self.prefetch_amount) and self.fast.hit(key_bytes(key), self.clock())
+
+    def take_due(self) -> list:
+        due = super().take_due()
+        if self.fast.due_count:
+            due += [key_tuple(k) for k in self.fast.take_due()]
+        return due
+
+    def unmark(self, key: tuple) -> None:
+        super().unmark(key)
+        self.fast.unmark(key_bytes(key))
 
     def _store(self, key: tuple, e: Entry) -> None:
         if self.fast.put(key_bytes(key), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl, e.stored):

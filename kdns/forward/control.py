@@ -57,6 +57,8 @@ class ForwardingOptions:
     # None: RFC 8767's 1.8 s client timer; "immediate": a stale answer at once while the
     # refresh runs; "verify": only when the refresh fails (CoreDNS serve_stale's modes).
     serve_stale_refresh: str | None = None
+    # CoreDNS cache prefetch: (AMOUNT, DURATION s, PERCENT); AMOUNT 0 is off.
+    cache_prefetch: tuple = settings.CACHE_PREFETCH
     # --corefile: re-read every config_period (CorefileWatcher); ``corefile_first`` is the
     # version the command line was built from, ``pinned`` the settings the command line
     # gave itself (the Corefile does not override them on a reload either).
@@ -82,7 +84,8 @@ class ForwardingOptions:
                 "force_tcp": self.forward_force_tcp, "success_ttl": self.cache_success_ttl,
                 "denial_ttl": self.cache_denial_ttl, "min_ttl": self.cache_min_ttl,
                 "serve_stale": self.serve_stale, "stale_timeout": stale_timeout,
-                "rewrite": [r.as_list() for r in self.rewrites]}
+                "rewrite": [r.as_list() for r in self.rewrites],
+                "prefetch": list(self.cache_prefetch)}
 
 
 # --------------------------------------------------------------------------- the message

@@ -104,7 +104,7 @@ class CorefileSettings:
 # reload); every other one is read at start.
 FORWARD_KEYS = ("forward_policy", "forward_max_concurrent", "forward_force_tcp", "cache_size",
                 "cache_success_ttl", "cache_denial_ttl", "cache_min_ttl", "serve_stale",
-                "serve_stale_refresh")
+                "serve_stale_refresh", "cache_prefetch")
 
 
 # --------------------------------------------------------------------------- lexing
@@ -756,6 +756,18 @@ class _Mapper:
                                         f"immediate or verify, not {mode!r}.")
                 self.set("serve_stale", stale, o)
                 self.set("serve_stale_refresh", mode, o)
+            elif name == "prefetch" and 1 <= len(args) <= 3:
+                # CoreDNS setup.go: AMOUNT, then DURATION, then PERCENTAGE% (10 to 90).
+                amount = self.number(args[0], 0, 1_000_000, "a hit count")
+                dur = self.duration(args[1]) if len(args) > 1 else settings.PREFETCH_DURATION
+                pct = settings.PREFETCH_PERCENT
+                if len(args) > 2:
+                    if not args[2].text.endswith("%"):
+                        raise CorefileError(f"{args[2].where}: the prefetch percentage ends "
+                                            f"with %, as {args[2].text}%.")
+                    pct = self.number(Token(args[2].text[:-1], args[2].file, args[2].line),
+                                      10, 90, "a percentage")
+                self.set("cache_prefetch", (amount, dur, pct), o)
             elif name == "disable" and len(args) >= 2 and args[0].text in ("success", "denial"):
                 # kdns never caches cluster answers (they come from the live image), so
                 # disabling the cache for the cluster domain is what kdns does anyway;

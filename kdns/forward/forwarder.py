@@ -385,6 +385,8 @@ class Forwarder:
         if self.cache is not None:
             e = self.cache.get(key)
             if e is not None:
+                if self.cache.hit(key, e):
+                    self.prefetch_due()
                 return self._from_entry(e, q, limit, stale=False)
         task = self._join(q, key, retry)
         if task is None:
@@ -406,6 +408,36 @@ class Forwarder:
         if kind == "stale":
             return self._from_entry(payload, q, limit, stale=True)
         return self._rcode_reply(q, SERVFAIL)
+
+    def prefetch_due(self) -> int:
+        """CoreDNS cache prefetch: refresh upstream, in the background, every entry the
+        cache queued (popular and close to expiry); the fresh reply replaces it, so its
+        clients never wait on a miss. Returns how many refreshes started."""
+        started = 0
+        for key in self.cache.take_due():
+            if key in self._inflight:
+                continue                      # its refresh is the query already in flight
+            q = self._key_question(key)
+            if q is None or self._join(q, key) is None:
+                self.cache.unmark(key)        # no room in flight: a later hit asks again
+                continue
+            self.cache.prefetches += 1
+            started += 1
+        return started
+
+    @staticmethod
+    def _key_question(key: tuple) -> Question | None:
+        """The question a cache key stands for, as a client would ask it (RD; CD and DO
+        as the key has them)."""
+        name, qtype, qclass, do, cd = key
+        flags = RD | (CD if cd else 0)
+        opt = opt_rr(UDP_PLAIN, 1) if do else b""
+        query = struct.pack("!HHHHHH", 0, flags, 1, 0, 0, 1 if opt else 0) + bytes(name) + \
+            struct.pack("!HH", qtype, qclass) + opt
+        try:
+            return parse_query(query)
+        except Malformed:
+            return None
 
     def _join(self, q: Question, key: tuple, retry: Retry | None = None) -> asyncio.Task | None:
         """The upstream query for ``key`` already in flight, or a new one; None when the

@@ -106,6 +106,7 @@ class CompiledForward:
         self.pumping = True
         n = self.udp_server.pump(img, counters, FWD_PUMP_BUDGET_US)
         self.take()
+        self.handoff.after_udp()
         return n
 
     @staticmethod
@@ -313,6 +314,12 @@ class ForwardingHandoff:
             return self.compiled.pump
         return None
 
+    def after_udp(self) -> None:
+        """After a UDP drain: the prefetches the packet path's cache hits queued."""
+        fast = self.fast
+        if fast is not None and fast.due_count:
+            self.forwarder.prefetch_due()
+
     def on_control(self) -> None:
         latest = None
         while True:
@@ -361,6 +368,8 @@ class ForwardingHandoff:
                                    else t["stale_timeout"])
         c.max_ttl, c.max_neg_ttl, c.min_ttl = t["success_ttl"], t["denial_ttl"], t["min_ttl"]
         c.serve_stale, c.max_stale = t["serve_stale"] > 0, t["serve_stale"]
+        if "prefetch" in t:
+            c.set_prefetch(*t["prefetch"])
         if self.compiled is not None and isinstance(c, CompiledCache):
             self.compiled.engine.set_cache(c.fast, c.min_ttl, c.max_ttl, c.max_neg_ttl)
         rules = tuple(NameRule.from_list(r) for r in t.get("rewrite") or ())

@@ -1265,6 +1265,7 @@ cdef class UdpServer:
     cdef sockaddr_storage *haddr
     cdef object cache                   # PacketCache or None; ctab/cmask point into it
     cdef PCEntry *ctab
+    cdef PCTable *ct
     cdef uint64_t cmask
     cdef int cedns
     cdef object fwd                     # FwdEngine or None; fws points into it
@@ -1329,6 +1330,7 @@ cdef class UdpServer:
         """Answer hand-offs found in ``cache`` here, without Python (None: stop)."""
         self.cache = cache
         self.ctab = cache.t.tab if cache is not None else NULL
+        self.ct = &cache.t if cache is not None else NULL
         self.cmask = cache.t.mask if cache is not None else 0
         self.cedns = cache.edns_size if cache is not None else 0
 
@@ -1483,7 +1485,7 @@ cdef class UdpServer:
                 # Outside the image: the forwarder's cache may hold it.
                 if now == 0:
                     now = now_ns()
-                action = cache_answer(self.ctab, self.cmask, self.cedns, inp, plen, now,
+                action = cache_answer(self.ct, self.cedns, inp, plen, now,
                                       outp, &res)
                 ctr[C_EVENTS + PROTO_UDP * NEVENTS +
                     (EV_CACHE_HIT if action == ACTION_SEND else EV_CACHE_MISS)] += 1

@@ -22,6 +22,7 @@ cdef enum:
     # A bigger reply (an operator advertising more) is relayed but not cached.
     PC_WIREMAX = 1280 - 40 - 8
     PC_PROBE = 8                 # linear-probe window
+    PC_DUE = 64                  # prefetches queued for Python per drain (more wait a hit)
     PC_AA = 0x0400
 
 
@@ -35,6 +36,9 @@ cdef struct PCEntry:
     uint16_t qend
     uint16_t nrr
     uint8_t denial               # NXDOMAIN, NODATA or SERVFAIL: CoreDNS's "denial" cache
+    uint8_t refreshing           # queued for a prefetch, until the refreshed entry lands
+    uint32_t hits                # CoreDNS cache freq: hits with no gap of a prefetch duration
+    int64_t last_hit_ns
     uint16_t ttl_off[PC_MAXRR]
     uint32_t ttls[PC_MAXRR]
     uint8_t key[PC_KEYMAX]
@@ -64,6 +68,14 @@ cdef struct PCTable:
     uint64_t own[5]
     uint64_t used                # slots holding an entry (fresh or expired)
     uint64_t used_denial
+    # CoreDNS cache ``prefetch AMOUNT DURATION PERCENTAGE%`` (amount 0: off): an entry hit
+    # AMOUNT times with no gap of DURATION whose remaining TTL is at most PERCENTAGE of its
+    # lifetime is queued in ``due`` (slot indices) for Python to refresh upstream.
+    uint32_t pf_amount
+    uint32_t pf_percent
+    int64_t pf_duration_ns
+    uint32_t due[PC_DUE]
+    int ndue
 
 
 cdef PCEntry *pc_find(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
@@ -75,6 +87,32 @@ cdef PCEntry *pc_find(PCEntry *tab, uint64_t mask, const uint8_t *key, int klen,
         if e.hash == h and e.keylen == klen and memcmp(e.key, key, klen) == 0:
             return e
     return NULL
+
+
+cdef bint pc_hit(PCTable *t, PCEntry *e, int64_t now) noexcept nogil:
+    """Count a hit of a fresh entry (CoreDNS freq.Update: a hit after a gap of DURATION or
+    more starts the count again at 1) and queue its prefetch when due (CoreDNS
+    shouldPrefetch: hits >= AMOUNT and the remaining whole seconds <= ceil(PERCENTAGE% of
+    the lifetime)); True when it was queued."""
+    cdef int64_t left
+    cdef uint64_t threshold
+    if t.pf_amount == 0:
+        return False
+    if e.hits == 0 or e.last_hit_ns < now - t.pf_duration_ns:
+        e.hits = 1
+    elif e.hits < <uint32_t>0xFFFFFFFF:
+        e.hits += 1
+    e.last_hit_ns = now
+    if e.refreshing or e.hits < t.pf_amount or t.ndue >= PC_DUE:
+        return False
+    left = (<int64_t>e.ttl * 1000000000 - (now - e.stored_ns)) // 1000000000
+    threshold = (<uint64_t>t.pf_percent * e.ttl + 99) // 100
+    if left > <int64_t>threshold:
+        return False
+    e.refreshing = 1
+    t.due[t.ndue] = <uint32_t>(e - t.tab)
+    t.ndue += 1
+    return True
 
 
 cdef int pc_render(const PCEntry *e, const Ask *a, int64_t now, int edns_size, uint8_t *out,
@@ -161,7 +199,7 @@ cdef int pc_prepare(const uint8_t *q, Py_ssize_t qlen, int edns_size, Ask *a,
     return nl + 6
 
 
-cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t *q,
+cdef int cache_answer(PCTable *t, int edns_size, const uint8_t *q,
                       Py_ssize_t qlen, int64_t now, uint8_t *out,
                       Outcome *res) noexcept nogil:
     """A packet the image handed off -> SEND from the cache, or HANDOFF on a miss.
@@ -177,9 +215,10 @@ cdef int cache_answer(PCEntry *tab, uint64_t mask, int edns_size, const uint8_t 
     if klen < 0:
         return ACTION_HANDOFF
     h = pc_hash(key, klen)
-    e = pc_find(tab, mask, key, klen, h)
+    e = pc_find(t.tab, t.mask, key, klen, h)
     if e == NULL or now >= e.expires_ns or e.qend != a.qend:
         return ACTION_HANDOFF
+    pc_hit(t, e, now)
     res.qtype = a.qtype
     res.cache_denial = e.denial
     return pc_render(e, &a, now, edns_size, out, res)
@@ -226,6 +265,10 @@ cdef void pc_store(PCTable *t, const uint8_t *key, int klen,
         t.used_denial += 1
         t.ctr[t.w_entries_denial] += 1
     t.ctr[t.w_inserts] += 1
+    if not same:
+        e.hits = 0                      # a new name starts unpopular
+    # A refreshed entry keeps its popularity (CoreDNS resets the freq with its hits).
+    e.refreshing = 0
     e.hash = h
     e.keylen = klen
     memcpy(e.key, key, klen)
@@ -342,6 +385,56 @@ cdef class PacketCache:
                 tuple([e.ttl_off[j] for j in range(e.nrr)]),
                 tuple([e.ttls[j] for j in range(e.nrr)]), e.ttl, e.stored_ns / 1e9)
 
+    def set_prefetch(self, unsigned int amount, double duration, unsigned int percent):
+        """CoreDNS ``prefetch AMOUNT DURATION PERCENTAGE%`` for the hits served here
+        (amount 0: off)."""
+        self.t.pf_amount = amount
+        self.t.pf_duration_ns = <int64_t>(duration * 1e9)
+        self.t.pf_percent = percent
+        if amount == 0:
+            self.t.ndue = 0
+
+    @property
+    def due_count(self):
+        return self.t.ndue
+
+    def take_due(self):
+        """The keys of the entries whose prefetch is due (each once), emptying the queue."""
+        cdef int i
+        cdef const PCEntry *e
+        out = []
+        for i in range(self.t.ndue):
+            e = &self.t.tab[self.t.due[i]]
+            if e.hash and e.refreshing:
+                out.append(PyBytes_FromStringAndSize(<const char *>e.key, e.keylen))
+        self.t.ndue = 0
+        return out
+
+    def hit(self, bytes key not None, double now):
+        """A hit served from Python (``now`` in time.monotonic() seconds): counted as the
+        packet path counts its own; True when it queued the entry's prefetch."""
+        cdef int klen = len(key)
+        cdef PCEntry *e
+        cdef int64_t t = <int64_t>(now * 1e9)
+        if klen > PC_KEYMAX:
+            return False
+        e = pc_find(self.t.tab, self.t.mask, <const uint8_t *><const char *>key, klen,
+                    pc_hash(<const uint8_t *><const char *>key, klen))
+        if e == NULL or t >= e.expires_ns:
+            return False
+        return pc_hit(&self.t, e, t)
+
+    def unmark(self, bytes key not None):
+        """A prefetch that could not be made: the entry may be queued again."""
+        cdef int klen = len(key)
+        cdef PCEntry *e
+        if klen > PC_KEYMAX:
+            return
+        e = pc_find(self.t.tab, self.t.mask, <const uint8_t *><const char *>key, klen,
+                    pc_hash(<const uint8_t *><const char *>key, klen))
+        if e != NULL:
+            e.refreshing = 0
+
     def answer(self, bytes query not None):
         """(action, reply) for one UDP query, as UdpServer would; for tests."""
         cdef Outcome res
@@ -350,7 +443,7 @@ cdef class PacketCache:
         if len(query) < 12:
             return ACTION_HANDOFF, b""
         res.tc = 0
-        action = cache_answer(self.t.tab, self.t.mask, self.edns_size,
+        action = cache_answer(&self.t, self.edns_size,
                               <const uint8_t *><const char *>query, len(query),
                               now_ns(), out, &res)
         if action != ACTION_SEND:

@@ -220,6 +220,10 @@ class Worker:
 
     def drain_udp(self) -> None:
         n = self.serve_udp()
+        if self.udp_pump is None:
+            after = getattr(self.handoff, "after_udp", None)
+            if after is not None:
+                after()             # cache prefetches the packet path's hits queued
         if getattr(self.udp_server, "last_errno", 0):
             log.debug("worker %d: UDP receive error %s", self.slot,
                       os.strerror(self.udp_server.last_errno))

@@ -1,0 +1,127 @@
+"""CoreDNS cache ``prefetch AMOUNT [DURATION] [PERCENTAGE%]``: an entry asked AMOUNT times
+with no gap of DURATION whose remaining TTL is at most PERCENTAGE of its lifetime is
+refreshed upstream in the background (plugin/cache handler.go shouldPrefetch, freq.go).
+The Python cache and the compiled table count hits alike (an injected clock, or entries
+stored in the past); end to end, an upstream the test starts sees the refresh before the
+entry expires and the clients are answered from the cache throughout."""
+from __future__ import annotations
+
+import time
+
+import dns.message
+import dns.rcode
+import pytest
+
+from kdns.forward.cache import Cache, CompiledCache, key_bytes, key_tuple
+from test_cache import KEY, Clock, reply
+
+A100 = reply(answer=["a.test. 100 IN A 192.0.2.1"])
+
+
+def test_popular_entry_close_to_expiry_is_queued_once():
+    clock = Clock()
+    c = Cache(clock=clock)
+    c.set_prefetch(3, 60.0, 10)
+    e = c.put(KEY, A100)
+    assert e.ttl == 100
+    clock.now += 80                       # 20 s left: above 10% of 100
+    for _ in range(5):
+        assert not c.hit(KEY, c.get(KEY))
+    clock.now += 10                       # 10 s left: at 10%, and hits >= 3
+    assert c.hit(KEY, c.get(KEY))
+    assert not c.hit(KEY, c.get(KEY))     # queued once until the refresh lands
+    assert c.take_due() == [KEY] and c.take_due() == []
+    # The refreshed entry keeps its popularity and may be queued again near its expiry.
+    c.put(KEY, A100)
+    clock.now += 50
+    assert not c.hit(KEY, c.get(KEY))     # 50 s left
+    clock.now += 45
+    assert c.hit(KEY, c.get(KEY))         # 5 s left, still popular (no gap of 60 s)
+
+
+def test_a_gap_of_duration_starts_the_count_again():
+    clock = Clock()
+    c = Cache(clock=clock)
+    c.set_prefetch(2, 5.0, 90)
+    c.put(KEY, A100)
+    clock.now += 20                        # 80 s left <= 90 s: only popularity is missing
+    assert not c.hit(KEY, c.get(KEY))      # 1
+    clock.now += 6                         # a gap of more than 5 s: back to 1
+    assert not c.hit(KEY, c.get(KEY))
+    clock.now += 1
+    assert c.hit(KEY, c.get(KEY))          # 2 within 5 s
+
+
+def test_off_by_default():
+    c = Cache(clock=Clock())
+    c.put(KEY, A100)
+    assert not any(c.hit(KEY, c.get(KEY)) for _ in range(100))
+
+
+def test_the_compiled_table_counts_hits_as_the_python_cache():
+    fast_mod = pytest.importorskip("kdns.packet._fastpath")
+    fast = fast_mod.PacketCache(capacity=64, edns_size=1232)
+    c = CompiledCache(fast, 100)
+    c.set_prefetch(3, 60.0, 10)
+    e = c.entry(A100)
+    # Stored 92 s ago by the monotonic clock the table stamps with: 8 s of 100 left.
+    now = time.monotonic()
+    assert fast.put(key_bytes(KEY), e.wire, e.qend, e.ttl_offs, e.ttls, e.ttl, now - 92)
+    q = dns.message.make_query("a.test", "A")
+    q.flags = 0x0100
+    wire = q.to_wire()
+    for i in range(3):
+        action, out = fast.answer(wire)   # the packet path's hit
+        assert action == 1 and dns.message.from_wire(out).answer
+        assert fast.due_count == (1 if i == 2 else 0)
+    assert c.take_due() == [KEY] and fast.due_count == 0
+    assert key_tuple(key_bytes(KEY)) == KEY
+    # Hits served by Python count in the same table: no second queueing while it refreshes.
+    assert not c.hit(KEY, c.get(KEY))
+    c.unmark(KEY)
+    assert c.hit(KEY, c.get(KEY))
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("10", (10, 60.0, 10)), ("5,30s", (5, 30.0, 10)), ("2,1m,50", (2, 60.0, 50)),
+    ("2,1m,50%", (2, 60.0, 50)),
+])
+def test_flag(text, expect):
+    from kdns.cli import _prefetch
+    assert _prefetch(text) == expect
+
+
+@pytest.mark.parametrize("text", ["x", "2,1m,5", "2,1m,95", "2,0s", "1,2,3,4"])
+def test_bad_flag(text):
+    import argparse
+    from kdns.cli import _prefetch
+    with pytest.raises(argparse.ArgumentTypeError):
+        _prefetch(text)
+
+
+@pytest.mark.parametrize("option, expect", [
+    ("prefetch 10", (10, 60.0, 10)), ("prefetch 3 10m", (3, 600.0, 10)),
+    ("prefetch 3 1m 25%", (3, 60.0, 25)),
+])
+def test_corefile_option(tmp_path, option, expect):
+    from kdns.forward import corefile as cf
+    p = tmp_path / "Corefile"
+    p.write_text(".:53 {\n kubernetes cluster.local\n forward . 1.1.1.1\n cache 30 {\n"
+                 f"  {option}\n }}\n}}\n")
+    got = cf.parse(str(p), env={})
+    assert got.unsupported == [] and got.flags["cache_prefetch"] == expect
+    assert got.forward_options()["cache_prefetch"] == expect
+
+
+@pytest.mark.parametrize("option, words", [
+    ("prefetch 3 1m 25", "ends with %"), ("prefetch 3 1m 95%", "is not a percentage"),
+    ("prefetch 3 soon", "is not a duration"),
+])
+def test_corefile_bad_option_names_the_line(tmp_path, option, words):
+    from kdns.forward import corefile as cf
+    p = tmp_path / "Corefile"
+    p.write_text(".:53 {\n kubernetes cluster.local\n forward . 1.1.1.1\n cache 30 {\n"
+                 f"  {option}\n }}\n}}\n")
+    with pytest.raises(cf.CorefileError) as e:
+        cf.parse(str(p), env={})
+    assert str(e.value).startswith(f"{p}:5: ") and words in str(e.value)
