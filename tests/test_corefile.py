@@ -195,7 +195,7 @@ dns://c.example.:{$DNS_PORT} {
     ("forward . tls://1.1.1.1", 6, "forwarding over tls:// is not supported by kdns"),
     ("forward . 1.1.1.1 {\n tls_servername x\n}", 7,
      "the forward option 'tls_servername x' is not supported by kdns."),
-    ("cache 30 {\n prefetch 10\n}", 6, "the cache option 'prefetch 10' is not supported"),
+    ("cache 30 {\n keepttl\n}", 6, "the cache option 'keepttl' is not supported"),
     ("loadbalance weighted /etc/coredns/weights", 6,
      "the loadbalance policy 'weighted' is not supported by kdns (kdns rotates round_robin "
      "only)."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
 
@@ -125,3 +126,70 @@ def test_corefile_bad_option_names_the_line(tmp_path, option, words):
     with pytest.raises(cf.CorefileError) as e:
         cf.parse(str(p), env={})
     assert str(e.value).startswith(f"{p}:5: ") and words in str(e.value)
+
+
+# --------------------------------------------------------------------------- end to end
+
+COREFILE = """.:53 {
+    kubernetes cluster.local {
+       ttl 30
+    }
+    forward . %(up)s
+    cache 30 {
+       prefetch 2 1m 90%%
+    }
+}
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("engine", ["compiled", "pure"])
+def test_upstream_sees_the_refresh_before_expiry_and_clients_no_miss(tmp_path, engine):
+    """A 1 s record is cached 5 s (the floor): 90% of 5 s is every second of its life, so the
+    second hit queues its refresh; the upstream, whose answer changed meanwhile, is asked
+    again before the entry expires, and the clients get the new address from the cache,
+    every one of them a hit but the first."""
+    import os
+    import socket
+    from dnslib import RR
+    from serverutil import ROOT, Kdns
+    from upstream import TestDNSServer
+    up = TestDNSServer({"pop.example.": ["1 A 198.51.100.1"]}, host="127.0.0.43")
+    with up:
+        corefile = tmp_path / "Corefile"
+        corefile.write_text(COREFILE % {"up": f"{up.host}:{up.port}"})
+        k = Kdns(tmp_path, zone_file=os.path.join(ROOT, "examples", "cluster.yaml"),
+                 workers=1, env={"KDNS_PURE": "1"} if engine == "pure" else None,
+                 args=("--corefile", str(corefile))).start()
+        try:
+            assert f"{engine} engine" in k.logs()
+
+            def ask() -> list[str]:
+                q = dns.message.make_query("pop.example", "A")
+                r = dns.query.udp(q, k.host, port=k.port, timeout=3)
+                assert r.rcode() == dns.rcode.NOERROR
+                return [rd.to_text() for rrset in r.answer for rd in rrset]
+
+            assert ask() == ["198.51.100.1"]                  # the miss: upstream asked
+            started = time.monotonic()
+            up.records = RR.fromZone("pop.example. 1 IN A 198.51.100.2")
+            assert ask() == ["198.51.100.1"]                  # hit 1
+            assert ask() == ["198.51.100.1"]                  # hit 2: the refresh is queued
+            deadline = started + 4.0                          # the entry lives 5 s
+
+            def asked() -> int:
+                return sum(q[0] == "pop.example." for q in up.queries)
+
+            while asked() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert asked() == 2, up.queries
+            assert time.monotonic() - started < 5.0           # before the entry expired
+            got = ask()
+            while got != ["198.51.100.2"] and time.monotonic() < deadline:
+                got = ask()
+            assert got == ["198.51.100.2"]                    # the refreshed entry
+            m = k.metrics()
+            misses = sum(v for (name, _), v in m.items() if name == "coredns_cache_misses_total")
+            assert misses == 1
+        finally:
+            k.stop()
