@@ -350,20 +350,59 @@ def quiet_flags(rundir: str) -> list[str]:
 KDNS_PORT_IN_LOG = re.escape(f"listening on {HOST} port ") + r"(\d+) "
 
 
+# The Corefile of the ``kdns1rw`` target: kubeadm's cluster settings (the --from-file
+# defaults: TTL 30, pods insecure, rotation on) plus rewrite rules, exact aliases of cluster
+# names (compiled into the image) and a suffix rule (the worker's), none of which the query
+# files ask: the cost of having rules configured, not of answering them.
+REWRITE_COREFILE = """.:53 {
+    kubernetes %(zone)s in-addr.arpa ip6.arpa {
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }
+%(rules)s
+    loadbalance
+    cache 30
+}
+"""
+
+
+def rewrite_corefile(logdir: str, rules: bool = True) -> str:
+    """``rules`` False: the same Corefile without them (the ``kdns1cf`` target)."""
+    path = os.path.join(logdir, "rewrite.Corefile" if rules else "plain.Corefile")
+    rules = "\n".join([f"    rewrite name exact alias{i}.example.org "
+                       f"kubernetes.default.svc.{gen_cluster.ZONE}" for i in range(10)]
+                      + [f"    rewrite name suffix .corp.example. .svc.{gen_cluster.ZONE}. "
+                         f"answer auto"]) if rules else ""
+    with open(path, "w") as f:
+        f.write(REWRITE_COREFILE % {"zone": gen_cluster.ZONE, "rules": rules})
+    return path
+
+
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
-                pure: bool = False, loadbalance: bool = True) -> Server:
+                pure: bool = False, loadbalance: bool = True, rewrite: bool = False,
+                corefile: bool = False) -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
-    ``loadbalance`` False: answers in the compiled order (--no-loadbalance)."""
+    ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``rewrite``:
+    from ``rewrite_corefile`` (its rules configured), without upstreams as the others."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
         env["KDNS_PURE"] = "1"
+    flags = quiet_flags(logdir)
+    if rewrite or corefile:
+        at = flags.index("--config-dir")
+        flags[at:at + 2] = ["--corefile", rewrite_corefile(logdir, rules=rewrite)]
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
-                         "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
+                         "--dns-port", str(port), "--workers", str(workers)] + flags
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
     if not loadbalance:
         argv.append("--no-loadbalance")
         name += "-nolb"
+    if rewrite:
+        name += "-rewrite"
+    elif corefile:
+        name += "-corefile"
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
                   port_in_log=KDNS_PORT_IN_LOG)
@@ -784,7 +823,7 @@ def rcode_drift(cells: list[dict], ref: str, floor: str) -> list[str]:
 
 
 def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str,
-           kdns1off: str = "") -> tuple[str, dict]:
+           kdns1off: str = "", kdns1rw: str = "", kdns1cf: str = "") -> tuple[str, dict]:
     idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
     lines, out = [], {}
     for tool_ in ("loadgen", "dnsperf"):
@@ -804,6 +843,16 @@ def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str,
                 if k1off["cpu_us_per_query"] and n["cpu_us_per_query"]:
                     r["kdns1nolb_over_nsd_cpu_per_query"] = (k1off["cpu_us_per_query"]
                                                              / n["cpu_us_per_query"])
+            k1rw = idx.get((kdns1rw, mix, tool_))
+            k1cf = idx.get((kdns1cf, mix, tool_))
+            if k1rw and k1 and k1["qps"]:
+                r["kdns1rewrite_over_kdns1_qps"] = k1rw["qps"] / k1["qps"]
+            if k1rw and k1cf and k1cf["qps"]:
+                # Rules configured against none, the same Corefile otherwise, same run.
+                r["kdns1rewrite_over_kdns1corefile_qps"] = k1rw["qps"] / k1cf["qps"]
+                if k1rw["cpu_us_per_query"] and k1cf["cpu_us_per_query"]:
+                    r["kdns1rewrite_over_kdns1corefile_cpu_per_query"] = (
+                        k1rw["cpu_us_per_query"] / k1cf["cpu_us_per_query"])
             if k2 and n:
                 r["kdns2w_over_nsd_qps"] = k2["qps"] / n["qps"] if n["qps"] else None
             if k1 and f:
@@ -863,7 +912,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--targets", default="nsd,kdns1,kdns2,floor",
                     help="comma list of nsd, kdns1 (1 worker, pinned), kdns1off (the same with "
-                         "--no-loadbalance), kdns2 (2 workers, "
+                         "--no-loadbalance), kdns1rw (the same from a Corefile with rewrite "
+                         "rules), kdns1cf (from the same Corefile without them), kdns2 (2 "
+                         "workers, "
                          "unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
@@ -935,6 +986,7 @@ def main(argv=None) -> int:
         "verify": {}, "samples": [], "cells": [],
         "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
+              "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
               "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1004,6 +1056,14 @@ def main(argv=None) -> int:
             servers["kdns1off"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
                                                               SERVER_CPU, 1, outdir, a.pure,
                                                               loadbalance=False))
+        if "kdns1rw" in a.targets:
+            servers["kdns1rw"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
+                                                             SERVER_CPU, 1, outdir, a.pure,
+                                                             rewrite=True))
+        if "kdns1cf" in a.targets:
+            servers["kdns1cf"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
+                                                             SERVER_CPU, 1, outdir, a.pure,
+                                                             corefile=True))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1020,7 +1080,7 @@ def main(argv=None) -> int:
         # Equivalence first: never compare a fast wrong answer with a slow right one.
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
-            for key in ("kdns1", "kdns1off", "kdns2"):
+            for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1038,7 +1098,9 @@ def main(argv=None) -> int:
                                   for k, s in servers.items()}
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
-            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns2",
+                                "floor")
+                    if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
                 for mix in a.mixes:
@@ -1071,7 +1133,8 @@ def main(argv=None) -> int:
     cells = report["cells"]
     text_table = table(cells)
     rtext, report["ratios"] = ratios(cells, labels["kdns1"], labels["kdns2"], labels["nsd"],
-                                     labels["floor"], labels["kdns1off"])
+                                     labels["floor"], labels["kdns1off"], labels["kdns1rw"],
+                                     labels["kdns1cf"])
     report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
     report["verify"]["rcode_drift"] = rcode_drift(cells, labels["nsd"], labels["floor"])
     fr = report["fixed_rate"]

@@ -191,5 +191,7 @@ def test_upstream_sees_the_refresh_before_expiry_and_clients_no_miss(tmp_path, e
             m = k.metrics()
             misses = sum(v for (name, _), v in m.items() if name == "coredns_cache_misses_total")
             assert misses == 1
+            assert sum(v for (name, _), v in m.items()
+                       if name == "coredns_cache_prefetch_total") >= 1
         finally:
             k.stop()

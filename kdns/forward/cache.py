@@ -177,6 +177,8 @@ class Cache:
     # The denial share of hits, entries and evictions (CoreDNS's cache type "denial").
     hits_denial = C.Counted("cache_hits_denial")
     evictions_denial = C.Counted("cache_evictions_denial")
+    # Refreshes started by prefetch (CoreDNS's coredns_cache_prefetch_total).
+    prefetches = C.Counted("cache_prefetches")
 
     def __init__(self, capacity: int = settings.CACHE_SIZE, *, min_ttl: int = 5, max_ttl: int = 3600,
                  max_neg_ttl: int = 1800, servfail_ttl: int = SERVFAIL_TTL,
@@ -199,7 +201,6 @@ class Cache:
         self.prefetch_amount, self.prefetch_duration, self.prefetch_percent = \
             settings.CACHE_PREFETCH
         self.due: list = []
-        self.prefetches = 0
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -179,7 +179,11 @@ class CoreDNSCollector:
                                     "served from stale cache entries.",
                                     labels=["server", "view", "zones"])
         stale.add_metric([server, view, zone], f["stale_served"])
-        return [hits, miss, req, size, ev, stale]
+        pre = CounterMetricFamily("coredns_cache_prefetch", "The number of times the cache "
+                                  "has prefetched a cached item.",
+                                  labels=["server", "view", "zones"])
+        pre.add_metric([server, view, zone], f["cache_prefetches"])
+        return [hits, miss, req, size, ev, stale, pre]
 
     def forward(self, s: Snapshot):
         fams = []

@@ -113,7 +113,7 @@ FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
 FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
                "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight",
                "cache_hits_denial", "cache_entries_denial", "cache_evictions_denial",
-               "all_down")
+               "all_down", "cache_prefetches")
 FWD_GAUGES = ("cache_entries", "cache_capacity", "cache_entries_denial")
 # Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures
 # (failed tries: timeouts, network errors), rcodes, latency buckets (LATENCY_BOUNDS + Inf),
