@@ -195,3 +195,48 @@ def test_upstream_sees_the_refresh_before_expiry_and_clients_no_miss(tmp_path, e
                        if name == "coredns_cache_prefetch_total") >= 1
         finally:
             k.stop()
+
+
+@pytest.mark.parametrize("silent", [False, True])
+def test_a_prefetch_replaces_the_entry_only_with_an_answer(silent):
+    """The Python path's hit queues the refresh; an upstream that answers replaces the
+    entry (its popularity kept), one that does not leaves the fresh entry serving and the
+    entry may be queued again (CoreDNS stores no failed prefetch)."""
+    import asyncio
+    from kdns.forward.forwarder import Forwarder, Upstream
+    from upstream import TestDNSServer
+    up = TestDNSServer({"pop.example.": ["100 A 198.51.100.2"]}, host="127.0.0.44")
+    with up:
+        up.silent = silent
+        clock = Clock()
+        cache = Cache(clock=clock)
+        cache.set_prefetch(2, 60.0, 10)
+        key = (b"\x03pop\x07example\x00", 1, 1, 0, 0)
+        cache.put(key, reply("pop.example", answer=["pop.example. 100 IN A 198.51.100.1"]))
+        clock.now += 95
+        fw = Forwarder([Upstream(up.host, up.port)], cache=cache, try_timeout=0.2,
+                       deadline=0.5)
+        q = dns.message.make_query("pop.example", "A", use_edns=False)
+        q.flags = 0x0100
+
+        async def run():
+            replies = [await fw.resolve(q.to_wire(), "udp") for _ in range(2)]
+            assert len(fw._inflight) == 1                 # the refresh, in the background
+            await asyncio.gather(*fw._inflight.values())
+            return replies
+
+        replies = asyncio.run(run())
+        for r in replies:
+            assert [rd.to_text() for rrset in dns.message.from_wire(r).answer
+                    for rd in rrset] == ["198.51.100.1"]
+        assert cache.prefetches == 1
+        # Asked by the refresh only (the clients were answered from the cache); a silent
+        # upstream is asked again on the retry within the deadline.
+        asked = sum(q[0] == "pop.example." for q in up.queries)
+        assert asked == 1 if not silent else asked >= 1
+        e = cache.get(key)
+        assert e is not None
+        got = dns.message.from_wire(bytes(e.render(1, e.wire[12:e.qend], 0x100, clock())))
+        assert [rd.to_text() for rrset in got.answer for rd in rrset] == \
+            ["198.51.100.1" if silent else "198.51.100.2"]
+        assert e.refreshing is False

@@ -418,7 +418,7 @@ class Forwarder:
             if key in self._inflight:
                 continue                      # its refresh is the query already in flight
             q = self._key_question(key)
-            if q is None or self._join(q, key) is None:
+            if q is None or self._join(q, key, refresh=True) is None:
                 self.cache.unmark(key)        # no room in flight: a later hit asks again
                 continue
             self.cache.prefetches += 1
@@ -439,7 +439,8 @@ class Forwarder:
         except Malformed:
             return None
 
-    def _join(self, q: Question, key: tuple, retry: Retry | None = None) -> asyncio.Task | None:
+    def _join(self, q: Question, key: tuple, retry: Retry | None = None,
+              refresh: bool = False) -> asyncio.Task | None:
         """The upstream query for ``key`` already in flight, or a new one; None when the
         in-flight bound is reached (CoreDNS max_concurrent: REFUSED beyond it)."""
         task = self._inflight.get(key)
@@ -448,7 +449,7 @@ class Forwarder:
             return task
         if len(self._inflight) + self.extra_inflight() >= self.max_inflight:
             return None
-        task = asyncio.get_running_loop().create_task(self._forward(q, key, retry))
+        task = asyncio.get_running_loop().create_task(self._forward(q, key, retry, refresh))
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._inflight.pop(key, None)
                                if self._inflight.get(key) is t else None)
@@ -511,9 +512,12 @@ class Forwarder:
 
     # ---- talking to upstreams ------------------------------------------------------------
 
-    async def _forward(self, q: Question, key: tuple,
-                       retry: Retry | None = None) -> tuple[str, object]:
-        """The one upstream exchange shared by every coalesced client."""
+    async def _forward(self, q: Question, key: tuple, retry: Retry | None = None,
+                       refresh: bool = False) -> tuple[str, object]:
+        """The one upstream exchange shared by every coalesced client. ``refresh``: a
+        prefetch of an entry still fresh, which a failure must not replace (CoreDNS
+        stores no failed prefetch: the entry serves until it expires); a later hit may
+        queue it again."""
         try:
             servers = tuple(s for s in self.route(q.labels) if s not in self.looping)
             raw = await self._exchange(q, servers, retry) if servers else None
@@ -525,6 +529,10 @@ class Forwarder:
             e = self.cache.get_stale(key)     # RFC 8767 §4: every upstream failed
             if e is not None:
                 return "stale", e
+        if refresh and failed:
+            if self.cache is not None:
+                self.cache.unmark(key)
+            return "fail", None
         if raw is None:
             self.failures += 1
             self._remember_failure(q, key)
