@@ -256,3 +256,43 @@ def test_reference_compiler_builds_the_same_alias_image():
     reference = I.ReferenceCompiler(list(zd.zones), True, 7).build(list(zd.rrsets),
                                                                    list(zd.exists))
     assert compiled == reference
+
+
+def test_mangled_replies_raise_only_what_the_worker_turns_into_servfail():
+    """The worker answers SERVFAIL when a reply cannot be rewritten back (ValueError or
+    struct.error): any other exception would be a bug on bad input."""
+    import random
+    import struct
+    rng = random.Random(7)
+    rules = [R("exact", "a.example", "b.cluster.local")]
+    asked, back = RW.rewrite(rules, "a.example.")
+    base = reply_for(asked, "SRV", ["b.cluster.local. SRV 0 10 80 x.b.cluster.local.",
+                                    "b.cluster.local. SRV 0 10 80 other.example."],
+                     authority=["cluster.local. SOA ns.cluster.local. h.cluster.local. 1 2 3 4 5"])
+    cq = dns.message.make_query("a.example", "SRV").to_wire()
+    question = cq[12:]
+    for _ in range(3000):
+        m = bytearray(base)
+        for _ in range(rng.randrange(1, 6)):
+            m[rng.randrange(12, len(m))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            m = m[:rng.randrange(12, len(m))]
+        try:
+            out = RW.revert_reply(bytes(m), question, back, 512)
+        except (ValueError, struct.error):
+            continue
+        assert len(out) <= 512 and out[12:12 + len(question)] == question
+
+
+def test_a_changed_rule_waits_for_the_next_start(tmp_path, caplog):
+    import logging
+    p = tmp_path / "Corefile"
+    p.write_text(BASE % "rewrite name api.example.org api.development.svc.cluster.local")
+    first = cf.parse(str(p), env={})
+    seen = []
+    w = cf.CorefileWatcher(str(p), seen.append, env={}, first=first)
+    p.write_text(BASE % "rewrite name api.example.org db.prod.svc.cluster.local")
+    with caplog.at_level(logging.WARNING, logger="kdns.forward.corefile"):
+        assert w.poll_once()
+    assert seen and seen[0].rewrites[0].to == "db.prod.svc.cluster.local."
+    assert "Corefile changed rewrite; kdns applies it at its next start" in caplog.text
