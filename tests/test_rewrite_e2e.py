@@ -37,6 +37,7 @@ COREFILE = """.:53 {
     }
     rewrite name suffix .plain.example. .outside.example.
     rewrite name regex (.*)-west\\.example\\.net {1}.outside.example answer auto
+    loadbalance
     forward . %(up)s
     cache 30
 }
@@ -107,6 +108,10 @@ def test_rewrite_rules_answer_as_coredns(tmp_path, upstream):
         assert [rr.name.to_text() for rr in r.additional] == ["api.development.corp.example."]
         r = ask(k, "nothere.prod.corp.example")
         assert r.rcode() == dns.rcode.NXDOMAIN
+        # A headless service's two addresses rotate through the rewrite (loadbalance) as
+        # they do when asked directly: each comes first.
+        firsts = {ask(k, "db.prod.corp.example").answer[0][0].to_text() for _ in range(4)}
+        assert firsts == {"10.244.2.10", "10.244.2.11"}
         # Without answer auto only the question is the client's: the records keep the name
         # that was asked (a mismatch dig shows, as with CoreDNS).
         r = ask(k, "www.plain.example")

@@ -437,8 +437,11 @@ class ForwardingHandoff:
         reply = None
         if img is not None:
             udp = getattr(self.worker, "udp_server", None)
+            # The worker's rotation (loadbalance): a rewritten answer turns as any other.
+            rot = getattr(self.worker, "rotation", None)
             action, out = engine.answer(img, new, proto == "tcp", edns_max=self.edns_max,
-                                        ra=bool(getattr(udp, "ra", False)))
+                                        ra=bool(getattr(udp, "ra", False)),
+                                        rotation=rot if rot is not None else 0)
             if action == engine.SEND:
                 reply = out
             elif action == engine.DROP:
