@@ -320,6 +320,10 @@ def test_both_packet_paths_agree_over_the_hosts_sample(synced):
         act, r = answers(buf, "tohost.default.svc.cluster.local", "A")
         assert act == P.ACTION_SEND and texts(r)[-1] == "k3s-server. 60 IN A 10.0.0.9"
         assert answers(buf, "tomiss.default.svc.cluster.local", "A")[0] == P.ACTION_HANDOFF
+    # A rewrite alias's zone: its A answered; a type it lacks and names below it handed off.
+    assert texts(answers(buf, "ALIAS.example", "A")[1]) == ["ALIAS.example. 30 IN A 10.96.0.1"]
+    assert answers(buf, "alias.example", "MX")[0] == P.ACTION_HANDOFF
+    assert answers(buf, "x.alias.example", "A")[0] == P.ACTION_HANDOFF
 
 
 # --------------------------------------------------------------------------- the source

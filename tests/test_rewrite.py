@@ -226,9 +226,11 @@ def test_aliases_answer_like_their_target_with_the_clients_name():
     # Inside the cluster domain: the alias's NODATA is the zone's (SOA), as the target's.
     _, n = ask(img, "db.cluster.local", "TXT")
     assert n.rcode() == dns.rcode.NOERROR and not n.answer and n.authority
-    # Names below an alias outside the zones, and an alias whose target has no records,
-    # are not the image's: the worker's rules take them (handed off).
+    # Names below an alias outside the zones, an alias whose target has no records, and a
+    # type the alias lacks (whose NODATA is the target zone's, with its SOA) are not the
+    # image's: the worker's rules take them (handed off).
     assert ask(img, "x.api.example.org", "A")[0] == refpath.ACTION_HANDOFF
+    assert ask(img, "api.example.org", "MX")[0] == refpath.ACTION_HANDOFF
     assert ask(img, "gone.example.org", "A")[0] == refpath.ACTION_HANDOFF
 
 

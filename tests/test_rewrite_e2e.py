@@ -87,8 +87,10 @@ def test_rewrite_rules_answer_as_coredns(tmp_path, upstream):
         r = ask(k, "Api.Example.Org", "SRV", tcp=True)
         assert r.question[0].name.to_text() == "Api.Example.Org."
         assert {rr.target.to_text() for rr in r.answer[0]} == {"api.example.org."}
+        # A type the target lacks: its NODATA, with the cluster zone's SOA (RFC 2308 §2.2).
         r = ask(k, "api.example.org", "MX")
         assert (r.rcode(), r.answer) == (dns.rcode.NOERROR, [])
+        assert [rr.name.to_text() for rr in r.authority] == ["cluster.local."]
         # An alias whose target does not exist: the target's NXDOMAIN, with its zone's SOA,
         # for the client's question.
         r = ask(k, "gone.example.org")
@@ -140,7 +142,8 @@ def test_compiled_and_reference_paths_send_the_same_bytes(tmp_path, upstream):
     try:
         assert "pure engine" in pure.logs() and "compiled engine" in fast.logs()
         for name, qtype in (("api.example.org", "A"), ("API.example.org", "SRV"),
-                            ("api.example.org", "TXT"), ("gone.example.org", "A"),
+                            ("api.example.org", "TXT"), ("api.example.org", "MX"),
+                            ("gone.example.org", "A"),
                             ("api.development.corp.example", "A"),
                             ("api.development.corp.example", "SRV"),
                             ("www.alias.example", "A"), ("ftp-west.example.net", "CNAME")):

@@ -85,9 +85,13 @@ def hosts_image(synced: bool = True) -> bytes:
         R.RRset("9.0.0.10.in-addr.arpa.", R.PTR, 60, (R.Target("k3s-server."),)),
         R.RRset("tohost.default.svc." + Z, R.CNAME, 30, (R.Target("k3s-server."),)),
         R.RRset("tomiss.default.svc." + Z, R.CNAME, 30, (R.Target("miss.final.example."),)),
+        # A rewrite alias (forward/rewrite.py) in its own zone: its A answered, the rest
+        # handed off.
+        R.RRset("alias.example.", R.A, 30, (R.Address("10.96.0.1"),)),
     ]
     zones = sample_zones() + [I.Zone(".", kind=I.ZONE_HOSTS, ttl=60),
-                              I.Zone("final.example.", kind=I.ZONE_HOSTS_FINAL, ttl=60)]
+                              I.Zone("final.example.", kind=I.ZONE_HOSTS_FINAL, ttl=60),
+                              I.Zone("alias.example.", kind=I.ZONE_ALIAS)]
     return I.compile_image(sample_rrsets() + extra, zones,
                            exists=["default.svc." + Z, "kube-system.svc." + Z, "svc." + Z, "pod." + Z],
                            synced=synced)
@@ -95,7 +99,8 @@ def hosts_image(synced: bool = True) -> bytes:
 
 HOSTS_NAMES = ["k3s-server", "K3S-SERVER", "x.k3s-server", "node.final.example", "final.example",
                "miss.final.example", "example", "9.0.0.10.in-addr.arpa",
-               "tohost.default.svc.cluster.local", "tomiss.default.svc.cluster.local", "."]
+               "tohost.default.svc.cluster.local", "tomiss.default.svc.cluster.local", ".",
+               "alias.example", "ALIAS.example", "x.alias.example"]
 
 
 # Names worth asking about: hits, ENTs, misses, synthesis, reverse, outside.

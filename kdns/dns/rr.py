@@ -203,6 +203,11 @@ ZONE_REVERSE = 1
 # deny a name with). A name with addresses answers any other type NOERROR without records.
 ZONE_HOSTS = 2
 ZONE_HOSTS_FINAL = 3
+# The zone of a ``rewrite name`` alias outside every other zone: the alias answers its
+# target's records; a type it lacks, and every other name of the zone, are handed to the
+# forwarder, where the worker's rules ask the target (whose NODATA carries its zone's SOA,
+# which the alias's own entry could not point at).
+ZONE_ALIAS = 4
 
 
 @dataclass(frozen=True)

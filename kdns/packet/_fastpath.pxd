@@ -18,7 +18,8 @@ from kdns.zone.layout cimport (BLOB_AN, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG
                                NODE_ZONE_APEX, REV_FAMILY, REV_IP, REV_NRR, REV_RR_OFF, REV_SIZE,
                                REV_ZONE, RRENT_BLOB, RRENT_QTYPE, RRENT_SIZE, SEG_AN, SEG_AR,
                                SEG_END, SEG_NS, SEG_SIZE, SEG_TC, ZONE_APEX_NODE,
-                               ZONE_APEX_WIRE_LEN, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_KIND,
+                               ZONE_ALIAS, ZONE_APEX_WIRE_LEN, ZONE_HOSTS, ZONE_HOSTS_FINAL,
+                               ZONE_KIND,
                                ZONE_NEG_BLOB, ZONE_REVERSE,
                                ZONE_SIZE, ZONE_TTL, le16, le32)
 

@@ -673,11 +673,11 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     kind = le16(zone + ZONE_KIND)
     if kind == ZONE_REVERSE and i >= 0:
         return answer_reverse(a, img, out, cap, res)
-    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL:
+    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL or kind == ZONE_ALIAS:
         # Custom records: a name without any is the forwarder's (fallthrough) or SERVFAIL;
         # they do not wait for the cluster's first sync (refpath.resolve).
         if i >= 0 or le16(node + NODE_NRR) == 0:
-            if kind == ZONE_HOSTS:
+            if kind != ZONE_HOSTS_FINAL:
                 res.outside = 1
                 return ACTION_HANDOFF
             return build_reply(a, img, img.servfail, 0, 0, NULL, 0, out, cap, res)
@@ -694,6 +694,9 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
             return build_reply(a, img, blob, 0, 0, NULL, 0, out, cap, res)
         if a.qtype == T_ANY and le16(node + NODE_NRR):
             return answer_any(a, img, le32(zone + ZONE_TTL), out, cap, res)
+        if kind == ZONE_ALIAS:
+            res.outside = 1                 # the target's NODATA, through the rewrite
+            return ACTION_HANDOFF
         return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), 0, apex_ptr, NULL, 0, out, cap, res)
     if nflags & NODE_POD_NS and i == 0:
         act = answer_pod(a, img, nflags, le32(node + NODE_EXTRA), zone, apex_ptr, out, cap, res)

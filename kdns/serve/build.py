@@ -65,7 +65,7 @@ def alias_zones(rules, zones) -> tuple:
     for alias in sorted(RW.compiled_aliases(rules)):
         labels = R.name_labels(alias)
         if not any(R.is_subdomain(labels, a) for a in apexes):
-            out.append(R.Zone(alias, kind=R.ZONE_HOSTS))
+            out.append(R.Zone(alias, kind=R.ZONE_ALIAS))
     return tuple(out)
 
 

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from kdns import settings
 from kdns.dns import rr as R
-from kdns.dns.rr import (ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE,  # noqa: F401
+from kdns.dns.rr import (ZONE_ALIAS, ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE,  # noqa: F401
                          Zone)  # (callers' zone kinds)
 from kdns.zone.encode import CompileError, Encoder, pod_list  # noqa: F401  (callers' names)
 from kdns.zone.layout import MAGIC

@@ -76,6 +76,7 @@ cdef enum:
     ZONE_REVERSE = 1
     ZONE_HOSTS = 2
     ZONE_HOSTS_FINAL = 3
+    ZONE_ALIAS = 4
     HDR_AA = 0x0400
     HDR_HANDOFF = 0x8000
     DEFAULT_QTYPE = 0

@@ -29,7 +29,8 @@ Layout (all integers little-endian; every offset is from the start of the image)
     a custom-records zone, where only names with records are answered and every other name
     is handed to the forwarder; ZONE_HOSTS_FINAL: the same, other names answered with the
     SERVFAIL blob). A hosts zone's neg_blob holds no records: NOERROR, AA, empty (the
-    NODATA of a name that has only other types).
+    NODATA of a name that has only other types). ZONE_ALIAS: a rewrite alias's zone,
+    answered as ZONE_HOSTS except that a type the alias lacks is handed off too.
   reverse entry (28 bytes): family B, pad 3x, ip 16s (IPv4 in the first 4 bytes), rr_off I,
     nrr H, zone H. Sorted by (family, ip).
   blob: hdr H (AA bit and rcode to OR into the reply; HDR_HANDOFF 0x8000 = chain leaves
@@ -65,7 +66,7 @@ from __future__ import annotations
 
 import struct
 
-from kdns.dns.rr import ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE  # noqa: F401  (the zone entry's kinds)
+from kdns.dns.rr import ZONE_ALIAS, ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE  # noqa: F401  (the zone entry's kinds)
 
 MAGIC = b"KDNSIMG1"
 

@@ -14,7 +14,7 @@ from kdns import settings
 from kdns.zone import layout as L
 from kdns.zone.encode import ipv4_key, reverse_to_ip
 from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
-                              NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_HOSTS,
+                              NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_ALIAS, ZONE_HOSTS,
                               ZONE_HOSTS_FINAL, ZONE_REVERSE)
 
 ACTION_DROP, ACTION_SEND, ACTION_HANDOFF = 0, 1, 2
@@ -308,13 +308,13 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
             return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit,
                                       synth=any_hinfo(img.zone(img.u16(rec + L.REV_ZONE))[2]))
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, 12 + qlen - rzone_apex_len)
-    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL:
+    if kind == ZONE_HOSTS or kind == ZONE_HOSTS_FINAL or kind == ZONE_ALIAS:
         # Custom records (CoreDNS hosts): a name without records is not this zone's to
         # deny. With fallthrough the next plugin (the forwarder) answers it; without,
         # CoreDNS answers SERVFAIL, having no SOA to deny it with. The records do not
         # wait for the cluster's first sync.
         if i >= 0 or not img.u16(node + L.NODE_NRR):
-            if kind == ZONE_HOSTS:
+            if kind != ZONE_HOSTS_FINAL:
                 return ACTION_HANDOFF, b""
             return ACTION_SEND, reply(q, qend, img.servfail, 0, img, edns, limit)
     elif not img.flags & FLAG_SYNCED:
@@ -332,6 +332,8 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
             # RFC 8482 §4.2: a name with data answers ANY with one synthesised HINFO, not
             # NODATA (which would say it has none); dns-rules §2.1.
             return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
+        if kind == ZONE_ALIAS:
+            return ACTION_HANDOFF, b""      # the target's NODATA, through the rewrite
         return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
     nflags = img.u16(node + L.NODE_FLAGS)
     if nflags & NODE_POD_NS and i == 0:
