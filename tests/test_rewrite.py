@@ -197,12 +197,14 @@ def test_a_reverted_reply_too_long_for_udp_is_cut_with_tc():
 def alias_rules():
     return (R("exact", "api.example.org", "api.development.svc.cluster.local"),
             R("exact", "db.cluster.local", "db.prod.svc.cluster.local"),
-            R("exact", "gone.example.org", "nothere.prod.svc.cluster.local"))
+            R("exact", "gone.example.org", "nothere.prod.svc.cluster.local"),
+            R("exact", "db.example.org", "db.prod.svc.cluster.local"))
 
 
 QUERIES = [("api.example.org", "A"), ("API.EXAMPLE.org", "SRV"), ("api.example.org", "MX"),
            ("api.example.org", "AAAA"), ("x.api.example.org", "A"), ("db.cluster.local", "A"),
-           ("db.cluster.local", "SRV"), ("db.cluster.local", "TXT"), ("gone.example.org", "A")]
+           ("db.cluster.local", "SRV"), ("db.cluster.local", "TXT"), ("gone.example.org", "A"),
+           ("db.example.org", "A"), ("db.example.org", "SRV")]
 
 
 def test_aliases_answer_like_their_target_with_the_clients_name():
@@ -231,6 +233,9 @@ def test_aliases_answer_like_their_target_with_the_clients_name():
     # image's: the worker's rules take them (handed off).
     assert ask(img, "x.api.example.org", "A")[0] == refpath.ACTION_HANDOFF
     assert ask(img, "api.example.org", "MX")[0] == refpath.ACTION_HANDOFF
+    # SRV targets reverted under an alias of its own zone: the worker's (with their glue).
+    assert ask(img, "db.example.org", "A")[0] == refpath.ACTION_SEND
+    assert ask(img, "db.example.org", "SRV")[0] == refpath.ACTION_HANDOFF
     assert ask(img, "gone.example.org", "A")[0] == refpath.ACTION_HANDOFF
 
 

@@ -30,6 +30,7 @@ COREFILE = """.:53 {
     }
     rewrite name exact api.example.org api.development.svc.cluster.local
     rewrite name exact gone.example.org nothere.prod.svc.cluster.local
+    rewrite name exact db.example.org db.prod.svc.cluster.local
     rewrite name exact www.alias.example www.outside.example
     rewrite stop {
         name suffix .corp.example. .svc.cluster.local.
@@ -91,6 +92,16 @@ def test_rewrite_rules_answer_as_coredns(tmp_path, upstream):
         r = ask(k, "api.example.org", "MX")
         assert (r.rcode(), r.answer) == (dns.rcode.NOERROR, [])
         assert [rr.name.to_text() for rr in r.authority] == ["cluster.local."]
+        # A headless service's alias: its addresses from the image; its SRV, whose targets
+        # (the endpoints) are reverted under the alias, from the worker's path, with their
+        # addresses as additional records owned by the reverted names, as CoreDNS has them.
+        assert sorted(rd.to_text() for rrset in ask(k, "db.example.org").answer
+                      for rd in rrset) == ["10.244.2.10", "10.244.2.11"]
+        r = ask(k, "db.example.org", "SRV")
+        assert {rd.target.to_text() for rd in r.answer[0]} >= {"db-0.db.example.org.",
+                                                               "db-1.db.example.org."}
+        assert {rr.name.to_text() for rr in r.additional} >= {"db-0.db.example.org.",
+                                                              "db-1.db.example.org."}
         # An alias whose target does not exist: the target's NXDOMAIN, with its zone's SOA,
         # for the client's question.
         r = ask(k, "gone.example.org")
@@ -143,7 +154,7 @@ def test_compiled_and_reference_paths_send_the_same_bytes(tmp_path, upstream):
         assert "pure engine" in pure.logs() and "compiled engine" in fast.logs()
         for name, qtype in (("api.example.org", "A"), ("API.example.org", "SRV"),
                             ("api.example.org", "TXT"), ("api.example.org", "MX"),
-                            ("gone.example.org", "A"),
+                            ("gone.example.org", "A"), ("db.example.org", "SRV"),
                             ("api.development.corp.example", "A"),
                             ("api.development.corp.example", "SRV"),
                             ("www.alias.example", "A"), ("ftp-west.example.net", "CNAME")):

@@ -45,12 +45,23 @@ def with_rewrites(zd: records.ZoneData, rules) -> records.ZoneData:
     for s in zd.rrsets:
         if s.name in targets:
             found.setdefault(s.name, []).append(s)
-    added = []
+    added, own = [], alias_zones(rules, zd.zones)
+    in_own_zone = {z.apex for z in own}
     for alias, (target, back) in sorted(aliases.items()):
-        added += RW.alias_rrsets(alias, back, found.get(target, ()))
-    drop = {s.name for s in added}
-    kept = tuple(s for s in zd.rrsets if s.name not in drop) if drop else zd.rrsets
-    return records.ZoneData(kept + tuple(added), tuple(zd.zones) + alias_zones(rules, zd.zones),
+        for s, new in zip(found.get(target, ()), RW.alias_rrsets(alias, back,
+                                                                 found.get(target, ()))):
+            if alias in in_own_zone and any(
+                    n != o and getattr(n, "target", alias) != alias
+                    for o, n in zip(s.rdatas, new.rdatas)):
+                # Targets reverted to names below the alias (a headless service's SRV):
+                # the image has no records of theirs to add, the worker's path does (the
+                # target's answer, reverted whole). In its own zone the alias hands this
+                # type off; inside another zone it is answered without them.
+                continue
+            added.append(new)
+    drop = {alias for alias in aliases}
+    kept = tuple(s for s in zd.rrsets if s.name not in drop)
+    return records.ZoneData(kept + tuple(added), tuple(zd.zones) + own,
                             zd.exists, zd.serial, zd.warnings)
 
 
