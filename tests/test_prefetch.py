@@ -150,7 +150,6 @@ def test_upstream_sees_the_refresh_before_expiry_and_clients_no_miss(tmp_path, e
     again before the entry expires, and the clients get the new address from the cache,
     every one of them a hit but the first."""
     import os
-    import socket
     from dnslib import RR
     from serverutil import ROOT, Kdns
     from upstream import TestDNSServer

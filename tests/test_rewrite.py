@@ -123,15 +123,16 @@ def test_a_rule_that_makes_no_domain_name_answers_servfail():
     assert RW.rewrite([R("regex", "(.*)", "{1}" + "x" * 70)], "a.example.") == ("", ())
 
 
+def rrset(text: str) -> dns.rrset.RRset:
+    """"OWNER TYPE RDATA" at TTL 30."""
+    owner, rtype, rdata = text.split(" ", 2)
+    return dns.rrset.from_text(owner, 30, "IN", rtype, rdata)
+
+
 def reply_for(question: str, qtype: str, records: list[str], authority=()) -> bytes:
-    q = dns.message.make_query(question, qtype)
-    r = dns.message.make_response(q)
-    for text in records:
-        r.answer.append(dns.rrset.from_text(*text.split(" ", 1)[0:1], 30, "IN",
-                                            *text.split(" ")[1:2], *[" ".join(text.split(" ")[2:])]))
-    for text in authority:
-        r.authority.append(dns.rrset.from_text(text.split(" ")[0], 30, "IN",
-                                               text.split(" ")[1], " ".join(text.split(" ")[2:])))
+    r = dns.message.make_response(dns.message.make_query(question, qtype))
+    r.answer += [rrset(t) for t in records]
+    r.authority += [rrset(t) for t in authority]
     return r.to_wire()
 
 
