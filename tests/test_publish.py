@@ -267,6 +267,22 @@ async def read_msg(reader) -> dns.message.Message:
     return dns.message.from_wire(await reader.readexactly(n))
 
 
+# The two ways a worker serves UDP: inside its loop's wait in C (worker.UdpSelector, what
+# `kdns serve` runs with the compiled engine) and from a loop reader callback (any other loop).
+UDP_LOOPS = ["wait", "reader"]
+
+
+def run_worker_loop(kind: str, coro):
+    """Run ``coro`` on the loop a worker process uses ("wait") or on asyncio.run's."""
+    if kind == "reader":
+        return asyncio.run(coro)
+    if engine.IMPLEMENTATION != "compiled":
+        unavailable("the compiled engine (the wait in C is compiled)")
+    from kdns.serve import worker as W
+    with asyncio.Runner(loop_factory=W.event_loop) as runner:
+        return runner.run(coro)
+
+
 def make_worker(handoff, pub):
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
@@ -278,7 +294,8 @@ def make_worker(handoff, pub):
                   tcp_idle_timeout=5, handoff=handoff), pg
 
 
-def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order(kind):
     """RFC 7766 §6.2.1.1: responses leave as they become ready, not in query order."""
     pub = publish.Publisher()
     pub.publish(sample_image())
@@ -311,6 +328,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
                                udp_addr)
         reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(udp, 65535), 2))
         udp.close()
+        assert (worker.selector is not None) == (kind == "wait")
         # A new image is picked up between batches and its generation recorded.
         pub.publish(sample_image(tag="10.96.0.2"))
         while worker.generation != 2:
@@ -324,7 +342,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
         return order, reply, after_swap
 
     try:
-        order, reply, after_swap = asyncio.run(asyncio.wait_for(scenario(), 20))
+        order, reply, after_swap = run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()
@@ -340,7 +358,8 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
     assert words[C.LAYOUT["rcode_tcp_3"]] == 2 and words[C.LAYOUT["rcode_udp_3"]] == 1
 
 
-def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_tcp_hand_offs_in_flight_are_bounded_per_connection(kind):
     """A client pipelining more slow hand-offs than TCP_MAX_PENDING: the worker stops taking
     new ones until some finish, then answers every one."""
     from kdns.serve import worker as W
@@ -384,7 +403,7 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
         return in_flight, ids
 
     try:
-        in_flight, ids = asyncio.run(asyncio.wait_for(scenario(), 20))
+        in_flight, ids = run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()
@@ -393,7 +412,8 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
     assert ids == list(range(total))
 
 
-def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog):
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog, kind):
     """A worker checks each new image on its checker thread, swaps when it passes,
     records when it swapped (the end of DNS programming latency), refuses a corrupt layout
     while serving the last good image, and never swaps back to an older generation."""
@@ -430,7 +450,7 @@ def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_o
         await run
 
     try:
-        asyncio.run(asyncio.wait_for(scenario(), 20))
+        run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()

@@ -299,6 +299,11 @@ class ForwardingHandoff:
             return self.compiled.pump
         return None
 
+    def take_handbacks(self) -> None:
+        """The worker's wait in C (worker.UdpSelector) left handbacks: Python's share."""
+        if self.compiled is not None:
+            self.compiled.take()
+
     def on_control(self) -> None:
         latest = None
         while True:
