@@ -1275,6 +1275,9 @@ cdef class UdpServer:
     cdef int nrecv                      # datagrams the last drain() received
     cdef epoll_event *wevs              # wait(): the event loop's ready fds
     cdef readonly uint64_t holds        # wait(): adaptive holds taken (tests, metrics)
+    cdef int idle_holds                 # wait(): holds in a row that found nothing (<= 6)
+    cdef int hold_skip                  # wait(): small batches left to answer without a hold
+    cdef bint held                      # wait(): the last wake-up followed a hold
 
     def __cinit__(self, int fd, int edns_max, int batch=64):
         if fd < 0:
@@ -1407,7 +1410,8 @@ cdef class UdpServer:
         long before waiting again, so the next wake-up finds several queries to answer in
         one recvmmsg and one sendmmsg (and wakes the client once for all of them). Queries
         wait at most ``hold_us`` longer; a full batch never holds (a busy socket is drained
-        at once)."""
+        at once). A hold that finds nothing backs the holds off (the next 1, 3, 7 ... 63
+        small batches hold not), so at a light load a hold seldom costs a wake-up of its own."""
         cdef ImageView view = img.view
         cdef uint64_t *ctr = c.words
         cdef int n, i
@@ -1467,19 +1471,35 @@ cdef class UdpServer:
                 if err:
                     self.last_errno = err
                     return k
+            if self.held:
+                # What the last hold found: nothing means the load is too light for holds
+                # to pay (each costs a wake-up of its own): the next 1, 3, 7 ... 63 small
+                # batches hold not.
+                self.held = False
+                if self.nrecv:
+                    self.idle_holds = 0
+                elif self.idle_holds < 6:
+                    self.idle_holds += 1
+                self.hold_skip = (1 << self.idle_holds) - 1
             if k or self.nhandoff or (self.fws != NULL and self.fws.nhb):
                 return k
             if timeout_ms == 0:
                 return 0
+            wait = timeout_ms
             if timeout_ms > 0:
                 now = now_ns()
                 if now >= deadline:
                     return 0
                 wait = <int>((deadline - now + 999999) // 1000000)
             if hold_us > 0 and 0 < self.nrecv < self.batch:
-                # Low load: let the next few queries queue up (see wait()).
-                self.holds += 1
-                clock_nanosleep(CLOCK_MONOTONIC, 0, &hold, NULL)
+                if self.hold_skip > 0:
+                    self.hold_skip -= 1
+                else:
+                    # Low load: let the next few queries queue up (see wait()).
+                    self.holds += 1
+                    self.held = True
+                    clock_nanosleep(CLOCK_MONOTONIC, 0, &hold, NULL)
+                    wait = 0            # what the hold gathered, and only that
 
     cdef void release_spill(self) noexcept:
         # Large datagrams leave their pages resident; give them back once the call that
