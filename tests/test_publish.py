@@ -276,11 +276,15 @@ def run_worker_loop(kind: str, coro):
     """Run ``coro`` on the loop a worker process uses ("wait") or on asyncio.run's."""
     if kind == "reader":
         return asyncio.run(coro)
-    if engine.IMPLEMENTATION != "compiled":
-        unavailable("the compiled engine (the wait in C is compiled)")
     from kdns.serve import worker as W
     with asyncio.Runner(loop_factory=W.event_loop) as runner:
         return runner.run(coro)
+
+
+def serves_in_wait(kind: str) -> bool:
+    """Whether a worker on ``kind``'s loop serves UDP in the wait: the pure engine has no
+    wait in C and drains from a reader callback on either loop."""
+    return kind == "wait" and engine.IMPLEMENTATION == "compiled"
 
 
 def make_worker(handoff, pub):
@@ -328,7 +332,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order(kind):
                                udp_addr)
         reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(udp, 65535), 2))
         udp.close()
-        assert (worker.selector is not None) == (kind == "wait")
+        assert (worker.selector is not None) == serves_in_wait(kind)
         # A new image is picked up between batches and its generation recorded.
         pub.publish(sample_image(tag="10.96.0.2"))
         while worker.generation != 2:
@@ -455,3 +459,40 @@ def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_o
         pub.close()
         worker.udp.close()
         worker.tcp.close()
+
+
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_an_idle_worker_heartbeats_and_stops_when_the_supervisor_goes_away(kind):
+    """With no traffic the wait in C returns for the loop's heartbeat timer, so the count
+    keeps rising (the supervisor replaces a worker whose count stands still); the control
+    channel's EOF reaches the loop through the same wait and stops the worker, which
+    answers what is still queued on its UDP socket first (lameduck)."""
+    pub = publish.Publisher()
+    pub.publish(sample_image())
+    worker, pg = make_worker(ScriptedHandoff(), pub)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(5)
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        while C.page_heartbeat(pg, 0) < 1:
+            await asyncio.sleep(0.01)
+        assert (worker.selector is not None) == serves_in_wait(kind)
+        first = C.page_heartbeat(pg, 0)
+        while C.page_heartbeat(pg, 0) < first + 3:      # three more, nothing else to do
+            await asyncio.sleep(0.01)
+        # Sent just before the supervisor goes away: answered by the wait or, if the EOF
+        # came first, by the lameduck drain; either way answered.
+        c.sendto(dns.message.make_query(K, "A", id=31).to_wire(), worker.udp.getsockname())
+        pub.close()                                     # the control channel's EOF
+        await run
+        assert worker.selector is None
+
+    try:
+        run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
+        reply = dns.message.from_wire(c.recv(4096))
+    finally:
+        c.close()
+        worker.udp.close()
+        worker.tcp.close()
+    assert reply.id == 31 and reply.rcode() == dns.rcode.NOERROR
