@@ -350,20 +350,29 @@ def quiet_flags(rundir: str) -> list[str]:
 KDNS_PORT_IN_LOG = re.escape(f"listening on {HOST} port ") + r"(\d+) "
 
 
+# kdns1asyncio: the worker's UDP drained from an event-loop reader callback, no hold (one
+# trip through Python per readable event): the reference for what the wait in C saves.
+ASYNCIO_ENV = {"KDNS_UDP_LOOP": "asyncio", "KDNS_UDP_HOLD_US": "0"}
+
+
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
-                pure: bool = False, loadbalance: bool = True) -> Server:
+                pure: bool = False, loadbalance: bool = True,
+                extra_env: dict | None = None, suffix: str = "") -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
-    ``loadbalance`` False: answers in the compiled order (--no-loadbalance)."""
+    ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``extra_env``:
+    KDNS_* switches for this one (its name gets ``suffix``)."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
         env["KDNS_PURE"] = "1"
+    env.update(extra_env or {})
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
                          "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
     if not loadbalance:
         argv.append("--no-loadbalance")
         name += "-nolb"
+    name += suffix
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
                   port_in_log=KDNS_PORT_IN_LOG)
@@ -863,7 +872,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--targets", default="nsd,kdns1,kdns2,floor",
                     help="comma list of nsd, kdns1 (1 worker, pinned), kdns1off (the same with "
-                         "--no-loadbalance), kdns2 (2 workers, "
+                         "--no-loadbalance), kdns1asyncio (the same with KDNS_UDP_LOOP=asyncio "
+                         "and no UDP hold: the reference for the wait in C), kdns2 (2 workers, "
                          "unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
@@ -935,6 +945,7 @@ def main(argv=None) -> int:
         "verify": {}, "samples": [], "cells": [],
         "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
+              "kdns1asyncio": "kdns-cpu1-1w-asyncio",
               "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1004,6 +1015,10 @@ def main(argv=None) -> int:
             servers["kdns1off"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
                                                               SERVER_CPU, 1, outdir, a.pure,
                                                               loadbalance=False))
+        if "kdns1asyncio" in a.targets:
+            servers["kdns1asyncio"] = start(lambda _: kdns_server(
+                meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
+                extra_env=ASYNCIO_ENV, suffix="-asyncio"))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1020,7 +1035,7 @@ def main(argv=None) -> int:
         # Equivalence first: never compare a fast wrong answer with a slow right one.
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
-            for key in ("kdns1", "kdns1off", "kdns2"):
+            for key in ("kdns1", "kdns1off", "kdns1asyncio", "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1038,7 +1053,8 @@ def main(argv=None) -> int:
                                   for k, s in servers.items()}
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
-            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1asyncio", "kdns2", "floor")
+                    if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
                 for mix in a.mixes:
@@ -1054,7 +1070,7 @@ def main(argv=None) -> int:
             if cpus != SERVER_CPU:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
-            keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns2", "floor") if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for rate in a.fixed_rates:
                 for key in keys:
