@@ -379,16 +379,24 @@ def rewrite_corefile(logdir: str, rules: bool = True) -> str:
     return path
 
 
+# kdns1asyncio: the worker's UDP drained from an event-loop reader callback, no hold (one
+# trip through Python per readable event): the reference for what the wait in C saves.
+ASYNCIO_ENV = {"KDNS_UDP_LOOP": "asyncio", "KDNS_UDP_HOLD_US": "0"}
+
+
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
                 pure: bool = False, loadbalance: bool = True, rewrite: bool = False,
-                corefile: bool = False) -> Server:
+                corefile: bool = False, extra_env: dict | None = None,
+                suffix: str = "") -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
     ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``rewrite``:
-    from ``rewrite_corefile`` (its rules configured), without upstreams as the others."""
+    from ``rewrite_corefile`` (its rules configured), without upstreams as the others.
+    ``extra_env``: KDNS_* switches for this one (its name gets ``suffix``)."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
         env["KDNS_PURE"] = "1"
+    env.update(extra_env or {})
     flags = quiet_flags(logdir)
     if rewrite or corefile:
         at = flags.index("--config-dir")
@@ -403,6 +411,7 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
         name += "-rewrite"
     elif corefile:
         name += "-corefile"
+    name += suffix
     return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
                   port_in_log=KDNS_PORT_IN_LOG)
@@ -913,8 +922,9 @@ def parse_args(argv=None):
     ap.add_argument("--targets", default="nsd,kdns1,kdns2,floor",
                     help="comma list of nsd, kdns1 (1 worker, pinned), kdns1off (the same with "
                          "--no-loadbalance), kdns1rw (the same from a Corefile with rewrite "
-                         "rules), kdns1cf (from the same Corefile without them), kdns2 (2 "
-                         "workers, "
+                         "rules), kdns1cf (from the same Corefile without them), kdns1asyncio "
+                         "(the same with KDNS_UDP_LOOP=asyncio and no UDP hold: the reference "
+                         "for the wait in C), kdns2 (2 workers, "
                          "unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
@@ -987,6 +997,7 @@ def main(argv=None) -> int:
         "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
               "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
+              "kdns1asyncio": "kdns-cpu1-1w-asyncio",
               "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1064,6 +1075,10 @@ def main(argv=None) -> int:
             servers["kdns1cf"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0,
                                                              SERVER_CPU, 1, outdir, a.pure,
                                                              corefile=True))
+        if "kdns1asyncio" in a.targets:
+            servers["kdns1asyncio"] = start(lambda _: kdns_server(
+                meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
+                extra_env=ASYNCIO_ENV, suffix="-asyncio"))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1080,7 +1095,7 @@ def main(argv=None) -> int:
         # Equivalence first: never compare a fast wrong answer with a slow right one.
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
-            for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns2"):
+            for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1098,8 +1113,8 @@ def main(argv=None) -> int:
                                   for k, s in servers.items()}
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
-            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns2",
-                                "floor")
+            keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf",
+                                "kdns1asyncio", "kdns2", "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
@@ -1116,7 +1131,7 @@ def main(argv=None) -> int:
             if cpus != SERVER_CPU:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
-            keys = [k for k in ("nsd", "kdns1", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns2", "floor") if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for rate in a.fixed_rates:
                 for key in keys:

@@ -45,6 +45,13 @@ WORKER_HEARTBEAT = 0.1         # seconds between a worker's heartbeats (its coun
 # A worker whose heartbeat stands still this long is killed and replaced: its socket's
 # queue is served by nobody meanwhile (the other workers' sockets take only their share).
 WORKER_STALL_TIMEOUT = 1.0
+# After a wake-up that found fewer queries than a batch, a worker sleeps this long before
+# it waits again (kdns/packet/_fastpath.pyx UdpServer.wait): at everyday load the cost of a
+# query is the wake-up (the worker's and, through the reply, the client's), and this lets
+# one wake-up answer several. A query waits at most this much longer (plus the kernel's
+# timer slack, 50 us by default); 0 turns it off. Measured on 2 shared cores at 20,000 q/s
+# (bench/load.py --fixed-rates): 100 us cut CPU per query by ~15%, 200 us by ~30%.
+UDP_HOLD_US = 200
 
 # --------------------------------------------------------------------------- HTTP ports
 HEALTHZ_PORT = 8081            # kube-dns's /readiness
@@ -116,6 +123,11 @@ class Env:
     # what is wrong in the operator's words.
     prometheus_port: str = ""
     prometheus_path: str = ""
+    # KDNS_UDP_LOOP=asyncio: workers drain UDP from an event-loop reader callback instead of
+    # inside the loop's wait in C (the reference for what the wait in C saves).
+    udp_loop: str = "c"
+    # KDNS_UDP_HOLD_US: replaces settings.UDP_HOLD_US (benchmarks try other holds).
+    udp_hold_us: int | None = None
 
 
 def from_env(environ) -> Env:
@@ -126,7 +138,16 @@ def from_env(environ) -> Env:
                fork_workers=environ.get("KDNS_FORK_WORKERS", "1") != "0",
                watch_settings=environ.get("KDNS_WATCH_SETTINGS") or None,
                prometheus_port=environ.get("PROMETHEUS_PORT", ""),
-               prometheus_path=environ.get("PROMETHEUS_PATH", ""))
+               prometheus_path=environ.get("PROMETHEUS_PATH", ""),
+               udp_loop=environ.get("KDNS_UDP_LOOP", "c"),
+               udp_hold_us=_int_or_none(environ.get("KDNS_UDP_HOLD_US")))
+
+
+def _int_or_none(text):
+    try:
+        return max(0, int(text)) if text else None
+    except ValueError:
+        return None
 
 
 ENV = from_env(os.environ)

@@ -267,6 +267,26 @@ async def read_msg(reader) -> dns.message.Message:
     return dns.message.from_wire(await reader.readexactly(n))
 
 
+# The two ways a worker serves UDP: inside its loop's wait in C (worker.UdpSelector, what
+# `kdns serve` runs with the compiled engine) and from a loop reader callback (any other loop).
+UDP_LOOPS = ["wait", "reader"]
+
+
+def run_worker_loop(kind: str, coro):
+    """Run ``coro`` on the loop a worker process uses ("wait") or on asyncio.run's."""
+    if kind == "reader":
+        return asyncio.run(coro)
+    from kdns.serve import worker as W
+    with asyncio.Runner(loop_factory=W.event_loop) as runner:
+        return runner.run(coro)
+
+
+def serves_in_wait(kind: str) -> bool:
+    """Whether a worker on ``kind``'s loop serves UDP in the wait: the pure engine has no
+    wait in C and drains from a reader callback on either loop."""
+    return kind == "wait" and engine.IMPLEMENTATION == "compiled"
+
+
 def make_worker(handoff, pub):
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
@@ -278,7 +298,8 @@ def make_worker(handoff, pub):
                   tcp_idle_timeout=5, handoff=handoff), pg
 
 
-def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order(kind):
     """RFC 7766 §6.2.1.1: responses leave as they become ready, not in query order."""
     pub = publish.Publisher()
     pub.publish(sample_image())
@@ -311,6 +332,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
                                udp_addr)
         reply = dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(udp, 65535), 2))
         udp.close()
+        assert (worker.selector is not None) == serves_in_wait(kind)
         # A new image is picked up between batches and its generation recorded.
         pub.publish(sample_image(tag="10.96.0.2"))
         while worker.generation != 2:
@@ -324,7 +346,7 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
         return order, reply, after_swap
 
     try:
-        order, reply, after_swap = asyncio.run(asyncio.wait_for(scenario(), 20))
+        order, reply, after_swap = run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()
@@ -340,7 +362,8 @@ def test_worker_hands_off_through_the_seam_and_answers_in_readiness_order():
     assert words[C.LAYOUT["rcode_tcp_3"]] == 2 and words[C.LAYOUT["rcode_udp_3"]] == 1
 
 
-def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_tcp_hand_offs_in_flight_are_bounded_per_connection(kind):
     """A client pipelining more slow hand-offs than TCP_MAX_PENDING: the worker stops taking
     new ones until some finish, then answers every one."""
     from kdns.serve import worker as W
@@ -384,7 +407,7 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
         return in_flight, ids
 
     try:
-        in_flight, ids = asyncio.run(asyncio.wait_for(scenario(), 20))
+        in_flight, ids = run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()
@@ -393,7 +416,8 @@ def test_tcp_hand_offs_in_flight_are_bounded_per_connection():
     assert ids == list(range(total))
 
 
-def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog):
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_order(caplog, kind):
     """A worker checks each new image on its checker thread, swaps when it passes,
     records when it swapped (the end of DNS programming latency), refuses a corrupt layout
     while serving the last good image, and never swaps back to an older generation."""
@@ -430,8 +454,45 @@ def test_worker_checks_new_images_off_its_loop_records_the_swap_time_and_keeps_o
         await run
 
     try:
-        asyncio.run(asyncio.wait_for(scenario(), 20))
+        run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
     finally:
         pub.close()
         worker.udp.close()
         worker.tcp.close()
+
+
+@pytest.mark.parametrize("kind", UDP_LOOPS)
+def test_an_idle_worker_heartbeats_and_stops_when_the_supervisor_goes_away(kind):
+    """With no traffic the wait in C returns for the loop's heartbeat timer, so the count
+    keeps rising (the supervisor replaces a worker whose count stands still); the control
+    channel's EOF reaches the loop through the same wait and stops the worker, which
+    answers what is still queued on its UDP socket first (lameduck)."""
+    pub = publish.Publisher()
+    pub.publish(sample_image())
+    worker, pg = make_worker(ScriptedHandoff(), pub)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(5)
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        while C.page_heartbeat(pg, 0) < 1:
+            await asyncio.sleep(0.01)
+        assert (worker.selector is not None) == serves_in_wait(kind)
+        first = C.page_heartbeat(pg, 0)
+        while C.page_heartbeat(pg, 0) < first + 3:      # three more, nothing else to do
+            await asyncio.sleep(0.01)
+        # Sent just before the supervisor goes away: answered by the wait or, if the EOF
+        # came first, by the lameduck drain; either way answered.
+        c.sendto(dns.message.make_query(K, "A", id=31).to_wire(), worker.udp.getsockname())
+        pub.close()                                     # the control channel's EOF
+        await run
+        assert worker.selector is None
+
+    try:
+        run_worker_loop(kind, asyncio.wait_for(scenario(), 20))
+        reply = dns.message.from_wire(c.recv(4096))
+    finally:
+        c.close()
+        worker.udp.close()
+        worker.tcp.close()
+    assert reply.id == 31 and reply.rcode() == dns.rcode.NOERROR

@@ -202,3 +202,139 @@ def test_server_arguments_are_checked():
         page = bytearray(K.SLOT_WORDS * 8)
         with pytest.raises(TypeError):                  # before the first image arrives
             F.UdpServer(s.fileno(), settings.EDNS_UDP_SIZE).serve(None, F.Counters(page))
+
+
+# --------------------------------------------------------------------------- wait()
+# UdpServer.wait is the worker's event-loop wait (kdns/serve/worker.py UdpSelector): it
+# serves the socket in C and returns only for the loop's other fds, hand-offs, a timeout.
+
+
+def wait_set(lo):
+    """An epoll set like the worker's loop's: kdns's socket plus a loop fd (a socketpair)."""
+    ep = select.epoll()
+    ep.register(lo.sock.fileno(), select.EPOLLIN)
+    loop_side, poke = socket.socketpair()
+    ep.register(loop_side.fileno(), select.EPOLLIN)
+    return ep, loop_side, poke
+
+
+def poke_after_replies(c, poke, n):
+    """A thread that reads ``n`` replies, then makes the loop's fd readable: the wait must
+    have answered them while blocked (it returns for the loop's fd, not for UDP)."""
+    got = []
+
+    def run():
+        try:
+            for _ in range(n):
+                got.append(dns.message.from_wire(c.recv(65535)))
+        finally:
+            poke.send(b"x")
+    t = threading.Thread(target=run)
+    t.start()
+    return t, got
+
+
+def test_wait_answers_in_c_and_returns_only_for_the_loops_fds(lo):
+    ep, loop_side, poke = wait_set(lo)
+    c = client()
+    try:
+        t, got = poke_after_replies(c, poke, 3)
+        for i in range(3):
+            c.sendto(wire(S, qid=i), lo.addr)
+        events = lo.server.wait(lo.img, lo.counters, ep.fileno(), -1)
+        t.join()
+        assert events == [(loop_side.fileno(), select.EPOLLIN)]
+        assert sorted(m.id for m in got) == [0, 1, 2]
+        assert all(m.rcode() == dns.rcode.NOERROR and m.answer for m in got)
+        assert lo.server.handoffs == 0 and lo.server.last_errno == 0
+        assert lo.counter("rcode_udp_0") == 3
+    finally:
+        c.close()
+        ep.close()
+        loop_side.close()
+        poke.close()
+
+
+def test_wait_returns_for_hand_offs_and_on_its_timeout(lo):
+    ep, loop_side, poke = wait_set(lo)
+    c = client()
+    try:
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), 0) == []    # nothing ready
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), 2) == []    # the loop's timer
+        q = wire("www.example.org.", qid=9)
+        c.sendto(q, lo.addr)
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), -1) == []
+        assert lo.server.handoffs == 1
+        assert lo.server.handoff_packet(0) == q
+        assert lo.server.handoff_addr(0) == c.getsockname()
+        assert lo.server.handbacks == 0                 # no compiled forwarder here
+    finally:
+        c.close()
+        ep.close()
+        loop_side.close()
+        poke.close()
+
+
+def test_wait_holds_after_a_small_batch_and_never_after_a_full_one():
+    lo = Loopback(batch=4)
+    ep, loop_side, poke = wait_set(lo)
+    c = client()
+    try:
+        # Four queued at once fill a batch of four: answered with no hold. The thread pokes
+        # only after the replies, so the wait serves them and then blocks again.
+        for i in range(4):
+            c.sendto(wire(S, qid=i), lo.addr)
+        t, got = poke_after_replies(c, poke, 4)
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), -1, 1000) == [
+            (loop_side.fileno(), select.EPOLLIN)]
+        t.join()
+        assert len(got) == 4
+        # (the socket may have been drained in one recvmmsg of 4, then found empty)
+        assert lo.server.holds == 0
+        loop_side.recv(16)
+        # One query is a small batch: after answering it the wait sleeps the hold once
+        # before it waits again (and then returns for the poke).
+        t, got = poke_after_replies(c, poke, 1)
+        c.sendto(wire(S, qid=5), lo.addr)
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), -1, 1000) == [
+            (loop_side.fileno(), select.EPOLLIN)]
+        t.join()
+        assert [m.id for m in got] == [5]
+        assert lo.server.holds == 1
+    finally:
+        c.close()
+        ep.close()
+        loop_side.close()
+        poke.close()
+        lo.close()
+
+
+def test_wait_raises_on_a_bad_epoll_fd(lo):
+    with pytest.raises(OSError):
+        lo.server.wait(lo.img, lo.counters, lo.sock.fileno(), 0)   # not an epoll fd
+
+
+def test_a_hold_that_finds_nothing_backs_the_holds_off():
+    """A lone query is held after (nothing arrives meanwhile: the client waits for its
+    reply), so the next small batch answers without a hold, and the one after holds again."""
+    lo = Loopback()
+    ep, loop_side, poke = wait_set(lo)
+    c = client()
+    holds = []
+    try:
+        for i in range(3):
+            t, got = poke_after_replies(c, poke, 1)
+            c.sendto(wire(S, qid=i), lo.addr)
+            assert lo.server.wait(lo.img, lo.counters, ep.fileno(), -1, 1000) == [
+                (loop_side.fileno(), select.EPOLLIN)]
+            t.join()
+            assert [m.id for m in got] == [i]
+            loop_side.recv(16)
+            holds.append(lo.server.holds)
+        assert holds == [1, 1, 2]
+    finally:
+        c.close()
+        ep.close()
+        loop_side.close()
+        poke.close()
+        lo.close()

@@ -320,6 +320,11 @@ class ForwardingHandoff:
         if fast is not None and fast.due_count:
             self.forwarder.prefetch_due()
 
+    def take_handbacks(self) -> None:
+        """The worker's wait in C (worker.UdpSelector) left handbacks: Python's share."""
+        if self.compiled is not None:
+            self.compiled.take()
+
     def on_control(self) -> None:
         latest = None
         while True:

@@ -71,6 +71,7 @@ cdef enum:
     # not written, so only the pages a large datagram touches become resident.
     UDP_SLOT = 65536
     HANDOFF_CAP = 256
+    WAIT_EVENTS = 64                # UdpServer.wait: the event loop's fds per epoll_wait
 
 # ---------------------------------------------------------------- counter layout (counters.py)
 cdef enum:

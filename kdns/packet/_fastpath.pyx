@@ -19,7 +19,8 @@ from libc.string cimport memcmp, memcpy, memset
 from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, ECONNREFUSED,
                                    EHOSTUNREACH, EINTR, ENETUNREACH,
                                    INET6_ADDRSTRLEN, KDNS_CHECK, KDNS_WOULD_BLOCK,
-                                   MSG_DONTWAIT, MSG_ERRQUEUE, MSG_TRUNC, clock_gettime, errno,
+                                   MSG_DONTWAIT, MSG_ERRQUEUE, MSG_TRUNC, clock_gettime,
+                                   clock_nanosleep, errno,
                                    inet_ntop, iovec, mmsghdr, msghdr, ntohl, ntohs, recvmmsg,
                                    recvmsg, sendmmsg,
                                    sockaddr_in, sockaddr_in6, sockaddr_storage, timespec)
@@ -1275,6 +1276,12 @@ cdef class UdpServer:
     cdef FwState *fws
     cdef object rotation                # Rotation or None; rot points into it
     cdef Rotor *rot
+    cdef int nrecv                      # datagrams the last drain() received
+    cdef epoll_event *wevs              # wait(): the event loop's ready fds
+    cdef readonly uint64_t holds        # wait(): adaptive holds taken (tests, metrics)
+    cdef int idle_holds                 # wait(): holds in a row that found nothing (<= 6)
+    cdef int hold_skip                  # wait(): small batches left to answer without a hold
+    cdef bint held                      # wait(): the last wake-up followed a hold
 
     def __cinit__(self, int fd, int edns_max, int batch=64):
         if fd < 0:
@@ -1296,9 +1303,10 @@ cdef class UdpServer:
         self.hts = <int64_t *>PyMem_Malloc(HANDOFF_CAP * sizeof(int64_t))
         self.sqtype = <int *>PyMem_Malloc(batch * sizeof(int))
         self.haddr = <sockaddr_storage *>PyMem_Malloc(HANDOFF_CAP * sizeof(sockaddr_storage))
+        self.wevs = <epoll_event *>PyMem_Malloc(WAIT_EVENTS * sizeof(epoll_event))
         if not (self.rmsgs and self.smsgs and self.riov and self.siov and self.addrs and
                 self.inbuf and self.outbuf and self.hbuf and self.hlen and self.hts and
-                self.sqtype and self.haddr):
+                self.sqtype and self.haddr and self.wevs):
             raise MemoryError()
         memset(self.rmsgs, 0, batch * sizeof(mmsghdr))
         memset(self.smsgs, 0, batch * sizeof(mmsghdr))
@@ -1328,6 +1336,7 @@ cdef class UdpServer:
         PyMem_Free(self.hts)
         PyMem_Free(self.sqtype)
         PyMem_Free(self.haddr)
+        PyMem_Free(self.wevs)
 
     def set_cache(self, PacketCache cache):
         """Answer hand-offs found in ``cache`` here, without Python (None: stop)."""
@@ -1389,6 +1398,117 @@ cdef class UdpServer:
         self.last_errno = err
         return self.nhandoff
 
+    def wait(self, Image img not None, Counters c not None, int epfd, int timeout_ms,
+             int hold_us=0, int max_batches=16):
+        """The worker's event-loop wait (kdns/serve/worker.py UdpSelector), without the GIL:
+        epoll_wait on the event loop's own epoll set ``epfd``, in which this socket (and
+        the forwarder's epoll fd, set_forwarder) are registered with their fd as data.
+        Their events are served here: UDP queries answered, upstream replies relayed. It
+        returns only when Python has work: the loop's other ready fds as [(fd, events)]
+        (TCP, control channels, the loop's self-pipe), hand-offs (the return value of
+        ``handoffs``), the forwarder's handbacks, ``timeout_ms`` passed (-1: none; the
+        loop's next timer, so its heartbeat proves this loop runs), a signal, or a socket
+        error (``last_errno``). A wake-up costs what NSD's does (epoll_wait, recvmmsg,
+        sendmmsg) and no Python.
+
+        ``hold_us`` > 0: after a small batch (fewer than ``batch`` datagrams) sleep that
+        long before waiting again, so the next wake-up finds several queries to answer in
+        one recvmmsg and one sendmmsg (and wakes the client once for all of them). Queries
+        wait at most ``hold_us`` longer; a full batch never holds (a busy socket is drained
+        at once). A hold that finds nothing backs the holds off (the next 1, 3, 7 ... 63
+        small batches hold not), so at a light load a hold seldom costs a wake-up of its own."""
+        cdef ImageView view = img.view
+        cdef uint64_t *ctr = c.words
+        cdef int n, i
+        self.nhandoff = 0
+        self.release_spill()
+        with nogil:
+            n = self.wait_loop(&view, ctr, epfd, timeout_ms, hold_us, max_batches)
+        if n < 0:
+            self.last_errno = 0
+            if -n == EINTR:
+                return []               # a signal: its Python handler runs in the loop
+            raise OSError(-n, "epoll_wait failed")
+        return [(self.wevs[i].data.fd, self.wevs[i].events) for i in range(n)]
+
+    @property
+    def handoffs(self):
+        """Hand-off packets stored by the last serve/pump/wait (handoff_packet(i))."""
+        return self.nhandoff
+
+    @property
+    def handbacks(self):
+        """Queries the compiled forwarder is handing back to Python (FwdEngine.handbacks)."""
+        return self.fws.nhb if self.fws != NULL else 0
+
+    cdef int wait_loop(self, const ImageView *img, uint64_t *ctr, int epfd, int timeout_ms,
+                       int hold_us, int max_batches) noexcept nogil:
+        """wait()'s loop: the count of ready fds left in wevs for Python, or -errno."""
+        cdef int n, i, k, err, wait = timeout_ms
+        cdef int fwfd = self.fws.epfd if self.fws != NULL else -1
+        cdef bint udp, fwd
+        cdef int64_t now, deadline = 0
+        cdef timespec hold
+        hold.tv_sec = hold_us // 1000000
+        hold.tv_nsec = (hold_us % 1000000) * 1000
+        self.last_errno = 0
+        if timeout_ms > 0:
+            deadline = now_ns() + <int64_t>timeout_ms * 1000000
+        while True:
+            n = epoll_wait(epfd, self.wevs, WAIT_EVENTS, wait)
+            if n < 0:
+                return -errno
+            k = 0
+            udp = fwd = False
+            for i in range(n):
+                if self.wevs[i].data.fd == self.fd:
+                    udp = True
+                elif self.wevs[i].data.fd == fwfd:
+                    fwd = True
+                else:
+                    self.wevs[k] = self.wevs[i]
+                    k += 1
+            if fwd:
+                fw_drain(self.fws, ctr)
+            self.nrecv = 0
+            if udp:
+                err = self.drain(img, ctr, max_batches)
+                if err:
+                    self.last_errno = err
+                    return k
+            if self.held:
+                # What the last hold found: nothing means the load is too light for holds
+                # to pay (each costs a wake-up of its own): the next 1, 3, 7 ... 63 small
+                # batches hold not.
+                self.held = False
+                if self.nrecv:
+                    self.idle_holds = 0
+                elif self.idle_holds < 6:
+                    self.idle_holds += 1
+                self.hold_skip = (1 << self.idle_holds) - 1
+            # Prefetches the cache's hits queued are Python's to start (CoreDNS cache
+            # prefetch), as hand-offs are.
+            if k or self.nhandoff or (self.fws != NULL and self.fws.nhb) \
+                    or (self.ct != NULL and self.ct.ndue):
+                return k
+            if timeout_ms == 0:
+                return 0
+            wait = timeout_ms
+            if timeout_ms > 0:
+                now = now_ns()
+                if now >= deadline:
+                    return 0
+                wait = <int>((deadline - now + 999999) // 1000000)
+            if hold_us > 0 and 0 < self.nrecv < self.batch:
+                if self.hold_skip > 0:
+                    self.hold_skip -= 1
+                else:
+                    # Low load: let the next few queries queue up (see wait()).
+                    self.holds += 1
+                    self.held = True
+                    clock_nanosleep(CLOCK_MONOTONIC, 0, &hold, NULL)
+                    wait = 0            # what the hold gathered, and only that
+
     cdef void release_spill(self) noexcept:
         # Large datagrams leave their pages resident; give them back once the call that
         # received them is over (the caller has copied its hand-offs out by now), so a burst
@@ -1446,6 +1566,7 @@ cdef class UdpServer:
                     continue
                 return 0 if KDNS_WOULD_BLOCK(e) else e
             t0 = now_ns()
+            self.nrecv += n
             nsend = self.answer_batch(img, ctr, n, t0)
             self.send_all(ctr, nsend)
             if self.fws != NULL and self.fws.nq:

@@ -81,6 +81,7 @@ cdef extern from "<time.h>" nogil:
     enum:
         CLOCK_MONOTONIC
     int clock_gettime(int clk, timespec *ts)
+    int clock_nanosleep(int clk, int flags, const timespec *req, timespec *rem)
 
 
 cdef extern from "<sys/mman.h>" nogil:

@@ -5,8 +5,13 @@ inherits the very sockets (and queued packets) of the one that died; it starts e
 as ``python -m kdns.serve.worker`` with the fds passed (no fork from a threaded process).
 
 The loop does four things:
-- UDP readable -> ``UdpServer.serve`` drains it in batches (GIL released in the compiled
-  engine) and returns only the packets the image does not cover; those go to the hand-off.
+- UDP readable -> the compiled engine serves it without Python: the loop's selector
+  (``UdpSelector``) waits in ``UdpServer.wait``, which blocks in epoll_wait on the loop's own
+  epoll set with the GIL released, answers queries (recvmmsg/sendmmsg) and relays upstream
+  replies itself, and returns to Python only when Python has work (another fd ready, a
+  hand-off, a timer due, a signal). Packets the image does not cover go to the hand-off.
+  The pure engine (or KDNS_UDP_LOOP=asyncio) drains from a reader callback instead
+  (``UdpServer.serve``, one trip through the loop per readable event).
 - TCP (RFC 7766): length-framed, several queries per connection, pipelined, each response
   written as soon as it is ready; idle timeout; a per-worker connection cap; a client that
   does not read gets its reading paused, then is closed when idle.
@@ -22,7 +27,10 @@ import argparse
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
+import select
+import selectors
 import signal
 import socket
 import sys
@@ -74,6 +82,58 @@ class RefuseHandoff:
         return local if local is not None else engine.refused(query, self.edns_max)
 
 
+class UdpSelector(selectors.EpollSelector):
+    """The worker's event-loop selector. Until a worker takes its UDP socket in (``take``)
+    it is the stdlib's epoll selector; then ``select`` is ``UdpServer.wait`` on the same
+    epoll set, with the UDP socket registered there behind asyncio's back (asyncio never
+    sees its events: C serves them), and asyncio's timers bound each wait, so the
+    worker's heartbeat timer proves that the wait in C returns.
+
+    A new image is swapped in by a loop callback, so between two waits: the image a wait
+    uses stays referenced (mapped) until the wait returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.worker: Worker | None = None
+
+    def take(self, worker: "Worker") -> None:
+        self._selector.register(worker.udp.fileno(), select.EPOLLIN)
+        self.worker = worker
+
+    def release(self) -> None:
+        w, self.worker = self.worker, None
+        if w is not None:
+            self._selector.unregister(w.udp.fileno())
+
+    def select(self, timeout=None):
+        w = self.worker
+        if w is None:
+            return super().select(timeout)
+        # The stdlib's rounding (selectors.EpollSelector): up to the next millisecond.
+        if timeout is None:
+            ms = -1
+        elif timeout <= 0:
+            ms = 0
+        else:
+            ms = math.ceil(timeout * 1e3)
+        ready = []
+        for fd, event in w.wait_udp(self._selector.fileno(), ms):
+            events = 0
+            if event & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if event & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            key = self._key_from_fd(fd)
+            if key:
+                ready.append((key, events & key.events))
+        return ready
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """A loop whose worker serves UDP inside the selector's wait (``UdpSelector``)."""
+    return asyncio.SelectorEventLoop(UdpSelector())
+
+
 class Worker:
     def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
                  control: socket.socket, page, edns_max: int = settings.EDNS_UDP_SIZE,
@@ -81,7 +141,8 @@ class Worker:
                  tcp_max_connections: int = settings.TCP_MAX_CONNECTIONS,
                  tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE,
                  handoff: Handoff | None = None, log_queries: bool = False,
-                 loadbalance: bool = settings.LOADBALANCE):
+                 loadbalance: bool = settings.LOADBALANCE,
+                 udp_hold_us: int = settings.UDP_HOLD_US):
         self.slot = slot
         self.udp = udp
         self.tcp = tcp
@@ -111,6 +172,8 @@ class Worker:
         self.has_image: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.udp_pump = None            # the hand-off's UDP drain (Handoff.attach), if any
+        self.selector: UdpSelector | None = None    # set while UDP is served in its wait
+        self.udp_hold_us = udp_hold_us
         self.log_queries = log_queries
         # New images are checked on this thread while the loop keeps serving the old one
         # (the check releases the GIL): under churn images arrive many times a second.
@@ -135,19 +198,32 @@ class Worker:
         if self.stopping.is_set():
             return
         self.udp.setblocking(False)
-        self.loop.add_reader(self.udp.fileno(), self.drain_udp)
+        # The loop's selector is asyncio's private attribute (BaseSelectorEventLoop, since
+        # 3.4); any other loop (tests' asyncio.run, uvloop) gets the reader callback.
+        selector = getattr(self.loop, "_selector", None)
+        if (isinstance(selector, UdpSelector) and hasattr(self.udp_server, "wait")
+                and settings.ENV.udp_loop != "asyncio"):
+            self.selector = selector
+            selector.take(self)
+        else:
+            self.loop.add_reader(self.udp.fileno(), self.drain_udp)
         # backlog: asyncio calls listen() again; keep the supervisor's queue length.
         server = await self.loop.create_server(lambda: TcpConnection(self), sock=self.tcp,
                                                backlog=LISTEN_BACKLOG)
-        log.debug("worker %d serving (%s engine)", self.slot, engine.IMPLEMENTATION)
+        log.debug("worker %d serving (%s engine, UDP %s)", self.slot, engine.IMPLEMENTATION,
+                  "in the loop's wait" if self.selector is not None else "from a reader")
         self.heartbeat()
         try:
             await self.stopping.wait()
         finally:
             # Lameduck: the supervisor has taken the UDP socket out of the SO_REUSEPORT
             # group; answer what is still queued on it before exiting.
+            if self.selector is not None:
+                self.selector.release()
+                self.selector = None
+            else:
+                self.loop.remove_reader(self.udp.fileno())
             self.drain_udp()
-            self.loop.remove_reader(self.udp.fileno())
             self.loop.remove_reader(self.control.fileno())
             server.close()
             for conn in list(self.connections):
@@ -227,6 +303,29 @@ class Worker:
         if getattr(self.udp_server, "last_errno", 0):
             log.debug("worker %d: UDP receive error %s", self.slot,
                       os.strerror(self.udp_server.last_errno))
+        self.take_handoffs(n)
+
+    def wait_udp(self, epfd: int, timeout_ms: int) -> list:
+        """The selector's wait (UdpSelector.select): UDP served in C until Python has work,
+        then the hand-offs spawned and the forwarder's handbacks taken; returns the loop's
+        other ready fds as [(fd, events)]."""
+        srv = self.udp_server
+        events = srv.wait(self.img, self.counters, epfd, timeout_ms, self.udp_hold_us)
+        if srv.last_errno:
+            log.debug("worker %d: UDP receive error %s", self.slot, os.strerror(srv.last_errno))
+        if srv.handoffs:
+            self.take_handoffs(srv.handoffs)
+        if srv.handbacks:
+            take = getattr(self.handoff, "take_handbacks", None)
+            if take is not None:
+                take()
+        after = getattr(self.handoff, "after_udp", None)
+        if after is not None:
+            after()                 # cache prefetches the packet path's hits queued
+        return events
+
+    def take_handoffs(self, n: int) -> None:
+        """Spawn the hand-offs of the last drain: ``n`` packets in ``udp_server``."""
         if not n:
             return
         # Copy out before the next serve() reuses the engine's hand-off slots.
@@ -505,9 +604,12 @@ def serve(a: argparse.Namespace) -> int:
         log_queries=a.log_queries,
         loadbalance=a.loadbalance,
         handoff=forwarding_handoff(a, page),
+        udp_hold_us=(settings.UDP_HOLD_US if settings.ENV.udp_hold_us is None
+                     else settings.ENV.udp_hold_us),
     )
     os.close(a.counters_fd)
-    asyncio.run(worker.run())
+    with asyncio.Runner(loop_factory=event_loop) as runner:
+        runner.run(worker.run())
     return 0
 
 
