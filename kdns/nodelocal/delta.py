@@ -74,7 +74,7 @@ def _match_len(a: memoryview, b: memoryview) -> int:
 def make(base, target, level: int = 6) -> bytes:
     """The compressed delta turning ``base`` into ``target`` (both whole images)."""
     b, t = memoryview(base).cast("B"), memoryview(target).cast("B")
-    bb = bytes(b) if not isinstance(base, bytes) else base     # bytes.find needs bytes
+    bb = base if hasattr(base, "find") else bytes(b)    # bytes or mmap: both find() in C
     out = [HEAD.pack(MAGIC, len(b), image_crc(b), len(t), image_crc(t))]
     shift = 0                # base offset - target offset for the current alignment
     pending = None           # a COPY run being extended: [target start, base start, length]

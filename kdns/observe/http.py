@@ -21,22 +21,37 @@ log = logging.getLogger("kdns.observe.http")
 Route = Callable[[], tuple[int, str, bytes]]
 
 
+def with_request(route):
+    """Mark ``route`` as one that reads the request: it is called with the handler (its
+    ``path``, ``headers``) and returns (status, content type, body, extra headers)."""
+    def call(handler):
+        return route(handler)
+    call.wants_request = True
+    return call
+
+
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, Route] = {}
 
     def do_GET(self):
+        extra = {}
         route = self.routes.get(self.path.split("?", 1)[0])
         if route is None:
             status, ctype, body = 404, "text/plain", b"not found"
         else:
             try:
-                status, ctype, body = route()
+                if getattr(route, "wants_request", False):
+                    status, ctype, body, extra = route(self)
+                else:
+                    status, ctype, body = route()
             except Exception:  # noqa: BLE001 -- a broken scrape must not kill the listener
                 log.exception("HTTP handler for %s failed", self.path)
                 status, ctype, body = 500, "text/plain", b"internal error"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in extra.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
