@@ -166,7 +166,9 @@ def apply(base, delta: bytes) -> bytes:
         raw = d.decompress(delta, MAX_OUTPUT * 2)
     except zlib.error as e:
         raise DeltaError(f"not a zlib stream ({e})") from None
-    if len(raw) < HEAD.size or raw[:8] != MAGIC or d.unconsumed_tail:
+    if not d.eof or d.unconsumed_tail:
+        raise DeltaError("the delta is truncated (its zlib stream does not end)")
+    if len(raw) < HEAD.size or raw[:8] != MAGIC:
         raise DeltaError("not a kdns image delta")
     _, blen, bcrc, tlen, tcrc = HEAD.unpack_from(raw)
     if blen != len(b) or bcrc != image_crc(b):
