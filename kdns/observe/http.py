@@ -59,15 +59,25 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http: " + fmt, *args)
 
 
+class _Server(ThreadingHTTPServer):
+    def server_bind(self):
+        # HTTPServer.server_bind looks the bound address up in DNS (socket.getfqdn) for a
+        # name nothing here uses; on a node whose resolver is the node-local itself, not
+        # up yet, that lookup waits out every resolver timeout (20 s) before kdns starts.
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
 class HttpListener:
     """One ThreadingHTTPServer on its own daemon thread."""
 
     def __init__(self, host: str, port: int, routes: dict[str, Route]):
         handler = type("Handler", (_Handler,), {"routes": routes})
-        server_class = ThreadingHTTPServer
+        server_class = _Server
         if ":" in host:
             import socket
-            server_class = type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            server_class = type("Server6", (_Server,), {"address_family": socket.AF_INET6})
         self.server = server_class((host, port), handler)   # OSError when the port is taken
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name=f"http-{port}",
