@@ -36,7 +36,7 @@ OP = struct.Struct("<BII")
 COPY, DIFF, DATA = 0, 1, 2
 CHUNK = 4096          # a changed chunk costs at most this before compression
 PROBE = 64            # bytes searched for when a chunk stops matching at the current shift
-WINDOW = 1 << 20      # how far around the current shift a probe is looked for
+WINDOW = 1 << 16      # how far around the current shift a probe is looked for
 RECENT = 8            # recent shifts kept as candidates
 # Shifts tried around the current one: the sizes of the image's fixed entries (node 24,
 # rr 8, zone 16, reverse 28) and small multiples, as an inserted entry moves the rest.
@@ -57,12 +57,18 @@ def image_length(data) -> int:
 
 
 def _match_len(a: memoryview, b: memoryview) -> int:
-    """Length of the common prefix of ``a`` and ``b`` (memcmp halvings, not a byte loop)."""
+    """Length of the common prefix of ``a`` and ``b``: windows doubling from 64 bytes until
+    one differs, then halvings inside it, so the cost follows the match, not the image."""
     n = min(len(a), len(b))
-    if a[:n] == b[:n]:
+    lo, step = 0, 64                 # a[:lo] == b[:lo]
+    while lo < n:
+        hi = min(n, lo + step)
+        if a[lo:hi] != b[lo:hi]:
+            break
+        lo, step = hi, step * 2
+    else:
         return n
-    lo, hi = 0, n            # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
+    while hi - lo > 1:               # a[:lo] == b[:lo], a[:hi] != b[:hi]
         mid = (lo + hi) // 2
         if a[lo:mid] == b[lo:mid]:
             lo = mid
@@ -109,24 +115,36 @@ def make(base, target, level: int = 6) -> bytes:
         end = min(len(t), pos + CHUNK)
         n = end - pos
         tv = int.from_bytes(t[pos:end], "little")
+        def best_of(cands):
+            best, best_score, best_bv = None, -1, 0
+            for c in cands:
+                bo = pos + c
+                if bo < 0 or bo + n > len(b):
+                    continue
+                bv = int.from_bytes(b[bo:bo + n], "little")
+                score = (tv ^ bv).to_bytes(n, "little").count(0)
+                if score > best_score or (score == best_score and c == shift):
+                    best, best_score, best_bv = c, score, bv
+            return best, best_score, best_bv
+
         cands = {shift, *recent}
         cands.update(shift + k for k in STRIDES)
         cands.update(shift - k for k in STRIDES)
-        for at in range(pos, end - PROBE + 1, CHUNK // 4):
-            probe = bytes(t[at:at + PROBE])
-            lo = max(0, at + shift - WINDOW)
-            found = bb.find(probe, lo, min(len(bb), at + shift + WINDOW + PROBE))
-            if found >= 0:
-                cands.add(found - at)
-        best, best_score, best_bv = None, -1, 0
-        for c in cands:
-            bo = pos + c
-            if bo < 0 or bo + n > len(b):
-                continue
-            bv = int.from_bytes(b[bo:bo + n], "little")
-            score = (tv ^ bv).to_bytes(n, "little").count(0)
-            if score > best_score or (score == best_score and c == shift):
-                best, best_score, best_bv = c, score, bv
+        best, best_score, best_bv = best_of(cands)
+        if best_score < n:
+            # No near shift explains the chunk: look for its bytes (a section that grew
+            # or shrank by more than an entry or two).
+            found = set()
+            for at in range(pos, end - PROBE + 1, CHUNK // 4):
+                probe = bytes(t[at:at + PROBE])
+                lo = max(0, at + shift - WINDOW)
+                hit = bb.find(probe, lo, min(len(bb), at + shift + WINDOW + PROBE))
+                if hit >= 0:
+                    found.add(hit - at)
+            if found - cands:
+                got = best_of(found - cands)
+                if got[1] > best_score:
+                    best, best_score, best_bv = got
         if best is None or best_score < n // 8:
             flush()
             out.append(OP.pack(DATA, n, 0) + bytes(t[pos:end]))
