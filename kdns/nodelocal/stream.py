@@ -92,11 +92,12 @@ class ImageStream:
             return
         t0 = time.monotonic()
         etag = etag_of(mapping)
-        full = zlib.compress(mapping, 6)
         step = None
         if old is not None and old.etag != etag:
             step = (old.etag, D.make(old.map, mapping))
-        new = Generation(number, etag, mapping, full)
+        # The delta first: the nodes that follow (nearly all) take it at once; the full
+        # image, for nodes that start or fell behind, is compressed after.
+        new = Generation(number, etag, mapping, None)
         with self.cond:
             if step is not None:
                 self.chain.append(step)
@@ -105,9 +106,18 @@ class ImageStream:
             self.cond.notify_all()
         if old is not None:
             old.map.close()
+        full = zlib.compress(mapping, 6)
+        with self.cond:
+            new.full = full
+            self.cond.notify_all()
         log.info("image stream: generation %d ready (%s; full %d bytes zlib%s) in %.3fs",
                  number, etag, len(full),
                  f", delta {len(step[1])} bytes" if step else "", time.monotonic() - t0)
+
+    def full_of(self, gen: Generation, timeout: float = 60.0) -> bytes | None:
+        with self.cond:
+            self.cond.wait_for(lambda: gen.full is not None, timeout)
+            return gen.full
 
     def wait_for(self, etag: str | None, timeout: float) -> Generation | None:
         """The current generation, after waiting up to ``timeout`` for one whose tag is not
@@ -156,13 +166,16 @@ class ImageStream:
         if have == gen.etag:
             self.sent["not_modified"] += 1
             return 304, CONTENT_TYPE, b"", headers
-        if parts is not None and sum(len(p) for p in parts) < len(gen.full):
+        full_size = len(gen.full) if gen.full is not None else gen.length
+        if parts is not None and sum(len(p) for p in parts) < full_size:
             body = b"".join(PART.pack(len(p)) + p for p in parts)
             headers.update({"X-Kdns-Transfer": "delta", "X-Kdns-Delta-Base": have,
                             "X-Kdns-Deltas": str(len(parts))})
             kind = "delta"
         else:
-            body = gen.full
+            body = self.full_of(gen)
+            if body is None:
+                return 503, "text/plain", b"the image is still being compressed\n", {}
             headers["X-Kdns-Transfer"] = "full"
             kind = "full"
         self.sent[kind] += 1
