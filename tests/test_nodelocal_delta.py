@@ -63,7 +63,7 @@ def test_truncated_or_corrupt_delta_is_refused(images, cut):
     with pytest.raises(D.DeltaError):
         D.apply(base, d[:-cut])
     raw = bytearray(zlib.decompress(d))
-    raw[D.HEAD.size + cut] ^= 0x5A            # an op's kind, length or offset, or data
+    raw[D.HEAD.size + cut] ^= 0x5A            # an op's kind, length or offset
     try:
         out = D.apply(base, zlib.compress(bytes(raw)))
     except D.DeltaError:

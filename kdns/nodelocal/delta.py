@@ -11,8 +11,10 @@ become runs of the same small number, which zlib shrinks to almost nothing.
 
 Format (all integers little-endian), then zlib-compressed as a whole::
 
-    magic b"KDNSDLT1", base length I, base crc I, target length I, target crc I
-    ops until the end: kind B, length I, base offset I, then for
+    magic b"KDNSDLT1", base length I, base crc I, target length I, target crc I, op count I
+    the ops: kind B, length I, base offset I
+    then each op's data, in op order (apart from the ops, so the runs of small
+    differences sit next to each other for zlib):
       COPY (0): nothing               target[len] = base[off:off+len]
       DIFF (1): sign B, |d| len bytes  target = base[off:off+len] + d  (as integers)
       DATA (2): len bytes              target = the bytes
@@ -31,7 +33,7 @@ import zlib
 from kdns.zone.layout import HEADER_CRC, HEADER_LENGTH
 
 MAGIC = b"KDNSDLT1"
-HEAD = struct.Struct("<8sIIII")
+HEAD = struct.Struct("<8sIIIII")
 OP = struct.Struct("<BII")
 COPY, DIFF, DATA = 0, 1, 2
 CHUNK = 4096          # a changed chunk costs at most this before compression
@@ -77,11 +79,12 @@ def _match_len(a: memoryview, b: memoryview) -> int:
     return lo
 
 
-def make(base, target, level: int = 6) -> bytes:
+def make(base, target, level: int = 9) -> bytes:
     """The compressed delta turning ``base`` into ``target`` (both whole images)."""
     b, t = memoryview(base).cast("B"), memoryview(target).cast("B")
     bb = base if hasattr(base, "find") else bytes(b)    # bytes or mmap: both find() in C
-    out = [HEAD.pack(MAGIC, len(b), image_crc(b), len(t), image_crc(t))]
+    out: list[bytes] = []        # the ops
+    data: list[bytes] = []       # their bytes, in op order, after all the ops
     shift = 0                # base offset - target offset for the current alignment
     pending = None           # a COPY run being extended: [target start, base start, length]
     pos = 0
@@ -147,7 +150,8 @@ def make(base, target, level: int = 6) -> bytes:
                     best, best_score, best_bv = got
         if best is None or best_score < n // 8:
             flush()
-            out.append(OP.pack(DATA, n, 0) + bytes(t[pos:end]))
+            out.append(OP.pack(DATA, n, 0))
+            data.append(bytes(t[pos:end]))
             pos = end
             continue
         if best != shift:
@@ -158,15 +162,16 @@ def make(base, target, level: int = 6) -> bytes:
                 continue            # an exact run again: copy it
         flush()
         d = tv - best_bv
-        out.append(OP.pack(DIFF, n, pos + shift) + (b"\1" if d < 0 else b"\0")
-                   + abs(d).to_bytes(n, "little"))
+        out.append(OP.pack(DIFF, n, pos + shift))
+        data.append((b"\1" if d < 0 else b"\0") + abs(d).to_bytes(n, "little"))
         pos = end
     flush()
-    return zlib.compress(b"".join(out), level)
+    head = HEAD.pack(MAGIC, len(b), image_crc(b), len(t), image_crc(t), len(out))
+    return zlib.compress(head + b"".join(out) + b"".join(data), level)
 
 
-def header(delta: bytes) -> tuple[int, int, int, int]:
-    """(base length, base crc, target length, target crc) of a compressed delta."""
+def header(delta: bytes) -> tuple[int, int, int, int, int]:
+    """(base length, base crc, target length, target crc, op count) of a compressed delta."""
     try:
         raw = zlib.decompressobj().decompress(delta, HEAD.size)
     except zlib.error as e:
@@ -188,18 +193,17 @@ def apply(base, delta: bytes) -> bytes:
         raise DeltaError("the delta is truncated (its zlib stream does not end)")
     if len(raw) < HEAD.size or raw[:8] != MAGIC:
         raise DeltaError("not a kdns image delta")
-    _, blen, bcrc, tlen, tcrc = HEAD.unpack_from(raw)
+    _, blen, bcrc, tlen, tcrc, nops = HEAD.unpack_from(raw)
     if blen != len(b) or bcrc != image_crc(b):
         raise DeltaError("the delta is against another base image")
     if tlen > MAX_OUTPUT:
         raise DeltaError("the delta's target is too large")
+    at = HEAD.size + nops * OP.size         # the ops, then their data
+    if at > len(raw):
+        raise DeltaError("truncated ops")
     out = bytearray()
-    at = HEAD.size
-    while at < len(raw):
-        if at + OP.size > len(raw):
-            raise DeltaError("truncated op")
-        kind, n, off = OP.unpack_from(raw, at)
-        at += OP.size
+    for i in range(nops):
+        kind, n, off = OP.unpack_from(raw, HEAD.size + i * OP.size)
         if len(out) + n > tlen:
             raise DeltaError("the ops build more than the target length")
         if kind == COPY:
@@ -222,6 +226,8 @@ def apply(base, delta: bytes) -> bytes:
             at += n
         else:
             raise DeltaError(f"unknown op {kind}")
+    if at != len(raw):
+        raise DeltaError("bytes after the last op's data")
     if len(out) != tlen or (tlen >= 64 and image_crc(out) != tcrc):
         raise DeltaError("the result does not have the target's length or crc")
     return bytes(out)
