@@ -130,10 +130,17 @@ def make(base, target, level: int = 9) -> bytes:
                     best, best_score, best_bv = c, score, bv
             return best, best_score, best_bv
 
-        cands = {shift, *recent}
-        cands.update(shift + k for k in STRIDES)
-        cands.update(shift - k for k in STRIDES)
-        best, best_score, best_bv = best_of(cands)
+        best, best_score, best_bv = best_of((shift,))
+        cands = {shift}
+        if best_score < n - n // 64:
+            # Not a few changed bytes in place: try the shifts an inserted or removed entry
+            # makes, and the ones used lately.
+            cands.update(recent)
+            cands.update(shift + k for k in STRIDES)
+            cands.update(shift - k for k in STRIDES)
+            got = best_of(cands - {shift})
+            if got[1] > best_score:
+                best, best_score, best_bv = got
         if best_score < n:
             # No near shift explains the chunk: look for its bytes (a section that grew
             # or shrank by more than an entry or two).
