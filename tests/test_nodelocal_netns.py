@@ -193,7 +193,9 @@ class NodeLocal:
         return sorted(line for line in r.stdout.split() if line[:1].isdigit())
 
     def metric(self, name):
-        r = self.exec("curl", "-s", "--max-time", "2", f"http://{LINK_LOCAL}:9153/metrics")
+        r = self.exec(sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
+                      f"urllib.request.urlopen('http://{LINK_LOCAL}:9153/metrics', timeout=2)"
+                      ".read().decode())")
         for line in r.stdout.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
@@ -210,7 +212,7 @@ class NodeLocal:
 def world(tmp_path_factory):
     if os.geteuid() != 0:
         unavailable("network namespaces need root")
-    for tool in ("ip", "iptables", "dig", "curl", "getent"):
+    for tool in ("ip", "iptables", "iptables-save", "dig", "getent"):
         require_tool(tool)
     tmp = tmp_path_factory.mktemp("nodelocal")
     kind = link_kind()
