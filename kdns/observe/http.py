@@ -60,6 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: after an image change every node-local following
+    # the stream (kdns/nodelocal/stream.py) reconnects at once, and a full backlog resets them.
+    request_queue_size = 1024
+
     def server_bind(self):
         # HTTPServer.server_bind looks the bound address up in DNS (socket.getfqdn) for a
         # name nothing here uses; on a node whose resolver is the node-local itself, not
