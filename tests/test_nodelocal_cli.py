@@ -69,6 +69,7 @@ def netns():
         unavailable("network namespaces need root")
     require_tool("ip")
     require_tool("iptables")
+    require_tool("ip6tables")
     name = f"knc{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -91,7 +92,7 @@ def test_node_setup_is_idempotent_and_undone(netns):
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 from kdns.nodelocal import netsetup
-s = netsetup.NodeSetup(["169.254.20.10", "10.96.0.10"], kind={kind!r})
+s = netsetup.NodeSetup(["169.254.20.10", "10.96.0.10", "fd00:10::a"], kind={kind!r})
 s.apply(); s.apply()            # twice: nothing doubled
 print("APPLIED", flush=True)
 sys.stdin.readline()
@@ -105,6 +106,9 @@ print("UNDONE", flush=True)
         assert p.stdout.readline().strip() == "APPLIED"
         rules = in_ns(netns, "iptables-save").stdout
         assert rules.count(netsetup.COMMENT) == 20, rules        # 2 addresses x 10 rules
+        rules6 = in_ns(netns, "ip6tables-save").stdout
+        assert rules6.count(netsetup.COMMENT) == 10, rules6      # the IPv6 one: ip6tables
+        assert "-d fd00:10::a/128 -p udp -m udp --dport 53" in rules6
         addrs = in_ns(netns, "ip", "-o", "addr", "show", "dev", "nodelocaldns").stdout
         assert "169.254.20.10/32" in addrs and "10.96.0.10/32" in addrs
         assert addrs.count("169.254.20.10/32") == 1
@@ -119,6 +123,7 @@ print("UNDONE", flush=True)
         p.wait(30)
     rules = in_ns(netns, "iptables-save").stdout
     assert netsetup.COMMENT not in rules
+    assert netsetup.COMMENT not in in_ns(netns, "ip6tables-save").stdout
     assert "--dport 5353 -j NOTRACK" in rules
     assert in_ns(netns, "ip", "link", "show", "dev", "nodelocaldns").returncode != 0
 

@@ -65,12 +65,14 @@ class NodeSetup:
 
     def __init__(self, addresses, *, interface: str = "nodelocaldns", kind: str = "dummy",
                  setup_interface: bool = True, setup_iptables: bool = True, port: int = 53,
-                 health_port: int = 0, iptables: str = "iptables", ip: str = "ip"):
+                 health_port: int = 0, iptables: str = "iptables",
+                 ip6tables: str = "ip6tables", ip: str = "ip"):
         self.addresses = list(addresses)
         self.interface, self.kind = interface, kind
         self.setup_interface, self.setup_iptables = setup_interface, setup_iptables
         self.port, self.health_port = port, health_port
         self.iptables = shutil.which(iptables) or iptables
+        self.ip6tables = shutil.which(ip6tables) or ip6tables
         self.ip = shutil.which(ip) or ip
         self.created_link = False
 
@@ -78,14 +80,21 @@ class NodeSetup:
         if self.setup_interface:
             self._interface()
         if self.setup_iptables:
-            for table, rule in rules(self.addresses, self.port, self.health_port):
-                base = [self.iptables, "-w", "60", "-t", table]
+            for binary, table, rule in self._rules():
+                base = [binary, "-w", "60", "-t", table]
                 if _run(base + ["-C", *rule], check=False).returncode:
                     _run(base + ["-I", rule[0], "1", *rule[1:]])
         log.info("node set up: %s%s", f"interface {self.interface} with "
                  f"{', '.join(self.addresses)}" if self.setup_interface else "no interface",
                  "; NOTRACK and ACCEPT rules for port %d" % self.port
                  if self.setup_iptables else "; no iptables rules")
+
+    def _rules(self):
+        """(iptables or ip6tables, table, rule) for every listen address."""
+        for ip in self.addresses:
+            binary = self.ip6tables if ":" in ip else self.iptables
+            for table, rule in rules([ip], self.port, self.health_port):
+                yield binary, table, rule
 
     def _interface(self) -> None:
         have = _run([self.ip, "link", "show", "dev", self.interface], check=False)
@@ -107,8 +116,8 @@ class NodeSetup:
         """Remove our rules (every copy) and our interface; errors are logged, not raised:
         this runs on the way out."""
         if self.setup_iptables:
-            for table, rule in rules(self.addresses, self.port, self.health_port):
-                base = [self.iptables, "-w", "60", "-t", table]
+            for binary, table, rule in self._rules():
+                base = [binary, "-w", "60", "-t", table]
                 for _ in range(16):
                     try:
                         if _run(base + ["-C", *rule], check=False).returncode:
