@@ -2,7 +2,8 @@
 
 Topology (every namespace and link made here, deleted at the end)::
 
-    root namespace: fake API server (loopback), central `kdns serve --serve-image`
+    root namespace: fake API server (loopback), central `kdns serve --serve-image`, and a
+                    second replica behind "kube-dns-upstream"
         │ veth 10.77.N.1 ── 10.77.N.2
     node N namespace: `kdns node-local` on 169.254.20.10 (its own interface and iptables rules)
         │ veth 10.78.N.1 ── 10.78.N.2
@@ -12,8 +13,10 @@ Topology (every namespace and link made here, deleted at the end)::
 A Service created at the API answers in both pods within the programming-latency budget;
 the image stream is cut (the node's TCP to the central image port dropped) and cluster names
 are then forwarded to the kube-dns Service over TCP — a Service created during the cut
-answers although the node's image cannot have it — and the stream restored; a node-local is
-restarted while a pod sends queries, and its set-up is gone between the two runs.
+answers although the node's image cannot have it — and the stream restored; the central
+stopped (both nodes forward to the replica) and started again (a full transfer, then the
+image again); a node-local is restarted while a pod sends queries, and its set-up is gone
+between the two runs.
 """
 import contextlib
 import json
@@ -134,8 +137,9 @@ class Topology:
 class NodeLocal:
     """One `kdns node-local` in a node namespace (its pid is ours to stop)."""
 
-    def __init__(self, topo, i, tmp, central, kind):
+    def __init__(self, topo, i, tmp, central, kind, upstream):
         self.topo, self.i, self.tmp, self.central, self.kind = topo, i, tmp, central, kind
+        self.upstream = upstream        # the kube-dns-upstream: the other central replica
         self.proc = None
         self.runs = 0
 
@@ -145,7 +149,7 @@ class NodeLocal:
                 "node-local", "--image-url", f"http://{c}:{self.central.http_port}/image",
                 "--listen", LINK_LOCAL, "--dns-port", "53", "--workers", "1",
                 "--interface-type", self.kind,
-                "--kube-dns-upstream", f"{c}:{self.central.port}",
+                "--kube-dns-upstream", f"{c}:{self.upstream.port}",
                 "--upstream", "central", "--central-dns", f"{c}:{self.central.port}",
                 "--stale-after", STALE_AFTER, "--poll-wait", POLL_WAIT,
                 "--health-port", "8080", "--metrics-port", "9153"]
@@ -219,7 +223,7 @@ def world(tmp_path_factory):
     topo = Topology(2)
     api = FakeApiServer(token="secret", bookmark_interval=1.0).start()
     outside = TestDNSServer({"example.org.": ["A 192.0.2.7"]}).__enter__()
-    central = nodes = None
+    central = replica = nodes = None
     try:
         topo.build()
         base_objects(api)
@@ -231,16 +235,21 @@ def world(tmp_path_factory):
         central = Kdns(tmp, workers=1, host="0.0.0.0", source=["--kubecfg-file", kubeconfig],
                        args=("--serve-image", "--nameservers", f"127.0.0.1:{outside.port}"))
         central.start(timeout=30)
-        nodes = [NodeLocal(topo, i, tmp, central, kind) for i in topo.nodes]
+        # A second replica behind "kube-dns-upstream": where cluster names go while stale.
+        replica = Kdns(tmp, workers=1, host="0.0.0.0", source=["--kubecfg-file", kubeconfig],
+                       args=("--nameservers", f"127.0.0.1:{outside.port}"))
+        replica.start(timeout=30)
+        nodes = [NodeLocal(topo, i, tmp, central, kind, replica) for i in topo.nodes]
         for n in nodes:
             n.start()
         yield {"topo": topo, "api": api, "central": central, "nodes": nodes, "kind": kind,
-               "tmp": tmp, "outside": outside}
+               "tmp": tmp, "outside": outside, "replica": replica}
     finally:
         for n in nodes or ():
             n.stop()
-        if central is not None:
-            central.stop()
+        for k in (central, replica):
+            if k is not None:
+                k.stop()
         api.close()
         outside.__exit__(None, None, None)
         topo.close()
@@ -337,6 +346,28 @@ def test_stream_cut_forwards_cluster_names_to_kube_dns_then_recovers(world):
     assert n.metric("kdns_nodelocal_stale") == 0
     api.create("services", svc("after-cut", ns="ns0", ip="10.96.7.7"))
     wait_until(lambda: n.pod_getent("after-cut") == ["10.96.7.7"], BUDGET, "after the cut")
+
+
+def test_central_stopped_and_restarted(world):
+    api, central, replica, nodes = world["api"], world["central"], world["replica"], world["nodes"]
+    assert central.stop() == 0
+    for n in nodes:
+        wait_until(lambda: n.metric("kdns_nodelocal_forwarding_cluster_names") == 1, 15,
+                   f"node {n.i} stale with the central stopped")
+    api.create("services", svc("outage", ns="ns0", ip="10.96.8.8"))
+    wait_until(lambda: central_answers(replica, f"outage.ns0.svc.{ZONE}") == ["10.96.8.8"],
+               BUDGET, "the replica")
+    for n in nodes:
+        # From the kube-dns-upstream replica, over TCP: no image has it.
+        wait_until(lambda: n.pod_getent("outage") == ["10.96.8.8"], BUDGET, f"node {n.i}")
+        assert n.pod_getent("fresh") == ["10.96.5.5"]
+    central.start(timeout=30)           # the same ports: the nodes' --image-url
+    for n in nodes:
+        wait_until(lambda: n.metric("kdns_nodelocal_forwarding_cluster_names") == 0, 30,
+                   f"node {n.i} back on the stream")
+        # A new process numbers its generations afresh and its image is another: full.
+        assert n.metric('kdns_nodelocal_transfers_total{transfer="full"}') == 2
+        assert n.pod_getent("outage") == ["10.96.8.8"]
 
 
 LOAD = textwrap.dedent("""
