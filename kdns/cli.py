@@ -538,8 +538,9 @@ def _add_node_local_parser(sub, port) -> None:
                    help="/health port on the first listen address (default 8080; 0 disables)")
     n.add_argument("--ready-port", type=port, default=0,
                    help="/ready port (default 0: off)")
-    n.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
-                   help="Prometheus /metrics port (default 9153; 0 disables)")
+    n.add_argument("--metrics-port", type=port, default=9253,
+                   help="Prometheus /metrics port (default 9253, NodeLocal DNSCache's: the "
+                        "node's network may also carry a central kdns on 9153; 0 disables)")
     n.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     n.add_argument("--version", action="version", version=_version())
     logs.add_klog_flags(n, _duration)
