@@ -2,7 +2,7 @@
 
 Builds a cluster of N Services (each with an EndpointSlice of --per-slice endpoints, every
 --headless-every-th headless, as bench_api_scale.py's), compiles it, then applies one change
-of each kind and compiles again, and measures what kdns/nodelocal/delta.py sends for it:
+of each kind and compiles again, and measures what kdns/serve/delta.py sends for it:
 
     .venv/bin/python bench/bench_stream.py --services 1000 10000
 
@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_api_scale import service, slice_for  # noqa: E402
-from kdns.nodelocal import delta  # noqa: E402
+from kdns.serve import delta  # noqa: E402
 from kdns.serve import build  # noqa: E402
 
 

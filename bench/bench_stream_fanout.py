@@ -57,7 +57,7 @@ def main(argv=None):
     if a.client:
         return client_main(int(a.client[0]), a.client[1], int(a.client[2]))
     from bench_stream import add_service, cluster, compile_items
-    from kdns.nodelocal.stream import ImageStream, etag_of
+    from kdns.serve.stream import ImageStream, etag_of
     from kdns.observe.http import HttpListener
     from kdns.serve.publish import Publisher
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -1,10 +1,10 @@
-"""The image delta (kdns/nodelocal/delta.py): exact round trips on real compiled images,
+"""The image delta (kdns/serve/delta.py): exact round trips on real compiled images,
 far smaller than the full image, and refusal of anything that does not fit."""
 import zlib
 
 import pytest
 
-from kdns.nodelocal import delta as D
+from kdns.serve import delta as D
 from kdns.packet import engine
 from nodelocal_util import cluster_items, compile_items, service
 

@@ -1,4 +1,4 @@
-"""The image stream end to end in one process: the central side (kdns/nodelocal/stream.py)
+"""The image stream end to end in one process: the central side (kdns/serve/stream.py)
 on a real HTTP listener fed by a real Publisher, the node side (kdns/nodelocal/source.py)
 long-polling it, with an injected clock for staleness."""
 import http.client
@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from kdns.nodelocal import stream as ST
+from kdns.serve import stream as ST
 from kdns.nodelocal.source import StreamError, StreamSource
 from kdns.observe.http import HttpListener
 from kdns.serve.publish import Publisher

@@ -3,7 +3,7 @@
 Why: in node-local mode the supervisor and workers are those of ``kdns serve``; only where
 the image comes from differs. This is a push source in the supervisor's protocol
 (``kdns/serve/supervisor.py``: first, poll, push, ready_generation, bind, published, stop):
-a thread long-polls ``/image`` (kdns/nodelocal/stream.py), applies deltas to the image it
+a thread long-polls ``/image`` (kdns/serve/stream.py), applies deltas to the image it
 holds, and checks the result exactly as a worker checks an image (``engine.Image`` layout
 and crc) before handing it over; a delta that does not apply, or an image that does not
 check, is dropped and the next request asks for the full image.
@@ -27,8 +27,8 @@ import time
 import urllib.parse
 import zlib
 
-from kdns.nodelocal import delta as D
-from kdns.nodelocal.stream import PART
+from kdns.serve import delta as D
+from kdns.serve.stream import PART
 from kdns.packet import engine
 
 log = logging.getLogger("kdns.nodelocal.source")

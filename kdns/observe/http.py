@@ -61,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     # socketserver's default backlog is 5: after an image change every node-local following
-    # the stream (kdns/nodelocal/stream.py) reconnects at once, and a full backlog resets them.
+    # the stream (kdns/serve/stream.py) reconnects at once, and a full backlog resets them.
     request_queue_size = 1024
 
     def server_bind(self):

@@ -611,10 +611,10 @@ class Supervisor:
 
     def extra_routes(self) -> dict:
         """HTTP routes beyond health and metrics, by listener kind: with --serve-image, the
-        sealed image for node-locals on the healthz port (kdns/nodelocal/stream.py)."""
+        sealed image for node-locals on the healthz port (kdns/serve/stream.py)."""
         if not self.cfg.serve_image:
             return {}
-        from kdns.nodelocal.stream import ImageStream
+        from kdns.serve.stream import ImageStream
         self.image_stream = ImageStream(self.publisher)
         return {"healthz": self.image_stream.routes()}
 

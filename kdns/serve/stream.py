@@ -11,7 +11,7 @@ central kdns, with ``--serve-image``, serves ``/image`` on its healthz port, RBA
 - ``If-None-Match: <etag>`` with ``?wait=SECONDS`` (at most ``MAX_WAIT``): a long-poll. While
   the tag is current the request waits for the next generation, then answers 304 when none
   came. A tag this server still knows as an older generation is answered with the deltas
-  from it to the current one (``X-Kdns-Transfer: delta``; kdns/nodelocal/delta.py), when
+  from it to the current one (``X-Kdns-Transfer: delta``; kdns/serve/delta.py), when
   they are smaller than the full transfer; any other tag gets the full image.
 
 The deltas and the compressed image are made once per generation on this module's thread,
@@ -31,11 +31,11 @@ import time
 import urllib.parse
 import zlib
 
-from kdns.nodelocal import delta as D
+from kdns.serve import delta as D
 from kdns.observe.http import with_request
 from kdns.zone.layout import HEADER_SERIAL
 
-log = logging.getLogger("kdns.nodelocal.stream")
+log = logging.getLogger("kdns.serve.stream")
 
 KEEP = 16            # deltas kept: a node-local this many generations behind still gets deltas
 MAX_WAIT = 300.0     # longest long-poll a request may ask for, in seconds
