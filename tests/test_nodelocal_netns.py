@@ -292,6 +292,12 @@ def test_a_new_service_answers_in_pods_on_both_nodes_within_the_budget(world):
            f"first image {full:.0f} (zlib), then {deltas[0]:.0f} per change (delta); "
            f"{SERVICES + 1} Services")
     assert max(deltas) * 3 < full
+    m = central.metrics()
+    assert m[("kdns_image_stream_responses_total", frozenset({("transfer", "delta")}))] >= 2
+    # Both nodes follow it (each re-polls every --poll-wait: between two polls it is not
+    # counted for a moment).
+    wait_until(lambda: central.metrics()[("kdns_image_stream_waiting", frozenset())] ==
+               len(nodes), 10, "both nodes long-polling")
     # Outside names go to the central kdns (--upstream central), which forwards them to its
     # upstream (a server of this test); asked again, it is answered from a cache.
     outside = world["outside"]

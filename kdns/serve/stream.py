@@ -67,6 +67,7 @@ class ImageStream:
         self.pending = threading.Event()
         self.sent = {"full": 0, "delta": 0, "not_modified": 0}
         self.sent_bytes = {"full": 0, "delta": 0}
+        self.waiting = 0                 # long-polls waiting for the next generation
         publisher.listeners.append(lambda generation: self.pending.set())
         self.thread = threading.Thread(target=self._run, name="kdns-image-stream", daemon=True)
         self.thread.start()
@@ -124,12 +125,16 @@ class ImageStream:
         ``etag``."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while self.current is None or (etag is not None and self.current.etag == etag):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            return self.current
+            self.waiting += 1
+            try:
+                while self.current is None or (etag is not None and self.current.etag == etag):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+                return self.current
+            finally:
+                self.waiting -= 1
 
     def deltas_from(self, etag: str, current: Generation) -> list[bytes] | None:
         with self.cond:
@@ -164,7 +169,8 @@ class ImageStream:
                    "X-Kdns-Image-Length": str(gen.length),
                    "X-Kdns-Image-Crc32": f"{gen.crc:08x}", "Cache-Control": "no-cache"}
         if have == gen.etag:
-            self.sent["not_modified"] += 1
+            with self.cond:
+                self.sent["not_modified"] += 1
             return 304, CONTENT_TYPE, b"", headers
         full_size = len(gen.full) if gen.full is not None else gen.length
         if parts is not None and sum(len(p) for p in parts) < full_size:
@@ -178,6 +184,43 @@ class ImageStream:
                 return 503, "text/plain", b"the image is still being compressed\n", {}
             headers["X-Kdns-Transfer"] = "full"
             kind = "full"
-        self.sent[kind] += 1
-        self.sent_bytes[kind] += len(body)
+        with self.cond:
+            self.sent[kind] += 1
+            self.sent_bytes[kind] += len(body)
         return 200, CONTENT_TYPE, body, headers
+
+    def collector(self):
+        return StreamCollector(self)
+
+
+class StreamCollector:
+    """The central's side of the stream in /metrics (kdns serve --serve-image)."""
+
+    def __init__(self, stream: ImageStream):
+        self.stream = stream
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        st = self.stream
+        with st.cond:
+            sent, sent_bytes, waiting = dict(st.sent), dict(st.sent_bytes), st.waiting
+            chain = len(st.chain)
+        c = CounterMetricFamily("kdns_image_stream_responses", "Image stream answers to "
+                                "node-locals by kind (full image, delta, not modified).",
+                                labels=["transfer"])
+        for kind, n in sent.items():
+            c.add_metric([kind], n)
+        yield c
+        c = CounterMetricFamily("kdns_image_stream_bytes", "Bytes of image stream answers by "
+                                "kind.", labels=["transfer"])
+        for kind, n in sent_bytes.items():
+            c.add_metric([kind], n)
+        yield c
+        g = GaugeMetricFamily("kdns_image_stream_waiting", "Long-polls waiting for the next "
+                              "image generation (node-locals following this server).")
+        g.add_metric([], waiting)
+        yield g
+        g = GaugeMetricFamily("kdns_image_stream_deltas_kept", "Generations back from the "
+                              "current one a node-local still gets deltas for.")
+        g.add_metric([], chain)
+        yield g

@@ -616,6 +616,7 @@ class Supervisor:
             return {}
         from kdns.serve.stream import ImageStream
         self.image_stream = ImageStream(self.publisher)
+        self.extra_collectors = (self.image_stream.collector(),)
         return {"healthz": self.image_stream.routes()}
 
     def listen(self) -> list:
