@@ -476,10 +476,141 @@ def build_parser() -> Parser:
     s.add_argument("--v", type=_int_in(0, 10, "a kube-dns verbosity from 0 to 10"), default=None,
                    metavar="N", help="kube-dns (glog) verbosity; 3 or more means --log-level debug")
 
+    s.add_argument("--serve-image", nargs="?", const=True, type=logs.go_bool, default=False,
+                   metavar="BOOL",
+                   help="serve the sealed zone image at /image on --healthz-port for "
+                        "`kdns node-local` (full, or deltas against a node's previous "
+                        "generation; long-poll; default false)")
+    _add_node_local_parser(sub, port)
+
     r = sub.add_parser("records", help="print the zone kdns would serve, as a master file")
     r.add_argument("--from-file", type=_readable("--from-file"), metavar="PATH", required=True)
     _add_record_flags(r)
     return p
+
+
+def _host_port(text: str):
+    """IP[:PORT] (IPv6 as [IP]:PORT) -> Upstream, port 53 by default."""
+    from kdns.forward.forwarder import Upstream
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 53
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise argparse.ArgumentTypeError(f"{text!r}: the port is not 1 to 65535")
+        port = int(p)
+    return Upstream(_address(host), port)
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    out = tuple(_address(x.strip()) for x in text.split(",") if x.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one address")
+    return out
+
+
+def _add_node_local_parser(sub, port) -> None:
+    n = sub.add_parser("node-local", help="serve DNS on a node from the central kdns's "
+                                          "zone image (a DaemonSet beside kdns serve)")
+    n.add_argument("--image-url", required=True, metavar="URL",
+                   help="the central kdns's image stream, e.g. "
+                        "http://kdns-image.kube-system.svc:8081/image (kdns serve --serve-image)")
+    n.add_argument("--listen", type=_addresses, default=("169.254.20.10",), metavar="IP,...",
+                   help="addresses to answer on: the link-local one pods are given and, "
+                        "optionally, the kube-dns ClusterIP (default 169.254.20.10)")
+    n.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
+                   help=f"DNS port (default {settings.DNS_PORT})")
+    n.add_argument("--workers", type=_int_in(1, 64, "a number of workers from 1 to 64"),
+                   default=1, help="worker processes per listen address (default 1)")
+    n.add_argument("--domain", type=_domain, default=settings.DOMAIN,
+                   help="the cluster domain the central kdns serves (default cluster.local)")
+    n.add_argument("--kube-dns-upstream", type=_host_port, action="append", default=[],
+                   metavar="IP[:PORT]",
+                   help="the kube-dns Service (a second Service of the central pods, as "
+                        "NodeLocal DNSCache's kube-dns-upstream, when --listen takes the "
+                        "ClusterIP): cluster names go there over TCP while the image stream "
+                        "is stale; without it the last image keeps answering")
+    n.add_argument("--stale-after", type=_duration, default=60.0, metavar="DURATION",
+                   help="how long without an answer from the image stream before the image "
+                        "counts as stale (default 60s)")
+    n.add_argument("--poll-wait", type=_duration, default=30.0, metavar="DURATION",
+                   help="long-poll length of each image stream request (default 30s; below "
+                        "--stale-after)")
+    n.add_argument("--upstream", choices=("node", "central"), default="node",
+                   help="where outside names go: the node's resolvers (--resolv-conf, "
+                        "default), or the central kdns (--central-dns)")
+    n.add_argument("--central-dns", type=_host_port, default=None, metavar="IP[:PORT]",
+                   help="the central kdns's DNS Service, for --upstream central")
+    n.add_argument("--resolv-conf", default=settings.RESOLV_CONF, metavar="PATH",
+                   help="the node's resolv.conf (default /etc/resolv.conf)")
+    n.add_argument("--cache-size", type=_int_in(1, 10_000_000, "an entry count"),
+                   default=settings.CACHE_SIZE, metavar="N",
+                   help=f"forwarded answers cached per worker (default {settings.CACHE_SIZE})")
+    n.add_argument("--setup-interface", nargs="?", const=True, type=logs.go_bool, default=True,
+                   metavar="BOOL", help="create the interface holding the listen addresses "
+                                        "at start, delete it at exit (default true)")
+    n.add_argument("--interface-name", default="nodelocaldns", metavar="NAME",
+                   help="that interface's name (default nodelocaldns)")
+    n.add_argument("--interface-type", default="dummy", metavar="TYPE",
+                   help="its link type (default dummy; another for kernels without it)")
+    n.add_argument("--setup-iptables", nargs="?", const=True, type=logs.go_bool, default=True,
+                   metavar="BOOL", help="add the NOTRACK and ACCEPT rules for the listen "
+                                        "addresses at start, remove them at exit (default true)")
+    n.add_argument("--health-port", type=port, default=settings.HEALTH_PORT,
+                   help="/health port on the first listen address (default 8080; 0 disables)")
+    n.add_argument("--ready-port", type=port, default=0,
+                   help="/ready port (default 0: off)")
+    n.add_argument("--metrics-port", type=port, default=9253,
+                   help="Prometheus /metrics port (default 9253, NodeLocal DNSCache's: the "
+                        "node's network may also carry a central kdns on 9153; 0 disables)")
+    n.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    n.add_argument("--version", action="version", version=_version())
+    logs.add_klog_flags(n, _duration)
+
+
+def cmd_node_local(a: argparse.Namespace) -> int:
+    from kdns.forward.control import ForwardingOptions
+    from kdns.nodelocal import netsetup, run
+    if a.poll_wait >= a.stale_after:
+        return _fail(f"--poll-wait {a.poll_wait:g}s must be below --stale-after "
+                     f"{a.stale_after:g}s: a quiet long-poll would count as stale.")
+    if a.upstream == "central" and a.central_dns is None:
+        return _fail("--upstream central needs --central-dns IP[:PORT].")
+    if a.image_url.split("://", 1)[0] != "http":
+        return _fail(f"--image-url {a.image_url!r} is not an http:// URL.")
+    for flag in ("--health-port", "--ready-port", "--metrics-port"):
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if value and value == a.dns_port:
+            return _fail(f"{flag} {value} is also the --dns-port; choose another.")
+    try:
+        logs.setup(a.log_level, a)
+    except OSError as e:
+        return _fail(f"cannot open the log file ({e.strerror or e}); fix --log-file/--log-dir.")
+    fwd = ForwardingOptions(config_dir=None, resolv_conf=a.resolv_conf,
+                            nameservers=(a.central_dns,) if a.upstream == "central" else (),
+                            cache_size=a.cache_size)
+    if a.upstream == "central":
+        fwd.resolv_conf = "/nonexistent/kdns-node-local"     # the central only
+    cfg = server.ServeConfig(domain=a.domain, dns_port=a.dns_port, healthz_port=0,
+                             metrics_port=a.metrics_port, health_port=a.health_port,
+                             ready_port=a.ready_port, lameduck=0.0, forwarding=fwd,
+                             log_level=logs.level_for(a.log_level, None),
+                             log_format=logs.format_of(a))
+    setup = None
+    if a.setup_interface or a.setup_iptables:
+        setup = netsetup.NodeSetup(a.listen, interface=a.interface_name,
+                                   kind=a.interface_type, setup_interface=a.setup_interface,
+                                   setup_iptables=a.setup_iptables, port=a.dns_port)
+    nl = run.NodeLocalOptions(image_url=a.image_url, addresses=a.listen,
+                              workers_per_address=a.workers,
+                              kube_dns_upstream=tuple(a.kube_dns_upstream),
+                              stale_after=a.stale_after, poll_wait=a.poll_wait, setup=setup)
+    try:
+        return run.serve(cfg, nl)
+    except (server.StartError, server.LoadError) as e:
+        return _fail(str(e))
 
 
 def _config(a: argparse.Namespace) -> server.ServeConfig:
@@ -499,7 +630,7 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
         log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None),
         rewrites=getattr(getattr(a, "corefile_settings", None), "rewrites", ()),
-        loadbalance=a.loadbalance)
+        loadbalance=a.loadbalance, serve_image=a.serve_image)
 
 
 def _fail(message: str) -> int:
@@ -602,6 +733,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(logs.normalise_flag_names(argv))
     if a.command == "serve":
         return cmd_serve(a, _serve_parser())
+    if a.command == "node-local":
+        return cmd_node_local(a)
     return cmd_records(a)
 
 

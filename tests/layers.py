@@ -24,6 +24,9 @@ ALLOWED = {
     "kdns.observe": {"kdns.dns", "kdns.zone", "kdns.packet"},
     "kdns.serve": {"kdns.dns", "kdns.zone", "kdns.packet", "kdns.kube", "kdns.forward",
                    "kdns.observe"},
+    # Node-local mode: kdns serve's supervisor with the image stream as its source.
+    "kdns.nodelocal": {"kdns.dns", "kdns.zone", "kdns.packet", "kdns.kube", "kdns.forward",
+                       "kdns.observe", "kdns.serve"},
     "kdns.settings": set(),
     "kdns.errors": set(),
 }

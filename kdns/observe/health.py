@@ -256,6 +256,8 @@ def start_listeners(sup):
                    why_not_ready=lambda: readiness_text(
                        sup.is_ready(), sup.ready, sup.lameduck_until is not None),
                    zone_text=sup.zone_text)
+    for kind, more in getattr(sup, "extra_routes", dict)().items():
+        kinds[kind] = {**kinds.get(kind, {}), **more}
     for kind, more in metrics.routes(sup, prober).items():
         kinds[kind] = {**kinds.get(kind, {}), **more}
     by_port: dict[int, tuple[list[str], dict]] = {}

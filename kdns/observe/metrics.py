@@ -569,7 +569,8 @@ def routes(sup, prober) -> dict[str, dict]:
     """Metrics routes per listener kind (the supervisor merges them into its listeners)."""
     sidecar = SidecarCollector(sup, prober)
     return {
-        "metrics": {"/metrics": route(registry(sup, CoreDNSCollector(sup)))},
+        "metrics": {"/metrics": route(registry(sup, CoreDNSCollector(sup),
+                                               *getattr(sup, "extra_collectors", ())))},
         "sidecar": {"/metrics": route(registry(sup, sidecar), sidecar.dnsmasq_text)},
         "prometheus": {sup.cfg.prometheus_path: route(registry(sup, SkyDNSCollector(sup)))},
     }

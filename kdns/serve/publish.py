@@ -168,6 +168,8 @@ class Publisher:
         self._fd_lock = threading.Lock()   # publish (main thread) vs current_image (HTTP)
         self._channels: dict[int, socket.socket] = {}
         self._behind: set[int] = set()    # slots whose socket was full at the last publish
+        # Called with each new generation after it was sent (the image stream's hook).
+        self.listeners: list = []
 
     def publish(self, data: bytes) -> int:
         """Seal ``data`` (image bytes; an ``ImageMemfd`` gives its own fd, no copy), send it
@@ -183,6 +185,8 @@ class Publisher:
                 os.close(old)       # workers that mapped it keep their mapping
         for slot in list(self._channels):
             self._send(slot)
+        for listener in self.listeners:
+            listener(self.generation)
         return self.generation
 
     def current_image(self) -> tuple[int, mmap.mmap] | None:

@@ -135,6 +135,8 @@ class ServeConfig:
     # Its ``rewrite name`` rules (forward.rewrite.NameRule): exact aliases compiled into
     # every image, the rest applied by the workers (they reach them with the forwarding).
     rewrites: tuple = ()
+    # --serve-image: the sealed image over HTTP on the healthz port, for node-locals.
+    serve_image: bool = False
 
 
 # --------------------------------------------------------------------------- image sources
@@ -577,8 +579,7 @@ class Supervisor:
             log.warning("IPv6 is not available on this node; listening on 0.0.0.0 (IPv4) "
                         "instead of ::")
             cfg.dns_bind_address = "0.0.0.0"
-        pairs = listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers,
-                                  share=cfg.share_dns_port)
+        pairs = self.listen()
         self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
         self.counters_fd, self.counters = publish.counters_memfd(cfg.workers)
         try:
@@ -611,6 +612,23 @@ class Supervisor:
         if self.prober is not None:
             self.prober.start()
         self.image_bytes, self.published_at = size, time.time()
+
+    def extra_routes(self) -> dict:
+        """HTTP routes beyond health and metrics, by listener kind: with --serve-image, the
+        sealed image for node-locals on the healthz port (kdns/serve/stream.py)."""
+        if not self.cfg.serve_image:
+            return {}
+        from kdns.serve.stream import ImageStream
+        self.image_stream = ImageStream(self.publisher)
+        self.extra_collectors = (self.image_stream.collector(),)
+        return {"healthz": self.image_stream.routes()}
+
+    def listen(self) -> list:
+        """One (UDP, TCP) socket pair per worker slot (node-local mode listens on more
+        than one address: kdns/nodelocal/run.py)."""
+        cfg = self.cfg
+        return listening_sockets(cfg.dns_bind_address, cfg.dns_port, cfg.workers,
+                                 share=cfg.share_dns_port)
 
     def start_http(self) -> None:
         # Listeners, probe and metrics are kdns/observe/health.py's and kdns/observe/metrics.py's.
