@@ -32,6 +32,14 @@ RUN /opt/build/bin/pip wheel --wheel-dir /wheels . \
     && cd / && /opt/kdns/bin/python -c 'import kdns.packet._fastpath, kdns.zone._compile'
 
 FROM ${BASE_IMAGE}
+# `kdns node-local` sets the node up as NodeLocal DNSCache does (a link-local interface and
+# NOTRACK rules), with ip and iptables: the same image serves both roles. A base that already
+# has them (the test base) skips apt.
+RUN if ! command -v ip >/dev/null || ! command -v iptables >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends iproute2 iptables \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 # PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the pod (pip already compiled
 # the bytecode at install time). TMPDIR: the only writable place a read-only pod is sure to
 # have is the runtime's /dev/shm tmpfs (the kubernetes client writes certificates from a

@@ -21,7 +21,7 @@ KDNS_IMAGE=${KDNS_IMAGE:-localhost/kdns:test}
 BUILDAH=(buildah --storage-driver vfs)
 
 BUILD_PKGS=python3,python3-venv,python3-dev,gcc,libc6-dev
-RUN_PKGS=python3
+RUN_PKGS=python3,iproute2,iptables
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 
