@@ -435,3 +435,45 @@ def reverse_to_ip(labels: tuple) -> tuple[int, bytes]:
             nibbles.append(int(label, 16))
         return 6, bytes((nibbles[i] << 4) | nibbles[i + 1] for i in range(0, 32, 2))
     return 0, b""
+
+
+def ip_key(ip: str) -> bytes:
+    """An address as the image keys pods: 16 bytes, IPv4 in the first 4 (``pod_list``); an
+    IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2, a dual-stack socket's view of an IPv4
+    client) is the IPv4 address."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError:
+        packed = ipaddress.ip_address(ip).packed
+    if len(packed) == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
+        packed = packed[12:]
+    return packed.ljust(16, b"\0")
+
+
+def autopath_section(pods, search=()) -> bytes:
+    """The image's autopath section (layout.py): ``pods`` is (IP text, namespace) pairs,
+    ``search`` the server's search domains (names, in order). One entry per IP: an IP two
+    live pods claim (a restart racing its predecessor's deletion) keeps the namespace that
+    sorts first, so the bytes depend on the set of pairs only."""
+    from kdns.zone.layout import APENT, APHDR
+    best: dict[bytes, bytes] = {}
+    for ip, ns in pods:
+        k, n = ip_key(ip), ns.encode("ascii").lower()
+        old = best.get(k)
+        if old is None or n < old:
+            best[k] = n
+    names = sorted(set(best.values()))
+    pool_off = APHDR.size + APENT.size * len(best)
+    offs, pool = {}, bytearray()
+    for n in names:
+        offs[n] = pool_off + len(pool)
+        pool += bytes((len(n),)) + n
+    entries = b"".join(APENT.pack(k, offs[best[k]]) for k in sorted(best))
+    wires = b"".join(_wire(s) for s in search)
+    search_off = pool_off + len(pool)
+    return APHDR.pack(len(best), len(search), search_off, 0) + entries + bytes(pool) + wires
+
+
+def _wire(name: str) -> bytes:
+    labels = R.name_labels(name)
+    return b"".join(bytes((len(x),)) + x for x in labels) + b"\0"
