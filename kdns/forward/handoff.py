@@ -30,6 +30,7 @@ from kdns.packet import engine
 from kdns.forward import chaos
 from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config, decode_tuning
+from kdns.forward.autopath import AutoPath
 from kdns.forward.external import ExternalNames
 from kdns.forward.forwarder import (IP_RECVERR, Forwarder, Retry, Upstream, encode_name,
                                     parse_query)
@@ -279,6 +280,7 @@ class ForwardingHandoff:
         self.configured = False
         self.worker = None
         self.external = ExternalNames(self.forwarder, edns_max)
+        self.autopath = AutoPath(self.forwarder, self.external, edns_max)
         self.compiled: CompiledForward | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop, worker=None):
@@ -359,24 +361,33 @@ class ForwardingHandoff:
             fw = self.forwarder
             udp_server.ra = bool(fw.upstreams or fw.stubs)
 
-    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None,
+                      client=None) -> bytes | None:
         """The worker's seam: the reply for a handed-off query. A failure on the way answers
         SERVFAIL (RFC 1035 §4.1.1: "unable to process ... due to a problem with the name
-        server") and is counted as one, never left without an answer."""
+        server") and is counted as one, never left without an answer. ``client``: the
+        sender's address (text), which autopath's hand-offs need."""
         try:
-            return await self._resolve(query, proto, retry)
+            return await self._resolve(query, proto, retry, client)
         except Exception:       # noqa: BLE001 -- the client gets an answer whatever broke
             log.exception("hand-off failed")
             self.forwarder.failures += 1
             return engine.rcode_reply(query, SERVFAIL, self.edns_max)
 
-    async def _resolve(self, query: bytes, proto: str, retry: Retry | None) -> bytes | None:
+    async def _resolve(self, query: bytes, proto: str, retry: Retry | None,
+                       client=None) -> bytes | None:
         local = chaos.answer(query, proto, self.edns_max)
         if local is not None:
             return local                # CH, HS...: answered or refused here, never forwarded
         fw = self.forwarder
         if retry is not None:
             return await fw.resolve(query, proto, retry)
+        img = self.worker.img if self.worker is not None else None
+        if client is not None and img is not None:
+            # Autopath: the pod's remaining search steps, asked of the upstreams here.
+            reply = await self.autopath.answer(img, query, proto, client)
+            if reply is not None:
+                return reply
         if not fw.upstreams and not fw.stubs:
             # Nobody to ask (no ConfigMap upstreams, resolv.conf or --nameservers): refuse,
             # as before forwarding existed, rather than SERVFAIL after a timeout.

@@ -1154,6 +1154,11 @@ cdef class Image:
     def nbytes(self):
         return self.view.length
 
+    @property
+    def autopath(self):
+        """The image carries autopath's client table (layout.py)."""
+        return self.view.autopath != 0
+
 
 cdef bint span_ok(const ImageView *v, uint64_t off, uint64_t n) noexcept nogil:
     return off + n <= <uint64_t>v.length

@@ -88,9 +88,10 @@ class FullCompiler:
     ``IncrementalCompiler``, and what it falls back to)."""
 
     def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
-                 pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False, hosts=None):
+                 pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False, hosts=None,
+                 autopath=None):
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
-                        "endpoint_pod_names": endpoint_pod_names}
+                        "endpoint_pod_names": endpoint_pod_names, "autopath": autopath}
         self.hosts = hosts              # forward.hosts.HostsBox or None
 
     def compile(self, model: ClusterModel, *, synced: bool, changed: set) -> bytes:
@@ -556,22 +557,25 @@ class ApiController(Controller):
                  domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
                  initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
                  debounce: Debounce = Debounce(), settings=None,
-                 endpoint_pod_names: bool = False, hosts=None):
+                 endpoint_pod_names: bool = False, hosts=None, autopath=None):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
         if kdns_settings.ENV.full_compile:
             # The reference compile on every change: an escape hatch, and the "before" of
             # bench/bench_api_scale.py --full-compile.
             compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods,
-                                    endpoint_pod_names=endpoint_pod_names, hosts=hosts)
+                                    endpoint_pod_names=endpoint_pod_names, hosts=hosts,
+                                    autopath=autopath)
         else:
             compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True,
-                                           endpoint_pod_names=endpoint_pod_names, hosts=hosts)
+                                           endpoint_pod_names=endpoint_pod_names, hosts=hosts,
+                                           autopath=autopath)
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
         self.source = source.ApiSource(api_client=api_client, sink=self.sink,
-                                       pods=pods == "verified", settings=settings)
+                                       pods=pods == "verified" or autopath is not None,
+                                       settings=settings)
         self.needed = len(self.source.watchers)
 
     @classmethod
@@ -592,7 +596,7 @@ class ApiController(Controller):
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
                    initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
                    endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False),
-                   hosts=getattr(cfg, "hosts", None))
+                   hosts=getattr(cfg, "hosts", None), autopath=getattr(cfg, "autopath", None))
 
     def start(self) -> None:
         super().start()

@@ -132,6 +132,8 @@ class ServeConfig:
     initial_sync_timeout: float = settings.INITIAL_SYNC_TIMEOUT
     # The Corefile's custom records (forward.hosts.HostsBox), compiled into every image.
     hosts: object = None
+    # Autopath (CoreDNS ``autopath @kubernetes``): None, or the server's search domains.
+    autopath: tuple | None = None
 
 
 # --------------------------------------------------------------------------- image sources
@@ -159,7 +161,8 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
             data, objects = build.compile_file_counted(
                 path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods,
                 endpoint_pod_names=cfg.endpoint_pod_names,
-                hosts=cfg.hosts.records if cfg.hosts is not None else None)
+                hosts=cfg.hosts.records if cfg.hosts is not None else None,
+                autopath=cfg.autopath)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:

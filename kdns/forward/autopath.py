@@ -1,0 +1,115 @@
+"""Autopath, forwarder side: the search steps the image cannot answer.
+
+Why: with ``--autopath`` (CoreDNS ``autopath @kubernetes``) a pod's query for
+``<base>.<ns>.svc.<zone>`` that no cluster name answers is handed off after the packet path
+tried ``<base>.svc.<zone>`` and ``<base>.<zone>`` itself (``refpath.autopath``). What is left
+of the pod's search path is ``<base>`` under each of the server's search domains, then
+``<base>`` alone: each is asked of the forwarder (and so its cache) in turn, and the first
+answer that is not a failure or NXDOMAIN is sent, behind a CNAME from the asked name to the
+candidate (TTL: the first answer record's), so the pod's resolver stops after one query.
+A NODATA answers without the CNAME, as CoreDNS's (its cnamer has no record to point at).
+When every step fails, the asked name's own NXDOMAIN is the answer and the client goes on
+searching, as with CoreDNS.
+
+What it must not do: cache the composed answer (it depends on the client's namespace; the
+candidates' answers are cached under their own names by the forwarder) or decide which
+queries are autopath's (``refpath.autopath_plan`` does, from the image).
+"""
+from __future__ import annotations
+
+import struct
+
+from kdns import settings
+from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, TC, TCP_MAX, UDP_PLAIN
+from kdns.forward.external import ExternalNames, read_rr, sections
+from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
+from kdns.zone import refpath
+from kdns.zone.refpath import Malformed
+
+CLASS_IN = 1
+OPCODE = 0x7800
+
+
+class AutoPath:
+    """Completes the autopath queries the image hands off (see the module docstring)."""
+
+    def __init__(self, forwarder: Forwarder, external: ExternalNames,
+                 edns_max: int = settings.EDNS_UDP_SIZE):
+        self.forwarder, self.external, self.edns_max = forwarder, external, edns_max
+        self.success = 0                # answered from a search step (CoreDNS's
+                                        # autopath_success_total)
+
+    def plan(self, img, query: bytes, client) -> tuple | None:
+        ref = self.external.ref_image(img) if img is not None else None
+        if ref is None or client is None:
+            return None
+        try:
+            return refpath.autopath_plan(ref, query, client)
+        except (Malformed, struct.error, IndexError):
+            return None
+
+    def first_reply(self, img, query: bytes, proto: str) -> bytes:
+        """The asked name's own answer (NXDOMAIN), as the image gives it without autopath."""
+        ref = self.external.ref_image(img)
+        return refpath.answer(ref, query, tcp=proto == "tcp", edns_max=self.edns_max,
+                              ra=bool(self.forwarder.upstreams or self.forwarder.stubs))[1]
+
+    async def answer(self, img, query: bytes, proto: str, client) -> bytes | None:
+        """The reply, or None when the query is not autopath's."""
+        plan = self.plan(img, query, client)
+        if plan is None:
+            return None
+        first = self.first_reply(img, query, proto)
+        fw = self.forwarder
+        if not fw.upstreams and not fw.stubs:
+            return first
+        q = parse_query(query)
+        if q is None:
+            return None
+        for cand in plan[1]:
+            up = await fw.resolve(self._subquery(q, cand, query), "tcp")
+            if up is None or len(up) < 12 or up[3] & 0xF:
+                continue                # failed, or NXDOMAIN: the next step
+            try:
+                reply = self._compose(q, cand, up, first, proto)
+            except (Malformed, struct.error, IndexError):
+                continue                # an upstream reply we cannot read: as a failure
+            self.success += 1
+            return reply
+        return first
+
+    @staticmethod
+    def _subquery(q, target: bytes, query: bytes) -> bytes:
+        # The client's type, class, CD and DO; a fresh question for the candidate.
+        flags = RD | (q.flags & CD)
+        opt = opt_rr(q.edns[0], q.edns[1]) if q.edns else b""
+        head = struct.pack("!HHHHHH", q.qid, flags, 1, 0, 0, 1 if opt else 0)
+        return head + target + q.qbytes[-4:] + opt
+
+    def _compose(self, q, cand: bytes, up: bytes, first: bytes, proto: str) -> bytes:
+        _, rrs = sections(up)
+        answers = [read_rr(up, s)[0] for sec, s, _ in rrs if sec == 0]
+        auth = [read_rr(up, s)[0] for sec, s, _ in rrs if sec == 1]
+        records = []
+        if answers:
+            owner_len = refpath.skip_name(answers[0], 0)
+            ttl = struct.unpack_from("!I", answers[0], owner_len + 4)[0]
+            records.append(struct.pack("!HHHIH", 0xC00C, T_CNAME, CLASS_IN, ttl, len(cand))
+                           + cand)
+        records += answers
+        nans = len(records)
+        records += auth
+        opt = first[-11:] if q.edns else b""
+        limit = TCP_MAX if proto == "tcp" else (
+            max(UDP_PLAIN, min(q.edns[0], self.edns_max)) if q.edns else UDP_PLAIN)
+        flags = QR | (q.flags & (OPCODE | RD | CD)) | RA
+        body, kept = bytearray(q.qbytes), 0
+        for rr in records:
+            if 12 + len(body) + len(rr) + len(opt) > limit:
+                flags |= TC             # RFC 2181 §9: answer data cut
+                break
+            body += rr
+            kept += 1
+        an = min(kept, nans)
+        head = struct.pack("!HHHHHH", q.qid, flags, 1, an, kept - an, 1 if opt else 0)
+        return head + bytes(body) + opt
