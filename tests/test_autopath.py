@@ -1,0 +1,355 @@
+"""Autopath (CoreDNS ``autopath @kubernetes``): the walk of a pod's search path, table by
+table on both packet paths, then through a running ``kdns serve`` with dnspython from
+loopback addresses the cluster file maps to pods.
+
+The walk, for a pod of namespace N asking <base>.N.svc.<zone> that does not exist: the
+first of <base>.svc.<zone>, <base>.<zone>, <base>.<server search domain>..., <base> that is
+not NXDOMAIN answers, behind a CNAME from the asked name (TTL: the first answer record's); a
+NODATA answers without one; all NXDOMAIN: the asked name's own NXDOMAIN.
+"""
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from conftest import unavailable
+from kdns.kube import records
+from kdns.kube.model import ClusterModel
+from kdns.serve import build
+from kdns.serve.incremental import IncrementalCompiler
+from kdns.zone import encode, refpath
+from kdns.zone import image as I
+from kdns.zone.layout import APENT, APHDR, HEADER_AUTOPATH
+from serverutil import Kdns
+from upstream import TestDNSServer
+
+try:
+    from kdns.packet import _fastpath
+except ImportError:                     # pragma: no cover - CI builds it
+    _fastpath = None
+
+ZONE = "cluster.local"
+DEV, PROD, UNKNOWN, KUBE = "127.0.0.21", "127.0.0.22", "127.0.0.99", "127.0.0.23"
+
+CLUSTER = [
+    {"kind": "Namespace", "metadata": {"name": n}} for n in ("default", "development", "prod")
+] + [
+    {"kind": "Service", "metadata": {"namespace": "default", "name": "kubernetes"},
+     "spec": {"clusterIP": "10.96.0.1",
+              "ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}},
+    {"kind": "Service", "metadata": {"namespace": "development", "name": "test"},
+     "spec": {"clusterIP": "10.96.1.5"}},
+    {"kind": "Service", "metadata": {"namespace": "prod", "name": "db"},
+     "spec": {"clusterIP": "10.96.2.7",
+              "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}]}},
+    # Headless, many endpoints: a long answer that a 512-byte reply must cut.
+    {"kind": "Service", "metadata": {"namespace": "prod", "name": "many"},
+     "spec": {"clusterIP": "None"}},
+    {"kind": "Endpoints", "metadata": {"namespace": "prod", "name": "many"},
+     "subsets": [{"addresses": [{"ip": f"10.244.9.{i}"} for i in range(1, 60)],
+                  "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}]},
+    {"kind": "Service", "metadata": {"namespace": "prod", "name": "out"},
+     "spec": {"type": "ExternalName", "externalName": "www.example.com"}},
+] + [
+    {"kind": "Pod", "metadata": {"namespace": ns, "name": f"p-{ip.replace('.', '-')}"},
+     "status": {"phase": "Running", "podIP": ip}}
+    for ns, ip in (("development", DEV), ("prod", PROD), ("development", "fd00::21"),
+                   ("kube-system", KUBE))
+]
+
+
+def model() -> ClusterModel:
+    m = ClusterModel(clock=lambda: 1_700_000_000)
+    for obj in CLUSTER:
+        m.apply(obj)
+    return m
+
+
+SEARCH = ("example.org",)
+
+
+@pytest.fixture(scope="module")
+def images():
+    img = build.compile_model(model(), domain=ZONE, autopath=SEARCH)
+    plain = build.compile_model(model(), domain=ZONE)
+    return img, plain
+
+
+def both(img: bytes, q: bytes, client: str | None, tcp=False):
+    """(action, reply) from refpath, asserting the compiled path gives the same bytes."""
+    key = encode.ip_key(client) if client else None
+    want = refpath.answer(refpath.Image(img), q, tcp=tcp, edns_max=1232, client=key)
+    if _fastpath is not None:
+        got = _fastpath.answer(_fastpath.Image(img), q, tcp, edns_max=1232, client=key)
+        assert got == want, q
+    return want
+
+
+def ask(img, name, qtype="A", client=DEV, tcp=False, edns=True, payload=1232):
+    q = dns.message.make_query(name, qtype, use_edns=0 if edns else False, payload=payload)
+    action, wire = both(img, q.to_wire(), client, tcp)
+    return action, (dns.message.from_wire(wire) if wire else None)
+
+
+def chain(m: dns.message.Message) -> list[str]:
+    return [f"{rr.name} {dns.rdatatype.to_text(rr.rdtype)} {r.to_text()}"
+            for rr in m.answer for r in rr]
+
+
+def test_the_first_candidate_is_the_asked_name_itself(images):
+    _, m = ask(images[0], "test.development.svc.cluster.local")
+    assert chain(m) == ["test.development.svc.cluster.local. A 10.96.1.5"]
+
+
+def test_service_of_another_namespace_by_its_short_name(images):
+    # "db.prod" from a pod in development: the resolver's first try, answered from
+    # <base>.svc.<zone> behind a CNAME.
+    action, m = ask(images[0], "db.prod.development.svc.cluster.local")
+    assert action == refpath.ACTION_SEND and m.rcode() == dns.rcode.NOERROR
+    assert chain(m) == ["db.prod.development.svc.cluster.local. CNAME db.prod.svc.cluster.local.",
+                        "db.prod.svc.cluster.local. A 10.96.2.7"]
+    assert m.answer[0].ttl == m.answer[1].ttl == 30
+    assert m.flags & dns.flags.AA
+    assert str(m.question[0].name) == "db.prod.development.svc.cluster.local."
+
+
+def test_third_step_base_under_the_zone(images):
+    _, m = ask(images[0], "kubernetes.default.svc.development.svc.cluster.local")
+    assert chain(m) == [
+        "kubernetes.default.svc.development.svc.cluster.local. CNAME kubernetes.default.svc.cluster.local.",
+        "kubernetes.default.svc.cluster.local. A 10.96.0.1"]
+
+
+def test_srv_with_additional_records_keeps_valid_compression(images):
+    _, m = ask(images[0], "_sql._tcp.db.prod.development.svc.cluster.local", "SRV")
+    assert chain(m) == [
+        "_sql._tcp.db.prod.development.svc.cluster.local. CNAME _sql._tcp.db.prod.svc.cluster.local.",
+        "_sql._tcp.db.prod.svc.cluster.local. SRV 0 100 5432 db.prod.svc.cluster.local."]
+    assert [f"{rr.name} {r}" for rr in m.additional for r in rr] == [
+        "db.prod.svc.cluster.local. 10.96.2.7"]
+
+
+def test_nodata_answers_without_a_cname(images):
+    _, m = ask(images[0], "db.prod.development.svc.cluster.local", "AAAA")
+    assert m.rcode() == dns.rcode.NOERROR and m.answer == []
+    assert [rr.rdtype for rr in m.authority] == [dns.rdatatype.SOA]
+    assert str(m.authority[0].name) == "cluster.local."
+
+
+def test_a_long_answer_is_cut_to_whole_records_with_tc(images):
+    _, m = ask(images[0], "many.prod.development.svc.cluster.local", edns=False)
+    assert m.flags & dns.flags.TC
+    assert str(m.answer[0].name) == "many.prod.development.svc.cluster.local."
+    assert m.answer[0].rdtype == dns.rdatatype.CNAME
+    _, full = ask(images[0], "many.prod.development.svc.cluster.local", tcp=True)
+    assert not full.flags & dns.flags.TC and len(list(full.answer[1])) == 59
+
+
+def test_only_the_clients_own_namespace_is_walked(images):
+    # A pod in prod asking under development.svc: not its search path.
+    _, m = ask(images[0], "db.prod.development.svc.cluster.local", client=PROD)
+    assert m.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_unknown_clients_get_todays_answer(images):
+    img, plain = images
+    q = dns.message.make_query("db.prod.development.svc.cluster.local", "A").to_wire()
+    assert both(img, q, UNKNOWN) == both(img, q, None) == both(plain, q, DEV)
+    assert dns.message.from_wire(both(img, q, UNKNOWN)[1]).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_ipv6_and_mapped_clients(images):
+    _, m = ask(images[0], "db.prod.development.svc.cluster.local", client="fd00::21")
+    assert len(m.answer) == 2
+    assert encode.ip_key("::ffff:127.0.0.21") == encode.ip_key(DEV)
+    _, m = ask(images[0], "db.prod.development.svc.cluster.local", client="::ffff:127.0.0.21")
+    assert len(m.answer) == 2
+
+
+def test_names_nowhere_in_the_image_go_to_the_forwarder_steps(images):
+    img = images[0]
+    action, _ = ask(img, "www.example.com.development.svc.cluster.local")
+    assert action == refpath.ACTION_HANDOFF
+    q = dns.message.make_query("www.example.com.development.svc.cluster.local", "A").to_wire()
+    base, cands = refpath.autopath_plan(refpath.Image(img), q, DEV)
+    assert cands == [b"\x03www\x07example\x03com\x07example\x03org\x00",
+                     b"\x03www\x07example\x03com\x00"]
+    # Not autopath's: an unknown client, a name that exists, an image without autopath.
+    assert refpath.autopath_plan(refpath.Image(img), q, UNKNOWN) is None
+    q2 = dns.message.make_query("test.development.svc.cluster.local", "A").to_wire()
+    assert refpath.autopath_plan(refpath.Image(img), q2, DEV) is None
+    assert refpath.autopath_plan(refpath.Image(images[1]), q, DEV) is None
+
+
+def test_an_externalname_candidate_stops_the_walk_with_todays_answer(images):
+    # Its CNAME leaves the cluster (the forwarder would complete it): the walk gives up,
+    # and the client's own next query finds it.
+    _, m = ask(images[0], "out.prod.development.svc.cluster.local")
+    assert m.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_case_and_edns_variants_agree_on_both_paths(images):
+    rng = random.Random(5)
+    names = ["db.prod", "kubernetes.default.svc", "_sql._tcp.db.prod", "many.prod", "nope",
+             "default", "test", "p-127-0-0-21.development.pod"]
+    for _ in range(300):
+        base = rng.choice(names)
+        name = "".join(c.upper() if rng.random() < 0.5 else c
+                       for c in f"{base}.development.svc.cluster.local")
+        qtype = rng.choice(["A", "AAAA", "SRV", "ANY", "TXT", "PTR"])
+        q = dns.message.make_query(name, qtype, use_edns=rng.choice([False, 0]),
+                                   payload=rng.choice([512, 1232, 4096]))
+        q.id = rng.randrange(65536)
+        both(images[0], q.to_wire(), rng.choice([DEV, PROD, UNKNOWN]),
+             tcp=rng.random() < 0.2)
+
+
+def test_full_and_reference_compilers_agree():
+    zd = records.zone_data(model(), domain=ZONE)
+    section = build.autopath_image(model(), SEARCH)
+    ref = I.ReferenceCompiler(list(zd.zones), True, zd.serial).build(
+        list(zd.rrsets), list(zd.exists), section)
+    assert ref == build.compile_model(model(), domain=ZONE, autopath=SEARCH)
+    assert struct.unpack_from("<I", ref, HEADER_AUTOPATH)[0] > 0
+
+
+def test_incremental_follows_pod_changes():
+    m = model()
+    inc = IncrementalCompiler(domain=ZONE, autopath=SEARCH)
+    assert inc.compile(m, synced=True, changed=set()) == build.compile_model(
+        m, domain=ZONE, autopath=SEARCH)
+    pod = {"kind": "Pod", "metadata": {"namespace": "prod", "name": "moved"},
+           "status": {"phase": "Running", "podIP": "127.0.0.30"}}
+    m.apply(pod)
+    got = inc.compile(m, synced=True, changed={("Pod", "prod", "moved")})
+    assert got == build.compile_model(m, domain=ZONE, autopath=SEARCH)
+    q = dns.message.make_query("test.development.prod.svc.cluster.local", "A").to_wire()
+    assert len(dns.message.from_wire(both(got, q, "127.0.0.30")[1]).answer) == 2
+    m.delete("Pod", "prod", "moved")
+    got = inc.compile(m, synced=True, changed={("Pod", "prod", "moved")})
+    assert got == build.compile_model(m, domain=ZONE, autopath=SEARCH)
+    assert dns.message.from_wire(both(got, q, "127.0.0.30")[1]).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_section_bytes_depend_on_the_pairs_only():
+    a = encode.autopath_section([("10.0.0.2", "b"), ("10.0.0.1", "a"), ("10.0.0.2", "a")])
+    b = encode.autopath_section([("10.0.0.2", "a"), ("10.0.0.1", "a")])
+    assert a == b
+    count, nsearch, search_off, _ = APHDR.unpack_from(a, 0)
+    assert (count, nsearch) == (2, 0) and search_off == len(a)
+
+
+@pytest.mark.skipif(_fastpath is None, reason="compiled path not built")
+def test_the_layout_checker_covers_the_section(images):
+    img = bytearray(images[0])
+    sec = struct.unpack_from("<I", img, HEADER_AUTOPATH)[0]
+    first = sec + APHDR.size
+    # Keys out of order: the binary search would miss pods.
+    bad = bytearray(img)
+    k0, k1 = bytes(bad[first:first + 16]), bytes(bad[first + APENT.size:first + APENT.size + 16])
+    bad[first:first + 16], bad[first + APENT.size:first + APENT.size + 16] = k1, k0
+    with pytest.raises(ValueError, match="autopath entry 1"):
+        _fastpath.Image(bytes(bad))
+    bad = bytearray(img)
+    struct.pack_into("<I", bad, first + 16, len(bad))          # namespace label outside
+    with pytest.raises(ValueError, match="autopath entry 0"):
+        _fastpath.Image(bytes(bad))
+    bad = bytearray(img)
+    struct.pack_into("<I", bad, sec, 1 << 30)                  # count past the image
+    with pytest.raises(ValueError, match="autopath section"):
+        _fastpath.Image(bytes(bad))
+
+
+# ----------------------------------------------------------------------- end to end
+
+
+def cluster_yaml(tmp_path, pod_ips) -> str:
+    objs = [o for o in CLUSTER if o["kind"] != "Pod"] + [
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"namespace": ns, "name": f"p{i}"},
+         "status": {"phase": "Running", "podIP": ip}} for i, (ns, ip) in enumerate(pod_ips)]
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("autopath")
+    up = TestDNSServer({"www.example.com.": ["A 93.184.216.34"],
+                        "web.example.org.": ["A 192.0.2.7"]})
+    with up:
+        cfg = tmp / "kube-dns-config"
+        cfg.mkdir()
+        (cfg / "upstreamNameservers").write_text(json.dumps([f"{up.host}:{up.port}"]))
+        resolv = tmp / "resolv.conf"
+        resolv.write_text("search example.org\n")
+        k = Kdns(tmp, zone_file=cluster_yaml(tmp, [("development", DEV), ("prod", PROD)]),
+                 workers=1, args=("--autopath", "--config-dir", str(cfg), "--resolv-conf",
+                                  str(resolv)))
+        k.start()
+        try:
+            yield k, up
+        finally:
+            k.stop()
+
+
+def query(k, name, qtype="A", source=DEV, tcp=False):
+    q = dns.message.make_query(name, qtype)
+    if tcp:
+        return dns.query.tcp(q, k.host, port=k.port, timeout=5, source=source)
+    return dns.query.udp(q, k.host, port=k.port, timeout=5, source=source)
+
+
+def test_served_cluster_step_in_one_round_trip(served):
+    k, up = served
+    for tcp in (False, True):
+        m = query(k, "db.prod.development.svc.cluster.local", tcp=tcp)
+        assert chain(m)[0] == ("db.prod.development.svc.cluster.local. CNAME "
+                               "db.prod.svc.cluster.local.")
+        assert chain(m)[1:] == ["db.prod.svc.cluster.local. A 10.96.2.7"]
+
+
+def test_served_external_name_behind_a_cname(served):
+    k, up = served
+    for tcp in (False, True):
+        before = len(up.queries)
+        m = query(k, "www.example.com.development.svc.cluster.local", tcp=tcp)
+        assert m.rcode() == dns.rcode.NOERROR
+        assert chain(m) == [
+            "www.example.com.development.svc.cluster.local. CNAME www.example.com.",
+            "www.example.com. A 93.184.216.34"]
+        asked = [q[0] for q in up.queries[before:]]
+        if not tcp:     # the second time the forwarder's cache answers both steps
+            assert asked == ["www.example.com.example.org.", "www.example.com."]
+
+
+def test_served_server_search_domain_step(served):
+    k, _ = served
+    m = query(k, "web.development.svc.cluster.local")
+    assert chain(m) == ["web.development.svc.cluster.local. CNAME web.example.org.",
+                        "web.example.org. A 192.0.2.7"]
+
+
+def test_served_every_step_nxdomain_gives_the_asked_names_nxdomain(served):
+    k, _ = served
+    m = query(k, "nowhere.development.svc.cluster.local")
+    assert m.rcode() == dns.rcode.NXDOMAIN
+    assert str(m.question[0].name) == "nowhere.development.svc.cluster.local."
+    assert str(m.authority[0].name) == "cluster.local."
+
+
+def test_served_unknown_client_is_not_walked(served):
+    k, up = served
+    before = len(up.queries)
+    m = query(k, "www.example.com.development.svc.cluster.local", source=UNKNOWN)
+    assert m.rcode() == dns.rcode.NXDOMAIN
+    assert up.queries[before:] == []
