@@ -23,7 +23,9 @@ from kdns import settings
 from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, TC, TCP_MAX, UDP_PLAIN
 from kdns.forward.external import ExternalNames, read_rr, sections
 from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
+from kdns.packet import engine
 from kdns.zone import refpath
+from kdns.zone.encode import ip_key
 from kdns.zone.refpath import Malformed
 
 CLASS_IN = 1
@@ -44,15 +46,18 @@ class AutoPath:
         if ref is None or client is None:
             return None
         try:
-            return refpath.autopath_plan(ref, query, client)
-        except (Malformed, struct.error, IndexError):
+            key = ip_key(client) if isinstance(client, str) else client
+            # The worker's own packet path decides (compiled: a few microseconds).
+            return refpath.autopath_plan(
+                ref, query, key, lambda q, k: engine.answer(img, q, True, edns_max=self.edns_max,
+                                                            client=k)[0])
+        except (Malformed, struct.error, IndexError, ValueError):
             return None
 
     def first_reply(self, img, query: bytes, proto: str) -> bytes:
         """The asked name's own answer (NXDOMAIN), as the image gives it without autopath."""
-        ref = self.external.ref_image(img)
-        return refpath.answer(ref, query, tcp=proto == "tcp", edns_max=self.edns_max,
-                              ra=bool(self.forwarder.upstreams or self.forwarder.stubs))[1]
+        return engine.answer(img, query, proto == "tcp", edns_max=self.edns_max,
+                             ra=bool(self.forwarder.upstreams or self.forwarder.stubs))[1]
 
     async def answer(self, img, query: bytes, proto: str, client) -> bytes | None:
         """The reply, or None when the query is not autopath's."""

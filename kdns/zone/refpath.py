@@ -485,19 +485,19 @@ def relocate(body: bytearray, nrec: int, clen: int, olen: int) -> int | None:
     return ttl
 
 
-def autopath_plan(img: Image, q: bytes, client) -> tuple[bytes, list[bytes]] | None:
+def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, list[bytes]] | None:
     """For a query the image handed off: (base as wire labels without the root, the
     forwarder's candidate names in order) when autopath's in-image steps found nothing,
-    else None. Same checks as ``resolve``."""
+    else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
+    packet path to ask (the compiled one in a worker); ``answer`` on ``img`` by default."""
     if not img.autopath or client is None:
         return None
     if isinstance(client, str):
         client = ip_key(client)
-    action, _ = answer(img, q, tcp=True, client=client)
-    if action != ACTION_HANDOFF:
-        return None
-    if answer(img, q, tcp=True)[0] != ACTION_SEND:
-        return None                     # handed off without autopath too: not autopath's
+    if answer_fn is None:
+        answer_fn = lambda query, key: answer(img, query, tcp=True, client=key)[0]  # noqa: E731
+    if answer_fn(q, client) != ACTION_HANDOFF or answer_fn(q, None) != ACTION_SEND:
+        return None                     # answered, or handed off without autopath too
     labels, _ = parse_name(q, 12)
     low = [x.lower() for x in labels]
     node, i, below_apex = img.node(0), len(low) - 1, -1
