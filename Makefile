@@ -4,10 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdns-installed
-SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool
+SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool musl-gcc
 # Debian packages that provide the tools above (dig comes from bind9-dnsutils; podman needs
-# runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin).
-SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus
+# runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin; musl-gcc,
+# musl-tools, builds the musl resolver client of the autopath test).
+SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus \
+	musl-tools
 
 .PHONY: install run test test-repeat bench bench-short system-deps clean fuzz fuzz-smoke \
 	fuzz-install sanitize
