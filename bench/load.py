@@ -351,16 +351,19 @@ KDNS_PORT_IN_LOG = re.escape(f"listening on {HOST} port ") + r"(\d+) "
 
 
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
-                pure: bool = False, loadbalance: bool = True) -> Server:
+                pure: bool = False, loadbalance: bool = True, extra: tuple = (),
+                tag: str = "") -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
-    ``loadbalance`` False: answers in the compiled order (--no-loadbalance)."""
+    ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``extra``:
+    more flags (bench/bench_autopath.py: --autopath), ``tag`` added to the name."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
         env["KDNS_PURE"] = "1"
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
                          "--dns-port", str(port), "--workers", str(workers)] + quiet_flags(logdir)
-    name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
+    argv += list(extra)
+    name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w{tag}"
     if not loadbalance:
         argv.append("--no-loadbalance")
         name += "-nolb"

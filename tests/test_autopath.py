@@ -176,7 +176,9 @@ def test_names_nowhere_in_the_image_go_to_the_forwarder_steps(images):
     assert action == refpath.ACTION_HANDOFF
     q = dns.message.make_query("www.example.com.development.svc.cluster.local", "A").to_wire()
     base, cands = refpath.autopath_plan(refpath.Image(img), q, DEV)
-    assert cands == [b"\x03www\x07example\x03com\x07example\x03org\x00",
+    assert cands == [b"\x03www\x07example\x03com\x03svc\x07cluster\x05local\x00",
+                     b"\x03www\x07example\x03com\x07cluster\x05local\x00",
+                     b"\x03www\x07example\x03com\x07example\x03org\x00",
                      b"\x03www\x07example\x03com\x00"]
     # Not autopath's: an unknown client, a name that exists, an image without autopath.
     assert refpath.autopath_plan(refpath.Image(img), q, UNKNOWN) is None
@@ -185,10 +187,29 @@ def test_names_nowhere_in_the_image_go_to_the_forwarder_steps(images):
     assert refpath.autopath_plan(refpath.Image(images[1]), q, DEV) is None
 
 
-def test_an_externalname_candidate_stops_the_walk_with_todays_answer(images):
-    # Its CNAME leaves the cluster (the forwarder would complete it): the walk gives up,
-    # and the client's own next query finds it.
-    _, m = ask(images[0], "out.prod.development.svc.cluster.local")
+def test_an_externalname_candidate_is_the_hand_offs(images):
+    # Its CNAME leaves the cluster: the hand-off completes it (test_autopath_e2e.py).
+    action, _ = ask(images[0], "out.prod.development.svc.cluster.local")
+    assert action == refpath.ACTION_HANDOFF
+
+
+def test_the_asked_base_itself_from_the_image():
+    # No server search domains: after <base>.svc.<zone> and <base>.<zone>, <base> alone, a
+    # full cluster name the pod wrote without the trailing dot.
+    img = build.compile_model(model(), domain=ZONE, autopath=())
+    _, m = ask(img, "db.prod.svc.cluster.local.development.svc.cluster.local")
+    assert chain(m) == [
+        "db.prod.svc.cluster.local.development.svc.cluster.local. CNAME db.prod.svc.cluster.local.",
+        "db.prod.svc.cluster.local. A 10.96.2.7"]
+    # A NODATA there comes behind the CNAME (RFC 2308 §2.2).
+    _, m = ask(img, "db.prod.svc.cluster.local.development.svc.cluster.local", "AAAA")
+    assert m.rcode() == dns.rcode.NOERROR and [rr.rdtype for rr in m.answer] == [
+        dns.rdatatype.CNAME] and [rr.rdtype for rr in m.authority] == [dns.rdatatype.SOA]
+    # Outside every zone: the hand-off's.
+    action, _ = ask(img, "www.example.com.development.svc.cluster.local")
+    assert action == refpath.ACTION_HANDOFF
+    # Every step NXDOMAIN in the image: the asked name's own.
+    _, m = ask(img, "nope.prod.svc.cluster.local.development.svc.cluster.local")
     assert m.rcode() == dns.rcode.NXDOMAIN
 
 

@@ -98,3 +98,24 @@ def test_served_unknown_client_is_not_walked(served):
     m = query(k, "www.example.com.development.svc.cluster.local", source=UNKNOWN)
     assert m.rcode() == dns.rcode.NXDOMAIN
     assert up.queries[before:] == []
+
+
+def test_served_externalname_step_is_completed_by_the_forwarder(served):
+    k, _ = served
+    m = query(k, "out.prod.development.svc.cluster.local")
+    assert chain(m) == [
+        "out.prod.development.svc.cluster.local. CNAME out.prod.svc.cluster.local.",
+        "out.prod.svc.cluster.local. CNAME www.example.com.",
+        "www.example.com. A 93.184.216.34"]
+
+
+def test_served_full_cluster_name_after_the_search_domain(served):
+    # The server search domain's step goes upstream (NXDOMAIN), then <base> alone is a
+    # cluster name: answered from the image by the hand-off.
+    k, up = served
+    before = len(up.queries)
+    m = query(k, "db.prod.svc.cluster.local.development.svc.cluster.local")
+    assert chain(m) == [
+        "db.prod.svc.cluster.local.development.svc.cluster.local. CNAME db.prod.svc.cluster.local.",
+        "db.prod.svc.cluster.local. A 10.96.2.7"]
+    assert [q[0] for q in up.queries[before:]] == ["db.prod.svc.cluster.local.example.org."]

@@ -1,12 +1,15 @@
 """Autopath, forwarder side: the search steps the image cannot answer.
 
 Why: with ``--autopath`` (CoreDNS ``autopath @kubernetes``) a pod's query for
-``<base>.<ns>.svc.<zone>`` that no cluster name answers is handed off after the packet path
-tried ``<base>.svc.<zone>`` and ``<base>.<zone>`` itself (``refpath.autopath``). What is left
-of the pod's search path is ``<base>`` under each of the server's search domains, then
-``<base>`` alone: each is asked of the forwarder (and so its cache) in turn, and the first
-answer that is not a failure or NXDOMAIN is sent, behind a CNAME from the asked name to the
-candidate (TTL: the first answer record's), so the pod's resolver stops after one query.
+``<base>.<ns>.svc.<zone>`` that no cluster name answers walks the rest of the pod's search
+path: ``<base>.svc.<zone>``, ``<base>.<zone>``, ``<base>`` under each of the server's search
+domains, ``<base>`` alone. The packet path answers the steps its image can
+(``refpath.autopath``) and hands the query off at the first it cannot (a name outside the
+served zones, an ExternalName). Here each step is asked again in order: of the image, and
+from the first it hands off of the forwarder (and so its cache) or the ExternalName
+completion; the first answer that is not a failure or NXDOMAIN is sent, behind a CNAME from
+the asked name to the candidate (TTL: the first answer record's), so the pod's resolver
+stops after one query.
 A NODATA answers without the CNAME, as CoreDNS's (its cnamer has no record to point at).
 When every step fails, the asked name's own NXDOMAIN is the answer and the client goes on
 searching, as with CoreDNS.
@@ -66,19 +69,27 @@ class AutoPath:
             return None
         first = self.first_reply(img, query, proto)
         fw = self.forwarder
-        if not fw.upstreams and not fw.stubs:
-            return first
+        forwards = bool(fw.upstreams or fw.stubs)
         q = parse_query(query)
         if q is None:
             return None
         for cand in plan[1]:
-            up = await fw.resolve(self._subquery(q, cand, query), "tcp")
+            sub = self._subquery(q, cand, query)
+            # The image first (the steps before the one it handed off are NXDOMAIN there
+            # again); from there, an ExternalName's completion or the forwarder.
+            action, up = engine.answer(img, sub, True, edns_max=self.edns_max)
+            if action != engine.SEND:
+                if not forwards:
+                    continue            # nobody to ask: a failure
+                up = await self.external.answer(img, sub, "tcp")
+                if up is None:
+                    up = await fw.resolve(sub, "tcp")
             if up is None or len(up) < 12 or up[3] & 0xF:
                 continue                # failed, or NXDOMAIN: the next step
             try:
                 reply = self._compose(q, cand, up, first, proto)
             except (Malformed, struct.error, IndexError):
-                continue                # an upstream reply we cannot read: as a failure
+                continue                # a reply we cannot read: as a failure
             self.success += 1
             return reply
         return first

@@ -788,14 +788,18 @@ cdef int relocate(uint8_t *b, int n, int nrec, int clen, int olen, uint32_t *ttl
 cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uint32_t neg_blob,
                          int apex_ptr, uint8_t *out, int cap, Outcome *res) noexcept nogil:
     """refpath.autopath, step for step: the asked name's next search candidates answered
-    from the image, behind a CNAME; ACTION_HANDOFF when the forwarder's steps remain, or -1
-    for today's NXDOMAIN. The candidate's question is built on the stack."""
+    from the image, behind a CNAME; ACTION_HANDOFF from the first step the image hands off
+    (the hand-off's, refpath.autopath_plan), or -1 for today's NXDOMAIN. The candidate's
+    question is built on the stack."""
     cdef Ask c
     cdef uint8_t cq[12 + 256 + 4]
     cdef const uint8_t *nslab
     cdef const uint8_t *lab
+    cdef const uint8_t *suffix
+    cdef const uint8_t *sec = img.base + img.autopath
+    cdef const uint8_t *sp
     cdef int64_t nsoff
-    cdef int step, k, nb, sfx, olen, clen, act, opt, length, nbase
+    cdef int step, nsteps, k, nb, slen, olen, clen, act, opt, length, nbase, off
     cdef unsigned int an, tc
     cdef uint32_t ttl = 0
     cdef uint8_t *p
@@ -812,18 +816,39 @@ cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uin
     nbase = below_apex - 1
     nb = a.loff[nbase]
     opt = OPT_LEN if a.edns else 0
-    for step in range(2):
-        # <base>.svc.<zone>, then <base>.<zone>; the zone may be the root.
-        k = below_apex + step
-        sfx = a.loff[k] if k < a.nlabels else olen - 1
-        clen = nb + olen - sfx
+    sp = sec + le32(sec + AP_SEARCH_OFF)
+    nsteps = 3 + <int>le32(sec + AP_NSEARCH)
+    for step in range(nsteps):
+        # refpath.autopath_candidates: <base>.svc.<zone>, <base>.<zone> (the zone may be
+        # the root), <base>.<search domain>..., <base>.
+        if step < 2:
+            k = below_apex + step
+            off = a.loff[k] if k < a.nlabels else olen - 1
+            suffix = a.name + off
+            slen = olen - off
+        elif step < nsteps - 1:
+            suffix = sp
+            slen = 0
+            while sp[slen]:
+                slen += 1 + sp[slen]
+            slen += 1
+            sp += slen
+        else:
+            suffix = b"\0"
+            slen = 1
+        clen = nb + slen
+        if clen > MAX_NAME:
+            continue                    # longer than a name may be (RFC 1035 §2.3.4)
         memcpy(&c, a, sizeof(Ask))
         c.client = NULL
         memcpy(c.name, a.name, nb)
-        memcpy(c.name + nb, a.name + sfx, olen - sfx)
-        c.nlabels = nbase + (a.nlabels - k if k < a.nlabels else 0)
-        for k in range(nbase, c.nlabels):
-            c.loff[k] = a.loff[k + 1 + step] - sfx + nb
+        memcpy(c.name + nb, suffix, slen)
+        c.nlabels = 0
+        off = 0
+        while c.name[off]:
+            c.loff[c.nlabels] = off
+            c.nlabels += 1
+            off += 1 + c.name[off]
         memcpy(cq, a.q, 12)
         memcpy(cq + 12, c.name, clen)
         memcpy(cq + 12 + clen, a.q + a.qend - 4, 4)
@@ -834,11 +859,11 @@ cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uin
         act = resolve(&c, img, out, cap, res)
         if act != ACTION_SEND:
             res.outside = 0
-            return -1
+            return ACTION_HANDOFF       # this step and the rest: the hand-off's
         if out[3] & 0xF:
             continue                    # NXDOMAIN
         an = be16(out + 6)
-        if an == 0:
+        if an == 0 and step < 2:
             tc = out[2] & (F_TC >> 8)
             act = build_reply(a, img, neg_blob, 0, apex_ptr, NULL, 0, out, cap, res)
             out[2] |= tc
@@ -866,8 +891,7 @@ cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uin
         memcpy(p + 12, c.name, clen)
         res.length = length + olen + 12
         return ACTION_SEND
-    res.outside = 0
-    return ACTION_HANDOFF               # the forwarder's steps (refpath.autopath_plan)
+    return -1                           # every step NXDOMAIN: the asked name's own
 
 
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,

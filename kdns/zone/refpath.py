@@ -412,28 +412,51 @@ def autopath_base(img: Image, low, below_apex, client) -> list | None:
     return low[:below_apex - 1]
 
 
+def autopath_candidates(img: Image, low, below_apex, base) -> list[tuple]:
+    """The search steps after the asked name, as label tuples: <base>.svc.<zone>,
+    <base>.<zone>, <base>.<each server search domain>, <base>; a step longer than a name
+    may be (RFC 1035 §2.3.4) is left out."""
+    out = [tuple(base) + tuple(low[below_apex:]), tuple(base) + tuple(low[below_apex + 1:])]
+    for sd in search_domains(img):
+        out.append(tuple(base) + tuple(label_list(sd)))
+    out.append(tuple(base))
+    return [c for c in out if sum(len(x) + 1 for x in c) + 1 <= MAX_NAME]
+
+
+def label_list(wire: bytes) -> list[bytes]:
+    out, off = [], 0
+    while wire[off]:
+        out.append(wire[off + 1:off + 1 + wire[off]])
+        off += 1 + wire[off]
+    return out
+
+
 def autopath(img, q, qend, low, below_apex, qtype, limit, edns, external_cname, rotation,
              client, neg_blob, apex_ptr):
-    """The in-image steps; (action, reply), or None for today's NXDOMAIN."""
+    """The steps the image answers; (action, reply), or None for today's NXDOMAIN. The
+    first step the image hands off (a name outside its zones, an ExternalName) and those
+    after it are the hand-off's (``autopath_plan``)."""
     base = autopath_base(img, low, below_apex, client)
     if base is None:
         return None
     olen = qend - 4 - 12
-    for suffix in (low[below_apex:], low[below_apex + 1:]):
-        cand = base + suffix
+    for step, cand in enumerate(autopath_candidates(img, low, below_apex, base)):
         cwire = b"".join(bytes((len(x),)) + x for x in cand) + b"\0"
         cq = q[:12] + cwire + q[qend - 4:qend]
-        action, rep = resolve(img, cq, len(cq), cand, qtype, limit - olen - 12, edns,
+        action, rep = resolve(img, cq, len(cq), list(cand), qtype, limit - olen - 12, edns,
                               False, rotation)
         if action != ACTION_SEND:
-            return None
+            return ACTION_HANDOFF, b""  # this step and the rest: the hand-off's
         if rep[3] & 0xF:
             continue                    # NXDOMAIN (nothing else: synced, not a transfer)
         an, ns, ar = struct.unpack_from("!HHH", rep, 6)
-        if an == 0:
-            # NODATA: the asked name's own (same zone, same SOA), with the candidate's TC.
+        if an == 0 and step < 2:
+            # NODATA in the asked name's zone: its own NODATA (same SOA), with the
+            # candidate's TC, as CoreDNS (its cnamer finds no record to point at).
             out = reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
             return ACTION_SEND, out[:2] + bytes([out[2] | (rep[2] & (TC >> 8))]) + out[3:]
+        # An answer, or a NODATA of a further step (maybe another zone's SOA): behind the
+        # CNAME (RFC 2308 §2.2 allows a NODATA after a CNAME chain).
         opt = OPT_LEN if edns else 0
         body = bytearray(rep[len(cq):len(rep) - opt])
         ttl = relocate(body, an + ns + ar - (1 if edns else 0), len(cwire), olen)
@@ -442,7 +465,7 @@ def autopath(img, q, qend, low, below_apex, qtype, limit, edns, external_cname, 
         cname = struct.pack("!HHHIH", 0xC00C, 5, CLASS_IN, ttl, len(cwire)) + cwire
         head = rep[:6] + struct.pack("!HHH", an + 1, ns, ar)
         return ACTION_SEND, head + q[12:qend] + cname + bytes(body) + rep[len(rep) - opt:]
-    return ACTION_HANDOFF, b""          # the forwarder's steps (``autopath_plan``)
+    return None                         # every step NXDOMAIN: the asked name's own
 
 
 def relocate(body: bytearray, nrec: int, clen: int, olen: int) -> int | None:
@@ -486,9 +509,9 @@ def relocate(body: bytearray, nrec: int, clen: int, olen: int) -> int | None:
 
 
 def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, list[bytes]] | None:
-    """For a query the image handed off: (base as wire labels without the root, the
-    forwarder's candidate names in order) when autopath's in-image steps found nothing,
-    else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
+    """For a query the image handed off in autopath's walk: (base as wire labels without
+    the root, every step's name in order: the hand-off asks the image for each again, and
+    the forwarder from the first the image hands off), else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
     packet path to ask (the compiled one in a worker); ``answer`` on ``img`` by default."""
     if not img.autopath or client is None:
         return None
@@ -514,7 +537,8 @@ def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, 
     if base is None:
         return None
     bwire = b"".join(bytes((len(x),)) + x for x in base)
-    return bwire, [bwire + s for s in search_domains(img)] + [bwire + b"\0"]
+    return bwire, [b"".join(bytes((len(x),)) + x for x in c) + b"\0"
+                   for c in autopath_candidates(img, low, below_apex, base)]
 
 
 def any_hinfo(ttl: int) -> bytes:
