@@ -9,6 +9,7 @@ NODATA answers without one; all NXDOMAIN: the asked name's own NXDOMAIN.
 """
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -282,3 +283,25 @@ def test_the_layout_checker_covers_the_section(images):
     struct.pack_into("<I", bad, sec, 1 << 30)                  # count past the image
     with pytest.raises(ValueError, match="autopath section"):
         _fastpath.Image(bytes(bad))
+
+
+def test_flag_and_corefile_turn_it_on_with_the_servers_search_domains(tmp_path):
+    from kdns import cli
+    from kdns.forward.kubedns_config import parse_resolv_search
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("search old.example\nnameserver 10.0.0.1\n"
+                      "search Corp.Example. us-west-2.compute.internal # last wins\n")
+    assert parse_resolv_search(str(resolv)) == ("corp.example", "us-west-2.compute.internal")
+    assert parse_resolv_search(str(tmp_path / "missing")) == ()
+    p = cli.build_parser()
+    a = p.parse_args(["serve", "--resolv-conf", str(resolv)])
+    assert cli._autopath(a) is None                      # off by default
+    a = p.parse_args(["serve", "--autopath", "--resolv-conf", str(resolv)])
+    assert cli._autopath(a) == ("corp.example", "us-west-2.compute.internal")
+    kubeadm = open(os.path.join(os.path.dirname(__file__), "corefiles", "kubeadm.Corefile")).read()
+    core = tmp_path / "Corefile"
+    core.write_text(kubeadm.replace("    loadbalance\n", "    loadbalance\n    autopath @kubernetes\n"))
+    assert "autopath @kubernetes" in core.read_text()
+    a = p.parse_args(["serve", "--corefile", str(core), "--resolv-conf", str(resolv)])
+    assert cli._apply_corefile(a, cli._serve_parser()) is None
+    assert cli._autopath(a) == ("corp.example", "us-west-2.compute.internal")
