@@ -27,11 +27,12 @@ def compile_model(model, *, synced: bool = True, hosts=None, autopath=None,
                     autopath_image(model, autopath))
 
 
-def autopath_image(model, search) -> bytes:
-    """The image's autopath section for ``model`` (b"" when ``search`` is None: off)."""
+def autopath_image(model, search, keys: dict | None = None) -> bytes:
+    """The image's autopath section for ``model`` (b"" when ``search`` is None: off);
+    ``keys``: the caller's IP -> key cache (``encode.autopath_section``)."""
     if search is None:
         return b""
-    return I.autopath_section(records.autopath_pods(model), tuple(search))
+    return I.autopath_section(records.autopath_pods(model), tuple(search), keys)
 
 
 def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:

@@ -113,6 +113,7 @@ class IncrementalCompiler:
         self._pinned: set = set()              # services compiled from RRsets (``_pins``)
         self._pod_lists: dict | None = None    # verified: namespace -> packed pod IPs
         self._autopath = None
+        self._ap_keys: dict = {}               # pod IP -> its key in the autopath section
         self._primed = False
         self._core = None                      # the persistent ZoneCore
         self._zones = (I.Zone(self.zone), *(I.Zone(rz, kind=I.ZONE_REVERSE)
@@ -425,7 +426,9 @@ class IncrementalCompiler:
         if self.autopath is None:
             return b""
         if self._autopath is None or any(kind == "Pod" for kind, _, _ in changed):
-            self._autopath = build.autopath_image(model, self.autopath)
+            if len(self._ap_keys) > 2 * model.count("Pod") + 1024:
+                self._ap_keys = {}             # IPs long gone: start the cache over
+            self._autopath = build.autopath_image(model, self.autopath, self._ap_keys)
         return self._autopath
 
     def _assemble(self, model: ClusterModel, synced: bool, core_type, changed: set,

@@ -450,25 +450,34 @@ def ip_key(ip: str) -> bytes:
     return packed.ljust(16, b"\0")
 
 
-def autopath_section(pods, search=()) -> bytes:
+def autopath_section(pods, search=(), keys: dict | None = None) -> bytes:
     """The image's autopath section (layout.py): ``pods`` is (IP text, namespace) pairs,
     ``search`` the server's search domains (names, in order). One entry per IP: an IP two
     live pods claim (a restart racing its predecessor's deletion) keeps the namespace that
-    sorts first, so the bytes depend on the set of pairs only."""
-    from kdns.zone.layout import APENT, APHDR
+    sorts first, so the bytes depend on the set of pairs only. ``keys``: IP text -> key,
+    kept by a caller between builds (150,000 conversions are a third of the time)."""
+    from kdns.zone.layout import APHDR, APENT
+    names: dict[str, bytes] = {}
     best: dict[bytes, bytes] = {}
+    if keys is None:
+        keys = {}
     for ip, ns in pods:
-        k, n = ip_key(ip), ns.encode("ascii").lower()
+        n = names.get(ns)
+        if n is None:
+            n = names[ns] = ns.encode("ascii").lower()
+        k = keys.get(ip)
+        if k is None:
+            k = keys[ip] = ip_key(ip)
         old = best.get(k)
         if old is None or n < old:
             best[k] = n
-    names = sorted(set(best.values()))
     pool_off = APHDR.size + APENT.size * len(best)
     offs, pool = {}, bytearray()
-    for n in names:
-        offs[n] = pool_off + len(pool)
+    for n in sorted(set(best.values())):
+        offs[n] = struct.pack("<I", pool_off + len(pool))
         pool += bytes((len(n),)) + n
-    entries = b"".join(APENT.pack(k, offs[best[k]]) for k in sorted(best))
+    # APENT is the key then the offset: concatenated, not packed one by one.
+    entries = b"".join([k + offs[best[k]] for k in sorted(best)])
     wires = b"".join(_wire(s) for s in search)
     search_off = pool_off + len(pool)
     return APHDR.pack(len(best), len(search), search_off, 0) + entries + bytes(pool) + wires
