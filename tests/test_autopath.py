@@ -177,10 +177,10 @@ def test_names_nowhere_in_the_image_go_to_the_forwarder_steps(images):
     assert action == refpath.ACTION_HANDOFF
     q = dns.message.make_query("www.example.com.development.svc.cluster.local", "A").to_wire()
     base, cands = refpath.autopath_plan(refpath.Image(img), q, DEV)
-    assert cands == [b"\x03www\x07example\x03com\x03svc\x07cluster\x05local\x00",
-                     b"\x03www\x07example\x03com\x07cluster\x05local\x00",
-                     b"\x03www\x07example\x03com\x07example\x03org\x00",
-                     b"\x03www\x07example\x03com\x00"]
+    assert cands == [(b"\x03www\x07example\x03com\x03svc\x07cluster\x05local\x00", True),
+                     (b"\x03www\x07example\x03com\x07cluster\x05local\x00", True),
+                     (b"\x03www\x07example\x03com\x07example\x03org\x00", False),
+                     (b"\x03www\x07example\x03com\x00", False)]
     # Not autopath's: an unknown client, a name that exists, an image without autopath.
     assert refpath.autopath_plan(refpath.Image(img), q, UNKNOWN) is None
     q2 = dns.message.make_query("test.development.svc.cluster.local", "A").to_wire()

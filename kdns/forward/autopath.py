@@ -73,7 +73,7 @@ class AutoPath:
         q = parse_query(query)
         if q is None:
             return None
-        for cand in plan[1]:
+        for cand, cluster in plan[1]:
             sub = self._subquery(q, cand, query)
             # The image first (the steps before the one it handed off are NXDOMAIN there
             # again); from there, an ExternalName's completion or the forwarder.
@@ -81,7 +81,7 @@ class AutoPath:
             if action != engine.SEND:
                 if not forwards:
                     continue            # nobody to ask: a failure
-                up = await self.external.answer(img, sub, "tcp")
+                up = await self.external.answer(img, sub, "tcp") if cluster else None
                 if up is None:
                     up = await fw.resolve(sub, "tcp")
             if up is None or len(up) < 12 or up[3] & 0xF:

@@ -510,8 +510,9 @@ def relocate(body: bytearray, nrec: int, clen: int, olen: int) -> int | None:
 
 def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, list[bytes]] | None:
     """For a query the image handed off in autopath's walk: (base as wire labels without
-    the root, every step's name in order: the hand-off asks the image for each again, and
-    the forwarder from the first the image hands off), else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
+    the root, every step in order as (its name, whether it is in an authoritative zone):
+    the hand-off asks the image for each again, and from the first the image hands off the
+    forwarder, or for names of those zones the ExternalName completion), else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
     packet path to ask (the compiled one in a worker); ``answer`` on ``img`` by default."""
     if not img.autopath or client is None:
         return None
@@ -537,8 +538,24 @@ def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, 
     if base is None:
         return None
     bwire = b"".join(bytes((len(x),)) + x for x in base)
-    return bwire, [b"".join(bytes((len(x),)) + x for x in c) + b"\0"
+    return bwire, [(b"".join(bytes((len(x),)) + x for x in c) + b"\0", in_auth_zone(img, c))
                    for c in autopath_candidates(img, low, below_apex, base)]
+
+
+def in_auth_zone(img: Image, labels) -> bool:
+    """Whether the name (lower-case labels) falls in an authoritative zone of the image:
+    where a hand-off is an ExternalName's, not the forwarder's."""
+    node, i, zone = img.node(0), len(labels) - 1, -1
+    while True:
+        if img.u16(node + L.NODE_FLAGS) & NODE_ZONE_APEX:
+            zone = img.u32(node + L.NODE_EXTRA)
+        if i < 0:
+            break
+        c = img.child(node, labels[i])
+        if c < 0:
+            break
+        node, i = img.node(c), i - 1
+    return zone >= 0 and img.zone(zone)[4] == L.ZONE_AUTH
 
 
 def any_hinfo(ttl: int) -> bytes:
