@@ -359,16 +359,15 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
 
 
 # ---------------------------------------------------------------------------- autopath
-# CoreDNS's autopath with @kubernetes: for a client pod in <ns>, a name under the first
-# element of its search path (<ns>.svc.<zone>) that does not exist is tried, as the pod's
-# resolver would next, as <base>.svc.<zone>, then <base>.<zone> (here, from the image),
-# then <base>.<each server search domain> and <base> itself (the forwarder's: the hand-off
-# recomputes the plan, ``autopath_plan``). The first that is not NXDOMAIN answers, behind a
-# CNAME from the asked name to it whose TTL is the first answer record's; a NODATA answers
-# without a CNAME (as CoreDNS's cnamer finds no record to point at), and when every step is
-# NXDOMAIN the asked name's own NXDOMAIN is the answer. A candidate the image hands off (an
-# ExternalName leaving the cluster) stops the walk with today's NXDOMAIN: the client's own
-# next query finds it.
+# CoreDNS's autopath with @kubernetes (docs/dns-rules.md §5.3): for a client pod in <ns>, a
+# name under the first element of its search path (<ns>.svc.<zone>) that does not exist is
+# tried, as the pod's resolver would next, as <base>.svc.<zone>, <base>.<zone>,
+# <base>.<each server search domain>, then <base> itself. Steps the image answers are
+# answered here; from the first it hands off (outside its zones, an ExternalName) the
+# hand-off asks them in order (``autopath_plan``). The first that is not NXDOMAIN answers,
+# behind a CNAME from the asked name to it whose TTL is the first record's; a NODATA in the
+# asked name's zone answers as that name's NODATA (as CoreDNS's cnamer finds no record to
+# point at), and when every step is NXDOMAIN the asked name's own NXDOMAIN is the answer.
 NAME_TYPES = {2: 0, 5: 0, 12: 0, 15: 2, 33: 6}     # rdata offset of the one name (RFC 1035)
 
 
