@@ -119,3 +119,18 @@ def test_served_full_cluster_name_after_the_search_domain(served):
         "db.prod.svc.cluster.local.development.svc.cluster.local. CNAME db.prod.svc.cluster.local.",
         "db.prod.svc.cluster.local. A 10.96.2.7"]
     assert [q[0] for q in up.queries[before:]] == ["db.prod.svc.cluster.local.example.org."]
+
+
+def test_served_cached_walk_answers_only_the_namespaces_pods(served):
+    # The composed answer is cached under the asked name; only a pod of development is
+    # handed off for it (and so reaches the cache): the others keep the image's NXDOMAIN.
+    k, up = served
+    name = "web.development.svc.cluster.local"
+    first = query(k, name)
+    before = len(up.queries)
+    again = query(k, name)
+    assert chain(again) == chain(first) == ["web.development.svc.cluster.local. CNAME web.example.org.",
+                                            "web.example.org. A 192.0.2.7"]
+    assert up.queries[before:] == []                 # from the cache
+    for source in (PROD, UNKNOWN):
+        assert query(k, name, source=source).rcode() == dns.rcode.NXDOMAIN

@@ -14,9 +14,9 @@ A NODATA answers without the CNAME, as CoreDNS's (its cnamer has no record to po
 When every step fails, the asked name's own NXDOMAIN is the answer and the client goes on
 searching, as with CoreDNS.
 
-What it must not do: cache the composed answer (it depends on the client's namespace; the
-candidates' answers are cached under their own names by the forwarder) or decide which
-queries are autopath's (``refpath.autopath_plan`` does, from the image).
+What it must not do: cache an answer composed from the image (cluster data comes from the
+live image every time; ``_cache`` keeps upstream answers only), or decide which queries are
+autopath's (``refpath.autopath_plan`` does, from the image).
 """
 from __future__ import annotations
 
@@ -78,12 +78,14 @@ class AutoPath:
             # The image first (the steps before the one it handed off are NXDOMAIN there
             # again); from there, an ExternalName's completion or the forwarder.
             action, up = engine.answer(img, sub, True, edns_max=self.edns_max)
+            upstream = False
             if action != engine.SEND:
                 if not forwards:
                     continue            # nobody to ask: a failure
                 up = await self.external.answer(img, sub, "tcp") if cluster else None
                 if up is None:
                     up = await fw.resolve(sub, "tcp")
+                    upstream = True
             if up is None or len(up) < 12 or up[3] & 0xF:
                 continue                # failed, or NXDOMAIN: the next step
             try:
@@ -91,8 +93,24 @@ class AutoPath:
             except (Malformed, struct.error, IndexError):
                 continue                # a reply we cannot read: as a failure
             self.success += 1
+            if upstream and not reply[2] & (TC >> 8) and fw.cache is not None:
+                self._cache(q, reply)
             return reply
         return first
+
+    def _cache(self, q, reply: bytes) -> None:
+        """The composed answer, under the asked name, in the worker's cache (the one the
+        compiled path answers from): only a pod of the name's namespace is ever handed off
+        for that name (every other client gets the image's NXDOMAIN), so the entry serves
+        exactly the clients it was composed for, at the compiled path's speed, until the
+        upstream TTLs run out. As with CoreDNS's cache behind its autopath, a cluster name
+        created meanwhile at an earlier step waits for the entry to expire; answers from
+        the image (cluster names, ExternalNames) are never cached here."""
+        key = (q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 1 if q.flags & CD else 0)
+        try:
+            self.forwarder.cache.put(key, reply)
+        except (Malformed, struct.error, IndexError, ValueError):
+            pass                        # not cacheable as it is: answered, not kept
 
     @staticmethod
     def _subquery(q, target: bytes, query: bytes) -> bytes:
