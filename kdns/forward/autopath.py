@@ -103,9 +103,11 @@ class AutoPath:
         compiled path answers from): only a pod of the name's namespace is ever handed off
         for that name (every other client gets the image's NXDOMAIN), so the entry serves
         exactly the clients it was composed for, at the compiled path's speed, until the
-        upstream TTLs run out. As with CoreDNS's cache behind its autopath, a cluster name
-        created meanwhile at an earlier step waits for the entry to expire; answers from
-        the image (cluster names, ExternalNames) are never cached here."""
+        upstream TTLs run out. The packet path still tries its own steps before it looks
+        there, so a cluster name created at <base>.svc.<zone> or <base>.<zone> answers at
+        once; only a name of a served zone at a later step (after a search domain outside
+        them) waits for the entry to expire, as behind CoreDNS's cache. Answers from the
+        image (cluster names, ExternalNames) are never cached here."""
         key = (q.name, q.qtype, q.qclass, q.edns[1] if q.edns else 0, 1 if q.flags & CD else 0)
         try:
             self.forwarder.cache.put(key, reply)
