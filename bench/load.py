@@ -387,11 +387,12 @@ ASYNCIO_ENV = {"KDNS_UDP_LOOP": "asyncio", "KDNS_UDP_HOLD_US": "0"}
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
                 pure: bool = False, loadbalance: bool = True, rewrite: bool = False,
                 corefile: bool = False, extra_env: dict | None = None,
-                suffix: str = "") -> Server:
+                suffix: str = "", extra: tuple = (), tag: str = "") -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
     ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``rewrite``:
     from ``rewrite_corefile`` (its rules configured), without upstreams as the others.
-    ``extra_env``: KDNS_* switches for this one (its name gets ``suffix``)."""
+    ``extra_env``: KDNS_* switches for this one (its name gets ``suffix``). ``extra``:
+    more flags (bench/bench_autopath.py: --autopath), ``tag`` added to the name."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
@@ -403,7 +404,8 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
         flags[at:at + 2] = ["--corefile", rewrite_corefile(logdir, rules=rewrite)]
     argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
                          "--dns-port", str(port), "--workers", str(workers)] + flags
-    name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w"
+    argv += list(extra)
+    name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w{tag}"
     if not loadbalance:
         argv.append("--no-loadbalance")
         name += "-nolb"

@@ -246,7 +246,7 @@ COREFILE_FLAGS = ("domain", "ttl", "pods", "dns_bind_address", "dns_port", "heal
                   "ready_port", "metrics_port", "lameduck", "log_queries", "forward_policy",
                   "forward_max_concurrent", "forward_force_tcp", "cache_size",
                   "cache_success_ttl", "cache_denial_ttl", "serve_stale", "resolv_conf",
-                  "loadbalance", "cache_prefetch")
+                  "loadbalance", "cache_prefetch", "autopath")
 
 
 def _read_corefile_configmap(a: argparse.Namespace):
@@ -446,6 +446,13 @@ def build_parser() -> Parser:
                         "--no-loadbalance keeps the compiled order)")
     s.add_argument("--no-loadbalance", dest="loadbalance", action="store_false",
                    help=argparse.SUPPRESS)
+    s.add_argument("--autopath", nargs="?", const=True, type=logs.go_bool, default=False,
+                   metavar="BOOL",
+                   help="walk a pod's search path on the server (CoreDNS autopath "
+                        "@kubernetes): a name under <ns>.svc.<zone> asked by a pod of <ns> "
+                        "that does not exist is answered, behind a CNAME, by the first of "
+                        "<base>.svc.<zone>, <base>.<zone>, <base> under --resolv-conf's search "
+                        "domains, and <base> that exists; needs a watch of the pods' IPs")
     s.add_argument("--share-dns-port", action="store_true",
                    help="serve the DNS port together with another kdns already on it "
                         "(SO_REUSEPORT; a rolling hand-over in one network namespace); "
@@ -630,7 +637,16 @@ def _config(a: argparse.Namespace) -> server.ServeConfig:
         health_port=a.health_port, ready_port=a.ready_port, sidecar_port=a.sidecar_port,
         log_queries=a.log_queries, hosts=getattr(a, "hosts_box", None),
         rewrites=getattr(getattr(a, "corefile_settings", None), "rewrites", ()),
-        loadbalance=a.loadbalance, serve_image=a.serve_image)
+        loadbalance=a.loadbalance, serve_image=a.serve_image, autopath=_autopath(a))
+
+
+def _autopath(a: argparse.Namespace):
+    """None (autopath off), or the server's search domains autopath tries after the
+    cluster's (CoreDNS's autopath takes them from its resolv.conf)."""
+    if not getattr(a, "autopath", False):
+        return None
+    from kdns.forward.kubedns_config import parse_resolv_search
+    return parse_resolv_search(getattr(a, "resolv_conf", settings.RESOLV_CONF))
 
 
 def _fail(message: str) -> int:

@@ -95,7 +95,7 @@ def test_generated_10k():
 def test_compile_image_uses_the_core_unless_pure(monkeypatch):
     calls = []
     real = I.CoreCompiler.build
-    monkeypatch.setattr(I.CoreCompiler, "build", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(I.CoreCompiler, "build", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     img = Z.sample_image()
     assert calls == [1]
     for var in ("KDNS_PURE", "KDNS_PURE_COMPILE"):

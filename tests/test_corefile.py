@@ -46,7 +46,7 @@ def k3s_copy(tmp_path) -> str:
 
 # Every default has loadbalance: its answers rotate (--loadbalance), nothing is refused but
 # k3s's hosts.
-LB = {"loadbalance": True}
+LB = {"loadbalance": True, "autopath": False}
 
 
 @pytest.mark.parametrize("name, expect, refused", [
@@ -111,6 +111,8 @@ BASE = """.:53 {
     ("errors\nloop\nreload 10s", {"loadbalance": False}),   # no loadbalance: no rotation
     ("loadbalance", {"loadbalance": True}),
     ("loadbalance round_robin", {"loadbalance": True}),
+    ("autopath @kubernetes", {"autopath": True}),
+    ("errors", {"autopath": False}),
 ])
 def test_snippets_map_to_settings(tmp_path, snippet, expect):
     got = cf.parse(write(tmp_path, BASE % snippet), env={})
@@ -191,7 +193,9 @@ dns://c.example.:{$DNS_PORT} {
      "not supported by kdns"),
     ("hosts {\n 10.0.0.1 a.example\n}", 6,
      "hosts for . without fallthrough for cluster.local is not supported by kdns"),
-    ("autopath @kubernetes", 6, "the plugin autopath is not supported by kdns."),
+    ("autopath /etc/resolv.conf", 6, "autopath /etc/resolv.conf is not supported by kdns "
+     "(kdns takes the search path from the cluster: autopath @kubernetes)."),
+    ("autopath cluster.local @kubernetes", 6, "autopath with zones is not supported by kdns"),
     ("forward . tls://1.1.1.1", 6, "forwarding over tls:// is not supported by kdns"),
     ("forward . 1.1.1.1 {\n tls_servername x\n}", 7,
      "the forward option 'tls_servername x' is not supported by kdns."),

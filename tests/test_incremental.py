@@ -397,3 +397,21 @@ def test_rewrite_aliases_follow_their_target_through_churn(seed):
                           == refpath.ACTION_SEND for r in rules[::2])
     assert seen_alias, "the target never had records: the test proved nothing"
     assert inc.full_compiles == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_churn_with_autopath_gives_the_full_compile_bytes(seed):
+    # The autopath section follows every pod change (and only pod changes rebuild it).
+    rng = random.Random(seed * 104729)
+    model = ClusterModel(clock=lambda: 1_700_000_000)
+    search = ("example.org",)
+    inc = IncrementalCompiler(domain=ZONE, pods="disabled", autopath=search)
+    assert inc.compile(model, synced=False, changed=set()) == build.compile_model(
+        model, synced=False, domain=ZONE, pods="disabled", autopath=search)
+    for n in range(80):
+        changed = step(rng, model)
+        got = inc.compile(model, synced=True, changed=changed)
+        want = build.compile_model(model, synced=True, domain=ZONE, pods="disabled",
+                                   autopath=search)
+        assert got == want, f"seed {seed} step {n}: images differ after {sorted(changed)}"
+    assert inc.full_compiles == 0

@@ -73,6 +73,29 @@ def sample_image(tag: str = "10.96.0.1", pods: str = "insecure", synced: bool = 
                            synced=synced)
 
 
+# Autopath's clients (kdns/zone/layout.py, autopath section): a pod of default, one of
+# kube-system (IPv4 and IPv6), and an address no pod has; None is no client address.
+AUTOPATH_PODS = (("10.244.0.5", "default"), ("10.244.0.6", "kube-system"),
+                 ("fd00:10:244::6", "kube-system"))
+AUTOPATH_CLIENTS = (None, "10.244.0.5", "fd00:10:244::6", "10.244.9.9")
+# Names a kube-system pod's resolver asks first for names of default (ndots:5).
+AUTOPATH_NAMES = [(f"{n}.kube-system.svc.cluster.local", t) for n, t in (
+    ("kubernetes.default", "A"), ("kubernetes.default", "SRV"), ("kubernetes.default.svc", "A"),
+    ("_https._tcp.kubernetes.default", "SRV"), ("hl.default", "A"), ("hlalias.default", "AAAA"),
+    ("_http._tcp.hl.default", "SRV"), ("big.default", "A"), ("dual.default", "AAAA"),
+    ("dual.default", "TXT"), ("outside.default", "A"), ("ext.default", "A"),
+    ("www.example.com", "A"), ("default", "A"), ("1-2-3-4.default.pod", "A"))]
+
+
+def autopath_image(synced: bool = True) -> bytes:
+    """The rotating sample with the autopath section (``AUTOPATH_PODS``, search
+    example.org)."""
+    return I.compile_image(sample_rrsets() + rotating_rrsets(), sample_zones("insecure"),
+                           exists=["default.svc." + Z, "kube-system.svc." + Z, "svc." + Z,
+                                   "pod." + Z], synced=synced,
+                           autopath=I.autopath_section(AUTOPATH_PODS, ("example.org",)))
+
+
 def hosts_image(synced: bool = True) -> bytes:
     """The sample with custom records (the Corefile's hosts): the root as a hosts zone with
     fallthrough, final.example. without it, a PTR of theirs, and CNAMEs from the cluster to

@@ -583,6 +583,22 @@ class _Mapper:
         self.no_args(d, 1)
         self.set("loadbalance", True, d.name)
 
+    def p_autopath(self, d, zones):
+        # CoreDNS autopath with @kubernetes (--autopath): the search path of the client pod
+        # comes from the cluster, then the server's resolv.conf search domains. A
+        # resolv.conf-like file of its own, or other zones than the cluster's, kdns has not.
+        self.no_block(d)
+        if not d.args or d.args[-1].text != "@kubernetes":
+            self.refuse(d.args[-1] if d.args else d.name,
+                        f"autopath {' '.join(a.text for a in d.args) or 'without arguments'}",
+                        "kdns takes the search path from the cluster: autopath @kubernetes")
+            return
+        if len(d.args) > 1:
+            self.refuse(d.args[0], "autopath with zones",
+                        "kdns autopaths the cluster domain of its kubernetes plugin")
+            return
+        self.set("autopath", True, d.name)
+
     # ---- kubernetes
     def p_kubernetes(self, d, zones):
         kzones = [_zone(a.text) for a in d.args] or [z for z in zones if z != "."]
@@ -837,7 +853,8 @@ def parse(path: str, *, env=None, text: str | None = None,
     # A plugin the Corefile leaves out is off, as in CoreDNS: no /health, /ready or
     # /metrics listener, no lameduck, no query log, no answer rotation.
     for key, off in (("health_port", 0), ("ready_port", 0), ("metrics_port", 0),
-                     ("lameduck", 0.0), ("log_queries", False), ("loadbalance", False)):
+                     ("lameduck", 0.0), ("log_queries", False), ("loadbalance", False),
+                     ("autopath", False)):
         flags.setdefault(key, off)
     cfg = KubeDNSConfig(dict(sorted(m.stubs.items())), m.upstreams)
     return CorefileSettings(flags=flags, forwarding=cfg, resolv_conf=m.resolv_conf,

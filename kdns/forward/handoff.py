@@ -31,6 +31,7 @@ from kdns.packet import engine
 from kdns.forward import chaos
 from kdns.forward.cache import Cache, CompiledCache
 from kdns.forward.control import MESSAGE_MAX, decode_config, decode_tuning
+from kdns.forward.autopath import AutoPath
 from kdns.forward.external import ExternalNames
 from kdns.forward.forwarder import (IP_RECVERR, Forwarder, Retry, Upstream, encode_name,
                                     parse_query)
@@ -293,6 +294,7 @@ class ForwardingHandoff:
         self.configured = False
         self.worker = None
         self.external = ExternalNames(self.forwarder, edns_max)
+        self.autopath = AutoPath(self.forwarder, self.external, edns_max)
         self.compiled: CompiledForward | None = None
         self.rewriter = Rewriter(())
 
@@ -393,18 +395,21 @@ class ForwardingHandoff:
             fw = self.forwarder
             udp_server.ra = bool(fw.upstreams or fw.stubs)
 
-    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None) -> bytes | None:
+    async def resolve(self, query: bytes, proto: str, retry: Retry | None = None,
+                      client=None) -> bytes | None:
         """The worker's seam: the reply for a handed-off query. A failure on the way answers
         SERVFAIL (RFC 1035 §4.1.1: "unable to process ... due to a problem with the name
-        server") and is counted as one, never left without an answer."""
+        server") and is counted as one, never left without an answer. ``client``: the
+        sender's address (text), which autopath's hand-offs need."""
         try:
-            return await self._resolve(query, proto, retry)
+            return await self._resolve(query, proto, retry, client)
         except Exception:       # noqa: BLE001 -- the client gets an answer whatever broke
             log.exception("hand-off failed")
             self.forwarder.failures += 1
             return engine.rcode_reply(query, SERVFAIL, self.edns_max)
 
-    async def _resolve(self, query: bytes, proto: str, retry: Retry | None) -> bytes | None:
+    async def _resolve(self, query: bytes, proto: str, retry: Retry | None,
+                       client=None) -> bytes | None:
         local = chaos.answer(query, proto, self.edns_max)
         if local is not None:
             return local                # CH, HS...: answered or refused here, never forwarded
@@ -415,7 +420,7 @@ class ForwardingHandoff:
             rewritten = await self._rewritten(query, proto)
             if rewritten is not None:
                 return rewritten[0]
-        return await self._unrewritten(query, proto)
+        return await self._unrewritten(query, proto, client)
 
     async def _rewritten(self, query: bytes, proto: str):
         """CoreDNS ``rewrite name``: (the reply,) when a rule matches the query's name, else
@@ -463,8 +468,16 @@ class ForwardingHandoff:
             log.debug("a rewritten reply for %s did not parse; SERVFAIL", name)
             return (engine.rcode_reply(query, SERVFAIL, self.edns_max),)
 
-    async def _unrewritten(self, query: bytes, proto: str) -> bytes | None:
+    async def _unrewritten(self, query: bytes, proto: str, client=None) -> bytes | None:
+        """After ``rewrite`` (CoreDNS runs it before autopath): autopath's steps for
+        ``client``, the ExternalNames, the forwarder."""
         fw = self.forwarder
+        img = self.worker.img if self.worker is not None else None
+        if client is not None and img is not None:
+            # Autopath: the pod's remaining search steps, asked of the upstreams here.
+            reply = await self.autopath.answer(img, query, proto, client)
+            if reply is not None:
+                return reply
         if not fw.upstreams and not fw.stubs:
             # Nobody to ask (no ConfigMap upstreams, resolv.conf or --nameservers): refuse,
             # as before forwarding existed, rather than SERVFAIL after a timeout.

@@ -278,6 +278,34 @@ def parse_resolv_conf(path: str) -> tuple[Upstream, ...]:
     return tuple(out)
 
 
+def parse_resolv_search(path: str) -> tuple[str, ...]:
+    """The search list of a resolv.conf: its last ``search`` or ``domain`` line decides
+    (resolv.conf(5)); a missing file, or none, means no search domains."""
+    search: tuple[str, ...] = ()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return ()
+    for line in lines:
+        fields = line.split("#")[0].split(";")[0].split()
+        if fields and fields[0] in ("search", "domain"):
+            names = []
+            for name in fields[1:] if fields[0] == "search" else fields[1:2]:
+                name = name.rstrip(".").lower()
+                try:
+                    labels = [x for x in name.split(".")]
+                    if not name or any(not 0 < len(x) <= 63 for x in labels) or \
+                            len(name) > 253 or not name.isascii():
+                        raise ValueError
+                except ValueError:
+                    log.warning("%s: ignoring search domain %r", path, name)
+                    continue
+                names.append(name)
+            search = tuple(names)
+    return search
+
+
 def parse_nameservers_flag(value: str) -> tuple[Upstream, ...]:
     """kube-dns ``--nameservers=ip[:port],...``; ValueError naming the flag on a bad entry."""
     out = []

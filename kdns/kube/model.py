@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -74,8 +75,9 @@ class EndpointSet:
 
 @dataclass(frozen=True, slots=True)
 class Pod:
-    namespace: str
-    name: str
+    # What autopath's client table and ``pods verified`` need of a pod, no more: the model
+    # holds one per live pod (150,000 in a large cluster), under its (namespace, name) key.
+    namespace: str                 # interned: shared by the namespace's pods
     ip: str                        # primary status.podIP, canonical text
 
 
@@ -91,7 +93,8 @@ def _meta(obj: dict, kind: str) -> tuple[str, str]:
         raise ObjectError(f"{kind} {meta['name']} has a non-string namespace")
     if kind != NAMESPACE and not ns:
         ns = "default"             # kubectl omits it only for the default namespace
-    return ns, meta["name"]
+    # Interned: every object of a namespace keys (and a pod names) it with one string.
+    return sys.intern(ns), meta["name"]
 
 
 def canonical_ip(text) -> str:
@@ -233,7 +236,7 @@ def slim_pod(obj: dict) -> Pod | None:
     if not ip:
         return None
     try:
-        return Pod(ns, name, canonical_ip(ip))
+        return Pod(ns, canonical_ip(ip))
     except ValueError as e:
         raise ObjectError(f"Pod {ns}/{name}: {e}") from None
 

@@ -338,6 +338,13 @@ def _pod_namespaces(b: _Builder, model: ClusterModel, pods: str, namespaces) -> 
     return ips
 
 
+def autopath_pods(model: ClusterModel) -> list:
+    """(IP, namespace) of every live pod: the client table CoreDNS's autopath finds a
+    querying pod's namespace in (its pod cache, ``pods verified``), which kdns compiles into
+    the image (``encode.autopath_section``) whatever the pods mode."""
+    return [(pod.ip, pod.namespace) for pod in model.pods()]
+
+
 def zone_data(model: ClusterModel, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
               pods: str = settings.PODS, endpoint_pod_names: bool = False, ns_ips=None,
               serial: int | None = None) -> ZoneData:

@@ -9,6 +9,8 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 # shared with the compiler core.
 from kdns.zone.layout cimport (BLOB_AN, BLOB_HDR, BLOB_LEN, BLOB_NFIX, BLOB_NSEG, BLOB_ROT_AT,
                                BLOB_ROT_N, BLOBHDR_SIZE, ROT_SLOTS, rot_slot,
+                               AP_COUNT, AP_NSEARCH, AP_SEARCH_OFF, AP_SIZE, APENT_IP,
+                               APENT_NS, APENT_SIZE, HEADER_AUTOPATH,
                                FLAG_SYNCED, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
                                HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
                                HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
@@ -119,6 +121,7 @@ cdef struct ImageView:
     uint32_t rev_off
     uint32_t nrev
     uint32_t servfail
+    uint32_t autopath    # the autopath section's offset, 0 when off
 
 
 cdef struct Outcome:
@@ -143,6 +146,7 @@ cdef struct Rotor:
 cdef struct Ask:
     # One query being answered: its question, lower-cased once, and the reply's EDNS terms.
     Rotor *rot
+    const uint8_t *client   # the client's 16-byte address key (autopath), or NULL
     const uint8_t *q
     Py_ssize_t qlen
     int flags
@@ -224,7 +228,7 @@ cdef inline bint cur_skip(Cursor *c, Py_ssize_t n) noexcept nogil:
 # ---------------------------------------------------------------- packet path
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
                       int edns_max, uint8_t *out, int cap, Outcome *res,
-                      bint ra=*, Rotor *rot=*) noexcept nogil
+                      bint ra=*, Rotor *rot=*, const uint8_t *client=*) noexcept nogil
 cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
                        const Outcome *res, const uint8_t *reply, bint v6) noexcept nogil
 cdef void count_latency(uint64_t *ctr, int proto, uint64_t npackets, int64_t ns) noexcept nogil

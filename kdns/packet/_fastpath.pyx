@@ -14,7 +14,7 @@ it counts follows ``kdns/packet/counters.py``.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from kdns.packet.system cimport (AF_INET, AF_INET6, CLOCK_MONOTONIC, ECONNREFUSED,
                                    EHOSTUNREACH, EINTR, ENETUNREACH,
@@ -650,13 +650,14 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
     cdef const uint8_t *zone
     cdef const uint8_t *lab
     cdef int64_t zi = -1, c
-    cdef int i = a.nlabels - 1, apex_ptr, act
+    cdef int i = a.nlabels - 1, apex_ptr, act, below_apex = -1
     cdef unsigned int nflags, kind
     cdef uint32_t blob
     while True:
         nflags = le16(node + NODE_FLAGS)
         if nflags & NODE_ZONE_APEX:
             zi = le32(node + NODE_EXTRA)
+            below_apex = i
         if i < 0:
             break
         lab = a.name + a.loff[i]
@@ -703,27 +704,239 @@ cdef int resolve(const Ask *a, const ImageView *img, uint8_t *out, int cap,
         act = answer_pod(a, img, nflags, le32(node + NODE_EXTRA), zone, apex_ptr, out, cap, res)
         if act >= 0:
             return act
+    if a.client != NULL and img.autopath:
+        act = answer_autopath(a, img, below_apex, le32(zone + ZONE_NEG_BLOB), apex_ptr, out,
+                              cap, res)
+        if act >= 0:
+            return act
     return build_reply(a, img, le32(zone + ZONE_NEG_BLOB), RC_NXDOMAIN, apex_ptr, NULL, 0, out,
                        cap, res)
 
 
+# =============================================================================== autopath
+
+
+cdef int64_t client_ns(const ImageView *img, const uint8_t *key) noexcept nogil:
+    """refpath.client_namespace: the offset of the client pod's namespace label, or -1.
+    A binary search of the sorted pod table; nothing allocated."""
+    cdef const uint8_t *sec = img.base + img.autopath
+    cdef uint32_t lo = 0, hi = le32(sec + AP_COUNT), mid
+    cdef const uint8_t *e
+    cdef int cmp
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        e = sec + AP_SIZE + <size_t>mid * APENT_SIZE
+        cmp = memcmp(e + APENT_IP, key, 16)
+        if cmp == 0:
+            return <int64_t>img.autopath + le32(e + APENT_NS)
+        if cmp < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return -1
+
+
+cdef int reloc_name(uint8_t *b, int n, int off, int clen, int olen) noexcept nogil:
+    # refpath.relocate's name(): the end of the name at ``off``, its pointer moved; -1 when
+    # it runs past the body or a pointer would not fit in 14 bits.
+    cdef unsigned int p
+    while True:
+        if off >= n:
+            return -1
+        if b[off] == 0:
+            return off + 1
+        if b[off] & 0xC0 == 0xC0:
+            if off + 1 >= n:
+                return -1
+            p = (b[off] & 0x3F) << 8 | b[off + 1]
+            p += <unsigned int>(olen + 16) if p < <unsigned int>(12 + clen) else <unsigned int>(olen + 12)
+            if p > 0x3FFF:
+                return -1
+            b[off] = 0xC0 | (p >> 8)
+            b[off + 1] = p & 0xFF
+            return off + 2
+        off += 1 + b[off]
+
+
+cdef int relocate(uint8_t *b, int n, int nrec, int clen, int olen, uint32_t *ttl) noexcept nogil:
+    """refpath.relocate: the records' pointers moved behind the asked question and the
+    CNAME (RFC 1035 §4.1.4); the first record's TTL in ``ttl``. 0, or -1 as refpath's None."""
+    cdef int off = 0, k, rd
+    cdef unsigned int rtype
+    for k in range(nrec):
+        off = reloc_name(b, n, off, clen, olen)
+        if off < 0 or off + 10 > n:
+            return -1
+        rtype = be16(b + off)
+        if k == 0:
+            ttl[0] = be32(b + off + 4)
+        rd = off + 10
+        if rtype == T_NS or rtype == T_CNAME or rtype == T_PTR:
+            if reloc_name(b, n, rd, clen, olen) < 0:
+                return -1
+        elif rtype == T_MX:
+            if reloc_name(b, n, rd + 2, clen, olen) < 0:
+                return -1
+        elif rtype == T_SRV:
+            if reloc_name(b, n, rd + 6, clen, olen) < 0:
+                return -1
+        elif rtype == T_SOA:
+            rd = reloc_name(b, n, rd, clen, olen)
+            if rd < 0 or reloc_name(b, n, rd, clen, olen) < 0:
+                return -1
+            rd = off + 10
+        off = rd + be16(b + off + 8)
+    return 0
+
+
+cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uint32_t neg_blob,
+                         int apex_ptr, uint8_t *out, int cap, Outcome *res) noexcept nogil:
+    """refpath.autopath, step for step: the asked name's next search candidates answered
+    from the image, behind a CNAME; ACTION_HANDOFF from the first step the image hands off
+    (the hand-off's, refpath.autopath_plan), or -1 for today's NXDOMAIN. The candidate's
+    question is built on the stack."""
+    cdef Ask c
+    cdef uint8_t cq[12 + 256 + 4]
+    cdef const uint8_t *nslab
+    cdef const uint8_t *lab
+    cdef const uint8_t *suffix
+    cdef const uint8_t *sec = img.base + img.autopath
+    cdef const uint8_t *sp
+    cdef int64_t nsoff
+    cdef int step, nsteps, k, nb, slen, olen, clen, act, opt, length, nbase, off
+    cdef unsigned int an, tc
+    cdef uint32_t ttl = 0
+    cdef uint8_t *p
+    if below_apex < 2 or not label_is(a, below_apex, b"svc", 3):
+        return -1
+    nsoff = client_ns(img, a.client)
+    if nsoff < 0:
+        return -1
+    nslab = img.base + nsoff
+    lab = a.name + a.loff[below_apex - 1]
+    if lab[0] != nslab[0] or memcmp(lab + 1, nslab + 1, lab[0]) != 0:
+        return -1
+    olen = a.qend - 4 - 12
+    nbase = below_apex - 1
+    nb = a.loff[nbase]
+    opt = OPT_LEN if a.edns else 0
+    sp = sec + le32(sec + AP_SEARCH_OFF)
+    nsteps = 3 + <int>le32(sec + AP_NSEARCH)
+    for step in range(nsteps):
+        # refpath.autopath_candidates: <base>.svc.<zone>, <base>.<zone> (the zone may be
+        # the root), <base>.<search domain>..., <base>.
+        if step < 2:
+            k = below_apex + step
+            off = a.loff[k] if k < a.nlabels else olen - 1
+            suffix = a.name + off
+            slen = olen - off
+        elif step < nsteps - 1:
+            suffix = sp
+            slen = 0
+            while sp[slen]:
+                slen += 1 + sp[slen]
+            slen += 1
+            sp += slen
+        else:
+            suffix = b"\0"
+            slen = 1
+        clen = nb + slen
+        if clen > MAX_NAME:
+            continue                    # longer than a name may be (RFC 1035 §2.3.4)
+        memcpy(&c, a, sizeof(Ask))
+        c.client = NULL
+        memcpy(c.name, a.name, nb)
+        memcpy(c.name + nb, suffix, slen)
+        c.nlabels = 0
+        off = 0
+        while c.name[off]:
+            c.loff[c.nlabels] = off
+            c.nlabels += 1
+            off += 1 + c.name[off]
+        memcpy(cq, a.q, 12)
+        memcpy(cq + 12, c.name, clen)
+        memcpy(cq + 12 + clen, a.q + a.qend - 4, 4)
+        c.q = cq
+        c.qlen = 12 + clen + 4
+        c.qend = 12 + clen + 4
+        c.limit = a.limit - olen - 12
+        act = resolve(&c, img, out, cap, res)
+        if act != ACTION_SEND:
+            res.outside = 0
+            return ACTION_HANDOFF       # this step and the rest: the hand-off's
+        if out[3] & 0xF:
+            continue                    # NXDOMAIN
+        an = be16(out + 6)
+        if an == 0 and step < 2:
+            tc = out[2] & (F_TC >> 8)
+            act = build_reply(a, img, neg_blob, 0, apex_ptr, NULL, 0, out, cap, res)
+            out[2] |= tc
+            if tc:
+                res.tc = 1
+            return act
+        length = res.length
+        if length + olen + 12 > cap:
+            return -1
+        # The body (and OPT) moves behind the asked question and the CNAME, then its
+        # pointers follow it.
+        memmove(out + 28 + olen + clen, out + 16 + clen, length - 16 - clen)
+        if relocate(out + 28 + olen + clen, length - 16 - clen - opt,
+                    an + be16(out + 8) + be16(out + 10) - (1 if a.edns else 0),
+                    clen, olen, &ttl) < 0:
+            return -1
+        put16(out + 6, an + 1)
+        memcpy(out + 12, a.q + 12, olen + 4)
+        p = out + 16 + olen
+        put16(p, 0xC00C)
+        put16(p + 2, T_CNAME)
+        put16(p + 4, CLASS_IN)
+        put32(p + 6, ttl)
+        put16(p + 10, clen)
+        memcpy(p + 12, c.name, clen)
+        res.length = length + olen + 12
+        return ACTION_SEND
+    return -1                           # every step NXDOMAIN: the asked name's own
+
+
 cdef int answer_query(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
                       int edns_max, uint8_t *out, int cap, Outcome *res,
-                      bint ra=False, Rotor *rot=NULL) noexcept nogil:
+                      bint ra=False, Rotor *rot=NULL,
+                      const uint8_t *client=NULL) noexcept nogil:
     """One query -> action, with the reply in ``out`` (``res.length`` bytes) when SEND.
 
     ``ra``: this worker forwards (it has upstreams), so every reply says recursion is
     available (RFC 1035 §4.1.1), as kube-dns's did; one OR per reply (refpath.answer).
-    ``rot``: the rotation state (NULL: the compiled order)."""
-    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res, rot)
+    ``rot``: the rotation state (NULL: the compiled order). ``client``: the sender's
+    16-byte address key (``client_key``), whose pod namespace autopath looks up (NULL:
+    none, as for an image without autopath)."""
+    cdef int action = answer_body(img, q, qlen, tcp, edns_max, out, cap, res, rot,
+                                  client if img.autopath else NULL)
     if ra and action == ACTION_SEND:
         out[3] |= F_RA
     return action
 
 
+cdef bint client_key(const sockaddr_storage *sa, uint8_t *key) noexcept nogil:
+    # encode.ip_key: 16 bytes, IPv4 in the first 4; an IPv4-mapped IPv6 address (RFC 4291
+    # §2.5.5.2) is its IPv4 address.
+    cdef const uint8_t *b
+    memset(key, 0, 16)
+    if sa.ss_family == AF_INET:
+        memcpy(key, &(<const sockaddr_in *>sa).sin_addr, 4)
+        return True
+    if sa.ss_family == AF_INET6:
+        b = <const uint8_t *>&(<const sockaddr_in6 *>sa).sin6_addr
+        if memcmp(b, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+            memcpy(key, b + 12, 4)
+        else:
+            memcpy(key, b, 16)
+        return True
+    return False
+
+
 cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bint tcp,
                      int edns_max, uint8_t *out, int cap, Outcome *res,
-                     Rotor *rot) noexcept nogil:
+                     Rotor *rot, const uint8_t *client=NULL) noexcept nogil:
     """answer_query without RA.
 
     ``cap`` must be at least max(reply limit, 12 + 255 + 4 + OPT_LEN). Mirrors
@@ -742,6 +955,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     if qlen < 12:
         return ACTION_DROP
     a.rot = rot
+    a.client = client
     a.q = q
     a.qlen = qlen
     a.flags = be16(q + 2)
@@ -941,6 +1155,7 @@ cdef class Image:
         self.view.rev_off = le32(b + HEADER_REV_OFF)
         self.view.nrev = le32(b + HEADER_NREV)
         self.view.servfail = le32(b + HEADER_SERVFAIL)
+        self.view.autopath = le32(b + HEADER_AUTOPATH)
         problem = check_layout(&self.view)
         if problem:
             raise ValueError(f"corrupt kdns image: {problem}; recompile it")
@@ -966,6 +1181,11 @@ cdef class Image:
     @property
     def nbytes(self):
         return self.view.length
+
+    @property
+    def autopath(self):
+        """The image carries autopath's client table (layout.py)."""
+        return self.view.autopath != 0
 
 
 cdef bint span_ok(const ImageView *v, uint64_t off, uint64_t n) noexcept nogil:
@@ -1009,7 +1229,48 @@ cdef enum:
     # scan_layout's findings; check_layout words them.
     LAYOUT_OK, LAYOUT_NODES, LAYOUT_ZONES, LAYOUT_REV, LAYOUT_SERVFAIL, LAYOUT_LABEL
     LAYOUT_CHILDREN, LAYOUT_ZONE_INDEX, LAYOUT_POD_LIST, LAYOUT_NODE_RRS, LAYOUT_ZONE
-    LAYOUT_REV_ENTRY
+    LAYOUT_REV_ENTRY, LAYOUT_AUTOPATH, LAYOUT_AUTOPATH_ENTRY
+
+
+cdef bint wire_name_ok(const ImageView *v, uint64_t off, uint64_t *end) noexcept nogil:
+    # An uncompressed name (RFC 1035 §3.1) inside the image, at most MAX_NAME bytes.
+    cdef uint64_t start = off
+    while True:
+        if not span_ok(v, off, 1) or v.base[off] > MAX_LABEL or off - start >= MAX_NAME:
+            return False
+        if v.base[off] == 0:
+            end[0] = off + 1
+            return True
+        off += 1 + v.base[off]
+
+
+cdef int autopath_ok(const ImageView *v, uint32_t *where) noexcept nogil:
+    """The autopath section (layout.py): its table, each entry's namespace label (one
+    label, so the packet path compares it with a query label) and the keys strictly
+    ascending (client_ns's binary search), then its search names."""
+    cdef uint64_t sec = v.autopath, count, e, ns, off, end
+    cdef uint32_t i, nsearch
+    if sec < HEADER_SIZE or not span_ok(v, sec, AP_SIZE):
+        return LAYOUT_AUTOPATH
+    count = le32(v.base + sec + AP_COUNT)
+    if not span_ok(v, sec + AP_SIZE, count * APENT_SIZE):
+        return LAYOUT_AUTOPATH
+    for i in range(<uint32_t>count):
+        where[0] = i
+        e = sec + AP_SIZE + <uint64_t>i * APENT_SIZE
+        ns = sec + le32(v.base + e + APENT_NS)
+        if not span_ok(v, ns, 1) or v.base[ns] == 0 or v.base[ns] > MAX_LABEL or not span_ok(
+                v, ns, 1 + v.base[ns]):
+            return LAYOUT_AUTOPATH_ENTRY
+        if i and memcmp(v.base + e - APENT_SIZE + APENT_IP, v.base + e + APENT_IP, 16) >= 0:
+            return LAYOUT_AUTOPATH_ENTRY
+    off = sec + le32(v.base + sec + AP_SEARCH_OFF)
+    nsearch = le32(v.base + sec + AP_NSEARCH)
+    for i in range(nsearch):
+        if not wire_name_ok(v, off, &end):
+            return LAYOUT_AUTOPATH
+        off = end
+    return LAYOUT_OK
 
 
 cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
@@ -1055,6 +1316,8 @@ cdef int scan_layout(const ImageView *v, uint32_t *where) noexcept nogil:
         if le16(e + REV_ZONE) >= v.nzones or not rr_entries_ok(v, le32(e + REV_RR_OFF),
                                                                le16(e + REV_NRR)):
             return LAYOUT_REV_ENTRY
+    if v.autopath:
+        return autopath_ok(v, where)
     return LAYOUT_OK
 
 
@@ -1074,7 +1337,9 @@ cdef str check_layout(const ImageView *v):
             LAYOUT_POD_LIST: f"pod list of node {i} out of bounds",
             LAYOUT_NODE_RRS: f"rr entries of node {i} out of bounds",
             LAYOUT_ZONE: f"zone {i} out of bounds",
-            LAYOUT_REV_ENTRY: f"reverse entry {i} out of bounds"}[code]
+            LAYOUT_REV_ENTRY: f"reverse entry {i} out of bounds",
+            LAYOUT_AUTOPATH: "autopath section out of bounds",
+            LAYOUT_AUTOPATH_ENTRY: f"autopath entry {i} out of bounds or out of order"}[code]
 
 
 cdef bint rr_entries_ok(const ImageView *v, uint32_t off, unsigned int nrr) noexcept nogil:
@@ -1143,21 +1408,32 @@ cdef Rotor *rotor_of(object rotation, Rotor *fixed) except? NULL:
     return fixed
 
 
+cdef const uint8_t *key_of(object client) except? NULL:
+    # A Python caller's client: None, or its 16-byte key (encode.ip_key).
+    if client is None:
+        return NULL
+    if not isinstance(client, bytes) or len(client) != 16:
+        raise ValueError("client must be a 16-byte address key (encode.ip_key) or None")
+    return <const uint8_t *><const char *>client
+
+
 def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns_max,
-           bint ra=False, rotation=0):
+           bint ra=False, rotation=0, client=None):
     """One query -> (action, reply); reply is b"" unless action is 1 (send). The same result
     as refpath.answer(refpath.Image(buf), query, tcp=tcp, edns_max=edns_max, ra=ra,
-    rotation=...) for the same rotation state (a Rotation, or a fixed counter)."""
+    rotation=...) for the same rotation state (a Rotation, or a fixed counter); ``client``:
+    the sender's 16-byte address key, for autopath."""
     cdef Outcome res
     cdef int action
     cdef Rotor fixed
     cdef Rotor *rot = rotor_of(rotation, &fixed)
+    cdef const uint8_t *ck = key_of(client)
     cdef uint8_t *out = <uint8_t *>PyMem_Malloc(OUT_MAX)
     if out == NULL:
         raise MemoryError()
     try:
         action = answer_query(&img.view, <const uint8_t *><const char *>query, len(query), tcp,
-                              edns_max, out, OUT_MAX, &res, ra, rot)
+                              edns_max, out, OUT_MAX, &res, ra, rot, ck)
         if action != ACTION_SEND:
             return action, b""
         return action, PyBytes_FromStringAndSize(<char *>out, res.length)
@@ -1166,10 +1442,13 @@ def answer(Image img not None, bytes query not None, bint tcp=False, *, int edns
 
 
 def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1] msg,
-               int edns_max, bint ra=False, bint v6=False, Rotation rotation=None):
+               int edns_max, bint ra=False, bint v6=False, Rotation rotation=None,
+               client=None):
     """One TCP message (without its length prefix) -> (action, reply), counted under tcp
     (``v6``: the client is IPv6). RFC 7766 framing stays with the caller; TCP is not the
-    hot path. ``rotation``: the worker's (None: the compiled order)."""
+    hot path. ``rotation``: the worker's (None: the compiled order). ``client``: the
+    peer's 16-byte address key, for autopath (None: none)."""
+    cdef const uint8_t *ck = key_of(client)
     cdef Outcome res
     cdef int action
     cdef Rotor *rot = &rotation.r if rotation is not None else NULL
@@ -1182,7 +1461,8 @@ def tcp_answer(Image img not None, Counters c not None, const unsigned char[::1]
     try:
         with nogil:
             t0 = now_ns()
-            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra, rot)
+            action = answer_query(&img.view, q, n, True, edns_max, out, OUT_MAX, &res, ra, rot,
+                                  ck)
             count_packet(c.words, PROTO_TCP, n, action, &res, out, v6)
             # A hand-off's time is counted when its reply is sent (engine.count_reply); a
             # dropped message has none.
@@ -1592,6 +1872,8 @@ cdef class UdpServer:
         cdef uint8_t *outp
         cdef Py_ssize_t plen
         cdef int64_t now = 0
+        cdef uint8_t key[16]
+        cdef const uint8_t *ck
         for i in range(n):
             if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 # Longer than a slot, which is longer than any UDP payload (UDP_SLOT): not a
@@ -1603,8 +1885,11 @@ cdef class UdpServer:
             plen = self.rmsgs[i].msg_len
             if plen > UDP_BUF:
                 self.spilled = True
+            ck = NULL
+            if img.autopath and client_key(&self.addrs[i], key):
+                ck = key                # autopath: the sender's pod namespace decides
             action = answer_query(img, inp, plen, False, self.edns_max, outp, UDP_BUF, &res,
-                                  self.ra, self.rot)
+                                  self.ra, self.rot, ck)
             if action == ACTION_HANDOFF and self.ctab != NULL:
                 # Outside the image: the forwarder's cache may hold it.
                 if now == 0:

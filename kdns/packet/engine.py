@@ -38,6 +38,7 @@ import zlib
 from kdns import settings
 from kdns.packet import counters as C
 from kdns.zone import refpath
+from kdns.zone.encode import ip_key
 from kdns.zone.layout import FLAG_SYNCED, HEADER
 
 log = logging.getLogger("kdns.packet.engine")
@@ -229,12 +230,24 @@ class PureImage:
     def synced(self) -> bool:
         return bool(self.ref.flags & FLAG_SYNCED)
 
+    @property
+    def autopath(self) -> bool:
+        return bool(self.ref.autopath)
+
+
+def client_key(addr) -> bytes | None:
+    """A socket address's 16-byte key for autopath (``encode.ip_key``), or None."""
+    try:
+        return ip_key(addr[0])
+    except (TypeError, ValueError, IndexError, OSError):
+        return None
+
 
 def pure_answer(img: PureImage, query: bytes, tcp: bool = False, *, edns_max: int,
-                ra: bool = False, rotation=0):
+                ra: bool = False, rotation=0, client=None):
     try:
         return refpath.answer(img.ref, bytes(query), tcp=tcp, edns_max=edns_max, ra=ra,
-                              rotation=0 if rotation is None else rotation)
+                              rotation=0 if rotation is None else rotation, client=client)
     except Exception:   # noqa: BLE001 -- bad input never crashes a worker (docs/architecture.md)
         log.debug("pure path raised on a %d-byte query; dropped", len(query), exc_info=True)
         return DROP, b""
@@ -250,10 +263,10 @@ class PureCounters:
 
 
 def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max: int,
-                    ra: bool = False, v6: bool = False, rotation=None):
+                    ra: bool = False, v6: bool = False, rotation=None, client=None):
     started = time.monotonic_ns()
     action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra,
-                                rotation=rotation)
+                                rotation=rotation, client=client)
     _count(counters.words, "tcp", msg, action, reply, started, v6)
     return action, reply
 
@@ -286,7 +299,8 @@ class PureUdpServer:
                 continue          # e.g. an ICMP error queued on the socket; keep draining
             started = time.monotonic_ns()
             action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max,
-                                        ra=self.ra, rotation=self.rotation)
+                                        ra=self.ra, rotation=self.rotation,
+                                        client=client_key(addr) if img.autopath else None)
             if action == SEND:
                 try:
                     self.sock.sendto(reply, addr)

@@ -14,15 +14,18 @@ from kdns.kube.model import KINDS
 from kdns.zone import image as I
 
 
-def compile_model(model, *, synced: bool = True, hosts=None, rewrites=(), **options) -> bytes:
+def compile_model(model, *, synced: bool = True, hosts=None, rewrites=(), autopath=None,
+                  **options) -> bytes:
     """Image bytes for ``model`` (what the controller publishes after a change); ``options``
     are ``zone_data``'s. ``synced=False`` before the first full list: cluster names then
     answer SERVFAIL, never a false NXDOMAIN (docs/architecture.md, "Failure behaviour").
     ``hosts``: the Corefile's custom records (``forward.hosts.HostsRecords``) or None;
-    ``rewrites``: its ``rewrite name`` rules (``forward.rewrite.NameRule``)."""
+    ``rewrites``: its ``rewrite name`` rules (``forward.rewrite.NameRule``).
+    ``autopath``: None (off), or the server's search domains (a tuple, maybe empty): the
+    image then carries the pods' client table (``autopath_image``)."""
     domain = options.get("domain", settings.DOMAIN)
     zd = with_hosts(records.zone_data(model, **options), hosts, domain)
-    return _compile(with_rewrites(zd, rewrites), synced)
+    return _compile(with_rewrites(zd, rewrites), synced, autopath_image(model, autopath))
 
 
 def with_rewrites(zd: records.ZoneData, rules) -> records.ZoneData:
@@ -80,6 +83,14 @@ def alias_zones(rules, zones) -> tuple:
     return tuple(out)
 
 
+def autopath_image(model, search, keys: dict | None = None) -> bytes:
+    """The image's autopath section for ``model`` (b"" when ``search`` is None: off);
+    ``keys``: the caller's IP -> key cache (``encode.autopath_section``)."""
+    if search is None:
+        return b""
+    return I.autopath_section(records.autopath_pods(model), tuple(search), keys)
+
+
 def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:
     """``zd`` with the custom records of ``hosts`` (None: as it is). CoreDNS asks hosts
     before kubernetes, so a name of the hosts keeps only their records (its A and AAAA; any
@@ -93,13 +104,13 @@ def with_hosts(zd: records.ZoneData, hosts, domain: str) -> records.ZoneData:
         R.canonical(domain).rstrip("."))), zd.exists, zd.serial, zd.warnings)
 
 
-def _compile(zd: records.ZoneData, synced: bool) -> bytes:
+def _compile(zd: records.ZoneData, synced: bool, autopath: bytes = b"") -> bytes:
     """Compile ``zd``, which the caller must not keep: the compiler lets the RRsets go once
     it has encoded them, before the image is assembled (the first build's peak)."""
     rrsets, zones, exists, serial = list(zd.rrsets), zd.zones, zd.exists, zd.serial
     del zd
     return I.compile_image(rrsets, zones, exists=exists, synced=synced, serial=serial,
-                           consume=True)
+                           consume=True, autopath=autopath)
 
 
 def compile_file(path: str, **options) -> bytes:
@@ -110,7 +121,7 @@ def compile_file(path: str, **options) -> bytes:
 def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL,
                          pods: str = settings.PODS, endpoint_pod_names: bool = False,
                          serial: int | None = None, hosts=None,
-                         rewrites=()) -> tuple[bytes, int]:
+                         rewrites=(), autopath=None) -> tuple[bytes, int]:
     """Image bytes for ``path`` and how many objects of the DNS kinds it held: the file
     source refuses to replace a cluster with an empty one (a truncated file, see
     ``supervisor.WatchedFile``), which only the object count tells apart."""
@@ -122,5 +133,6 @@ def compile_file_counted(path: str, *, domain: str = settings.DOMAIN, ttl: int =
                            endpoint_pod_names=endpoint_pod_names,
                            serial=records.file_serial(path) if serial is None else serial)
     zd = with_rewrites(with_hosts(zd, hosts, domain), rewrites)
+    section = autopath_image(model, autopath)
     del model
-    return _compile(zd, True), objects
+    return _compile(zd, True, section), objects

@@ -89,9 +89,9 @@ class FullCompiler:
 
     def __init__(self, *, domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
                  pods: str = kdns_settings.PODS, endpoint_pod_names: bool = False, hosts=None,
-                 rewrites=()):
+                 rewrites=(), autopath=None):
         self.options = {"domain": domain, "ttl": ttl, "pods": pods,
-                        "endpoint_pod_names": endpoint_pod_names}
+                        "endpoint_pod_names": endpoint_pod_names, "autopath": autopath}
         self.hosts = hosts              # forward.hosts.HostsBox or None
         self.rewrites = tuple(rewrites)  # forward.rewrite.NameRule
 
@@ -559,7 +559,7 @@ class ApiController(Controller):
                  domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
                  initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
                  debounce: Debounce = Debounce(), settings=None,
-                 endpoint_pod_names: bool = False, hosts=None, rewrites=()):
+                 endpoint_pod_names: bool = False, hosts=None, rewrites=(), autopath=None):
         from kdns.kube import api as source
         from kdns.serve.incremental import IncrementalCompiler
         if kdns_settings.ENV.full_compile:
@@ -567,16 +567,17 @@ class ApiController(Controller):
             # bench/bench_api_scale.py --full-compile.
             compiler = FullCompiler(domain=domain, ttl=ttl, pods=pods,
                                     endpoint_pod_names=endpoint_pod_names, hosts=hosts,
-                                    rewrites=rewrites)
+                                    rewrites=rewrites, autopath=autopath)
         else:
             compiler = IncrementalCompiler(domain=domain, ttl=ttl, pods=pods, into_memfd=True,
                                            endpoint_pod_names=endpoint_pod_names, hosts=hosts,
-                                           rewrites=rewrites)
+                                           rewrites=rewrites, autopath=autopath)
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
         self.source = source.ApiSource(api_client=api_client, sink=self.sink,
-                                       pods=pods == "verified", settings=settings)
+                                       pods=pods == "verified" or autopath is not None,
+                                       settings=settings)
         self.needed = len(self.source.watchers)
 
     @classmethod
@@ -597,7 +598,8 @@ class ApiController(Controller):
         return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
                    initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
                    endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False),
-                   hosts=getattr(cfg, "hosts", None), rewrites=getattr(cfg, "rewrites", ()))
+                   hosts=getattr(cfg, "hosts", None), rewrites=getattr(cfg, "rewrites", ()),
+                   autopath=getattr(cfg, "autopath", None))
 
     def start(self) -> None:
         super().start()

@@ -137,6 +137,8 @@ class ServeConfig:
     rewrites: tuple = ()
     # --serve-image: the sealed image over HTTP on the healthz port, for node-locals.
     serve_image: bool = False
+    # Autopath (CoreDNS ``autopath @kubernetes``): None, or the server's search domains.
+    autopath: tuple | None = None
 
 
 # --------------------------------------------------------------------------- image sources
@@ -165,7 +167,7 @@ def zone_file_loader(cfg: ServeConfig) -> Callable[[str], bytes]:
                 path, domain=cfg.domain, ttl=cfg.ttl, pods=cfg.pods,
                 endpoint_pod_names=cfg.endpoint_pod_names,
                 hosts=cfg.hosts.records if cfg.hosts is not None else None,
-                rewrites=cfg.rewrites)
+                rewrites=cfg.rewrites, autopath=cfg.autopath)
         except records.InputError as e:
             raise LoadError(f"--from-file {path}: {e}") from None
         except OSError as e:

@@ -349,10 +349,13 @@ class Worker:
 
     async def udp_handoff(self, packet: bytes, addr, retry=None, *,
                           received_ns: int | None = None) -> None:
-        if retry is None:
-            reply = await self.handoff.resolve(packet, "udp")
-        else:
+        if retry is not None:
             reply = await self.handoff.resolve(packet, "udp", retry)
+        elif getattr(self.img, "autopath", False):
+            # Autopath's hand-offs are finished for the client's namespace.
+            reply = await self.handoff.resolve(packet, "udp", client=addr[0])
+        else:
+            reply = await self.handoff.resolve(packet, "udp")
         if self.log_queries:
             logs.log_query("udp", addr, packet, reply)
         if reply is None:
@@ -422,6 +425,7 @@ class TcpConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.source = ""
         self.v6 = False                 # an IPv6 client (the family label of its queries)
+        self.peer_ip = self.client = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -429,6 +433,10 @@ class TcpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.source = peer[0] if peer else ""
         self.v6 = bool(peer) and engine.client_is_ipv6(peer)
+        # The peer's address for autopath (its key for the packet path, its text for the
+        # hand-off); None when the transport has none.
+        self.peer_ip = peer[0] if peer else None
+        self.client = engine.client_key(peer) if peer else None
         mine = w.by_source.get(self.source)
         # RFC 7766 §10: a per-source limit, so one client cannot hold every connection, and
         # at a limit the oldest idle connection makes room (its client can reconnect; the
@@ -494,8 +502,9 @@ class TcpConnection(asyncio.Protocol):
     def query(self, msg: bytes) -> None:
         w = self.worker
         received_ns = time.monotonic_ns()
+        client = self.client if getattr(w.img, "autopath", False) else None
         action, reply = engine.tcp_answer(w.img, w.counters, msg, w.edns_max, w.udp_server.ra,
-                                          self.v6, w.rotation)
+                                          self.v6, w.rotation, client)
         if w.log_queries and action != engine.HANDOFF:
             logs.log_query("tcp", self.transport.get_extra_info("peername"), msg,
                            reply if action == engine.SEND else None)
@@ -503,11 +512,15 @@ class TcpConnection(asyncio.Protocol):
             self.write(reply)
         elif action == engine.HANDOFF:
             self.pending += 1
-            w.spawn(self.handoff(msg, received_ns))
+            w.spawn(self.handoff(msg, received_ns, client is not None))
 
-    async def handoff(self, msg: bytes, received_ns: int | None = None) -> None:
+    async def handoff(self, msg: bytes, received_ns: int | None = None,
+                      autopath: bool = False) -> None:
         try:
-            reply = await self.worker.handoff.resolve(msg, "tcp")
+            if autopath:
+                reply = await self.worker.handoff.resolve(msg, "tcp", client=self.peer_ip)
+            else:
+                reply = await self.worker.handoff.resolve(msg, "tcp")
         finally:
             self.pending -= 1
         if self.worker.log_queries:

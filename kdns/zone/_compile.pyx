@@ -34,7 +34,7 @@ from kdns.zone.layout cimport (BLOB_AN, BLOB_AR, BLOB_HDR, BLOB_LEN, BLOB_NFIX, 
                                FLAG_SYNCED, HDR_AA,
                                HDR_HANDOFF, HEADER_CRC, HEADER_FLAGS, HEADER_LENGTH,
                                HEADER_MAGIC, HEADER_NNODES, HEADER_NODES_OFF, HEADER_NREV,
-                               HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL,
+                               HEADER_NZONES, HEADER_REV_OFF, HEADER_SERIAL, HEADER_SERVFAIL, HEADER_AUTOPATH,
                                HEADER_SIZE, HEADER_ZONES_OFF, NODE_POD_NS, NODE_POD_VERIFIED,
                                NODE_ZONE_APEX, ZONE_APEX_NODE, ZONE_APEX_WIRE_LEN, ZONE_AUTH,
                                ZONE_KIND, ZONE_NEG_BLOB, ZONE_REVERSE, ZONE_SIZE, ZONE_TTL,
@@ -1970,7 +1970,7 @@ cdef class ZoneCore:
         return 0
 
     def compile(self, rrsets, exists, ttls, pods, bint synced, uint64_t serial, alloc=None,
-                bint consume=False):
+                bint consume=False, bytes autopath=b""):
         """The image of ``rrsets`` (rr.RRset) and ``exists`` (names declared to exist):
         every name filed, the trie grown, every answer encoded (the zones' negative answers
         first, then the nodes' in trie order, then the reverse names' in address order:
@@ -1981,7 +1981,8 @@ cdef class ZoneCore:
         children): with IPs it is verified (layout.py). ``alloc(size)``: a writable buffer
         of the image's size to write it into (a memfd's mapping), or None for a new bytes
         object. ``consume``: the RRsets list is emptied once every answer is encoded, so
-        that its memory is free before the image is assembled (the compile's peak)."""
+        that its memory is free before the image is assembled (the compile's peak).
+        ``autopath``: the autopath section (encode.autopath_section), placed last, 4-aligned."""
         cdef int zi
         cdef int32_t i
         cdef uint32_t nodes_off, zones_off, rev_off, rrtab_off, labels_off, pods_off
@@ -2019,16 +2020,18 @@ cdef class ZoneCore:
         pods_off += -pods_off % 4
         blobs_off = pods_off + self.podl_len
         total = blobs_off + self.placed_len
+        if autopath:
+            total += -total % 4 + len(autopath)
         if total > 0xFFFFFFFF:
             raise self.error("the image would be over 4 GiB")
         out = None if alloc is None else alloc(total)
         return self._assemble(out, ttls, synced, serial, nodes_off, zones_off, rev_off,
-                              rrtab_off, labels_off, pods_off, blobs_off, total)
+                              rrtab_off, labels_off, pods_off, blobs_off, total, autopath)
 
     cdef object _assemble(self, out, list ttls, bint synced, uint64_t serial,
                           uint32_t nodes_off, uint32_t zones_off, uint32_t rev_off,
                           uint32_t rrtab_off, uint32_t labels_off, uint32_t pods_off,
-                          uint32_t blobs_off, size_t total):
+                          uint32_t blobs_off, size_t total, bytes autopath):
         """The image: the header, then the sections in layout order with every
         section-relative offset rebased. Written into ``out`` when given (a writable buffer
         of ``total`` bytes), which is returned; otherwise into a new bytes object."""
@@ -2040,7 +2043,11 @@ cdef class ZoneCore:
         cdef uint8_t *e
         cdef size_t pos
         cdef const uint8_t *magic = self.magic
-        if <size_t>blobs_off != pods_off + self.podl_len or total != blobs_off + self.placed_len:
+        cdef size_t ap_len = len(autopath)
+        cdef size_t core_end = <size_t>blobs_off + self.placed_len
+        cdef size_t ap_off = (core_end + 3) & ~(<size_t>3) if ap_len else 0
+        if <size_t>blobs_off != pods_off + self.podl_len or total != (
+                ap_off + ap_len if ap_len else core_end):
             raise AssertionError("inconsistent image layout")
         for k in range(<int32_t>self.nverified):
             nd = self.nodes + NODE_SIZE * self.verified[k] + NODE_EXTRA
@@ -2095,6 +2102,12 @@ cdef class ZoneCore:
         # supervisor's loop run meanwhile).
         with nogil:
             copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
+        if ap_len:
+            pos = core_end
+            while pos < ap_off:
+                o[pos] = 0
+                pos += 1
+            memcpy(o + ap_off, <const char *>autopath, ap_len)
         crc = zlib.crc32(memoryview(out)[HEADER_SIZE:])
         memcpy(o + HEADER_MAGIC, magic, 8)
         put32le(o + HEADER_LENGTH, total)
@@ -2106,6 +2119,7 @@ cdef class ZoneCore:
         put32le(o + HEADER_REV_OFF, rev_off)
         put32le(o + HEADER_NREV, self.nrev)
         put32le(o + HEADER_SERVFAIL, self.servfail_blob + blobs_off)
+        put32le(o + HEADER_AUTOPATH, <uint32_t>ap_off)
         put32le(o + HEADER_SERIAL, serial & 0xFFFFFFFF)
         put32le(o + HEADER_SERIAL + 4, serial >> 32)
         put32le(o + HEADER_CRC, crc)

@@ -20,20 +20,20 @@ from kdns import settings
 from kdns.dns import rr as R
 from kdns.dns.rr import (ZONE_ALIAS, ZONE_AUTH, ZONE_HOSTS, ZONE_HOSTS_FINAL, ZONE_REVERSE,  # noqa: F401
                          Zone)  # (callers' zone kinds)
-from kdns.zone.encode import CompileError, Encoder, pod_list  # noqa: F401  (callers' names)
+from kdns.zone.encode import CompileError, Encoder, autopath_section, pod_list  # noqa: F401  (callers' names)
 from kdns.zone.layout import MAGIC
 from kdns.zone.oracle import ReferenceCompiler
 
 
 def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
                   exists: Iterable[str] = (), synced: bool = True, serial: int = 0,
-                  consume: bool = False) -> bytes:
+                  consume: bool = False, autopath: bytes = b"") -> bytes:
     """RRsets -> image bytes. Identical input gives identical bytes.
 
     ``consume=True`` with a list of RRsets: the compiled core empties the list once every
     answer is encoded, so that (when the caller holds no other reference) the RRsets' memory
     is free before the image is assembled: the first build's peak sets the memory limit a
-    pod needs."""
+    pod needs. ``autopath``: the autopath section (``encode.autopath_section``) or b""."""
     # The compiler makes ~10 container objects per name and frees none until it returns;
     # the cyclic GC would rescan them all again and again (a third of the time at 250,000
     # names) and can find nothing to free, so it is paused for the duration.
@@ -43,8 +43,9 @@ def compile_image(rrsets: Iterable[R.RRset], zones: Iterable[Zone], *,
         zones = list(zones)
         core = _compiled_core()
         if core is None:
-            return ReferenceCompiler(zones, synced, serial).build(rrsets, exists)
-        return CoreCompiler(zones, synced, serial, core, consume).build(rrsets, exists)
+            return ReferenceCompiler(zones, synced, serial).build(rrsets, exists, autopath)
+        return CoreCompiler(zones, synced, serial, core, consume).build(rrsets, exists,
+                                                                         autopath=autopath)
     finally:
         if paused:
             gc.enable()
@@ -103,7 +104,7 @@ class CoreCompiler:
                     info[(ns.encode().lower(), b"pod") + apex] = packed
         return list(info.items())
 
-    def build(self, rrsets, exists, into=None):
+    def build(self, rrsets, exists, into=None, autopath: bytes = b""):
         """The image bytes; with ``into`` (size -> a writable buffer of that size, such as
         ``publish.ImageMemfd``, or None for bytes), the image is written into it, which is
         returned."""
@@ -117,7 +118,8 @@ class CoreCompiler:
         try:
             image = self.core.compile(rrsets, exists, [z.ttl for z in self.zones], self.pods(),
                                       self.synced, self.serial,
-                                      None if into is None else alloc, self.consume)
+                                      None if into is None else alloc, self.consume,
+                                      autopath)
         except BaseException:
             for out in made:
                 if out is not None:

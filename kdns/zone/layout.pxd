@@ -18,6 +18,7 @@ cdef enum:
     HEADER_REV_OFF = 32
     HEADER_NREV = 36
     HEADER_SERVFAIL = 40
+    HEADER_AUTOPATH = 44
     HEADER_SERIAL = 48
     HEADER_CRC = 56
     HEADER_SIZE = 64
@@ -48,6 +49,14 @@ cdef enum:
     REV_NRR = 24
     REV_ZONE = 26
     REV_SIZE = 28
+
+    AP_COUNT = 0
+    AP_NSEARCH = 4
+    AP_SEARCH_OFF = 8
+    AP_SIZE = 16
+    APENT_IP = 0
+    APENT_NS = 16
+    APENT_SIZE = 20
 
     BLOB_HDR = 0
     BLOB_AN = 2

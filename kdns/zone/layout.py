@@ -14,7 +14,7 @@ Layout (all integers little-endian; every offset is from the start of the image)
     16 I   nodes_off              20 I  nnodes     (node 0 is the root)
     24 I   zones_off              28 I  nzones
     32 I   rev_off                36 I  nrev
-    40 I   servfail_blob          44 I  reserved
+    40 I   servfail_blob          44 I  autopath_off (0: autopath off)
     48 Q   serial (informational) 56 I  crc32 of bytes [64, length)   60 I reserved
 
   node (24 bytes): label_off I, first_child I, nchild I, rr_off I, nrr H, flags H, extra I
@@ -61,6 +61,13 @@ Layout (all integers little-endian; every offset is from the start of the image)
     cut after every record, so the segments hold every record's end: the paths find a
     rotated reply's cut points from them, never by parsing, and a truncated rotated reply
     still keeps every whole record that fits.
+
+  autopath section (CoreDNS ``autopath @kubernetes``; only with ``--autopath``), at
+  ``autopath_off``, its own offsets relative to its start: count I, nsearch I, search_off I,
+  reserved I, then ``count`` pod entries (16-byte IP key as the pod lists store it, IPv4 in
+  the first 4 bytes; ns_off I -> [u8 len][lower-case namespace]) sorted by key, the
+  namespace labels (each once), and at ``search_off`` the server's own search domains as
+  ``nsearch`` uncompressed wire names, which the forwarder tries after the cluster's three.
 """
 from __future__ import annotations
 
@@ -81,6 +88,7 @@ HEADER_NZONES = 28
 HEADER_REV_OFF = 32
 HEADER_NREV = 36
 HEADER_SERVFAIL = 40
+HEADER_AUTOPATH = 44
 HEADER_SERIAL = 48
 HEADER_CRC = 56
 HEADER_SIZE = 64
@@ -121,6 +129,17 @@ REV_ZONE = 26
 REV_SIZE = 28
 REV = struct.Struct("<B3x16sIHH")
 
+# autopath section header and pod entry
+AP_COUNT = 0
+AP_NSEARCH = 4
+AP_SEARCH_OFF = 8
+AP_SIZE = 16
+APHDR = struct.Struct("<IIII")
+APENT_IP = 0
+APENT_NS = 16
+APENT_SIZE = 20
+APENT = struct.Struct("<16sI")
+
 # blob header, then its fixups (from BLOBHDR_SIZE, padded to 4) and segments
 BLOB_HDR = 0
 BLOB_AN = 2
@@ -150,7 +169,7 @@ FIELDS = {
         (HEADER_MAGIC, "8s"), (HEADER_LENGTH, "I"), (HEADER_FLAGS, "I"),
         (HEADER_NODES_OFF, "I"), (HEADER_NNODES, "I"), (HEADER_ZONES_OFF, "I"),
         (HEADER_NZONES, "I"), (HEADER_REV_OFF, "I"), (HEADER_NREV, "I"),
-        (HEADER_SERVFAIL, "I"), (44, "I"), (HEADER_SERIAL, "Q"), (HEADER_CRC, "I"), (60, "I"))),
+        (HEADER_SERVFAIL, "I"), (HEADER_AUTOPATH, "I"), (HEADER_SERIAL, "Q"), (HEADER_CRC, "I"), (60, "I"))),
     "NODE": (NODE, NODE_SIZE, (
         (NODE_LABEL_OFF, "I"), (NODE_FIRST_CHILD, "I"), (NODE_NCHILD, "I"), (NODE_RR_OFF, "I"),
         (NODE_NRR, "H"), (NODE_FLAGS, "H"), (NODE_EXTRA, "I"))),
@@ -161,6 +180,9 @@ FIELDS = {
     "REV": (REV, REV_SIZE, (
         (REV_FAMILY, "B"), (1, "3x"), (REV_IP, "16s"), (REV_RR_OFF, "I"), (REV_NRR, "H"),
         (REV_ZONE, "H"))),
+    "APHDR": (APHDR, AP_SIZE, (
+        (AP_COUNT, "I"), (AP_NSEARCH, "I"), (AP_SEARCH_OFF, "I"), (12, "I"))),
+    "APENT": (APENT, APENT_SIZE, ((APENT_IP, "16s"), (APENT_NS, "I"))),
     "BLOBHDR": (BLOBHDR, BLOBHDR_SIZE, (
         (BLOB_HDR, "H"), (BLOB_AN, "H"), (BLOB_NS, "H"), (BLOB_AR, "H"), (BLOB_NFIX, "H"),
         (BLOB_NSEG, "H"), (BLOB_LEN, "I"), (BLOB_ROT_AT, "H"), (BLOB_ROT_N, "H"))),

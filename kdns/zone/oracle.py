@@ -297,7 +297,7 @@ class ReferenceCompiler(Encoder):
             raise CompileError(f"{'.'.join(l.decode() for l in labels)}. is not a full reverse name")
         return key
 
-    def build(self, rrsets, exists) -> bytes:
+    def build(self, rrsets, exists, autopath: bytes = b"") -> bytes:
         self.add(rrsets, exists)
         fwd_names, rev_names = self.split_names()
         nodes_meta = self.number_nodes(self.grow_tree(fwd_names))
@@ -397,6 +397,10 @@ class ReferenceCompiler(Encoder):
         pods_off += pad
         blobs_off = pods_off + len(pod_lists)
         total = blobs_off + len(blob_data)
+        # The autopath section last, 4-aligned; its offsets are its own (layout.py).
+        ap_pad = -total % 4 if autopath else 0
+        ap_off = total + ap_pad if autopath else 0
+        total += ap_pad + len(autopath)
 
         # Rebase the section-relative offsets, then pack each table in one go.
         for k in range(0, len(node_flat), _NODE_WORDS):
@@ -415,14 +419,14 @@ class ReferenceCompiler(Encoder):
         # The sections in order, joined once: no bytearray of the whole image and then its
         # bytes() copy (two image-sized buffers at the peak instead of one).
         parts = [_pack_u32(node_flat), zone_table, rev_table, _pack_u32(rr_flat), labels_pool,
-                 b"\0" * pad, pod_lists, blob_data]
+                 b"\0" * pad, pod_lists, blob_data, b"\0" * ap_pad, autopath]
         del node_flat, rr_flat, blob_data
         crc = 0
         for part in parts:
             crc = zlib.crc32(part, crc)
         header = HEADER.pack(MAGIC, total, FLAG_SYNCED if self.synced else 0,
                              nodes_off, nnodes, zones_off, len(self.zones), rev_off,
-                             nrev, servfail + blobs_off, 0, self.serial, crc, 0)
+                             nrev, servfail + blobs_off, ap_off, self.serial, crc, 0)
         return b"".join([header, *parts])
 
     def release(self) -> None:

@@ -12,7 +12,7 @@ import struct
 
 from kdns import settings
 from kdns.zone import layout as L
-from kdns.zone.encode import ipv4_key, reverse_to_ip
+from kdns.zone.encode import ip_key, ipv4_key, reverse_to_ip
 from kdns.zone.layout import (BLOBHDR, FLAG_SYNCED, HDR_HANDOFF, HEADER, MAGIC, NODE_POD_NS,
                               NODE_POD_VERIFIED, NODE_ZONE_APEX, SEG, ZONE, ZONE_ALIAS, ZONE_HOSTS,
                               ZONE_HOSTS_FINAL, ZONE_REVERSE)
@@ -121,7 +121,8 @@ class Image:
     def __init__(self, buf: bytes):
         self.buf = memoryview(buf)
         (magic, length, self.flags, self.nodes_off, self.nnodes, self.zones_off, self.nzones,
-         self.rev_off, self.nrev, self.servfail, _, self.serial, _, _) = HEADER.unpack_from(buf, 0)
+         self.rev_off, self.nrev, self.servfail, self.autopath, self.serial, _,
+         _) = HEADER.unpack_from(buf, 0)
         if magic != MAGIC or length != len(buf):
             raise ValueError("not a kdns image")
 
@@ -221,22 +222,25 @@ def parse_ipv6(s: bytes) -> tuple[int, bytes]:
 
 def answer(image: Image, q: bytes, *, tcp: bool = False, edns_max: int = settings.EDNS_UDP_SIZE,
            external_cname: bool = False, ra: bool = False,
-           rotation: Rotation | int = 0) -> tuple[int, bytes]:
+           rotation: Rotation | int = 0, client: str | bytes | None = None) -> tuple[int, bytes]:
     """One query -> (action, reply). HANDOFF means: not ours to answer (forwarder's).
 
     ``external_cname``: answer a chain that leaves the cluster with its CNAMEs alone instead
     of handing it off (the forwarder's first half of such an answer). ``ra``: the worker
     forwards (it has upstreams), so every reply says recursion is available (RFC 1035
     §4.1.1), as kube-dns's did. ``rotation``: the state rotating answers take their order
-    from (``Rotation``, or a fixed counter)."""
-    action, out = _answer(image, q, tcp, edns_max, external_cname, rotation)
+    from (``Rotation``, or a fixed counter). ``client``: the client's address (text, or
+    its 16-byte key, ``encode.ip_key``), which autopath looks up (``autopath``)."""
+    if isinstance(client, str):
+        client = ip_key(client)
+    action, out = _answer(image, q, tcp, edns_max, external_cname, rotation, client)
     if ra and action == ACTION_SEND:
         out = out[:3] + bytes([out[3] | RA]) + out[4:]
     return action, out
 
 
 def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
-            external_cname: bool, rotation=0) -> tuple[int, bytes]:
+            external_cname: bool, rotation=0, client=None) -> tuple[int, bytes]:
     if len(q) < 12:
         return ACTION_DROP, b""
     qid, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", q, 0)
@@ -273,16 +277,17 @@ def _answer(image: Image, q: bytes, tcp: bool, edns_max: int,
         # and never an upstream (dns-rules §2.5). QCLASS ANY matches IN (RFC 6895 §3.2), the
         # only class the zone has, so it is answered like IN, its records in class IN.
         return ACTION_HANDOFF, b""
-    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname, rotation)
+    return resolve(image, q, qend, labels, qtype, limit, edns, external_cname, rotation, client)
 
 
-def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False, rotation=0):
+def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=False, rotation=0,
+            client=None):
     low = [label.lower() for label in labels]
-    ni, zone, i = 0, -1, len(low) - 1
+    ni, zone, i, below_apex = 0, -1, len(low) - 1, -1
     node = img.node(0)
     while True:
         if img.u16(node + L.NODE_FLAGS) & NODE_ZONE_APEX:
-            zone = img.u32(node + L.NODE_EXTRA)
+            zone, below_apex = img.u32(node + L.NODE_EXTRA), i
         if i < 0:
             break
         c = img.child(node, low[i])
@@ -347,7 +352,211 @@ def resolve(img: Image, q, qend, labels, qtype, limit, edns, external_cname=Fals
             if qtype == T_ANY:
                 return ACTION_SEND, reply(q, qend, 0, 0, None, edns, limit, synth=any_hinfo(ttl))
             return ACTION_SEND, reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
+    if client is not None and img.autopath:
+        done = autopath(img, q, qend, low, below_apex, qtype, limit, edns, external_cname,
+                        rotation, client, neg_blob, apex_ptr)
+        if done is not None:
+            return done
     return ACTION_SEND, reply(q, qend, neg_blob, NXDOMAIN, img, edns, limit, apex_ptr)
+
+
+# ---------------------------------------------------------------------------- autopath
+# CoreDNS's autopath with @kubernetes (docs/dns-rules.md §5.3): for a client pod in <ns>, a
+# name under the first element of its search path (<ns>.svc.<zone>) that does not exist is
+# tried, as the pod's resolver would next, as <base>.svc.<zone>, <base>.<zone>,
+# <base>.<each server search domain>, then <base> itself. Steps the image answers are
+# answered here; from the first it hands off (outside its zones, an ExternalName) the
+# hand-off asks them in order (``autopath_plan``). The first that is not NXDOMAIN answers,
+# behind a CNAME from the asked name to it whose TTL is the first record's; a NODATA in the
+# asked name's zone answers as that name's NODATA (as CoreDNS's cnamer finds no record to
+# point at), and when every step is NXDOMAIN the asked name's own NXDOMAIN is the answer.
+NAME_TYPES = {2: 0, 5: 0, 12: 0, 15: 2, 33: 6}     # rdata offset of the one name (RFC 1035)
+
+
+def client_namespace(img: Image, key: bytes) -> bytes | None:
+    """The lower-case namespace of the pod at ``key`` (16 bytes), or None."""
+    sec = img.autopath
+    count = img.u32(sec + L.AP_COUNT)
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        e = sec + L.AP_SIZE + mid * L.APENT_SIZE
+        cand = bytes(img.buf[e:e + 16])
+        if cand == key:
+            return img.label(sec + img.u32(e + L.APENT_NS))
+        if cand < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return None
+
+
+def search_domains(img: Image) -> list[bytes]:
+    """The server's search domains the image carries, as wire names."""
+    sec = img.autopath
+    n, off = img.u32(sec + L.AP_NSEARCH), sec + img.u32(sec + L.AP_SEARCH_OFF)
+    out = []
+    for _ in range(n):
+        end = name_end(img.buf, off)
+        out.append(bytes(img.buf[off:end]))
+        off = end
+    return out
+
+
+def autopath_base(img: Image, low, below_apex, client) -> list | None:
+    """The base labels when the name is <base>.<client's ns>.svc.<zone>, else None."""
+    if below_apex < 2 or low[below_apex] != b"svc":
+        return None
+    ns = client_namespace(img, client)
+    if ns is None or low[below_apex - 1] != ns:
+        return None
+    return low[:below_apex - 1]
+
+
+def autopath_candidates(img: Image, low, below_apex, base) -> list[tuple]:
+    """The search steps after the asked name, as label tuples: <base>.svc.<zone>,
+    <base>.<zone>, <base>.<each server search domain>, <base>; a step longer than a name
+    may be (RFC 1035 §2.3.4) is left out."""
+    out = [tuple(base) + tuple(low[below_apex:]), tuple(base) + tuple(low[below_apex + 1:])]
+    for sd in search_domains(img):
+        out.append(tuple(base) + tuple(label_list(sd)))
+    out.append(tuple(base))
+    return [c for c in out if sum(len(x) + 1 for x in c) + 1 <= MAX_NAME]
+
+
+def label_list(wire: bytes) -> list[bytes]:
+    out, off = [], 0
+    while wire[off]:
+        out.append(wire[off + 1:off + 1 + wire[off]])
+        off += 1 + wire[off]
+    return out
+
+
+def autopath(img, q, qend, low, below_apex, qtype, limit, edns, external_cname, rotation,
+             client, neg_blob, apex_ptr):
+    """The steps the image answers; (action, reply), or None for today's NXDOMAIN. The
+    first step the image hands off (a name outside its zones, an ExternalName) and those
+    after it are the hand-off's (``autopath_plan``)."""
+    base = autopath_base(img, low, below_apex, client)
+    if base is None:
+        return None
+    olen = qend - 4 - 12
+    for step, cand in enumerate(autopath_candidates(img, low, below_apex, base)):
+        cwire = b"".join(bytes((len(x),)) + x for x in cand) + b"\0"
+        cq = q[:12] + cwire + q[qend - 4:qend]
+        action, rep = resolve(img, cq, len(cq), list(cand), qtype, limit - olen - 12, edns,
+                              False, rotation)
+        if action != ACTION_SEND:
+            return ACTION_HANDOFF, b""  # this step and the rest: the hand-off's
+        if rep[3] & 0xF:
+            continue                    # NXDOMAIN (nothing else: synced, not a transfer)
+        an, ns, ar = struct.unpack_from("!HHH", rep, 6)
+        if an == 0 and step < 2:
+            # NODATA in the asked name's zone: its own NODATA (same SOA), with the
+            # candidate's TC, as CoreDNS (its cnamer finds no record to point at).
+            out = reply(q, qend, neg_blob, 0, img, edns, limit, apex_ptr)
+            return ACTION_SEND, out[:2] + bytes([out[2] | (rep[2] & (TC >> 8))]) + out[3:]
+        # An answer, or a NODATA of a further step (maybe another zone's SOA): behind the
+        # CNAME (RFC 2308 §2.2 allows a NODATA after a CNAME chain).
+        opt = OPT_LEN if edns else 0
+        body = bytearray(rep[len(cq):len(rep) - opt])
+        ttl = relocate(body, an + ns + ar - (1 if edns else 0), len(cwire), olen)
+        if ttl is None:
+            return None
+        cname = struct.pack("!HHHIH", 0xC00C, 5, CLASS_IN, ttl, len(cwire)) + cwire
+        head = rep[:6] + struct.pack("!HHH", an + 1, ns, ar)
+        return ACTION_SEND, head + q[12:qend] + cname + bytes(body) + rep[len(rep) - opt:]
+    return None                         # every step NXDOMAIN: the asked name's own
+
+
+def relocate(body: bytearray, nrec: int, clen: int, olen: int) -> int | None:
+    """Move the compression pointers of ``body`` (records that followed a question of
+    ``clen`` name bytes) to where the records stand behind the asked question (``olen``
+    name bytes) and the CNAME whose rdata now holds the candidate name (RFC 1035 §4.1.4:
+    a pointer names an earlier offset). Returns the first record's TTL, or None when a
+    pointer would not fit in 14 bits."""
+    shift_q, shift_b = olen + 16, olen + 12
+    off, ttl = 0, None
+
+    def name(off):
+        while True:
+            n = body[off]
+            if n == 0:
+                return off + 1
+            if n & 0xC0 == 0xC0:
+                p = (n & 0x3F) << 8 | body[off + 1]
+                p += shift_q if p < 12 + clen else shift_b
+                if p > 0x3FFF:
+                    raise OverflowError
+                body[off], body[off + 1] = 0xC0 | p >> 8, p & 0xFF
+                return off + 2
+            off += 1 + n
+
+    try:
+        for _ in range(nrec):
+            off = name(off)
+            rtype, _, rttl, rdlen = struct.unpack_from("!HHIH", body, off)
+            if ttl is None:
+                ttl = rttl
+            rd = off + 10
+            if rtype in NAME_TYPES:
+                name(rd + NAME_TYPES[rtype])
+            elif rtype == 6:                        # SOA: MNAME, RNAME
+                name(name(rd))
+            off = rd + rdlen
+    except (OverflowError, IndexError, struct.error):
+        return None                     # (or the blob's records do not parse)
+    return ttl
+
+
+def autopath_plan(img: Image, q: bytes, client, answer_fn=None) -> tuple[bytes, list[bytes]] | None:
+    """For a query the image handed off in autopath's walk: (base as wire labels without
+    the root, every step in order as (its name, whether it is in an authoritative zone):
+    the hand-off asks the image for each again, and from the first the image hands off the
+    forwarder, or for names of those zones the ExternalName completion), else None. Same checks as ``resolve``. ``answer_fn(query, client) -> action``: the
+    packet path to ask (the compiled one in a worker); ``answer`` on ``img`` by default."""
+    if not img.autopath or client is None:
+        return None
+    if isinstance(client, str):
+        client = ip_key(client)
+    if answer_fn is None:
+        answer_fn = lambda query, key: answer(img, query, tcp=True, client=key)[0]  # noqa: E731
+    if answer_fn(q, client) != ACTION_HANDOFF or answer_fn(q, None) != ACTION_SEND:
+        return None                     # answered, or handed off without autopath too
+    labels, _ = parse_name(q, 12)
+    low = [x.lower() for x in labels]
+    node, i, below_apex = img.node(0), len(low) - 1, -1
+    while True:
+        if img.u16(node + L.NODE_FLAGS) & NODE_ZONE_APEX:
+            below_apex = i
+        if i < 0:
+            break
+        c = img.child(node, low[i])
+        if c < 0:
+            break
+        node, i = img.node(c), i - 1
+    base = autopath_base(img, low, below_apex, client)
+    if base is None:
+        return None
+    bwire = b"".join(bytes((len(x),)) + x for x in base)
+    return bwire, [(b"".join(bytes((len(x),)) + x for x in c) + b"\0", in_auth_zone(img, c))
+                   for c in autopath_candidates(img, low, below_apex, base)]
+
+
+def in_auth_zone(img: Image, labels) -> bool:
+    """Whether the name (lower-case labels) falls in an authoritative zone of the image:
+    where a hand-off is an ExternalName's, not the forwarder's."""
+    node, i, zone = img.node(0), len(labels) - 1, -1
+    while True:
+        if img.u16(node + L.NODE_FLAGS) & NODE_ZONE_APEX:
+            zone = img.u32(node + L.NODE_EXTRA)
+        if i < 0:
+            break
+        c = img.child(node, labels[i])
+        if c < 0:
+            break
+        node, i = img.node(c), i - 1
+    return zone >= 0 and img.zone(zone)[4] == L.ZONE_AUTH
 
 
 def any_hinfo(ttl: int) -> bytes:

@@ -163,8 +163,14 @@ def main() -> None:
     # The rotating answers under each rotation state, plain and EDNS, UDP.
     rotating = [bytes([8 if edns == 0 else 0, rot]) + query(name, t, edns=edns)
                 for name, t in Z.ROTATING_NAMES for rot in range(4) for edns in (-1, 0)]
+    # Autopath: each client (second byte's bits 2-3) over the walk's names, plain and EDNS,
+    # UDP and TCP, under two rotation states.
+    autopath = [bytes([0x80 | (4 if tcp else 0) | (8 if edns == 0 else 0), c << 2 | rot])
+                + query(name, t, edns=edns)
+                for name, t in Z.AUTOPATH_NAMES for c in range(4) for rot in (0, 1)
+                for edns, tcp in ((-1, False), (0, True))]
     write("answer", [bytes([opts[i % len(opts)], i % 4]) + q for i, q in enumerate(qs)]
-          + hosts + rotating)
+          + hosts + rotating + autopath)
     write("tcp", streams(qs))
     write("scan", replies())
     write("zonefile", zonefiles())

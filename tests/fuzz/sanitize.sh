@@ -47,7 +47,7 @@ grep -q "^engine: $SRC/" "$LOG" || { echo "sanitize: the replay did not use the 
 # asan_first imports kdns from the build here before conftest puts the worktree first.
 KDNS_SANITIZER_SRC=$SRC PYTHONPATH=$SRC:$ROOT/tests/fuzz \
 "$PY" -m pytest -q -p no:cacheprovider -p asan_first tests/test_fastpath.py tests/test_fwd_compiled.py \
-    tests/test_udpserver.py 2>&1 | tail -3 | tee -a "$LOG"
+    tests/test_udpserver.py tests/test_autopath.py 2>&1 | tail -3 | tee -a "$LOG"
 rc2=${PIPESTATUS[0]}
 set -e
 if grep -q -E "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$LOG"; then
