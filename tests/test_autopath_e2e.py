@@ -5,6 +5,7 @@ started here, the server's resolv.conf with one search domain (example.org).
 from __future__ import annotations
 
 import json
+import time
 
 import dns.message
 import dns.query
@@ -30,7 +31,8 @@ def cluster_yaml(tmp_path, pod_ips) -> str:
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("autopath")
     up = TestDNSServer({"www.example.com.": ["A 93.184.216.34"],
-                        "web.example.org.": ["A 192.0.2.7"]})
+                        "web.example.org.": ["A 192.0.2.7"],
+                        "counted.example.org.": ["A 192.0.2.9"]})
     with up:
         cfg = tmp / "kube-dns-config"
         cfg.mkdir()
@@ -134,3 +136,43 @@ def test_served_cached_walk_answers_only_the_namespaces_pods(served):
     assert up.queries[before:] == []                 # from the cache
     for source in (PROD, UNKNOWN):
         assert query(k, name, source=source).rcode() == dns.rcode.NXDOMAIN
+
+
+def autopath_successes(k) -> float:
+    got = [v for (name, _), v in k.metrics().items() if name == "coredns_autopath_success_total"]
+    assert len(got) == 1, got                   # one server
+    return got[0]
+
+
+def wait_successes(k, want: float) -> float:
+    """The counter once it reaches ``want`` (the packet path counts a reply as it sends it,
+    so a scrape right after the reply may come a moment early), or what it stands at after
+    a bounded wait."""
+    for _ in range(200):
+        got = autopath_successes(k)
+        if got >= want:
+            return got
+        time.sleep(0.01)
+    return got
+
+
+def test_served_successes_counted_as_coredns_counts_them(served):
+    """coredns_autopath_success_total: a reply from a later search step, whether the image
+    answered it (UDP and TCP) or the hand-off's steps did; not a walk that found nothing, nor
+    a client autopath does not walk. And autopath is among the enabled plugins."""
+    k, _ = served
+    before = autopath_successes(k)
+    for tcp in (False, True):
+        assert chain(query(k, "db.prod.development.svc.cluster.local", tcp=tcp))[0].endswith(
+            "CNAME db.prod.svc.cluster.local.")
+    assert chain(query(k, "counted.development.svc.cluster.local")) == [
+        "counted.development.svc.cluster.local. CNAME counted.example.org.",
+        "counted.example.org. A 192.0.2.9"]
+    assert query(k, "nowhere2.development.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+    assert query(k, "db.prod.development.svc.cluster.local",
+                 source=UNKNOWN).rcode() == dns.rcode.NXDOMAIN
+    assert wait_successes(k, before + 3) == before + 3
+    # Nothing more arrives late: the two that must not count did not.
+    assert autopath_successes(k) == before + 3
+    assert any(name == "coredns_plugin_enabled" and ("name", "autopath") in labels
+               for name, labels in k.metrics())

@@ -26,7 +26,7 @@ from kdns import settings
 from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, TC, TCP_MAX, UDP_PLAIN
 from kdns.forward.external import ExternalNames, read_rr, sections
 from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
-from kdns.packet import engine
+from kdns.packet import counters as C, engine
 from kdns.zone import refpath
 from kdns.zone.encode import ip_key
 from kdns.zone.refpath import Malformed
@@ -41,8 +41,14 @@ class AutoPath:
     def __init__(self, forwarder: Forwarder, external: ExternalNames,
                  edns_max: int = settings.EDNS_UDP_SIZE):
         self.forwarder, self.external, self.edns_max = forwarder, external, edns_max
-        self.success = 0                # answered from a search step (CoreDNS's
-                                        # autopath_success_total)
+
+    @property
+    def counters(self):
+        """The forwarder's page region, where the success counter lives beside its own."""
+        return self.forwarder.counters
+
+    # Replies answered from a later search step (CoreDNS's coredns_autopath_success_total).
+    success = C.Counted("autopath_success")
 
     def plan(self, img, query: bytes, client) -> tuple | None:
         ref = self.external.ref_image(img) if img is not None else None

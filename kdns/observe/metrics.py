@@ -246,7 +246,20 @@ class CoreDNSCollector:
                                      "dns instance.", labels=["service_kind"])
         for kind, (pairs, total) in self.sup.programming_histograms().items():
             prog.add_metric([kind], pairs, total)
-        return [info, prog, self.plugins(), *self.hosts()]
+        return [info, prog, self.plugins(), *self.hosts(), *self.autopath(s)]
+
+    def autopath(self, s: Snapshot):
+        """CoreDNS autopath's counter, when autopath is on: replies answered from a later
+        step of the client's search path (behind its CNAME), by the packet path or by the
+        hand-off's steps."""
+        if getattr(self.sup.cfg, "autopath", None) is None:
+            return []
+        server, _, _ = self.labels()
+        fam = CounterMetricFamily("coredns_autopath_success", "Counter of requests that did "
+                                  "autopath.", labels=["server"])
+        fam.add_metric([server], sum(s[f"autopath_{p}"] for p in C.PROTOS)
+                       + s.fwd["autopath_success"])
+        return [fam]
 
     def hosts(self):
         """CoreDNS hosts' gauges, when the Corefile has hosts (its records and when their
@@ -278,6 +291,12 @@ class CoreDNSCollector:
             names.append("log")
         if getattr(cfg, "hosts", None) is not None:
             names.append("hosts")
+        if getattr(cfg, "autopath", None) is not None:
+            names.append("autopath")
+        if getattr(cfg, "rewrites", ()):
+            names.append("rewrite")
+        if getattr(cfg, "loadbalance", False):
+            names.append("loadbalance")
         server, zone, _ = self.labels()
         fam = GaugeMetricFamily("coredns_plugin_enabled", "A metric that indicates whether a "
                                 "plugin is enabled on per server and zone basis.",

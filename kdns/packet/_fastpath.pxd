@@ -82,7 +82,7 @@ cdef enum:
     NRCODES = 17
     NSIZE = 15                            # len(SIZE_BOUNDS) + the +Inf bucket
     NLAT = 17                             # len(LATENCY_BOUNDS) + the +Inf bucket
-    NEVENTS = 10
+    NEVENTS = 11
     PROTO_UDP = 0
     PROTO_TCP = 1
 
@@ -106,6 +106,7 @@ cdef enum:
     EV_NODATA = 7
     EV_DO = 8
     EV_CACHE_HIT_DENIAL = 9
+    EV_AUTOPATH = 10
 
 
 # ---------------------------------------------------------------- shared structs
@@ -133,6 +134,7 @@ cdef struct Outcome:
     int outside         # HANDOFF because the name is outside every zone
     int do_bit          # the query's EDNS DO bit (RFC 3225)
     int cache_denial    # a cache hit's entry is NXDOMAIN, NODATA or SERVFAIL
+    int autopath        # answered from a later search step, behind autopath's CNAME
 
 
 cdef struct Rotor:

@@ -40,7 +40,7 @@ _QTYPE_CODES = (1, 28, 33, 12, 16, 6, 2, 5, 15, 255, 252, 251, 65, 64)
 _QTYPE_NAMES = ("A", "AAAA", "SRV", "PTR", "TXT", "SOA", "NS", "CNAME", "MX", "ANY", "AXFR",
                 "IXFR", "HTTPS", "SVCB", "other")
 _EVENT_NAMES = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit",
-                "cache_miss", "nodata", "do", "cache_hit_denial")
+                "cache_miss", "nodata", "do", "cache_hit_denial", "autopath")
 assert len(_EVENT_NAMES) == NEVENTS
 for _i in range(256):
     QTYPE_INDEX[_i] = NQTYPES - 1
@@ -894,6 +894,7 @@ cdef int answer_autopath(const Ask *a, const ImageView *img, int below_apex, uin
         put16(p + 10, clen)
         memcpy(p + 12, c.name, clen)
         res.length = length + olen + 12
+        res.autopath = 1
         return ACTION_SEND
     return -1                           # every step NXDOMAIN: the asked name's own
 
@@ -952,6 +953,7 @@ cdef int answer_body(const ImageView *img, const uint8_t *q, Py_ssize_t qlen, bi
     res.outside = 0
     res.do_bit = 0
     res.cache_denial = 0
+    res.autopath = 0
     if qlen < 12:
         return ACTION_DROP
     a.rot = rot
@@ -1040,6 +1042,8 @@ cdef void count_packet(uint64_t *ctr, int proto, Py_ssize_t reqlen, int action,
             ctr[ev + EV_TRUNCATED] += 1
         if res.rcode == RC_FORMERR:
             ctr[ev + EV_FORMERR] += 1
+        if res.autopath:
+            ctr[ev + EV_AUTOPATH] += 1
     elif action == ACTION_HANDOFF:
         ctr[ev + EV_HANDOFF] += 1
     else:

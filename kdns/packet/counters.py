@@ -27,9 +27,11 @@ SLOT_WORDS = 1024     # uint64 words per worker page (room to grow without a for
 GAUGES = ("image_generation",)
 # nodata: NOERROR replies with no answer (kube-dns's skydns error cause "nodata"); do:
 # queries with the EDNS DO bit (RFC 3225), CoreDNS's coredns_dns_do_requests_total;
-# cache_hit_denial: the cache hits that were NXDOMAIN, NODATA or SERVFAIL.
+# cache_hit_denial: the cache hits that were NXDOMAIN, NODATA or SERVFAIL; autopath: replies
+# answered from a later step of the client's search path, behind autopath's CNAME (CoreDNS's
+# coredns_autopath_success_total).
 EVENTS = ("truncated", "handoff", "dropped", "formerr", "send_failed", "cache_hit", "cache_miss",
-          "nodata", "do", "cache_hit_denial")
+          "nodata", "do", "cache_hit_denial", "autopath")
 
 
 def _layout() -> dict[str, int]:
@@ -113,7 +115,7 @@ FWD_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
 FWD_GLOBALS = ("cache_hits", "cache_misses", "cache_entries", "cache_evictions",
                "cache_inserts", "cache_capacity", "stale_served", "failures", "refused_inflight",
                "cache_hits_denial", "cache_entries_denial", "cache_evictions_denial",
-               "all_down", "cache_prefetches")
+               "all_down", "cache_prefetches", "autopath_success")
 FWD_GAUGES = ("cache_entries", "cache_capacity", "cache_entries_denial")
 # Row: address (16 bytes, IPv4-mapped for IPv4), port (0: unused row), requests, failures
 # (failed tries: timeouts, network errors), rcodes, latency buckets (LATENCY_BOUNDS + Inf),

@@ -149,14 +149,28 @@ def _count_latency(words, proto: str, qtype: int, started_ns: int) -> None:
     words[C.LAYOUT[f"tlatency_{t}_sum_ns"]] += elapsed
 
 
+def pure_autopath(img: PureImage, query: bytes, tcp: bool, edns_max: int, client,
+                  action: int, reply: bytes) -> bool:
+    """Whether the pure path's reply came from a later step of the client's search path:
+    an answer behind a CNAME where the asked name alone is NXDOMAIN (the compiled path
+    knows it as it builds the reply; this path asks again without the client)."""
+    if client is None or action != SEND or len(reply) < 12 or reply[3] & 0xF \
+            or reply[6:8] == b"\0\0":
+        return False
+    alone = pure_answer(img, query, tcp, edns_max=edns_max, client=None)
+    return alone[0] == SEND and len(alone[1]) >= 12 and alone[1][3] & 0xF == refpath.NXDOMAIN
+
+
 def _count(words, proto: str, query: bytes, action: int, reply: bytes, started_ns: int,
-           v6: bool = False) -> None:
+           v6: bool = False, autopath: bool = False) -> None:
     """As ``_fastpath.count_packet`` + ``count_latency``: every received packet counts as a
     request (type, size, DO); then what became of it. A reply sent now is a latency sample;
     a hand-off's sample is taken when its reply is sent (count_reply)."""
     _count_query(words, proto, query, v6)
     if action == SEND:
         _count_sent(words, proto, reply)
+        if autopath:
+            words[C.LAYOUT[f"autopath_{proto}"]] += 1
         _count_latency(words, proto, _qtype(query), started_ns)
     elif action == HANDOFF:
         # The reply's rcode and time are counted when the worker sends it (count_reply).
@@ -267,7 +281,8 @@ def pure_tcp_answer(img: PureImage, counters: PureCounters, msg: bytes, edns_max
     started = time.monotonic_ns()
     action, reply = pure_answer(img, msg, tcp=True, edns_max=edns_max, ra=ra,
                                 rotation=rotation, client=client)
-    _count(counters.words, "tcp", msg, action, reply, started, v6)
+    _count(counters.words, "tcp", msg, action, reply, started, v6,
+           pure_autopath(img, msg, True, edns_max, client, action, reply))
     return action, reply
 
 
@@ -298,9 +313,9 @@ class PureUdpServer:
             except OSError:
                 continue          # e.g. an ICMP error queued on the socket; keep draining
             started = time.monotonic_ns()
+            client = client_key(addr) if img.autopath else None
             action, reply = pure_answer(img, query, tcp=False, edns_max=self.edns_max,
-                                        ra=self.ra, rotation=self.rotation,
-                                        client=client_key(addr) if img.autopath else None)
+                                        ra=self.ra, rotation=self.rotation, client=client)
             if action == SEND:
                 try:
                     self.sock.sendto(reply, addr)
@@ -308,7 +323,8 @@ class PureUdpServer:
                     words[C.LAYOUT["send_failed_udp"]] += 1
             elif action == HANDOFF:
                 self._handoffs.append((query, addr, started))
-            _count(words, "udp", query, action, reply, started, client_is_ipv6(addr))
+            _count(words, "udp", query, action, reply, started, client_is_ipv6(addr),
+                   pure_autopath(img, query, False, self.edns_max, client, action, reply))
         return len(self._handoffs)
 
     def handoff_packet(self, i: int) -> bytes:
