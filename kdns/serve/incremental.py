@@ -98,6 +98,7 @@ class IncrementalCompiler:
         self.last_dirty = 0          # services re-derived by the last compile
         self.last_encoded = 0        # RRsets encoded by the last compile
         self.core_reloads = 0        # times the core was rebuilt to shed its garbage
+        self.rebased_bytes = 0       # store bytes the last ``_rebase`` gave back
         self._reset()
 
     def _reset(self) -> None:
@@ -327,6 +328,19 @@ class IncrementalCompiler:
             elif cur != target:
                 ptr[ip] = {cur: None, target: None}
 
+    def _rebase(self, image: "publish.ImageMemfd") -> None:
+        """The core reads its blobs from this sealed image from now on instead of keeping a
+        copy of every answer (``ZoneCore.rebase``): the image's pages are the ones the
+        workers map, so the pod holds those bytes once. Its own read-only mapping, which the
+        core keeps until the next image replaces it."""
+        if self._core is None or not hasattr(self._core, "rebase"):
+            return
+        try:
+            self.rebased_bytes = self._core.rebase(publish.map_sealed(image.fd))
+        except (OSError, ValueError) as e:
+            # The core still holds its own copy: nothing is lost but the memory.
+            log.warning("the compile core keeps its own copy of the answers: %s", e)
+
     def _new_core(self, core_type):
         return I.CoreCompiler.new_core(core_type, list(self._zones), persistent=True)
 
@@ -434,6 +448,7 @@ class IncrementalCompiler:
                                core=self._core).build(raw, exists, into=self._into)
         if isinstance(image, publish.ImageMemfd):
             image.seal()
+            self._rebase(image)
             # The next image's memfd, allocated while this one is published (after the
             # compile: alongside it, the two fought over memory bandwidth), and dropped by
             # ``idle`` when the changes stop: it is memory the pod is charged for.
