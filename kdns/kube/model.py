@@ -63,13 +63,53 @@ class Endpoint:
     pod_name: str                  # targetRef.name of a Pod, "" otherwise
 
 
-@dataclass(frozen=True, slots=True)
 class EndpointSet:
-    """Ready endpoints sharing one port list: an EndpointSlice, or one v1 Endpoints subset."""
-    namespace: str
-    service: str
-    ports: tuple[Port, ...]
-    endpoints: tuple[Endpoint, ...]
+    """Ready endpoints sharing one port list: an EndpointSlice, or one v1 Endpoints subset.
+
+    Immutable. The endpoints are kept flat, (address or addresses, hostname, pod name) per
+    endpoint in one tuple, and ``endpoints`` makes the ``Endpoint`` objects when asked: at
+    100,000 endpoints an object and a one-address tuple each cost ~10 MiB the model keeps
+    for as long as kdns runs, while only a compile reads them, a service at a time."""
+    __slots__ = ("namespace", "service", "ports", "_flat")
+
+    def __init__(self, namespace: str, service: str, ports: tuple[Port, ...],
+                 endpoints: tuple[Endpoint, ...]):
+        flat = []
+        for ep in endpoints:
+            a = ep.addresses
+            flat += (a[0] if len(a) == 1 else a, ep.hostname, ep.pod_name)
+        set_ = object.__setattr__
+        set_(self, "namespace", namespace)
+        set_(self, "service", service)
+        set_(self, "ports", ports)
+        set_(self, "_flat", tuple(flat))
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        f = self._flat
+        return tuple(Endpoint(f[i] if type(f[i]) is tuple else (f[i],), f[i + 1], f[i + 2])
+                     for i in range(0, len(f), 3))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"EndpointSet is immutable: cannot set {name}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"EndpointSet is immutable: cannot delete {name}")
+
+    def _key(self) -> tuple:
+        return (self.namespace, self.service, self.ports, self._flat)
+
+    def __eq__(self, other):
+        if type(other) is not EndpointSet:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"EndpointSet(namespace={self.namespace!r}, service={self.service!r}, "
+                f"ports={self.ports!r}, endpoints={self.endpoints!r})")
 
 
 @dataclass(frozen=True, slots=True)
