@@ -1031,9 +1031,9 @@ cdef class ZoneCore:
     cdef inline const uint8_t *blob(self, uint32_t bid) noexcept:
         return blob_at(self.pool, self.ipool, self.bref, bid)
 
-    cdef int rehash_blobs(self, bint same=False) except -1:
-        """A fresh blob hash (twice the size, or ``same``), of every blob not dropped."""
-        cdef size_t ncap = self.bht_cap * (1 if same else 2), mask = ncap - 1, j, k
+    cdef int rehash_blobs(self) except -1:
+        """A blob hash twice the size, of every blob not dropped."""
+        cdef size_t ncap = self.bht_cap * 2, mask = ncap - 1, j, k
         cdef int32_t *t = <int32_t *>malloc(ncap * sizeof(int32_t))
         if t == NULL:
             raise MemoryError()
@@ -2161,7 +2161,10 @@ cdef class ZoneCore:
                 or <size_t>view.shape[0] != self.done_total or self.placed_len >= IN_IMAGE):
             raise ValueError("rebase: not the image of this core's last compile")
         base = &view[0] + self.done_blobs_off
-        for k in range(self.nplaced):        # the image must hold our very blobs
+        # The image must hold our very blobs: the first and the last one placed are compared
+        # (all of them would cost a read of the whole pool per compile; the caller hands
+        # over the sealed image it has just had written, of the very size).
+        for k in (0, self.nplaced - 1) if self.nplaced else ():
             n = self.bref[2 * self.placed[k] + 1]
             if memcmp(base + self.bplace[self.placed[k]], self.blob(self.placed[k]), n):
                 raise ValueError("rebase: the image's blobs are not this core's")
@@ -2183,7 +2186,9 @@ cdef class ZoneCore:
                 memcpy(fresh + pos, self.blob(k), n)
                 self.bref[2 * k] = pos
                 pos += n
-            else:                                    # garbage: gone
+            else:
+                # Garbage: gone. Its slot in the hash stays, matching nothing (length 0),
+                # until the next rehash leaves it out.
                 self.dead_bytes -= n
                 self.bref[2 * k] = 0
                 self.bref[2 * k + 1] = 0
@@ -2192,5 +2197,4 @@ cdef class ZoneCore:
         self.pool_len = self.pool_cap = keep
         self.ipool = base
         self.ipool_owner = view               # the old image's buffer is let go here
-        self.rehash_blobs(True)
         return before - keep
