@@ -72,7 +72,7 @@ class IncrementalCompiler:
 
     def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
                  endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False,
-                 hosts=None):
+                 hosts=None, populate_spare: bool = False):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it."""
         if pods not in records.PODS_MODES:
@@ -99,6 +99,9 @@ class IncrementalCompiler:
         self.last_encoded = 0        # RRsets encoded by the last compile
         self.core_reloads = 0        # times the core was rebuilt to shed its garbage
         self.rebased_bytes = 0       # store bytes the last ``_rebase`` gave back
+        # The spare memfd's pages are allocated ahead only when asked: held between compiles
+        # they are a second image the pod pays for (``publish.SpareMemfd``).
+        self.populate_spare = populate_spare
         self._reset()
 
     def _reset(self) -> None:
@@ -359,7 +362,7 @@ class IncrementalCompiler:
 
     def _prepare(self, capacity: int) -> None:
         try:
-            spare = publish.SpareMemfd(capacity)
+            spare = publish.SpareMemfd(capacity, populate=self.populate_spare)
         except OSError as e:
             log.debug("no spare image memfd: %s", e)
             return
