@@ -35,3 +35,17 @@ def test_a_slice_keeps_ready_endpoints_and_their_names():
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
     assert es.endpoints == (Endpoint(("10.1.0.1",), "", "web-1"),
                             Endpoint(("10.1.0.3", "10.1.0.4"), "h3", ""))
+
+
+def test_equal_port_lists_are_one_shared_tuple_and_namespaces_one_string():
+    from kdns.kube.model import slim_service
+
+    def svc(name, ports):
+        return slim_service({"metadata": {"namespace": "n" + "s1", "name": name},
+                             "spec": {"clusterIP": "10.96.0.1", "ports": ports}})
+    a = svc("a", [{"name": "http", "port": 80, "protocol": "TCP"}])
+    b = svc("b", [{"name": "http", "port": 80}])                 # TCP is the default
+    c = svc("c", [{"name": "http", "port": 8080, "protocol": "TCP"}])
+    assert a.ports is b.ports and a.ports == (Port("http", "TCP", 80),)
+    assert c.ports == (Port("http", "TCP", 8080),) and c.ports is not a.ports
+    assert a.namespace is b.namespace
