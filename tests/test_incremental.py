@@ -415,3 +415,58 @@ def test_churn_with_autopath_gives_the_full_compile_bytes(seed):
                                    autopath=search)
         assert got == want, f"seed {seed} step {n}: images differ after {sorted(changed)}"
     assert inc.full_compiles == 0
+
+
+@pytest.mark.parametrize("autopath", [None, ("example.org",)], ids=["plain", "autopath"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_core_reading_its_blobs_from_the_published_image_gives_the_full_compile_bytes(
+        seed, autopath, monkeypatch):
+    """Compiled into memfds, the core frees its copy of every answer the sealed image holds
+    and reads them from its own mapping of that image (``ZoneCore.rebase``): the next
+    images are still the full compile's bytes, with the images of earlier compiles closed
+    (the core's mapping is its own), and with plain-bytes images (no rebase) between."""
+    from kdns.serve import incremental
+    rng = random.Random(seed * 31 + 7)
+    model = ClusterModel(clock=lambda: 1_700_000_000)
+    inc = IncrementalCompiler(domain=ZONE, into_memfd=True, autopath=autopath)
+    rebased = 0
+    for n in range(80):
+        small = rng.random() < 0.25
+        monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40 if small else 0)
+        changed = step(rng, model)
+        got = inc.compile(model, synced=True, changed=changed)
+        want = build.compile_model(model, synced=True, domain=ZONE, autopath=autopath)
+        if small:
+            assert got == want, f"seed {seed} step {n}: images differ"
+            continue
+        assert bytes(got.map) == want, f"seed {seed} step {n}: images differ"
+        got.close()
+        st = inc.core_stats()
+        assert st["in_image"]
+        # What stays in the store is only what this image does not hold.
+        assert st["store_bytes"] < st["live_bytes"] or st["live_bytes"] == 0
+        rebased += inc.rebased_bytes > 0
+    assert rebased > 10 and inc.full_compiles == 0
+    inc.idle()
+
+
+def test_rebase_refuses_a_buffer_that_is_not_the_last_image(monkeypatch):
+    from kdns.serve import incremental
+    monkeypatch.setattr(incremental, "MEMFD_MIN_BYTES", 1 << 40)    # plain bytes: no rebase
+    model = ClusterModel()
+    for obj in _headless("web", 7, 20):
+        model.apply(obj)
+    inc = IncrementalCompiler(into_memfd=True)
+    img = inc.compile(model, synced=True, changed=set())
+    core = inc._core
+    before = core.stats()
+    wrong = bytearray(img)
+    wrong[-5] ^= 0xFF                          # a blob's byte differs
+    with pytest.raises(ValueError, match="not this core's"):
+        core.rebase(bytes(wrong))
+    with pytest.raises(ValueError, match="last compile"):
+        core.rebase(img + b"\0\0\0\0")         # not its size
+    assert core.stats() == before and not before["in_image"]
+    assert core.rebase(img) > 0 and core.stats()["in_image"]
+    img2 = inc.compile(model, synced=True, changed={("Service", "default", "web")})
+    assert img2 == img == build.compile_model(model)

@@ -64,13 +64,53 @@ class Endpoint:
     pod_name: str                  # targetRef.name of a Pod, "" otherwise
 
 
-@dataclass(frozen=True, slots=True)
 class EndpointSet:
-    """Ready endpoints sharing one port list: an EndpointSlice, or one v1 Endpoints subset."""
-    namespace: str
-    service: str
-    ports: tuple[Port, ...]
-    endpoints: tuple[Endpoint, ...]
+    """Ready endpoints sharing one port list: an EndpointSlice, or one v1 Endpoints subset.
+
+    Immutable. The endpoints are kept flat, (address or addresses, hostname, pod name) per
+    endpoint in one tuple, and ``endpoints`` makes the ``Endpoint`` objects when asked: at
+    100,000 endpoints an object and a one-address tuple each cost ~10 MiB the model keeps
+    for as long as kdns runs, while only a compile reads them, a service at a time."""
+    __slots__ = ("namespace", "service", "ports", "_flat")
+
+    def __init__(self, namespace: str, service: str, ports: tuple[Port, ...],
+                 endpoints: tuple[Endpoint, ...]):
+        flat = []
+        for ep in endpoints:
+            a = ep.addresses
+            flat += (a[0] if len(a) == 1 else a, ep.hostname, ep.pod_name)
+        set_ = object.__setattr__
+        set_(self, "namespace", namespace)
+        set_(self, "service", service)
+        set_(self, "ports", ports)
+        set_(self, "_flat", tuple(flat))
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        f = self._flat
+        return tuple(Endpoint(f[i] if type(f[i]) is tuple else (f[i],), f[i + 1], f[i + 2])
+                     for i in range(0, len(f), 3))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"EndpointSet is immutable: cannot set {name}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"EndpointSet is immutable: cannot delete {name}")
+
+    def _key(self) -> tuple:
+        return (self.namespace, self.service, self.ports, self._flat)
+
+    def __eq__(self, other):
+        if type(other) is not EndpointSet:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"EndpointSet(namespace={self.namespace!r}, service={self.service!r}, "
+                f"ports={self.ports!r}, endpoints={self.endpoints!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +133,8 @@ def _meta(obj: dict, kind: str) -> tuple[str, str]:
         raise ObjectError(f"{kind} {meta['name']} has a non-string namespace")
     if kind != NAMESPACE and not ns:
         ns = "default"             # kubectl omits it only for the default namespace
-    # Interned: every object of a namespace keys (and a pod names) it with one string.
+    # One string per namespace, not one per object the JSON decoder made (20,000 objects
+    # in 50 namespaces are 20,000 copies otherwise, held as long as the objects).
     return sys.intern(ns), meta["name"]
 
 
@@ -145,11 +186,31 @@ def _ports(raw, obj: str, path: str) -> tuple[Port, ...]:
             _skip(obj, f"{path}[{i}].port", f"{port!r} is not a valid port")
             continue
         out.append(Port(str(p.get("name") or ""), str(p.get("protocol") or "TCP").upper(), port))
-    return tuple(out)
+    return _shared_ports(tuple(out))
+
+
+# Port lists repeat across a cluster (every web service's [http/TCP/80]): each distinct one
+# is kept once and shared by every object that has it, instead of a tuple, its Port objects
+# and their strings per Service and per EndpointSlice (~4 MiB at 10,000 of each). Bounded,
+# so a cluster of unique port lists costs what it did without sharing.
+_PORTS: dict[tuple, tuple] = {}
+_PORTS_MAX = 4096
+
+
+def _shared_ports(ports: tuple) -> tuple:
+    if not ports:
+        return ()
+    got = _PORTS.get(ports)
+    if got is not None:
+        return got
+    if len(_PORTS) < _PORTS_MAX:
+        _PORTS[ports] = ports
+    return ports
 
 
 def slim_service(obj: dict) -> Service:
     ns, name = _meta(obj, SERVICE)
+    name = sys.intern(name)        # the same string as its EndpointSlices' service label
     spec = _dict(obj.get("spec"), f"Service {ns}/{name} spec")
     stype = spec.get("type") or "ClusterIP"
     ports = _ports(spec.get("ports"), f"Service {ns}/{name}", "spec.ports")
@@ -206,7 +267,8 @@ def slim_endpoint_slice(obj: dict) -> EndpointSet:
                                           for j in range(len(addrs))]) if addrs else None
         if ep is not None:
             eps.append(ep)
-    return EndpointSet(ns, service, _ports(obj.get("ports"), what, "ports"), tuple(eps))
+    return EndpointSet(ns, sys.intern(service), _ports(obj.get("ports"), what, "ports"),
+                       tuple(eps))
 
 
 def slim_endpoints(obj: dict) -> tuple[EndpointSet, ...]:

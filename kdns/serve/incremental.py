@@ -72,7 +72,7 @@ class IncrementalCompiler:
 
     def __init__(self, *, domain: str = settings.DOMAIN, ttl: int = settings.TTL, pods: str = settings.PODS,
                  endpoint_pod_names: bool = False, ns_ips=None, into_memfd: bool = False,
-                 hosts=None, rewrites=(), autopath=None):
+                 hosts=None, rewrites=(), autopath=None, populate_spare: bool = False):
         """``into_memfd``: images of a MiB or more are compiled into a sealed memfd
         (``publish.ImageMemfd``) that the supervisor publishes without copying it.
         ``autopath``: None, or the server's search domains (``build.compile_model``)."""
@@ -108,6 +108,10 @@ class IncrementalCompiler:
         self.last_dirty = 0          # services re-derived by the last compile
         self.last_encoded = 0        # RRsets encoded by the last compile
         self.core_reloads = 0        # times the core was rebuilt to shed its garbage
+        self.rebased_bytes = 0       # store bytes the last ``_rebase`` gave back
+        # The spare memfd's pages are allocated ahead only when asked: held between compiles
+        # they are a second image the pod pays for (``publish.SpareMemfd``).
+        self.populate_spare = populate_spare
         self._reset()
 
     def _reset(self) -> None:
@@ -355,6 +359,19 @@ class IncrementalCompiler:
             elif cur != target:
                 ptr[ip] = {cur: None, target: None}
 
+    def _rebase(self, image: "publish.ImageMemfd") -> None:
+        """The core reads its blobs from this sealed image from now on instead of keeping a
+        copy of every answer (``ZoneCore.rebase``): the image's pages are the ones the
+        workers map, so the pod holds those bytes once. Its own read-only mapping, which the
+        core keeps until the next image replaces it."""
+        if self._core is None or not hasattr(self._core, "rebase"):
+            return
+        try:
+            self.rebased_bytes = self._core.rebase(publish.map_sealed(image.fd))
+        except (OSError, ValueError) as e:
+            # The core still holds its own copy: nothing is lost but the memory.
+            log.warning("the compile core keeps its own copy of the answers: %s", e)
+
     def _new_core(self, core_type):
         return I.CoreCompiler.new_core(core_type, list(self._zones), persistent=True)
 
@@ -373,7 +390,7 @@ class IncrementalCompiler:
 
     def _prepare(self, capacity: int) -> None:
         try:
-            spare = publish.SpareMemfd(capacity)
+            spare = publish.SpareMemfd(capacity, populate=self.populate_spare)
         except OSError as e:
             log.debug("no spare image memfd: %s", e)
             return
@@ -477,6 +494,7 @@ class IncrementalCompiler:
                                                       autopath=self._autopath_section(model, changed))
         if isinstance(image, publish.ImageMemfd):
             image.seal()
+            self._rebase(image)
             # The next image's memfd, allocated while this one is published (after the
             # compile: alongside it, the two fought over memory bandwidth), and dropped by
             # ``idle`` when the changes stop: it is memory the pod is charged for.

@@ -47,17 +47,24 @@ class SpareMemfd:
     """A sealable memfd of ``capacity`` bytes, allocated and mapped writable ahead of need
     (``ImageMemfd(spare=...)``). Faulting in fresh shared-memory pages while writing a
     30 MiB image cost ~20 ms, mapping them ~12 ms; done ahead, on another thread (these
-    calls release the GIL), they cost the compile nothing."""
+    calls release the GIL), they cost the compile nothing.
 
-    def __init__(self, capacity: int, name: str = "kdns-image"):
+    ``populate=False`` maps it without allocating its pages: they are the pod's memory from
+    the moment they exist (a 33 MiB image's spare is a second image held between compiles,
+    the whole time the endpoints churn), so the compile that writes them pays the faults
+    instead and only the mapping is done ahead."""
+
+    def __init__(self, capacity: int, name: str = "kdns-image", populate: bool = True):
         self.capacity = capacity
         self.map: mmap.mmap | None = None
         self.fd: int | None = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, capacity)
-            os.posix_fallocate(self.fd, 0, capacity)
+            if populate:
+                os.posix_fallocate(self.fd, 0, capacity)
             self.map = mmap.mmap(self.fd, capacity,
-                                 flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                 flags=mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0)
+                                                          if populate else 0),
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             self.close()

@@ -131,11 +131,23 @@ cdef int _cmp_rev(const void *a, const void *b) noexcept nogil:
     return memcmp((<const RevKey *>a).key, (<const RevKey *>b).key, 17)
 
 
-cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint32_t *bref,
-                      const uint32_t *placed, size_t nplaced) noexcept nogil:
+# A blob's offset with this bit set is in the last published image's pool (``rebase``),
+# not in the core's own store; the store is kept under 2 GiB so that the bit is free.
+cdef uint32_t IN_IMAGE = 0x80000000u
+
+
+cdef inline const uint8_t *blob_at(const uint8_t *pool, const uint8_t *ipool,
+                                   const uint32_t *bref, uint32_t bid) noexcept nogil:
+    cdef uint32_t off = bref[2 * bid]
+    return ipool + (off & ~IN_IMAGE) if off & IN_IMAGE else pool + off
+
+
+cdef void copy_placed(uint8_t *o, const uint8_t *pool, const uint8_t *ipool,
+                      const uint32_t *bref, const uint32_t *placed,
+                      size_t nplaced) noexcept nogil:
     cdef size_t k
     for k in range(nplaced):
-        memcpy(o, pool + bref[2 * placed[k]], bref[2 * placed[k] + 1])
+        memcpy(o, blob_at(pool, ipool, bref, placed[k]), bref[2 * placed[k] + 1])
         o += bref[2 * placed[k] + 1]
 
 
@@ -192,6 +204,11 @@ cdef class ZoneCore:
     cdef size_t bht_cap
     cdef size_t live_bytes, dead_bytes
     cdef uint32_t cepoch
+    # ``rebase``: the blobs the last image holds are read from its pool, not kept twice.
+    cdef const uint8_t *ipool        # that image's blob pool (NULL: none)
+    cdef object ipool_owner          # the read-only buffer ``ipool`` points into
+    cdef uint32_t done_epoch         # ``cepoch`` of the last compile assembled whole
+    cdef size_t done_total, done_blobs_off
     cdef uint32_t *placed            # blob ids in image pool order
     cdef size_t nplaced, placed_cap, placed_len
     cdef uint32_t *tmp               # blob ids this compile referenced (released by ``begin``)
@@ -326,6 +343,8 @@ cdef class ZoneCore:
         self.bht = NULL; self.dat = NULL; self.scr = NULL; self.segs = NULL
         self.lpool = NULL; self.lht = NULL; self.kids = NULL; self.order = NULL
         self.nodes = NULL; self.rrf = NULL; self.rev = NULL
+        self.ipool = NULL
+        self.ipool_owner = None
 
     cdef void release_names(self) noexcept:
         """Free what only encoding needs (names, hashes, scratch), before the image exists:
@@ -793,7 +812,7 @@ cdef class ZoneCore:
                 pos += 6 * self.enc_n[j]
                 for e in range(self.enc_n[j]):
                     bid = en[2 * e + 1]
-                    memcpy(o + pos, self.pool + self.bref[2 * bid], self.bref[2 * bid + 1])
+                    memcpy(o + pos, self.blob(bid), self.bref[2 * bid + 1])
                     pos += self.bref[2 * bid + 1]
                 j = self.gnext[j]
             out.append((self.text_of(g), recs))
@@ -820,7 +839,8 @@ cdef class ZoneCore:
         """Sizes for the caller's decision to start over with a fresh core (garbage)."""
         return {"names": self.n, "encoded_names": self.n_enc, "blobs": self.nblobs,
                 "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
-                "entries": self.ents_len, "dead_entries": self.ents_dead}
+                "entries": self.ents_len, "dead_entries": self.ents_dead,
+                "store_bytes": self.pool_len, "in_image": self.ipool != NULL}
 
     def export(self, rrsets, groups):
         """Encode ``rrsets`` (no zone apex data) and return their answers as ``apply``
@@ -892,7 +912,7 @@ cdef class ZoneCore:
                     blen = self.bref[2 * bid + 1]
                     put16le(o + k, self.rrf[2 * (self.rr_at[i] + e)])
                     put32le(o + k + 2, blen)
-                    memcpy(o + sz, self.pool + self.bref[2 * bid], blen)
+                    memcpy(o + sz, self.blob(bid), blen)
                     k += 6
                     sz += blen
                 pos[g] += sz
@@ -948,11 +968,11 @@ cdef class ZoneCore:
             b = self.bht[j]
             if b < 0:
                 break
-            if self.bref[2 * b + 1] == n and memcmp(self.pool + self.bref[2 * b], self.scr, n) == 0:
+            if self.bref[2 * b + 1] == n and memcmp(self.blob(b), self.scr, n) == 0:
                 return b
             j = (j + 1) & mask
-        if self.pool_len + n > 0xFFFFFFFF:
-            raise self.error("blob store over 4 GiB")
+        if self.pool_len + n >= IN_IMAGE:
+            raise self.error("blob store over 2 GiB")
         _grow(<void **>&self.pool, &self.pool_cap, self.pool_len + n, 1)
         if self.nblobs + 1 > self.blobs_cap:
             _grow(<void **>&self.bref, &self.blobs_cap, self.nblobs + 1, 8)
@@ -1008,14 +1028,20 @@ cdef class ZoneCore:
         self.ntmp += 1
         return self.place_blob(bid)
 
+    cdef inline const uint8_t *blob(self, uint32_t bid) noexcept:
+        return blob_at(self.pool, self.ipool, self.bref, bid)
+
     cdef int rehash_blobs(self) except -1:
+        """A blob hash twice the size, of every blob not dropped."""
         cdef size_t ncap = self.bht_cap * 2, mask = ncap - 1, j, k
         cdef int32_t *t = <int32_t *>malloc(ncap * sizeof(int32_t))
         if t == NULL:
             raise MemoryError()
         memset(t, 0xFF, ncap * sizeof(int32_t))
         for k in range(self.nblobs):
-            j = fnv1a(self.pool + self.bref[2 * k], self.bref[2 * k + 1]) & mask
+            if self.bref[2 * k + 1] == 0:          # dropped by ``rebase``
+                continue
+            j = fnv1a(self.blob(k), self.bref[2 * k + 1]) & mask
             while t[j] >= 0:
                 j = (j + 1) & mask
             t[j] = k
@@ -2101,7 +2127,7 @@ cdef class ZoneCore:
         # The blobs, in the order first used; without the GIL (the API watchers and the
         # supervisor's loop run meanwhile).
         with nogil:
-            copy_placed(o + pos, self.pool, self.bref, self.placed, self.nplaced)
+            copy_placed(o + pos, self.pool, self.ipool, self.bref, self.placed, self.nplaced)
         if ap_len:
             pos = core_end
             while pos < ap_off:
@@ -2125,6 +2151,64 @@ cdef class ZoneCore:
         put32le(o + HEADER_CRC, crc)
         if self.persistent:
             self.release_compile()
+            self.done_epoch = self.cepoch
+            self.done_total, self.done_blobs_off = total, blobs_off
         else:
             self.release()
         return out
+
+    def rebase(self, image):
+        """Read the blobs of the image just compiled from ``image`` from now on, and free
+        the store's copy of them: a persistent core otherwise holds every answer twice, in
+        its store and in the published image (about 25 MB at 10,000 services and 100,000
+        endpoints). ``image``: a read-only buffer holding that image, unchanged for as long
+        as this core uses it (a sealed memfd's mapping), which this keeps. Blobs still
+        referenced but not in that image stay in the store; blobs nothing references are
+        dropped. Returns the bytes the store gave back. A buffer that is not that compile's
+        image (size, or any blob's bytes) raises ValueError and changes nothing."""
+        cdef const uint8_t[::1] view = image
+        cdef const uint8_t *base
+        cdef uint8_t *fresh = NULL
+        cdef size_t k, n, keep = 0, pos = 0, before = self.pool_len
+        self.check()
+        if (not self.persistent or self.done_epoch != self.cepoch or self.done_total == 0
+                or <size_t>view.shape[0] != self.done_total or self.placed_len >= IN_IMAGE):
+            raise ValueError("rebase: not the image of this core's last compile")
+        base = &view[0] + self.done_blobs_off
+        # The image must hold our very blobs: the first and the last one placed are compared
+        # (all of them would cost a read of the whole pool per compile; the caller hands
+        # over the sealed image it has just had written, of the very size).
+        for k in (0, self.nplaced - 1) if self.nplaced else ():
+            n = self.bref[2 * self.placed[k] + 1]
+            if memcmp(base + self.bplace[self.placed[k]], self.blob(self.placed[k]), n):
+                raise ValueError("rebase: the image's blobs are not this core's")
+        for k in range(self.nblobs):
+            n = self.bref[2 * k + 1]
+            if n and self.bepoch[k] != self.cepoch and self.bcnt[k]:
+                keep += n
+        if keep:
+            fresh = <uint8_t *>malloc(keep)
+            if fresh == NULL:
+                raise MemoryError()
+        for k in range(self.nblobs):
+            n = self.bref[2 * k + 1]
+            if n == 0:
+                continue
+            if self.bepoch[k] == self.cepoch:        # placed: the image has it
+                self.bref[2 * k] = self.bplace[k] | IN_IMAGE
+            elif self.bcnt[k]:                       # referenced, not in this image
+                memcpy(fresh + pos, self.blob(k), n)
+                self.bref[2 * k] = pos
+                pos += n
+            else:
+                # Garbage: gone. Its slot in the hash stays, matching nothing (length 0),
+                # until the next rehash leaves it out.
+                self.dead_bytes -= n
+                self.bref[2 * k] = 0
+                self.bref[2 * k + 1] = 0
+        free(self.pool)
+        self.pool = fresh
+        self.pool_len = self.pool_cap = keep
+        self.ipool = base
+        self.ipool_owner = view               # the old image's buffer is let go here
+        return before - keep
