@@ -79,7 +79,7 @@ bench: install system-deps
 bench-short: install system-deps
 	$(BIN)/python -m pytest bench/test_micro.py -q --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3
 	$(BIN)/python -m pytest bench/test_compile.py -q --benchmark-only
-	$(BIN)/python bench/load.py --short --fixed-rates 20000,100000
+	$(BIN)/python bench/load.py --short --fixed-rates 20000,100000 --targets nsd,kdns1,kdns1hold,kdns2,floor
 	$(BIN)/python bench/bench_api_scale.py --services 1000 --seconds 5 \
 		--out bench/out/api_scale_short.json
 

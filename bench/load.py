@@ -382,6 +382,9 @@ def rewrite_corefile(logdir: str, rules: bool = True) -> str:
 # kdns1asyncio: the worker's UDP drained from an event-loop reader callback, no hold (one
 # trip through Python per readable event): the reference for what the wait in C saves.
 ASYNCIO_ENV = {"KDNS_UDP_LOOP": "asyncio", "KDNS_UDP_HOLD_US": "0"}
+# kdns1hold: the wait in C with a 100 us hold after small batches (off by default): what
+# the hold saves in CPU per query and costs in p50/p99, in one run.
+HOLD_ENV = {"KDNS_UDP_HOLD_US": "100"}
 
 
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
@@ -926,7 +929,8 @@ def parse_args(argv=None):
                          "--no-loadbalance), kdns1rw (the same from a Corefile with rewrite "
                          "rules), kdns1cf (from the same Corefile without them), kdns1asyncio "
                          "(the same with KDNS_UDP_LOOP=asyncio and no UDP hold: the reference "
-                         "for the wait in C), kdns2 (2 workers, "
+                         "for the wait in C), kdns1hold (the wait in C with a 100 us hold), "
+                         "kdns2 (2 workers, "
                          "unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
@@ -999,7 +1003,7 @@ def main(argv=None) -> int:
         "fixed_rate": {"rates": a.fixed_rates, "samples": [], "cells": [], "cpus": {}}}
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
               "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
-              "kdns1asyncio": "kdns-cpu1-1w-asyncio",
+              "kdns1asyncio": "kdns-cpu1-1w-asyncio", "kdns1hold": "kdns-cpu1-1w-hold",
               "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1081,6 +1085,10 @@ def main(argv=None) -> int:
             servers["kdns1asyncio"] = start(lambda _: kdns_server(
                 meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
                 extra_env=ASYNCIO_ENV, suffix="-asyncio"))
+        if "kdns1hold" in a.targets:
+            servers["kdns1hold"] = start(lambda _: kdns_server(
+                meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
+                extra_env=HOLD_ENV, suffix="-hold"))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1097,7 +1105,8 @@ def main(argv=None) -> int:
         # Equivalence first: never compare a fast wrong answer with a slow right one.
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
-            for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns2"):
+            for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns1hold",
+                        "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1116,7 +1125,7 @@ def main(argv=None) -> int:
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
             keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf",
-                                "kdns1asyncio", "kdns2", "floor")
+                                "kdns1asyncio", "kdns1hold", "kdns2", "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
@@ -1133,7 +1142,8 @@ def main(argv=None) -> int:
             if cpus != SERVER_CPU:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
-            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns2", "floor") if k in servers]
+            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns2", "floor")
+                    if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for rate in a.fixed_rates:
                 for key in keys:

@@ -49,9 +49,13 @@ WORKER_STALL_TIMEOUT = 1.0
 # it waits again (kdns/packet/_fastpath.pyx UdpServer.wait): at everyday load the cost of a
 # query is the wake-up (the worker's and, through the reply, the client's), and this lets
 # one wake-up answer several. A query waits at most this much longer (plus the kernel's
-# timer slack, 50 us by default); 0 turns it off. Measured on 2 shared cores at 20,000 q/s
-# (bench/load.py --fixed-rates): 100 us cut CPU per query by ~15%, 200 us by ~30%.
-UDP_HOLD_US = 200
+# timer slack, 50 us by default); 0 turns it off. Off by default: it trades latency for CPU,
+# and the latency it adds is spent in the socket buffer, before kdns's request-duration
+# histogram starts, so dashboards would not show it. Measured on this project's 2-core
+# machine at 20,000 q/s (bench/load.py --fixed-rates, against NSD in the same run): hold 0
+# 0.95x NSD's CPU per query with p99 equal; 100 us 0.79x with p99 1.7x; 200 us 0.64x with
+# p99 2.0x. KDNS_UDP_HOLD_US sets it for a pod that prefers the CPU.
+UDP_HOLD_US = 0
 
 # --------------------------------------------------------------------------- HTTP ports
 HEALTHZ_PORT = 8081            # kube-dns's /readiness
