@@ -23,8 +23,8 @@ from __future__ import annotations
 import struct
 
 from kdns import settings
-from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, TC, TCP_MAX, UDP_PLAIN
-from kdns.forward.external import ExternalNames, read_rr, sections
+from kdns.dns.wire import CD, QR, RA, RD, T_CNAME, TC
+from kdns.forward.external import ExternalNames, fit, read_rr, reply_limit, sections
 from kdns.forward.forwarder import Forwarder, opt_rr, parse_query
 from kdns.packet import counters as C, engine
 from kdns.zone import refpath
@@ -142,16 +142,11 @@ class AutoPath:
         nans = len(records)
         records += auth
         opt = first[-11:] if q.edns else b""
-        limit = TCP_MAX if proto == "tcp" else (
-            max(UDP_PLAIN, min(q.edns[0], self.edns_max)) if q.edns else UDP_PLAIN)
         flags = QR | (q.flags & (OPCODE | RD | CD)) | RA
-        body, kept = bytearray(q.qbytes), 0
-        for rr in records:
-            if 12 + len(body) + len(rr) + len(opt) > limit:
-                flags |= TC             # RFC 2181 §9: answer data cut
-                break
-            body += rr
-            kept += 1
+        body = bytearray(q.qbytes)
+        kept, cut_off = fit(body, records, opt, reply_limit(q, proto, self.edns_max))
+        if cut_off:
+            flags |= TC
         an = min(kept, nans)
         head = struct.pack("!HHHHHH", q.qid, flags, 1, an, kept - an, 1 if opt else 0)
         return head + bytes(body) + opt

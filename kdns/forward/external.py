@@ -87,6 +87,25 @@ def sections(msg: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     return qend, out
 
 
+
+def reply_limit(q, proto: str, edns_max: int) -> int:
+    """How long the reply to ``q`` may be: 65535 over TCP, else the client's EDNS size capped
+    by ours (RFC 6891 §6.2.5), else 512 (RFC 1035 §2.3.4)."""
+    return TCP_MAX if proto == "tcp" else (
+        max(UDP_PLAIN, min(q.edns[0], edns_max)) if q.edns else UDP_PLAIN)
+
+
+def fit(body: bytearray, records, opt: bytes, limit: int) -> tuple[int, bool]:
+    """Append whole ``records`` to ``body`` while the reply (header, body, ``opt``) stays
+    within ``limit``: (how many fit, whether one was cut: the reply's TC, RFC 2181 §9)."""
+    kept = 0
+    for rr in records:
+        if 12 + len(body) + len(rr) + len(opt) > limit:
+            return kept, True
+        body += rr
+        kept += 1
+    return kept, False
+
 class ExternalNames:
     """Completes the CNAME answers the image hands off (see the module docstring)."""
 
@@ -170,15 +189,10 @@ class ExternalNames:
         else:
             rcode = 2
         opt = cname[cut:]          # refpath's OPT for this client (or nothing)
-        limit = TCP_MAX if proto == "tcp" else (
-            max(UDP_PLAIN, min(q.edns[0], self.edns_max)) if q.edns else UDP_PLAIN)
-        body, kept = bytearray(cname[12:cut]), 0
-        for rr in extra:
-            if 12 + len(body) + len(rr) + len(opt) > limit:
-                flags |= TC            # RFC 2181 §9: answer data cut
-                break
-            body += rr
-            kept += 1
+        body = bytearray(cname[12:cut])
+        kept, cut_off = fit(body, extra, opt, reply_limit(q, proto, self.edns_max))
+        if cut_off:
+            flags |= TC
         nans = min(kept, len(extra) - nauth)
         head = struct.pack("!HHHHHH", q.qid, flags | RA | rcode, 1, ncname + nans, kept - nans,
                            1 if opt else 0)
