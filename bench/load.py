@@ -163,6 +163,17 @@ def pin_tree(root: int, cpu: str) -> None:
         subprocess.run([tool("taskset"), "-a", "-p", "-c", cpu, str(pid)], capture_output=True)
 
 
+def core_ticks(cpu: str) -> tuple[int, int]:
+    """(busy, steal) clock ticks of CPU ``cpu`` since boot (/proc/stat: user, nice, system,
+    irq, softirq and steal are busy; steal is also the hypervisor's share on its own)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[7]
+    return 0, 0
+
+
 def udp_drops(port: int) -> int:
     """Datagrams the kernel dropped at the UDP sockets bound to ``port`` because their receive
     buffer was full (/proc/net/udp's last column, summed over SO_REUSEPORT sockets)."""
@@ -326,11 +337,12 @@ def nsd_server(zdir: str, rundir: str, port: int, cpu: str | None, servers: int 
                   port, cpu, os.path.join(rundir, "nsd.log"))
 
 
-def kdns_cmd() -> list:
-    exe = os.path.join(ROOT, ".venv", "bin", "kdns")
+def kdns_cmd(root: str = ROOT) -> list:
+    """kdns as installed in ``root``'s .venv (``--baseline``: another checkout's build)."""
+    exe = os.path.join(root, ".venv", "bin", "kdns")
     if os.path.exists(exe):
         return [exe]
-    py = os.path.join(ROOT, ".venv", "bin", "python")
+    py = os.path.join(root, ".venv", "bin", "python")
     return [py if os.path.exists(py) else sys.executable, "-m", "kdns"]
 
 
@@ -390,12 +402,14 @@ HOLD_ENV = {"KDNS_UDP_HOLD_US": "100"}
 def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, logdir: str,
                 pure: bool = False, loadbalance: bool = True, rewrite: bool = False,
                 corefile: bool = False, extra_env: dict | None = None,
-                suffix: str = "", extra: tuple = (), tag: str = "") -> Server:
+                suffix: str = "", extra: tuple = (), tag: str = "",
+                root: str = ROOT) -> Server:
     """``port`` 0: kdns binds one itself and reports it (``Server.port`` after start).
     ``loadbalance`` False: answers in the compiled order (--no-loadbalance). ``rewrite``:
     from ``rewrite_corefile`` (its rules configured), without upstreams as the others.
     ``extra_env``: KDNS_* switches for this one (its name gets ``suffix``). ``extra``:
-    more flags (bench/bench_autopath.py: --autopath), ``tag`` added to the name."""
+    more flags (bench/bench_autopath.py: --autopath), ``tag`` added to the name. ``root``:
+    the checkout whose build runs (its .venv; the baseline of --baseline)."""
     env = dict(os.environ)
     env.pop("KDNS_PURE", None)
     if pure:
@@ -405,7 +419,7 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
     if rewrite or corefile:
         at = flags.index("--config-dir")
         flags[at:at + 2] = ["--corefile", rewrite_corefile(logdir, rules=rewrite)]
-    argv = kdns_cmd() + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
+    argv = kdns_cmd(root) + ["serve", "--from-file", cluster_json, "--dns-bind-address", HOST,
                          "--dns-port", str(port), "--workers", str(workers)] + flags
     argv += list(extra)
     name = f"kdns-{'cpu' + cpu if cpu else 'unpinned'}-{workers}w{tag}"
@@ -417,7 +431,7 @@ def kdns_server(cluster_json: str, port: int, cpu: str | None, workers: int, log
     elif corefile:
         name += "-corefile"
     name += suffix
-    return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env,
+    return Server(name, argv, port, cpu, os.path.join(logdir, name + ".log"), env=env, cwd=root,
                   ready_query=("kubernetes.default.svc." + gen_cluster.ZONE, "A"),
                   port_in_log=KDNS_PORT_IN_LOG)
 
@@ -529,6 +543,7 @@ def run_measured(server: Server, argv: list, timeout: float,
     out_f = open(stdout_path, "w") if stdout_path else None
     try:
         t0, n0 = server.ticks()
+        c0 = core_ticks(server.cpu) if server.cpu is not None else (0, 0)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         w0 = time.monotonic()
         p = subprocess.run(argv, stdout=out_f or subprocess.PIPE, stderr=subprocess.PIPE,
@@ -536,6 +551,7 @@ def run_measured(server: Server, argv: list, timeout: float,
         wall = time.monotonic() - w0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t1, n1 = server.ticks()
+        c1 = core_ticks(server.cpu) if server.cpu is not None else (0, 0)
     finally:
         if out_f:
             out_f.close()
@@ -546,8 +562,13 @@ def run_measured(server: Server, argv: list, timeout: float,
         os.remove(stdout_path)
     if p.returncode:
         raise RuntimeError(f"{argv[0]} failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    # What else ran on the server's core meanwhile (other programs, the hypervisor's steal):
+    # a server sharing its core batches more per wake-up, so its CPU per query falls; the
+    # fixed-rate figures are for a core of its own.
+    others = max(0, (c1[0] - c0[0]) - (t1 - t0)) / CLK_TCK if server.cpu is not None else None
     return out, {
         "server_cpu_s": (t1 - t0) / CLK_TCK, "server_procs": max(n0, n1), "wall_s": wall,
+        "core_others_s": others, "core_steal_s": (c1[1] - c0[1]) / CLK_TCK,
         "client_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 
 
@@ -745,6 +766,10 @@ def fixed_aggregate(samples: list[dict]) -> list[dict]:
         for k in ("sent", "completed", "lost", "server_drops", "udp_rcvbuf_errors",
                   "server_cpu_s", "client_cpu_s", "wall_s"):
             c[k] = sum(x[k] for x in cs)
+        # None: the server was not pinned when it started (kdns2, pinned later), so which
+        # core to read was not known.
+        others = [x.get("core_others_s") for x in cs]
+        c["core_others_s"] = None if None in others else sum(others)
         c["max_latency_us"] = max((x["max_latency_us"] for x in cs
                                    if x["max_latency_us"] is not None), default=None)
         rc: dict = {}
@@ -765,10 +790,15 @@ def fixed_nsd_ratio(cells: list[dict], nsd: str) -> None:
             c[out] = c[k] / n[k] if n and c[k] is not None and n[k] else None
 
 
+def others_pct(c: dict) -> float | None:
+    """Other programs' share of the server's core over the cell, in percent (None: unknown)."""
+    return None if c["core_others_s"] is None else 100 * c["core_others_s"] / c["wall_s"]
+
+
 def fixed_table(cells: list[dict]) -> str:
     head = (f"{'offered':>8} {'mix':<7} {'target':<17} {'sent q/s':>9} {'answered':>9} "
             f"{'srv CPU %':>9} {'CPU us/q':>8} {'x NSD':>6} {'p50 us':>7} {'p99 us':>7} "
-            f"{'p99.9 us':>8} {'lost':>5} {'srv drops':>9} {'cli CPU %':>9}")
+            f"{'p99.9 us':>8} {'lost':>5} {'srv drops':>9} {'cli CPU %':>9} {'others %':>8}")
     rows = [head, "-" * len(head)]
     for c in sorted(cells, key=lambda c: (c["rate"], c["mix"])):
         rows.append(f"{c['rate']:>8,} {c['mix']:<7} {c['target']:<17} "
@@ -777,7 +807,8 @@ def fixed_table(cells: list[dict]) -> str:
                     f"{fmt(c['cpu_us_per_query'], '.2f'):>8} {fmt(c.get('cpu_over_nsd'), '.2f'):>6} "
                     f"{fmt(c['p50_us'], '.0f'):>7} {fmt(c['p99_us'], '.0f'):>7} "
                     f"{fmt(c['p999_us'], '.0f'):>8} {c['lost']:>5} {c['server_drops']:>9} "
-                    f"{100 * c['client_cpu_s'] / c['wall_s']:>8.0f}%")
+                    f"{100 * c['client_cpu_s'] / c['wall_s']:>8.0f}% "
+                    f"{fmt(others_pct(c), '.0f'):>7}%")
     return "\n".join(rows)
 
 
@@ -807,6 +838,12 @@ def fixed_goals(cells: list[dict], kdns1: str, nsd: str) -> list[str]:
             out.append(f"[{tag(k['p99_us'] <= n['p99_us'])}] {at}: kdns p99 {k['p99_us']:.0f} us "
                        f"<= NSD {n['p99_us']:.0f} us")
         out.append(f"[{tag(k['lost'] == 0)}] {at}: kdns lost {k['lost']} (NSD {n['lost']})")
+        busy = [c for c in (n, k) if (c["core_others_s"] or 0) > 0.1 * c["wall_s"]]
+        for c in busy:
+            out.append(f"        {c['target']}'s core ran other programs "
+                       f"{100 * c['core_others_s'] / c['wall_s']:.0f}% of the time: a shared "
+                       f"core batches more per wake-up, so this cell's CPU per query is not "
+                       f"that of a core of its own")
         for c in short:
             out.append(f"        dnsperf sent only {fmt(c['sent_qps'], ',.0f')} q/s to {c['target']} "
                        f"(client-bound or the machine is busy): not the offered {rate:,}")
@@ -837,7 +874,8 @@ def rcode_drift(cells: list[dict], ref: str, floor: str) -> list[str]:
 
 
 def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str,
-           kdns1off: str = "", kdns1rw: str = "", kdns1cf: str = "") -> tuple[str, dict]:
+           kdns1off: str = "", kdns1rw: str = "", kdns1cf: str = "",
+           kdns1base: str = "") -> tuple[str, dict]:
     idx = {(c["target"], c["mix"], c["tool"]): c for c in cells}
     lines, out = [], {}
     for tool_ in ("loadgen", "dnsperf"):
@@ -867,6 +905,10 @@ def ratios(cells: list[dict], kdns1: str, kdns2: str, nsd: str, floor: str,
                 if k1rw["cpu_us_per_query"] and k1cf["cpu_us_per_query"]:
                     r["kdns1rewrite_over_kdns1corefile_cpu_per_query"] = (
                         k1rw["cpu_us_per_query"] / k1cf["cpu_us_per_query"])
+            k1base = idx.get((kdns1base, mix, tool_))
+            if k1 and k1base and k1base["qps"]:
+                # This build against the --baseline checkout's, same run.
+                r["kdns1_over_kdns1base_qps"] = k1["qps"] / k1base["qps"]
             if k2 and n:
                 r["kdns2w_over_nsd_qps"] = k2["qps"] / n["qps"] if n["qps"] else None
             if k1 and f:
@@ -930,8 +972,12 @@ def parse_args(argv=None):
                          "rules), kdns1cf (from the same Corefile without them), kdns1asyncio "
                          "(the same with KDNS_UDP_LOOP=asyncio and no UDP hold: the reference "
                          "for the wait in C), kdns1hold (the wait in C with a 100 us hold), "
+                         "kdns1base (kdns1 as built in the --baseline checkout), "
                          "kdns2 (2 workers, "
                          "unpinned), floor (C responder, pinned)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another checkout with its own .venv (make install there): the "
+                         "kdns1base target runs its build, to compare two builds in one run")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
     ap.add_argument("--window", type=int, default=64, help="loadgen queries in flight")
@@ -963,6 +1009,8 @@ def parse_args(argv=None):
     a.named = a.named or (200 if small else 1000)
     a.queries = a.queries or (20_000 if small else 100_000)
     a.targets = [t for t in a.targets.split(",") if t]
+    if "kdns1base" in a.targets and not a.baseline:
+        ap.error("the kdns1base target needs --baseline DIR")
     a.tools = [t for t in a.tools.split(",") if t]
     a.mixes = [m for m in a.mixes.split(",") if m]
     a.fixed_rates = [] if a.no_fixed_rate else [int(r) for r in a.fixed_rates.split(",") if r]
@@ -1004,6 +1052,7 @@ def main(argv=None) -> int:
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
               "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
               "kdns1asyncio": "kdns-cpu1-1w-asyncio", "kdns1hold": "kdns-cpu1-1w-hold",
+              "kdns1base": "kdns-cpu1-1w-base",
               "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1089,6 +1138,10 @@ def main(argv=None) -> int:
             servers["kdns1hold"] = start(lambda _: kdns_server(
                 meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
                 extra_env=HOLD_ENV, suffix="-hold"))
+        if "kdns1base" in a.targets:
+            servers["kdns1base"] = start(lambda _: kdns_server(
+                meta["paths"]["kdns_input"], 0, SERVER_CPU, 1, outdir, a.pure,
+                suffix="-base", root=os.path.abspath(a.baseline)))
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
@@ -1106,7 +1159,7 @@ def main(argv=None) -> int:
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
             for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns1hold",
-                        "kdns2"):
+                        "kdns1base", "kdns2"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1125,7 +1178,7 @@ def main(argv=None) -> int:
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
             keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf",
-                                "kdns1asyncio", "kdns1hold", "kdns2", "floor")
+                                "kdns1asyncio", "kdns1hold", "kdns1base", "kdns2", "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
@@ -1137,12 +1190,14 @@ def main(argv=None) -> int:
         # pod whose CPU limit is below its worker count).
         if a.fixed_rates and "kdns2" in servers:
             pin_tree(servers["kdns2"].proc.pid, SERVER_CPU)
+            servers["kdns2"].cpu = SERVER_CPU       # its core, for the cells' others %
         for key, s in servers.items() if a.fixed_rates else ():
             cpus = report["fixed_rate"]["cpus"][flabels[key]] = cpus_allowed(s.proc.pid)
             if cpus != SERVER_CPU:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
-            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns2", "floor")
+            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns1base", "kdns2",
+                                "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for rate in a.fixed_rates:
@@ -1161,7 +1216,7 @@ def main(argv=None) -> int:
     text_table = table(cells)
     rtext, report["ratios"] = ratios(cells, labels["kdns1"], labels["kdns2"], labels["nsd"],
                                      labels["floor"], labels["kdns1off"], labels["kdns1rw"],
-                                     labels["kdns1cf"])
+                                     labels["kdns1cf"], labels["kdns1base"])
     report["goals"] = goals(cells, labels["kdns1"], labels["nsd"])
     report["verify"]["rcode_drift"] = rcode_drift(cells, labels["nsd"], labels["floor"])
     fr = report["fixed_rate"]
@@ -1189,7 +1244,8 @@ def main(argv=None) -> int:
               f"{a.fixed_seconds:g} s per cell x {a.rounds} round(s) (median shown), every server "
               f"on CPU {SERVER_CPU} ({', '.join(f'{k} {v}' for k, v in fr['cpus'].items())}); "
               f"x NSD = CPU per query over NSD's; lost = no answer within 2 s; srv drops = "
-              f"datagrams dropped at the server's full socket buffer:")
+              f"datagrams dropped at the server's full socket buffer; others % = other "
+              f"programs' (and the hypervisor's steal) share of the server's core meanwhile:")
         print(fixed_table(fr["cells"]))
     print("\ngoal, this run:")
     print("\n".join(report["goals"] + fr["goals"]) or "(needs the nsd and kdns1 targets)")

@@ -107,3 +107,24 @@ def test_a_timed_out_line_too_few_raises():
     text = _replace_first(fixture(DROPS), "> T ", "")
     with pytest.raises(load.DnsperfFormatError, match="timed out"):
         load.parse_dnsperf(text, verbose=True)
+
+
+def _fixed_cell(target, cpu_us, p99, others_s):
+    return {"rate": 20000, "target": target, "mix": "hits", "sent_qps": 20000.0,
+            "cpu_us_per_query": cpu_us, "p99_us": p99, "lost": 0, "wall_s": 10.0,
+            "core_others_s": others_s}
+
+
+def test_fixed_goals_say_when_a_core_was_shared():
+    """A fixed-rate cell whose server core ran other programs over a tenth of the time is
+    not a core of its own: the goal lines say so for that target, and only for it."""
+    cells = [_fixed_cell("nsd", 10.0, 100.0, 0.5), _fixed_cell("kdns", 7.0, 90.0, 2.0)]
+    lines = load.fixed_goals(cells, "kdns", "nsd")
+    assert ("[met] fixed 20,000 q/s hits: kdns CPU/query 7.00 us <= 0.8 x NSD 10.00 us "
+            "(ratio 0.70)") in lines
+    notes = [ln for ln in lines if "ran other programs" in ln]
+    assert len(notes) == 1 and "kdns's core ran other programs 20%" in notes[0]
+    # Unknown (a server pinned after it started): no note, and the table prints "-".
+    cells[1]["core_others_s"] = None
+    assert not [ln for ln in load.fixed_goals(cells, "kdns", "nsd") if "ran other" in ln]
+    assert load.others_pct(cells[1]) is None and load.others_pct(cells[0]) == 5.0

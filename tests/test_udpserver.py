@@ -309,6 +309,35 @@ def test_wait_holds_after_a_small_batch_and_never_after_a_full_one():
         lo.close()
 
 
+def test_wait_counts_its_wake_ups_batches_and_returns():
+    """The engine's own account of a wake-up (what bench/wakeups.py compares with NSD): six
+    queued queries with a batch of four are one epoll_wait return, two recvmmsg batches
+    (four, then the two left) and one return to Python; an idle wait is a wake-up (its
+    timeout) with no batch."""
+    lo = Loopback(batch=4)
+    ep, loop_side, poke = wait_set(lo)
+    c = client()
+    try:
+        for i in range(6):
+            c.sendto(wire(S, qid=i), lo.addr)
+        # On loopback a datagram is in the receive queue when sendto returns (the kernel
+        # delivers it inside the sender's call): all six are queued before the wait looks.
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), 0) == []
+        assert (lo.server.wakeups, lo.server.batches, lo.server.datagrams,
+                lo.server.waits) == (1, 2, 6, 1)
+        assert sorted(dns.message.from_wire(c.recv(65535)).id for _ in range(6)) == list(range(6))
+        assert lo.server.wait(lo.img, lo.counters, ep.fileno(), 0) == []
+        assert (lo.server.wakeups, lo.server.batches, lo.server.datagrams,
+                lo.server.waits) == (2, 2, 6, 2)
+        assert lo.server.holds == 0
+    finally:
+        c.close()
+        ep.close()
+        loop_side.close()
+        poke.close()
+        lo.close()
+
+
 def test_wait_raises_on_a_bad_epoll_fd(lo):
     with pytest.raises(OSError):
         lo.server.wait(lo.img, lo.counters, lo.sock.fileno(), 0)   # not an epoll fd

@@ -1563,6 +1563,13 @@ cdef class UdpServer:
     cdef int nrecv                      # datagrams the last drain() received
     cdef epoll_event *wevs              # wait(): the event loop's ready fds
     cdef readonly uint64_t holds        # wait(): adaptive holds taken (tests, metrics)
+    # What a wake-up costs is counted here, not guessed (bench/wakeups.py counts syscalls
+    # from outside): epoll_wait returns inside wait(), recvmmsg calls that received
+    # datagrams, the datagrams, and wait() calls (each one a return to Python).
+    cdef readonly uint64_t wakeups
+    cdef readonly uint64_t batches
+    cdef readonly uint64_t datagrams
+    cdef readonly uint64_t waits
     cdef int idle_holds                 # wait(): holds in a row that found nothing (<= 6)
     cdef int hold_skip                  # wait(): small batches left to answer without a hold
     cdef bint held                      # wait(): the last wake-up followed a hold
@@ -1706,6 +1713,7 @@ cdef class UdpServer:
         cdef int n, i
         self.nhandoff = 0
         self.release_spill()
+        self.waits += 1
         with nogil:
             n = self.wait_loop(&view, ctr, epfd, timeout_ms, hold_us, max_batches)
         if n < 0:
@@ -1742,6 +1750,7 @@ cdef class UdpServer:
             n = epoll_wait(epfd, self.wevs, WAIT_EVENTS, wait)
             if n < 0:
                 return -errno
+            self.wakeups += 1
             k = 0
             udp = fwd = False
             for i in range(n):
@@ -1851,6 +1860,8 @@ cdef class UdpServer:
                 return 0 if KDNS_WOULD_BLOCK(e) else e
             t0 = now_ns()
             self.nrecv += n
+            self.batches += 1
+            self.datagrams += n
             nsend = self.answer_batch(img, ctr, n, t0)
             self.send_all(ctr, nsend)
             if self.fws != NULL and self.fws.nq:
