@@ -931,7 +931,8 @@ def parse_args(argv=None):
                          "(the same with KDNS_UDP_LOOP=asyncio and no UDP hold: the reference "
                          "for the wait in C), kdns1hold (the wait in C with a 100 us hold), "
                          "kdns2 (2 workers, "
-                         "unpinned), floor (C responder, pinned)")
+                         "unpinned), kdns2t (2 workers as threads of one process, "
+                         "--worker-processes 1, unpinned), floor (C responder, pinned)")
     ap.add_argument("--tools", default="dnsperf,loadgen")
     ap.add_argument("--mixes", default="hits,search")
     ap.add_argument("--window", type=int, default=64, help="loadgen queries in flight")
@@ -1004,7 +1005,8 @@ def main(argv=None) -> int:
     labels = {"nsd": "nsd-cpu1", "kdns1": "kdns-cpu1-1w", "kdns1off": "kdns-cpu1-1w-nolb",
               "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
               "kdns1asyncio": "kdns-cpu1-1w-asyncio", "kdns1hold": "kdns-cpu1-1w-hold",
-              "kdns2": "kdns-unpinned-2w", "floor": "responder-cpu1"}
+              "kdns2": "kdns-unpinned-2w", "kdns2t": "kdns-unpinned-2w-1p",
+              "floor": "responder-cpu1"}
     running: list[Server] = []
 
     def start(make, timeout=120.0) -> Server:
@@ -1034,7 +1036,8 @@ def main(argv=None) -> int:
             f"server {fmt(c['cpu_us_per_query'], '.2f')} us CPU/q")
         return c
 
-    flabels = dict(labels, kdns2="kdns-cpu1-2w")    # pinned for the fixed-rate cells
+    # Pinned for the fixed-rate cells.
+    flabels = dict(labels, kdns2="kdns-cpu1-2w", kdns2t="kdns-cpu1-2w-1p")
 
     def fixed(key: str, s: Server, rate: int, mix: str, rnd: int) -> dict:
         c = fixed_rate_cell(s, qfiles[mix], rate, a.fixed_seconds, a,
@@ -1092,6 +1095,10 @@ def main(argv=None) -> int:
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
+        if "kdns2t" in a.targets:
+            servers["kdns2t"] = start(lambda _: kdns_server(
+                meta["paths"]["kdns_input"], 0, None, 2, outdir, a.pure,
+                extra=("--worker-processes", "1"), tag="-1p"))
         if "floor" in a.targets:
             servers["floor"] = start(lambda p: responder_server(exes["responder"], p, SERVER_CPU,
                                                                 outdir, bound))
@@ -1106,7 +1113,7 @@ def main(argv=None) -> int:
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
             for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns1hold",
-                        "kdns2"):
+                        "kdns2", "kdns2t"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1125,7 +1132,7 @@ def main(argv=None) -> int:
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
             keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf",
-                                "kdns1asyncio", "kdns1hold", "kdns2", "floor")
+                                "kdns1asyncio", "kdns1hold", "kdns2", "kdns2t", "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for key in keys:
@@ -1135,14 +1142,16 @@ def main(argv=None) -> int:
         # Fixed offered rates, every server on one core: the two-worker kdns is pinned to
         # the servers' CPU for this part (its two workers share the core, as they would in a
         # pod whose CPU limit is below its worker count).
-        if a.fixed_rates and "kdns2" in servers:
-            pin_tree(servers["kdns2"].proc.pid, SERVER_CPU)
+        for key in ("kdns2", "kdns2t") if a.fixed_rates else ():
+            if key in servers:
+                pin_tree(servers[key].proc.pid, SERVER_CPU)
         for key, s in servers.items() if a.fixed_rates else ():
             cpus = report["fixed_rate"]["cpus"][flabels[key]] = cpus_allowed(s.proc.pid)
             if cpus != SERVER_CPU:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
-            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns2", "floor")
+            keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns2", "kdns2t",
+                                "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
             for rate in a.fixed_rates:

@@ -539,7 +539,9 @@ def _add_node_local_parser(sub, port) -> None:
     n.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
                    help=f"DNS port (default {settings.DNS_PORT})")
     n.add_argument("--workers", type=_int_in(1, 64, "a number of workers from 1 to 64"),
-                   default=1, help="worker processes per listen address (default 1)")
+                   default=1, help=f"worker slots per listen address (default 1); the slots "
+                                   f"run as threads of at most "
+                                   f"{settings.DEFAULT_WORKER_PROCESSES} processes")
     n.add_argument("--domain", type=_domain, default=settings.DOMAIN,
                    help="the cluster domain the central kdns serves (default cluster.local)")
     n.add_argument("--kube-dns-upstream", type=_host_port, action="append", default=[],

@@ -3,15 +3,18 @@
 Why: one small pure-Python process owns everything that outlives a worker. It opens, per
 worker slot, one UDP and one TCP SO_REUSEPORT socket and keeps them open for as long as it
 runs, so a worker that dies loses no queued packets: its replacement inherits the very same
-sockets. Workers are forked with the fds passed from the zygote (kdns/serve/zygote.py, a
-single-threaded pre-imported process started by fork+exec: the supervisor has HTTP threads,
-and forking a threaded process is unsafe), and reparented to the supervisor, a child
-subreaper, which waits for them as for its own children. Should the zygote fail twice in a
-row, with one worker (nothing to share), or with KDNS_FORK_WORKERS=0, a worker is a fresh
-``python -m kdns.serve.worker``. Zone images go to workers through ``publish`` (sealed memfds, no file system).
+sockets. The slots are hosted by ``--worker-processes`` processes (``Host``: slot i in
+process i % P, one thread per slot, kdns/serve/worker.py ``serve_slots``); a process is
+replaced with all its slots. Worker processes are forked with the fds passed from the
+zygote (kdns/serve/zygote.py, a single-threaded pre-imported process started by fork+exec:
+the supervisor has HTTP threads, and forking a threaded process is unsafe), and reparented
+to the supervisor, a child subreaper, which waits for them as for its own children. Should
+the zygote fail twice in a row, with one worker process (nothing to share), or with
+KDNS_FORK_WORKERS=0, one is a fresh ``python -m kdns.serve.worker``. Zone images go to
+workers through ``publish`` (sealed memfds, no file system).
 
 Signals: SIGTERM stops (after ``--lameduck``, not ready meanwhile), SIGINT stops at once,
-SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker is
+SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker process is
 replaced at once (the loop wakes on SIGCHLD), with a back-off only if it keeps dying young.
 
 What it must not do: contain DNS rules or answer queries.

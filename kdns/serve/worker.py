@@ -1,4 +1,6 @@
-"""One worker process: an asyncio loop around the engine, on sockets the supervisor owns.
+"""One worker process: an asyncio loop around the engine per slot, on sockets the
+supervisor owns. A process serving several slots runs each on a thread of its own
+(``serve_slots``); each slot's loop is what follows.
 
 Why: the supervisor opens the SO_REUSEPORT sockets and keeps them, so a replacement worker
 inherits the very sockets (and queued packets) of the one that died; it starts each worker
