@@ -386,3 +386,36 @@ def test_more_processes_than_computed_workers_is_capped_not_refused():
     a = types.SimpleNamespace(workers=8, worker_processes=None)
     cfg = S.ServeConfig(workers=8)
     assert cli._worker_processes(a, cfg) is None and cfg.worker_processes is None
+
+
+class FakeSlot:
+    """What serve_slots uses of a Worker: ``run`` (here: fail, or wait to be stopped),
+    ``stop_soon`` from any thread, ``on_signal`` and ``slot``."""
+
+    def __init__(self, slot: int, fail: bool):
+        self.slot, self.fail, self.on_signal = slot, fail, None
+        self.stopped = None
+
+    async def run(self):
+        import asyncio
+        if self.fail:
+            raise RuntimeError("this slot's loop broke")
+        loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        self.loop = loop
+        await asyncio.wait_for(self.stopped.wait(), 10)
+
+    def stop_soon(self):
+        while self.stopped is None and not self.fail:
+            time.sleep(0.001)           # run() has not made its event yet
+        if not self.fail and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.stopped.set)
+
+
+def test_a_slot_thread_that_fails_stops_its_process_with_status_1(caplog):
+    """The supervisor replaces a process that exits; a slot left dead inside a live process
+    would go unnoticed until its heartbeat, so a failing slot stops them all."""
+    slots = [FakeSlot(0, fail=False), FakeSlot(2, fail=True)]
+    assert W.serve_slots(slots) == 1
+    assert "worker 2 failed; stopping its process" in caplog.text
+    assert slots[0].on_signal is not None and slots[1].on_signal is False
