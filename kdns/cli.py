@@ -432,8 +432,17 @@ def build_parser() -> Parser:
                    help=f"DNS port (default {settings.DNS_PORT})")
     s.add_argument("--workers", type=_int_in(1, 1024, "a number of workers from 1 to 1024"),
                    default=None,
-                   help="worker processes (default: the cgroup CPU quota rounded up, at most "
-                        "the CPUs this process may use; without a quota, those CPUs)")
+                   help="worker slots, each with its own UDP and TCP socket (default: the "
+                        "cgroup CPU quota rounded up, at most the CPUs this process may use; "
+                        "without a quota, those CPUs)")
+    s.add_argument("--worker-processes", type=_int_in(1, 1024, "a number of processes from 1 "
+                                                               "to 1024"),
+                   default=None, metavar="P",
+                   help=f"processes the worker slots run in, as threads: a process that "
+                        f"crashes or stalls is replaced with all its slots, and each process "
+                        f"costs memory (default {settings.DEFAULT_WORKER_PROCESSES}, at most "
+                        f"--workers; --worker-processes equal to --workers gives each slot a "
+                        f"process of its own)")
     s.add_argument("--healthz-port", type=port, default=settings.HEALTHZ_PORT,
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
@@ -530,7 +539,9 @@ def _add_node_local_parser(sub, port) -> None:
     n.add_argument("--dns-port", type=port, default=settings.DNS_PORT,
                    help=f"DNS port (default {settings.DNS_PORT})")
     n.add_argument("--workers", type=_int_in(1, 64, "a number of workers from 1 to 64"),
-                   default=1, help="worker processes per listen address (default 1)")
+                   default=1, help=f"worker slots per listen address (default 1); the slots "
+                                   f"run as threads of at most "
+                                   f"{settings.DEFAULT_WORKER_PROCESSES} processes")
     n.add_argument("--domain", type=_domain, default=settings.DOMAIN,
                    help="the cluster domain the central kdns serves (default cluster.local)")
     n.add_argument("--kube-dns-upstream", type=_host_port, action="append", default=[],
@@ -695,6 +706,9 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = No
     for line in getattr(a, "corefile_notes", ()):
         logging.getLogger("kdns").info("%s", line)
     cfg.workers, cfg.workers_why, cfg.workers_warning = _workers(a.workers)
+    problem = _worker_processes(a, cfg)
+    if problem:
+        return _fail(problem)
     if a.profiling:
         logging.getLogger("kdns").info("--profiling: kdns has no pprof endpoint; ignored")
     if a.federations:
@@ -705,6 +719,24 @@ def cmd_serve(a: argparse.Namespace, parser: argparse.ArgumentParser | None = No
         return server.serve(cfg)
     except (server.StartError, server.LoadError) as e:
         return _fail(str(e))
+
+
+def _worker_processes(a: argparse.Namespace, cfg) -> str | None:
+    """--worker-processes against the worker count: more processes than slots is a
+    mistake when both flags were given (say so); when the count came from the CPUs, the
+    processes are capped at it (the same manifest runs on any node)."""
+    p = getattr(a, "worker_processes", None)
+    if p is None:
+        return None
+    if p > cfg.workers:
+        if a.workers is not None:
+            return (f"--worker-processes {p} is more than --workers {cfg.workers}: each "
+                    f"process serves at least one worker; lower it or raise --workers.")
+        logging.getLogger("kdns").info("--worker-processes %d capped at the %d workers (%s)",
+                                       p, cfg.workers, cfg.workers_why)
+        p = cfg.workers
+    cfg.worker_processes = p
+    return None
 
 
 def _workers(flag: int | None, root: str = "/") -> tuple[int, str, str | None]:

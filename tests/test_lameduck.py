@@ -30,7 +30,10 @@ def requests(k: Kdns) -> int:
                    if name == "coredns_dns_requests_total"))
 
 
-def test_rolling_update_loses_no_query(tmp_path):
+# The instance that leaves: one worker, or four slots as threads of two processes (each
+# slot's socket leaves the group and is drained by its own thread's loop).
+@pytest.mark.parametrize("old_workers", [1, 4])
+def test_rolling_update_loses_no_query(tmp_path, old_workers):
     dnsperf = require_tool("dnsperf")
     qfile = tmp_path / "queries.txt"
     qfile.write_text("\n".join(QUERIES) + "\n")
@@ -38,7 +41,7 @@ def test_rolling_update_loses_no_query(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     old = Kdns(tmp_path / "old",
-               image=sample_image(), workers=1, args=args)
+               image=sample_image(), workers=old_workers, args=args)
     old.start()
     # Same DNS port for both (known once old runs): the supervisor sets SO_REUSEPORT on
     # every socket.

@@ -364,15 +364,18 @@ class KdnsCollector:
 
 
 def worker_process_metrics(sup):
-    """CPU and memory of each worker (process_* sums the pod's processes), read from /proc
-    at scrape time."""
-    cpu = CounterMetricFamily("kdns_worker_cpu_seconds", "CPU time of each worker process.",
+    """CPU and memory of each worker process (process_* sums the pod's processes), read
+    from /proc at scrape time. One series per process, labelled with the first worker slot
+    it serves (a process serving several has one series for them all)."""
+    cpu = CounterMetricFamily("kdns_worker_cpu_seconds", "CPU time of each worker process "
+                              "(labelled with the first worker slot it serves).",
                               labels=["worker"])
     rss = GaugeMetricFamily("kdns_worker_resident_memory_bytes", "Resident memory of each "
-                            "worker process.", labels=["worker"])
+                            "worker process (labelled with the first worker slot it serves).",
+                            labels=["worker"])
     tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
-    for slot in getattr(sup, "slots", ()):
-        proc = slot.proc
+    for host in getattr(sup, "hosts", ()):
+        proc = host.proc
         if proc is None:
             continue
         try:
@@ -380,8 +383,9 @@ def worker_process_metrics(sup):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue                     # exited between the check and the read
-        cpu.add_metric([str(slot.index)], (int(fields[11]) + int(fields[12])) / tick)
-        rss.add_metric([str(slot.index)], int(fields[21]) * page)
+        first = str(host.slots[0].index)
+        cpu.add_metric([first], (int(fields[11]) + int(fields[12])) / tick)
+        rss.add_metric([first], int(fields[21]) * page)
     return [cpu, rss]
 
 
@@ -490,8 +494,8 @@ class PodProcessCollector:
 
     def pids(self) -> list[int]:
         # returncode, not poll(): reaping is the supervisor loop's, not this HTTP thread's.
-        pids = [os.getpid()] + [s.proc.pid for s in getattr(self.sup, "slots", ())
-                                if s.proc is not None and s.proc.returncode is None]
+        pids = [os.getpid()] + [h.proc.pid for h in getattr(self.sup, "hosts", ())
+                                if h.proc is not None and h.proc.returncode is None]
         zygote = getattr(getattr(self.sup, "zygote", None), "proc", None)
         if zygote is not None and zygote.returncode is None:
             pids.append(zygote.pid)      # the workers' shared pages are charged to it

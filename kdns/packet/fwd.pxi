@@ -121,6 +121,10 @@ cdef struct FwState:
     int leaders
     int64_t try_ns
     int32_t free_head
+    # Pool entries ever handed out: those from here on were never used (FE_FREE, pages the
+    # kernel has not even given yet), so the pool costs memory only for what a burst of
+    # queries in flight reached, and scans stop here.
+    int32_t fresh
     uint32_t idmask
     uint32_t kmask
     int rpos
@@ -231,8 +235,13 @@ cdef int32_t fw_alloc(FwState *s) noexcept nogil:
     cdef int32_t i = s.free_head
     if i >= 0:
         s.free_head = s.pool[i].next
-        s.pool[i].next = -1
-        s.used += 1
+    elif s.fresh < s.cap:
+        i = s.fresh
+        s.fresh += 1
+    else:
+        return -1
+    s.pool[i].next = -1
+    s.used += 1
     return i
 
 
@@ -745,7 +754,7 @@ cdef void fw_unreachable(FwState *s, int sock) noexcept nogil:
             if errno == EINTR:
                 continue
             return
-        for i in range(s.cap):
+        for i in range(s.fresh):
             if s.pool[i].state == FE_LEADER and s.pool[i].sock == sock:
                 u = &s.ups[s.pool[i].up]
                 if fw_source_ok(u, &dest):
@@ -804,7 +813,14 @@ cdef class FwdEngine:
         memset(self.s, 0, sizeof(FwState))
         s = self.s
         s.epfd = -1
-        s.pool = <FwEntry *>PyMem_Malloc(capacity * sizeof(FwEntry))
+        s.cap = capacity                # also what __dealloc__ unmaps
+        # Zeroed pages mapped lazily (FE_FREE is 0): 1000 entries are ~1 MiB, and a worker
+        # at everyday load has a few in flight (fw_alloc hands out entries from the start).
+        s.pool = <FwEntry *>mmap(NULL, <size_t>capacity * sizeof(FwEntry),
+                                 PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if s.pool == <FwEntry *>MAP_FAILED:
+            s.pool = NULL
         s.idtab = <int32_t *>PyMem_Malloc(tsize * sizeof(int32_t))
         s.ktab = <int32_t *>PyMem_Malloc(ksize * sizeof(int32_t))
         s.hb = <int32_t *>PyMem_Malloc(capacity * sizeof(int32_t))
@@ -817,11 +833,8 @@ cdef class FwdEngine:
         if not (s.pool and s.idtab and s.ktab and s.hb and s.qmsg and s.qiov and s.qbuf and
                 s.qsock and s.rbuf and s.tbuf):
             raise MemoryError()
-        memset(s.pool, 0, capacity * sizeof(FwEntry))
-        for i in range(capacity):
-            s.pool[i].next = i + 1 if i + 1 < capacity else -1
-        s.free_head = 0
-        s.cap = capacity
+        s.free_head = -1
+        s.fresh = 0
         memset(s.idtab, 0xFF, tsize * sizeof(int32_t))
         memset(s.ktab, 0xFF, ksize * sizeof(int32_t))
         s.idmask = tsize - 1
@@ -869,7 +882,8 @@ cdef class FwdEngine:
             return
         if s.epfd >= 0:
             close(s.epfd)
-        PyMem_Free(s.pool)
+        if s.pool != NULL:
+            munmap(s.pool, <size_t>s.cap * sizeof(FwEntry))
         PyMem_Free(s.idtab)
         PyMem_Free(s.ktab)
         PyMem_Free(s.hb)
@@ -969,7 +983,7 @@ cdef class FwdEngine:
     def reset(self, int reason=HB_RECONFIG):
         """Hand every query in flight back to Python."""
         cdef int i
-        for i in range(self.s.cap):
+        for i in range(self.s.fresh):
             if self.s.pool[i].state == FE_LEADER:
                 fw_unlink(self.s, i)
                 fw_handback(self.s, i, reason)
@@ -986,7 +1000,7 @@ cdef class FwdEngine:
         cdef int i
         cdef int64_t t = now_ns() if now < 0 else <int64_t>(now * 1e9)
         cdef int before = self.s.nhb
-        for i in range(self.s.cap):
+        for i in range(self.s.fresh):
             if self.s.pool[i].state == FE_LEADER and t - self.s.pool[i].sent_ns >= self.s.try_ns:
                 self.s.ups[self.s.pool[i].up].timeouts += 1
                 self.s.ups[self.s.pool[i].up].failures[0] += 1

@@ -3,15 +3,18 @@
 Why: one small pure-Python process owns everything that outlives a worker. It opens, per
 worker slot, one UDP and one TCP SO_REUSEPORT socket and keeps them open for as long as it
 runs, so a worker that dies loses no queued packets: its replacement inherits the very same
-sockets. Workers are forked with the fds passed from the zygote (kdns/serve/zygote.py, a
-single-threaded pre-imported process started by fork+exec: the supervisor has HTTP threads,
-and forking a threaded process is unsafe), and reparented to the supervisor, a child
-subreaper, which waits for them as for its own children. Should the zygote fail twice in a
-row, with one worker (nothing to share), or with KDNS_FORK_WORKERS=0, a worker is a fresh
-``python -m kdns.serve.worker``. Zone images go to workers through ``publish`` (sealed memfds, no file system).
+sockets. The slots are hosted by ``--worker-processes`` processes (``Host``: slot i in
+process i % P, one thread per slot, kdns/serve/worker.py ``serve_slots``); a process is
+replaced with all its slots. Worker processes are forked with the fds passed from the
+zygote (kdns/serve/zygote.py, a single-threaded pre-imported process started by fork+exec:
+the supervisor has HTTP threads, and forking a threaded process is unsafe), and reparented
+to the supervisor, a child subreaper, which waits for them as for its own children. Should
+the zygote fail twice in a row, with one worker process (nothing to share), or with
+KDNS_FORK_WORKERS=0, one is a fresh ``python -m kdns.serve.worker``. Zone images go to
+workers through ``publish`` (sealed memfds, no file system).
 
 Signals: SIGTERM stops (after ``--lameduck``, not ready meanwhile), SIGINT stops at once,
-SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker is
+SIGHUP re-reads the input now instead of at the next one-second poll. A dead worker process is
 replaced at once (the loop wakes on SIGCHLD), with a back-off only if it keeps dying young.
 
 What it must not do: contain DNS rules or answer queries.
@@ -96,6 +99,9 @@ class ServeConfig:
     dns_port: int = settings.DNS_PORT
     ttl: int = settings.TTL
     workers: int = 1
+    # --worker-processes: how many processes host the worker slots (None: the default,
+    # settings.DEFAULT_WORKER_PROCESSES, at most ``workers``).
+    worker_processes: int | None = None
     workers_why: str = "--workers"          # what decided the count (logged at start)
     workers_warning: str | None = None      # e.g. a cgroup quota file that made no sense
     healthz_port: int = settings.HEALTHZ_PORT
@@ -380,11 +386,14 @@ def listening_sockets(host: str, port: int, n: int,
 # --------------------------------------------------------------------------- supervisor
 
 
-def worker_args(cfg: ServeConfig, index: int, fds) -> list[str]:
-    """A worker's arguments; ``fds`` are its UDP, TCP, control, counters (and forwarding)
-    fds, as numbers or, for the zygote, placeholders."""
-    args = ["--slot", str(index), "--udp-fd", str(fds[0]), "--tcp-fd", str(fds[1]),
-            "--control-fd", str(fds[2]), "--counters-fd", str(fds[3]),
+def worker_args(cfg: ServeConfig, slots, fds) -> list[str]:
+    """A worker process's arguments: ``slots`` are the slot indices it serves, ``fds`` one
+    (UDP, TCP, control[, forwarding]) group per slot then the counters fd, as numbers or,
+    for the zygote, placeholders."""
+    per_slot = [list(group) for group in fds[:-1]]
+    column = lambda k: ",".join(str(group[k]) for group in per_slot)
+    args = ["--slot", ",".join(str(i) for i in slots), "--udp-fd", column(0),
+            "--tcp-fd", column(1), "--control-fd", column(2), "--counters-fd", str(fds[-1]),
             "--edns-udp-size", str(cfg.edns_udp_size),
             "--tcp-idle-timeout", str(cfg.tcp_idle_timeout),
             "--tcp-max-connections", str(cfg.tcp_max_connections),
@@ -392,12 +401,19 @@ def worker_args(cfg: ServeConfig, index: int, fds) -> list[str]:
             "--log-level", cfg.log_level, "--log-format", cfg.log_format] + (
                 ["--log-queries"] if cfg.log_queries else []) + (
                 [] if cfg.loadbalance else ["--no-loadbalance"])
-    if len(fds) > 4:
-        args += ["--forward-fd", str(fds[4]), "--cache-size", str(cfg.forwarding.cache_size)]
+    if len(per_slot[0]) > 3:
+        args += ["--forward-fd", column(3), "--cache-size", str(cfg.forwarding.cache_size)]
     return args
 
 
+def process_count(workers: int, processes: int | None) -> int:
+    """How many worker processes host ``workers`` slots: ``processes`` (--worker-processes)
+    when given, else DEFAULT_WORKER_PROCESSES, never more than the slots."""
+    return max(1, min(workers, processes or settings.DEFAULT_WORKER_PROCESSES))
+
+
 PR_SET_CHILD_SUBREAPER = 36
+ZYGOTE_MAX_FDS = 253            # fds one request to the zygote carries (zygote.MAX_FDS)
 ZYGOTE_REPLY_TIMEOUT = 10.0     # seconds a fork may take before the zygote counts as stuck
 
 
@@ -521,17 +537,42 @@ class Zygote:
 
 
 class Slot:
-    __slots__ = ("index", "udp", "tcp", "proc", "started", "fast_deaths", "respawn_at",
-                 "beat", "beat_at")
+    """One serving slot: its sockets and counter page are the supervisor's for as long as
+    it runs; the process hosting it (``host``) comes and goes."""
+    __slots__ = ("index", "udp", "tcp", "host", "beat", "beat_at")
 
     def __init__(self, index, udp, tcp):
         self.index, self.udp, self.tcp = index, udp, tcp
+        self.host: Host | None = None
+        self.beat = 0               # the worker's heartbeat count last seen, and when
+        self.beat_at = 0.0
+
+    @property
+    def proc(self):
+        """The process serving this slot now, or None."""
+        return self.host.proc if self.host is not None else None
+
+
+class Host:
+    """One worker process and the slots it serves, one thread each (kdns/serve/worker.py
+    serve_slots). It lives and dies as one: a death or any of its slots' heartbeat standing
+    still replaces it with all its slots."""
+    __slots__ = ("index", "slots", "proc", "started", "fast_deaths", "respawn_at")
+
+    def __init__(self, index: int, slots: list[Slot]):
+        self.index, self.slots = index, slots
+        for slot in slots:
+            slot.host = self
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.fast_deaths = 0
         self.respawn_at = 0.0
-        self.beat = 0               # the worker's heartbeat count last seen, and when
-        self.beat_at = 0.0
+
+    def name(self) -> str:
+        """What log lines call it: "worker 3", or "workers 0,2,4" for a process of several."""
+        if len(self.slots) == 1:
+            return f"worker {self.slots[0].index}"
+        return "workers " + ",".join(str(s.index) for s in self.slots)
 
 
 class Supervisor:
@@ -540,6 +581,7 @@ class Supervisor:
         self.source = source
         self.publisher = publish.Publisher()
         self.slots: list[Slot] = []
+        self.hosts: list[Host] = []
         self.http: list[http.HttpListener] = []
         self.counters_fd = -1
         self.counters = None
@@ -583,6 +625,11 @@ class Supervisor:
             cfg.dns_bind_address = "0.0.0.0"
         pairs = self.listen()
         self.slots = [Slot(i, u, t) for i, (u, t) in enumerate(pairs)]
+        # Slot i is served by process i % P: consecutive slots (node-local's addresses are
+        # consecutive runs of them) land in different processes, so a process that dies
+        # leaves every address served.
+        nprocs = process_count(len(self.slots), cfg.worker_processes)
+        self.hosts = [Host(k, self.slots[k::nprocs]) for k in range(nprocs)]
         self.counters_fd, self.counters = publish.counters_memfd(cfg.workers)
         try:
             self.start_http()
@@ -599,16 +646,17 @@ class Supervisor:
             self.forwarding.start([(cfg.dns_bind_address, self.slots[0].udp.getsockname()[1])])
         if cfg.workers_warning:
             log.warning("%s", cfg.workers_warning)
-        log.info("listening on %s port %d (udp+tcp) with %d workers (%s), %s engine",
-                 cfg.dns_bind_address, self.slots[0].udp.getsockname()[1], cfg.workers,
-                 cfg.workers_why, engine.IMPLEMENTATION)
-        # One worker shares its imports with nobody: the zygote would only add its own
-        # pages (measured +4.5 MiB summed PSS at 1 worker, -9 at 2, -73 at 8).
-        if settings.ENV.fork_workers and cfg.workers > 1 and become_subreaper():
+        log.info("listening on %s port %d (udp+tcp) with %d workers (%s) in %d %s, "
+                 "%s engine", cfg.dns_bind_address, self.slots[0].udp.getsockname()[1],
+                 cfg.workers, cfg.workers_why, len(self.hosts),
+                 "process" if len(self.hosts) == 1 else "processes", engine.IMPLEMENTATION)
+        # One worker process shares its imports with nobody: the zygote would only add its
+        # own pages (measured +4.5 MiB summed PSS at 1 worker, -9 at 2).
+        if settings.ENV.fork_workers and len(self.hosts) > 1 and become_subreaper():
             self.zygote = Zygote(self.worker_env(), cfg.log_level, cfg.log_format,
                                  stderr=self.worker_stderr())
-        for slot in self.slots:
-            self.spawn(slot)
+        for host in self.hosts:
+            self.spawn(host)
         for listener in self.http:
             listener.start()
         if self.prober is not None:
@@ -658,37 +706,51 @@ class Supervisor:
             self.log_relay = logs.worker_log_relay() or False
         return self.log_relay.write_fd if self.log_relay else None
 
-    def spawn(self, slot: Slot) -> None:
+    def spawn(self, host: Host) -> None:
         cfg = self.cfg
-        control = self.publisher.attach(slot.index)
-        # No beat until the new worker serves: a predecessor's count must not look alive.
-        C.set_page_heartbeat(memoryview(self.counters)[
-            slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
-        fwd = self.forwarding.attach(slot.index) if self.forwarding is not None else None
-        fds = (slot.udp.fileno(), slot.tcp.fileno(), control.fileno(), self.counters_fd)
-        if fwd is not None:
-            fds += (fwd.fileno(),)
+        channels, groups = [], []
         try:
-            slot.proc = None
-            if self.zygote is not None:
-                slot.proc = self.zygote.spawn(worker_args(
-                    cfg, slot.index, [f"{{{i}}}" for i in range(len(fds))]), fds)
-                if slot.proc is None:
+            for slot in host.slots:
+                control = self.publisher.attach(slot.index)
+                channels.append(control)
+                # No beat until the new worker serves: a predecessor's count must not look
+                # alive.
+                C.set_page_heartbeat(memoryview(self.counters)[
+                    slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
+                group = [slot.udp.fileno(), slot.tcp.fileno(), control.fileno()]
+                if self.forwarding is not None:
+                    fwd = self.forwarding.attach(slot.index)
+                    channels.append(fwd)
+                    group.append(fwd.fileno())
+                groups.append(group)
+            fds = [fd for group in groups for fd in group] + [self.counters_fd]
+            indices = [slot.index for slot in host.slots]
+            host.proc = None
+            if self.zygote is not None and len(fds) <= ZYGOTE_MAX_FDS:
+                # Placeholders in the zygote's order of fds: the groups, then the counters.
+                names, k = [], 0
+                for group in groups:
+                    names.append([f"{{{k + j}}}" for j in range(len(group))])
+                    k += len(group)
+                host.proc = self.zygote.spawn(
+                    worker_args(cfg, indices, names + [f"{{{k}}}"]), fds)
+                if host.proc is None:
                     log.warning("the worker zygote failed; starting workers as fresh "
                                 "interpreters from now on")
                     self.zygote.close()
                     self.zygote = None
-            if slot.proc is None:
-                argv = [sys.executable, "-m", "kdns.serve.worker"] + worker_args(cfg, slot.index, fds)
-                slot.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
+            if host.proc is None:
+                argv = [sys.executable, "-m", "kdns.serve.worker"] + worker_args(
+                    cfg, indices, groups + [self.counters_fd])
+                host.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
                                              stderr=self.worker_stderr(), env=self.worker_env())
         finally:
-            control.close()
-            if fwd is not None:
-                fwd.close()
-        slot.started = time.monotonic()
-        slot.beat, slot.beat_at = 0, slot.started
-        log.debug("worker %d started as pid %d", slot.index, slot.proc.pid)
+            for channel in channels:
+                channel.close()
+        host.started = time.monotonic()
+        for slot in host.slots:
+            slot.beat, slot.beat_at = 0, host.started
+        log.debug("%s started as pid %d", host.name(), host.proc.pid)
 
     # ---- run
     def run(self) -> int:
@@ -744,47 +806,59 @@ class Supervisor:
         self.reload_requested = True
 
     def supervise(self) -> None:
-        """Replace dead workers: at once, unless one keeps dying young (then back off)."""
+        """Replace dead worker processes: at once, unless one keeps dying young (then back
+        off)."""
         now = time.monotonic()
-        for slot in self.slots:
-            if slot.proc is not None:
-                status = slot.proc.poll()
+        for host in self.hosts:
+            if host.proc is not None:
+                status = host.proc.poll()
                 if status is None:
-                    self.check_heartbeat(slot, now)
+                    for slot in host.slots:
+                        if self.check_heartbeat(host, slot, now):
+                            break
                     continue
-                age = now - slot.started
-                slot.fast_deaths = slot.fast_deaths + 1 if age < RESPAWN_FAST else 0
-                delay = 0.0 if slot.fast_deaths < 2 else \
-                    min(RESPAWN_MAX_DELAY, 0.1 * 2 ** slot.fast_deaths)
-                log.warning("worker %d (pid %d) exited with status %s after %.1fs; replacing it%s",
-                            slot.index, slot.proc.pid, status, age,
+                age = now - host.started
+                host.fast_deaths = host.fast_deaths + 1 if age < RESPAWN_FAST else 0
+                delay = 0.0 if host.fast_deaths < 2 else \
+                    min(RESPAWN_MAX_DELAY, 0.1 * 2 ** host.fast_deaths)
+                log.warning("%s (pid %d) exited with status %s after %.1fs; replacing it%s",
+                            host.name(), host.proc.pid, status, age,
                             f" in {delay:.1f}s" if delay else "")
-                self.publisher.detach(slot.index)
-                if self.forwarding is not None:
-                    self.forwarding.detach(slot.index)
-                # Nobody serves this slot now: say so (the page has no other writer until the
-                # replacement starts), so generation == current means "the new one serves".
-                C.set_page_generation(memoryview(self.counters)[
-                    slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
-                slot.proc = None
-                slot.respawn_at = now + delay
+                for slot in host.slots:
+                    self.publisher.detach(slot.index)
+                    if self.forwarding is not None:
+                        self.forwarding.detach(slot.index)
+                    # Nobody serves this slot now: say so (the page has no other writer
+                    # until the replacement starts), so generation == current means "the
+                    # new one serves".
+                    C.set_page_generation(memoryview(self.counters)[
+                        slot.index * C.PAGE_BYTES:(slot.index + 1) * C.PAGE_BYTES], 0)
+                host.proc = None
+                host.respawn_at = now + delay
                 self.worker_deaths += 1
-            if slot.proc is None and now >= slot.respawn_at and not self.stopping:
-                self.spawn(slot)
+            if host.proc is None and now >= host.respawn_at and not self.stopping:
+                self.spawn(host)
 
-    def check_heartbeat(self, slot: Slot, now: float) -> None:
-        """Kill a worker whose heartbeat stood still for WORKER_STALL_TIMEOUT: alive but
-        stopped or stuck, it leaves its socket's queue unserved, and nothing else would
-        notice (it never exits). SIGKILL works on a stopped process too; the next loop
-        reaps it and its replacement serves the packets queued on the kept socket."""
+    def check_heartbeat(self, host: Host, slot: Slot, now: float) -> bool:
+        """Kill a worker process one of whose slots' heartbeat stood still for
+        WORKER_STALL_TIMEOUT: alive but stopped or stuck, that slot leaves its socket's
+        queue unserved, and nothing else would notice (it never exits). SIGKILL works on a
+        stopped process too; the next loop reaps it and its replacement serves the packets
+        queued on the kept sockets. True when it killed."""
         beat = C.page_heartbeat(self.counters, slot.index)
         if beat != slot.beat:
             slot.beat, slot.beat_at = beat, now
         elif beat and now - slot.beat_at > settings.WORKER_STALL_TIMEOUT:
-            log.error("worker %d (pid %d) made no progress for %.1fs; killing it",
-                      slot.index, slot.proc.pid, now - slot.beat_at)
-            slot.proc.kill()
-            slot.beat_at = now          # once; the next loop sees it exit
+            others = len(host.slots) - 1
+            log.error("worker %d (pid %d) made no progress for %.1fs; killing it%s",
+                      slot.index, host.proc.pid, now - slot.beat_at,
+                      f" with the {others} other slot{'s' if others > 1 else ''} of its "
+                      f"process" if others else "")
+            host.proc.kill()
+            for s in host.slots:
+                s.beat_at = now         # once; the next loop sees it exit
+            return True
+        return False
 
     def check_ready(self) -> None:
         """Ready once every worker has mapped the first image (/readiness)."""
@@ -899,22 +973,22 @@ class Supervisor:
         self.ready = False
         self.leave_reuseport_group()
         self.source.stop()
-        for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.send_signal(signal.SIGTERM)
+        for host in self.hosts:
+            if host.proc is not None and host.proc.poll() is None:
+                host.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        for slot in self.slots:
-            if slot.proc is None:
+        for host in self.hosts:
+            if host.proc is None:
                 continue
             try:
-                slot.proc.wait(max(0.0, deadline - time.monotonic()))
+                host.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker %d (pid %d) ignored SIGTERM; killing it",
-                            slot.index, slot.proc.pid)
-                slot.proc.kill()
-                slot.proc.wait()
-            if slot.proc.returncode:
-                log.warning("worker %d exited with status %s", slot.index, slot.proc.returncode)
+                log.warning("%s (pid %d) ignored SIGTERM; killing it",
+                            host.name(), host.proc.pid)
+                host.proc.kill()
+                host.proc.wait()
+            if host.proc.returncode:
+                log.warning("%s exited with status %s", host.name(), host.proc.returncode)
         self.close()
         log.info("stopped")
         if self.log_relay:

@@ -1,4 +1,6 @@
-"""One worker process: an asyncio loop around the engine, on sockets the supervisor owns.
+"""One worker process: an asyncio loop around the engine per slot, on sockets the
+supervisor owns. A process serving several slots runs each on a thread of its own
+(``serve_slots``); each slot's loop is what follows.
 
 Why: the supervisor opens the SO_REUSEPORT sockets and keeps them, so a replacement worker
 inherits the very sockets (and queued packets) of the one that died; it starts each worker
@@ -34,6 +36,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Protocol
 
@@ -134,6 +137,39 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(UdpSelector())
 
 
+class SharedImages:
+    """The image checks of one process's slots: one checker thread, and one check (and one
+    mapping) per generation, whichever slot received it first.
+
+    Every slot has its own control channel, so each receives every generation with an fd of
+    its own; the first to ask checks its mapping, the others close theirs and take the same
+    ``engine.Image`` (read-only once checked: threads may serve it together)."""
+
+    def __init__(self):
+        # Named: a thread starts with its creator's name, which may be a slot thread's.
+        self.checker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kdns-image-check",
+            initializer=set_thread_name, initargs=("kdns-image-chk",))
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.latest: concurrent.futures.Future | None = None
+
+    def check(self, generation: int, mapping, checked) -> concurrent.futures.Future:
+        """A future of ``checked(generation, mapping)``'s image, shared by the slots."""
+        with self.lock:
+            if generation == self.generation and self.latest is not None:
+                mapping.close()         # the one mapping of this generation is another's
+                return self.latest
+            done = self.checker.submit(checked, generation, mapping)
+            if generation > self.generation:
+                self.generation, self.latest = generation, done
+            return done
+
+    def close(self) -> None:
+        self.checker.shutdown(wait=False, cancel_futures=True)
+        self.latest = None
+
+
 class Worker:
     def __init__(self, *, slot: int, udp: socket.socket, tcp: socket.socket,
                  control: socket.socket, page, edns_max: int = settings.EDNS_UDP_SIZE,
@@ -142,7 +178,12 @@ class Worker:
                  tcp_max_per_source: int = settings.TCP_MAX_PER_SOURCE,
                  handoff: Handoff | None = None, log_queries: bool = False,
                  loadbalance: bool = settings.LOADBALANCE,
-                 udp_hold_us: int = settings.UDP_HOLD_US):
+                 udp_hold_us: int = settings.UDP_HOLD_US,
+                 images: "SharedImages | None" = None, on_signal=None):
+        """``images``: the image checks this worker shares with the other slots of its
+        process (None: its own checker thread). ``on_signal``: what SIGTERM/SIGINT do
+        (default: stop this worker); only a worker on the main thread installs them, and
+        ``False`` installs none (a slot on another thread: the main one stops it)."""
         self.slot = slot
         self.udp = udp
         self.tcp = tcp
@@ -177,21 +218,29 @@ class Worker:
         self.log_queries = log_queries
         # New images are checked on this thread while the loop keeps serving the old one
         # (the check releases the GIL): under churn images arrive many times a second.
-        self.checker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"kdns-image-check-{slot}")
+        # Slots of one process share one checker and one check per generation.
+        self.images = images
+        self.checker = images.checker if images is not None else \
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"kdns-image-check-{slot}")
+        self.on_signal = on_signal
+        self.stop_requested = False     # stop_soon() before run() had a loop
 
     # ---- lifecycle
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.has_image = asyncio.Event()
+        if self.stop_requested:         # stop_soon() came first (another thread's)
+            self.stop()
         C.set_page_generation(self.page, 0)
         attach = getattr(self.handoff, "attach", None)
         if attach is not None:
             # Its config first (already queued by the supervisor), then its UDP drain.
             self.udp_pump = attach(self.loop, self)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stop)
+        if self.on_signal is not False:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self.on_signal or self.stop)
         self.loop.add_reader(self.control.fileno(), self.on_control)
         self.on_control()
         await self.first_image()
@@ -230,7 +279,8 @@ class Worker:
                 conn.transport.abort()
             for task in list(self.tasks):
                 task.cancel()
-            self.checker.shutdown(wait=False, cancel_futures=True)
+            if self.images is None:     # a shared checker is its process's to shut down
+                self.checker.shutdown(wait=False, cancel_futures=True)
 
     async def first_image(self) -> None:
         stop = asyncio.ensure_future(self.stopping.wait())
@@ -242,6 +292,16 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
         self.has_image.set()
+
+    def stop_soon(self) -> None:
+        """stop() from any thread: on this worker's loop, or as soon as run() has one."""
+        self.stop_requested = True
+        loop = self.loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.stop)
+            except RuntimeError:
+                pass                    # its loop is closed: it has stopped already
 
     # ---- images
     def on_control(self) -> None:
@@ -255,10 +315,18 @@ class Worker:
         if got is None:
             return
         generation, mapping = got
-        if self.img is None:            # nothing to serve meanwhile: check it here
+        if self.images is not None:
+            # The process's one check of this generation (another slot's, or this one).
+            checked = self.images.check(generation, mapping, self.checked)
+            if self.img is None:        # nothing to serve meanwhile: wait for it here
+                self.swap(generation, checked.result())
+                return
+            done = asyncio.wrap_future(checked, loop=self.loop)
+        elif self.img is None:          # nothing to serve meanwhile: check it here
             self.swap(generation, self.checked(generation, mapping))
             return
-        done = self.loop.run_in_executor(self.checker, self.checked, generation, mapping)
+        else:
+            done = self.loop.run_in_executor(self.checker, self.checked, generation, mapping)
         done.add_done_callback(lambda f: self.swap(generation, f.result()))
 
     def swap(self, generation: int, img) -> None:
@@ -571,10 +639,22 @@ class TcpConnection(asyncio.Protocol):
 # --------------------------------------------------------------------------- process entry
 
 
+def slot_list(text: str) -> list[int]:
+    """``3`` or ``0,2,4``: one number per slot this process serves, in slot order."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+    return values
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="kdns.serve.worker", description="kdns worker (started by kdns serve)")
-    for name in ("--slot", "--udp-fd", "--tcp-fd", "--control-fd", "--counters-fd"):
-        p.add_argument(name, type=int, required=True)
+    # One process serves one or more slots: --slot, --udp-fd, --tcp-fd and --control-fd
+    # (and --forward-fd) each list one value per slot, in the same order.
+    for name in ("--slot", "--udp-fd", "--tcp-fd", "--control-fd"):
+        p.add_argument(name, type=slot_list, required=True)
+    p.add_argument("--counters-fd", type=int, required=True)
     p.add_argument("--edns-udp-size", type=int, default=settings.EDNS_UDP_SIZE)
     p.add_argument("--tcp-idle-timeout", type=float, default=settings.TCP_IDLE_TIMEOUT)
     p.add_argument("--tcp-max-connections", type=int, default=settings.TCP_MAX_CONNECTIONS)
@@ -583,10 +663,16 @@ def parse_args(argv):
     p.add_argument("--log-format", default="klog", choices=logs.LOG_FORMATS)
     p.add_argument("--log-queries", action="store_true")
     p.add_argument("--no-loadbalance", dest="loadbalance", action="store_false")
-    # The supervisor's forwarding-config channel; without it outside names are REFUSED.
-    p.add_argument("--forward-fd", type=int, default=-1)
+    # The supervisor's forwarding-config channels; without them outside names are REFUSED.
+    p.add_argument("--forward-fd", type=slot_list, default=None)
     p.add_argument("--cache-size", type=int, default=settings.CACHE_SIZE)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    n = len(a.slot)
+    for name in ("udp_fd", "tcp_fd", "control_fd") + (("forward_fd",) if a.forward_fd else ()):
+        if len(getattr(a, name)) != n:
+            p.error(f"--{name.replace('_', '-')} lists {len(getattr(a, name))} values for "
+                    f"{n} slots")
+    return a
 
 
 def setup_logging(level: str, fmt: str = "klog") -> None:
@@ -602,37 +688,108 @@ def main(argv=None) -> int:
 
 def serve(a: argparse.Namespace) -> int:
     """Serve with parsed arguments (the zygote parses them before it forks: whatever a
-    worker runs first after the fork dirties pages that were shared)."""
-    page = publish.map_page(a.counters_fd, a.slot)
-    worker = Worker(
-        slot=a.slot,
-        udp=socket.socket(fileno=a.udp_fd),
-        tcp=socket.socket(fileno=a.tcp_fd),
-        control=socket.socket(fileno=a.control_fd),
-        page=page,
-        edns_max=a.edns_udp_size,
-        tcp_idle_timeout=a.tcp_idle_timeout,
-        tcp_max_connections=a.tcp_max_connections,
-        tcp_max_per_source=a.tcp_max_per_source,
-        log_queries=a.log_queries,
-        loadbalance=a.loadbalance,
-        handoff=forwarding_handoff(a, page),
-        udp_hold_us=(settings.UDP_HOLD_US if settings.ENV.udp_hold_us is None
-                     else settings.ENV.udp_hold_us),
-    )
+    worker runs first after the fork dirties pages that were shared). One slot: its loop on
+    this thread, as a process of its own. Several: ``serve_slots``."""
+    images = SharedImages() if len(a.slot) > 1 else None
+    hold = settings.UDP_HOLD_US if settings.ENV.udp_hold_us is None else settings.ENV.udp_hold_us
+    workers = []
+    for i, slot in enumerate(a.slot):
+        page = publish.map_page(a.counters_fd, slot)
+        workers.append(Worker(
+            slot=slot,
+            udp=socket.socket(fileno=a.udp_fd[i]),
+            tcp=socket.socket(fileno=a.tcp_fd[i]),
+            control=socket.socket(fileno=a.control_fd[i]),
+            page=page,
+            edns_max=a.edns_udp_size,
+            tcp_idle_timeout=a.tcp_idle_timeout,
+            tcp_max_connections=a.tcp_max_connections,
+            tcp_max_per_source=a.tcp_max_per_source,
+            log_queries=a.log_queries,
+            loadbalance=a.loadbalance,
+            handoff=forwarding_handoff(a, page, i),
+            udp_hold_us=hold,
+            images=images,
+        ))
     os.close(a.counters_fd)
-    with asyncio.Runner(loop_factory=event_loop) as runner:
-        runner.run(worker.run())
-    return 0
+    if images is None:
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(workers[0].run())
+        return 0
+    try:
+        return serve_slots(workers)
+    finally:
+        images.close()
 
 
-def forwarding_handoff(a, page):
-    """The forwarding hand-off when the supervisor gave a config channel; it counts into
-    this worker's ``page``."""
-    if a.forward_fd < 0:
+def set_thread_name(name: str) -> None:
+    """Name the calling thread (prctl(2) PR_SET_NAME: /proc/<pid>/task/<tid>/comm, what
+    ``top -H`` and ``ps -L`` show), so an operator tells a process's slots apart."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve_slots(workers: list[Worker]) -> int:
+    """Several slots in one process, one thread each with its own event loop: the first on
+    this (the main) thread, which alone takes SIGTERM/SIGINT and stops them all.
+
+    Why threads: each slot's UDP is served inside ``UdpServer.wait`` with the GIL released,
+    so the slots answer in parallel and Python runs only for hand-offs, TCP, control and
+    timers; a slot costs its loop and buffers, not another interpreter. A slot whose thread
+    fails stops the whole process (exit 1): the supervisor replaces it with every slot, on
+    the very sockets, as it replaces a process that died."""
+    failed: list[int] = []
+
+    def stop_all() -> None:
+        for w in workers:
+            w.stop_soon()
+
+    def run_one(w: Worker) -> None:
+        try:
+            with asyncio.Runner(loop_factory=event_loop) as runner:
+                runner.run(w.run())
+        except BaseException:
+            log.exception("worker %d failed; stopping its process", w.slot)
+            failed.append(w.slot)
+            stop_all()
+
+    def thread_main(w: Worker) -> None:
+        set_thread_name(f"kdns-slot-{w.slot}")
+        run_one(w)
+
+    first = workers[0]
+    first.on_signal = stop_all
+    for w in workers[1:]:
+        w.on_signal = False
+    # The other slots' threads never take a signal (their wait would only see EINTR): the
+    # mask is inherited from here, and this thread's own is restored after.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    threads = []
+    try:
+        for w in workers[1:]:
+            t = threading.Thread(target=thread_main, args=(w,), name=f"kdns-slot-{w.slot}")
+            t.start()
+            threads.append(t)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    run_one(first)
+    stop_all()          # the first stopped (supervisor gone, a signal, a failure): all do
+    for t in threads:
+        t.join()
+    return 1 if failed else 0
+
+
+def forwarding_handoff(a, page, i: int = 0):
+    """The forwarding hand-off of the process's ``i``-th slot when the supervisor gave
+    config channels; it counts into that slot's ``page``."""
+    if not a.forward_fd:
         return None
     from kdns.forward.handoff import ForwardingHandoff
-    return ForwardingHandoff(socket.socket(fileno=a.forward_fd), edns_max=a.edns_udp_size,
+    return ForwardingHandoff(socket.socket(fileno=a.forward_fd[i]), edns_max=a.edns_udp_size,
                              cache_size=a.cache_size, page=page)
 
 

@@ -44,7 +44,12 @@ def set_name(name: bytes) -> None:
         ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     except (OSError, AttributeError):
         pass
-MAX_FDS = 16
+
+
+# A process serving several slots gets 4 or 5 fds per slot and the counters: as many as one
+# SCM_RIGHTS message carries (the kernel's SCM_MAX_FD); the supervisor starts a process
+# that needs more as a fresh interpreter.
+MAX_FDS = 253
 
 
 def run_worker(a) -> int:
