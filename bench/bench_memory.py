@@ -23,6 +23,7 @@ Not a test (a quiet machine wanted).
 
     .venv/bin/python bench/bench_memory.py [--workers 1,2,8] [--source file|api]
         [--services 1000] [--idle 3] [--churn 5] [--out bench/out/memory]
+        [--kdns-arg=--worker-processes=1 ...]
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def run_one(a, workers: int, tmp: str) -> dict:
             "--healthz-port", str(http_port), "--metrics-port", "0", "--health-port", "0",
             "--ready-port", "0", "--sidecar-port", "0", "--lameduck", "0",
             "--resolv-conf", resolv, "--config-dir", os.path.join(tmp, "no-config"),
-            "--workers", str(workers)]
+            "--workers", str(workers), *a.kdns_arg]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -238,6 +239,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--churn", type=float, default=5.0, help="--source api: seconds of churn")
     ap.add_argument("--rate", type=float, default=100.0, help="endpoint changes per second")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "memory"))
+    ap.add_argument("--kdns-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for kdns serve (repeat), e.g. "
+                         "--kdns-arg=--worker-processes=1")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     results = []
