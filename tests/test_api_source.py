@@ -718,6 +718,24 @@ def test_a_kubeconfig_token_file_is_followed_unless_a_token_wins(tmp_path, user,
     assert info.authorization == ("Bearer from-file" if followed else "Bearer inline")
 
 
+def test_an_oidc_id_token_says_when_it_expires(tmp_path):
+    import base64
+    import json
+
+    def b64(doc):
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+    claims = {"exp": 1893456000, "sub": "kdns"}
+    while len(b64(claims)) % 4 == 1:          # a length no base64 text has, as the loader checks
+        claims["sub"] += "x"
+    jwt = f"{b64({'alg': 'none'})}.{b64(claims)}.c2ln"
+    user = {"auth-provider": {"name": "oidc", "config": {
+        "id-token": jwt, "client-id": "kdns", "idp-issuer-url": "https://idp.invalid"}}}
+    info = kubeconfig.resolve(kubecfg_file=write_kubeconfig(tmp_path / "kc", "http://h:1", user))
+    assert info.authorization == f"Bearer {jwt}"
+    assert info.expires_at == 1893456000.0      # the connection resolves it again before then
+
+
 def test_missing_kubeconfig_is_a_clear_error(tmp_path):
     with pytest.raises(ConnectionConfigError, match="no such file"):
         kubeconfig.resolve(kubecfg_file=str(tmp_path / "nope"))

@@ -145,8 +145,8 @@ def test_the_childs_flags_are_env_expanded(api, tmp_path, monkeypatch):
 
 
 def _kubernetes_modules_after(code: str) -> list:
-    code += ("; import sys, json; "
-             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes')))")
+    code += ("; import sys, json; print(json.dumps(sorted("
+             "m for m in sys.modules if m.split('.')[0] == 'kubernetes')))")
     return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                      text=True, check=True, timeout=30).stdout)
 

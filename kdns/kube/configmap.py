@@ -62,7 +62,8 @@ class ConfigMapPoller:
                 got = (f"rv:{meta.get('resourceVersion')}", dict(data))
         except (urllib3.exceptions.HTTPError, OSError) as e:    # network, TLS
             return self._failed(str(e))
-        except (ValueError, AttributeError, TypeError) as e:    # not a ConfigMap: keep the last config
+        except (ValueError, AttributeError, TypeError) as e:
+            # Not a ConfigMap (a proxy's error page, say): keep the last configuration.
             return self._failed(f"unreadable answer: {e}")
         if self._failing:
             log.info("ConfigMap %s/%s readable again", self.namespace, self.name)

@@ -185,7 +185,8 @@ class ApiConnection:
         self._generation += 1
         self._rejected = False
 
-    def get(self, path: str, query=(), *, timeout: tuple[float, float], accept="application/json"):
+    def get(self, path: str, query=(), *, timeout: tuple[float, float],
+            accept: str = "application/json"):
         """The open response (``preload_content=False``: the caller streams and releases
         it). Raises urllib3's HTTPError or OSError when the connection fails."""
         with self._lock:

@@ -18,6 +18,7 @@ names, or import anything from kdns outside ``kdns.kube``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -58,7 +59,25 @@ def _load_kubeconfig(path: str, cfg: client.Configuration):
     except (config.ConfigException, yaml.YAMLError, KeyError, TypeError) as e:
         raise ConnectionConfigError(f"--kubecfg-file={path!r} cannot be used: {e}") from None
     expiry = loader.__dict__.get("expiry")
-    return _kubeconfig_token_file(path), expiry.timestamp() if expiry is not None else None
+    if expiry is not None:
+        expires_at = expiry.timestamp()
+    elif loader._user and "auth-provider" in loader._user:
+        # OIDC: the loader checks the id-token's expiry only while loading, so say when
+        # it expires and the connection resolves it (and refreshes it) again before then.
+        expires_at = _jwt_expiry(cfg.api_key.get("BearerToken") or "")
+    else:
+        expires_at = None
+    return _kubeconfig_token_file(path), expires_at
+
+
+def _jwt_expiry(authorization: str) -> float | None:
+    """The ``exp`` claim (RFC 7519 §4.1.4) of a bearer JWT, or None."""
+    try:
+        payload = authorization.split(" ", 1)[1].split(".")[1]
+        exp = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+        return float(exp)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _kubeconfig_token_file(path: str) -> str | None:
