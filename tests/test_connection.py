@@ -324,7 +324,11 @@ def b64(path) -> str:
 
 @pytest.mark.parametrize("form", ["data", "files"])
 def test_a_client_certificate_authenticates_over_a_verified_connection(tls_api, pki, tmp_path,
-                                                                       form):
+                                                                       monkeypatch, form):
+    # The client writes ``…-data`` to temporary files; the child must remove them on exit.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     if form == "data":
         cluster = {"certificate-authority-data": b64(pki / "ca.crt")}
         user = {"client-certificate-data": b64(pki / "client.crt"),
@@ -336,6 +340,7 @@ def test_a_client_certificate_authenticates_over_a_verified_connection(tls_api, 
         user = {"client-certificate": "client.crt", "client-key": "client.key"}
     kc = tls_kubeconfig(tmp_path / "kc", tls_api.url, pki, cluster=cluster, user=user)
     conn = C.ApiConnection(child(kc))
+    assert not list(tmp.iterdir())
     assert get(conn) == 200
     seen = tls_api.requests[-1]
     assert seen.client_cn == "kdns-client" and seen.authorization is None
