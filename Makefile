@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdns-installed
 SYSTEM_TOOLS := dnsperf dig nsd buildah debootstrap podman runc getcap promtool ip iptables \
-	musl-gcc
+	musl-gcc openssl
 # Debian packages that provide the tools above (dig comes from bind9-dnsutils; podman needs
 # runc because crun refuses the image test's cgroup set-up; getcap is libcap2-bin; ip and
 # iptables set up the node-local tests' network namespaces; musl-gcc, musl-tools, builds the
-# musl resolver client of the autopath test).
+# musl resolver client of the autopath test; openssl makes the API connection tests'
+# certificates).
 SYSTEM_PKGS := dnsperf bind9-dnsutils nsd buildah debootstrap podman runc libcap2-bin prometheus \
-	iproute2 iptables musl-tools
+	iproute2 iptables musl-tools openssl
 
 .PHONY: install run test test-repeat bench bench-short system-deps clean fuzz fuzz-smoke \
 	fuzz-install sanitize

@@ -253,13 +253,13 @@ def _read_corefile_configmap(a: argparse.Namespace):
     """The coredns ConfigMap's Corefile, read once through the API (before anything starts:
     the cluster domain and the ports come from it). (settings, None) or (None, problem)."""
     from kdns.forward import corefile
-    from kdns.kube.configmap import ConfigMapPoller, api_client_for
+    from kdns.kube.configmap import ConfigMapPoller, connection_for
     name, ns = a.corefile_configmap, a.config_map_namespace
     try:
-        client = api_client_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
+        conn = connection_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
     except ValueError as e:
         return None, f"--corefile-configmap needs the Kubernetes API: {e}"
-    poller = ConfigMapPoller(name, ns, a.config_period, client)
+    poller = ConfigMapPoller(name, ns, a.config_period, conn)
     poller.fetch()
     got = poller.take()
     if got is None:
@@ -394,10 +394,10 @@ def _forwarding_problem(a: argparse.Namespace) -> str | None:
     if a.config_period <= 0:
         return "--config-period must be above 0, e.g. 10s."
     if a.config_map:
-        from kdns.kube.configmap import api_client_for
+        from kdns.kube.configmap import connection_for
         try:
-            api_client_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
-        except ValueError as e:            # kubeconfig.ConnectionConfigError
+            connection_for(getattr(a, "kubecfg_file", ""), getattr(a, "kube_master_url", ""))
+        except ValueError as e:            # connection.ConnectionConfigError
             return f"--config-map needs the Kubernetes API: {e}"
     return None
 

@@ -6,7 +6,8 @@ refusals, dropped and stalled connections. Mocking the client would test our ass
 about the protocol, not the protocol; this server lets the real ``kubernetes`` client talk
 HTTP/1.1 to it over loopback, and lets a test reshape its state and inject faults.
 
-What it is: a threaded HTTP/1.1 server on 127.0.0.1 (no TLS) serving cluster-wide list and
+What it is: a threaded HTTP/1.1 server on 127.0.0.1 (HTTPS with ``tls``, optionally asking
+for client certificates) serving cluster-wide list and
 watch for ``/api/v1/{services,endpoints,namespaces,pods}`` and
 ``/apis/discovery.k8s.io/v1/endpointslices``, plus the discovery documents. Semantics follow
 https://kubernetes.io/docs/reference/using-api/api-concepts/:
@@ -36,6 +37,7 @@ import base64
 import bisect
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -119,6 +121,27 @@ class Request:
     query: dict
     status: int = 0
     authorization: str | None = None
+    client_cn: str | None = None        # the verified client certificate's CN, with TLS
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Serve HTTPS with this certificate and key (PEM files). With ``client_ca``, ask for a
+    client certificate: one signed by that CA whose CN is ``client_cn`` authenticates the
+    request instead of the token; an unsigned one fails the handshake."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+    client_cn: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            ctx.load_verify_locations(self.client_ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
 
 
 @dataclass
@@ -144,9 +167,10 @@ class FakeApiServer:
     """
 
     def __init__(self, *, token: str | None = None, bookmark_interval: float = 60.0,
-                 watch_list: str = "off"):
+                 watch_list: str = "off", tls: "Tls | None" = None):
         assert watch_list in ("on", "off", "ignore")
         self.token = token                      # None: no authentication required
+        self.tls = tls
         self.watch_list = watch_list
         self.bookmark_interval = bookmark_interval
         self.forbidden: set[str] = set()        # plurals answered with 403 (RBAC)
@@ -165,6 +189,7 @@ class FakeApiServer:
         self._conns: set[socket.socket] = set()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.api = self
+        self._httpd.ssl_context = tls.context() if tls else None
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True,
                                         name="fakeapi")
@@ -173,7 +198,7 @@ class FakeApiServer:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def start(self) -> "FakeApiServer":
         self._thread.start()
@@ -342,6 +367,19 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     api: FakeApiServer
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake happens in the handler's thread (``setup``), never in the
+            # accepting one: a client that stalls it must not stop the others.
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request, client_address) -> None:
+        pass            # a failed handshake (the client refused our certificate, or we its)
 
 
 class _Aborted(Exception):
@@ -356,6 +394,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self) -> None:
+        self.client_cn = None
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(5)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+            cert = self.request.getpeercert()       # only a verified one is returned
+            if cert:
+                subject = dict(rdn[0] for rdn in cert.get("subject", ()))
+                self.client_cn = subject.get("commonName")
         super().setup()
         with self.server.api._cond:
             self.server.api._conns.add(self.connection)
@@ -379,7 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         verb = ("watchlist" if initial else "watch" if watch else "list") if res else (
             "discovery" if parts.path in _DISCOVERY else "other")
         req = Request(time.monotonic(), verb, res.plural if res else None, query,
-                      authorization=self.headers.get("Authorization"))
+                      authorization=self.headers.get("Authorization"), client_cn=self.client_cn,
+                      user_agent=self.headers.get("User-Agent"))
         api._log(req)
         try:
             self._route(api, req, parts.path, res, query)
@@ -392,7 +440,9 @@ class _Handler(BaseHTTPRequestHandler):
         if api.down:
             _reset(self.connection)
             raise _Aborted
-        if api.token is not None and req.authorization != f"Bearer {api.token}":
+        by_cert = api.tls is not None and api.tls.client_cn is not None and (
+            req.client_cn == api.tls.client_cn)
+        if api.token is not None and req.authorization != f"Bearer {api.token}" and not by_cert:
             return self._send_status(req, 401, "Unauthorized")
         if res is None:
             doc = _DISCOVERY.get(path)

@@ -133,7 +133,7 @@ class Kdns:
     def __init__(self, tmp_path, *, image: bytes | None = None, zone_file: str | None = None,
                  workers: int = 2, args: tuple = (), env: dict | None = None, host: str = HOST,
                  source: list[str] | None = None, dns_port: int | None = None,
-                 python: str = sys.executable, cwd: str = ROOT):
+                 python: str = sys.executable, python_args: tuple = (), cwd: str = ROOT):
         self.tmp = tmp_path
         self.host = host
         self.cwd = cwd
@@ -149,7 +149,7 @@ class Kdns:
         else:
             source = ["--from-file", zone_file]
         self.argv_template = [
-            python, "-m", "kdns", "serve", *source,
+            python, *python_args, "-m", "kdns", "serve", *source,
             # A fixed dns_port is shared on purpose (SO_REUSEPORT): not redrawn.
             "--dns-bind-address", host,
             "--dns-port", Port("dns") if dns_port is None else str(dns_port),

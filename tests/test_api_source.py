@@ -1,8 +1,10 @@
-"""The API source against a fake API server, through the real ``kubernetes`` client.
+"""The API source against a fake API server, through kdns's own connection.
 
-Every test builds a kubeconfig pointing at ``tests/fakeapi.py`` on loopback, so auth headers,
-URLs and the HTTP layer are the client's own; faults come from the server side. Timings are
-shrunk (1 s watches, 0.2 s backoff base) and every wait is bounded.
+Every test builds a kubeconfig pointing at ``tests/fakeapi.py`` on loopback, resolved by the
+real ``kubernetes`` client's loaders (in this process, to keep the tests fast; the child
+process that does it in kdns is tested in test_connection.py), so auth headers, URLs and the
+HTTP layer are what kdns sends; faults come from the server side. Timings are shrunk (1 s
+watches, 0.2 s backoff base) and every wait is bounded.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import yaml
 
 from fakeapi import ErrorEvent, FakeApiServer, Gone, HttpError, Reset, Slow, Stall
 from kdns.kube import api as source
-from kdns.kube.kubeconfig import (ConnectionConfigError, api_client_from_flags,
-                                     check_master_url, expand_env)
+from kdns.kube import kubeconfig
+from kdns.kube.connection import (ApiConnection, ConnectionConfigError, check_master_url,
+                                  expand_env)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -122,10 +125,15 @@ def api():
         server.close()
 
 
+def api_connection(kubecfg_file: str = "", **kw) -> ApiConnection:
+    """What ``connection.connect`` makes, with the flags resolved in this process."""
+    resolve = lambda: kubeconfig.resolve(kubecfg_file=kubecfg_file, **kw)   # noqa: E731
+    return ApiConnection(resolve(), resolve=resolve)
+
+
 @pytest.fixture
 def client(api, tmp_path):
-    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
-        tmp_path / "kubeconfig", api.url, {"token": "secret"}))
+    c = api_connection(write_kubeconfig(tmp_path / "kubeconfig", api.url, {"token": "secret"}))
     try:
         yield c
     finally:
@@ -134,7 +142,7 @@ def client(api, tmp_path):
 
 @contextlib.contextmanager
 def running(client, sink, *, pods=False, settings=FAST):
-    src = source.ApiSource(api_client=client, sink=sink, pods=pods, settings=settings)
+    src = source.ApiSource(connection=client, sink=sink, pods=pods, settings=settings)
     src.start()
     try:
         yield src
@@ -147,7 +155,7 @@ def running(client, sink, *, pods=False, settings=FAST):
 def watching(client, sink, resource=source.SERVICES, settings=FAST, fallback=None):
     """One watcher in a thread, stopped and joined on exit."""
     stop = threading.Event()
-    w = source.ResourceWatcher(api_client=client, resource=resource, sink=sink, stop=stop,
+    w = source.ResourceWatcher(connection=client, resource=resource, sink=sink, stop=stop,
                                settings=settings, fallback=fallback)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
@@ -166,9 +174,11 @@ def applied_versions(sink, name):
 
 # ---- the fake speaks the protocol the official client expects ------------------------------
 
-def test_fake_api_serves_the_official_clients_typed_list_and_watch(api, client):
+def test_fake_api_serves_the_official_clients_typed_list_and_watch(api):
     from kubernetes import client as k8s, watch
 
+    client = k8s.ApiClient(k8s.Configuration(host=api.url,
+                                             api_key={"BearerToken": "Bearer secret"}))
     api.create_many("services", [svc(f"s{i}") for i in range(3)])
     api.create("endpointslices", {"metadata": {"namespace": "default", "name": "s0-x"},
                                   "addressType": "IPv4", "endpoints": [
@@ -246,8 +256,7 @@ def test_expired_continue_token_restarts_the_list_from_scratch(api, client):
 def fake_api(tmp_path, **kw):
     """A fake API server of its own (WatchList modes) and a client for it."""
     server = FakeApiServer(token="secret", **kw).start()
-    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
-        tmp_path / "kubeconfig", server.url, {"token": "secret"}))
+    c = api_connection(write_kubeconfig(tmp_path / "kubeconfig", server.url, {"token": "secret"}))
     try:
         yield server, c
     finally:
@@ -545,7 +554,7 @@ def test_429_retry_after_is_honoured(api, client):
 def test_every_list_failing_never_spins(api, client):
     api.inject("services", "list", HttpError(503), times=100)
     stop = threading.Event()
-    w = source.ResourceWatcher(api_client=client, resource=source.SERVICES,
+    w = source.ResourceWatcher(connection=client, resource=source.SERVICES,
                                sink=RecordingSink(), stop=stop, settings=FAST)
     started = time.monotonic()
     w.run(iterations=4)                 # the iteration hook bounds the forever loop
@@ -586,8 +595,8 @@ def test_list_that_outlives_the_read_timeout_is_retried(api, client):
 def test_unauthorized_then_rotated_token_file_recovers(api, tmp_path):
     token = tmp_path / "token"
     token.write_text("secret\n")
-    c = api_client_from_flags(kubecfg_file=write_kubeconfig(
-        tmp_path / "kubeconfig", api.url, {"tokenFile": str(token)}))
+    c = api_connection(write_kubeconfig(tmp_path / "kubeconfig", api.url,
+                                        {"tokenFile": str(token)}))
     sink = RecordingSink()
     try:
         with watching(c, sink) as w:
@@ -650,7 +659,7 @@ def test_pods_are_watched_only_when_requested(api, client, pods):
 
 def test_stop_is_prompt_during_a_long_watch(api, client):
     slow = source.WatchSettings(watch_timeout=(300, 300))
-    src = source.ApiSource(api_client=client, sink=RecordingSink(), settings=slow)
+    src = source.ApiSource(connection=client, sink=RecordingSink(), settings=slow)
     src.start()
     try:
         wait_until(lambda: api.count(verb="watch") >= 3, what="all watches open")
@@ -672,50 +681,76 @@ def test_master_url_needs_scheme_and_host(url):
 def test_flags_are_env_expanded_and_master_url_overrides_kubeconfig(tmp_path):
     env = {"API_HOST": "127.0.0.1", "DIR": str(tmp_path)}
     write_kubeconfig(tmp_path / "kc", "http://127.0.0.2:1", {"token": "x"})
-    c = api_client_from_flags(kubecfg_file="${DIR}/kc", kube_master_url="http://$API_HOST:8080",
+    info = kubeconfig.resolve(kubecfg_file="${DIR}/kc", kube_master_url="http://$API_HOST:8080",
                               environ=env)
-    try:
-        assert c.configuration.host == "http://127.0.0.1:8080"
-        assert c.configuration.api_key["BearerToken"] == "Bearer x"
-        assert c.configuration.retries is False
-    finally:
-        c.close()
+    assert info.server == "http://127.0.0.1:8080"
+    assert info.authorization == "Bearer x" and info.token_file is None
     assert expand_env("$UNSET-${UNSET}x", {}) == "-x"
 
 
-def test_in_cluster_config_follows_the_service_account_token(tmp_path):
+def test_master_url_alone_means_no_credentials():
+    info = kubeconfig.resolve(kube_master_url="http://127.0.0.1:8080", environ={})
+    assert info.server == "http://127.0.0.1:8080"
+    assert info.authorization is None and info.token_file is None and info.ca_pem is None
+
+
+def test_in_cluster_config_names_the_service_account_files(tmp_path):
     (tmp_path / "token").write_text("first")
     (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    c = api_client_from_flags(environ=env, service_account_dir=str(tmp_path))
-    try:
-        cfg = c.configuration
-        assert cfg.host == "https://10.96.0.1:443"
-        assert cfg.ssl_ca_cert == str(tmp_path / "ca.crt")
-        assert cfg.auth_settings()["BearerToken"]["value"] == "Bearer first"
-        (tmp_path / "token.new").write_text("second")
-        os.replace(tmp_path / "token.new", tmp_path / "token")
-        # The client alone would keep "first" for up to a minute.
-        assert cfg.auth_settings()["BearerToken"]["value"] == "Bearer second"
-    finally:
-        c.close()
+    info = kubeconfig.resolve(environ=env, service_account_dir=str(tmp_path))
+    assert info.server == "https://10.96.0.1:443"
+    assert info.ca_pem == "-----BEGIN CERTIFICATE-----\n" and info.verify
+    # Followed by the connection, which re-reads it when it changes (test_connection.py).
+    assert info.token_file == str(tmp_path / "token")
     with pytest.raises(ConnectionConfigError, match="not running inside a cluster"):
-        api_client_from_flags(environ={}, service_account_dir=str(tmp_path))
+        kubeconfig.resolve(environ={}, service_account_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("user, followed", [
+    ({"tokenFile": "tok"}, True),
+    ({"tokenFile": "tok", "token": "inline"}, False),     # an inline token wins (client-go)
+])
+def test_a_kubeconfig_token_file_is_followed_unless_a_token_wins(tmp_path, user, followed):
+    (tmp_path / "tok").write_text("from-file")
+    info = kubeconfig.resolve(kubecfg_file=write_kubeconfig(tmp_path / "kc", "http://h:1", user))
+    assert info.token_file == (str(tmp_path / "tok") if followed else None)
+    assert info.authorization == ("Bearer from-file" if followed else "Bearer inline")
+
+
+def test_an_oidc_id_token_says_when_it_expires(tmp_path):
+    import base64
+    import json
+
+    def b64(doc):
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+    claims = {"exp": 1893456000, "sub": "kdns"}
+    while len(b64(claims)) % 4 == 1:          # a length no base64 text has, as the loader checks
+        claims["sub"] += "x"
+    jwt = f"{b64({'alg': 'none'})}.{b64(claims)}.c2ln"
+    user = {"auth-provider": {"name": "oidc", "config": {
+        "id-token": jwt, "client-id": "kdns", "idp-issuer-url": "https://idp.invalid"}}}
+    info = kubeconfig.resolve(kubecfg_file=write_kubeconfig(tmp_path / "kc", "http://h:1", user))
+    assert info.authorization == f"Bearer {jwt}"
+    assert info.expires_at == 1893456000.0      # the connection resolves it again before then
 
 
 def test_missing_kubeconfig_is_a_clear_error(tmp_path):
     with pytest.raises(ConnectionConfigError, match="no such file"):
-        api_client_from_flags(kubecfg_file=str(tmp_path / "nope"))
+        kubeconfig.resolve(kubecfg_file=str(tmp_path / "nope"))
 
 
 def test_sources_never_import_the_compiler_or_dns_layers():
     path = pathlib.Path(source.__file__)
-    for name in ("api.py", "kubeconfig.py"):
+    for name in ("api.py", "kubeconfig.py", "connection.py", "configmap.py"):
         tree = ast.parse((path.parent / name).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         kdns_modules = {m for m in imported if m and m.startswith("kdns")}
-        assert kdns_modules <= {"kdns.kube", "kdns.kube.kubeconfig"}, kdns_modules
+        assert kdns_modules <= {"kdns.kube", "kdns.kube.connection"}, kdns_modules
+        if name != "kubeconfig.py":         # the child's module, run as its own process
+            assert not {m for m in imported if m and m.split(".")[0] == "kubernetes"}, name
 
 
 def _role_grants(text: str) -> set:
@@ -728,7 +763,7 @@ def _role_grants(text: str) -> set:
 
 
 def _source_reads(*, pods: bool) -> set:
-    src = source.ApiSource(api_client=None, sink=RecordingSink(), pods=pods)
+    src = source.ApiSource(connection=None, sink=RecordingSink(), pods=pods)
     return {(res.api_version.rpartition("/")[0], res.plural)
             for w in src.watchers for res in (w.resource, w.fallback) if res}
 

@@ -2,7 +2,7 @@
 
 Two layers: the controller alone (relist semantics, coalescing, latency, synced) with a
 recording compiler, and a real ``kdns serve`` (supervisor + a worker) reading
-``tests/fakeapi.py`` through a generated kubeconfig and the real ``kubernetes`` client, with
+``tests/fakeapi.py`` through a generated kubeconfig (resolved by the real ``kubernetes`` client), with
 every change checked by querying the server. Every wait is bounded.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kdns.serve import controller as C
 from kdns.kube import records
 from kdns.serve import build
 from serverutil import Kdns, a_records, rcode_text
-from test_api_source import write_kubeconfig
+from test_api_source import api_connection, write_kubeconfig
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -317,11 +317,10 @@ def latency_ends_at_the_swap(ctl, clock):
 def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, monkeypatch,
                                                                       full):
     from kdns.serve.incremental import IncrementalCompiler
-    from kdns.kube.kubeconfig import api_client_from_flags
     from kdns import settings
     monkeypatch.setattr(settings, "ENV", settings.from_env({"KDNS_FULL_COMPILE": full}))
     cfg = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", {"token": "t"})
-    ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg))
+    ctl = C.ApiController(connection=api_connection(cfg))
     want = C.FullCompiler if full == "1" else IncrementalCompiler
     assert type(ctl.compiler) is want
 
@@ -329,7 +328,6 @@ def test_the_api_controller_compiles_incrementally_unless_told_not_to(tmp_path, 
 def test_staleness_grows_during_an_outage_and_clears_after(api):
     """ApiController with the real watchers against the fake API, in process (fast timings)."""
     from kdns.kube import api as source
-    from kdns.kube.kubeconfig import api_client_from_flags
     import pathlib
     import tempfile
     base_objects(api)
@@ -338,7 +336,7 @@ def test_staleness_grows_during_an_outage_and_clears_after(api):
                                 backoff_cap=0.5, min_stream_seconds=0.2)
     with tempfile.TemporaryDirectory() as d:
         cfg = write_kubeconfig(pathlib.Path(d) / "kubeconfig", api.url, {"token": api.token})
-        ctl = C.ApiController(api_client=api_client_from_flags(kubecfg_file=cfg), settings=fast)
+        ctl = C.ApiController(connection=api_connection(cfg), settings=fast)
         ctl.first()
         try:
             sup = FakeSupervisor(ctl)
@@ -386,10 +384,12 @@ def test_initial_sync_timeout_logs_loudly_and_keeps_waiting(caplog):
 class ApiKdns(Kdns):
     """``kdns serve`` reading the fake API through a kubeconfig (no --from-* flag)."""
 
-    def __init__(self, tmp_path, api: FakeApiServer, *, args=(), workers=1, env=None):
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, {"token": api.token})
+    def __init__(self, tmp_path, api: FakeApiServer, *, args=(), workers=1, env=None,
+                 user=None, python_args=()):
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url,
+                                      user or {"token": api.token})
         super().__init__(tmp_path, workers=workers, args=args, env=env,
-                         source=["--kubecfg-file", kubeconfig])
+                         source=["--kubecfg-file", kubeconfig], python_args=python_args)
 
     def answering(self) -> bool:
         try:
@@ -650,6 +650,43 @@ def test_pods_verified_watches_pods(api, tmp_path):
         api.delete("pods", "apps", "p1")
         k.wait_answer(one, lambda m: not a_records(m), timeout=5)
         assert api.count(verb="watch", resource="pods") >= 1
+    finally:
+        k.stop()
+
+
+def imported_modules(log: str) -> set[str]:
+    """The modules a ``python -X importtime`` process reported importing (its stderr)."""
+    return {line.rsplit("|", 1)[1].strip() for line in log.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_the_supervisor_never_imports_kubernetes_and_follows_rotated_exec_credentials(
+        api, tmp_path):
+    """The ``kubernetes`` package resolves the connection in a child, never in the
+    supervisor (``-X importtime`` lists every module the supervisor imports, however late;
+    the workers and the child are started without it). A credential the API revokes is
+    replaced by the exec plugin's new one through a second child."""
+    from test_connection import ExecPlugin
+    base_objects(api)
+    plugin = ExecPlugin(tmp_path / "plugin", api.token)
+    k = ApiKdns(tmp_path, api, user=plugin.user(), python_args=("-X", "importtime"),
+                env={"KDNS_WATCH_SETTINGS": json.dumps(OUTAGE_SETTINGS)})
+    try:
+        k.start(timeout=30)
+        imported = imported_modules(k.logs())
+        # The control: the list is the supervisor's, and has what it talks to the API with.
+        assert {"urllib3", "kdns.kube.connection", "kdns.kube.api"} <= imported, imported
+        assert plugin.runs == 1
+        api.token = "rotated"
+        plugin.set("rotated")
+        api.drop_connections()            # the watches end; their next requests get 401
+        api.create("services", svc("after", ip="10.96.3.3"))
+        k.wait_answer(f"after.default.svc.{ZONE}", answers("10.96.3.3"),
+                      timeout=RECONNECT_BOUND + 10)
+        assert plugin.runs == 2, "one re-resolve for all the watchers"
+        assert api.requests[-1].authorization == "Bearer rotated"
+        late = imported_modules(k.logs())
+        assert not {m for m in late if m.split(".")[0] == "kubernetes"}, sorted(late)
     finally:
         k.stop()
 

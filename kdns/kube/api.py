@@ -13,10 +13,10 @@ consistent list, then watches resuming from the last seen resourceVersion) →
 is no longer in the API's history": relist, and let the sink drop what the relist did not
 see (objects deleted while we were away).
 
-Transport: the official ``kubernetes`` client provides configuration, auth (incl. token
-refresh hooks) and TLS through ``ApiClient.param_serialize``/``call_api``; this module only
-builds the query and parses the JSON itself, streaming, so a relist of 100,000 objects never
-exists twice in memory (pages of ``page_size`` objects go to the sink one by one).
+Transport: ``connection.ApiConnection`` (urllib3, with the credentials the official
+``kubernetes`` client's loaders resolved, kept current); this module only builds the query
+and parses the JSON itself, streaming, so a relist of 100,000 objects never exists twice in
+memory (pages of ``page_size`` objects go to the sink one by one).
 
 Sink contract (``EventSink``), calls serialised by ``ApiSource`` (never concurrent):
 
@@ -199,10 +199,10 @@ class _Fallback(Exception):
 class ResourceWatcher:
     """Keeps one resource in step with the API, delivering to ``sink``; runs in its thread."""
 
-    def __init__(self, *, api_client, resource: Resource, sink: EventSink,
+    def __init__(self, *, connection, resource: Resource, sink: EventSink,
                  stop: threading.Event, settings: WatchSettings | None = None,
                  fallback: Resource | None = None, rng: random.Random | None = None):
-        self.api_client = api_client
+        self.connection = connection
         self.resource = resource
         self.fallback = fallback
         self.sink = sink
@@ -469,22 +469,14 @@ class ResourceWatcher:
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _request(self, query: list, *, read_timeout: float):
-        """GET the collection through the client's auth/TLS; the open response or raise."""
+        """GET the collection with the connection's auth/TLS; the open response or raise."""
         if self.stop.is_set():
             raise TransportError("stopping")
-        method, url, headers, _, _ = self.api_client.param_serialize(
-            "GET", self.resource.path, query_params=query,
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
         try:
-            resp = self.api_client.call_api(
-                method, url, header_params=headers,
-                _request_timeout=(self.settings.connect_timeout, read_timeout)).response
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+            resp = self.connection.get(self.resource.path, query,
+                                       timeout=(self.settings.connect_timeout, read_timeout))
+        except (urllib3.exceptions.HTTPError, OSError) as e:   # TLS errors included
             raise TransportError(f"{self.resource.path}: {e}") from None
-        except Exception as e:      # kubernetes.client ApiException(status=0) on TLS errors
-            if getattr(e, "status", None) == 0:
-                raise TransportError(f"{self.resource.path}: {e}") from None
-            raise
         with self._response_lock:
             self._response = resp
         if self.stop.is_set():          # stop() ran while we were connecting: nothing to wait
@@ -615,7 +607,7 @@ class ApiSource:
     """All the watchers kdns needs, one thread each: Services, EndpointSlices (falling back
     to v1 Endpoints), Namespaces, and Pods only when ``pods`` (``--pods verified``)."""
 
-    def __init__(self, *, api_client, sink: EventSink, pods: bool = False,
+    def __init__(self, *, connection, sink: EventSink, pods: bool = False,
                  settings: WatchSettings | None = None, rng: random.Random | None = None):
         self.stop_event = threading.Event()
         serial = _SerialSink(sink)
@@ -624,7 +616,7 @@ class ApiSource:
         if pods:
             plan.append((PODS, None))
         self.watchers = [
-            ResourceWatcher(api_client=api_client, resource=res, fallback=fb, sink=serial,
+            ResourceWatcher(connection=connection, resource=res, fallback=fb, sink=serial,
                             stop=self.stop_event, settings=settings,
                             rng=random.Random(rng.random()))
             for res, fb in plan]

@@ -5,16 +5,19 @@ file polling does, with no watch to keep alive.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from urllib.parse import quote
 
 log = logging.getLogger("kdns.kube.configmap")
 
 
-def api_client_for(kubecfg_file: str, kube_master_url: str):
-    from kdns.kube import kubeconfig        # imported only with --config-map: it is large
-    return kubeconfig.api_client_from_flags(kubecfg_file=kubecfg_file,
-                                            kube_master_url=kube_master_url)
+def connection_for(kubecfg_file: str, kube_master_url: str):
+    """The process's API connection for these flags (``connection.connect``: resolved once,
+    shared with the watchers); ConnectionConfigError names the flag."""
+    from kdns.kube import connection
+    return connection.connect(kubecfg_file, kube_master_url)
 
 
 class ConfigMapPoller:
@@ -22,9 +25,9 @@ class ConfigMapPoller:
     a poll bounds the delay exactly as --config-dir's does, with no watch to keep alive). A
     missing ConfigMap means defaults, as in kube-dns; an unreachable API keeps the last one."""
 
-    def __init__(self, name: str, namespace: str, period: float, api_client):
+    def __init__(self, name: str, namespace: str, period: float, connection):
         self.name, self.namespace = name, namespace
-        self.period, self.api = period, api_client
+        self.period, self.api = period, connection
         self.stop = threading.Event()
         self._latest: tuple[str, dict] | None = None
         self._lock = threading.Lock()
@@ -38,18 +41,30 @@ class ConfigMapPoller:
             self.fetch()
 
     def fetch(self) -> None:
-        from kubernetes import client
-        from kubernetes.client.rest import ApiException
+        import urllib3
+        path = (f"/api/v1/namespaces/{quote(self.namespace, safe='')}/configmaps/"
+                f"{quote(self.name, safe='')}")
         try:
-            cm = client.CoreV1Api(self.api).read_namespaced_config_map(
-                self.name, self.namespace, _request_timeout=(5, 5))
-            got = (f"rv:{cm.metadata.resource_version}", dict(cm.data or {}))
-        except ApiException as e:
-            if e.status != 404:
-                return self._failed(f"HTTP {e.status} {e.reason}")
-            got = ("absent", {})
-        except Exception as e:   # noqa: BLE001 -- network, TLS: keep the last config
+            resp = self.api.get(path, timeout=(5, 5))
+            try:
+                body = resp.read()
+            finally:
+                resp.release_conn()
+            if resp.status == 404:
+                got = ("absent", {})
+            elif resp.status != 200:
+                return self._failed(f"HTTP {resp.status} {resp.reason}")
+            else:
+                cm = json.loads(body)
+                meta, data = cm.get("metadata") or {}, cm.get("data") or {}
+                if not isinstance(data, dict):
+                    raise ValueError("its data is not an object")
+                got = (f"rv:{meta.get('resourceVersion')}", dict(data))
+        except (urllib3.exceptions.HTTPError, OSError) as e:    # network, TLS
             return self._failed(str(e))
+        except (ValueError, AttributeError, TypeError) as e:
+            # Not a ConfigMap (a proxy's error page, say): keep the last configuration.
+            return self._failed(f"unreadable answer: {e}")
         if self._failing:
             log.info("ConfigMap %s/%s readable again", self.namespace, self.name)
         self._failing = False

@@ -555,7 +555,7 @@ class Controller:
 class ApiController(Controller):
     """The controller fed by the Kubernetes API (``kdns serve`` without --from-file)."""
 
-    def __init__(self, *, api_client, pods: str = kdns_settings.PODS,
+    def __init__(self, *, connection, pods: str = kdns_settings.PODS,
                  domain: str = kdns_settings.DOMAIN, ttl: int = kdns_settings.TTL,
                  initial_sync_timeout: float = kdns_settings.INITIAL_SYNC_TIMEOUT,
                  debounce: Debounce = Debounce(), settings=None,
@@ -575,17 +575,18 @@ class ApiController(Controller):
         super().__init__(compiler=compiler, needed=0,
                          debounce=debounce, initial_sync_timeout=initial_sync_timeout,
                          describe_waiting=self._waiting)
-        self.source = source.ApiSource(api_client=api_client, sink=self.sink,
+        self.source = source.ApiSource(connection=connection, sink=self.sink,
                                        pods=pods == "verified" or autopath is not None,
                                        settings=settings)
         self.needed = len(self.source.watchers)
 
     @classmethod
     def from_config(cls, cfg) -> "ApiController":
-        from kdns.kube.kubeconfig import ConnectionConfigError, api_client_from_flags
+        from kdns.kube.connection import ConnectionConfigError, connect
         try:
-            client = api_client_from_flags(kubecfg_file=cfg.kubecfg_file or "",
-                                           kube_master_url=cfg.kube_master_url or "")
+            # Resolved by the kubernetes client in a child process: its package never
+            # stays imported here (kdns/kube/connection.py).
+            conn = connect(cfg.kubecfg_file or "", cfg.kube_master_url or "")
         except ConnectionConfigError as e:
             hint = "" if cfg.kubecfg_file or cfg.kube_master_url else (
                 " (or serve objects from a file with --from-file)")
@@ -595,7 +596,7 @@ class ApiController(Controller):
             watch = WatchSettings.from_text(kdns_settings.ENV.watch_settings)
         except ValueError as e:
             raise ConnectionConfigError(str(e)) from None
-        return cls(api_client=client, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
+        return cls(connection=conn, pods=cfg.pods, domain=cfg.domain, ttl=cfg.ttl,
                    initial_sync_timeout=cfg.initial_sync_timeout, settings=watch,
                    endpoint_pod_names=getattr(cfg, "endpoint_pod_names", False),
                    hosts=getattr(cfg, "hosts", None), rewrites=getattr(cfg, "rewrites", ()),

@@ -60,7 +60,7 @@ def forwarding_control(opts):
         from kdns.kube import configmap
         poller = configmap.ConfigMapPoller(
             opts.config_map, opts.config_map_namespace, opts.config_period,
-            configmap.api_client_for(opts.kubecfg_file, opts.kube_master_url))
+            configmap.connection_for(opts.kubecfg_file, opts.kube_master_url))
     return forwarding.ForwardingControl(opts, poller)
 
 
@@ -288,7 +288,7 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
         return WatchedFile(cfg.from_image, image_file_loader)
     if cfg.from_file:
         return WatchedFile(cfg.from_file, zone_file_loader(cfg))
-    from kdns.kube.kubeconfig import ConnectionConfigError
+    from kdns.kube.connection import ConnectionConfigError
     from kdns.serve import controller
     try:
         return controller.ApiController.from_config(cfg)
