@@ -178,6 +178,10 @@ cdef class ZoneCore:
     cdef int32_t rr_owner[11]        # ``chase``: the owner of each answer RRset
     cdef int32_t n
     cdef size_t cap
+    # The per-name arrays only a compile uses (nflags, first_rr, last_rr, stamp, where,
+    # seen, rr_at, rr_n: 27 bytes a name) exist from ``begin`` to the end of the compile:
+    # a persistent core holds its names between compiles without them (``scratch`` false).
+    cdef bint scratch
     cdef int32_t *ht
     cdef size_t ht_cap
     cdef uint32_t epoch
@@ -345,6 +349,7 @@ cdef class ZoneCore:
         self.nodes = NULL; self.rrf = NULL; self.rev = NULL
         self.ipool = NULL
         self.ipool_owner = None
+        self.scratch = False
 
     cdef void release_names(self) noexcept:
         """Free what only encoding needs (names, hashes, scratch), before the image exists:
@@ -372,6 +377,7 @@ cdef class ZoneCore:
         self.cap = self.nbuf_cap = self.nbuf_len = self.ht_cap = 0
         self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
         self.lht_cap = 0
+        self.scratch = False
         self.rrsets = []
 
     cdef void release_compile(self) noexcept:
@@ -384,6 +390,7 @@ cdef class ZoneCore:
         self.rr_type = NULL
         free(self.podl); free(self.verified)
         self.podl = NULL; self.verified = NULL
+        self.free_scratch()
         self.rrf_cap = self.lpool_cap = self.podl_cap = self.verified_cap = 0
         self.rrf_len = self.lpool_len = self.podl_len = self.nverified = 0
         self.rrsets = []
@@ -408,21 +415,46 @@ cdef class ZoneCore:
         self.nlen = <uint16_t *>self._re(self.nlen, c * 2)
         self.parent = <int32_t *>self._re(self.parent, c * 4)
         self.nlab = <uint8_t *>self._re(self.nlab, c)
+        self.zone = <int16_t *>self._re(self.zone, c * 2)
+        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
+        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
+        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
+        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
+        if self.scratch:
+            self.grow_scratch(c)
+        self.cap = c
+        return 0
+
+    cdef int grow_scratch(self, size_t c) except -1:
         self.nflags = <uint8_t *>self._re(self.nflags, c)
         self.first_rr = <int32_t *>self._re(self.first_rr, c * 4)
         self.last_rr = <int32_t *>self._re(self.last_rr, c * 4)
-        self.zone = <int16_t *>self._re(self.zone, c * 2)
         self.stamp = <uint32_t *>self._re(self.stamp, c * 4)
         self.where = <uint32_t *>self._re(self.where, c * 4)
         self.seen = <uint32_t *>self._re(self.seen, c * 4)
         self.rr_at = <int32_t *>self._re(self.rr_at, c * 4)
         self.rr_n = <uint16_t *>self._re(self.rr_n, c * 2)
-        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
-        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
-        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
-        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
-        self.cap = c
         return 0
+
+    cdef int alloc_scratch(self) except -1:
+        """The per-compile name arrays, for every name there is (``begin``): the stamps
+        start at 0, which no epoch of a compile equals."""
+        cdef size_t c = self.cap if self.cap else 1
+        if self.scratch:
+            return 0
+        self.grow_scratch(c)
+        self.scratch = True
+        memset(self.stamp, 0, c * 4)
+        memset(self.where, 0, c * 4)
+        memset(self.seen, 0, c * 4)
+        return 0
+
+    cdef void free_scratch(self) noexcept:
+        free(self.nflags); free(self.first_rr); free(self.last_rr); free(self.stamp)
+        free(self.where); free(self.seen); free(self.rr_at); free(self.rr_n)
+        self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL; self.stamp = NULL
+        self.where = NULL; self.seen = NULL; self.rr_at = NULL; self.rr_n = NULL
+        self.scratch = False
 
     cdef void *_re(self, void *p, size_t size) except NULL:
         cdef void *q = realloc(p, size)
@@ -481,15 +513,16 @@ cdef class ZoneCore:
         self.nlen[i] = wl
         self.parent[i] = par
         self.nlab[i] = 0 if par < 0 else self.nlab[par] + 1
-        self.nflags[i] = 0
-        self.first_rr[i] = -1
-        self.last_rr[i] = -1
+        if self.scratch:
+            self.nflags[i] = 0
+            self.first_rr[i] = -1
+            self.last_rr[i] = -1
+            self.stamp[i] = 0
+            self.where[i] = 0
+            self.seen[i] = 0
+            self.rr_at[i] = -1
+            self.rr_n[i] = 0
         self.zone[i] = -2                 # not looked up yet
-        self.stamp[i] = 0
-        self.where[i] = 0
-        self.seen[i] = 0
-        self.rr_at[i] = -1
-        self.rr_n[i] = 0
         self.enc_at[i] = 0
         self.enc_n[i] = 0
         self.ghead[i] = -1
@@ -649,6 +682,7 @@ cdef class ZoneCore:
         cdef size_t k, nn
         cdef int32_t i
         self.check()
+        self.alloc_scratch()
         for k in range(self.ntmp):
             self.decref(self.tmp[k])
         self.ntmp = 0
@@ -840,7 +874,23 @@ cdef class ZoneCore:
         return {"names": self.n, "encoded_names": self.n_enc, "blobs": self.nblobs,
                 "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
                 "entries": self.ents_len, "dead_entries": self.ents_dead,
-                "store_bytes": self.pool_len, "in_image": self.ipool != NULL}
+                "store_bytes": self.pool_len, "in_image": self.ipool != NULL,
+                "table_bytes": sum(self.tables().values())}
+
+    def tables(self):
+        """Bytes each of the core's C arrays holds allocated (capacities, not lengths): its
+        share of the supervisor's memory (docs/sizing.md)."""
+        return {"names": self.cap * 26, "scratch": self.cap * 27 if self.scratch else 0,
+                "name_text": self.nbuf_cap, "name_hash": 4 * self.ht_cap,
+                "blob_hash": 4 * self.bht_cap, "blob_refs": 20 * self.blobs_cap,
+                "store": self.pool_cap, "entries": 4 * self.ents_cap,
+                "placed": 4 * self.placed_cap, "compile_blobs": 4 * self.tmp_cap,
+                "labels": 4 * self.lht_cap + self.lpool_cap,
+                "scratch_bufs": self.scr_cap + self.dat_cap + self.segs_cap,
+                "trie": 4 * (self.cap + 1) * (self.kids != NULL) + 4 * self.nnodes * (
+                    (self.kids != NULL) + (self.order != NULL)),
+                "tables": self.rrf_cap * 4 + (NODE_SIZE * self.nnodes if self.nodes != NULL else 0)
+                          + (REV_SIZE * self.nrev if self.rev != NULL else 0)}
 
     def export(self, rrsets, groups):
         """Encode ``rrsets`` (no zone apex data) and return their answers as ``apply``
