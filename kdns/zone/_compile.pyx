@@ -2083,8 +2083,15 @@ cdef class ZoneCore:
         self.servfail_blob = self.finish_blob(0, 0, 1, 0, RCODE_SERVFAIL)
         self._encode_nodes()
         self._encode_reverse()
-        # Every answer is encoded: the RRsets may go before the image is assembled.
+        # Every answer is encoded: the RRsets, the per-compile name arrays and the trie
+        # may go before the image is allocated (the compile's peak is the image's bytes
+        # plus what is alive while they are written).
         self.rrsets = []
+        self.free_scratch()
+        free(self.kids); free(self.order); free(self.kid_start); free(self.rr_next)
+        free(self.rr_type)
+        self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.rr_next = NULL
+        self.rr_type = NULL
         if consume and type(rrsets) is list:
             rrsets.clear()
         nodes_off = HEADER_SIZE
@@ -2140,12 +2147,15 @@ cdef class ZoneCore:
             o = &into[0]
         memset(o, 0, HEADER_SIZE)
         pos = HEADER_SIZE
+        # Each table is freed once it is in the image: the image's pages grow as they go.
         for idx in range(self.nnodes):
             nd = self.nodes + NODE_SIZE * idx
             memcpy(o + pos, nd, NODE_SIZE)
             put32le(o + pos + NODE_LABEL_OFF, le32(nd + NODE_LABEL_OFF) + labels_off)
             put32le(o + pos + NODE_RR_OFF, le32(nd + NODE_RR_OFF) + rrtab_off)
             pos += NODE_SIZE
+        free(self.nodes)
+        self.nodes = NULL
         for zi in range(self.nzones):
             e = o + pos + ZONE_SIZE * zi
             put32le(e + ZONE_APEX_NODE, self.apex_node[zi] if self.zone_kind[zi] == ZONE_AUTH else 0)
@@ -2159,13 +2169,21 @@ cdef class ZoneCore:
             memcpy(o + pos, e, REV_SIZE)
             put32le(o + pos + REV_RR_OFF, le32(e + REV_RR_OFF) + rrtab_off)
             pos += REV_SIZE
+        free(self.rev)
+        self.rev = NULL
         for k in range(0, <int32_t>self.rrf_len, 2):
             put32le(o + pos + RRENT_QTYPE, self.rrf[k])      # with its zero pad: 32 bits
             put32le(o + pos + RRENT_BLOB, self.rrf[k + 1] + blobs_off)
             pos += RRENT_SIZE
+        free(self.rrf)
+        self.rrf = NULL
+        self.rrf_cap = 0
         if self.lpool_len:
             memcpy(o + pos, self.lpool, self.lpool_len)
         pos += self.lpool_len
+        free(self.lpool)
+        self.lpool = NULL
+        self.lpool_cap = 0
         while pos < pods_off:
             o[pos] = 0
             pos += 1
