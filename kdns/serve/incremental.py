@@ -478,11 +478,14 @@ class IncrementalCompiler:
             return self._spare
 
     def idle(self) -> None:
-        """The changes stopped (the controller's idle trim): give the spare memfd back."""
+        """The changes stopped (the controller's idle trim): give the spare memfd and the
+        core's per-compile tables back."""
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
+        if self._core is not None and hasattr(self._core, "trim"):
+            self._core.trim()
 
     def _pods(self, model: ClusterModel, changed: set) -> dict | None:
         """``--pods verified``: each namespace's pod IPs packed for the image, re-packed only
