@@ -187,6 +187,8 @@ cdef class ZoneCore:
     # ~20 MB of fresh pages at 100,000 endpoints. A compile that is not warm (the first, the
     # first after a trim) is ``lean``: it frees them as soon as it is done with each.
     cdef bint warm, lean
+    cdef int32_t *fillbuf            # ``grow_trie``'s and ``encode_reverse``'s work arrays,
+    cdef RevKey *revkeys             # kept with the tables while warm
     cdef int32_t *ht
     cdef size_t ht_cap
     cdef uint32_t epoch
@@ -332,6 +334,8 @@ cdef class ZoneCore:
         free(self.zone_rev); free(self.pool); free(self.bref); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lpool); free(self.lht)
         free(self.kids); free(self.order); free(self.nodes); free(self.rrf); free(self.rev)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
         free(self.ents); free(self.ghead); free(self.gnext)
@@ -365,6 +369,8 @@ cdef class ZoneCore:
         # Kept: the store (``pool``, ``bref``) and ``placed``, which assemble copies from.
         free(self.ht); free(self.rr_next); free(self.rr_type); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lht); free(self.kids)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         free(self.order); free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.tmp); free(self.ents)
         free(self.ghead); free(self.gnext)
@@ -390,6 +396,8 @@ cdef class ZoneCore:
         the node, rr and reverse tables, the label pool); ``begin`` starts from empty ones."""
         free(self.kids); free(self.order); free(self.kid_start); free(self.nodes)
         free(self.rrf); free(self.rev); free(self.lpool); free(self.rr_next); free(self.rr_type)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.nodes = NULL
         self.rrf = NULL; self.rev = NULL; self.lpool = NULL; self.rr_next = NULL
         self.rr_type = NULL
@@ -1836,15 +1844,13 @@ cdef class ZoneCore:
         for i in range(self.n):
             self.kid_start[i + 1] += self.kid_start[i]
         self.kids = <int32_t *>self._re(self.kids, (nk + 1) * 4)
-        fill = <int32_t *>malloc((self.n + 1) * 4)
-        if fill == NULL:
-            raise MemoryError()
+        self.fillbuf = <int32_t *>self._re(self.fillbuf, (self.n + 1) * 4)
+        fill = self.fillbuf
         memcpy(fill, self.kid_start, (self.n + 1) * 4)
         for i in range(1, self.n):
             if self.nflags[i] & NF_TREE:
                 self.kids[fill[self.parent[i]]] = i
                 fill[self.parent[i]] += 1
-        free(fill)
         _sort_nbuf = self.nbuf
         _sort_noff = self.noff
         for i in range(self.n):
@@ -2027,34 +2033,30 @@ cdef class ZoneCore:
         for i in range(self.n):
             if self.nflags[i] & NF_REV:
                 m += 1
-        keys = <RevKey *>malloc((m + 1) * sizeof(RevKey))
-        if keys == NULL:
-            raise MemoryError()
-        try:
-            m = 0
-            for i in range(self.n):
-                if self.nflags[i] & NF_REV:
-                    if not self.rev_key(i, keys[m].key):
-                        raise self.error(f"{self.text_of(i)} is not a full reverse name")
-                    keys[m].id = i
-                    m += 1
-            qsort(keys, m, sizeof(RevKey), _cmp_rev)
-            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
-            memset(self.rev, 0, (m + 1) * REV_SIZE)
-            self.nrev = m
-            for k in range(m):
-                i = keys[k].id
-                rr_start = self.rrf_len
-                if self.nflags[i] & NF_DATA:
-                    self.entries(i)
-                e = self.rev + REV_SIZE * k
-                e[REV_FAMILY] = keys[k].key[0]
-                memcpy(e + REV_IP, keys[k].key + 1, 16)
-                put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
-                put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
-                put16le(e + REV_ZONE, self.zone_of(i))
-        finally:
-            free(keys)
+        self.revkeys = <RevKey *>self._re(self.revkeys, (m + 1) * sizeof(RevKey))
+        keys = self.revkeys
+        m = 0
+        for i in range(self.n):
+            if self.nflags[i] & NF_REV:
+                if not self.rev_key(i, keys[m].key):
+                    raise self.error(f"{self.text_of(i)} is not a full reverse name")
+                keys[m].id = i
+                m += 1
+        qsort(keys, m, sizeof(RevKey), _cmp_rev)
+        self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
+        memset(self.rev, 0, (m + 1) * REV_SIZE)
+        self.nrev = m
+        for k in range(m):
+            i = keys[k].id
+            rr_start = self.rrf_len
+            if self.nflags[i] & NF_DATA:
+                self.entries(i)
+            e = self.rev + REV_SIZE * k
+            e[REV_FAMILY] = keys[k].key[0]
+            memcpy(e + REV_IP, keys[k].key + 1, 16)
+            put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
+            put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
+            put16le(e + REV_ZONE, self.zone_of(i))
         return 0
 
     def compile(self, rrsets, exists, ttls, pods, bint synced, uint64_t serial, alloc=None,
@@ -2103,7 +2105,8 @@ cdef class ZoneCore:
         if self.lean:
             self.free_scratch()
             free(self.kids); free(self.order); free(self.kid_start); free(self.rr_next)
-            free(self.rr_type)
+            free(self.rr_type); free(self.fillbuf); free(self.revkeys)
+            self.fillbuf = NULL; self.revkeys = NULL
             self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.rr_next = NULL
             self.rr_type = NULL
         if consume and type(rrsets) is list:
