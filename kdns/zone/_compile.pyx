@@ -392,8 +392,9 @@ cdef class ZoneCore:
         self.rrsets = []
 
     cdef void release_compile(self) noexcept:
-        """A persistent core between compiles: free the big per-compile tables (the trie,
-        the node, rr and reverse tables, the label pool); ``begin`` starts from empty ones."""
+        """A persistent core after a lean compile, or ``trim``: free the per-compile
+        tables (the name arrays, the trie, the node, rr and reverse tables, the label pool,
+        their work arrays); ``begin`` starts from empty ones."""
         free(self.kids); free(self.order); free(self.kid_start); free(self.nodes)
         free(self.rrf); free(self.rev); free(self.lpool); free(self.rr_next); free(self.rr_type)
         free(self.fillbuf); free(self.revkeys)
