@@ -57,14 +57,37 @@ CHUNK_PTRS = 4096
 MEMFD_MIN_BYTES = 1 << 20
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)     # compared and hashed by identity (``_ptr``'s sets)
 class _Service:
     """What the last compile derived from one service (its answers live in the core)."""
     fqdn: str
-    ptrs: tuple                  # ip, target, ip, target...: what it adds to PTRs
+    # ip, target, ip, target...: what it adds to PTRs, each target as ``_packed_target``
+    # keeps it (the IPs are the model's own strings).
+    ptrs: tuple
     warnings: tuple
     in_core: bool = False        # its answers are a group in the core, named ``fqdn``
     raw: tuple | None = None     # its RRsets instead: a CNAME is, or points, into it
+
+
+def _packed_target(ip: str, target: str, fqdn: str):
+    """A PTR target as a service's entry keeps it: None for the service's own name (a
+    cluster IP), "" for the endpoint name the rules derive from the address alone
+    (``<dashed ip>.<fqdn>``), else the name itself. 100,000 endpoints held their names
+    (~90 bytes each, 9 MiB) for as long as kdns runs, while a compile needs only those of
+    the addresses it re-derives (``_unpack_target``)."""
+    if target == fqdn:
+        return None
+    if target == f"{records.dashed_ip(ip)}.{fqdn}":
+        return ""
+    return target
+
+
+def _unpack_target(ip: str, packed, fqdn: str) -> str:
+    if packed is None:
+        return fqdn
+    if packed == "":
+        return f"{records.dashed_ip(ip)}.{fqdn}"
+    return packed
 
 
 class IncrementalCompiler:
@@ -117,8 +140,9 @@ class IncrementalCompiler:
     def _reset(self) -> None:
         self._services: dict[tuple[str, str], _Service] = {}
         self._slice_owner: dict[tuple[str, str], str] = {}
-        # ip -> its PTR target, or an ordered set (dict) of them; each IP here has its
-        # reverse name as a group in the core.
+        # ip -> the service entry claiming it, or an ordered set (dict) of them; each IP
+        # here has its reverse name as a group in the core. The targets are in the
+        # entries (``_ptr_targets``).
         self._ptr: dict[str, object] = {}
         self._pinned: set = set()              # services compiled from RRsets (``_pins``)
         self._pod_lists: dict | None = None    # verified: namespace -> packed pod IPs
@@ -285,7 +309,7 @@ class IncrementalCompiler:
         for key in keys:
             old = self._services.pop(key, None)
             if old is not None:
-                self._drop_ptrs(old.ptrs, ptr_before)
+                self._drop_ptrs(old, ptr_before)
                 if old.in_core:
                     remove.append(old.fqdn)
             svc = model.service(*key)
@@ -297,9 +321,11 @@ class IncrementalCompiler:
             if warnings != (old.warnings if old is not None else ()):
                 for w in warnings:
                     log.warning("%s", w)
-            flat = tuple(x for pair in ptrs for x in pair)
-            entry = _Service(f"{svc.name}.{svc.namespace}{self.svc_suffix}", flat, warnings)
-            self._add_ptrs(flat, ptr_before)
+            fqdn = f"{svc.name}.{svc.namespace}{self.svc_suffix}"
+            flat = tuple(x for ip, target in ptrs
+                         for x in (ip, _packed_target(ip, target, fqdn)))
+            entry = _Service(fqdn, flat, warnings)
+            self._add_ptrs(entry, ptr_before)
             if key in pinned or any(s.rtype == R.CNAME for s in rrsets):
                 entry.raw = tuple(rrsets)
             elif rrsets:
@@ -312,12 +338,37 @@ class IncrementalCompiler:
         for e, recs in zip(owners, out):
             e.in_core = bool(recs)
 
+    def _ptr_targets(self, ips) -> dict:
+        """ip -> its PTR target, or an ordered set (dict) of them, for each of ``ips`` some
+        service claims: each claiming entry is read once (a service of 5,000 endpoints is
+        not scanned once per address)."""
+        ptr = self._ptr
+        owners: dict = {}
+        for ip in ips:
+            cur = ptr.get(ip)
+            if cur is None:
+                continue
+            if type(cur) is dict:
+                owners.update(cur)
+            else:
+                owners[cur] = None
+        wanted = set(ips)
+        out: dict = {}
+        for e in owners:
+            flat, fqdn = e.ptrs, e.fqdn
+            for k in range(0, len(flat), 2):
+                ip = flat[k]
+                if ip in wanted:
+                    records._add_to_set(out, ip, _unpack_target(ip, flat[k + 1], fqdn))
+        return out
+
     def _ptrs_chunk(self, ips, ptr_before, core_type) -> None:
         remove, encode, groups = [], [], []
+        found = self._ptr_targets(ips)
         for ip in ips:
             if ptr_before[ip]:
                 remove.append(reverse_name(ip))
-            targets = self._ptr.get(ip)
+            targets = found.get(ip)
             if targets is not None and ip not in self._hosts_ips:
                 s = records.ptr_rrset(ip, targets, self.ttl)
                 encode.append(s)
@@ -333,31 +384,29 @@ class IncrementalCompiler:
         # compile, until that input changes), which reports it.
         return I.CoreCompiler(list(self._zones), True, 0, core_type).export(encode, groups)
 
-    def _drop_ptrs(self, flat: tuple, ptr_before: dict) -> None:
+    def _drop_ptrs(self, entry: _Service, ptr_before: dict) -> None:
         ptr = self._ptr
-        for k in range(0, len(flat), 2):
-            ip, target = flat[k], flat[k + 1]
+        for ip in dict.fromkeys(entry.ptrs[0::2]):     # an address may have two targets
             cur = ptr[ip]
             ptr_before.setdefault(ip, True)
             if type(cur) is dict:
-                del cur[target]
+                del cur[entry]
                 if len(cur) == 1:
                     ptr[ip] = next(iter(cur))
             else:
                 del ptr[ip]
 
-    def _add_ptrs(self, flat: tuple, ptr_before: dict) -> None:
+    def _add_ptrs(self, entry: _Service, ptr_before: dict) -> None:
         ptr = self._ptr
-        for k in range(0, len(flat), 2):
-            ip, target = flat[k], flat[k + 1]
+        for ip in dict.fromkeys(entry.ptrs[0::2]):
             cur = ptr.get(ip)
             ptr_before.setdefault(ip, cur is not None)
             if cur is None:
-                ptr[ip] = target
+                ptr[ip] = entry
             elif type(cur) is dict:
-                cur[target] = None
-            elif cur != target:
-                ptr[ip] = {cur: None, target: None}
+                cur[entry] = None
+            else:
+                ptr[ip] = {cur: None, entry: None}
 
     def _rebase(self, image: "publish.ImageMemfd") -> None:
         """The core reads its blobs from this sealed image from now on instead of keeping a
@@ -429,11 +478,14 @@ class IncrementalCompiler:
             return self._spare
 
     def idle(self) -> None:
-        """The changes stopped (the controller's idle trim): give the spare memfd back."""
+        """The changes stopped (the controller's idle trim): give the spare memfd and the
+        core's per-compile tables back."""
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
+        if self._core is not None and hasattr(self._core, "trim"):
+            self._core.trim()
 
     def _pods(self, model: ClusterModel, changed: set) -> dict | None:
         """``--pods verified``: each namespace's pod IPs packed for the image, re-packed only

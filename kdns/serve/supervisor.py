@@ -39,7 +39,7 @@ from kdns.packet import counters as C
 from kdns.packet import engine
 from kdns.observe import http
 from kdns.serve import publish
-from kdns.serve.memory import release_memory
+from kdns.serve.memory import release_memory, tune_malloc
 
 log = logging.getLogger("kdns.serve.supervisor")
 
@@ -1026,6 +1026,7 @@ class Supervisor:
 def serve(cfg: ServeConfig) -> int:
     """Load the first image, start, and run until SIGTERM/SIGINT. StartError/LoadError
     escape before any worker was started."""
+    tune_malloc()               # before the model and the first compile allocate
     source = make_source(cfg)
     first = source.first()
     sup = Supervisor(cfg, source)

@@ -178,6 +178,17 @@ cdef class ZoneCore:
     cdef int32_t rr_owner[11]        # ``chase``: the owner of each answer RRset
     cdef int32_t n
     cdef size_t cap
+    # The per-name arrays only a compile uses (nflags, first_rr, last_rr, stamp, where,
+    # seen, rr_at, rr_n: 27 bytes a name) exist from ``begin`` to the end of the compile:
+    # a persistent core holds its names between compiles without them (``scratch`` false).
+    cdef bint scratch
+    # A persistent core that has assembled an image keeps the per-compile arrays and tables
+    # for the next compile (``warm``) until ``trim``: each compile would otherwise fault in
+    # ~20 MB of fresh pages at 100,000 endpoints. A compile that is not warm (the first, the
+    # first after a trim) is ``lean``: it frees them as soon as it is done with each.
+    cdef bint warm, lean
+    cdef int32_t *fillbuf            # ``grow_trie``'s and ``encode_reverse``'s work arrays,
+    cdef RevKey *revkeys             # kept with the tables while warm
     cdef int32_t *ht
     cdef size_t ht_cap
     cdef uint32_t epoch
@@ -323,6 +334,8 @@ cdef class ZoneCore:
         free(self.zone_rev); free(self.pool); free(self.bref); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lpool); free(self.lht)
         free(self.kids); free(self.order); free(self.nodes); free(self.rrf); free(self.rev)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.placed); free(self.tmp)
         free(self.ents); free(self.ghead); free(self.gnext)
@@ -345,6 +358,7 @@ cdef class ZoneCore:
         self.nodes = NULL; self.rrf = NULL; self.rev = NULL
         self.ipool = NULL
         self.ipool_owner = None
+        self.scratch = False
 
     cdef void release_names(self) noexcept:
         """Free what only encoding needs (names, hashes, scratch), before the image exists:
@@ -355,6 +369,8 @@ cdef class ZoneCore:
         # Kept: the store (``pool``, ``bref``) and ``placed``, which assemble copies from.
         free(self.ht); free(self.rr_next); free(self.rr_type); free(self.bht)
         free(self.dat); free(self.scr); free(self.segs); free(self.lht); free(self.kids)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         free(self.order); free(self.rr_at); free(self.rr_n); free(self.enc_at); free(self.enc_n)
         free(self.bcnt); free(self.bplace); free(self.bepoch); free(self.tmp); free(self.ents)
         free(self.ghead); free(self.gnext)
@@ -372,22 +388,34 @@ cdef class ZoneCore:
         self.cap = self.nbuf_cap = self.nbuf_len = self.ht_cap = 0
         self.bht_cap = self.dat_cap = self.scr_cap = self.segs_cap = 0
         self.lht_cap = 0
+        self.scratch = False
         self.rrsets = []
 
     cdef void release_compile(self) noexcept:
-        """A persistent core between compiles: free the big per-compile tables (the trie,
-        the node, rr and reverse tables, the label pool); ``begin`` starts from empty ones."""
+        """A persistent core after a lean compile, or ``trim``: free the per-compile
+        tables (the name arrays, the trie, the node, rr and reverse tables, the label pool,
+        their work arrays); ``begin`` starts from empty ones."""
         free(self.kids); free(self.order); free(self.kid_start); free(self.nodes)
         free(self.rrf); free(self.rev); free(self.lpool); free(self.rr_next); free(self.rr_type)
+        free(self.fillbuf); free(self.revkeys)
+        self.fillbuf = NULL; self.revkeys = NULL
         self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.nodes = NULL
         self.rrf = NULL; self.rev = NULL; self.lpool = NULL; self.rr_next = NULL
         self.rr_type = NULL
         free(self.podl); free(self.verified)
         self.podl = NULL; self.verified = NULL
+        self.free_scratch()
         self.rrf_cap = self.lpool_cap = self.podl_cap = self.verified_cap = 0
         self.rrf_len = self.lpool_len = self.podl_len = self.nverified = 0
         self.rrsets = []
         self.pods = {}
+
+    def trim(self):
+        """Free what a warm core keeps between compiles (the changes stopped): the next
+        compile allocates it again, lean."""
+        self.check()
+        self.release_compile()
+        self.warm = False
 
     cdef int check(self) except -1:
         # A core that is spent (a compile freed its tables) must raise, never touch freed
@@ -408,21 +436,46 @@ cdef class ZoneCore:
         self.nlen = <uint16_t *>self._re(self.nlen, c * 2)
         self.parent = <int32_t *>self._re(self.parent, c * 4)
         self.nlab = <uint8_t *>self._re(self.nlab, c)
+        self.zone = <int16_t *>self._re(self.zone, c * 2)
+        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
+        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
+        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
+        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
+        if self.scratch:
+            self.grow_scratch(c)
+        self.cap = c
+        return 0
+
+    cdef int grow_scratch(self, size_t c) except -1:
         self.nflags = <uint8_t *>self._re(self.nflags, c)
         self.first_rr = <int32_t *>self._re(self.first_rr, c * 4)
         self.last_rr = <int32_t *>self._re(self.last_rr, c * 4)
-        self.zone = <int16_t *>self._re(self.zone, c * 2)
         self.stamp = <uint32_t *>self._re(self.stamp, c * 4)
         self.where = <uint32_t *>self._re(self.where, c * 4)
         self.seen = <uint32_t *>self._re(self.seen, c * 4)
         self.rr_at = <int32_t *>self._re(self.rr_at, c * 4)
         self.rr_n = <uint16_t *>self._re(self.rr_n, c * 2)
-        self.enc_at = <uint32_t *>self._re(self.enc_at, c * 4)
-        self.enc_n = <uint8_t *>self._re(self.enc_n, c)
-        self.ghead = <int32_t *>self._re(self.ghead, c * 4)
-        self.gnext = <int32_t *>self._re(self.gnext, c * 4)
-        self.cap = c
         return 0
+
+    cdef int alloc_scratch(self) except -1:
+        """The per-compile name arrays, for every name there is (``begin``): the stamps
+        start at 0, which no epoch of a compile equals."""
+        cdef size_t c = self.cap if self.cap else 1
+        if self.scratch:
+            return 0
+        self.grow_scratch(c)
+        self.scratch = True
+        memset(self.stamp, 0, c * 4)
+        memset(self.where, 0, c * 4)
+        memset(self.seen, 0, c * 4)
+        return 0
+
+    cdef void free_scratch(self) noexcept:
+        free(self.nflags); free(self.first_rr); free(self.last_rr); free(self.stamp)
+        free(self.where); free(self.seen); free(self.rr_at); free(self.rr_n)
+        self.nflags = NULL; self.first_rr = NULL; self.last_rr = NULL; self.stamp = NULL
+        self.where = NULL; self.seen = NULL; self.rr_at = NULL; self.rr_n = NULL
+        self.scratch = False
 
     cdef void *_re(self, void *p, size_t size) except NULL:
         cdef void *q = realloc(p, size)
@@ -481,15 +534,16 @@ cdef class ZoneCore:
         self.nlen[i] = wl
         self.parent[i] = par
         self.nlab[i] = 0 if par < 0 else self.nlab[par] + 1
-        self.nflags[i] = 0
-        self.first_rr[i] = -1
-        self.last_rr[i] = -1
+        if self.scratch:
+            self.nflags[i] = 0
+            self.first_rr[i] = -1
+            self.last_rr[i] = -1
+            self.stamp[i] = 0
+            self.where[i] = 0
+            self.seen[i] = 0
+            self.rr_at[i] = -1
+            self.rr_n[i] = 0
         self.zone[i] = -2                 # not looked up yet
-        self.stamp[i] = 0
-        self.where[i] = 0
-        self.seen[i] = 0
-        self.rr_at[i] = -1
-        self.rr_n[i] = 0
         self.enc_at[i] = 0
         self.enc_n[i] = 0
         self.ghead[i] = -1
@@ -649,6 +703,7 @@ cdef class ZoneCore:
         cdef size_t k, nn
         cdef int32_t i
         self.check()
+        self.alloc_scratch()
         for k in range(self.ntmp):
             self.decref(self.tmp[k])
         self.ntmp = 0
@@ -840,7 +895,23 @@ cdef class ZoneCore:
         return {"names": self.n, "encoded_names": self.n_enc, "blobs": self.nblobs,
                 "live_bytes": self.live_bytes, "dead_bytes": self.dead_bytes,
                 "entries": self.ents_len, "dead_entries": self.ents_dead,
-                "store_bytes": self.pool_len, "in_image": self.ipool != NULL}
+                "store_bytes": self.pool_len, "in_image": self.ipool != NULL,
+                "table_bytes": sum(self.tables().values())}
+
+    def tables(self):
+        """Bytes each of the core's C arrays holds allocated (capacities, not lengths): its
+        share of the supervisor's memory (docs/sizing.md)."""
+        return {"names": self.cap * 26, "scratch": self.cap * 27 if self.scratch else 0,
+                "name_text": self.nbuf_cap, "name_hash": 4 * self.ht_cap,
+                "blob_hash": 4 * self.bht_cap, "blob_refs": 20 * self.blobs_cap,
+                "store": self.pool_cap, "entries": 4 * self.ents_cap,
+                "placed": 4 * self.placed_cap, "compile_blobs": 4 * self.tmp_cap,
+                "labels": 4 * self.lht_cap + self.lpool_cap,
+                "scratch_bufs": self.scr_cap + self.dat_cap + self.segs_cap,
+                "trie": 4 * (self.cap + 1) * (self.kids != NULL) + 4 * self.nnodes * (
+                    (self.kids != NULL) + (self.order != NULL)),
+                "tables": self.rrf_cap * 4 + (NODE_SIZE * self.nnodes if self.nodes != NULL else 0)
+                          + (REV_SIZE * self.nrev if self.rev != NULL else 0)}
 
     def export(self, rrsets, groups):
         """Encode ``rrsets`` (no zone apex data) and return their answers as ``apply``
@@ -1774,15 +1845,13 @@ cdef class ZoneCore:
         for i in range(self.n):
             self.kid_start[i + 1] += self.kid_start[i]
         self.kids = <int32_t *>self._re(self.kids, (nk + 1) * 4)
-        fill = <int32_t *>malloc((self.n + 1) * 4)
-        if fill == NULL:
-            raise MemoryError()
+        self.fillbuf = <int32_t *>self._re(self.fillbuf, (self.n + 1) * 4)
+        fill = self.fillbuf
         memcpy(fill, self.kid_start, (self.n + 1) * 4)
         for i in range(1, self.n):
             if self.nflags[i] & NF_TREE:
                 self.kids[fill[self.parent[i]]] = i
                 fill[self.parent[i]] += 1
-        free(fill)
         _sort_nbuf = self.nbuf
         _sort_noff = self.noff
         for i in range(self.n):
@@ -1965,34 +2034,30 @@ cdef class ZoneCore:
         for i in range(self.n):
             if self.nflags[i] & NF_REV:
                 m += 1
-        keys = <RevKey *>malloc((m + 1) * sizeof(RevKey))
-        if keys == NULL:
-            raise MemoryError()
-        try:
-            m = 0
-            for i in range(self.n):
-                if self.nflags[i] & NF_REV:
-                    if not self.rev_key(i, keys[m].key):
-                        raise self.error(f"{self.text_of(i)} is not a full reverse name")
-                    keys[m].id = i
-                    m += 1
-            qsort(keys, m, sizeof(RevKey), _cmp_rev)
-            self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
-            memset(self.rev, 0, (m + 1) * REV_SIZE)
-            self.nrev = m
-            for k in range(m):
-                i = keys[k].id
-                rr_start = self.rrf_len
-                if self.nflags[i] & NF_DATA:
-                    self.entries(i)
-                e = self.rev + REV_SIZE * k
-                e[REV_FAMILY] = keys[k].key[0]
-                memcpy(e + REV_IP, keys[k].key + 1, 16)
-                put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
-                put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
-                put16le(e + REV_ZONE, self.zone_of(i))
-        finally:
-            free(keys)
+        self.revkeys = <RevKey *>self._re(self.revkeys, (m + 1) * sizeof(RevKey))
+        keys = self.revkeys
+        m = 0
+        for i in range(self.n):
+            if self.nflags[i] & NF_REV:
+                if not self.rev_key(i, keys[m].key):
+                    raise self.error(f"{self.text_of(i)} is not a full reverse name")
+                keys[m].id = i
+                m += 1
+        qsort(keys, m, sizeof(RevKey), _cmp_rev)
+        self.rev = <uint8_t *>self._re(self.rev, (m + 1) * REV_SIZE)
+        memset(self.rev, 0, (m + 1) * REV_SIZE)
+        self.nrev = m
+        for k in range(m):
+            i = keys[k].id
+            rr_start = self.rrf_len
+            if self.nflags[i] & NF_DATA:
+                self.entries(i)
+            e = self.rev + REV_SIZE * k
+            e[REV_FAMILY] = keys[k].key[0]
+            memcpy(e + REV_IP, keys[k].key + 1, 16)
+            put32le(e + REV_RR_OFF, rr_start // 2 * RRENT_SIZE)
+            put16le(e + REV_NRR, (self.rrf_len - rr_start) // 2)
+            put16le(e + REV_ZONE, self.zone_of(i))
         return 0
 
     def compile(self, rrsets, exists, ttls, pods, bint synced, uint64_t serial, alloc=None,
@@ -2033,8 +2098,18 @@ cdef class ZoneCore:
         self.servfail_blob = self.finish_blob(0, 0, 1, 0, RCODE_SERVFAIL)
         self._encode_nodes()
         self._encode_reverse()
-        # Every answer is encoded: the RRsets may go before the image is assembled.
+        # Every answer is encoded: the RRsets, the per-compile name arrays and the trie
+        # may go before the image is allocated (the compile's peak is the image's bytes
+        # plus what is alive while they are written).
         self.rrsets = []
+        self.lean = not (self.persistent and self.warm)
+        if self.lean:
+            self.free_scratch()
+            free(self.kids); free(self.order); free(self.kid_start); free(self.rr_next)
+            free(self.rr_type); free(self.fillbuf); free(self.revkeys)
+            self.fillbuf = NULL; self.revkeys = NULL
+            self.kids = NULL; self.order = NULL; self.kid_start = NULL; self.rr_next = NULL
+            self.rr_type = NULL
         if consume and type(rrsets) is list:
             rrsets.clear()
         nodes_off = HEADER_SIZE
@@ -2090,12 +2165,16 @@ cdef class ZoneCore:
             o = &into[0]
         memset(o, 0, HEADER_SIZE)
         pos = HEADER_SIZE
+        # Each table is freed once it is in the image: the image's pages grow as they go.
         for idx in range(self.nnodes):
             nd = self.nodes + NODE_SIZE * idx
             memcpy(o + pos, nd, NODE_SIZE)
             put32le(o + pos + NODE_LABEL_OFF, le32(nd + NODE_LABEL_OFF) + labels_off)
             put32le(o + pos + NODE_RR_OFF, le32(nd + NODE_RR_OFF) + rrtab_off)
             pos += NODE_SIZE
+        if self.lean:
+            free(self.nodes)
+            self.nodes = NULL
         for zi in range(self.nzones):
             e = o + pos + ZONE_SIZE * zi
             put32le(e + ZONE_APEX_NODE, self.apex_node[zi] if self.zone_kind[zi] == ZONE_AUTH else 0)
@@ -2109,13 +2188,24 @@ cdef class ZoneCore:
             memcpy(o + pos, e, REV_SIZE)
             put32le(o + pos + REV_RR_OFF, le32(e + REV_RR_OFF) + rrtab_off)
             pos += REV_SIZE
+        if self.lean:
+            free(self.rev)
+            self.rev = NULL
         for k in range(0, <int32_t>self.rrf_len, 2):
             put32le(o + pos + RRENT_QTYPE, self.rrf[k])      # with its zero pad: 32 bits
             put32le(o + pos + RRENT_BLOB, self.rrf[k + 1] + blobs_off)
             pos += RRENT_SIZE
+        if self.lean:
+            free(self.rrf)
+            self.rrf = NULL
+            self.rrf_cap = 0
         if self.lpool_len:
             memcpy(o + pos, self.lpool, self.lpool_len)
         pos += self.lpool_len
+        if self.lean:
+            free(self.lpool)
+            self.lpool = NULL
+            self.lpool_cap = 0
         while pos < pods_off:
             o[pos] = 0
             pos += 1
@@ -2150,7 +2240,13 @@ cdef class ZoneCore:
         put32le(o + HEADER_SERIAL + 4, serial >> 32)
         put32le(o + HEADER_CRC, crc)
         if self.persistent:
-            self.release_compile()
+            if self.lean:
+                self.release_compile()
+            else:
+                self.rrf_len = self.lpool_len = self.podl_len = self.nverified = 0
+                self.rrsets = []
+                self.pods = {}
+            self.warm = True
             self.done_epoch = self.cepoch
             self.done_total, self.done_blobs_off = total, blobs_off
         else:
