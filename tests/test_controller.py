@@ -181,6 +181,41 @@ def nothing_compiled_until_synced(ctl, clock):
     assert ctl.compiler.calls[-1][:2] == (True, {"a"})
 
 
+def test_what_the_first_sync_built_leaves_the_collector_once_it_is_served(monkeypatch):
+    """The server's controller freezes (gc.freeze) once, when the first synced image is
+    published: before it nothing, and later images do not freeze again."""
+    freezes = []
+    monkeypatch.setattr(C.gc, "freeze", lambda: freezes.append(1))
+    clock = FakeClock()
+    ctl = C.Controller(compiler=RecordingCompiler(), needed=2, clock=clock)
+    ctl.freeze_after_sync = True
+    ctl.first()
+    try:
+        nothing_compiled_until_synced(ctl, clock)      # ends with the first image published
+        assert freezes == [1]
+        listed(ctl.sink, "Service", [svc("a"), svc("b")])
+        full_steps(ctl)
+        clock.advance(ctl.debounce.max_delay)
+        wait_until(lambda: ctl.compiles == 2, what="a compile after the sync")
+        FakeSupervisor(ctl).pump()
+        assert ctl.compiler.calls[-1][1] == {"a", "b"} and freezes == [1]
+    finally:
+        ctl.stop()
+
+
+def test_a_controller_embedded_in_another_process_never_freezes(monkeypatch):
+    freezes = []
+    monkeypatch.setattr(C.gc, "freeze", lambda: freezes.append(1))
+    clock = FakeClock()
+    ctl = C.Controller(compiler=RecordingCompiler(), needed=2, clock=clock)
+    ctl.first()
+    try:
+        nothing_compiled_until_synced(ctl, clock)
+        assert freezes == []
+    finally:
+        ctl.stop()
+
+
 def test_relist_deletes_what_it_did_not_see_and_a_restarted_list_is_authoritative(ctl):
     sink = ctl.sink
     listed(sink, "Service", [svc("a"), svc("b"), svc("c")])

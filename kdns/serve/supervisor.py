@@ -291,9 +291,13 @@ def make_source(cfg: ServeConfig) -> WatchedFile:
     from kdns.kube.connection import ConnectionConfigError
     from kdns.serve import controller
     try:
-        return controller.ApiController.from_config(cfg)
+        source = controller.ApiController.from_config(cfg)
     except ConnectionConfigError as e:
         raise StartError(str(e)) from None
+    # This process is kdns and nothing else: what the first sync built may leave the
+    # collector's generations (Controller.freeze).
+    source.freeze_after_sync = True
+    return source
 
 
 # --------------------------------------------------------------------------- sockets
