@@ -146,7 +146,8 @@ def test_one_process_can_host_every_slot(tmp_path):
 
 def test_slots_in_fresh_interpreters_when_forking_is_off(tmp_path):
     env = {**os.environ, "KDNS_FORK_WORKERS": "0"}
-    with running(tmp_path, image=sample_image(), workers=4, env=env) as server:
+    with running(tmp_path, image=sample_image(), workers=4, env=env,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         assert len(procs) == 2 and sorted(sorted(slots_of(p)) for p in procs) == [[2], [3]]
         assert server.served_generations() == [1, 1, 1, 1]
@@ -159,7 +160,8 @@ def test_slots_in_fresh_interpreters_when_forking_is_off(tmp_path):
 def test_processes_of_several_slots_exit_when_the_supervisor_is_killed(tmp_path):
     """Every slot sees its control channel close and stops; the process exits once all its
     slots have: nothing keeps answering as an orphan."""
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         assert all(slots_of(p) for p in procs)
         server.proc.kill()
@@ -168,7 +170,8 @@ def test_processes_of_several_slots_exit_when_the_supervisor_is_killed(tmp_path)
 
 
 def test_sigterm_stops_every_slot_of_every_process_cleanly(tmp_path):
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(10) == 0
@@ -182,7 +185,8 @@ def test_a_killed_process_is_replaced_with_all_its_slots_and_their_queues_answer
     """The process hosting slots 0 and 2 is stopped, queries queue on their sockets, then it
     is killed: its replacement serves both slots on the sockets the supervisor kept, and
     answers every query that queued meanwhile."""
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         (victim,) = [p for p in procs if slots_of(p) == {2}]
         (survivor,) = procs - {victim}
@@ -249,7 +253,8 @@ def test_a_frozen_slot_thread_gets_its_process_replaced(tmp_path):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     bound = settings.WORKER_STALL_TIMEOUT + 20
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         (victim,) = [p for p in procs if slots_of(p) == {3}]
         (tid,) = [t for t, name in threads_of(victim).items() if name == "kdns-slot-3"]
