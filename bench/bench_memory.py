@@ -23,7 +23,7 @@ Not a test (a quiet machine wanted).
 
     .venv/bin/python bench/bench_memory.py [--workers 1,2,8] [--source file|api]
         [--services 1000] [--idle 3] [--churn 5] [--out bench/out/memory]
-        [--kdns-arg=--worker-processes=1 ...]
+        [--kdns-arg=--worker-processes=2 ...]
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "memory"))
     ap.add_argument("--kdns-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for kdns serve (repeat), e.g. "
-                         "--kdns-arg=--worker-processes=1")
+                         "--kdns-arg=--worker-processes=2")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     results = []

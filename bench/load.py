@@ -974,8 +974,9 @@ def parse_args(argv=None):
                          "for the wait in C), kdns1hold (the wait in C with a 100 us hold), "
                          "kdns1base (kdns1 as built in the --baseline checkout), "
                          "kdns2 (2 workers, "
-                         "unpinned), kdns2t (2 workers as threads of one process, "
-                         "--worker-processes 1, unpinned), floor (C responder, pinned)")
+                         "unpinned: threads of one process), kdns2p (2 workers in two "
+                         "processes, --worker-processes 2, unpinned), floor (C responder, "
+                         "pinned)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="another checkout with its own .venv (make install there): the "
                          "kdns1base target runs its build, to compare two builds in one run")
@@ -1054,7 +1055,7 @@ def main(argv=None) -> int:
               "kdns1rw": "kdns-cpu1-1w-rewrite", "kdns1cf": "kdns-cpu1-1w-corefile",
               "kdns1asyncio": "kdns-cpu1-1w-asyncio", "kdns1hold": "kdns-cpu1-1w-hold",
               "kdns1base": "kdns-cpu1-1w-base",
-              "kdns2": "kdns-unpinned-2w", "kdns2t": "kdns-unpinned-2w-1p",
+              "kdns2": "kdns-unpinned-2w", "kdns2p": "kdns-unpinned-2w-2p",
               "floor": "responder-cpu1"}
     running: list[Server] = []
 
@@ -1086,7 +1087,7 @@ def main(argv=None) -> int:
         return c
 
     # Pinned for the fixed-rate cells.
-    flabels = dict(labels, kdns2="kdns-cpu1-2w", kdns2t="kdns-cpu1-2w-1p")
+    flabels = dict(labels, kdns2="kdns-cpu1-2w", kdns2p="kdns-cpu1-2w-2p")
 
     def fixed(key: str, s: Server, rate: int, mix: str, rnd: int) -> dict:
         c = fixed_rate_cell(s, qfiles[mix], rate, a.fixed_seconds, a,
@@ -1148,10 +1149,10 @@ def main(argv=None) -> int:
         if "kdns2" in a.targets:
             servers["kdns2"] = start(lambda _: kdns_server(meta["paths"]["kdns_input"], 0, None,
                                                            2, outdir, a.pure))
-        if "kdns2t" in a.targets:
-            servers["kdns2t"] = start(lambda _: kdns_server(
+        if "kdns2p" in a.targets:
+            servers["kdns2p"] = start(lambda _: kdns_server(
                 meta["paths"]["kdns_input"], 0, None, 2, outdir, a.pure,
-                extra=("--worker-processes", "1"), tag="-1p"))
+                extra=("--worker-processes", "2"), tag="-2p"))
         if "floor" in a.targets:
             servers["floor"] = start(lambda p: responder_server(exes["responder"], p, SERVER_CPU,
                                                                 outdir, bound))
@@ -1166,7 +1167,7 @@ def main(argv=None) -> int:
         if "nsd" in servers:
             ref = record_answers(servers["nsd"].port, checks)
             for key in ("kdns1", "kdns1off", "kdns1rw", "kdns1cf", "kdns1asyncio", "kdns1hold",
-                        "kdns1base", "kdns2", "kdns2t"):
+                        "kdns1base", "kdns2", "kdns2p"):
                 if key in servers:
                     verify(labels[key], servers[key], ref)
             if kd:
@@ -1185,7 +1186,7 @@ def main(argv=None) -> int:
         log("idle CPU: " + ", ".join(f"{k} {v:.1f}%" for k, v in report["idle_cpu_pct"].items()))
         for rnd in range(a.rounds):
             keys = [k for k in ("nsd", "kdns1", "kdns1off", "kdns1rw", "kdns1cf",
-                                "kdns1asyncio", "kdns1hold", "kdns1base", "kdns2", "kdns2t",
+                                "kdns1asyncio", "kdns1hold", "kdns1base", "kdns2", "kdns2p",
                                 "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
@@ -1196,7 +1197,7 @@ def main(argv=None) -> int:
         # Fixed offered rates, every server on one core: the two-worker kdns is pinned to
         # the servers' CPU for this part (its two workers share the core, as they would in a
         # pod whose CPU limit is below its worker count).
-        for key in ("kdns2", "kdns2t") if a.fixed_rates else ():
+        for key in ("kdns2", "kdns2p") if a.fixed_rates else ():
             if key in servers:
                 pin_tree(servers[key].proc.pid, SERVER_CPU)
                 servers[key].cpu = SERVER_CPU       # its core, for the cells' others %
@@ -1206,7 +1207,7 @@ def main(argv=None) -> int:
                 log(f"WARNING: {flabels[key]} may run on CPUs {cpus}, not only {SERVER_CPU}")
         for rnd in range(a.rounds if a.fixed_rates else 0):
             keys = [k for k in ("nsd", "kdns1", "kdns1asyncio", "kdns1hold", "kdns1base", "kdns2",
-                                "kdns2t",
+                                "kdns2p",
                                 "floor")
                     if k in servers]
             keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]

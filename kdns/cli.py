@@ -439,10 +439,12 @@ def build_parser() -> Parser:
                                                                "to 1024"),
                    default=None, metavar="P",
                    help=f"processes the worker slots run in, as threads: a process that "
-                        f"crashes or stalls is replaced with all its slots, and each process "
-                        f"costs memory (default {settings.DEFAULT_WORKER_PROCESSES}, at most "
-                        f"--workers; --worker-processes equal to --workers gives each slot a "
-                        f"process of its own)")
+                        f"crashes or stalls is replaced with all its slots (their sockets, "
+                        f"and what queued on them, are kept), and each process beyond the "
+                        f"first costs ~6 MiB and a zygote (default "
+                        f"{settings.DEFAULT_WORKER_PROCESSES}, at most --workers; 2 or more "
+                        f"keep the other processes' slots serving while one is replaced, "
+                        f"equal to --workers gives each slot a process of its own)")
     s.add_argument("--healthz-port", type=port, default=settings.HEALTHZ_PORT,
                    help="kube-dns /readiness port (default 8081; 0 disables)")
     s.add_argument("--metrics-port", type=port, default=settings.METRICS_PORT,
@@ -540,8 +542,10 @@ def _add_node_local_parser(sub, port) -> None:
                    help=f"DNS port (default {settings.DNS_PORT})")
     n.add_argument("--workers", type=_int_in(1, 64, "a number of workers from 1 to 64"),
                    default=1, help=f"worker slots per listen address (default 1); the slots "
-                                   f"run as threads of at most "
-                                   f"{settings.DEFAULT_WORKER_PROCESSES} processes")
+                                   f"of every address run as threads of "
+                                   + ("one worker process" if settings.DEFAULT_WORKER_PROCESSES
+                                      == 1 else f"at most {settings.DEFAULT_WORKER_PROCESSES} "
+                                      f"worker processes"))
     n.add_argument("--domain", type=_domain, default=settings.DOMAIN,
                    help="the cluster domain the central kdns serves (default cluster.local)")
     n.add_argument("--kube-dns-upstream", type=_host_port, action="append", default=[],

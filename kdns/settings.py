@@ -43,10 +43,12 @@ TCP_IDLE_TIMEOUT_MIN = 0.5
 # --------------------------------------------------------------------------- workers
 # Worker processes hosting the --workers slots unless --worker-processes says otherwise
 # (never more than the slots): each process runs its slots as threads
-# (kdns/serve/worker.py serve_slots). Two keep a crash to half the slots while an 8-slot
-# node pays for two processes, not eight (measured in docs/sizing.md); the common 2-worker
-# pod keeps one slot per process.
-DEFAULT_WORKER_PROCESSES = 2
+# (kdns/serve/worker.py serve_slots). One: a second process costs its own pages and the
+# zygote's (7-9.5 MiB summed PSS from 1 to 2 workers, against ~0.5 for a second slot
+# thread; docs/sizing.md), while the supervisor holding every slot's sockets already keeps
+# a crash from losing queued packets. --worker-processes 2 or more buys per-process
+# isolation. kdns node-local has no such flag: its slots are threads of one process.
+DEFAULT_WORKER_PROCESSES = 1
 WORKER_HEARTBEAT = 0.1         # seconds between a worker's heartbeats (its counter page)
 # A worker whose heartbeat stands still this long is killed and replaced: its socket's
 # queue is served by nobody meanwhile (the other workers' sockets take only their share).

@@ -145,8 +145,9 @@ def test_chaos_under_dnsperf_load(tmp_path):
     qfile = tmp_path / "queries.txt"
     qfile.write_text("".join(f"{n} A\n" for n in names))
 
-    k = ApiKdns(tmp_path, api, workers=2, env={"KDNS_WATCH_SETTINGS":
-                                                '{"backoff_base": 0.1, "backoff_cap": 1.0}'})
+    # Two worker processes: each kill or stop hits one while the other serves.
+    k = ApiKdns(tmp_path, api, workers=2, args=("--worker-processes", "2"),
+                env={"KDNS_WATCH_SETTINGS": '{"backoff_base": 0.1, "backoff_cap": 1.0}'})
     stop = threading.Event()
     verifiers = [Verifier(0, names[i:] + names[:i], published, stop) for i in range(CLIENTS)]
     perf = None

@@ -186,8 +186,10 @@ def test_log_file_rotates_at_its_max_size(tmp_path):
 
 def test_every_process_writes_klog_lines_into_the_log_file(tmp_path):
     path = tmp_path / "pod.log"
+    # Two worker processes (forked from the zygote): each of them writes to the file.
     k = Kdns(tmp_path, image=sample_image(), workers=2,
-             args=("--logtostderr=false", f"--log-file={path}", "--v=3")).start()
+             args=("--logtostderr=false", f"--log-file={path}", "--v=3",
+                   "--worker-processes", "2")).start()
     try:
         k.udp(K, "A")
         pids = {k.proc.pid} | k.worker_pids()

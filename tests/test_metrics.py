@@ -46,9 +46,11 @@ def served(tmp_path_factory):
     """One kdns with every metrics listener, an upstream, and some traffic of each kind."""
     tmp = tmp_path_factory.mktemp("metrics")
     with TestDNSServer({"www.example.": ["A 192.0.2.1"]}) as up:
+        # Two worker processes: the per-process series are labelled by each one's first slot.
         k = Kdns(tmp, image=sample_image(), workers=2,
                  args=("--sidecar-port", Port("sidecar"), "--health-port",
-                       Port("health"), "--nameservers", f"{HOST}:{up.port}"),
+                       Port("health"), "--nameservers", f"{HOST}:{up.port}",
+                       "--worker-processes", "2"),
                  env={"PROMETHEUS_PORT": Port("prometheus"), "PROMETHEUS_PATH": "/skydns"})
         k.start()
         ports = k.ports
@@ -235,7 +237,8 @@ def _pss(pid: int) -> int:
 def test_process_series_are_the_whole_pods(tmp_path):
     """process_* sums the supervisor and its workers (the workers do the DNS work); the CPU
     counter keeps what a replaced worker used."""
-    k = Kdns(tmp_path, image=sample_image(), workers=2).start()
+    k = Kdns(tmp_path, image=sample_image(), workers=2,
+             args=("--worker-processes", "2")).start()      # and so a zygote
     try:
         for _ in range(50):
             k.udp(K, "A")

@@ -69,7 +69,9 @@ def test_sigkill_worker_under_load_is_replaced_within_a_second(tmp_path):
                 results.append((t, ok))
                 time.sleep(0.002)
 
-    with running(tmp_path, image=sample_image(), workers=2) as server:
+    # Two worker processes: one is killed while the other keeps serving.
+    with running(tmp_path, image=sample_image(), workers=2,
+                 args=("--worker-processes", "2")) as server:
         threads = [threading.Thread(target=client) for _ in range(nclients)]
         for t in threads:
             t.start()
@@ -121,7 +123,9 @@ def test_stopped_worker_is_detected_and_replaced(tmp_path):
     # Detection takes WORKER_STALL_TIMEOUT; a fresh interpreter's start is bounded by what
     # serverutil allows a whole kdns to start in.
     bound = settings.WORKER_STALL_TIMEOUT + 20
-    with running(tmp_path, image=sample_image(), workers=2) as server:
+    # Two worker processes: one is stopped, and only it is replaced.
+    with running(tmp_path, image=sample_image(), workers=2,
+                 args=("--worker-processes", "2")) as server:
         before = server.worker_pids()
         assert len(before) == 2
         victim = min(before)
@@ -151,7 +155,8 @@ def test_stopped_worker_is_detected_and_replaced(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_stops_everything_cleanly(tmp_path, sig):
-    with running(tmp_path, image=sample_image(), workers=2) as server:
+    with running(tmp_path, image=sample_image(), workers=2,
+                 args=("--worker-processes", "2")) as server:
         pids = server.worker_pids()
         assert len(pids) == 2
         server.proc.send_signal(sig)

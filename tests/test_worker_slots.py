@@ -20,7 +20,7 @@ from kdns.packet import counters as C
 from kdns.serve import supervisor as S
 from kdns.serve import worker as W
 from kdns.zone import refpath
-from serverutil import HOST, a_records, alive, running
+from serverutil import HOST, a_records, alive, children, cmdline, running
 from zonefixtures import sample_image
 
 K = "kubernetes.default.svc.cluster.local"
@@ -146,7 +146,8 @@ def test_one_process_can_host_every_slot(tmp_path):
 
 def test_slots_in_fresh_interpreters_when_forking_is_off(tmp_path):
     env = {**os.environ, "KDNS_FORK_WORKERS": "0"}
-    with running(tmp_path, image=sample_image(), workers=4, env=env) as server:
+    with running(tmp_path, image=sample_image(), workers=4, env=env,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         assert len(procs) == 2 and sorted(sorted(slots_of(p)) for p in procs) == [[2], [3]]
         assert server.served_generations() == [1, 1, 1, 1]
@@ -159,7 +160,8 @@ def test_slots_in_fresh_interpreters_when_forking_is_off(tmp_path):
 def test_processes_of_several_slots_exit_when_the_supervisor_is_killed(tmp_path):
     """Every slot sees its control channel close and stops; the process exits once all its
     slots have: nothing keeps answering as an orphan."""
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         assert all(slots_of(p) for p in procs)
         server.proc.kill()
@@ -168,7 +170,8 @@ def test_processes_of_several_slots_exit_when_the_supervisor_is_killed(tmp_path)
 
 
 def test_sigterm_stops_every_slot_of_every_process_cleanly(tmp_path):
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(10) == 0
@@ -182,7 +185,8 @@ def test_a_killed_process_is_replaced_with_all_its_slots_and_their_queues_answer
     """The process hosting slots 0 and 2 is stopped, queries queue on their sockets, then it
     is killed: its replacement serves both slots on the sockets the supervisor kept, and
     answers every query that queued meanwhile."""
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         (victim,) = [p for p in procs if slots_of(p) == {2}]
         (survivor,) = procs - {victim}
@@ -221,6 +225,55 @@ def test_a_killed_process_is_replaced_with_all_its_slots_and_their_queues_answer
                 os.kill(victim, signal.SIGKILL)
 
 
+def test_by_default_two_workers_are_threads_of_one_process_replaced_together(tmp_path):
+    """The default hosts every slot in one worker process, with no zygote (nothing to share
+    it with): that process is killed while queries queue on both slots' sockets, and its
+    replacement, a fresh interpreter as no zygote exists, serves both slots on the sockets
+    the supervisor kept and answers every query that queued meanwhile."""
+    assert settings.DEFAULT_WORKER_PROCESSES == 1
+    with running(tmp_path, image=sample_image(), workers=2) as server:
+        (victim,) = server.worker_pids()
+        # Every child of the supervisor: a zygote would be one more.
+        assert children(server.proc.pid) == {victim}
+        assert "kdns.serve.worker" in cmdline(victim)
+        # Slot 0 on the main thread (named after the process), slot 1 on a thread of its own.
+        assert slots_of(victim) == {1}
+        assert "with 2 workers (--workers) in 1 process," in server.logs()
+        pages = Pages(server.proc.pid, 2)
+        socks = []
+        try:
+            os.kill(victim, signal.SIGSTOP)          # a child of the server we started
+            before = [pages.udp_queries(i) for i in range(2)]
+            # One socket each, so they spread over both sockets, where they queue until the
+            # replacement reads them.
+            for i in range(64):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.settimeout(20)
+                s.sendto(query_id(i), (HOST, server.port))
+                socks.append(s)
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == 1
+                            and victim not in server.worker_pids(), 10), server.logs()
+            for i, s in enumerate(socks):
+                assert s.recv(65535) == expected_reply(query_id(i))
+            counted = [pages.udp_queries(k) - before[k] for k in range(2)]
+            # Both slots had queries queued, and the replacement answered them.
+            assert counted[0] and counted[1], counted
+            assert sum(counted) == len(socks), counted
+            server.wait_generation(1, timeout=10)
+            (new,) = server.worker_pids()
+            assert children(server.proc.pid) == {new}
+            assert slots_of(new) == {1}
+            assert server.served_generations() == [1, 1]
+            assert "workers 0,1 (pid %d) exited" % victim in server.logs()
+        finally:
+            for s in socks:
+                s.close()
+            pages.close()
+            if alive(victim):
+                os.kill(victim, signal.SIGKILL)
+
+
 PTRACE_CONT, PTRACE_SEIZE, PTRACE_INTERRUPT = 7, 0x4206, 0x4207
 WALL = 0x40000000                   # waitpid's __WALL: a traced thread, not a child
 
@@ -249,7 +302,8 @@ def test_a_frozen_slot_thread_gets_its_process_replaced(tmp_path):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     bound = settings.WORKER_STALL_TIMEOUT + 20
-    with running(tmp_path, image=sample_image(), workers=4) as server:
+    with running(tmp_path, image=sample_image(), workers=4,
+                 args=("--worker-processes", "2")) as server:
         procs = server.worker_pids()
         (victim,) = [p for p in procs if slots_of(p) == {3}]
         (tid,) = [t for t, name in threads_of(victim).items() if name == "kdns-slot-3"]
@@ -341,10 +395,11 @@ def test_watchdog_kills_the_process_when_one_of_its_slots_stands_still():
 # --------------------------------------------------------------------------- arguments
 
 
-def test_process_count_defaults_to_two_and_never_exceeds_the_slots():
+def test_process_count_defaults_to_one_and_never_exceeds_the_slots():
     assert S.process_count(1, None) == 1
-    assert S.process_count(2, None) == 2
-    assert S.process_count(8, None) == settings.DEFAULT_WORKER_PROCESSES == 2
+    assert S.process_count(2, None) == settings.DEFAULT_WORKER_PROCESSES == 1
+    assert S.process_count(8, None) == 1
+    assert S.process_count(8, 2) == 2
     assert S.process_count(8, 8) == 8
     assert S.process_count(3, 5) == 3
 
