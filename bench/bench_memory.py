@@ -146,7 +146,7 @@ def run_one(a, workers: int, tmp: str) -> dict:
             "--healthz-port", str(http_port), "--metrics-port", "0", "--health-port", "0",
             "--ready-port", "0", "--sidecar-port", "0", "--lameduck", "0",
             "--resolv-conf", resolv, "--config-dir", os.path.join(tmp, "no-config"),
-            "--workers", str(workers), *a.kdns_arg]
+            "--workers", str(workers), *getattr(a, "kdns_arg", ())]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
