@@ -181,6 +181,37 @@ def test_sigterm_stops_every_slot_of_every_process_cleanly(tmp_path):
         assert "stopped" in logs
 
 
+def queue_then_kill(server, victim: int, nslots: int, remaining: int) -> list[int]:
+    """Stop ``victim`` (a worker process of ``server``), queue 64 queries spread over every
+    socket (one client socket each), kill it, wait until ``remaining`` worker processes run
+    without it, and check every query is answered; the queries each slot's page counted."""
+    pages = Pages(server.proc.pid, nslots)
+    socks = []
+    try:
+        os.kill(victim, signal.SIGSTOP)          # a child of the server we started
+        before = [pages.udp_queries(i) for i in range(nslots)]
+        for i in range(64):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(20)
+            s.sendto(query_id(i), (HOST, server.port))
+            socks.append(s)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == remaining
+                        and victim not in server.worker_pids(), 10), server.logs()
+        for i, s in enumerate(socks):
+            assert s.recv(65535) == expected_reply(query_id(i))
+        counted = [pages.udp_queries(k) - before[k] for k in range(nslots)]
+        # The pages count on where the predecessor stopped.
+        assert sum(counted) == len(socks), counted
+        return counted
+    finally:
+        for s in socks:
+            s.close()
+        pages.close()
+        if alive(victim):
+            os.kill(victim, signal.SIGKILL)
+
+
 def test_a_killed_process_is_replaced_with_all_its_slots_and_their_queues_answered(tmp_path):
     """The process hosting slots 0 and 2 is stopped, queries queue on their sockets, then it
     is killed: its replacement serves both slots on the sockets the supervisor kept, and
@@ -190,39 +221,14 @@ def test_a_killed_process_is_replaced_with_all_its_slots_and_their_queues_answer
         procs = server.worker_pids()
         (victim,) = [p for p in procs if slots_of(p) == {2}]
         (survivor,) = procs - {victim}
-        pages = Pages(server.proc.pid, 4)
-        socks = []
-        try:
-            os.kill(victim, signal.SIGSTOP)          # a child of the server we started
-            before = [pages.udp_queries(i) for i in range(4)]
-            # One socket each, so they spread over all four sockets; those on slots 0 and
-            # 2 queue until the replacement reads them.
-            for i in range(64):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.settimeout(20)
-                s.sendto(query_id(i), (HOST, server.port))
-                socks.append(s)
-            os.kill(victim, signal.SIGKILL)
-            assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == 2
-                            and victim not in server.worker_pids(), 10), server.logs()
-            for i, s in enumerate(socks):
-                assert s.recv(65535) == expected_reply(query_id(i))
-            counted = [pages.udp_queries(k) - before[k] for k in range(4)]
-            # Both of the victim's slots had queries queued, and the replacement answered
-            # them (the pages count on where the predecessor stopped).
-            assert counted[0] and counted[2], counted
-            assert sum(counted) == len(socks), counted
-            server.wait_generation(1, timeout=10)
-            assert survivor in server.worker_pids()
-            (new,) = server.worker_pids() - {survivor}
-            assert slots_of(new) == {2}
-            assert "workers 0,2 (pid %d) exited" % victim in server.logs()
-        finally:
-            for s in socks:
-                s.close()
-            pages.close()
-            if alive(victim):
-                os.kill(victim, signal.SIGKILL)
+        counted = queue_then_kill(server, victim, 4, remaining=2)
+        # Both of the victim's slots had queries queued, and the replacement answered them.
+        assert counted[0] and counted[2], counted
+        server.wait_generation(1, timeout=10)
+        assert survivor in server.worker_pids()
+        (new,) = server.worker_pids() - {survivor}
+        assert slots_of(new) == {2}
+        assert "workers 0,2 (pid %d) exited" % victim in server.logs()
 
 
 def test_by_default_two_workers_are_threads_of_one_process_replaced_together(tmp_path):
@@ -239,39 +245,15 @@ def test_by_default_two_workers_are_threads_of_one_process_replaced_together(tmp
         # Slot 0 on the main thread (named after the process), slot 1 on a thread of its own.
         assert slots_of(victim) == {1}
         assert "with 2 workers (--workers) in 1 process," in server.logs()
-        pages = Pages(server.proc.pid, 2)
-        socks = []
-        try:
-            os.kill(victim, signal.SIGSTOP)          # a child of the server we started
-            before = [pages.udp_queries(i) for i in range(2)]
-            # One socket each, so they spread over both sockets, where they queue until the
-            # replacement reads them.
-            for i in range(64):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.settimeout(20)
-                s.sendto(query_id(i), (HOST, server.port))
-                socks.append(s)
-            os.kill(victim, signal.SIGKILL)
-            assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == 1
-                            and victim not in server.worker_pids(), 10), server.logs()
-            for i, s in enumerate(socks):
-                assert s.recv(65535) == expected_reply(query_id(i))
-            counted = [pages.udp_queries(k) - before[k] for k in range(2)]
-            # Both slots had queries queued, and the replacement answered them.
-            assert counted[0] and counted[1], counted
-            assert sum(counted) == len(socks), counted
-            server.wait_generation(1, timeout=10)
-            (new,) = server.worker_pids()
-            assert children(server.proc.pid) == {new}
-            assert slots_of(new) == {1}
-            assert server.served_generations() == [1, 1]
-            assert "workers 0,1 (pid %d) exited" % victim in server.logs()
-        finally:
-            for s in socks:
-                s.close()
-            pages.close()
-            if alive(victim):
-                os.kill(victim, signal.SIGKILL)
+        counted = queue_then_kill(server, victim, 2, remaining=1)
+        # Both slots had queries queued, and the replacement answered them.
+        assert counted[0] and counted[1], counted
+        server.wait_generation(1, timeout=10)
+        (new,) = server.worker_pids()
+        assert children(server.proc.pid) == {new}
+        assert slots_of(new) == {1}
+        assert server.served_generations() == [1, 1]
+        assert "workers 0,1 (pid %d) exited" % victim in server.logs()
 
 
 PTRACE_CONT, PTRACE_SEIZE, PTRACE_INTERRUPT = 7, 0x4206, 0x4207
