@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-import pytest
+from conftest import unavailable
 
 from kdns.serve import memory
 
@@ -35,14 +35,15 @@ def probe(mode: str, **env) -> str:
                           check=True, timeout=60, env=e).stdout.split()
 
 
-@pytest.mark.skipif(memory._LIBC is None or not hasattr(memory._LIBC, "mallinfo2"),
-                    reason="glibc's mallopt and mallinfo2 only")
 def test_tuned_malloc_keeps_big_blocks_out_of_the_heap_after_a_big_free():
+    if memory._LIBC is None or not hasattr(memory._LIBC, "mallinfo2"):
+        unavailable("glibc's mallopt and mallinfo2 only")
     # Untuned, glibc's dynamic threshold serves the 1 MiB block from the heap.
     assert probe("plain") == ["None", "False"]
     assert probe("tune") == ["True", "True"]
 
 
-@pytest.mark.skipif(memory._LIBC is None, reason="glibc only")
 def test_an_operators_malloc_setting_is_left_alone():
+    if memory._LIBC is None:
+        unavailable("glibc only")
     assert probe("tune", MALLOC_MMAP_THRESHOLD_="4194304") == ["False", "False"]

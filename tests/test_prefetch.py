@@ -13,6 +13,8 @@ import dns.query
 import dns.rcode
 import pytest
 
+from conftest import require_fastpath
+
 from kdns.forward.cache import Cache, CompiledCache, key_bytes, key_tuple
 from test_cache import KEY, Clock, reply
 
@@ -60,7 +62,7 @@ def test_off_by_default():
 
 
 def test_the_compiled_table_counts_hits_as_the_python_cache():
-    fast_mod = pytest.importorskip("kdns.packet._fastpath")
+    fast_mod = require_fastpath()
     fast = fast_mod.PacketCache(capacity=64, edns_size=1232)
     c = CompiledCache(fast, 100)
     c.set_prefetch(3, 60.0, 10)

@@ -14,7 +14,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from conftest import unavailable
+from conftest import require_fastpath, unavailable
 from kdns import settings
 from kdns.packet import counters as C
 from kdns.packet import engine
@@ -27,11 +27,7 @@ K = "kubernetes.default.svc.cluster.local"
 
 
 def compiled_engine():
-    try:
-        from kdns.packet import _fastpath
-    except ImportError:
-        unavailable("kdns.packet._fastpath is not built; `make install` builds it")
-    return _fastpath
+    return require_fastpath()
 
 
 ENGINES = ["pure", "compiled"]

@@ -11,6 +11,8 @@ import dns.rcode
 import dns.rrset
 import pytest
 
+from conftest import require_fastpath
+
 from kdns.forward import corefile as cf
 from kdns.forward import rewrite as RW
 from kdns.kube import records
@@ -241,7 +243,7 @@ def test_aliases_answer_like_their_target_with_the_clients_name():
 
 
 def test_compiled_and_reference_paths_send_the_same_alias_bytes():
-    fast = pytest.importorskip("kdns.packet._fastpath")
+    fast = require_fastpath()
     data = build.compile_file_counted(CLUSTER, rewrites=alias_rules())[0]
     ref, img = refpath.Image(data), fast.Image(data)
     for name, qtype in QUERIES:

@@ -15,6 +15,8 @@ import types
 import dns.message
 import pytest
 
+from conftest import unavailable
+
 from kdns import settings
 from kdns.packet import counters as C
 from kdns.serve import supervisor as S
@@ -290,7 +292,7 @@ def test_a_frozen_slot_thread_gets_its_process_replaced(tmp_path):
         (victim,) = [p for p in procs if slots_of(p) == {3}]
         (tid,) = [t for t, name in threads_of(victim).items() if name == "kdns-slot-3"]
         if libc.ptrace(PTRACE_SEIZE, tid, None, None) != 0:
-            pytest.skip(f"ptrace is not permitted here ({os.strerror(ctypes.get_errno())})")
+            unavailable(f"ptrace is not permitted here ({os.strerror(ctypes.get_errno())})")
         pages = Pages(server.proc.pid, 4)
         socks = []
         try:
