@@ -137,6 +137,9 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(UdpSelector())
 
 
+PR_SET_NAME = 15
+
+
 class SharedImages:
     """The image checks of one process's slots: one checker thread, and one check (and one
     mapping) per generation, whichever slot received it first.
@@ -722,14 +725,20 @@ def serve(a: argparse.Namespace) -> int:
         images.close()
 
 
-def set_thread_name(name: str) -> None:
-    """Name the calling thread (prctl(2) PR_SET_NAME: /proc/<pid>/task/<tid>/comm, what
-    ``top -H`` and ``ps -L`` show), so an operator tells a process's slots apart."""
+def set_name(name: bytes) -> None:
+    """Name the calling thread, and so a process from its main thread (prctl(2)
+    PR_SET_NAME: /proc/<pid>/comm and /proc/<pid>/task/<tid>/comm, what ps and ``top -H``
+    show): a forked worker's command line is the zygote's, and a process's slots share
+    one, so an operator (or a test) tells them apart by name."""
     try:
         import ctypes
-        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def set_thread_name(name: str) -> None:
+    set_name(name.encode())
 
 
 def serve_slots(workers: list[Worker]) -> int:

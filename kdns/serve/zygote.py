@@ -30,20 +30,9 @@ import socket
 import sys
 import traceback
 
-PR_SET_NAME = 15
 ZYGOTE_NAME = b"kdns-zygote"        # /proc/<pid>/comm, what ps and top show
 WORKER_NAME = b"kdns-worker"
 MAX_REQUEST = 65536
-
-
-def set_name(name: bytes) -> None:
-    """Name this process (prctl(2) PR_SET_NAME): a forked worker's command line is the
-    zygote's, and an operator (or a test) tells them apart by name."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 # A process serving several slots gets 4 or 5 fds per slot and the counters: as many as one
@@ -56,7 +45,7 @@ def run_worker(a) -> int:
     """In the forked worker: serve with the parsed arguments ``a``; never returns to the
     zygote's loop."""
     from kdns.serve import worker
-    set_name(WORKER_NAME)
+    worker.set_name(WORKER_NAME)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -133,13 +122,13 @@ def warm_up(worker) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(argv[argv.index("--control-fd") + 1]))
-    set_name(ZYGOTE_NAME)
     # Ctrl-C reaches the whole process group; the supervisor decides when this stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Everything a worker imports, imported once here: the pages stay shared with every
     # worker forked from this process.
     from kdns.serve import worker
     from kdns.forward import handoff  # noqa: F401
+    worker.set_name(ZYGOTE_NAME)
     # Logging is set up once here: a worker forked afterwards has it (the pid in each line
     # is read when the line is written).
     worker.setup_logging(argv[argv.index("--log-level") + 1] if "--log-level" in argv
