@@ -183,6 +183,18 @@ def test_sigterm_stops_every_slot_of_every_process_cleanly(tmp_path):
         assert "stopped" in logs
 
 
+def queue_queries(server, timeout: float, n: int = 64) -> list[socket.socket]:
+    """``n`` queries to ``server``, one client socket each, so the kernel spreads them over
+    every slot's SO_REUSEPORT socket; the sockets, waiting for their answers."""
+    socks = []
+    for i in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        s.sendto(query_id(i), (HOST, server.port))
+        socks.append(s)
+    return socks
+
+
 def queue_then_kill(server, victim: int, nslots: int, remaining: int) -> list[int]:
     """Stop ``victim`` (a worker process of ``server``), queue 64 queries spread over every
     socket (one client socket each), kill it, wait until ``remaining`` worker processes run
@@ -192,11 +204,7 @@ def queue_then_kill(server, victim: int, nslots: int, remaining: int) -> list[in
     try:
         os.kill(victim, signal.SIGSTOP)          # a child of the server we started
         before = [pages.udp_queries(i) for i in range(nslots)]
-        for i in range(64):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(20)
-            s.sendto(query_id(i), (HOST, server.port))
-            socks.append(s)
+        socks += queue_queries(server, 20)
         os.kill(victim, signal.SIGKILL)
         assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == remaining
                         and victim not in server.worker_pids(), 10), server.logs()
@@ -299,11 +307,7 @@ def test_a_frozen_slot_thread_gets_its_process_replaced(tmp_path):
             assert libc.ptrace(PTRACE_INTERRUPT, tid, None, None) == 0
             traced_status(libc, tid, os.WIFSTOPPED, 5)
             before = [pages.udp_queries(i) for i in range(4)]
-            for i in range(64):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.settimeout(bound)
-                s.sendto(query_id(i), (HOST, server.port))
-                socks.append(s)
+            socks += queue_queries(server, bound)
             # The stopped thread is reaped here (its tracer), or its process could never be.
             traced_status(libc, tid, lambda st: os.WIFSIGNALED(st) or os.WIFEXITED(st), bound)
             assert wait_for(lambda: not alive(victim) and len(server.worker_pids()) == 2
